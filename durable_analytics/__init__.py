@@ -1,0 +1,105 @@
+"""durable-analytics: a Segment-compatible analytics client whose queue lives on disk.
+
+Drop-in for segment-analytics-python's module-level API::
+
+    import durable_analytics as analytics
+    analytics.write_key = "WRITE_KEY"
+    analytics.track("user-1", "Signed Up", {"plan": "Enterprise"})
+
+or with a client of your own::
+
+    from durable_analytics import Client, Track
+    client = Client("WRITE_KEY")
+    client.track(user_id="user-1", event="Signed Up", properties={"plan": "Enterprise"})
+    client.enqueue(Track(user_id="user-1", event="Signed Up"))
+    client.flush(timeout=10)
+
+Every call returns after its message is committed to an SQLite file, so nothing queued is
+lost when the process crashes, is killed, or exits right after the call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._client import Client
+from ._default import alias, flush, group, identify, join, page, screen, shutdown, stats, track
+from ._flusher import FlushResult
+from ._messages import Alias, Group, Identify, Message, Page, Screen, Track
+from ._queue import DeadLetter, DestinationStats, QueueStats
+from ._version import __version__
+from .exceptions import (
+    ConfigError,
+    ConfigurationRejected,
+    DeliveryError,
+    DurableAnalyticsError,
+    MessageRejected,
+    MessageTooLarge,
+    QueueBusy,
+    QueueCorrupt,
+    QueueDiskFull,
+    QueueError,
+    QueuePermissionError,
+    QueueVersionError,
+    RetryableError,
+    ValidationError,
+)
+
+__all__ = [
+    "Alias",
+    "Client",
+    "ConfigError",
+    "ConfigurationRejected",
+    "DeadLetter",
+    "DeliveryError",
+    "DestinationStats",
+    "DurableAnalyticsError",
+    "FlushResult",
+    "Group",
+    "Identify",
+    "Message",
+    "MessageRejected",
+    "MessageTooLarge",
+    "Page",
+    "QueueBusy",
+    "QueueCorrupt",
+    "QueueDiskFull",
+    "QueueError",
+    "QueuePermissionError",
+    "QueueStats",
+    "QueueVersionError",
+    "RetryableError",
+    "Screen",
+    "Track",
+    "ValidationError",
+    "__version__",
+    "alias",
+    "flush",
+    "group",
+    "identify",
+    "join",
+    "page",
+    "screen",
+    "shutdown",
+    "stats",
+    "track",
+]
+
+# Module-level settings (segment-analytics-python's names), read when the first call builds
+# the default client. None means the Client default (or the environment variable).
+write_key: str | None = None
+host: str | None = None
+on_error: Any = None
+debug: bool = False
+send: bool = True
+sync_mode: bool = False
+gzip: bool = False
+timeout: float = 10.0
+max_retries: int = 3
+queue_path: str | None = None
+log_handler: Any = None
+max_queue_size: int | None = None
+upload_size: int | None = None
+upload_interval: float | None = None
+proxies: Any = None
+default_client: Client | None = None

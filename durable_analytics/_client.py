@@ -1,0 +1,532 @@
+"""The Client: the six calls, the typed ``enqueue``, and the lifecycle around the queue.
+
+A call validates and serializes its message, appends it to the SQLite queue and returns
+after the COMMIT. The flusher (a thread, a child process, or nobody) starts on the first
+call, not when the Client is built; after ``os.fork()`` the child starts its own. At exit,
+``on_exit`` decides what happens to what is still queued.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+from . import _messages
+from ._config import Config
+from ._flusher import Deliverer, DeliveryStats, Flusher, FlushResult
+from ._queue import Queue, QueueStats
+from ._transport import Transport
+from .exceptions import DurableAnalyticsError
+
+__all__ = ["Client"]
+
+log = logging.getLogger("durable_analytics")
+
+Result = tuple[bool, dict[str, Any]]
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Client:
+    """A Segment-compatible analytics client whose queue lives on disk.
+
+    ``Client(write_key, **settings)``: every setting is a keyword argument (see the README's
+    settings table): ``host``, ``queue_path``, ``flush_at`` (20), ``flush_interval`` (5 s),
+    ``max_batch_bytes``, ``max_message_bytes``, ``durability`` (``"normal"`` | ``"full"``),
+    ``flusher`` (``"thread"`` | ``"process"`` | ``"none"``), ``on_exit`` (``"flush"`` |
+    ``"spawn"`` | ``"none"``), ``shutdown_timeout``, ``timeout``, ``max_retries``,
+    ``lease_timeout``, ``max_queue_bytes``, ``overflow``, ``gzip``, ``send``, ``sync_mode``,
+    ``on_error``, ``debug``. Invalid settings raise ``ConfigError``; a queue file that cannot
+    be used raises a ``QueueError`` here, not at the first call.
+
+    Each call returns ``(True, message)`` once the message is committed to disk, or
+    ``(False, message)`` when the ``max_queue_bytes`` cap dropped it.
+    """
+
+    def __init__(self, write_key: str | None = None, **settings: Any) -> None:
+        self.config = config = Config.build(write_key, **settings)
+        self._max_bytes = config.max_message_bytes
+        self._send = config.send
+        self._sync = config.sync_mode
+        self._flush_at = config.flush_at
+        self._configure_logging()
+        if config.host.startswith("http://"):
+            log.warning(
+                "host %s uses plain http://: events and the write key travel unencrypted",
+                config.host,
+            )
+        self._lock = threading.RLock()
+        self._queue: Queue | None = None
+        self._dest = 0
+        if self._send:
+            self._queue = Queue(
+                config.queue_path,
+                durability=config.durability,
+                max_queue_bytes=config.max_queue_bytes,
+                overflow=config.overflow,
+                lease_timeout=config.lease_timeout,
+            )
+            self._dest = self._queue.destination(config.host, config.write_key)
+        self._flusher: Flusher | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._sync_deliverer: Deliverer | None = None
+        self._started = False
+        self._since_notify = 0
+        self._calls_here = 0
+        self._atexit_registered = False
+        self._closed = False
+        _clients.add(self)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Client(write_key={c.redacted_key!r}, host={c.host!r}, "
+            f"queue_path={str(c.queue_path)!r}, flusher={c.flusher!r})"
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- set-up
+
+    def _configure_logging(self) -> None:
+        c = self.config
+        if c.log_handler is not None and c.log_handler not in log.handlers:
+            log.addHandler(c.log_handler)
+        if c.debug:
+            log.setLevel(logging.DEBUG)
+            if not log.handlers:
+                log.addHandler(logging.StreamHandler())
+
+    @property
+    def queue(self) -> Queue:
+        """The underlying queue (raises when ``send=False``: nothing is queued then)."""
+        if self._queue is None:
+            raise DurableAnalyticsError("send=False: this client keeps no queue")
+        return self._queue
+
+    def _new_deliverer(self) -> Deliverer:
+        c = self.config
+        transport = Transport(timeout=c.timeout, gzip=c.gzip, proxies=c.proxies)
+        return Deliverer(
+            self.queue,
+            transport,
+            flush_at=c.flush_at,
+            max_batch_bytes=c.max_batch_bytes,
+            max_retries=c.max_retries,
+            on_error=c.on_error,
+        )
+
+    def _start(self) -> None:
+        """Start the flusher and the exit handler: on the first call, once per process."""
+        with self._lock:
+            if self._started:
+                return
+            mode = self.config.flusher
+            if mode == "thread":
+                self._flusher = Flusher(
+                    self._new_deliverer(), flush_interval=self.config.flush_interval
+                )
+                self._flusher.start()
+            elif mode == "process":
+                self._child = self._spawn_flusher_process()
+            if not self._atexit_registered:
+                atexit.register(self._at_exit)
+                self._atexit_registered = True
+            self._started = True
+
+    def _spawn_flusher_process(self) -> subprocess.Popen[bytes]:
+        c = self.config
+        cmd = [
+            sys.executable,
+            "-m",
+            "durable_analytics._flusher_process",
+            "--queue",
+            str(c.queue_path),
+            "--parent",
+            str(os.getpid()),
+            "--flush-at",
+            str(c.flush_at),
+            "--flush-interval",
+            str(c.flush_interval),
+            "--max-batch-bytes",
+            str(c.max_batch_bytes),
+            "--timeout",
+            str(c.timeout),
+            "--max-retries",
+            str(c.max_retries),
+            "--shutdown-timeout",
+            str(c.shutdown_timeout),
+            "--lease-timeout",
+            str(c.lease_timeout),
+        ]
+        if c.gzip:
+            cmd.append("--gzip")
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            close_fds=True,
+        )
+
+    def _reset_after_fork(self) -> None:
+        # The parent's thread, child process, locks and HTTP sessions do not exist (or are not
+        # ours) in a forked child: start fresh on the child's first call.
+        self._lock = threading.RLock()
+        self._flusher = None
+        self._child = None
+        self._sync_deliverer = None
+        self._started = False
+        self._since_notify = 0
+        self._calls_here = 0
+
+    # ---------------------------------------------------------------- the calls
+
+    def _store(self, msg: dict[str, Any], body: bytes) -> Result:
+        if not self._send:
+            return True, msg
+        queue = self._queue
+        assert queue is not None
+        row_id = queue.append(self._dest, body)
+        self._calls_here += 1
+        if not self._started:
+            self._start()
+        flusher = self._flusher
+        if flusher is not None:
+            self._since_notify += 1
+            if self._since_notify >= self._flush_at or flusher.idle:
+                self._since_notify = 0
+                flusher.idle = False
+                flusher.notify()
+        if self._sync and row_id:
+            self._deliver_now(row_id)
+        return bool(row_id), msg
+
+    def identify(
+        self,
+        user_id: Any = None,
+        traits: Any = None,
+        context: Any = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Any = None,
+        message_id: Any = None,
+    ) -> Result:
+        """Queue an identify call: who the user is, with their ``traits``."""
+        msg, body = _messages.identify(
+            user_id,
+            traits,
+            context,
+            timestamp,
+            anonymous_id,
+            integrations,
+            message_id,
+            max_bytes=self._max_bytes,
+        )
+        return self._store(msg, body)
+
+    def track(
+        self,
+        user_id: Any = None,
+        event: Any = None,
+        properties: Any = None,
+        context: Any = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Any = None,
+        message_id: Any = None,
+    ) -> Result:
+        """Queue a track call: the user did ``event``, with its ``properties``."""
+        msg, body = _messages.track(
+            user_id,
+            event,
+            properties,
+            context,
+            timestamp,
+            anonymous_id,
+            integrations,
+            message_id,
+            max_bytes=self._max_bytes,
+        )
+        return self._store(msg, body)
+
+    def page(
+        self,
+        user_id: Any = None,
+        category: Any = None,
+        name: Any = None,
+        properties: Any = None,
+        context: Any = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Any = None,
+        message_id: Any = None,
+    ) -> Result:
+        """Queue a page call: the user saw the web page ``name``."""
+        msg, body = _messages.page(
+            user_id,
+            category,
+            name,
+            properties,
+            context,
+            timestamp,
+            anonymous_id,
+            integrations,
+            message_id,
+            max_bytes=self._max_bytes,
+        )
+        return self._store(msg, body)
+
+    def screen(
+        self,
+        user_id: Any = None,
+        category: Any = None,
+        name: Any = None,
+        properties: Any = None,
+        context: Any = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Any = None,
+        message_id: Any = None,
+    ) -> Result:
+        """Queue a screen call: the user saw the app screen ``name``."""
+        msg, body = _messages.screen(
+            user_id,
+            category,
+            name,
+            properties,
+            context,
+            timestamp,
+            anonymous_id,
+            integrations,
+            message_id,
+            max_bytes=self._max_bytes,
+        )
+        return self._store(msg, body)
+
+    def group(
+        self,
+        user_id: Any = None,
+        group_id: Any = None,
+        traits: Any = None,
+        context: Any = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Any = None,
+        message_id: Any = None,
+    ) -> Result:
+        """Queue a group call: the user belongs to ``group_id``, with the group's ``traits``."""
+        msg, body = _messages.group(
+            user_id,
+            group_id,
+            traits,
+            context,
+            timestamp,
+            anonymous_id,
+            integrations,
+            message_id,
+            max_bytes=self._max_bytes,
+        )
+        return self._store(msg, body)
+
+    def alias(
+        self,
+        previous_id: Any = None,
+        user_id: Any = None,
+        context: Any = None,
+        timestamp: Any = None,
+        integrations: Any = None,
+        message_id: Any = None,
+    ) -> Result:
+        """Queue an alias call: ``previous_id`` and ``user_id`` are the same user."""
+        msg, body = _messages.alias(
+            previous_id,
+            user_id,
+            context,
+            timestamp,
+            integrations,
+            message_id,
+            max_bytes=self._max_bytes,
+        )
+        return self._store(msg, body)
+
+    def enqueue(self, message: _messages.Message) -> Result:
+        """Queue a typed message: ``Track(...)``, ``Identify(...)`` and the other four types."""
+        msg, body = _messages.encode(message, self._max_bytes)
+        return self._store(msg, body)
+
+    # ---------------------------------------------------------------- delivery control
+
+    def _deliver_now(self, row_id: int) -> None:
+        """sync_mode: deliver up to ``row_id`` before returning; leave it queued on failure."""
+        with self._lock:
+            if self._sync_deliverer is None:
+                self._sync_deliverer = self._new_deliverer()
+            deliverer = self._sync_deliverer
+        deadline = time.monotonic() + self.config.timeout * (1 + self.config.max_retries)
+        try:
+            while time.monotonic() < deadline:
+                stats = deliverer.deliver_next(
+                    destination=self._dest, up_to_id=row_id, deadline=deadline
+                )
+                if stats is None or stats.kept:
+                    return
+        except Exception:
+            log.exception("sync_mode delivery failed; the message stays queued")
+
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """Deliver every message this client's destination had queued when flush was called.
+
+        Blocks until they are delivered (or dead-lettered), or ``timeout`` seconds pass, and
+        returns ``FlushResult(sent, pending, dead_lettered)``; what is still pending stays on
+        disk. ``timeout=None`` waits as long as it takes while the server answers; when the
+        destination is backing off (server down, or a 401) it waits for the backoff too.
+        """
+        if not self._send:
+            return FlushResult(0, 0, 0)
+        queue = self.queue
+        top = queue.max_id()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            if self._sync_deliverer is None:
+                self._sync_deliverer = self._new_deliverer()
+            deliverer = self._sync_deliverer
+        total = DeliveryStats()
+        while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                stats = deliverer.deliver_next(
+                    destination=self._dest, up_to_id=top, deadline=deadline
+                )
+            except DurableAnalyticsError:
+                log.exception("flush: delivery failed; the messages stay queued")
+                break
+            if stats is not None:
+                total.add(stats)
+                continue
+            pending = queue.pending(up_to_id=top, destination=self._dest)
+            if pending == 0:
+                break
+            # The rest is leased by another flusher or waiting out a backoff: wait for it.
+            next_at = queue.next_ready_at(up_to_id=top)
+            wait = 0.05 if next_at is None else max(0.01, min(1.0, next_at - time.time()))
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            queue.reclaim_expired()
+            time.sleep(wait)
+        pending = queue.pending(up_to_id=top, destination=self._dest)
+        return FlushResult(total.sent, pending, total.dead_lettered)
+
+    def close(self, timeout: float | None = None) -> FlushResult:
+        """Flush (for up to ``timeout``, default ``shutdown_timeout``) and stop the flusher.
+
+        What could not be delivered stays on disk for the next process, worker or drain.
+        Calls made after ``close()`` are still queued and start a new flusher.
+        """
+        budget = self.config.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        result = self.flush(timeout=budget) if self._started else self._idle_result()
+        with self._lock:
+            flusher, self._flusher = self._flusher, None
+            child, self._child = self._child, None
+            self._started = False
+        if flusher is not None:
+            flusher.stop(max(0.0, deadline - time.monotonic()))
+            flusher.deliverer.transport.close()
+        if child is not None:
+            self._stop_child(child, max(0.5, deadline - time.monotonic()))
+        return result
+
+    def _idle_result(self) -> FlushResult:
+        if not self._send:
+            return FlushResult(0, 0, 0)
+        return FlushResult(0, self.queue.pending(destination=self._dest), 0)
+
+    def _stop_child(self, child: subprocess.Popen[bytes], timeout: float) -> None:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    def join(self) -> None:
+        """segment-analytics-python's ``join``: deliver what is queued and stop the flusher."""
+        self.close()
+
+    def shutdown(self) -> None:
+        """segment-analytics-python's ``shutdown``: flush and stop."""
+        self.close()
+
+    def stats(self) -> QueueStats:
+        """Counts and health of the queue file (see ``QueueStats``)."""
+        if not self._send:
+            return QueueStats(0, 0, 0, 0, None, 0, None, [])
+        return self.queue.stats()
+
+    # ---------------------------------------------------------------- exit
+
+    def _at_exit(self) -> None:
+        """Run once at interpreter exit, by ``on_exit``; never longer than shutdown_timeout."""
+        if not self._send or not self._calls_here:
+            return
+        mode = self.config.on_exit
+        try:
+            if mode == "flush":
+                result = self.close(self.config.shutdown_timeout)
+                if result.pending:
+                    log.info(
+                        "%d messages stay queued in %s for the next run or "
+                        "`durable-analytics drain`",
+                        result.pending,
+                        self.config.queue_path,
+                    )
+            elif mode == "spawn":
+                if self._flusher is not None:
+                    self._flusher.stop(0)
+                if self.queue.pending(destination=self._dest):
+                    spawn_drain(str(self.config.queue_path))
+            elif self._flusher is not None:
+                self._flusher.stop(0)
+        except Exception:
+            log.exception("durable-analytics exit handler failed; messages stay queued")
+
+
+def spawn_drain(queue_path: str) -> None:
+    """Start a detached ``durable-analytics drain`` for ``queue_path`` and return at once."""
+    subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "durable_analytics.cli",
+            "drain",
+            "--queue",
+            queue_path,
+            "--once-lock",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+        start_new_session=True,
+    )

@@ -1,0 +1,236 @@
+"""The frozen settings object, its defaults and validation, and every environment variable.
+
+This is the only module that reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from .exceptions import ConfigError
+
+__all__ = [
+    "DEFAULT_HOST",
+    "Config",
+    "ca_bundle_from_env",
+    "default_queue_path",
+    "env_debug",
+    "env_host",
+    "env_write_key",
+    "redact",
+]
+
+DEFAULT_HOST = "https://api.segment.io"
+
+Durability = Literal["normal", "full"]
+FlusherMode = Literal["thread", "process", "none"]
+OnExit = Literal["flush", "spawn", "none"]
+Overflow = Literal["drop_newest", "drop_oldest"]
+OnError = Callable[[Exception, list[dict[str, Any]]], object]
+
+_ENV_WRITE_KEY = "DURABLE_ANALYTICS_WRITE_KEY"
+_ENV_HOST = "DURABLE_ANALYTICS_HOST"
+_ENV_QUEUE = "DURABLE_ANALYTICS_QUEUE"
+
+
+def env_write_key() -> str | None:
+    """The write key from ``DURABLE_ANALYTICS_WRITE_KEY``, if set and not empty."""
+    return os.environ.get(_ENV_WRITE_KEY) or None
+
+
+def env_host() -> str | None:
+    """The host from ``DURABLE_ANALYTICS_HOST``, if set and not empty."""
+    return os.environ.get(_ENV_HOST) or None
+
+
+def env_debug() -> bool:
+    """True when ``DEBUG`` names ``analytics`` (``DEBUG=analytics`` or ``DEBUG=*``)."""
+    value = os.environ.get("DEBUG", "")
+    parts = {p.strip() for p in value.replace(",", " ").split()}
+    return bool(parts & {"analytics", "durable_analytics", "durable-analytics", "*"})
+
+
+def ca_bundle_from_env() -> str | None:
+    """The CA bundle named by ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE``, as requests reads it."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
+
+
+def default_queue_path() -> Path:
+    """``$DURABLE_ANALYTICS_QUEUE``, else ``<user data dir>/durable-analytics/queue.sqlite3``."""
+    from_env = os.environ.get(_ENV_QUEUE)
+    if from_env:
+        return Path(from_env).expanduser()
+    import platformdirs  # imported here: only the default path needs it
+
+    return Path(platformdirs.user_data_dir("durable-analytics", appauthor=False)) / "queue.sqlite3"
+
+
+def redact(write_key: str) -> str:
+    """Show only the first 4 characters of a write key, as ``status`` does."""
+    return (write_key[:4] + "…") if len(write_key) > 4 else "…"
+
+
+def normalize_host(host: str) -> str:
+    """Validate a base URL and strip its trailing slash; ``/v1/batch`` is appended later."""
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(f"host must be a non-empty URL string, got {type(host).__name__}")
+    host = host.strip()
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"host must be an http:// or https:// URL, got {host!r}")
+    if parts.username or parts.password:
+        # Credentials in the URL would be logged and stored with every destination.
+        raise ConfigError("host must not contain credentials; pass the write key instead")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"host must be a base URL without query or fragment, got {host!r}")
+    return host.rstrip("/")
+
+
+def _positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> None:
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name} must be {kind}, got {type(value).__name__}")
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound}, got {value!r}")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{name} must be one of {options}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every Client setting, validated. Build it with ``Config.build(write_key, **settings)``.
+
+    The write key is kept out of ``repr`` so a logged config never leaks it.
+    """
+
+    write_key: str = field(repr=False)
+    host: str = DEFAULT_HOST
+    queue_path: Path = field(default_factory=default_queue_path)
+    flush_at: int = 20
+    flush_interval: float = 5.0
+    max_batch_bytes: int = 500_000
+    max_message_bytes: int = 32_768
+    durability: Durability = "normal"
+    flusher: FlusherMode = "thread"
+    on_exit: OnExit = "flush"
+    shutdown_timeout: float = 5.0
+    timeout: float = 10.0
+    max_retries: int = 3
+    lease_timeout: float = 60.0
+    max_queue_bytes: int = 1 << 30
+    overflow: Overflow = "drop_newest"
+    gzip: bool = False
+    send: bool = True
+    sync_mode: bool = False
+    on_error: OnError | None = None
+    debug: bool = False
+    proxies: Mapping[str, str] | None = None
+    log_handler: logging.Handler | None = None
+
+    @classmethod
+    def build(cls, write_key: str | None = None, **settings: Any) -> Config:
+        """Validate ``settings`` (the Client keyword arguments) and fill in the defaults.
+
+        Accepts segment-analytics-python's names too: ``upload_size`` (→ ``flush_at``),
+        ``upload_interval`` (→ ``flush_interval``); ``max_queue_size``, ``thread``,
+        ``max_total_backoff_duration`` and ``max_rate_limit_duration`` are accepted and
+        ignored because the disk queue and its backoff replace them.
+        """
+        aliases = {"upload_size": "flush_at", "upload_interval": "flush_interval"}
+        for old, new in aliases.items():
+            if old in settings:
+                value = settings.pop(old)
+                if value is not None:
+                    settings.setdefault(new, value)
+        for ignored in (
+            "max_queue_size",
+            "thread",
+            "max_total_backoff_duration",
+            "max_rate_limit_duration",
+        ):
+            settings.pop(ignored, None)
+        for oauth in ("oauth_client_id", "oauth_client_key", "oauth_key_id"):
+            if settings.pop(oauth, None):
+                raise ConfigError(f"{oauth}: OAuth is not supported; use a write key")
+        settings.pop("oauth_auth_server", None)
+        settings.pop("oauth_scope", None)
+
+        known = {f.name for f in fields(cls)} - {"write_key"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        # None means "the default", as segment-analytics-python's module settings do.
+        settings = {k: v for k, v in settings.items() if v is not None}
+
+        if write_key is None:
+            write_key = env_write_key()
+        if write_key is None:
+            raise ConfigError(
+                "write_key is required: pass Client(write_key) or set DURABLE_ANALYTICS_WRITE_KEY"
+            )
+        if not isinstance(write_key, str) or not write_key.strip():
+            raise ConfigError("write_key must be a non-empty string")
+        if any(c in write_key for c in "\r\n\x00"):
+            raise ConfigError("write_key must not contain line breaks or NUL")
+
+        host = settings.get("host") or env_host() or DEFAULT_HOST
+        settings["host"] = normalize_host(host)
+        if "queue_path" in settings:
+            qp = settings["queue_path"]
+            if not isinstance(qp, (str, os.PathLike)) or not os.fspath(qp):
+                raise ConfigError("queue_path must be a path (str or os.PathLike)")
+            settings["queue_path"] = Path(os.fspath(qp)).expanduser()
+        if settings.get("debug") is None and env_debug():
+            settings["debug"] = True
+        config = cls(write_key=write_key, **settings)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first invalid setting."""
+        _positive("flush_at", self.flush_at, integer=True)
+        _positive("flush_interval", self.flush_interval)
+        _positive("max_message_bytes", self.max_message_bytes, integer=True)
+        _positive("max_batch_bytes", self.max_batch_bytes, integer=True)
+        if self.max_batch_bytes < self.max_message_bytes + 64:
+            raise ConfigError(
+                "max_batch_bytes must leave room for one max_message_bytes message and the "
+                f"envelope (at least {self.max_message_bytes + 64}), got {self.max_batch_bytes}"
+            )
+        _positive("shutdown_timeout", self.shutdown_timeout, allow_zero=True)
+        _positive("timeout", self.timeout)
+        _positive("max_retries", self.max_retries, integer=True, allow_zero=True)
+        _positive("lease_timeout", self.lease_timeout)
+        _positive("max_queue_bytes", self.max_queue_bytes, integer=True)
+        _choice("durability", self.durability, ("normal", "full"))
+        _choice("flusher", self.flusher, ("thread", "process", "none"))
+        _choice("on_exit", self.on_exit, ("flush", "spawn", "none"))
+        _choice("overflow", self.overflow, ("drop_newest", "drop_oldest"))
+        for name in ("gzip", "send", "sync_mode", "debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False")
+        if self.on_error is not None and not callable(self.on_error):
+            raise ConfigError("on_error must be callable as on_error(exception, messages)")
+        if self.proxies is not None and not isinstance(self.proxies, Mapping):
+            raise ConfigError("proxies must be a mapping like {'https': 'http://proxy:3128'}")
+        if self.log_handler is not None and not isinstance(self.log_handler, logging.Handler):
+            raise ConfigError("log_handler must be a logging.Handler")
+
+    @property
+    def redacted_key(self) -> str:
+        """The write key as shown in logs and ``status``: its first 4 characters."""
+        return redact(self.write_key)

@@ -1,0 +1,1232 @@
+"""The durable queue: one SQLite file shared by any number of threads and processes.
+
+Every write is one explicit transaction; ``append`` returns only after its COMMIT. A
+flusher ``lease``\\ s the oldest ready messages of one destination (host + write key), and
+then ``ack``\\ s (deletes) them after a 2xx, ``release``\\ s them with a ``not_before`` for a
+retry, or ``dead_letter``\\ s the ones the server rejected. Every one of those is fenced by
+the lease token, so a holder whose lease expired and was taken over cannot touch the batch.
+
+A lease names its holder (boot id, pid namespace, pid and process start time). A lease is
+over when its holder is provably gone (same boot and pid namespace, and that process no
+longer exists) or when ``lease_timeout`` has passed on the system's monotonic clock, so a
+wall-clock jump neither steals a live lease nor keeps a dead one forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sqlite3
+import stat
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from .exceptions import (
+    QueueBusy,
+    QueueCorrupt,
+    QueueDiskFull,
+    QueueError,
+    QueuePermissionError,
+    QueueVersionError,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DeadLetter",
+    "Destination",
+    "DestinationStats",
+    "Lease",
+    "Queue",
+    "QueueStats",
+]
+
+SCHEMA_VERSION = 1
+
+#: The longest backoff the flusher ever sets; a ``not_before`` further away than this
+#: (plus a margin) can only come from a wall clock that jumped back, and is ignored.
+MAX_BACKOFF_SECONDS = 600.0
+_CLOCK_JUMP_MARGIN = 60.0
+
+# Rough per-row overhead of a message in its B-tree page, for the in-process size estimate.
+_ROW_OVERHEAD = 48
+# How many bytes a process may append on its estimate before re-reading the real size,
+# and how close to the cap it switches to reading the real size before every append.
+_REFRESH_BYTES = 256 * 1024
+_EXACT_ZONE = 2 * 1024 * 1024
+
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+_SQLITE_NOTADB = 26
+
+_SCHEMA_V1 = """
+CREATE TABLE destinations (
+    id INTEGER PRIMARY KEY,
+    host TEXT NOT NULL,
+    write_key TEXT NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_error_at REAL,
+    UNIQUE (host, write_key)
+);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    dest INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    enqueued_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease TEXT,
+    not_before REAL
+);
+CREATE TABLE leases (
+    token TEXT PRIMARY KEY,
+    dest INTEGER NOT NULL,
+    ids TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    boot TEXT NOT NULL,
+    pidns INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    pstart INTEGER NOT NULL,
+    mono_expires REAL NOT NULL,
+    wall_expires REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY,
+    dest INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    enqueued_at REAL NOT NULL,
+    dead_at REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    status INTEGER,
+    reason TEXT NOT NULL,
+    excerpt TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO counters (name, value) VALUES ('dropped_newest', 0), ('dropped_oldest', 0);
+"""
+
+# Migrations from version N to N + 1, applied in one transaction each.
+_MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
+
+_INSERT = "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)"
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- holder identity
+
+
+def _read_boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of ``pid``, or None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return -1  # exists but unreadable: treat as alive
+    fields = data[data.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+@dataclass(frozen=True)
+class _Holder:
+    boot: str
+    pidns: int
+    pid: int
+    start: int
+
+
+_BOOT_ID = _read_boot_id()
+_holder_cache: _Holder | None = None
+
+
+def _holder() -> _Holder:
+    global _holder_cache  # noqa: PLW0603 - per-process identity, reset after fork
+    cached = _holder_cache
+    if cached is None or cached.pid != os.getpid():
+        pid = os.getpid()
+        cached = _Holder(_BOOT_ID, _pid_namespace(), pid, _process_start(pid) or 0)
+        _holder_cache = cached
+    return cached
+
+
+def _holder_gone(boot: str, pidns: int, pid: int, pstart: int) -> bool:
+    """True only when the lease holder provably no longer exists."""
+    me = _holder()
+    if not boot or not me.boot:
+        return False
+    if boot != me.boot:
+        return True  # the machine rebooted since: no process of that boot survives
+    if pidns != me.pidns or pidns == 0:
+        return False  # another pid namespace: its pids mean nothing here
+    start = _process_start(pid)
+    return start is None or start not in (-1, pstart)
+
+
+# --------------------------------------------------------------------------- public records
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a message goes: a host and a write key (never shown in full)."""
+
+    id: int
+    host: str
+    write_key: str = field(repr=False)
+
+    @property
+    def redacted_key(self) -> str:
+        """The write key's first 4 characters."""
+        return (self.write_key[:4] + "…") if len(self.write_key) > 4 else "…"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A batch taken from the queue by one holder until acked, released or expired."""
+
+    token: str
+    destination: Destination
+    ids: tuple[int, ...]
+    bodies: tuple[bytes, ...] = field(repr=False)
+    attempts: int
+    expires_monotonic: float
+
+    @property
+    def size(self) -> int:
+        """The serialized size of the batch's messages, without the envelope."""
+        return sum(len(b) for b in self.bodies)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class DestinationStats:
+    """Pending messages and health of one destination."""
+
+    host: str
+    write_key: str
+    pending: int
+    leased: int
+    backoff_until: str | None
+    failures: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What is in the queue; ``durable-analytics status --json`` prints the same names.
+
+    ``pending`` counts every message not yet delivered, leased or not; ``leased`` those
+    under a live lease. ``bytes`` is the size of the pending messages as stored.
+    ``last_error`` is ``{"message", "at", "host"}`` of the most recent failure, or None.
+    """
+
+    pending: int
+    leased: int
+    dead_letters: int
+    bytes: int
+    oldest_age_seconds: float | None
+    dropped: int
+    last_error: dict[str, str] | None
+    destinations: list[DestinationStats]
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same names as the fields."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message the server rejected, kept for inspection, requeue or purge."""
+
+    id: int
+    host: str
+    write_key: str
+    type: str
+    event: str | None
+    message_id: str | None
+    status: int | None
+    reason: str
+    excerpt: str
+    attempts: int
+    enqueued_at: float
+    dead_at: float
+    body: bytes = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the body decoded as the message object)."""
+        out = asdict(self)
+        out["body"] = json.loads(self.body)
+        return out
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- file set-up
+
+
+def _prepare_path(path: Path) -> None:
+    """Create the directory 0700 and the file 0600; refuse symlinks and unsafe directories."""
+    parent = path.parent
+    if not parent.exists():
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            os.chmod(parent, 0o700)  # makedirs' mode is filtered by the umask
+        except OSError as exc:
+            raise QueuePermissionError(
+                f"cannot create the queue directory {parent}: {exc.strerror}"
+            ) from None
+    try:
+        pst = os.stat(parent)
+    except OSError as exc:
+        raise QueuePermissionError(f"cannot use the queue directory {parent}: {exc}") from None
+    if not stat.S_ISDIR(pst.st_mode):
+        raise QueuePermissionError(f"the queue directory {parent} is not a directory")
+    if pst.st_mode & stat.S_IWOTH:
+        raise QueuePermissionError(
+            f"the queue directory {parent} is writable by other users, who could replace the "
+            "queue file; use a private directory (mode 0700)"
+        )
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise QueuePermissionError(f"the queue path {path} is a symlink; refusing to follow it")
+        if not stat.S_ISREG(st.st_mode):
+            raise QueuePermissionError(f"the queue path {path} is not a regular file")
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(path, 0o600)  # it holds personal data and write keys
+    else:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            pass  # another process created it first
+        except OSError as exc:
+            raise QueuePermissionError(
+                f"cannot create the queue file {path}: {exc.strerror}"
+            ) from None
+        else:
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise QueuePermissionError(f"the queue file {path} is not readable and writable")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QueuePermissionError(
+            f"the queue directory {parent} is not writable (SQLite creates -wal and -shm files "
+            "beside the queue)"
+        )
+
+
+def _errorcode(exc: sqlite3.Error) -> int:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return _SQLITE_BUSY
+    if "disk is full" in text or "database or disk is full" in text:
+        return _SQLITE_FULL
+    if "not a database" in text:
+        return _SQLITE_NOTADB
+    if "malformed" in text or "corrupt" in text:
+        return _SQLITE_CORRUPT
+    if "readonly" in text or "read-only" in text:
+        return _SQLITE_READONLY
+    return 0
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> QueueError:
+    """Turn an sqlite3 error into the documented QueueError subclass."""
+    code = _errorcode(exc)
+    if code == _SQLITE_FULL:
+        return QueueDiskFull(
+            f"the disk holding the queue {path} is full; the message was not stored"
+        )
+    if code in (_SQLITE_NOTADB, _SQLITE_CORRUPT):
+        return QueueCorrupt(f"the queue file {path} is not a valid durable-analytics queue ({exc})")
+    if code in (_SQLITE_READONLY, _SQLITE_CANTOPEN):
+        return QueuePermissionError(f"the queue file {path} cannot be written ({exc})")
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return QueueBusy(f"the queue {path} stayed locked by another connection ({exc})")
+    return QueueError(f"queue {path}: {exc}")
+
+
+# --------------------------------------------------------------------------- the queue
+
+_queues: weakref.WeakSet[Queue] = weakref.WeakSet()
+_abandoned: list[object] = []  # connections inherited over fork: never used, never closed
+
+
+def _after_fork_in_child() -> None:
+    global _holder_cache  # noqa: PLW0603
+    _holder_cache = None
+    for queue in list(_queues):
+        queue._forget_connections()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Queue:
+    """A durable message queue in one SQLite file, shared by threads and processes.
+
+    ``durability="normal"`` (WAL, synchronous=NORMAL) survives the crash or kill of any
+    process; ``"full"`` (synchronous=FULL) also survives power loss, at one fsync per append.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Literal["normal", "full"] = "normal",
+        max_queue_bytes: int = 1 << 30,
+        overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest",
+        lease_timeout: float = 60.0,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self.path = Path(os.fspath(path)).expanduser().absolute()
+        self.durability = durability
+        self.max_queue_bytes = max_queue_bytes
+        self.overflow = overflow
+        self.lease_timeout = lease_timeout
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        # One writer at a time inside this process: SQLite allows one anyway, and waiting on
+        # a Python lock is far cheaper than SQLite's sleep-and-retry between our own threads.
+        self._write_lock = threading.Lock()
+        self._dest_cache: dict[tuple[str, str], int] = {}
+        self._est_used = 0
+        self._since_refresh = _REFRESH_BYTES  # read the real size on the first append
+        self._page_size = 4096
+        self._closed = False
+        _prepare_path(self.path)
+        conn = self._conn()
+        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        _queues.add(self)
+
+    # ---------------------------------------------------------------- connections
+
+    def __repr__(self) -> str:
+        return f"Queue({str(self.path)!r}, durability={self.durability!r})"
+
+    def _forget_connections(self) -> None:
+        # After fork the parent's connections and lock state are not ours to use or close.
+        _abandoned.append(self._local)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        try:
+            conn: sqlite3.Connection = self._local.conn
+            return conn
+        except AttributeError:
+            pass
+        if self._closed:
+            raise QueueError(f"the queue {self.path} is closed")
+        conn = self._open()
+        self._local.conn = conn
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            # timeout=0: busy waits are ours (_retry), with sub-millisecond first retries
+            # instead of SQLite's 1 ms minimum sleep.
+            conn = sqlite3.connect(
+                str(self.path),
+                timeout=0,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=64,
+            )
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        try:
+            self._retry(lambda: self._setup(conn))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            if _errorcode(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                raise
+            raise _translate(exc, self.path) from None
+        if str(mode).lower() != "wal":
+            raise QueueError(f"the queue {self.path} could not be switched to WAL mode ({mode})")
+        sync = "FULL" if self.durability == "full" else "NORMAL"
+        conn.execute(f"PRAGMA synchronous={sync}")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        self._migrate(conn)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise QueueVersionError(
+                f"the queue {self.path} has schema version {version}, newer than this "
+                f"durable-analytics knows ({SCHEMA_VERSION}); upgrade durable-analytics"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version == 0:
+                # A version-0 file must be empty (ours, just created); anything else is foreign.
+                tables = conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE type='table'"
+                ).fetchone()[0]
+                if tables:
+                    raise QueueCorrupt(
+                        f"{self.path} is an SQLite database but not a durable-analytics queue"
+                    )
+            while version < SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                version += 1
+                conn.execute(f"PRAGMA user_version={version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying while another connection holds the lock (up to busy_timeout)."""
+        deadline = 0.0
+        delay = 0.00002
+        while True:
+            try:
+                return fn()
+            except sqlite3.Error as exc:
+                code = _errorcode(exc)
+                if code not in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                    raise _translate(exc, self.path) from None
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self.busy_timeout
+                elif now >= deadline:
+                    raise _translate(exc, self.path) from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.005)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the process write lock, rolled back on error."""
+        conn = self._conn()
+        with self._write_lock:
+            self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+            try:
+                yield conn
+                self._retry(lambda: conn.execute("COMMIT"))
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one write transaction, translating SQLite errors."""
+        try:
+            with self._transaction() as conn:
+                return fn(conn)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn()
+        try:
+            return self._retry(lambda: fn(conn))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def close(self) -> None:
+        """Close this thread's connection; other threads' close when they end."""
+        self._closed = True
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            del self._local.conn
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    # ---------------------------------------------------------------- destinations
+
+    def destination(self, host: str, write_key: str) -> int:
+        """The id of the (host, write key) destination, created on first use."""
+        key = (host, write_key)
+        cached = self._dest_cache.get(key)
+        if cached is not None:
+            return cached
+
+        def find_or_create(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT id FROM destinations WHERE host=? AND write_key=?", key
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            cur = conn.execute("INSERT INTO destinations (host, write_key) VALUES (?, ?)", key)
+            return int(cur.lastrowid or 0)
+
+        dest_id = self._write(find_or_create)
+        self._dest_cache[key] = dest_id
+        return dest_id
+
+    def _destinations(self, conn: sqlite3.Connection) -> dict[int, Destination]:
+        rows = conn.execute("SELECT id, host, write_key FROM destinations").fetchall()
+        return {int(r[0]): Destination(int(r[0]), r[1], r[2]) for r in rows}
+
+    # ---------------------------------------------------------------- append
+
+    def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
+        """Store one serialized message; return its row id after COMMIT.
+
+        Returns 0 when the ``max_queue_bytes`` cap dropped it (``overflow="drop_newest"``);
+        with ``"drop_oldest"`` the oldest unleased messages make room instead. Both are counted.
+        Raises ``QueueDiskFull`` when the disk is full (nothing committed before is affected).
+        """
+        size = len(body)
+        when = time.time() if enqueued_at is None else enqueued_at
+        if self._since_refresh >= _REFRESH_BYTES or (
+            self._est_used + size + _EXACT_ZONE > self.max_queue_bytes
+        ):
+            return self._append_capped(dest_id, body, when)
+        try:
+            conn = self._local.conn
+        except AttributeError:
+            conn = self._conn()
+        with self._write_lock:
+            try:
+                row_id = conn.execute(_INSERT, (dest_id, body, size, when)).lastrowid
+            except sqlite3.Error as exc:
+                row_id = self._insert_failed(conn, exc, (dest_id, body, size, when))
+        grown = size + _ROW_OVERHEAD
+        self._est_used += grown
+        self._since_refresh += grown
+        return row_id or 0
+
+    def _insert_failed(
+        self, conn: sqlite3.Connection, exc: sqlite3.Error, row: tuple[int, bytes, int, float]
+    ) -> int:
+        # Called with the write lock held. Nothing was written by the failed statement.
+        if _errorcode(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise _translate(exc, self.path) from None
+        return self._retry(lambda: conn.execute(_INSERT, row)).lastrowid or 0
+
+    def _used_bytes(self, conn: sqlite3.Connection) -> int:
+        pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        return (pages - free) * self._page_size
+
+    def _append_capped(self, dest_id: int, body: bytes, when: float) -> int:
+        size = len(body)
+
+        def run(conn: sqlite3.Connection) -> int:
+            used = self._used_bytes(conn)
+            if used + size > self.max_queue_bytes:
+                if self.overflow == "drop_newest":
+                    conn.execute(
+                        "UPDATE counters SET value = value + 1 WHERE name = 'dropped_newest'"
+                    )
+                    self._est_used = used
+                    return 0
+                self._drop_oldest(conn, used + size - self.max_queue_bytes)
+            row_id = conn.execute(_INSERT, (dest_id, body, size, when)).lastrowid
+            self._est_used = used + size + _ROW_OVERHEAD
+            return row_id or 0
+
+        stored = self._write(run)
+        self._since_refresh = 0
+        return stored
+
+    def _drop_oldest(self, conn: sqlite3.Connection, need: int) -> None:
+        need = max(need, 1)
+        freed = 0
+        dropped = 0
+        while freed < need:
+            rows = conn.execute(
+                "SELECT id, size FROM messages WHERE lease IS NULL ORDER BY id LIMIT 64"
+            ).fetchall()
+            if not rows:
+                break
+            take = []
+            for row_id, row_size in rows:
+                take.append(int(row_id))
+                freed += int(row_size) + _ROW_OVERHEAD
+                if freed >= need:
+                    break
+            conn.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(take))})", take)
+            dropped += len(take)
+        if dropped:
+            conn.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'dropped_oldest'", (dropped,)
+            )
+
+    def append_many(self, dest_id: int, bodies: Sequence[bytes]) -> int:
+        """Store several messages, each committed; returns how many were kept."""
+        kept = 0
+        for body in bodies:
+            kept += 1 if self.append(dest_id, body) else 0
+        return kept
+
+    # ---------------------------------------------------------------- leases
+
+    def _reclaim(self, conn: sqlite3.Connection, now_wall: float) -> None:
+        """Free the messages of leases that expired or whose holder is gone."""
+        now_mono = time.monotonic()
+        me = _holder()
+        dead: list[tuple[str, str]] = []
+        for token, ids, boot, pidns, pid, pstart, mono_exp, wall_exp in conn.execute(
+            "SELECT token, ids, boot, pidns, pid, pstart, mono_expires, wall_expires FROM leases"
+        ).fetchall():
+            if boot and boot == me.boot:
+                expired = now_mono > mono_exp
+            else:
+                # Another boot (or no boot id): the wall clock, ignoring an expiry so far
+                # ahead that only a backwards clock jump explains it.
+                expired = now_wall > wall_exp or wall_exp > now_wall + self.lease_timeout + 60
+            if expired or _holder_gone(boot, pidns, pid, pstart):
+                dead.append((token, ids))
+        for token, ids in dead:
+            id_list = [int(x) for x in ids.split(",") if x]
+            for chunk in _chunks(id_list, 500):
+                conn.execute(
+                    f"UPDATE messages SET lease = NULL WHERE id IN ({','.join('?' * len(chunk))})"
+                    " AND lease = ?",
+                    (*chunk, token),
+                )
+            conn.execute("DELETE FROM leases WHERE token = ?", (token,))
+
+    def reclaim_expired(self) -> int:
+        """Free the messages of dead or expired leases now; returns how many leases ended."""
+        if not self.live_leases():
+            return 0
+        now_wall = time.time()
+
+        def run(conn: sqlite3.Connection) -> int:
+            before = int(conn.execute("SELECT count(*) FROM leases").fetchone()[0])
+            self._reclaim(conn, now_wall)
+            after = int(conn.execute("SELECT count(*) FROM leases").fetchone()[0])
+            return before - after
+
+        return self._write(run)
+
+    def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
+        """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
+        now_wall = time.time() if now is None else now
+        horizon = now_wall + MAX_BACKOFF_SECONDS + _CLOCK_JUMP_MARGIN
+
+        def run(conn: sqlite3.Connection) -> tuple[int, float | None]:
+            row = conn.execute(
+                "SELECT count(*), min(enqueued_at) FROM (SELECT m.enqueued_at FROM messages m "
+                "JOIN destinations d ON d.id = m.dest WHERE m.lease IS NULL "
+                "AND (d.not_before <= ? OR d.not_before > ?) "
+                "AND (m.not_before IS NULL OR m.not_before <= ? OR m.not_before > ?) "
+                "ORDER BY m.id LIMIT ?)",
+                (now_wall, horizon, now_wall, horizon, limit),
+            ).fetchone()
+            return int(row[0]), (None if row[1] is None else float(row[1]))
+
+        return self._read(run)
+
+    def lease(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> Lease | None:
+        """Take the oldest ready messages of one destination, or None when none are ready.
+
+        At most ``max_messages`` messages and ``max_bytes`` bytes (each message counting its
+        size plus ``per_message_overhead``, the comma between messages in the request body);
+        the first message is always taken so a batch is never empty. ``destination`` limits
+        the choice to one destination, ``up_to_id`` to messages stored no later than that id.
+        A destination in backoff (``set_backoff``) yields nothing until its time comes.
+        """
+        now_wall = time.time() if now is None else now
+        horizon = now_wall + MAX_BACKOFF_SECONDS + _CLOCK_JUMP_MARGIN
+        top = up_to_id if up_to_id is not None else (1 << 62)
+
+        def run(conn: sqlite3.Connection) -> Lease | None:
+            self._reclaim(conn, now_wall)
+            ready = [
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT id FROM destinations WHERE not_before <= ? OR not_before > ?",
+                    (now_wall, horizon),
+                ).fetchall()
+            ]
+            if destination is not None:
+                ready = [d for d in ready if d == destination]
+            if not ready:
+                return None
+            marks = ",".join("?" * len(ready))
+            first = conn.execute(
+                f"SELECT dest FROM messages WHERE lease IS NULL AND dest IN ({marks}) "
+                "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
+                "ORDER BY id LIMIT 1",
+                (*ready, top, now_wall, horizon),
+            ).fetchone()
+            if first is None:
+                return None
+            dest_id = int(first[0])
+            rows = conn.execute(
+                "SELECT id, body, attempts FROM messages WHERE lease IS NULL AND dest = ? "
+                "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
+                "ORDER BY id LIMIT ?",
+                (dest_id, top, now_wall, horizon, max_messages),
+            ).fetchall()
+            ids: list[int] = []
+            bodies: list[bytes] = []
+            total = 0
+            attempts = 0
+            for row_id, body, row_attempts in rows:
+                cost = len(body) + per_message_overhead
+                if ids and total + cost > max_bytes:
+                    break
+                ids.append(int(row_id))
+                bodies.append(bytes(body))
+                total += cost
+                attempts = max(attempts, int(row_attempts))
+            token = uuid.uuid4().hex
+            conn.execute(
+                f"UPDATE messages SET lease = ? WHERE id IN ({','.join('?' * len(ids))})",
+                (token, *ids),
+            )
+            me = _holder()
+            mono_expires = time.monotonic() + self.lease_timeout
+            conn.execute(
+                "INSERT INTO leases (token, dest, ids, count, boot, pidns, pid, pstart, "
+                "mono_expires, wall_expires, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    token,
+                    dest_id,
+                    ",".join(map(str, ids)),
+                    len(ids),
+                    me.boot,
+                    me.pidns,
+                    me.pid,
+                    me.start,
+                    mono_expires,
+                    now_wall + self.lease_timeout,
+                    now_wall,
+                ),
+            )
+            row = conn.execute(
+                "SELECT id, host, write_key FROM destinations WHERE id = ?", (dest_id,)
+            ).fetchone()
+            dest = Destination(int(row[0]), row[1], row[2])
+            return Lease(token, dest, tuple(ids), tuple(bodies), attempts, mono_expires)
+
+        return self._write(run)
+
+    def extend(self, lease: Lease) -> bool:
+        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
+        now_wall = time.time()
+        mono = time.monotonic() + self.lease_timeout
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE leases SET mono_expires = ?, wall_expires = ? WHERE token = ?",
+                (mono, now_wall + self.lease_timeout, lease.token),
+            )
+            return cur.rowcount > 0
+
+        return self._write(run)
+
+    def _finish(self, conn: sqlite3.Connection, lease: Lease) -> None:
+        # Drop the lease record once none of its messages still carry its token.
+        marks = ",".join("?" * len(lease.ids))
+        left = conn.execute(
+            f"SELECT count(*) FROM messages WHERE id IN ({marks}) AND lease = ?",
+            (*lease.ids, lease.token),
+        ).fetchone()[0]
+        if not left:
+            conn.execute("DELETE FROM leases WHERE token = ?", (lease.token,))
+
+    def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
+        """Delete delivered messages (all of the lease's, or ``ids``); returns how many.
+
+        Fenced by the token: messages whose lease expired and were taken by another holder
+        are left to that holder (they will be sent again: at-least-once).
+        """
+        chosen = tuple(lease.ids if ids is None else ids)
+        if not chosen:
+            return 0
+
+        def run(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            for chunk in _chunks(list(chosen), 500):
+                cur = conn.execute(
+                    f"DELETE FROM messages WHERE id IN ({','.join('?' * len(chunk))}) "
+                    "AND lease = ?",
+                    (*chunk, lease.token),
+                )
+                deleted += cur.rowcount
+            self._finish(conn, lease)
+            return deleted
+
+        return self._write(run)
+
+    def release(
+        self,
+        lease: Lease,
+        not_before: float | None = None,
+        *,
+        ids: Iterable[int] | None = None,
+        count_attempt: bool = True,
+    ) -> int:
+        """Return leased messages to the queue, not to be leased again before ``not_before``.
+
+        Fenced by the token: a stale holder cannot release a batch someone else now holds.
+        """
+        chosen = tuple(lease.ids if ids is None else ids)
+        if not chosen:
+            return 0
+        bump = 1 if count_attempt else 0
+
+        def run(conn: sqlite3.Connection) -> int:
+            released = 0
+            for chunk in _chunks(list(chosen), 500):
+                cur = conn.execute(
+                    "UPDATE messages SET lease = NULL, not_before = ?, attempts = attempts + ? "
+                    f"WHERE id IN ({','.join('?' * len(chunk))}) AND lease = ?",
+                    (not_before, bump, *chunk, lease.token),
+                )
+                released += cur.rowcount
+            self._finish(conn, lease)
+            return released
+
+        return self._write(run)
+
+    def dead_letter(
+        self,
+        lease: Lease,
+        ids: Iterable[int],
+        *,
+        status: int | None,
+        reason: str,
+        excerpt: str = "",
+    ) -> int:
+        """Move leased messages to the dead-letter table with the status and a response excerpt."""
+        chosen = list(ids)
+        if not chosen:
+            return 0
+        now = time.time()
+
+        def run(conn: sqlite3.Connection) -> int:
+            moved = 0
+            for chunk in _chunks(chosen, 500):
+                marks = ",".join("?" * len(chunk))
+                cur = conn.execute(
+                    "INSERT INTO dead_letters (dest, body, size, enqueued_at, dead_at, attempts, "
+                    "status, reason, excerpt) SELECT dest, body, size, enqueued_at, ?, "
+                    f"attempts + 1, ?, ?, ? FROM messages WHERE id IN ({marks}) AND lease = ?",
+                    (now, status, reason[:500], excerpt[:2000], *chunk, lease.token),
+                )
+                moved += cur.rowcount
+                conn.execute(
+                    f"DELETE FROM messages WHERE id IN ({marks}) AND lease = ?",
+                    (*chunk, lease.token),
+                )
+            self._finish(conn, lease)
+            return moved
+
+        return self._write(run)
+
+    # ---------------------------------------------------------------- backoff and errors
+
+    def set_backoff(self, dest_id: int, until: float, error: str | None = None) -> None:
+        """Hold every process back from leasing ``dest_id`` until ``until`` (wall clock)."""
+        now = time.time()
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE destinations SET not_before = max(not_before, ?), failures = failures + 1,"
+                " last_error = coalesce(?, last_error), last_error_at = CASE WHEN ? IS NULL "
+                "THEN last_error_at ELSE ? END WHERE id = ?",
+                (until, error, error, now, dest_id),
+            )
+
+        self._write(run)
+
+    def record_error(self, dest_id: int, error: str) -> None:
+        """Remember ``error`` as the destination's last error (shown by ``status``)."""
+        now = time.time()
+        self._write(
+            lambda conn: conn.execute(
+                "UPDATE destinations SET last_error = ?, last_error_at = ? WHERE id = ?",
+                (error, now, dest_id),
+            )
+        )
+
+    def clear_backoff(self, dest_id: int) -> None:
+        """Forget the destination's failures after a successful delivery."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE destinations SET not_before = 0, failures = 0 "
+                "WHERE id = ? AND (failures != 0 OR not_before != 0)",
+                (dest_id,),
+            )
+
+        self._write(run)
+
+    def backoff(self, dest_id: int) -> tuple[float, int]:
+        """``(not_before, consecutive failures)`` of a destination."""
+        row = self._read(
+            lambda conn: conn.execute(
+                "SELECT not_before, failures FROM destinations WHERE id = ?", (dest_id,)
+            ).fetchone()
+        )
+        if row is None:
+            return 0.0, 0
+        return float(row[0]), int(row[1])
+
+    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
+        """The earliest wall-clock time at which some pending message may be leased."""
+        top = up_to_id if up_to_id is not None else (1 << 62)
+
+        def run(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT min(max(coalesce(m.not_before, 0), d.not_before)) FROM messages m "
+                "JOIN destinations d ON d.id = m.dest WHERE m.lease IS NULL AND m.id <= ?",
+                (top,),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return self._read(run)
+
+    # ---------------------------------------------------------------- inspection
+
+    def max_id(self) -> int:
+        """The id of the newest message (0 when empty): ``flush`` waits for ids up to it."""
+        row = self._read(lambda conn: conn.execute("SELECT max(id) FROM messages").fetchone())
+        return int(row[0] or 0)
+
+    def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
+        """How many messages are not yet delivered (leased or not)."""
+        top = up_to_id if up_to_id is not None else (1 << 62)
+        if destination is None:
+            row = self._read(
+                lambda conn: conn.execute(
+                    "SELECT count(*) FROM messages WHERE id <= ?", (top,)
+                ).fetchone()
+            )
+        else:
+            row = self._read(
+                lambda conn: conn.execute(
+                    "SELECT count(*) FROM messages WHERE id <= ? AND dest = ?", (top, destination)
+                ).fetchone()
+            )
+        return int(row[0])
+
+    def live_leases(self) -> int:
+        """How many leases are held right now (by anyone)."""
+        row = self._read(lambda conn: conn.execute("SELECT count(*) FROM leases").fetchone())
+        return int(row[0])
+
+    def stats(self) -> QueueStats:
+        """Counts and health of the queue (see ``QueueStats``)."""
+        now = time.time()
+
+        def run(conn: sqlite3.Connection) -> QueueStats:
+            conn.execute("BEGIN")  # one consistent snapshot for every count
+            try:
+                per_dest = {
+                    int(d): (int(n), int(b))
+                    for d, n, b in conn.execute(
+                        "SELECT dest, count(*), total(size) FROM messages GROUP BY dest"
+                    ).fetchall()
+                }
+                leased_by_dest: dict[int, int] = {}
+                for d, n in conn.execute(
+                    "SELECT dest, sum(count) FROM leases GROUP BY dest"
+                ).fetchall():
+                    leased_by_dest[int(d)] = int(n)
+                dead = int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+                oldest = conn.execute("SELECT min(enqueued_at) FROM messages").fetchone()[0]
+                dropped = int(
+                    conn.execute(
+                        "SELECT total(value) FROM counters WHERE name LIKE 'dropped_%'"
+                    ).fetchone()[0]
+                )
+                dests = conn.execute(
+                    "SELECT id, host, write_key, not_before, failures, last_error, last_error_at "
+                    "FROM destinations ORDER BY id"
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            destinations = []
+            last: tuple[float, str, str] | None = None
+            for d, host, key, not_before, failures, err, err_at in dests:
+                n, _ = per_dest.get(int(d), (0, 0))
+                if err is not None and err_at is not None and (last is None or err_at > last[0]):
+                    last = (float(err_at), str(err), str(host))
+                destinations.append(
+                    DestinationStats(
+                        host=host,
+                        write_key=Destination(int(d), host, key).redacted_key,
+                        pending=n,
+                        leased=min(n, leased_by_dest.get(int(d), 0)),
+                        backoff_until=_iso(not_before) if not_before > now else None,
+                        failures=int(failures),
+                        last_error=err,
+                    )
+                )
+            pending = sum(n for n, _ in per_dest.values())
+            return QueueStats(
+                pending=pending,
+                leased=min(pending, sum(leased_by_dest.values())),
+                dead_letters=dead,
+                bytes=int(sum(b for _, b in per_dest.values())),
+                oldest_age_seconds=None if oldest is None else max(0.0, round(now - oldest, 3)),
+                dropped=dropped,
+                last_error=None
+                if last is None
+                else {"message": last[1], "at": _iso(last[0]) or "", "host": last[2]},
+                destinations=destinations,
+            )
+
+        return self._read(run)
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` when healthy)."""
+        rows = self._read(lambda conn: conn.execute("PRAGMA integrity_check").fetchall())
+        return "; ".join(str(r[0]) for r in rows)
+
+    def bodies(self) -> list[bytes]:
+        """Every pending message body, oldest first (for tests and tools)."""
+        rows = self._read(
+            lambda conn: conn.execute("SELECT body FROM messages ORDER BY id").fetchall()
+        )
+        return [bytes(r[0]) for r in rows]
+
+    # ---------------------------------------------------------------- dead letters
+
+    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        """The dead letters (all, or those with ``ids``), oldest first."""
+
+        def run(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            sql = (
+                "SELECT l.id, d.host, d.write_key, l.status, l.reason, l.excerpt, l.attempts, "
+                "l.enqueued_at, l.dead_at, l.body FROM dead_letters l "
+                "JOIN destinations d ON d.id = l.dest"
+            )
+            if ids is None:
+                return conn.execute(sql + " ORDER BY l.id").fetchall()
+            marks = ",".join("?" * len(ids))
+            return conn.execute(sql + f" WHERE l.id IN ({marks}) ORDER BY l.id", ids).fetchall()
+
+        out = []
+        for row_id, host, key, status, reason, excerpt, attempts, enq, dead_at, body in self._read(
+            run
+        ):
+            try:
+                msg = json.loads(body)
+            except ValueError:
+                msg = {}
+            out.append(
+                DeadLetter(
+                    id=int(row_id),
+                    host=host,
+                    write_key=Destination(0, host, key).redacted_key,
+                    type=str(msg.get("type", "")),
+                    event=msg.get("event") or msg.get("name"),
+                    message_id=msg.get("messageId"),
+                    status=status,
+                    reason=reason,
+                    excerpt=excerpt,
+                    attempts=int(attempts),
+                    enqueued_at=float(enq),
+                    dead_at=float(dead_at),
+                    body=bytes(body),
+                )
+            )
+        return out
+
+    def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Put dead letters (all, or ``ids``) back in the queue; returns how many."""
+        return self._move_dead(ids, requeue=True)
+
+    def purge_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Delete dead letters (all, or ``ids``) for good; returns how many."""
+        return self._move_dead(ids, requeue=False)
+
+    def _move_dead(self, ids: Sequence[int] | None, *, requeue: bool) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            where: str = ""
+            params: tuple[int, ...] = ()
+            if ids is not None:
+                if not ids:
+                    return 0
+                where = f" WHERE id IN ({','.join('?' * len(ids))})"
+                params = tuple(ids)
+            if requeue:
+                conn.execute(
+                    "INSERT INTO messages (dest, body, size, enqueued_at) "
+                    f"SELECT dest, body, size, enqueued_at FROM dead_letters{where} ORDER BY id",
+                    params,
+                )
+            return int(conn.execute(f"DELETE FROM dead_letters{where}", params).rowcount)
+
+        return self._write(run)
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,120 @@
+"""Every exception durable-analytics raises or hands to ``on_error``.
+
+The tree::
+
+    DurableAnalyticsError                 base of everything below
+    ├── ValidationError (ValueError)      a call's message is invalid; nothing was queued
+    │   └── MessageTooLarge               the serialized message is over max_message_bytes
+    ├── ConfigError (ValueError)          a Client setting (or environment variable) is invalid
+    ├── QueueError                        the queue file cannot be used
+    │   ├── QueueCorrupt                  not an SQLite file, or damaged
+    │   ├── QueueVersionError             written by a newer durable-analytics
+    │   ├── QueuePermissionError          unreadable, unwritable, a symlink, or an unsafe directory
+    │   ├── QueueDiskFull                 the disk (or the file's size limit) is full; the call's
+    │   │                                 message was not stored, everything before it is intact
+    │   └── QueueBusy                     another process held the write lock for too long
+    └── DeliveryError                     a batch could not be delivered (passed to ``on_error``)
+        ├── RetryableError                408, 410, 429, 460, 5xx, network errors: kept and retried
+        ├── MessageRejected               400, 413, 422: the message is dead-lettered
+        └── ConfigurationRejected         401, 403, 404, 3xx: the write key or host is wrong;
+                                          messages are kept until it is fixed
+
+``ValidationError`` and ``ConfigError`` are ``ValueError`` subclasses, so code written for
+``segment-analytics-python`` (which raises ``AssertionError`` or ``ValueError``) can catch
+``ValueError``. No exception message or ``repr`` ever contains a write key.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ConfigurationRejected",
+    "DeliveryError",
+    "DurableAnalyticsError",
+    "MessageRejected",
+    "MessageTooLarge",
+    "QueueBusy",
+    "QueueCorrupt",
+    "QueueDiskFull",
+    "QueueError",
+    "QueuePermissionError",
+    "QueueVersionError",
+    "RetryableError",
+    "ValidationError",
+]
+
+
+class DurableAnalyticsError(Exception):
+    """Base class of every durable-analytics exception."""
+
+
+class ValidationError(DurableAnalyticsError, ValueError):
+    """A call's message is invalid: the message names the call and the field.
+
+    Raised by ``track()`` and the other calls before anything is written, so an invalid
+    message never reaches the queue.
+    """
+
+
+class MessageTooLarge(ValidationError):
+    """The serialized message is larger than ``max_message_bytes`` (32 KB by default)."""
+
+    def __init__(self, call: str, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{call}: the message is {size} bytes serialized, over the {limit}-byte limit "
+            "(max_message_bytes); trim its properties, traits or context"
+        )
+
+
+class ConfigError(DurableAnalyticsError, ValueError):
+    """A setting passed to ``Client`` (or read from the environment) is invalid."""
+
+
+class QueueError(DurableAnalyticsError):
+    """The queue file cannot be opened or used."""
+
+
+class QueueCorrupt(QueueError):
+    """The queue file is not an SQLite database, or SQLite reports it damaged."""
+
+
+class QueueVersionError(QueueError):
+    """The queue file was written by a newer durable-analytics than this one."""
+
+
+class QueuePermissionError(QueueError, PermissionError):
+    """The queue file or its directory is unreadable, unwritable or unsafe."""
+
+
+class QueueDiskFull(QueueError, OSError):
+    """The disk holding the queue is full; the message of this call was not stored.
+
+    Everything committed before stays intact, and appends work again once space returns.
+    """
+
+
+class QueueBusy(QueueError):
+    """Another connection held the queue's write lock for longer than the busy timeout."""
+
+
+class DeliveryError(DurableAnalyticsError):
+    """A batch could not be delivered; handed to ``on_error(exception, messages)``."""
+
+    def __init__(self, message: str, *, status: int | None = None, excerpt: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.excerpt = excerpt
+
+
+class RetryableError(DeliveryError):
+    """A transient failure (408, 410, 429, 460, 5xx, network): the batch is kept and retried."""
+
+
+class MessageRejected(DeliveryError):
+    """The server rejected a message as bad data (400, 413, 422): it was dead-lettered."""
+
+
+class ConfigurationRejected(DeliveryError):
+    """The server refused the write key or URL (401, 403, 404, 3xx): messages are kept."""

@@ -1,0 +1,615 @@
+"""A real Segment-compatible HTTP server on 127.0.0.1 for testing code that sends analytics.
+
+`Collector` speaks the wire format of ``POST {host}/v1/batch``: it checks the Basic
+auth header against a write key, gunzips, parses the JSON and records every request.
+Replies can be scripted (statuses, ``Retry-After`` headers, delays, requests that never
+get an answer) so a test can prove how a client behaves when the server misbehaves::
+
+    from durable_analytics import Client
+    from durable_analytics.testing import Collector, Reply
+
+    def test_signup_is_delivered(tmp_path):
+        with Collector("WRITE_KEY") as collector:
+            collector.script(503, Reply(429, headers={"Retry-After": "1"}))  # then 200s
+            client = Client("WRITE_KEY", host=collector.url, queue_path=tmp_path / "q.sqlite3")
+            client.track(user_id="user-1", event="Signed Up")
+            client.flush(timeout=10)
+            client.close()
+            assert collector.wait_for_messages(1)
+            [message] = collector.messages()
+            assert message["event"] == "Signed Up"
+
+The collector only uses the standard library, so it works with any HTTP client.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import contextlib
+import dataclasses
+import gzip
+import json
+import math
+import socket
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+__all__ = ["Collector", "ReceivedBatch", "Reply"]
+
+_BATCH_PATHS = frozenset({"/v1/batch", "/v1/batch/"})
+# How often the accept loop checks for stop(): the upper bound stop() waits for it.
+_POLL_INTERVAL = 0.05
+# How long stop() waits for handler threads to notice their closed sockets; they are
+# daemon threads, so this only keeps tests from leaking threads, it never blocks exit.
+_HANDLER_GRACE = 0.5
+# Statuses whose responses must not carry a body (RFC 9110), or the client would read
+# the body as the start of the next response on a kept-alive connection.
+_BODYLESS_STATUSES = frozenset({204, 304})
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer of the collector.
+
+    ``status`` must be 200-599. ``body`` is sent as is (``str`` as UTF-8); ``headers`` are
+    added to the response, e.g. ``{"Retry-After": "3"}``. ``delay`` waits that many
+    seconds before answering. ``hang=True`` reads the request and never answers, until
+    the collector stops (then the connection is closed without a response).
+    """
+
+    status: int = 200
+    body: bytes | str = b'{"success":true}'
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    hang: bool = False
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.status <= 599:
+            raise ValueError(f"Reply status must be 200-599, got {self.status!r}")
+        if not (math.isfinite(self.delay) and self.delay >= 0):
+            raise ValueError(f"Reply delay must be a finite number >= 0, got {self.delay!r}")
+
+
+class _Headers(Mapping[str, str]):
+    """Request headers with case-insensitive lookup; keys are stored lower-cased."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]]) -> None:
+        self._items = {name.lower(): value for name, value in items}
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        # The Authorization header carries the write key: keep it out of test output.
+        shown = {
+            name: "<redacted>" if name == "authorization" else value
+            for name, value in self._items.items()
+        }
+        return f"Headers({shown!r})"
+
+
+@dataclass(frozen=True)
+class ReceivedBatch:
+    """One ``POST /v1/batch`` as the collector saw it.
+
+    ``headers`` looks names up case-insensitively. ``raw_body`` is the body as on the wire
+    (gzipped if it was sent so); ``body`` the decoded JSON, or None if it did not decode;
+    ``messages`` is ``body["batch"]``, or ``[]`` when the body is not a valid batch.
+    ``status`` is the status the collector answered: 0 while a delayed answer is pending
+    and for requests that never got one (``hang``, or the collector stopped first).
+    ``authorized`` tells whether the Basic auth header matched the write key (or, with no
+    write key configured, was well formed). Treat the recorded objects as read-only.
+    """
+
+    received_at: float
+    path: str
+    headers: Mapping[str, str]
+    raw_body: bytes
+    body: Any
+    messages: list[dict[str, Any]]
+    status: int
+    authorized: bool
+
+    def __repr__(self) -> str:
+        # Bodies can be 500 KB and headers hold the write key: show a summary instead.
+        return (
+            f"ReceivedBatch(path={self.path!r}, status={self.status}, "
+            f"authorized={self.authorized}, messages={len(self.messages)}, "
+            f"raw_bytes={len(self.raw_body)}, received_at={self.received_at!r})"
+        )
+
+
+def _error(status: int, message: str, **extra: Any) -> Reply:
+    body = json.dumps({"success": False, "code": status, "message": message, **extra})
+    return Reply(status=status, body=body)
+
+
+def _as_reply(reply: Reply | int) -> Reply:
+    if isinstance(reply, Reply):
+        return reply
+    return Reply(status=reply)
+
+
+def _is_success(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def _message_ids(messages: list[dict[str, Any]]) -> Iterator[str]:
+    for message in messages:
+        message_id = message.get("messageId")
+        if isinstance(message_id, str):
+            yield message_id
+
+
+@dataclass
+class _Pending:
+    """A recorded request whose status is only known once it is answered."""
+
+    generation: int
+    index: int
+
+
+class _Server(ThreadingHTTPServer):
+    """One run of a Collector: the listening socket and its connections."""
+
+    daemon_threads = True
+    # stop() must not wait for handler threads: some of them hang on purpose.
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], collector: Collector, family: int) -> None:
+        self.address_family = family
+        self.collector = collector
+        # Set by stop(): wakes delayed and hanging handlers.
+        self.stopping = threading.Event()
+        # Open connections and their handler threads, so stop() can close idle
+        # keep-alive ones and wait for the threads to end.
+        self.connections: dict[socket.socket, threading.Thread] = {}
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that time out or disconnect are routine in tests of retry logic;
+        # only real bugs of the handler deserve a traceback.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Answers one connection; HTTP/1.1 so clients keep it alive between batches."""
+
+    protocol_version = "HTTP/1.1"
+    # Answer at once: Nagle must not hold a response back waiting for the client's ACK.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.collector._track(self.server, self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.collector._untrack(self.server, self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # A line on stderr per request would dominate the cost of a benchmark run.
+        return
+
+    def do_POST(self) -> None:
+        raw = self._read_body()
+        if raw is None:
+            return
+        path = self.path
+        if path.split("?", 1)[0] not in _BATCH_PATHS:
+            self._send(_error(404, f"no such path: {path}"))
+            return
+        reply, pending = self.server.collector._receive(path, self.headers.items(), raw)
+        if reply.hang or reply.delay:
+            stopped = self.server.stopping.wait(None if reply.hang else reply.delay)
+            if stopped or reply.hang:
+                # Never answered: the client sees the connection close when stop() runs.
+                self.close_connection = True
+                return
+            if pending is not None:
+                self.server.collector._answered(pending, reply.status)
+        self._send(reply)
+
+    def _not_the_api(self) -> None:
+        if self._read_body() is None:
+            return
+        if self.path.split("?", 1)[0] in _BATCH_PATHS:
+            reply = _error(405, "use POST")
+            self._send(Reply(reply.status, reply.body, {"Allow": "POST"}))
+        else:
+            self._send(_error(404, f"no such path: {self.path}"))
+
+    do_GET = do_PUT = do_PATCH = do_DELETE = do_HEAD = _not_the_api
+
+    def _read_body(self) -> bytes | None:
+        """Read exactly the request body; None after answering a request we cannot frame."""
+        if "transfer-encoding" in self.headers:
+            # Without chunked decoding the rest of the stream cannot be framed: close it.
+            self.close_connection = True
+            self._send(_error(411, "Content-Length required"))
+            return None
+        length_header = self.headers.get("Content-Length", "0")
+        try:
+            length = int(length_header)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._send(_error(400, f"bad Content-Length: {length_header!r}"))
+            return None
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) != length:
+            # The client went away mid-body: nobody is left to answer.
+            self.close_connection = True
+            return None
+        return raw
+
+    def _send(self, reply: Reply) -> None:
+        body = reply.body.encode() if isinstance(reply.body, str) else reply.body
+        status = reply.status
+        phrase = self.responses.get(status, ("",))[0]
+        lines = [f"HTTP/1.1 {status} {phrase}"]
+        names = set()
+        for name, value in reply.headers.items():
+            lines.append(f"{name}: {value}")
+            lowered = name.lower()
+            names.add(lowered)
+            if lowered == "connection" and value.strip().lower() == "close":
+                self.close_connection = True
+        if status in _BODYLESS_STATUSES or self.command == "HEAD":
+            body = b""
+        if "content-type" not in names:
+            lines.append("Content-Type: application/json")
+        if "content-length" not in names and status not in _BODYLESS_STATUSES:
+            lines.append(f"Content-Length: {len(body)}")
+        if self.close_connection and "connection" not in names:
+            lines.append("Connection: close")
+        # One write per response: fewer syscalls and no Nagle/delayed-ACK stall.
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head + body)
+
+
+class Collector:
+    """A Segment-compatible collector listening on ``host:port`` (port 0: any free one).
+
+    ``write_key``: requests must carry ``Authorization: Basic base64(write_key + ":")``,
+    else they are answered 401 (and still recorded, with ``authorized=False``). Without a
+    write key any well-formed Basic header is accepted; a missing one is still a 401.
+
+    Answers, in order of precedence: 401 for bad auth; 400 for a body that is not gzip
+    (when so declared), not JSON, or has no ``batch`` list of objects; the status given to
+    `reject_message_ids` for a batch holding one of those ids; else the next scripted
+    `Reply`, or the default one (200) once the script is used up. Only requests that
+    reach the script consume an entry of it.
+
+    ``start()`` binds and serves from a daemon thread; ``stop()`` closes everything
+    within a fraction of a second. A stopped collector can be started again on the same
+    port, keeping its recordings. Also a context manager. All methods are thread-safe.
+    """
+
+    def __init__(
+        self, write_key: str | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self._write_key = write_key
+        self._expected_auth = (
+            None
+            if write_key is None
+            else "Basic " + base64.b64encode(f"{write_key}:".encode()).decode("ascii")
+        )
+        self._host = host
+        self._port = port
+        # One lock for all state; the Condition wakes wait_for_*() on every recording.
+        self._cond = threading.Condition()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._script: collections.deque[Reply] = collections.deque()
+        self._default = Reply()
+        self._rejected: dict[str, int] = {}
+        self._batches: list[ReceivedBatch] = []
+        self._all_ids: collections.Counter[str] = collections.Counter()
+        self._accepted_ids: collections.Counter[str] = collections.Counter()
+        # Bumped by reset(), so an answer that arrives late cannot touch new recordings.
+        self._generation = 0
+
+    # lifecycle
+
+    def start(self) -> Collector:
+        """Bind the socket and serve from a daemon thread; return self."""
+        with self._cond:
+            if self._server is not None:
+                raise RuntimeError("the collector is already running")
+            family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+            server = _Server((self._host, self._port), self, family)
+            # Remember the port, so a restart keeps the URL clients were given.
+            self._port = server.server_address[1]
+            thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": _POLL_INTERVAL},
+                name=f"durable-analytics-collector:{self._port}",
+                daemon=True,
+            )
+            self._server, self._thread = server, thread
+        thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close every connection, answering no pending request.
+
+        Idempotent. Delayed and hanging requests are released without an answer and
+        kept-alive connections are closed, so this returns in well under a second.
+        """
+        with self._cond:
+            server, thread = self._server, self._thread
+            if server is None or thread is None:
+                return
+            self._server = self._thread = None
+            server.stopping.set()
+            connections = dict(server.connections)
+        server.shutdown()
+        for connection in connections:
+            _shut(connection)
+        server.server_close()
+        thread.join()
+        deadline = time.monotonic() + _HANDLER_GRACE
+        for handler in connections.values():
+            handler.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            # Connections accepted while stopping close themselves (see _track).
+            remaining = max(0.0, deadline - time.monotonic())
+            self._cond.wait_for(lambda: not server.connections, timeout=remaining)
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        # Never the write key.
+        state = "running" if self._server is not None else "stopped"
+        return f"<Collector {self._host}:{self._port} {state}, {self.requests} requests>"
+
+    @property
+    def port(self) -> int:
+        """The TCP port; known once started (or when given explicitly)."""
+        if not self._port:
+            raise RuntimeError("the collector has no port before start()")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The base URL to give a client as its ``host``, e.g. ``http://127.0.0.1:8765``."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    # scripting
+
+    def script(self, *replies: Reply | int) -> None:
+        """Append replies to the script; each request that reaches it consumes one.
+
+        An ``int`` means ``Reply(status=int)``. Once the script is used up, the default
+        reply answers.
+        """
+        converted = [_as_reply(reply) for reply in replies]
+        with self._cond:
+            self._script.extend(converted)
+
+    def set_default(self, reply: Reply | int) -> None:
+        """Set the reply used when the script is empty (initially ``Reply(200)``)."""
+        converted = _as_reply(reply)
+        with self._cond:
+            self._default = converted
+
+    def reject_message_ids(self, *message_ids: str, status: int = 400) -> None:
+        """Answer ``status`` to every batch holding one of these messageIds.
+
+        Takes precedence over the script (without consuming it); the JSON error body
+        names the offending ids. Use it to test how a client isolates one bad message.
+        """
+        _as_reply(status)  # validates the status
+        with self._cond:
+            self._rejected.update(dict.fromkeys(message_ids, status))
+
+    def reset(self) -> None:
+        """Forget all recordings, the script, rejected ids, and restore the 200 default."""
+        with self._cond:
+            self._generation += 1
+            self._script.clear()
+            self._default = Reply()
+            self._rejected.clear()
+            self._batches = []
+            self._all_ids = collections.Counter()
+            self._accepted_ids = collections.Counter()
+            self._cond.notify_all()
+
+    # recordings
+
+    @property
+    def batches(self) -> list[ReceivedBatch]:
+        """Every request to the batch endpoint so far, in arrival order (a new list)."""
+        with self._cond:
+            return list(self._batches)
+
+    @property
+    def requests(self) -> int:
+        """How many requests reached the batch endpoint, whatever they were answered."""
+        with self._cond:
+            return len(self._batches)
+
+    def messages(self, *, accepted_only: bool = True) -> list[dict[str, Any]]:
+        """Every message of every batch, in order; by default only of batches answered 2xx."""
+        with self._cond:
+            return [
+                message
+                for batch in self._batches
+                if not accepted_only or _is_success(batch.status)
+                for message in batch.messages
+            ]
+
+    def message_ids(self, *, accepted_only: bool = True) -> collections.Counter[str]:
+        """How many times each messageId was received (by default: in 2xx-answered batches).
+
+        A count above 1 means the client sent that message again.
+        """
+        with self._cond:
+            return collections.Counter(self._accepted_ids if accepted_only else self._all_ids)
+
+    def wait_for_messages(
+        self, count: int, timeout: float = 10.0, *, accepted_only: bool = True
+    ) -> bool:
+        """Block until at least ``count`` distinct messageIds arrived; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: len(self._accepted_ids if accepted_only else self._all_ids) >= count,
+                timeout,
+            )
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> bool:
+        """Block until at least ``count`` requests reached the batch endpoint; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._batches) >= count, timeout)
+
+    # called by the handler threads
+
+    def _track(self, server: _Server, connection: socket.socket) -> None:
+        with self._cond:
+            server.connections[connection] = threading.current_thread()
+            stopping = server.stopping.is_set()
+        if stopping:
+            # Accepted just as stop() listed the connections: close it here instead.
+            _shut(connection)
+
+    def _untrack(self, server: _Server, connection: socket.socket) -> None:
+        with self._cond:
+            server.connections.pop(connection, None)
+            self._cond.notify_all()
+
+    def _authorized(self, header: str | None) -> bool:
+        if header is None:
+            return False
+        if header == self._expected_auth:
+            return True
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            credentials = base64.b64decode(token.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        if self._write_key is None:
+            return ":" in credentials
+        return credentials == f"{self._write_key}:"
+
+    def _receive(
+        self, path: str, header_items: Iterable[tuple[str, str]], raw: bytes
+    ) -> tuple[Reply, _Pending | None]:
+        """Decode and record one batch request; return the reply and, if late, its token."""
+        received_at = time.time()
+        headers = _Headers(header_items)
+        authorized = self._authorized(headers.get("authorization"))
+        problem: Reply | None = None
+        body: Any = None
+        messages: list[dict[str, Any]] = []
+        encoding = headers.get("content-encoding", "").strip().lower()
+        decoded = raw
+        if encoding == "gzip":
+            try:
+                decoded = gzip.decompress(raw)
+            except (OSError, EOFError, zlib.error):
+                problem = _error(400, "body is not valid gzip")
+        elif encoding not in ("", "identity"):
+            problem = _error(415, f"unsupported Content-Encoding: {encoding}")
+        if problem is None:
+            try:
+                body = json.loads(decoded)
+            except (ValueError, RecursionError):
+                problem = _error(400, "body is not valid JSON")
+        if problem is None:
+            batch = body.get("batch") if isinstance(body, dict) else None
+            if isinstance(batch, list) and all(isinstance(item, dict) for item in batch):
+                messages = batch
+            else:
+                problem = _error(400, 'body must be an object with a "batch" list of objects')
+        if not authorized:
+            problem = _error(401, "missing or wrong write key")
+
+        with self._cond:
+            if problem is None and self._rejected:
+                bad = [mid for mid in _message_ids(messages) if mid in self._rejected]
+                if bad:
+                    problem = _error(
+                        self._rejected[bad[0]], f"rejected messageId {bad[0]}", messageIds=bad
+                    )
+            if problem is not None:
+                reply = problem
+            elif self._script:
+                reply = self._script.popleft()
+            else:
+                reply = self._default
+            late = reply.hang or bool(reply.delay)
+            status = 0 if late else reply.status
+            pending = _Pending(self._generation, len(self._batches)) if late else None
+            self._batches.append(
+                ReceivedBatch(
+                    received_at=received_at,
+                    path=path,
+                    headers=headers,
+                    raw_body=raw,
+                    body=body,
+                    messages=messages,
+                    status=status,
+                    authorized=authorized,
+                )
+            )
+            ids = list(_message_ids(messages))
+            self._all_ids.update(ids)
+            if _is_success(status):
+                self._accepted_ids.update(ids)
+            self._cond.notify_all()
+        return reply, pending
+
+    def _answered(self, pending: _Pending, status: int) -> None:
+        """Record the status of a delayed reply, just before it is sent."""
+        with self._cond:
+            if pending.generation != self._generation:
+                return
+            batch = self._batches[pending.index]
+            self._batches[pending.index] = dataclasses.replace(batch, status=status)
+            if _is_success(status):
+                self._accepted_ids.update(_message_ids(batch.messages))
+            self._cond.notify_all()
+
+
+def _shut(connection: socket.socket) -> None:
+    """Wake a handler blocked on this socket; its own thread then closes it."""
+    # OSError: its handler already closed it.
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
