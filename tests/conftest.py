@@ -1,0 +1,64 @@
+"""Shared fixtures: a private queue path, a running Collector, and a child-process helper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from durable_analytics.testing import Collector
+
+WRITE_KEY = "test-write-key-0001"
+
+
+@pytest.fixture
+def queue_path(tmp_path: Path) -> Path:
+    """A queue file path inside a fresh 0700 directory."""
+    directory = tmp_path / "queue"
+    directory.mkdir(mode=0o700)
+    return directory / "queue.sqlite3"
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    """A real Segment-compatible server on 127.0.0.1 that checks WRITE_KEY."""
+    with Collector(WRITE_KEY) as c:
+        yield c
+
+
+def child_env() -> dict[str, str]:
+    """The environment for child Python processes: this checkout importable, no DEBUG noise."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("DEBUG", None)
+    return env
+
+
+def run_python(code: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter and wait for it."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+        check=False,
+    )
+
+
+def start_python(code: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+    """Start ``code`` in a fresh interpreter (stdout/stderr piped, text mode)."""
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        **kwargs,
+    )
