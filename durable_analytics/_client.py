@@ -212,6 +212,7 @@ class Client:
             self._start()
         flusher = self._flusher
         if flusher is not None:
+            flusher.appends += 1
             self._since_notify += 1
             if self._since_notify >= self._flush_at or flusher.idle:
                 self._since_notify = 0

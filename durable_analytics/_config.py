@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "env_debug",
     "env_host",
     "env_write_key",
+    "proxy_for_url",
     "redact",
 ]
 
@@ -60,6 +62,16 @@ def env_debug() -> bool:
 def ca_bundle_from_env() -> str | None:
     """The CA bundle named by ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE``, as requests reads it."""
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
+
+
+def proxy_for_url(url: str) -> str | None:
+    """The proxy that ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` name for ``url``."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if urllib.request.proxy_bypass(host):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all") or None
 
 
 def default_queue_path() -> Path:

@@ -146,10 +146,8 @@ class Deliverer:
     def deliver(self, lease: Lease, *, deadline: float | None = None) -> DeliveryStats:
         """Send ``lease``'s batch; ack, release, split or dead-letter as the server says."""
         stats = DeliveryStats()
-        dest = lease.destination
-        _, failures = self.queue.backoff(dest.id)
         try:
-            self._send_part(lease, list(range(len(lease.ids))), stats, failures, deadline)
+            self._send_part(lease, list(range(len(lease.ids))), stats, lease.failures, deadline)
         except BaseException:
             # Whatever happened, messages not acked stay in the queue under this lease until
             # it is released here or expires.
@@ -173,13 +171,19 @@ class Deliverer:
                 return Outcome("retry", None, error="the flush deadline passed")
             return self.transport.post(dest.host, dest.write_key, body, timeout=remaining)
 
-        attempts = 1 + (self.max_retries if quick else 0)
+        first = attempt()
+        if not (quick and self.max_retries and first.kind == "retry" and first.retry_after is None):
+            return first  # the common case builds no retry machinery at all
         # Quick retries stay well inside the lease so a slow holder is not overtaken.
+        started = time.monotonic()
         budget = self.queue.lease_timeout * 0.5
         if deadline is not None:
-            budget = min(budget, max(0.0, deadline - time.monotonic()))
+            budget = min(budget, max(0.0, deadline - started))
+        log.debug("retrying a batch of %d after: %s", len(idx), first.error)
+        self._sleep(min(budget, 0.25 * random.uniform(1.0, 2.0)))
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(attempts) | tenacity.stop_after_delay(budget),
+            stop=tenacity.stop_after_attempt(self.max_retries)
+            | tenacity.stop_after_delay(max(0.0, budget - (time.monotonic() - started))),
             wait=tenacity.wait_exponential_jitter(initial=0.25, max=4.0, jitter=0.25),
             retry=tenacity.retry_if_result(lambda o: o.kind == "retry" and o.retry_after is None),
             sleep=self._sleep,
@@ -229,7 +233,7 @@ class Deliverer:
         outcome = self._post(lease, idx, quick=failures == 0, deadline=deadline)
         stats.requests += 1
         if outcome.kind == "ok":
-            self.queue.ack(lease, ids)
+            self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
             stats.sent += len(ids)
             if failures:
                 self.queue.clear_backoff(dest.id)
@@ -331,6 +335,7 @@ class Flusher:
         *,
         flush_interval: float = 5.0,
         poll_interval: float = POLL_INTERVAL,
+        share: float = 0.25,
         name: str = "durable-analytics-flusher",
     ) -> None:
         self.deliverer = deliverer
@@ -338,6 +343,11 @@ class Flusher:
         self.flush_interval = flush_interval
         self.poll_interval = poll_interval
         self.idle = True
+        #: Incremented by the Client on every append in this process.
+        self.appends = 0
+        #: The most CPU this thread takes while the caller is appending (0 < share <= 1).
+        self.share = share
+        self._backlog = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -366,18 +376,33 @@ class Flusher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            appends = self.appends
+            cpu = time.thread_time()
             try:
                 wait = self._cycle()
             except Exception:
                 # Never die silently: log and go on after a pause.
                 log.exception("the durable-analytics flusher hit an unexpected error; continuing")
                 wait = 1.0
+            if wait == 0 and self.appends != appends and self.share < 1.0:
+                # The caller kept appending while we delivered: this thread shares the
+                # caller's GIL, so cap its share of the CPU and let the disk queue absorb
+                # the burst; the backlog is sent at full speed once the caller pauses.
+                used = time.thread_time() - cpu
+                wait = min(0.05, used * (1.0 - self.share) / self.share)
             if wait > 0 and not self._stop.is_set():
                 self._wake.wait(wait)
                 self._wake.clear()
 
     def _cycle(self) -> float:
         """Deliver what is due; return how long to wait before looking again."""
+        if self._backlog:
+            # The last batch was full: more are waiting, no need to look before leasing.
+            stats = self.deliverer.deliver_next()
+            self._backlog = stats is not None and self._full(stats)
+            if stats is not None:
+                self.delivered.add(stats)
+                return 0.0
         now = time.time()
         count, oldest = self.queue.ready_summary(self.deliverer.flush_at, now)
         if count == 0:
@@ -396,7 +421,11 @@ class Flusher:
         if stats is None:
             return 0.05
         self.delivered.add(stats)
+        self._backlog = self._full(stats)
         return 0.0
+
+    def _full(self, stats: DeliveryStats) -> bool:
+        return stats.kept == 0 and stats.sent + stats.dead_lettered >= self.deliverer.flush_at
 
 
 @dataclass(frozen=True)
