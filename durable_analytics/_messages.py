@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from enum import Enum
 from typing import Any, Union
@@ -78,18 +78,25 @@ def new_message_id() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
-_now_cache: tuple[int, str] = (-1, "")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+# (first ns, end ns, text) of the last millisecond formatted: a hit is two int comparisons.
+_now_cache: tuple[int, int, str] = (0, -1, "")
 
 
 def now_timestamp() -> str:
     """The current UTC time as ISO-8601 with milliseconds, cached per millisecond."""
     global _now_cache  # noqa: PLW0603 - a one-entry cache; a racing write stores the same value
-    ms = time.time_ns() // 1_000_000
+    ns = time.time_ns()
     cached = _now_cache
-    if cached[0] == ms:
-        return cached[1]
-    text = datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
-    _now_cache = (ms, text)
+    if cached[0] <= ns < cached[1]:
+        return cached[2]
+    # Rounded to the microsecond first (+500 ns), as datetime.now() is, so a clock that derives
+    # nanoseconds from a float (freezegun's time_ns gives ...788999936 for .789) still yields
+    # its own millisecond; integer arithmetic, so no float rounding either.
+    ms = (ns + 500) // 1_000_000
+    text = (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds")
+    _now_cache = (ms * 1_000_000 - 500, ms * 1_000_000 + 999_500, text)
     return text
 
 
@@ -112,11 +119,21 @@ def _fix_str(text: str) -> str:
     return text
 
 
+def _int_text(call: str, path: str, value: int) -> str:
+    """``str(value)``, or a ValidationError past Python's int-to-str digit limit (4300)."""
+    try:
+        return str(int(value))
+    except ValueError:
+        raise ValidationError(f"{call}: {path}: the integer has too many digits") from None
+
+
 def _clean_key(key: object, path: str, call: str) -> str:
     # Mirrors json.dumps for the key types it converts itself, so the fast and the slow
     # path store the same bytes for the same input.
     if isinstance(key, str):
-        return _fix_str(str(key))
+        # str.__str__: the string's own characters, as the C encoder writes a str subclass
+        # (str() of a ``class E(str, Enum)`` member would give "E.A", not its value).
+        return _fix_str(str.__str__(key))
     if key is None:
         return "null"
     if key is True:
@@ -126,7 +143,7 @@ def _clean_key(key: object, path: str, call: str) -> str:
     if isinstance(key, Enum):
         return _clean_key(key.value, path, call)
     if isinstance(key, int):
-        return str(int(key))
+        return _int_text(call, path, key)
     if isinstance(key, float):
         if not math.isfinite(key):
             raise ValidationError(f"{call}: {path}: a NaN or Infinity key is not valid JSON")
@@ -147,14 +164,11 @@ def _clean(value: object, path: str, call: str, depth: int, active: set[int]) ->
     if isinstance(value, Enum):
         return _clean(value.value, path, call, depth, active)
     if isinstance(value, str):
-        return _fix_str(str(value))
+        return _fix_str(str.__str__(value))
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
-        try:
-            str(value)
-        except ValueError:
-            raise ValidationError(f"{call}: {path}: the integer has too many digits") from None
+        _int_text(call, path, value)
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -165,7 +179,8 @@ def _clean(value: object, path: str, call: str, depth: int, active: set[int]) ->
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Decimal):
-        number = float(value)
+        # is_finite first: float(Decimal("sNaN")) raises ValueError instead of giving nan.
+        number = float(value) if value.is_finite() else math.nan
         if not math.isfinite(number):
             raise ValidationError(f"{call}: {path}: {value} is not a finite JSON number")
         return number
@@ -220,7 +235,19 @@ def clean_json(value: object, path: str = "value", call: str = "clean") -> Any:
 
 # --------------------------------------------------------------------------- checks
 
-_ID_TYPES = (str, int, float)
+_ID_TYPES = (str, int, float, Decimal, UUID)
+
+
+def _check_id(call: str, field: str, value: object) -> None:
+    """Raise unless ``value`` is a usable id: a string, a finite number (not a bool) or a UUID."""
+    if isinstance(value, bool) or not isinstance(value, _ID_TYPES):
+        raise ValidationError(f"{call}: {field} must be a string or a number, got {value!r:.60}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError(f"{call}: {field} must be a finite number")
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise ValidationError(f"{call}: {field} must be a finite number")
+    if isinstance(value, int):
+        _int_text(call, field, value)
 
 
 def _id(call: str, field: str, value: object) -> str | None:
@@ -229,24 +256,22 @@ def _id(call: str, field: str, value: object) -> str | None:
         return None
     if type(value) is str:
         return value
-    if isinstance(value, bool) or not isinstance(value, (*_ID_TYPES, UUID)):
-        raise ValidationError(f"{call}: {field} must be a string or a number, got {value!r:.60}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValidationError(f"{call}: {field} must be a finite number")
+    _check_id(call, field, value)
+    if isinstance(value, str):
+        return str.__str__(value)
     return str(value)
 
 
 def _require_id(call: str, field: str, value: object) -> str | int | float:
     """A required id that is sent as given (segment-analytics-python does not convert it)."""
-    if value is None or value == "":
+    if type(value) is str and value:
+        return value
+    if value is None or (isinstance(value, str) and not value):
         raise ValidationError(f"{call}: {field} is required")
-    if isinstance(value, bool) or not isinstance(value, (*_ID_TYPES, UUID)):
-        raise ValidationError(f"{call}: {field} must be a string or a number, got {value!r:.60}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValidationError(f"{call}: {field} must be a finite number")
-    if isinstance(value, UUID):
+    _check_id(call, field, value)
+    if isinstance(value, (UUID, Decimal)):
         return str(value)
-    return value
+    return value  # type: ignore[return-value]
 
 
 def _user(call: str, user_id: object, anonymous_id: object) -> tuple[str | None, str | None]:
@@ -289,9 +314,9 @@ def _message_id(call: str, value: object) -> str:
     if type(value) is str and value:
         return value
     if isinstance(value, (UUID, int)) and not isinstance(value, bool):
-        return str(value)
+        return _int_text(call, "message_id", value) if isinstance(value, int) else str(value)
     if isinstance(value, str) and value:
-        return str(value)
+        return str.__str__(value)
     raise ValidationError(f"{call}: message_id must be a non-empty string, got {value!r:.60}")
 
 
@@ -310,18 +335,35 @@ def _finish(call: str, msg: dict[str, Any], max_bytes: int) -> tuple[dict[str, A
         text = _encode_json(msg)
         body = text.encode("utf-8")
     except _FAST_PATH_ERRORS:
-        msg = _clean_fields(call, msg)
-        body = _encode_json(msg).encode("utf-8")
+        msg, body = _slow_path(call, msg)
     else:
         if text.count("{") + text.count("[") > _DEPTH_SAFE_BRACKETS:
-            msg = _clean_fields(call, msg)
-            body = _encode_json(msg).encode("utf-8")
+            msg, body = _slow_path(call, msg)
     if len(body) > max_bytes:
         raise MessageTooLarge(call, len(body), max_bytes)
     return msg, body
 
 
+def _slow_path(call: str, msg: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    msg = _clean_fields(call, msg)
+    try:
+        return msg, _encode_json(msg).encode("utf-8")
+    except _FAST_PATH_ERRORS as exc:  # a backstop: the cleaned message should always encode
+        raise ValidationError(f"{call}: the message cannot be serialized: {exc}") from None
+
+
 _USER_FIELDS = ("properties", "traits", "context", "integrations")
+# Top-level strings the caller gave: lone surrogates in them are replaced too.
+_STRING_FIELDS = (
+    "messageId",
+    "userId",
+    "anonymousId",
+    "event",
+    "name",
+    "category",
+    "groupId",
+    "previousId",
+)
 _FIELD_NAMES = {
     "properties": "properties",
     "traits": "traits",
@@ -335,10 +377,10 @@ def _clean_fields(call: str, msg: dict[str, Any]) -> dict[str, Any]:
     for key in _USER_FIELDS:
         if key in out:
             out[key] = _clean(out[key], _FIELD_NAMES[key], call, 0, set())
-    for key in ("userId", "anonymousId", "event", "name", "category", "groupId", "previousId"):
+    for key in _STRING_FIELDS:
         value = out.get(key)
         if isinstance(value, str):
-            out[key] = _fix_str(value)
+            out[key] = _fix_str(str.__str__(value))
     return out
 
 
@@ -535,6 +577,8 @@ def alias(
         "timestamp": _timestamp("alias", timestamp),
         "previousId": _require_id("alias", "previous_id", previous_id),
         "userId": _require_id("alias", "user_id", user_id),
+        # Always null: segment-analytics-python sends the field on alias too.
+        "anonymousId": None,
         "context": _context("alias", context),
         "integrations": _mapping("alias", "integrations", integrations),
     }
