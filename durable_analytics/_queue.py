@@ -225,6 +225,8 @@ class Lease:
     bodies: tuple[bytes, ...] = field(repr=False)
     attempts: int
     expires_monotonic: float
+    #: Consecutive failed deliveries of the destination when the lease was taken.
+    failures: int = 0
 
     @property
     def size(self) -> int:
@@ -305,13 +307,31 @@ def _iso(ts: float | None) -> str | None:
 # --------------------------------------------------------------------------- file set-up
 
 
+def _make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parent 0700, whatever the umask."""
+    missing: list[Path] = []
+    d = directory
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # another process created it first
+        os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+
+
 def _prepare_path(path: Path) -> None:
-    """Create the directory 0700 and the file 0600; refuse symlinks and unsafe directories."""
+    """Create the directory 0700 and the file 0600; refuse symlinks and unsafe directories.
+
+    An existing file more permissive than 0600 is narrowed by ``_narrow_modes`` once it has
+    proved to be a queue: a foreign file is left untouched.
+    """
     parent = path.parent
     if not parent.exists():
         try:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-            os.chmod(parent, 0o700)  # makedirs' mode is filtered by the umask
+            _make_private_dirs(parent)
         except OSError as exc:
             raise QueuePermissionError(
                 f"cannot create the queue directory {parent}: {exc.strerror}"
@@ -336,8 +356,6 @@ def _prepare_path(path: Path) -> None:
             raise QueuePermissionError(f"the queue path {path} is a symlink; refusing to follow it")
         if not stat.S_ISREG(st.st_mode):
             raise QueuePermissionError(f"the queue path {path} is not a regular file")
-        if st.st_mode & 0o077 and st.st_uid == os.getuid():
-            os.chmod(path, 0o600)  # it holds personal data and write keys
     else:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -359,6 +377,17 @@ def _prepare_path(path: Path) -> None:
             f"the queue directory {parent} is not writable (SQLite creates -wal and -shm files "
             "beside the queue)"
         )
+
+
+def _narrow_modes(path: Path) -> None:
+    """Make the queue file and its -wal and -shm files 0600 (SQLite copies the file's mode)."""
+    for name in (str(path), f"{path}-wal", f"{path}-shm"):
+        try:
+            st = os.lstat(name)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.getuid():
+                os.chmod(name, 0o600)
+        except OSError:
+            continue
 
 
 def _errorcode(exc: sqlite3.Error) -> int:
@@ -400,6 +429,24 @@ def _translate(exc: sqlite3.Error, path: Path) -> QueueError:
 _queues: weakref.WeakSet[Queue] = weakref.WeakSet()
 _abandoned: list[object] = []  # connections inherited over fork: never used, never closed
 
+#: How long ``fork()`` waits for this process's queue operations in flight to finish so that
+#: it can close the connections first (see ``Queue._close_for_fork``).
+_FORK_WAIT = 5.0
+
+
+class _Connection(sqlite3.Connection):
+    """An ``sqlite3.Connection`` a Queue can reference weakly, to close it before ``fork()``."""
+
+
+def _before_fork() -> None:
+    for queue in list(_queues):
+        queue._close_for_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for queue in list(_queues):
+        queue._resume_after_fork()
+
 
 def _after_fork_in_child() -> None:
     global _holder_cache  # noqa: PLW0603
@@ -409,7 +456,11 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 class Queue:
@@ -438,27 +489,73 @@ class Queue:
         self._local = threading.local()
         # One writer at a time inside this process: SQLite allows one anyway, and waiting on
         # a Python lock is far cheaper than SQLite's sleep-and-retry between our own threads.
+        # Readers take the read lock. A thread takes its connection only under one of them,
+        # so that fork() can close every connection while it holds both.
         self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._conns: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._conns_lock = threading.Lock()
+        self._fork_held = False
         self._dest_cache: dict[tuple[str, str], int] = {}
         self._est_used = 0
         self._since_refresh = _REFRESH_BYTES  # read the real size on the first append
         self._page_size = 4096
         self._closed = False
         _prepare_path(self.path)
-        conn = self._conn()
-        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         _queues.add(self)
+        with self._read_lock:
+            conn = self._conn()
+            self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        _narrow_modes(self.path)  # it proved to be a queue: only now touch its mode
 
     # ---------------------------------------------------------------- connections
 
     def __repr__(self) -> str:
         return f"Queue({str(self.path)!r}, durability={self.durability!r})"
 
-    def _forget_connections(self) -> None:
-        # After fork the parent's connections and lock state are not ours to use or close.
-        _abandoned.append(self._local)
+    def _close_for_fork(self) -> None:
+        """Close every connection of this process to the queue, just before ``fork()``.
+
+        SQLite keeps its POSIX-lock bookkeeping per file and per process, shared by all the
+        process's connections. A child forked while the parent has the file open inherits
+        that bookkeeping but not the locks it describes, so even the child's own new
+        connection runs without a real lock on the file: once the parent exits, another
+        process closing its connection believes it is the last one, checkpoints and deletes
+        the WAL under the child, and every commit the child makes afterwards is lost. With
+        no connection open at fork, the child starts clean. The parent's threads reopen on
+        their next operation.
+        """
+        if not self._write_lock.acquire(timeout=_FORK_WAIT):
+            return  # an operation is stuck in flight: leave it (the child abandons them)
+        if not self._read_lock.acquire(timeout=_FORK_WAIT):
+            self._write_lock.release()
+            return
+        self._fork_held = True
+        with self._conns_lock:
+            conns = list(self._conns)
+            self._conns = weakref.WeakSet()
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
         self._local = threading.local()
+
+    def _resume_after_fork(self) -> None:
+        if self._fork_held:
+            self._fork_held = False
+            self._read_lock.release()
+            self._write_lock.release()
+
+    def _forget_connections(self) -> None:
+        # After fork the parent's connections (if any are still open: see _close_for_fork)
+        # and lock state are not ours to use or close.
+        _abandoned.append(self._local)
+        _abandoned.extend(self._conns)
+        self._local = threading.local()
+        self._conns = weakref.WeakSet()
+        self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._fork_held = False
 
     def _conn(self) -> sqlite3.Connection:
         try:
@@ -470,9 +567,11 @@ class Queue:
             raise QueueError(f"the queue {self.path} is closed")
         conn = self._open()
         self._local.conn = conn
+        with self._conns_lock:
+            self._conns.add(conn)
         return conn
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self) -> _Connection:
         try:
             # timeout=0: busy waits are ours (_retry), with sub-millisecond first retries
             # instead of SQLite's 1 ms minimum sleep.
@@ -482,6 +581,7 @@ class Queue:
                 isolation_level=None,
                 check_same_thread=False,
                 cached_statements=64,
+                factory=_Connection,
             )
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from None
@@ -494,6 +594,13 @@ class Queue:
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         try:
+            # Refuse a newer or foreign file before switching it to WAL, which would write to
+            # it: one statement, so one consistent snapshot of the version and the tables.
+            version, tables = conn.execute(
+                "SELECT (SELECT user_version FROM pragma_user_version), "
+                "(SELECT count(*) FROM sqlite_master WHERE type = 'table')"
+            ).fetchone()
+            self._check_version(int(version), int(tables))
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             if _errorcode(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED):
@@ -506,27 +613,32 @@ class Queue:
         conn.execute("PRAGMA temp_store=MEMORY")
         self._migrate(conn)
 
+    def _check_version(self, version: int, tables: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise QueueVersionError(
+                f"the queue {self.path} has schema version {version}, newer than this "
+                f"durable-analytics knows ({SCHEMA_VERSION}); upgrade durable-analytics, or "
+                "point queue_path at another file"
+            )
+        if version == 0 and tables:
+            # A version-0 file must be empty (ours, just created); anything else is foreign.
+            raise QueueCorrupt(
+                f"{self.path} is an SQLite database but not a durable-analytics queue "
+                "(it has tables of its own); point queue_path at another file"
+            )
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version == SCHEMA_VERSION:
             return
-        if version > SCHEMA_VERSION:
-            raise QueueVersionError(
-                f"the queue {self.path} has schema version {version}, newer than this "
-                f"durable-analytics knows ({SCHEMA_VERSION}); upgrade durable-analytics"
-            )
+        self._check_version(version, 0)
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version == 0:
-                # A version-0 file must be empty (ours, just created); anything else is foreign.
-                tables = conn.execute(
-                    "SELECT count(*) FROM sqlite_master WHERE type='table'"
-                ).fetchone()[0]
-                if tables:
-                    raise QueueCorrupt(
-                        f"{self.path} is an SQLite database but not a durable-analytics queue"
-                    )
+            tables = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()[0]
+            self._check_version(version, int(tables) if version == 0 else 0)
             while version < SCHEMA_VERSION:
                 for statement in _MIGRATIONS[version].split(";"):
                     if statement.strip():
@@ -561,8 +673,8 @@ class Queue:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT`` under the process write lock, rolled back on error."""
-        conn = self._conn()
         with self._write_lock:
+            conn = self._conn()
             self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
             try:
                 yield conn
@@ -582,20 +694,22 @@ class Queue:
             raise _translate(exc, self.path) from None
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn()
-        try:
-            return self._retry(lambda: fn(conn))
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from None
+        with self._read_lock:
+            conn = self._conn()
+            try:
+                return self._retry(lambda: fn(conn))
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from None
 
     def close(self) -> None:
         """Close this thread's connection; other threads' close when they end."""
         self._closed = True
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            del self._local.conn
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+        with self._write_lock:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                del self._local.conn
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
 
     # ---------------------------------------------------------------- destinations
 
@@ -638,11 +752,11 @@ class Queue:
             self._est_used + size + _EXACT_ZONE > self.max_queue_bytes
         ):
             return self._append_capped(dest_id, body, when)
-        try:
-            conn = self._local.conn
-        except AttributeError:
-            conn = self._conn()
         with self._write_lock:
+            try:
+                conn = self._local.conn
+            except AttributeError:
+                conn = self._conn()
             try:
                 row_id = conn.execute(_INSERT, (dest_id, body, size, when)).lastrowid
             except sqlite3.Error as exc:
@@ -721,21 +835,34 @@ class Queue:
 
     # ---------------------------------------------------------------- leases
 
+    def _lease_over(
+        self,
+        now_wall: float,
+        now_mono: float,
+        boot: str,
+        pidns: int,
+        pid: int,
+        pstart: int,
+        mono_exp: float,
+        wall_exp: float,
+    ) -> bool:
+        """Whether a lease record has expired or lost its holder."""
+        if boot and boot == _holder().boot:
+            expired = now_mono > mono_exp  # one boot, one monotonic clock for every process
+        else:
+            # Another boot (or no boot id): the wall clock, ignoring an expiry so far
+            # ahead that only a backwards clock jump explains it.
+            expired = now_wall > wall_exp or wall_exp > now_wall + self.lease_timeout + 60
+        return expired or _holder_gone(boot, pidns, pid, pstart)
+
     def _reclaim(self, conn: sqlite3.Connection, now_wall: float) -> None:
         """Free the messages of leases that expired or whose holder is gone."""
         now_mono = time.monotonic()
-        me = _holder()
         dead: list[tuple[str, str]] = []
-        for token, ids, boot, pidns, pid, pstart, mono_exp, wall_exp in conn.execute(
+        for token, ids, *holder in conn.execute(
             "SELECT token, ids, boot, pidns, pid, pstart, mono_expires, wall_expires FROM leases"
         ).fetchall():
-            if boot and boot == me.boot:
-                expired = now_mono > mono_exp
-            else:
-                # Another boot (or no boot id): the wall clock, ignoring an expiry so far
-                # ahead that only a backwards clock jump explains it.
-                expired = now_wall > wall_exp or wall_exp > now_wall + self.lease_timeout + 60
-            if expired or _holder_gone(boot, pidns, pid, pstart):
+            if self._lease_over(now_wall, now_mono, *holder):
                 dead.append((token, ids))
         for token, ids in dead:
             id_list = [int(x) for x in ids.split(",") if x]
@@ -803,33 +930,40 @@ class Queue:
 
         def run(conn: sqlite3.Connection) -> Lease | None:
             self._reclaim(conn, now_wall)
-            ready = [
-                int(r[0])
+            dests = {
+                int(r[0]): r
                 for r in conn.execute(
-                    "SELECT id FROM destinations WHERE not_before <= ? OR not_before > ?",
-                    (now_wall, horizon),
+                    "SELECT id, host, write_key, not_before, failures FROM destinations"
                 ).fetchall()
+            }
+            ready = [
+                d
+                for d, r in dests.items()
+                if (r[3] <= now_wall or r[3] > horizon) and destination in (None, d)
             ]
-            if destination is not None:
-                ready = [d for d in ready if d == destination]
             if not ready:
                 return None
-            marks = ",".join("?" * len(ready))
-            first = conn.execute(
-                f"SELECT dest FROM messages WHERE lease IS NULL AND dest IN ({marks}) "
-                "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
-                "ORDER BY id LIMIT 1",
-                (*ready, top, now_wall, horizon),
-            ).fetchone()
-            if first is None:
-                return None
-            dest_id = int(first[0])
+            if len(ready) == 1:
+                dest_id = ready[0]  # the common case: one destination, one query fewer
+            else:
+                marks = ",".join("?" * len(ready))
+                first = conn.execute(
+                    f"SELECT dest FROM messages WHERE lease IS NULL AND dest IN ({marks}) "
+                    "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
+                    "ORDER BY id LIMIT 1",
+                    (*ready, top, now_wall, horizon),
+                ).fetchone()
+                if first is None:
+                    return None
+                dest_id = int(first[0])
             rows = conn.execute(
                 "SELECT id, body, attempts FROM messages WHERE lease IS NULL AND dest = ? "
                 "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
                 "ORDER BY id LIMIT ?",
                 (dest_id, top, now_wall, horizon, max_messages),
             ).fetchall()
+            if not rows:
+                return None
             ids: list[int] = []
             bodies: list[bytes] = []
             total = 0
@@ -843,10 +977,11 @@ class Queue:
                 total += cost
                 attempts = max(attempts, int(row_attempts))
             token = uuid.uuid4().hex
-            conn.execute(
-                f"UPDATE messages SET lease = ? WHERE id IN ({','.join('?' * len(ids))})",
-                (token, *ids),
-            )
+            for chunk in _chunks(ids, 500):  # within SQLite's limit on parameters
+                conn.execute(
+                    f"UPDATE messages SET lease = ? WHERE id IN ({','.join('?' * len(chunk))})",
+                    (token, *chunk),
+                )
             me = _holder()
             mono_expires = time.monotonic() + self.lease_timeout
             conn.execute(
@@ -866,11 +1001,11 @@ class Queue:
                     now_wall,
                 ),
             )
-            row = conn.execute(
-                "SELECT id, host, write_key FROM destinations WHERE id = ?", (dest_id,)
-            ).fetchone()
-            dest = Destination(int(row[0]), row[1], row[2])
-            return Lease(token, dest, tuple(ids), tuple(bodies), attempts, mono_expires)
+            row = dests[dest_id]
+            dest = Destination(dest_id, row[1], row[2])
+            return Lease(
+                token, dest, tuple(ids), tuple(bodies), attempts, mono_expires, int(row[4])
+            )
 
         return self._write(run)
 
@@ -890,13 +1025,14 @@ class Queue:
 
     def _finish(self, conn: sqlite3.Connection, lease: Lease) -> None:
         # Drop the lease record once none of its messages still carry its token.
-        marks = ",".join("?" * len(lease.ids))
-        left = conn.execute(
-            f"SELECT count(*) FROM messages WHERE id IN ({marks}) AND lease = ?",
-            (*lease.ids, lease.token),
-        ).fetchone()[0]
-        if not left:
-            conn.execute("DELETE FROM leases WHERE token = ?", (lease.token,))
+        for chunk in _chunks(list(lease.ids), 500):
+            marks = ",".join("?" * len(chunk))
+            if conn.execute(
+                f"SELECT 1 FROM messages WHERE id IN ({marks}) AND lease = ? LIMIT 1",
+                (*chunk, lease.token),
+            ).fetchone():
+                return
+        conn.execute("DELETE FROM leases WHERE token = ?", (lease.token,))
 
     def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
         """Delete delivered messages (all of the lease's, or ``ids``); returns how many.
@@ -917,7 +1053,10 @@ class Queue:
                     (*chunk, lease.token),
                 )
                 deleted += cur.rowcount
-            self._finish(conn, lease)
+            if ids is None:
+                conn.execute("DELETE FROM leases WHERE token = ?", (lease.token,))
+            else:
+                self._finish(conn, lease)
             return deleted
 
         return self._write(run)
@@ -993,13 +1132,17 @@ class Queue:
     def set_backoff(self, dest_id: int, until: float, error: str | None = None) -> None:
         """Hold every process back from leasing ``dest_id`` until ``until`` (wall clock)."""
         now = time.time()
+        horizon = now + MAX_BACKOFF_SECONDS + _CLOCK_JUMP_MARGIN
 
         def run(conn: sqlite3.Connection) -> None:
+            # A stored not_before beyond the horizon is a leftover of a wall clock that jumped
+            # back; lease() ignores it, so it must not outvote the new backoff either.
             conn.execute(
-                "UPDATE destinations SET not_before = max(not_before, ?), failures = failures + 1,"
+                "UPDATE destinations SET not_before = CASE WHEN not_before > ? THEN ? "
+                "ELSE max(not_before, ?) END, failures = failures + 1,"
                 " last_error = coalesce(?, last_error), last_error_at = CASE WHEN ? IS NULL "
                 "THEN last_error_at ELSE ? END WHERE id = ?",
-                (until, error, error, now, dest_id),
+                (horizon, until, until, error, error, now, dest_id),
             )
 
         self._write(run)
@@ -1040,12 +1183,17 @@ class Queue:
     def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
         """The earliest wall-clock time at which some pending message may be leased."""
         top = up_to_id if up_to_id is not None else (1 << 62)
+        horizon = time.time() + MAX_BACKOFF_SECONDS + _CLOCK_JUMP_MARGIN
 
         def run(conn: sqlite3.Connection) -> float | None:
+            # Times beyond the horizon (a wall clock that jumped back) count as ready now,
+            # as lease() treats them.
             row = conn.execute(
-                "SELECT min(max(coalesce(m.not_before, 0), d.not_before)) FROM messages m "
-                "JOIN destinations d ON d.id = m.dest WHERE m.lease IS NULL AND m.id <= ?",
-                (top,),
+                "SELECT min(max(CASE WHEN coalesce(m.not_before, 0) > ?1 THEN 0 "
+                "ELSE coalesce(m.not_before, 0) END, "
+                "CASE WHEN d.not_before > ?1 THEN 0 ELSE d.not_before END)) FROM messages m "
+                "JOIN destinations d ON d.id = m.dest WHERE m.lease IS NULL AND m.id <= ?2",
+                (horizon, top),
             ).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
@@ -1087,17 +1235,26 @@ class Queue:
         def run(conn: sqlite3.Connection) -> QueueStats:
             conn.execute("BEGIN")  # one consistent snapshot for every count
             try:
-                per_dest = {
-                    int(d): (int(n), int(b))
-                    for d, n, b in conn.execute(
-                        "SELECT dest, count(*), total(size) FROM messages GROUP BY dest"
+                now_mono = time.monotonic()
+                live = {
+                    token
+                    for token, *holder in conn.execute(
+                        "SELECT token, boot, pidns, pid, pstart, mono_expires, wall_expires "
+                        "FROM leases"
                     ).fetchall()
+                    if not self._lease_over(now, now_mono, *holder)
                 }
+                per_dest: dict[int, tuple[int, int]] = {}
                 leased_by_dest: dict[int, int] = {}
-                for d, n in conn.execute(
-                    "SELECT dest, sum(count) FROM leases GROUP BY dest"
+                # Leased means under a live lease: not a record that expired, nor the
+                # messages of a lease already acked or released.
+                for d, token, n, b in conn.execute(
+                    "SELECT dest, lease, count(*), total(size) FROM messages GROUP BY dest, lease"
                 ).fetchall():
-                    leased_by_dest[int(d)] = int(n)
+                    count, size = per_dest.get(int(d), (0, 0))
+                    per_dest[int(d)] = (count + int(n), size + int(b))
+                    if token is not None and token in live:
+                        leased_by_dest[int(d)] = leased_by_dest.get(int(d), 0) + int(n)
                 dead = int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
                 oldest = conn.execute("SELECT min(enqueued_at) FROM messages").fetchone()[0]
                 dropped = int(
@@ -1122,7 +1279,7 @@ class Queue:
                         host=host,
                         write_key=Destination(int(d), host, key).redacted_key,
                         pending=n,
-                        leased=min(n, leased_by_dest.get(int(d), 0)),
+                        leased=leased_by_dest.get(int(d), 0),
                         backoff_until=_iso(not_before) if not_before > now else None,
                         failures=int(failures),
                         last_error=err,
@@ -1131,7 +1288,7 @@ class Queue:
             pending = sum(n for n, _ in per_dest.values())
             return QueueStats(
                 pending=pending,
-                leased=min(pending, sum(leased_by_dest.values())),
+                leased=sum(leased_by_dest.values()),
                 dead_letters=dead,
                 bytes=int(sum(b for _, b in per_dest.values())),
                 oldest_age_seconds=None if oldest is None else max(0.0, round(now - oldest, 3)),
