@@ -64,7 +64,6 @@ class Client:
         self._max_bytes = config.max_message_bytes
         self._send = config.send
         self._sync = config.sync_mode
-        self._flush_at = config.flush_at
         self._configure_logging()
         if config.host.startswith("http://"):
             log.warning(
@@ -87,7 +86,6 @@ class Client:
         self._child: subprocess.Popen[bytes] | None = None
         self._sync_deliverer: Deliverer | None = None
         self._started = False
-        self._since_notify = 0
         self._calls_here = 0
         self._atexit_registered = False
         self._closed = False
@@ -196,7 +194,6 @@ class Client:
         self._child = None
         self._sync_deliverer = None
         self._started = False
-        self._since_notify = 0
         self._calls_here = 0
 
     # ---------------------------------------------------------------- the calls
@@ -212,12 +209,7 @@ class Client:
             self._start()
         flusher = self._flusher
         if flusher is not None:
-            flusher.appends += 1
-            self._since_notify += 1
-            if self._since_notify >= self._flush_at or flusher.idle:
-                self._since_notify = 0
-                flusher.idle = False
-                flusher.notify()
+            flusher.on_append()
         if self._sync and row_id:
             self._deliver_now(row_id)
         return bool(row_id), msg
@@ -384,15 +376,47 @@ class Client:
                 self._sync_deliverer = self._new_deliverer()
             deliverer = self._sync_deliverer
         deadline = time.monotonic() + self.config.timeout * (1 + self.config.max_retries)
+        waits = 0
         try:
             while time.monotonic() < deadline:
                 stats = deliverer.deliver_next(
                     destination=self._dest, up_to_id=row_id, deadline=deadline
                 )
-                if stats is None or stats.kept:
+                if stats is not None:
+                    if stats.kept:
+                        return  # the server failed: the rest stays queued, backing off
+                    continue
+                # Nothing left to lease: delivered, backing off, or in flight elsewhere. If
+                # this process's flusher thread may hold it, wait for that batch to finish.
+                flusher = self._flusher
+                if (
+                    flusher is None
+                    or not flusher.delivering
+                    or waits >= 3
+                    or not self._is_pending(row_id)
+                    or self.queue.backoff(self._dest)[0] > time.time()
+                ):
                     return
+                waits += 1
+                flusher.wait_delivered(max(0.0, deadline - time.monotonic()))
         except Exception:
             log.exception("sync_mode delivery failed; the message stays queued")
+
+    def _is_pending(self, row_id: int) -> bool:
+        queue = self.queue
+        dest = self._dest
+        return queue.pending(up_to_id=row_id, destination=dest) > queue.pending(
+            up_to_id=row_id - 1, destination=dest
+        )
+
+    def _dead_lettered_here(self) -> int:
+        """Messages of this destination dead-lettered by this process's deliverers so far."""
+        total = 0
+        flusher = self._flusher
+        for deliverer in (self._sync_deliverer, flusher.deliverer if flusher else None):
+            if deliverer is not None:
+                total += deliverer.dead_lettered.get(self._dest, 0)
+        return total
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Deliver every message this client's destination had queued when flush was called.
@@ -401,6 +425,10 @@ class Client:
         returns ``FlushResult(sent, pending, dead_lettered)``; what is still pending stays on
         disk. ``timeout=None`` waits as long as it takes while the server answers; when the
         destination is backing off (server down, or a 401) it waits for the backoff too.
+
+        The counts are of the messages pending when flush was called, whoever delivered them
+        meanwhile (this call, the flusher thread, another process): ``sent + dead_lettered +
+        pending`` is how many were pending at the call.
         """
         if not self._send:
             return FlushResult(0, 0, 0)
@@ -411,6 +439,8 @@ class Client:
             if self._sync_deliverer is None:
                 self._sync_deliverer = self._new_deliverer()
             deliverer = self._sync_deliverer
+        dead_before = self._dead_lettered_here()
+        before = queue.pending(up_to_id=top, destination=self._dest)
         total = DeliveryStats()
         while True:
             if deadline is not None and time.monotonic() >= deadline:
@@ -436,7 +466,9 @@ class Client:
             queue.reclaim_expired()
             time.sleep(wait)
         pending = queue.pending(up_to_id=top, destination=self._dest)
-        return FlushResult(total.sent, pending, total.dead_lettered)
+        dead = min(max(0, self._dead_lettered_here() - dead_before), max(0, before - pending))
+        # What left the queue and was not dead-lettered was delivered, by us or by another.
+        return FlushResult(max(0, before - pending - dead), pending, dead)
 
     def close(self, timeout: float | None = None) -> FlushResult:
         """Flush (for up to ``timeout``, default ``shutdown_timeout``) and stop the flusher.

@@ -66,6 +66,9 @@ def get_client() -> Client:
         client = getattr(pkg, "default_client", None)
         if client is None:
             settings = {name: getattr(pkg, name, None) for name in SETTINGS}
+            if settings.get("debug") is False:
+                # The module default, not a choice: DEBUG=analytics may still turn it on.
+                settings["debug"] = None
             client = Client(getattr(pkg, "write_key", None), **settings)
             pkg.default_client = client
     return client

@@ -44,6 +44,9 @@ log = logging.getLogger("durable_analytics")
 
 OnError = Callable[[Exception, list[dict[str, Any]]], object]
 
+# What _post returns when the caller's deadline passed before any request was made.
+_DEADLINE_PASSED = Outcome("retry", None, error="the flush deadline passed")
+
 #: Steady-state retry interval against a dead server: one request a minute per destination.
 RETRY_CAP = 60.0
 #: Backoff cap for configuration errors (401, 403, 404, 3xx).
@@ -52,6 +55,11 @@ _CONFIG_FIRST = 30.0
 #: How often a flusher looks for messages that other processes appended.
 POLL_INTERVAL = 0.5
 _WARN_EVERY = 60.0
+# When each (queue file, destination) last got its configuration warning, in this process:
+# shared by every Deliverer (the flusher, flush(), drain workers) so it stays rate-limited.
+_last_warning: dict[tuple[str, int], float] = {}
+# A Flusher that needs no wake-up from appends (it is delivering, or backing off).
+_NEVER = 1 << 62
 
 
 def retry_delay(kind: str, failures: int, retry_after: float | None = None) -> float:
@@ -59,7 +67,9 @@ def retry_delay(kind: str, failures: int, retry_after: float | None = None) -> f
 
     Retryable errors: 1, 2, 4 … seconds up to 60 (each with up to 25 % extra jitter, never
     less), so a dead server gets at most one request a minute. Configuration errors: 30 s
-    doubling up to 10 minutes. A Retry-After from the server wins when it is longer.
+    doubling up to 10 minutes. A Retry-After from the server wins when it is longer; a
+    shorter one never cuts the backoff (a server answering ``Retry-After: 0`` to every
+    request must not be hammered).
     """
     failures = max(failures, 1)
     if kind == "config":
@@ -69,7 +79,7 @@ def retry_delay(kind: str, failures: int, retry_after: float | None = None) -> f
         base = min(RETRY_CAP, 2.0 ** min(failures - 1, 20))
         delay = base * random.uniform(1.0, 1.25)
     if retry_after is not None:
-        delay = max(delay, retry_after) if kind == "config" else retry_after
+        delay = max(delay, retry_after)
     return float(delay)
 
 
@@ -123,10 +133,13 @@ class Deliverer:
         self.max_retries = max_retries
         self.on_error = on_error
         self._sleep = sleep
-        self._last_warning: dict[int, float] = {}
+        #: Messages this Deliverer dead-lettered, per destination id (counted just before
+        #: the move commits, so whoever sees them gone from the queue sees them counted).
+        self.dead_lettered: dict[int, int] = {}
 
     def _budget(self) -> int:
-        return self.max_batch_bytes - envelope_overhead()
+        # lease() counts one comma per message; a body of n messages has n - 1 of them.
+        return self.max_batch_bytes - envelope_overhead() + 1
 
     def deliver_next(
         self,
@@ -164,15 +177,19 @@ class Deliverer:
     def _post(self, lease: Lease, idx: list[int], quick: bool, deadline: float | None) -> Outcome:
         body = batch_body([lease.bodies[i] for i in idx])
         dest = lease.destination
+        last = [_DEADLINE_PASSED]
 
         def attempt() -> Outcome:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                return Outcome("retry", None, error="the flush deadline passed")
-            return self.transport.post(dest.host, dest.write_key, body, timeout=remaining)
+                return _DEADLINE_PASSED  # no request made: the caller's time is up
+            last[0] = self.transport.post(dest.host, dest.write_key, body, timeout=remaining)
+            return last[0]
 
         first = attempt()
-        if not (quick and self.max_retries and first.kind == "retry" and first.retry_after is None):
+        if first is _DEADLINE_PASSED or not (
+            quick and self.max_retries and first.kind == "retry" and first.retry_after is None
+        ):
             return first  # the common case builds no retry machinery at all
         # Quick retries stay well inside the lease so a slow holder is not overtaken.
         started = time.monotonic()
@@ -181,11 +198,24 @@ class Deliverer:
             budget = min(budget, max(0.0, deadline - started))
         log.debug("retrying a batch of %d after: %s", len(idx), first.error)
         self._sleep(min(budget, 0.25 * random.uniform(1.0, 2.0)))
+        until = started + budget
+        # 0.25, 0.5, 1 … 4 s plus up to 0.25 s of jitter (wait_exponential_jitter's
+        # `initial` is deprecated in tenacity 9 and its replacement missing from 8.x).
+        backoff = tenacity.wait_exponential(multiplier=0.25, max=4.0) + tenacity.wait_random(
+            0, 0.25
+        )
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            # Never sleep past the budget (a flush deadline, an exit): stop there instead.
+            return max(0.0, min(backoff(state), until - time.monotonic()))
+
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_retries)
             | tenacity.stop_after_delay(max(0.0, budget - (time.monotonic() - started))),
-            wait=tenacity.wait_exponential_jitter(initial=0.25, max=4.0, jitter=0.25),
-            retry=tenacity.retry_if_result(lambda o: o.kind == "retry" and o.retry_after is None),
+            wait=wait,
+            retry=tenacity.retry_if_result(
+                lambda o: o is not _DEADLINE_PASSED and o.kind == "retry" and o.retry_after is None
+            ),
             sleep=self._sleep,
             retry_error_callback=lambda state: (
                 state.outcome.result()
@@ -199,8 +229,9 @@ class Deliverer:
             ),
             reraise=True,
         )
-        outcome: Outcome = retrying(attempt)
-        return outcome
+        retrying(attempt)
+        # The last answer the server gave, not a deadline that ran out between retries.
+        return last[0]
 
     def _messages(self, lease: Lease, idx: list[int]) -> list[dict[str, Any]]:
         out = []
@@ -231,6 +262,11 @@ class Deliverer:
         dest = lease.destination
         ids = [lease.ids[i] for i in idx]
         outcome = self._post(lease, idx, quick=failures == 0, deadline=deadline)
+        if outcome is _DEADLINE_PASSED:
+            # No request was made: the caller's deadline ran out, not the server. Hand the
+            # rest back as it was: no backoff, no attempt counted, no error reported.
+            stats.kept += self.queue.release(lease, None, count_attempt=False)
+            return False
         stats.requests += 1
         if outcome.kind == "ok":
             self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
@@ -241,13 +277,18 @@ class Deliverer:
             return True
         if outcome.kind == "reject":
             if len(idx) == 1:
-                self.queue.dead_letter(
-                    lease,
-                    ids,
-                    status=outcome.status,
-                    reason=f"HTTP {outcome.status}",
-                    excerpt=outcome.excerpt,
-                )
+                self.dead_lettered[dest.id] = self.dead_lettered.get(dest.id, 0) + 1
+                try:
+                    moved = self.queue.dead_letter(
+                        lease,
+                        ids,
+                        status=outcome.status,
+                        reason=f"HTTP {outcome.status}",
+                        excerpt=outcome.excerpt,
+                    )
+                finally:
+                    self.dead_lettered[dest.id] -= 1
+                self.dead_lettered[dest.id] += moved
                 stats.dead_lettered += 1
                 log.warning(
                     "dead-lettered a message rejected with HTTP %s by %s",
@@ -301,10 +342,11 @@ class Deliverer:
 
     def _warn_config(self, dest_id: int, host: str, outcome: Outcome, delay: float) -> None:
         now = time.monotonic()
-        last = self._last_warning.get(dest_id)
+        key = (str(self.queue.path), dest_id)
+        last = _last_warning.get(key)
         if last is not None and now - last < _WARN_EVERY:
             return
-        self._last_warning[dest_id] = now
+        _last_warning[key] = now
         if outcome.status in (401, 403):
             hint = "the write key is wrong or lacks access: check write_key"
         elif outcome.status == 404:
@@ -326,7 +368,9 @@ class Flusher:
     """The background delivery thread of one process (``flusher="thread"``).
 
     Sends as soon as ``flush_at`` messages are ready, and no later than ``flush_interval``
-    after the oldest ready message was stored, while the server is healthy.
+    after the oldest ready message was stored, while the server is healthy. ``clock`` (wall
+    time in seconds, ``time.time`` by default) is what the ``flush_interval`` rule reads; a
+    test can pass its own.
     """
 
     def __init__(
@@ -337,17 +381,27 @@ class Flusher:
         poll_interval: float = POLL_INTERVAL,
         share: float = 0.25,
         name: str = "durable-analytics-flusher",
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.deliverer = deliverer
         self.queue = deliverer.queue
         self.flush_interval = flush_interval
         self.poll_interval = poll_interval
         self.idle = True
-        #: Incremented by the Client on every append in this process.
+        #: Incremented by ``on_append`` on every append in this process.
         self.appends = 0
+        #: Loop iterations so far (for diagnostics and tests).
+        self.cycles = 0
         #: The most CPU this thread takes while the caller is appending (0 < share <= 1).
         self.share = share
+        self._clock = clock
+        # Appends seen at the last look, and how many more make a full batch: the caller
+        # wakes the thread once that many arrive, not only on the next poll.
+        self._seen_appends = 0
+        self._need = _NEVER
         self._backlog = False
+        self._idle_event = threading.Event()
+        self._idle_event.set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -363,9 +417,37 @@ class Flusher:
         """True while the thread runs."""
         return self._thread.is_alive()
 
+    @property
+    def delivering(self) -> bool:
+        """True while the thread has a batch in flight."""
+        return not self._idle_event.is_set()
+
+    def wait_delivered(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the batch in flight (if any) to be finished."""
+        return self._idle_event.wait(timeout)
+
+    def _deliver_next(self) -> DeliveryStats | None:
+        self._idle_event.clear()
+        try:
+            return self.deliverer.deliver_next()
+        finally:
+            self._idle_event.set()
+
     def notify(self) -> None:
         """Wake the thread: new messages were appended in this process."""
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def on_append(self) -> None:
+        """Called after each append in this process: wake the thread when a batch is due.
+
+        It is woken when the queue was empty, or when the appends since its last look make
+        a full batch; otherwise it looks again on its own when the oldest message is due.
+        """
+        self.appends += 1
+        if self.idle or self.appends - self._seen_appends >= self._need:
+            self.idle = False
+            self.notify()
 
     def stop(self, timeout: float | None = None) -> None:
         """Ask the thread to stop after its batch in flight, and wait up to ``timeout``."""
@@ -376,6 +458,7 @@ class Flusher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.cycles += 1
             appends = self.appends
             cpu = time.thread_time()
             try:
@@ -394,30 +477,39 @@ class Flusher:
                 self._wake.wait(wait)
                 self._wake.clear()
 
+    def _now(self) -> float:
+        return time.time() if self._clock is None else self._clock()
+
     def _cycle(self) -> float:
         """Deliver what is due; return how long to wait before looking again."""
+        self._need = _NEVER
         if self._backlog:
             # The last batch was full: more are waiting, no need to look before leasing.
-            stats = self.deliverer.deliver_next()
+            stats = self._deliver_next()
             self._backlog = stats is not None and self._full(stats)
             if stats is not None:
                 self.delivered.add(stats)
                 return 0.0
-        now = time.time()
+        now = self._now()
+        appends = self.appends
         count, oldest = self.queue.ready_summary(self.deliverer.flush_at, now)
         if count == 0:
-            self.idle = True
             # Messages under a lease whose holder died come back here (not only in lease()).
             self.queue.reclaim_expired()
             next_at = self.queue.next_ready_at()
             if next_at is not None:
+                # What is pending waits out a backoff: appends need not wake the thread.
+                self.idle = False
                 return max(0.01, min(self.poll_interval * 4, next_at - now))
+            self.idle = True
             return self.poll_interval
         self.idle = False
         due_at = (oldest or now) + self.flush_interval
         if count < self.deliverer.flush_at and due_at > now:
+            self._seen_appends = appends
+            self._need = self.deliverer.flush_at - count
             return max(0.005, min(due_at - now, self.poll_interval))
-        stats = self.deliverer.deliver_next()
+        stats = self._deliver_next()
         if stats is None:
             return 0.05
         self.delivered.add(stats)

@@ -70,9 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flusher.start()
     while not stop.is_set() and _parent_alive(args.parent):
         stop.wait(0.1)
-    flusher.stop(args.shutdown_timeout)
-    # The parent is gone (or we were asked to stop): deliver the rest within the budget.
+    # The parent is gone (or we were asked to stop): finish the batch in flight and deliver
+    # the rest, all within one shutdown_timeout.
     started = time.monotonic()
+    flusher.stop(args.shutdown_timeout)
     remaining = max(0.0, args.shutdown_timeout - (time.monotonic() - started))
     if remaining > 0 and queue.pending():
         drain(queue, make, concurrency=2, timeout=remaining)

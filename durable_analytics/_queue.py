@@ -90,7 +90,6 @@ CREATE TABLE messages (
     size INTEGER NOT NULL,
     enqueued_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    lease TEXT,
     not_before REAL
 );
 CREATE TABLE leases (
@@ -807,18 +806,21 @@ class Queue:
         need = max(need, 1)
         freed = 0
         dropped = 0
+        leased = self._leased_ids(conn)
         while freed < need:
             rows = conn.execute(
-                "SELECT id, size FROM messages WHERE lease IS NULL ORDER BY id LIMIT 64"
+                "SELECT id, size FROM messages ORDER BY id LIMIT ?", (64 + len(leased),)
             ).fetchall()
-            if not rows:
-                break
             take = []
             for row_id, row_size in rows:
+                if row_id in leased:
+                    continue  # a message under a lease is never dropped
                 take.append(int(row_id))
                 freed += int(row_size) + _ROW_OVERHEAD
                 if freed >= need:
                     break
+            if not take:
+                break
             conn.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(take))})", take)
             dropped += len(take)
         if dropped:
@@ -855,24 +857,37 @@ class Queue:
             expired = now_wall > wall_exp or wall_exp > now_wall + self.lease_timeout + 60
         return expired or _holder_gone(boot, pidns, pid, pstart)
 
-    def _reclaim(self, conn: sqlite3.Connection, now_wall: float) -> None:
-        """Free the messages of leases that expired or whose holder is gone."""
+    def _scan_leases(self, conn: sqlite3.Connection, now_wall: float) -> tuple[set[int], list[str]]:
+        """The message ids under live leases, and the tokens of leases that are over."""
         now_mono = time.monotonic()
-        dead: list[tuple[str, str]] = []
+        leased: set[int] = set()
+        dead: list[str] = []
         for token, ids, *holder in conn.execute(
             "SELECT token, ids, boot, pidns, pid, pstart, mono_expires, wall_expires FROM leases"
         ).fetchall():
             if self._lease_over(now_wall, now_mono, *holder):
-                dead.append((token, ids))
-        for token, ids in dead:
-            id_list = [int(x) for x in ids.split(",") if x]
-            for chunk in _chunks(id_list, 500):
-                conn.execute(
-                    f"UPDATE messages SET lease = NULL WHERE id IN ({','.join('?' * len(chunk))})"
-                    " AND lease = ?",
-                    (*chunk, token),
-                )
+                dead.append(token)
+            else:
+                leased.update(_parse_ids(ids))
+        return leased, dead
+
+    def _leased_ids(self, conn: sqlite3.Connection) -> set[int]:
+        """Every message id named by a lease record, live or not yet reclaimed."""
+        leased: set[int] = set()
+        for (ids,) in conn.execute("SELECT ids FROM leases").fetchall():
+            leased.update(_parse_ids(ids))
+        return leased
+
+    def _reclaim(self, conn: sqlite3.Connection, now_wall: float) -> set[int]:
+        """End the leases that expired or lost their holder; return the ids still leased.
+
+        A lease is one record naming its message ids, so ending it frees every message at
+        once without touching (rewriting) the messages themselves.
+        """
+        leased, dead = self._scan_leases(conn, now_wall)
+        for token in dead:
             conn.execute("DELETE FROM leases WHERE token = ?", (token,))
+        return leased
 
     def reclaim_expired(self) -> int:
         """Free the messages of dead or expired leases now; returns how many leases ended."""
@@ -881,10 +896,10 @@ class Queue:
         now_wall = time.time()
 
         def run(conn: sqlite3.Connection) -> int:
-            before = int(conn.execute("SELECT count(*) FROM leases").fetchone()[0])
-            self._reclaim(conn, now_wall)
-            after = int(conn.execute("SELECT count(*) FROM leases").fetchone()[0])
-            return before - after
+            _, dead = self._scan_leases(conn, now_wall)
+            for token in dead:
+                conn.execute("DELETE FROM leases WHERE token = ?", (token,))
+            return len(dead)
 
         return self._write(run)
 
@@ -894,15 +909,17 @@ class Queue:
         horizon = now_wall + MAX_BACKOFF_SECONDS + _CLOCK_JUMP_MARGIN
 
         def run(conn: sqlite3.Connection) -> tuple[int, float | None]:
-            row = conn.execute(
-                "SELECT count(*), min(enqueued_at) FROM (SELECT m.enqueued_at FROM messages m "
-                "JOIN destinations d ON d.id = m.dest WHERE m.lease IS NULL "
-                "AND (d.not_before <= ? OR d.not_before > ?) "
+            leased = self._leased_ids(conn)
+            rows = conn.execute(
+                "SELECT m.id, m.enqueued_at FROM messages m "
+                "JOIN destinations d ON d.id = m.dest "
+                "WHERE (d.not_before <= ? OR d.not_before > ?) "
                 "AND (m.not_before IS NULL OR m.not_before <= ? OR m.not_before > ?) "
-                "ORDER BY m.id LIMIT ?)",
-                (now_wall, horizon, now_wall, horizon, limit),
-            ).fetchone()
-            return int(row[0]), (None if row[1] is None else float(row[1]))
+                "ORDER BY m.id LIMIT ?",
+                (now_wall, horizon, now_wall, horizon, limit + len(leased)),
+            ).fetchall()
+            ready = [float(t) for i, t in rows if i not in leased][:limit]
+            return len(ready), (min(ready) if ready else None)
 
         return self._read(run)
 
@@ -929,7 +946,7 @@ class Queue:
         top = up_to_id if up_to_id is not None else (1 << 62)
 
         def run(conn: sqlite3.Connection) -> Lease | None:
-            self._reclaim(conn, now_wall)
+            leased = self._reclaim(conn, now_wall)
             dests = {
                 int(r[0]): r
                 for r in conn.execute(
@@ -947,41 +964,41 @@ class Queue:
                 dest_id = ready[0]  # the common case: one destination, one query fewer
             else:
                 marks = ",".join("?" * len(ready))
-                first = conn.execute(
-                    f"SELECT dest FROM messages WHERE lease IS NULL AND dest IN ({marks}) "
+                firsts = conn.execute(
+                    f"SELECT id, dest FROM messages WHERE dest IN ({marks}) "
                     "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
-                    "ORDER BY id LIMIT 1",
-                    (*ready, top, now_wall, horizon),
-                ).fetchone()
-                if first is None:
+                    "ORDER BY id LIMIT ?",
+                    (*ready, top, now_wall, horizon, 1 + len(leased)),
+                ).fetchall()
+                firsts = [r for r in firsts if r[0] not in leased]
+                if not firsts:
                     return None
-                dest_id = int(first[0])
+                dest_id = int(firsts[0][1])
+            # Leased messages are skipped here rather than excluded in SQL: there are only
+            # ever a few batches' worth of them, and the query stays one cached statement.
             rows = conn.execute(
-                "SELECT id, body, attempts FROM messages WHERE lease IS NULL AND dest = ? "
+                "SELECT id, body, attempts FROM messages WHERE dest = ? "
                 "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
                 "ORDER BY id LIMIT ?",
-                (dest_id, top, now_wall, horizon, max_messages),
+                (dest_id, top, now_wall, horizon, max_messages + len(leased)),
             ).fetchall()
-            if not rows:
-                return None
             ids: list[int] = []
             bodies: list[bytes] = []
             total = 0
             attempts = 0
             for row_id, body, row_attempts in rows:
+                if row_id in leased:
+                    continue
                 cost = len(body) + per_message_overhead
-                if ids and total + cost > max_bytes:
+                if ids and (total + cost > max_bytes or len(ids) >= max_messages):
                     break
                 ids.append(int(row_id))
                 bodies.append(bytes(body))
                 total += cost
                 attempts = max(attempts, int(row_attempts))
+            if not ids:
+                return None
             token = uuid.uuid4().hex
-            for chunk in _chunks(ids, 500):  # within SQLite's limit on parameters
-                conn.execute(
-                    f"UPDATE messages SET lease = ? WHERE id IN ({','.join('?' * len(chunk))})",
-                    (token, *chunk),
-                )
             me = _holder()
             mono_expires = time.monotonic() + self.lease_timeout
             conn.execute(
@@ -1023,40 +1040,55 @@ class Queue:
 
         return self._write(run)
 
-    def _finish(self, conn: sqlite3.Connection, lease: Lease) -> None:
-        # Drop the lease record once none of its messages still carry its token.
-        for chunk in _chunks(list(lease.ids), 500):
-            marks = ",".join("?" * len(chunk))
-            if conn.execute(
-                f"SELECT 1 FROM messages WHERE id IN ({marks}) AND lease = ? LIMIT 1",
-                (*chunk, lease.token),
-            ).fetchone():
-                return
-        conn.execute("DELETE FROM leases WHERE token = ?", (lease.token,))
+    def _held_ids(self, conn: sqlite3.Connection, lease: Lease) -> list[int] | None:
+        """The ids ``lease`` still holds, or None once it has ended or been taken over.
+
+        This is the fence: a lease record names the ids its holder has not yet acked,
+        released or dead-lettered, and every operation works only on those, so a stale
+        holder can never touch a message it no longer holds (nor a new message that
+        reused the id of one it acked).
+        """
+        row = conn.execute("SELECT ids FROM leases WHERE token = ?", (lease.token,)).fetchone()
+        return None if row is None else _parse_ids(row[0])
+
+    def _settle(
+        self, conn: sqlite3.Connection, lease: Lease, held: list[int], done: set[int]
+    ) -> None:
+        """Remove ``done`` from the lease record, ending the lease when nothing is left."""
+        left = [i for i in held if i not in done]
+        if left:
+            conn.execute(
+                "UPDATE leases SET ids = ?, count = ? WHERE token = ?",
+                (",".join(map(str, left)), len(left), lease.token),
+            )
+        else:
+            conn.execute("DELETE FROM leases WHERE token = ?", (lease.token,))
+
+    def _chosen(self, held: list[int], ids: Iterable[int] | None) -> list[int]:
+        if ids is None:
+            return held
+        wanted = set(ids)
+        return [i for i in held if i in wanted]
 
     def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
-        """Delete delivered messages (all of the lease's, or ``ids``); returns how many.
+        """Delete delivered messages (all the lease still holds, or ``ids``); returns how many.
 
-        Fenced by the token: messages whose lease expired and were taken by another holder
-        are left to that holder (they will be sent again: at-least-once).
+        Fenced by the token: once a lease has expired or been taken over, its holder's ack
+        deletes nothing (the messages are sent again: at-least-once).
         """
-        chosen = tuple(lease.ids if ids is None else ids)
-        if not chosen:
-            return 0
+        wanted = None if ids is None else list(ids)
 
         def run(conn: sqlite3.Connection) -> int:
+            held = self._held_ids(conn, lease)
+            if held is None:
+                return 0
+            chosen = self._chosen(held, wanted)
             deleted = 0
-            for chunk in _chunks(list(chosen), 500):
-                cur = conn.execute(
-                    f"DELETE FROM messages WHERE id IN ({','.join('?' * len(chunk))}) "
-                    "AND lease = ?",
-                    (*chunk, lease.token),
-                )
-                deleted += cur.rowcount
-            if ids is None:
-                conn.execute("DELETE FROM leases WHERE token = ?", (lease.token,))
-            else:
-                self._finish(conn, lease)
+            for chunk in _chunks(chosen, 500):
+                deleted += conn.execute(
+                    f"DELETE FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                ).rowcount
+            self._settle(conn, lease, held, set(chosen))
             return deleted
 
         return self._write(run)
@@ -1073,22 +1105,30 @@ class Queue:
 
         Fenced by the token: a stale holder cannot release a batch someone else now holds.
         """
-        chosen = tuple(lease.ids if ids is None else ids)
-        if not chosen:
-            return 0
+        wanted = None if ids is None else list(ids)
         bump = 1 if count_attempt else 0
 
         def run(conn: sqlite3.Connection) -> int:
+            held = self._held_ids(conn, lease)
+            if held is None:
+                return 0
+            chosen = self._chosen(held, wanted)
             released = 0
-            for chunk in _chunks(list(chosen), 500):
-                cur = conn.execute(
-                    "UPDATE messages SET lease = NULL, not_before = ?, attempts = attempts + ? "
-                    f"WHERE id IN ({','.join('?' * len(chunk))}) AND lease = ?",
-                    (not_before, bump, *chunk, lease.token),
-                )
-                released += cur.rowcount
-            self._finish(conn, lease)
-            return released
+            if not_before is not None or bump:
+                for chunk in _chunks(chosen, 500):
+                    released += conn.execute(
+                        "UPDATE messages SET not_before = ?, attempts = attempts + ? "
+                        f"WHERE id IN ({','.join('?' * len(chunk))})",
+                        (not_before, bump, *chunk),
+                    ).rowcount
+            else:
+                for chunk in _chunks(chosen, 500):
+                    released += conn.execute(
+                        f"SELECT count(*) FROM messages WHERE id IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    ).fetchone()[0]
+            self._settle(conn, lease, held, set(chosen))
+            return int(released)
 
         return self._write(run)
 
@@ -1102,27 +1142,27 @@ class Queue:
         excerpt: str = "",
     ) -> int:
         """Move leased messages to the dead-letter table with the status and a response excerpt."""
-        chosen = list(ids)
-        if not chosen:
+        wanted = list(ids)
+        if not wanted:
             return 0
         now = time.time()
 
         def run(conn: sqlite3.Connection) -> int:
+            held = self._held_ids(conn, lease)
+            if held is None:
+                return 0
+            chosen = self._chosen(held, wanted)
             moved = 0
             for chunk in _chunks(chosen, 500):
                 marks = ",".join("?" * len(chunk))
-                cur = conn.execute(
+                moved += conn.execute(
                     "INSERT INTO dead_letters (dest, body, size, enqueued_at, dead_at, attempts, "
                     "status, reason, excerpt) SELECT dest, body, size, enqueued_at, ?, "
-                    f"attempts + 1, ?, ?, ? FROM messages WHERE id IN ({marks}) AND lease = ?",
-                    (now, status, reason[:500], excerpt[:2000], *chunk, lease.token),
-                )
-                moved += cur.rowcount
-                conn.execute(
-                    f"DELETE FROM messages WHERE id IN ({marks}) AND lease = ?",
-                    (*chunk, lease.token),
-                )
-            self._finish(conn, lease)
+                    f"attempts + 1, ?, ?, ? FROM messages WHERE id IN ({marks})",
+                    (now, status, reason[:500], excerpt[:2000], *chunk),
+                ).rowcount
+                conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk)
+            self._settle(conn, lease, held, set(chosen))
             return moved
 
         return self._write(run)
@@ -1186,16 +1226,18 @@ class Queue:
         horizon = time.time() + MAX_BACKOFF_SECONDS + _CLOCK_JUMP_MARGIN
 
         def run(conn: sqlite3.Connection) -> float | None:
+            leased = self._leased_ids(conn)
             # Times beyond the horizon (a wall clock that jumped back) count as ready now,
             # as lease() treats them.
-            row = conn.execute(
-                "SELECT min(max(CASE WHEN coalesce(m.not_before, 0) > ?1 THEN 0 "
+            rows = conn.execute(
+                "SELECT m.id, max(CASE WHEN coalesce(m.not_before, 0) > ?1 THEN 0 "
                 "ELSE coalesce(m.not_before, 0) END, "
-                "CASE WHEN d.not_before > ?1 THEN 0 ELSE d.not_before END)) FROM messages m "
-                "JOIN destinations d ON d.id = m.dest WHERE m.lease IS NULL AND m.id <= ?2",
-                (horizon, top),
-            ).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
+                "CASE WHEN d.not_before > ?1 THEN 0 ELSE d.not_before END) AS t FROM messages m "
+                "JOIN destinations d ON d.id = m.dest WHERE m.id <= ?2 ORDER BY t LIMIT ?3",
+                (horizon, top, 1 + len(leased)),
+            ).fetchall()
+            times = [float(t) for i, t in rows if i not in leased]
+            return times[0] if times else None
 
         return self._read(run)
 
@@ -1236,24 +1278,26 @@ class Queue:
             conn.execute("BEGIN")  # one consistent snapshot for every count
             try:
                 now_mono = time.monotonic()
-                live = {
-                    token
-                    for token, *holder in conn.execute(
-                        "SELECT token, boot, pidns, pid, pstart, mono_expires, wall_expires "
-                        "FROM leases"
-                    ).fetchall()
-                    if not self._lease_over(now, now_mono, *holder)
-                }
+                live_ids: set[int] = set()
+                for ids, *holder in conn.execute(
+                    "SELECT ids, boot, pidns, pid, pstart, mono_expires, wall_expires FROM leases"
+                ).fetchall():
+                    if not self._lease_over(now, now_mono, *holder):
+                        live_ids.update(_parse_ids(ids))
                 per_dest: dict[int, tuple[int, int]] = {}
                 leased_by_dest: dict[int, int] = {}
-                # Leased means under a live lease: not a record that expired, nor the
-                # messages of a lease already acked or released.
-                for d, token, n, b in conn.execute(
-                    "SELECT dest, lease, count(*), total(size) FROM messages GROUP BY dest, lease"
+                for d, n, b in conn.execute(
+                    "SELECT dest, count(*), total(size) FROM messages GROUP BY dest"
                 ).fetchall():
-                    count, size = per_dest.get(int(d), (0, 0))
-                    per_dest[int(d)] = (count + int(n), size + int(b))
-                    if token is not None and token in live:
+                    per_dest[int(d)] = (int(n), int(b))
+                # Leased means under a live lease: not a record that expired, nor the
+                # messages of a lease already acked or dead-lettered.
+                for chunk in _chunks(sorted(live_ids), 500):
+                    for d, n in conn.execute(
+                        f"SELECT dest, count(*) FROM messages WHERE id IN "
+                        f"({','.join('?' * len(chunk))}) GROUP BY dest",
+                        chunk,
+                    ).fetchall():
                         leased_by_dest[int(d)] = leased_by_dest.get(int(d), 0) + int(n)
                 dead = int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
                 oldest = conn.execute("SELECT min(enqueued_at) FROM messages").fetchone()[0]
@@ -1382,6 +1426,10 @@ class Queue:
             return int(conn.execute(f"DELETE FROM dead_letters{where}", params).rowcount)
 
         return self._write(run)
+
+
+def _parse_ids(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

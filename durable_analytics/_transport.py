@@ -70,7 +70,8 @@ def classify(status: int) -> Kind:
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (seconds or HTTP date), capped at 300.
 
-    Returns None for a missing or unparseable header, which is then ignored.
+    Returns None for a missing, unparseable or negative header, which is then ignored; an
+    HTTP date in the past gives 0.
     """
     if not value:
         return None
@@ -89,7 +90,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         current = time.time() if now is None else now
         seconds = when.timestamp() - current
     else:
-        if math.isnan(seconds):
+        # delay-seconds is a non-negative number (RFC 9110 §10.2.3): a negative one is
+        # garbage, ignored like any other unparseable value. A date in the past means now.
+        if math.isnan(seconds) or seconds < 0:
             return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
@@ -249,6 +252,10 @@ class Transport:
             )
         except urllib3.exceptions.SSLError as exc:
             return Outcome("retry", None, error=f"TLS error talking to {host}: {_short(exc)}")
+        except urllib3.exceptions.NewConnectionError as exc:
+            # A subclass of ConnectTimeoutError in urllib3, but a refused connection or an
+            # unknown host is not a timeout: say what happened.
+            return Outcome("retry", None, error=f"cannot connect to {host}: {_short(exc)}")
         except (urllib3.exceptions.TimeoutError, TimeoutError):
             return Outcome("retry", None, error=f"timed out after {read_timeout:g}s on {host}")
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -265,6 +272,10 @@ class Transport:
             response.release_conn()
         kind = classify(status)
         excerpt = raw[:2000].decode("utf-8", "replace")
+        if write_key and write_key in excerpt:
+            # A server that echoes the key back must not put it in logs, exceptions or
+            # dead letters.
+            excerpt = excerpt.replace(write_key, "<write key>")
         retry_after = parse_retry_after(retry_header)
         error = "" if kind == "ok" else f"HTTP {status} from {host}: {excerpt[:200]}".strip()
         return Outcome(kind, status, retry_after, excerpt, error)

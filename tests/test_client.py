@@ -1,0 +1,502 @@
+"""Tests of durable_analytics._client and _default: the Client lifecycle against a real Collector.
+
+flush(), close() and the context manager, sync_mode, send=False, stats(), the module-level
+API, and the promise that the write key shows up nowhere but the Authorization header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import WRITE_KEY, run_python
+
+import durable_analytics
+from durable_analytics import Client, ConfigurationRejected, FlushResult, QueueStats, Track
+from durable_analytics._config import Config
+from durable_analytics._default import get_client
+from durable_analytics._queue import Queue
+from durable_analytics._transport import Transport
+from durable_analytics.testing import Collector, Reply
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def make_client(collector: Collector, queue_path: Path) -> Iterator[Callable[..., Client]]:
+    """Clients on the test queue, sending to the collector; closed at the end."""
+    made: list[Client] = []
+
+    def make(key: str = WRITE_KEY, **settings: Any) -> Client:
+        settings.setdefault("host", collector.url)
+        settings.setdefault("queue_path", queue_path)
+        settings.setdefault("on_exit", "none")
+        client = Client(key, **settings)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close(timeout=0)
+
+
+def track_many(client: Client, n: int, **properties: Any) -> list[str]:
+    ids = []
+    for i in range(n):
+        ok, msg = client.track("user-1", "Event", {"i": i, **properties})
+        assert ok
+        ids.append(msg["messageId"])
+    return ids
+
+
+# ---------------------------------------------------------------- flush
+
+
+def test_flush_returns_sent_pending_and_dead_lettered(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    client = make_client(flusher="none")
+    ids = track_many(client, 20)
+    collector.reject_message_ids(ids[5])
+
+    assert client.flush() == FlushResult(sent=19, pending=0, dead_lettered=1)
+    assert client.flush() == FlushResult(0, 0, 0)
+    assert sorted(collector.message_ids()) == sorted(set(ids) - {ids[5]})
+    assert client.stats().dead_letters == 1
+
+
+def test_flush_counts_what_the_flusher_thread_delivered_meanwhile(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    collector.script(Reply(delay=0.3))  # the thread's batch is in flight during flush()
+    client = make_client()
+    ids = track_many(client, 40)
+    assert collector.wait_for_requests(1, timeout=5)  # the thread took the first 20
+
+    result = client.flush(timeout=10)
+
+    assert result == FlushResult(sent=40, pending=0, dead_lettered=0)
+    assert sorted(collector.message_ids()) == sorted(ids)
+
+
+def test_flush_only_waits_for_messages_queued_before_it(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    client = make_client(flusher="none")
+    track_many(client, 3)
+    other = make_client(flusher="none")  # another producer on the same queue
+    assert client.flush() == FlushResult(3, 0, 0)
+    track_many(other, 2)
+    assert client.queue.pending() == 2
+    assert client.flush(timeout=5) == FlushResult(2, 0, 0)
+
+
+def test_flush_with_the_server_down_returns_what_is_left_at_the_timeout(
+    make_client: Callable[..., Client],
+) -> None:
+    client = make_client(flusher="none", host=f"http://127.0.0.1:{free_port()}", max_retries=0)
+    track_many(client, 3)
+    started = time.monotonic()
+    result = client.flush(timeout=0.5)
+    elapsed = time.monotonic() - started
+
+    assert result == FlushResult(sent=0, pending=3, dead_lettered=0)
+    assert 0.4 <= elapsed < 1.5
+    assert client.stats().pending == 3  # nothing lost: still on disk
+
+
+def test_flush_with_a_hanging_server_returns_at_the_timeout(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    collector.set_default(Reply(hang=True))
+    client = make_client(flusher="none")
+    track_many(client, 3)
+    started = time.monotonic()
+    result = client.flush(timeout=0.5)
+
+    assert time.monotonic() - started < 1.5
+    assert result == FlushResult(0, 3, 0)
+    assert client.stats().leased == 0
+
+
+def test_on_error_gets_the_exception_and_the_messages(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    calls: list[tuple[Exception, list[dict[str, Any]]]] = []
+    collector.set_default(401)
+    client = make_client(flusher="none", on_error=lambda e, m: calls.append((e, m)))
+    ids = track_many(client, 2)
+    result = client.flush(timeout=0.3)
+
+    assert result.pending == 2
+    [(exc, messages)] = calls
+    assert isinstance(exc, ConfigurationRejected)
+    assert exc.status == 401
+    assert [m["messageId"] for m in messages] == ids
+
+
+# ---------------------------------------------------------------- close
+
+
+def test_close_flushes_and_stops_the_flusher_thread(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    client = make_client()
+    ids = track_many(client, 5)  # under flush_at: the thread would wait 5 s
+    flusher = client._flusher
+    assert flusher is not None
+    assert flusher.alive
+
+    assert client.close() == FlushResult(5, 0, 0)
+    assert not flusher.alive
+    assert client._flusher is None
+    assert sorted(collector.message_ids()) == sorted(ids)
+
+
+def test_the_context_manager_flushes_and_stops(collector: Collector, queue_path: Path) -> None:
+    with Client(WRITE_KEY, host=collector.url, queue_path=queue_path, on_exit="none") as client:
+        ids = track_many(client, 3)
+        flusher = client._flusher
+    assert flusher is not None
+    assert not flusher.alive
+    assert sorted(collector.message_ids()) == sorted(ids)
+
+
+def test_close_before_any_call_reports_what_is_queued(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    make_client(flusher="none").track("user-1", "Left over")
+    client = make_client()
+    assert client.close() == FlushResult(0, 1, 0)
+    assert collector.requests == 0
+
+
+def test_close_is_bounded_by_its_timeout_when_the_server_hangs(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    collector.set_default(Reply(hang=True))
+    client = make_client(flush_at=1)
+    track_many(client, 3)
+    assert collector.wait_for_requests(1, timeout=5)  # the thread is stuck in a request
+    started = time.monotonic()
+    result = client.close(timeout=0.5)
+    assert time.monotonic() - started < 1.5
+    assert result.pending == 3
+
+
+def test_calls_after_close_are_still_queued_and_delivered(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    client = make_client()
+    client.track("user-1", "Before")
+    client.close()
+    ok, msg = client.track("user-1", "After")
+
+    assert ok
+    assert client.stats().pending == 1
+    assert client._flusher is not None
+    assert client._flusher.alive  # a new flusher started
+    assert client.close() == FlushResult(1, 0, 0)
+    assert collector.message_ids()[msg["messageId"]] == 1
+
+
+def test_join_and_shutdown_flush_like_the_peer(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    client = make_client()
+    track_many(client, 2)
+    client.join()
+    assert len(collector.messages()) == 2
+    track_many(client, 2)
+    client.shutdown()
+    assert len(collector.messages()) == 4
+
+
+# ---------------------------------------------------------------- sync_mode and send
+
+
+def test_sync_mode_delivers_before_the_call_returns(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    client = make_client(sync_mode=True)
+    for i in range(3):
+        ok, msg = client.track("user-1", f"Event {i}")
+        assert ok
+        assert collector.message_ids()[msg["messageId"]] == 1  # no waiting
+    assert client.stats().pending == 0
+
+
+def test_sync_mode_leaves_the_message_queued_when_the_server_is_down(
+    make_client: Callable[..., Client],
+) -> None:
+    client = make_client(sync_mode=True, host=f"http://127.0.0.1:{free_port()}", max_retries=0)
+    started = time.monotonic()
+    ok, _ = client.track("user-1", "Event")
+    ok2, _ = client.track("user-1", "Event")  # backing off now: returns at once
+    assert ok
+    assert ok2
+    assert time.monotonic() - started < 1.0
+    assert client.stats().pending == 2
+
+
+def test_sync_mode_waits_for_a_message_the_flusher_thread_took(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    # flush_at=1 wakes the thread on every message; the call's own lease is held back until
+    # the thread has taken the message, so the thread always wins the race. The call must
+    # still return only once its message was delivered.
+    collector.set_default(Reply(delay=0.03))
+    client = make_client(sync_mode=True, flush_at=1)
+    queue = client.queue
+    real_lease = queue.lease
+    caller = threading.get_ident()
+    gate = {"armed": False}
+
+    def lease(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == caller and gate["armed"]:
+            gate["armed"] = False
+            flusher = client._flusher
+            deadline = time.monotonic() + 2.0
+            while flusher is not None and not flusher.delivering:
+                assert time.monotonic() < deadline, "the flusher thread never took it"
+                time.sleep(0.001)
+        return real_lease(*args, **kwargs)
+
+    queue.lease = lease  # type: ignore[method-assign]
+    for i in range(5):
+        gate["armed"] = True
+        _, msg = client.track("user-1", f"Event {i}")
+        assert collector.message_ids()[msg["messageId"]] == 1, f"call {i} returned early"
+
+
+def test_send_false_queues_nothing(queue_path: Path, collector: Collector) -> None:
+    client = Client(WRITE_KEY, host=collector.url, queue_path=queue_path, send=False)
+    ok, msg = client.track("user-1", "Event")
+    assert ok
+    assert msg["event"] == "Event"
+    assert not queue_path.exists()
+    assert client.flush() == FlushResult(0, 0, 0)
+    assert client.stats() == QueueStats(0, 0, 0, 0, None, 0, None, [])
+    assert client.close() == FlushResult(0, 0, 0)
+    assert collector.requests == 0
+
+
+def test_enqueue_delivers_a_typed_message(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    client = make_client(flusher="none")
+    ok, msg = client.enqueue(Track(user_id="user-1", event="Typed"))
+    assert ok
+    client.flush()
+    [received] = collector.messages()
+    assert (received["event"], received["messageId"]) == ("Typed", msg["messageId"])
+
+
+# ---------------------------------------------------------------- stats and repr
+
+
+def test_stats_has_the_documented_names(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    names = [f.name for f in dataclasses.fields(QueueStats)]
+    assert names == [
+        "pending",
+        "leased",
+        "dead_letters",
+        "bytes",
+        "oldest_age_seconds",
+        "dropped",
+        "last_error",
+        "destinations",
+    ]
+    collector.set_default(503)
+    client = make_client(flusher="none", max_retries=0)
+    track_many(client, 4)
+    client.flush(timeout=0.2)
+    stats = client.stats()
+
+    assert (stats.pending, stats.leased, stats.dead_letters, stats.dropped) == (4, 0, 0, 0)
+    assert stats.bytes > 0
+    assert stats.oldest_age_seconds is not None
+    assert stats.last_error is not None
+    assert set(stats.last_error) == {"message", "at", "host"}
+    assert "HTTP 503" in stats.last_error["message"]
+    [dest] = stats.destinations
+    assert (dest.host, dest.pending, dest.failures) == (collector.url, 4, 1)
+    assert dest.write_key == WRITE_KEY[:4] + "…"
+    assert set(stats.as_dict()) == set(names)
+
+
+def test_repr_hides_the_write_key(make_client: Callable[..., Client]) -> None:
+    client = make_client()
+    text = repr(client)
+    assert WRITE_KEY not in text
+    assert "test…" in text
+    assert WRITE_KEY not in repr(client.config)
+
+
+# ---------------------------------------------------------------- module-level API
+
+
+@pytest.fixture
+def module_api(
+    monkeypatch: pytest.MonkeyPatch, collector: Collector, queue_path: Path
+) -> Iterator[Any]:
+    monkeypatch.setattr(durable_analytics, "default_client", None)
+    monkeypatch.setattr(durable_analytics, "write_key", WRITE_KEY)
+    monkeypatch.setattr(durable_analytics, "host", collector.url)
+    monkeypatch.setattr(durable_analytics, "queue_path", str(queue_path))
+    yield durable_analytics
+    client = durable_analytics.default_client
+    if client is not None:
+        client.close(timeout=0)
+
+
+def test_the_module_level_api_delivers_through_one_default_client(
+    module_api: Any, collector: Collector
+) -> None:
+    ok, msg = module_api.track("user-1", "Signed Up", {"plan": "Enterprise"})
+    assert ok
+    module_api.identify("user-1", {"email": "a@example.com"})
+    client = module_api.default_client
+    assert client is get_client()
+    assert client.config.host == collector.url
+
+    result = module_api.flush()
+    assert result.pending == 0
+    received = {m["type"]: m for m in collector.messages()}
+    assert received["track"]["properties"] == {"plan": "Enterprise"}
+    assert received["track"]["messageId"] == msg["messageId"]
+    assert module_api.stats().pending == 0
+    module_api.shutdown()
+
+
+def test_the_module_level_settings_reach_the_default_client(
+    module_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(durable_analytics, "upload_size", 7)
+    monkeypatch.setattr(durable_analytics, "gzip", True)
+    monkeypatch.setattr(durable_analytics, "max_retries", 1)
+    config = get_client().config
+    assert (config.flush_at, config.gzip, config.max_retries) == (7, True, 1)
+
+
+def test_debug_from_the_environment_reaches_the_default_client(
+    module_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEBUG", "analytics")
+    level = logging.getLogger("durable_analytics").level
+    try:
+        assert get_client().config.debug is True
+    finally:
+        logging.getLogger("durable_analytics").setLevel(level)
+
+
+# ---------------------------------------------------------------- the write key stays secret
+
+CANARY = "canary-SECRET-write-key-7f3a9c"
+
+
+def test_a_canary_write_key_never_leaks(
+    collector: Collector,
+    queue_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Logs at DEBUG, exceptions, reprs and request bodies never contain the write key."""
+    caplog.set_level(logging.DEBUG, logger="durable_analytics")
+    errors: list[Exception] = []
+    with Collector(CANARY) as good:
+        # 1. Delivered, dead-lettered and retried batches, with debug logging on.
+        client = Client(
+            CANARY,
+            host=good.url,
+            queue_path=queue_path,
+            debug=True,
+            flusher="none",
+            on_exit="none",
+            max_retries=1,
+            on_error=lambda e, m: errors.append(e),
+        )
+        ids = track_many(client, 6)
+        good.reject_message_ids(ids[0])
+        good.script(Reply(503, body=f"overloaded, key {CANARY}"))
+        client.flush(timeout=5)
+        assert good.wait_for_messages(5)
+        # The server echoes the key in a 401 body.
+        good.set_default(Reply(401, body=f'{{"message":"bad key {CANARY}"}}'))
+        client.track("user-1", "Later")
+        client.flush(timeout=0.2)
+
+        queue = client.queue
+        lease = Queue(queue_path).lease(20, 500_000, now=time.time() + 3600)
+        assert lease is not None
+        texts = [
+            repr(client),
+            str(client.config),
+            repr(client.config),
+            repr(Config.build(CANARY)),
+            repr(lease),
+            repr(lease.destination),
+            repr(Transport()),
+            repr(queue),
+            repr(client.stats()),
+            str(client.stats().as_dict()),
+            repr(queue.dead_letters()),
+            str([d.as_dict() for d in queue.dead_letters()]),
+            repr(client.flush(timeout=0)),
+        ]
+        texts += [str(e) for e in errors] + [repr(e) for e in errors]
+        texts += [getattr(e, "excerpt", "") for e in errors]
+        texts += [r.getMessage() for r in caplog.records]
+        texts += [caplog.text]
+        for batch in good.batches:
+            texts.append(batch.raw_body.decode())
+        client.close(timeout=0)
+
+    assert len(errors) >= 2  # a dead letter and a 401 at least
+    assert any("401" in t for t in texts)
+    assert caplog.records
+    for text in texts:
+        assert CANARY not in text, text
+
+
+def test_a_canary_write_key_never_reaches_a_child_process_stderr(
+    collector: Collector, queue_path: Path
+) -> None:
+    # The collector expects another key: the child gets 401s, logs at DEBUG, and exits.
+    result = run_python(
+        f"""
+        from durable_analytics import Client
+        client = Client({CANARY!r}, host={collector.url!r}, queue_path={str(queue_path)!r},
+                        debug=True, shutdown_timeout=1, flush_at=1)
+        for i in range(3):
+            client.track("user-1", "Event")
+        try:
+            Client("", host={collector.url!r})
+        except Exception as exc:
+            print("config error:", exc)
+        raise RuntimeError("a crash with a traceback")
+        """,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "401" in result.stderr
+    assert "RuntimeError" in result.stderr
+    assert "config error" in result.stdout
+    assert CANARY not in result.stderr
+    assert CANARY not in result.stdout
+    assert collector.requests >= 1
+    for batch in collector.batches:
+        assert CANARY.encode() not in batch.raw_body
