@@ -19,22 +19,23 @@ and noisy. Variants:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import platform
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import durable_analytics
-from durable_analytics.testing import Collector
 
 WRITE_KEY = "bench-write-key"
 PROPS: dict[str, Any] = {
@@ -49,12 +50,37 @@ PROPS: dict[str, Any] = {
 }
 
 
+class RemoteCollector:
+    """A Collector in its own process, so its request handling does not share our GIL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+@contextlib.contextmanager
+def remote_collector() -> Iterator[RemoteCollector]:
+    code = (
+        "import sys; from durable_analytics.testing import Collector; "
+        f"c = Collector({WRITE_KEY!r}); c.start(); print(c.port, flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield RemoteCollector(f"http://127.0.0.1:{port}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _fresh_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="bench-enqueue-"))
 
 
 def bench_durable(
-    calls: int, durability: str, flusher: str, collector: Collector | None
+    calls: int, durability: str, flusher: str, collector: RemoteCollector | None
 ) -> float:
     path = _fresh_dir() / "queue.sqlite3"
     host = collector.url if collector is not None else "http://127.0.0.1:9"
@@ -76,7 +102,7 @@ def bench_durable(
     return calls / elapsed
 
 
-def bench_segment(calls: int, collector: Collector) -> float:
+def bench_segment(calls: int, collector: RemoteCollector) -> float:
     from segment.analytics import Client as SegmentClient
 
     client = SegmentClient(
@@ -140,7 +166,7 @@ def _producer(path: str, calls: int, index: int, out: Any) -> None:
         try:
             ok, _ = client.track("user-1", "Signed Up", {**PROPS, "p": index, "i": i})
             stored += ok
-        except Exception as exc:  # noqa: BLE001 - counted and reported
+        except Exception as exc:  # counted and reported
             errors += 1
             if "locked" in str(exc):
                 errors += 1_000_000
@@ -192,18 +218,27 @@ def main() -> None:
         results.setdefault(name, []).append(value)
         print(f"  {name:44s} {value:10,.0f} calls/s", flush=True)
 
-    with Collector(WRITE_KEY) as collector:
+    with remote_collector() as collector:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
             record("raw sqlite WAL/NORMAL", bench_raw(args.calls, "NORMAL"))
-            record("durable normal, flusher none", bench_durable(args.calls, "normal", "none", None))
+            record(
+                "durable normal, flusher none", bench_durable(args.calls, "normal", "none", None)
+            )
             record("segment 2.4.0 (consumer running)", bench_segment(args.calls, collector))
             record(
                 "durable normal, flusher thread",
                 bench_durable(args.calls, "normal", "thread", collector),
             )
             record("raw sqlite WAL/FULL", bench_raw(args.full_calls, "FULL"))
-            record("durable full, flusher none", bench_durable(args.full_calls, "full", "none", None))
+            record(
+                "durable full, flusher none",
+                bench_durable(args.full_calls, "full", "none", None),
+            )
+            record(
+                "durable normal, flusher process",
+                bench_durable(args.calls, "normal", "process", collector),
+            )
             record(
                 "durable full, flusher thread",
                 bench_durable(args.full_calls, "full", "thread", collector),
@@ -225,7 +260,10 @@ def main() -> None:
                 client = SegmentClient(WRITE_KEY, host=collector.url, max_queue_size=10**7)
                 return client.track
 
-            record("8 threads: durable normal, flusher none", bench_threads(args.calls, 8, durable_client))
+            record(
+                "8 threads: durable normal, flusher none",
+                bench_threads(args.calls, 8, durable_client),
+            )
             record("8 threads: segment 2.4.0", bench_threads(args.calls, 8, segment_client))
         procs = bench_processes(args.calls * 2, 4)
         print(f"  4 processes on one file: {procs}", flush=True)
@@ -233,12 +271,18 @@ def main() -> None:
     med = {name: statistics.median(values) for name, values in results.items()}
     seg = med["segment 2.4.0 (consumer running)"]
     print("\nmedian of rounds, with ratios:")
+    peer = "segment 2.4.0 (consumer running)"
     rows = [
-        ("durable normal, flusher none", "segment 2.4.0 (consumer running)", "raw sqlite WAL/NORMAL"),
-        ("durable normal, flusher thread", "segment 2.4.0 (consumer running)", "raw sqlite WAL/NORMAL"),
-        ("durable full, flusher none", "segment 2.4.0 (consumer running)", "raw sqlite WAL/FULL"),
-        ("durable full, flusher thread", "segment 2.4.0 (consumer running)", "raw sqlite WAL/FULL"),
-        ("8 threads: durable normal, flusher none", "8 threads: segment 2.4.0", "raw sqlite WAL/NORMAL"),
+        ("durable normal, flusher none", peer, "raw sqlite WAL/NORMAL"),
+        ("durable normal, flusher thread", peer, "raw sqlite WAL/NORMAL"),
+        ("durable normal, flusher process", peer, "raw sqlite WAL/NORMAL"),
+        ("durable full, flusher none", peer, "raw sqlite WAL/FULL"),
+        ("durable full, flusher thread", peer, "raw sqlite WAL/FULL"),
+        (
+            "8 threads: durable normal, flusher none",
+            "8 threads: segment 2.4.0",
+            "raw sqlite WAL/NORMAL",
+        ),
     ]
     for name, peer, raw in rows:
         print(

@@ -102,4 +102,11 @@ max_queue_size: int | None = None
 upload_size: int | None = None
 upload_interval: float | None = None
 proxies: Any = None
+oauth_client_id: str | None = None
+oauth_client_key: str | None = None
+oauth_key_id: str | None = None
+oauth_auth_server: str | None = None
+oauth_scope: str | None = None
 default_client: Client | None = None
+#: segment-analytics-python's name for the version.
+VERSION = __version__

@@ -47,6 +47,11 @@ SETTINGS = (
     "upload_size",
     "upload_interval",
     "proxies",
+    # OAuth is not supported: setting any of these makes the first call raise ConfigError
+    # rather than silently sending with Basic auth.
+    "oauth_client_id",
+    "oauth_client_key",
+    "oauth_key_id",
 )
 
 _lock = threading.Lock()

@@ -539,11 +539,14 @@ def drain(
     timeout: float | None = None,
     progress: Callable[[int], object] | None = None,
     stop: threading.Event | None = None,
+    up_to_id: int | None = None,
 ) -> DrainResult:
     """Deliver everything deliverable now, with ``concurrency`` parallel workers.
 
     Stops when nothing is ready any more (the rest is leased by others, in backoff, or the
-    server keeps failing), when ``timeout`` passes, or when ``stop`` is set.
+    server keeps failing), when ``timeout`` passes, or when ``stop`` is set. ``up_to_id``
+    limits it to the messages stored up to that id, so a drain under constant production
+    still ends; ``left`` then counts only those.
     """
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
@@ -557,7 +560,7 @@ def drain(
             while not halt.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
                     return
-                stats = deliverer.deliver_next(deadline=deadline)
+                stats = deliverer.deliver_next(deadline=deadline, up_to_id=up_to_id)
                 if stats is None:
                     return
                 with lock:
@@ -577,7 +580,7 @@ def drain(
         t.start()
     for t in threads:
         t.join()
-    left = queue.pending()
+    left = queue.pending(up_to_id=up_to_id)
     return DrainResult(
         sent=total.sent,
         dead_lettered=total.dead_lettered,
