@@ -819,3 +819,34 @@ def test_cli_doc_shows_the_help_of_every_subcommand() -> None:
     if os.environ.get("UPDATE_CLI_DOCS"):
         CLI_DOC.write_text(text)
     assert CLI_DOC.read_text() == text, "docs/CLI.md is stale: rerun with UPDATE_CLI_DOCS=1"
+
+
+README = CLI_DOC.parent.parent / "README.md"
+README_START = "<!-- cli-help:start -->\n"
+README_END = "<!-- cli-help:end -->"
+
+
+def render_readme_help() -> str:
+    runner = CliRunner(env=dict.fromkeys(ENV_NAMES))
+    parts = []
+    for command in DOC_COMMANDS:
+        result = runner.invoke(cli, [*command, "--help"], terminal_width=80)
+        assert result.exit_code == 0
+        title = " ".join(["durable-analytics", *command])
+        parts.append(
+            f"<details><summary><code>{title} --help</code></summary>\n\n"
+            f"```text\n{result.stdout.rstrip()}\n```\n\n</details>\n"
+        )
+    return "".join(parts)
+
+
+def test_readme_shows_the_help_of_every_subcommand() -> None:
+    readme = README.read_text()
+    start = readme.index(README_START) + len(README_START)
+    end = readme.index(README_END)
+    text = render_readme_help()
+    if os.environ.get("UPDATE_CLI_DOCS"):
+        README.write_text(readme[:start] + text + readme[end:])
+        readme = README.read_text()
+        end = readme.index(README_END)
+    assert readme[start:end] == text, "README's command reference is stale: UPDATE_CLI_DOCS=1"
