@@ -9,6 +9,7 @@ call, not when the Client is built; after ``os.fork()`` the child starts its own
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import subprocess
@@ -179,6 +180,8 @@ class Client:
         ]
         if c.gzip:
             cmd.append("--gzip")
+        if c.proxies is not None:
+            cmd += ["--proxies", json.dumps(dict(c.proxies))]
         return subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,

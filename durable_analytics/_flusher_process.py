@@ -8,6 +8,7 @@ it then delivers what it can within ``--shutdown-timeout`` and leaves the rest o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shutdown-timeout", type=float, default=5.0)
     parser.add_argument("--lease-timeout", type=float, default=60.0)
     parser.add_argument("--gzip", action="store_true")
+    parser.add_argument("--proxies", type=json.loads, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="durable-analytics flusher: %(message)s")
 
@@ -57,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def make() -> Deliverer:
         return Deliverer(
             queue,
-            Transport(timeout=args.timeout, gzip=args.gzip),
+            Transport(timeout=args.timeout, gzip=args.gzip, proxies=args.proxies),
             flush_at=args.flush_at,
             max_batch_bytes=args.max_batch_bytes,
             max_retries=args.max_retries,
