@@ -11,6 +11,8 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import multiprocessing
+import multiprocessing.util
 import os
 import subprocess
 import sys
@@ -88,6 +90,8 @@ class Client:
         self._sync_deliverer: Deliverer | None = None
         self._started = False
         self._calls_here = 0
+        self._exited = False
+        self._mp_finalizer = False
         self._atexit_registered = False
         self._closed = False
         _clients.add(self)
@@ -147,11 +151,35 @@ class Client:
                 )
                 self._flusher.start()
             elif mode == "process":
-                self._child = self._spawn_flusher_process()
+                self._start_child()
             if not self._atexit_registered:
                 atexit.register(self._at_exit)
                 self._atexit_registered = True
+            if not self._mp_finalizer and multiprocessing.parent_process() is not None:
+                # A multiprocessing child ends with os._exit() after its target returns,
+                # skipping atexit; multiprocessing's own finalizers still run there.
+                multiprocessing.util.Finalize(None, self._at_exit, exitpriority=10)
+                self._mp_finalizer = True
             self._started = True
+
+    def _start_child(self) -> None:
+        """Start the flusher process and a watcher thread that replaces it if it dies."""
+        child = self._spawn_flusher_process()
+        self._child = child
+        threading.Thread(
+            target=self._watch_child, args=(child,), name="durable-analytics-watch", daemon=True
+        ).start()
+
+    def _watch_child(self, child: subprocess.Popen[bytes]) -> None:
+        child.wait()
+        with self._lock:
+            if self._child is not child:
+                return  # stopped on purpose by close(), or already replaced
+            log.warning(
+                "the durable-analytics flusher process exited (code %s); starting a new one",
+                child.returncode,
+            )
+            self._start_child()
 
     def _spawn_flusher_process(self) -> subprocess.Popen[bytes]:
         c = self.config
@@ -198,6 +226,8 @@ class Client:
         self._sync_deliverer = None
         self._started = False
         self._calls_here = 0
+        self._exited = False
+        self._mp_finalizer = False
 
     # ---------------------------------------------------------------- the calls
 
@@ -524,8 +554,9 @@ class Client:
 
     def _at_exit(self) -> None:
         """Run once at interpreter exit, by ``on_exit``; never longer than shutdown_timeout."""
-        if not self._send or not self._calls_here:
+        if not self._send or not self._calls_here or self._exited:
             return
+        self._exited = True
         mode = self.config.on_exit
         try:
             if mode == "flush":

@@ -504,7 +504,11 @@ class Flusher:
             self.idle = True
             return self.poll_interval
         self.idle = False
-        due_at = (oldest or now) + self.flush_interval
+        if oldest is None or oldest > now:
+            # Stored "in the future": the wall clock went back since. Send it now rather
+            # than make it wait out the jump.
+            oldest = now - self.flush_interval
+        due_at = oldest + self.flush_interval
         if count < self.deliverer.flush_at and due_at > now:
             self._seen_appends = appends
             self._need = self.deliverer.flush_at - count
