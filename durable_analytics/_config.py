@@ -94,6 +94,9 @@ def normalize_host(host: str) -> str:
     if not isinstance(host, str) or not host.strip():
         raise ConfigError(f"host must be a non-empty URL string, got {type(host).__name__}")
     host = host.strip()
+    if not host.isprintable() or " " in host:
+        # urlsplit silently drops tabs and line breaks; the host is logged and stored.
+        raise ConfigError(f"host must not contain spaces or control characters, got {host!r}")
     parts = urlsplit(host)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"host must be an http:// or https:// URL, got {host!r}")

@@ -33,6 +33,7 @@ __all__ = [
     "batch_body",
     "classify",
     "envelope_overhead",
+    "one_line",
     "parse_retry_after",
 ]
 
@@ -271,14 +272,24 @@ class Transport:
         else:
             response.release_conn()
         kind = classify(status)
-        excerpt = raw[:2000].decode("utf-8", "replace")
-        if write_key and write_key in excerpt:
-            # A server that echoes the key back must not put it in logs, exceptions or
-            # dead letters.
-            excerpt = excerpt.replace(write_key, "<write key>")
+        excerpt = self._scrub(raw[:2000].decode("utf-8", "replace"), write_key)
         retry_after = parse_retry_after(retry_header)
-        error = "" if kind == "ok" else f"HTTP {status} from {host}: {excerpt[:200]}".strip()
-        return Outcome(kind, status, retry_after, excerpt, error)
+        error = "" if kind == "ok" else f"HTTP {status} from {host}: {one_line(excerpt[:200])}"
+        return Outcome(kind, status, retry_after, excerpt, error.strip())
+
+    def _scrub(self, text: str, write_key: str) -> str:
+        """Remove the write key, raw or as its Basic token, from a server's answer.
+
+        A server that echoes the key (or the Authorization header) back must not put it in
+        logs, exceptions, ``status`` or dead letters.
+        """
+        if not write_key:
+            return text
+        token = self._authorization(write_key).split(" ", 1)[1]
+        for secret in (write_key, token, token.rstrip("=")):
+            if secret and secret in text:
+                text = text.replace(secret, "<write key>")
+        return text
 
 
 def _path(url: str) -> str:
@@ -292,6 +303,13 @@ def _proxy_from_mapping(proxies: Mapping[str, str], url: str) -> str | None:
     return proxies.get(scheme) or proxies.get("all") or None
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped: one log line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc)
+    text = one_line(str(exc))
     return text if len(text) <= 300 else text[:300] + "…"

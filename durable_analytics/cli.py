@@ -1032,6 +1032,11 @@ def _parse_json(call: str, field: str, text: str | None) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise ValidationError(f"{call}: {field} is not valid JSON ({exc})") from None
+    except RecursionError:
+        # json.loads gives up around 1,000 levels; the library allows 64 anyway.
+        raise ValidationError(
+            f"{call}: {field}: nested deeper than {_messages.MAX_DEPTH} levels"
+        ) from None
 
 
 def _parse_timestamp(call: str, text: str | None) -> datetime | None:
