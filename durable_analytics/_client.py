@@ -63,6 +63,9 @@ class Client:
     """
 
     def __init__(self, write_key: str | None = None, **settings: Any) -> None:
+        # Private: the CLI's one-shot commands report a damaged file (exit 3) rather than
+        # repair it; an application's Client moves it aside and carries on.
+        recover = bool(settings.pop("_recover", True))
         self.config = config = Config.build(write_key, **settings)
         self._max_bytes = config.max_message_bytes
         self._send = config.send
@@ -83,6 +86,7 @@ class Client:
                 max_queue_bytes=config.max_queue_bytes,
                 overflow=config.overflow,
                 lease_timeout=config.lease_timeout,
+                recover=recover,
             )
             self._dest = self._queue.destination(config.host, config.write_key)
         self._flusher: Flusher | None = None

@@ -15,13 +15,21 @@ wall-clock jump neither steals a live lease nor keeps a dead one forever.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
+import math
 import os
 import random
+import shutil
 import sqlite3
 import stat
+import struct
+import subprocess
+import sys
 import threading
 import time
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +55,7 @@ __all__ = [
     "Lease",
     "Queue",
     "QueueStats",
+    "RecoveryReport",
 ]
 
 SCHEMA_VERSION = 1
@@ -62,6 +71,11 @@ _ROW_OVERHEAD = 48
 # and how close to the cap it switches to reading the real size before every append.
 _REFRESH_BYTES = 256 * 1024
 _EXACT_ZONE = 2 * 1024 * 1024
+# Below this much free disk space the -wal is kept small and appends stop _DISK_RESERVE short
+# of full (Queue._low_disk).
+_LOW_DISK_BYTES = 8 * 1024 * 1024
+_LOW_DISK_CHECKPOINT = 32
+_DISK_RESERVE = 512 * 1024
 
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
@@ -125,6 +139,43 @@ INSERT INTO counters (name, value) VALUES ('dropped_newest', 0), ('dropped_oldes
 _MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
 
 _INSERT = "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)"
+
+
+def _checkpoint_for_space(conn: sqlite3.Connection, mode: str = "TRUNCATE") -> bool:
+    """After SQLITE_FULL: copy the -wal into the main file and truncate it, once.
+
+    The -wal grows to about 4 MB before SQLite checkpoints it on its own; on a nearly full
+    disk that is where the space goes (on a 2 MB file system, 75 KB of messages filled it).
+    A checkpoint gives it back, so the call can be tried once more. True when it completed
+    (no reader held an older snapshot).
+    """
+    try:
+        busy, _, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    except sqlite3.Error:
+        return False
+    return not busy
+
+
+def _apply_migrations(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a file from ``version`` to SCHEMA_VERSION (inside the caller's transaction)."""
+    while version < SCHEMA_VERSION:
+        for statement in _MIGRATIONS[version].split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        version += 1
+        conn.execute(f"PRAGMA user_version={version}")
+
+
+def _stamp_application_id(conn: sqlite3.Connection, app_id: int = 0) -> None:
+    """Give the file a random application_id, once (inside the caller's transaction).
+
+    It identifies this very file: a -wal whose page 1 carries another id belongs to another
+    database (see ``Queue._diagnose``).
+    """
+    if not conn.execute("PRAGMA application_id").fetchone()[0]:
+        value = app_id if 0 < app_id <= 0x7FFFFFFF else (uuid.uuid4().int & 0x7FFFFFFF) or 1
+        conn.execute(f"PRAGMA application_id={value}")
+
 
 T = TypeVar("T")
 
@@ -350,6 +401,8 @@ def _prepare_path(path: Path) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         st = None
+    except OSError as exc:
+        raise QueuePermissionError(f"cannot use the queue file {path}: {exc.strerror}") from None
     if st is not None:
         if stat.S_ISLNK(st.st_mode):
             raise QueuePermissionError(f"the queue path {path} is a symlink; refusing to follow it")
@@ -361,6 +414,10 @@ def _prepare_path(path: Path) -> None:
         except FileExistsError:
             pass  # another process created it first
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise QueueDiskFull(
+                    f"cannot create the queue file {path}: the disk is full"
+                ) from None
             raise QueuePermissionError(
                 f"cannot create the queue file {path}: {exc.strerror}"
             ) from None
@@ -369,6 +426,11 @@ def _prepare_path(path: Path) -> None:
                 os.fchmod(fd, 0o600)
             finally:
                 os.close(fd)
+    if _read_only_fs(parent):
+        raise QueuePermissionError(
+            f"the queue file {path} is on a read-only file system; point queue_path at a "
+            "writable directory"
+        )
     if not os.access(path, os.R_OK | os.W_OK):
         raise QueuePermissionError(f"the queue file {path} is not readable and writable")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -407,10 +469,26 @@ def _errorcode(exc: sqlite3.Error) -> int:
     return 0
 
 
+def _disk_nearly_full(path: Path, below: int = 1 << 20) -> bool:
+    """Whether the file system of ``path`` has less than ``below`` bytes free (SQLite reports
+    a full disk as an I/O error when it cannot create or grow its -shm file)."""
+    try:
+        return shutil.disk_usage(path.parent).free < below
+    except OSError:
+        return False
+
+
+def _read_only_fs(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
 def _translate(exc: sqlite3.Error, path: Path) -> QueueError:
     """Turn an sqlite3 error into the documented QueueError subclass."""
     code = _errorcode(exc)
-    if code == _SQLITE_FULL:
+    if code == _SQLITE_FULL or (code == _SQLITE_IOERR and _disk_nearly_full(path)):
         return QueueDiskFull(
             f"the disk holding the queue {path} is full; the message was not stored"
         )
@@ -421,6 +499,911 @@ def _translate(exc: sqlite3.Error, path: Path) -> QueueError:
     if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return QueueBusy(f"the queue {path} stayed locked by another connection ({exc})")
     return QueueError(f"queue {path}: {exc}")
+
+
+# --------------------------------------------------------------------------- damaged files
+#
+# A queue file can be damaged by a disk error, a truncating copy, a stray edit, or a -wal
+# file that belongs to another database. ``Queue(path, recover=True)`` (what the Client
+# uses) then moves the bad file and its -wal and -shm aside as ``<name>.corrupt-<UTC time>``
+# (0600), salvages every message row it can still read into a fresh queue, and goes on;
+# ``recover=False`` (the CLI's default) raises QueueCorrupt and leaves the files untouched.
+#
+# Detection is cheap at open: the 100-byte header is read raw and checked, and a read-only
+# connection compares the database as SQLite sees it through its -wal with the main file's
+# own header (a -wal carrying another file's application_id is foreign). PRAGMA quick_check
+# (which reads the whole file) runs only when the header looks wrong or an operation
+# raised SQLITE_CORRUPT / SQLITE_NOTADB.
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_WAL_MAGICS = (0x377F0682, 0x377F0683)
+#: How long one salvage may take before it stops with what it has (no hang on a huge file).
+_SALVAGE_SECONDS = 120.0
+#: How long recovery waits for another process's recovery of the same directory.
+_RECOVER_LOCK_SECONDS = _SALVAGE_SECONDS + 60.0
+#: Root pages of the version-1 tables in a file this module created (no autovacuum, so
+#: they never move): the raw reader's fallback when sqlite_master itself is unreadable.
+_DEFAULT_ROOTS = {"destinations": 2, "messages": 4, "leases": 5, "dead_letters": 7, "counters": 8}
+_PURGED_COUNTER = "dead_letters_purged"
+
+log = logging.getLogger("durable_analytics")
+
+
+class _SinkFailed(Exception):
+    """Internal: writing the fresh file failed during a salvage (not a damaged source row)."""
+
+
+class _Damaged(Exception):
+    """Internal: the file is damaged (and ours); ``main_only`` when its -wal is foreign."""
+
+    def __init__(self, reason: str, *, main_only: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.main_only = main_only
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What ``Queue(recover=True)`` did with a damaged queue file (``Queue.last_recovery``)."""
+
+    #: Where the damaged file went (its -wal and -shm, if any, got the same name + suffix).
+    moved_to: Path
+    #: Why the file was judged damaged.
+    reason: str
+    #: Pending messages copied into the fresh queue.
+    messages: int
+    #: Dead letters copied, including messages whose stored body was no longer valid JSON.
+    dead_letters: int
+    #: Rows or regions that could not be read (left in the moved file).
+    unreadable: int
+    #: Messages whose destination (host + write key) could not be read: left in the file.
+    unroutable: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What the raw bytes of a queue file say, before SQLite reads it."""
+
+    size: int
+    wal_size: int
+    notadb: str  # why it cannot be an SQLite file ("" when it can)
+    suspicious: str  # why a full check is needed ("" when the header is consistent)
+    page_size: int
+    user_version: int
+    app_id: int
+
+
+def _u16(b: bytes, off: int) -> int:
+    return int.from_bytes(b[off : off + 2], "big")
+
+
+def _u32(b: bytes, off: int) -> int:
+    return int.from_bytes(b[off : off + 4], "big")
+
+
+def _header_page_size(header: bytes) -> int:
+    raw = _u16(header, 16)
+    size = 65536 if raw == 1 else raw
+    return size if 512 <= size <= 65536 and size & (size - 1) == 0 else 0
+
+
+#: Held while this process reads a database file other than through SQLite, and while it
+#: opens a connection. Closing any descriptor of a file drops every POSIX lock this process
+#: holds on it, SQLite's included (SQLite guards only its own descriptors against that): a
+#: raw read is made only while no connection of this process is open on the file (see
+#: Queue._raw_allowed), and none may open meanwhile. Other processes' locks are not affected.
+_RAW_LOCK = threading.RLock()
+
+
+def _read_header(path: Path | str) -> tuple[int, bytes]:
+    """``(size, first 100 bytes)`` of a file no connection of this process uses."""
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_size, f.read(100)
+
+
+def _probe(path: Path, *, raw: bool) -> _Probe:
+    """The sizes of the file and its -wal and, with ``raw`` (the caller holds _RAW_LOCK and
+    no connection of this process is open on the file), what its raw header says; else
+    only what SQLite itself will find is known."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return _Probe(0, 0, "", "", 0, 0, 0)
+    try:
+        wal_size = os.stat(f"{path}-wal").st_size
+    except OSError:
+        wal_size = 0
+    if not raw:
+        return _Probe(size, wal_size, "", "", 0, 0, 0)
+    try:
+        size, header = _read_header(path)
+    except FileNotFoundError:
+        return _Probe(0, 0, "", "", 0, 0, 0)
+    return _probe_header(size, wal_size, header)
+
+
+def _probe_header(size: int, wal_size: int, header: bytes) -> _Probe:
+    if size == 0:
+        return _Probe(0, wal_size, "", "", 0, 0, 0)
+    if size < 100:
+        return _Probe(size, wal_size, f"it is only {size} bytes long", "", 0, 0, 0)
+    if header[:16] != _SQLITE_MAGIC:
+        return _Probe(size, wal_size, "its header is not an SQLite header", "", 0, 0, 0)
+    page_size = _header_page_size(header)
+    if not page_size:
+        return _Probe(size, wal_size, "its header names no valid page size", "", 0, 0, 0)
+    user_version, app_id = _u32(header, 60), _u32(header, 68)
+    reasons = []
+    if size % page_size:
+        reasons.append(f"its size {size} is not a multiple of its page size {page_size}")
+    pages = max(1, size // page_size)
+    if _u32(header, 92) == _u32(header, 24) and _u32(header, 28) > pages:
+        reasons.append("its header counts more pages than the file holds")
+    if header[18] not in (1, 2) or header[19] not in (1, 2):
+        reasons.append("its header names an unknown file format version")
+    if header[20] != 0 or header[21:24] != b"\x40\x20\x20":
+        reasons.append("its header has unexpected page layout fields")
+    if _u32(header, 32) > pages or _u32(header, 36) > pages:
+        reasons.append("its header's free-page list points outside the file")
+    if not 1 <= _u32(header, 44) <= 4 or _u32(header, 56) not in (0, 1, 2, 3):
+        reasons.append("its header has an unknown schema format or text encoding")
+    return _Probe(size, wal_size, "", "; ".join(reasons), page_size, user_version, app_id)
+
+
+_FOREIGN_WAL = (
+    "its -wal file belongs to another database (the database it describes is not this file's)"
+)
+
+
+def _ro_uri(path: Path, *, main_only: bool = False) -> str:
+    quoted = urllib.parse.quote(str(path))
+    return f"file:{quoted}?mode=ro" + ("&immutable=1" if main_only else "")
+
+
+def _deadline_handler(deadline: float) -> Callable[[], int]:
+    return lambda: 1 if time.monotonic() > deadline else 0
+
+
+def _summary(rows: list[Any], limit: int = 3) -> str:
+    lines = [str(r[0]).replace("\n", "; ") for r in rows[:limit]]
+    text = "; ".join(lines).removeprefix("*** in database main ***; ")
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+# ------------------------------------------------------------------ the raw page reader
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    value = 0
+    for k in range(8):
+        byte = b[i + k]
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, i + k + 1
+    return (value << 8) | b[i + 8], i + 9
+
+
+def _wal_checksum(data: bytes, s0: int, s1: int, big: bool) -> tuple[int, int]:
+    words = struct.unpack(f"{'>' if big else '<'}{len(data) // 4}I", data)
+    for k in range(0, len(words), 2):
+        s0 = (s0 + words[k] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[k + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+class _RawPages:
+    """Pages of a damaged database read straight from its bytes, with the committed frames
+    of its -wal laid over them (checksums verified), for when SQLite cannot read the file."""
+
+    def __init__(self, path: Path, *, use_wal: bool) -> None:
+        self._main = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._size = os.fstat(self._main.fileno()).st_size
+        self._wal: Any = None
+        self.frames: dict[int, int] = {}
+        header = self._main.read(100)
+        self.page_size = _header_page_size(header) if header[:16] == _SQLITE_MAGIC else 0
+        if use_wal:
+            self._read_wal(Path(f"{path}-wal"))
+        if not self.page_size:
+            self.page_size = self._guess_page_size()
+        self.usable = self.page_size  # files of this module reserve no bytes per page
+
+    def close(self) -> None:
+        self._main.close()
+        if self._wal is not None:
+            self._wal.close()
+
+    def _guess_page_size(self) -> int:
+        for size in (4096, 1024, 2048, 8192, 16384, 32768, 65536, 512):
+            self.page_size = size
+            first, second = self.page(1), self.page(2)
+            if first and second and first[100] in (5, 13) and second[0] in (2, 5, 10, 13):
+                return size
+        return 4096
+
+    def _read_wal(self, wal_path: Path) -> None:
+        try:
+            wal = open(wal_path, "rb")  # noqa: SIM115 - kept open while pages are read
+        except OSError:
+            return
+        header = wal.read(32)
+        if len(header) < 32 or _u32(header, 0) not in _WAL_MAGICS:
+            wal.close()
+            return
+        big = bool(_u32(header, 0) & 1)
+        page_size = _u32(header, 8)
+        if self.page_size and page_size != self.page_size:
+            wal.close()
+            return
+        if not (512 <= page_size <= 65536 and page_size & (page_size - 1) == 0):
+            wal.close()
+            return
+        s0, s1 = _wal_checksum(header[:24], 0, 0, big)
+        if (s0, s1) != (_u32(header, 24), _u32(header, 28)):
+            wal.close()
+            return
+        salts = header[16:24]
+        pending: dict[int, int] = {}
+        offset = 32
+        while True:
+            frame = wal.read(24 + page_size)
+            if len(frame) < 24 + page_size or frame[8:16] != salts:
+                break
+            s0, s1 = _wal_checksum(frame[:8], s0, s1, big)
+            s0, s1 = _wal_checksum(frame[24:], s0, s1, big)
+            if (s0, s1) != (_u32(frame, 16), _u32(frame, 20)):
+                break
+            pending[_u32(frame, 0)] = offset + 24
+            if _u32(frame, 4):  # a commit frame: everything up to here is committed
+                self.frames.update(pending)
+                pending = {}
+            offset += 24 + page_size
+        if self.frames:
+            self._wal = wal
+            self.page_size = page_size
+        else:
+            wal.close()
+
+    def page(self, number: int) -> bytes | None:
+        size = self.page_size
+        if number < 1:
+            return None
+        offset = self.frames.get(number)
+        if offset is not None:
+            self._wal.seek(offset)
+            data: bytes = self._wal.read(size)
+        else:
+            start = (number - 1) * size
+            if start + size > self._size:
+                return None
+            self._main.seek(start)
+            data = self._main.read(size)
+        return data if len(data) == size else None
+
+    def _payload(self, page: bytes, i: int, total: int, index: bool) -> bytes | None:
+        usable = self.usable
+        most = usable - 35 if not index else (usable - 12) * 64 // 255 - 23
+        if total <= most:
+            end = i + total
+            return page[i:end] if end <= usable else None
+        least = (usable - 12) * 32 // 255 - 23
+        local = least + (total - least) % (usable - 4)
+        if local > most:
+            local = least
+        if i + local + 4 > usable:
+            return None
+        out = bytearray(page[i : i + local])
+        nxt = _u32(page, i + local)
+        seen: set[int] = set()
+        while len(out) < total:
+            if nxt in seen:
+                return None
+            seen.add(nxt)
+            overflow = self.page(nxt)
+            if overflow is None:
+                return None
+            nxt = _u32(overflow, 0)
+            out += overflow[4:usable]
+        return bytes(out[:total])
+
+    @property
+    def page_count(self) -> int:
+        in_main = self._size // self.page_size if self.page_size else 0
+        return max([in_main, *self.frames])
+
+    def freelist(self) -> set[int]:
+        """The free pages (trunks and leaves) named by page 1's header, as far as readable."""
+        first = self.page(1)
+        free: set[int] = set()
+        if first is None or first[:16] != _SQLITE_MAGIC:
+            return free
+        trunk = _u32(first, 32)
+        while trunk and trunk not in free and len(free) <= self.page_count:
+            free.add(trunk)
+            page = self.page(trunk)
+            if page is None:
+                break
+            count = _u32(page, 4)
+            if 8 + 4 * count > self.usable:
+                break
+            free.update(_u32(page, 8 + 4 * k) for k in range(count))
+            trunk = _u32(page, 0)
+        return free
+
+    def cells(self, number: int) -> tuple[list[int], list[tuple[int | None, bytes | None]]]:
+        """The child pages and the ``(rowid, payload)`` cells of one b-tree page.
+
+        ``rowid`` is None in index (and WITHOUT ROWID) trees; a cell that cannot be read is
+        ``(None, None)``. A page that is not a b-tree page gives ``([], [(None, None)])``.
+        """
+        page = self.page(number)
+        base = 100 if number == 1 else 0
+        if page is None or page[base] not in (2, 5, 10, 13):
+            return [], [(None, None)]
+        kind = page[base]
+        interior, index = kind in (2, 5), kind in (2, 10)
+        ncells = _u16(page, base + 3)
+        pointers = base + (12 if interior else 8)
+        if pointers + 2 * ncells > self.usable:
+            return [], [(None, None)]
+        children: list[int] = []
+        out: list[tuple[int | None, bytes | None]] = []
+        for k in range(ncells):
+            at = _u16(page, pointers + 2 * k)
+            rowid: int | None = None
+            try:
+                if at < pointers or at >= self.usable:
+                    raise IndexError(at)
+                if interior:
+                    children.append(_u32(page, at))
+                    if kind == 5:
+                        continue  # table interior cells hold only keys
+                    at += 4
+                total, at = _varint(page, at)
+                if not index:
+                    rowid, at = _varint(page, at)
+                payload = self._payload(page, at, total, index)
+            except IndexError:
+                payload = None
+            out.append((rowid, payload) if payload is not None else (None, None))
+        if interior:
+            children.append(_u32(page, base + 8))
+        return children, out
+
+    def walk(
+        self, root: int, deadline: float, visited: set[int] | None = None
+    ) -> Iterator[tuple[int | None, bytes | None]]:
+        """``(rowid, payload)`` of every cell reachable from ``root``; ``(None, None)`` for
+        each page or cell that could not be read (the walk goes on past it). The b-tree
+        pages reached are added to ``visited``."""
+        stack = [root]
+        seen: set[int] = set() if visited is None else visited
+        while stack:
+            if time.monotonic() > deadline:
+                yield None, None
+                return
+            number = stack.pop()
+            if number in seen or number < 1:
+                continue
+            seen.add(number)
+            children, cells = self.cells(number)
+            yield from cells
+            stack.extend(reversed(children))
+
+
+def _decode_record(payload: bytes) -> list[Any] | None:
+    """The column values of one SQLite record, or None when it does not parse."""
+    try:
+        header_len, i = _varint(payload, 0)
+        types = []
+        while i < header_len:
+            serial, i = _varint(payload, i)
+            types.append(serial)
+        pos = header_len
+        values: list[Any] = []
+        for serial in types:
+            if serial == 0:
+                values.append(None)
+            elif serial <= 6:
+                width = (0, 1, 2, 3, 4, 6, 8)[serial]
+                if pos + width > len(payload):
+                    return None
+                values.append(int.from_bytes(payload[pos : pos + width], "big", signed=True))
+                pos += width
+            elif serial == 7:
+                if pos + 8 > len(payload):
+                    return None
+                values.append(struct.unpack(">d", payload[pos : pos + 8])[0])
+                pos += 8
+            elif serial in (8, 9):
+                values.append(serial - 8)
+            elif serial >= 12:
+                width = (serial - 12) // 2
+                if pos + width > len(payload):
+                    return None
+                chunk = payload[pos : pos + width]
+                values.append(bytes(chunk) if serial % 2 == 0 else chunk.decode("utf-8"))
+                pos += width
+            else:
+                return None
+        return values
+    except (IndexError, UnicodeDecodeError, struct.error):
+        return None
+
+
+# ------------------------------------------------------------------ salvage
+
+_MESSAGE_COLS = "id, dest, body, size, enqueued_at, attempts, not_before"
+_DEAD_COLS = "id, dest, body, size, enqueued_at, dead_at, attempts, status, reason, excerpt"
+_DEST_COLS = "id, host, write_key, last_error, last_error_at"
+_LEASE_COLS = (
+    "token, dest, ids, count, boot, pidns, pid, pstart, mono_expires, wall_expires, created_at"
+)
+
+
+def _as_float(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else default
+
+
+def _as_int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) else default
+
+
+class _Salvage:
+    """Copies what can be read from a damaged queue file into a fresh one.
+
+    Rows are read through SQLite (read-only, by rowid ranges, stepping over what cannot be
+    read) and, when SQLite cannot read the file's schema at all, straight from the pages.
+    Every message must still be a JSON object to be queued again; one that is not becomes a
+    dead letter (it would only be rejected by the server). Ids are kept, so leases held by
+    this process still fence their messages.
+    """
+
+    def __init__(self, src: Path, dst: sqlite3.Connection, deadline: float) -> None:
+        self.src = src
+        self.dst = dst
+        self.deadline = deadline
+        self.dest_map: dict[int, int] = {}
+        self.messages = 0
+        self.dead_letters = 0
+        self.unreadable = 0
+        self.unroutable = 0
+        self.invalid_ids: set[int] = set()
+
+    # ---------------------------------------------------------------- destinations
+
+    def add_known_destinations(self, known: dict[tuple[str, str], int]) -> None:
+        """Destinations this process already uses keep their ids (callers hold them)."""
+        for (host, key), dest_id in sorted(known.items(), key=lambda kv: kv[1]):
+            self.dst.execute(
+                "INSERT OR IGNORE INTO destinations (id, host, write_key) VALUES (?, ?, ?)",
+                (dest_id, host, key),
+            )
+
+    def _destination(self, row: Sequence[Any]) -> None:
+        old, host, key = row[0], row[1], row[2]
+        if not isinstance(old, int) or not isinstance(host, str) or not isinstance(key, str):
+            self.unreadable += 1
+            return
+        found = self.dst.execute(
+            "SELECT id FROM destinations WHERE host = ? AND write_key = ?", (host, key)
+        ).fetchone()
+        if found is not None:
+            self.dest_map[old] = int(found[0])
+            return
+        last_error = row[3] if isinstance(row[3], str) else None
+        last_at = row[4] if isinstance(row[4], (int, float)) else None
+        taken = self.dst.execute("SELECT 1 FROM destinations WHERE id = ?", (old,)).fetchone()
+        cur = self.dst.execute(
+            "INSERT INTO destinations (id, host, write_key, last_error, last_error_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (None if taken else old, host, key, last_error, last_at),
+        )
+        self.dest_map[old] = int(cur.lastrowid or 0)
+
+    def _dest_of(self, value: Any) -> int | None:
+        if not isinstance(value, int):
+            return None
+        mapped = self.dest_map.get(value)
+        if mapped is None:
+            known = self.dst.execute("SELECT 1 FROM destinations WHERE id = ?", (value,))
+            if known.fetchone() is not None:
+                self.dest_map[value] = mapped = value
+        return mapped
+
+    # ---------------------------------------------------------------- rows
+
+    def _body(self, value: Any) -> tuple[bytes | None, bool]:
+        """``(body, valid)``: the stored bytes, and whether they are still a JSON object."""
+        if isinstance(value, str):
+            value = value.encode("utf-8", "surrogatepass")
+        if not isinstance(value, bytes):
+            return None, False
+        try:
+            return value, isinstance(json.loads(value), dict)
+        except ValueError:
+            return value, False
+
+    def _message(self, row: Sequence[Any], *, keep_id: bool = True) -> None:
+        row_id = row[0]
+        dest = self._dest_of(row[1])
+        body, valid = self._body(row[2])
+        if not isinstance(row_id, int) or body is None:
+            self.unreadable += 1
+            return
+        if dest is None:
+            self.unroutable += 1
+            return
+        enqueued = _as_float(row[4], time.time())
+        attempts = max(0, _as_int(row[5], 0))
+        if not valid:
+            if row_id in self.invalid_ids:
+                return
+            self.invalid_ids.add(row_id)
+            self.dst.execute(
+                "INSERT INTO dead_letters (dest, body, size, enqueued_at, dead_at, attempts, "
+                "status, reason, excerpt) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, '')",
+                (
+                    dest,
+                    body,
+                    len(body),
+                    enqueued,
+                    time.time(),
+                    attempts,
+                    "salvaged from a damaged queue file: the stored message is not valid JSON",
+                ),
+            )
+            self.dead_letters += 1
+            return
+        not_before = row[6] if isinstance(row[6], (int, float)) else None
+        cur = self.dst.execute(
+            "INSERT OR IGNORE INTO messages (id, dest, body, size, enqueued_at, attempts, "
+            "not_before) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row_id if keep_id else None, dest, body, len(body), enqueued, attempts, not_before),
+        )
+        self.messages += cur.rowcount
+
+    def _dead_letter(self, row: Sequence[Any]) -> None:
+        dest = self._dest_of(row[1])
+        body, _ = self._body(row[2])
+        if body is None:
+            self.unreadable += 1
+            return
+        if dest is None:
+            self.unroutable += 1
+            return
+        now = time.time()
+        cur = self.dst.execute(
+            "INSERT OR IGNORE INTO dead_letters (id, dest, body, size, enqueued_at, dead_at, "
+            "attempts, status, reason, excerpt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row[0] if isinstance(row[0], int) else None,
+                dest,
+                body,
+                len(body),
+                _as_float(row[4], now),
+                _as_float(row[5], now),
+                max(0, _as_int(row[6], 0)),
+                row[7] if isinstance(row[7], int) else None,
+                row[8] if isinstance(row[8], str) else "",
+                row[9] if isinstance(row[9], str) else "",
+            ),
+        )
+        self.dead_letters += cur.rowcount
+
+    def _lease(self, row: Sequence[Any]) -> None:
+        token, dest, ids = row[0], self._dest_of(row[1]), row[2]
+        if not isinstance(token, str) or not isinstance(ids, str) or dest is None:
+            return
+        numbers = (row[3], row[5], row[6], row[7])
+        times = (row[8], row[9], row[10])
+        if not all(isinstance(v, int) for v in numbers) or not isinstance(row[4], str):
+            return
+        if not all(isinstance(v, (int, float)) for v in times):
+            return
+        self.dst.execute(
+            f"INSERT OR IGNORE INTO leases ({_LEASE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (token, dest, ids, *row[3:]),
+        )
+
+    def _counter(self, name: Any, value: Any) -> None:
+        if isinstance(name, str) and isinstance(value, int) and name != "":
+            self.dst.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                (name, value),
+            )
+
+    # ---------------------------------------------------------------- reading
+
+    def run(self, *, main_only: bool) -> None:
+        """Salvage everything: through SQLite if it can read the schema, else raw pages."""
+        try:
+            src = sqlite3.connect(_ro_uri(self.src, main_only=main_only), uri=True)
+        except sqlite3.Error:
+            self._run_raw(use_wal=not main_only)
+            return
+        try:
+            src.set_progress_handler(_deadline_handler(self.deadline), 10_000)
+            try:
+                tables = {
+                    str(name)
+                    for (name,) in src.execute(
+                        "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    ).fetchall()
+                }
+            except sqlite3.DatabaseError:
+                tables = set()
+            if "messages" not in tables or "destinations" not in tables:
+                self._run_raw(use_wal=not main_only)
+                return
+            self._scan(src, "destinations", _DEST_COLS, self._destination)
+            before = self.unreadable
+            self._scan(src, "messages", _MESSAGE_COLS, self._message)
+            if "dead_letters" in tables:
+                self._scan(src, "dead_letters", _DEAD_COLS, self._dead_letter)
+            if self.unreadable > before:
+                roots: dict[str, int] = {}
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    for name, root in src.execute("SELECT name, rootpage FROM sqlite_master"):
+                        if isinstance(name, str) and isinstance(root, int) and root > 0:
+                            roots[name] = root
+                self.lost_and_found(use_wal=not main_only, roots=roots)
+            if "leases" in tables:
+                self._scan(src, "leases", _LEASE_COLS, self._lease, rowid="rowid")
+            if "counters" in tables:
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    for name, value in src.execute("SELECT name, value FROM counters"):
+                        self._counter(name, value)
+        finally:
+            src.close()
+
+    def _scan(
+        self,
+        src: sqlite3.Connection,
+        table: str,
+        cols: str,
+        sink: Callable[[Sequence[Any]], None],
+        *,
+        rowid: str = "id",
+    ) -> None:
+        """Read ``table`` in rowid order, stepping over rows and pages that cannot be read."""
+        sql = f"SELECT {rowid}, {cols} FROM {table} WHERE {rowid} > ? ORDER BY {rowid}"
+        last = -(1 << 63)
+        while time.monotonic() < self.deadline:
+            try:
+                cursor = src.execute(sql, (last,))
+                while True:
+                    row = cursor.fetchone()
+                    if row is None:
+                        return
+                    last = int(row[0])
+                    try:
+                        sink(row[1:])
+                    except sqlite3.Error as exc:
+                        raise _SinkFailed(exc) from exc  # the fresh file's error, not the source's
+            except sqlite3.DatabaseError as exc:
+                if _errorcode(exc) not in (_SQLITE_CORRUPT, _SQLITE_NOTADB, 0):
+                    return  # interrupted (deadline) or an I/O error: stop here
+                self.unreadable += 1
+                after = self._next_readable(src, sql, last)
+                if after is None:
+                    return
+                last = after
+
+    def _next_readable(self, src: sqlite3.Connection, sql: str, last: int) -> int | None:
+        """The smallest ``x > last`` from which ``sql`` can read again (None: nothing left)."""
+
+        def readable(x: int) -> bool:
+            try:
+                src.execute(sql + " LIMIT 1", (x,)).fetchall()
+            except sqlite3.DatabaseError:
+                return False
+            return True
+
+        bad, step = last, 1
+        good = None
+        while bad + step < (1 << 62) and time.monotonic() < self.deadline:
+            if readable(bad + step):
+                good = bad + step
+                break
+            bad += step
+            step *= 2
+        if good is None:
+            return None
+        while good - bad > 1 and time.monotonic() < self.deadline:
+            mid = (bad + good) // 2
+            if readable(mid):
+                good = mid
+            else:
+                bad = mid
+        return good
+
+    def _run_raw(self, *, use_wal: bool) -> None:
+        pages = _RawPages(self.src, use_wal=use_wal)
+        try:
+            roots = self._raw_roots(pages)
+            readers: list[tuple[str, int, Callable[[Sequence[Any]], None]]] = [
+                ("destinations", 7, lambda r: self._destination((r[0], r[1], r[2], r[5], r[6]))),
+                ("messages", 7, self._message),
+                ("dead_letters", 10, self._dead_letter),
+                ("leases", 11, self._lease),
+            ]
+            for table, width, sink in readers:
+                for rowid, payload in pages.walk(roots.get(table, 0), self.deadline):
+                    record = None if payload is None else _decode_record(payload)
+                    if record is None or len(record) != width:
+                        self.unreadable += 1
+                        continue
+                    if table != "leases":
+                        record[0] = rowid  # INTEGER PRIMARY KEY: the rowid is the id
+                    sink(record)
+            for _, payload in pages.walk(roots.get("counters", 0), self.deadline):
+                record = None if payload is None else _decode_record(payload)
+                if record is not None and len(record) == 2:
+                    self._counter(record[0], record[1])
+            self._lost_and_found(pages, roots)
+        finally:
+            pages.close()
+
+    def _raw_roots(self, pages: _RawPages) -> dict[str, int]:
+        """Root page of every table and index, from sqlite_master read raw, else the defaults."""
+        roots = dict(_DEFAULT_ROOTS)
+        for _, payload in pages.walk(1, self.deadline):
+            record = None if payload is None else _decode_record(payload)
+            if (
+                record
+                and len(record) >= 4
+                and record[0] in ("table", "index")
+                and isinstance(record[1], str)
+                and isinstance(record[3], int)
+                and record[3] > 0
+            ):
+                roots[record[1]] = record[3]
+        return roots
+
+    def lost_and_found(self, *, use_wal: bool, roots: dict[str, int]) -> None:
+        """After SQLite met damaged pages: look for the rows their b-trees no longer reach."""
+        try:
+            pages = _RawPages(self.src, use_wal=use_wal)
+        except OSError:
+            return
+        try:
+            self._lost_and_found(pages, roots or self._raw_roots(pages))
+        finally:
+            pages.close()
+
+    def _lost_and_found(self, pages: _RawPages, roots: dict[str, int]) -> None:
+        """Read message and dead-letter rows from table leaf pages no b-tree reaches.
+
+        A damaged interior page cuts its whole subtree off; its leaves are still on disk.
+        Every page that is free (on the free list: it may hold rows acked long ago) or that
+        belongs to another table or index is skipped; rows already salvaged are not copied
+        twice (ids are kept).
+        """
+        exclude = pages.freelist() | {1}
+        for name, root in roots.items():
+            if name not in ("messages", "dead_letters"):
+                for _ in pages.walk(root, self.deadline, exclude):
+                    pass
+        for number in range(2, pages.page_count + 1):
+            if number in exclude or time.monotonic() > self.deadline:
+                continue
+            page = pages.page(number)
+            if page is None or page[0] != 13:  # a table leaf
+                continue
+            for rowid, payload in pages.cells(number)[1]:
+                record = None if payload is None else _decode_record(payload)
+                if record is None or rowid is None or rowid in self.invalid_ids:
+                    continue
+                record[0] = rowid
+                if len(record) == 7 and isinstance(record[2], bytes):
+                    self._message(record)
+                elif len(record) == 10 and isinstance(record[2], bytes):
+                    self._dead_letter(record)
+
+
+# ------------------------------------------------------------------ recovery helpers
+
+
+def _quarantine_name(path: Path) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    candidate = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while any(os.path.lexists(f"{candidate}{s}") for s in ("", "-wal", "-shm")):
+        n += 1
+        candidate = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    return candidate
+
+
+_COPY_SCRIPT = """
+import os, shutil, sys
+for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        fin = open(src, "rb")
+    except FileNotFoundError:
+        continue
+    with fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fout:
+            os.fchmod(fd, 0o600)
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fd)
+    print(dst, flush=True)
+"""
+
+
+def _copy_aside(path: Path, moved: Path) -> list[str]:
+    """Copy the queue file and its -wal and -shm to ``moved`` (0600); returns the suffixes
+    of the -wal / -shm copied.
+
+    The copy runs in a child process: reading the live files here would drop this
+    process's locks on them when the descriptors close (see _RAW_LOCK).
+    """
+    args: list[str] = []
+    for suffix in ("", "-wal", "-shm"):
+        args += [f"{path}{suffix}", f"{moved}{suffix}"]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-c", _COPY_SCRIPT, *args],
+            capture_output=True,
+            text=True,
+            timeout=_SALVAGE_SECONDS,
+            check=False,
+            close_fds=True,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise QueueError(f"could not copy the damaged queue {path} aside: {exc}") from None
+    if proc.returncode != 0 or not os.path.exists(moved):
+        detail = (proc.stderr.strip().splitlines() or ["no copy made"])[-1]
+        if "No space left" in detail:
+            raise QueueDiskFull(
+                f"the disk holding the queue {path} is full: its damaged file could not be "
+                "copied aside"
+            )
+        raise QueueError(f"could not copy the damaged queue {path} aside: {detail}")
+    copied = set(proc.stdout.split())
+    return [s for s in ("-wal", "-shm") if f"{moved}{s}" in copied]
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path, timeout: float) -> Iterator[None]:
+    """An exclusive flock on the queue's directory: one recovery at a time, across processes."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise QueueBusy(
+                        f"another process kept recovering the queue in {directory} for over "
+                        f"{timeout:.0f} s"
+                    ) from None
+                time.sleep(0.02)
+            except OSError:
+                break  # a file system without flock: go on unserialized
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the queue
@@ -437,19 +1420,30 @@ class _Connection(sqlite3.Connection):
     """An ``sqlite3.Connection`` a Queue can reference weakly, to close it before ``fork()``."""
 
 
+_raw_lock_held_for_fork = False
+
+
 def _before_fork() -> None:
+    global _raw_lock_held_for_fork  # noqa: PLW0603
     for queue in list(_queues):
         queue._close_for_fork()
+    _raw_lock_held_for_fork = _RAW_LOCK.acquire(timeout=_FORK_WAIT)
 
 
 def _after_fork_in_parent() -> None:
+    global _raw_lock_held_for_fork  # noqa: PLW0603
+    if _raw_lock_held_for_fork:
+        _raw_lock_held_for_fork = False
+        _RAW_LOCK.release()
     for queue in list(_queues):
         queue._resume_after_fork()
 
 
 def _after_fork_in_child() -> None:
-    global _holder_cache  # noqa: PLW0603
+    global _holder_cache, _RAW_LOCK, _raw_lock_held_for_fork  # noqa: PLW0603
     _holder_cache = None
+    _RAW_LOCK = threading.RLock()
+    _raw_lock_held_for_fork = False
     for queue in list(_queues):
         queue._forget_connections()
 
@@ -467,6 +1461,20 @@ class Queue:
 
     ``durability="normal"`` (WAL, synchronous=NORMAL) survives the crash or kill of any
     process; ``"full"`` (synchronous=FULL) also survives power loss, at one fsync per append.
+
+    ``recover=True`` (what the Client uses): a damaged queue file (truncated, bytes flipped,
+    not an SQLite file, a -wal of another database) is copied aside as
+    ``<name>.corrupt-<UTC time>`` (0600, with its -wal and -shm), the readable messages are
+    salvaged into a fresh queue at the same path, a warning is logged and the call goes on
+    (``last_recovery`` says what happened). Detected at open, and when an operation meets
+    SQLite's "malformed" / "not a database" errors. ``recover=False`` (the default, and the
+    CLI's): ``QueueCorrupt`` is raised and nothing is written. A file of a newer schema
+    version is never treated as damaged (``QueueVersionError``), nor is an intact SQLite
+    database of another application (``QueueCorrupt``, untouched either way).
+
+    ``max_queue_bytes`` caps the whole file (pages in use); dead letters may take at most
+    ``max_dead_letter_bytes`` of it (default a tenth): past that, while the file is near the
+    cap, the oldest dead letters are purged (counted, and logged).
     """
 
     def __init__(
@@ -478,6 +1486,8 @@ class Queue:
         overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest",
         lease_timeout: float = 60.0,
         busy_timeout: float = 30.0,
+        recover: bool = False,
+        max_dead_letter_bytes: int | None = None,
     ) -> None:
         self.path = Path(os.fspath(path)).expanduser().absolute()
         self.durability = durability
@@ -485,6 +1495,18 @@ class Queue:
         self.overflow = overflow
         self.lease_timeout = lease_timeout
         self.busy_timeout = busy_timeout
+        self.recover = recover
+        self.max_dead_letter_bytes = (
+            max_queue_bytes // 10 if max_dead_letter_bytes is None else max_dead_letter_bytes
+        )
+        #: What the last recovery of a damaged file did (None: there was none).
+        self.last_recovery: RecoveryReport | None = None
+        self._healthy_at = -1e9  # when a full check last found the file healthy
+        self._dead_since_check = 1  # dead-letter bytes added since their last measure
+        self._low_appends = 0  # appends made while the disk was nearly full
+        self._recovering = False  # connections of _recover are open on the file
+        self._real = os.path.realpath(self.path)
+        self._dead_trimmed_at = -1e9  # when dead letters were last measured against their bound
         self._local = threading.local()
         # One writer at a time inside this process: SQLite allows one anyway, and waiting on
         # a Python lock is far cheaper than SQLite's sleep-and-retry between our own threads.
@@ -502,10 +1524,331 @@ class Queue:
         self._closed = False
         _prepare_path(self.path)
         _queues.add(self)
-        with self._read_lock:
-            conn = self._conn()
-            self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        self._open_file()
         _narrow_modes(self.path)  # it proved to be a queue: only now touch its mode
+
+    # ---------------------------------------------------------------- damaged files
+
+    def _open_file(self) -> None:
+        """Open and check the file; with ``recover``, replace a damaged one first."""
+        for _ in range(3):
+            try:
+                self._preflight()
+                with self._read_lock:
+                    conn = self._conn()
+                    try:
+                        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+                        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+                    except sqlite3.Error as exc:
+                        raise _translate(exc, self.path) from None
+                if not app_id:
+                    self._write(_stamp_application_id)
+                return
+            except _Damaged as exc:
+                damage = exc
+            except QueueCorrupt:
+                found = self._diagnose(thorough=True)
+                if not isinstance(found, _Damaged):
+                    raise  # an intact database of another application: not ours to move
+                damage = found
+            self._close_connections()
+            if not self.recover:
+                raise QueueCorrupt(self._damaged_message(damage)) from None
+            self._recover(damage)
+        raise QueueCorrupt(f"the queue file {self.path} stayed damaged after recovery")
+
+    def _damaged_message(self, damage: _Damaged) -> str:
+        return (
+            f"the queue file {self.path} is not a valid durable-analytics queue: it is damaged "
+            f"({damage.reason}); a Client moves it aside and salvages what it can"
+        )
+
+    def _preflight(self) -> None:
+        """The cheap check at open: the raw header, and the -wal against the main file."""
+        with _RAW_LOCK:
+            probe = _probe(self.path, raw=self._raw_allowed())
+        if probe.user_version > SCHEMA_VERSION or not probe.size:
+            return  # newer: QueueVersionError comes from the open; empty: a new queue
+        # Read-only first: a read-write connection to a damaged file would create its -wal,
+        # and its close could checkpoint a foreign -wal into the main file.
+        damage = self._diagnose(thorough=bool(probe.suspicious), probe=probe)
+        if damage == "foreign":
+            self._check_version(0, 1)  # raises QueueCorrupt: another application's database
+        if isinstance(damage, _Damaged):
+            raise damage
+
+    def _diagnose(
+        self, *, thorough: bool, probe: _Probe | None = None
+    ) -> _Damaged | Literal["foreign"] | None:
+        """What is wrong with the file: None when it is healthy (or newer), ``"foreign"`` for
+        an intact database of another application, else why it is damaged.
+
+        Reads through a read-only connection, which never checkpoints on close: a -wal of
+        another database must not be copied into the main file by merely looking at it.
+        """
+        if probe is None:
+            with _RAW_LOCK:
+                probe = _probe(self.path, raw=self._raw_allowed())
+        if probe.user_version > SCHEMA_VERSION or not (probe.size or probe.wal_size):
+            return None
+        with _RAW_LOCK:
+            # With no -wal nor -shm no process has the file open: read it as immutable, which
+            # creates no file beside it (a plain read-only connection would create the -wal).
+            # An immutable connection closes its descriptor at once, so only while no
+            # connection of this process is open on the file (see _RAW_LOCK).
+            if self._raw_allowed() and not any(
+                os.path.lexists(f"{self.path}{s}") for s in ("-wal", "-shm")
+            ):
+                return self._diagnose_with(probe, thorough, main_only=True)
+        return self._diagnose_with(probe, thorough, main_only=False)
+
+    def _diagnose_with(
+        self, probe: _Probe, thorough: bool, *, main_only: bool
+    ) -> _Damaged | Literal["foreign"] | None:
+        try:
+            ro = sqlite3.connect(
+                _ro_uri(self.path, main_only=main_only), uri=True, timeout=self.busy_timeout
+            )
+        except sqlite3.Error:
+            return None
+        try:
+            return self._verdict(ro, probe, thorough)
+        except sqlite3.DatabaseError as exc:
+            if _errorcode(exc) not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+                return None
+            detail = f"not an SQLite database: {probe.notadb}" if probe.notadb else str(exc)
+            return _Damaged(detail)
+        finally:
+            ro.close()
+
+    def _raw_allowed(self) -> bool:
+        """Whether no connection of this process is open on the file (under _RAW_LOCK)."""
+        for queue in list(_queues):
+            if queue._real == self._real and (queue._conns or queue._recovering):
+                return False
+        return True
+
+    def _verdict(
+        self, ro: sqlite3.Connection, probe: _Probe, thorough: bool
+    ) -> _Damaged | Literal["foreign"] | None:
+        ro.set_progress_handler(_deadline_handler(time.monotonic() + _SALVAGE_SECONDS), 10_000)
+        version, tables, app_id = ro.execute(
+            "SELECT (SELECT user_version FROM pragma_user_version), "
+            "(SELECT count(*) FROM sqlite_master WHERE type = 'table'), "
+            "(SELECT application_id FROM pragma_application_id)"
+        ).fetchone()
+        if (probe.app_id and app_id != probe.app_id) or version < probe.user_version:
+            return _Damaged(_FOREIGN_WAL, main_only=True)
+        if version > SCHEMA_VERSION:
+            return None  # newer: never treated as damaged
+        if version == 0 and tables:
+            return "foreign"
+        if thorough or probe.notadb:
+            # A main file whose header is not SQLite's, read fine through the -wal, is one a
+            # recovery rewrote that no checkpoint has reached yet.
+            rows = ro.execute("PRAGMA quick_check").fetchall()
+            if [tuple(r) for r in rows] != [("ok",)]:
+                return _Damaged(f"PRAGMA quick_check: {_summary(rows)}")
+            self._healthy_at = time.monotonic()
+        return None
+
+    def _recover_from(self, error: QueueCorrupt) -> bool:
+        """After an operation met a damaged file: recover it; True when a retry makes sense."""
+        if not self.recover or self._closed:
+            return False
+        if time.monotonic() - self._healthy_at < 30.0:
+            return False  # a full check just found the file sound: this error is another kind
+        return self._recover(None, error=str(error))
+
+    def _recover(self, damage: _Damaged | None, *, error: str = "") -> bool:
+        """Set the damaged file aside, salvage it into a fresh queue at the same path.
+
+        With every operation of this process paused (both locks) and recoveries of other
+        processes excluded (a flock on the directory), the file is checked again: another
+        process may have recovered it meanwhile. The damaged files are copied (not moved)
+        to ``<name>.corrupt-<time>``; the salvage reads that copy. Then the fresh content
+        replaces the old one through SQLite's backup API, inside the same file, so that every
+        connection (other processes' too) moves to it safely: renaming a database that other
+        connections still use would let the last of them delete the new file's -wal and
+        -shm by name. Only a file SQLite cannot lock at all (not an SQLite file) is replaced
+        by a rename.
+        """
+        started = time.monotonic()
+        deadline = started + _SALVAGE_SECONDS
+        self._recovering = True
+        try:
+            return self._recover_locked(damage, error, started, deadline)
+        finally:
+            self._recovering = False
+
+    def _recover_locked(
+        self, damage: _Damaged | None, error: str, started: float, deadline: float
+    ) -> bool:
+        with (
+            self._write_lock,
+            self._read_lock,
+            _directory_lock(self.path.parent, _RECOVER_LOCK_SECONDS),
+            contextlib.closing(self._keeper()),
+        ):
+            live: sqlite3.Connection | None = None
+            try:
+                live = sqlite3.connect(str(self.path), isolation_level=None, timeout=0)
+                live.execute("PRAGMA writable_schema=ON")  # lock even if the header lies
+                self._retry(lambda: live.execute("BEGIN IMMEDIATE") if live else None)
+            except (sqlite3.Error, QueueCorrupt):
+                if live is not None:
+                    live.close()
+                live = None  # SQLite cannot lock it: not an SQLite file
+            # Now no other process can commit: the files stay as they are while copied.
+            found = self._diagnose(thorough=True)
+            foreign_wal = damage is not None and damage.main_only
+            if not isinstance(found, _Damaged) and not foreign_wal:
+                if live is not None:
+                    live.close()
+                return bool(error) and found is None  # healthy now (recovered meanwhile)
+            moved = _quarantine_name(self.path)
+            tmp = self.path.with_name(
+                f"{self.path.name}.recover-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            )
+            try:
+                extra = _copy_aside(self.path, moved)
+                if not isinstance(found, _Damaged):
+                    # A foreign -wal is told by the main file's own header, which this
+                    # process may no longer read in place (see _RAW_LOCK): read the copy's.
+                    size, raw = _read_header(moved)
+                    wal = moved.with_name(moved.name + "-wal")
+                    wal_size = wal.stat().st_size if wal.exists() else 0
+                    found = self._diagnose(thorough=False, probe=_probe_header(size, wal_size, raw))
+                    if not isinstance(found, _Damaged):  # another process recovered it
+                        for suffix in ("", "-wal", "-shm"):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(f"{moved}{suffix}")
+                        return bool(error) and found is None
+                damage = found
+                _fsync_dir(self.path.parent)
+                salvage = self._build_fresh(tmp, moved, damage, deadline)
+                if live is not None:
+                    live.execute("ROLLBACK")
+                    self._replace_in_place(tmp, live, deadline)
+                else:
+                    self._close_connections()
+                    for suffix in ("-wal", "-shm"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(f"{self.path}{suffix}")
+                    os.rename(tmp, self.path)
+                    _fsync_dir(self.path.parent)
+            finally:
+                if live is not None:
+                    live.close()
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{tmp}{suffix}")
+            self._since_refresh = _REFRESH_BYTES
+            self._est_used = 0
+        report = RecoveryReport(
+            moved_to=moved,
+            reason=damage.reason,
+            messages=salvage.messages,
+            dead_letters=salvage.dead_letters,
+            unreadable=salvage.unreadable,
+            unroutable=salvage.unroutable,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        self.last_recovery = report
+        log.warning(
+            "the queue file %s was damaged (%s); moved it aside to %s%s and started a fresh "
+            "queue; salvaged %d messages and %d dead letters "
+            "(%d unreadable rows or pages, %d messages without a readable destination, left "
+            "in the moved file) in %.1f s",
+            self.path,
+            damage.reason,
+            moved,
+            f" (with its {' and '.join(extra)})" if extra else "",
+            report.messages,
+            report.dead_letters,
+            report.unreadable,
+            report.unroutable,
+            report.seconds,
+        )
+        return True
+
+    def _keeper(self) -> sqlite3.Connection:
+        """A read-only connection that has read the file, held open during a recovery.
+
+        While it is open no other connection of this process can checkpoint on close (it
+        cannot get the exclusive lock), and it never checkpoints itself: so closing this
+        process's connections never writes a foreign -wal into the main file.
+        """
+        keeper = sqlite3.connect(_ro_uri(self.path), uri=True, timeout=self.busy_timeout)
+        with contextlib.suppress(sqlite3.Error):
+            keeper.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        return keeper
+
+    def _build_fresh(self, tmp: Path, source: Path, damage: _Damaged, deadline: float) -> _Salvage:
+        """Create a fresh queue file at ``tmp`` holding what ``source`` still has."""
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+        size, raw = _read_header(source)  # the copy: no connection of ours uses it
+        header = _probe_header(size, 0, raw)
+        page_size = header.page_size or self._page_size
+        conn = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA page_size={page_size}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=OFF")  # a private file, fsynced once at the end
+            conn.execute("BEGIN IMMEDIATE")
+            _apply_migrations(conn, 0)
+            # The same application_id as the file it replaces in place: the main file keeps
+            # the old header until a checkpoint, and must not look foreign to its -wal.
+            _stamp_application_id(conn, header.app_id)
+            salvage = _Salvage(source, conn, deadline)
+            salvage.add_known_destinations(self._dest_cache)
+            try:
+                salvage.run(main_only=damage.main_only)
+            except _SinkFailed as exc:
+                raise _translate(exc.args[0], self.path) from None
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        finally:
+            conn.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return salvage
+
+    def _replace_in_place(self, tmp: Path, live: sqlite3.Connection, deadline: float) -> None:
+        """Write the content of ``tmp`` over the live file, as one SQLite transaction."""
+        src = sqlite3.connect(str(tmp))
+
+        def give_up(status: int, remaining: int, total: int) -> None:
+            if time.monotonic() > deadline:
+                raise QueueBusy(f"the queue {self.path} stayed locked during its recovery")
+
+        try:
+            src.backup(live, pages=-1, progress=give_up, sleep=0.001)
+            # Bring the main file up to date now if no reader holds an older snapshot.
+            with contextlib.suppress(sqlite3.Error):
+                live.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        finally:
+            src.close()
+
+    def _close_connections(self) -> None:
+        """Close every connection of this process to the file (callers hold both locks, or
+        are the only user: the constructor)."""
+        with self._conns_lock:
+            conns = list(self._conns)
+            self._conns = weakref.WeakSet()
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
 
     # ---------------------------------------------------------------- connections
 
@@ -585,7 +1928,8 @@ class Queue:
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from None
         try:
-            self._retry(lambda: self._setup(conn))
+            with _RAW_LOCK:
+                self._retry(lambda: self._setup(conn))
         except BaseException:
             conn.close()
             raise
@@ -638,12 +1982,8 @@ class Queue:
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
             ).fetchone()[0]
             self._check_version(version, int(tables) if version == 0 else 0)
-            while version < SCHEMA_VERSION:
-                for statement in _MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                version += 1
-                conn.execute(f"PRAGMA user_version={version}")
+            _apply_migrations(conn, version)
+            _stamp_application_id(conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -685,7 +2025,24 @@ class Queue:
                 raise
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one write transaction, translating SQLite errors."""
+        """Run ``fn`` in one write transaction, translating SQLite errors.
+
+        When the file turns out damaged and ``recover`` is on, it is recovered and ``fn``
+        runs once more, on the fresh file.
+        """
+        try:
+            return self._write_once(fn)
+        except QueueCorrupt as exc:
+            if not self._recover_from(exc):
+                raise
+        except QueueDiskFull:
+            with self._write_lock:
+                freed = _checkpoint_for_space(self._conn())
+            if not freed:
+                raise
+        return self._write_once(fn)
+
+    def _write_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
             with self._transaction() as conn:
                 return fn(conn)
@@ -693,6 +2050,14 @@ class Queue:
             raise _translate(exc, self.path) from None
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return self._read_once(fn)
+        except QueueCorrupt as exc:
+            if not self._recover_from(exc):
+                raise
+        return self._read_once(fn)
+
+    def _read_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._read_lock:
             conn = self._conn()
             try:
@@ -751,15 +2116,20 @@ class Queue:
             self._est_used + size + _EXACT_ZONE > self.max_queue_bytes
         ):
             return self._append_capped(dest_id, body, when)
-        with self._write_lock:
-            try:
-                conn = self._local.conn
-            except AttributeError:
-                conn = self._conn()
-            try:
-                row_id = conn.execute(_INSERT, (dest_id, body, size, when)).lastrowid
-            except sqlite3.Error as exc:
-                row_id = self._insert_failed(conn, exc, (dest_id, body, size, when))
+        try:
+            with self._write_lock:
+                try:
+                    conn = self._local.conn
+                except AttributeError:
+                    conn = self._conn()
+                try:
+                    row_id = conn.execute(_INSERT, (dest_id, body, size, when)).lastrowid
+                except sqlite3.Error as exc:
+                    row_id = self._insert_failed(conn, exc, (dest_id, body, size, when))
+        except QueueCorrupt as exc:
+            if not self._recover_from(exc):
+                raise
+            return self._append_capped(dest_id, body, when)  # stored in the fresh file
         grown = size + _ROW_OVERHEAD
         self._est_used += grown
         self._since_refresh += grown
@@ -769,10 +2139,16 @@ class Queue:
         self, conn: sqlite3.Connection, exc: sqlite3.Error, row: tuple[int, bytes, int, float]
     ) -> int:
         # Called with the write lock held. Nothing was written by the failed statement.
-        if _errorcode(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        code = _errorcode(exc)
+        if code not in (_SQLITE_BUSY, _SQLITE_LOCKED):
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            if code == _SQLITE_FULL and _checkpoint_for_space(conn):
+                try:
+                    return conn.execute(_INSERT, row).lastrowid or 0
+                except sqlite3.Error as again:
+                    exc = again
             raise _translate(exc, self.path) from None
         return self._retry(lambda: conn.execute(_INSERT, row)).lastrowid or 0
 
@@ -784,25 +2160,67 @@ class Queue:
     def _append_capped(self, dest_id: int, body: bytes, when: float) -> int:
         size = len(body)
 
+        low = self._low_disk()
+
         def run(conn: sqlite3.Connection) -> int:
-            used = self._used_bytes(conn)
-            if used + size > self.max_queue_bytes:
-                if self.overflow == "drop_newest":
-                    conn.execute(
-                        "UPDATE counters SET value = value + 1 WHERE name = 'dropped_newest'"
-                    )
-                    self._est_used = used
-                    return 0
-                self._drop_oldest(conn, used + size - self.max_queue_bytes)
+            pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+            free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            used = (pages - free_pages) * self._page_size
+            if low is not None and low + free_pages * self._page_size < _DISK_RESERVE + size:
+                raise QueueDiskFull(
+                    f"the disk holding the queue {self.path} is full (less than "
+                    f"{_DISK_RESERVE // 1024} KB left, kept so that deliveries can still be "
+                    "recorded); the message was not stored"
+                )
+            over = used + size - self.max_queue_bytes
+            if over > 0 and self._trim_dead_letters(conn, throttle=True):
+                used = self._used_bytes(conn)
+                over = used + size - self.max_queue_bytes
+            # drop_oldest makes room from the oldest unleased messages; when even that is not
+            # enough (the rest is leased, or dead letters), the new message is refused too:
+            # the file never grows past the cap.
+            if over > 0 and (
+                self.overflow == "drop_newest" or self._drop_oldest(conn, over) < over
+            ):
+                conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'dropped_newest'")
+                self._est_used = used
+                return 0
             row_id = conn.execute(_INSERT, (dest_id, body, size, when)).lastrowid
             self._est_used = used + size + _ROW_OVERHEAD
             return row_id or 0
 
-        stored = self._write(run)
-        self._since_refresh = 0
+        try:
+            stored = self._write(run)
+        finally:
+            # On a nearly full disk every append comes this way (see _low_disk); else the
+            # next _REFRESH_BYTES go the fast way.
+            self._since_refresh = _REFRESH_BYTES if low is not None else 0
         return stored
 
-    def _drop_oldest(self, conn: sqlite3.Connection, need: int) -> None:
+    def _low_disk(self) -> int | None:
+        """None when the disk has room; else the bytes still free on it.
+
+        SQLite lets the -wal grow to about 4 MB before it checkpoints; on a nearly full disk
+        that space is better spent on messages. Below _LOW_DISK_BYTES free, every append
+        comes through the capped path (a statvfs and a transaction instead of the bare
+        INSERT), the -wal is checkpointed every _LOW_DISK_CHECKPOINT appends (RESTART: its
+        file keeps the space it has, for the next frames), and appends stop _DISK_RESERVE
+        short of full, so that acks, releases and dead letters can still be written.
+        """
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError:
+            return None
+        if free >= _LOW_DISK_BYTES:
+            return None
+        self._low_appends += 1
+        if self._low_appends % _LOW_DISK_CHECKPOINT == 0:
+            with self._write_lock:
+                _checkpoint_for_space(self._conn(), "RESTART")
+        return free
+
+    def _drop_oldest(self, conn: sqlite3.Connection, need: int) -> int:
+        """Delete the oldest unleased messages worth ``need`` bytes; returns the bytes freed."""
         need = max(need, 1)
         freed = 0
         dropped = 0
@@ -827,6 +2245,7 @@ class Queue:
             conn.execute(
                 "UPDATE counters SET value = value + ? WHERE name = 'dropped_oldest'", (dropped,)
             )
+        return freed
 
     def append_many(self, dest_id: int, bodies: Sequence[bytes]) -> int:
         """Store several messages, each committed; returns how many were kept."""
@@ -1163,9 +2582,92 @@ class Queue:
                 ).rowcount
                 conn.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk)
             self._settle(conn, lease, held, set(chosen))
+            if moved:
+                done = set(chosen)
+                pairs = zip(lease.ids, lease.bodies, strict=True)
+                added = sum(len(b) for i, b in pairs if i in done)
+                self._bound_dead_letters(conn, added)
             return moved
 
         return self._write(run)
+
+    def _bound_dead_letters(self, conn: sqlite3.Connection, added: int) -> None:
+        """Keep dead letters within ``max_dead_letter_bytes`` while the file is near its cap.
+
+        Dead letters count in the file's cap like everything else; this bound keeps them
+        from crowding out new messages. They are measured only when the file is within that
+        bound of the cap (and not more often than every eighth of the bound), so a queue
+        far from its cap never pays for it. The oldest go first, down to 90 % of the bound;
+        how many is counted (``dead_letters_purged``) and logged.
+        """
+        self._dead_since_check += added
+        if self._dead_since_check < max(1, self.max_dead_letter_bytes // 8):
+            return
+        if self._used_bytes(conn) + self.max_dead_letter_bytes < self.max_queue_bytes:
+            return
+        self._trim_dead_letters(conn)
+
+    def _trim_dead_letters(self, conn: sqlite3.Connection, *, throttle: bool = False) -> int:
+        """Purge the oldest dead letters beyond max_dead_letter_bytes; returns how many.
+
+        Called when the file is at (or near) its cap: before a message is dropped, and after
+        dead letters were added. ``throttle``: unless this process added dead letters since
+        the last measure, at most once a second (a full queue refusing every append must not
+        measure its dead letters every time).
+        """
+        now = time.monotonic()
+        if throttle and not self._dead_since_check and now - self._dead_trimmed_at < 1.0:
+            return 0
+        self._dead_trimmed_at = now
+        self._dead_since_check = 0
+        limit = self.max_dead_letter_bytes
+        total = int(
+            conn.execute(
+                "SELECT total(size) + count(*) * ? FROM dead_letters", (_ROW_OVERHEAD,)
+            ).fetchone()[0]
+        )
+        if total <= limit:
+            return 0
+        target = total - int(limit * 0.9)
+        purged = freed = 0
+        while freed < target:
+            rows = conn.execute(
+                "SELECT id, size FROM dead_letters ORDER BY id LIMIT 256"
+            ).fetchall()
+            if not rows:
+                break
+            take = []
+            for row_id, row_size in rows:
+                take.append(int(row_id))
+                freed += int(row_size) + _ROW_OVERHEAD
+                if freed >= target:
+                    break
+            conn.execute(
+                f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * len(take))})", take
+            )
+            purged += len(take)
+        conn.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (_PURGED_COUNTER, purged),
+        )
+        log.warning(
+            "the dead letters of %s passed max_dead_letter_bytes (%d bytes) with the queue near "
+            "its cap: purged the %d oldest",
+            self.path,
+            limit,
+            purged,
+        )
+        return purged
+
+    def dead_letters_purged(self) -> int:
+        """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""
+        row = self._read(
+            lambda conn: conn.execute(
+                "SELECT value FROM counters WHERE name = ?", (_PURGED_COUNTER,)
+            ).fetchone()
+        )
+        return 0 if row is None else int(row[0])
 
     # ---------------------------------------------------------------- backoff and errors
 
@@ -1286,10 +2788,14 @@ class Queue:
                         live_ids.update(_parse_ids(ids))
                 per_dest: dict[int, tuple[int, int]] = {}
                 leased_by_dest: dict[int, int] = {}
-                for d, n, b in conn.execute(
-                    "SELECT dest, count(*), total(size) FROM messages GROUP BY dest"
-                ).fetchall():
-                    per_dest[int(d)] = (int(n), int(b))
+                # One scan per destination (there are few) rather than GROUP BY dest, which
+                # sorts every message in memory (temp_store=MEMORY): ~40 MB per million.
+                for (d,) in conn.execute("SELECT id FROM destinations ORDER BY id").fetchall():
+                    n, b = conn.execute(
+                        "SELECT count(*), total(size) FROM messages WHERE dest = ?", (d,)
+                    ).fetchone()
+                    if n:
+                        per_dest[int(d)] = (int(n), int(b))
                 # Leased means under a live lease: not a record that expired, nor the
                 # messages of a lease already acked or dead-lettered.
                 for chunk in _chunks(sorted(live_ids), 500):

@@ -1082,6 +1082,7 @@ def _enqueue(
         queue_path=_resolve(queue_path),
         flusher="none",
         on_exit="none",
+        _recover=False,  # report a damaged queue (exit 3), never repair it from a shell
     )
     try:
         stored, message = getattr(client, call)(**args)

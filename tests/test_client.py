@@ -500,3 +500,23 @@ def test_a_canary_write_key_never_reaches_a_child_process_stderr(
     assert collector.requests >= 1
     for batch in collector.batches:
         assert CANARY.encode() not in batch.raw_body
+
+
+def test_a_client_moves_a_damaged_queue_aside_and_keeps_the_readable_messages(
+    queue_path: Path,
+) -> None:
+    """Client(...) on a file with a broken header salvages every message into a fresh queue."""
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    for i in range(50):
+        client.track("u", "E", {"i": i})
+    client.queue.close()
+    with open(queue_path, "r+b") as f:
+        f.write(b"not a database, not at all")
+    revived = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    assert revived.stats().pending == 50
+    report = revived.queue.last_recovery
+    assert report is not None
+    assert report.messages == 50
+    assert report.moved_to.exists()
+    assert report.moved_to.stat().st_mode & 0o777 == 0o600
+    assert revived.queue.integrity_check() == "ok"
