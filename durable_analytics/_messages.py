@@ -59,13 +59,39 @@ _LIBRARY_NAME = "durable-analytics"
 # sort_keys: a mapping whose keys mix types (1 and "1", None and "null") cannot be sorted,
 # so the fast path fails and the cleaner, which can tell when two keys become one name,
 # takes over; costs about 0.6 us a call.
-_encode_json = json.JSONEncoder(
+_encoder = json.JSONEncoder(
     ensure_ascii=False,
     allow_nan=False,
     check_circular=True,
     separators=(",", ":"),
     sort_keys=True,
-).encode
+)
+
+
+def _refuse(value: object) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _make_fast_encoder() -> Any:
+    """The C encoder, built once (``JSONEncoder.encode`` builds it again on every call).
+
+    It runs without a circular-reference registry: a cycle ends in RecursionError, which
+    sends the message to the cleaner, and the cleaner names the cycle. Saves about 1 us a
+    call. Falls back to the ordinary encoder where the C accelerator is missing.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    basestring = getattr(json.encoder, "c_encode_basestring", None)
+    if make is None or basestring is None:
+        return _encoder.encode
+    encode = make(None, _refuse, basestring, None, ":", ",", True, False, False)
+
+    def fast(value: object) -> str:
+        return "".join(encode(value, 0))
+
+    return fast
+
+
+_encode_json = _make_fast_encoder()
 
 # Where the fast path can fail: unsupported types (TypeError), NaN / Infinity, circular
 # references and huge ints (ValueError), deep recursion, and lone surrogates.
