@@ -218,6 +218,7 @@ def main() -> None:
         results.setdefault(name, []).append(value)
         print(f"  {name:44s} {value:10,.0f} calls/s", flush=True)
 
+    segment_clients: list[Any] = []
     with remote_collector() as collector:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
@@ -258,6 +259,8 @@ def main() -> None:
                 from segment.analytics import Client as SegmentClient
 
                 client = SegmentClient(WRITE_KEY, host=collector.url, max_queue_size=10**7)
+                # Stopped after the run (below), so it does not compete with later variants.
+                segment_clients.append(client)
                 return client.track
 
             record(
@@ -265,6 +268,10 @@ def main() -> None:
                 bench_threads(args.calls, 8, durable_client),
             )
             record("8 threads: segment 2.4.0", bench_threads(args.calls, 8, segment_client))
+            for client in segment_clients:
+                for consumer in client.consumers or []:
+                    consumer.pause()
+            segment_clients.clear()
         procs = bench_processes(args.calls * 2, 4)
         print(f"  4 processes on one file: {procs}", flush=True)
 
