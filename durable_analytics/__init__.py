@@ -29,6 +29,7 @@ from ._messages import Alias, Group, Identify, Message, Page, Screen, Track
 from ._queue import DeadLetter, DestinationStats, QueueStats
 from ._version import __version__
 from .exceptions import (
+    CollectorError,
     ConfigError,
     ConfigurationRejected,
     DeliveryError,
@@ -48,6 +49,7 @@ from .exceptions import (
 __all__ = [
     "Alias",
     "Client",
+    "CollectorError",
     "ConfigError",
     "ConfigurationRejected",
     "DeadLetter",

@@ -236,10 +236,9 @@ class Client:
     # ---------------------------------------------------------------- the calls
 
     def _store(self, msg: dict[str, Any], body: bytes) -> Result:
-        if not self._send:
-            return True, msg
         queue = self._queue
-        assert queue is not None
+        if queue is None:  # send=False: validated, queued nowhere (as segment does)
+            return True, msg
         row_id = queue.append(self._dest, body)
         self._calls_here += 1
         if not self._started:

@@ -13,6 +13,7 @@ The tree::
     │   ├── QueueDiskFull                 the disk (or the file's size limit) is full; the call's
     │   │                                 message was not stored, everything before it is intact
     │   └── QueueBusy                     another process held the write lock for too long
+    ├── CollectorError (RuntimeError)     ``testing.Collector`` used out of order (started twice)
     └── DeliveryError                     a batch could not be delivered (passed to ``on_error``)
         ├── RetryableError                408, 410, 429, 460, 5xx, network errors: kept and retried
         ├── MessageRejected               400, 413, 422: the message is dead-lettered
@@ -27,6 +28,7 @@ The tree::
 from __future__ import annotations
 
 __all__ = [
+    "CollectorError",
     "ConfigError",
     "ConfigurationRejected",
     "DeliveryError",
@@ -97,6 +99,10 @@ class QueueDiskFull(QueueError, OSError):
 
 class QueueBusy(QueueError):
     """Another connection held the queue's write lock for longer than the busy timeout."""
+
+
+class CollectorError(DurableAnalyticsError, RuntimeError):
+    """``durable_analytics.testing.Collector`` was used out of order (started twice, ...)."""
 
 
 class DeliveryError(DurableAnalyticsError):

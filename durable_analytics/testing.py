@@ -43,6 +43,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
+from .exceptions import CollectorError
+
 __all__ = ["Collector", "ReceivedBatch", "Reply"]
 
 _BATCH_PATHS = frozenset({"/v1/batch", "/v1/batch/"})
@@ -340,7 +342,7 @@ class Collector:
         """Bind the socket and serve from a daemon thread; return self."""
         with self._cond:
             if self._server is not None:
-                raise RuntimeError("the collector is already running")
+                raise CollectorError("the collector is already running")
             family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
             server = _Server((self._host, self._port), self, family)
             # Remember the port, so a restart keeps the URL clients were given.
@@ -401,7 +403,7 @@ class Collector:
     def port(self) -> int:
         """The TCP port; known once started (or when given explicitly)."""
         if not self._port:
-            raise RuntimeError("the collector has no port before start()")
+            raise CollectorError("the collector has no port before start()")
         return self._port
 
     @property
