@@ -402,19 +402,13 @@ _STRING_FIELDS = (
     "groupId",
     "previousId",
 )
-_FIELD_NAMES = {
-    "properties": "properties",
-    "traits": "traits",
-    "context": "context",
-    "integrations": "integrations",
-}
 
 
 def _clean_fields(call: str, msg: dict[str, Any]) -> dict[str, Any]:
     out = dict(msg)
     for key in _USER_FIELDS:
         if key in out:
-            out[key] = _clean(out[key], _FIELD_NAMES[key], call, 0, set())
+            out[key] = _clean(out[key], key, call, 0, set())
     for key in _STRING_FIELDS:
         value = out.get(key)
         if isinstance(value, str):

@@ -1192,10 +1192,6 @@ class Queue:
         self._dest_cache[key] = dest_id
         return dest_id
 
-    def _destinations(self, conn: sqlite3.Connection) -> dict[int, Destination]:
-        rows = conn.execute("SELECT id, host, write_key FROM destinations").fetchall()
-        return {int(r[0]): Destination(int(r[0]), r[1], r[2]) for r in rows}
-
     # ---------------------------------------------------------------- append
 
     def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
@@ -1341,13 +1337,6 @@ class Queue:
                 "UPDATE counters SET value = value + ? WHERE name = 'dropped_oldest'", (dropped,)
             )
         return freed
-
-    def append_many(self, dest_id: int, bodies: Sequence[bytes]) -> int:
-        """Store several messages, each committed; returns how many were kept."""
-        kept = 0
-        for body in bodies:
-            kept += 1 if self.append(dest_id, body) else 0
-        return kept
 
     # ---------------------------------------------------------------- leases
 
@@ -1783,16 +1772,6 @@ class Queue:
             )
 
         self._write(run)
-
-    def record_error(self, dest_id: int, error: str) -> None:
-        """Remember ``error`` as the destination's last error (shown by ``status``)."""
-        now = time.time()
-        self._write(
-            lambda conn: conn.execute(
-                "UPDATE destinations SET last_error = ?, last_error_at = ? WHERE id = ?",
-                (error, now, dest_id),
-            )
-        )
 
     def clear_backoff(self, dest_id: int) -> None:
         """Forget the destination's failures after a successful delivery."""

@@ -992,15 +992,7 @@ def dead_letters_requeue(
     queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool
 ) -> int:
     """Put dead letters back in the queue, to be sent again by the next drain or flusher."""
-    _setup_logging(verbose)
-    queue = _open_queue(_resolve(queue_path))
-    chosen = _selected(queue, ids)
-    moved = queue.requeue_dead_letters([d.id for d in chosen]) if chosen else 0
-    if as_json:
-        click.echo(json.dumps({"requeued": moved}))
-    else:
-        click.echo(f"requeued {_count(moved, 'dead letter')}")
-    return EXIT_OK
+    return _act_on_dead_letters(queue_path, verbose, ids, as_json, "requeued")
 
 
 @dead_letters_group.command("purge", short_help="Delete dead letters for good.")
@@ -1011,14 +1003,22 @@ def dead_letters_purge(
     queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool
 ) -> int:
     """Delete dead letters for good."""
+    return _act_on_dead_letters(queue_path, verbose, ids, as_json, "purged")
+
+
+def _act_on_dead_letters(
+    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool, done: str
+) -> int:
+    """Requeue or purge the selected dead letters and report how many, as ``done``."""
     _setup_logging(verbose)
     queue = _open_queue(_resolve(queue_path))
     chosen = _selected(queue, ids)
-    purged = queue.purge_dead_letters([d.id for d in chosen]) if chosen else 0
+    act = queue.requeue_dead_letters if done == "requeued" else queue.purge_dead_letters
+    count = act([d.id for d in chosen]) if chosen else 0
     if as_json:
-        click.echo(json.dumps({"purged": purged}))
+        click.echo(json.dumps({done: count}))
     else:
-        click.echo(f"purged {_count(purged, 'dead letter')}")
+        click.echo(f"{done} {_count(count, 'dead letter')}")
     return EXIT_OK
 
 
