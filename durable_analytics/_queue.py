@@ -27,7 +27,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -64,6 +64,15 @@ from ._salvage import (
     _summary,
     log,
 )
+from ._store.base import (
+    CLOCK_JUMP_MARGIN,
+    MAX_BACKOFF_SECONDS,
+    DeadLetter,
+    Destination,
+    DestinationStats,
+    Lease,
+    QueueStats,
+)
 from .exceptions import (
     QueueBusy,
     QueueCorrupt,
@@ -74,6 +83,7 @@ from .exceptions import (
 )
 
 __all__ = [
+    "MAX_BACKOFF_SECONDS",
     "SCHEMA_VERSION",
     "DeadLetter",
     "Destination",
@@ -86,10 +96,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 
-#: The longest backoff the flusher ever sets; a ``not_before`` further away than this
-#: (plus a margin) can only come from a wall clock that jumped back, and is ignored.
-MAX_BACKOFF_SECONDS = 600.0
-_CLOCK_JUMP_MARGIN = 60.0
+_CLOCK_JUMP_MARGIN = CLOCK_JUMP_MARGIN
 
 # Rough per-row overhead of a message in its B-tree page, for the in-process size estimate.
 _ROW_OVERHEAD = 48
@@ -157,6 +164,11 @@ INSERT INTO counters (name, value) VALUES ('dropped_newest', 0), ('dropped_oldes
 _MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
 
 _INSERT = "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)"
+# Writes nothing (and so costs no page) unless the destination has a backoff to forget.
+_CLEAR_BACKOFF = (
+    "UPDATE destinations SET not_before = 0, failures = 0 "
+    "WHERE id = ? AND (failures != 0 OR not_before != 0)"
+)
 
 
 def _checkpoint_for_space(conn: sqlite3.Connection, mode: str = "TRUNCATE") -> bool:
@@ -264,106 +276,6 @@ def _holder_gone(boot: str, pidns: int, pid: int, pstart: int) -> bool:
         return False  # another pid namespace: its pids mean nothing here
     start = _process_start(pid)
     return start is None or start not in (-1, pstart)
-
-
-# --------------------------------------------------------------------------- public records
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Where a message goes: a host and a write key (never shown in full)."""
-
-    id: int
-    host: str
-    write_key: str = field(repr=False)
-
-    @property
-    def redacted_key(self) -> str:
-        """The write key's first 4 characters."""
-        return (self.write_key[:4] + "…") if len(self.write_key) > 4 else "…"
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A batch taken from the queue by one holder until acked, released or expired."""
-
-    token: str
-    destination: Destination
-    ids: tuple[int, ...]
-    bodies: tuple[bytes, ...] = field(repr=False)
-    attempts: int
-    expires_monotonic: float
-    #: Consecutive failed deliveries of the destination when the lease was taken.
-    failures: int = 0
-
-    @property
-    def size(self) -> int:
-        """The serialized size of the batch's messages, without the envelope."""
-        return sum(len(b) for b in self.bodies)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass(frozen=True)
-class DestinationStats:
-    """Pending messages and health of one destination."""
-
-    host: str
-    write_key: str
-    pending: int
-    leased: int
-    backoff_until: str | None
-    failures: int
-    last_error: str | None
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """What is in the queue; ``durable-analytics status --json`` prints the same names.
-
-    ``pending`` counts every message not yet delivered, leased or not; ``leased`` those
-    under a live lease. ``bytes`` is the size of the pending messages as stored.
-    ``last_error`` is ``{"message", "at", "host"}`` of the most recent failure, or None.
-    """
-
-    pending: int
-    leased: int
-    dead_letters: int
-    bytes: int
-    oldest_age_seconds: float | None
-    dropped: int
-    last_error: dict[str, str] | None
-    destinations: list[DestinationStats]
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with the same names as the fields."""
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message the server rejected, kept for inspection, requeue or purge."""
-
-    id: int
-    host: str
-    write_key: str
-    type: str
-    event: str | None
-    message_id: str | None
-    status: int | None
-    reason: str
-    excerpt: str
-    attempts: int
-    enqueued_at: float
-    dead_at: float
-    body: bytes = field(repr=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the body decoded as the message object)."""
-        out = asdict(self)
-        out["body"] = json.loads(self.body)
-        return out
 
 
 def _iso(ts: float | None) -> str | None:
@@ -1577,7 +1489,9 @@ class Queue:
         """Delete delivered messages (all the lease still holds, or ``ids``); returns how many.
 
         Fenced by the token: once a lease has expired or been taken over, its holder's ack
-        deletes nothing (the messages are sent again: at-least-once).
+        deletes nothing (the messages are sent again: at-least-once). The destination's
+        backoff and failure count are cleared in the same transaction (the server took the
+        batch, whoever holds the lease now).
         """
         wanted = None if ids is None else list(ids)
 
@@ -1594,7 +1508,13 @@ class Queue:
             self._settle(conn, lease, held, set(chosen))
             return deleted
 
-        return self._write(run)
+        def run_and_clear(conn: sqlite3.Connection) -> int:
+            deleted = run(conn)
+            # A delivery went through: the destination is healthy again, for every holder.
+            conn.execute(_CLEAR_BACKOFF, (lease.destination.id,))
+            return deleted
+
+        return self._write(run_and_clear)
 
     def release(
         self,
@@ -1610,30 +1530,36 @@ class Queue:
         """
         wanted = None if ids is None else list(ids)
         bump = 1 if count_attempt else 0
+        return self._write(lambda conn: self._release_in(conn, lease, not_before, wanted, bump))
 
-        def run(conn: sqlite3.Connection) -> int:
-            held = self._held_ids(conn, lease)
-            if held is None:
-                return 0
-            chosen = self._chosen(held, wanted)
-            released = 0
-            if not_before is not None or bump:
-                for chunk in _chunks(chosen, 500):
-                    released += conn.execute(
-                        "UPDATE messages SET not_before = ?, attempts = attempts + ? "
-                        f"WHERE id IN ({','.join('?' * len(chunk))})",
-                        (not_before, bump, *chunk),
-                    ).rowcount
-            else:
-                for chunk in _chunks(chosen, 500):
-                    released += conn.execute(
-                        f"SELECT count(*) FROM messages WHERE id IN ({','.join('?' * len(chunk))})",
-                        chunk,
-                    ).fetchone()[0]
-            self._settle(conn, lease, held, set(chosen))
-            return int(released)
-
-        return self._write(run)
+    def _release_in(
+        self,
+        conn: sqlite3.Connection,
+        lease: Lease,
+        not_before: float | None,
+        wanted: list[int] | None,
+        bump: int,
+    ) -> int:
+        held = self._held_ids(conn, lease)
+        if held is None:
+            return 0
+        chosen = self._chosen(held, wanted)
+        released = 0
+        if not_before is not None or bump:
+            for chunk in _chunks(chosen, 500):
+                released += conn.execute(
+                    "UPDATE messages SET not_before = ?, attempts = attempts + ? "
+                    f"WHERE id IN ({','.join('?' * len(chunk))})",
+                    (not_before, bump, *chunk),
+                ).rowcount
+        else:
+            for chunk in _chunks(chosen, 500):
+                released += conn.execute(
+                    f"SELECT count(*) FROM messages WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchone()[0]
+        self._settle(conn, lease, held, set(chosen))
+        return int(released)
 
     def dead_letter(
         self,
@@ -1758,32 +1684,34 @@ class Queue:
     def set_backoff(self, dest_id: int, until: float, error: str | None = None) -> None:
         """Hold every process back from leasing ``dest_id`` until ``until`` (wall clock)."""
         now = time.time()
-        horizon = now + MAX_BACKOFF_SECONDS + _CLOCK_JUMP_MARGIN
+        self._write(lambda conn: _store_backoff(conn, dest_id, until, error, now))
 
-        def run(conn: sqlite3.Connection) -> None:
-            # A stored not_before beyond the horizon is a leftover of a wall clock that jumped
-            # back; lease() ignores it, so it must not outvote the new backoff either.
-            conn.execute(
-                "UPDATE destinations SET not_before = CASE WHEN not_before > ? THEN ? "
-                "ELSE max(not_before, ?) END, failures = failures + 1,"
-                " last_error = coalesce(?, last_error), last_error_at = CASE WHEN ? IS NULL "
-                "THEN last_error_at ELSE ? END WHERE id = ?",
-                (horizon, until, until, error, error, now, dest_id),
-            )
+    def retry_later(self, lease: Lease, delay: Callable[[int], float], error: str) -> float:
+        """Back the destination off and hand the batch back, in one transaction.
 
-        self._write(run)
+        Reads the destination's consecutive failures (other holders' included), stores a
+        backoff of ``delay(failures + 1)`` seconds from now with ``error`` as its last
+        error, and releases what ``lease`` still holds until then, counting an attempt.
+        Returns the wall-clock time the backoff ends. Fenced like ``release``: a stale
+        holder's batch is not touched, but its failure still counts for the destination.
+        """
+        dest_id = lease.destination.id
+
+        def run(conn: sqlite3.Connection) -> float:
+            row = conn.execute("SELECT failures FROM destinations WHERE id = ?", (dest_id,))
+            found = row.fetchone()
+            now = time.time()
+            until = now + delay((int(found[0]) if found else 0) + 1)
+            _store_backoff(conn, dest_id, until, error, now)
+            self._release_in(conn, lease, until, None, 1)
+            return until
+
+        return self._write(run)
 
     def clear_backoff(self, dest_id: int) -> None:
         """Forget the destination's failures after a successful delivery."""
 
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE destinations SET not_before = 0, failures = 0 "
-                "WHERE id = ? AND (failures != 0 OR not_before != 0)",
-                (dest_id,),
-            )
-
-        self._write(run)
+        self._write(lambda conn: conn.execute(_CLEAR_BACKOFF, (dest_id,)))
 
     def backoff(self, dest_id: int) -> tuple[float, int]:
         """``(not_before, consecutive failures)`` of a destination."""
@@ -2006,6 +1934,22 @@ class Queue:
             return int(conn.execute(f"DELETE FROM dead_letters{where}", params).rowcount)
 
         return self._write(run)
+
+
+def _store_backoff(
+    conn: sqlite3.Connection, dest_id: int, until: float, error: str | None, now: float
+) -> None:
+    """Record one more failure of ``dest_id`` and hold it back until ``until``."""
+    horizon = now + MAX_BACKOFF_SECONDS + _CLOCK_JUMP_MARGIN
+    # A stored not_before beyond the horizon is a leftover of a wall clock that jumped
+    # back; lease() ignores it, so it must not outvote the new backoff either.
+    conn.execute(
+        "UPDATE destinations SET not_before = CASE WHEN not_before > ? THEN ? "
+        "ELSE max(not_before, ?) END, failures = failures + 1,"
+        " last_error = coalesce(?, last_error), last_error_at = CASE WHEN ? IS NULL "
+        "THEN last_error_at ELSE ? END WHERE id = ?",
+        (horizon, until, until, error, error, now, dest_id),
+    )
 
 
 def _parse_ids(text: str) -> list[int]:

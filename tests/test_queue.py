@@ -648,6 +648,42 @@ def test_longer_backoff_is_never_shortened_by_a_shorter_one(queue: Queue, dest: 
     assert queue.backoff(dest) == (pytest.approx(now + 120), 2)
 
 
+def test_retry_later_backs_off_by_the_shared_failure_count_and_releases_in_one_step(
+    queue: Queue, dest: int
+) -> None:
+    fill(queue, dest, 3)
+    lease = queue.lease(10, 1_000_000)
+    assert lease is not None
+    queue.set_backoff(dest, 0.0, "another holder failed first")  # failures = 1
+    seen: list[int] = []
+
+    def delay(failures: int) -> float:
+        seen.append(failures)
+        return 42.0
+
+    before = time.time()
+    until = queue.retry_later(lease, delay, "HTTP 503")
+    assert seen == [2]  # the other holder's failure counts
+    assert before + 42.0 <= until <= time.time() + 42.0
+    assert queue.backoff(dest) == (pytest.approx(until), 2)
+    assert queue.live_leases() == 0
+    assert queue.lease(10, 1_000_000, now=until - 1) is None
+    again = queue.lease(10, 1_000_000, now=until + 1)
+    assert again is not None
+    assert again.attempts == 1
+    assert [index(b) for b in again.bodies] == [0, 1, 2]
+
+
+def test_ack_clears_the_destinations_backoff_in_the_same_step(queue: Queue, dest: int) -> None:
+    fill(queue, dest, 2)
+    lease = queue.lease(1, 1_000_000)
+    assert lease is not None
+    queue.set_backoff(dest, time.time() + 300, "HTTP 500")
+    assert queue.ack(lease) == 1
+    assert queue.backoff(dest) == (0.0, 0)
+    assert queue.lease(10, 1_000_000) is not None
+
+
 # --------------------------------------------------------------------------- ack and fencing
 
 

@@ -1,0 +1,59 @@
+"""Where queued messages live: the ``QueueBackend`` seam and the factory that picks a backend.
+
+Everything above this package (delivery, the client, the CLI) talks to a queue only through
+``QueueBackend`` (``base.py``), whose docstring states the contract every backend keeps:
+at-least-once, fenced by lease token, the oldest ready messages first and never an empty
+batch, one backoff shared by every holder, a size cap with counted drops.
+
+``open_queue`` is the one place that chooses a backend from the configured ``queue_path``:
+a file path is the SQLite queue. A new backend adds a branch there, implements the
+Protocol, and joins the contract suite (``tests/store/test_contract.py``) by one fixture
+parameter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import (
+    MAX_BACKOFF_SECONDS,
+    DeadLetter,
+    Destination,
+    DestinationStats,
+    Lease,
+    QueueBackend,
+    QueueStats,
+)
+
+if TYPE_CHECKING:
+    from durable_analytics._config import Config
+
+__all__ = [
+    "MAX_BACKOFF_SECONDS",
+    "DeadLetter",
+    "Destination",
+    "DestinationStats",
+    "Lease",
+    "QueueBackend",
+    "QueueStats",
+    "open_queue",
+]
+
+
+def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
+    """Open the queue ``config.queue_path`` names, with the config's size cap and durability.
+
+    ``recover=True`` (the Client's choice) moves a damaged SQLite file aside and salvages
+    it; ``False`` (the CLI's) raises ``QueueCorrupt`` instead.
+    """
+    # Imported here: the SQLite queue imports this package's records.
+    from durable_analytics._queue import Queue
+
+    return Queue(
+        config.queue_path,
+        durability=config.durability,
+        max_queue_bytes=config.max_queue_bytes,
+        overflow=config.overflow,
+        lease_timeout=config.lease_timeout,
+        recover=recover,
+    )

@@ -1,0 +1,286 @@
+"""The storage seam: the records every queue backend shares and the ``QueueBackend`` Protocol.
+
+Factored out of the SQLite queue so that delivery, the client and the CLI depend on an
+interface, not on one storage, and so that backends import their records from one place
+without import loops.
+
+The contract a backend keeps (``tests/store/test_contract.py`` checks every point of it
+against every backend):
+
+- **At-least-once.** ``append`` returns only once the message is stored as durably as the
+  backend promises. A message leaves the queue only through ``ack`` (delivered),
+  ``dead_letter`` (rejected) or the size cap (counted as dropped); a lease that is never
+  settled expires and its messages are leased again.
+- **Fenced by token.** ``lease`` hands out a batch under a fresh token. ``ack``,
+  ``release``, ``retry_later``, ``extend`` and ``dead_letter`` act only on the ids the lease
+  named and still holds; once it expired or was taken over they change no message
+  (``retry_later`` still records the destination's backoff: the failure was real).
+- **Oldest first, never empty.** A lease takes the oldest ready messages of one destination,
+  up to a message count and a byte budget (each message costs its size plus
+  ``per_message_overhead``); the first message is always taken, however large, so a batch
+  is never empty and an oversized message cannot block the queue.
+- **Backoff is shared.** A destination's backoff (``retry_later`` / ``set_backoff``) holds
+  every holder back until its time; a successful ``ack`` clears it in the same step. A
+  backoff further away than ``MAX_BACKOFF_SECONDS`` plus a margin can only come from a wall
+  clock that jumped back, and is ignored.
+- **Bounded.** ``max_queue_bytes`` caps what the backend holds; past it ``drop_newest``
+  refuses the new message (``append`` returns 0) and ``drop_oldest`` drops the oldest
+  unleased ones, both counted in ``QueueStats.dropped``. Dead letters take at most
+  ``max_dead_letter_bytes`` once the queue is near its cap; the oldest beyond are purged.
+
+A new backend implements every method of ``QueueBackend`` with those rules, adds one branch
+to ``open_queue`` (``durable_analytics/_store/__init__.py``) and one parameter to the
+``backend`` fixture of ``tests/store/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = [
+    "CLOCK_JUMP_MARGIN",
+    "MAX_BACKOFF_SECONDS",
+    "DeadLetter",
+    "Destination",
+    "DestinationStats",
+    "Lease",
+    "QueueBackend",
+    "QueueStats",
+]
+
+#: The longest backoff the flusher ever sets; a ``not_before`` further away than this
+#: (plus a margin) can only come from a wall clock that jumped back, and is ignored.
+MAX_BACKOFF_SECONDS = 600.0
+#: The margin added to ``MAX_BACKOFF_SECONDS`` before a time counts as a clock jump.
+CLOCK_JUMP_MARGIN = 60.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a message goes: a host and a write key (never shown in full)."""
+
+    id: int
+    host: str
+    write_key: str = field(repr=False)
+
+    @property
+    def redacted_key(self) -> str:
+        """The write key's first 4 characters."""
+        return (self.write_key[:4] + "…") if len(self.write_key) > 4 else "…"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A batch taken from the queue by one holder until acked, released or expired."""
+
+    token: str
+    destination: Destination
+    ids: tuple[int, ...]
+    bodies: tuple[bytes, ...] = field(repr=False)
+    attempts: int
+    expires_monotonic: float
+    #: Consecutive failed deliveries of the destination when the lease was taken.
+    failures: int = 0
+
+    @property
+    def size(self) -> int:
+        """The serialized size of the batch's messages, without the envelope."""
+        return sum(len(b) for b in self.bodies)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class DestinationStats:
+    """Pending messages and health of one destination."""
+
+    host: str
+    write_key: str
+    pending: int
+    leased: int
+    backoff_until: str | None
+    failures: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What is in the queue; ``durable-analytics status --json`` prints the same names.
+
+    ``pending`` counts every message not yet delivered, leased or not; ``leased`` those
+    under a live lease. ``bytes`` is the size of the pending messages as stored.
+    ``last_error`` is ``{"message", "at", "host"}`` of the most recent failure, or None.
+    """
+
+    pending: int
+    leased: int
+    dead_letters: int
+    bytes: int
+    oldest_age_seconds: float | None
+    dropped: int
+    last_error: dict[str, str] | None
+    destinations: list[DestinationStats]
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the same names as the fields."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message the server rejected, kept for inspection, requeue or purge."""
+
+    id: int
+    host: str
+    write_key: str
+    type: str
+    event: str | None
+    message_id: str | None
+    status: int | None
+    reason: str
+    excerpt: str
+    attempts: int
+    enqueued_at: float
+    dead_at: float
+    body: bytes = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the body decoded as the message object)."""
+        out = asdict(self)
+        out["body"] = json.loads(self.body)
+        return out
+
+
+class QueueBackend(Protocol):
+    """What delivery, the client and the CLI need from a queue (see the module docstring).
+
+    Times are wall-clock seconds (``time.time()``) unless a name says monotonic. Every
+    method is safe to call from any thread; failures raise ``QueueError`` subclasses.
+    """
+
+    #: Where the queue lives, for messages and for keys of per-queue state.
+    path: Path
+    #: Seconds a lease stays live without ``extend``.
+    lease_timeout: float
+
+    def destination(self, host: str, write_key: str) -> int:
+        """The id of the (host, write key) destination, created on first use."""
+        ...
+
+    def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
+        """Store one serialized message; its id once stored, 0 when the size cap dropped it."""
+        ...
+
+    def lease(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> Lease | None:
+        """Take the oldest ready messages of one destination, or None when none are ready."""
+        ...
+
+    def extend(self, lease: Lease) -> bool:
+        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
+        ...
+
+    def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
+        """Delete delivered messages and clear the destination's backoff; returns how many."""
+        ...
+
+    def release(
+        self,
+        lease: Lease,
+        not_before: float | None = None,
+        *,
+        ids: Iterable[int] | None = None,
+        count_attempt: bool = True,
+    ) -> int:
+        """Return leased messages to the queue, not to be leased again before ``not_before``."""
+        ...
+
+    def retry_later(self, lease: Lease, delay: Callable[[int], float], error: str) -> float:
+        """Back the destination off and hand the batch back, in one step; returns the time.
+
+        ``delay(failures)`` gets the destination's consecutive failures counting this one
+        and returns seconds to wait; it runs inside the backend's transaction, so it must
+        be quick and must not call the queue.
+        """
+        ...
+
+    def dead_letter(
+        self,
+        lease: Lease,
+        ids: Iterable[int],
+        *,
+        status: int | None,
+        reason: str,
+        excerpt: str = "",
+    ) -> int:
+        """Move leased messages to the dead letters; returns how many."""
+        ...
+
+    def set_backoff(self, dest_id: int, until: float, error: str | None = None) -> None:
+        """Hold every holder back from leasing ``dest_id`` until ``until``."""
+        ...
+
+    def clear_backoff(self, dest_id: int) -> None:
+        """Forget the destination's failures after a successful delivery."""
+        ...
+
+    def backoff(self, dest_id: int) -> tuple[float, int]:
+        """``(not_before, consecutive failures)`` of a destination."""
+        ...
+
+    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
+        """The earliest time at which some pending message may be leased."""
+        ...
+
+    def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
+        """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
+        ...
+
+    def reclaim_expired(self) -> int:
+        """Free the messages of dead or expired leases now; returns how many leases ended."""
+        ...
+
+    def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
+        """How many messages are not yet delivered (leased or not)."""
+        ...
+
+    def max_id(self) -> int:
+        """The id of the newest message (0 when empty)."""
+        ...
+
+    def live_leases(self) -> int:
+        """How many leases are held right now (by anyone)."""
+        ...
+
+    def stats(self) -> QueueStats:
+        """Counts and health of the queue."""
+        ...
+
+    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        """The dead letters (all, or those with ``ids``), oldest first."""
+        ...
+
+    def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Put dead letters (all, or ``ids``) back in the queue; returns how many."""
+        ...
+
+    def purge_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Delete dead letters (all, or ``ids``) for good; returns how many."""
+        ...
+
+    def close(self) -> None:
+        """Release what this caller holds (connections, files); no new ones are opened after."""
+        ...
