@@ -23,10 +23,12 @@ from typing import Any
 
 from . import _messages
 from ._config import Config
-from ._flusher import Deliverer, DeliveryStats, Flusher, FlushResult
+from ._delivery import Deliverer, FlushResult, make_deliverer
+from ._drain import deliver_until
+from ._flusher import Flusher
 from ._queue import Queue, QueueStats
-from ._transport import Transport
-from .exceptions import DurableAnalyticsError
+from ._transport.base import Transport
+from .exceptions import ConfigError, DurableAnalyticsError
 
 __all__ = ["Client"]
 
@@ -58,15 +60,32 @@ class Client:
     ``on_error``, ``debug``. Invalid settings raise ``ConfigError``; a queue file that cannot
     be used raises a ``QueueError`` here, not at the first call.
 
+    ``transport`` replaces the HTTP transport in this process (the flusher thread,
+    ``flush()``, ``sync_mode``, exit): ``durable_analytics.testing.RecordingTransport`` lets
+    a test see every batch without a socket. It cannot cross into another process, so it
+    requires ``flusher="thread"`` or ``"none"`` and ``on_exit="flush"`` or ``"none"``.
+
     Each call returns ``(True, message)`` once the message is committed to disk, or
     ``(False, message)`` when the ``max_queue_bytes`` cap dropped it.
     """
 
-    def __init__(self, write_key: str | None = None, **settings: Any) -> None:
+    def __init__(
+        self, write_key: str | None = None, *, transport: Transport | None = None, **settings: Any
+    ) -> None:
         # Private: the CLI's one-shot commands report a damaged file (exit 3) rather than
         # repair it; an application's Client moves it aside and carries on.
         recover = bool(settings.pop("_recover", True))
         self.config = config = Config.build(write_key, **settings)
+        if transport is not None:
+            for name in ("send", "envelope_overhead", "close"):
+                if not callable(getattr(transport, name, None)):
+                    raise ConfigError(f"transport must have a {name}() method (see Transport)")
+            if config.flusher == "process" or config.on_exit == "spawn":
+                raise ConfigError(
+                    "transport= only works in this process: use flusher='thread' or 'none' "
+                    "and on_exit='flush' or 'none'"
+                )
+        self._transport = transport
         self._max_bytes = config.max_message_bytes
         self._send = config.send
         self._sync = config.sync_mode
@@ -132,16 +151,7 @@ class Client:
         return self._queue
 
     def _new_deliverer(self) -> Deliverer:
-        c = self.config
-        transport = Transport(timeout=c.timeout, gzip=c.gzip, proxies=c.proxies)
-        return Deliverer(
-            self.queue,
-            transport,
-            flush_at=c.flush_at,
-            max_batch_bytes=c.max_batch_bytes,
-            max_retries=c.max_retries,
-            on_error=c.on_error,
-        )
+        return make_deliverer(self.config, self.queue, self._transport)
 
     def _start(self) -> None:
         """Start the flusher and the exit handler: on the first call, once per process."""
@@ -412,38 +422,13 @@ class Client:
                 self._sync_deliverer = self._new_deliverer()
             deliverer = self._sync_deliverer
         deadline = time.monotonic() + self.config.timeout * (1 + self.config.max_retries)
-        waits = 0
         try:
-            while time.monotonic() < deadline:
-                stats = deliverer.deliver_next(
-                    destination=self._dest, up_to_id=row_id, deadline=deadline
-                )
-                if stats is not None:
-                    if stats.kept:
-                        return  # the server failed: the rest stays queued, backing off
-                    continue
-                # Nothing left to lease: delivered, backing off, or in flight elsewhere. If
-                # this process's flusher thread may hold it, wait for that batch to finish.
-                flusher = self._flusher
-                if (
-                    flusher is None
-                    or not flusher.delivering
-                    or waits >= 3
-                    or not self._is_pending(row_id)
-                    or self.queue.backoff(self._dest)[0] > time.time()
-                ):
-                    return
-                waits += 1
-                flusher.wait_delivered(max(0.0, deadline - time.monotonic()))
+            # A failure leaves the rest queued in backoff: not waited for here.
+            deliver_until(
+                self.queue, deliverer, destination=self._dest, up_to_id=row_id, deadline=deadline
+            )
         except Exception:
             log.exception("sync_mode delivery failed; the message stays queued")
-
-    def _is_pending(self, row_id: int) -> bool:
-        queue = self.queue
-        dest = self._dest
-        return queue.pending(up_to_id=row_id, destination=dest) > queue.pending(
-            up_to_id=row_id - 1, destination=dest
-        )
 
     def _dead_lettered_here(self) -> int:
         """Messages of this destination dead-lettered by this process's deliverers so far."""
@@ -477,30 +462,17 @@ class Client:
             deliverer = self._sync_deliverer
         dead_before = self._dead_lettered_here()
         before = queue.pending(up_to_id=top, destination=self._dest)
-        total = DeliveryStats()
-        while True:
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            try:
-                stats = deliverer.deliver_next(
-                    destination=self._dest, up_to_id=top, deadline=deadline
-                )
-            except DurableAnalyticsError:
-                log.exception("flush: delivery failed; the messages stay queued")
-                break
-            if stats is not None:
-                total.add(stats)
-                continue
-            pending = queue.pending(up_to_id=top, destination=self._dest)
-            if pending == 0:
-                break
-            # The rest is leased by another flusher or waiting out a backoff: wait for it.
-            next_at = queue.next_ready_at(up_to_id=top)
-            wait = 0.05 if next_at is None else max(0.01, min(1.0, next_at - time.time()))
-            if deadline is not None:
-                wait = min(wait, max(0.0, deadline - time.monotonic()))
-            queue.reclaim_expired()
-            time.sleep(wait)
+        try:
+            deliver_until(
+                queue,
+                deliverer,
+                destination=self._dest,
+                up_to_id=top,
+                deadline=deadline,
+                wait_for_backoff=True,
+            )
+        except DurableAnalyticsError:
+            log.exception("flush: delivery failed; the messages stay queued")
         pending = queue.pending(up_to_id=top, destination=self._dest)
         dead = min(max(0, self._dead_lettered_here() - dead_before), max(0, before - pending))
         # What left the queue and was not dead-lettered was delivered, by us or by another.

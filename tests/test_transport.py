@@ -419,4 +419,4 @@ def test_parse_retry_after_http_date() -> None:
 
 def test_transport_repr_shows_no_secrets() -> None:
     transport = Transport(timeout=3.0, gzip=True)
-    assert repr(transport) == "Transport(timeout=3.0, gzip=True)"
+    assert repr(transport) == "HTTPTransport(timeout=3.0, gzip=True)"

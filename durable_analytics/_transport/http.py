@@ -1,6 +1,6 @@
-"""HTTP delivery of one batch: the request, its status classification and Retry-After.
+"""The HTTP transport: the Segment batch envelope, Basic auth, gzip, urllib3 pools, scrubbing.
 
-One ``Transport`` per flusher, each with its own connection pools, made in the process that
+One ``HTTPTransport`` per flusher, each with its own connection pools, made in the process that
 uses them (a pool is never shared across a fork). Proxies and the CA bundle are taken from
 the environment once per host, not on every request, and redirects are never followed so
 the write key cannot be sent to a third host.
@@ -11,91 +11,30 @@ from __future__ import annotations
 import base64
 import gzip as gzip_module
 import logging
-import math
 import os
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any
 
 import urllib3
 
-from ._config import ca_bundle_from_env, proxy_for_url
-from ._version import __version__
+from durable_analytics._config import ca_bundle_from_env, proxy_for_url
+from durable_analytics._version import __version__
+
+from .base import Outcome, Target, classify, one_line, parse_retry_after
 
 __all__ = [
     "MAX_RESPONSE_BYTES",
-    "MAX_RETRY_AFTER",
-    "Outcome",
-    "Transport",
+    "HTTPTransport",
     "batch_body",
-    "classify",
     "envelope_overhead",
-    "one_line",
-    "parse_retry_after",
 ]
 
 log = logging.getLogger("durable_analytics")
 
 #: Response bodies are read to at most this many bytes.
 MAX_RESPONSE_BYTES = 64 * 1024
-#: A Retry-After above this is capped: a guard against an absurd header.
-MAX_RETRY_AFTER = 300.0
-
 USER_AGENT = f"durable-analytics/{__version__}"
-
-Kind = Literal["ok", "retry", "reject", "config"]
-
-_RETRYABLE = frozenset({408, 410, 429, 460})
-_REJECTED = frozenset({400, 413, 422})
-
-
-def classify(status: int) -> Kind:
-    """What a status means for the batch: deliver, retry, split-and-reject, or config error.
-
-    2xx ok; 408, 410, 429, 460 and 5xx (but 501, 505) retry; 400, 413, 422 reject (split the
-    batch until the bad message is alone); everything else (401, 403, 404, 3xx, ...) is a
-    configuration error: the messages are kept and the destination backs off.
-    """
-    if 200 <= status < 300:
-        return "ok"
-    if status in _RETRYABLE or (500 <= status < 600 and status not in (501, 505)):
-        return "retry"
-    if status in _REJECTED:
-        return "reject"
-    return "config"
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or HTTP date), capped at 300.
-
-    Returns None for a missing, unparseable or negative header, which is then ignored; an
-    HTTP date in the past gives 0.
-    """
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if when is None:
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        current = time.time() if now is None else now
-        seconds = when.timestamp() - current
-    else:
-        # delay-seconds is a non-negative number (RFC 9110 §10.2.3): a negative one is
-        # garbage, ignored like any other unparseable value. A date in the past means now.
-        if math.isnan(seconds) or seconds < 0:
-            return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _sent_at() -> bytes:
@@ -114,28 +53,12 @@ def envelope_overhead() -> int:
     return len(_HEAD) + len(_TAIL) + len(_sent_at()) + len(_END)
 
 
-def batch_body(bodies: tuple[bytes, ...] | list[bytes]) -> bytes:
+def batch_body(bodies: Sequence[bytes]) -> bytes:
     """The request body: the stored messages, byte for byte, and a fresh ``sentAt``."""
     return b"".join((_HEAD, b",".join(bodies), _TAIL, _sent_at(), _END))
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """The result of one POST, classified."""
-
-    kind: Kind
-    status: int | None
-    retry_after: float | None = None
-    excerpt: str = ""
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True for a 2xx."""
-        return self.kind == "ok"
-
-
-class Transport:
+class HTTPTransport:
     """POSTs batch bodies to ``{host}/v1/batch`` with Basic auth, never following redirects.
 
     Built on urllib3 (requests' own engine) rather than a ``requests.Session``: measured in
@@ -163,7 +86,7 @@ class Transport:
         self._auth_cache: dict[str, str] = {}
 
     def __repr__(self) -> str:
-        return f"Transport(timeout={self.timeout!r}, gzip={self.gzip!r})"
+        return f"HTTPTransport(timeout={self.timeout!r}, gzip={self.gzip!r})"
 
     def _pool(self, url: str) -> Any:
         """The connection pool for ``url``, looked up (proxy included) once per process."""
@@ -222,6 +145,18 @@ class Transport:
                 manager.clear()
         self._managers = {}
         self._pools = {}
+
+    def envelope_overhead(self) -> int:
+        """Bytes the Segment batch envelope adds around the messages."""
+        return envelope_overhead()
+
+    def send(
+        self, destination: Target, bodies: Sequence[bytes], *, timeout: float | None = None
+    ) -> Outcome:
+        """POST ``bodies`` as one Segment batch to ``destination``; see ``post``."""
+        return self.post(
+            destination.host, destination.write_key, batch_body(bodies), timeout=timeout
+        )
 
     def post(
         self, host: str, write_key: str, body: bytes, *, timeout: float | None = None
@@ -301,13 +236,6 @@ def _path(url: str) -> str:
 def _proxy_from_mapping(proxies: Mapping[str, str], url: str) -> str | None:
     scheme = url.split("://", 1)[0]
     return proxies.get(scheme) or proxies.get("all") or None
-
-
-def one_line(text: str) -> str:
-    """``text`` with line breaks and other control characters escaped: one log line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _short(exc: BaseException) -> str:

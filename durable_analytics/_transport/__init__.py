@@ -1,0 +1,53 @@
+"""Transports: the ``Transport`` seam (``base``), the HTTP one (``http``) and the factory.
+
+Delivery reaches a transport only through ``open_transport`` and the ``base.Transport``
+Protocol. A new transport is a module here plus one branch in ``open_transport``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import (
+    MAX_RETRY_AFTER,
+    DestinationOverride,
+    Kind,
+    Outcome,
+    Target,
+    classify,
+    one_line,
+    parse_retry_after,
+)
+from .base import Transport as TransportProtocol
+from .http import MAX_RESPONSE_BYTES, HTTPTransport, batch_body, envelope_overhead
+
+if TYPE_CHECKING:
+    from durable_analytics._config import Config
+
+__all__ = [
+    "MAX_RESPONSE_BYTES",
+    "MAX_RETRY_AFTER",
+    "DestinationOverride",
+    "HTTPTransport",
+    "Kind",
+    "Outcome",
+    "Target",
+    "Transport",
+    "TransportProtocol",
+    "batch_body",
+    "classify",
+    "envelope_overhead",
+    "one_line",
+    "open_transport",
+    "parse_retry_after",
+]
+
+#: The HTTP transport under its first name, which the CLI and older tests construct and
+#: subclass (``Transport(timeout=...)``). The seam itself is ``base.Transport``, also
+#: exported here as ``TransportProtocol``.
+Transport = HTTPTransport
+
+
+def open_transport(config: Config) -> TransportProtocol:
+    """The transport ``config`` asks for: today always HTTP, with its timeout, gzip, proxies."""
+    return HTTPTransport(timeout=config.timeout, gzip=config.gzip, proxies=config.proxies)

@@ -1,0 +1,186 @@
+"""The transport seam: what delivery needs from whatever carries a batch to a server.
+
+Factored out of the HTTP implementation so that delivery, the client and test doubles
+depend on this small interface and never on urllib3. A transport sends one batch of stored
+message bodies to one destination and says what happened as an ``Outcome``; the status
+policy (ack, retry with backoff, split and dead-letter) lives in delivery, not here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+from typing import Literal, Protocol
+
+__all__ = [
+    "MAX_RETRY_AFTER",
+    "DestinationOverride",
+    "Kind",
+    "Outcome",
+    "Target",
+    "Transport",
+    "classify",
+    "one_line",
+    "parse_retry_after",
+]
+
+#: A Retry-After above this is capped: a guard against an absurd header.
+MAX_RETRY_AFTER = 300.0
+
+Kind = Literal["ok", "retry", "reject", "config"]
+
+_RETRYABLE = frozenset({408, 410, 429, 460})
+_REJECTED = frozenset({400, 413, 422})
+
+
+def classify(status: int) -> Kind:
+    """What a status means for the batch: deliver, retry, split-and-reject, or config error.
+
+    2xx ok; 408, 410, 429, 460 and 5xx (but 501, 505) retry; 400, 413, 422 reject (split the
+    batch until the bad message is alone); everything else (401, 403, 404, 3xx, ...) is a
+    configuration error: the messages are kept and the destination backs off.
+    """
+    if 200 <= status < 300:
+        return "ok"
+    if status in _RETRYABLE or (500 <= status < 600 and status not in (501, 505)):
+        return "retry"
+    if status in _REJECTED:
+        return "reject"
+    return "config"
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or HTTP date), capped at 300.
+
+    Returns None for a missing, unparseable or negative header, which is then ignored; an
+    HTTP date in the past gives 0.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        current = time.time() if now is None else now
+        seconds = when.timestamp() - current
+    else:
+        # delay-seconds is a non-negative number (RFC 9110 §10.2.3): a negative one is
+        # garbage, ignored like any other unparseable value. A date in the past means now.
+        if math.isnan(seconds) or seconds < 0:
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped: one log line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of sending one batch, classified (see ``classify``).
+
+    ``status`` is None when no answer came (network error, timeout). ``retry_after`` is the
+    server's Retry-After in seconds, ``excerpt`` the start of its answer with the write key
+    scrubbed, ``error`` one line saying what went wrong (empty when ``kind == "ok"``).
+    """
+
+    kind: Kind
+    status: int | None
+    retry_after: float | None = None
+    excerpt: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True for a 2xx."""
+        return self.kind == "ok"
+
+
+class Target(Protocol):
+    """Where a batch goes: a base URL and a write key (a queue's ``Destination`` is one)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def write_key(self) -> str: ...
+
+
+class Transport(Protocol):
+    """Carries one batch of serialized messages to a destination.
+
+    An implementation must:
+
+    - ``send`` the message bodies (stored bytes, already serialized) as one batch to
+      ``destination`` and return an ``Outcome``; it never raises for a server or network
+      failure (those are ``retry`` outcomes) and never takes longer than ``timeout`` seconds
+      when one is given;
+    - say in ``envelope_overhead`` how many bytes its batch envelope adds around the
+      messages (with one separator byte per message beyond the first counted apart), so a
+      batch is leased to fit ``max_batch_bytes``;
+    - release its connections in ``close`` (called in the process that used it).
+
+    ``durable_analytics.testing.RecordingTransport`` is an in-memory one for tests.
+    """
+
+    def envelope_overhead(self) -> int: ...
+
+    def send(
+        self, destination: Target, bodies: Sequence[bytes], *, timeout: float | None = None
+    ) -> Outcome: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Override:
+    host: str
+    write_key: str
+
+
+class DestinationOverride:
+    """Wraps any transport to send every batch to ``host`` and/or with ``write_key``.
+
+    What ``durable-analytics drain --host/--write-key`` uses: the stored destination of each
+    message is replaced by the given one; a None part keeps the stored value.
+    """
+
+    def __init__(
+        self, inner: Transport, *, host: str | None = None, write_key: str | None = None
+    ) -> None:
+        self.inner = inner
+        self.host = host
+        self.write_key = write_key
+
+    def __repr__(self) -> str:
+        return f"DestinationOverride({self.inner!r}, host={self.host!r})"
+
+    def envelope_overhead(self) -> int:
+        """The wrapped transport's envelope size."""
+        return self.inner.envelope_overhead()
+
+    def send(
+        self, destination: Target, bodies: Sequence[bytes], *, timeout: float | None = None
+    ) -> Outcome:
+        """Send through the wrapped transport with the overridden host and write key."""
+        target = _Override(self.host or destination.host, self.write_key or destination.write_key)
+        return self.inner.send(target, bodies, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the wrapped transport."""
+        self.inner.close()
