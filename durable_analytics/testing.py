@@ -20,6 +20,9 @@ get an answer) so a test can prove how a client behaves when the server misbehav
             assert message["event"] == "Signed Up"
 
 The collector only uses the standard library, so it works with any HTTP client.
+
+``RecordingTransport`` is the socket-free counterpart: passed as ``Client(transport=...)``
+it records every batch in memory and answers what a handler function says.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
+from ._recording import RecordingTransport, SentBatch
 from .exceptions import CollectorError
 
-__all__ = ["Collector", "ReceivedBatch", "Reply"]
+__all__ = ["Collector", "ReceivedBatch", "RecordingTransport", "Reply", "SentBatch"]
 
 _BATCH_PATHS = frozenset({"/v1/batch", "/v1/batch/"})
 # How often the accept loop checks for stop(): the upper bound stop() waits for it.
