@@ -9,19 +9,17 @@ call, not when the Client is built; after ``os.fork()`` the child starts its own
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import multiprocessing
 import multiprocessing.util
 import os
 import subprocess
-import sys
 import threading
 import time
 import weakref
 from typing import Any
 
-from . import _messages
+from . import _flusher_process, _messages
 from ._config import Config
 from ._delivery import Deliverer, FlushResult, make_deliverer
 from ._drain import deliver_until
@@ -196,40 +194,7 @@ class Client:
             self._start_child()
 
     def _spawn_flusher_process(self) -> subprocess.Popen[bytes]:
-        c = self.config
-        cmd = [
-            sys.executable,
-            "-m",
-            "durable_analytics._flusher_process",
-            "--queue",
-            str(c.queue_path),
-            "--parent",
-            str(os.getpid()),
-            "--flush-at",
-            str(c.flush_at),
-            "--flush-interval",
-            str(c.flush_interval),
-            "--max-batch-bytes",
-            str(c.max_batch_bytes),
-            "--timeout",
-            str(c.timeout),
-            "--max-retries",
-            str(c.max_retries),
-            "--shutdown-timeout",
-            str(c.shutdown_timeout),
-            "--lease-timeout",
-            str(c.lease_timeout),
-        ]
-        if c.gzip:
-            cmd.append("--gzip")
-        if c.proxies is not None:
-            cmd += ["--proxies", json.dumps(dict(c.proxies))]
-        return subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            close_fds=True,
-        )
+        return _flusher_process.start("flusher", self.config)
 
     def _reset_after_fork(self) -> None:
         # The parent's thread, child process, locks and HTTP sessions do not exist (or are not
@@ -547,28 +512,18 @@ class Client:
                 if self._flusher is not None:
                     self._flusher.stop(0)
                 if self.queue.pending(destination=self._dest):
-                    spawn_drain(str(self.config.queue_path))
+                    spawn_drain(self.config)
             elif self._flusher is not None:
                 self._flusher.stop(0)
         except Exception:
             log.exception("durable-analytics exit handler failed; messages stay queued")
 
 
-def spawn_drain(queue_path: str) -> None:
-    """Start a detached ``durable-analytics drain`` for ``queue_path`` and return at once."""
-    subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "durable_analytics.cli",
-            "drain",
-            "--queue",
-            queue_path,
-            "--once-lock",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        close_fds=True,
-        start_new_session=True,
-    )
+def spawn_drain(config: Config) -> subprocess.Popen[bytes]:
+    """Start a detached drain of ``config``'s queue with ``config``'s settings; return at once.
+
+    The drain is the library's own (``python -m durable_analytics._flusher_process drain``),
+    not the CLI; it receives the whole Config over a pipe and exits when done. At most one
+    runs per queue: a second one finds the drain lock taken and exits.
+    """
+    return _flusher_process.start("drain", config, detach=True)

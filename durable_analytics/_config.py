@@ -5,6 +5,7 @@ This is the only module that reads ``os.environ``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -108,6 +109,10 @@ def normalize_host(host: str) -> str:
     return host.rstrip("/")
 
 
+# Settings that are objects of this process (callables, handlers): they never travel.
+_LOCAL_ONLY = frozenset({"on_error", "log_handler"})
+
+
 def _positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> None:
     kinds: tuple[type, ...] = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
@@ -129,7 +134,9 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 class Config:
     """Every Client setting, validated. Build it with ``Config.build(write_key, **settings)``.
 
-    The write key is kept out of ``repr`` so a logged config never leaks it.
+    The write key is kept out of ``repr`` so a logged config never leaks it. ``queue_path``
+    is absolute from construction, so a later ``os.chdir`` or a child process started in
+    another directory still opens the same file.
     """
 
     write_key: str = field(repr=False)
@@ -209,6 +216,9 @@ class Config:
             if not isinstance(qp, (str, os.PathLike)) or not os.fspath(qp):
                 raise ConfigError("queue_path must be a path (str or os.PathLike)")
             settings["queue_path"] = Path(os.fspath(qp)).expanduser()
+        else:
+            settings["queue_path"] = default_queue_path()
+        settings["queue_path"] = settings["queue_path"].absolute()
         if settings.get("debug") is None and env_debug():
             settings["debug"] = True
         config = cls(write_key=write_key, **settings)
@@ -244,6 +254,53 @@ class Config:
             raise ConfigError("proxies must be a mapping like {'https': 'http://proxy:3128'}")
         if self.log_handler is not None and not isinstance(self.log_handler, logging.Handler):
             raise ConfigError("log_handler must be a logging.Handler")
+
+    def to_json(self) -> str:
+        """Every setting that can cross into another process, as JSON (write key included).
+
+        ``on_error`` and ``log_handler`` are objects of this process and are left out. The
+        text holds the write key and proxy credentials: hand it to a child over a pipe or a
+        0600 file, never on a command line.
+        """
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in _LOCAL_ONLY:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "queue_path":
+                value = os.fspath(value)
+            elif f.name == "proxies" and value is not None:
+                value = dict(value)
+            values[f.name] = value
+        return json.dumps(values, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Config:
+        """The Config ``to_json`` wrote, validated again; ``ConfigError`` if it is not one."""
+        try:
+            values = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"settings are not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError("settings must be a JSON object")
+        known = {f.name for f in fields(cls)} - _LOCAL_ONLY
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        write_key = values.get("write_key")
+        if not isinstance(write_key, str) or not write_key:
+            raise ConfigError("settings must hold the write key")
+        queue_path = values.get("queue_path")
+        if not isinstance(queue_path, str) or not os.path.isabs(queue_path):
+            raise ConfigError("settings must hold an absolute queue_path")
+        values["queue_path"] = Path(queue_path)
+        values["host"] = normalize_host(values.get("host", DEFAULT_HOST))
+        try:
+            config = cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"invalid settings: {exc}") from None
+        config.validate()
+        return config
 
     @property
     def redacted_key(self) -> str:

@@ -1,28 +1,98 @@
-"""The child flusher process of ``flusher="process"``: delivers one queue for its parent.
+"""The library's child processes: the flusher of ``flusher="process"`` and the exit drain.
 
-Started by the Client on its first call as ``python -m durable_analytics._flusher_process``.
-It uses its own core (and its own GIL) for the HTTP work, and ends after its parent exits:
-it then delivers what it can within ``--shutdown-timeout`` and leaves the rest on disk.
+``python -m durable_analytics._flusher_process flusher`` delivers one queue for its
+parent on its own core (and its own GIL), and ends after the parent exits: it then delivers
+what it can within ``shutdown_timeout`` and leaves the rest on disk.
+``python -m durable_analytics._flusher_process drain`` is the detached drain that
+``on_exit="spawn"`` starts: it delivers what is queued and exits (one per queue at a time).
+
+Both receive the parent's whole ``Config`` as JSON over an inherited pipe (``--settings-fd``),
+never as flags: a command line is world-readable and must not hold the write key or proxy
+credentials, and flags would re-declare (and drift from) the parent's settings.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from ._flusher import Deliverer, Flusher, drain
+from ._config import Config
+from ._delivery import make_deliverer
+from ._drain import deliver_until, drain_lock, drain_queue
+from ._flusher import Flusher
 from ._queue import Queue
-from ._transport import Transport
+from .exceptions import ConfigError
 
-__all__ = ["main"]
+__all__ = ["main", "start"]
 
 log = logging.getLogger("durable_analytics")
+
+_MODULE = "durable_analytics._flusher_process"
+_MODES = ("flusher", "drain")
+
+
+def start(mode: str, config: Config, *, detach: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``mode`` (``"flusher"`` or ``"drain"``) for ``config`` in a new interpreter.
+
+    The settings travel over a pipe the child inherits; its command line only names the
+    mode and the pipe's descriptor. ``detach`` starts it in its own session, so it outlives
+    the parent and its terminal.
+    """
+    payload = json.dumps({"parent": os.getpid(), "config": config.to_json()}).encode()
+    read_end, write_end = os.pipe()  # both non-inheritable: only pass_fds crosses
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", _MODULE, mode, "--settings-fd", str(read_end)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL if detach else None,
+            close_fds=True,
+            pass_fds=(read_end,),
+            start_new_session=detach,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    try:
+        with open(write_end, "wb") as pipe:
+            pipe.write(payload)
+    except BrokenPipeError:
+        log.warning("the durable-analytics %s process exited before reading its settings", mode)
+    return child
+
+
+def _read_settings(fd: int) -> tuple[int, Config]:
+    with open(fd, "rb") as pipe:
+        data = pipe.read()
+    try:
+        payload: Any = json.loads(data)
+        parent = int(payload["parent"])
+        text = payload["config"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"unreadable settings from the parent: {exc}") from None
+    return parent, Config.from_json(text)
+
+
+def open_queue(config: Config) -> Queue:
+    """The queue of ``config``, opened with its durability, cap, overflow and lease timeout."""
+    return Queue(
+        config.queue_path,
+        durability=config.durability,
+        max_queue_bytes=config.max_queue_bytes,
+        overflow=config.overflow,
+        lease_timeout=config.lease_timeout,
+    )
 
 
 def _parent_alive(parent: int) -> bool:
@@ -37,49 +107,59 @@ def _parent_alive(parent: int) -> bool:
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the flusher loop until the parent exits or SIGTERM arrives."""
-    parser = argparse.ArgumentParser(prog="durable_analytics._flusher_process")
-    parser.add_argument("--queue", required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("--flush-at", type=int, default=20)
-    parser.add_argument("--flush-interval", type=float, default=5.0)
-    parser.add_argument("--max-batch-bytes", type=int, default=500_000)
-    parser.add_argument("--timeout", type=float, default=10.0)
-    parser.add_argument("--max-retries", type=int, default=3)
-    parser.add_argument("--shutdown-timeout", type=float, default=5.0)
-    parser.add_argument("--lease-timeout", type=float, default=60.0)
-    parser.add_argument("--gzip", action="store_true")
-    parser.add_argument("--proxies", type=json.loads, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="durable-analytics flusher: %(message)s")
-
-    queue = Queue(args.queue, lease_timeout=args.lease_timeout)
-
-    def make() -> Deliverer:
-        return Deliverer(
-            queue,
-            Transport(timeout=args.timeout, gzip=args.gzip, proxies=args.proxies),
-            flush_at=args.flush_at,
-            max_batch_bytes=args.max_batch_bytes,
-            max_retries=args.max_retries,
-        )
-
+def run_flusher(config: Config, parent: int) -> int:
+    """Run the flusher loop until the parent exits or SIGTERM arrives, then deliver the rest."""
+    queue = open_queue(config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    flusher = Flusher(make(), flush_interval=args.flush_interval, poll_interval=0.1)
+    flusher = Flusher(
+        make_deliverer(config, queue), flush_interval=config.flush_interval, poll_interval=0.1
+    )
     flusher.start()
-    while not stop.is_set() and _parent_alive(args.parent):
+    while not stop.is_set() and _parent_alive(parent):
         stop.wait(0.1)
     # The parent is gone (or we were asked to stop): finish the batch in flight and deliver
     # the rest, all within one shutdown_timeout.
-    started = time.monotonic()
-    flusher.stop(args.shutdown_timeout)
-    remaining = max(0.0, args.shutdown_timeout - (time.monotonic() - started))
-    if remaining > 0 and queue.pending():
-        drain(queue, make, concurrency=2, timeout=remaining)
+    deadline = time.monotonic() + config.shutdown_timeout
+    flusher.stop(config.shutdown_timeout)
+    flusher.deliverer.transport.close()
+    if time.monotonic() < deadline and queue.pending():
+        deliver_until(
+            queue, lambda: make_deliverer(config, queue), concurrency=2, deadline=deadline
+        )
     return 0
+
+
+def run_drain(config: Config) -> int:
+    """Deliver what ``config``'s queue holds now, unless another exit drain is at it."""
+    path = config.queue_path
+    if not os.path.lexists(path):
+        return 0
+    with contextlib.ExitStack() as stack:
+        if not stack.enter_context(drain_lock(path)):
+            return 0  # another drain has this queue
+        queue = open_queue(config)
+        stack.callback(queue.close)
+        result = drain_queue(queue, config)
+    return 1 if result.left else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``<mode> --settings-fd N``; the settings are read from descriptor N."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 3 or args[0] not in _MODES or args[1] != "--settings-fd":
+        print(f"usage: python -m {_MODULE} {{flusher,drain}} --settings-fd N", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="durable-analytics %(message)s")
+    try:
+        parent, config = _read_settings(int(args[2]))
+    except (ConfigError, ValueError, OSError) as exc:
+        log.error("%s: %s", args[0], exc)
+        return 2
+    if args[0] == "drain":
+        return run_drain(config)
+    return run_flusher(config, parent)
 
 
 if __name__ == "__main__":
