@@ -24,7 +24,7 @@ from ._config import Config
 from ._delivery import Deliverer, FlushResult, make_deliverer
 from ._drain import deliver_until
 from ._flusher import Flusher
-from ._queue import Queue, QueueStats
+from ._store import QueueBackend, QueueStats, open_queue
 from ._transport.base import Transport
 from .exceptions import ConfigError, DurableAnalyticsError
 
@@ -94,17 +94,10 @@ class Client:
                 config.host,
             )
         self._lock = threading.RLock()
-        self._queue: Queue | None = None
+        self._queue: QueueBackend | None = None
         self._dest = 0
         if self._send:
-            self._queue = Queue(
-                config.queue_path,
-                durability=config.durability,
-                max_queue_bytes=config.max_queue_bytes,
-                overflow=config.overflow,
-                lease_timeout=config.lease_timeout,
-                recover=recover,
-            )
+            self._queue = open_queue(config, recover=recover)
             self._dest = self._queue.destination(config.host, config.write_key)
         self._flusher: Flusher | None = None
         self._child: subprocess.Popen[bytes] | None = None
@@ -142,7 +135,7 @@ class Client:
                 log.addHandler(logging.StreamHandler())
 
     @property
-    def queue(self) -> Queue:
+    def queue(self) -> QueueBackend:
         """The underlying queue (raises when ``send=False``: nothing is queued then)."""
         if self._queue is None:
             raise DurableAnalyticsError("send=False: this client keeps no queue")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
-from ._queue import MAX_BACKOFF_SECONDS, Lease, Queue
+from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
 from ._transport.base import Transport
 from .exceptions import (
@@ -124,7 +124,7 @@ class Deliverer:
 
     def __init__(
         self,
-        queue: Queue,
+        queue: QueueBackend,
         transport: Transport,
         *,
         flush_at: int = 20,
@@ -276,10 +276,9 @@ class Deliverer:
             return False
         stats.requests += 1
         if outcome.kind == "ok":
+            # The ack also clears the destination's backoff, in the same transaction.
             self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
             stats.sent += len(ids)
-            if failures:
-                self.queue.clear_backoff(dest.id)
             log.debug("delivered %d messages to %s", len(ids), dest.host)
             return True
         if outcome.kind == "reject":
@@ -320,13 +319,16 @@ class Deliverer:
                     return False
             return True
         # Retryable or configuration error: keep everything not yet delivered, back off.
-        _, failures_now = self.queue.backoff(dest.id)
-        delay = retry_delay(outcome.kind, failures_now + 1, outcome.retry_after)
-        until = time.time() + delay
-        self.queue.set_backoff(dest.id, until, outcome.error)
-        # Everything this lease still holds goes back (a split stops here), with the backoff
-        # stored in the queue so every process on it honours it.
-        stats.kept += self.queue.release(lease, until)
+        # One queue transaction: count the failure (other holders' included), store the
+        # backoff so every process on the queue honours it, and hand back everything this
+        # lease still holds (a split stops here).
+        until = self.queue.retry_later(
+            lease,
+            lambda failures: retry_delay(outcome.kind, failures, outcome.retry_after),
+            outcome.error,
+        )
+        delay = max(0.0, until - time.time())
+        stats.kept += len(lease.ids) - stats.sent - stats.dead_lettered
         stats.errors.append(outcome.error)
         if outcome.kind == "config":
             self._warn_config(dest.id, dest.host, outcome, delay)
@@ -373,7 +375,7 @@ class Deliverer:
 
 def make_deliverer(
     config: Config,
-    queue: Queue,
+    queue: QueueBackend,
     transport: Transport | None = None,
     *,
     sleep: Callable[[float], None] = time.sleep,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._delivery import Deliverer, DeliveryStats, make_deliverer
-from ._queue import Queue
+from ._store import QueueBackend
 from ._transport import DestinationOverride, open_transport
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class DrainResult:
 
 
 def drain(
-    queue: Queue,
+    queue: QueueBackend,
     make_deliverer: Callable[[], Deliverer],
     *,
     concurrency: int = 4,
@@ -79,7 +79,7 @@ def drain(
 
 
 def deliver_until(
-    queue: Queue,
+    queue: QueueBackend,
     deliverer: Deliverer | Callable[[], Deliverer],
     *,
     concurrency: int = 1,
@@ -146,7 +146,7 @@ def deliver_until(
 
 
 def drain_queue(
-    queue: Queue,
+    queue: QueueBackend,
     config: Config,
     *,
     host: str | None = None,
@@ -214,7 +214,7 @@ def _passed(deadline: float | None) -> bool:
 
 
 def _pass(
-    queue: Queue,
+    queue: QueueBackend,
     deliverer: Deliverer | Callable[[], Deliverer],
     *,
     concurrency: int,
@@ -264,7 +264,7 @@ def _pass(
 
 
 def _result(
-    queue: Queue,
+    queue: QueueBackend,
     total: DeliveryStats,
     started: float,
     up_to_id: int | None,

@@ -29,7 +29,7 @@ from ._config import Config
 from ._delivery import make_deliverer
 from ._drain import deliver_until, drain_lock, drain_queue
 from ._flusher import Flusher
-from ._queue import Queue
+from ._store import open_queue
 from .exceptions import ConfigError
 
 __all__ = ["main", "start"]
@@ -82,17 +82,6 @@ def _read_settings(fd: int) -> tuple[int, Config]:
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"unreadable settings from the parent: {exc}") from None
     return parent, Config.from_json(text)
-
-
-def open_queue(config: Config) -> Queue:
-    """The queue of ``config``, opened with its durability, cap, overflow and lease timeout."""
-    return Queue(
-        config.queue_path,
-        durability=config.durability,
-        max_queue_bytes=config.max_queue_bytes,
-        overflow=config.overflow,
-        lease_timeout=config.lease_timeout,
-    )
 
 
 def _parent_alive(parent: int) -> bool:
