@@ -46,7 +46,8 @@ from typing import Any
 from durable_analytics import _messages
 from durable_analytics._queue import Queue
 from durable_analytics._transport import batch_body
-from durable_analytics.cli import _ProgressLine, drain_queue
+from durable_analytics.cli._output import ProgressLine
+from durable_analytics.cli.drain import drain_queue
 
 WRITE_KEY = "bench-write-key"
 BATCH = 20
@@ -212,7 +213,7 @@ def drain_once(
     devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
     try:
         queue = fill_queue(directory, collector.url, bodies)
-        progress = _ProgressLine(len(bodies), devnull).start() if with_progress else None
+        progress = ProgressLine(len(bodies), devnull).start() if with_progress else None
         try:
             result = drain_queue(queue, concurrency=concurrency, progress=progress)
         finally:
@@ -235,7 +236,7 @@ def drain_once(
 def callback_seconds() -> float:
     """CPU seconds of one progress callback (a lock and an addition), measured alone."""
     with open(os.devnull, "w") as devnull:
-        progress = _ProgressLine(1, devnull)
+        progress = ProgressLine(1, devnull)
         calls = 200_000
         started = time.process_time()
         for _ in range(calls):

@@ -393,7 +393,7 @@ def drain(queue_path: str | os.PathLike[str], timeout: float = 60.0) -> DrainRes
     A lease whose holder is gone is reclaimed at once; one whose holder lives is waited for.
     """
     from durable_analytics._queue import Queue
-    from durable_analytics.cli import drain_queue
+    from durable_analytics.cli.drain import drain_queue
 
     queue = Queue(queue_path)
     try:

@@ -1,0 +1,44 @@
+"""The ``durable-analytics`` command: drain, status, worker, dead letters, enqueue, collector, demo.
+
+A thin layer of click over the library, one module per command group: delivery is
+``_flusher.drain`` / ``Flusher`` with a ``Deliverer`` (``drain``, ``worker``), inspection is
+``Queue.stats()`` and the dead-letter calls (``status``, ``dead_letters``), enqueueing is a
+``Client(flusher="none")`` with commands generated from ``_messages.CALLS`` (``enqueue``),
+and ``collector`` / ``demo`` run ``testing.Collector``. Nothing in the package imports this
+package.
+
+Every error is one line on stderr, ``durable-analytics: error: ...``, and one of the exit
+codes below (a traceback only with ``-v``):
+
+    0    done (drain: nothing deliverable is left)
+    1    some messages could not be sent (server down, refused, timeout), or another failure
+    2    usage or configuration error: a bad option, bad JSON, a missing field or write key
+    3    the queue file is missing (drain, status, dead-letters), unreadable or corrupt
+    130  interrupted
+"""
+
+from __future__ import annotations
+
+# Importing a command module registers its commands on the group.
+from . import collector, dead_letters, demo, drain, enqueue, status, worker
+from ._app import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_QUEUE,
+    EXIT_UNDELIVERED,
+    EXIT_USAGE,
+    cli,
+    main,
+)
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_QUEUE",
+    "EXIT_UNDELIVERED",
+    "EXIT_USAGE",
+    "cli",
+    "main",
+]
+
+_COMMAND_MODULES = (collector, dead_letters, demo, drain, enqueue, status, worker)

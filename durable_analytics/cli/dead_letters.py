@@ -1,0 +1,133 @@
+"""``durable-analytics dead-letters list|requeue|purge``: the messages the server rejected."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from durable_analytics._queue import DeadLetter, Queue
+
+from ._app import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CLIError,
+    cli,
+    common_options,
+    json_option,
+    open_queue,
+    resolve_queue,
+    setup_logging,
+)
+from ._output import count, human_age, one_line
+
+
+@cli.group("dead-letters", short_help="List, requeue or purge rejected messages.")
+def dead_letters_group() -> None:
+    """List, requeue or purge the messages the server rejected (400, 413, 422).
+
+    A rejected message is moved out of the queue with the status and an excerpt of the
+    response. Fix the cause, then `requeue` it (a drain or flusher sends it again), or
+    `purge` it. Each subcommand acts on all dead letters, or on those given with --id.
+    """
+
+
+_ID_OPTION = click.option(
+    "--id",
+    "ids",
+    type=click.IntRange(min=1),
+    multiple=True,
+    metavar="N",
+    help="Only this dead letter (repeatable). Default: all of them.",
+)
+
+
+def _selected(queue: Queue, ids: tuple[int, ...]) -> list[DeadLetter]:
+    """The dead letters named by ``ids`` (all without ids); an unknown id is a usage error."""
+    if not ids:
+        return queue.dead_letters()
+    wanted = sorted(set(ids))
+    found = queue.dead_letters(wanted)
+    missing = sorted(set(wanted) - {d.id for d in found})
+    if missing:
+        raise CLIError(
+            f"no dead letter with id {', '.join(map(str, missing))}; nothing was changed",
+            EXIT_USAGE,
+        )
+    return found
+
+
+@dead_letters_group.command("list", short_help="Show id, type, event, status, reason, age.")
+@common_options
+@_ID_OPTION
+@json_option
+def dead_letters_list(
+    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool
+) -> int:
+    """Show the dead letters: id, type, event, status, reason, age (--json: everything)."""
+    setup_logging(verbose)
+    queue = open_queue(resolve_queue(queue_path))
+    letters = _selected(queue, ids)
+    if as_json:
+        click.echo(json.dumps([d.as_dict() for d in letters], indent=2))
+        return EXIT_OK
+    if not letters:
+        click.echo("no dead letters")
+        return EXIT_OK
+    now = time.time()
+    header = ("ID", "TYPE", "EVENT", "STATUS", "REASON", "AGE")
+    rows = [
+        (
+            str(d.id),
+            d.type or "?",
+            one_line(d.event or "-")[:40],
+            "-" if d.status is None else str(d.status),
+            one_line(d.reason)[:60],
+            human_age(max(0.0, now - d.dead_at)),
+        )
+        for d in letters
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+@dead_letters_group.command("requeue", short_help="Put dead letters back in the queue.")
+@common_options
+@_ID_OPTION
+@json_option
+def dead_letters_requeue(
+    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool
+) -> int:
+    """Put dead letters back in the queue, to be sent again by the next drain or flusher."""
+    return _act_on_dead_letters(queue_path, verbose, ids, as_json, "requeued")
+
+
+@dead_letters_group.command("purge", short_help="Delete dead letters for good.")
+@common_options
+@_ID_OPTION
+@json_option
+def dead_letters_purge(
+    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool
+) -> int:
+    """Delete dead letters for good."""
+    return _act_on_dead_letters(queue_path, verbose, ids, as_json, "purged")
+
+
+def _act_on_dead_letters(
+    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool, done: str
+) -> int:
+    """Requeue or purge the selected dead letters and report how many, as ``done``."""
+    setup_logging(verbose)
+    queue = open_queue(resolve_queue(queue_path))
+    chosen = _selected(queue, ids)
+    act = queue.requeue_dead_letters if done == "requeued" else queue.purge_dead_letters
+    n = act([d.id for d in chosen]) if chosen else 0
+    if as_json:
+        click.echo(json.dumps({done: n}))
+    else:
+        click.echo(f"{done} {count(n, 'dead letter')}")
+    return EXIT_OK

@@ -1,0 +1,143 @@
+"""``durable-analytics worker``: the long-running flusher for producers that only append."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from durable_analytics._flusher import Deliverer, Flusher
+from durable_analytics._transport import Transport
+
+from ._app import (
+    EXIT_OK,
+    cli,
+    common_options,
+    log,
+    open_queue,
+    resolve_queue,
+    setup_logging,
+    stop_on_signals,
+)
+from ._output import PROG
+
+
+@cli.command("worker", short_help="Run the long-running flusher.")
+@common_options
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0.01),
+    default=0.5,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often to look for messages other processes appended.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Flusher threads, each with its own connection.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGTERM/SIGINT, how long the batches in flight may take before exiting.",
+)
+@click.option(
+    "--flush-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Send a batch smaller than 20 messages once its oldest is this old.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Timeout of one HTTP request.",
+)
+def worker_command(
+    queue_path: Path | None,
+    verbose: int,
+    poll: float,
+    concurrency: int,
+    shutdown_timeout: float,
+    flush_interval: float,
+    request_timeout: float,
+) -> int:
+    """Run the long-running flusher for producers that use flusher="none".
+
+    For cron jobs, serverless functions and servers without threads: they only append, and
+    this process delivers, with the same batching, retry and backoff rules as a Client's
+    flusher thread. Logs to stderr. SIGTERM or SIGINT finishes the batches in flight and
+    exits 0 within --shutdown-timeout (a second signal exits at once); a batch still in
+    flight then goes back to the queue as this process ends. Creates the queue if missing.
+    """
+    setup_logging(verbose, worker=True)
+    path = resolve_queue(queue_path)
+    queue = open_queue(path, must_exist=False)
+
+    def make_deliverer() -> Deliverer:
+        return Deliverer(queue, Transport(timeout=request_timeout))
+
+    flushers = [
+        Flusher(
+            make_deliverer(),
+            flush_interval=flush_interval,
+            poll_interval=poll,
+            name=f"{PROG}-worker-{i}",
+        )
+        for i in range(concurrency)
+    ]
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        for flusher in flushers:
+            flusher.start()
+        log.info(
+            "worker started on %s (%s pending, concurrency %d)",
+            path,
+            f"{queue.pending():,}",
+            concurrency,
+        )
+        reported = 0
+        last_report = time.monotonic()
+        while not stop.wait(1.0):
+            if time.monotonic() - last_report >= 60:
+                sent = sum(f.delivered.sent for f in flushers)
+                if sent != reported:
+                    log.info("sent %s in the last minute", f"{sent - reported:,}")
+                reported, last_report = sent, time.monotonic()
+        log.info("stopping: finishing the batches in flight (up to %gs)", shutdown_timeout)
+        deadline = time.monotonic() + shutdown_timeout
+        for flusher in flushers:
+            flusher.stop(max(0.0, deadline - time.monotonic()))
+    in_flight = [f for f in flushers if f.alive]
+    for flusher in flushers:
+        if not flusher.alive:
+            flusher.deliverer.transport.close()
+    if in_flight:
+        log.warning(
+            "%d batch(es) still in flight after %gs; they go back to the queue as this "
+            "process exits",
+            len(in_flight),
+            shutdown_timeout,
+        )
+    sent = sum(f.delivered.sent for f in flushers)
+    dead = sum(f.delivered.dead_lettered for f in flushers)
+    log.info(
+        "stopped: sent %s, dead-lettered %s, %s pending",
+        f"{sent:,}",
+        f"{dead:,}",
+        f"{queue.pending():,}",
+    )
+    return EXIT_OK
