@@ -15,6 +15,24 @@ from durable_analytics.cli import cli
 WRITE_KEY = "test-write-key-0001"
 ERROR = "durable-analytics: error: "
 ENV_NAMES = ("DURABLE_ANALYTICS_QUEUE", "DURABLE_ANALYTICS_WRITE_KEY", "DURABLE_ANALYTICS_HOST")
+#: Every command and subcommand, in the order the group's --help lists them.
+COMMANDS = [
+    ["demo"],
+    ["drain"],
+    ["status"],
+    ["worker"],
+    ["dead-letters"],
+    ["dead-letters", "list"],
+    ["dead-letters", "requeue"],
+    ["dead-letters", "purge"],
+    ["track"],
+    ["identify"],
+    ["page"],
+    ["screen"],
+    ["group"],
+    ["alias"],
+    ["collector"],
+]
 
 
 def run(runner: CliRunner, *args: str, **kwargs: Any) -> Result:

@@ -9,27 +9,10 @@ from click.testing import CliRunner
 
 from durable_analytics.cli import cli
 
-from .helpers import ENV_NAMES
+from .helpers import COMMANDS, ENV_NAMES
 
 CLI_DOC = Path(__file__).resolve().parents[2] / "docs" / "CLI.md"
-DOC_COMMANDS = [
-    [],
-    ["demo"],
-    ["drain"],
-    ["status"],
-    ["worker"],
-    ["dead-letters"],
-    ["dead-letters", "list"],
-    ["dead-letters", "requeue"],
-    ["dead-letters", "purge"],
-    ["track"],
-    ["identify"],
-    ["page"],
-    ["screen"],
-    ["group"],
-    ["alias"],
-    ["collector"],
-]
+DOC_COMMANDS = [[], *COMMANDS]
 DOC_HEAD = """\
 # The `durable-analytics` command
 
