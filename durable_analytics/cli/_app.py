@@ -69,14 +69,12 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-_handler: _StderrHandler | None = None
-
-
 def setup_logging(verbosity: int, *, worker: bool = False) -> None:
     """Library logs to stderr: warnings by default (info for the worker), -v info, -vv debug."""
-    global _handler  # noqa: PLW0603 - one handler per process, replaced per command
-    if _handler is not None:
-        log.removeHandler(_handler)
+    # One handler per process, replaced per command: every earlier one goes, even one that
+    # was put back on the logger by code that saved and restored its handler list.
+    for old in [h for h in log.handlers if isinstance(h, _StderrHandler)]:
+        log.removeHandler(old)
     handler = _StderrHandler()
     if worker:
         fmt = f"%(asctime)s {PROG}[%(process)d] %(levelname)s: %(message)s"
@@ -90,7 +88,6 @@ def setup_logging(verbosity: int, *, worker: bool = False) -> None:
     else:
         level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
     log.setLevel(level)
-    _handler = handler
 
 
 # --------------------------------------------------------------------------- shared options

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from click.testing import CliRunner
 
 from durable_analytics.cli import main
+from durable_analytics.cli._app import setup_logging
 
 from .helpers import COMMANDS, ERROR, assert_error, run
 
@@ -47,3 +50,23 @@ def test_main_returns_the_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert "durable-analytics " in capsys.readouterr().out
     assert main(["status", "--queue", "/nonexistent/dir/queue.sqlite3"]) == 3
     assert capsys.readouterr().err.startswith(ERROR + "no queue at")
+
+
+def test_each_command_logs_through_exactly_one_handler_even_after_a_restore() -> None:
+    """A handler list saved and put back (as logging fixtures do) cannot double the lines."""
+    logger = logging.getLogger("durable_analytics")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        setup_logging(0, worker=True)
+        with_worker_handler = list(logger.handlers)
+        setup_logging(0)
+        logger.handlers[:] = with_worker_handler  # the worker's handler is back
+        setup_logging(2)
+        ours = [h for h in logger.handlers if h not in saved[0]]
+        assert len(ours) == 1
+        assert ours[0].formatter is not None
+        assert ours[0].formatter._fmt == "durable-analytics: %(levelname)s: %(message)s"
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
