@@ -1,4 +1,5 @@
-"""Shared fixtures: a private queue path, a running Collector, and a child-process helper."""
+"""Shared fixtures: a private queue path, a running Collector, a child-process helper, and a
+private PostgreSQL server (``pg_dsn``) for the tests of the PostgreSQL queue."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _postgres import Cluster, ServerUnavailable, unique_schema
 
 from durable_analytics.testing import Collector
 
@@ -62,3 +64,40 @@ def start_python(code: str, *args: str, **kwargs: object) -> subprocess.Popen[st
         env=child_env(),
         **kwargs,
     )
+
+
+def _postgres_unavailable(reason: str) -> None:
+    """Skip outside CI; in CI (the ``CI`` environment variable set) a missing server fails."""
+    message = f"PostgreSQL tests need a server: {reason}"
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI is set, so this fails instead of skipping)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """The URL of a private PostgreSQL cluster started for this test session.
+
+    Skips (fails when ``CI`` is set) when psycopg is not installed or no server can start.
+    """
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _postgres_unavailable(
+            "psycopg is not installed (pip install 'durable-analytics[postgres]')"
+        )
+    try:
+        cluster = Cluster()
+        cluster.start()
+    except ServerUnavailable as exc:
+        _postgres_unavailable(str(exc))
+    try:
+        yield cluster.dsn
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_schema() -> str:
+    """A schema name of this test's own, so its queue tables start empty."""
+    return unique_schema()
