@@ -12,7 +12,9 @@ The tree::
     │   ├── QueuePermissionError          unreadable, unwritable, a symlink, or an unsafe directory
     │   ├── QueueDiskFull                 the disk (or the file's size limit) is full; the call's
     │   │                                 message was not stored, everything before it is intact
-    │   └── QueueBusy                     another process held the write lock for too long
+    │   ├── QueueBusy                     another process held the write lock for too long
+    │   └── QueueUnavailable              the queue's PostgreSQL server cannot be reached (the
+    │                                     call's message was not stored)
     ├── CollectorError (RuntimeError)     ``testing.Collector`` used out of order (started twice)
     └── DeliveryError                     a batch could not be delivered (passed to ``on_error``)
         ├── RetryableError                408, 410, 429, 460, 5xx, network errors: kept and retried
@@ -40,6 +42,7 @@ __all__ = [
     "QueueDiskFull",
     "QueueError",
     "QueuePermissionError",
+    "QueueUnavailable",
     "QueueVersionError",
     "RetryableError",
     "ValidationError",
@@ -99,6 +102,13 @@ class QueueDiskFull(QueueError, OSError):
 
 class QueueBusy(QueueError):
     """Another connection held the queue's write lock for longer than the busy timeout."""
+
+
+class QueueUnavailable(QueueError):
+    """The PostgreSQL server holding the queue cannot be reached (within the call's timeout).
+
+    Raised instead of waiting longer: nothing of the failed call was stored.
+    """
 
 
 class CollectorError(DurableAnalyticsError, RuntimeError):

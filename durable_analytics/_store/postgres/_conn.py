@@ -1,0 +1,242 @@
+"""Connections to the PostgreSQL queue: the URL, a small per-process pool, errors, fork.
+
+psycopg 3 is an optional dependency: importing this module without it raises a
+``ConfigError`` that names the extra to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from durable_analytics.exceptions import ConfigError, QueueBusy, QueueError, QueueUnavailable
+
+try:
+    import psycopg
+    from psycopg import errors as pg_errors
+    from psycopg.conninfo import conninfo_to_dict
+except ImportError as _missing:  # pragma: no cover - exercised in a child without psycopg
+    raise ConfigError(
+        "a postgresql:// queue needs psycopg 3: pip install 'durable-analytics[postgres]'"
+    ) from _missing
+
+from . import DEFAULT_SCHEMA, is_postgres_url
+
+__all__ = [
+    "Connection",
+    "Cursor",
+    "Pool",
+    "Target",
+    "parse_url",
+    "pg_errors",
+    "psycopg",
+    "translate",
+]
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
+
+Connection = psycopg.Connection[Any]
+Cursor = psycopg.Cursor[Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the queue lives: connection settings, the schema, and a printable identity."""
+
+    conninfo: str  # holds the password: never printed
+    schema: str
+    #: ``postgresql://user@host:port/dbname#schema``: no password, safe in logs and errors.
+    identity: str
+
+
+def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> Target:
+    """Split a queue URL into libpq settings and the queue's schema.
+
+    ``?schema=name`` (stripped before connecting; libpq does not know it) names the
+    PostgreSQL schema holding the queue's tables, default ``durable_analytics``; the
+    ``schema`` argument wins over it. ``connect_timeout`` defaults to ``timeout``.
+    """
+    if not is_postgres_url(url):
+        raise ConfigError("a PostgreSQL queue URL starts with postgresql:// or postgres://")
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    from_url = [v for k, v in query if k == "schema"]
+    chosen = schema or (from_url[-1] if from_url else DEFAULT_SCHEMA)
+    if not _SCHEMA_NAME.match(chosen):
+        raise ConfigError(
+            f"queue schema {chosen!r} is not a plain lower-case PostgreSQL name "
+            "(letters, digits, _; at most 63)"
+        )
+    rest = [(k, v) for k, v in query if k != "schema"]
+    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
+    try:
+        settings = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"invalid PostgreSQL queue URL: {_redact(str(exc), url)}") from None
+    extra: dict[str, Any] = {"application_name": "durable-analytics"}
+    if "connect_timeout" not in settings:
+        extra["connect_timeout"] = max(2, math.ceil(timeout))
+    if "tcp_user_timeout" not in settings:
+        # A server that vanished without closing the socket must not hang a call for the
+        # kernel's retransmission timeout (minutes).
+        extra["tcp_user_timeout"] = int(timeout * 1000)
+    conninfo = psycopg.conninfo.make_conninfo(conninfo, **extra)
+    user = str(settings.get("user") or "")
+    host = str(settings.get("host") or "")
+    port = str(settings.get("port") or "")
+    dbname = str(settings.get("dbname") or "")
+    where = f"{host}:{port}" if port else host
+    identity = f"postgresql://{user + '@' if user else ''}{where}/{dbname}#{chosen}"
+    return Target(conninfo, chosen, identity)
+
+
+def _redact(text: str, url: str) -> str:
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+def translate(exc: Exception, identity: str) -> QueueError:
+    """The durable-analytics error for a psycopg failure (never showing a password)."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, (pg_errors.QueryCanceled, pg_errors.LockNotAvailable)):
+        return QueueBusy(f"the PostgreSQL queue {identity} did not answer in time: {detail}")
+    if isinstance(exc, psycopg.OperationalError) and not isinstance(
+        exc, pg_errors.DiskFull | pg_errors.InsufficientResources
+    ):
+        return QueueUnavailable(f"the PostgreSQL queue {identity} is unreachable: {detail}")
+    return QueueError(f"the PostgreSQL queue {identity} failed: {detail}")
+
+
+# Connections a forked child inherited: their sockets are the parent's. They are kept
+# (never closed nor collected: closing would end the parent's session) with their file
+# descriptors pointed at /dev/null.
+_INHERITED: list[Connection] = []
+_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+class Pool:
+    """At most ``size`` connections per process, handed to one caller at a time.
+
+    A connection is made on demand, kept for reuse, and dropped when it broke. After
+    ``fork()`` the child never touches the parent's connections (see ``_after_fork``).
+    """
+
+    def __init__(self, target: Target, *, size: int = 4, timeout: float = 10.0) -> None:
+        self.target = target
+        self.size = size
+        self.timeout = timeout
+        self._reset()
+        self._closed = False
+        _POOLS.add(self)
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.size)
+        self._idle: list[Connection] = []
+        self._all: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+    def _connect(self) -> Connection:
+        try:
+            conn = psycopg.connect(
+                self.target.conninfo,
+                autocommit=True,
+                # No server-side prepared statements: they break behind PgBouncer in
+                # transaction mode, where each transaction may get another server session.
+                prepare_threshold=None,
+            )
+        except psycopg.Error as exc:
+            raise translate(exc, self.target.identity) from None
+        self._all.add(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A connection for the caller alone, returned to the pool afterwards."""
+        if not self._slots.acquire(timeout=self.timeout):
+            raise QueueBusy(
+                f"no connection to the PostgreSQL queue {self.target.identity} came free "
+                f"within {self.timeout:g} s (all {self.size} of this process are busy)"
+            )
+        slots = self._slots
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = self._connect()
+            try:
+                yield conn
+            finally:
+                self._give_back(conn)
+        finally:
+            slots.release()
+
+    def _give_back(self, conn: Connection) -> None:
+        if self._pid != os.getpid():
+            return  # forked meanwhile: the child's pool starts empty
+        healthy = not conn.closed and not conn.broken
+        if healthy and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            healthy = False  # an interrupted transaction: never hand it to the next caller
+        if healthy and not self._closed:
+            with self._lock:
+                self._idle.append(conn)
+            return
+        with contextlib.suppress(psycopg.Error):
+            conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections; busy ones close when given back."""
+        self._closed = True
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def reopen(self) -> None:
+        """Allow new connections again after ``close``."""
+        self._closed = False
+
+    def _after_fork(self) -> None:
+        inherited = list(self._all)
+        self._reset()
+        if not inherited:
+            return
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            for conn in inherited:
+                with contextlib.suppress(Exception):
+                    # Whatever libpq writes on this connection from now on (a Terminate
+                    # message when it is finally closed) must not reach the parent's socket.
+                    os.dup2(devnull, conn.pgconn.socket)
+                _INHERITED.append(conn)
+        finally:
+            os.close(devnull)
+
+
+def _before_fork() -> None:
+    for pool in list(_POOLS):
+        pool._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for pool in list(_POOLS):
+        pool._lock.release()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._after_fork()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)

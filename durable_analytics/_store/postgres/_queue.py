@@ -1,0 +1,684 @@
+"""The PostgreSQL queue: the ``QueueBackend`` contract on a server that a fleet shares.
+
+Leasing is one statement: the oldest ready rows of one destination, ``FOR UPDATE SKIP
+LOCKED`` so that concurrent holders never wait on (nor take) each other's rows, stamped
+with a fresh token and an expiry of the server's ``now()`` plus ``lease_timeout``. Every
+settlement (``ack``, ``release``, ``retry_later``, ``dead_letter``, ``extend``) names the
+token, so a holder whose lease expired and was taken over changes nothing. Every time is
+the server's: hosts whose clocks disagree still agree on who holds what. A holder's local
+deadline (``Lease.expires_monotonic``) is read before the lease statement is sent, so it is
+never later than the server's expiry.
+
+Each call is one short transaction; ``durability`` sets ``synchronous_commit`` for it with
+``SET LOCAL`` (so it works behind PgBouncer in transaction mode) and a ``statement_timeout``
+bounds it: a call never waits on the server longer than ``timeout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+from durable_analytics._store.base import (
+    CLOCK_JUMP_MARGIN,
+    MAX_BACKOFF_SECONDS,
+    DeadLetter,
+    Destination,
+    DestinationStats,
+    Lease,
+    QueueStats,
+)
+from durable_analytics.exceptions import ConfigError, QueueError
+
+from . import _sql as q
+from ._conn import Connection, Cursor, Pool, parse_url, psycopg, translate
+from ._schema import ROW_OVERHEAD, Sql, migrate
+
+__all__ = ["DBAPIConnection", "PostgresQueue"]
+
+log = logging.getLogger("durable_analytics")
+
+T = TypeVar("T")
+
+# Bytes a process may append on its own estimate before measuring the queue again, and
+# how close to the cap every append measures (at most once a second: a measure is a scan).
+_REFRESH_BYTES = 256 * 1024
+_REFRESH_SECONDS = 5.0
+_EXACT_ZONE = 2 * 1024 * 1024
+_EXACT_EVERY = 1.0
+
+
+class DBAPIConnection(Protocol):
+    """A DB-API 2 connection with the ``%s`` paramstyle (psycopg 3, psycopg2, Django's)."""
+
+    def cursor(self) -> Any: ...
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def _local(delta: float | None) -> float | None:
+    """A server time, given as seconds from the server's now, on this host's wall clock."""
+    return None if delta is None else time.time() + float(delta)
+
+
+class PostgresQueue:
+    """A durable message queue in PostgreSQL, shared by every process of every host.
+
+    ``url`` is a libpq URL (``postgresql://user:password@host:5432/dbname``), optionally
+    with ``?schema=name`` for the schema holding the queue's tables (default
+    ``durable_analytics``; created and migrated on first use, which needs the CREATE
+    privilege once). ``durability="normal"`` commits the queue's own transactions with
+    ``synchronous_commit=off`` (a crash of the application loses nothing; a crash of the
+    *server* may lose its last fraction of a second of appends), ``"full"`` with ``on``.
+
+    ``timeout`` bounds every call: connecting, waiting for a connection of this process's
+    pool (``pool_size``), and each statement. Past it the call raises ``QueueUnavailable``
+    (server unreachable) or ``QueueBusy`` (it answered too slowly); nothing is half-done.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durability: Literal["normal", "full"] = "normal",
+        max_queue_bytes: int = 1 << 30,
+        overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest",
+        lease_timeout: float = 60.0,
+        max_dead_letter_bytes: int | None = None,
+        schema: str | None = None,
+        timeout: float = 10.0,
+        pool_size: int = 4,
+    ) -> None:
+        if durability not in ("normal", "full"):
+            raise ConfigError("durability must be 'normal' or 'full'")
+        self.target = parse_url(url, schema=schema, timeout=timeout)
+        #: ``postgresql://user@host:port/dbname#schema``: no password.
+        self.identity = self.target.identity
+        self.path = Path(self.identity)
+        self.durability = durability
+        self.max_queue_bytes = max_queue_bytes
+        self.overflow = overflow
+        self.lease_timeout = lease_timeout
+        self.timeout = timeout
+        self.max_dead_letter_bytes = (
+            max_queue_bytes // 10 if max_dead_letter_bytes is None else max_dead_letter_bytes
+        )
+        self._sql = Sql(self.target.schema)
+        self._pool = Pool(self.target, size=pool_size, timeout=timeout)
+        self._settings = (
+            "off" if durability == "normal" else "on",
+            f"{int(timeout * 1000)}ms",
+        )
+        self._dest_cache: dict[tuple[str, str], int] = {}
+        self._est_used = 0
+        self._since_refresh = _REFRESH_BYTES  # measure on the first append
+        self._measured_at = -1e9
+        self._dead_since_check = 1
+        self._outbox_checked: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        with self._pool.connection() as conn:
+            try:
+                self.instance = migrate(conn, self._sql, self.identity)
+            except psycopg.Error as exc:
+                raise translate(exc, self.identity) from None
+
+    def __repr__(self) -> str:
+        return f"PostgresQueue({self.identity!r})"
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _tx(self, run: Callable[[Connection], T], *, snapshot: bool = False) -> T:
+        """Run ``run`` in one transaction with the queue's durability and timeout.
+
+        Pipelined: BEGIN, the settings and the statements travel together, so a call whose
+        statements need no answer in between costs one round trip.
+        """
+        try:
+            with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+                if snapshot:
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                conn.execute(q.SETTINGS, self._settings)
+                return run(conn)
+        except psycopg.Error as exc:
+            raise translate(exc, self.identity) from None
+
+    def close(self) -> None:
+        """Close this process's idle connections (busy ones close when their call ends)."""
+        self._pool.close()
+
+    # ---------------------------------------------------------------- destinations
+
+    def destination(self, host: str, write_key: str) -> int:
+        """The id of the (host, write key) destination, created on first use."""
+        key = (host, write_key)
+        cached = self._dest_cache.get(key)
+        if cached is not None:
+            return cached
+        params = {"host": host, "key": write_key}
+        row = None
+        for _ in range(3):  # a concurrent first insert may hide the row from one statement
+            row = self._tx(lambda c: c.execute(self._sql(q.DESTINATION), params)).fetchone()
+            if row is not None:
+                break
+        if row is None:
+            raise QueueError(f"the PostgreSQL queue {self.identity} lost a destination row")
+        self._dest_cache[key] = int(row[0])
+        return int(row[0])
+
+    # ---------------------------------------------------------------- append
+
+    def append(
+        self,
+        dest_id: int,
+        body: bytes,
+        enqueued_at: float | None = None,
+        *,
+        connection: DBAPIConnection | None = None,
+    ) -> int:
+        """Store one serialized message; its id after COMMIT, 0 when the size cap dropped it.
+
+        ``connection``: the transactional outbox. The message is inserted on the caller's
+        own connection, inside the caller's open transaction, and not committed: it exists
+        (and will be delivered by any flusher) if and only if the caller commits. The
+        connection must reach the database holding this queue (``ConfigError`` otherwise).
+        """
+        body = bytes(body)
+        if not self._room_for(len(body)):
+            return 0
+        if connection is not None:
+            return self._stage(connection, dest_id, body, enqueued_at)
+        params = (dest_id, body, len(body), enqueued_at)
+        row = self._tx(lambda c: c.execute(self._sql(q.INSERT), params)).fetchone()
+        self._grew(len(body))
+        return int(row[0]) if row else 0
+
+    def _grew(self, size: int) -> None:
+        self._est_used += size + ROW_OVERHEAD
+        self._since_refresh += size + ROW_OVERHEAD
+
+    def _room_for(self, size: int) -> bool:
+        """Whether the cap lets ``size`` more bytes in (making room with ``drop_oldest``).
+
+        The queue's size is measured (a scan) only every ``_REFRESH_BYTES`` appended by this
+        process or ``_REFRESH_SECONDS``, and at most every ``_EXACT_EVERY`` near the cap; in
+        between each process adds what it appended. Many processes appending at once near
+        the cap can therefore pass it by about what they append in that second.
+        """
+        now = time.monotonic()
+        near = self._est_used + size + _EXACT_ZONE > self.max_queue_bytes
+        due = self._since_refresh >= _REFRESH_BYTES or now - self._measured_at > _REFRESH_SECONDS
+        if (due or near) and now - self._measured_at >= (_EXACT_EVERY if near else 0.0):
+            self._est_used = self._measure()
+            self._since_refresh = 0
+            self._measured_at = now
+        over = self._est_used + size - self.max_queue_bytes
+        if over <= 0:
+            return True
+        if self._trim_dead_letters(throttle=True):
+            self._est_used = self._measure()
+            over = self._est_used + size - self.max_queue_bytes
+        if over > 0 and self.overflow == "drop_oldest":
+            freed = self._drop_oldest(over)
+            self._est_used -= freed
+            over -= freed
+        if over <= 0:
+            return True
+        drop = {"n": 1, "name": "dropped_newest"}
+        self._tx(lambda c: c.execute(self._sql(q.COUNT_DROP), drop))
+        return False
+
+    def _measure(self) -> int:
+        params = {"overhead": ROW_OVERHEAD}
+        row = self._tx(lambda c: c.execute(self._sql(q.USED), params)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _drop_oldest(self, need: int) -> int:
+        """Delete the oldest unleased messages worth ``need`` bytes; returns the bytes freed."""
+        freed = 0
+        for _ in range(64):
+            row = self._tx(self._drop_some(need - freed)).fetchone()
+            got = int(row[0]) if row else 0
+            freed += got
+            if not got or freed >= need:
+                break
+        return freed
+
+    def _drop_some(self, need: int) -> Callable[[Connection], Cursor]:
+        params = {"overhead": ROW_OVERHEAD, "need": need}
+        return lambda c: c.execute(self._sql(q.DROP_OLDEST), params)
+
+    def _stage(
+        self, connection: DBAPIConnection, dest_id: int, body: bytes, enqueued_at: float | None
+    ) -> int:
+        self._check_outbox(connection)
+        cur = connection.cursor()
+        try:
+            cur.execute(self._sql(q.INSERT).decode(), (dest_id, body, len(body), enqueued_at))
+            row = cur.fetchone()
+        finally:
+            with contextlib.suppress(Exception):
+                cur.close()
+        self._grew(len(body))
+        return int(row[0]) if row else 0
+
+    def _check_outbox(self, connection: DBAPIConnection) -> None:
+        """Refuse a connection that does not reach this queue's database (checked once).
+
+        Only statements that cannot fail run on the caller's connection, so a refused
+        connection's transaction is left as it was.
+        """
+        with contextlib.suppress(TypeError):
+            if self._outbox_checked.get(connection):
+                return
+        refusal = ConfigError(
+            f"connection= must reach the database holding the queue ({self.identity}): "
+            "this one does not; the message was not staged"
+        )
+        try:
+            cur = connection.cursor()
+        except Exception as exc:
+            raise refusal from exc
+        try:
+            cur.execute("SELECT to_regclass(%s)::text", (f"{self._sql.quoted}.meta",))
+            found = cur.fetchone()
+            if found is None or found[0] is None:
+                raise refusal
+            cur.execute(self._sql(q.INSTANCE).decode())
+            row = cur.fetchone()
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise refusal from exc
+        finally:
+            with contextlib.suppress(Exception):
+                cur.close()
+        if row is None or row[0] != self.instance:
+            raise refusal
+        with contextlib.suppress(TypeError):
+            self._outbox_checked[connection] = True
+
+    # ---------------------------------------------------------------- leases
+
+    def lease(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> Lease | None:
+        """Take the oldest ready messages of one destination, or None when none are ready.
+
+        At most ``max_messages`` messages and ``max_bytes`` bytes (each costing its size
+        plus ``per_message_overhead``); the first is always taken. ``now`` is ignored: every
+        time is the server's.
+        """
+        del now
+        token = uuid.uuid4()
+        params = {
+            "dest": destination,
+            "top": up_to_id if up_to_id is not None else (1 << 62),
+            "n": max(1, max_messages),
+            "max_bytes": max_bytes,
+            "overhead": per_message_overhead,
+            "token": token,
+            "timeout": self.lease_timeout,
+            "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN,
+        }
+        # Read before the statement is sent: never later than the server's expiry.
+        deadline = time.monotonic() + self.lease_timeout
+        rows = self._tx(lambda c: c.execute(self._sql(q.LEASE), params, binary=True)).fetchall()
+        if not rows:
+            return None
+        rows.sort(key=lambda r: int(r[0]))
+        _, dest_id, host, key, failures = rows[0][:5]
+        return Lease(
+            token=token.hex,
+            destination=Destination(int(dest_id), host, key),
+            ids=tuple(int(r[0]) for r in rows),
+            bodies=tuple(bytes(r[5]) for r in rows),
+            attempts=max(int(r[6]) for r in rows),
+            expires_monotonic=deadline,
+            failures=int(failures),
+        )
+
+    @staticmethod
+    def _ids(lease: Lease, ids: Iterable[int] | None) -> list[int]:
+        if ids is None:
+            return list(lease.ids)
+        wanted = set(ids)
+        return [i for i in lease.ids if i in wanted]
+
+    def extend(self, lease: Lease) -> bool:
+        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
+        params = (self.lease_timeout, list(lease.ids), uuid.UUID(lease.token))
+        count = self._tx(lambda c: c.execute(self._sql(q.EXTEND), params)).rowcount
+        return count > 0
+
+    def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
+        """Delete delivered messages and clear the destination's backoff; returns how many.
+
+        Fenced by the token: once the lease was taken over, its holder's ack deletes nothing.
+        """
+        params = {
+            "ids": self._ids(lease, ids),
+            "token": uuid.UUID(lease.token),
+            "dest": lease.destination.id,
+        }
+        row = self._tx(lambda c: c.execute(self._sql(q.ACK), params)).fetchone()
+        return int(row[0]) if row else 0
+
+    def release(
+        self,
+        lease: Lease,
+        not_before: float | None = None,
+        *,
+        ids: Iterable[int] | None = None,
+        count_attempt: bool = True,
+    ) -> int:
+        """Return leased messages to the queue, not to be leased again before ``not_before``.
+
+        ``not_before`` is this host's wall-clock time; it is stored as the same distance from
+        the server's now. Fenced by the token.
+        """
+        delay = None if not_before is None else max(0.0, not_before - time.time())
+        params = self._release_params(lease, ids, delay, 1 if count_attempt else 0)
+        return self._tx(lambda c: c.execute(self._sql(q.RELEASE), params)).rowcount
+
+    @staticmethod
+    def _release_params(
+        lease: Lease, ids: Iterable[int] | None, delay: float | None, bump: int
+    ) -> dict[str, Any]:
+        return {
+            "ids": PostgresQueue._ids(lease, ids),
+            "token": uuid.UUID(lease.token),
+            "delay": delay,
+            "bump": bump,
+        }
+
+    def retry_later(self, lease: Lease, delay: Callable[[int], float], error: str) -> float:
+        """Back the destination off and hand the batch back, in one transaction.
+
+        The destination's row is locked while ``delay(failures + 1)`` is computed, so holders
+        on other hosts failing at once count every failure. Returns this host's wall-clock
+        time at which the backoff ends. The failure counts even for a stale lease.
+        """
+        dest_id = lease.destination.id
+
+        def run(conn: Connection) -> float:
+            row = conn.execute(self._sql(q.LOCK_DESTINATION), (dest_id,)).fetchone()
+            seconds = max(0.0, float(delay((int(row[0]) if row else 0) + 1)))
+            conn.execute(self._sql(q.SET_BACKOFF), self._backoff_params(dest_id, seconds, error))
+            conn.execute(self._sql(q.RELEASE), self._release_params(lease, None, seconds, 1))
+            return seconds
+
+        return time.time() + self._tx(run)
+
+    @staticmethod
+    def _backoff_params(dest_id: int, seconds: float, error: str | None) -> dict[str, Any]:
+        return {
+            "dest": dest_id,
+            "delay": seconds,
+            "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN,
+            "error": None if error is None else error[:500],
+        }
+
+    def dead_letter(
+        self,
+        lease: Lease,
+        ids: Iterable[int],
+        *,
+        status: int | None,
+        reason: str,
+        excerpt: str = "",
+    ) -> int:
+        """Move leased messages to the dead letters (fenced by the token); returns how many."""
+        chosen = self._ids(lease, ids)
+        if not chosen:
+            return 0
+        params = {
+            "ids": chosen,
+            "token": uuid.UUID(lease.token),
+            "status": status,
+            "reason": reason[:500],
+            "excerpt": excerpt[:2000],
+        }
+        moved = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTER), params)).rowcount
+        if moved:
+            done = set(chosen)
+            self._dead_since_check += sum(
+                len(b) for i, b in zip(lease.ids, lease.bodies, strict=True) if i in done
+            )
+            self._bound_dead_letters()
+        return int(moved)
+
+    def _bound_dead_letters(self) -> None:
+        """Keep dead letters within ``max_dead_letter_bytes`` while the queue nears its cap."""
+        if self._dead_since_check < max(1, self.max_dead_letter_bytes // 8):
+            return
+        if self._measure() + self.max_dead_letter_bytes < self.max_queue_bytes:
+            self._dead_since_check = 0
+            return
+        self._trim_dead_letters()
+
+    def _trim_dead_letters(self, *, throttle: bool = False) -> int:
+        """Purge the oldest dead letters beyond ``max_dead_letter_bytes``; returns how many."""
+        if throttle and not self._dead_since_check:
+            return 0
+        self._dead_since_check = 0
+        limit = self.max_dead_letter_bytes
+        params = {"overhead": ROW_OVERHEAD, "limit": limit, "keep": int(limit * 0.9)}
+        row = self._tx(lambda c: c.execute(self._sql(q.TRIM_DEAD), params)).fetchone()
+        purged = int(row[0]) if row else 0
+        if purged:
+            log.warning(
+                "the dead letters of %s passed max_dead_letter_bytes (%d bytes) with the queue "
+                "near its cap: purged the %d oldest",
+                self.identity,
+                limit,
+                purged,
+            )
+        return purged
+
+    def dead_letters_purged(self) -> int:
+        """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""
+        return self._counter("dead_letters_purged")
+
+    def _counter(self, name: str) -> int:
+        row = self._tx(lambda c: c.execute(self._sql(q.COUNTER), (name,))).fetchone()
+        return int(row[0]) if row else 0
+
+    # ---------------------------------------------------------------- backoff
+
+    def set_backoff(self, dest_id: int, until: float, error: str | None = None) -> None:
+        """Hold every holder on every host back from ``dest_id`` until ``until`` (wall clock)."""
+        params = self._backoff_params(dest_id, max(0.0, until - time.time()), error)
+        self._tx(lambda c: c.execute(self._sql(q.SET_BACKOFF), params))
+
+    def clear_backoff(self, dest_id: int) -> None:
+        """Forget the destination's failures after a successful delivery."""
+        self._tx(lambda c: c.execute(self._sql(q.CLEAR_BACKOFF), (dest_id,)))
+
+    def backoff(self, dest_id: int) -> tuple[float, int]:
+        """``(not_before, consecutive failures)`` of a destination (not_before 0: none)."""
+        row = self._tx(lambda c: c.execute(self._sql(q.BACKOFF), (dest_id,))).fetchone()
+        if row is None:
+            return 0.0, 0
+        return (_local(row[0]) or 0.0), int(row[1])
+
+    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
+        """The earliest wall-clock time at which some pending message may be leased."""
+        params = {
+            "top": up_to_id if up_to_id is not None else (1 << 62),
+            "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN,
+        }
+        row = self._tx(lambda c: c.execute(self._sql(q.NEXT_READY), params)).fetchone()
+        return None if row is None else _local(row[0])
+
+    def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
+        """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
+        del now
+        params = {"limit": limit, "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN}
+        row = self._tx(lambda c: c.execute(self._sql(q.READY_SUMMARY), params)).fetchone()
+        if row is None or not row[0]:
+            return 0, None
+        return int(row[0]), _local(-float(row[1]))
+
+    def reclaim_expired(self) -> int:
+        """Free the messages of expired leases now; returns how many leases ended.
+
+        ``lease`` already takes expired messages; this only makes them count as pending.
+        """
+        row = self._tx(lambda c: c.execute(self._sql(q.RECLAIM))).fetchone()
+        return int(row[0]) if row else 0
+
+    # ---------------------------------------------------------------- inspection
+
+    def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
+        """How many messages are not yet delivered (leased or not)."""
+        params = {"top": up_to_id if up_to_id is not None else (1 << 62), "dest": destination}
+        row = self._tx(lambda c: c.execute(self._sql(q.PENDING), params)).fetchone()
+        return int(row[0]) if row else 0
+
+    def max_id(self) -> int:
+        """The id of the newest message (0 when empty)."""
+        row = self._tx(lambda c: c.execute(self._sql(q.MAX_ID))).fetchone()
+        return int(row[0]) if row else 0
+
+    def live_leases(self) -> int:
+        """How many leases are held right now (by anyone, on any host)."""
+        row = self._tx(lambda c: c.execute(self._sql(q.LIVE_LEASES))).fetchone()
+        return int(row[0]) if row else 0
+
+    def bodies(self) -> list[bytes]:
+        """Every pending message body, oldest first (for tests and tools)."""
+        rows = self._tx(lambda c: c.execute(self._sql(q.BODIES))).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def stats(self) -> QueueStats:
+        """Counts and health of the queue, from one snapshot (see ``QueueStats``)."""
+
+        def run(conn: Connection) -> tuple[Cursor, Cursor]:
+            return (
+                conn.execute(self._sql(q.STATS_DESTINATIONS)),
+                conn.execute(self._sql(q.STATS_TOTALS)),
+            )
+
+        per_dest, total = self._tx(run, snapshot=True)
+        dests, totals = per_dest.fetchall(), total.fetchone()
+        if totals is None:  # pragma: no cover - an aggregate always returns one row
+            raise QueueError(f"the PostgreSQL queue {self.identity} returned no totals")
+        destinations = []
+        last: tuple[float, str, str] | None = None
+        for d, host, key, until, failures, err, err_ago, n, leased in dests:
+            if err is not None and err_ago is not None:
+                at = time.time() - float(err_ago)
+                if last is None or at > last[0]:
+                    last = (at, str(err), str(host))
+            destinations.append(
+                DestinationStats(
+                    host=host,
+                    write_key=Destination(int(d), host, key).redacted_key,
+                    pending=int(n),
+                    leased=int(leased),
+                    backoff_until=None if until is None else _iso(time.time() + float(until)),
+                    failures=int(failures),
+                    last_error=err,
+                )
+            )
+        pending, leased, size, oldest_age, dead, dropped = totals
+        return QueueStats(
+            pending=int(pending),
+            leased=int(leased),
+            dead_letters=int(dead),
+            bytes=int(size),
+            oldest_age_seconds=None if oldest_age is None else round(float(oldest_age), 3),
+            dropped=int(dropped),
+            last_error=None
+            if last is None
+            else {"message": last[1], "at": _iso(last[0]), "host": last[2]},
+            destinations=destinations,
+        )
+
+    def table_health(self) -> dict[str, Any]:
+        """Dead rows, size and vacuum times of the message table, and the oldest snapshot.
+
+        A queue's table fills with dead rows (each message leaves one per lease and one per
+        delete) that only VACUUM reclaims, and VACUUM cannot reclaim past the oldest open
+        snapshot of the whole server (a long transaction, ``pg_dump``, an idle-in-transaction
+        session). ``status`` shows these numbers; ``docs/POSTGRESQL.md`` says what to do.
+        """
+        schema = (self.target.schema,)
+        row = self._tx(lambda c: c.execute(q.TABLE_HEALTH.encode(), schema)).fetchone()
+        if row is None:
+            return {}
+        live, dead, total_bytes, vacuumed_ago, oldest_xmin_age, oldest_tx_seconds = row
+        return {
+            "live_rows": int(live or 0),
+            "dead_rows": int(dead or 0),
+            "table_bytes": int(total_bytes or 0),
+            "last_vacuum_seconds_ago": None if vacuumed_ago is None else round(vacuumed_ago, 1),
+            "oldest_snapshot_xid_age": None if oldest_xmin_age is None else int(oldest_xmin_age),
+            "oldest_transaction_seconds": None
+            if oldest_tx_seconds is None
+            else round(float(oldest_tx_seconds), 1),
+        }
+
+    # ---------------------------------------------------------------- dead letters
+
+    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        """The dead letters (all, or those with ``ids``), oldest first."""
+        params = {"all": ids is None, "ids": list(ids or ())}
+        rows = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTERS), params)).fetchall()
+        out = []
+        for row_id, host, key, status, reason, excerpt, attempts, enq, dead_at, body in rows:
+            try:
+                msg = json.loads(bytes(body))
+            except ValueError:
+                msg = {}
+            if not isinstance(msg, dict):
+                msg = {}
+            out.append(
+                DeadLetter(
+                    id=int(row_id),
+                    host=host,
+                    write_key=Destination(0, host, key).redacted_key,
+                    type=str(msg.get("type", "")),
+                    event=msg.get("event") or msg.get("name"),
+                    message_id=msg.get("messageId"),
+                    status=status,
+                    reason=reason,
+                    excerpt=excerpt,
+                    attempts=int(attempts),
+                    enqueued_at=float(enq),
+                    dead_at=float(dead_at),
+                    body=bytes(body),
+                )
+            )
+        return out
+
+    def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Put dead letters (all, or ``ids``) back in the queue; returns how many."""
+        return self._move_dead(ids, q.REQUEUE_DEAD)
+
+    def purge_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Delete dead letters (all, or ``ids``) for good; returns how many."""
+        return self._move_dead(ids, q.PURGE_DEAD)
+
+    def _move_dead(self, ids: Sequence[int] | None, statement: str) -> int:
+        if ids is not None and not ids:
+            return 0
+        params = {"all": ids is None, "ids": list(ids or ())}
+        row = self._tx(lambda c: c.execute(self._sql(statement), params)).fetchone()
+        return int(row[0]) if row else 0

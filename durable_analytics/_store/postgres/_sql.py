@@ -1,0 +1,275 @@
+"""The PostgreSQL queue's statements; ``{s}`` stands for the quoted schema name.
+
+Every time comes from the server's ``now()``. A ``not_before`` further away than the
+``horizon`` (the longest backoff plus a margin) can only come from a clock that jumped, and
+is ignored, as the contract says.
+"""
+
+from __future__ import annotations
+
+# Per transaction (SET LOCAL semantics), so that a pooler in transaction mode keeps them
+# to this transaction: synchronous_commit (durability) and statement_timeout (the bound).
+SETTINGS = (
+    "SELECT set_config('synchronous_commit', %s, true), set_config('statement_timeout', %s, true)"
+)
+
+_READY_MSG = (
+    "(m.not_before IS NULL OR m.not_before <= now() "
+    "OR m.not_before > now() + %(horizon)s * interval '1 second')"
+)
+_READY_DEST = (
+    "(d.not_before IS NULL OR d.not_before <= now() "
+    "OR d.not_before > now() + %(horizon)s * interval '1 second')"
+)
+_UNLEASED = "(m.lease_expires IS NULL OR m.lease_expires < now())"
+
+DESTINATION = """
+WITH ins AS (
+    INSERT INTO {s}.destinations (host, write_key) VALUES (%(host)s, %(key)s)
+    ON CONFLICT (host, write_key) DO NOTHING RETURNING id
+)
+SELECT id FROM ins
+UNION ALL
+SELECT id FROM {s}.destinations WHERE host = %(host)s AND write_key = %(key)s
+LIMIT 1
+"""
+
+INSERT = (
+    "INSERT INTO {s}.messages (dest, body, size, enqueued_at) "
+    "VALUES (%s, %s, %s, coalesce(to_timestamp(%s::float8), now())) RETURNING id"
+)
+
+INSTANCE = "SELECT value FROM {s}.meta WHERE key = 'instance'"
+
+# The oldest ready message picks the destination; then the oldest ready messages of that
+# destination, within the count and the byte budget (the first always), are stamped with
+# the token. SKIP LOCKED: rows another holder is leasing right now are not waited for.
+LEASE = f"""
+WITH first AS (
+    SELECT m.dest FROM {{s}}.messages m
+    WHERE m.id <= %(top)s
+      AND (%(dest)s::bigint IS NULL OR m.dest = %(dest)s::bigint)
+      AND {_UNLEASED} AND {_READY_MSG}
+      AND m.dest IN (SELECT d.id FROM {{s}}.destinations d WHERE {_READY_DEST})
+    ORDER BY m.id LIMIT 1
+    FOR UPDATE OF m SKIP LOCKED
+), cand AS (
+    SELECT m.id, m.size FROM {{s}}.messages m
+    WHERE m.dest = (SELECT dest FROM first) AND m.id <= %(top)s
+      AND {_UNLEASED} AND {_READY_MSG}
+    ORDER BY m.id LIMIT %(n)s
+    FOR UPDATE OF m SKIP LOCKED
+), pick AS (
+    SELECT id FROM (
+        SELECT id, sum(size + %(overhead)s) OVER (ORDER BY id) AS running,
+               row_number() OVER (ORDER BY id) AS rn
+        FROM cand
+    ) s
+    WHERE running <= %(max_bytes)s OR rn = 1
+)
+UPDATE {{s}}.messages m
+SET lease_token = %(token)s, lease_expires = now() + %(timeout)s * interval '1 second'
+FROM pick, {{s}}.destinations d
+WHERE m.id = pick.id AND d.id = m.dest
+RETURNING m.id, m.dest, d.host, d.write_key, d.failures, m.body, m.attempts
+"""
+
+EXTEND = (
+    "UPDATE {s}.messages SET lease_expires = now() + %s * interval '1 second' "
+    "WHERE id = ANY(%s::bigint[]) AND lease_token = %s"
+)
+
+_CLEAR = (
+    "UPDATE {s}.destinations SET not_before = NULL, failures = 0 "
+    "WHERE id = %(dest)s AND (failures <> 0 OR not_before IS NOT NULL)"
+)
+
+ACK = f"""
+WITH gone AS (
+    DELETE FROM {{s}}.messages WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+    RETURNING 1
+), clear AS ({_CLEAR})
+SELECT count(*) FROM gone
+"""
+
+CLEAR_BACKOFF = _CLEAR.replace("%(dest)s", "%s")
+
+RELEASE = """
+UPDATE {s}.messages
+SET lease_token = NULL, lease_expires = NULL, attempts = attempts + %(bump)s,
+    not_before = CASE WHEN %(delay)s::float8 IS NULL THEN NULL
+                      ELSE now() + %(delay)s::float8 * interval '1 second' END
+WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+"""
+
+LOCK_DESTINATION = "SELECT failures FROM {s}.destinations WHERE id = %s FOR UPDATE"
+
+SET_BACKOFF = """
+UPDATE {s}.destinations SET
+    not_before = CASE
+        WHEN not_before IS NULL OR not_before > now() + %(horizon)s * interval '1 second'
+        THEN now() + %(delay)s * interval '1 second'
+        ELSE greatest(not_before, now() + %(delay)s * interval '1 second') END,
+    failures = failures + 1,
+    last_error = coalesce(%(error)s::text, last_error),
+    last_error_at = CASE WHEN %(error)s::text IS NULL THEN last_error_at ELSE now() END
+WHERE id = %(dest)s
+"""
+
+BACKOFF = (
+    "SELECT extract(epoch FROM not_before - now())::float8, failures "
+    "FROM {s}.destinations WHERE id = %s"
+)
+
+DEAD_LETTER = """
+WITH gone AS (
+    DELETE FROM {s}.messages WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+    RETURNING id, dest, body, size, enqueued_at, attempts
+)
+INSERT INTO {s}.dead_letters (dest, body, size, enqueued_at, attempts, status, reason, excerpt)
+SELECT dest, body, size, enqueued_at, attempts + 1, %(status)s::integer, %(reason)s, %(excerpt)s
+FROM gone ORDER BY id
+"""
+
+NEXT_READY = f"""
+SELECT extract(epoch FROM min(greatest(
+    CASE WHEN m.not_before > now() + %(horizon)s * interval '1 second' THEN NULL
+         ELSE m.not_before END,
+    CASE WHEN d.not_before > now() + %(horizon)s * interval '1 second' THEN NULL
+         ELSE d.not_before END,
+    now())) - now())::float8
+FROM {{s}}.messages m JOIN {{s}}.destinations d ON d.id = m.dest
+WHERE m.id <= %(top)s AND {_UNLEASED}
+"""
+
+READY_SUMMARY = f"""
+SELECT count(*), extract(epoch FROM now() - min(enqueued_at))::float8 FROM (
+    SELECT m.enqueued_at FROM {{s}}.messages m JOIN {{s}}.destinations d ON d.id = m.dest
+    WHERE {_READY_DEST} AND {_READY_MSG} AND {_UNLEASED}
+    ORDER BY m.id LIMIT %(limit)s
+) ready
+"""
+
+RECLAIM = """
+WITH old AS (
+    SELECT id, lease_token FROM {s}.messages WHERE lease_expires < now()
+    FOR UPDATE SKIP LOCKED
+), freed AS (
+    UPDATE {s}.messages m SET lease_token = NULL, lease_expires = NULL
+    FROM old WHERE m.id = old.id
+)
+SELECT count(DISTINCT lease_token) FROM old
+"""
+
+PENDING = (
+    "SELECT count(*) FROM {s}.messages WHERE id <= %(top)s "
+    "AND (%(dest)s::bigint IS NULL OR dest = %(dest)s::bigint)"
+)
+
+MAX_ID = "SELECT coalesce(max(id), 0) FROM {s}.messages"
+
+LIVE_LEASES = "SELECT count(DISTINCT lease_token) FROM {s}.messages WHERE lease_expires >= now()"
+
+BODIES = "SELECT body FROM {s}.messages ORDER BY id"
+
+STATS_DESTINATIONS = """
+SELECT d.id, d.host, d.write_key,
+    CASE WHEN d.not_before > now() THEN extract(epoch FROM d.not_before - now())::float8 END,
+    d.failures, d.last_error, extract(epoch FROM now() - d.last_error_at)::float8,
+    coalesce(m.n, 0), coalesce(m.leased, 0)
+FROM {s}.destinations d LEFT JOIN (
+    SELECT dest, count(*) AS n, count(*) FILTER (WHERE lease_expires >= now()) AS leased
+    FROM {s}.messages GROUP BY dest
+) m ON m.dest = d.id
+ORDER BY d.id
+"""
+
+STATS_TOTALS = """
+SELECT count(*), count(*) FILTER (WHERE lease_expires >= now()), coalesce(sum(size), 0),
+    greatest(0, extract(epoch FROM now() - min(enqueued_at)))::float8,
+    (SELECT count(*) FROM {s}.dead_letters),
+    (SELECT coalesce(sum(value), 0) FROM {s}.counters WHERE name LIKE 'dropped_%%')
+FROM {s}.messages
+"""
+
+USED = """
+SELECT (SELECT coalesce(sum(size), 0) + count(*) * %(overhead)s FROM {s}.messages)
+     + (SELECT coalesce(sum(size), 0) + count(*) * %(overhead)s FROM {s}.dead_letters)
+"""
+
+COUNT_DROP = "UPDATE {s}.counters SET value = value + %(n)s WHERE name = %(name)s"
+
+COUNTER = "SELECT value FROM {s}.counters WHERE name = %s"
+
+# The oldest unleased messages until ``need`` bytes are freed (the one crossing it included).
+DROP_OLDEST = f"""
+WITH v AS (
+    SELECT m.id, m.size FROM {{s}}.messages m WHERE {_UNLEASED}
+    ORDER BY m.id LIMIT 512 FOR UPDATE SKIP LOCKED
+), r AS (
+    SELECT id, size, sum(size + %(overhead)s) OVER (ORDER BY id) AS running FROM v
+), gone AS (
+    DELETE FROM {{s}}.messages m USING r
+    WHERE m.id = r.id AND r.running - r.size - %(overhead)s < %(need)s
+    RETURNING m.size
+), counted AS (
+    UPDATE {{s}}.counters SET value = value + (SELECT count(*) FROM gone)
+    WHERE name = 'dropped_oldest'
+)
+SELECT coalesce(sum(size + %(overhead)s), 0) FROM gone
+"""
+
+# Past ``limit`` bytes of dead letters, the oldest go until ``keep`` bytes are left.
+TRIM_DEAD = """
+WITH total AS (
+    SELECT coalesce(sum(size + %(overhead)s), 0) AS t FROM {s}.dead_letters
+), r AS (
+    SELECT id, size, sum(size + %(overhead)s) OVER (ORDER BY id) AS running
+    FROM {s}.dead_letters
+), gone AS (
+    DELETE FROM {s}.dead_letters l USING r, total
+    WHERE total.t > %(limit)s AND l.id = r.id
+      AND r.running - r.size - %(overhead)s < total.t - %(keep)s
+    RETURNING 1
+), counted AS (
+    UPDATE {s}.counters SET value = value + (SELECT count(*) FROM gone)
+    WHERE name = 'dead_letters_purged'
+)
+SELECT count(*) FROM gone
+"""
+
+DEAD_LETTERS = """
+SELECT l.id, d.host, d.write_key, l.status, l.reason, l.excerpt, l.attempts,
+    extract(epoch FROM l.enqueued_at)::float8, extract(epoch FROM l.dead_at)::float8, l.body
+FROM {s}.dead_letters l JOIN {s}.destinations d ON d.id = l.dest
+WHERE %(all)s OR l.id = ANY(%(ids)s::bigint[])
+ORDER BY l.id
+"""
+
+REQUEUE_DEAD = """
+WITH gone AS (
+    DELETE FROM {s}.dead_letters WHERE %(all)s OR id = ANY(%(ids)s::bigint[])
+    RETURNING id, dest, body, size, enqueued_at
+), back AS (
+    INSERT INTO {s}.messages (dest, body, size, enqueued_at)
+    SELECT dest, body, size, enqueued_at FROM gone ORDER BY id
+)
+SELECT count(*) FROM gone
+"""
+
+PURGE_DEAD = """
+WITH gone AS (
+    DELETE FROM {s}.dead_letters WHERE %(all)s OR id = ANY(%(ids)s::bigint[]) RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+# Parameter: the schema name. Not every role may see other sessions' snapshots; then NULL.
+TABLE_HEALTH = """
+SELECT s.n_live_tup, s.n_dead_tup, pg_total_relation_size(s.relid),
+    extract(epoch FROM now() - greatest(s.last_vacuum, s.last_autovacuum))::float8,
+    (SELECT max(age(backend_xmin)) FROM pg_stat_activity WHERE backend_xmin IS NOT NULL),
+    (SELECT extract(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity
+     WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid())
+FROM pg_stat_user_tables s WHERE s.schemaname = %s AND s.relname = 'messages'
+"""
