@@ -1,0 +1,261 @@
+"""What only the PostgreSQL queue has to prove (the shared contract is test_contract.py).
+
+Every test runs against the real private server of the ``pg_dsn`` fixture, each in a
+schema of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from conftest import run_python
+
+from durable_analytics._store.postgres._queue import PostgresQueue
+from durable_analytics.exceptions import (
+    ConfigError,
+    QueueBusy,
+    QueueUnavailable,
+    QueueVersionError,
+)
+
+HOST = "https://collector.test"
+KEY = "write-key-postgres"
+
+
+@pytest.fixture
+def pgq(pg_dsn: str, pg_schema: str) -> Iterator[PostgresQueue]:
+    queue = PostgresQueue(pg_dsn, schema=pg_schema, lease_timeout=30.0)
+    yield queue
+    queue.close()
+
+
+def server_now_and_expiry(pg_dsn: str, schema: str, token: str) -> tuple[float, float]:
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute(
+            f"SELECT extract(epoch FROM now()), extract(epoch FROM max(lease_expires)) "
+            f'FROM "{schema}".messages WHERE lease_token = %s::uuid',
+            (token,),
+        ).fetchone()
+    assert row is not None
+    return float(row[0]), float(row[1])
+
+
+def test_a_stale_holder_changes_nothing_after_its_lease_expired_and_was_taken(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    q = PostgresQueue(pg_dsn, schema=pg_schema, lease_timeout=0.3)
+    dest = q.destination(HOST, KEY)
+    ids = [q.append(dest, b'{"n":%d}' % i) for i in range(5)]
+    first = q.lease(3, 1_000_000)
+    second = q.lease(10, 1_000_000)
+    assert first is not None
+    assert second is not None
+    assert first.ids == tuple(ids[:3])
+    assert second.ids == tuple(ids[3:])
+    assert q.lease(10, 1_000_000) is None  # both live: nothing to take
+    time.sleep(0.4)  # the server's expiry passes (0.3 s)
+    third = q.lease(10, 1_000_000)
+    assert third is not None
+    assert third.ids == tuple(ids)
+    assert q.ack(first) == 0
+    assert q.release(second, None) == 0
+    assert q.dead_letter(first, first.ids, status=400, reason="stale") == 0
+    assert not q.extend(second)
+    assert q.pending() == 5
+    assert q.ack(third) == 5
+    assert q.pending() == 0
+    assert q.dead_letters() == []
+
+
+def test_the_holders_local_deadline_is_never_later_than_the_servers_expiry(
+    pg_dsn: str, pg_schema: str, pgq: PostgresQueue
+) -> None:
+    dest = pgq.destination(HOST, KEY)
+    pgq.append(dest, b"{}")
+    lease = pgq.lease(1, 1000)
+    assert lease is not None
+    now, expires = server_now_and_expiry(pg_dsn, pg_schema, lease.token)
+    # Read after the server's now: had the local deadline been later than the server's
+    # expiry, what is left of it here would exceed what the server had left then.
+    local_left = lease.expires_monotonic - time.monotonic()
+    assert local_left <= expires - now
+
+
+def test_bodies_come_back_as_the_exact_bytes_stored(pgq: PostgresQueue) -> None:
+    dest = pgq.destination(HOST, KEY)
+    bodies = [bytes(range(256)), b"\x00" * 10, '{"é":"\\u0000 ☃"}'.encode(), os.urandom(4000)]
+    for body in bodies:
+        pgq.append(dest, body)
+    assert pgq.bodies() == bodies
+    lease = pgq.lease(10, 1 << 20)
+    assert lease is not None
+    assert list(lease.bodies) == bodies
+
+
+def test_the_schema_comes_from_the_url_and_holds_every_table(pg_dsn: str, pg_schema: str) -> None:
+    q = PostgresQueue(f"{pg_dsn}&schema={pg_schema}")
+    assert q.identity.endswith(f"#{pg_schema}")
+    q.append(q.destination(HOST, KEY), b"{}")
+    with psycopg.connect(pg_dsn) as conn:
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", (pg_schema,)
+            )
+        }
+    assert tables == {"meta", "destinations", "messages", "dead_letters", "counters"}
+
+
+def test_processes_opening_a_fresh_schema_at_once_create_it_once(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    errors: list[BaseException] = []
+    instances: list[str] = []
+
+    def open_one() -> None:
+        try:
+            instances.append(PostgresQueue(pg_dsn, schema=pg_schema).instance)
+        except BaseException as exc:  # the test reports it below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(instances)) == 1
+
+
+def test_a_schema_written_by_a_newer_version_is_refused(pg_dsn: str, pg_schema: str) -> None:
+    PostgresQueue(pg_dsn, schema=pg_schema)
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute(f"UPDATE \"{pg_schema}\".meta SET value = '99' WHERE key = 'version'")
+    with pytest.raises(QueueVersionError, match="newer"):
+        PostgresQueue(pg_dsn, schema=pg_schema)
+
+
+@pytest.mark.parametrize(("durability", "expected"), [("normal", "off"), ("full", "on")])
+def test_durability_sets_synchronous_commit_for_the_queues_own_transactions_only(
+    pg_dsn: str, pg_schema: str, durability: str, expected: str
+) -> None:
+    q = PostgresQueue(pg_dsn, schema=pg_schema, durability=durability)  # type: ignore[arg-type]
+    inside = q._tx(lambda c: c.execute("SHOW synchronous_commit")).fetchone()
+    assert inside == (expected,)
+    with q._pool.connection() as conn:  # the same session, after the transaction
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+def test_an_unreachable_server_raises_queue_unavailable(tmp_path: object) -> None:
+    started = time.monotonic()
+    with pytest.raises(QueueUnavailable, match="unreachable"):
+        PostgresQueue("postgresql://nobody@/db?host=/nonexistent-da-socket-dir&port=1")
+    assert time.monotonic() - started < 10
+
+
+def test_a_server_that_never_answers_raises_within_the_timeout() -> None:
+    """A TCP peer that accepts and then says nothing: bounded by the connect timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    try:
+        started = time.monotonic()
+        with pytest.raises(QueueUnavailable):
+            PostgresQueue(
+                f"postgresql://u:secret-pw@127.0.0.1:{port}/db?sslmode=disable", timeout=2.0
+            )
+        assert time.monotonic() - started < 8
+    finally:
+        listener.close()
+
+
+def test_a_statement_held_up_by_a_lock_raises_queue_busy_after_the_timeout(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    q = PostgresQueue(pg_dsn, schema=pg_schema, timeout=1.0)
+    dest = q.destination(HOST, KEY)
+    q.append(dest, b"{}")
+    lease = q.lease(1, 1000)
+    assert lease is not None
+    with psycopg.connect(pg_dsn) as other, other.transaction():
+        other.execute(f'SELECT 1 FROM "{pg_schema}".destinations FOR UPDATE')
+        started = time.monotonic()
+        with pytest.raises(QueueBusy):
+            q.retry_later(lease, lambda failures: 1.0, "boom")
+        assert time.monotonic() - started < 5
+    # Nothing was half-done: the batch is still leased, and the queue works on.
+    assert q.backoff(dest)[1] == 0
+    assert q.ack(lease) == 1
+
+
+def test_the_password_never_appears_in_the_identity_or_an_error() -> None:
+    with pytest.raises(QueueUnavailable) as raised:
+        PostgresQueue("postgresql://user:hunter2-secret@/db?host=/nonexistent-da&port=1")
+    assert "hunter2" not in str(raised.value)
+    with pytest.raises(ConfigError) as bad:
+        PostgresQueue("postgresql://user:hunter2-secret@/db?schema=Bad-Name")
+    assert "hunter2" not in str(bad.value)
+
+
+def test_without_psycopg_the_error_names_the_extra() -> None:
+    result = run_python(
+        """
+        import sys
+        sys.modules["psycopg"] = None  # as if it were not installed
+        from durable_analytics.exceptions import ConfigError
+        try:
+            from durable_analytics._store.postgres._queue import PostgresQueue
+        except ConfigError as exc:
+            print("ConfigError:", exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'durable-analytics[postgres]'" in result.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+def test_a_forked_child_uses_its_own_connection_and_never_ends_the_parents(
+    pgq: PostgresQueue,
+) -> None:
+    dest = pgq.destination(HOST, KEY)
+    pgq.append(dest, b'{"who":"parent"}')  # the parent's pooled connection is now open
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            import gc
+
+            from durable_analytics._store.postgres import _conn
+
+            pgq.append(dest, b'{"who":"child"}')
+            _conn._INHERITED.clear()  # let the inherited connections be finalized
+            gc.collect()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's connection (the same one it had before the fork) still works.
+    pgq.append(dest, b'{"who":"parent again"}')
+    assert pgq.bodies() == [b'{"who":"parent"}', b'{"who":"child"}', b'{"who":"parent again"}']
+
+
+def test_stats_count_under_live_leases_and_show_table_health(pgq: PostgresQueue) -> None:
+    dest = pgq.destination(HOST, KEY)
+    for i in range(4):
+        pgq.append(dest, b'{"i":%d}' % i)
+    lease = pgq.lease(3, 1 << 20)
+    assert lease is not None
+    stats = pgq.stats()
+    assert (stats.pending, stats.leased, stats.bytes) == (4, 3, 4 * 7)
+    assert pgq.live_leases() == 1
+    health = pgq.table_health()
+    assert set(health) >= {"dead_rows", "live_rows", "table_bytes", "oldest_transaction_seconds"}
