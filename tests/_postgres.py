@@ -64,7 +64,9 @@ def find_bindir() -> Path:
 class Cluster:
     """One private PostgreSQL cluster: ``start()``, use ``dsn``, ``stop()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: str) -> None:
+        """``settings``: server settings over the test defaults (``fsync="on"`` to measure)."""
+        self.settings = {**_SETTINGS, **settings}
         self.bindir = find_bindir()
         self.as_root = os.geteuid() == 0
         # Short, under /tmp: a Unix socket path must fit in about 100 bytes.
@@ -106,7 +108,7 @@ class Cluster:
             raise ServerUnavailable(f"initdb could not run: {exc}") from None
         if init.returncode:
             raise ServerUnavailable(f"initdb failed: {init.stderr.strip()[-500:]}")
-        options = " ".join(f"-c {k}={v}" for k, v in _SETTINGS.items())
+        options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
         start = self._run(
             str(self.bindir / "pg_ctl"),
             "-D",
