@@ -13,7 +13,7 @@ measurement below talks to that one server over 127.0.0.1:
   answers (no queue, no JSON work on the client side). Also the same with 2 generator
   processes, in case one Python process is itself the limit; the higher is the ceiling.
 - drain: a queue file filled with ``--messages`` track messages (~300 bytes of properties
-  each) is drained by the code behind ``durable-analytics drain`` (``cli.drain_queue``:
+  each) is drained by the code behind ``durable-analytics drain`` (``_drain.drain_queue``:
   lease 20 → POST → ack, ``--concurrency`` workers), without and with the progress bar
   (rendering to /dev/null at its terminal rate), and at concurrency 1, 2 and 8.
 - drain (CLI process): ``python -m durable_analytics.cli drain`` as a program, start-up
@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from durable_analytics import _messages
+from durable_analytics._config import DEFAULT_HOST, Config
+from durable_analytics._drain import drain_queue
 from durable_analytics._queue import Queue
 from durable_analytics._transport import batch_body
 from durable_analytics.cli._output import ProgressLine
-from durable_analytics.cli.drain import drain_queue
 
 WRITE_KEY = "bench-write-key"
 BATCH = 20
@@ -215,7 +216,8 @@ def drain_once(
         queue = fill_queue(directory, collector.url, bodies)
         progress = ProgressLine(len(bodies), devnull).start() if with_progress else None
         try:
-            result = drain_queue(queue, concurrency=concurrency, progress=progress)
+            config = Config.build("-", host=DEFAULT_HOST, queue_path=queue.path)
+            result = drain_queue(queue, config, concurrency=concurrency, progress=progress)
         finally:
             if progress is not None:
                 progress.close()

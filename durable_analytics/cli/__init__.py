@@ -1,11 +1,12 @@
 """The ``durable-analytics`` command: drain, status, worker, dead letters, enqueue, collector, demo.
 
-A thin layer of click over the library, one module per command group: delivery is
-``_flusher.drain`` / ``Flusher`` with a ``Deliverer`` (``drain``, ``worker``), inspection is
-``Queue.stats()`` and the dead-letter calls (``status``, ``dead_letters``), enqueueing is a
-``Client(flusher="none")`` with commands generated from ``_messages.CALLS`` (``enqueue``),
-and ``collector`` / ``demo`` run ``testing.Collector``. Nothing in the package imports this
-package.
+A thin layer of click over the library, one module per command group, and never the other
+way round: nothing in the package imports this package. Delivery is the library's
+``_drain.drain_queue`` (``drain``, ``demo``) and a ``Flusher`` over ``make_deliverer``
+(``worker``); inspection is ``QueueBackend.stats()`` and the dead-letter calls (``status``,
+``dead_letters``); enqueueing is a ``Client(flusher="none")`` with commands generated from
+``_messages.CALLS`` (``enqueue``); ``collector`` and ``demo`` run ``testing.Collector``.
+The group itself, its errors and exit codes live in ``_app``.
 
 Every error is one line on stderr, ``durable-analytics: error: ...``, and one of the exit
 codes below (a traceback only with ``-v``):

@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 
 import click
 
-from durable_analytics._config import default_queue_path
-from durable_analytics._queue import Queue
+from durable_analytics._config import DEFAULT_HOST, Config, default_queue_path
+from durable_analytics._store import QueueBackend
+from durable_analytics._store import open_queue as open_backend
 from durable_analytics._version import __version__
 from durable_analytics.exceptions import ConfigError, QueueError, ValidationError
 
@@ -138,12 +139,33 @@ def resolve_queue(queue_path: Path | None) -> Path:
     return (queue_path if queue_path is not None else default_queue_path()).expanduser()
 
 
-def open_queue(path: Path, *, must_exist: bool = True) -> Queue:
-    """Open the queue; without ``must_exist`` it is created (0600 in a 0700 directory)."""
+def queue_config(
+    path: Path, *, write_key: str | None = None, host: str | None = None, **settings: Any
+) -> Config:
+    """The settings of a command that works on the queue at ``path``, checked as a Client's.
+
+    Each stored message carries its own destination, so ``write_key`` and ``host`` are only
+    overrides; without them placeholders stand in, which also keeps Config from reading
+    DURABLE_ANALYTICS_WRITE_KEY / _HOST for a command that does not take them.
+    """
+    return Config.build(
+        "-" if write_key is None else write_key,
+        host=DEFAULT_HOST if host is None else host,
+        queue_path=path,
+        **settings,
+    )
+
+
+def open_queue(config: Config, *, must_exist: bool = True) -> QueueBackend:
+    """Open the queue; without ``must_exist`` it is created (0600 in a 0700 directory).
+
+    A damaged queue is reported (exit 3), never repaired from a shell.
+    """
+    path = config.queue_path
     if must_exist and not os.path.lexists(path):
-        # Queue() would create the file: say so instead of making an empty queue.
+        # Opening would create the file: say so instead of making an empty queue.
         raise CLIError(f"no queue at {path}", EXIT_QUEUE)
-    return Queue(path)  # a QueueError becomes exit 3 in main
+    return open_backend(config, recover=False)  # a QueueError becomes exit 3 in main
 
 
 @contextlib.contextmanager

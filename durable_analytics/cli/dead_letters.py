@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from durable_analytics._queue import DeadLetter, Queue
+from durable_analytics._store import DeadLetter, QueueBackend
 
 from ._app import (
     EXIT_OK,
@@ -18,6 +18,7 @@ from ._app import (
     common_options,
     json_option,
     open_queue,
+    queue_config,
     resolve_queue,
     setup_logging,
 )
@@ -44,7 +45,7 @@ _ID_OPTION = click.option(
 )
 
 
-def _selected(queue: Queue, ids: tuple[int, ...]) -> list[DeadLetter]:
+def _selected(queue: QueueBackend, ids: tuple[int, ...]) -> list[DeadLetter]:
     """The dead letters named by ``ids`` (all without ids); an unknown id is a usage error."""
     if not ids:
         return queue.dead_letters()
@@ -68,7 +69,7 @@ def dead_letters_list(
 ) -> int:
     """Show the dead letters: id, type, event, status, reason, age (--json: everything)."""
     setup_logging(verbose)
-    queue = open_queue(resolve_queue(queue_path))
+    queue = open_queue(queue_config(resolve_queue(queue_path)))
     letters = _selected(queue, ids)
     if as_json:
         click.echo(json.dumps([d.as_dict() for d in letters], indent=2))
@@ -122,7 +123,7 @@ def _act_on_dead_letters(
 ) -> int:
     """Requeue or purge the selected dead letters and report how many, as ``done``."""
     setup_logging(verbose)
-    queue = open_queue(resolve_queue(queue_path))
+    queue = open_queue(queue_config(resolve_queue(queue_path)))
     chosen = _selected(queue, ids)
     act = queue.requeue_dead_letters if done == "requeued" else queue.purge_dead_letters
     n = act([d.id for d in chosen]) if chosen else 0

@@ -13,11 +13,19 @@ from typing import TYPE_CHECKING
 
 import click
 
-from durable_analytics._queue import Queue
+from durable_analytics._drain import drain_queue
 
-from ._app import EXIT_OK, EXIT_UNDELIVERED, CLIError, cli, setup_logging, verbose_option
+from ._app import (
+    EXIT_OK,
+    EXIT_UNDELIVERED,
+    CLIError,
+    cli,
+    open_queue,
+    queue_config,
+    setup_logging,
+    verbose_option,
+)
 from ._output import PROG, ProgressLine, count, duration, error_line, human_bytes, stderr_is_tty
-from .drain import drain_queue
 
 if TYPE_CHECKING:
     from durable_analytics.testing import Collector
@@ -136,7 +144,8 @@ def _demo(events: int, collector: Collector, workdir: Path) -> int:
         "SIGKILL",
         f"producer killed before any flush; the collector has {len(collector.message_ids()):,}",
     )
-    queue = Queue(path)
+    config = queue_config(path)
+    queue = open_queue(config)
     try:
         stats = queue.stats()
         _step(
@@ -148,7 +157,7 @@ def _demo(events: int, collector: Collector, workdir: Path) -> int:
         if stats.pending and stderr_is_tty():
             progress = ProgressLine(stats.pending, sys.stderr).start()
         try:
-            result = drain_queue(queue, progress=progress)
+            result = drain_queue(queue, config, progress=progress)
         finally:
             if progress is not None:
                 progress.close()

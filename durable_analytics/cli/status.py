@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from durable_analytics._queue import QueueStats
+from durable_analytics._store import QueueStats
 
 from ._app import (
     EXIT_OK,
@@ -15,6 +15,7 @@ from ._app import (
     common_options,
     json_option,
     open_queue,
+    queue_config,
     resolve_queue,
     setup_logging,
 )
@@ -33,7 +34,7 @@ def status_command(queue_path: Path | None, verbose: int, as_json: bool) -> int:
     """
     setup_logging(verbose)
     path = resolve_queue(queue_path)
-    queue = open_queue(path)
+    queue = open_queue(queue_config(path))
     try:
         stats = queue.stats()
     finally:

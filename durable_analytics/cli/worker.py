@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from durable_analytics._flusher import Deliverer, Flusher
-from durable_analytics._transport import Transport
+from durable_analytics._delivery import make_deliverer
+from durable_analytics._flusher import Flusher
 
 from ._app import (
     EXIT_OK,
@@ -17,6 +17,7 @@ from ._app import (
     common_options,
     log,
     open_queue,
+    queue_config,
     resolve_queue,
     setup_logging,
     stop_on_signals,
@@ -84,15 +85,14 @@ def worker_command(
     flight then goes back to the queue as this process ends. Creates the queue if missing.
     """
     setup_logging(verbose, worker=True)
-    path = resolve_queue(queue_path)
-    queue = open_queue(path, must_exist=False)
-
-    def make_deliverer() -> Deliverer:
-        return Deliverer(queue, Transport(timeout=request_timeout))
-
+    config = queue_config(
+        resolve_queue(queue_path), timeout=request_timeout, flush_interval=flush_interval
+    )
+    path = config.queue_path
+    queue = open_queue(config, must_exist=False)
     flushers = [
         Flusher(
-            make_deliverer(),
+            make_deliverer(config, queue),  # its own transport: one connection pool each
             flush_interval=flush_interval,
             poll_interval=poll,
             name=f"{PROG}-worker-{i}",

@@ -202,3 +202,17 @@ def test_drain_verbose_logs_the_deliveries(
     result = run(runner, "drain", "--queue", str(queue_path), "-vv")
     assert result.exit_code == 0
     assert "durable-analytics: debug: delivered 3 messages" in result.stderr
+
+
+def test_drain_once_lock_refuses_a_symlinked_lock_file_with_exit_3(
+    runner: CliRunner, queue_path: Path, collector: Collector, tmp_path: Path
+) -> None:
+    """A link planted at <queue>.drain.lock is not followed: exit 3, nothing sent or written."""
+    fill(queue_path, collector.url, 3)
+    target = tmp_path / "elsewhere"
+    queue_path.with_name(queue_path.name + ".drain.lock").symlink_to(target)
+    result = run(runner, "drain", "--queue", str(queue_path), "--once-lock")
+    assert_error(result, 3, "cannot open the drain lock")
+    assert not target.exists()
+    assert collector.requests == 0
+    assert pending(queue_path) == 3

@@ -392,12 +392,15 @@ def drain(queue_path: str | os.PathLike[str], timeout: float = 60.0) -> DrainRes
 
     A lease whose holder is gone is reclaimed at once; one whose holder lives is waited for.
     """
+    from durable_analytics._config import DEFAULT_HOST, Config
+    from durable_analytics._drain import drain_queue
     from durable_analytics._queue import Queue
-    from durable_analytics.cli.drain import drain_queue
 
     queue = Queue(queue_path)
+    # Each message goes to its stored destination: the key and host here are placeholders.
+    config = Config.build("-", host=DEFAULT_HOST, queue_path=queue_path, timeout=5.0)
     try:
-        result = drain_queue(queue, timeout=timeout, concurrency=2, request_timeout=5.0)
+        result = drain_queue(queue, config, timeout=timeout, concurrency=2)
     finally:
         queue.close()
     assert result.left == 0, result
