@@ -106,6 +106,7 @@ def deliver_until(
     """
     started = time.monotonic()
     total = DeliveryStats()
+    stalled = False  # the last pass found ready messages but leased none
     while True:
         stats = _pass(
             queue,
@@ -131,8 +132,11 @@ def deliver_until(
             if not wait_for_backoff:
                 break  # what is left waits out a retry backoff
             wait = max(0.01, min(1.0, next_at - now))
-        elif stats.sent or stats.dead_lettered or wait_for_backoff:
+        elif stats.sent or stats.dead_lettered or wait_for_backoff or not stalled:
             # Ready again (a holder gave some back, a lease expired): go on after a breath.
+            # One pass without progress is allowed: a lease that expired just after this
+            # pass looked (a dead holder's, on a backend that cannot tell it died) is ready.
+            stalled = not (stats.sent or stats.dead_lettered)
             wait = 0.01
         else:
             break  # ready but not leasable by this loop, and no progress: nothing to wait for

@@ -39,12 +39,14 @@ for i in range(int(count)):
 
 DRAIN = """
 import sys, time
+from durable_analytics._config import Config
+from durable_analytics._drain import drain_queue
 from durable_analytics._store.postgres._queue import PostgresQueue
-from durable_analytics.cli import drain_queue
 url, schema, lease_timeout, forever = sys.argv[1:5]
 q = PostgresQueue(url, schema=schema, lease_timeout=float(lease_timeout))
+config = Config.build("unused: each message goes to its stored destination")
 while True:
-    result = drain_queue(q, concurrency=1, timeout=30)
+    result = drain_queue(q, config, concurrency=1, timeout=30)
     if forever != "1":
         print(result.left, flush=True)
         break
