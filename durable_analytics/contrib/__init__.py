@@ -9,4 +9,5 @@
   child and in the worker.
 - ``durable_analytics.contrib.gunicorn``: server hooks for ``gunicorn.conf.py``.
 - ``durable_analytics.contrib.opentelemetry``: OpenTelemetry metrics for a client.
+- ``durable_analytics.contrib.prometheus``: the same metrics in the Prometheus text format.
 """

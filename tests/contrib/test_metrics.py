@@ -23,6 +23,7 @@ from durable_analytics._metrics import (
 )
 from durable_analytics.contrib import opentelemetry as otel_contrib
 from durable_analytics.contrib.opentelemetry import instrument
+from durable_analytics.contrib.prometheus import CONTENT_TYPE, render
 from durable_analytics.testing import Collector, Reply
 from tests.conftest import WRITE_KEY
 
@@ -170,3 +171,17 @@ def test_opentelemetry_instruments_read_back_through_the_sdk(
     ]
     assert pending == [6]
     provider.shutdown()
+
+
+def test_contrib_prometheus_renders_a_clients_queue(busy_queue: tuple[Client, Path]) -> None:
+    """``render(client)`` is the queue's text, labelled with the queue path."""
+    client, path = busy_queue
+    text = render(client)
+    [pending] = [
+        s
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "durable_analytics_pending_messages"
+    ]
+    assert (pending.value, pending.labels) == (5, {"queue": str(path)})
+    assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")
