@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from ._queue import QueueStats
+from ._store import QueueStats
 
 __all__ = [
     "METRICS",
