@@ -36,7 +36,7 @@ def busy_queue(tmp_path: Path, collector: Collector) -> Iterator[tuple[Client, P
     directory = tmp_path / 'q "odd" \\ dir'  # label values must be escaped
     directory.mkdir(mode=0o700)
     path = directory / "queue.sqlite3"
-    good = Client(WRITE_KEY, host=collector.url, queue_path=path, flusher="none")
+    good = Client(WRITE_KEY, host=collector.url, queue_path=path, flusher="none", on_exit="none")
     _, bad = good.track("u", "Rejected")
     collector.reject_message_ids(bad["messageId"])
     for i in range(4):
@@ -46,7 +46,14 @@ def busy_queue(tmp_path: Path, collector: Collector) -> Iterator[tuple[Client, P
         good.track(f"u{i}", "Waiting")
     with Collector() as down:
         down.set_default(Reply(503, headers={"Retry-After": "30"}))
-        failing = Client(FAILING_KEY, host=down.url, queue_path=path, flusher="none", max_retries=0)
+        failing = Client(
+            FAILING_KEY,
+            host=down.url,
+            queue_path=path,
+            flusher="none",
+            on_exit="none",
+            max_retries=0,
+        )
         failing.track("u", "Failing")
         failing.track("u", "Failing")
         failing.flush(timeout=0.5)
