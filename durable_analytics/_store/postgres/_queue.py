@@ -115,10 +115,14 @@ class PostgresQueue:
         )
         self._sql = Sql(self.target.schema)
         self._pool = Pool(self.target, size=pool_size, timeout=timeout)
-        self._settings = (
-            "off" if durability == "normal" else "on",
-            f"{int(timeout * 1000)}ms",
+        # Per transaction (SET LOCAL), so that a pooler in transaction mode keeps them to
+        # this transaction: synchronous_commit (durability), statement_timeout (the bound).
+        settings = (
+            f"SET LOCAL synchronous_commit = {'off' if durability == 'normal' else 'on'}; "
+            f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}"
         )
+        self._begin = f"BEGIN; {settings}".encode()
+        self._begin_snapshot = f"BEGIN ISOLATION LEVEL REPEATABLE READ; {settings}".encode()
         self._dest_cache: dict[tuple[str, str], int] = {}
         self._est_used = 0
         self._since_refresh = _REFRESH_BYTES  # measure on the first append
@@ -139,15 +143,22 @@ class PostgresQueue:
     def _tx(self, run: Callable[[Connection], T], *, snapshot: bool = False) -> T:
         """Run ``run`` in one transaction with the queue's durability and timeout.
 
-        Pipelined: BEGIN, the settings and the statements travel together, so a call whose
-        statements need no answer in between costs one round trip.
+        BEGIN and the ``SET LOCAL`` settings travel as one message, so a call of one
+        statement costs three round trips (measured faster than psycopg's pipeline mode
+        here). Results are read after COMMIT, from the cursors ``run`` returns.
         """
         try:
-            with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-                if snapshot:
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                conn.execute(q.SETTINGS, self._settings)
-                return run(conn)
+            with self._pool.connection() as conn:
+                conn.execute(self._begin_snapshot if snapshot else self._begin)
+                try:
+                    result = run(conn)
+                    conn.execute(b"COMMIT")
+                except BaseException:
+                    if not conn.closed and not conn.broken:
+                        with contextlib.suppress(psycopg.Error):
+                            conn.execute(b"ROLLBACK")
+                    raise
+                return result
         except psycopg.Error as exc:
             raise translate(exc, self.identity) from None
 

@@ -7,12 +7,6 @@ is ignored, as the contract says.
 
 from __future__ import annotations
 
-# Per transaction (SET LOCAL semantics), so that a pooler in transaction mode keeps them
-# to this transaction: synchronous_commit (durability) and statement_timeout (the bound).
-SETTINGS = (
-    "SELECT set_config('synchronous_commit', %s, true), set_config('statement_timeout', %s, true)"
-)
-
 _READY_MSG = (
     "(m.not_before IS NULL OR m.not_before <= now() "
     "OR m.not_before > now() + %(horizon)s * interval '1 second')"
