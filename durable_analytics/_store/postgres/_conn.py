@@ -161,6 +161,8 @@ class Pool:
     @contextlib.contextmanager
     def connection(self) -> Iterator[Connection]:
         """A connection for the caller alone, returned to the pool afterwards."""
+        if self._closed:
+            raise QueueError(f"the PostgreSQL queue {self.target.identity} was closed")
         if not self._slots.acquire(timeout=self.timeout):
             raise QueueBusy(
                 f"no connection to the PostgreSQL queue {self.target.identity} came free "
@@ -193,17 +195,13 @@ class Pool:
             conn.close()
 
     def close(self) -> None:
-        """Close the idle connections; busy ones close when given back."""
+        """Close the idle connections (busy ones close when given back); no new ones."""
         self._closed = True
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             with contextlib.suppress(psycopg.Error):
                 conn.close()
-
-    def reopen(self) -> None:
-        """Allow new connections again after ``close``."""
-        self._closed = False
 
     def _after_fork(self) -> None:
         inherited = list(self._all)

@@ -54,6 +54,8 @@ _REFRESH_BYTES = 256 * 1024
 _REFRESH_SECONDS = 5.0
 _EXACT_ZONE = 2 * 1024 * 1024
 _EXACT_EVERY = 1.0
+# A message is dropped only on a measure at most this old (a drop storm measures this often).
+_BEFORE_DROP = 0.1
 
 
 class DBAPIConnection(Protocol):
@@ -84,6 +86,9 @@ class PostgresQueue:
     ``timeout`` bounds every call: connecting, waiting for a connection of this process's
     pool (``pool_size``), and each statement. Past it the call raises ``QueueUnavailable``
     (server unreachable) or ``QueueBusy`` (it answered too slowly); nothing is half-done.
+
+    ``clock`` is for tests only: a function returning the wall-clock time that replaces
+    the server's ``now()`` in the queue's own statements (``time.time`` under freezegun).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class PostgresQueue:
         schema: str | None = None,
         timeout: float = 10.0,
         pool_size: int = 4,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if durability not in ("normal", "full"):
             raise ConfigError("durability must be 'normal' or 'full'")
@@ -123,11 +129,13 @@ class PostgresQueue:
         )
         self._begin = f"BEGIN; {settings}".encode()
         self._begin_snapshot = f"BEGIN ISOLATION LEVEL REPEATABLE READ; {settings}".encode()
+        self._clock = clock
         self._dest_cache: dict[tuple[str, str], int] = {}
         self._est_used = 0
         self._since_refresh = _REFRESH_BYTES  # measure on the first append
         self._measured_at = -1e9
         self._dead_since_check = 1
+        self._dead_trimmed_at = -1e9
         self._outbox_checked: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         with self._pool.connection() as conn:
             try:
@@ -140,7 +148,9 @@ class PostgresQueue:
 
     # ---------------------------------------------------------------- plumbing
 
-    def _tx(self, run: Callable[[Connection], T], *, snapshot: bool = False) -> T:
+    def _tx(
+        self, run: Callable[[Connection], T], *, snapshot: bool = False, now: float | None = None
+    ) -> T:
         """Run ``run`` in one transaction with the queue's durability and timeout.
 
         BEGIN and the ``SET LOCAL`` settings travel as one message, so a call of one
@@ -149,7 +159,11 @@ class PostgresQueue:
         """
         try:
             with self._pool.connection() as conn:
-                conn.execute(self._begin_snapshot if snapshot else self._begin)
+                begin = self._begin_snapshot if snapshot else self._begin
+                if self._clock is not None:
+                    at = self._clock() if now is None else now
+                    begin += b"; SET LOCAL durable_analytics.now = '%.6f'" % at
+                conn.execute(begin)
                 try:
                     result = run(conn)
                     conn.execute(b"COMMIT")
@@ -228,14 +242,14 @@ class PostgresQueue:
         near = self._est_used + size + _EXACT_ZONE > self.max_queue_bytes
         due = self._since_refresh >= _REFRESH_BYTES or now - self._measured_at > _REFRESH_SECONDS
         if (due or near) and now - self._measured_at >= (_EXACT_EVERY if near else 0.0):
-            self._est_used = self._measure()
-            self._since_refresh = 0
-            self._measured_at = now
+            self._remeasure()
         over = self._est_used + size - self.max_queue_bytes
+        if over > 0 and now - self._measured_at > _BEFORE_DROP:
+            self._remeasure()  # never drop on a stale estimate: others may have acked
+            over = self._est_used + size - self.max_queue_bytes
         if over <= 0:
             return True
         if self._trim_dead_letters(throttle=True):
-            self._est_used = self._measure()
             over = self._est_used + size - self.max_queue_bytes
         if over > 0 and self.overflow == "drop_oldest":
             freed = self._drop_oldest(over)
@@ -246,6 +260,11 @@ class PostgresQueue:
         drop = {"n": 1, "name": "dropped_newest"}
         self._tx(lambda c: c.execute(self._sql(q.COUNT_DROP), drop))
         return False
+
+    def _remeasure(self) -> None:
+        self._est_used = self._measure()
+        self._since_refresh = 0
+        self._measured_at = time.monotonic()
 
     def _measure(self) -> int:
         params = {"overhead": ROW_OVERHEAD}
@@ -332,15 +351,16 @@ class PostgresQueue:
         """Take the oldest ready messages of one destination, or None when none are ready.
 
         At most ``max_messages`` messages and ``max_bytes`` bytes (each costing its size
-        plus ``per_message_overhead``); the first is always taken. ``now`` is ignored: every
-        time is the server's.
+        plus ``per_message_overhead``); the first is always taken. ``now`` is honoured only
+        with a test ``clock``: otherwise every time is the server's.
         """
-        del now
+        if max_messages <= 0:
+            return None
         token = uuid.uuid4()
         params = {
             "dest": destination,
             "top": up_to_id if up_to_id is not None else (1 << 62),
-            "n": max(1, max_messages),
+            "n": max_messages,
             "max_bytes": max_bytes,
             "overhead": per_message_overhead,
             "token": token,
@@ -349,7 +369,9 @@ class PostgresQueue:
         }
         # Read before the statement is sent: never later than the server's expiry.
         deadline = time.monotonic() + self.lease_timeout
-        rows = self._tx(lambda c: c.execute(self._sql(q.LEASE), params, binary=True)).fetchall()
+        rows = self._tx(
+            lambda c: c.execute(self._sql(q.LEASE), params, binary=True), now=now
+        ).fetchall()
         if not rows:
             return None
         rows.sort(key=lambda r: int(r[0]))
@@ -382,13 +404,21 @@ class PostgresQueue:
 
         Fenced by the token: once the lease was taken over, its holder's ack deletes nothing.
         """
-        params = {
-            "ids": self._ids(lease, ids),
-            "token": uuid.UUID(lease.token),
-            "dest": lease.destination.id,
-        }
+        chosen = self._ids(lease, ids)
+        params = {"ids": chosen, "token": uuid.UUID(lease.token), "dest": lease.destination.id}
         row = self._tx(lambda c: c.execute(self._sql(q.ACK), params)).fetchone()
-        return int(row[0]) if row else 0
+        deleted = int(row[0]) if row else 0
+        if deleted:
+            self._shrank(lease, chosen)
+        return deleted
+
+    def _shrank(self, lease: Lease, ids: list[int]) -> None:
+        """Take what this process removed off its estimate of the queue's size."""
+        gone = set(ids)
+        freed = sum(
+            len(b) + ROW_OVERHEAD for i, b in zip(lease.ids, lease.bodies, strict=True) if i in gone
+        )
+        self._est_used = max(0, self._est_used - freed)
 
     def release(
         self,
@@ -478,21 +508,25 @@ class PostgresQueue:
         """Keep dead letters within ``max_dead_letter_bytes`` while the queue nears its cap."""
         if self._dead_since_check < max(1, self.max_dead_letter_bytes // 8):
             return
-        if self._measure() + self.max_dead_letter_bytes < self.max_queue_bytes:
-            self._dead_since_check = 0
+        if time.monotonic() - self._measured_at > _EXACT_EVERY:
+            self._remeasure()
+        if self._est_used + self.max_dead_letter_bytes < self.max_queue_bytes:
             return
         self._trim_dead_letters()
 
     def _trim_dead_letters(self, *, throttle: bool = False) -> int:
         """Purge the oldest dead letters beyond ``max_dead_letter_bytes``; returns how many."""
-        if throttle and not self._dead_since_check:
+        now = time.monotonic()
+        if throttle and not self._dead_since_check and now - self._dead_trimmed_at < 1.0:
             return 0
+        self._dead_trimmed_at = now
         self._dead_since_check = 0
         limit = self.max_dead_letter_bytes
         params = {"overhead": ROW_OVERHEAD, "limit": limit, "keep": int(limit * 0.9)}
         row = self._tx(lambda c: c.execute(self._sql(q.TRIM_DEAD), params)).fetchone()
         purged = int(row[0]) if row else 0
         if purged:
+            self._remeasure()
             log.warning(
                 "the dead letters of %s passed max_dead_letter_bytes (%d bytes) with the queue "
                 "near its cap: purged the %d oldest",
@@ -539,12 +573,12 @@ class PostgresQueue:
 
     def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
         """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
-        del now
         params = {"limit": limit, "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN}
-        row = self._tx(lambda c: c.execute(self._sql(q.READY_SUMMARY), params)).fetchone()
+        row = self._tx(lambda c: c.execute(self._sql(q.READY_SUMMARY), params), now=now).fetchone()
         if row is None or not row[0]:
             return 0, None
-        return int(row[0]), _local(-float(row[1]))
+        # The oldest's enqueue time as stored (the server's clock, or the caller's).
+        return int(row[0]), float(row[1])
 
     def reclaim_expired(self) -> int:
         """Free the messages of expired leases now; returns how many leases ended.

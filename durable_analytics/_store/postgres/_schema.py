@@ -81,16 +81,29 @@ INSERT INTO {s}.counters (name) VALUES ('dropped_newest'), ('dropped_oldest'),
 _MIGRATIONS: dict[int, str] = {0: _V1}
 
 
+# What the statements use as "now": the server's clock, unless the transaction set
+# durable_analytics.now (only a test clock does: PostgresQueue(clock=...)).
+NOW = (
+    "coalesce(to_timestamp(nullif(current_setting('durable_analytics.now', true), '')"
+    "::float8), now())"
+)
+
+
 class Sql:
     """The queue's statements with its schema filled in, as bytes ready for psycopg."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
         self.quoted = f'"{schema}"'
+        self._cache: dict[str, bytes] = {}
 
     def __call__(self, template: str) -> bytes:
-        """``template`` with ``{s}`` replaced by the quoted schema name."""
-        return template.replace("{s}", self.quoted).encode()
+        """``template`` with ``{s}`` replaced by the quoted schema name and ``now()`` by NOW."""
+        done = self._cache.get(template)
+        if done is None:
+            done = template.replace("{s}", self.quoted).replace("now()", NOW).encode()
+            self._cache[template] = done
+        return done
 
 
 def _version(conn: Connection, sql: Sql) -> tuple[int, str | None]:

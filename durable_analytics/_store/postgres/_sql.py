@@ -137,7 +137,7 @@ WHERE m.id <= %(top)s AND {_UNLEASED}
 """
 
 READY_SUMMARY = f"""
-SELECT count(*), extract(epoch FROM now() - min(enqueued_at))::float8 FROM (
+SELECT count(*), extract(epoch FROM min(enqueued_at))::float8 FROM (
     SELECT m.enqueued_at FROM {{s}}.messages m JOIN {{s}}.destinations d ON d.id = m.dest
     WHERE {_READY_DEST} AND {_READY_MSG} AND {_UNLEASED}
     ORDER BY m.id LIMIT %(limit)s
