@@ -40,10 +40,15 @@ def test_a_staged_message_is_invisible_until_commit_and_gone_on_rollback(
 ) -> None:
     q = PostgresQueue(pg_dsn, schema=pg_schema)
     dest = q.destination("https://h.test", WRITE_KEY)
-    with pytest.raises(ZeroDivisionError), app.transaction():
-        app.execute(f'INSERT INTO "{pg_schema}_orders" (note) VALUES (%s)', ("lost",))
-        assert q.append(dest, body("rolled-back"), connection=app) > 0
-        1 / 0  # noqa: B018 - the application fails after staging
+
+    def order_that_fails() -> None:
+        with app.transaction():
+            app.execute(f'INSERT INTO "{pg_schema}_orders" (note) VALUES (%s)', ("lost",))
+            assert q.append(dest, body("rolled-back"), connection=app) > 0
+            raise ZeroDivisionError  # the application fails after staging
+
+    with pytest.raises(ZeroDivisionError):
+        order_that_fails()
     assert q.pending() == 0
 
     with app.transaction():
