@@ -11,7 +11,7 @@ import math
 import os
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -224,6 +224,16 @@ class Config:
         config = cls(write_key=write_key, **settings)
         config.validate()
         return config
+
+    @classmethod
+    def for_delivery(cls, **settings: Any) -> Config:
+        """Settings for a process that only delivers what is queued (``drain``, ``worker``).
+
+        Every queued message carries its own destination, so no write key is needed: the
+        result's ``write_key`` is empty (a Client cannot be built from it). ``settings`` are
+        validated as ``build`` does.
+        """
+        return replace(cls.build("unused", **settings), write_key="")
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid setting."""

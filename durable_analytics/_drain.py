@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ._delivery import Deliverer, DeliveryStats, make_deliverer
 from ._store import QueueBackend
 from ._transport import DestinationOverride, open_transport
+from ._transport.base import Transport
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -159,6 +160,7 @@ def drain_queue(
     concurrency: int = 4,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    transport: Callable[[], Transport] | None = None,
 ) -> DrainResult:
     """Deliver everything queued when called, as ``durable-analytics drain`` does.
 
@@ -170,13 +172,17 @@ def drain_queue(
     backoff are left queued. Ends after ``timeout`` seconds or when ``stop`` is set.
     ``progress(n)`` is called with the number sent after each batch (for a progress bar).
     ``result.left`` counts what is still pending of the messages it was asked to deliver.
+    ``transport`` makes each worker's transport (default: ``open_transport(config)``).
+
+    A process that has no write key of its own (the CLI) builds ``config`` with
+    ``Config.for_delivery(timeout=..., max_retries=...)``.
     """
 
     def make() -> Deliverer:
-        transport = open_transport(config)
+        one = open_transport(config) if transport is None else transport()
         if host is not None or write_key is not None:
-            transport = DestinationOverride(transport, host=host, write_key=write_key)
-        return make_deliverer(config, queue, transport)
+            one = DestinationOverride(one, host=host, write_key=write_key)
+        return make_deliverer(config, queue, one)
 
     deadline = None if timeout is None else time.monotonic() + timeout
     return deliver_until(
