@@ -60,8 +60,10 @@ class Client:
 
     ``transport`` replaces the HTTP transport in this process (the flusher thread,
     ``flush()``, ``sync_mode``, exit): ``durable_analytics.testing.RecordingTransport`` lets
-    a test see every batch without a socket. It cannot cross into another process, so it
-    requires ``flusher="thread"`` or ``"none"`` and ``on_exit="flush"`` or ``"none"``.
+    a test see every batch without a socket. It may be called from two threads at once (the
+    flusher thread and ``flush()``) and is closed by ``close()``. It cannot cross into
+    another process, so it requires ``flusher="thread"`` or ``"none"`` and ``on_exit="flush"``
+    or ``"none"``.
 
     Each call returns ``(True, message)`` once the message is committed to disk, or
     ``(False, message)`` when the ``max_queue_bytes`` cap dropped it.

@@ -66,7 +66,9 @@ def start(mode: str, config: Config, *, detach: bool = False) -> subprocess.Pope
         os.close(read_end)
     try:
         with open(write_end, "wb") as pipe:
-            pipe.write(payload)
+            # Length first: the child reads exactly that much rather than waiting for EOF,
+            # which never comes if a fork elsewhere in this process inherited the write end.
+            pipe.write(b"%d\n" % len(payload) + payload)
     except BrokenPipeError:
         log.warning("the durable-analytics %s process exited before reading its settings", mode)
     return child
@@ -74,7 +76,12 @@ def start(mode: str, config: Config, *, detach: bool = False) -> subprocess.Pope
 
 def _read_settings(fd: int) -> tuple[int, Config]:
     with open(fd, "rb") as pipe:
-        data = pipe.read()
+        header = pipe.readline(32)
+        try:
+            size = int(header)
+        except ValueError:
+            raise ConfigError("unreadable settings from the parent: no length") from None
+        data = pipe.read(size)
     try:
         payload: Any = json.loads(data)
         parent = int(payload["parent"])

@@ -146,6 +146,41 @@ def test_the_child_receives_exactly_the_parents_settings(
     assert Config.from_json(text) == local_only_cleared(config)
 
 
+def test_the_child_reads_its_settings_while_another_copy_of_the_pipe_stays_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork elsewhere in the parent can inherit the pipe's write end: the child must not
+    wait for an end of file that never comes."""
+    config = every_setting(tmp_path / "q.sqlite3")
+    real_popen, real_pipe = subprocess.Popen, os.pipe
+    children: list[subprocess.Popen[bytes]] = []
+    copies: list[int] = []
+
+    def pipe_with_a_stray_copy() -> tuple[int, int]:
+        read_end, write_end = real_pipe()
+        if not copies:  # the settings pipe (subprocess makes its own pipes after it)
+            copies.append(os.dup(write_end))  # as a forked process would hold it
+        return read_end, write_end
+
+    def echoing_popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        kwargs["stdout"] = subprocess.PIPE
+        child = real_popen([args[0], "-c", _ECHO, *args[3:]], **kwargs)
+        children.append(child)
+        return child
+
+    monkeypatch.setattr(os, "pipe", pipe_with_a_stray_copy)
+    monkeypatch.setattr(subprocess, "Popen", echoing_popen)
+    try:
+        flusher_process.start("flusher", config)
+        [child] = children
+        out, _ = child.communicate(timeout=30)
+    finally:
+        for fd in copies:
+            os.close(fd)
+    assert child.returncode == 0
+    assert Config.from_json(out.decode().rsplit(" ", 1)[0]) == local_only_cleared(config)
+
+
 def test_no_secret_is_on_the_flusher_process_command_line(
     queue_path: Path, collector: Collector
 ) -> None:
