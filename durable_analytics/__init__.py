@@ -24,7 +24,7 @@ from typing import Any
 
 from ._client import Client
 from ._default import alias, flush, group, identify, join, page, screen, shutdown, stats, track
-from ._flusher import FlushResult
+from ._delivery import FlushResult
 from ._messages import Alias, Group, Identify, Message, Page, Screen, Track
 from ._queue import DeadLetter, DestinationStats, QueueStats
 from ._version import __version__

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from ._client import Client, Result
-from ._flusher import FlushResult
+from ._delivery import FlushResult
 from ._queue import QueueStats
 
 __all__ = [

@@ -12,32 +12,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from ._delivery import (
-    CONFIG_CAP,
-    RETRY_CAP,
-    Deliverer,
-    DeliveryStats,
-    FlushResult,
-    make_deliverer,
-    retry_delay,
-)
+from ._delivery import Deliverer, DeliveryStats
 
-# Re-exported for the CLI and older imports until they move to ``_delivery`` / ``_drain``.
-from ._drain import DrainResult, drain
-
-__all__ = [
-    "CONFIG_CAP",
-    "POLL_INTERVAL",
-    "RETRY_CAP",
-    "Deliverer",
-    "DeliveryStats",
-    "DrainResult",
-    "FlushResult",
-    "Flusher",
-    "drain",
-    "make_deliverer",
-    "retry_delay",
-]
+__all__ = ["POLL_INTERVAL", "Flusher"]
 
 log = logging.getLogger("durable_analytics")
 

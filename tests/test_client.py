@@ -23,7 +23,7 @@ from durable_analytics import Client, ConfigurationRejected, FlushResult, QueueS
 from durable_analytics._config import Config
 from durable_analytics._default import get_client
 from durable_analytics._queue import Queue
-from durable_analytics._transport import Transport
+from durable_analytics._transport import HTTPTransport
 from durable_analytics.testing import Collector, Reply
 
 
@@ -449,7 +449,7 @@ def test_a_canary_write_key_never_leaks(
             repr(Config.build(CANARY)),
             repr(lease),
             repr(lease.destination),
-            repr(Transport()),
+            repr(HTTPTransport()),
             repr(queue),
             repr(client.stats()),
             str(client.stats().as_dict()),

@@ -27,15 +27,11 @@ from conftest import WRITE_KEY, child_env
 from freezegun import freeze_time
 
 from durable_analytics import Client
-from durable_analytics._flusher import (
-    RETRY_CAP,
-    Deliverer,
-    Flusher,
-    drain,
-    retry_delay,
-)
+from durable_analytics._delivery import RETRY_CAP, Deliverer, retry_delay
+from durable_analytics._drain import drain
+from durable_analytics._flusher import Flusher
 from durable_analytics._queue import MAX_BACKOFF_SECONDS, Queue
-from durable_analytics._transport import Outcome, Transport, envelope_overhead
+from durable_analytics._transport import HTTPTransport, Outcome, envelope_overhead
 from durable_analytics.exceptions import (
     ConfigurationRejected,
     MessageRejected,
@@ -113,7 +109,7 @@ def track_many(client: Client, n: int, **properties: Any) -> list[str]:
 def make_deliverer(queue: Queue, **settings: Any) -> Deliverer:
     settings.setdefault("sleep", lambda _seconds: None)
     timeout = settings.pop("timeout", 5.0)
-    return Deliverer(queue, Transport(timeout=timeout), **settings)
+    return Deliverer(queue, HTTPTransport(timeout=timeout), **settings)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -640,7 +636,7 @@ def test_a_dead_server_gets_at_most_one_request_a_minute(
     track_many(client, 3)
     sent_at: list[float] = []
 
-    class Counting(Transport):
+    class Counting(HTTPTransport):
         def post(self, *args: Any, **kwargs: Any) -> Outcome:
             sent_at.append(time.time())
             return super().post(*args, **kwargs)
@@ -668,7 +664,7 @@ def test_a_dead_server_and_a_flusher_thread_send_one_request_per_backoff(
     track_many(client, 25)
     attempts: list[float] = []
 
-    class Counting(Transport):
+    class Counting(HTTPTransport):
         def post(self, *args: Any, **kwargs: Any) -> Outcome:
             attempts.append(time.monotonic())
             return super().post(*args, **kwargs)
@@ -765,7 +761,7 @@ def test_a_crash_inside_delivery_releases_the_lease_without_a_backoff(
     client = producer()
     track_many(client, 4)
 
-    class Broken(Transport):
+    class Broken(HTTPTransport):
         def post(self, *args: Any, **kwargs: Any) -> Outcome:
             raise RuntimeError("transport bug")
 

@@ -27,7 +27,7 @@ from durable_analytics import __version__
 from durable_analytics._transport import (
     MAX_RESPONSE_BYTES,
     MAX_RETRY_AFTER,
-    Transport,
+    HTTPTransport,
     batch_body,
     classify,
     envelope_overhead,
@@ -135,7 +135,7 @@ def test_post_sends_basic_auth_user_agent_content_type_and_the_batch_envelope(
     collector: Collector,
 ) -> None:
     before = datetime.now(timezone.utc)
-    outcome = Transport().post(collector.url, WRITE_KEY, body_of("m1", "m2"))
+    outcome = HTTPTransport().post(collector.url, WRITE_KEY, body_of("m1", "m2"))
     after = datetime.now(timezone.utc)
 
     assert outcome.ok
@@ -166,7 +166,7 @@ def test_the_stored_messages_go_out_byte_for_byte_with_a_fresh_sent_at() -> None
 
 def test_gzip_sends_content_encoding_and_the_collector_decodes_it(collector: Collector) -> None:
     body = body_of(*(f"m{i}" for i in range(50)))
-    outcome = Transport(gzip=True).post(collector.url, WRITE_KEY, body)
+    outcome = HTTPTransport(gzip=True).post(collector.url, WRITE_KEY, body)
 
     assert outcome.ok
     [batch] = collector.batches
@@ -178,7 +178,7 @@ def test_gzip_sends_content_encoding_and_the_collector_decodes_it(collector: Col
 
 
 def test_one_transport_reuses_its_connection_between_batches(collector: Collector) -> None:
-    transport = Transport()
+    transport = HTTPTransport()
     for i in range(5):
         assert transport.post(collector.url, WRITE_KEY, body_of(f"m{i}")).ok
     assert collector.requests == 5
@@ -200,7 +200,7 @@ def test_a_redirect_is_not_followed_and_is_a_configuration_error(
         )
 
     server = raw_server(redirect)
-    outcome = Transport().post(server.url, WRITE_KEY, body_of("m1"))
+    outcome = HTTPTransport().post(server.url, WRITE_KEY, body_of("m1"))
 
     assert (outcome.kind, outcome.status) == ("config", status)
     assert server.connections == 1
@@ -238,7 +238,7 @@ def test_a_response_body_is_read_to_at_most_64_kb_and_the_connection_dropped(
 
     server = raw_server(endless)
     started = time.monotonic()
-    outcome = Transport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
+    outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
     elapsed = time.monotonic() - started
 
     assert elapsed < 2.0  # it did not wait for the 100 MB (or the 5 s read timeout)
@@ -251,7 +251,7 @@ def test_a_response_body_is_read_to_at_most_64_kb_and_the_connection_dropped(
 
 def test_a_short_error_body_becomes_the_excerpt(collector: Collector) -> None:
     collector.script(Reply(422, body='{"success":false,"message":"bad timestamp"}'))
-    outcome = Transport().post(collector.url, WRITE_KEY, body_of("m1"))
+    outcome = HTTPTransport().post(collector.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("reject", 422)
     assert outcome.excerpt == '{"success":false,"message":"bad timestamp"}'
     assert "HTTP 422" in outcome.error
@@ -262,7 +262,7 @@ def test_a_write_key_echoed_by_the_server_is_scrubbed_from_the_excerpt(
     collector: Collector,
 ) -> None:
     collector.script(Reply(401, body=f'{{"message":"unknown key {WRITE_KEY}"}}'))
-    outcome = Transport().post(collector.url, WRITE_KEY, body_of("m1"))
+    outcome = HTTPTransport().post(collector.url, WRITE_KEY, body_of("m1"))
     assert outcome.status == 401
     assert WRITE_KEY not in outcome.excerpt
     assert WRITE_KEY not in outcome.error
@@ -275,7 +275,7 @@ def test_a_write_key_echoed_by_the_server_is_scrubbed_from_the_excerpt(
 def test_a_read_timeout_is_retryable(collector: Collector) -> None:
     collector.script(Reply(hang=True))
     started = time.monotonic()
-    outcome = Transport(timeout=0.3).post(collector.url, WRITE_KEY, body_of("m1"))
+    outcome = HTTPTransport(timeout=0.3).post(collector.url, WRITE_KEY, body_of("m1"))
     elapsed = time.monotonic() - started
 
     assert (outcome.kind, outcome.status) == ("retry", None)
@@ -286,14 +286,14 @@ def test_a_read_timeout_is_retryable(collector: Collector) -> None:
 def test_the_per_call_timeout_shortens_the_configured_one(collector: Collector) -> None:
     collector.script(Reply(delay=3.0))
     started = time.monotonic()
-    outcome = Transport(timeout=10.0).post(collector.url, WRITE_KEY, body_of("m1"), timeout=0.2)
+    outcome = HTTPTransport(timeout=10.0).post(collector.url, WRITE_KEY, body_of("m1"), timeout=0.2)
     assert outcome.kind == "retry"
     assert time.monotonic() - started < 1.5
 
 
 def test_a_refused_connection_is_retryable_and_says_so() -> None:
     host = f"http://127.0.0.1:{free_port()}"
-    outcome = Transport(timeout=2.0).post(host, WRITE_KEY, body_of("m1"))
+    outcome = HTTPTransport(timeout=2.0).post(host, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("retry", None)
     assert outcome.error.startswith(f"cannot connect to {host}")
     assert WRITE_KEY not in outcome.error
@@ -306,7 +306,7 @@ def test_a_connection_closed_without_an_answer_is_retryable(
         read_request(conn)
 
     server = raw_server(slam)
-    outcome = Transport(timeout=2.0).post(server.url, WRITE_KEY, body_of("m1"))
+    outcome = HTTPTransport(timeout=2.0).post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("retry", None)
     assert outcome.error
 
@@ -358,14 +358,14 @@ def test_classify_maps_every_status_class(status: int, kind: str) -> None:
 @pytest.mark.parametrize("status", [200, 400, 401, 404, 408, 429, 500, 501, 503])
 def test_post_classifies_the_real_answer(collector: Collector, status: int) -> None:
     collector.script(status)
-    outcome = Transport().post(collector.url, WRITE_KEY, body_of("m1"))
+    outcome = HTTPTransport().post(collector.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == (classify(status), status)
     assert outcome.ok is (status == 200)
 
 
 def test_post_reads_retry_after_from_the_answer(collector: Collector) -> None:
     collector.script(Reply(429, headers={"Retry-After": "3"}))
-    outcome = Transport().post(collector.url, WRITE_KEY, body_of("m1"))
+    outcome = HTTPTransport().post(collector.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.retry_after) == ("retry", 3.0)
 
 
@@ -418,5 +418,5 @@ def test_parse_retry_after_http_date() -> None:
 
 
 def test_transport_repr_shows_no_secrets() -> None:
-    transport = Transport(timeout=3.0, gzip=True)
+    transport = HTTPTransport(timeout=3.0, gzip=True)
     assert repr(transport) == "HTTPTransport(timeout=3.0, gzip=True)"

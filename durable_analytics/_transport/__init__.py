@@ -14,11 +14,11 @@ from .base import (
     Kind,
     Outcome,
     Target,
+    Transport,
     classify,
     one_line,
     parse_retry_after,
 )
-from .base import Transport as TransportProtocol
 from .http import MAX_RESPONSE_BYTES, HTTPTransport, batch_body, envelope_overhead
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ __all__ = [
     "Outcome",
     "Target",
     "Transport",
-    "TransportProtocol",
     "batch_body",
     "classify",
     "envelope_overhead",
@@ -42,12 +41,7 @@ __all__ = [
     "parse_retry_after",
 ]
 
-#: The HTTP transport under its first name, which the CLI and older tests construct and
-#: subclass (``Transport(timeout=...)``). The seam itself is ``base.Transport``, also
-#: exported here as ``TransportProtocol``.
-Transport = HTTPTransport
 
-
-def open_transport(config: Config) -> TransportProtocol:
+def open_transport(config: Config) -> Transport:
     """The transport ``config`` asks for: today always HTTP, with its timeout, gzip, proxies."""
     return HTTPTransport(timeout=config.timeout, gzip=config.gzip, proxies=config.proxies)

@@ -19,10 +19,11 @@ def with_dead_letters(queue_path: Path, collector: Collector) -> list[str]:
     ids = fill(queue_path, collector.url, 6)
     collector.reject_message_ids(ids[1], ids[4], status=422)
     queue = Queue(queue_path)
-    from durable_analytics._flusher import Deliverer, drain
-    from durable_analytics._transport import Transport
+    from durable_analytics._delivery import Deliverer
+    from durable_analytics._drain import drain
+    from durable_analytics._transport import HTTPTransport
 
-    drain(queue, lambda: Deliverer(queue, Transport()), concurrency=1)
+    drain(queue, lambda: Deliverer(queue, HTTPTransport()), concurrency=1)
     assert len(queue.dead_letters()) == 2
     queue.close()
     collector.reset()

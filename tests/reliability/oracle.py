@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from durable_analytics._flusher import DrainResult
+    from durable_analytics._drain import DrainResult
     from durable_analytics.testing import Collector
 
 __all__ = [

@@ -203,9 +203,10 @@ FLUSHER = (
     CHILD_PRELUDE
     + """
 import json, os, signal, sys, time
-from durable_analytics._flusher import Deliverer, Flusher
+from durable_analytics._delivery import Deliverer
+from durable_analytics._flusher import Flusher
 from durable_analytics._queue import Queue, _Connection
-from durable_analytics._transport import Transport
+from durable_analytics._transport import HTTPTransport
 path, step, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
 leases = [0]
 in_delete = [False]
@@ -244,7 +245,7 @@ def execute(self, sql, *args):
 
 Queue.lease, Queue.ack, _Connection.execute = lease, ack, execute
 queue = Queue(path)
-flusher = Flusher(Deliverer(queue, Transport(timeout=5.0)), flush_interval=0.01,
+flusher = Flusher(Deliverer(queue, HTTPTransport(timeout=5.0)), flush_interval=0.01,
                   poll_interval=0.01)
 flusher.start()
 deadline = time.monotonic() + 30

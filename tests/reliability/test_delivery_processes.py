@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import WRITE_KEY, child_env, run_python, start_python
 
-from durable_analytics._flusher import Deliverer, drain
+from durable_analytics._delivery import Deliverer
+from durable_analytics._drain import drain
 from durable_analytics._queue import Queue
-from durable_analytics._transport import Transport
+from durable_analytics._transport import HTTPTransport
 from durable_analytics.testing import Collector, Reply
 
 N = 5_000
@@ -66,7 +67,7 @@ def drain_here(queue_path: Path) -> None:
     queue = Queue(queue_path)
 
     def make() -> Deliverer:
-        return Deliverer(queue, Transport(timeout=5.0))
+        return Deliverer(queue, HTTPTransport(timeout=5.0))
 
     result = drain(queue, make, concurrency=2, timeout=30)
     assert result.left == 0, result
@@ -148,9 +149,10 @@ def test_exit_with_a_hanging_server_takes_at_most_shutdown_timeout_plus_1s(
 
 FLUSHER_SCRIPT = """
 import os, sys, time
-from durable_analytics._flusher import Deliverer, Flusher
+from durable_analytics._delivery import Deliverer
+from durable_analytics._flusher import Flusher
 from durable_analytics._queue import Queue
-from durable_analytics._transport import Transport
+from durable_analytics._transport import HTTPTransport
 queue = Queue(sys.argv[1])
 die_on_ack = int(sys.argv[2])
 if die_on_ack:
@@ -168,7 +170,7 @@ if die_on_ack:
             os.kill(os.getpid(), 9)  # the server has the batch; the ack never happens
         return real_ack(self, lease, ids)
     Queue.ack, Queue.lease = ack, lease
-flusher = Flusher(Deliverer(queue, Transport(timeout=5.0)), flush_interval=0.05,
+flusher = Flusher(Deliverer(queue, HTTPTransport(timeout=5.0)), flush_interval=0.05,
                   poll_interval=0.02)
 flusher.start()
 deadline = time.monotonic() + 60

@@ -466,9 +466,9 @@ HOLDER = (
     + CLOCK
     + """
 import json, sys
-from durable_analytics._flusher import Deliverer
+from durable_analytics._delivery import Deliverer
 from durable_analytics._queue import Queue
-from durable_analytics._transport import Transport
+from durable_analytics._transport import HTTPTransport
 path, lease_timeout, jump_s, when = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 queue = Queue(path, lease_timeout=lease_timeout)
 if when == "before":
@@ -479,7 +479,7 @@ if when == "after":
 print(" ".join(json.loads(b)["messageId"] for b in lease.bodies), flush=True)
 print(lease.expires_monotonic, flush=True)
 if sys.stdin.readline().strip() == "deliver":
-    stats = Deliverer(queue, Transport(timeout=5.0)).deliver(lease)
+    stats = Deliverer(queue, HTTPTransport(timeout=5.0)).deliver(lease)
     print("sent", stats.sent, flush=True)
 """
 )
@@ -490,13 +490,14 @@ JUMPED_FLUSHER = (
     + CLOCK
     + """
 import sys, threading
-from durable_analytics._flusher import Deliverer, Flusher
+from durable_analytics._delivery import Deliverer
+from durable_analytics._flusher import Flusher
 from durable_analytics._queue import Queue
-from durable_analytics._transport import Transport
+from durable_analytics._transport import HTTPTransport
 path, jump_s, flush_interval = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 jump(jump_s)
 queue = Queue(path)
-flusher = Flusher(Deliverer(queue, Transport(timeout=5.0)), flush_interval=flush_interval,
+flusher = Flusher(Deliverer(queue, HTTPTransport(timeout=5.0)), flush_interval=flush_interval,
                   poll_interval=0.02)
 flusher.start()
 print("ready", flush=True)

@@ -598,8 +598,9 @@ q.close()
 DRAIN_MANY = """
 import json, sys, threading, time
 from durable_analytics._queue import Queue
-from durable_analytics._flusher import Deliverer, drain
-from durable_analytics._transport import Transport
+from durable_analytics._delivery import Deliverer
+from durable_analytics._drain import drain
+from durable_analytics._transport import HTTPTransport
 
 def rss():
     with open("/proc/self/status") as f:
@@ -618,7 +619,7 @@ def sample():
         samples.append(rss())
 threading.Thread(target=sample, daemon=True).start()
 started = time.monotonic()
-result = drain(q, lambda: Deliverer(q, Transport(timeout=30), flush_at=flush_at), concurrency=4)
+result = drain(q, lambda: Deliverer(q, HTTPTransport(timeout=30), flush_at=flush_at), concurrency=4)
 elapsed = time.monotonic() - started
 stop.set()
 print(json.dumps({"queued": stats.pending, "sent": result.sent, "left": result.left,

@@ -44,9 +44,10 @@ from conftest import WRITE_KEY
 from freezegun import freeze_time
 
 from durable_analytics import Client
-from durable_analytics._flusher import Deliverer, Flusher
+from durable_analytics._delivery import Deliverer
+from durable_analytics._flusher import Flusher
 from durable_analytics._queue import Queue
-from durable_analytics._transport import Outcome, Transport
+from durable_analytics._transport import HTTPTransport, Outcome
 from durable_analytics.testing import Collector, Reply
 
 from .oracle import CallLog, Report, check
@@ -154,7 +155,7 @@ class Sim:
         self.posts: list[Post] = []
         posts = self.posts
 
-        class Recording(Transport):
+        class Recording(HTTPTransport):
             def post(self, host: str, write_key: str, body: bytes, **kwargs: Any) -> Outcome:
                 outcome = super().post(host, write_key, body, **kwargs)
                 posts.append(Post(time.time(), host, outcome.status, outcome.kind, outcome.error))
