@@ -6,7 +6,8 @@ at-least-once, fenced by lease token, the oldest ready messages first and never 
 batch, one backoff shared by every holder, a size cap with counted drops.
 
 ``open_queue`` is the one place that chooses a backend from the configured ``queue_path``:
-a file path is the SQLite queue. A new backend adds a branch there, implements the
+``":memory:"`` is the in-memory reference backend (``memory.py``), any other path the
+SQLite queue. A new backend adds a branch there, implements the
 Protocol, and joins the contract suite (``tests/store/test_contract.py``) by one fixture
 parameter.
 """
@@ -14,6 +15,8 @@ parameter.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from durable_analytics.exceptions import ConfigError
 
 from .base import (
     MAX_BACKOFF_SECONDS,
@@ -24,6 +27,7 @@ from .base import (
     QueueBackend,
     QueueStats,
 )
+from .memory import MEMORY_PATH, MemoryQueue
 
 if TYPE_CHECKING:
     from durable_analytics._config import Config
@@ -34,6 +38,7 @@ __all__ = [
     "Destination",
     "DestinationStats",
     "Lease",
+    "MemoryQueue",
     "QueueBackend",
     "QueueStats",
     "open_queue",
@@ -43,14 +48,30 @@ __all__ = [
 def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
     """Open the queue ``config.queue_path`` names, with the config's size cap and durability.
 
-    ``recover=True`` (the Client's choice) moves a damaged SQLite file aside and salvages
-    it; ``False`` (the CLI's) raises ``QueueCorrupt`` instead.
+    ``":memory:"`` is the in-memory backend (this process only, gone when it ends); any
+    other path is an SQLite file. ``recover=True`` (the Client's choice) moves a damaged
+    SQLite file aside and salvages it; ``False`` (the CLI's) raises ``QueueCorrupt``.
     """
+    path = config.queue_path
+    # A relative ":memory:" may have been made absolute: the name decides.
+    if path.name == MEMORY_PATH:
+        if config.flusher == "process" or config.on_exit == "spawn":
+            raise ConfigError(
+                'queue_path=":memory:" lives in this process only: use flusher="thread" or '
+                '"none", and an on_exit other than "spawn"'
+            )
+        return MemoryQueue(
+            max_queue_bytes=config.max_queue_bytes,
+            overflow=config.overflow,
+            lease_timeout=config.lease_timeout,
+        )
+    # Another backend (e.g. a postgresql:// URL) gets its branch here.
+
     # Imported here: the SQLite queue imports this package's records.
     from durable_analytics._queue import Queue
 
     return Queue(
-        config.queue_path,
+        path,
         durability=config.durability,
         max_queue_bytes=config.max_queue_bytes,
         overflow=config.overflow,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +51,7 @@ __all__ = [
     "Lease",
     "QueueBackend",
     "QueueStats",
+    "iso_utc",
 ]
 
 #: The longest backoff the flusher ever sets; a ``not_before`` further away than this
@@ -154,6 +156,13 @@ class DeadLetter:
         out = asdict(self)
         out["body"] = json.loads(self.body)
         return out
+
+
+def iso_utc(ts: float | None) -> str | None:
+    """A wall-clock time as ISO 8601 UTC to the second (how stats show times), or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 class QueueBackend(Protocol):

@@ -1,0 +1,651 @@
+"""The in-memory reference backend: the ``QueueBackend`` contract with nothing on disk.
+
+It proves the storage seam (the contract suite runs against it and SQLite alike) and serves
+where durability is not wanted: tests, and ``queue_path=":memory:"``. Messages live as long
+as the object, in this process only: nothing survives the process, and no other process can
+see them, so the flusher must be a thread (``flusher="thread"`` or ``"none"``).
+
+Everything happens under one lock, so each call is one atomic step, as a transaction is in
+SQLite. A lease expires ``lease_timeout`` after it was taken (or extended) on the monotonic
+clock (``clock``, injectable for tests); its holder is never "gone" before that, since every
+holder is a thread of this process.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from durable_analytics.exceptions import QueueError
+
+from .base import (
+    CLOCK_JUMP_MARGIN,
+    MAX_BACKOFF_SECONDS,
+    DeadLetter,
+    Destination,
+    DestinationStats,
+    Lease,
+    QueueStats,
+    iso_utc,
+)
+
+__all__ = ["MEMORY_PATH", "MemoryQueue"]
+
+#: The ``queue_path`` that selects this backend.
+MEMORY_PATH = ":memory:"
+
+# What one message costs against max_queue_bytes beyond its body: the same estimate the
+# SQLite queue uses for a row, so a cap means about as many messages in either.
+_ROW_OVERHEAD = 48
+
+
+@dataclass
+class _Dest:
+    host: str
+    write_key: str
+    not_before: float = 0.0
+    failures: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@dataclass
+class _Message:
+    dest: int
+    body: bytes
+    enqueued_at: float
+    attempts: int = 0
+    not_before: float | None = None
+
+
+@dataclass
+class _LeaseRecord:
+    dest: int
+    ids: list[int]
+    mono_expires: float
+
+
+@dataclass
+class _Dead:
+    dest: int
+    body: bytes
+    enqueued_at: float
+    dead_at: float
+    attempts: int
+    status: int | None
+    reason: str
+    excerpt: str = field(default="")
+
+
+class MemoryQueue:
+    """A ``QueueBackend`` held in this process's memory (see the module docstring).
+
+    ``clock`` is the monotonic clock leases expire by (default ``time.monotonic``, looked
+    up at each call so ``freezegun`` moves it too); wall-clock times (backoff, ``now``)
+    come from ``time.time``.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_queue_bytes: int = 1 << 30,
+        overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest",
+        lease_timeout: float = 60.0,
+        max_dead_letter_bytes: int | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.path = Path(MEMORY_PATH)
+        self.max_queue_bytes = max_queue_bytes
+        self.overflow = overflow
+        self.lease_timeout = lease_timeout
+        self.max_dead_letter_bytes = (
+            max_queue_bytes // 10 if max_dead_letter_bytes is None else max_dead_letter_bytes
+        )
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._closed = False
+        self._dests: dict[int, _Dest] = {}
+        self._dest_ids: dict[tuple[str, str], int] = {}
+        self._messages: dict[int, _Message] = {}  # ids only grow: insertion order is id order
+        self._leases: dict[str, _LeaseRecord] = {}
+        self._dead: dict[int, _Dead] = {}
+        self._next_id = 1
+        self._next_dead = 1
+        self._used = 0  # messages and dead letters, each with _ROW_OVERHEAD
+        self._dead_used = 0
+        self._dropped_newest = 0
+        self._dropped_oldest = 0
+        self._purged = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryQueue(max_queue_bytes={self.max_queue_bytes}, overflow={self.overflow!r})"
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _mono(self) -> float:
+        return (self._clock or time.monotonic)()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueError("the in-memory queue is closed")
+
+    def _leased(self) -> set[int]:
+        """Every message id named by a lease record, live or not yet reclaimed."""
+        return {i for rec in self._leases.values() for i in rec.ids}
+
+    def _reclaim(self) -> int:
+        now = self._mono()
+        dead = [t for t, rec in self._leases.items() if now > rec.mono_expires]
+        for token in dead:
+            del self._leases[token]
+        return len(dead)
+
+    @staticmethod
+    def _ready(not_before: float | None, now: float, horizon: float) -> bool:
+        # A time beyond the horizon is the leftover of a wall clock that jumped back.
+        return not_before is None or not_before <= now or not_before > horizon
+
+    def _held(self, lease: Lease, ids: Iterable[int] | None) -> tuple[list[int], list[int]]:
+        """The ids ``lease`` still holds and those of them chosen; ([], []) once it ended.
+
+        This is the fence: every settling call works only on these, so a stale holder
+        touches nothing it no longer holds.
+        """
+        rec = self._leases.get(lease.token)
+        if rec is None:
+            return [], []
+        if ids is None:
+            return rec.ids, list(rec.ids)
+        wanted = set(ids)
+        return rec.ids, [i for i in rec.ids if i in wanted]
+
+    def _settle(self, lease: Lease, held: list[int], done: Iterable[int]) -> None:
+        gone = set(done)
+        left = [i for i in held if i not in gone]
+        if left:
+            self._leases[lease.token].ids = left
+        else:
+            self._leases.pop(lease.token, None)
+
+    def _remove(self, row_id: int) -> _Message:
+        msg = self._messages.pop(row_id)
+        self._used -= len(msg.body) + _ROW_OVERHEAD
+        return msg
+
+    # ---------------------------------------------------------------- destinations, append
+
+    def destination(self, host: str, write_key: str) -> int:
+        """The id of the (host, write key) destination, created on first use."""
+        with self._lock:
+            self._check_open()
+            key = (host, write_key)
+            found = self._dest_ids.get(key)
+            if found is None:
+                found = len(self._dests) + 1
+                self._dests[found] = _Dest(host, write_key)
+                self._dest_ids[key] = found
+            return found
+
+    def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
+        """Store one serialized message; its id, or 0 when the size cap dropped it."""
+        cost = len(body) + _ROW_OVERHEAD
+        with self._lock:
+            self._check_open()
+            over = self._used + cost - self.max_queue_bytes
+            if over > 0 and self._trim_dead_letters():
+                over = self._used + cost - self.max_queue_bytes
+            # drop_oldest frees the oldest unleased messages; when even that is not enough
+            # the new message is refused too: the queue never grows past the cap.
+            if over > 0 and (self.overflow == "drop_newest" or self._drop_oldest(over) < over):
+                self._dropped_newest += 1
+                return 0
+            row_id = self._next_id
+            self._next_id += 1
+            when = time.time() if enqueued_at is None else enqueued_at
+            self._messages[row_id] = _Message(dest_id, bytes(body), when)
+            self._used += cost
+            return row_id
+
+    def _drop_oldest(self, need: int) -> int:
+        leased = self._leased()
+        freed = 0
+        for row_id in [i for i in self._messages if i not in leased]:
+            if freed >= need:
+                break
+            freed += len(self._remove(row_id).body) + _ROW_OVERHEAD
+            self._dropped_oldest += 1
+        return freed
+
+    # ---------------------------------------------------------------- leases
+
+    def lease(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> Lease | None:
+        """Take the oldest ready messages of one destination, or None when none are ready.
+
+        At most ``max_messages`` and ``max_bytes`` (each message costing its size plus
+        ``per_message_overhead``); the first message is always taken.
+        """
+        now_wall = time.time() if now is None else now
+        horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
+        top = up_to_id if up_to_id is not None else 1 << 62
+        with self._lock:
+            self._check_open()
+            self._reclaim()
+            leased = self._leased()
+            ready = {
+                d
+                for d, rec in self._dests.items()
+                if self._ready(rec.not_before, now_wall, horizon) and destination in (None, d)
+            }
+            chosen: int | None = None
+            ids: list[int] = []
+            bodies: list[bytes] = []
+            total = attempts = 0
+            for row_id, msg in self._messages.items():
+                if len(ids) >= max_messages or row_id > top:
+                    break
+                if (
+                    row_id in leased
+                    or msg.dest not in ready
+                    or chosen not in (None, msg.dest)
+                    or not self._ready(msg.not_before, now_wall, horizon)
+                ):
+                    continue
+                cost = len(msg.body) + per_message_overhead
+                if ids and total + cost > max_bytes:
+                    break
+                chosen = msg.dest
+                ids.append(row_id)
+                bodies.append(msg.body)
+                total += cost
+                attempts = max(attempts, msg.attempts)
+            if chosen is None:
+                return None
+            token = uuid.uuid4().hex
+            expires = self._mono() + self.lease_timeout
+            self._leases[token] = _LeaseRecord(chosen, list(ids), expires)
+            dest = self._dests[chosen]
+            return Lease(
+                token,
+                Destination(chosen, dest.host, dest.write_key),
+                tuple(ids),
+                tuple(bodies),
+                attempts,
+                expires,
+                dest.failures,
+            )
+
+    def extend(self, lease: Lease) -> bool:
+        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
+        with self._lock:
+            self._check_open()
+            rec = self._leases.get(lease.token)
+            if rec is None:
+                return False
+            rec.mono_expires = self._mono() + self.lease_timeout
+            return True
+
+    def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
+        """Delete delivered messages and clear the destination's backoff; returns how many."""
+        with self._lock:
+            self._check_open()
+            held, chosen = self._held(lease, ids)
+            deleted = 0
+            for row_id in chosen:
+                if row_id in self._messages:
+                    self._remove(row_id)
+                    deleted += 1
+            if held:
+                self._settle(lease, held, chosen)
+            self._clear_backoff(lease.destination.id)
+            return deleted
+
+    def release(
+        self,
+        lease: Lease,
+        not_before: float | None = None,
+        *,
+        ids: Iterable[int] | None = None,
+        count_attempt: bool = True,
+    ) -> int:
+        """Return leased messages to the queue, not to be leased again before ``not_before``."""
+        with self._lock:
+            self._check_open()
+            return self._release(lease, not_before, ids, 1 if count_attempt else 0)
+
+    def _release(
+        self, lease: Lease, not_before: float | None, ids: Iterable[int] | None, bump: int
+    ) -> int:
+        held, chosen = self._held(lease, ids)
+        released = 0
+        for row_id in chosen:
+            msg = self._messages.get(row_id)
+            if msg is None:
+                continue
+            released += 1
+            if not_before is not None or bump:
+                msg.not_before = not_before
+                msg.attempts += bump
+        if held:
+            self._settle(lease, held, chosen)
+        return released
+
+    def retry_later(self, lease: Lease, delay: Callable[[int], float], error: str) -> float:
+        """Back the destination off by ``delay(failures + 1)`` and release the batch, at once."""
+        with self._lock:
+            self._check_open()
+            dest = self._dests.get(lease.destination.id)
+            now = time.time()
+            until = now + delay((dest.failures if dest else 0) + 1)
+            self._store_backoff(lease.destination.id, until, error, now)
+            self._release(lease, until, None, 1)
+            return until
+
+    def reclaim_expired(self) -> int:
+        """Free the messages of expired leases now; returns how many leases ended."""
+        with self._lock:
+            self._check_open()
+            return self._reclaim()
+
+    def live_leases(self) -> int:
+        """How many lease records exist (expired ones count until reclaimed)."""
+        with self._lock:
+            self._check_open()
+            return len(self._leases)
+
+    # ---------------------------------------------------------------- backoff
+
+    def _store_backoff(self, dest_id: int, until: float, error: str | None, now: float) -> None:
+        dest = self._dests.get(dest_id)
+        if dest is None:
+            return
+        horizon = now + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
+        # A stored time beyond the horizon is a clock-jump leftover: it must not outvote.
+        dest.not_before = until if dest.not_before > horizon else max(dest.not_before, until)
+        dest.failures += 1
+        if error is not None:
+            dest.last_error = error
+            dest.last_error_at = now
+
+    def _clear_backoff(self, dest_id: int) -> None:
+        dest = self._dests.get(dest_id)
+        if dest is not None:
+            dest.not_before = 0.0
+            dest.failures = 0
+
+    def set_backoff(self, dest_id: int, until: float, error: str | None = None) -> None:
+        """Hold every holder back from leasing ``dest_id`` until ``until``."""
+        with self._lock:
+            self._check_open()
+            self._store_backoff(dest_id, until, error, time.time())
+
+    def clear_backoff(self, dest_id: int) -> None:
+        """Forget the destination's failures after a successful delivery."""
+        with self._lock:
+            self._check_open()
+            self._clear_backoff(dest_id)
+
+    def backoff(self, dest_id: int) -> tuple[float, int]:
+        """``(not_before, consecutive failures)`` of a destination."""
+        with self._lock:
+            self._check_open()
+            dest = self._dests.get(dest_id)
+            return (0.0, 0) if dest is None else (dest.not_before, dest.failures)
+
+    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
+        """The earliest time at which some pending message may be leased."""
+        top = up_to_id if up_to_id is not None else 1 << 62
+        horizon = time.time() + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
+        with self._lock:
+            self._check_open()
+            leased = self._leased()
+            best: float | None = None
+            for row_id, msg in self._messages.items():
+                if row_id > top:
+                    break
+                if row_id in leased:
+                    continue
+                own = msg.not_before or 0.0
+                shared = self._dests[msg.dest].not_before if msg.dest in self._dests else 0.0
+                at = max(0.0 if own > horizon else own, 0.0 if shared > horizon else shared)
+                best = at if best is None else min(best, at)
+            return best
+
+    def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
+        """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
+        now_wall = time.time() if now is None else now
+        horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
+        with self._lock:
+            self._check_open()
+            leased = self._leased()
+            times: list[float] = []
+            for row_id, msg in self._messages.items():
+                if len(times) >= limit:
+                    break
+                dest = self._dests.get(msg.dest)
+                if (
+                    row_id not in leased
+                    and dest is not None
+                    and self._ready(dest.not_before, now_wall, horizon)
+                    and self._ready(msg.not_before, now_wall, horizon)
+                ):
+                    times.append(msg.enqueued_at)
+            return len(times), (min(times) if times else None)
+
+    # ---------------------------------------------------------------- inspection
+
+    def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
+        """How many messages are not yet delivered (leased or not)."""
+        top = up_to_id if up_to_id is not None else 1 << 62
+        with self._lock:
+            self._check_open()
+            return sum(
+                1 for i, m in self._messages.items() if i <= top and destination in (None, m.dest)
+            )
+
+    def max_id(self) -> int:
+        """The id of the newest message (0 when empty)."""
+        with self._lock:
+            self._check_open()
+            return next(reversed(self._messages), 0)
+
+    def bodies(self) -> list[bytes]:
+        """Every pending message body, oldest first (for tests and tools)."""
+        with self._lock:
+            self._check_open()
+            return [m.body for m in self._messages.values()]
+
+    def dead_letters_purged(self) -> int:
+        """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""
+        with self._lock:
+            return self._purged
+
+    def stats(self) -> QueueStats:
+        """Counts and health of the queue (see ``QueueStats``)."""
+        now = time.time()
+        with self._lock:
+            self._check_open()
+            mono = self._mono()
+            live = {i for rec in self._leases.values() if mono <= rec.mono_expires for i in rec.ids}
+            count: dict[int, int] = {}
+            leased: dict[int, int] = {}
+            size = 0
+            for row_id, msg in self._messages.items():
+                count[msg.dest] = count.get(msg.dest, 0) + 1
+                size += len(msg.body)
+                if row_id in live:
+                    leased[msg.dest] = leased.get(msg.dest, 0) + 1
+            oldest = min((m.enqueued_at for m in self._messages.values()), default=None)
+            last: tuple[float, str, str] | None = None
+            destinations = []
+            for d, dest in self._dests.items():
+                err, err_at = dest.last_error, dest.last_error_at
+                if err is not None and err_at is not None and (last is None or err_at > last[0]):
+                    last = (err_at, err, dest.host)
+                destinations.append(
+                    DestinationStats(
+                        host=dest.host,
+                        write_key=Destination(d, dest.host, dest.write_key).redacted_key,
+                        pending=count.get(d, 0),
+                        leased=leased.get(d, 0),
+                        backoff_until=iso_utc(dest.not_before) if dest.not_before > now else None,
+                        failures=dest.failures,
+                        last_error=err,
+                    )
+                )
+            return QueueStats(
+                pending=len(self._messages),
+                leased=sum(leased.values()),
+                dead_letters=len(self._dead),
+                bytes=size,
+                oldest_age_seconds=None if oldest is None else max(0.0, round(now - oldest, 3)),
+                dropped=self._dropped_newest + self._dropped_oldest,
+                last_error=None
+                if last is None
+                else {"message": last[1], "at": iso_utc(last[0]) or "", "host": last[2]},
+                destinations=destinations,
+            )
+
+    # ---------------------------------------------------------------- dead letters
+
+    def dead_letter(
+        self,
+        lease: Lease,
+        ids: Iterable[int],
+        *,
+        status: int | None,
+        reason: str,
+        excerpt: str = "",
+    ) -> int:
+        """Move leased messages to the dead letters with the status and a response excerpt."""
+        wanted = list(ids)
+        if not wanted:
+            return 0
+        now = time.time()
+        with self._lock:
+            self._check_open()
+            held, chosen = self._held(lease, wanted)
+            moved = 0
+            for row_id in chosen:
+                if row_id not in self._messages:
+                    continue
+                msg = self._remove(row_id)
+                self._dead[self._next_dead] = _Dead(
+                    msg.dest,
+                    msg.body,
+                    msg.enqueued_at,
+                    now,
+                    msg.attempts + 1,
+                    status,
+                    reason[:500],
+                    excerpt[:2000],
+                )
+                self._next_dead += 1
+                cost = len(msg.body) + _ROW_OVERHEAD
+                self._used += cost
+                self._dead_used += cost
+                moved += 1
+            if held:
+                self._settle(lease, held, chosen)
+            # Dead letters count in the cap; near it, they keep to their share.
+            if moved and self._used + self.max_dead_letter_bytes >= self.max_queue_bytes:
+                self._trim_dead_letters()
+            return moved
+
+    def _trim_dead_letters(self) -> int:
+        """Purge the oldest dead letters beyond max_dead_letter_bytes, down to 90 % of it."""
+        if self._dead_used <= self.max_dead_letter_bytes:
+            return 0
+        target = int(self.max_dead_letter_bytes * 0.9)
+        purged = 0
+        for dead_id in list(self._dead):
+            if self._dead_used <= target:
+                break
+            self._drop_dead(dead_id)
+            purged += 1
+        self._purged += purged
+        return purged
+
+    def _drop_dead(self, dead_id: int) -> _Dead:
+        dead = self._dead.pop(dead_id)
+        cost = len(dead.body) + _ROW_OVERHEAD
+        self._used -= cost
+        self._dead_used -= cost
+        return dead
+
+    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        """The dead letters (all, or those with ``ids``), oldest first."""
+        with self._lock:
+            self._check_open()
+            chosen = list(self._dead) if ids is None else sorted(set(ids) & set(self._dead))
+            out = []
+            for dead_id in chosen:
+                dead = self._dead[dead_id]
+                dest = self._dests.get(dead.dest) or _Dest("", "")
+                try:
+                    msg = json.loads(dead.body)
+                except ValueError:
+                    msg = {}
+                if not isinstance(msg, dict):
+                    msg = {}
+                out.append(
+                    DeadLetter(
+                        id=dead_id,
+                        host=dest.host,
+                        write_key=Destination(0, dest.host, dest.write_key).redacted_key,
+                        type=str(msg.get("type", "")),
+                        event=msg.get("event") or msg.get("name"),
+                        message_id=msg.get("messageId"),
+                        status=dead.status,
+                        reason=dead.reason,
+                        excerpt=dead.excerpt,
+                        attempts=dead.attempts,
+                        enqueued_at=dead.enqueued_at,
+                        dead_at=dead.dead_at,
+                        body=dead.body,
+                    )
+                )
+            return out
+
+    def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Put dead letters (all, or ``ids``) back in the queue as new messages; how many."""
+        with self._lock:
+            self._check_open()
+            chosen = list(self._dead) if ids is None else sorted(set(ids) & set(self._dead))
+            for dead_id in chosen:
+                dead = self._drop_dead(dead_id)
+                self._messages[self._next_id] = _Message(dead.dest, dead.body, dead.enqueued_at)
+                self._next_id += 1
+                self._used += len(dead.body) + _ROW_OVERHEAD
+            return len(chosen)
+
+    def purge_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Delete dead letters (all, or ``ids``) for good; returns how many."""
+        with self._lock:
+            self._check_open()
+            chosen = list(self._dead) if ids is None else sorted(set(ids) & set(self._dead))
+            for dead_id in chosen:
+                self._drop_dead(dead_id)
+            return len(chosen)
+
+    def close(self) -> None:
+        """Drop everything; later calls raise ``QueueError``."""
+        with self._lock:
+            self._closed = True
+            self._messages.clear()
+            self._leases.clear()
+            self._dead.clear()

@@ -1,0 +1,521 @@
+"""The ``QueueBackend`` contract, run against every backend (``BACKENDS`` in conftest.py).
+
+Each test states one rule of the contract written in ``durable_analytics/_store/base.py``;
+a backend that passes them all can carry delivery, the client and the CLI. Time rules run
+under freezegun, which moves the wall and the monotonic clock together.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import freezegun
+import pytest
+
+from durable_analytics._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
+from durable_analytics.exceptions import QueueError
+
+from .conftest import OpenBackend
+
+HOST = "https://api.example.test"
+KEY = "wk_SECRET_write_key_0123456789"
+OTHER_HOST = "https://eu.example.test"
+OTHER_KEY = "wk_OTHER_write_key_9876543210"
+BIG = 1 << 30
+
+
+def body(i: int, pad: int = 0) -> bytes:
+    """A serialized message that names its index ``i``."""
+    msg: dict[str, Any] = {"type": "track", "event": "E", "messageId": f"m-{i}"}
+    msg["properties"] = {"i": i, "pad": "x" * pad}
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def index(b: bytes) -> int:
+    """The index ``body`` put in a message."""
+    return int(json.loads(b)["properties"]["i"])
+
+
+def fill(queue: QueueBackend, dest: int, n: int, start: int = 0, pad: int = 0) -> list[int]:
+    """Append messages ``start`` … ``start + n - 1``; their ids."""
+    return [queue.append(dest, body(i, pad)) for i in range(start, start + n)]
+
+
+def take(queue: QueueBackend, n: int = 100, **kwargs: Any) -> Lease:
+    """Lease up to ``n`` messages; fails the test when nothing was ready."""
+    lease = queue.lease(n, BIG, **kwargs)
+    assert lease is not None
+    return lease
+
+
+@pytest.fixture
+def dest(backend: QueueBackend) -> int:
+    return backend.destination(HOST, KEY)
+
+
+# --------------------------------------------------------------------------- order and budget
+
+
+def test_messages_are_leased_oldest_first_and_never_twice_while_leased(
+    backend: QueueBackend, dest: int
+) -> None:
+    ids = fill(backend, dest, 10)
+    assert ids == sorted(ids)
+    assert all(ids)
+    first = take(backend, 4)
+    second = take(backend, 4)
+    assert list(first.ids) == ids[:4]
+    assert list(second.ids) == ids[4:8]
+    assert [index(b) for b in first.bodies + second.bodies] == list(range(8))
+    assert backend.ack(first) == 4
+    third = take(backend)
+    assert list(third.ids) == ids[8:]
+    assert backend.lease(10, BIG) is None
+
+
+def test_released_messages_come_back_in_their_order_before_newer_ones(
+    backend: QueueBackend, dest: int
+) -> None:
+    fill(backend, dest, 3)
+    lease = take(backend)
+    fill(backend, dest, 2, start=3)
+    assert backend.release(lease, None, count_attempt=False) == 3
+    assert [index(b) for b in take(backend).bodies] == [0, 1, 2, 3, 4]
+
+
+def test_lease_keeps_within_max_messages_and_max_bytes_counting_the_overhead(
+    backend: QueueBackend, dest: int
+) -> None:
+    fill(backend, dest, 20, start=100, pad=100)  # all of one size
+    size = len(body(100, 100))
+    assert len(backend.lease(3, BIG) or ()) == 3
+    lease = take_budget(backend, 5 * (size + 1))
+    assert len(lease) == 5
+    lease = take_budget(backend, 5 * (size + 1) - 1)
+    assert len(lease) == 4
+    lease = take_budget(backend, 2 * (size + 10), per_message_overhead=10)
+    assert len(lease) == 2
+    assert lease.size == 2 * size
+
+
+def take_budget(queue: QueueBackend, max_bytes: int, **kwargs: Any) -> Lease:
+    lease = queue.lease(100, max_bytes, **kwargs)
+    assert lease is not None
+    return lease
+
+
+def test_the_first_message_is_always_taken_however_large(backend: QueueBackend, dest: int) -> None:
+    fill(backend, dest, 1, pad=5000)
+    fill(backend, dest, 1, start=1)
+    lease = backend.lease(10, 100)
+    assert lease is not None
+    assert [index(b) for b in lease.bodies] == [0]  # alone: the next does not fit either
+    assert backend.lease(0, BIG) is None
+
+
+def test_a_batch_holds_one_destination_and_filters_choose_which(backend: QueueBackend) -> None:
+    a = backend.destination(HOST, KEY)
+    b = backend.destination(OTHER_HOST, OTHER_KEY)
+    assert backend.destination(HOST, KEY) == a != b
+    ids = [backend.append(d, body(i)) for i, d in enumerate([a, b, a, b, a])]
+    only_b = take(backend, destination=b)
+    assert list(only_b.ids) == [ids[1], ids[3]]
+    assert only_b.destination.host == OTHER_HOST
+    assert only_b.destination.write_key == OTHER_KEY
+    early = take(backend, up_to_id=ids[2])
+    assert list(early.ids) == [ids[0], ids[2]]
+    assert early.destination.id == a
+    assert list(take(backend).ids) == [ids[4]]
+
+
+def test_pending_max_id_and_ready_summary_count_what_is_stored(
+    backend: QueueBackend, dest: int
+) -> None:
+    assert (backend.pending(), backend.max_id(), backend.ready_summary(10)) == (0, 0, (0, None))
+    other = backend.destination(OTHER_HOST, OTHER_KEY)
+    ids = fill(backend, dest, 3)
+    backend.append(other, body(9), enqueued_at=1000.0)
+    assert backend.max_id() > ids[-1]
+    assert backend.pending() == 4
+    assert backend.pending(up_to_id=ids[1]) == 2
+    assert backend.pending(destination=other) == 1
+    lease = take(backend, 2)
+    assert backend.pending() == 4  # leased messages are still pending
+    count, oldest = backend.ready_summary(10)
+    assert count == 2
+    assert oldest == 1000.0
+    assert backend.ready_summary(1)[0] == 1
+    backend.ack(lease)
+    assert backend.pending() == 2
+
+
+# --------------------------------------------------------------------------- fencing, expiry
+
+
+def test_a_stale_holder_changes_nothing_after_a_takeover(open_backend: OpenBackend) -> None:
+    with freezegun.freeze_time("2030-01-01") as frozen:
+        queue = open_backend(lease_timeout=60)
+        dest = queue.destination(HOST, KEY)
+        ids = fill(queue, dest, 5)
+        stale = take(queue)
+        frozen.tick(30)
+        assert queue.lease(10, BIG) is None  # still live
+        frozen.tick(31)
+        current = take(queue)  # expired: taken over
+        assert list(current.ids) == ids
+        assert current.token != stale.token
+
+        assert queue.ack(stale) == 0
+        assert queue.ack(stale, ids[:1]) == 0
+        assert queue.release(stale, time.time() + 300) == 0
+        assert queue.dead_letter(stale, ids, status=400, reason="bad") == 0
+        assert not queue.extend(stale)
+        assert queue.pending() == 5
+        assert queue.dead_letters() == []
+        assert queue.stats().leased == 5
+        assert queue.lease(10, BIG) is None  # the new holder still holds them
+
+        assert queue.dead_letter(current, ids[:1], status=400, reason="bad") == 1
+        assert queue.release(current, None, ids=ids[1:2]) == 1
+        assert queue.ack(current) == 3
+        assert queue.pending() == 1
+        assert queue.live_leases() == 0
+
+
+def test_extend_keeps_a_lease_alive_and_reclaim_expired_ends_it(
+    open_backend: OpenBackend,
+) -> None:
+    with freezegun.freeze_time("2030-01-01") as frozen:
+        queue = open_backend(lease_timeout=60)
+        fill(queue, queue.destination(HOST, KEY), 2)
+        lease = take(queue)
+        for _ in range(3):
+            frozen.tick(40)
+            assert queue.extend(lease)
+        assert queue.reclaim_expired() == 0
+        assert queue.lease(10, BIG) is None  # 120 s after it was taken, still held
+        assert queue.live_leases() == 1
+        frozen.tick(61)
+        assert queue.stats().leased == 0  # expired: no longer counted as leased
+        assert queue.reclaim_expired() == 1
+        assert queue.live_leases() == 0
+        assert not queue.extend(lease)
+        assert len(take(queue)) == 2
+
+
+def test_an_expired_lease_counts_no_attempt_and_a_release_counts_one(
+    open_backend: OpenBackend,
+) -> None:
+    with freezegun.freeze_time("2030-01-01") as frozen:
+        queue = open_backend(lease_timeout=60)
+        fill(queue, queue.destination(HOST, KEY), 1)
+        assert take(queue).attempts == 0
+        frozen.tick(61)
+        lease = take(queue)
+        assert lease.attempts == 0
+        assert queue.release(lease) == 1
+        lease = take(queue)
+        assert lease.attempts == 1
+        assert queue.release(lease, count_attempt=False) == 1
+        assert take(queue).attempts == 1
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+def test_backoff_holds_back_only_its_destination_until_its_time(backend: QueueBackend) -> None:
+    a = backend.destination(HOST, KEY)
+    b = backend.destination(OTHER_HOST, OTHER_KEY)
+    backend.append(a, body(0))
+    backend.append(b, body(1))
+    now = time.time()
+    backend.set_backoff(a, now + 30, "HTTP 503")
+    assert backend.backoff(a) == (pytest.approx(now + 30), 1)
+    held = take(backend, now=now)
+    assert held.destination.id == b
+    assert backend.ack(held) == 1
+    assert backend.lease(10, BIG, now=now + 29) is None
+    assert backend.ready_summary(10, now)[0] == 0
+    assert backend.next_ready_at() == pytest.approx(now + 30)
+    assert [index(x) for x in take(backend, now=now + 31).bodies] == [0]
+
+
+def test_a_backoff_beyond_the_longest_one_is_ignored_as_a_clock_jump(
+    backend: QueueBackend, dest: int
+) -> None:
+    fill(backend, dest, 1)
+    now = time.time()
+    backend.set_backoff(dest, now + MAX_BACKOFF_SECONDS + 3600, "before the clock jumped back")
+    lease = take(backend, now=now)
+    backend.release(lease, now + MAX_BACKOFF_SECONDS + 3600)
+    assert backend.ready_summary(10, now)[0] == 1
+    assert (backend.next_ready_at() or 0) <= time.time()
+    # ... and a real backoff set afterwards replaces the leftover.
+    backend.set_backoff(dest, now + 30, "HTTP 503")
+    assert backend.backoff(dest)[0] == pytest.approx(now + 30)
+    assert backend.lease(10, BIG, now=now) is None
+
+
+def test_a_longer_backoff_is_never_shortened_and_failures_add_up(
+    backend: QueueBackend, dest: int
+) -> None:
+    now = time.time()
+    backend.set_backoff(dest, now + 120)
+    backend.set_backoff(dest, now + 10, "second")
+    assert backend.backoff(dest) == (pytest.approx(now + 120), 2)
+    backend.clear_backoff(dest)
+    assert backend.backoff(dest) == (0.0, 0)
+
+
+def test_retry_later_counts_every_holders_failures_and_releases_with_one_attempt(
+    backend: QueueBackend, dest: int
+) -> None:
+    fill(backend, dest, 3)
+    lease = take(backend)
+    backend.set_backoff(dest, 0.0, "another holder failed first")
+    seen: list[int] = []
+    before = time.time()
+    until = backend.retry_later(lease, lambda n: seen.append(n) or 42.0, "HTTP 503")
+    assert seen == [2]
+    assert before + 42.0 <= until <= time.time() + 42.0
+    assert backend.backoff(dest) == (pytest.approx(until), 2)
+    assert backend.live_leases() == 0
+    assert backend.lease(10, BIG, now=until - 1) is None
+    again = take(backend, now=until + 1)
+    assert again.attempts == 1
+    assert [index(b) for b in again.bodies] == [0, 1, 2]
+    last = backend.stats().last_error
+    assert last is not None
+    assert (last["message"], last["host"]) == ("HTTP 503", HOST)
+
+
+def test_retry_later_of_a_stale_holder_still_counts_the_failure_but_moves_nothing(
+    open_backend: OpenBackend,
+) -> None:
+    with freezegun.freeze_time("2030-01-01") as frozen:
+        queue = open_backend(lease_timeout=60)
+        dest = queue.destination(HOST, KEY)
+        fill(queue, dest, 2)
+        stale = take(queue)
+        frozen.tick(61)
+        current = take(queue)
+        queue.retry_later(stale, lambda n: 5.0, "timeout")
+        assert queue.backoff(dest)[1] == 1
+        assert queue.stats().leased == 2  # the current holder's batch is untouched
+        assert queue.ack(current) == 2
+
+
+def test_concurrent_retry_later_calls_each_see_one_more_failure(
+    backend: QueueBackend, dest: int
+) -> None:
+    """Read, back off and release are one step: no two holders see the same count."""
+    n = 8
+    fill(backend, dest, n)
+    leases = [take(backend, 1) for _ in range(n)]
+    seen: list[int] = []
+    start = threading.Barrier(n)
+
+    def fail(lease: Lease) -> None:
+        start.wait()
+        backend.retry_later(lease, lambda k: seen.append(k) or 1.0, "HTTP 500")
+
+    threads = [threading.Thread(target=fail, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == list(range(1, n + 1))
+    assert backend.backoff(dest)[1] == n
+    assert backend.live_leases() == 0
+
+
+def test_ack_clears_the_destinations_backoff_for_every_holder(
+    backend: QueueBackend, dest: int
+) -> None:
+    fill(backend, dest, 2)
+    lease = take(backend, 1)
+    backend.set_backoff(dest, time.time() + 300, "HTTP 500")
+    assert backend.lease(10, BIG) is None
+    assert backend.ack(lease) == 1
+    assert backend.backoff(dest) == (0.0, 0)
+    assert len(take(backend)) == 1
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+def test_dead_letters_keep_status_reason_excerpt_and_can_be_listed(
+    backend: QueueBackend, dest: int
+) -> None:
+    ids = fill(backend, dest, 3)
+    lease = take(backend)
+    assert backend.dead_letter(lease, [], status=400, reason="none") == 0
+    moved = backend.dead_letter(
+        lease, ids[:2], status=400, reason="r" * 900, excerpt='{"error":"bad"}' + "e" * 3000
+    )
+    assert moved == 2
+    assert backend.ack(lease) == 1
+    assert backend.pending() == 0
+    dead = backend.dead_letters()
+    assert [index(d.body) for d in dead] == [0, 1]
+    first = dead[0]
+    assert (first.status, first.attempts, first.type, first.event) == (400, 1, "track", "E")
+    assert first.message_id == "m-0"
+    assert first.host == HOST
+    assert KEY not in first.write_key
+    assert len(first.reason) == 500
+    assert len(first.excerpt) == 2000
+    assert first.excerpt.startswith('{"error":"bad"}')
+    assert first.as_dict()["body"]["messageId"] == "m-0"
+    assert [d.id for d in backend.dead_letters([dead[1].id, 999_999])] == [dead[1].id]
+    assert backend.stats().dead_letters == 2
+
+
+def test_requeue_and_purge_take_all_dead_letters_or_the_chosen_ones(
+    backend: QueueBackend, dest: int
+) -> None:
+    ids = fill(backend, dest, 4)
+    backend.dead_letter(take(backend), ids, status=400, reason="bad")
+    dead = backend.dead_letters()
+    assert backend.requeue_dead_letters([dead[1].id]) == 1
+    assert backend.purge_dead_letters([dead[0].id]) == 1
+    assert backend.requeue_dead_letters([]) == 0
+    assert backend.purge_dead_letters([]) == 0
+    assert [index(d.body) for d in backend.dead_letters()] == [2, 3]
+    assert backend.requeue_dead_letters() == 2
+    assert [index(b) for b in take(backend).bodies] == [1, 2, 3]
+    assert backend.purge_dead_letters() == 0
+    assert backend.dead_letters() == []
+
+
+def test_dead_letters_keep_to_their_share_of_the_cap_the_oldest_purged(
+    open_backend: OpenBackend,
+) -> None:
+    cap = 512 * 1024
+    queue = open_backend(max_queue_bytes=cap)
+    dest = queue.destination(HOST, KEY)
+    dead = 0
+    for round_ in range(20):
+        assert all(fill(queue, dest, 50, start=round_ * 50, pad=1000))
+        lease = take(queue, 50)
+        dead += queue.dead_letter(lease, lease.ids, status=400, reason="poison")
+    # At the cap, dead letters beyond their share are purged before a message is refused.
+    accepted = 0
+    while queue.append(dest, body(accepted, pad=1000)):
+        accepted += 1
+    kept = queue.dead_letters()
+    assert 0 < len(kept) < dead == 1000
+    assert sum(len(d.body) for d in kept) <= cap // 10
+    newest = [index(d.body) for d in kept]
+    assert newest == list(range(1000 - len(kept), 1000))  # the oldest went first
+    assert accepted * 1000 > cap // 2  # most of the cap is for messages
+
+
+# --------------------------------------------------------------------------- caps
+
+
+CAP = 256 * 1024
+
+
+def test_drop_newest_refuses_at_the_cap_counts_exactly_and_accepts_after_delivery(
+    open_backend: OpenBackend,
+) -> None:
+    queue = open_backend(max_queue_bytes=CAP, overflow="drop_newest")
+    dest = queue.destination(HOST, KEY)
+    results = fill(queue, dest, 400, pad=1000)
+    stored = [r for r in results if r]
+    refused = results.count(0)
+    assert refused > 0
+    assert results[: len(stored)] == stored  # once full, every later one was refused
+    stats = queue.stats()
+    assert stats.dropped == refused
+    assert stats.pending == len(stored)
+    assert stats.bytes <= CAP
+    everything = take(queue, 1000)
+    assert [index(b) for b in everything.bodies] == list(range(len(stored)))
+    assert queue.append(dest, body(998, pad=1000)) == 0
+    assert queue.ack(everything) == len(stored)
+    assert queue.append(dest, body(999, pad=1000)) > 0
+    assert queue.stats().dropped == refused + 1
+
+
+def test_drop_oldest_drops_the_oldest_unleased_and_never_a_leased_message(
+    open_backend: OpenBackend,
+) -> None:
+    queue = open_backend(max_queue_bytes=CAP, overflow="drop_oldest")
+    dest = queue.destination(HOST, KEY)
+    fill(queue, dest, 10, pad=1000)
+    held = take(queue, 5)
+    appended = 10
+    for i in range(10, 600):
+        assert queue.append(dest, body(i, pad=1000)) > 0
+        appended += 1
+    stats = queue.stats()
+    assert stats.dropped > 0
+    assert stats.dropped == appended - stats.pending
+    assert stats.bytes <= CAP
+    assert queue.ack(held) == 5
+    rest = take(queue, 10_000)
+    left = [index(b) for b in rest.bodies]
+    assert left[-1] == 599
+    assert left == list(range(left[0], 600))  # only the oldest went
+
+
+def test_drop_counters_of_both_policies_add_up(open_backend: OpenBackend) -> None:
+    first = open_backend(max_queue_bytes=CAP, overflow="drop_oldest")
+    dest = first.destination(HOST, KEY)
+    fill(first, dest, 400, pad=1000)
+    dropped_oldest = first.stats().dropped
+    assert dropped_oldest > 0
+    more = fill(first, dest, 50, start=400, pad=1000)
+    assert all(more)
+    assert first.stats().dropped == dropped_oldest + 50
+
+
+# --------------------------------------------------------------------------- stats, close
+
+
+def test_stats_count_pending_leased_dead_letters_bytes_age_and_destinations(
+    backend: QueueBackend,
+) -> None:
+    with freezegun.freeze_time("2030-01-01") as frozen:
+        a = backend.destination(HOST, KEY)
+        b = backend.destination(OTHER_HOST, OTHER_KEY)
+        ids = [backend.append(a, body(i)) for i in range(3)]
+        backend.append(b, body(3))
+        frozen.tick(10)
+        lease = take(backend, 2, destination=a)
+        backend.dead_letter(lease, ids[:1], status=400, reason="bad")
+        backend.set_backoff(b, time.time() + 60, "HTTP 503")
+        stats = backend.stats()
+        assert stats.pending == 3
+        assert stats.leased == 1
+        assert stats.dead_letters == 1
+        assert stats.bytes == sum(len(body(i)) for i in (1, 2, 3))
+        assert stats.oldest_age_seconds == 10.0
+        assert stats.dropped == 0
+        assert stats.last_error is not None
+        assert stats.last_error["message"] == "HTTP 503"
+        assert stats.last_error["host"] == OTHER_HOST
+        assert stats.last_error["at"].startswith("2030-01-01T00:00:10")
+        by_host = {d.host: d for d in stats.destinations}
+        assert (by_host[HOST].pending, by_host[HOST].leased) == (2, 1)
+        assert by_host[HOST].backoff_until is None
+        assert by_host[OTHER_HOST].failures == 1
+        assert (by_host[OTHER_HOST].backoff_until or "").startswith("2030-01-01T00:01:10")
+        assert all(
+            KEY not in d.write_key and OTHER_KEY not in d.write_key for d in stats.destinations
+        )
+        assert stats.as_dict()["destinations"][0]["host"] == HOST
+
+
+def test_a_closed_queue_refuses_calls_with_queue_error(backend: QueueBackend, dest: int) -> None:
+    fill(backend, dest, 1)
+    backend.close()
+    with pytest.raises(QueueError):
+        backend.append(dest, body(1))
+    with pytest.raises(QueueError):
+        backend.lease(10, BIG)
