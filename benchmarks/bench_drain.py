@@ -46,7 +46,7 @@ from typing import Any
 from durable_analytics import _messages
 from durable_analytics._config import DEFAULT_HOST, Config
 from durable_analytics._drain import drain_queue
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import batch_body
 from durable_analytics.cli._output import ProgressLine
 

@@ -26,7 +26,7 @@ from ._client import Client
 from ._default import alias, flush, group, identify, join, page, screen, shutdown, stats, track
 from ._delivery import FlushResult
 from ._messages import Alias, Group, Identify, Message, Page, Screen, Track
-from ._queue import DeadLetter, DestinationStats, QueueStats
+from ._store import DeadLetter, DestinationStats, QueueStats
 from ._version import __version__
 from .exceptions import (
     CollectorError,

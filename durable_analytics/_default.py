@@ -13,7 +13,7 @@ from typing import Any
 
 from ._client import Client, Result
 from ._delivery import FlushResult
-from ._queue import QueueStats
+from ._store import QueueStats
 
 __all__ = [
     "SETTINGS",

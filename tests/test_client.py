@@ -22,7 +22,7 @@ import durable_analytics
 from durable_analytics import Client, ConfigurationRejected, FlushResult, QueueStats, Track
 from durable_analytics._config import Config
 from durable_analytics._default import get_client
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport
 from durable_analytics.testing import Collector, Reply
 

@@ -30,7 +30,8 @@ from durable_analytics import Client
 from durable_analytics._delivery import RETRY_CAP, Deliverer, retry_delay
 from durable_analytics._drain import drain
 from durable_analytics._flusher import Flusher
-from durable_analytics._queue import MAX_BACKOFF_SECONDS, Queue
+from durable_analytics._store import MAX_BACKOFF_SECONDS
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport, Outcome, envelope_overhead
 from durable_analytics.exceptions import (
     ConfigurationRejected,
@@ -453,7 +454,7 @@ def test_retry_after_in_seconds_is_honoured_by_every_process_on_the_queue(
     # Another process on the queue file sees the same wait.
     code = f"""
 import time
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 q = Queue({str(queue_path)!r})
 print(q.lease(20, 500_000) is None, q.lease(20, 500_000, now={not_before - 0.5!r}) is None,
       round(q.next_ready_at() - time.time()))

@@ -16,7 +16,7 @@ from conftest import WRITE_KEY
 from durable_analytics import Client
 from durable_analytics._config import Config
 from durable_analytics._delivery import Deliverer, make_deliverer
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import DestinationOverride
 from durable_analytics.exceptions import ConfigError
 from durable_analytics.testing import RecordingTransport, Reply, SentBatch

@@ -28,6 +28,7 @@ from .base import (
     QueueStats,
 )
 from .memory import MEMORY_PATH, MemoryQueue
+from .sqlite import SqliteQueue
 
 if TYPE_CHECKING:
     from durable_analytics._config import Config
@@ -41,6 +42,7 @@ __all__ = [
     "MemoryQueue",
     "QueueBackend",
     "QueueStats",
+    "SqliteQueue",
     "open_queue",
 ]
 
@@ -66,11 +68,7 @@ def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
             lease_timeout=config.lease_timeout,
         )
     # Another backend (e.g. a postgresql:// URL) gets its branch here.
-
-    # Imported here: the SQLite queue imports this package's records.
-    from durable_analytics._queue import Queue
-
-    return Queue(
+    return SqliteQueue(
         path,
         durability=config.durability,
         max_queue_bytes=config.max_queue_bytes,

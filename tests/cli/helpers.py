@@ -9,7 +9,7 @@ from typing import Any
 from click.testing import CliRunner, Result
 
 from durable_analytics import Client
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.cli import cli
 
 WRITE_KEY = "test-write-key-0001"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.testing import Collector
 
 from .helpers import WRITE_KEY, assert_error, fill, pending, run, snapshot

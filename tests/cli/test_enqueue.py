@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.testing import Collector
 
 from .helpers import WRITE_KEY, assert_error, run, snapshot

@@ -162,7 +162,7 @@ def trace_leases(path: str | os.PathLike[str]) -> None:
     operation returned: after a SIGKILL, `unsettled_leases` names the batches that were in
     flight (and possibly a batch whose ack committed just before the kill).
     """
-    from durable_analytics._queue import Queue
+    from durable_analytics._store.sqlite import SqliteQueue as Queue
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     real_lease, real_ack, real_release = Queue.lease, Queue.ack, Queue.release
@@ -394,7 +394,7 @@ def drain(queue_path: str | os.PathLike[str], timeout: float = 60.0) -> DrainRes
     """
     from durable_analytics._config import DEFAULT_HOST, Config
     from durable_analytics._drain import drain_queue
-    from durable_analytics._queue import Queue
+    from durable_analytics._store.sqlite import SqliteQueue as Queue
 
     queue = Queue(queue_path)
     # Each message goes to its stored destination: the key and host here are placeholders.

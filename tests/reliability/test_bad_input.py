@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from durable_analytics import Client, MessageTooLarge, ValidationError, _messages
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.cli import cli
 from durable_analytics.testing import Collector
 

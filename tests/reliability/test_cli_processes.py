@@ -22,7 +22,7 @@ from typing import IO
 from conftest import WRITE_KEY, child_env, start_python
 
 from durable_analytics import Client
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.testing import Collector, Reply
 
 CLI = [sys.executable, "-m", "durable_analytics.cli"]
@@ -140,7 +140,7 @@ def test_drain_right_after_a_crash_takes_over_the_dead_holders_lease(
     holder = start_python(
         """
         import sys
-        from durable_analytics._queue import Queue
+        from durable_analytics._store.sqlite import SqliteQueue as Queue
         lease = Queue(sys.argv[1]).lease(20, 500_000)
         print(len(lease), flush=True)
         sys.stdin.read()

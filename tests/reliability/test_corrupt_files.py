@@ -36,7 +36,9 @@ import pytest
 from conftest import WRITE_KEY, child_env, start_python
 
 from durable_analytics import Client
-from durable_analytics._queue import _SCHEMA_V1, SCHEMA_VERSION, Queue
+from durable_analytics._store.sqlite import SCHEMA_VERSION
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite.schema import SCHEMA_V1 as _SCHEMA_V1
 from durable_analytics.exceptions import QueueCorrupt, QueueVersionError
 from durable_analytics.testing import Collector
 
@@ -512,7 +514,7 @@ def test_another_applications_database_is_refused_and_left_alone(
 
 OPEN_AND_APPEND = """
 import json, sys, time
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 path, name, n, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 import os
 while not os.path.exists(go):
@@ -559,7 +561,7 @@ def test_processes_meeting_the_damage_at_once_recover_it_once_and_lose_no_append
 
 HOLDER = """
 import json, sys
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 q = Queue(sys.argv[1])
 dest = q.destination("https://api.example.test", "test-write-key-0001")
 print("open", flush=True)
@@ -608,7 +610,7 @@ CLIENT_ON_A_DAMAGED_FILE = """
 import functools, json, sys
 import durable_analytics._client as client_module
 from durable_analytics import Client
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 # The Client opens its queue with recover=True (until it does by itself, this stands in).
 client_module.Queue = functools.partial(Queue, recover=True)
 path, host, key = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -646,7 +648,7 @@ def test_a_client_on_a_damaged_file_delivers_every_salvaged_message(
 HOST_SURVIVES = """
 import json, logging, os, sys, time
 sys.path[:0] = [sys.argv[2], os.path.dirname(sys.argv[2])]
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 import test_corrupt_files as t
 logging.disable(logging.WARNING)
 seed = t.Seed(t.Path(sys.argv[1]), {}, frozenset(), frozenset())

@@ -205,7 +205,8 @@ FLUSHER = (
 import json, os, signal, sys, time
 from durable_analytics._delivery import Deliverer
 from durable_analytics._flusher import Flusher
-from durable_analytics._queue import Queue, _Connection
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite.connections import Connection as _Connection
 from durable_analytics._transport import HTTPTransport
 path, step, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
 leases = [0]

@@ -21,7 +21,7 @@ from conftest import WRITE_KEY, child_env, run_python, start_python
 
 from durable_analytics._delivery import Deliverer
 from durable_analytics._drain import drain
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport
 from durable_analytics.testing import Collector, Reply
 
@@ -151,7 +151,7 @@ FLUSHER_SCRIPT = """
 import os, sys, time
 from durable_analytics._delivery import Deliverer
 from durable_analytics._flusher import Flusher
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport
 queue = Queue(sys.argv[1])
 die_on_ack = int(sys.argv[2])

@@ -43,7 +43,7 @@ import pytest
 from conftest import child_env
 
 from durable_analytics import Client
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 
 HOST = "https://collector.invalid"
 KEY = "power-loss-write-key"
@@ -616,7 +616,7 @@ def test_a_wal_header_from_another_life_is_ignored(filled: Filled) -> None:
 def test_synchronous_level_is_what_durability_promises(tmp_path: Path) -> None:
     """ "full" syncs the WAL at every commit (2), "normal" only at checkpoints (1).
 
-    (Also asserted per connection in tests/test_queue.py; here through the Client.)
+    (Also asserted per connection in tests/store/test_sqlite_append.py; here through the Client.)
     """
     for durability, level in (("full", 2), ("normal", 1)):
         directory = tmp_path / durability

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import WRITE_KEY, run_python, start_python
 
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.testing import Collector, Reply
 
 from .oracle import (
@@ -467,7 +467,7 @@ HOLDER = (
     + """
 import json, sys
 from durable_analytics._delivery import Deliverer
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport
 path, lease_timeout, jump_s, when = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 queue = Queue(path, lease_timeout=lease_timeout)
@@ -492,7 +492,7 @@ JUMPED_FLUSHER = (
 import sys, threading
 from durable_analytics._delivery import Deliverer
 from durable_analytics._flusher import Flusher
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport
 path, jump_s, flush_interval = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 jump(jump_s)

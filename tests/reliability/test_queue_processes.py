@@ -18,7 +18,7 @@ from pathlib import Path
 
 from conftest import WRITE_KEY, run_python, start_python
 
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 
 HOST = "https://api.example.test"
 
@@ -50,7 +50,7 @@ def stored_properties(path: Path) -> list[dict[str, int]]:
 
 PRODUCER = """
 import json, sys
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 path, p, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 q = Queue(path)
 dest = q.destination("https://api.example.test", "key-%d" % (p % 2))
@@ -69,7 +69,7 @@ print("errors", errors, flush=True)
 
 CONSUMER = """
 import json, os, sys, time
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 path, out, done = sys.argv[1], sys.argv[2], sys.argv[3]
 q = Queue(path)
 errors = 0
@@ -146,7 +146,7 @@ def test_four_producers_two_consumers_consume_every_message_exactly_once(
 
 HOLDER = """
 import sys, time
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 q = Queue(sys.argv[1], lease_timeout=float(sys.argv[2]))
 lease = q.lease(int(sys.argv[3]), 10_000_000)
 print("leased", " ".join(map(str, lease.ids)), flush=True)
@@ -302,7 +302,7 @@ def test_os_exit_right_after_5000_calls_leaves_5000_queued(queue_path: Path) -> 
 
 OPENER = """
 import sys, time
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 start = float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))
 q = Queue(sys.argv[1])

@@ -31,7 +31,7 @@ import pytest
 from conftest import WRITE_KEY, child_env, run_python
 
 from durable_analytics import Client
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.exceptions import QueueDiskFull, QueuePermissionError
 from durable_analytics.testing import Collector
 
@@ -568,7 +568,7 @@ def test_drop_oldest_refuses_rather_than_grow_when_everything_left_is_leased(
 
 QUEUE_MANY = """
 import json, sys, time
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 
 def rss():
     with open("/proc/self/status") as f:
@@ -597,7 +597,7 @@ q.close()
 
 DRAIN_MANY = """
 import json, sys, threading, time
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._delivery import Deliverer
 from durable_analytics._drain import drain
 from durable_analytics._transport import HTTPTransport

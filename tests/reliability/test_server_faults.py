@@ -46,7 +46,7 @@ from freezegun import freeze_time
 from durable_analytics import Client
 from durable_analytics._delivery import Deliverer
 from durable_analytics._flusher import Flusher
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport, Outcome
 from durable_analytics.testing import Collector, Reply
 

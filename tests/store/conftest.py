@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from durable_analytics._queue import Queue
-from durable_analytics._store import MemoryQueue, QueueBackend
+from durable_analytics._store import MemoryQueue, QueueBackend, SqliteQueue
 from durable_analytics.exceptions import QueueError
+
+from .sqlite_helpers import HOST, KEY
 
 
 def _memory(tmp_path: Path, **settings: Any) -> QueueBackend:
@@ -26,7 +27,7 @@ def _memory(tmp_path: Path, **settings: Any) -> QueueBackend:
 def _sqlite(tmp_path: Path, **settings: Any) -> QueueBackend:
     directory = tmp_path / "queue"
     directory.mkdir(mode=0o700, exist_ok=True)
-    return Queue(directory / "queue.sqlite3", **settings)
+    return SqliteQueue(directory / "queue.sqlite3", **settings)
 
 
 #: name → opener(tmp_path, **settings). Settings every backend takes: max_queue_bytes,
@@ -59,3 +60,20 @@ def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ope
 def backend(open_backend: OpenBackend) -> QueueBackend:
     """A fresh queue of one backend with the default settings."""
     return open_backend()
+
+
+# The SQLite backend's own tests (test_sqlite_*.py): one queue file in a private directory.
+
+
+@pytest.fixture
+def queue(queue_path: Path) -> Iterator[SqliteQueue]:
+    """An SQLite queue at ``queue_path`` (closed after the test)."""
+    q = SqliteQueue(queue_path)
+    yield q
+    q.close()
+
+
+@pytest.fixture
+def dest(queue: SqliteQueue) -> int:
+    """The id of the usual test destination in ``queue``."""
+    return queue.destination(HOST, KEY)

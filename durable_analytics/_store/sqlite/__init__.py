@@ -1,0 +1,18 @@
+"""The SQLite backend: one queue file shared by any number of threads and processes.
+
+Modules, lowest first (each imports only those above it): ``errors`` (SQLite codes and
+their ``QueueError``), ``schema``, ``holders`` (lease holders' identity and liveness),
+``files`` (the file and its directory on disk), ``probe`` (raw header checks),
+``rawpages`` and ``salvage`` (reading a damaged file), ``connections`` (per-thread
+connections, transactions, fork), ``leases`` (taking a batch and the fence), ``inspect``
+(stats), ``dead_letters``, ``append`` (the cap), ``recovery`` (damaged files) and
+``queue`` (``SqliteQueue``, which composes them).
+"""
+
+from __future__ import annotations
+
+from .queue import SqliteQueue
+from .recovery import RecoveryReport
+from .schema import SCHEMA_VERSION
+
+__all__ = ["SCHEMA_VERSION", "RecoveryReport", "SqliteQueue"]

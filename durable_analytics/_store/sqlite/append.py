@@ -1,0 +1,203 @@
+"""Appending to the SQLite queue: the one-statement fast path, and the cap when near it.
+
+Most appends are one INSERT in autocommit on this thread's connection. Near the cap (or
+every ``_REFRESH_BYTES`` appended, to re-read the real size) an append runs in a write
+transaction that measures the file and applies ``max_queue_bytes`` with the overflow policy;
+on a nearly full disk it keeps a reserve so deliveries can still be recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from durable_analytics.exceptions import QueueCorrupt, QueueDiskFull
+
+from .connections import Connections
+from .dead_letters import ROW_OVERHEAD, DeadLetters, used_bytes
+from .errors import SQLITE_BUSY, SQLITE_FULL, SQLITE_LOCKED, errorcode, translate
+from .files import checkpoint_for_space
+from .leases import leased_ids
+from .schema import INSERT
+
+__all__ = ["Appender"]
+
+# How many bytes a process may append on its estimate before re-reading the real size,
+# and how close to the cap it switches to reading the real size before every append.
+_REFRESH_BYTES = 256 * 1024
+_EXACT_ZONE = 2 * 1024 * 1024
+# Below this much free disk space the -wal is kept small and appends stop _DISK_RESERVE short
+# of full (Appender._low_disk).
+_LOW_DISK_BYTES = 8 * 1024 * 1024
+_LOW_DISK_CHECKPOINT = 32
+_DISK_RESERVE = 512 * 1024
+
+
+class Appender:
+    """Stores messages under the cap; keeps this process's estimate of the file's size."""
+
+    def __init__(
+        self,
+        db: Connections,
+        dead: DeadLetters,
+        *,
+        max_queue_bytes: int,
+        overflow: Literal["drop_newest", "drop_oldest"],
+        page_size: Callable[[], int],
+    ) -> None:
+        self.db = db
+        self.dead = dead
+        self.max_queue_bytes = max_queue_bytes
+        self.overflow = overflow
+        self._page_size = page_size
+        self.est_used = 0
+        self.since_refresh = _REFRESH_BYTES  # read the real size on the first append
+        self._low_appends = 0  # appends made while the disk was nearly full
+
+    def forget_estimates(self) -> None:
+        """The file was replaced: measure it again on the next append."""
+        self.since_refresh = _REFRESH_BYTES
+        self.est_used = 0
+
+    def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
+        """Store one serialized message; return its row id after COMMIT.
+
+        Returns 0 when the ``max_queue_bytes`` cap dropped it (``overflow="drop_newest"``);
+        with ``"drop_oldest"`` the oldest unleased messages make room instead. Both are counted.
+        Raises ``QueueDiskFull`` when the disk is full (nothing committed before is affected).
+        """
+        size = len(body)
+        when = time.time() if enqueued_at is None else enqueued_at
+        if self.since_refresh >= _REFRESH_BYTES or (
+            self.est_used + size + _EXACT_ZONE > self.max_queue_bytes
+        ):
+            return self._append_capped(dest_id, body, when)
+        try:
+            with self.db.write_lock:
+                try:
+                    conn = self.db.local.conn
+                except AttributeError:
+                    conn = self.db.conn()
+                try:
+                    row_id = conn.execute(INSERT, (dest_id, body, size, when)).lastrowid
+                except sqlite3.Error as exc:
+                    row_id = self._insert_failed(conn, exc, (dest_id, body, size, when))
+        except QueueCorrupt as exc:
+            if not self.db.on_corrupt(exc):
+                raise
+            return self._append_capped(dest_id, body, when)  # stored in the fresh file
+        grown = size + ROW_OVERHEAD
+        self.est_used += grown
+        self.since_refresh += grown
+        return row_id or 0
+
+    def _insert_failed(
+        self, conn: sqlite3.Connection, exc: sqlite3.Error, row: tuple[int, bytes, int, float]
+    ) -> int:
+        # Called with the write lock held. Nothing was written by the failed statement.
+        code = errorcode(exc)
+        if code not in (SQLITE_BUSY, SQLITE_LOCKED):
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if code == SQLITE_FULL and checkpoint_for_space(conn):
+                try:
+                    return conn.execute(INSERT, row).lastrowid or 0
+                except sqlite3.Error as again:
+                    exc = again
+            raise translate(exc, self.db.path) from None
+        return self.db.retry(lambda: conn.execute(INSERT, row)).lastrowid or 0
+
+    def _append_capped(self, dest_id: int, body: bytes, when: float) -> int:
+        size = len(body)
+
+        low = self._low_disk()
+
+        def run(conn: sqlite3.Connection) -> int:
+            pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+            free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            used = (pages - free_pages) * self._page_size()
+            if low is not None and low + free_pages * self._page_size() < _DISK_RESERVE + size:
+                raise QueueDiskFull(
+                    f"the disk holding the queue {self.db.path} is full (less than "
+                    f"{_DISK_RESERVE // 1024} KB left, kept so that deliveries can still be "
+                    "recorded); the message was not stored"
+                )
+            over = used + size - self.max_queue_bytes
+            if over > 0 and self.dead.trim(conn, throttle=True):
+                used = used_bytes(conn, self._page_size())
+                over = used + size - self.max_queue_bytes
+            # drop_oldest makes room from the oldest unleased messages; when even that is not
+            # enough (the rest is leased, or dead letters), the new message is refused too:
+            # the file never grows past the cap.
+            if over > 0 and (
+                self.overflow == "drop_newest" or self._drop_oldest(conn, over) < over
+            ):
+                conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'dropped_newest'")
+                self.est_used = used
+                return 0
+            row_id = conn.execute(INSERT, (dest_id, body, size, when)).lastrowid
+            self.est_used = used + size + ROW_OVERHEAD
+            return row_id or 0
+
+        try:
+            stored = self.db.write(run)
+        finally:
+            # On a nearly full disk every append comes this way (see Appender._low_disk); else the
+            # next _REFRESH_BYTES go the fast way.
+            self.since_refresh = _REFRESH_BYTES if low is not None else 0
+        return stored
+
+    def _low_disk(self) -> int | None:
+        """None when the disk has room; else the bytes still free on it.
+
+        SQLite lets the -wal grow to about 4 MB before it checkpoints; on a nearly full disk
+        that space is better spent on messages. Below _LOW_DISK_BYTES free, every append
+        comes through the capped path (a statvfs and a transaction instead of the bare
+        INSERT), the -wal is checkpointed every _LOW_DISK_CHECKPOINT appends (RESTART: its
+        file keeps the space it has, for the next frames), and appends stop _DISK_RESERVE
+        short of full, so that acks, releases and dead letters can still be written.
+        """
+        try:
+            free = shutil.disk_usage(self.db.path.parent).free
+        except OSError:
+            return None
+        if free >= _LOW_DISK_BYTES:
+            return None
+        self._low_appends += 1
+        if self._low_appends % _LOW_DISK_CHECKPOINT == 0:
+            with self.db.write_lock:
+                checkpoint_for_space(self.db.conn(), "RESTART")
+        return free
+
+    def _drop_oldest(self, conn: sqlite3.Connection, need: int) -> int:
+        """Delete the oldest unleased messages worth ``need`` bytes; returns the bytes freed."""
+        need = max(need, 1)
+        freed = 0
+        dropped = 0
+        leased = leased_ids(conn)
+        while freed < need:
+            rows = conn.execute(
+                "SELECT id, size FROM messages ORDER BY id LIMIT ?", (64 + len(leased),)
+            ).fetchall()
+            take = []
+            for row_id, row_size in rows:
+                if row_id in leased:
+                    continue  # a message under a lease is never dropped
+                take.append(int(row_id))
+                freed += int(row_size) + ROW_OVERHEAD
+                if freed >= need:
+                    break
+            if not take:
+                break
+            conn.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(take))})", take)
+            dropped += len(take)
+        if dropped:
+            conn.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'dropped_oldest'", (dropped,)
+            )
+        return freed

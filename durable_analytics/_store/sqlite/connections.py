@@ -1,0 +1,329 @@
+"""Per-thread SQLite connections to one queue file, their transactions, and ``fork()``.
+
+Every queue of this process registers its ``Connections`` here, so that a ``fork()`` closes
+them all first (see ``Connections.close_for_fork``) and a raw read of a file happens only
+while none of them is open on it (see ``raw_lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from durable_analytics.exceptions import QueueCorrupt, QueueDiskFull, QueueError
+
+from . import holders
+from .errors import SQLITE_BUSY, SQLITE_LOCKED, errorcode, translate
+from .files import checkpoint_for_space
+from .schema import check_version, migrate
+
+__all__ = ["Connection", "Connections", "raw_lock"]
+
+T = TypeVar("T")
+
+#: How long ``fork()`` waits for this process's queue operations in flight to finish so that
+#: it can close the connections first (see ``Connections.close_for_fork``).
+_FORK_WAIT = 5.0
+
+_registry: weakref.WeakSet[Connections] = weakref.WeakSet()
+_abandoned: list[object] = []  # connections inherited over fork: never used, never closed
+
+#: Held while this process reads a database file other than through SQLite, and while it
+#: opens a connection. Closing any descriptor of a file drops every POSIX lock this process
+#: holds on it, SQLite's included (SQLite guards only its own descriptors against that): a
+#: raw read is made only while no connection of this process is open on the file (see
+#: ``raw_allowed``), and none may open meanwhile. Other processes' locks are not affected.
+#: This module is its one owner: a forked child gets a fresh one (``raw_lock()``).
+_raw = threading.RLock()
+_raw_held_for_fork = False
+
+
+def raw_lock() -> threading.RLock:
+    """The process-wide lock for raw reads and connection opens (see ``_raw``)."""
+    return _raw
+
+
+def raw_allowed(real_path: str) -> bool:
+    """Whether no connection of this process is open on the file (call under raw_lock)."""
+    return not any(db.real == real_path and (db.conns or db.recovering) for db in list(_registry))
+
+
+def _before_fork() -> None:
+    global _raw_held_for_fork  # noqa: PLW0603
+    for db in list(_registry):
+        db.close_for_fork()
+    _raw_held_for_fork = _raw.acquire(timeout=_FORK_WAIT)
+
+
+def _after_fork_in_parent() -> None:
+    global _raw_held_for_fork  # noqa: PLW0603
+    if _raw_held_for_fork:
+        _raw_held_for_fork = False
+        _raw.release()
+    for db in list(_registry):
+        db.resume_after_fork()
+
+
+def _after_fork_in_child() -> None:
+    global _raw, _raw_held_for_fork  # noqa: PLW0603
+    holders.reset_after_fork()
+    _raw = threading.RLock()
+    _raw_held_for_fork = False
+    for db in list(_registry):
+        db.forget_connections()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+
+class Connection(sqlite3.Connection):
+    """An ``sqlite3.Connection`` a queue can reference weakly, to close it before ``fork()``."""
+
+
+class Connections:
+    """The connections of one queue object: one per thread, opened on first use.
+
+    ``on_corrupt`` is called when an operation meets a damaged file; it returns True when
+    the file was recovered and the operation should run once more.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        durability: Literal["normal", "full"],
+        busy_timeout: float,
+        on_corrupt: Callable[[QueueCorrupt], bool],
+    ) -> None:
+        self.path = path
+        self.durability = durability
+        self.busy_timeout = busy_timeout
+        self.on_corrupt = on_corrupt
+        self.real = os.path.realpath(path)
+        self.closed = False
+        self.recovering = False  # connections of a recovery are open on the file
+        self.local = threading.local()
+        # One writer at a time inside this process: SQLite allows one anyway, and waiting on
+        # a Python lock is far cheaper than SQLite's sleep-and-retry between our own threads.
+        # Readers take the read lock. A thread takes its connection only under one of them,
+        # so that fork() can close every connection while it holds both.
+        self.write_lock = threading.Lock()
+        self.read_lock = threading.Lock()
+        self.conns: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._conns_lock = threading.Lock()
+        self._fork_held = False
+        _registry.add(self)
+
+    # ---------------------------------------------------------------- fork
+
+    def close_all(self) -> None:
+        """Close every connection of this process to the file (callers hold both locks, or
+        are the only user: the constructor)."""
+        with self._conns_lock:
+            conns = list(self.conns)
+            self.conns = weakref.WeakSet()
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self.local = threading.local()
+
+    def close_for_fork(self) -> None:
+        """Close every connection of this process to the queue, just before ``fork()``.
+
+        SQLite keeps its POSIX-lock bookkeeping per file and per process, shared by all the
+        process's connections. A child forked while the parent has the file open inherits
+        that bookkeeping but not the locks it describes, so even the child's own new
+        connection runs without a real lock on the file: once the parent exits, another
+        process closing its connection believes it is the last one, checkpoints and deletes
+        the WAL under the child, and every commit the child makes afterwards is lost. With
+        no connection open at fork, the child starts clean. The parent's threads reopen on
+        their next operation.
+        """
+        if not self.write_lock.acquire(timeout=_FORK_WAIT):
+            return  # an operation is stuck in flight: leave it (the child abandons them)
+        if not self.read_lock.acquire(timeout=_FORK_WAIT):
+            self.write_lock.release()
+            return
+        self._fork_held = True
+        self.close_all()
+
+    def resume_after_fork(self) -> None:
+        if self._fork_held:
+            self._fork_held = False
+            self.read_lock.release()
+            self.write_lock.release()
+
+    def forget_connections(self) -> None:
+        # After fork the parent's connections (if any are still open: see close_for_fork)
+        # and lock state are not ours to use or close.
+        _abandoned.append(self.local)
+        _abandoned.extend(self.conns)
+        self.local = threading.local()
+        self.conns = weakref.WeakSet()
+        self._conns_lock = threading.Lock()
+        self.write_lock = threading.Lock()
+        self.read_lock = threading.Lock()
+        self._fork_held = False
+
+    # ---------------------------------------------------------------- opening
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (call under one of the locks)."""
+        try:
+            conn: sqlite3.Connection = self.local.conn
+            return conn
+        except AttributeError:
+            pass
+        if self.closed:
+            raise QueueError(f"the queue {self.path} is closed")
+        conn = self._open()
+        self.local.conn = conn
+        with self._conns_lock:
+            self.conns.add(conn)
+        return conn
+
+    def _open(self) -> Connection:
+        try:
+            # timeout=0: busy waits are ours (retry), with sub-millisecond first retries
+            # instead of SQLite's 1 ms minimum sleep.
+            conn = sqlite3.connect(
+                str(self.path),
+                timeout=0,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=64,
+                factory=Connection,
+            )
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from None
+        try:
+            with raw_lock():
+                self.retry(lambda: self._setup(conn))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        try:
+            # Refuse a newer or foreign file before switching it to WAL, which would write to
+            # it: one statement, so one consistent snapshot of the version and the tables.
+            version, tables = conn.execute(
+                "SELECT (SELECT user_version FROM pragma_user_version), "
+                "(SELECT count(*) FROM sqlite_master WHERE type = 'table')"
+            ).fetchone()
+            check_version(self.path, int(version), int(tables))
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            if errorcode(exc) in (SQLITE_BUSY, SQLITE_LOCKED):
+                raise
+            raise translate(exc, self.path) from None
+        if str(mode).lower() != "wal":
+            raise QueueError(f"the queue {self.path} could not be switched to WAL mode ({mode})")
+        sync = "FULL" if self.durability == "full" else "NORMAL"
+        conn.execute(f"PRAGMA synchronous={sync}")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        migrate(conn, self.path)
+
+    def close_thread(self) -> None:
+        """Close this thread's connection and open no new one; other threads' close when
+        they end."""
+        self.closed = True
+        with self.write_lock:
+            conn = getattr(self.local, "conn", None)
+            if conn is not None:
+                del self.local.conn
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    # ---------------------------------------------------------------- transactions
+
+    def retry(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying while another connection holds the lock (up to busy_timeout)."""
+        deadline = 0.0
+        delay = 0.00002
+        while True:
+            try:
+                return fn()
+            except sqlite3.Error as exc:
+                code = errorcode(exc)
+                if code not in (SQLITE_BUSY, SQLITE_LOCKED):
+                    raise translate(exc, self.path) from None
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self.busy_timeout
+                elif now >= deadline:
+                    raise translate(exc, self.path) from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.005)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the process write lock, rolled back on error."""
+        with self.write_lock:
+            conn = self.conn()
+            self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+            try:
+                yield conn
+                self.retry(lambda: conn.execute("COMMIT"))
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one write transaction, translating SQLite errors.
+
+        When the file turns out damaged and ``on_corrupt`` recovers it, ``fn`` runs once
+        more, on the fresh file; after a full disk, once more after a checkpoint gave
+        space back.
+        """
+        try:
+            return self._write_once(fn)
+        except QueueCorrupt as exc:
+            if not self.on_corrupt(exc):
+                raise
+        except QueueDiskFull:
+            with self.write_lock:
+                freed = checkpoint_for_space(self.conn())
+            if not freed:
+                raise
+        return self._write_once(fn)
+
+    def _write_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            with self.transaction() as conn:
+                return fn(conn)
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from None
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on this thread's connection under the read lock (recovering once)."""
+        try:
+            return self._read_once(fn)
+        except QueueCorrupt as exc:
+            if not self.on_corrupt(exc):
+                raise
+        return self._read_once(fn)
+
+    def _read_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self.read_lock:
+            conn = self.conn()
+            try:
+                return self.retry(lambda: fn(conn))
+            except sqlite3.Error as exc:
+                raise translate(exc, self.path) from None

@@ -1,0 +1,137 @@
+"""The queue file on disk: a private directory, 0600 files, no symlinks, space on a full disk."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+from durable_analytics.exceptions import QueueDiskFull, QueuePermissionError
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parent 0700, whatever the umask."""
+    missing: list[Path] = []
+    d = directory
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # another process created it first
+        os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
+
+
+def prepare_path(path: Path) -> None:
+    """Create the directory 0700 and the file 0600; refuse symlinks and unsafe directories.
+
+    An existing file more permissive than 0600 is narrowed by ``narrow_modes`` once it has
+    proved to be a queue: a foreign file is left untouched.
+    """
+    parent = path.parent
+    if not parent.exists():
+        try:
+            make_private_dirs(parent)
+        except OSError as exc:
+            raise QueuePermissionError(
+                f"cannot create the queue directory {parent}: {exc.strerror}"
+            ) from None
+    try:
+        pst = os.stat(parent)
+    except OSError as exc:
+        raise QueuePermissionError(f"cannot use the queue directory {parent}: {exc}") from None
+    if not stat.S_ISDIR(pst.st_mode):
+        raise QueuePermissionError(f"the queue directory {parent} is not a directory")
+    if pst.st_mode & stat.S_IWOTH:
+        raise QueuePermissionError(
+            f"the queue directory {parent} is writable by other users, who could replace the "
+            "queue file; use a private directory (mode 0700)"
+        )
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise QueuePermissionError(f"cannot use the queue file {path}: {exc.strerror}") from None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise QueuePermissionError(f"the queue path {path} is a symlink; refusing to follow it")
+        if not stat.S_ISREG(st.st_mode):
+            raise QueuePermissionError(f"the queue path {path} is not a regular file")
+    else:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            pass  # another process created it first
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise QueueDiskFull(
+                    f"cannot create the queue file {path}: the disk is full"
+                ) from None
+            raise QueuePermissionError(
+                f"cannot create the queue file {path}: {exc.strerror}"
+            ) from None
+        else:
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+    if read_only_fs(parent):
+        raise QueuePermissionError(
+            f"the queue file {path} is on a read-only file system; point queue_path at a "
+            "writable directory"
+        )
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise QueuePermissionError(f"the queue file {path} is not readable and writable")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QueuePermissionError(
+            f"the queue directory {parent} is not writable (SQLite creates -wal and -shm files "
+            "beside the queue)"
+        )
+
+
+def narrow_modes(path: Path) -> None:
+    """Make the queue file and its -wal and -shm files 0600 (SQLite copies the file's mode)."""
+    for name in (str(path), f"{path}-wal", f"{path}-shm"):
+        try:
+            st = os.lstat(name)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.getuid():
+                os.chmod(name, 0o600)
+        except OSError:
+            continue
+
+
+def read_only_fs(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def checkpoint_for_space(conn: sqlite3.Connection, mode: str = "TRUNCATE") -> bool:
+    """After SQLITE_FULL: copy the -wal into the main file and truncate it, once.
+
+    The -wal grows to about 4 MB before SQLite checkpoints it on its own; on a nearly full
+    disk that is where the space goes (on a 2 MB file system, 75 KB of messages filled it).
+    A checkpoint gives it back, so the call can be tried once more. True when it completed
+    (no reader held an older snapshot).
+    """
+    try:
+        busy, _, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    except sqlite3.Error:
+        return False
+    return not busy
+
+
+def fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

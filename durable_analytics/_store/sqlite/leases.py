@@ -1,0 +1,261 @@
+"""The lease records: taking a batch, the fence every settling call goes through, expiry.
+
+A lease is one row of ``leases`` naming its message ids and its holder. Every function here
+runs inside the caller's transaction on the given connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+
+from durable_analytics._store.base import CLOCK_JUMP_MARGIN, MAX_BACKOFF_SECONDS, Destination, Lease
+
+from .holders import holder, lease_over
+
+__all__ = [
+    "ack_in",
+    "chosen",
+    "chunks",
+    "held_ids",
+    "leased_ids",
+    "parse_ids",
+    "reclaim",
+    "release_in",
+    "scan_leases",
+    "settle",
+    "store_backoff",
+    "take",
+]
+
+
+def parse_ids(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def scan_leases(
+    conn: sqlite3.Connection, lease_timeout: float, now_wall: float
+) -> tuple[set[int], list[str]]:
+    """The message ids under live leases, and the tokens of leases that are over."""
+    now_mono = time.monotonic()
+    leased: set[int] = set()
+    dead: list[str] = []
+    for token, ids, *holder_row in conn.execute(
+        "SELECT token, ids, boot, pidns, pid, pstart, mono_expires, wall_expires FROM leases"
+    ).fetchall():
+        if lease_over(lease_timeout, now_wall, now_mono, *holder_row):
+            dead.append(token)
+        else:
+            leased.update(parse_ids(ids))
+    return leased, dead
+
+
+def leased_ids(conn: sqlite3.Connection) -> set[int]:
+    """Every message id named by a lease record, live or not yet reclaimed."""
+    leased: set[int] = set()
+    for (ids,) in conn.execute("SELECT ids FROM leases").fetchall():
+        leased.update(parse_ids(ids))
+    return leased
+
+
+def reclaim(conn: sqlite3.Connection, lease_timeout: float, now_wall: float) -> set[int]:
+    """End the leases that expired or lost their holder; return the ids still leased.
+
+    A lease is one record naming its message ids, so ending it frees every message at
+    once without touching (rewriting) the messages themselves.
+    """
+    leased, dead = scan_leases(conn, lease_timeout, now_wall)
+    for token in dead:
+        conn.execute("DELETE FROM leases WHERE token = ?", (token,))
+    return leased
+
+
+def take(
+    conn: sqlite3.Connection,
+    lease_timeout: float,
+    max_messages: int,
+    max_bytes: int,
+    *,
+    destination: int | None,
+    up_to_id: int | None,
+    now_wall: float,
+    per_message_overhead: int,
+) -> Lease | None:
+    """Lease the oldest ready messages of one destination (see ``SqliteQueue.lease``)."""
+    horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
+    top = up_to_id if up_to_id is not None else (1 << 62)
+    leased = reclaim(conn, lease_timeout, now_wall)
+    dests = {
+        int(r[0]): r
+        for r in conn.execute(
+            "SELECT id, host, write_key, not_before, failures FROM destinations"
+        ).fetchall()
+    }
+    ready = [
+        d
+        for d, r in dests.items()
+        if (r[3] <= now_wall or r[3] > horizon) and destination in (None, d)
+    ]
+    if not ready:
+        return None
+    if len(ready) == 1:
+        dest_id = ready[0]  # the common case: one destination, one query fewer
+    else:
+        marks = ",".join("?" * len(ready))
+        firsts = conn.execute(
+            f"SELECT id, dest FROM messages WHERE dest IN ({marks}) "
+            "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
+            "ORDER BY id LIMIT ?",
+            (*ready, top, now_wall, horizon, 1 + len(leased)),
+        ).fetchall()
+        firsts = [r for r in firsts if r[0] not in leased]
+        if not firsts:
+            return None
+        dest_id = int(firsts[0][1])
+    # Leased messages are skipped here rather than excluded in SQL: there are only
+    # ever a few batches' worth of them, and the query stays one cached statement.
+    rows = conn.execute(
+        "SELECT id, body, attempts FROM messages WHERE dest = ? "
+        "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
+        "ORDER BY id LIMIT ?",
+        (dest_id, top, now_wall, horizon, max_messages + len(leased)),
+    ).fetchall()
+    ids: list[int] = []
+    bodies: list[bytes] = []
+    total = 0
+    attempts = 0
+    for row_id, body, row_attempts in rows:
+        if row_id in leased:
+            continue
+        cost = len(body) + per_message_overhead
+        if ids and (total + cost > max_bytes or len(ids) >= max_messages):
+            break
+        ids.append(int(row_id))
+        bodies.append(bytes(body))
+        total += cost
+        attempts = max(attempts, int(row_attempts))
+    if not ids:
+        return None
+    token = uuid.uuid4().hex
+    me = holder()
+    mono_expires = time.monotonic() + lease_timeout
+    conn.execute(
+        "INSERT INTO leases (token, dest, ids, count, boot, pidns, pid, pstart, "
+        "mono_expires, wall_expires, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            token,
+            dest_id,
+            ",".join(map(str, ids)),
+            len(ids),
+            me.boot,
+            me.pidns,
+            me.pid,
+            me.start,
+            mono_expires,
+            now_wall + lease_timeout,
+            now_wall,
+        ),
+    )
+    row = dests[dest_id]
+    dest = Destination(dest_id, row[1], row[2])
+    return Lease(token, dest, tuple(ids), tuple(bodies), attempts, mono_expires, int(row[4]))
+
+
+def held_ids(conn: sqlite3.Connection, lease: Lease) -> list[int] | None:
+    """The ids ``lease`` still holds, or None once it has ended or been taken over.
+
+    This is the fence: a lease record names the ids its holder has not yet acked,
+    released or dead-lettered, and every operation works only on those, so a stale
+    holder can never touch a message it no longer holds (nor a new message that
+    reused the id of one it acked).
+    """
+    row = conn.execute("SELECT ids FROM leases WHERE token = ?", (lease.token,)).fetchone()
+    return None if row is None else parse_ids(row[0])
+
+
+def settle(conn: sqlite3.Connection, lease: Lease, held: list[int], done: set[int]) -> None:
+    """Remove ``done`` from the lease record, ending the lease when nothing is left."""
+    left = [i for i in held if i not in done]
+    if left:
+        conn.execute(
+            "UPDATE leases SET ids = ?, count = ? WHERE token = ?",
+            (",".join(map(str, left)), len(left), lease.token),
+        )
+    else:
+        conn.execute("DELETE FROM leases WHERE token = ?", (lease.token,))
+
+
+def chosen(held: list[int], ids: Iterable[int] | None) -> list[int]:
+    """The held ids among ``ids`` (all of them when None)."""
+    if ids is None:
+        return held
+    wanted = set(ids)
+    return [i for i in held if i in wanted]
+
+
+def ack_in(conn: sqlite3.Connection, lease: Lease, wanted: list[int] | None) -> int:
+    """Delete the chosen messages the lease still holds; returns how many."""
+    held = held_ids(conn, lease)
+    if held is None:
+        return 0
+    picked = chosen(held, wanted)
+    deleted = 0
+    for chunk in chunks(picked, 500):
+        deleted += conn.execute(
+            f"DELETE FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk
+        ).rowcount
+    settle(conn, lease, held, set(picked))
+    return deleted
+
+
+def release_in(
+    conn: sqlite3.Connection,
+    lease: Lease,
+    not_before: float | None,
+    wanted: list[int] | None,
+    bump: int,
+) -> int:
+    """Hand the chosen messages the lease still holds back; returns how many."""
+    held = held_ids(conn, lease)
+    if held is None:
+        return 0
+    picked = chosen(held, wanted)
+    released = 0
+    if not_before is not None or bump:
+        for chunk in chunks(picked, 500):
+            released += conn.execute(
+                "UPDATE messages SET not_before = ?, attempts = attempts + ? "
+                f"WHERE id IN ({','.join('?' * len(chunk))})",
+                (not_before, bump, *chunk),
+            ).rowcount
+    else:
+        for chunk in chunks(picked, 500):
+            released += conn.execute(
+                f"SELECT count(*) FROM messages WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchone()[0]
+    settle(conn, lease, held, set(picked))
+    return int(released)
+
+
+def store_backoff(
+    conn: sqlite3.Connection, dest_id: int, until: float, error: str | None, now: float
+) -> None:
+    """Record one more failure of ``dest_id`` and hold it back until ``until``."""
+    horizon = now + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
+    # A stored not_before beyond the horizon is a leftover of a wall clock that jumped
+    # back; lease() ignores it, so it must not outvote the new backoff either.
+    conn.execute(
+        "UPDATE destinations SET not_before = CASE WHEN not_before > ? THEN ? "
+        "ELSE max(not_before, ?) END, failures = failures + 1,"
+        " last_error = coalesce(?, last_error), last_error_at = CASE WHEN ? IS NULL "
+        "THEN last_error_at ELSE ? END WHERE id = ?",
+        (horizon, until, until, error, error, now, dest_id),
+    )

@@ -1,0 +1,432 @@
+"""The SQLite queue: one file shared by any number of threads and processes.
+
+Every write is one explicit transaction; ``append`` returns only after its COMMIT. A
+flusher ``lease``\\ s the oldest ready messages of one destination (host + write key), and
+then ``ack``\\ s (deletes) them after a 2xx, ``release``\\ s them with a ``not_before`` for a
+retry, or ``dead_letter``\\ s the ones the server rejected. Every one of those is fenced by
+the lease token, so a holder whose lease expired and was taken over cannot touch the batch.
+
+A lease names its holder (boot id, pid namespace, pid and process start time). A lease is
+over when its holder is provably gone (same boot and pid namespace, and that process no
+longer exists) or when ``lease_timeout`` has passed on the system's monotonic clock, so a
+wall-clock jump neither steals a live lease nor keeps a dead one forever.
+
+The class composes one object per concern: ``Connections`` (per-thread connections,
+transactions, fork), ``Recovery`` (damaged files), ``Appender`` (append and the cap) and
+``DeadLetters``; the lease protocol is in ``leases.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from durable_analytics._store.base import (
+    CLOCK_JUMP_MARGIN,
+    MAX_BACKOFF_SECONDS,
+    DeadLetter,
+    Lease,
+    QueueStats,
+)
+from durable_analytics.exceptions import QueueCorrupt
+
+from . import inspect, leases
+from .append import Appender
+from .connections import Connections
+from .dead_letters import DeadLetters
+from .files import narrow_modes, prepare_path
+from .recovery import Recovery, RecoveryReport
+from .schema import CLEAR_BACKOFF
+
+__all__ = ["SqliteQueue"]
+
+
+class SqliteQueue:
+    """A durable message queue in one SQLite file, shared by threads and processes.
+
+    ``durability="normal"`` (WAL, synchronous=NORMAL) survives the crash or kill of any
+    process; ``"full"`` (synchronous=FULL) also survives power loss, at one fsync per append.
+
+    ``recover=True`` (what the Client uses): a damaged queue file (truncated, bytes flipped,
+    not an SQLite file, a -wal of another database) is copied aside as
+    ``<name>.corrupt-<UTC time>`` (0600, with its -wal and -shm), the readable messages are
+    salvaged into a fresh queue at the same path, a warning is logged and the call goes on
+    (``last_recovery`` says what happened). Detected at open, and when an operation meets
+    SQLite's "malformed" / "not a database" errors. ``recover=False`` (the default, and the
+    CLI's): ``QueueCorrupt`` is raised and nothing is written. A file of a newer schema
+    version is never treated as damaged (``QueueVersionError``), nor is an intact SQLite
+    database of another application (``QueueCorrupt``, untouched either way).
+
+    ``max_queue_bytes`` caps the whole file (pages in use); dead letters may take at most
+    ``max_dead_letter_bytes`` of it (default a tenth): past that, while the file is near the
+    cap, the oldest dead letters are purged (counted, and logged).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Literal["normal", "full"] = "normal",
+        max_queue_bytes: int = 1 << 30,
+        overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest",
+        lease_timeout: float = 60.0,
+        busy_timeout: float = 30.0,
+        recover: bool = False,
+        max_dead_letter_bytes: int | None = None,
+    ) -> None:
+        self.path = Path(os.fspath(path)).expanduser().absolute()
+        self.durability = durability
+        self.max_queue_bytes = max_queue_bytes
+        self.overflow = overflow
+        self.lease_timeout = lease_timeout
+        self.busy_timeout = busy_timeout
+        self.recover = recover
+        self.max_dead_letter_bytes = (
+            max_queue_bytes // 10 if max_dead_letter_bytes is None else max_dead_letter_bytes
+        )
+        self._dest_cache: dict[tuple[str, str], int] = {}
+        prepare_path(self.path)
+        self._db = Connections(
+            self.path,
+            durability=durability,
+            busy_timeout=busy_timeout,
+            on_corrupt=self._recover_from,
+        )
+        self._recovery = Recovery(
+            self._db,
+            enabled=recover,
+            known_destinations=self._dest_cache,
+            on_recovered=self._forget_estimates,
+        )
+        self._dead = DeadLetters(
+            self._db,
+            max_bytes=self.max_dead_letter_bytes,
+            max_queue_bytes=max_queue_bytes,
+            page_size=self._page_size,
+        )
+        self._appender = Appender(
+            self._db,
+            self._dead,
+            max_queue_bytes=max_queue_bytes,
+            overflow=overflow,
+            page_size=self._page_size,
+        )
+        self._recovery.open_file()
+        narrow_modes(self.path)  # it proved to be a queue: only now touch its mode
+
+    def __repr__(self) -> str:
+        return f"SqliteQueue({str(self.path)!r}, durability={self.durability!r})"
+
+    @property
+    def last_recovery(self) -> RecoveryReport | None:
+        """What the last recovery of a damaged file did (None: there was none)."""
+        return self._recovery.last
+
+    def _page_size(self) -> int:
+        return self._recovery.page_size
+
+    def _recover_from(self, error: QueueCorrupt) -> bool:
+        return self._recovery.recover_from(error)
+
+    def _forget_estimates(self) -> None:
+        self._appender.forget_estimates()
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (for tests and tools that inspect the file)."""
+        return self._db.conn()
+
+    def close(self) -> None:
+        """Close this thread's connection; other threads' close when they end."""
+        self._db.close_thread()
+
+    # ---------------------------------------------------------------- destinations, append
+
+    def destination(self, host: str, write_key: str) -> int:
+        """The id of the (host, write key) destination, created on first use."""
+        key = (host, write_key)
+        cached = self._dest_cache.get(key)
+        if cached is not None:
+            return cached
+
+        def find_or_create(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT id FROM destinations WHERE host=? AND write_key=?", key
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            cur = conn.execute("INSERT INTO destinations (host, write_key) VALUES (?, ?)", key)
+            return int(cur.lastrowid or 0)
+
+        dest_id = self._db.write(find_or_create)
+        self._dest_cache[key] = dest_id
+        return dest_id
+
+    def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
+        """Store one serialized message; return its row id after COMMIT.
+
+        Returns 0 when the ``max_queue_bytes`` cap dropped it (``overflow="drop_newest"``);
+        with ``"drop_oldest"`` the oldest unleased messages make room instead. Both are counted.
+        Raises ``QueueDiskFull`` when the disk is full (nothing committed before is affected).
+        """
+        return self._appender.append(dest_id, body, enqueued_at)
+
+    # ---------------------------------------------------------------- leases
+
+    def lease(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> Lease | None:
+        """Take the oldest ready messages of one destination, or None when none are ready.
+
+        At most ``max_messages`` messages and ``max_bytes`` bytes (each message counting its
+        size plus ``per_message_overhead``, the comma between messages in the request body);
+        the first message is always taken so a batch is never empty. ``destination`` limits
+        the choice to one destination, ``up_to_id`` to messages stored no later than that id.
+        A destination in backoff (``set_backoff``) yields nothing until its time comes.
+        """
+        now_wall = time.time() if now is None else now
+        return self._db.write(
+            lambda conn: leases.take(
+                conn,
+                self.lease_timeout,
+                max_messages,
+                max_bytes,
+                destination=destination,
+                up_to_id=up_to_id,
+                now_wall=now_wall,
+                per_message_overhead=per_message_overhead,
+            )
+        )
+
+    def extend(self, lease: Lease) -> bool:
+        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
+        now_wall = time.time()
+        mono = time.monotonic() + self.lease_timeout
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE leases SET mono_expires = ?, wall_expires = ? WHERE token = ?",
+                (mono, now_wall + self.lease_timeout, lease.token),
+            )
+            return cur.rowcount > 0
+
+        return self._db.write(run)
+
+    def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
+        """Delete delivered messages (all the lease still holds, or ``ids``); returns how many.
+
+        Fenced by the token: once a lease has expired or been taken over, its holder's ack
+        deletes nothing (the messages are sent again: at-least-once). The destination's
+        backoff and failure count are cleared in the same transaction (the server took the
+        batch, whoever holds the lease now).
+        """
+        wanted = None if ids is None else list(ids)
+
+        def run(conn: sqlite3.Connection) -> int:
+            deleted = leases.ack_in(conn, lease, wanted)
+            # A delivery went through: the destination is healthy again, for every holder.
+            conn.execute(CLEAR_BACKOFF, (lease.destination.id,))
+            return deleted
+
+        return self._db.write(run)
+
+    def release(
+        self,
+        lease: Lease,
+        not_before: float | None = None,
+        *,
+        ids: Iterable[int] | None = None,
+        count_attempt: bool = True,
+    ) -> int:
+        """Return leased messages to the queue, not to be leased again before ``not_before``.
+
+        Fenced by the token: a stale holder cannot release a batch someone else now holds.
+        """
+        wanted = None if ids is None else list(ids)
+        bump = 1 if count_attempt else 0
+        return self._db.write(lambda conn: leases.release_in(conn, lease, not_before, wanted, bump))
+
+    def retry_later(self, lease: Lease, delay: Callable[[int], float], error: str) -> float:
+        """Back the destination off and hand the batch back, in one transaction.
+
+        Reads the destination's consecutive failures (other holders' included), stores a
+        backoff of ``delay(failures + 1)`` seconds from now with ``error`` as its last
+        error, and releases what ``lease`` still holds until then, counting an attempt.
+        Returns the wall-clock time the backoff ends. Fenced like ``release``: a stale
+        holder's batch is not touched, but its failure still counts for the destination.
+        """
+        dest_id = lease.destination.id
+
+        def run(conn: sqlite3.Connection) -> float:
+            row = conn.execute("SELECT failures FROM destinations WHERE id = ?", (dest_id,))
+            found = row.fetchone()
+            now = time.time()
+            until = now + delay((int(found[0]) if found else 0) + 1)
+            leases.store_backoff(conn, dest_id, until, error, now)
+            leases.release_in(conn, lease, until, None, 1)
+            return until
+
+        return self._db.write(run)
+
+    def reclaim_expired(self) -> int:
+        """Free the messages of dead or expired leases now; returns how many leases ended."""
+        if not self.live_leases():
+            return 0
+        now_wall = time.time()
+
+        def run(conn: sqlite3.Connection) -> int:
+            _, dead = leases.scan_leases(conn, self.lease_timeout, now_wall)
+            for token in dead:
+                conn.execute("DELETE FROM leases WHERE token = ?", (token,))
+            return len(dead)
+
+        return self._db.write(run)
+
+    def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
+        """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
+        now_wall = time.time() if now is None else now
+        horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
+
+        def run(conn: sqlite3.Connection) -> tuple[int, float | None]:
+            leased = leases.leased_ids(conn)
+            rows = conn.execute(
+                "SELECT m.id, m.enqueued_at FROM messages m "
+                "JOIN destinations d ON d.id = m.dest "
+                "WHERE (d.not_before <= ? OR d.not_before > ?) "
+                "AND (m.not_before IS NULL OR m.not_before <= ? OR m.not_before > ?) "
+                "ORDER BY m.id LIMIT ?",
+                (now_wall, horizon, now_wall, horizon, limit + len(leased)),
+            ).fetchall()
+            ready = [float(t) for i, t in rows if i not in leased][:limit]
+            return len(ready), (min(ready) if ready else None)
+
+        return self._db.read(run)
+
+    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
+        """The earliest wall-clock time at which some pending message may be leased."""
+        top = up_to_id if up_to_id is not None else (1 << 62)
+        horizon = time.time() + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
+
+        def run(conn: sqlite3.Connection) -> float | None:
+            leased = leases.leased_ids(conn)
+            # Times beyond the horizon (a wall clock that jumped back) count as ready now,
+            # as lease() treats them.
+            rows = conn.execute(
+                "SELECT m.id, max(CASE WHEN coalesce(m.not_before, 0) > ?1 THEN 0 "
+                "ELSE coalesce(m.not_before, 0) END, "
+                "CASE WHEN d.not_before > ?1 THEN 0 ELSE d.not_before END) AS t FROM messages m "
+                "JOIN destinations d ON d.id = m.dest WHERE m.id <= ?2 ORDER BY t LIMIT ?3",
+                (horizon, top, 1 + len(leased)),
+            ).fetchall()
+            times = [float(t) for i, t in rows if i not in leased]
+            return times[0] if times else None
+
+        return self._db.read(run)
+
+    # ---------------------------------------------------------------- backoff
+
+    def set_backoff(self, dest_id: int, until: float, error: str | None = None) -> None:
+        """Hold every process back from leasing ``dest_id`` until ``until`` (wall clock)."""
+        now = time.time()
+        self._db.write(lambda conn: leases.store_backoff(conn, dest_id, until, error, now))
+
+    def clear_backoff(self, dest_id: int) -> None:
+        """Forget the destination's failures after a successful delivery."""
+        self._db.write(lambda conn: conn.execute(CLEAR_BACKOFF, (dest_id,)))
+
+    def backoff(self, dest_id: int) -> tuple[float, int]:
+        """``(not_before, consecutive failures)`` of a destination."""
+        row = self._db.read(
+            lambda conn: conn.execute(
+                "SELECT not_before, failures FROM destinations WHERE id = ?", (dest_id,)
+            ).fetchone()
+        )
+        if row is None:
+            return 0.0, 0
+        return float(row[0]), int(row[1])
+
+    # ---------------------------------------------------------------- dead letters
+
+    def dead_letter(
+        self,
+        lease: Lease,
+        ids: Iterable[int],
+        *,
+        status: int | None,
+        reason: str,
+        excerpt: str = "",
+    ) -> int:
+        """Move leased messages to the dead-letter table with the status and a response excerpt."""
+        return self._dead.move(lease, ids, status=status, reason=reason, excerpt=excerpt)
+
+    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        """The dead letters (all, or those with ``ids``), oldest first."""
+        return self._dead.select(ids)
+
+    def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Put dead letters (all, or ``ids``) back in the queue; returns how many."""
+        return self._dead.take_out(ids, requeue=True)
+
+    def purge_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Delete dead letters (all, or ``ids``) for good; returns how many."""
+        return self._dead.take_out(ids, requeue=False)
+
+    def dead_letters_purged(self) -> int:
+        """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""
+        return self._dead.purged()
+
+    # ---------------------------------------------------------------- inspection
+
+    def max_id(self) -> int:
+        """The id of the newest message (0 when empty): ``flush`` waits for ids up to it."""
+        row = self._db.read(lambda conn: conn.execute("SELECT max(id) FROM messages").fetchone())
+        return int(row[0] or 0)
+
+    def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
+        """How many messages are not yet delivered (leased or not)."""
+        top = up_to_id if up_to_id is not None else (1 << 62)
+        if destination is None:
+            row = self._db.read(
+                lambda conn: conn.execute(
+                    "SELECT count(*) FROM messages WHERE id <= ?", (top,)
+                ).fetchone()
+            )
+        else:
+            row = self._db.read(
+                lambda conn: conn.execute(
+                    "SELECT count(*) FROM messages WHERE id <= ? AND dest = ?", (top, destination)
+                ).fetchone()
+            )
+        return int(row[0])
+
+    def live_leases(self) -> int:
+        """How many leases are held right now (by anyone)."""
+        row = self._db.read(lambda conn: conn.execute("SELECT count(*) FROM leases").fetchone())
+        return int(row[0])
+
+    def stats(self) -> QueueStats:
+        """Counts and health of the queue (see ``QueueStats``)."""
+        now = time.time()
+        return self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now))
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` when healthy)."""
+        rows = self._db.read(lambda conn: conn.execute("PRAGMA integrity_check").fetchall())
+        return "; ".join(str(r[0]) for r in rows)
+
+    def bodies(self) -> list[bytes]:
+        """Every pending message body, oldest first (for tests and tools)."""
+        rows = self._db.read(
+            lambda conn: conn.execute("SELECT body FROM messages ORDER BY id").fetchall()
+        )
+        return [bytes(r[0]) for r in rows]

@@ -1,0 +1,366 @@
+"""Leases of the SQLite queue: batches, backoff, ack, fencing, release.
+
+Each test's name states the behaviour it proves. Child processes are real (``start_python``,
+``os.fork``); the heavier multi-process runs live in tests/reliability/.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from durable_analytics._store import MAX_BACKOFF_SECONDS
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+
+from .sqlite_helpers import (
+    HOST,
+    KEY,
+    OTHER_HOST,
+    OTHER_KEY,
+    body,
+    body_of_size,
+    fill,
+    index,
+)
+
+# --------------------------------------------------------------------------- lease
+
+
+def test_lease_takes_the_oldest_messages_first(queue: Queue, dest: int) -> None:
+    ids = fill(queue, dest, 10)
+    first = queue.lease(4, 1_000_000)
+    second = queue.lease(4, 1_000_000)
+    assert first is not None
+    assert second is not None
+    assert list(first.ids) == ids[:4]
+    assert list(second.ids) == ids[4:8]
+    assert [index(b) for b in first.bodies] == [0, 1, 2, 3]
+
+
+def test_lease_never_takes_more_than_max_messages(queue: Queue, dest: int) -> None:
+    fill(queue, dest, 25)
+    sizes = []
+    while (lease := queue.lease(7, 1_000_000)) is not None:
+        sizes.append(len(lease))
+    assert sizes == [7, 7, 7, 4]
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "expected"),
+    [(1000, 10), (999, 9), (400, 4), (399, 3), (100, 1)],
+)
+def test_lease_never_exceeds_max_bytes_counting_size_plus_one_per_message(
+    queue: Queue, dest: int, max_bytes: int, expected: int
+) -> None:
+    for i in range(10):
+        queue.append(dest, body_of_size(i, 99))  # costs 99 + 1 = 100 bytes each
+    lease = queue.lease(100, max_bytes)
+    assert lease is not None
+    assert len(lease) == expected
+    assert sum(len(b) + 1 for b in lease.bodies) <= max_bytes
+    assert lease.size == 99 * expected
+
+
+def test_single_message_larger_than_the_budget_is_leased_alone(queue: Queue, dest: int) -> None:
+    queue.append(dest, body_of_size(0, 5000))
+    queue.append(dest, body_of_size(1, 100))
+    lease = queue.lease(100, 1000)
+    assert lease is not None
+    assert [index(b) for b in lease.bodies] == [0]
+    nxt = queue.lease(100, 1000)
+    assert nxt is not None
+    assert [index(b) for b in nxt.bodies] == [1]
+
+
+def test_batches_never_mix_destinations(queue: Queue) -> None:
+    a = queue.destination(HOST, KEY)
+    b = queue.destination(OTHER_HOST, OTHER_KEY)
+    c = queue.destination(HOST, OTHER_KEY)  # same host, another key: another destination
+    assert len({a, b, c}) == 3
+    owner = {}
+    for i in range(60):
+        d = (a, b, c)[i % 3 if i % 5 else 0]
+        owner[i] = d
+        queue.append(d, body(i))
+    seen: list[int] = []
+    first = True
+    while (lease := queue.lease(8, 1_000_000)) is not None:
+        idx = [index(x) for x in lease.bodies]
+        assert {owner[i] for i in idx} == {lease.destination.id}
+        assert idx == sorted(idx)
+        if first:  # the batch of the oldest ready message goes first
+            assert idx[0] == 0
+            first = False
+        seen.extend(idx)
+    assert sorted(seen) == list(range(60))
+
+
+def test_lease_reports_its_destination_host_and_key(queue: Queue) -> None:
+    d = queue.destination(OTHER_HOST, OTHER_KEY)
+    queue.append(d, body(1))
+    lease = queue.lease(10, 10_000)
+    assert lease is not None
+    assert lease.destination.id == d
+    assert lease.destination.host == OTHER_HOST
+    assert lease.destination.write_key == OTHER_KEY
+    assert lease.destination.redacted_key == OTHER_KEY[:4] + "…"
+
+
+def test_destination_ids_are_stable_and_shared_across_queue_objects(queue_path: Path) -> None:
+    q1 = Queue(queue_path)
+    q2 = Queue(queue_path)
+    assert q1.destination(HOST, KEY) == q2.destination(HOST, KEY)
+    assert q1.destination(HOST, KEY) != q2.destination(OTHER_HOST, KEY)
+    q1.close()
+    q2.close()
+
+
+def test_leased_messages_are_not_leased_again_while_the_lease_is_live(
+    queue: Queue, dest: int, queue_path: Path
+) -> None:
+    fill(queue, dest, 5)
+    lease = queue.lease(10, 1_000_000)
+    assert lease is not None
+    assert len(lease) == 5
+    assert queue.lease(10, 1_000_000) is None
+    other = Queue(queue_path)  # another connection of this (live) process
+    assert other.lease(10, 1_000_000) is None
+    assert other.reclaim_expired() == 0
+    other.close()
+    queue.append(dest, body(99))
+    nxt = queue.lease(10, 1_000_000)
+    assert nxt is not None
+    assert [index(b) for b in nxt.bodies] == [99]
+
+
+def test_lease_destination_filter_takes_only_that_destination(queue: Queue) -> None:
+    a = queue.destination(HOST, KEY)
+    b = queue.destination(OTHER_HOST, OTHER_KEY)
+    queue.append(a, body(0))
+    queue.append(b, body(1))
+    queue.append(a, body(2))
+    lease = queue.lease(10, 1_000_000, destination=b)
+    assert lease is not None
+    assert [index(x) for x in lease.bodies] == [1]
+    assert queue.lease(10, 1_000_000, destination=b) is None
+    rest = queue.lease(10, 1_000_000, destination=a)
+    assert rest is not None
+    assert [index(x) for x in rest.bodies] == [0, 2]
+
+
+def test_lease_up_to_id_filter_takes_only_messages_stored_up_to_that_id(
+    queue: Queue, dest: int
+) -> None:
+    ids = fill(queue, dest, 6)
+    lease = queue.lease(10, 1_000_000, up_to_id=ids[2])
+    assert lease is not None
+    assert list(lease.ids) == ids[:3]
+    assert queue.lease(10, 1_000_000, up_to_id=ids[2]) is None
+    assert queue.pending(up_to_id=ids[2]) == 3
+    assert queue.pending() == 6
+
+
+def test_lease_of_an_empty_queue_or_zero_messages_is_none(queue: Queue, dest: int) -> None:
+    assert queue.lease(10, 1_000_000) is None
+    queue.append(dest, body(1))
+    assert queue.lease(0, 1_000_000) is None
+    assert queue.lease(1, 1_000_000) is not None
+
+
+def test_destination_in_backoff_yields_nothing_until_its_time(queue: Queue) -> None:
+    a = queue.destination(HOST, KEY)
+    b = queue.destination(OTHER_HOST, OTHER_KEY)
+    queue.append(a, body(0))
+    queue.append(b, body(1))
+    now = time.time()
+    queue.set_backoff(a, now + 30, "HTTP 503")
+    assert queue.backoff(a)[0] == pytest.approx(now + 30)
+    assert queue.backoff(a)[1] == 1
+
+    held = queue.lease(10, 1_000_000, now=now)
+    assert held is not None
+    assert held.destination.id == b  # the other destination is not held back
+    queue.ack(held)
+    assert queue.lease(10, 1_000_000, now=now) is None
+    assert queue.lease(10, 1_000_000, now=now + 29.9) is None
+    assert queue.next_ready_at() == pytest.approx(now + 30)
+    later = queue.lease(10, 1_000_000, now=now + 30.1)
+    assert later is not None
+    assert [index(x) for x in later.bodies] == [0]
+
+
+def test_clear_backoff_makes_the_destination_ready_again(queue: Queue, dest: int) -> None:
+    queue.append(dest, body(0))
+    queue.set_backoff(dest, time.time() + 300, "HTTP 500")
+    assert queue.lease(10, 1_000_000) is None
+    queue.clear_backoff(dest)
+    assert queue.backoff(dest) == (0.0, 0)
+    assert queue.lease(10, 1_000_000) is not None
+
+
+def test_backoff_far_beyond_max_backoff_is_ignored_as_a_clock_jump(queue: Queue, dest: int) -> None:
+    queue.append(dest, body(0))
+    now = time.time()
+    # Only a wall clock that jumped back explains a not_before this far ahead.
+    queue.set_backoff(dest, now + MAX_BACKOFF_SECONDS + 3600, "HTTP 500")
+    lease = queue.lease(10, 1_000_000, now=now)
+    assert lease is not None
+    assert queue.ready_summary(10, now)[0] == 0  # leased now
+    queue.release(lease, None)
+    assert queue.ready_summary(10, now)[0] == 1
+    assert queue.next_ready_at() is not None
+    assert queue.next_ready_at() <= time.time()  # type: ignore[operator]
+
+
+def test_backoff_within_max_backoff_is_honoured(queue: Queue, dest: int) -> None:
+    queue.append(dest, body(0))
+    now = time.time()
+    queue.set_backoff(dest, now + MAX_BACKOFF_SECONDS, "HTTP 500")
+    assert queue.lease(10, 1_000_000, now=now) is None
+
+
+def test_new_backoff_replaces_a_far_future_leftover_of_a_clock_jump(
+    queue: Queue, dest: int
+) -> None:
+    queue.append(dest, body(0))
+    now = time.time()
+    queue.set_backoff(dest, now + 10 * 3600, "before the clock jumped back")
+    queue.set_backoff(dest, now + 30, "HTTP 503")
+    assert queue.backoff(dest)[0] == pytest.approx(now + 30)
+    assert queue.lease(10, 1_000_000, now=now) is None
+    assert queue.lease(10, 1_000_000, now=now + 31) is not None
+
+
+def test_longer_backoff_is_never_shortened_by_a_shorter_one(queue: Queue, dest: int) -> None:
+    now = time.time()
+    queue.set_backoff(dest, now + 120)
+    queue.set_backoff(dest, now + 10)
+    assert queue.backoff(dest) == (pytest.approx(now + 120), 2)
+
+
+# --------------------------------------------------------------------------- ack and fencing
+
+
+def test_ack_deletes_only_the_leases_messages(queue: Queue, dest: int) -> None:
+    fill(queue, dest, 10)
+    lease = queue.lease(4, 1_000_000)
+    other = queue.lease(3, 1_000_000)
+    assert lease is not None
+    assert other is not None
+    assert queue.ack(lease) == 4
+    assert sorted(index(b) for b in queue.bodies()) == list(range(4, 10))
+    assert queue.ack(lease) == 0  # a second ack changes nothing
+    assert queue.pending() == 6
+    assert queue.ack(other) == 3
+    assert queue.live_leases() == 0
+
+
+def test_ack_of_some_ids_keeps_the_rest_under_the_lease(queue: Queue, dest: int) -> None:
+    ids = fill(queue, dest, 4)
+    lease = queue.lease(10, 1_000_000)
+    assert lease is not None
+    assert queue.ack(lease, ids[:2]) == 2
+    assert queue.ack(lease, [12345]) == 0  # not in the queue at all
+    assert queue.lease(10, 1_000_000) is None  # the rest is still leased
+    assert queue.stats().leased == 2
+    assert queue.ack(lease, ids[2:]) == 2
+    assert queue.live_leases() == 0
+
+
+def test_stale_holder_cannot_ack_release_or_dead_letter_after_a_takeover(
+    queue_path: Path,
+) -> None:
+    stale_q = Queue(queue_path, lease_timeout=0.05)
+    new_q = Queue(queue_path, lease_timeout=60)
+    dest_id = stale_q.destination(HOST, KEY)
+    ids = fill(stale_q, dest_id, 5)
+    stale = stale_q.lease(10, 1_000_000)
+    assert stale is not None
+    time.sleep(0.1)  # the stale lease expires (monotonic clock)
+    current = new_q.lease(10, 1_000_000)
+    assert current is not None
+    assert list(current.ids) == ids
+    assert current.token != stale.token
+
+    assert stale_q.ack(stale) == 0
+    assert stale_q.ack(stale, ids[:1]) == 0
+    assert stale_q.release(stale, time.time() + 300) == 0
+    assert stale_q.dead_letter(stale, ids, status=400, reason="bad", excerpt="{}") == 0
+    assert new_q.pending() == 5
+    assert new_q.dead_letters() == []
+    assert new_q.lease(10, 1_000_000) is None  # still held by the new holder
+    assert new_q.stats().leased == 5
+
+    assert new_q.dead_letter(current, ids[:1], status=400, reason="bad data") == 1
+    assert new_q.release(current, None, ids=ids[1:2]) == 1
+    assert new_q.ack(current) == 3
+    assert new_q.pending() == 1
+    assert len(new_q.dead_letters()) == 1
+    assert new_q.live_leases() == 0
+    stale_q.close()
+    new_q.close()
+
+
+def test_extend_keeps_a_lease_alive_and_reports_a_lost_one(queue_path: Path) -> None:
+    q = Queue(queue_path, lease_timeout=0.5)
+    dest_id = q.destination(HOST, KEY)
+    fill(q, dest_id, 2)
+    lease = q.lease(10, 1_000_000)
+    assert lease is not None
+    leased_at = time.monotonic()
+    for _ in range(3):
+        time.sleep(0.2)
+        assert q.extend(lease)
+    assert time.monotonic() - leased_at > 0.5  # past the first expiry ...
+    assert q.lease(10, 1_000_000) is None  # ... and still held
+    time.sleep(0.6)
+    taken = q.lease(10, 1_000_000)
+    assert taken is not None
+    assert not q.extend(lease)
+    q.close()
+
+
+# --------------------------------------------------------------------------- release
+
+
+def test_release_with_not_before_is_not_leased_again_before_then(queue: Queue, dest: int) -> None:
+    fill(queue, dest, 3)
+    lease = queue.lease(10, 1_000_000)
+    assert lease is not None
+    assert lease.attempts == 0
+    now = time.time()
+    assert queue.release(lease, now + 60) == 3
+    assert queue.live_leases() == 0
+    assert queue.lease(10, 1_000_000, now=now) is None
+    assert queue.lease(10, 1_000_000, now=now + 59) is None
+    assert queue.next_ready_at() == pytest.approx(now + 60)
+    again = queue.lease(10, 1_000_000, now=now + 60.5)
+    assert again is not None
+    assert len(again) == 3
+    assert again.attempts == 1
+    queue.release(again, None)
+    third = queue.lease(10, 1_000_000)
+    assert third is not None
+    assert third.attempts == 2
+
+
+def test_release_without_counting_an_attempt(queue: Queue, dest: int) -> None:
+    fill(queue, dest, 1)
+    lease = queue.lease(10, 1_000_000)
+    assert lease is not None
+    queue.release(lease, None, count_attempt=False)
+    again = queue.lease(10, 1_000_000)
+    assert again is not None
+    assert again.attempts == 0
+
+
+def test_released_messages_keep_their_order(queue: Queue, dest: int) -> None:
+    fill(queue, dest, 6)
+    lease = queue.lease(3, 1_000_000)
+    assert lease is not None
+    queue.release(lease, None)
+    again = queue.lease(10, 1_000_000)
+    assert again is not None
+    assert [index(b) for b in again.bodies] == list(range(6))
