@@ -13,74 +13,31 @@ holder is a thread of this process.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from durable_analytics.exceptions import QueueError
-
-from .base import (
+from durable_analytics._store.base import (
     CLOCK_JUMP_MARGIN,
     MAX_BACKOFF_SECONDS,
     DeadLetter,
     Destination,
-    DestinationStats,
     Lease,
     QueueStats,
-    iso_utc,
 )
+from durable_analytics.exceptions import QueueError
+
+from . import views
+from .dead_letters import DeadLetterShelf
+from .records import ROW_OVERHEAD, Dest, LeaseRecord, Message
 
 __all__ = ["MEMORY_PATH", "MemoryQueue"]
 
 #: The ``queue_path`` that selects this backend.
 MEMORY_PATH = ":memory:"
-
-# What one message costs against max_queue_bytes beyond its body: the same estimate the
-# SQLite queue uses for a row, so a cap means about as many messages in either.
-_ROW_OVERHEAD = 48
-
-
-@dataclass
-class _Dest:
-    host: str
-    write_key: str
-    not_before: float = 0.0
-    failures: int = 0
-    last_error: str | None = None
-    last_error_at: float | None = None
-
-
-@dataclass
-class _Message:
-    dest: int
-    body: bytes
-    enqueued_at: float
-    attempts: int = 0
-    not_before: float | None = None
-
-
-@dataclass
-class _LeaseRecord:
-    dest: int
-    ids: list[int]
-    mono_expires: float
-
-
-@dataclass
-class _Dead:
-    dest: int
-    body: bytes
-    enqueued_at: float
-    dead_at: float
-    attempts: int
-    status: int | None
-    reason: str
-    excerpt: str = field(default="")
 
 
 class MemoryQueue:
@@ -110,18 +67,15 @@ class MemoryQueue:
         self._clock = clock
         self._lock = threading.RLock()
         self._closed = False
-        self._dests: dict[int, _Dest] = {}
+        self._dests: dict[int, Dest] = {}
         self._dest_ids: dict[tuple[str, str], int] = {}
-        self._messages: dict[int, _Message] = {}  # ids only grow: insertion order is id order
-        self._leases: dict[str, _LeaseRecord] = {}
-        self._dead: dict[int, _Dead] = {}
+        self._messages: dict[int, Message] = {}  # ids only grow: insertion order is id order
+        self._leases: dict[str, LeaseRecord] = {}
+        self._dead = DeadLetterShelf()
         self._next_id = 1
-        self._next_dead = 1
-        self._used = 0  # messages and dead letters, each with _ROW_OVERHEAD
-        self._dead_used = 0
+        self._used = 0  # messages and dead letters, each with ROW_OVERHEAD
         self._dropped_newest = 0
         self._dropped_oldest = 0
-        self._purged = 0
 
     def __repr__(self) -> str:
         return f"MemoryQueue(max_queue_bytes={self.max_queue_bytes}, overflow={self.overflow!r})"
@@ -146,11 +100,6 @@ class MemoryQueue:
             del self._leases[token]
         return len(dead)
 
-    @staticmethod
-    def _ready(not_before: float | None, now: float, horizon: float) -> bool:
-        # A time beyond the horizon is the leftover of a wall clock that jumped back.
-        return not_before is None or not_before <= now or not_before > horizon
-
     def _held(self, lease: Lease, ids: Iterable[int] | None) -> tuple[list[int], list[int]]:
         """The ids ``lease`` still holds and those of them chosen; ([], []) once it ended.
 
@@ -173,9 +122,9 @@ class MemoryQueue:
         else:
             self._leases.pop(lease.token, None)
 
-    def _remove(self, row_id: int) -> _Message:
+    def _remove(self, row_id: int) -> Message:
         msg = self._messages.pop(row_id)
-        self._used -= len(msg.body) + _ROW_OVERHEAD
+        self._used -= len(msg.body) + ROW_OVERHEAD
         return msg
 
     # ---------------------------------------------------------------- destinations, append
@@ -188,17 +137,18 @@ class MemoryQueue:
             found = self._dest_ids.get(key)
             if found is None:
                 found = len(self._dests) + 1
-                self._dests[found] = _Dest(host, write_key)
+                self._dests[found] = Dest(host, write_key)
                 self._dest_ids[key] = found
             return found
 
     def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
         """Store one serialized message; its id, or 0 when the size cap dropped it."""
-        cost = len(body) + _ROW_OVERHEAD
+        cost = len(body) + ROW_OVERHEAD
         with self._lock:
             self._check_open()
             over = self._used + cost - self.max_queue_bytes
-            if over > 0 and self._trim_dead_letters():
+            if over > 0 and self._dead.bytes > self.max_dead_letter_bytes:
+                self._used -= self._dead.trim(self.max_dead_letter_bytes)
                 over = self._used + cost - self.max_queue_bytes
             # drop_oldest frees the oldest unleased messages; when even that is not enough
             # the new message is refused too: the queue never grows past the cap.
@@ -208,7 +158,7 @@ class MemoryQueue:
             row_id = self._next_id
             self._next_id += 1
             when = time.time() if enqueued_at is None else enqueued_at
-            self._messages[row_id] = _Message(dest_id, bytes(body), when)
+            self._messages[row_id] = Message(dest_id, bytes(body), when)
             self._used += cost
             return row_id
 
@@ -218,7 +168,7 @@ class MemoryQueue:
         for row_id in [i for i in self._messages if i not in leased]:
             if freed >= need:
                 break
-            freed += len(self._remove(row_id).body) + _ROW_OVERHEAD
+            freed += len(self._remove(row_id).body) + ROW_OVERHEAD
             self._dropped_oldest += 1
         return freed
 
@@ -240,44 +190,26 @@ class MemoryQueue:
         ``per_message_overhead``); the first message is always taken.
         """
         now_wall = time.time() if now is None else now
-        horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
         top = up_to_id if up_to_id is not None else 1 << 62
         with self._lock:
             self._check_open()
             self._reclaim()
-            leased = self._leased()
-            ready = {
-                d
-                for d, rec in self._dests.items()
-                if self._ready(rec.not_before, now_wall, horizon) and destination in (None, d)
-            }
-            chosen: int | None = None
-            ids: list[int] = []
-            bodies: list[bytes] = []
-            total = attempts = 0
-            for row_id, msg in self._messages.items():
-                if len(ids) >= max_messages or row_id > top:
-                    break
-                if (
-                    row_id in leased
-                    or msg.dest not in ready
-                    or chosen not in (None, msg.dest)
-                    or not self._ready(msg.not_before, now_wall, horizon)
-                ):
-                    continue
-                cost = len(msg.body) + per_message_overhead
-                if ids and total + cost > max_bytes:
-                    break
-                chosen = msg.dest
-                ids.append(row_id)
-                bodies.append(msg.body)
-                total += cost
-                attempts = max(attempts, msg.attempts)
+            chosen, ids, bodies, attempts = views.select_batch(
+                self._messages,
+                self._dests,
+                self._leased(),
+                max_messages,
+                max_bytes,
+                destination=destination,
+                top=top,
+                now=now_wall,
+                per_message_overhead=per_message_overhead,
+            )
             if chosen is None:
                 return None
             token = uuid.uuid4().hex
             expires = self._mono() + self.lease_timeout
-            self._leases[token] = _LeaseRecord(chosen, list(ids), expires)
+            self._leases[token] = LeaseRecord(chosen, list(ids), expires)
             dest = self._dests[chosen]
             return Lease(
                 token,
@@ -409,41 +341,16 @@ class MemoryQueue:
     def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
         """The earliest time at which some pending message may be leased."""
         top = up_to_id if up_to_id is not None else 1 << 62
-        horizon = time.time() + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
         with self._lock:
             self._check_open()
-            leased = self._leased()
-            best: float | None = None
-            for row_id, msg in self._messages.items():
-                if row_id > top:
-                    break
-                if row_id in leased:
-                    continue
-                own = msg.not_before or 0.0
-                shared = self._dests[msg.dest].not_before if msg.dest in self._dests else 0.0
-                at = max(0.0 if own > horizon else own, 0.0 if shared > horizon else shared)
-                best = at if best is None else min(best, at)
-            return best
+            return views.next_ready(self._messages, self._dests, self._leased(), top, time.time())
 
     def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
         """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
         now_wall = time.time() if now is None else now
-        horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
         with self._lock:
             self._check_open()
-            leased = self._leased()
-            times: list[float] = []
-            for row_id, msg in self._messages.items():
-                if len(times) >= limit:
-                    break
-                dest = self._dests.get(msg.dest)
-                if (
-                    row_id not in leased
-                    and dest is not None
-                    and self._ready(dest.not_before, now_wall, horizon)
-                    and self._ready(msg.not_before, now_wall, horizon)
-                ):
-                    times.append(msg.enqueued_at)
+            times = views.ready_times(self._messages, self._dests, self._leased(), limit, now_wall)
             return len(times), (min(times) if times else None)
 
     # ---------------------------------------------------------------- inspection
@@ -469,55 +376,18 @@ class MemoryQueue:
             self._check_open()
             return [m.body for m in self._messages.values()]
 
-    def dead_letters_purged(self) -> int:
-        """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""
-        with self._lock:
-            return self._purged
-
     def stats(self) -> QueueStats:
         """Counts and health of the queue (see ``QueueStats``)."""
-        now = time.time()
         with self._lock:
             self._check_open()
-            mono = self._mono()
-            live = {i for rec in self._leases.values() if mono <= rec.mono_expires for i in rec.ids}
-            count: dict[int, int] = {}
-            leased: dict[int, int] = {}
-            size = 0
-            for row_id, msg in self._messages.items():
-                count[msg.dest] = count.get(msg.dest, 0) + 1
-                size += len(msg.body)
-                if row_id in live:
-                    leased[msg.dest] = leased.get(msg.dest, 0) + 1
-            oldest = min((m.enqueued_at for m in self._messages.values()), default=None)
-            last: tuple[float, str, str] | None = None
-            destinations = []
-            for d, dest in self._dests.items():
-                err, err_at = dest.last_error, dest.last_error_at
-                if err is not None and err_at is not None and (last is None or err_at > last[0]):
-                    last = (err_at, err, dest.host)
-                destinations.append(
-                    DestinationStats(
-                        host=dest.host,
-                        write_key=Destination(d, dest.host, dest.write_key).redacted_key,
-                        pending=count.get(d, 0),
-                        leased=leased.get(d, 0),
-                        backoff_until=iso_utc(dest.not_before) if dest.not_before > now else None,
-                        failures=dest.failures,
-                        last_error=err,
-                    )
-                )
-            return QueueStats(
-                pending=len(self._messages),
-                leased=sum(leased.values()),
-                dead_letters=len(self._dead),
-                bytes=size,
-                oldest_age_seconds=None if oldest is None else max(0.0, round(now - oldest, 3)),
+            return views.stats(
+                self._messages,
+                self._dests,
+                self._leases,
+                dead_letters=len(self._dead.rows),
                 dropped=self._dropped_newest + self._dropped_oldest,
-                last_error=None
-                if last is None
-                else {"message": last[1], "at": iso_utc(last[0]) or "", "host": last[2]},
-                destinations=destinations,
+                mono=self._mono(),
+                now=time.time(),
             )
 
     # ---------------------------------------------------------------- dead letters
@@ -541,106 +411,47 @@ class MemoryQueue:
             held, chosen = self._held(lease, wanted)
             moved = 0
             for row_id in chosen:
-                if row_id not in self._messages:
-                    continue
-                msg = self._remove(row_id)
-                self._dead[self._next_dead] = _Dead(
-                    msg.dest,
-                    msg.body,
-                    msg.enqueued_at,
-                    now,
-                    msg.attempts + 1,
-                    status,
-                    reason[:500],
-                    excerpt[:2000],
-                )
-                self._next_dead += 1
-                cost = len(msg.body) + _ROW_OVERHEAD
-                self._used += cost
-                self._dead_used += cost
-                moved += 1
+                if row_id in self._messages:
+                    msg = self._remove(row_id)
+                    self._used += self._dead.add(msg, now, status, reason, excerpt)
+                    moved += 1
             if held:
                 self._settle(lease, held, chosen)
             # Dead letters count in the cap; near it, they keep to their share.
             if moved and self._used + self.max_dead_letter_bytes >= self.max_queue_bytes:
-                self._trim_dead_letters()
+                self._used -= self._dead.trim(self.max_dead_letter_bytes)
             return moved
-
-    def _trim_dead_letters(self) -> int:
-        """Purge the oldest dead letters beyond max_dead_letter_bytes, down to 90 % of it."""
-        if self._dead_used <= self.max_dead_letter_bytes:
-            return 0
-        target = int(self.max_dead_letter_bytes * 0.9)
-        purged = 0
-        for dead_id in list(self._dead):
-            if self._dead_used <= target:
-                break
-            self._drop_dead(dead_id)
-            purged += 1
-        self._purged += purged
-        return purged
-
-    def _drop_dead(self, dead_id: int) -> _Dead:
-        dead = self._dead.pop(dead_id)
-        cost = len(dead.body) + _ROW_OVERHEAD
-        self._used -= cost
-        self._dead_used -= cost
-        return dead
 
     def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
         """The dead letters (all, or those with ``ids``), oldest first."""
         with self._lock:
             self._check_open()
-            chosen = list(self._dead) if ids is None else sorted(set(ids) & set(self._dead))
-            out = []
-            for dead_id in chosen:
-                dead = self._dead[dead_id]
-                dest = self._dests.get(dead.dest) or _Dest("", "")
-                try:
-                    msg = json.loads(dead.body)
-                except ValueError:
-                    msg = {}
-                if not isinstance(msg, dict):
-                    msg = {}
-                out.append(
-                    DeadLetter(
-                        id=dead_id,
-                        host=dest.host,
-                        write_key=Destination(0, dest.host, dest.write_key).redacted_key,
-                        type=str(msg.get("type", "")),
-                        event=msg.get("event") or msg.get("name"),
-                        message_id=msg.get("messageId"),
-                        status=dead.status,
-                        reason=dead.reason,
-                        excerpt=dead.excerpt,
-                        attempts=dead.attempts,
-                        enqueued_at=dead.enqueued_at,
-                        dead_at=dead.dead_at,
-                        body=dead.body,
-                    )
-                )
-            return out
+            return self._dead.select(ids, self._dests)
 
     def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters (all, or ``ids``) back in the queue as new messages; how many."""
         with self._lock:
             self._check_open()
-            chosen = list(self._dead) if ids is None else sorted(set(ids) & set(self._dead))
+            chosen = self._dead.chosen(ids)
             for dead_id in chosen:
-                dead = self._drop_dead(dead_id)
-                self._messages[self._next_id] = _Message(dead.dest, dead.body, dead.enqueued_at)
+                dead = self._dead.pop(dead_id)
+                self._messages[self._next_id] = Message(dead.dest, dead.body, dead.enqueued_at)
                 self._next_id += 1
-                self._used += len(dead.body) + _ROW_OVERHEAD
             return len(chosen)
 
     def purge_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Delete dead letters (all, or ``ids``) for good; returns how many."""
         with self._lock:
             self._check_open()
-            chosen = list(self._dead) if ids is None else sorted(set(ids) & set(self._dead))
+            chosen = self._dead.chosen(ids)
             for dead_id in chosen:
-                self._drop_dead(dead_id)
+                self._used -= len(self._dead.pop(dead_id).body) + ROW_OVERHEAD
             return len(chosen)
+
+    def dead_letters_purged(self) -> int:
+        """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""
+        with self._lock:
+            return self._dead.purged
 
     def close(self) -> None:
         """Drop everything; later calls raise ``QueueError``."""
@@ -648,4 +459,4 @@ class MemoryQueue:
             self._closed = True
             self._messages.clear()
             self._leases.clear()
-            self._dead.clear()
+            self._dead.rows.clear()
