@@ -17,8 +17,8 @@ from conftest import WRITE_KEY
 from durable_analytics._config import Config
 from durable_analytics._delivery import make_deliverer
 from durable_analytics._drain import deliver_until, drain_lock, drain_queue
-from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store import QueueBackend
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport.base import Transport
 from durable_analytics.testing import RecordingTransport, SentBatch
 
