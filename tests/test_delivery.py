@@ -13,7 +13,7 @@ from conftest import WRITE_KEY
 
 from durable_analytics._config import Config
 from durable_analytics._delivery import make_deliverer
-from durable_analytics._queue import Queue
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.testing import RecordingTransport
 
 
