@@ -1,4 +1,4 @@
-"""The six calls are written once, in ``_messages.CALLS``; every other copy must agree with it.
+"""The six calls are written once, in ``_calls.CALLS``; every other copy must agree with it.
 
 The builders in ``_messages``, ``Client``'s methods, the module-level calls, the message
 dataclasses and the CLI's enqueue commands each spell the parameter list out (the first four
@@ -18,7 +18,7 @@ import pytest
 
 import durable_analytics
 from durable_analytics import Client, _messages
-from durable_analytics._messages import CALLS, CallField, CallSpec
+from durable_analytics._calls import CALLS, CallField, CallSpec
 from durable_analytics.cli import cli
 from durable_analytics.exceptions import ValidationError
 

@@ -5,7 +5,7 @@ way round: nothing in the package imports this package. Delivery is the library'
 ``_drain.drain_queue`` (``drain``, ``demo``) and a ``Flusher`` over ``make_deliverer``
 (``worker``); inspection is ``QueueBackend.stats()`` and the dead-letter calls (``status``,
 ``dead_letters``); enqueueing is a ``Client(flusher="none")`` with commands generated from
-``_messages.CALLS`` (``enqueue``); ``collector`` and ``demo`` run ``testing.Collector``.
+``_calls.CALLS`` (``enqueue``); ``collector`` and ``demo`` run ``testing.Collector``.
 The group itself, its errors and exit codes live in ``_app``.
 
 Every error is one line on stderr, ``durable-analytics: error: ...``, and one of the exit

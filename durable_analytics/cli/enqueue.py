@@ -1,6 +1,6 @@
 """``durable-analytics track|identify|page|screen|group|alias``: queue one message from a shell.
 
-The six commands and their options are generated from ``_messages.CALLS``, the one table of
+The six commands and their options are generated from ``_calls.CALLS``, the one table of
 the calls' fields: a field added there is an option here, with no other change.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 import click
 
 from durable_analytics import _messages
+from durable_analytics._calls import CALLS, CallField, CallSpec
 from durable_analytics._client import Client
-from durable_analytics._messages import CALLS, CallField, CallSpec
 from durable_analytics.exceptions import ValidationError
 
 from ._app import (
