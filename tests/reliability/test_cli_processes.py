@@ -181,7 +181,9 @@ def test_two_concurrent_drains_send_each_message_once(
 
 
 def test_once_lock_lets_one_drain_run_per_queue(queue_path: Path, collector: Collector) -> None:
-    ids = fill(queue_path, collector.url, 40)
+    # 10 batches of 0.3 s: the first drain still holds the lock while a second interpreter
+    # starts, even on a loaded machine (with 2 batches it could finish first).
+    ids = fill(queue_path, collector.url, 200)
     collector.set_default(Reply(delay=0.3))
     first = start_cli("drain", "--queue", str(queue_path), "--once-lock", "--concurrency", "1")
     assert collector.wait_for_requests(1, timeout=10)
@@ -192,7 +194,7 @@ def test_once_lock_lets_one_drain_run_per_queue(queue_path: Path, collector: Col
     assert time.monotonic() - started < 5
     out, err = finish(first)
     assert first.returncode == 0, err
-    assert out.startswith("sent 40, left 0")
+    assert out.startswith("sent 200, left 0")
     assert collector.message_ids() == dict.fromkeys(ids, 1)
 
 
