@@ -144,16 +144,14 @@ def queue_config(
 ) -> Config:
     """The settings of a command that works on the queue at ``path``, checked as a Client's.
 
-    Each stored message carries its own destination, so ``write_key`` and ``host`` are only
-    overrides; without them placeholders stand in, which also keeps Config from reading
-    DURABLE_ANALYTICS_WRITE_KEY / _HOST for a command that does not take them.
+    Each stored message carries its own destination, so the result has no write key and
+    ``write_key`` / ``host`` are only overrides, validated here. Without ``host`` the default
+    stands in, which keeps Config from reading DURABLE_ANALYTICS_HOST for such a command.
     """
-    return Config.build(
-        "-" if write_key is None else write_key,
-        host=DEFAULT_HOST if host is None else host,
-        queue_path=path,
-        **settings,
-    )
+    host = DEFAULT_HOST if host is None else host
+    if write_key is not None:
+        Config.build(write_key, host=host)  # a bad override is a usage error (exit 2)
+    return Config.for_delivery(host=host, queue_path=path, **settings)
 
 
 def open_queue(config: Config, *, must_exist: bool = True) -> QueueBackend:
