@@ -15,7 +15,7 @@ Measured, per round (rounds interleaved, the median reported):
   processes: SQLite and PostgreSQL, each with ``durability`` "normal" and "full".
 - **inside a caller's transaction** (PostgreSQL): an application transaction of one
   ``INSERT`` into its own table, committed, alone and with one event staged by
-  ``append(..., connection=conn)`` (the transactional outbox), alternating in blocks of
+  ``stage(..., conn)`` (the transactional outbox), alternating in blocks of
   50 in each process; 1 and 4 processes. The ratio of the two is what the outbox costs
   the application.
 - **drain msgs/s**: the queue filled with ``--messages`` messages, then 1 or 4 consumer
@@ -106,7 +106,7 @@ def _ab_producer(spec: dict[str, Any], n: int, go: Any, out: Any) -> None:
             with conn.transaction():
                 conn.execute("INSERT INTO bench_orders (note) VALUES (%s)", (f"order {i}",))
                 if mode == "outbox":
-                    queue.append(dest, data, connection=conn)
+                    queue.stage(dest, data, conn)
         spent[mode] += time.perf_counter() - started
         done[mode] += 50
     out.put((spent, done))
@@ -188,7 +188,7 @@ def fill(spec: dict[str, Any], messages: int) -> None:
     # Bulk-load through the outbox path: one transaction, the same rows append writes.
     with psycopg.connect(spec["dsn"]) as conn, conn.transaction():
         for _ in range(messages):
-            queue.append(dest, data, connection=conn)
+            queue.stage(dest, data, conn)
 
 
 def one_round(dsn: str, workdir: Path, appends: int, messages: int) -> dict[str, float]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._client import Client
+from ._client import Client, Staged
 from ._default import alias, flush, group, identify, join, page, screen, shutdown, stats, track
 from ._delivery import FlushResult
 from ._messages import Alias, Group, Identify, Message, Page, Screen, Track
@@ -74,6 +74,7 @@ __all__ = [
     "QueueVersionError",
     "RetryableError",
     "Screen",
+    "Staged",
     "Track",
     "ValidationError",
     "__version__",
@@ -101,6 +102,8 @@ gzip: bool = False
 timeout: float = 10.0
 max_retries: int = 3
 queue_path: str | None = None
+#: A ``postgresql://`` URL: the queue lives in PostgreSQL (the ``postgres`` extra).
+queue_url: str | None = None
 log_handler: Any = None
 max_queue_size: int | None = None
 upload_size: int | None = None

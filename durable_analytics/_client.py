@@ -28,11 +28,22 @@ from ._store import QueueBackend, QueueStats, open_queue
 from ._transport.base import Transport
 from .exceptions import ConfigError, DurableAnalyticsError
 
-__all__ = ["Client"]
+__all__ = ["Client", "Staged"]
 
 log = logging.getLogger("durable_analytics")
 
 Result = tuple[bool, dict[str, Any]]
+
+
+class Staged(tuple[bool, dict[str, Any]]):
+    """``(True, message)`` of a call given ``connection=``: staged, not yet committed.
+
+    The message was inserted in the caller's open transaction (the transactional outbox):
+    it is delivered if and only if the caller commits. ``isinstance(result, Staged)``.
+    """
+
+    __slots__ = ()
+
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
@@ -116,7 +127,7 @@ class Client:
         c = self.config
         return (
             f"Client(write_key={c.redacted_key!r}, host={c.host!r}, "
-            f"queue_path={str(c.queue_path)!r}, flusher={c.flusher!r})"
+            f"queue={c.queue_name!r}, flusher={c.flusher!r})"
         )
 
     def __enter__(self) -> Client:
@@ -205,10 +216,12 @@ class Client:
 
     # ---------------------------------------------------------------- the calls
 
-    def _store(self, msg: dict[str, Any], body: bytes) -> Result:
+    def _store(self, msg: dict[str, Any], body: bytes, connection: Any = None) -> Result:
         queue = self._queue
         if queue is None:  # send=False: validated, queued nowhere (as segment does)
             return True, msg
+        if connection is not None:
+            return self._stage(queue, msg, body, connection)
         row_id = queue.append(self._dest, body)
         self._calls_here += 1
         if not self._started:
@@ -220,6 +233,23 @@ class Client:
             self._deliver_now(row_id)
         return bool(row_id), msg
 
+    def _stage(self, queue: QueueBackend, msg: dict[str, Any], body: bytes, conn: Any) -> Result:
+        """The transactional outbox: the message joins the caller's open transaction."""
+        stage = getattr(queue, "stage", None)
+        if stage is None:
+            raise ConfigError(
+                "connection= (the transactional outbox) needs a PostgreSQL queue: "
+                "Client(write_key, queue_url='postgresql://...'), in the database of that "
+                "connection"
+            )
+        row_id = int(stage(self._dest, body, conn))
+        self._calls_here += 1
+        if not self._started:
+            self._start()
+        # No wake-up nor sync_mode delivery: it is not committed yet. A flusher sends it
+        # within flush_interval of the caller's COMMIT.
+        return Staged((True, msg)) if row_id else (False, msg)
+
     def identify(
         self,
         user_id: Any = None,
@@ -229,6 +259,8 @@ class Client:
         anonymous_id: Any = None,
         integrations: Any = None,
         message_id: Any = None,
+        *,
+        connection: Any = None,
     ) -> Result:
         """Queue an identify call: who the user is, with their ``traits``."""
         msg, body = _messages.identify(
@@ -241,7 +273,7 @@ class Client:
             message_id,
             max_bytes=self._max_bytes,
         )
-        return self._store(msg, body)
+        return self._store(msg, body, connection)
 
     def track(
         self,
@@ -253,6 +285,8 @@ class Client:
         anonymous_id: Any = None,
         integrations: Any = None,
         message_id: Any = None,
+        *,
+        connection: Any = None,
     ) -> Result:
         """Queue a track call: the user did ``event``, with its ``properties``."""
         msg, body = _messages.track(
@@ -266,7 +300,7 @@ class Client:
             message_id,
             max_bytes=self._max_bytes,
         )
-        return self._store(msg, body)
+        return self._store(msg, body, connection)
 
     def page(
         self,
@@ -279,6 +313,8 @@ class Client:
         anonymous_id: Any = None,
         integrations: Any = None,
         message_id: Any = None,
+        *,
+        connection: Any = None,
     ) -> Result:
         """Queue a page call: the user saw the web page ``name``."""
         msg, body = _messages.page(
@@ -293,7 +329,7 @@ class Client:
             message_id,
             max_bytes=self._max_bytes,
         )
-        return self._store(msg, body)
+        return self._store(msg, body, connection)
 
     def screen(
         self,
@@ -306,6 +342,8 @@ class Client:
         anonymous_id: Any = None,
         integrations: Any = None,
         message_id: Any = None,
+        *,
+        connection: Any = None,
     ) -> Result:
         """Queue a screen call: the user saw the app screen ``name``."""
         msg, body = _messages.screen(
@@ -320,7 +358,7 @@ class Client:
             message_id,
             max_bytes=self._max_bytes,
         )
-        return self._store(msg, body)
+        return self._store(msg, body, connection)
 
     def group(
         self,
@@ -332,6 +370,8 @@ class Client:
         anonymous_id: Any = None,
         integrations: Any = None,
         message_id: Any = None,
+        *,
+        connection: Any = None,
     ) -> Result:
         """Queue a group call: the user belongs to ``group_id``, with the group's ``traits``."""
         msg, body = _messages.group(
@@ -345,7 +385,7 @@ class Client:
             message_id,
             max_bytes=self._max_bytes,
         )
-        return self._store(msg, body)
+        return self._store(msg, body, connection)
 
     def alias(
         self,
@@ -355,6 +395,8 @@ class Client:
         timestamp: Any = None,
         integrations: Any = None,
         message_id: Any = None,
+        *,
+        connection: Any = None,
     ) -> Result:
         """Queue an alias call: ``previous_id`` and ``user_id`` are the same user."""
         msg, body = _messages.alias(
@@ -366,12 +408,12 @@ class Client:
             message_id,
             max_bytes=self._max_bytes,
         )
-        return self._store(msg, body)
+        return self._store(msg, body, connection)
 
-    def enqueue(self, message: _messages.Message) -> Result:
+    def enqueue(self, message: _messages.Message, *, connection: Any = None) -> Result:
         """Queue a typed message: ``Track(...)``, ``Identify(...)`` and the other four types."""
         msg, body = _messages.encode(message, self._max_bytes)
-        return self._store(msg, body)
+        return self._store(msg, body, connection)
 
     # ---------------------------------------------------------------- delivery control
 
@@ -501,7 +543,7 @@ class Client:
                         "%d messages stay queued in %s for the next run or "
                         "`durable-analytics drain`",
                         result.pending,
-                        self.config.queue_path,
+                        self.config.queue_name,
                     )
             elif mode == "spawn":
                 if self._flusher is not None:

@@ -25,7 +25,9 @@ __all__ = [
     "default_queue_path",
     "env_debug",
     "env_host",
+    "env_queue_url",
     "env_write_key",
+    "is_queue_url",
     "proxy_for_url",
     "redact",
 ]
@@ -75,10 +77,24 @@ def proxy_for_url(url: str) -> str | None:
     return proxies.get(parts.scheme) or proxies.get("all") or None
 
 
-def default_queue_path() -> Path:
-    """``$DURABLE_ANALYTICS_QUEUE``, else ``<user data dir>/durable-analytics/queue.sqlite3``."""
+def is_queue_url(value: object) -> bool:
+    """Whether ``value`` names a PostgreSQL queue (``postgresql://`` or ``postgres://``)."""
+    return isinstance(value, str) and value.lower().startswith(("postgresql://", "postgres://"))
+
+
+def env_queue_url() -> str | None:
+    """``$DURABLE_ANALYTICS_QUEUE`` when it is a PostgreSQL queue URL."""
     from_env = os.environ.get(_ENV_QUEUE)
-    if from_env:
+    return from_env if is_queue_url(from_env) else None
+
+
+def default_queue_path() -> Path:
+    """``$DURABLE_ANALYTICS_QUEUE``, else ``<user data dir>/durable-analytics/queue.sqlite3``.
+
+    A ``postgresql://`` URL there is not a path: ``env_queue_url`` reads it instead.
+    """
+    from_env = os.environ.get(_ENV_QUEUE)
+    if from_env and not is_queue_url(from_env):
         return Path(from_env).expanduser()
     import platformdirs  # imported here: only the default path needs it
 
@@ -142,6 +158,9 @@ class Config:
     write_key: str = field(repr=False)
     host: str = DEFAULT_HOST
     queue_path: Path = field(default_factory=default_queue_path)
+    #: A ``postgresql://`` URL: the queue lives there instead of at ``queue_path``. It may
+    #: hold a password, so it is never in ``repr``; ``queue_name`` is what to show.
+    queue_url: str | None = field(default=None, repr=False)
     flush_at: int = 20
     flush_interval: float = 5.0
     max_batch_bytes: int = 500_000
@@ -211,6 +230,16 @@ class Config:
 
         host = settings.get("host") or env_host() or DEFAULT_HOST
         settings["host"] = normalize_host(host)
+        if is_queue_url(settings.get("queue_path")):
+            # A URL given where a path goes (the CLI's --queue, the module-level setting).
+            if "queue_url" in settings:
+                raise ConfigError("give queue_path or queue_url, not both")
+            settings["queue_url"] = settings.pop("queue_path")
+        if "queue_url" in settings:
+            if "queue_path" in settings:
+                raise ConfigError("give queue_path or queue_url, not both")
+        elif "queue_path" not in settings and env_queue_url():
+            settings["queue_url"] = env_queue_url()
         if "queue_path" in settings:
             qp = settings["queue_path"]
             if not isinstance(qp, (str, os.PathLike)) or not os.fspath(qp):
@@ -252,6 +281,8 @@ class Config:
         _positive("lease_timeout", self.lease_timeout)
         _positive("max_queue_bytes", self.max_queue_bytes, integer=True)
         _choice("durability", self.durability, ("normal", "full"))
+        if self.queue_url is not None and not is_queue_url(self.queue_url):
+            raise ConfigError("queue_url must be a postgresql:// (or postgres://) URL")
         _choice("flusher", self.flusher, ("thread", "process", "none"))
         _choice("on_exit", self.on_exit, ("flush", "spawn", "none"))
         _choice("overflow", self.overflow, ("drop_newest", "drop_oldest"))
@@ -311,6 +342,17 @@ class Config:
             raise ConfigError(f"invalid settings: {exc}") from None
         config.validate()
         return config
+
+    @property
+    def queue_name(self) -> str:
+        """Where the queue lives, safe to show: the path, or the URL without its password."""
+        if self.queue_url is None:
+            return str(self.queue_path)
+        parts = urlsplit(self.queue_url)
+        if parts.password is None:
+            return self.queue_url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return parts._replace(netloc=netloc).geturl()
 
     @property
     def redacted_key(self) -> str:

@@ -41,6 +41,7 @@ SETTINGS = (
     "timeout",
     "max_retries",
     "queue_path",
+    "queue_url",
     # segment-analytics-python's other module settings, accepted for drop-in use
     "log_handler",
     "max_queue_size",

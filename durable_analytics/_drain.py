@@ -196,6 +196,19 @@ def drain_queue(
     )
 
 
+def lock_path(config: Config) -> Path:
+    """What ``drain_lock`` locks for ``config``'s queue: the queue file, or for a PostgreSQL
+    queue a file in the temporary directory named after it (so one host runs one exit
+    drain of it at a time; other hosts' drains share the queue safely anyway)."""
+    if config.queue_url is None:
+        return config.queue_path
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(config.queue_name.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"durable-analytics-{digest}"
+
+
 @contextlib.contextmanager
 def drain_lock(path: Path) -> Iterator[bool]:
     """An exclusive, non-blocking flock on ``<queue>.drain.lock``; yields False if taken.

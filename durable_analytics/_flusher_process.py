@@ -27,7 +27,7 @@ from typing import Any
 
 from ._config import Config
 from ._delivery import make_deliverer
-from ._drain import deliver_until, drain_lock, drain_queue
+from ._drain import deliver_until, drain_lock, drain_queue, lock_path
 from ._flusher import Flusher
 from ._store import open_queue
 from .exceptions import ConfigError
@@ -129,11 +129,10 @@ def run_flusher(config: Config, parent: int) -> int:
 
 def run_drain(config: Config) -> int:
     """Deliver what ``config``'s queue holds now, unless another exit drain is at it."""
-    path = config.queue_path
-    if not os.path.lexists(path):
+    if config.queue_url is None and not os.path.lexists(config.queue_path):
         return 0
     with contextlib.ExitStack() as stack:
-        if not stack.enter_context(drain_lock(path)):
+        if not stack.enter_context(drain_lock(lock_path(config))):
             return 0  # another drain has this queue
         queue = open_queue(config)
         stack.callback(queue.close)

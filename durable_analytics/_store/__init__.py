@@ -48,12 +48,26 @@ __all__ = [
 
 
 def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
-    """Open the queue ``config.queue_path`` names, with the config's size cap and durability.
+    """Open the queue ``config.queue_url`` or ``config.queue_path`` names.
 
+    With the config's size cap, overflow, durability and lease timeout. A ``postgresql://``
+    ``queue_url`` is the PostgreSQL backend (every call bounded by ``config.timeout``).
     ``":memory:"`` is the in-memory backend (this process only, gone when it ends); any
     other path is an SQLite file. ``recover=True`` (the Client's choice) moves a damaged
     SQLite file aside and salvages it; ``False`` (the CLI's) raises ``QueueCorrupt``.
     """
+    if config.queue_url is not None:
+        # Imported here: psycopg is optional (ConfigError naming the extra when missing).
+        from .postgres._queue import PostgresQueue
+
+        return PostgresQueue(
+            config.queue_url,
+            durability=config.durability,
+            max_queue_bytes=config.max_queue_bytes,
+            overflow=config.overflow,
+            lease_timeout=config.lease_timeout,
+            timeout=config.timeout,
+        )
     path = config.queue_path
     # A relative ":memory:" may have been made absolute: the name decides.
     if path.name == MEMORY_PATH:
@@ -67,7 +81,6 @@ def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
             overflow=config.overflow,
             lease_timeout=config.lease_timeout,
         )
-    # Another backend (e.g. a postgresql:// URL) gets its branch here.
     return SqliteQueue(
         path,
         durability=config.durability,

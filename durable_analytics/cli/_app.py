@@ -18,7 +18,13 @@ from typing import Any, TypeVar
 
 import click
 
-from durable_analytics._config import DEFAULT_HOST, Config, default_queue_path
+from durable_analytics._config import (
+    DEFAULT_HOST,
+    Config,
+    default_queue_path,
+    env_queue_url,
+    is_queue_url,
+)
 from durable_analytics._store import QueueBackend
 from durable_analytics._store import open_queue as open_backend
 from durable_analytics._version import __version__
@@ -112,16 +118,25 @@ def verbose_option(f: F) -> F:
 
 
 def queue_option(f: F) -> F:
-    """``--queue PATH``, passed to the command as ``queue_path`` (None: the default)."""
+    """``--queue PATH|URL``, passed to the command as ``queue_path`` (None: the default)."""
     return click.option(
         "--queue",
         "queue_path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.UNPROCESSED,  # a path, or a postgresql:// URL that a Path would mangle
+        callback=_path_or_url,
         default=None,
-        metavar="PATH",
-        help="The queue file. Default: $DURABLE_ANALYTICS_QUEUE, else "
+        metavar="PATH|URL",
+        help="The queue file, or a postgresql:// URL. Default: $DURABLE_ANALYTICS_QUEUE, else "
         "<user data dir>/durable-analytics/queue.sqlite3.",
     )(f)
+
+
+def _path_or_url(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None or is_queue_url(value):
+        return value
+    if not value:
+        raise click.BadParameter("must not be empty", ctx, param)
+    return Path(value)
 
 
 def common_options(f: F) -> F:
@@ -134,13 +149,17 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
 
 
-def resolve_queue(queue_path: Path | None) -> Path:
-    """The ``--queue`` given, else the default queue path."""
+def resolve_queue(queue_path: Path | str | None) -> Path | str:
+    """The ``--queue`` given, else the default queue (a path, or a postgresql:// URL)."""
+    if isinstance(queue_path, str):
+        return queue_path
+    if queue_path is None and env_queue_url():
+        return env_queue_url() or ""
     return (queue_path if queue_path is not None else default_queue_path()).expanduser()
 
 
 def queue_config(
-    path: Path, *, write_key: str | None = None, host: str | None = None, **settings: Any
+    path: Path | str, *, write_key: str | None = None, host: str | None = None, **settings: Any
 ) -> Config:
     """The settings of a command that works on the queue at ``path``, checked as a Client's.
 
@@ -160,7 +179,7 @@ def open_queue(config: Config, *, must_exist: bool = True) -> QueueBackend:
     A damaged queue is reported (exit 3), never repaired from a shell.
     """
     path = config.queue_path
-    if must_exist and not os.path.lexists(path):
+    if must_exist and config.queue_url is None and not os.path.lexists(path):
         # Opening would create the file: say so instead of making an empty queue.
         raise CLIError(f"no queue at {path}", EXIT_QUEUE)
     return open_backend(config, recover=False)  # a QueueError becomes exit 3 in main

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from durable_analytics._drain import DrainResult, drain_lock, drain_queue
+from durable_analytics._drain import DrainResult, drain_lock, drain_queue, lock_path
 from durable_analytics._store import QueueBackend
 
 from ._app import (
@@ -107,10 +107,10 @@ def drain_command(
         stack.callback(queue.close)
         if once_lock:
             try:
-                taken = stack.enter_context(drain_lock(config.queue_path))
+                taken = stack.enter_context(drain_lock(lock_path(config)))
             except OSError as exc:
                 raise CLIError(
-                    f"cannot open the drain lock {config.queue_path}.drain.lock: {exc.strerror}",
+                    f"cannot open the drain lock {lock_path(config)}.drain.lock: {exc.strerror}",
                     EXIT_QUEUE,
                 ) from None
             if not taken:

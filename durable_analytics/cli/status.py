@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,23 +34,31 @@ def status_command(queue_path: Path | None, verbose: int, as_json: bool) -> int:
     oldest_age_seconds, dropped, last_error, destinations.
     """
     setup_logging(verbose)
-    path = resolve_queue(queue_path)
-    queue = open_queue(queue_config(path))
+    config = queue_config(resolve_queue(queue_path))
+    queue = open_queue(config)
     try:
         stats = queue.stats()
+        # A PostgreSQL queue also reports its table's dead rows (see docs/POSTGRESQL.md).
+        health_of = getattr(queue, "table_health", None)
+        health: dict[str, Any] | None = health_of() if health_of is not None else None
     finally:
         queue.close()
     if as_json:
-        click.echo(json.dumps(stats.as_dict(), indent=2))
+        out = stats.as_dict()
+        if health is not None:
+            out["table"] = health
+        click.echo(json.dumps(out, indent=2))
     else:
-        click.echo(format_status(path, stats))
+        click.echo(format_status(config.queue_name, stats, health))
     return EXIT_OK
 
 
-def format_status(path: Path, stats: QueueStats) -> str:
+def format_status(
+    queue_name: str | Path, stats: QueueStats, health: dict[str, Any] | None = None
+) -> str:
     """The text form of ``status``: one labelled row per figure, then one per destination."""
     rows = [
-        ("queue", str(path)),
+        ("queue", str(queue_name)),
         (
             "pending",
             f"{count(stats.pending, 'message')} ({stats.leased:,} leased), "
@@ -69,6 +78,16 @@ def format_status(path: Path, stats: QueueStats) -> str:
         )
     else:
         rows.append(("last error", "none"))
+    if health is not None:
+        oldest = health.get("oldest_transaction_seconds")
+        rows.append(
+            (
+                "table",
+                f"{health.get('dead_rows', 0):,} dead rows, {health.get('live_rows', 0):,} live, "
+                f"{human_bytes(int(health.get('table_bytes', 0)))}; oldest open transaction: "
+                + ("none" if oldest is None else human_age(float(oldest))),
+            )
+        )
     lines = [f"{name:<13} {one_line(value)}" for name, value in rows]
     if not stats.destinations:
         lines.append(f"{'destinations':<13} none")

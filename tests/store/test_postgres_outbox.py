@@ -44,7 +44,7 @@ def test_a_staged_message_is_invisible_until_commit_and_gone_on_rollback(
     def order_that_fails() -> None:
         with app.transaction():
             app.execute(f'INSERT INTO "{pg_schema}_orders" (note) VALUES (%s)', ("lost",))
-            assert q.append(dest, body("rolled-back"), connection=app) > 0
+            assert q.stage(dest, body("rolled-back"), app) > 0
             raise ZeroDivisionError  # the application fails after staging
 
     with pytest.raises(ZeroDivisionError):
@@ -53,7 +53,7 @@ def test_a_staged_message_is_invisible_until_commit_and_gone_on_rollback(
 
     with app.transaction():
         app.execute(f'INSERT INTO "{pg_schema}_orders" (note) VALUES (%s)', ("kept",))
-        q.append(dest, body("committed"), connection=app)
+        q.stage(dest, body("committed"), app)
         assert q.pending() == 0  # not committed yet: no flusher can see it
         assert q.lease(10, 1 << 20) is None
     assert q.bodies() == [body("committed")]
@@ -71,7 +71,7 @@ def test_a_connection_to_another_database_is_refused_and_its_transaction_left_us
     with psycopg.connect(other_dsn) as other:
         other.execute("CREATE TABLE t (x int)")
         with pytest.raises(ConfigError, match="database holding the queue"):
-            q.append(dest, body("nowhere"), connection=other)
+            q.stage(dest, body("nowhere"), other)
         other.execute("INSERT INTO t VALUES (1)")  # the caller's transaction still works
         other.commit()
     # Same server, same database, but another queue's schema: refused as well.
@@ -79,10 +79,10 @@ def test_a_connection_to_another_database_is_refused_and_its_transaction_left_us
     with psycopg.connect(pg_dsn) as same_db:
         same_db.execute("SELECT 1")
         elsewhere_dest = elsewhere.destination("https://h.test", WRITE_KEY)
-        assert elsewhere.append(elsewhere_dest, body("ok"), connection=same_db) > 0
+        assert elsewhere.stage(elsewhere_dest, body("ok"), same_db) > 0
         same_db.commit()
     with pytest.raises(ConfigError):
-        q.append(dest, body("not a connection"), connection=object())  # type: ignore[arg-type]
+        q.stage(dest, body("not a connection"), object())  # type: ignore[arg-type]
     assert q.pending() == 0
 
 
@@ -99,7 +99,7 @@ def test_of_1000_transactions_half_rolled_back_exactly_the_committed_half_is_del
         for n, commit in enumerate(outcomes):
             with app.transaction() as tx:
                 app.execute(f'INSERT INTO "{pg_schema}_orders" (note) VALUES (%s)', (str(n),))
-                q.append(dest, body(f"order-{n}"), connection=app)
+                q.stage(dest, body(f"order-{n}"), app)
                 if commit:
                     committed.add(f"order-{n}")
                 else:

@@ -8,14 +8,8 @@ psycopg raises ``ConfigError`` naming the extra. ``open_queue`` chooses it for a
 
 from __future__ import annotations
 
+from durable_analytics._config import is_queue_url as is_postgres_url
+
 __all__ = ["DEFAULT_SCHEMA", "is_postgres_url"]
 
 DEFAULT_SCHEMA = "durable_analytics"
-_SCHEMES = ("postgresql", "postgres")
-
-
-def is_postgres_url(value: object) -> bool:
-    """Whether ``value`` is a ``postgresql://`` (or ``postgres://``) URL."""
-    return (
-        isinstance(value, str) and value.split("://", 1)[0].lower() in _SCHEMES and ("://" in value)
-    )

@@ -201,30 +201,30 @@ class PostgresQueue:
 
     # ---------------------------------------------------------------- append
 
-    def append(
-        self,
-        dest_id: int,
-        body: bytes,
-        enqueued_at: float | None = None,
-        *,
-        connection: DBAPIConnection | None = None,
-    ) -> int:
-        """Store one serialized message; its id after COMMIT, 0 when the size cap dropped it.
-
-        ``connection``: the transactional outbox. The message is inserted on the caller's
-        own connection, inside the caller's open transaction, and not committed: it exists
-        (and will be delivered by any flusher) if and only if the caller commits. The
-        connection must reach the database holding this queue (``ConfigError`` otherwise).
-        """
+    def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
+        """Store one serialized message; its id after COMMIT, 0 when the size cap dropped it."""
         body = bytes(body)
         if not self._room_for(len(body)):
             return 0
-        if connection is not None:
-            return self._stage(connection, dest_id, body, enqueued_at)
         params = (dest_id, body, len(body), enqueued_at)
         row = self._tx(lambda c: c.execute(self._sql(q.INSERT), params)).fetchone()
         self._grew(len(body))
         return int(row[0]) if row else 0
+
+    def stage(self, dest_id: int, body: bytes, connection: DBAPIConnection) -> int:
+        """The transactional outbox: insert the message in the caller's open transaction.
+
+        The message is inserted on the caller's own connection and not committed: it
+        exists (and any flusher delivers it) if and only if the caller commits. Returns its
+        id (meaningful only once committed), or 0 when the size cap dropped it. The
+        connection must reach the database holding this queue; ``ConfigError`` otherwise,
+        and the caller's transaction is left as it was.
+        """
+        body = bytes(body)
+        self._check_outbox(connection)
+        if not self._room_for(len(body)):
+            return 0
+        return self._stage(connection, dest_id, body, None)
 
     def _grew(self, size: int) -> None:
         self._est_used += size + ROW_OVERHEAD
@@ -289,7 +289,6 @@ class PostgresQueue:
     def _stage(
         self, connection: DBAPIConnection, dest_id: int, body: bytes, enqueued_at: float | None
     ) -> int:
-        self._check_outbox(connection)
         cur = connection.cursor()
         try:
             cur.execute(self._sql(q.INSERT).decode(), (dest_id, body, len(body), enqueued_at))
