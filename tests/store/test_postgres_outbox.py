@@ -1,24 +1,18 @@
-"""The transactional outbox: a message staged on the caller's connection exists iff it commits.
-
-Counted at a real ``testing.Collector``: of 1,000 application transactions, half rolled
-back, exactly the committed half is delivered, each once.
-"""
+"""The transactional outbox at the queue: a message staged on the caller's connection exists
+iff the caller commits (the 1,000-transaction count through the Client's calls is in
+test_postgres_client.py)."""
 
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from conftest import WRITE_KEY
 
-from durable_analytics._config import Config
-from durable_analytics._drain import drain_queue
 from durable_analytics._store.postgres._queue import PostgresQueue
 from durable_analytics.exceptions import ConfigError
-from durable_analytics.testing import Collector
 
 
 def body(name: str) -> bytes:
@@ -84,31 +78,3 @@ def test_a_connection_to_another_database_is_refused_and_its_transaction_left_us
     with pytest.raises(ConfigError):
         q.stage(dest, body("not a connection"), object())  # type: ignore[arg-type]
     assert q.pending() == 0
-
-
-def test_of_1000_transactions_half_rolled_back_exactly_the_committed_half_is_delivered(
-    pg_dsn: str, pg_schema: str, app: psycopg.Connection[tuple[object, ...]]
-) -> None:
-    rng = random.Random(7)
-    with Collector(WRITE_KEY) as collector:
-        q = PostgresQueue(pg_dsn, schema=pg_schema)
-        dest = q.destination(collector.url, WRITE_KEY)
-        committed: set[str] = set()
-        outcomes = [True] * 500 + [False] * 500
-        rng.shuffle(outcomes)
-        for n, commit in enumerate(outcomes):
-            with app.transaction() as tx:
-                app.execute(f'INSERT INTO "{pg_schema}_orders" (note) VALUES (%s)', (str(n),))
-                q.stage(dest, body(f"order-{n}"), app)
-                if commit:
-                    committed.add(f"order-{n}")
-                else:
-                    raise psycopg.Rollback(tx)  # psycopg rolls the block back, silently
-        result = drain_queue(q, Config.build(WRITE_KEY), timeout=60)
-        assert result.left == 0
-    received = collector.message_ids()
-    orders = app.execute(f'SELECT count(*) FROM "{pg_schema}_orders"').fetchone()
-    assert orders == (500,)
-    assert set(received) == committed
-    assert len(committed) == 500
-    assert all(count == 1 for count in received.values())
