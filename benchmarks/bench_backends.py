@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _postgres import Cluster
 
 from durable_analytics import _messages
-from durable_analytics._queue import Queue
+from durable_analytics._store import SqliteQueue as Queue
 from durable_analytics._store.postgres._queue import PostgresQueue
 
 HOST = "https://api.segment.io"

@@ -8,11 +8,13 @@ it where its server is not available).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _postgres import unique_schema
 
 from durable_analytics._store import MemoryQueue, QueueBackend, SqliteQueue
 from durable_analytics.exceptions import QueueError
@@ -30,12 +32,28 @@ def _sqlite(tmp_path: Path, **settings: Any) -> QueueBackend:
     return SqliteQueue(directory / "queue.sqlite3", **settings)
 
 
+def _now() -> float:
+    return time.time()  # looked up at each call: freezegun's clock while one is frozen
+
+
+def _postgres(tmp_path: Path, *, pg_dsn: str, **settings: Any) -> QueueBackend:
+    from durable_analytics._store.postgres._queue import PostgresQueue
+
+    # Its own schema: an empty queue. The contract's time rules run under freezegun, so a
+    # test clock stands in for the server's now() (test_postgres*.py use the server's).
+    return PostgresQueue(pg_dsn, schema=unique_schema(), clock=_now, **settings)
+
+
 #: name → opener(tmp_path, **settings). Settings every backend takes: max_queue_bytes,
 #: overflow, lease_timeout, max_dead_letter_bytes.
 BACKENDS: dict[str, Callable[..., QueueBackend]] = {
     "memory": _memory,
     "sqlite": _sqlite,
+    "postgres": _postgres,
 }
+#: Fixtures an opener needs, passed by name (the private server skips or fails the test
+#: when it cannot start: see tests/conftest.py).
+NEEDS: dict[str, tuple[str, ...]] = {"postgres": ("pg_dsn",)}
 
 OpenBackend = Callable[..., QueueBackend]
 
@@ -44,9 +62,10 @@ OpenBackend = Callable[..., QueueBackend]
 def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenBackend]:
     """Opens a fresh queue of one backend with the given settings (closed after the test)."""
     opened: list[QueueBackend] = []
+    needs = {name: request.getfixturevalue(name) for name in NEEDS.get(request.param, ())}
 
     def open_(**settings: Any) -> QueueBackend:
-        queue = BACKENDS[request.param](tmp_path, **settings)
+        queue = BACKENDS[request.param](tmp_path, **needs, **settings)
         opened.append(queue)
         return queue
 
