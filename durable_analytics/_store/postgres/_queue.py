@@ -293,6 +293,11 @@ class PostgresQueue:
         try:
             cur.execute(self._sql(q.INSERT).decode(), (dest_id, body, len(body), enqueued_at))
             row = cur.fetchone()
+        except Exception as exc:
+            # On the caller's connection: their transaction is now aborted, say why.
+            raise QueueError(
+                f"staging the message in your transaction on {self.identity} failed: {exc}"
+            ) from exc
         finally:
             with contextlib.suppress(Exception):
                 cur.close()
@@ -326,7 +331,7 @@ class PostgresQueue:
         except ConfigError:
             raise
         except Exception as exc:
-            raise refusal from exc
+            raise ConfigError(f"{refusal} (checking it failed: {exc})") from exc
         finally:
             with contextlib.suppress(Exception):
                 cur.close()
