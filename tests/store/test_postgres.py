@@ -259,3 +259,16 @@ def test_stats_count_under_live_leases_and_show_table_health(pgq: PostgresQueue)
     assert pgq.live_leases() == 1
     health = pgq.table_health()
     assert set(health) >= {"dead_rows", "live_rows", "table_bytes", "oldest_transaction_seconds"}
+
+
+def test_far_below_the_cap_appends_do_not_scan_the_table_each_few_hundred_kilobytes(
+    pgq: PostgresQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each size measure is a scan: a fleet far from the cap must not pay it every 256 KB."""
+    dest = pgq.destination(HOST, KEY)
+    measures = []
+    real = pgq._measure
+    monkeypatch.setattr(pgq, "_measure", lambda: measures.append(1) or real())
+    for _ in range(600):
+        assert pgq.append(dest, b"x" * 1000)  # 600 KB, far below the 1 GiB default cap
+    assert len(measures) == 1  # the first append's, none since

@@ -54,6 +54,8 @@ _REFRESH_BYTES = 256 * 1024
 _REFRESH_SECONDS = 5.0
 _EXACT_ZONE = 2 * 1024 * 1024
 _EXACT_EVERY = 1.0
+# Below half the cap, the size is measured only this often.
+_FAR_REFRESH_SECONDS = 30.0
 # A message is dropped only on a measure at most this old (a drop storm measures this often).
 _BEFORE_DROP = 0.1
 
@@ -233,14 +235,22 @@ class PostgresQueue:
     def _room_for(self, size: int) -> bool:
         """Whether the cap lets ``size`` more bytes in (making room with ``drop_oldest``).
 
-        The queue's size is measured (a scan) only every ``_REFRESH_BYTES`` appended by this
-        process or ``_REFRESH_SECONDS``, and at most every ``_EXACT_EVERY`` near the cap; in
-        between each process adds what it appended. Many processes appending at once near
-        the cap can therefore pass it by about what they append in that second.
+        The queue's size is measured (a scan) every ``_FAR_REFRESH_SECONDS`` below half the
+        cap; above, every ``_REFRESH_BYTES`` appended by this process or
+        ``_REFRESH_SECONDS``, and at most every ``_EXACT_EVERY`` near the cap; in between
+        each process adds what it appended. Many processes appending at once can therefore
+        pass the cap by about what they append between two measures.
         """
         now = time.monotonic()
         near = self._est_used + size + _EXACT_ZONE > self.max_queue_bytes
-        due = self._since_refresh >= _REFRESH_BYTES or now - self._measured_at > _REFRESH_SECONDS
+        if self._est_used * 2 < self.max_queue_bytes:
+            # Far from the cap: a measure is a scan of the whole table, and a fleet of
+            # processes measuring a large backlog often would load the server for nothing.
+            due = now - self._measured_at > _FAR_REFRESH_SECONDS
+        else:
+            due = (
+                self._since_refresh >= _REFRESH_BYTES or now - self._measured_at > _REFRESH_SECONDS
+            )
         if (due or near) and now - self._measured_at >= (_EXACT_EVERY if near else 0.0):
             self._remeasure()
         over = self._est_used + size - self.max_queue_bytes
