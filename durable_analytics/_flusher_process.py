@@ -8,7 +8,8 @@ what it can within ``shutdown_timeout`` and leaves the rest on disk.
 
 Both receive the parent's whole ``Config`` as JSON over an inherited pipe (``--settings-fd``),
 never as flags: a command line is world-readable and must not hold the write key or proxy
-credentials, and flags would re-declare (and drift from) the parent's settings.
+credentials, and flags would re-declare (and drift from) the parent's settings. Where these
+processes fit: docs/ARCHITECTURE.md, "The process model".
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Factored out of the SQLite queue so that delivery, the client and the CLI depend on an
 interface, not on one storage, and so that backends import their records from one place
-without import loops.
+without import loops. The seam's place in the whole: docs/ARCHITECTURE.md, "The storage seam".
 
 The contract a backend keeps (``tests/store/test_contract.py`` checks every point of it
 against every backend):

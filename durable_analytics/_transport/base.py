@@ -3,7 +3,8 @@
 Factored out of the HTTP implementation so that delivery, the client and test doubles
 depend on this small interface and never on urllib3. A transport sends one batch of stored
 message bodies to one destination and says what happened as an ``Outcome``; the status
-policy (ack, retry with backoff, split and dead-letter) lives in delivery, not here.
+policy (ack, retry with backoff, split and dead-letter) lives in delivery, not here
+(docs/ARCHITECTURE.md, "The transport seam" and "One delivery path").
 """
 
 from __future__ import annotations

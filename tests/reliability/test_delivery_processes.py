@@ -63,7 +63,10 @@ def run_producer(
 
 
 def drain_here(queue_path: Path) -> None:
-    """A later drain, in this process (DESIGN §6: the dead holder's leases come back at once)."""
+    """A later drain, in this process: a dead holder's leases come back at once.
+
+    See docs/ARCHITECTURE.md, "The lease protocol".
+    """
     queue = Queue(queue_path)
 
     def make() -> Deliverer:

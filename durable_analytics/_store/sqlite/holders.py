@@ -1,5 +1,8 @@
 """Who holds a lease: boot id, pid namespace, pid and process start time, and when a lease
-is over (its holder provably gone, or its time up on the right clock)."""
+is over (its holder provably gone, or its time up on the right clock).
+
+The whole protocol: docs/ARCHITECTURE.md, "The lease protocol".
+"""
 
 from __future__ import annotations
 
