@@ -117,6 +117,7 @@ class QueueStats:
     ``pending`` counts every message not yet delivered, leased or not; ``leased`` those
     under a live lease. ``bytes`` is the size of the pending messages as stored.
     ``last_error`` is ``{"message", "at", "host"}`` of the most recent failure, or None.
+    ``wal_bytes`` is the SQLite ``-wal`` file's size.
     """
 
     pending: int
@@ -127,6 +128,10 @@ class QueueStats:
     dropped: int
     last_error: dict[str, str] | None
     destinations: list[DestinationStats]
+    #: The size of the SQLite queue's ``-wal`` file (0 for other backends): normally a few
+    #: MB at most; more means a reader holds an old snapshot open and no checkpoint can
+    #: give the space back (it then counts against ``max_queue_bytes``).
+    wal_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the same names as the fields."""

@@ -31,7 +31,8 @@ def status_command(queue_path: Path | None, verbose: int, as_json: bool) -> int:
 
     One line per destination, its write key cut to the first 4 characters. `--json` prints
     the same names as `Client.stats()`: pending, leased, dead_letters, bytes,
-    oldest_age_seconds, dropped, last_error, destinations.
+    oldest_age_seconds, dropped, last_error, destinations, wal_bytes (the size of the
+    queue's -wal file).
     """
     setup_logging(verbose)
     config = queue_config(resolve_queue(queue_path))
@@ -70,6 +71,7 @@ def format_status(
         ),
         ("dead letters", f"{stats.dead_letters:,}"),
         ("dropped", f"{stats.dropped:,} (by the max_queue_bytes cap)"),
+        ("-wal file", human_bytes(stats.wal_bytes)),
     ]
     if stats.last_error:
         err = stats.last_error

@@ -9,6 +9,7 @@ on a nearly full disk it keeps a reserve so deliveries can still be recorded.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import sqlite3
 import time
@@ -23,8 +24,11 @@ from .errors import SQLITE_BUSY, SQLITE_FULL, SQLITE_LOCKED, errorcode, translat
 from .files import checkpoint_for_space
 from .leases import leased_ids
 from .schema import INSERT
+from .wal import WalBudget, open_readers, wal_bytes
 
 __all__ = ["Appender"]
+
+logger = logging.getLogger("durable_analytics")
 
 # How many bytes a process may append on its estimate before re-reading the real size,
 # and how close to the cap it switches to reading the real size before every append.
@@ -35,6 +39,10 @@ _EXACT_ZONE = 2 * 1024 * 1024
 _LOW_DISK_BYTES = 8 * 1024 * 1024
 _LOW_DISK_CHECKPOINT = 32
 _DISK_RESERVE = 512 * 1024
+# While the -wal is past its budget: how often an append tries to checkpoint it (seconds),
+# and how often the warning naming the reader that pins it is repeated.
+_PINNED_RETRY = 1.0
+_PINNED_WARN_EVERY = 60.0
 
 
 class Appender:
@@ -48,8 +56,10 @@ class Appender:
         max_queue_bytes: int,
         overflow: Literal["drop_newest", "drop_oldest"],
         page_size: Callable[[], int],
+        wal: WalBudget,
     ) -> None:
         self.db = db
+        self.wal = wal
         self.dead = dead
         self.max_queue_bytes = max_queue_bytes
         self.overflow = overflow
@@ -57,6 +67,12 @@ class Appender:
         self.est_used = 0
         self.since_refresh = _REFRESH_BYTES  # read the real size on the first append
         self._low_appends = 0  # appends made while the disk was nearly full
+        # Refused while the -wal was pinned, not yet added to the shared counter (writing it
+        # then would only grow the -wal further).
+        self.unsaved_drops = 0
+        self._pinned_checked = 0.0
+        self._pinned_excess = 0
+        self._pinned_warned = -_PINNED_WARN_EVERY
 
     def forget_estimates(self) -> None:
         """The file was replaced: measure it again on the next append."""
@@ -82,6 +98,8 @@ class Appender:
                     conn = self.db.local.conn
                 except AttributeError:
                     conn = self.db.conn()
+                if not conn.producer:  # type: ignore[attr-defined]
+                    self.db.as_producer(conn, True)
                 try:
                     row_id = conn.execute(INSERT, (dest_id, body, size, when)).lastrowid
                 except sqlite3.Error as exc:
@@ -116,11 +134,27 @@ class Appender:
         size = len(body)
 
         low = self._low_disk()
+        excess = self._wal_excess()
+        if excess:
+            # The -wal is pinned past its budget: it counts against the cap, and a refusal
+            # is counted without a write (a write would only grow the -wal further).
+            used = self.db.read(lambda conn: used_bytes(conn, self._page_size()))
+            if used + excess + size > self.max_queue_bytes:
+                self.unsaved_drops += 1
+                self.est_used = used + excess
+                self.since_refresh = _REFRESH_BYTES
+                return 0
 
         def run(conn: sqlite3.Connection) -> int:
+            if self.unsaved_drops:
+                conn.execute(
+                    "UPDATE counters SET value = value + ? WHERE name = 'dropped_newest'",
+                    (self.unsaved_drops,),
+                )
+                self.unsaved_drops = 0
             pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
             free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-            used = (pages - free_pages) * self._page_size()
+            used = (pages - free_pages) * self._page_size() + excess
             if low is not None and low + free_pages * self._page_size() < _DISK_RESERVE + size:
                 raise QueueDiskFull(
                     f"the disk holding the queue {self.db.path} is full (less than "
@@ -145,12 +179,49 @@ class Appender:
             return row_id or 0
 
         try:
-            stored = self.db.write(run)
+            stored = self.db.write(run, producer=True)
         finally:
             # On a nearly full disk every append comes this way (see Appender._low_disk); else the
             # next _REFRESH_BYTES go the fast way.
             self.since_refresh = _REFRESH_BYTES if low is not None else 0
         return stored
+
+    def _wal_excess(self) -> int:
+        """Bytes of ``-wal`` past its budget that no checkpoint could give back (0: healthy).
+
+        Only a reader holding an old snapshot keeps a checkpoint from resetting the log (an
+        ``sqlite3`` shell left open, a backup, a stopped process): it is named in a warning.
+        """
+        size = wal_bytes(self.db.path)
+        if not self.wal.excess(size):
+            self._pinned_excess = 0
+            return 0
+        now = time.monotonic()
+        if now - self._pinned_checked < _PINNED_RETRY:
+            return max(self._pinned_excess, self.wal.excess(size))
+        self._pinned_checked = now
+        with self.db.write_lock:
+            conn = self.db.conn()
+            if not conn.in_transaction:
+                checkpoint_for_space(conn, "TRUNCATE")
+        size = wal_bytes(self.db.path)
+        self._pinned_excess = self.wal.excess(size)
+        if self._pinned_excess and now - self._pinned_warned >= _PINNED_WARN_EVERY:
+            self._pinned_warned = now
+            readers = open_readers(self.db.path)
+            logger.warning(
+                "the queue's write-ahead log %s-wal is %d bytes and cannot be checkpointed: "
+                "a reader holds an old snapshot of the queue open (%s); the log counts "
+                "against max_queue_bytes (%d) until that reader ends its transaction, and "
+                "new messages past the cap are dropped",
+                self.db.path,
+                size,
+                "processes with the file open: " + ", ".join(readers)
+                if readers
+                else "an sqlite3 shell, a backup or a stopped process",
+                self.max_queue_bytes,
+            )
+        return self._pinned_excess
 
     def _low_disk(self) -> int | None:
         """None when the disk has room; else the bytes still free on it.

@@ -24,6 +24,7 @@ from . import holders
 from .errors import SQLITE_BUSY, SQLITE_LOCKED, errorcode, translate
 from .files import checkpoint_for_space
 from .schema import check_version, migrate
+from .wal import WalBudget
 
 __all__ = ["Connection", "Connections", "raw_lock"]
 
@@ -92,6 +93,9 @@ if hasattr(os, "register_at_fork"):
 class Connection(sqlite3.Connection):
     """An ``sqlite3.Connection`` a queue can reference weakly, to close it before ``fork()``."""
 
+    #: Whether it checkpoints at the producers' size (see ``wal.py``), not the normal one.
+    producer = False
+
 
 class Connections:
     """The connections of one queue object: one per thread, opened on first use.
@@ -107,8 +111,10 @@ class Connections:
         durability: Literal["normal", "full"],
         busy_timeout: float,
         on_corrupt: Callable[[QueueCorrupt], bool],
+        wal: WalBudget | None = None,
     ) -> None:
         self.path = path
+        self.wal = wal or WalBudget.for_cap(1 << 30)
         self.durability = durability
         self.busy_timeout = busy_timeout
         self.on_corrupt = on_corrupt
@@ -236,7 +242,16 @@ class Connections:
         sync = "FULL" if self.durability == "full" else "NORMAL"
         conn.execute(f"PRAGMA synchronous={sync}")
         conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute(f"PRAGMA journal_size_limit={int(self.wal.size_limit)}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal.normal_pages)}")
         migrate(conn, self.path)
+
+    def as_producer(self, conn: sqlite3.Connection, producer: bool) -> None:
+        """Make ``conn`` checkpoint at the producers' size or the normal one (see ``wal.py``)."""
+        if getattr(conn, "producer", False) != producer:
+            pages = self.wal.producer_pages if producer else self.wal.normal_pages
+            conn.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
+            conn.producer = producer  # type: ignore[attr-defined]
 
     def close_thread(self) -> None:
         """Close this thread's connection and open no new one; other threads' close when
@@ -271,10 +286,15 @@ class Connections:
                 delay = min(delay * 2, 0.005)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the process write lock, rolled back on error."""
+    def transaction(self, *, producer: bool = False) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the process write lock, rolled back on error.
+
+        ``producer``: the transaction appends on a caller's thread, whose commit should not
+        pay for a checkpoint a flusher will run (see ``wal.py``).
+        """
         with self.write_lock:
             conn = self.conn()
+            self.as_producer(conn, producer)
             self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
             try:
                 yield conn
@@ -285,7 +305,7 @@ class Connections:
                         conn.execute("ROLLBACK")
                 raise
 
-    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def write(self, fn: Callable[[sqlite3.Connection], T], *, producer: bool = False) -> T:
         """Run ``fn`` in one write transaction, translating SQLite errors.
 
         When the file turns out damaged and ``on_corrupt`` recovers it, ``fn`` runs once
@@ -293,7 +313,7 @@ class Connections:
         space back.
         """
         try:
-            return self._write_once(fn)
+            return self._write_once(fn, producer)
         except QueueCorrupt as exc:
             if not self.on_corrupt(exc):
                 raise
@@ -302,11 +322,11 @@ class Connections:
                 freed = checkpoint_for_space(self.conn())
             if not freed:
                 raise
-        return self._write_once(fn)
+        return self._write_once(fn, producer)
 
-    def _write_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _write_once(self, fn: Callable[[sqlite3.Connection], T], producer: bool) -> T:
         try:
-            with self.transaction() as conn:
+            with self.transaction(producer=producer) as conn:
                 return fn(conn)
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from None

@@ -120,29 +120,36 @@ def take(
             return None
         dest_id = int(firsts[0][1])
     # Leased messages are skipped here rather than excluded in SQL: there are only
-    # ever a few batches' worth of them, and the query stays one cached statement.
+    # ever a few batches' worth of them, and the query stays one cached statement. Only
+    # their sizes are read: the bodies of the batch alone are read below, so that many
+    # holders leasing at once do not each read every other holder's bodies.
     rows = conn.execute(
-        "SELECT id, body, attempts FROM messages WHERE dest = ? "
+        "SELECT id, size, attempts FROM messages WHERE dest = ? "
         "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
         "ORDER BY id LIMIT ?",
         (dest_id, top, now_wall, horizon, max_messages + len(leased)),
     ).fetchall()
     ids: list[int] = []
-    bodies: list[bytes] = []
     total = 0
     attempts = 0
-    for row_id, body, row_attempts in rows:
+    for row_id, size, row_attempts in rows:
         if row_id in leased:
             continue
-        cost = len(body) + per_message_overhead
+        cost = int(size) + per_message_overhead
         if ids and (total + cost > max_bytes or len(ids) >= max_messages):
             break
         ids.append(int(row_id))
-        bodies.append(bytes(body))
         total += cost
         attempts = max(attempts, int(row_attempts))
     if not ids:
         return None
+    found: dict[int, bytes] = {}
+    for chunk in chunks(ids, 500):
+        for row_id, body in conn.execute(
+            f"SELECT id, body FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk
+        ):
+            found[int(row_id)] = bytes(body)
+    bodies = [found[i] for i in ids]
     token = uuid.uuid4().hex
     me = holder()
     mono_expires = time.monotonic() + lease_timeout

@@ -18,6 +18,7 @@ transactions, fork), ``Recovery`` (damaged files), ``Appender`` (append and the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import time
@@ -41,6 +42,7 @@ from .dead_letters import DeadLetters
 from .files import narrow_modes, prepare_path
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
+from .wal import WalBudget, wal_bytes
 
 __all__ = ["SqliteQueue"]
 
@@ -61,7 +63,11 @@ class SqliteQueue:
     version is never treated as damaged (``QueueVersionError``), nor is an intact SQLite
     database of another application (``QueueCorrupt``, untouched either way).
 
-    ``max_queue_bytes`` caps the whole file (pages in use); dead letters may take at most
+    ``max_queue_bytes`` caps the whole file (pages in use) and its ``-wal`` beyond the log's
+    normal size (``wal.py``): a reader that pins the log past the cap (an ``sqlite3`` shell,
+    a backup, a stopped process) is named in a warning, and new messages past the cap are
+    dropped (under either overflow policy: dropping old ones would only grow the log). Dead
+    letters may take at most
     ``max_dead_letter_bytes`` of it (default a tenth): past that, while the file is near the
     cap, the oldest dead letters are purged (counted, and logged).
     """
@@ -90,11 +96,13 @@ class SqliteQueue:
         )
         self._dest_cache: dict[tuple[str, str], int] = {}
         prepare_path(self.path)
+        self.wal_budget = WalBudget.for_cap(max_queue_bytes)
         self._db = Connections(
             self.path,
             durability=durability,
             busy_timeout=busy_timeout,
             on_corrupt=self._recover_from,
+            wal=self.wal_budget,
         )
         self._recovery = Recovery(
             self._db,
@@ -114,6 +122,7 @@ class SqliteQueue:
             max_queue_bytes=max_queue_bytes,
             overflow=overflow,
             page_size=self._page_size,
+            wal=self.wal_budget,
         )
         self._recovery.open_file()
         narrow_modes(self.path)  # it proved to be a queue: only now touch its mode
@@ -417,7 +426,12 @@ class SqliteQueue:
     def stats(self) -> QueueStats:
         """Counts and health of the queue (see ``QueueStats``)."""
         now = time.time()
-        return self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now))
+        found = self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now))
+        return dataclasses.replace(
+            found,
+            dropped=found.dropped + self._appender.unsaved_drops,
+            wal_bytes=wal_bytes(self.path),
+        )
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` when healthy)."""

@@ -1,0 +1,165 @@
+"""The SQLite queue's -wal: checkpointed off the caller's thread, bounded by the cap, and a
+reader that pins it named in a warning while appends follow the cap instead of growing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import start_python
+
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite.wal import WalBudget, wal_bytes
+
+from .sqlite_helpers import HOST, KEY, body_of_size
+
+CAP = 2 * 1024 * 1024
+
+
+def _file_bytes(path: Path) -> int:
+    return path.stat().st_size
+
+
+def test_producer_appends_leave_the_checkpoint_to_the_delivering_connection(
+    tmp_path: Path,
+) -> None:
+    """Appends past the normal checkpoint size do not checkpoint on the caller's thread;
+    the first lease/ack (a flusher's connection, here another thread) does, and the next
+    append then restarts the log and truncates it to ``journal_size_limit``."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path, max_queue_bytes=64 * 1024 * 1024)
+    budget = q.wal_budget
+    dest = q.destination(HOST, KEY)
+    frame = 4096 + 24
+    # Each append commits at least one frame: 1.5 times the normal checkpoint size, well
+    # under the producers' one.
+    n = budget.normal_pages * 3 // 2
+    for i in range(n):
+        q.append(dest, body_of_size(i, 200))
+    grown = wal_bytes(path)
+    assert grown > budget.normal_pages * frame  # nobody checkpointed on the call path
+
+    def deliver() -> None:
+        lease = q.lease(20, 500_000)
+        assert lease is not None
+        q.ack(lease)
+
+    t = threading.Thread(target=deliver)
+    t.start()
+    t.join()
+    q.append(dest, body_of_size(n, 200))
+    assert wal_bytes(path) <= budget.size_limit
+    assert q.pending() == n + 1 - 20
+    q.close()
+
+
+def test_wal_stays_within_its_budget_through_a_fill_and_drain_cycle(tmp_path: Path) -> None:
+    """With max_queue_bytes=2 MB: fill until the cap drops messages, then drain everything;
+    the -wal never exceeds its budget (well under the cap) and the files on disk never
+    exceed the cap plus that budget."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path, max_queue_bytes=CAP)
+    budget = WalBudget.for_cap(CAP)
+    assert budget.allowance < CAP
+    dest = q.destination(HOST, KEY)
+    worst_wal = 0
+    worst_total = 0
+    stored = dropped = 0
+    i = 0
+    while dropped < 50:
+        if q.append(dest, body_of_size(i, 3000)):
+            stored += 1
+        else:
+            dropped += 1
+        i += 1
+        if i % 25 == 0:
+            worst_wal = max(worst_wal, wal_bytes(path))
+            worst_total = max(worst_total, wal_bytes(path) + _file_bytes(path))
+    assert stored > 300  # the cap held about 2 MB of messages
+    acked = 0
+
+    def drain() -> None:
+        nonlocal acked, worst_wal, worst_total
+        while (lease := q.lease(20, 500_000)) is not None:
+            acked += q.ack(lease)
+            worst_wal = max(worst_wal, wal_bytes(path))
+            worst_total = max(worst_total, wal_bytes(path) + _file_bytes(path))
+
+    t = threading.Thread(target=drain)  # a flusher's thread, as in a Client
+    t.start()
+    t.join()
+    assert acked == stored
+    assert worst_wal <= budget.allowance
+    assert worst_total <= CAP + budget.allowance
+    assert q.stats().dropped == dropped
+    q.close()
+
+
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+def test_a_reader_pinning_the_wal_is_named_and_the_cap_drops_new_messages(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, overflow: str
+) -> None:
+    """Another process holding a read transaction open keeps every checkpoint from
+    resetting the -wal: appends go on until the files reach the cap, then new messages are
+    dropped (counted) instead of growing the disk; a warning names the reader's pid, and
+    stats show the -wal's size. Nothing stored before is lost."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path, max_queue_bytes=CAP, overflow=overflow)  # type: ignore[arg-type]
+    dest = q.destination(HOST, KEY)
+    q.append(dest, body_of_size(0, 3000))
+    reader = start_python(
+        """
+        import sqlite3, sys, time
+        c = sqlite3.connect(sys.argv[1], isolation_level=None)
+        c.execute("BEGIN")
+        c.execute("SELECT count(*) FROM messages").fetchone()
+        print("reading", flush=True)
+        time.sleep(120)
+        """,
+        str(path),
+    )
+    try:
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == "reading"
+        stored = 1
+        dropped = 0
+        worst_total = 0
+        with caplog.at_level(logging.WARNING, logger="durable_analytics"):
+            for i in range(1, 3000):
+                if q.append(dest, body_of_size(i, 3000)):
+                    stored += 1
+                else:
+                    dropped += 1
+                worst_total = max(worst_total, wal_bytes(path) + _file_bytes(path))
+        budget = q.wal_budget
+        assert dropped > 0
+        assert worst_total <= CAP + budget.allowance + 64 * 1024
+        warnings = [r.getMessage() for r in caplog.records if "old snapshot" in r.getMessage()]
+        assert warnings, "no warning about the pinned -wal"
+        assert str(reader.pid) in warnings[0]
+        stats = q.stats()
+        assert stats.wal_bytes > budget.allowance
+        assert stats.dropped == dropped
+        assert stats.pending == stored
+    finally:
+        reader.kill()
+        reader.wait()
+    # The reader is gone: a flusher's next deliveries checkpoint and reset the log, and
+    # appends are stored again.
+
+    def deliver() -> None:
+        for _ in range(3):
+            lease = q.lease(20, 500_000)
+            assert lease is not None
+            q.ack(lease)
+
+    t = threading.Thread(target=deliver)
+    t.start()
+    t.join()
+    assert q.stats().wal_bytes <= q.wal_budget.allowance
+    assert q.append(dest, body_of_size(10_000, 100))
+    assert q.pending() == stored - 60 + 1
+    q.close()
