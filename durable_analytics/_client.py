@@ -455,6 +455,11 @@ class Client:
         """
         if not self._send:
             return FlushResult(0, 0, 0)
+        # Every wait on the queue ends by the deadline, even behind a stuck lock holder.
+        with self.queue.bounded(timeout):
+            return self._flush(timeout)
+
+    def _flush(self, timeout: float | None) -> FlushResult:
         queue = self.queue
         top = queue.max_id()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -487,6 +492,13 @@ class Client:
         Calls made after ``close()`` are still queued and start a new flusher.
         """
         budget = self.config.shutdown_timeout if timeout is None else timeout
+        if self._queue is None:
+            return self._close(budget)
+        # No queue wait of any thread (the flusher's included) outlasts the budget.
+        with self._queue.bounded(budget):
+            return self._close(budget)
+
+    def _close(self, budget: float) -> FlushResult:
         deadline = time.monotonic() + budget
         result = self.flush(timeout=budget) if self._started else self._idle_result()
         with self._lock:

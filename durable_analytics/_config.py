@@ -169,6 +169,7 @@ class Config:
     flusher: FlusherMode = "thread"
     on_exit: OnExit = "flush"
     shutdown_timeout: float = 5.0
+    busy_timeout: float = 10.0
     timeout: float = 10.0
     max_retries: int = 3
     lease_timeout: float = 60.0
@@ -276,6 +277,7 @@ class Config:
                 f"envelope (at least {self.max_message_bytes + 64}), got {self.max_batch_bytes}"
             )
         _positive("shutdown_timeout", self.shutdown_timeout, allow_zero=True)
+        _positive("busy_timeout", self.busy_timeout)
         _positive("timeout", self.timeout)
         _positive("max_retries", self.max_retries, integer=True, allow_zero=True)
         _positive("lease_timeout", self.lease_timeout)

@@ -87,5 +87,6 @@ def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
         max_queue_bytes=config.max_queue_bytes,
         overflow=config.overflow,
         lease_timeout=config.lease_timeout,
+        busy_timeout=config.busy_timeout,
         recover=recover,
     )

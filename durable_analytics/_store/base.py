@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -293,6 +294,16 @@ class QueueBackend(Protocol):
 
     def purge_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Delete dead letters (all, or ``ids``) for good; returns how many."""
+        ...
+
+    def bounded(self, seconds: float | None) -> AbstractContextManager[None]:
+        """Inside the block, no wait of this queue (any thread) lasts past ``seconds`` from now.
+
+        For the calls that have a deadline (flush, close and exit, drain): a wait for a lock
+        that another holder keeps (a process stopped inside a write transaction) raises
+        ``QueueBusy`` when the deadline comes instead of lasting the backend's own busy
+        timeout. ``None`` sets no bound. Nothing stored is affected by a wait given up.
+        """
         ...
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ holder is a thread of this process.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -452,6 +453,10 @@ class MemoryQueue:
         """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""
         with self._lock:
             return self._dead.purged
+
+    def bounded(self, seconds: float | None) -> contextlib.AbstractContextManager[None]:
+        """Nothing to bound: this process's own lock is only ever held for a moment."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         """Drop everything; later calls raise ``QueueError``."""

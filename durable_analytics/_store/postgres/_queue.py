@@ -182,6 +182,10 @@ class PostgresQueue:
         """Close this process's idle connections (busy ones close when their call ends)."""
         self._pool.close()
 
+    def bounded(self, seconds: float | None) -> contextlib.AbstractContextManager[None]:
+        """Nothing more to bound: every call already waits at most ``timeout``."""
+        return contextlib.nullcontext()
+
     # ---------------------------------------------------------------- destinations
 
     def destination(self, host: str, write_key: str) -> int:

@@ -93,12 +93,12 @@ class Appender:
         ):
             return self._append_capped(dest_id, body, when)
         try:
-            with self.db.write_lock:
+            with self.db.locked(self.db.write_lock):
                 try:
                     conn = self.db.local.conn
                 except AttributeError:
                     conn = self.db.conn()
-                if not conn.producer:  # type: ignore[attr-defined]
+                if not conn.producer:
                     self.db.as_producer(conn, True)
                 try:
                     row_id = conn.execute(INSERT, (dest_id, body, size, when)).lastrowid
@@ -200,7 +200,7 @@ class Appender:
         if now - self._pinned_checked < _PINNED_RETRY:
             return max(self._pinned_excess, self.wal.excess(size))
         self._pinned_checked = now
-        with self.db.write_lock:
+        with self.db.locked(self.db.write_lock):
             conn = self.db.conn()
             if not conn.in_transaction:
                 checkpoint_for_space(conn, "TRUNCATE")
@@ -241,7 +241,7 @@ class Appender:
             return None
         self._low_appends += 1
         if self._low_appends % _LOW_DISK_CHECKPOINT == 0:
-            with self.db.write_lock:
+            with self.db.locked(self.db.write_lock):
                 checkpoint_for_space(self.db.conn(), "RESTART")
         return free
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from durable_analytics.exceptions import QueueCorrupt, QueueDiskFull, QueueError
+from durable_analytics.exceptions import QueueBusy, QueueCorrupt, QueueDiskFull, QueueError
 
 from . import holders
 from .errors import SQLITE_BUSY, SQLITE_LOCKED, errorcode, translate
@@ -131,7 +131,62 @@ class Connections:
         self.conns: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._conns_lock = threading.Lock()
         self._fork_held = False
+        # Deadlines (monotonic) of the flush/exit/drain calls running now: while any is
+        # active, no wait of this queue, in any thread, lasts past the earliest (see bounded).
+        self._deadlines: dict[int, float] = {}
+        self._deadlines_lock = threading.Lock()
         _registry.add(self)
+
+    # ---------------------------------------------------------------- bounded waits
+
+    @contextlib.contextmanager
+    def bounded(self, seconds: float | None) -> Iterator[None]:
+        """Inside the block, every wait of this queue (any thread) ends ``seconds`` from now.
+
+        A wait for a lock another connection holds (SQLite's, or this process's own between
+        threads) then raises ``QueueBusy`` instead of lasting ``busy_timeout``: a flush, an
+        exit or a drain with a deadline is not held past it by a stuck lock holder (a process
+        stopped inside a write transaction). ``None`` sets no bound.
+        """
+        if seconds is None:
+            yield
+            return
+        key = id(object())
+        with self._deadlines_lock:
+            self._deadlines[key] = time.monotonic() + max(0.0, seconds)
+        try:
+            yield
+        finally:
+            with self._deadlines_lock:
+                self._deadlines.pop(key, None)
+
+    def _limit(self, started: float) -> float:
+        """When a wait begun at ``started`` must end: busy_timeout, or an earlier deadline."""
+        limit = started + self.busy_timeout
+        if self._deadlines:
+            with self._deadlines_lock:
+                if self._deadlines:
+                    limit = min(limit, *self._deadlines.values())
+        return limit
+
+    @contextlib.contextmanager
+    def locked(self, lock: threading.Lock) -> Iterator[None]:
+        """Hold this process's ``lock``, waiting at most as long as any wait may last."""
+        if not lock.acquire(blocking=False):
+            started = time.monotonic()
+            # Re-read the limit now and then: a deadline may be set while this thread waits.
+            while not lock.acquire(
+                timeout=min(0.1, max(0.0, self._limit(started) - time.monotonic()))
+            ):
+                if time.monotonic() >= self._limit(started):
+                    raise QueueBusy(
+                        f"the queue {self.path} stayed busy: another thread of this process "
+                        "is waiting for a lock held by another connection"
+                    )
+        try:
+            yield
+        finally:
+            lock.release()
 
     # ---------------------------------------------------------------- fork
 
@@ -257,7 +312,7 @@ class Connections:
         """Close this thread's connection and open no new one; other threads' close when
         they end."""
         self.closed = True
-        with self.write_lock:
+        with self.locked(self.write_lock):
             conn = getattr(self.local, "conn", None)
             if conn is not None:
                 del self.local.conn
@@ -267,8 +322,9 @@ class Connections:
     # ---------------------------------------------------------------- transactions
 
     def retry(self, fn: Callable[[], T]) -> T:
-        """Run ``fn``, retrying while another connection holds the lock (up to busy_timeout)."""
-        deadline = 0.0
+        """Run ``fn``, retrying while another connection holds the lock (up to busy_timeout,
+        or an earlier deadline of ``bounded``)."""
+        started = 0.0
         delay = 0.00002
         while True:
             try:
@@ -278,9 +334,9 @@ class Connections:
                 if code not in (SQLITE_BUSY, SQLITE_LOCKED):
                     raise translate(exc, self.path) from None
                 now = time.monotonic()
-                if not deadline:
-                    deadline = now + self.busy_timeout
-                elif now >= deadline:
+                if not started:
+                    started = now
+                if now >= self._limit(started):
                     raise translate(exc, self.path) from None
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.005)
@@ -292,7 +348,7 @@ class Connections:
         ``producer``: the transaction appends on a caller's thread, whose commit should not
         pay for a checkpoint a flusher will run (see ``wal.py``).
         """
-        with self.write_lock:
+        with self.locked(self.write_lock):
             conn = self.conn()
             self.as_producer(conn, producer)
             self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
@@ -318,7 +374,7 @@ class Connections:
             if not self.on_corrupt(exc):
                 raise
         except QueueDiskFull:
-            with self.write_lock:
+            with self.locked(self.write_lock):
                 freed = checkpoint_for_space(self.conn())
             if not freed:
                 raise
@@ -341,7 +397,7 @@ class Connections:
         return self._read_once(fn)
 
     def _read_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with self.read_lock:
+        with self.locked(self.read_lock):
             conn = self.conn()
             try:
                 return self.retry(lambda: fn(conn))

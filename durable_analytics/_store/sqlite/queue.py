@@ -23,6 +23,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Literal
 
@@ -151,6 +152,15 @@ class SqliteQueue:
     def close(self) -> None:
         """Close this thread's connection; other threads' close when they end."""
         self._db.close_thread()
+
+    def bounded(self, seconds: float | None) -> AbstractContextManager[None]:
+        """Inside the block, no wait of this queue (any thread) lasts past ``seconds`` from now.
+
+        Waits for SQLite's write lock (another process's transaction) and for this process's
+        own locks (another thread waiting on SQLite) then raise ``QueueBusy`` at the deadline
+        instead of after ``busy_timeout``. ``None`` sets no bound.
+        """
+        return self._db.bounded(seconds)
 
     # ---------------------------------------------------------------- destinations, append
 
