@@ -64,7 +64,7 @@ class Client:
     settings table): ``host``, ``queue_path``, ``flush_at`` (20), ``flush_interval`` (5 s),
     ``max_batch_bytes``, ``max_message_bytes``, ``durability`` (``"normal"`` | ``"full"``),
     ``flusher`` (``"thread"`` | ``"process"`` | ``"none"``), ``on_exit`` (``"flush"`` |
-    ``"spawn"`` | ``"none"``), ``shutdown_timeout``, ``timeout``, ``max_retries``,
+    ``"spawn"`` | ``"none"``), ``shutdown_timeout``, ``busy_timeout``, ``timeout``, ``max_retries``,
     ``lease_timeout``, ``max_queue_bytes``, ``overflow``, ``gzip``, ``send``, ``sync_mode``,
     ``on_error``, ``debug``. Invalid settings raise ``ConfigError``; a queue file that cannot
     be used raises a ``QueueError`` here, not at the first call.
@@ -77,7 +77,10 @@ class Client:
     or ``"none"``.
 
     Each call returns ``(True, message)`` once the message is committed to disk, or
-    ``(False, message)`` when the ``max_queue_bytes`` cap dropped it.
+    ``(False, message)`` when the ``max_queue_bytes`` cap dropped it. Besides
+    ``ValidationError`` for bad input, a call raises ``QueueDiskFull`` (the disk is full) or
+    ``QueueBusy`` (another process held the queue's write lock longer than ``busy_timeout``,
+    10 s by default); then its message was not stored, and nothing stored before is lost.
     """
 
     def __init__(

@@ -12,7 +12,9 @@ The tree::
     │   ├── QueuePermissionError          unreadable, unwritable, a symlink, or an unsafe directory
     │   ├── QueueDiskFull                 the disk (or the file's size limit) is full; the call's
     │   │                                 message was not stored, everything before it is intact
-    │   ├── QueueBusy                     another process held the write lock for too long
+    │   ├── QueueBusy                     another process held the write lock longer than the
+    │   │                                 call may wait (busy_timeout, or a flush/exit deadline);
+    │   │                                 the call's message was not stored
     │   └── QueueUnavailable              the queue's PostgreSQL server cannot be reached (the
     │                                     call's message was not stored)
     ├── CollectorError (RuntimeError)     ``testing.Collector`` used out of order (started twice)
