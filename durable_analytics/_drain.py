@@ -66,16 +66,17 @@ def drain(
     """
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    total = _pass(
-        queue,
-        make_deliverer,
-        concurrency=concurrency,
-        deadline=deadline,
-        progress=progress,
-        stop=stop,
-        up_to_id=up_to_id,
-        destination=None,
-    )
+    with queue.bounded(timeout):  # no queue wait outlasts the deadline
+        total = _pass(
+            queue,
+            make_deliverer,
+            concurrency=concurrency,
+            deadline=deadline,
+            progress=progress,
+            stop=stop,
+            up_to_id=up_to_id,
+            destination=None,
+        )
     return _result(queue, total, started, up_to_id, None)
 
 
@@ -105,6 +106,33 @@ def deliver_until(
     sent. ``up_to_id`` is what makes a drain end under constant production: pass the
     queue's ``max_id()`` at the start to deliver only what was queued by then.
     """
+    # No queue wait (a lock another process holds, maybe frozen) outlasts the deadline.
+    with queue.bounded(None if deadline is None else deadline - time.monotonic()):
+        return _deliver_until(
+            queue,
+            deliverer,
+            concurrency=concurrency,
+            destination=destination,
+            up_to_id=up_to_id,
+            deadline=deadline,
+            wait_for_backoff=wait_for_backoff,
+            progress=progress,
+            stop=stop,
+        )
+
+
+def _deliver_until(
+    queue: QueueBackend,
+    deliverer: Deliverer | Callable[[], Deliverer],
+    *,
+    concurrency: int,
+    destination: int | None,
+    up_to_id: int | None,
+    deadline: float | None,
+    wait_for_backoff: bool,
+    progress: Progress | None,
+    stop: threading.Event | None,
+) -> DrainResult:
     started = time.monotonic()
     total = DeliveryStats()
     stalled = False  # the last pass found ready messages but leased none

@@ -119,8 +119,10 @@ def worker_command(
                 reported, last_report = sent, time.monotonic()
         log.info("stopping: finishing the batches in flight (up to %gs)", shutdown_timeout)
         deadline = time.monotonic() + shutdown_timeout
-        for flusher in flushers:
-            flusher.stop(max(0.0, deadline - time.monotonic()))
+        # No queue wait of a flusher outlasts the shutdown (a lock holder may be frozen).
+        with queue.bounded(shutdown_timeout):
+            for flusher in flushers:
+                flusher.stop(max(0.0, deadline - time.monotonic()))
     in_flight = [f for f in flushers if f.alive]
     for flusher in flushers:
         if not flusher.alive:
