@@ -37,8 +37,10 @@ def test_status_text_and_json(runner: CliRunner, queue_path: Path, collector: Co
         "dropped",
         "last_error",
         "destinations",
+        "wal_bytes",
     }
     assert data["pending"] == 7
+    assert "-wal file" in text.stdout
     assert data["destinations"][0]["write_key"] == "test…"
     assert WRITE_KEY not in result.stdout
 
