@@ -320,6 +320,7 @@ def test_stats_has_the_documented_names(
         "dropped",
         "last_error",
         "destinations",
+        "wal_bytes",
     ]
     collector.set_default(503)
     client = make_client(flusher="none", max_retries=0)

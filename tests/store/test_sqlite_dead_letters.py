@@ -138,6 +138,7 @@ def test_stats_counts_pending_leased_dead_letters_bytes_and_age(queue: Queue, de
         "dropped",
         "last_error",
         "destinations",
+        "wal_bytes",
     }
 
 
