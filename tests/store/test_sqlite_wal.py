@@ -5,13 +5,16 @@ reader that pins it named in a warning while appends follow the cap instead of g
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from conftest import start_python
 
 from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite.schema import SCHEMA_V1
 from durable_analytics._store.sqlite.wal import WalBudget, wal_bytes
 
 from .sqlite_helpers import HOST, KEY, body_of_size
@@ -162,4 +165,75 @@ def test_a_reader_pinning_the_wal_is_named_and_the_cap_drops_new_messages(
     assert q.stats().wal_bytes <= q.wal_budget.allowance
     assert q.append(dest, body_of_size(10_000, 100))
     assert q.pending() == stored - 60 + 1
+    q.close()
+
+
+# --------------------------------------------------------------------------- destinations
+
+
+def test_a_version_1_file_is_migrated_to_the_destination_indexes_with_its_messages(
+    tmp_path: Path,
+) -> None:
+    """A queue file written by the previous schema (version 1) opens as version 2: its
+    messages, leases' destinations and counters are kept, and the new indexes exist."""
+    path = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA_V1)
+    conn.execute("PRAGMA user_version=1")
+    conn.execute("INSERT INTO destinations (host, write_key) VALUES (?, ?)", (HOST, KEY))
+    for i in range(30):
+        b = body_of_size(i, 300)
+        conn.execute(
+            "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (1, ?, ?, 0)",
+            (b, len(b)),
+        )
+    conn.close()
+    q = Queue(path)
+    check = sqlite3.connect(str(path))
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+    names = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    check.close()
+    assert {"messages_ready", "messages_waiting"} <= names
+    lease = q.lease(20, 500_000)
+    assert lease is not None
+    assert lease.bodies == tuple(body_of_size(i, 300) for i in range(20))
+    assert q.ack(lease) == 20
+    assert q.pending() == 10
+    q.close()
+
+
+def test_destinations_take_turns_and_a_backed_off_backlog_is_not_read(tmp_path: Path) -> None:
+    """With A's large backlog backing off, B's messages are leased, polled and summarised
+    without A's; when both are ready, leases alternate between them (round-robin) instead of
+    draining A's older backlog first."""
+    q = Queue(tmp_path / "q.sqlite3")
+    a = q.destination(HOST, KEY)
+    b = q.destination("https://other.example.test", KEY)
+    for i in range(200):
+        q.append(a, body_of_size(i, 200))
+    for i in range(200, 210):
+        q.append(b, body_of_size(i, 200))
+    q.set_backoff(a, time.time() + 300, "503")
+    assert q.ready_summary(20)[0] == 10
+    lease = q.lease(20, 500_000)
+    assert lease is not None
+    assert lease.destination.id == b
+    q.ack(lease)
+    # Only A is left, backing off: nothing ready; its next time is the backoff's end.
+    assert q.lease(20, 500_000) is None
+    assert q.ready_summary(20)[0] == 0
+    next_at = q.next_ready_at()
+    assert next_at is not None
+    assert next_at > time.time() + 200
+    q.clear_backoff(a)
+    for i in range(300, 340):
+        q.append(b, body_of_size(i, 200))
+    order = []
+    for _ in range(4):
+        lease = q.lease(10, 500_000)
+        assert lease is not None
+        order.append(lease.destination.id)
+        q.ack(lease)
+    assert order in ([a, b, a, b], [b, a, b, a])
     q.close()

@@ -16,6 +16,7 @@ from durable_analytics._store.base import CLOCK_JUMP_MARGIN, MAX_BACKOFF_SECONDS
 from .holders import holder, lease_over
 
 __all__ = [
+    "READY_ROWS",
     "ack_in",
     "chosen",
     "chunks",
@@ -87,8 +88,17 @@ def take(
     up_to_id: int | None,
     now_wall: float,
     per_message_overhead: int,
+    after_dest: int = 0,
 ) -> Lease | None:
-    """Lease the oldest ready messages of one destination (see ``SqliteQueue.lease``)."""
+    """Lease the oldest ready messages of one destination (see ``SqliteQueue.lease``).
+
+    Destinations take turns: the ready ones are tried in id order starting after
+    ``after_dest`` (the one this holder leased last), so a destination with a large or slow
+    backlog does not hold back another's fresh messages. Each try reads that destination's
+    next messages from the ``messages_ready`` index: the cost is the batch (plus the
+    messages under other leases), whatever the other destinations hold, and nothing is
+    read at all while every destination backs off.
+    """
     horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
     top = up_to_id if up_to_id is not None else (1 << 62)
     leased = reclaim(conn, lease_timeout, now_wall)
@@ -98,51 +108,29 @@ def take(
             "SELECT id, host, write_key, not_before, failures FROM destinations"
         ).fetchall()
     }
-    ready = [
+    ready = sorted(
         d
         for d, r in dests.items()
         if (r[3] <= now_wall or r[3] > horizon) and destination in (None, d)
-    ]
-    if not ready:
-        return None
-    if len(ready) == 1:
-        dest_id = ready[0]  # the common case: one destination, one query fewer
-    else:
-        marks = ",".join("?" * len(ready))
-        firsts = conn.execute(
-            f"SELECT id, dest FROM messages WHERE dest IN ({marks}) "
-            "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
-            "ORDER BY id LIMIT ?",
-            (*ready, top, now_wall, horizon, 1 + len(leased)),
-        ).fetchall()
-        firsts = [r for r in firsts if r[0] not in leased]
-        if not firsts:
-            return None
-        dest_id = int(firsts[0][1])
-    # Leased messages are skipped here rather than excluded in SQL: there are only
-    # ever a few batches' worth of them, and the query stays one cached statement. Only
-    # their sizes are read: the bodies of the batch alone are read below, so that many
-    # holders leasing at once do not each read every other holder's bodies.
-    rows = conn.execute(
-        "SELECT id, size, attempts FROM messages WHERE dest = ? "
-        "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
-        "ORDER BY id LIMIT ?",
-        (dest_id, top, now_wall, horizon, max_messages + len(leased)),
-    ).fetchall()
-    ids: list[int] = []
-    total = 0
-    attempts = 0
-    for row_id, size, row_attempts in rows:
-        if row_id in leased:
-            continue
-        cost = int(size) + per_message_overhead
-        if ids and (total + cost > max_bytes or len(ids) >= max_messages):
+    )
+    turn = [d for d in ready if d > after_dest] + [d for d in ready if d <= after_dest]
+    picked = None
+    dest_id = 0
+    for dest_id in turn:
+        picked = _pick(
+            conn,
+            dest_id,
+            leased,
+            (top, now_wall, horizon),
+            max_messages,
+            max_bytes,
+            per_message_overhead,
+        )
+        if picked is not None:
             break
-        ids.append(int(row_id))
-        total += cost
-        attempts = max(attempts, int(row_attempts))
-    if not ids:
+    if picked is None:
         return None
+    ids, attempts = picked
     found: dict[int, bytes] = {}
     for chunk in chunks(ids, 500):
         for row_id, body in conn.execute(
@@ -173,6 +161,47 @@ def take(
     row = dests[dest_id]
     dest = Destination(dest_id, row[1], row[2])
     return Lease(token, dest, tuple(ids), tuple(bodies), attempts, mono_expires, int(row[4]))
+
+
+#: One destination's next ready messages, oldest first, from the covering index.
+READY_ROWS = (
+    "SELECT id, size, attempts, enqueued_at FROM messages WHERE dest = ? "
+    "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
+    "ORDER BY id LIMIT ?"
+)
+
+
+def _pick(
+    conn: sqlite3.Connection,
+    dest_id: int,
+    leased: set[int],
+    window: tuple[int, float, float],
+    max_messages: int,
+    max_bytes: int,
+    per_message_overhead: int,
+) -> tuple[list[int], int] | None:
+    """The ids (and highest attempts) of the batch ``take`` would lease from ``dest_id``."""
+    top, now_wall, horizon = window
+    # Leased messages are skipped here rather than excluded in SQL: there are only ever a
+    # few batches' worth of them, and the query stays one cached statement. Only sizes are
+    # read: the bodies of the batch alone are read afterwards, so that many holders leasing
+    # at once do not each read every other holder's bodies.
+    rows = conn.execute(
+        READY_ROWS, (dest_id, top, now_wall, horizon, max_messages + len(leased))
+    ).fetchall()
+    ids: list[int] = []
+    total = 0
+    attempts = 0
+    for row_id, size, row_attempts, _ in rows:
+        if row_id in leased:
+            continue
+        cost = int(size) + per_message_overhead
+        if ids and (total + cost > max_bytes or len(ids) >= max_messages):
+            break
+        ids.append(int(row_id))
+        total += cost
+        attempts = max(attempts, int(row_attempts))
+    return (ids, attempts) if ids else None
 
 
 def held_ids(conn: sqlite3.Connection, lease: Lease) -> list[int] | None:

@@ -28,15 +28,13 @@ from pathlib import Path
 from typing import Literal
 
 from durable_analytics._store.base import (
-    CLOCK_JUMP_MARGIN,
-    MAX_BACKOFF_SECONDS,
     DeadLetter,
     Lease,
     QueueStats,
 )
 from durable_analytics.exceptions import QueueCorrupt
 
-from . import inspect, leases
+from . import inspect, leases, ready
 from .append import Appender
 from .connections import Connections
 from .dead_letters import DeadLetters
@@ -96,6 +94,7 @@ class SqliteQueue:
             max_queue_bytes // 10 if max_dead_letter_bytes is None else max_dead_letter_bytes
         )
         self._dest_cache: dict[tuple[str, str], int] = {}
+        self._last_dest = 0  # the destination leased last: the next lease tries others first
         prepare_path(self.path)
         self.wal_budget = WalBudget.for_cap(max_queue_bytes)
         self._db = Connections(
@@ -214,7 +213,7 @@ class SqliteQueue:
         A destination in backoff (``set_backoff``) yields nothing until its time comes.
         """
         now_wall = time.time() if now is None else now
-        return self._db.write(
+        taken = self._db.write(
             lambda conn: leases.take(
                 conn,
                 self.lease_timeout,
@@ -224,8 +223,12 @@ class SqliteQueue:
                 up_to_id=up_to_id,
                 now_wall=now_wall,
                 per_message_overhead=per_message_overhead,
+                after_dest=self._last_dest,
             )
         )
+        if taken is not None:
+            self._last_dest = taken.destination.id  # the next lease starts after it
+        return taken
 
     def extend(self, lease: Lease) -> bool:
         """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
@@ -314,43 +317,13 @@ class SqliteQueue:
     def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
         """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
         now_wall = time.time() if now is None else now
-        horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
-
-        def run(conn: sqlite3.Connection) -> tuple[int, float | None]:
-            leased = leases.leased_ids(conn)
-            rows = conn.execute(
-                "SELECT m.id, m.enqueued_at FROM messages m "
-                "JOIN destinations d ON d.id = m.dest "
-                "WHERE (d.not_before <= ? OR d.not_before > ?) "
-                "AND (m.not_before IS NULL OR m.not_before <= ? OR m.not_before > ?) "
-                "ORDER BY m.id LIMIT ?",
-                (now_wall, horizon, now_wall, horizon, limit + len(leased)),
-            ).fetchall()
-            ready = [float(t) for i, t in rows if i not in leased][:limit]
-            return len(ready), (min(ready) if ready else None)
-
-        return self._db.read(run)
+        return self._db.read(lambda conn: ready.ready_summary(conn, limit, now_wall))
 
     def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
         """The earliest wall-clock time at which some pending message may be leased."""
         top = up_to_id if up_to_id is not None else (1 << 62)
-        horizon = time.time() + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
-
-        def run(conn: sqlite3.Connection) -> float | None:
-            leased = leases.leased_ids(conn)
-            # Times beyond the horizon (a wall clock that jumped back) count as ready now,
-            # as lease() treats them.
-            rows = conn.execute(
-                "SELECT m.id, max(CASE WHEN coalesce(m.not_before, 0) > ?1 THEN 0 "
-                "ELSE coalesce(m.not_before, 0) END, "
-                "CASE WHEN d.not_before > ?1 THEN 0 ELSE d.not_before END) AS t FROM messages m "
-                "JOIN destinations d ON d.id = m.dest WHERE m.id <= ?2 ORDER BY t LIMIT ?3",
-                (horizon, top, 1 + len(leased)),
-            ).fetchall()
-            times = [float(t) for i, t in rows if i not in leased]
-            return times[0] if times else None
-
-        return self._db.read(run)
+        now_wall = time.time()
+        return self._db.read(lambda conn: ready.next_ready_at(conn, now_wall, top))
 
     # ---------------------------------------------------------------- backoff
 

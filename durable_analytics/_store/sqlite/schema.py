@@ -8,7 +8,7 @@ from pathlib import Path
 
 from durable_analytics.exceptions import QueueCorrupt, QueueVersionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA_V1 = """
 CREATE TABLE destinations (
@@ -59,8 +59,18 @@ CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT RO
 INSERT INTO counters (name, value) VALUES ('dropped_newest', 0), ('dropped_oldest', 0);
 """
 
+# Version 2: leasing, "what is ready next" and polling read one destination's next
+# messages from an index (covering what those queries need, so neither the rows nor their
+# bodies are read to skip leased or waiting ones) instead of scanning the table in id order
+# past other destinations' backlogs. Messages waiting out a retry (not_before set) are few
+# and have their own partial index, which an append (not_before NULL) never touches.
+SCHEMA_V2 = """
+CREATE INDEX messages_ready ON messages (dest, id, not_before, size, attempts, enqueued_at);
+CREATE INDEX messages_waiting ON messages (dest, not_before) WHERE not_before IS NOT NULL;
+"""
+
 # Migrations from version N to N + 1, applied in one transaction each.
-MIGRATIONS: dict[int, str] = {0: SCHEMA_V1}
+MIGRATIONS: dict[int, str] = {0: SCHEMA_V1, 1: SCHEMA_V2}
 
 INSERT = "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)"
 # Writes nothing (and so costs no page) unless the destination has a backoff to forget.
