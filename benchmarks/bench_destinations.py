@@ -26,6 +26,8 @@ import os
 import platform
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -103,16 +105,25 @@ def _append_latency(path: Path, host: str) -> dict[str, float]:
 
 
 def _idle_cpu(path: Path, host: str, seconds: float) -> float:
-    client = durable_analytics.Client(
-        KEY, host=host, queue_path=path, on_exit="none", flush_interval=0.5
+    """CPU share of a process whose only work is a Client idling behind A's backoff."""
+    code = (
+        "import sys, time, durable_analytics\n"
+        "c = durable_analytics.Client(sys.argv[1], host=sys.argv[2], queue_path=sys.argv[3],"
+        " on_exit='none')\n"
+        "c.track('u', 'Start the flusher')\n"  # queued behind A's backlog, backing off
+        "time.sleep(1.0)\n"
+        "cpu0, wall0 = time.process_time(), time.perf_counter()\n"
+        "time.sleep(float(sys.argv[4]))\n"
+        "print((time.process_time() - cpu0) / (time.perf_counter() - wall0), flush=True)\n"
+        "import os; os._exit(0)\n"
     )
-    client.track("u", "Start the flusher")  # queued behind A's backlog, backing off
-    time.sleep(1.0)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    time.sleep(seconds)
-    share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    client.close(timeout=0)
-    return share
+    out = subprocess.run(
+        [sys.executable, "-c", code, KEY, host, str(path), str(seconds)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _round_robin(workdir: Path, with_backlog: bool) -> float:
