@@ -39,9 +39,7 @@ _EXACT_ZONE = 2 * 1024 * 1024
 _LOW_DISK_BYTES = 8 * 1024 * 1024
 _LOW_DISK_CHECKPOINT = 32
 _DISK_RESERVE = 512 * 1024
-# While the -wal is past its budget: how often an append tries to checkpoint it (seconds),
-# and how often the warning naming the reader that pins it is repeated.
-_PINNED_RETRY = 1.0
+# How often the warning naming the reader that pins the -wal is repeated (seconds).
 _PINNED_WARN_EVERY = 60.0
 
 
@@ -70,8 +68,8 @@ class Appender:
         # Refused while the -wal was pinned, not yet added to the shared counter (writing it
         # then would only grow the -wal further).
         self.unsaved_drops = 0
-        self._pinned_checked = 0.0
         self._pinned_excess = 0
+        self._backfilled = -1  # frames the last checkpoint had copied back, or -1
         self._pinned_warned = -_PINNED_WARN_EVERY
 
     def forget_estimates(self) -> None:
@@ -197,15 +195,23 @@ class Appender:
             self._pinned_excess = 0
             return 0
         now = time.monotonic()
-        if now - self._pinned_checked < _PINNED_RETRY:
-            return max(self._pinned_excess, self.wal.excess(size))
-        self._pinned_checked = now
         with self.db.locked(self.db.write_lock):
             conn = self.db.conn()
-            if not conn.in_transaction:
-                checkpoint_for_space(conn, "TRUNCATE")
+            if conn.in_transaction:
+                return 0
+            try:
+                _, log, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error:
+                return 0
+            if done >= log:
+                checkpoint_for_space(conn, "TRUNCATE")  # all copied: give the space back
+        # Pinned: frames are left that no checkpoint could copy back, and the copying has
+        # not moved since the last look (other writers only delay a checkpoint, a reader's
+        # old snapshot stops it at the same frame).
+        stuck = 0 <= done < log and done == self._backfilled
+        self._backfilled = int(done) if done < log else -1
         size = wal_bytes(self.db.path)
-        self._pinned_excess = self.wal.excess(size)
+        self._pinned_excess = self.wal.excess(size) if stuck else 0
         if self._pinned_excess and now - self._pinned_warned >= _PINNED_WARN_EVERY:
             self._pinned_warned = now
             readers = open_readers(self.db.path)
