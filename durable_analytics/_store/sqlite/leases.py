@@ -94,10 +94,8 @@ def take(
 
     Destinations take turns: the ready ones are tried in id order starting after
     ``after_dest`` (the one this holder leased last), so a destination with a large or slow
-    backlog does not hold back another's fresh messages. Each try reads that destination's
-    next messages from the ``messages_ready`` index: the cost is the batch (plus the
-    messages under other leases), whatever the other destinations hold, and nothing is
-    read at all while every destination backs off.
+    backlog does not hold back another's fresh messages. A destination that backs off is
+    not read at all, so nothing is read while every destination backs off.
     """
     horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
     top = up_to_id if up_to_id is not None else (1 << 62)

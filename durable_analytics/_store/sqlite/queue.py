@@ -387,25 +387,19 @@ class SqliteQueue:
     def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
         """How many messages are not yet delivered (leased or not)."""
         top = up_to_id if up_to_id is not None else (1 << 62)
-
-        def run(conn: sqlite3.Connection) -> int:
-            # Counted per destination on the messages_ready index: its entries are a few
-            # dozen bytes where a row holds the whole body, so a big backlog costs far less.
-            dests = (
-                [destination]
-                if destination is not None
-                else [int(r[0]) for r in conn.execute("SELECT id FROM destinations")]
+        if destination is None:
+            row = self._db.read(
+                lambda conn: conn.execute(
+                    "SELECT count(*) FROM messages WHERE id <= ?", (top,)
+                ).fetchone()
             )
-            return sum(
-                int(
-                    conn.execute(
-                        "SELECT count(*) FROM messages WHERE dest = ? AND id <= ?", (d, top)
-                    ).fetchone()[0]
-                )
-                for d in dests
+        else:
+            row = self._db.read(
+                lambda conn: conn.execute(
+                    "SELECT count(*) FROM messages WHERE id <= ? AND dest = ?", (top, destination)
+                ).fetchone()
             )
-
-        return self._db.read(run)
+        return int(row[0])
 
     def live_leases(self) -> int:
         """How many leases are held right now (by anyone)."""

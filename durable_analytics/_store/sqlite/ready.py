@@ -1,9 +1,10 @@
 """What is ready to lease, and when the next message will be: per destination, from indexes.
 
 Both questions are asked by every idle flusher on every poll, so they must not cost the
-size of the queue: each destination's next messages come from the ``messages_ready`` index
-(``leases.READY_ROWS``), and a destination that backs off is not read at all but for the
-earliest retry time of its waiting messages (the small partial index ``messages_waiting``).
+size of a backlog that cannot be sent: a destination that backs off is not read at all
+but for its first message and the earliest retry time of its waiting messages (the small
+partial index ``messages_waiting``); the others' next messages are read in id order
+(``leases.READY_ROWS``).
 Every function runs on the caller's connection, inside its read.
 """
 
