@@ -33,6 +33,8 @@ T = TypeVar("T")
 #: How long ``fork()`` waits for this process's queue operations in flight to finish so that
 #: it can close the connections first (see ``Connections.close_for_fork``).
 _FORK_WAIT = 5.0
+#: The least a wait for a lock may last under a deadline (see ``Connections._limit``).
+_GRACE = 0.05
 #: Each connection's page cache, in KiB (SQLite's default is 2 MiB).
 _CACHE_KIB = 256
 
@@ -163,12 +165,18 @@ class Connections:
                 self._deadlines.pop(key, None)
 
     def _limit(self, started: float) -> float:
-        """When a wait begun at ``started`` must end: busy_timeout, or an earlier deadline."""
+        """When a wait begun at ``started`` must end: busy_timeout, or an earlier deadline.
+
+        A wait may always last ``_GRACE``: another thread's transaction takes a moment, and
+        a flush or close with no time left must not make every call of every thread fail
+        on the lock's ordinary hand-over; only a holder that is stuck is given up on.
+        """
         limit = started + self.busy_timeout
         if self._deadlines:
             with self._deadlines_lock:
                 if self._deadlines:
-                    limit = min(limit, *self._deadlines.values())
+                    deadline = max(min(self._deadlines.values()), started + _GRACE)
+                    limit = min(limit, deadline)
         return limit
 
     @contextlib.contextmanager
