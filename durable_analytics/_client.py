@@ -17,22 +17,37 @@ import subprocess
 import threading
 import time
 import weakref
-from typing import Any
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
+from uuid import UUID
 
 from . import _flusher_process, _messages
-from ._config import Config
+from ._client_settings import SettingsAttributes
+from ._config import SEGMENT_PARAMETERS, Config, OnError, Settings
 from ._delivery import Deliverer, FlushResult, make_deliverer
 from ._drain import deliver_until
 from ._flusher import Flusher
+from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE
 from ._store import QueueBackend, QueueStats, open_queue
+from ._sync import deliver_now
 from ._transport.base import Transport
 from .exceptions import ConfigError, DurableAnalyticsError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Client", "Staged"]
 
 log = logging.getLogger("durable_analytics")
 
 Result = tuple[bool, dict[str, Any]]
+#: A user, anonymous, group or previous id: a string, or a number (sent as a string).
+Id = str | int | float | Decimal | UUID
+#: ``properties``, ``traits``, ``context`` and ``integrations``: any mapping of JSON values.
+JSONObject = Mapping[str, Any]
+MessageId = str | UUID | int
 
 
 class Staged(tuple[bool, dict[str, Any]]):
@@ -57,17 +72,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Client:
+class Client(SettingsAttributes):
     """A Segment-compatible analytics client whose queue lives on disk.
 
-    ``Client(write_key, **settings)``: every setting is a keyword argument (see the README's
-    settings table): ``host``, ``queue_path``, ``flush_at`` (20), ``flush_interval`` (5 s),
-    ``max_batch_bytes``, ``max_message_bytes``, ``durability`` (``"normal"`` | ``"full"``),
-    ``flusher`` (``"thread"`` | ``"process"`` | ``"none"``), ``on_exit`` (``"flush"`` |
-    ``"spawn"`` | ``"none"``), ``shutdown_timeout``, ``busy_timeout``, ``timeout``, ``max_retries``,
-    ``lease_timeout``, ``max_queue_bytes``, ``overflow``, ``gzip``, ``send``, ``sync_mode``,
-    ``on_error``, ``debug``. Invalid settings raise ``ConfigError``; a queue file that cannot
-    be used raises a ``QueueError`` here, not at the first call.
+    ``Client(write_key, host, ...)`` takes segment-analytics-python's 22 parameters in its
+    positional order (``debug``, ``max_queue_size``, ``send``, ``on_error``, ``gzip``,
+    ``max_retries``, ``sync_mode``, ``timeout``, ``proxies``, ``thread``, ``upload_size``,
+    ``upload_interval``, ``log_handler``, the five ``oauth_*`` settings,
+    ``max_total_backoff_duration``, ``max_rate_limit_duration``), then durable-analytics'
+    own settings, keyword-only (see ``Settings`` and the README's settings table):
+    ``queue_path``, ``flush_at`` (20), ``flush_interval`` (5 s), ``max_batch_bytes``,
+    ``max_message_bytes``, ``durability``, ``flusher``, ``on_exit``, ``shutdown_timeout``,
+    ``busy_timeout``, ``lease_timeout``, ``max_queue_bytes``, ``overflow``. None means the default;
+    ``max_retries`` and ``timeout`` default to 3 and 10 s, and a value passed is used as
+    given. Invalid settings raise ``ConfigError``; a queue file that cannot be used raises a
+    ``QueueError`` here, not at the first call. The settings are also read-only attributes
+    (``client.host``, ``client.timeout``, ...).
 
     ``transport`` replaces the HTTP transport in this process (the flusher thread,
     ``flush()``, ``sync_mode``, exit): ``durable_analytics.testing.RecordingTransport`` lets
@@ -77,19 +97,50 @@ class Client:
     or ``"none"``.
 
     Each call returns ``(True, message)`` once the message is committed to disk, or
-    ``(False, message)`` when the ``max_queue_bytes`` cap dropped it. Besides
-    ``ValidationError`` for bad input, a call raises ``QueueDiskFull`` (the disk is full) or
-    ``QueueBusy`` (another process held the queue's write lock longer than ``busy_timeout``,
-    10 s by default); then its message was not stored, and nothing stored before is lost.
+    ``(False, message)`` when a queue cap (``max_queue_bytes``, ``max_queue_size``) dropped
+    it. With ``sync_mode=True`` a call also delivers its message before returning and
+    raises ``APIError`` when that fails.
+    Besides ``ValidationError`` for bad input, a call raises ``QueueDiskFull`` (the disk is
+    full) or ``QueueBusy`` (another process held the queue's write lock longer than
+    ``busy_timeout``, 10 s by default); then its message was not stored, and nothing stored
+    before is lost.
     """
 
     def __init__(
-        self, write_key: str | None = None, *, transport: Transport | None = None, **settings: Any
+        self,
+        write_key: str | None = None,
+        host: str | None = None,
+        debug: bool | None = None,
+        max_queue_size: int | None = None,
+        send: bool = True,
+        on_error: OnError | Literal[False] | None = None,
+        gzip: bool = False,
+        max_retries: int | None = None,
+        sync_mode: bool = False,
+        timeout: float | None = None,
+        proxies: Mapping[str, str] | None = None,
+        thread: int | None = None,
+        upload_size: int | None = None,
+        upload_interval: float | None = None,
+        log_handler: logging.Handler | None = None,
+        oauth_client_id: str | None = None,
+        oauth_client_key: str | None = None,
+        oauth_key_id: str | None = None,
+        oauth_auth_server: str = DEFAULT_AUTH_SERVER,
+        oauth_scope: str = DEFAULT_SCOPE,
+        max_total_backoff_duration: float = 43200,
+        max_rate_limit_duration: float = 1800,
+        *,
+        transport: Transport | None = None,
+        _recover: bool = True,
+        **settings: Unpack[Settings],
     ) -> None:
-        # Private: the CLI's one-shot commands report a damaged file (exit 3) rather than
-        # repair it; an application's Client moves it aside and carries on.
-        recover = bool(settings.pop("_recover", True))
-        self.config = config = Config.build(write_key, **settings)
+        # _recover is private: the CLI's one-shot commands report a damaged file (exit 3)
+        # rather than repair it; an application's Client moves it aside and carries on.
+        recover = _recover
+        given = locals()
+        peer = {name: given[name] for name in SEGMENT_PARAMETERS[1:]}
+        self.config = config = Config.build(write_key, **peer, **settings)
         if transport is not None:
             for name in ("send", "envelope_overhead", "close"):
                 if not callable(getattr(transport, name, None)):
@@ -255,13 +306,13 @@ class Client:
 
     def identify(
         self,
-        user_id: Any = None,
-        traits: Any = None,
-        context: Any = None,
-        timestamp: Any = None,
-        anonymous_id: Any = None,
-        integrations: Any = None,
-        message_id: Any = None,
+        user_id: Id | None = None,
+        traits: JSONObject | None = None,
+        context: JSONObject | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Id | None = None,
+        integrations: JSONObject | None = None,
+        message_id: MessageId | None = None,
         *,
         connection: Any = None,
     ) -> Result:
@@ -280,14 +331,14 @@ class Client:
 
     def track(
         self,
-        user_id: Any = None,
-        event: Any = None,
-        properties: Any = None,
-        context: Any = None,
-        timestamp: Any = None,
-        anonymous_id: Any = None,
-        integrations: Any = None,
-        message_id: Any = None,
+        user_id: Id | None = None,
+        event: str | None = None,
+        properties: JSONObject | None = None,
+        context: JSONObject | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Id | None = None,
+        integrations: JSONObject | None = None,
+        message_id: MessageId | None = None,
         *,
         connection: Any = None,
     ) -> Result:
@@ -307,15 +358,15 @@ class Client:
 
     def page(
         self,
-        user_id: Any = None,
-        category: Any = None,
-        name: Any = None,
-        properties: Any = None,
-        context: Any = None,
-        timestamp: Any = None,
-        anonymous_id: Any = None,
-        integrations: Any = None,
-        message_id: Any = None,
+        user_id: Id | None = None,
+        category: str | None = None,
+        name: str | None = None,
+        properties: JSONObject | None = None,
+        context: JSONObject | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Id | None = None,
+        integrations: JSONObject | None = None,
+        message_id: MessageId | None = None,
         *,
         connection: Any = None,
     ) -> Result:
@@ -336,15 +387,15 @@ class Client:
 
     def screen(
         self,
-        user_id: Any = None,
-        category: Any = None,
-        name: Any = None,
-        properties: Any = None,
-        context: Any = None,
-        timestamp: Any = None,
-        anonymous_id: Any = None,
-        integrations: Any = None,
-        message_id: Any = None,
+        user_id: Id | None = None,
+        category: str | None = None,
+        name: str | None = None,
+        properties: JSONObject | None = None,
+        context: JSONObject | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Id | None = None,
+        integrations: JSONObject | None = None,
+        message_id: MessageId | None = None,
         *,
         connection: Any = None,
     ) -> Result:
@@ -365,14 +416,14 @@ class Client:
 
     def group(
         self,
-        user_id: Any = None,
-        group_id: Any = None,
-        traits: Any = None,
-        context: Any = None,
-        timestamp: Any = None,
-        anonymous_id: Any = None,
-        integrations: Any = None,
-        message_id: Any = None,
+        user_id: Id | None = None,
+        group_id: Id | None = None,
+        traits: JSONObject | None = None,
+        context: JSONObject | None = None,
+        timestamp: datetime | None = None,
+        anonymous_id: Id | None = None,
+        integrations: JSONObject | None = None,
+        message_id: MessageId | None = None,
         *,
         connection: Any = None,
     ) -> Result:
@@ -392,12 +443,12 @@ class Client:
 
     def alias(
         self,
-        previous_id: Any = None,
-        user_id: Any = None,
-        context: Any = None,
-        timestamp: Any = None,
-        integrations: Any = None,
-        message_id: Any = None,
+        previous_id: Id | None = None,
+        user_id: Id | None = None,
+        context: JSONObject | None = None,
+        timestamp: datetime | None = None,
+        integrations: JSONObject | None = None,
+        message_id: MessageId | None = None,
         *,
         connection: Any = None,
     ) -> Result:
@@ -421,19 +472,13 @@ class Client:
     # ---------------------------------------------------------------- delivery control
 
     def _deliver_now(self, row_id: int) -> None:
-        """sync_mode: deliver up to ``row_id`` before returning; leave it queued on failure."""
+        """sync_mode: deliver up to ``row_id`` before returning; ``APIError`` if it failed."""
         with self._lock:
             if self._sync_deliverer is None:
                 self._sync_deliverer = self._new_deliverer()
             deliverer = self._sync_deliverer
         deadline = time.monotonic() + self.config.timeout * (1 + self.config.max_retries)
-        try:
-            # A failure leaves the rest queued in backoff: not waited for here.
-            deliver_until(
-                self.queue, deliverer, destination=self._dest, up_to_id=row_id, deadline=deadline
-            )
-        except Exception:
-            log.exception("sync_mode delivery failed; the message stays queued")
+        deliver_now(self.queue, deliverer, self._dest, row_id, deadline)
 
     def _dead_lettered_here(self) -> int:
         """Messages of this destination dead-lettered by this process's deliverers so far."""

@@ -13,14 +13,22 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 from urllib.parse import urlsplit
 
+from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE, OAuthSettings
 from .exceptions import ConfigError
 
 __all__ = [
     "DEFAULT_HOST",
+    "SEGMENT_PARAMETERS",
     "Config",
+    "Durability",
+    "FlusherMode",
+    "OnError",
+    "OnExit",
+    "Overflow",
+    "Settings",
     "ca_bundle_from_env",
     "default_queue_path",
     "env_debug",
@@ -39,6 +47,56 @@ FlusherMode = Literal["thread", "process", "none"]
 OnExit = Literal["flush", "spawn", "none"]
 Overflow = Literal["drop_newest", "drop_oldest"]
 OnError = Callable[[Exception, list[dict[str, Any]]], object]
+
+#: segment-analytics-python's ``Client`` parameters, in its positional order.
+SEGMENT_PARAMETERS = (
+    "write_key",
+    "host",
+    "debug",
+    "max_queue_size",
+    "send",
+    "on_error",
+    "gzip",
+    "max_retries",
+    "sync_mode",
+    "timeout",
+    "proxies",
+    "thread",
+    "upload_size",
+    "upload_interval",
+    "log_handler",
+    "oauth_client_id",
+    "oauth_client_key",
+    "oauth_key_id",
+    "oauth_auth_server",
+    "oauth_scope",
+    "max_total_backoff_duration",
+    "max_rate_limit_duration",
+)
+
+
+class Settings(TypedDict, total=False):
+    """The settings durable-analytics adds to segment's, keyword-only on ``Client``.
+
+    ``Client(write_key, host, ..., **settings: Unpack[Settings])``: a type checker then
+    catches ``flusher="nonee"`` or ``flush_at="20"`` in the caller's code.
+    """
+
+    queue_path: str | os.PathLike[str] | None
+    queue_url: str | None
+    flush_at: int | None
+    flush_interval: float | None
+    max_batch_bytes: int | None
+    max_message_bytes: int | None
+    durability: Durability | None
+    flusher: FlusherMode | None
+    on_exit: OnExit | None
+    shutdown_timeout: float | None
+    busy_timeout: float | None
+    lease_timeout: float | None
+    max_queue_bytes: int | None
+    overflow: Overflow | None
+
 
 _ENV_WRITE_KEY = "DURABLE_ANALYTICS_WRITE_KEY"
 _ENV_HOST = "DURABLE_ANALYTICS_HOST"
@@ -129,6 +187,17 @@ def normalize_host(host: str) -> str:
 _LOCAL_ONLY = frozenset({"on_error", "log_handler"})
 
 
+def unknown_settings_message(unknown: list[str], known: set[str] | frozenset[str]) -> str:
+    """``unknown setting(s): flush_intervall (did you mean flush_interval?)``."""
+    import difflib
+
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return f"unknown setting(s): {', '.join(parts)}"
+
+
 def _positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> None:
     kinds: tuple[type, ...] = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
@@ -182,39 +251,44 @@ class Config:
     debug: bool = False
     proxies: Mapping[str, str] | None = None
     log_handler: logging.Handler | None = None
+    max_queue_size: int | None = None
+    max_total_backoff_duration: float = 43200.0
+    max_rate_limit_duration: float = 1800.0
+    oauth_client_id: str | None = None
+    oauth_client_key: str | None = field(default=None, repr=False)
+    oauth_key_id: str | None = None
+    oauth_auth_server: str = DEFAULT_AUTH_SERVER
+    oauth_scope: str = DEFAULT_SCOPE
 
     @classmethod
     def build(cls, write_key: str | None = None, **settings: Any) -> Config:
         """Validate ``settings`` (the Client keyword arguments) and fill in the defaults.
 
-        Accepts segment-analytics-python's names too: ``upload_size`` (→ ``flush_at``),
-        ``upload_interval`` (→ ``flush_interval``); ``max_queue_size``, ``thread``,
-        ``max_total_backoff_duration`` and ``max_rate_limit_duration`` are accepted and
-        ignored because the disk queue and its backoff replace them.
+        Takes segment-analytics-python's names too: ``upload_size`` (→ ``flush_at``) and
+        ``upload_interval`` (→ ``flush_interval``) when those are not given; ``thread`` (a
+        number of sender threads, checked and otherwise unused: one flusher per process
+        sends); ``on_error=False`` means no callback, as ``None`` does.
         """
         aliases = {"upload_size": "flush_at", "upload_interval": "flush_interval"}
         for old, new in aliases.items():
             if old in settings:
                 value = settings.pop(old)
-                if value is not None:
-                    settings.setdefault(new, value)
-        for ignored in (
-            "max_queue_size",
-            "thread",
-            "max_total_backoff_duration",
-            "max_rate_limit_duration",
-        ):
-            settings.pop(ignored, None)
-        for oauth in ("oauth_client_id", "oauth_client_key", "oauth_key_id"):
-            if settings.pop(oauth, None):
-                raise ConfigError(f"{oauth}: OAuth is not supported; use a write key")
-        settings.pop("oauth_auth_server", None)
-        settings.pop("oauth_scope", None)
+                if value is not None and settings.get(new) is None:
+                    settings[new] = value
+        thread = settings.pop("thread", None)
+        if thread is not None:
+            _positive("thread", thread, integer=True)
+        if settings.get("on_error") is False:
+            settings["on_error"] = None
+        size = settings.get("max_queue_size")
+        if isinstance(size, int) and not isinstance(size, bool) and size <= 0:
+            # segment's queue.Queue(maxsize) reads 0 or less as "no limit": so do we.
+            settings["max_queue_size"] = None
 
         known = {f.name for f in fields(cls)} - {"write_key"}
         unknown = sorted(set(settings) - known)
         if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+            raise ConfigError(unknown_settings_message(unknown, known))
         # None means "the default", as segment-analytics-python's module settings do.
         settings = {k: v for k, v in settings.items() if v is not None}
 
@@ -297,6 +371,25 @@ class Config:
             raise ConfigError("proxies must be a mapping like {'https': 'http://proxy:3128'}")
         if self.log_handler is not None and not isinstance(self.log_handler, logging.Handler):
             raise ConfigError("log_handler must be a logging.Handler")
+        if self.max_queue_size is not None:
+            _positive("max_queue_size", self.max_queue_size, integer=True)
+        for name in ("max_total_backoff_duration", "max_rate_limit_duration"):
+            # segment's own message, and like segment a ValueError (ConfigError is one).
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative number")
+        _ = self.oauth  # built here so that a bad key fails at construction
+
+    @property
+    def oauth(self) -> OAuthSettings | None:
+        """The OAuth settings when ``oauth_client_id``/``_key``/``_key_id`` are all set."""
+        return OAuthSettings.build(
+            self.oauth_client_id,
+            self.oauth_client_key,
+            self.oauth_key_id,
+            self.oauth_auth_server,
+            self.oauth_scope,
+        )
 
     def to_json(self) -> str:
         """Every setting that can cross into another process, as JSON (write key included).

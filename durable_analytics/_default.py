@@ -1,19 +1,26 @@
 """The module-level API: a drop-in for ``import segment.analytics as analytics``.
 
 Settings are plain module attributes of ``durable_analytics`` that the user sets before the
-first call (``durable_analytics.write_key = "..."``); the first call builds one default
-``Client`` from them.
+first call (``durable_analytics.write_key = "..."``): every ``Client`` setting can be set so,
+segment's names and ours (``analytics.flusher = "none"``). The first call builds one default
+``Client`` from them; a module attribute that is not a setting (a typo such as
+``analytics.flush_intervall``) makes that first call raise ``ConfigError`` naming the closest
+setting, instead of being silently ignored.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from datetime import datetime
+from types import ModuleType
 from typing import Any
 
-from ._client import Client, Result
+from ._client import Client, Id, JSONObject, MessageId, Result
+from ._config import SEGMENT_PARAMETERS, Settings, unknown_settings_message
 from ._delivery import FlushResult
 from ._store import QueueStats
+from .exceptions import ConfigError
 
 __all__ = [
     "SETTINGS",
@@ -24,42 +31,38 @@ __all__ = [
     "identify",
     "join",
     "page",
+    "remember_module_names",
     "screen",
     "shutdown",
     "stats",
     "track",
 ]
 
-#: Module attributes read when the default client is built, and the Client setting each sets.
-SETTINGS = (
-    "host",
-    "on_error",
-    "debug",
-    "send",
-    "sync_mode",
-    "gzip",
-    "timeout",
-    "max_retries",
-    "queue_path",
-    "queue_url",
-    # segment-analytics-python's other module settings, accepted for drop-in use
-    "log_handler",
-    "max_queue_size",
-    "upload_size",
-    "upload_interval",
-    "proxies",
-    # OAuth is not supported: setting any of these makes the first call raise ConfigError
-    # rather than silently sending with Basic auth.
-    "oauth_client_id",
-    "oauth_client_key",
-    "oauth_key_id",
-)
+#: Module attributes read when the default client is built: every Client setting.
+SETTINGS: tuple[str, ...] = SEGMENT_PARAMETERS[1:] + tuple(Settings.__annotations__)
 
 _lock = threading.Lock()
+# The package's own names (functions, classes, imports), recorded once it is imported: any
+# other public attribute found at the first call was set by the user and is not a setting.
+_module_names: set[str] = set()
 
 
 def _package() -> Any:
     return sys.modules[__name__.rpartition(".")[0]]
+
+
+def remember_module_names() -> None:
+    """Record the package's names; called once at the end of its ``__init__``."""
+    _module_names.update(vars(_package()))
+
+
+def _unknown_settings(pkg: Any) -> list[str]:
+    known = _module_names | set(SETTINGS) | {"write_key", "default_client"}
+    return sorted(
+        name
+        for name, value in vars(pkg).items()
+        if not name.startswith("_") and name not in known and not isinstance(value, ModuleType)
+    )
 
 
 def get_client() -> Client:
@@ -71,7 +74,13 @@ def get_client() -> Client:
     with _lock:
         client = getattr(pkg, "default_client", None)
         if client is None:
-            settings = {name: getattr(pkg, name, None) for name in SETTINGS}
+            unknown = _unknown_settings(pkg)
+            if unknown:
+                raise ConfigError(
+                    "module-level "
+                    + unknown_settings_message(unknown, frozenset(SETTINGS) | {"write_key"})
+                )
+            settings: dict[str, Any] = {name: getattr(pkg, name, None) for name in SETTINGS}
             if settings.get("debug") is False:
                 # The module default, not a choice: DEBUG=analytics may still turn it on.
                 settings["debug"] = None
@@ -80,34 +89,152 @@ def get_client() -> Client:
     return client
 
 
-def identify(*args: Any, **kwargs: Any) -> Result:
-    """Queue an identify call on the default client."""
-    return get_client().identify(*args, **kwargs)
+def identify(
+    user_id: Id | None = None,
+    traits: JSONObject | None = None,
+    context: JSONObject | None = None,
+    timestamp: datetime | None = None,
+    anonymous_id: Id | None = None,
+    integrations: JSONObject | None = None,
+    message_id: MessageId | None = None,
+    *,
+    connection: Any = None,
+) -> Result:
+    """Queue an identify call on the default client (see ``Client.identify``)."""
+    return get_client().identify(
+        user_id,
+        traits,
+        context,
+        timestamp,
+        anonymous_id,
+        integrations,
+        message_id,
+        connection=connection,
+    )
 
 
-def track(*args: Any, **kwargs: Any) -> Result:
-    """Queue a track call on the default client."""
-    return get_client().track(*args, **kwargs)
+def track(
+    user_id: Id | None = None,
+    event: str | None = None,
+    properties: JSONObject | None = None,
+    context: JSONObject | None = None,
+    timestamp: datetime | None = None,
+    anonymous_id: Id | None = None,
+    integrations: JSONObject | None = None,
+    message_id: MessageId | None = None,
+    *,
+    connection: Any = None,
+) -> Result:
+    """Queue a track call on the default client (see ``Client.track``)."""
+    return get_client().track(
+        user_id,
+        event,
+        properties,
+        context,
+        timestamp,
+        anonymous_id,
+        integrations,
+        message_id,
+        connection=connection,
+    )
 
 
-def page(*args: Any, **kwargs: Any) -> Result:
-    """Queue a page call on the default client."""
-    return get_client().page(*args, **kwargs)
+def page(
+    user_id: Id | None = None,
+    category: str | None = None,
+    name: str | None = None,
+    properties: JSONObject | None = None,
+    context: JSONObject | None = None,
+    timestamp: datetime | None = None,
+    anonymous_id: Id | None = None,
+    integrations: JSONObject | None = None,
+    message_id: MessageId | None = None,
+    *,
+    connection: Any = None,
+) -> Result:
+    """Queue a page call on the default client (see ``Client.page``)."""
+    return get_client().page(
+        user_id,
+        category,
+        name,
+        properties,
+        context,
+        timestamp,
+        anonymous_id,
+        integrations,
+        message_id,
+        connection=connection,
+    )
 
 
-def screen(*args: Any, **kwargs: Any) -> Result:
-    """Queue a screen call on the default client."""
-    return get_client().screen(*args, **kwargs)
+def screen(
+    user_id: Id | None = None,
+    category: str | None = None,
+    name: str | None = None,
+    properties: JSONObject | None = None,
+    context: JSONObject | None = None,
+    timestamp: datetime | None = None,
+    anonymous_id: Id | None = None,
+    integrations: JSONObject | None = None,
+    message_id: MessageId | None = None,
+    *,
+    connection: Any = None,
+) -> Result:
+    """Queue a screen call on the default client (see ``Client.screen``)."""
+    return get_client().screen(
+        user_id,
+        category,
+        name,
+        properties,
+        context,
+        timestamp,
+        anonymous_id,
+        integrations,
+        message_id,
+        connection=connection,
+    )
 
 
-def group(*args: Any, **kwargs: Any) -> Result:
-    """Queue a group call on the default client."""
-    return get_client().group(*args, **kwargs)
+def group(
+    user_id: Id | None = None,
+    group_id: Id | None = None,
+    traits: JSONObject | None = None,
+    context: JSONObject | None = None,
+    timestamp: datetime | None = None,
+    anonymous_id: Id | None = None,
+    integrations: JSONObject | None = None,
+    message_id: MessageId | None = None,
+    *,
+    connection: Any = None,
+) -> Result:
+    """Queue a group call on the default client (see ``Client.group``)."""
+    return get_client().group(
+        user_id,
+        group_id,
+        traits,
+        context,
+        timestamp,
+        anonymous_id,
+        integrations,
+        message_id,
+        connection=connection,
+    )
 
 
-def alias(*args: Any, **kwargs: Any) -> Result:
-    """Queue an alias call on the default client."""
-    return get_client().alias(*args, **kwargs)
+def alias(
+    previous_id: Id | None = None,
+    user_id: Id | None = None,
+    context: JSONObject | None = None,
+    timestamp: datetime | None = None,
+    integrations: JSONObject | None = None,
+    message_id: MessageId | None = None,
+    *,
+    connection: Any = None,
+) -> Result:
+    """Queue an alias call on the default client (see ``Client.alias``)."""
+    return get_client().alias(
+        previous_id, user_id, context, timestamp, integrations, message_id, connection=connection
+    )
 
 
 def flush(timeout: float | None = None) -> FlushResult:

@@ -101,9 +101,13 @@ class DeliveryStats:
     kept: int = 0
     requests: int = 0
     errors: list[str] = field(default_factory=list)
+    #: The last answer that was not a success (what ``sync_mode`` raises from).
+    failure: Outcome | None = None
 
     def add(self, other: DeliveryStats) -> None:
         """Accumulate ``other`` into this one."""
+        if other.failure is not None:
+            self.failure = other.failure
         self.sent += other.sent
         self.dead_lettered += other.dead_lettered
         self.kept += other.kept
@@ -132,8 +136,12 @@ class Deliverer:
         max_retries: int = 3,
         on_error: OnError | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        max_total_backoff_duration: float = 43200.0,
     ) -> None:
         self.queue = queue
+        #: Quick retries of a failing batch stop after this many seconds too (segment's
+        #: setting): the batch is then reported and goes back to the queue with a backoff.
+        self.max_total_backoff_duration = max_total_backoff_duration
         self.transport = transport
         self.flush_at = flush_at
         self.max_batch_bytes = max_batch_bytes
@@ -185,12 +193,15 @@ class Deliverer:
         bodies = [lease.bodies[i] for i in idx]
         dest = lease.destination
         last = [_DEADLINE_PASSED]
+        # Earlier tries of these messages (other leases), then one more per quick retry.
+        tries = [lease.attempts]
 
         def attempt() -> Outcome:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return _DEADLINE_PASSED  # no request made: the caller's time is up
-            last[0] = self.transport.send(dest, bodies, timeout=remaining)
+            last[0] = self.transport.send(dest, bodies, timeout=remaining, retry_count=tries[0])
+            tries[0] += 1
             return last[0]
 
         first = attempt()
@@ -200,7 +211,7 @@ class Deliverer:
             return first  # the common case builds no retry machinery at all
         # Quick retries stay well inside the lease so a slow holder is not overtaken.
         started = time.monotonic()
-        budget = self.queue.lease_timeout * 0.5
+        budget = min(self.queue.lease_timeout * 0.5, self.max_total_backoff_duration)
         if deadline is not None:
             budget = min(budget, max(0.0, deadline - started))
         log.debug("retrying a batch of %d after: %s", len(idx), first.error)
@@ -275,6 +286,8 @@ class Deliverer:
             stats.kept += self.queue.release(lease, None, count_attempt=False)
             return False
         stats.requests += 1
+        if outcome.kind != "ok":
+            stats.failure = outcome
         if outcome.kind == "ok":
             # The ack also clears the destination's backoff, in the same transaction.
             self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
@@ -394,4 +407,5 @@ def make_deliverer(
         max_retries=config.max_retries,
         on_error=config.on_error,
         sleep=sleep,
+        max_total_backoff_duration=config.max_total_backoff_duration,
     )

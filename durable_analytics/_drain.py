@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from ._delivery import Deliverer, DeliveryStats, make_deliverer
 from ._store import QueueBackend
 from ._transport import DestinationOverride, open_transport
-from ._transport.base import Transport
+from ._transport.base import Outcome, Transport
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -45,6 +45,8 @@ class DrainResult:
     left: int
     elapsed: float
     errors: tuple[str, ...]
+    #: The last failed answer, if any (``sync_mode`` raises ``APIError`` from it).
+    failure: Outcome | None = None
 
 
 def drain(
@@ -327,4 +329,5 @@ def _result(
         left=queue.pending(up_to_id=up_to_id, destination=destination),
         elapsed=time.monotonic() - started,
         errors=tuple(dict.fromkeys(total.errors)),
+        failure=total.failure,
     )

@@ -91,7 +91,12 @@ class RecordingTransport:
         return envelope_overhead()
 
     def send(
-        self, destination: Target, bodies: Sequence[bytes], *, timeout: float | None = None
+        self,
+        destination: Target,
+        bodies: Sequence[bytes],
+        *,
+        timeout: float | None = None,
+        retry_count: int = 0,
     ) -> Outcome:
         """Record the batch and turn the handler's answer into an ``Outcome``."""
         body = batch_body(bodies)

@@ -19,6 +19,8 @@ The tree::
     │                                     call's message was not stored)
     ├── CollectorError (RuntimeError)     ``testing.Collector`` used out of order (started twice)
     └── DeliveryError                     a batch could not be delivered (passed to ``on_error``)
+        ├── APIError                      raised by a ``sync_mode`` call whose message could
+        │                                 not be delivered (``status``, ``code``, ``message``)
         ├── RetryableError                408, 410, 429, 460, 5xx, network errors: kept and retried
         ├── MessageRejected               400, 413, 422: the message is dead-lettered
         └── ConfigurationRejected         401, 403, 404, 3xx: the write key or host is wrong;
@@ -32,6 +34,7 @@ The tree::
 from __future__ import annotations
 
 __all__ = [
+    "APIError",
     "CollectorError",
     "ConfigError",
     "ConfigurationRejected",
@@ -124,6 +127,24 @@ class DeliveryError(DurableAnalyticsError):
         super().__init__(message)
         self.status = status
         self.excerpt = excerpt
+
+
+class APIError(DeliveryError):
+    """A ``sync_mode=True`` call could not deliver its message (segment's ``APIError``).
+
+    ``status`` is the HTTP status (None when no answer came: a network error or timeout,
+    then chained as ``__cause__`` where there is one), ``code`` a short word for what
+    happened, ``message`` the text. Unless the server rejected the message as bad data
+    (400, 413, 422: it was dead-lettered), the message stays queued and is retried, so
+    nothing is lost by the raise.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, code: str = "error", excerpt: str = ""
+    ) -> None:
+        super().__init__(message, status=status, excerpt=excerpt)
+        self.code = code
+        self.message = message
 
 
 class RetryableError(DeliveryError):

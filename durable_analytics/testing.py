@@ -47,9 +47,19 @@ from types import TracebackType
 from typing import Any
 
 from ._recording import RecordingTransport, SentBatch
+from ._token_endpoint import TOKEN_PATH, TokenEndpoint, TokenRequest, generate_key_pair
 from .exceptions import CollectorError
 
-__all__ = ["Collector", "ReceivedBatch", "RecordingTransport", "Reply", "SentBatch"]
+__all__ = [
+    "Collector",
+    "ReceivedBatch",
+    "RecordingTransport",
+    "Reply",
+    "SentBatch",
+    "TokenEndpoint",
+    "TokenRequest",
+    "generate_key_pair",
+]
 
 _BATCH_PATHS = frozenset({"/v1/batch", "/v1/batch/"})
 # How often the accept loop checks for stop(): the upper bound stop() waits for it.
@@ -225,6 +235,11 @@ class _Handler(BaseHTTPRequestHandler):
         if raw is None:
             return
         path = self.path
+        endpoint = self.server.collector.token_endpoint
+        if endpoint is not None and path.split("?", 1)[0] == TOKEN_PATH:
+            status, headers, body = endpoint.handle("POST", dict(self.headers.items()), raw)
+            self._send(Reply(status, body, headers))
+            return
         if path.split("?", 1)[0] not in _BATCH_PATHS:
             self._send(_error(404, f"no such path: {path}"))
             return
@@ -311,14 +326,26 @@ class Collector:
     `Reply`, or the default one (200) once the script is used up. Only requests that
     reach the script consume an entry of it.
 
+    ``token_endpoint``: a ``TokenEndpoint`` served at ``{url}/token`` for clients that use
+    OAuth (``oauth_auth_server=collector.url``); batches carrying one of its live tokens as
+    ``Authorization: Bearer`` are authorized as well.
+
     ``start()`` binds and serves from a daemon thread; ``stop()`` closes everything
     within a fraction of a second. A stopped collector can be started again on the same
     port, keeping its recordings. Also a context manager. All methods are thread-safe.
     """
 
     def __init__(
-        self, write_key: str | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        write_key: str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token_endpoint: TokenEndpoint | None = None,
     ) -> None:
+        #: OAuth: the token endpoint served at ``{url}/token``; its live tokens are accepted
+        #: as ``Authorization: Bearer`` beside the write key's Basic auth.
+        self.token_endpoint = token_endpoint
         self._write_key = write_key
         self._expected_auth = (
             None
@@ -351,6 +378,8 @@ class Collector:
             server = _Server((self._host, self._port), self, family)
             # Remember the port, so a restart keeps the URL clients were given.
             self._port = server.server_address[1]
+            if self.token_endpoint is not None and self.token_endpoint.audience is None:
+                self.token_endpoint.audience = self.url
             thread = threading.Thread(
                 target=server.serve_forever,
                 kwargs={"poll_interval": _POLL_INTERVAL},
@@ -521,6 +550,8 @@ class Collector:
     def _authorized(self, header: str | None) -> bool:
         if header is None:
             return False
+        if self.token_endpoint is not None and self.token_endpoint.authorized(header):
+            return True
         if header == self._expected_auth:
             return True
         scheme, _, token = header.strip().partition(" ")

@@ -19,7 +19,14 @@ import pytest
 from conftest import WRITE_KEY, run_python
 
 import durable_analytics
-from durable_analytics import Client, ConfigurationRejected, FlushResult, QueueStats, Track
+from durable_analytics import (
+    APIError,
+    Client,
+    ConfigurationRejected,
+    FlushResult,
+    QueueStats,
+    Track,
+)
 from durable_analytics._config import Config
 from durable_analytics._default import get_client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
@@ -243,10 +250,12 @@ def test_sync_mode_leaves_the_message_queued_when_the_server_is_down(
 ) -> None:
     client = make_client(sync_mode=True, host=f"http://127.0.0.1:{free_port()}", max_retries=0)
     started = time.monotonic()
-    ok, _ = client.track("user-1", "Event")
-    ok2, _ = client.track("user-1", "Event")  # backing off now: returns at once
-    assert ok
-    assert ok2
+    with pytest.raises(APIError) as first:
+        client.track("user-1", "Event")
+    with pytest.raises(APIError) as second:  # backing off now: raises at once
+        client.track("user-1", "Event")
+    assert (first.value.status, first.value.code) == (None, "network")
+    assert second.value.code == "backoff"
     assert time.monotonic() - started < 1.0
     assert client.stats().pending == 2
 

@@ -17,14 +17,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "durable_analytics"
 
 # Lowest first. A module may import from its own layer and from any layer below it.
 LAYERS: list[set[str]] = [
-    {"exceptions", "_version", "_calls"},
+    {"exceptions", "_version", "_calls", "_oauth", "_token_endpoint"},
     {"_config", "_messages"},
     {"_store"},
     {"_transport"},
     {"_delivery"},
-    {"_flusher", "_drain"},
+    {"_flusher", "_drain", "_sync"},
     {"_flusher_process"},
-    {"_client"},
+    {"_client", "_client_settings"},
     {"_default", "_metrics"},
     {"__init__", "testing", "_recording"},
     {"pytest_plugin", "cli"},

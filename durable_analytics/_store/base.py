@@ -23,9 +23,10 @@ against every backend):
   every holder back until its time; a successful ``ack`` clears it in the same step. A
   backoff further away than ``MAX_BACKOFF_SECONDS`` plus a margin can only come from a wall
   clock that jumped back, and is ignored.
-- **Bounded.** ``max_queue_bytes`` caps what the backend holds; past it ``drop_newest``
-  refuses the new message (``append`` returns 0) and ``drop_oldest`` drops the oldest
-  unleased ones, both counted in ``QueueStats.dropped``. Dead letters take at most
+- **Bounded.** ``max_queue_bytes`` caps what the backend holds, and ``max_queue_size``
+  (when set) the number of messages not yet acknowledged, leased ones included; past a cap
+  ``drop_newest`` refuses the new message (``append`` returns 0) and ``drop_oldest`` drops
+  the oldest unleased ones, both counted in ``QueueStats.dropped``. Dead letters take at most
   ``max_dead_letter_bytes`` once the queue is near its cap; the oldest beyond are purged.
 
 A new backend implements every method of ``QueueBackend`` with those rules, adds one branch

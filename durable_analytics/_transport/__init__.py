@@ -44,4 +44,6 @@ __all__ = [
 
 def open_transport(config: Config) -> Transport:
     """The transport ``config`` asks for: today always HTTP, with its timeout, gzip, proxies."""
-    return HTTPTransport(timeout=config.timeout, gzip=config.gzip, proxies=config.proxies)
+    return HTTPTransport(
+        timeout=config.timeout, gzip=config.gzip, proxies=config.proxies, oauth=config.oauth
+    )

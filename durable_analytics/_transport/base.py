@@ -134,7 +134,9 @@ class Transport(Protocol):
     - say in ``envelope_overhead`` how many bytes its batch envelope adds around the
       messages (with one separator byte per message beyond the first counted apart), so a
       batch is leased to fit ``max_batch_bytes``;
-    - release its connections in ``close`` (called in the process that used it).
+    - release its connections in ``close`` (called in the process that used it);
+    - send ``retry_count`` (how many times this batch was tried before; 0 the first time)
+      as it can: the HTTP transport sends it as ``X-Retry-Count`` when it is not 0.
 
     ``durable_analytics.testing.RecordingTransport`` is an in-memory one for tests.
     """
@@ -142,7 +144,12 @@ class Transport(Protocol):
     def envelope_overhead(self) -> int: ...
 
     def send(
-        self, destination: Target, bodies: Sequence[bytes], *, timeout: float | None = None
+        self,
+        destination: Target,
+        bodies: Sequence[bytes],
+        *,
+        timeout: float | None = None,
+        retry_count: int = 0,
     ) -> Outcome: ...
 
     def close(self) -> None: ...
@@ -176,11 +183,16 @@ class DestinationOverride:
         return self.inner.envelope_overhead()
 
     def send(
-        self, destination: Target, bodies: Sequence[bytes], *, timeout: float | None = None
+        self,
+        destination: Target,
+        bodies: Sequence[bytes],
+        *,
+        timeout: float | None = None,
+        retry_count: int = 0,
     ) -> Outcome:
         """Send through the wrapped transport with the overridden host and write key."""
         target = _Override(self.host or destination.host, self.write_key or destination.write_key)
-        return self.inner.send(target, bodies, timeout=timeout)
+        return self.inner.send(target, bodies, timeout=timeout, retry_count=retry_count)
 
     def close(self) -> None:
         """Close the wrapped transport."""

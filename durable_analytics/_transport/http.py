@@ -1,4 +1,6 @@
-"""The HTTP transport: the Segment batch envelope, Basic auth, gzip, urllib3 pools, scrubbing.
+"""The HTTP transport: the Segment batch envelope, auth, gzip, urllib3 pools, scrubbing.
+
+Auth is Basic with the write key, or with OAuth settings a Bearer token (``_oauth``).
 
 One ``HTTPTransport`` per flusher, each with its own connection pools, made in the process that
 uses them (a pool is never shared across a fork). Proxies and the CA bundle are taken from
@@ -19,7 +21,9 @@ from typing import Any
 import urllib3
 
 from durable_analytics._config import ca_bundle_from_env, proxy_for_url
+from durable_analytics._oauth import OAuthSettings, TokenSource, urllib3_poster
 from durable_analytics._version import __version__
+from durable_analytics.exceptions import ConfigurationRejected, DeliveryError
 
 from .base import Outcome, Target, classify, one_line, parse_retry_after
 
@@ -74,8 +78,11 @@ class HTTPTransport:
         proxies: Mapping[str, str] | None = None,
         verify: bool | str = True,
         trust_env: bool = True,
+        oauth: OAuthSettings | None = None,
     ) -> None:
         self.timeout = timeout
+        self._oauth = oauth
+        self._tokens: TokenSource | None = None
         self.gzip = gzip
         self._proxies = dict(proxies) if proxies is not None else None
         self._verify = verify
@@ -130,6 +137,15 @@ class HTTPTransport:
             self._managers[key] = manager
         return manager
 
+    def _token_source(self, settings: OAuthSettings) -> TokenSource:
+        """This process's OAuth token source (made on first use, again after a fork)."""
+        tokens = self._tokens
+        if tokens is None or self._pid != os.getpid():
+            self._pool(settings.token_url)  # resets inherited pools after a fork
+            poster = urllib3_poster(self._manager(settings.token_url))
+            tokens = self._tokens = TokenSource(settings, timeout=self.timeout, poster=poster)
+        return tokens
+
     def _authorization(self, write_key: str) -> str:
         value = self._auth_cache.get(write_key)
         if value is None:
@@ -151,23 +167,56 @@ class HTTPTransport:
         return envelope_overhead()
 
     def send(
-        self, destination: Target, bodies: Sequence[bytes], *, timeout: float | None = None
+        self,
+        destination: Target,
+        bodies: Sequence[bytes],
+        *,
+        timeout: float | None = None,
+        retry_count: int = 0,
     ) -> Outcome:
         """POST ``bodies`` as one Segment batch to ``destination``; see ``post``."""
         return self.post(
-            destination.host, destination.write_key, batch_body(bodies), timeout=timeout
+            destination.host,
+            destination.write_key,
+            batch_body(bodies),
+            timeout=timeout,
+            retry_count=retry_count,
         )
 
     def post(
-        self, host: str, write_key: str, body: bytes, *, timeout: float | None = None
+        self,
+        host: str,
+        write_key: str,
+        body: bytes,
+        *,
+        timeout: float | None = None,
+        retry_count: int = 0,
     ) -> Outcome:
-        """POST one batch body; network failures come back as a retryable ``Outcome``."""
+        """POST one batch body; network failures come back as a retryable ``Outcome``.
+
+        A retry carries ``X-Retry-Count: n`` (the batch's earlier tries), as Segment's
+        clients send it.
+        """
         url = f"{host}/v1/batch"
+        oauth = self._oauth
+        if oauth is None:
+            authorization = self._authorization(write_key)
+        else:
+            # OAuth: a Bearer token instead of the write key, fetched here (by delivery,
+            # never by the calls that queue) and cached until half its lifetime.
+            try:
+                authorization = self._token_source(oauth).authorization(timeout)
+            except ConfigurationRejected as exc:
+                return Outcome("config", None, error=str(exc))
+            except DeliveryError as exc:
+                return Outcome("retry", None, error=str(exc))
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-            "Authorization": self._authorization(write_key),
+            "Authorization": authorization,
         }
+        if retry_count > 0:
+            headers["X-Retry-Count"] = str(retry_count)
         data = body
         if self.gzip:
             headers["Content-Encoding"] = "gzip"
@@ -207,7 +256,14 @@ class HTTPTransport:
         else:
             response.release_conn()
         kind = classify(status)
+        if self._tokens is not None and status in _TOKEN_REFUSED:
+            # The API refused the token (expired, revoked): the next try fetches a new one.
+            self._tokens.invalidate(authorization)
+            if status == 511:
+                kind = "retry"
         excerpt = self._scrub(raw[:2000].decode("utf-8", "replace"), write_key)
+        if authorization.startswith("Bearer "):
+            excerpt = excerpt.replace(authorization[7:], "<token>")
         retry_after = parse_retry_after(retry_header)
         error = "" if kind == "ok" else f"HTTP {status} from {host}: {one_line(excerpt[:200])}"
         return Outcome(kind, status, retry_after, excerpt, error.strip())
@@ -225,6 +281,10 @@ class HTTPTransport:
             if secret and secret in text:
                 text = text.replace(secret, "<write key>")
         return text
+
+
+# Answers that say the OAuth token is not (or no longer) good; 511 is retried with OAuth.
+_TOKEN_REFUSED = frozenset({401, 403, 511})
 
 
 def _path(url: str) -> str:

@@ -45,7 +45,7 @@ def _postgres(tmp_path: Path, *, pg_dsn: str, **settings: Any) -> QueueBackend:
 
 
 #: name → opener(tmp_path, **settings). Settings every backend takes: max_queue_bytes,
-#: overflow, lease_timeout, max_dead_letter_bytes.
+#: max_queue_size, overflow, lease_timeout, max_dead_letter_bytes.
 BACKENDS: dict[str, Callable[..., QueueBackend]] = {
     "memory": _memory,
     "sqlite": _sqlite,

@@ -475,6 +475,64 @@ def test_drop_counters_of_both_policies_add_up(open_backend: OpenBackend) -> Non
     assert first.stats().dropped == dropped_oldest + 50
 
 
+def count_capped(open_backend: OpenBackend, **settings: Any) -> QueueBackend:
+    """A queue with a ``max_queue_size``; the PostgreSQL backend has no count cap yet."""
+    try:
+        return open_backend(**settings)
+    except TypeError:
+        pytest.skip("this backend has no max_queue_size (count cap) yet")
+
+
+def test_count_cap_drop_newest_refuses_the_message_past_max_queue_size(
+    open_backend: OpenBackend,
+) -> None:
+    queue = count_capped(open_backend, max_queue_size=5, overflow="drop_newest")
+    dest = queue.destination(HOST, KEY)
+    results = fill(queue, dest, 8)
+    assert [bool(r) for r in results] == [True] * 5 + [False] * 3
+    assert queue.stats().dropped == 3
+    assert queue.stats().pending == 5
+    lease = take(queue, 2)
+    assert queue.append(dest, body(8)) == 0  # leased messages still count: not delivered
+    assert queue.ack(lease) == 2
+    assert all(fill(queue, dest, 2, start=9))
+    assert queue.append(dest, body(11)) == 0
+    assert [index(b) for b in take(queue).bodies] == [2, 3, 4, 9, 10]
+
+
+def test_count_cap_drop_oldest_drops_the_oldest_unleased_message(
+    open_backend: OpenBackend,
+) -> None:
+    queue = count_capped(open_backend, max_queue_size=4, overflow="drop_oldest")
+    dest = queue.destination(HOST, KEY)
+    fill(queue, dest, 4)
+    held = take(queue, 1)  # message 0 is leased: never dropped
+    assert all(fill(queue, dest, 3, start=4))
+    stats = queue.stats()
+    assert (stats.pending, stats.dropped) == (4, 3)
+    assert queue.ack(held) == 1
+    assert [index(b) for b in take(queue).bodies] == [4, 5, 6]
+
+
+def test_count_cap_refuses_when_everything_is_leased(open_backend: OpenBackend) -> None:
+    queue = count_capped(open_backend, max_queue_size=3, overflow="drop_oldest")
+    dest = queue.destination(HOST, KEY)
+    fill(queue, dest, 3)
+    take(queue)
+    assert queue.append(dest, body(3)) == 0
+    assert queue.stats().dropped == 1
+
+
+def test_count_cap_holds_over_many_appends(open_backend: OpenBackend) -> None:
+    """Past the estimate's refresh interval the cap is still exact."""
+    queue = count_capped(open_backend, max_queue_size=300, overflow="drop_newest")
+    dest = queue.destination(HOST, KEY)
+    results = fill(queue, dest, 700)
+    assert sum(1 for r in results if r) == 300
+    assert queue.stats().pending == 300
+    assert queue.stats().dropped == 400
+
+
 # --------------------------------------------------------------------------- stats, close
 
 

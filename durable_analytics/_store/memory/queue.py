@@ -57,9 +57,11 @@ class MemoryQueue:
         lease_timeout: float = 60.0,
         max_dead_letter_bytes: int | None = None,
         clock: Callable[[], float] | None = None,
+        max_queue_size: int | None = None,
     ) -> None:
         self.path = Path(MEMORY_PATH)
         self.max_queue_bytes = max_queue_bytes
+        self.max_queue_size = max_queue_size
         self.overflow = overflow
         self.lease_timeout = lease_timeout
         self.max_dead_letter_bytes = (
@@ -147,6 +149,13 @@ class MemoryQueue:
         cost = len(body) + ROW_OVERHEAD
         with self._lock:
             self._check_open()
+            cap = self.max_queue_size
+            if cap is not None and len(self._messages) >= cap:
+                # The count cap (segment's max_queue_size): the same overflow policy.
+                extra = len(self._messages) + 1 - cap
+                if self.overflow == "drop_newest" or self._drop_oldest_count(extra) < extra:
+                    self._dropped_newest += 1
+                    return 0
             over = self._used + cost - self.max_queue_bytes
             if over > 0 and self._dead.bytes > self.max_dead_letter_bytes:
                 self._used -= self._dead.trim(self.max_dead_letter_bytes)
@@ -162,6 +171,15 @@ class MemoryQueue:
             self._messages[row_id] = Message(dest_id, bytes(body), when)
             self._used += cost
             return row_id
+
+    def _drop_oldest_count(self, count: int) -> int:
+        """Drop the ``count`` oldest unleased messages (fewer if the rest is leased)."""
+        leased = self._leased()
+        victims = [i for i in self._messages if i not in leased][:count]
+        for row_id in victims:
+            self._remove(row_id)
+            self._dropped_oldest += 1
+        return len(victims)
 
     def _drop_oldest(self, need: int) -> int:
         leased = self._leased()

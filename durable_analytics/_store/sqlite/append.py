@@ -41,6 +41,10 @@ _LOW_DISK_CHECKPOINT = 32
 _DISK_RESERVE = 512 * 1024
 # How often the warning naming the reader that pins the -wal is repeated (seconds).
 _PINNED_WARN_EVERY = 60.0
+# The count cap (max_queue_size) the same way: the real count is read every _REFRESH_COUNT
+# appends, and before every append once the estimate is within _COUNT_ZONE of the cap.
+_REFRESH_COUNT = 256
+_COUNT_ZONE = 64
 
 
 class Appender:
@@ -55,9 +59,13 @@ class Appender:
         overflow: Literal["drop_newest", "drop_oldest"],
         page_size: Callable[[], int],
         wal: WalBudget,
+        max_queue_size: int | None = None,
     ) -> None:
         self.db = db
         self.wal = wal
+        self.max_queue_size = max_queue_size
+        self.est_count = 0
+        self.since_count = _REFRESH_COUNT  # count on the first append
         self.dead = dead
         self.max_queue_bytes = max_queue_bytes
         self.overflow = overflow
@@ -76,6 +84,7 @@ class Appender:
         """The file was replaced: measure it again on the next append."""
         self.since_refresh = _REFRESH_BYTES
         self.est_used = 0
+        self.since_count = _REFRESH_COUNT
 
     def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
         """Store one serialized message; return its row id after COMMIT.
@@ -86,8 +95,14 @@ class Appender:
         """
         size = len(body)
         when = time.time() if enqueued_at is None else enqueued_at
-        if self.since_refresh >= _REFRESH_BYTES or (
-            self.est_used + size + _EXACT_ZONE > self.max_queue_bytes
+        cap = self.max_queue_size
+        if (
+            self.since_refresh >= _REFRESH_BYTES
+            or self.est_used + size + _EXACT_ZONE > self.max_queue_bytes
+            or (
+                cap is not None
+                and (self.since_count >= _REFRESH_COUNT or self.est_count + _COUNT_ZONE >= cap)
+            )
         ):
             return self._append_capped(dest_id, body, when)
         try:
@@ -109,6 +124,8 @@ class Appender:
         grown = size + ROW_OVERHEAD
         self.est_used += grown
         self.since_refresh += grown
+        self.est_count += 1
+        self.since_count += 1
         return row_id or 0
 
     def _insert_failed(
@@ -150,6 +167,9 @@ class Appender:
                     (self.unsaved_drops,),
                 )
                 self.unsaved_drops = 0
+            if self.max_queue_size is not None and not self._room_for_one(conn):
+                conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'dropped_newest'")
+                return 0
             pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
             free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
             used = (pages - free_pages) * self._page_size() + excess
@@ -174,6 +194,7 @@ class Appender:
                 return 0
             row_id = conn.execute(INSERT, (dest_id, body, size, when)).lastrowid
             self.est_used = used + size + ROW_OVERHEAD
+            self.est_count += 1
             return row_id or 0
 
         try:
@@ -228,6 +249,39 @@ class Appender:
                 self.max_queue_bytes,
             )
         return self._pinned_excess
+
+    def _room_for_one(self, conn: sqlite3.Connection) -> bool:
+        """Under ``max_queue_size`` after the overflow policy (in the write transaction).
+
+        Counting is a scan of the messages table: it runs only near the cap or every
+        _REFRESH_COUNT appends, so the usual append stays one INSERT.
+        """
+        cap = self.max_queue_size
+        count = int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+        self.since_count = 0
+        self.est_count = count
+        if cap is None or count < cap:
+            return True
+        if self.overflow == "drop_oldest":
+            extra = count + 1 - cap
+            dropped = self._drop_oldest_rows(conn, extra)
+            self.est_count = count - dropped
+            return dropped >= extra
+        return False
+
+    def _drop_oldest_rows(self, conn: sqlite3.Connection, count: int) -> int:
+        """Delete the ``count`` oldest unleased messages; returns how many went."""
+        leased = leased_ids(conn)
+        rows = conn.execute(
+            "SELECT id FROM messages ORDER BY id LIMIT ?", (count + len(leased),)
+        ).fetchall()
+        take = [int(r[0]) for r in rows if int(r[0]) not in leased][:count]
+        if take:
+            conn.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(take))})", take)
+            conn.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'dropped_oldest'", (len(take),)
+            )
+        return len(take)
 
     def _low_disk(self) -> int | None:
         """None when the disk has room; else the bytes still free on it.

@@ -62,6 +62,10 @@ class SqliteQueue:
     version is never treated as damaged (``QueueVersionError``), nor is an intact SQLite
     database of another application (``QueueCorrupt``, untouched either way).
 
+    ``max_queue_size`` (None: no cap) caps the number of queued messages in the file, with
+    the same overflow policy; it is exact within a process (and across processes once each
+    has appended within ``max_queue_size - 64`` of the cap, when every append counts).
+
     ``max_queue_bytes`` caps the whole file (pages in use) and its ``-wal`` beyond the log's
     normal size (``wal.py``): a reader that pins the log past the cap (an ``sqlite3`` shell,
     a backup, a stopped process) is named in a warning, and new messages past the cap are
@@ -82,8 +86,10 @@ class SqliteQueue:
         busy_timeout: float = 30.0,
         recover: bool = False,
         max_dead_letter_bytes: int | None = None,
+        max_queue_size: int | None = None,
     ) -> None:
         self.path = Path(os.fspath(path)).expanduser().absolute()
+        self.max_queue_size = max_queue_size
         self.durability = durability
         self.max_queue_bytes = max_queue_bytes
         self.overflow = overflow
@@ -123,6 +129,7 @@ class SqliteQueue:
             overflow=overflow,
             page_size=self._page_size,
             wal=self.wal_budget,
+            max_queue_size=max_queue_size,
         )
         self._recovery.open_file()
         narrow_modes(self.path)  # it proved to be a queue: only now touch its mode

@@ -9,41 +9,8 @@ Segment keeps datetimes inside properties as ``datetime`` objects and serializes
 when it posts, with its ``DatetimeSerializer`` (``obj.isoformat()``); its messages are
 compared after that same JSON round trip.
 
-Intentional differences, each pinned by a ``test_difference_*`` test below:
-
-1. Naive ``timestamp``: segment guesses the local zone when it is within 5 s of now, else
-   UTC; we always take a naive datetime as UTC (the same result whenever the host runs on
-   UTC, and never a guess).
-2. Datetimes inside properties/traits/context: segment sends ``isoformat()`` (microseconds,
-   and no offset for a naive one); we send milliseconds with an offset, naive taken as UTC,
-   the same format as ``timestamp``.
-3. Validation raises ``ValidationError`` (a ``ValueError``); segment raises
-   ``AssertionError``. Code that catches ``AssertionError`` around a call must catch
-   ``ValueError`` instead (or as well).
-4. Bool ids are rejected (segment sends ``"True"``); ``user_id=0`` is accepted as ``"0"``
-   (segment rejects it because ``0 or None`` is falsy), and a ``UUID`` id is accepted as
-   its string (segment accepts only numbers and strings).
-5. An empty ``group_id`` / ``previous_id`` is rejected (segment sends ``""``).
-6. A falsy non-dict ``traits``/``properties`` (``[]``, ``""``) is rejected (segment turns it
-   into ``{}``); any ``Mapping`` is accepted (segment requires a ``dict``). ``name=0`` or
-   ``category=0`` on page/screen is rejected (segment sends ``0``).
-7. UUID and frozenset values are converted (to a string, to a list); segment silently
-   drops the whole key (``_coerce_unicode`` fails and ``_clean_dict`` swallows it).
-8. Invalid UTF-8 in ``bytes`` is replaced with U+FFFD; segment raises
-   ``UnicodeDecodeError`` from the call.
-9. NaN and ±Infinity (floats or Decimals) are rejected; segment sends ``NaN`` /
-   ``Infinity``, which is not JSON. Circular references raise ``ValidationError``;
-   segment's cleaner raises ``RecursionError``.
-10. The caller's ``context`` is never mutated; segment writes ``context["library"]`` into
-    the caller's dict.
-11. ``context.library`` is ``{"name": "durable-analytics", "version": ...}``.
-12. Size: ``MessageTooLarge`` when the compact UTF-8 body is over ``max_message_bytes``
-    (32 KiB); segment raises ``RuntimeError`` over 32 KiB measured with ``ensure_ascii`` and
-    spaces, so non-ASCII text that segment refuses can fit here.
-13. ``Client`` settings are keyword-only (segment also takes them positionally).
-14. The body never contains ``writeKey`` (segment puts it in every batch); module names
-    segment has and we do not: ``VERSION`` (we have ``__version__``) and the OAuth settings
-    (``oauth_client_id`` ...: OAuth is not supported; passing one raises ``ConfigError``).
+Intentional differences are rows of ``differences.py`` (the README's compatibility table);
+each ``test_difference_*`` below names its row with ``@pytest.mark.difference(key)``.
 """
 
 from __future__ import annotations
@@ -214,6 +181,7 @@ def test_numeric_user_ids_become_strings_like_segment(segment_client: Any, our_c
 # --------------------------------------------------------------------------- differences
 
 
+@pytest.mark.difference("naive-timestamp-utc")
 def test_difference_naive_timestamp_is_utc_here_segment_may_guess_local(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -230,6 +198,7 @@ def test_difference_naive_timestamp_is_utc_here_segment_may_guess_local(
     assert seg == "2020-01-02T03:04:05.678+00:00"
 
 
+@pytest.mark.difference("datetime-values-format")
 def test_difference_datetimes_in_properties_have_milliseconds_and_an_offset(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -246,6 +215,7 @@ def test_difference_datetimes_in_properties_have_milliseconds_and_an_offset(
     }
 
 
+@pytest.mark.difference("validation-error-type")
 def test_difference_validation_raises_value_error_not_assertion_error(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -257,12 +227,14 @@ def test_difference_validation_raises_value_error_not_assertion_error(
     assert not isinstance(info.value, AssertionError)
 
 
+@pytest.mark.difference("id-types")
 def test_difference_bool_ids_are_rejected(segment_client: Any, our_client: Any) -> None:
     assert segment_client.track(True, "E")[1]["userId"] == "True"
     with pytest.raises(ValidationError, match="user_id must be a string or a number"):
         our_client.track(True, "E")
 
 
+@pytest.mark.difference("id-types")
 def test_difference_user_id_zero_and_uuid_are_accepted(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -274,6 +246,7 @@ def test_difference_user_id_zero_and_uuid_are_accepted(
     assert our_client.track(uuid.UUID(FIXED_ID), "E")[1]["userId"] == FIXED_ID
 
 
+@pytest.mark.difference("empty-required-ids")
 def test_difference_empty_group_id_and_previous_id_are_rejected(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -285,6 +258,7 @@ def test_difference_empty_group_id_and_previous_id_are_rejected(
         our_client.alias("", "u")
 
 
+@pytest.mark.difference("mapping-fields")
 def test_difference_mapping_fields_accept_any_mapping_and_reject_falsy_non_dicts(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -301,6 +275,7 @@ def test_difference_mapping_fields_accept_any_mapping_and_reject_falsy_non_dicts
         our_client.page("u", 0, 0)
 
 
+@pytest.mark.difference("value-conversion")
 def test_difference_uuid_and_frozenset_values_are_converted_not_dropped(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -313,6 +288,7 @@ def test_difference_uuid_and_frozenset_values_are_converted_not_dropped(
     }
 
 
+@pytest.mark.difference("invalid-utf8-replaced")
 def test_difference_invalid_utf8_bytes_are_replaced_not_raised(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -322,6 +298,7 @@ def test_difference_invalid_utf8_bytes_are_replaced_not_raised(
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, Decimal("NaN")], ids=repr)
+@pytest.mark.difference("non-json-values")
 def test_difference_nan_and_infinity_are_rejected_not_sent(
     segment_client: Any, our_client: Any, bad: Any
 ) -> None:
@@ -332,6 +309,7 @@ def test_difference_nan_and_infinity_are_rejected_not_sent(
         our_client.track("u", "E", {"x": bad})
 
 
+@pytest.mark.difference("non-json-values")
 def test_difference_circular_reference_is_a_validation_error(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -343,6 +321,7 @@ def test_difference_circular_reference_is_a_validation_error(
         our_client.track("u", "E", {"loop": loop})
 
 
+@pytest.mark.difference("context-not-mutated")
 def test_difference_callers_context_is_not_mutated(segment_client: Any, our_client: Any) -> None:
     seg_context: dict[str, Any] = {"ip": "203.0.113.5"}
     segment_client.track("u", "E", context=seg_context)
@@ -356,6 +335,7 @@ def test_difference_callers_context_is_not_mutated(segment_client: Any, our_clie
     }
 
 
+@pytest.mark.difference("size-limit-utf8")
 def test_difference_size_limit_counts_compact_utf8_bytes(
     segment_client: Any, our_client: Any
 ) -> None:
@@ -365,14 +345,6 @@ def test_difference_size_limit_counts_compact_utf8_bytes(
     assert our_client.track("u", "E", props)[0] is True
     with pytest.raises(MessageTooLarge):
         our_client.track("u", "E", {"text": "é" * 17_000})
-
-
-def test_difference_client_settings_are_keyword_only() -> None:
-    assert segment_analytics.Client("k", "https://example.test", send=False).host
-    with pytest.raises(TypeError):
-        durable_analytics.Client("k", "https://example.test", send=False)  # type: ignore[call-arg]
-    client = durable_analytics.Client("k", host="https://example.test", send=False)
-    assert client.config.host == "https://example.test"
 
 
 # --------------------------------------------------------------------------- module API
@@ -399,6 +371,13 @@ SEGMENT_MODULE_NAMES = [
     "default_client",
     "log_handler",
     "max_queue_size",
+    "oauth_client_id",
+    "oauth_client_key",
+    "oauth_key_id",
+    "oauth_auth_server",
+    "oauth_scope",
+    "VERSION",
+    "__version__",
 ]
 SEGMENT_MODULE_FUNCTIONS = ["track", "identify", "group", "alias", "page", "screen"]
 SEGMENT_MODULE_FUNCTIONS += ["flush", "join", "shutdown"]
