@@ -36,8 +36,14 @@ NOT_EXPORTED = {
 
 
 def _imported_for_annotations(value: object) -> bool:
-    """``from __future__ import annotations`` and ``typing`` names: the module's, not API."""
-    return isinstance(value, __future__._Feature) or getattr(value, "__module__", "") == "typing"
+    """Names imported only for annotations (``__future__``, ``typing``, ``collections.abc``,
+    ``_config``'s type aliases): the module's own, not API."""
+    if isinstance(value, __future__._Feature):
+        return True
+    module = getattr(value, "__module__", "")
+    return module in ("typing", "collections.abc") or (
+        module == "durable_analytics._config" and not inspect.isclass(value)
+    )
 
 
 # Framework hooks that Django loads by their path (an AppConfig, management commands):
