@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
 import sqlite3
 import stat
 from pathlib import Path
@@ -50,8 +51,9 @@ def prepare_path(path: Path) -> None:
     if pst.st_mode & stat.S_IWOTH:
         raise QueuePermissionError(
             f"the queue directory {parent} is writable by other users, who could replace the "
-            "queue file; use a private directory (mode 0700)"
+            f"queue file; use a private directory (mode 0700): chmod 700 {shlex.quote(str(parent))}"
         )
+    check_directory_owner(parent, pst)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -81,6 +83,8 @@ def prepare_path(path: Path) -> None:
                 os.fchmod(fd, 0o600)
             finally:
                 os.close(fd)
+    for name in (str(path), f"{path}-wal", f"{path}-shm"):
+        check_file_owner(Path(name))
     if read_only_fs(parent):
         raise QueuePermissionError(
             f"the queue file {path} is on a read-only file system; point queue_path at a "
@@ -92,6 +96,60 @@ def prepare_path(path: Path) -> None:
         raise QueuePermissionError(
             f"the queue directory {parent} is not writable (SQLite creates -wal and -shm files "
             "beside the queue)"
+        )
+
+
+def _who(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def check_directory_owner(directory: Path, st: os.stat_result) -> None:
+    """Refuse a queue directory another user controls, as ssh and gpg do.
+
+    Its owner (or, when it is group-writable, its group) could rename a queue file of
+    theirs into place or read ours: a directory must belong to this process's effective
+    user, or to root and then not be group-writable.
+    """
+    euid = os.geteuid()
+    where = shlex.quote(str(directory))
+    if st.st_uid not in (euid, 0):
+        raise QueuePermissionError(
+            f"the queue directory {directory} belongs to {_who(st.st_uid)}, not to this "
+            f"process's user ({_who(euid)}) or root: its owner could read or replace the queue; "
+            f"use a directory of your own, or if it is yours: chown {euid} {where} && "
+            f"chmod 700 {where}"
+        )
+    if st.st_uid != euid and st.st_mode & stat.S_IWGRP:
+        raise QueuePermissionError(
+            f"the queue directory {directory} belongs to root and is group-writable: the "
+            f"group's members could replace the queue file; use a directory of your own, "
+            f"or: chmod g-w {where}"
+        )
+
+
+def check_file_owner(path: Path) -> None:
+    """Refuse a queue file (or its -wal / -shm) that another user created.
+
+    A file planted by another user keeps its owner's access whatever its mode says (its
+    owner can chmod it back at any time): the write key and the messages would be theirs
+    to read.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        where = shlex.quote(str(path))
+        raise QueuePermissionError(
+            f"the queue file {path} belongs to {_who(st.st_uid)}, not to this process's user "
+            f"({_who(euid)}): another user may have planted it to read what is queued; "
+            f"remove it (rm {where}), or if it is yours: chown {euid} {where} && chmod 600 {where}"
         )
 
 
