@@ -113,10 +113,11 @@ class Appender:
                     conn = self.db.conn()
                 if not conn.producer:
                     self.db.as_producer(conn, True)
+                row = (dest_id, body, size, when)
                 try:
-                    row_id = conn.execute(INSERT, (dest_id, body, size, when)).lastrowid
+                    row_id = self.db.fenced(lambda: conn.execute(INSERT, row)).lastrowid
                 except sqlite3.Error as exc:
-                    row_id = self._insert_failed(conn, exc, (dest_id, body, size, when))
+                    row_id = self._insert_failed(conn, exc, row)
         except QueueCorrupt as exc:
             if not self.db.on_corrupt(exc):
                 raise
@@ -139,11 +140,12 @@ class Appender:
                     conn.execute("ROLLBACK")
             if code == SQLITE_FULL and checkpoint_for_space(conn):
                 try:
-                    return conn.execute(INSERT, row).lastrowid or 0
+                    return self.db.fenced(lambda: conn.execute(INSERT, row)).lastrowid or 0
                 except sqlite3.Error as again:
                     exc = again
             raise translate(exc, self.db.path) from None
-        return self.db.retry(lambda: conn.execute(INSERT, row)).lastrowid or 0
+        insert = lambda: conn.execute(INSERT, row)  # noqa: E731
+        return self.db.retry(lambda: self.db.fenced(insert)).lastrowid or 0
 
     def _append_capped(self, dest_id: int, body: bytes, when: float) -> int:
         size = len(body)

@@ -22,7 +22,9 @@ from durable_analytics.exceptions import QueueBusy, QueueCorrupt, QueueDiskFull,
 
 from . import holders
 from .errors import SQLITE_BUSY, SQLITE_LOCKED, errorcode, translate
+from .fence import CommitFence
 from .files import checkpoint_for_space
+from .probe import RECOVER_LOCK_SECONDS
 from .schema import check_version, migrate
 from .wal import WalBudget
 
@@ -139,6 +141,8 @@ class Connections:
         # active, no wait of this queue, in any thread, lasts past the earliest (see bounded).
         self._deadlines: dict[int, float] = {}
         self._deadlines_lock = threading.Lock()
+        # Every commit holds it (shared): a recovery of another process holds it exclusively.
+        self.fence = CommitFence(path.parent, RECOVER_LOCK_SECONDS)
         _registry.add(self)
 
     # ---------------------------------------------------------------- bounded waits
@@ -248,6 +252,7 @@ class Connections:
         self.write_lock = threading.Lock()
         self.read_lock = threading.Lock()
         self._fork_held = False
+        self.fence.forget_after_fork()
 
     # ---------------------------------------------------------------- opening
 
@@ -365,7 +370,7 @@ class Connections:
         with self.locked(self.write_lock):
             conn = self.conn()
             self.as_producer(conn, producer)
-            self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+            self._begin_fenced(conn)
             try:
                 yield conn
                 self.retry(lambda: conn.execute("COMMIT"))
@@ -374,6 +379,30 @@ class Connections:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
+            finally:
+                self.fence.leave()
+
+    def _begin_fenced(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, then the commit fence without waiting (see fence.py): while a
+        recovery holds it, let go of SQLite's lock and wait for the fence first."""
+        self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+        if self.fence.try_enter():
+            return
+        conn.execute("ROLLBACK")
+        self.fence.wait_enter()
+        try:
+            self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+        except BaseException:
+            self.fence.leave()
+            raise
+
+    def fenced(self, fn: Callable[[], T]) -> T:
+        """Run one autocommit statement under the commit fence (call under the write lock)."""
+        self.fence.enter()
+        try:
+            return fn()
+        finally:
+            self.fence.leave()
 
     def write(self, fn: Callable[[sqlite3.Connection], T], *, producer: bool = False) -> T:
         """Run ``fn`` in one write transaction, translating SQLite errors.

@@ -1,0 +1,103 @@
+"""The commit fence: no write commits while a recovery rewrites the queue file.
+
+A recovery (``recovery.py``) locks the file with ``BEGIN IMMEDIATE``, salvages it, then
+must let go of that lock (``ROLLBACK``) before SQLite's backup writes the fresh content
+over it: a commit of another process landing in between would be overwritten, and its
+call had returned. So every write commits under a *shared* ``flock`` on the queue's
+directory, and the recovery holds it *exclusively* (``directory_lock``) from before its
+``BEGIN IMMEDIATE`` until the fresh content is written.
+
+A writer takes the shared lock only without blocking and only around one attempt (one
+statement in autocommit, or a transaction once ``BEGIN IMMEDIATE`` succeeded): it never
+holds it while it waits for SQLite's write lock, so a recovery is not starved by writers
+queueing behind each other, and never waits for it while holding SQLite's lock, so the two
+locks cannot deadlock. Cost: two ``flock`` calls per commit (see
+``docs/reliability/files_and_resources.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+from durable_analytics.exceptions import QueueBusy
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["CommitFence"]
+
+
+class CommitFence:
+    """A shared ``flock`` on the queue's directory, held by each commit of this queue object.
+
+    One per ``Connections``: callers hold its write lock, so the lock is never taken twice
+    on the same descriptor (a second ``LOCK_UN`` would drop the first holder's lock).
+    """
+
+    def __init__(self, directory: Path, wait: float) -> None:
+        self.directory = directory
+        self.wait = wait
+        self._fd = -1
+        self._unsupported = fcntl is None
+
+    def _descriptor(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(
+                self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC
+            )
+        return self._fd
+
+    def try_enter(self) -> bool:
+        """Take the shared lock without waiting; False while a recovery holds the directory."""
+        if self._unsupported:
+            return True
+        try:
+            fcntl.flock(self._descriptor(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            # A file system without flock: recoveries go unserialized there too.
+            self._unsupported = True
+        return True
+
+    def wait_enter(self) -> None:
+        """Wait (polling, bounded) until no recovery holds the directory, then take the lock."""
+        deadline = time.monotonic() + self.wait
+        delay = 0.0005
+        while not self.try_enter():
+            if time.monotonic() > deadline:
+                raise QueueBusy(
+                    f"another process kept recovering the queue in {self.directory} for over "
+                    f"{self.wait:.0f} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def enter(self) -> None:
+        if not self.try_enter():
+            self.wait_enter()
+
+    def leave(self) -> None:
+        if self._unsupported or self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the descriptor is shared with the parent; open our own.
+
+        Closing the inherited copy releases nothing the parent holds (the parent's
+        descriptor still refers to the same open file), and unlocking it would.
+        """
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = -1
+
+    def close(self) -> None:
+        self.forget_after_fork()
