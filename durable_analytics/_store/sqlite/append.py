@@ -107,6 +107,7 @@ class Appender:
             return self._append_capped(dest_id, body, when)
         try:
             with self.db.locked(self.db.write_lock):
+                self.db.check_side_files()
                 try:
                     conn = self.db.local.conn
                 except AttributeError:

@@ -26,6 +26,7 @@ from .fence import CommitFence
 from .files import checkpoint_for_space
 from .probe import RECOVER_LOCK_SECONDS
 from .schema import check_version, migrate
+from .sidefiles import SideFiles, restore
 from .wal import WalBudget
 
 __all__ = ["Connection", "Connections", "raw_lock"]
@@ -143,6 +144,7 @@ class Connections:
         self._deadlines_lock = threading.Lock()
         # Every commit holds it (shared): a recovery of another process holds it exclusively.
         self.fence = CommitFence(path.parent, RECOVER_LOCK_SECONDS)
+        self.side = SideFiles(path, self.fence.descriptor)  # the -wal and -shm in use
         _registry.add(self)
 
     # ---------------------------------------------------------------- bounded waits
@@ -214,6 +216,7 @@ class Connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
         self.local = threading.local()
+        self.side.forget()
 
     def close_for_fork(self) -> None:
         """Close every connection of this process to the queue, just before ``fork()``.
@@ -253,6 +256,7 @@ class Connections:
         self.read_lock = threading.Lock()
         self._fork_held = False
         self.fence.forget_after_fork()
+        self.side.forget()
 
     # ---------------------------------------------------------------- opening
 
@@ -268,8 +272,23 @@ class Connections:
         conn = self._open()
         self.local.conn = conn
         with self._conns_lock:
+            first = not self.conns
             self.conns.add(conn)
+        if first:
+            self.side.record()
         return conn
+
+    def check_side_files(self, *, now: bool = False) -> None:
+        """Before a write (under the write lock): if the -wal or -shm on disk is no longer
+        the one our connections use, move to it without losing a message (sidefiles.py)."""
+        what = self.side.changed(both=now)
+        if not what:
+            return
+        with self.read_lock:
+            try:
+                restore(self.path, what, self.conn(), self.close_all, self.conn)
+            except sqlite3.Error as exc:
+                raise translate(exc, self.path) from None
 
     def _open(self) -> Connection:
         try:
@@ -330,6 +349,9 @@ class Connections:
     def close_thread(self) -> None:
         """Close this thread's connection and open no new one; other threads' close when
         they end."""
+        if not self.closed and self.conns:
+            with self.locked(self.write_lock):
+                self.check_side_files(now=True)  # what only this process still sees is kept
         self.closed = True
         with self.locked(self.write_lock):
             conn = getattr(self.local, "conn", None)
@@ -368,6 +390,7 @@ class Connections:
         pay for a checkpoint a flusher will run (see ``wal.py``).
         """
         with self.locked(self.write_lock):
+            self.check_side_files()
             conn = self.conn()
             self.as_producer(conn, producer)
             self._begin_fenced(conn)

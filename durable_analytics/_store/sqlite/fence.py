@@ -45,7 +45,8 @@ class CommitFence:
         self._fd = -1
         self._unsupported = fcntl is None
 
-    def _descriptor(self) -> int:
+    def descriptor(self) -> int:
+        """The directory's descriptor (opened on first use; also used for cheap stats)."""
         if self._fd < 0:
             self._fd = os.open(
                 self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC
@@ -57,7 +58,7 @@ class CommitFence:
         if self._unsupported:
             return True
         try:
-            fcntl.flock(self._descriptor(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(self.descriptor(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         except OSError:
