@@ -359,6 +359,7 @@ class Connections:
                 del self.local.conn
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
+            self.fence.close()
 
     # ---------------------------------------------------------------- transactions
 

@@ -101,4 +101,10 @@ class CommitFence:
         self._fd = -1
 
     def close(self) -> None:
+        """Close the descriptor (reopened if a write comes after all)."""
         self.forget_after_fork()
+
+    def __del__(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
