@@ -313,7 +313,7 @@ def test_missing_permissions_are_a_clear_error_at_client(shared_base: Path) -> N
     d.mkdir(mode=0o700)
     Queue(d / "queue.sqlite3").close()
     os.chown(d, nobody, nobody)
-    cases["another user's queue file"] = (d / "queue.sqlite3", "not readable and writable")
+    cases["another user's queue file"] = (d / "queue.sqlite3", "belongs to uid 0 (root)")
     # Our queue file in a directory we may not write (SQLite needs its -wal and -shm there).
     d = shared_base / "read-only-dir"
     d.mkdir(mode=0o700)
