@@ -804,6 +804,25 @@ def test_sql_in_the_queue_modules_interpolates_only_placeholders_and_constants(
     assert built >= least_built  # the check did meet SQL built at run time
 
 
+def test_sql_in_the_queue_modules_uses_only_nameless_placeholders() -> None:
+    """Parameters go as sequences, so every placeholder is a bare ``?``: numbered (``?1``) or
+    named ones with a sequence raise DeprecationWarning on Python 3.12 (an error under
+    ``-W error``, and in 3.14)."""
+    numbered = re.compile(r"\?\d|(?<![:\w]):[a-z_]\w*\b")
+    found = []
+    for info in pkgutil.iter_modules(sqlite_package.__path__):
+        module = importlib.import_module(f"{sqlite_package.__name__}.{info.name}")
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and _SQL_WORDS.search(node.value)
+                and numbered.search(node.value)
+            ):
+                found.append(f"{info.name}:{node.lineno}: {node.value}")
+    assert found == []
+
+
 def test_the_sql_taint_check_catches_interpolated_data() -> None:
     """The check above is not vacuous: it flags a value from a caller."""
     bad = ast.parse(
