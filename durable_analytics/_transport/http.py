@@ -14,9 +14,11 @@ import base64
 import gzip as gzip_module
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import urllib3
 
@@ -91,6 +93,7 @@ class HTTPTransport:
         self._pools: dict[str, Any] = {}
         self._pid = os.getpid()
         self._auth_cache: dict[str, str] = {}
+        self._scrub_patterns: dict[str, re.Pattern[str]] = {}
 
     def __repr__(self) -> str:
         return f"HTTPTransport(timeout={self.timeout!r}, gzip={self.gzip!r})"
@@ -261,26 +264,45 @@ class HTTPTransport:
             self._tokens.invalidate(authorization)
             if status == 511:
                 kind = "retry"
-        excerpt = self._scrub(raw[:2000].decode("utf-8", "replace"), write_key)
+        # Scrub the whole answer, then cut: a cut first could keep part of an echoed key.
+        excerpt = self._scrub(raw.decode("utf-8", "replace"), write_key)
         if authorization.startswith("Bearer "):
             excerpt = excerpt.replace(authorization[7:], "<token>")
+        excerpt = excerpt[:2000]
         retry_after = parse_retry_after(retry_header)
         error = "" if kind == "ok" else f"HTTP {status} from {host}: {one_line(excerpt[:200])}"
         return Outcome(kind, status, retry_after, excerpt, error.strip())
 
     def _scrub(self, text: str, write_key: str) -> str:
-        """Remove the write key, raw or as its Basic token, from a server's answer.
+        """Remove the write key, in every spelling a server may echo, from its answer.
 
         A server that echoes the key (or the Authorization header) back must not put it in
-        logs, exceptions, ``status`` or dead letters.
+        logs, exceptions, ``status`` or dead letters: the raw key, its Basic token (base64 of
+        ``key:``, with or without padding, also URL-safe), and each URL-encoded.
         """
         if not write_key:
             return text
-        token = self._authorization(write_key).split(" ", 1)[1]
-        for secret in (write_key, token, token.rstrip("=")):
-            if secret and secret in text:
-                text = text.replace(secret, "<write key>")
-        return text
+        pattern = self._scrub_patterns.get(write_key)
+        if pattern is None:
+            pattern = self._scrub_patterns[write_key] = secret_pattern(write_key)
+        return pattern.sub("<write key>", text)
+
+
+def secret_pattern(write_key: str) -> re.Pattern[str]:
+    """A regular expression matching ``write_key`` in every spelling ``_scrub`` removes."""
+    token = base64.b64encode(f"{write_key}:".encode()).decode("ascii")
+    urlsafe = token.replace("+", "-").replace("/", "_")
+    spellings: set[str] = set()
+    for secret in (write_key, token, token.rstrip("="), urlsafe, urlsafe.rstrip("=")):
+        if secret:
+            spellings.update((secret, quote(secret, safe=""), quote_plus(secret, safe="")))
+    # Longest first, so that a spelling is never half-replaced by a shorter one inside it;
+    # percent escapes match in either case (%2F and %2f).
+    parts = [
+        re.sub(r"%([0-9A-F]{2})", lambda m: f"%(?i:{m.group(1)})", re.escape(s))
+        for s in sorted(spellings, key=len, reverse=True)
+    ]
+    return re.compile("|".join(parts))
 
 
 # Answers that say the OAuth token is not (or no longer) good; 511 is retried with OAuth.

@@ -29,15 +29,19 @@ import ssl
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 from click.testing import CliRunner, Result
 from conftest import WRITE_KEY
 
 from durable_analytics import Client, ConfigError, QueuePermissionError
+from durable_analytics._client import spawn_drain
+from durable_analytics._config import Config
 from durable_analytics._store import sqlite as sqlite_package
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import connections as connections_module
@@ -281,6 +285,59 @@ def test_the_key_is_never_on_a_child_process_command_line(
         assert not any(CANARY in a or CANARY_TOKEN in a for a in argv), argv
 
 
+PROXY_PASSWORD = "pr0xy-PASSWORD-4e1d"
+
+
+def running_cmdline(child: subprocess.Popen[bytes]) -> list[str]:
+    """The command line the kernel shows every local user for ``child``, once it is running
+    our module (right after fork it still shows the parent's)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            raw = Path(f"/proc/{child.pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            break
+        if b"_flusher_process" in raw:
+            return raw.decode().split("\0")
+        time.sleep(0.005)
+    raise AssertionError(f"never saw {child.pid} running the flusher module")
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_no_secret_on_the_real_command_line_of_the_flusher_process_or_the_exit_drain(
+    queue_path: Path,
+) -> None:
+    """/proc/<pid>/cmdline of the real children (not a stand-in Popen): neither the write key,
+    its Basic token, nor a proxy password; the settings arrive over a pipe. The message
+    tracked is delivered by the flusher process (the proxy is for https only)."""
+    with Collector(CANARY) as collector:
+        proxies = {"https": f"http://analytics:{PROXY_PASSWORD}@127.0.0.1:9"}
+        client = Client(
+            CANARY, host=collector.url, queue_path=queue_path, flusher="process", proxies=proxies
+        )
+        try:
+            client.track("u", "E")
+            assert client._child is not None
+            argvs = [running_cmdline(client._child)]
+            assert collector.wait_for_messages(1, timeout=30)
+        finally:
+            client.close(timeout=5)
+        config = Config.build(
+            CANARY, host=collector.url, queue_path=queue_path, proxies=proxies, flusher="none"
+        )
+        drain = spawn_drain(config)
+        try:
+            argvs.append(running_cmdline(drain))
+        finally:
+            drain.wait(30)
+        for argv in argvs:
+            assert "--settings-fd" in argv, argv
+            text = " ".join(argv)
+            for secret in (CANARY, CANARY_TOKEN, PROXY_PASSWORD):
+                assert secret not in text, argv
+        assert len(collector.messages()) == 1
+
+
 def test_an_echoed_authorization_header_is_scrubbed_too(queue_path: Path, records: Records) -> None:
     with Collector(CANARY) as server:
         echo = f"bad request; headers were: Authorization: Basic {CANARY_TOKEN}"
@@ -307,6 +364,76 @@ def test_an_echoed_authorization_header_is_scrubbed_too(queue_path: Path, record
     assert client.queue.dead_letters()  # the 400 was dead-lettered with its excerpt
     for text in texts:
         assert CANARY_TOKEN not in text, text
+
+
+# A key whose Basic token holds "/" and "=": its URL-encoded spellings differ from the plain.
+ODD_KEY = "canary/SECRET+key?0"
+
+
+def spellings(key: str) -> dict[str, str]:
+    """Every form in which a server might echo ``key`` back."""
+    token = base64.b64encode(f"{key}:".encode()).decode()
+    forms = {
+        "raw": key,
+        "basic token": token,
+        "unpadded token": token.rstrip("="),
+        "url-safe token": token.replace("/", "_").replace("+", "-"),
+        "url-encoded key": quote(key, safe=""),
+        "form-encoded key": quote_plus(key, safe=""),
+        "url-encoded token": quote(token, safe=""),
+    }
+    forms["lower-case escapes"] = re.sub(
+        r"%[0-9A-F]{2}", lambda m: m.group().lower(), forms["url-encoded token"]
+    )
+    return forms
+
+
+def fragments(key: str, text: str) -> list[str]:
+    """The 8-character pieces of any spelling of ``key`` that ``text`` holds."""
+    return sorted(
+        {
+            form[i : i + 8]
+            for form in spellings(key).values()
+            for i in range(len(form) - 7)
+            if form[i : i + 8] in text
+        }
+    )
+
+
+@pytest.mark.parametrize("offset", [0, 1990], ids=["at-start", "across-the-cut"])
+@pytest.mark.parametrize("form", sorted(spellings(ODD_KEY)))
+def test_a_400_echoing_the_key_in_any_spelling_leaves_none_of_it_in_dead_letters_or_logs(
+    queue_path: Path, records: Records, form: str, offset: int
+) -> None:
+    """The excerpt is scrubbed first and cut after: with the cut first, an echo that starts
+    just before the 2,000th character kept its first characters. One message: one dead
+    letter, nothing pending, and no 8 characters of any spelling of the key anywhere."""
+    echo = "x" * offset + spellings(ODD_KEY)[form] + " was refused" + "y" * 100
+    with Collector(ODD_KEY) as server:
+        server.script(Reply(400, body=echo))
+        client = Client(
+            ODD_KEY,
+            host=server.url,
+            queue_path=queue_path,
+            flusher="none",
+            on_exit="none",
+            max_retries=0,
+        )
+        client.track("u", "E")
+        result = client.flush(timeout=5)
+        dead = client.queue.dead_letters()
+        texts = [
+            json.dumps(client.stats().as_dict()),
+            json.dumps([d.as_dict() for d in dead]),
+            *records.texts(),
+        ]
+        client.close(timeout=0)
+    assert (result.sent, result.dead_lettered, result.pending) == (0, 1, 0)
+    assert len(dead) == 1
+    assert dead[0].excerpt.startswith("x" * min(offset, 10))
+    assert "<write k" in dead[0].excerpt  # scrubbed, then cut
+    for text in texts:
+        assert fragments(ODD_KEY, text) == [], text
 
 
 # --------------------------------------------------------------------------- file modes
