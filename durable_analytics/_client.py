@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import multiprocessing.util
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -61,6 +62,12 @@ class Staged(tuple[bool, dict[str, Any]]):
 
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+# Restarts of a flusher process that keeps exiting: the first delay, its cap, and how long a
+# child must have run for the next exit to count as a new failure (see Client._watch_child).
+_RESTART_FIRST = 0.5
+_RESTART_MAX = 60.0
+_RESTART_HEALTHY = 60.0
 
 
 def _after_fork_in_child() -> None:
@@ -214,16 +221,27 @@ class Client(SettingsAttributes):
     def _start(self) -> None:
         """Start the flusher and the exit handler: on the first call, once per process."""
         with self._lock:
-            if self._started:
+            if self._started or self._exited:
+                # After the exit handler ran (a later atexit handler calling in) the
+                # interpreter is shutting down: Python 3.12 refuses new threads, and nothing
+                # would be left to stop them. The message stays on disk for the next run.
                 return
             mode = self.config.flusher
-            if mode == "thread":
-                self._flusher = Flusher(
-                    self._new_deliverer(), flush_interval=self.config.flush_interval
-                )
-                self._flusher.start()
-            elif mode == "process":
-                self._start_child()
+            try:
+                if mode == "thread":
+                    flusher = Flusher(
+                        self._new_deliverer(), flush_interval=self.config.flush_interval
+                    )
+                    flusher.start()
+                    self._flusher = flusher
+                elif mode == "process":
+                    self._start_child()
+            except RuntimeError as exc:
+                # "can't create new thread at interpreter shutdown": a first call made from
+                # an atexit handler. The call itself succeeded: its message stays on disk.
+                log.debug("no flusher started (%s); messages stay queued", exc)
+                self._exited = True
+                return
             if not self._atexit_registered:
                 atexit.register(self._at_exit)
                 self._atexit_registered = True
@@ -243,15 +261,39 @@ class Client(SettingsAttributes):
         ).start()
 
     def _watch_child(self, child: subprocess.Popen[bytes]) -> None:
-        child.wait()
-        with self._lock:
-            if self._child is not child:
-                return  # stopped on purpose by close(), or already replaced
-            log.warning(
-                "the durable-analytics flusher process exited (code %s); starting a new one",
-                child.returncode,
+        """Replace the flusher process each time it exits, backing off while it keeps failing.
+
+        A child that cannot start (a broken environment, an unusable queue) would otherwise
+        be restarted in a tight loop: the delay doubles from _RESTART_FIRST up to _RESTART_MAX
+        and starts over once a child has run for _RESTART_HEALTHY. One WARNING says why; the
+        restarts after it are logged at DEBUG. Messages wait on disk meanwhile.
+        """
+        delay = _RESTART_FIRST
+        warned = False
+        while True:
+            started = time.monotonic()
+            code = child.wait()
+            if time.monotonic() - started >= _RESTART_HEALTHY:
+                delay, warned = _RESTART_FIRST, False
+            with self._lock:
+                if self._child is not child:
+                    return  # stopped on purpose by close(), or already replaced
+            (log.debug if warned else log.warning)(
+                "the durable-analytics flusher process exited (%s); starting a new one in "
+                "%.1f s (doubling up to %d s while it keeps exiting; its own errors are on "
+                "stderr)",
+                _exit_reason(code),
+                delay,
+                _RESTART_MAX,
             )
-            self._start_child()
+            warned = True
+            time.sleep(delay)
+            with self._lock:
+                if self._child is not child:
+                    return
+                child = self._spawn_flusher_process()
+                self._child = child
+            delay = min(delay * 2, _RESTART_MAX)
 
     def _spawn_flusher_process(self) -> subprocess.Popen[bytes]:
         return _flusher_process.start("flusher", self.config)
@@ -614,6 +656,15 @@ class Client(SettingsAttributes):
                 self._flusher.stop(0)
         except Exception:
             log.exception("durable-analytics exit handler failed; messages stay queued")
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def spawn_drain(config: Config) -> subprocess.Popen[bytes]:
