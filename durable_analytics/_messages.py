@@ -161,6 +161,28 @@ def _int_text(call: str, path: str, value: int) -> str:
         raise ValidationError(f"{call}: {path}: the integer has too many digits") from None
 
 
+def _raised(exc: BaseException) -> str:
+    """What a user object's method raised, for a ValidationError (never raising itself)."""
+    try:
+        text = one_line_text(str(exc))
+    except Exception:
+        text = "<unprintable>"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def one_line_text(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _safe_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit``, or the type's name when the object's repr raises."""
+    try:
+        return repr(value)[:limit]
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
 def _clean_key(key: object, path: str, call: str) -> str:
     # Mirrors json.dumps for the key types it converts itself, so the fast and the slow
     # path store the same bytes for the same input.
@@ -192,7 +214,23 @@ def _clean_key(key: object, path: str, call: str) -> str:
 
 
 def _clean(value: object, path: str, call: str, depth: int, active: set[int]) -> Any:
-    """Return a JSON-native copy of ``value`` or raise ``ValidationError`` naming ``path``."""
+    """Return a JSON-native copy of ``value`` or raise ``ValidationError`` naming ``path``.
+
+    A user object whose own methods raise (``__str__``, ``items()``, ``__iter__``,
+    ``isoformat``…) is reported as a ValidationError at its path, never as its exception.
+    """
+    try:
+        return _clean_value(value, path, call, depth, active)
+    except ValidationError:
+        raise
+    except Exception as exc:
+        raise ValidationError(
+            f"{call}: {path}: cannot convert {type(value).__name__} to JSON: "
+            f"it raised {_raised(exc)}"
+        ) from None
+
+
+def _clean_value(value: object, path: str, call: str, depth: int, active: set[int]) -> Any:
     if value is None or value is True or value is False:
         return value
     if isinstance(value, Enum):
@@ -243,11 +281,19 @@ def _clean(value: object, path: str, call: str, depth: int, active: set[int]) ->
             out: dict[str, Any] = {}
             mapping: Mapping[Any, Any] = value  # type: ignore[assignment]
             for key, item in mapping.items():
-                name = _clean_key(key, path, call)
+                try:
+                    name = _clean_key(key, path, call)
+                except ValidationError:
+                    raise
+                except Exception as exc:
+                    raise ValidationError(
+                        f"{call}: {path}: a key of type {type(key).__name__} cannot become a "
+                        f"JSON name: it raised {_raised(exc)}"
+                    ) from None
                 if name in out:
                     raise ValidationError(
-                        f"{call}: {path}: the keys {key!r:.40} and another key both become "
-                        f"the name {name!r:.40}; JSON names must be unique"
+                        f"{call}: {path}: the keys {_safe_repr(key, 40)} and another key both "
+                        f"become the name {name!r:.40}; JSON names must be unique"
                     )
                 out[name] = _clean(item, f"{path}.{name}", call, depth + 1, active)
             return out
@@ -280,13 +326,23 @@ _ID_TYPES = (str, int, float, Decimal, UUID)
 def _check_id(call: str, field: str, value: object) -> None:
     """Raise unless ``value`` is a usable id: a string, a finite number (not a bool) or a UUID."""
     if isinstance(value, bool) or not isinstance(value, _ID_TYPES):
-        raise ValidationError(f"{call}: {field} must be a string or a number, got {value!r:.60}")
-    if isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError(
+            f"{call}: {field} must be a string or a number, got {_safe_repr(value)}"
+        )
+    try:
+        finite = not isinstance(value, (float, Decimal)) or (
+            math.isfinite(value) if isinstance(value, float) else value.is_finite()
+        )
+        if isinstance(value, int):
+            _int_text(call, field, value)
+    except ValidationError:
+        raise
+    except Exception as exc:
+        raise ValidationError(
+            f"{call}: {field}: the {type(value).__name__} raised {_raised(exc)}"
+        ) from None
+    if not finite:
         raise ValidationError(f"{call}: {field} must be a finite number")
-    if isinstance(value, Decimal) and not value.is_finite():
-        raise ValidationError(f"{call}: {field} must be a finite number")
-    if isinstance(value, int):
-        _int_text(call, field, value)
 
 
 def _id(call: str, field: str, value: object) -> str | None:
@@ -298,7 +354,10 @@ def _id(call: str, field: str, value: object) -> str | None:
     _check_id(call, field, value)
     if isinstance(value, str):
         return str.__str__(value)
-    return str(value)
+    try:
+        return str(value)
+    except Exception as exc:
+        raise ValidationError(f"{call}: {field}: str() raised {_raised(exc)}") from None
 
 
 def _require_id(call: str, field: str, value: object) -> str | int | float:
@@ -309,7 +368,10 @@ def _require_id(call: str, field: str, value: object) -> str | int | float:
         raise ValidationError(f"{call}: {field} is required")
     _check_id(call, field, value)
     if isinstance(value, (UUID, Decimal)):
-        return str(value)
+        try:
+            return str(value)
+        except Exception as exc:
+            raise ValidationError(f"{call}: {field}: str() raised {_raised(exc)}") from None
     return value  # type: ignore[return-value]
 
 
@@ -327,7 +389,12 @@ def _mapping(call: str, field: str, value: object) -> dict[str, Any]:
     if type(value) is dict:
         return value
     if isinstance(value, Mapping):
-        return dict(value)
+        try:
+            return dict(value)
+        except Exception as exc:
+            raise ValidationError(
+                f"{call}: {field}: reading the {type(value).__name__} raised {_raised(exc)}"
+            ) from None
     raise ValidationError(f"{call}: {field} must be a dict, got {type(value).__name__}")
 
 
@@ -335,7 +402,7 @@ def _optional_str(call: str, field: str, value: object) -> str | None:
     if value is None or type(value) is str:
         return value
     if isinstance(value, str):
-        return str(value)
+        return str.__str__(value)
     raise ValidationError(f"{call}: {field} must be a string, got {type(value).__name__}")
 
 
@@ -343,7 +410,12 @@ def _timestamp(call: str, value: object) -> str:
     if value is None:
         return now_timestamp()
     if isinstance(value, datetime):
-        return format_timestamp(value)
+        try:
+            return format_timestamp(value)
+        except Exception as exc:
+            raise ValidationError(
+                f"{call}: timestamp: the {type(value).__name__} raised {_raised(exc)}"
+            ) from None
     raise ValidationError(f"{call}: timestamp must be a datetime, got {type(value).__name__}")
 
 
@@ -353,10 +425,15 @@ def _message_id(call: str, value: object) -> str:
     if type(value) is str and value:
         return value
     if isinstance(value, (UUID, int)) and not isinstance(value, bool):
-        return _int_text(call, "message_id", value) if isinstance(value, int) else str(value)
+        try:
+            return _int_text(call, "message_id", value) if isinstance(value, int) else str(value)
+        except ValidationError:
+            raise
+        except Exception as exc:
+            raise ValidationError(f"{call}: message_id: str() raised {_raised(exc)}") from None
     if isinstance(value, str) and value:
         return str.__str__(value)
-    raise ValidationError(f"{call}: message_id must be a non-empty string, got {value!r:.60}")
+    raise ValidationError(f"{call}: message_id must be a non-empty string, got {_safe_repr(value)}")
 
 
 def _context(call: str, context: object) -> dict[str, Any]:
@@ -373,7 +450,9 @@ def _finish(call: str, msg: dict[str, Any], max_bytes: int) -> tuple[dict[str, A
     try:
         text = _encode_json(msg)
         body = text.encode("utf-8")
-    except _FAST_PATH_ERRORS:
+    except Exception:
+        # _FAST_PATH_ERRORS, or a user object's own method raising: the cleaner names the
+        # path of what failed (as a ValidationError).
         msg, body = _slow_path(call, msg)
     else:
         if text.count("{") + text.count("[") > _DEPTH_SAFE_BRACKETS:
@@ -387,7 +466,7 @@ def _slow_path(call: str, msg: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     msg = _clean_fields(call, msg)
     try:
         return msg, _encode_json(msg).encode("utf-8")
-    except _FAST_PATH_ERRORS as exc:  # a backstop: the cleaned message should always encode
+    except Exception as exc:  # a backstop: the cleaned message should always encode
         raise ValidationError(f"{call}: the message cannot be serialized: {exc}") from None
 
 
@@ -463,7 +542,7 @@ def track(
     if type(event) is not str or not event:
         if not isinstance(event, str) or not event:
             raise ValidationError("track: event is required and must be a non-empty string")
-        event = str(event)
+        event = str.__str__(event)
     msg = {
         "type": "track",
         "messageId": _message_id("track", message_id),

@@ -16,7 +16,7 @@ import sys
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from enum import Enum, IntEnum
@@ -1089,3 +1089,144 @@ def test_clean_json_converts_like_the_calls() -> None:
     }
     with pytest.raises(ValidationError, match=r"^clean: value\.a: NaN"):
         _messages.clean_json({"a": math.nan})
+
+
+# --------------------------------------------------------------------------- objects that raise
+
+
+class Boom(Exception):
+    """An application's own exception, raised by one method of a user object."""
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("not even printable")
+
+
+_RAISES: list[Callable[[], BaseException]] = [
+    Boom,
+    Unprintable,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    RuntimeError,
+    RecursionError,
+    lambda: UnicodeEncodeError("utf-8", "x", 0, 1, "boom"),
+]
+
+
+class _Mapping(Mapping[Any, Any]):
+    def __init__(self) -> None:
+        self._data = {"k": 1}
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class _Sequence(Sequence[Any]):
+    def __getitem__(self, index: Any) -> Any:
+        return [1, 2][index]
+
+    def __len__(self) -> int:
+        return 2
+
+
+class _Key:
+    """A hashable key of a type JSON does not know: converted with str()."""
+
+
+# (base class, arguments, methods that may raise): one bomb per base and method.
+_BOMBS: list[tuple[type, tuple[Any, ...], tuple[str, ...]]] = [
+    (_Mapping, (), ("items", "keys", "__iter__", "__getitem__", "__len__", "values")),
+    (dict, ({"k": 1},), ("items", "keys", "__iter__", "__getitem__", "__len__")),
+    (list, ([1, 2],), ("__iter__", "__getitem__", "__len__")),
+    (_Sequence, (), ("__iter__", "__getitem__", "__len__")),
+    (_Key, (), ("__str__", "__repr__")),
+    (int, (7,), ("__str__", "__repr__", "__int__", "__index__")),
+    (float, (1.5,), ("__float__", "__repr__", "__str__")),
+    (datetime, (2024, 1, 2, 3, 4, 5), ("isoformat", "utcoffset", "replace")),
+    (date, (2024, 1, 2), ("isoformat",)),
+    (Decimal, ("1.5",), ("is_finite", "__float__", "__str__")),
+    (uuid.UUID, ("12345678123456781234567812345678",), ("__str__",)),
+]
+
+
+def _bomb(
+    base: type, args: tuple[Any, ...], method: str, error: Callable[[], BaseException]
+) -> Any:
+    def raising(self: Any, *a: Any, **k: Any) -> Any:
+        raise error()
+
+    cls = type(f"Bad{base.__name__.strip('_').title()}", (base,), {method: raising})
+    return cls(*args)
+
+
+# Where the object goes in a call, and the path the ValidationError must name.
+_PLACES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "property value": ("properties.a.b[0]", lambda b: _messages.track("u", "E", {"a": {"b": [b]}})),
+    "property key": ("properties.a", lambda b: _messages.track("u", "E", {"a": {b: 1}})),
+    "properties": ("properties", lambda b: _messages.track("u", "E", b)),
+    "context": ("context", lambda b: _messages.track("u", "E", context=b)),
+    "context value": ("context.x", lambda b: _messages.track("u", "E", context={"x": b})),
+    "traits value": ("traits.t", lambda b: _messages.identify("u", {"t": b})),
+    "timestamp": ("timestamp", lambda b: _messages.track("u", "E", timestamp=b)),
+    "user_id": ("user_id", lambda b: _messages.track(b, "E")),
+    "group_id": ("group_id", lambda b: _messages.group("u", b)),
+    "message_id": ("message_id", lambda b: _messages.track("u", "E", message_id=b)),
+    "enqueued property": (
+        "properties.p",
+        lambda b: _messages.encode(Track(user_id="u", event="E", properties={"p": b})),
+    ),
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    bomb=st.sampled_from([(base, args, m) for base, args, ms in _BOMBS for m in ms]),
+    error=st.sampled_from(_RAISES),
+    place=st.sampled_from(sorted(_PLACES)),
+)
+def test_user_objects_that_raise_become_a_validation_error_naming_the_path(
+    bomb: tuple[type, tuple[Any, ...], str], error: Callable[[], BaseException], place: str
+) -> None:
+    """An object whose __str__, items(), __iter__, __getitem__, __len__, isoformat… raises is
+    either stored as strict JSON (the method was never needed) or refused with a
+    ValidationError that names where it was: never the object's own exception."""
+    path, call = _PLACES[place]
+    try:
+        value = _bomb(*bomb, error)
+        hash(value)
+    except Exception:
+        if place == "property key":
+            return  # cannot be a key at all: the user's own dict literal fails first
+        value = _bomb(*bomb, error)
+    try:
+        _, body = call(value)
+    except ValidationError as exc:
+        message = str(exc)
+    else:
+        strict_loads(body)
+        return
+    assert path.split(".")[0].split("[")[0] in message, message
+    if "raised" in message and place not in ("properties", "context"):
+        assert path in message or path.rsplit(".", 1)[0] in message, message
+
+
+def test_a_key_whose_str_raises_names_the_mapping_and_the_exception() -> None:
+    key = _bomb(_Key, (), "__str__", Boom)
+    with pytest.raises(ValidationError, match=r"^track: properties\.a: a key of type BadKey.*Boom"):
+        _messages.track("u", "E", {"a": {key: 1}})
+
+
+def test_a_dict_whose_items_raises_names_its_path() -> None:
+    bad = _bomb(dict, ({"k": 1},), "items", RuntimeError)
+    with pytest.raises(ValidationError, match=r"^track: properties\.a\[1\]: .*RuntimeError"):
+        _messages.track("u", "E", {"a": [1, bad]})
