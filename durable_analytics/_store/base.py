@@ -158,6 +158,38 @@ class DeadLetter:
     dead_at: float
     body: bytes = field(repr=False)
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> DeadLetter:
+        """Build one from a stored row, as every backend stores it.
+
+        ``row`` is (id, host, write_key, status, reason, excerpt, attempts, enqueued_at,
+        dead_at, body). The key is redacted here; a body that is not a JSON object (it was
+        rejected for a reason) still lists, with empty message fields.
+        """
+        row_id, host, key, status, reason, excerpt, attempts, enq, dead_at, body = row
+        raw = bytes(body)
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            msg = {}
+        if not isinstance(msg, dict):
+            msg = {}
+        return cls(
+            id=int(row_id),
+            host=host,
+            write_key=Destination(0, host, key).redacted_key,
+            type=str(msg.get("type", "")),
+            event=msg.get("event") or msg.get("name"),
+            message_id=msg.get("messageId"),
+            status=status,
+            reason=reason,
+            excerpt=excerpt,
+            attempts=int(attempts),
+            enqueued_at=float(enq),
+            dead_at=float(dead_at),
+            body=raw,
+        )
+
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the body decoded as the message object)."""
         out = asdict(self)

@@ -17,7 +17,6 @@ bounds it: a call never waits on the server longer than ``timeout``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -704,32 +703,7 @@ class PostgresQueue:
         """The dead letters (all, or those with ``ids``), oldest first."""
         params = {"all": ids is None, "ids": list(ids or ())}
         rows = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTERS), params)).fetchall()
-        out = []
-        for row_id, host, key, status, reason, excerpt, attempts, enq, dead_at, body in rows:
-            try:
-                msg = json.loads(bytes(body))
-            except ValueError:
-                msg = {}
-            if not isinstance(msg, dict):
-                msg = {}
-            out.append(
-                DeadLetter(
-                    id=int(row_id),
-                    host=host,
-                    write_key=Destination(0, host, key).redacted_key,
-                    type=str(msg.get("type", "")),
-                    event=msg.get("event") or msg.get("name"),
-                    message_id=msg.get("messageId"),
-                    status=status,
-                    reason=reason,
-                    excerpt=excerpt,
-                    attempts=int(attempts),
-                    enqueued_at=float(enq),
-                    dead_at=float(dead_at),
-                    body=bytes(body),
-                )
-            )
-        return out
+        return [DeadLetter.from_row(row) for row in rows]
 
     def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters (all, or ``ids``) back in the queue; returns how many."""

@@ -3,14 +3,13 @@ their share of the cap, listing, requeueing and purging them."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from durable_analytics._store.base import DeadLetter, Destination, Lease
+from durable_analytics._store.base import DeadLetter, Lease
 
 from .connections import Connections
 from .errors import log
@@ -187,41 +186,7 @@ class DeadLetters:
             marks = ",".join("?" * len(ids))
             return conn.execute(sql + f" WHERE l.id IN ({marks}) ORDER BY l.id", ids).fetchall()
 
-        out = []
-        for (
-            row_id,
-            host,
-            key,
-            status,
-            reason,
-            excerpt,
-            attempts,
-            enq,
-            dead_at,
-            body,
-        ) in self.db.read(run):
-            try:
-                msg = json.loads(body)
-            except ValueError:
-                msg = {}
-            out.append(
-                DeadLetter(
-                    id=int(row_id),
-                    host=host,
-                    write_key=Destination(0, host, key).redacted_key,
-                    type=str(msg.get("type", "")),
-                    event=msg.get("event") or msg.get("name"),
-                    message_id=msg.get("messageId"),
-                    status=status,
-                    reason=reason,
-                    excerpt=excerpt,
-                    attempts=int(attempts),
-                    enqueued_at=float(enq),
-                    dead_at=float(dead_at),
-                    body=bytes(body),
-                )
-            )
-        return out
+        return [DeadLetter.from_row(row) for row in self.db.read(run)]
 
     def take_out(self, ids: Sequence[int] | None, *, requeue: bool) -> int:
         """Requeue (as new messages) or purge dead letters (all, or ``ids``); how many."""
