@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
+from ._metrics import delivery_counters
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
 from ._transport.base import Transport
@@ -195,12 +196,15 @@ class Deliverer:
         last = [_DEADLINE_PASSED]
         # Earlier tries of these messages (other leases), then one more per quick retry.
         tries = [lease.attempts]
+        first_try = lease.attempts
 
         def attempt() -> Outcome:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return _DEADLINE_PASSED  # no request made: the caller's time is up
             last[0] = self.transport.send(dest, bodies, timeout=remaining, retry_count=tries[0])
+            # A resend: a quick retry, or the first try of a lease that failed before.
+            delivery_counters.request(last[0].status, retry=tries[0] > first_try or not quick)
             tries[0] += 1
             return last[0]
 
@@ -292,6 +296,7 @@ class Deliverer:
             # The ack also clears the destination's backoff, in the same transaction.
             self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
             stats.sent += len(ids)
+            delivery_counters.sent(len(ids))
             log.debug("delivered %d messages to %s", len(ids), dest.host)
             return True
         if outcome.kind == "reject":
@@ -308,6 +313,7 @@ class Deliverer:
                 finally:
                     self.dead_lettered[dest.id] -= 1
                 self.dead_lettered[dest.id] += moved
+                delivery_counters.dead_lettered(moved)
                 stats.dead_lettered += 1
                 log.warning(
                     "dead-lettered a message rejected with HTTP %s by %s",

@@ -11,6 +11,8 @@ samples under the OpenTelemetry names.
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,9 +22,11 @@ from ._store import QueueStats
 
 __all__ = [
     "METRICS",
+    "DeliveryCounters",
     "DeliveryCounts",
     "Metric",
     "Sample",
+    "delivery_counters",
     "delivery_samples",
     "queue_samples",
     "render_prometheus",
@@ -106,6 +110,57 @@ class DeliveryCounts:
     dead_lettered: int = 0
     retries: int = 0
     requests: Mapping[int | None, int] = field(default_factory=dict)
+
+
+class DeliveryCounters:
+    """This process's delivery counters, added to by every Deliverer in it (thread-safe).
+
+    A forked child starts from zero (its parent's counts are the parent's), so each
+    process reports only its own work and a sum over processes counts nothing twice.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._dead_lettered = 0
+        self._retries = 0
+        self._requests: dict[int | None, int] = {}
+
+    def request(self, status: int | None, *, retry: bool) -> None:
+        """Count one batch request and its answer (None: none came); ``retry``: a resend."""
+        with self._lock:
+            self._requests[status] = self._requests.get(status, 0) + 1
+            if retry:
+                self._retries += 1
+
+    def sent(self, messages: int) -> None:
+        """Count messages the server accepted."""
+        with self._lock:
+            self._sent += messages
+
+    def dead_lettered(self, messages: int) -> None:
+        """Count messages moved to the dead letters."""
+        with self._lock:
+            self._dead_lettered += messages
+
+    def snapshot(self) -> DeliveryCounts:
+        """The counts so far."""
+        with self._lock:
+            return DeliveryCounts(
+                self._sent, self._dead_lettered, self._retries, dict(self._requests)
+            )
+
+    def reset(self) -> None:
+        """Start from zero (after a fork)."""
+        self._lock = threading.Lock()
+        self._sent = self._dead_lettered = self._retries = 0
+        self._requests = {}
+
+
+#: The counters of this process.
+delivery_counters = DeliveryCounters()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=delivery_counters.reset)
 
 
 def _timestamp(iso: str | None) -> float | None:

@@ -10,6 +10,9 @@ Every instrument is observable: nothing is added to the call path. At each colle
 feeds the gauges ``durable_analytics.pending``, ``.leased``, ``.dead_letters``,
 ``.pending.size``, ``.oldest_message.age``, the per-destination gauges (attributes ``host``
 and ``write_key``, its first 4 characters) and the counter ``durable_analytics.dropped``.
+The counters ``durable_analytics.sent``, ``.dead_lettered``, ``.retries`` and ``.requests``
+(attribute ``status``: the HTTP status, or ``"error"`` when no answer came) count the
+deliveries of this process, whichever client or drain made them.
 Only ``opentelemetry-api`` is needed; the SDK and exporters are the application's choice.
 """
 
@@ -22,7 +25,13 @@ from collections.abc import Callable, Iterable
 from opentelemetry import metrics
 
 from durable_analytics import Client, __version__
-from durable_analytics._metrics import METRICS, Sample, queue_samples
+from durable_analytics._metrics import (
+    METRICS,
+    Sample,
+    delivery_counters,
+    delivery_samples,
+    queue_samples,
+)
 
 __all__ = ["instrument"]
 
@@ -57,10 +66,15 @@ def _callback(
     return observe
 
 
+def _delivery(key: str) -> list[Sample]:
+    return [s for s in delivery_samples(delivery_counters.snapshot()) if s.key == key]
+
+
 def instrument(client: Client, *, meter_provider: metrics.MeterProvider | None = None) -> None:
-    """Report ``client``'s queue health through OpenTelemetry metrics (see the module)."""
+    """Report ``client``'s queue health and this process's deliveries (see the module)."""
     meter = metrics.get_meter("durable_analytics", __version__, meter_provider=meter_provider)
     snapshots = _Snapshots(client)
+    sources: dict[str, Callable[[str], list[Sample]]] = {}
     for key in (
         "pending",
         "leased",
@@ -73,6 +87,10 @@ def instrument(client: Client, *, meter_provider: metrics.MeterProvider | None =
         "last_error_time",
         "dropped",
     ):
+        sources[key] = snapshots.samples
+    for key in ("sent", "dead_lettered", "retries", "requests"):
+        sources[key] = _delivery
+    for key, source in sources.items():
         metric = METRICS[key]
         create = (
             meter.create_observable_counter
@@ -81,7 +99,7 @@ def instrument(client: Client, *, meter_provider: metrics.MeterProvider | None =
         )
         create(
             metric.otel,
-            callbacks=[_callback(snapshots.samples, key)],
+            callbacks=[_callback(source, key)],
             unit=metric.unit,
             description=metric.help,
         )

@@ -9,7 +9,9 @@
         return Response(render(client), content_type=CONTENT_TYPE)
 
 The figures are those of ``client.stats()`` (the whole queue file, whichever process wrote
-it), each labelled with ``queue`` (the file's path).
+it), each labelled with ``queue`` (the file's path), and the delivery counters of this
+process (``durable_analytics_sent_messages_total``, ``…_dead_lettered_messages_total``,
+``…_retries_total``, ``…_requests_total{status}``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from __future__ import annotations
 import time
 
 from durable_analytics import Client
-from durable_analytics._metrics import queue_samples, render_prometheus
+from durable_analytics._metrics import (
+    delivery_counters,
+    delivery_samples,
+    queue_samples,
+    render_prometheus,
+)
 
 __all__ = ["CONTENT_TYPE", "render"]
 
@@ -26,6 +33,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def render(client: Client) -> str:
-    """``client``'s queue metrics as Prometheus text, one ``# HELP``/``# TYPE`` per family."""
+    """``client``'s queue metrics and this process's delivery counters, as Prometheus text."""
     samples = queue_samples(client.stats(), now=time.time())
+    samples += delivery_samples(delivery_counters.snapshot())
     return render_prometheus(samples, {"queue": str(client.config.queue_path)})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from durable_analytics import Client, QueueStats
 from durable_analytics._metrics import (
     METRICS,
     DeliveryCounts,
+    delivery_counters,
     delivery_samples,
     queue_samples,
     render_prometheus,
@@ -192,3 +195,83 @@ def test_contrib_prometheus_renders_a_clients_queue(busy_queue: tuple[Client, Pa
     ]
     assert (pending.value, pending.labels) == (5, {"queue": str(path)})
     assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")
+
+
+def _otel_values(reader: InMemoryMetricReader) -> dict[tuple[str, frozenset[Any]], float]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    by_otel = {m.otel: k for k, m in METRICS.items()}
+    return {
+        (by_otel[m.name], frozenset((k, str(v)) for k, v in p.attributes.items())): p.value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        for p in m.data.data_points
+    }
+
+
+def test_delivery_counters_match_what_the_collector_answered(
+    collector: Collector, queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent, dead-lettered, retries and requests by status agree with the server's log."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    client = Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        flusher="none",
+        on_exit="none",
+        flush_at=10,
+    )
+    instrument(client, meter_provider=provider)
+    before = _otel_values(reader)
+    ids = [client.track(f"u{i}", "Counted")[1]["messageId"] for i in range(30)]
+    collector.script(503)  # the first request fails once, then its quick retry succeeds
+    collector.reject_message_ids(ids[25])  # one bad message: split, then dead-lettered
+    result = client.flush(timeout=30)
+    assert (result.sent, result.dead_lettered, result.pending) == (29, 1, 0)
+    monkeypatch.setattr(otel_contrib, "_SNAPSHOT_SECONDS", 0.0)
+    after = _otel_values(reader)
+
+    def delta(key: str, **labels: str) -> float:
+        at = (key, frozenset(labels.items()))
+        return after.get(at, 0) - before.get(at, 0)
+
+    answered = Counter(b.status for b in collector.batches)
+    assert answered[503] == 1
+    assert answered[400] >= 1
+    for status, n in answered.items():
+        assert delta("requests", status=str(status)) == n
+    assert delta("sent") == 29 == len(collector.message_ids())
+    assert delta("dead_lettered") == 1
+    assert delta("retries") == 1
+    # The Prometheus rendering of the same process counters agrees.
+    text = render(client)
+    [sent] = [
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "durable_analytics_sent_messages_total"
+    ]
+    assert sent == after[("sent", frozenset())]
+    provider.shutdown()
+    client.close(timeout=0)
+
+
+def test_a_forked_child_counts_from_zero() -> None:
+    """After fork the child's counters start at zero; the parent's are unchanged."""
+    delivery_counters.sent(5)
+    before = delivery_counters.snapshot().sent
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its count and leave at once
+        os.close(r)
+        os.write(w, str(delivery_counters.snapshot().sent).encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 100).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert child == "0"
+    assert delivery_counters.snapshot().sent == before
