@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from durable_analytics._metrics import queue_samples, render_prometheus
 from durable_analytics._store import QueueStats
 
 from ._app import (
@@ -26,13 +28,23 @@ from ._output import count, human_age, human_bytes, one_line
 @cli.command("status", short_help="Show what is queued, by destination.")
 @common_options
 @json_option
-def status_command(queue_path: Path | None, verbose: int, as_json: bool) -> int:
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json", "prometheus"]),
+    default="text",
+    show_default=True,
+    help="json: as --json; prometheus: the text format for node-exporter's textfile collector.",
+)
+def status_command(queue_path: Path | None, verbose: int, as_json: bool, output_format: str) -> int:
     """Show what is queued: pending, leased, dead letters, bytes, oldest age, drops, errors.
 
     One line per destination, its write key cut to the first 4 characters. `--json` prints
     the same names as `Client.stats()`: pending, leased, dead_letters, bytes,
     oldest_age_seconds, dropped, last_error, destinations, wal_bytes (the size of the
-    queue's -wal file).
+    queue's -wal file). `--format prometheus` prints them as durable_analytics_* metrics
+    labelled with the queue; write it to a temporary file and rename it into the textfile
+    collector's directory.
     """
     setup_logging(verbose)
     config = queue_config(resolve_queue(queue_path))
@@ -44,7 +56,10 @@ def status_command(queue_path: Path | None, verbose: int, as_json: bool) -> int:
         health: dict[str, Any] | None = health_of() if health_of is not None else None
     finally:
         queue.close()
-    if as_json:
+    if output_format == "prometheus":
+        samples = queue_samples(stats, now=time.time())
+        click.echo(render_prometheus(samples, {"queue": config.queue_name}), nl=False)
+    elif as_json or output_format == "json":
         out = stats.as_dict()
         if health is not None:
             out["table"] = health

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest.mock import ANY
 
 from click.testing import CliRunner
 
@@ -76,3 +77,29 @@ def test_status_refuses_a_queue_in_a_world_writable_directory(
     shared.chmod(0o777)
     (shared / "q.sqlite3").touch()
     assert_error(run(runner, "status", "--queue", str(shared / "q.sqlite3")), 3, "other users")
+
+
+def test_status_format_prometheus_parses_and_matches_json(
+    runner: CliRunner, queue_path: Path, collector: Collector
+) -> None:
+    """`--format prometheus` is valid text format with the figures `--json` prints."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fill(queue_path, collector.url, 7)
+    data = json.loads(run(runner, "status", "--queue", str(queue_path), "--json").stdout)
+    result = run(runner, "status", "--queue", str(queue_path), "--format", "prometheus")
+    assert result.exit_code == 0
+    assert result.stdout.endswith("\n")
+    samples = {
+        s.name: s
+        for f in text_string_to_metric_families(result.stdout)
+        for s in f.samples
+        if not s.labels.get("host")
+    }
+    assert samples["durable_analytics_pending_messages"].value == data["pending"] == 7
+    assert samples["durable_analytics_pending_bytes"].value == data["bytes"]
+    assert samples["durable_analytics_dropped_messages_total"].value == data["dropped"]
+    assert samples["durable_analytics_pending_messages"].labels == {"queue": str(queue_path)}
+    assert WRITE_KEY not in result.stdout
+    as_json = run(runner, "status", "--queue", str(queue_path), "--format", "json")
+    assert json.loads(as_json.stdout) == {**data, "oldest_age_seconds": ANY}
