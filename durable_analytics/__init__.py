@@ -138,6 +138,10 @@ lease_timeout: float | None = None
 max_queue_bytes: int | None = None
 overflow: Overflow | None = None
 default_client: Client | None = None
+# A library attaches no output of its own: the application's logging configuration decides
+# (the CLI and ``debug=True`` add a stderr handler).
+logging.getLogger("durable_analytics").addHandler(logging.NullHandler())
+
 #: segment-analytics-python's name for the version.
 VERSION = __version__
 

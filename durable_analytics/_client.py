@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import multiprocessing
 import multiprocessing.util
 import os
@@ -41,7 +42,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "Staged"]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.client")
+# The package logger: where log_handler and debug=True apply, for every module's logger.
+_package_log = logging.getLogger("durable_analytics")
+#: At most one "the cap dropped messages" warning per client per this many seconds.
+DROP_WARN_EVERY = 60.0
 
 Result = tuple[bool, dict[str, Any]]
 #: A user, anonymous, group or previous id: a string, or a number (sent as a string).
@@ -182,6 +187,8 @@ class Client(SettingsAttributes):
         self._mp_finalizer = False
         self._atexit_registered = False
         self._closed = False
+        self._drops = 0
+        self._drop_warned_at = -math.inf
         _clients.add(self)
 
     def __repr__(self) -> str:
@@ -201,12 +208,13 @@ class Client(SettingsAttributes):
 
     def _configure_logging(self) -> None:
         c = self.config
-        if c.log_handler is not None and c.log_handler not in log.handlers:
-            log.addHandler(c.log_handler)
+        pkg = _package_log
+        if c.log_handler is not None and c.log_handler not in pkg.handlers:
+            pkg.addHandler(c.log_handler)
         if c.debug:
-            log.setLevel(logging.DEBUG)
-            if not log.handlers:
-                log.addHandler(logging.StreamHandler())
+            pkg.setLevel(logging.DEBUG)
+            if not any(not isinstance(h, logging.NullHandler) for h in pkg.handlers):
+                pkg.addHandler(logging.StreamHandler())
 
     @property
     def queue(self) -> QueueBackend:
@@ -319,6 +327,8 @@ class Client(SettingsAttributes):
         if connection is not None:
             return self._stage(queue, msg, body, connection)
         row_id = queue.append(self._dest, body)
+        if not row_id:
+            self._dropped()
         self._calls_here += 1
         if not self._started:
             self._start()
@@ -345,6 +355,26 @@ class Client(SettingsAttributes):
         # No wake-up nor sync_mode delivery: it is not committed yet. A flusher sends it
         # within flush_interval of the caller's COMMIT.
         return Staged((True, msg)) if row_id else (False, msg)
+
+    def _dropped(self) -> None:
+        """The size cap refused a message: warn now, then at most once a minute, with counts."""
+        self._drops += 1
+        now = time.monotonic()
+        if now - self._drop_warned_at < DROP_WARN_EVERY:
+            return
+        since = "" if self._drop_warned_at == -math.inf else " since the last warning"
+        self._drop_warned_at = now
+        count, self._drops = self._drops, 0
+        log.warning(
+            "the queue %s is full (max_queue_bytes=%d): dropped %d new message%s%s "
+            "(overflow=%r; the calls returned False). Is delivery failing?",
+            self.config.queue_name,
+            self.config.max_queue_bytes,
+            count,
+            "" if count == 1 else "s",
+            since,
+            self.config.overflow,
+        )
 
     def identify(
         self,
@@ -641,7 +671,7 @@ class Client(SettingsAttributes):
             if mode == "flush":
                 result = self.close(self.config.shutdown_timeout)
                 if result.pending:
-                    log.info(
+                    log.warning(
                         "%d messages stay queued in %s for the next run or "
                         "`durable-analytics drain`",
                         result.pending,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
+from . import _delivery_log
 from ._metrics import delivery_counters
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
@@ -45,7 +46,7 @@ __all__ = [
     "retry_delay",
 ]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger(_delivery_log.LOGGER)
 
 OnError = Callable[[Exception, list[dict[str, Any]]], object]
 
@@ -57,10 +58,6 @@ RETRY_CAP = 60.0
 #: Backoff cap for configuration errors (401, 403, 404, 3xx).
 CONFIG_CAP = MAX_BACKOFF_SECONDS
 _CONFIG_FIRST = 30.0
-_WARN_EVERY = 60.0
-# When each (queue file, destination) last got its configuration warning, in this process:
-# shared by every Deliverer (the flusher, flush(), drain workers) so it stays rate-limited.
-_last_warning: dict[tuple[str, int], float] = {}
 
 
 def retry_delay(kind: str, failures: int, retry_after: float | None = None) -> float:
@@ -202,7 +199,18 @@ class Deliverer:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return _DEADLINE_PASSED  # no request made: the caller's time is up
-            last[0] = self.transport.send(dest, bodies, timeout=remaining, retry_count=tries[0])
+            started = time.monotonic()
+            last[0] = outcome = self.transport.send(
+                dest, bodies, timeout=remaining, retry_count=tries[0]
+            )
+            _delivery_log.batch(
+                dest.host,
+                len(bodies),
+                sum(map(len, bodies)),
+                outcome.status,
+                time.monotonic() - started,
+                outcome.error,
+            )
             # A resend: a quick retry, or the first try of a lease that failed before.
             delivery_counters.request(last[0].status, retry=tries[0] > first_try or not quick)
             tries[0] += 1
@@ -218,8 +226,9 @@ class Deliverer:
         budget = min(self.queue.lease_timeout * 0.5, self.max_total_backoff_duration)
         if deadline is not None:
             budget = min(budget, max(0.0, deadline - started))
-        log.debug("retrying a batch of %d after: %s", len(idx), first.error)
-        self._sleep(min(budget, 0.25 * random.uniform(1.0, 2.0)))
+        pause = min(budget, 0.25 * random.uniform(1.0, 2.0))
+        log.debug("quick retry of a batch of %d in %.2fs after: %s", len(idx), pause, first.error)
+        self._sleep(pause)
         until = started + budget
         # 0.25, 0.5, 1 … 4 s plus up to 0.25 s of jitter (wait_exponential_jitter's
         # `initial` is deprecated in tenacity 9 and its replacement missing from 8.x).
@@ -245,8 +254,9 @@ class Deliverer:
                 else Outcome("retry", None, error="no attempt")
             ),
             before_sleep=lambda state: log.debug(
-                "retrying a batch of %d after: %s",
+                "quick retry of a batch of %d in %.2fs after: %s",
                 len(idx),
+                state.next_action.sleep if state.next_action else 0.0,
                 state.outcome.result().error if state.outcome else "",
             ),
             reraise=True,
@@ -297,7 +307,7 @@ class Deliverer:
             self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
             stats.sent += len(ids)
             delivery_counters.sent(len(ids))
-            log.debug("delivered %d messages to %s", len(ids), dest.host)
+            _delivery_log.succeeded((str(self.queue.path), dest.id), dest.host)
             return True
         if outcome.kind == "reject":
             if len(idx) == 1:
@@ -316,9 +326,11 @@ class Deliverer:
                 delivery_counters.dead_lettered(moved)
                 stats.dead_lettered += 1
                 log.warning(
-                    "dead-lettered a message rejected with HTTP %s by %s",
-                    outcome.status,
+                    "dead-lettered message %s: %s answered HTTP %s (see `durable-analytics "
+                    "dead-letters list`)",
+                    _message_id(lease.bodies[idx[0]]),
                     dest.host,
+                    outcome.status,
                 )
                 self._report(
                     MessageRejected(
@@ -349,17 +361,23 @@ class Deliverer:
         delay = max(0.0, until - time.time())
         stats.kept += len(lease.ids) - stats.sent - stats.dead_lettered
         stats.errors.append(outcome.error)
+        log.debug("backing off %s for %.1fs after: %s", dest.host, delay, outcome.error)
+        _delivery_log.failed(
+            (str(self.queue.path), dest.id),
+            dest.host,
+            kind=outcome.kind,
+            status=outcome.status,
+            error=outcome.error,
+            delay=delay,
+            kept=lambda: self.queue.pending(destination=dest.id),
+        )
         if outcome.kind == "config":
-            self._warn_config(dest.id, dest.host, outcome, delay)
             exc: DeliveryError = ConfigurationRejected(
                 f"{outcome.error}; the messages are kept: check the write key and host",
                 status=outcome.status,
                 excerpt=outcome.excerpt,
             )
         else:
-            log.info(
-                "delivery to %s failed (%s); retrying in %.0fs", dest.host, outcome.error, delay
-            )
             exc = RetryableError(
                 f"{outcome.error}; the messages are kept and retried in {delay:.0f}s",
                 status=outcome.status,
@@ -368,28 +386,18 @@ class Deliverer:
         self._report(exc, lease, idx)
         return False
 
-    def _warn_config(self, dest_id: int, host: str, outcome: Outcome, delay: float) -> None:
-        now = time.monotonic()
-        key = (str(self.queue.path), dest_id)
-        last = _last_warning.get(key)
-        if last is not None and now - last < _WARN_EVERY:
-            return
-        _last_warning[key] = now
-        if outcome.status in (401, 403):
-            hint = "the write key is wrong or lacks access: check write_key"
-        elif outcome.status == 404:
-            hint = "the URL is wrong: check host (it must not include /v1/batch)"
-        elif outcome.status is not None and 300 <= outcome.status < 400:
-            hint = "the host redirects, which is not followed: set host to the final URL"
-        else:
-            hint = "the server refused the request: check host"
-        log.warning(
-            "%s answered HTTP %s: %s. Messages are kept; next try in %.0fs.",
-            host,
-            outcome.status,
-            hint,
-            delay,
-        )
+
+def _message_id(body: bytes) -> str:
+    """The messageId of a stored body, quoted for a log line (never the body itself).
+
+    It is user data: JSON-quoted (line breaks and control characters escaped, so it cannot
+    forge a log line) and cut to 100 characters.
+    """
+    try:
+        value = json.loads(body).get("messageId")
+    except (ValueError, AttributeError):
+        return "?"
+    return "?" if value is None else json.dumps(str(value)[:100])
 
 
 def make_deliverer(

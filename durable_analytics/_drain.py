@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DrainResult", "deliver_until", "drain", "drain_lock", "drain_queue"]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.delivery")
 
 Progress = Callable[[int], object]
 

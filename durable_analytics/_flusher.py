@@ -16,7 +16,7 @@ from ._delivery import Deliverer, DeliveryStats
 
 __all__ = ["POLL_INTERVAL", "Flusher"]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.delivery")
 
 #: How often a flusher looks for messages that other processes appended.
 POLL_INTERVAL = 0.5

@@ -35,7 +35,7 @@ from .exceptions import ConfigError
 
 __all__ = ["main", "start"]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.delivery")
 
 _MODULE = "durable_analytics._flusher_process"
 _MODES = ("flusher", "drain")

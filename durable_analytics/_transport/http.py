@@ -36,7 +36,7 @@ __all__ = [
     "envelope_overhead",
 ]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.delivery")
 
 #: Response bodies are read to at most this many bytes.
 MAX_RESPONSE_BYTES = 64 * 1024

@@ -10,7 +10,7 @@ from durable_analytics._client import _clients
 
 __all__ = ["close_clients"]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.contrib")
 
 
 def close_clients(clients: list[Client] | None = None, timeout: float | None = None) -> FlushResult:

@@ -33,7 +33,7 @@ from durable_analytics import Client, FlushResult
 
 __all__ = ["AnalyticsLifespan", "aclose", "closing"]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.contrib")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -129,5 +129,5 @@ class AnalyticsLifespan:
                 "%d messages stay queued in %s at shutdown, for the next run or "
                 "`durable-analytics drain`",
                 result.pending,
-                self.client.config.queue_path,
+                self.client.config.queue_name,
             )

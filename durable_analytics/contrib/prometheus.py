@@ -36,4 +36,4 @@ def render(client: Client) -> str:
     """``client``'s queue metrics and this process's delivery counters, as Prometheus text."""
     samples = queue_samples(client.stats(), now=time.time())
     samples += delivery_samples(delivery_counters.snapshot())
-    return render_prometheus(samples, {"queue": str(client.config.queue_path)})
+    return render_prometheus(samples, {"queue": client.config.queue_name})

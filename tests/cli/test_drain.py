@@ -201,7 +201,8 @@ def test_drain_verbose_logs_the_deliveries(
     fill(queue_path, collector.url, 3)
     result = run(runner, "drain", "--queue", str(queue_path), "-vv")
     assert result.exit_code == 0
-    assert "durable-analytics: debug: delivered 3 messages" in result.stderr
+    assert f"durable-analytics: debug: POST {collector.url}/v1/batch: 3 messages" in result.stderr
+    assert "-> HTTP 200 in " in result.stderr
 
 
 def test_drain_once_lock_refuses_a_symlinked_lock_file_with_exit_3(

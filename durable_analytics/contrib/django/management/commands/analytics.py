@@ -51,7 +51,9 @@ class Command(BaseCommand):  # type: ignore[misc]  # django ships no types
             and args[0] in _QUEUE_COMMANDS
             and not any(a == "--queue" or a.startswith("--queue=") for a in args)
         ):
-            path = Config.build(**settings_dict()).queue_path
+            config = Config.build(**settings_dict())
+            # A PostgreSQL queue by its URL (passed in this process, never on a command line).
+            path = config.queue_url or config.queue_path
             if args[0] == "dead-letters" and len(args) > 1:
                 args = [*args[:2], "--queue", str(path), *args[2:]]
             elif args[0] != "dead-letters":
