@@ -17,9 +17,10 @@ Fixtures:
 
 - ``collector``: a running ``durable_analytics.testing.Collector`` on 127.0.0.1 (any write
   key accepted).
-- ``analytics_client``: a ``Client`` that sends to ``collector``, queueing in the test's
-  ``tmp_path``. It is also the module-level default client for the test, so
-  ``durable_analytics.track(...)`` lands there too. Nothing is sent until it is flushed.
+- ``analytics_client``: a ``Client`` that sends to ``collector``, its queue in a temporary
+  directory of its own (not the test's ``tmp_path``). It is also the module-level default
+  client for the test, so ``durable_analytics.track(...)`` lands there too. Nothing is sent
+  until it is flushed.
 - ``analytics_events``: an ``AnalyticsEvents`` recorder over both, with ``messages()``,
   ``events``, ``assert_tracked()``, ``assert_sent()`` and ``assert_not_sent()``; each
   flushes the client first, so what the code under test queued is what they see.
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -144,14 +144,17 @@ def collector() -> Iterator[Collector]:
 
 @pytest.fixture
 def analytics_client(
-    collector: Collector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    collector: Collector,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Client]:
     """A Client sending to ``collector`` on flush, also the module-level default client."""
     import durable_analytics
     from durable_analytics import Client
 
-    directory = tmp_path / "durable-analytics"
-    directory.mkdir(mode=0o700, exist_ok=True)
+    # A directory of its own, so the test's tmp_path holds only what the test wrote.
+    directory = tmp_path_factory.mktemp("durable-analytics")
+    directory.chmod(0o700)
     client = Client(
         WRITE_KEY,
         host=collector.url,
