@@ -32,6 +32,10 @@ USER_TESTS = """
         assert collector.url.startswith("http://127.0.0.1:")
         assert [m["event"] for m in collector.messages()] == ["Viewed"]
 
+    def test_the_tests_tmp_path_stays_empty(analytics_client, tmp_path):
+        analytics_client.track("u3", "Viewed")
+        assert list(tmp_path.iterdir()) == []
+
     def test_wrong_event_fails(analytics_events):
         sign_up("u1")
         analytics_events.assert_tracked("Signed Out")
@@ -47,7 +51,7 @@ USER_TESTS = """
 
 
 def _check(result: pytest.RunResult) -> None:
-    result.assert_outcomes(passed=3, failed=3)
+    result.assert_outcomes(passed=4, failed=3)
     out = result.stdout.str()
     # A failure says what was sent, so the user sees the difference.
     assert "expected one message matching" in out
@@ -87,5 +91,5 @@ def test_without_the_plugin_the_fixtures_are_missing(
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest_subprocess()
-    result.assert_outcomes(errors=6)
+    result.assert_outcomes(errors=7)
     assert "fixture 'analytics_events' not found" in result.stdout.str()
