@@ -359,7 +359,8 @@ class Deliverer:
             outcome.error,
         )
         delay = max(0.0, until - time.time())
-        stats.kept += len(lease.ids) - stats.sent - stats.dead_lettered
+        kept = len(lease.ids) - stats.sent - stats.dead_lettered
+        stats.kept += kept
         stats.errors.append(outcome.error)
         log.debug("backing off %s for %.1fs after: %s", dest.host, delay, outcome.error)
         _delivery_log.failed(
@@ -369,7 +370,7 @@ class Deliverer:
             status=outcome.status,
             error=outcome.error,
             delay=delay,
-            kept=lambda: self.queue.pending(destination=dest.id),
+            kept=kept,
         )
         if outcome.kind == "config":
             exc: DeliveryError = ConfigurationRejected(

@@ -1,7 +1,8 @@
 """What delivery tells the logs: a failing destination, its recovery, and each batch at DEBUG.
 
-A destination that starts failing gets a WARNING at once (host, status, how many messages
-are kept on disk, when it is tried next), then at most one a minute while it keeps failing;
+A destination that starts failing gets a WARNING at once (host, status, how many messages of
+the failed batch are kept on disk, when it is tried next), then at most one a minute while it
+keeps failing;
 an INFO line says when it delivers again. The state is per process and per (queue file,
 destination), shared by every Deliverer in the process (the flusher thread, ``flush()``,
 drain workers). Nothing here ever logs the write key or a message body.
@@ -65,12 +66,11 @@ def failed(
     status: int | None,
     error: str,
     delay: float,
-    kept: Callable[[], int],
+    kept: int,
 ) -> None:
-    """A batch to ``host`` failed and its messages went back with a backoff of ``delay``.
+    """A batch to ``host`` failed and its ``kept`` messages went back, backing off ``delay``.
 
-    ``kind`` is ``"config"`` (401, 403, 404, 3xx: a setting to fix) or ``"retry"``; ``kept``
-    counts the destination's messages still on disk (called only when a line is written).
+    ``kind`` is ``"config"`` (401, 403, 404, 3xx: a setting to fix) or ``"retry"``.
     """
     now = _clock()
     with _lock:
@@ -86,10 +86,10 @@ def failed(
     if not due:
         log.debug("delivery to %s failed again (%s); next try in %.1fs", host, error, delay)
         return
-    pending = kept()
+    pending = kept
     if kind == "config":
         log.warning(
-            "%s answered HTTP %s: %s. Messages are kept (%d on disk); next try in %.0fs.",
+            "%s answered HTTP %s: %s. Messages are kept (%d in this batch); next try in %.0fs.",
             host,
             status,
             _hint(status),
@@ -98,7 +98,8 @@ def failed(
         )
     elif first:
         log.warning(
-            "delivery to %s is failing: %s; %d messages are kept on disk; next try in %.0fs",
+            "delivery to %s is failing: %s; the batch's %d messages are kept on disk; next try "
+            "in %.0fs",
             host,
             error,
             pending,
@@ -106,8 +107,8 @@ def failed(
         )
     else:
         log.warning(
-            "delivery to %s still failing after %s (%d failed requests): %s; %d messages are "
-            "kept on disk; next try in %.0fs",
+            "delivery to %s still failing after %s (%d failed requests): %s; the batch's %d "
+            "messages are kept on disk; next try in %.0fs",
             host,
             _duration(now - since),
             failures,

@@ -106,7 +106,7 @@ def test_a_failing_destination_warns_at_once_then_once_a_minute_then_recovers(
     [first] = _warnings(logs, "durable_analytics.delivery")
     assert collector.url in first
     assert "HTTP 503" in first
-    assert "5 messages are kept on disk" in first
+    assert "the batch's 5 messages are kept on disk" in first
 
     for _ in range(3):  # within the minute: no new warning
         clock[0] += 10
@@ -120,7 +120,7 @@ def test_a_failing_destination_warns_at_once_then_once_a_minute_then_recovers(
     client.flush(timeout=0.2)
     second = _warnings(logs, "durable_analytics.delivery")[1]
     assert "still failing after 61s (5 failed requests)" in second
-    assert "5 messages are kept on disk" in second
+    assert "the batch's 5 messages are kept on disk" in second
 
     collector.set_default(200)
     clock[0] += 5
@@ -153,7 +153,7 @@ def test_an_unreachable_host_warns(queue_path: Path, logs: pytest.LogCaptureFixt
     client.flush(timeout=0.3)
     [warning] = _warnings(logs, "durable_analytics.delivery")
     assert f"delivery to {url} is failing" in warning
-    assert "1 messages are kept on disk" in warning
+    assert "the batch's 1 messages are kept on disk" in warning
     client.close(timeout=0)
 
 
@@ -169,7 +169,7 @@ def test_a_configuration_error_warns_with_a_hint_and_the_kept_count(
     [warning] = _warnings(logs, "durable_analytics.delivery")
     assert "answered HTTP 401" in warning
     assert "check write_key" in warning
-    assert "(2 on disk)" in warning
+    assert "(2 in this batch)" in warning
     client.close(timeout=0)
 
 
