@@ -6,6 +6,7 @@ Every test here also checks that no record carries the write key, in its text or
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from durable_analytics import Client, _client, _delivery, _delivery_log
+from durable_analytics._store import drops as _drops
 from durable_analytics.testing import Collector, Reply
 from tests.conftest import WRITE_KEY, run_python
 
@@ -53,7 +55,7 @@ def due(queue_path: Path) -> None:
         conn.close()
 
 
-def _client_for(collector: Collector, queue_path: Path, **settings: object) -> Client:
+def _client_for(collector: Collector, queue_path: Path | str, **settings: object) -> Client:
     options: dict[str, object] = {
         "flusher": "none",
         "on_exit": "none",
@@ -244,4 +246,35 @@ def test_debug_shows_each_batch_without_key_or_bodies(
     for message in debug:
         assert "s3cr3t" not in message
         assert "Private Event" not in message
+    client.close(timeout=0)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+def test_drop_oldest_warns_with_counts_once_a_minute(
+    collector: Collector,
+    queue_path: Path,
+    logs: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+) -> None:
+    """overflow="drop_oldest": the queue says how many old messages made room, rate-limited."""
+    path = queue_path if backend == "sqlite" else ":memory:"
+    client = _client_for(collector, path, max_queue_bytes=1 << 20, overflow="drop_oldest")  # type: ignore[arg-type]
+    pad = "x" * 2000
+    for _ in range(1000):
+        client.track("u", "E", {"pad": pad})
+    dropped = client.stats().dropped
+    assert dropped > 2
+    drops = _warnings(logs, "durable_analytics.queue")
+    assert len(drops) == 1
+    found = re.search(r"dropped the (\d+) oldest undelivered messages? to make room", drops[0])
+    assert found is not None, drops[0]
+    first = int(found.group(1))
+    assert 1 <= first < dropped  # the first drop, told at once; the rest waited a minute
+    assert "max_queue_bytes=1048576" in drops[0]
+    monkeypatch.setattr(_drops, "WARN_EVERY", 0.0)
+    client.track("u", "E", {"pad": pad})
+    last = _warnings(logs, "durable_analytics.queue")[-1]
+    since = client.stats().dropped - first
+    assert f"dropped the {since} oldest undelivered messages since the last warning" in last
     client.close(timeout=0)

@@ -29,6 +29,7 @@ from durable_analytics._store.base import (
     Lease,
     QueueStats,
 )
+from durable_analytics._store.drops import DropWarnings
 from durable_analytics.exceptions import QueueError
 
 from . import views
@@ -79,6 +80,7 @@ class MemoryQueue:
         self._used = 0  # messages and dead letters, each with ROW_OVERHEAD
         self._dropped_newest = 0
         self._dropped_oldest = 0
+        self._drops = DropWarnings(":memory:", max_queue_bytes)
 
     def __repr__(self) -> str:
         return f"MemoryQueue(max_queue_bytes={self.max_queue_bytes}, overflow={self.overflow!r})"
@@ -183,12 +185,14 @@ class MemoryQueue:
 
     def _drop_oldest(self, need: int) -> int:
         leased = self._leased()
-        freed = 0
+        freed = dropped = 0
         for row_id in [i for i in self._messages if i not in leased]:
             if freed >= need:
                 break
             freed += len(self._remove(row_id).body) + ROW_OVERHEAD
             self._dropped_oldest += 1
+            dropped += 1
+        self._drops.dropped_oldest(dropped)
         return freed
 
     # ---------------------------------------------------------------- leases

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+from durable_analytics._store.drops import DropWarnings
 from durable_analytics.exceptions import QueueCorrupt, QueueDiskFull
 
 from .connections import Connections
@@ -79,6 +80,8 @@ class Appender:
         self._pinned_excess = 0
         self._backfilled = -1  # frames the last checkpoint had copied back, or -1
         self._pinned_warned = -_PINNED_WARN_EVERY
+        self.drops = DropWarnings(str(db.path), max_queue_bytes)
+        self._dropped_now = 0  # oldest messages the last append deleted (logged after COMMIT)
 
     def forget_estimates(self) -> None:
         """The file was replaced: measure it again on the next append."""
@@ -200,8 +203,10 @@ class Appender:
             self.est_count += 1
             return row_id or 0
 
+        self._dropped_now = 0
         try:
             stored = self.db.write(run, producer=True)
+            self.drops.dropped_oldest(self._dropped_now)
         finally:
             # On a nearly full disk every append comes this way (see Appender._low_disk); else the
             # next _REFRESH_BYTES go the fast way.
@@ -334,4 +339,5 @@ class Appender:
             conn.execute(
                 "UPDATE counters SET value = value + ? WHERE name = 'dropped_oldest'", (dropped,)
             )
+        self._dropped_now = dropped
         return freed

@@ -1,0 +1,46 @@
+"""The warning a queue gives when its size cap drops its oldest messages to make room."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+__all__ = ["DropWarnings"]
+
+log = logging.getLogger("durable_analytics.queue")
+
+#: At most one warning per queue per this many seconds; the next one carries the count since.
+WARN_EVERY = 60.0
+
+
+class DropWarnings:
+    """Rate-limited WARNING for ``overflow="drop_oldest"`` drops of one queue (thread-safe
+    enough: a lost count under a race only shortens one line's figure)."""
+
+    def __init__(self, where: str, max_queue_bytes: int) -> None:
+        self._where = where
+        self._cap = max_queue_bytes
+        self._count = 0
+        self._warned_at = -math.inf
+
+    def dropped_oldest(self, count: int) -> None:
+        """``count`` stored messages were deleted to make room for new ones."""
+        if count <= 0:
+            return
+        self._count += count
+        now = time.monotonic()
+        if now - self._warned_at < WARN_EVERY:
+            return
+        since = "" if self._warned_at == -math.inf else " since the last warning"
+        self._warned_at = now
+        total, self._count = self._count, 0
+        log.warning(
+            "the queue %s is full (max_queue_bytes=%d): dropped the %d oldest undelivered "
+            "message%s%s to make room (overflow='drop_oldest'). Is delivery failing?",
+            self._where,
+            self._cap,
+            total,
+            "" if total == 1 else "s",
+            since,
+        )
