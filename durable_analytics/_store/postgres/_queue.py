@@ -43,7 +43,7 @@ from ._schema import ROW_OVERHEAD, Sql, migrate
 
 __all__ = ["DBAPIConnection", "PostgresQueue"]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.queue")
 
 T = TypeVar("T")
 

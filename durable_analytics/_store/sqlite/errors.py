@@ -15,7 +15,7 @@ from durable_analytics.exceptions import (
     QueuePermissionError,
 )
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.queue")
 
 SQLITE_BUSY = 5
 SQLITE_LOCKED = 6
