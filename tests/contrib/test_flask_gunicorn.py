@@ -30,6 +30,7 @@ APP = """
         app.config["DURABLE_ANALYTICS"] = {
             "write_key": os.environ["WK"], "host": os.environ["HOST"],
             "queue_path": os.environ["QUEUE"], "flush_at": 5000, "flush_interval": 3600,
+            "shutdown_timeout": 20,
         }
         analytics.init_app(app)
 
@@ -61,7 +62,7 @@ def test_gunicorn_workers_deliver_every_event_on_exit(
 ) -> None:
     """Every tracked event arrives once; none is left on disk after SIGTERM."""
     (tmp_path / "app.py").write_text(textwrap.dedent(APP))
-    argv = ["gunicorn", "-w", "2", "--graceful-timeout", "20", *options]
+    argv = ["gunicorn", "-w", "2", "--graceful-timeout", "40", *options]
     if hooks:
         (tmp_path / "gunicorn.conf.py").write_text(textwrap.dedent(HOOKS))
         argv += ["-c", "gunicorn.conf.py"]
