@@ -42,7 +42,7 @@ __all__ = [
     "urllib3_poster",
 ]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.delivery")
 
 DEFAULT_AUTH_SERVER = "https://oauth2.segment.io"
 DEFAULT_SCOPE = "tracking_api:write"

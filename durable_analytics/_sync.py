@@ -19,7 +19,7 @@ from .exceptions import APIError, DurableAnalyticsError
 
 __all__ = ["deliver_now"]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.client")
 
 _CODES = {"retry": "retryable", "config": "configuration", "reject": "rejected"}
 
