@@ -73,7 +73,8 @@ DIFFERENCES: tuple[Difference, ...] = (
         "library-name",
         "`context.library`, `User-Agent`, the logger",
         "`analytics-python`, logger `segment`",
-        "`durable-analytics`, logger `durable_analytics`",
+        "`durable-analytics`, logger `durable_analytics` (records come from its children "
+        "`.client`, `.delivery`, `.queue`, `.contrib`)",
         "it is another library",
     ),
     Difference(

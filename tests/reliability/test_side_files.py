@@ -21,8 +21,9 @@ from conftest import run_python, start_python
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 
 FIRST = """
-import json, sys
+import json, logging, sys
 from durable_analytics._store.sqlite import SqliteQueue as Queue
+logging.basicConfig()             # the library attaches only a NullHandler: the app decides
 q = Queue(sys.argv[1])
 dest = q.destination("https://api.example.test", "test-write-key-0001")
 returned = []
