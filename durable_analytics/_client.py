@@ -173,6 +173,7 @@ class Client(SettingsAttributes):
                 config.host,
             )
         self._lock = threading.RLock()
+        self._calling = threading.local()  # inside _store on this thread (signal handlers)
         self._queue: QueueBackend | None = None
         self._dest = 0
         if self._send:
@@ -310,6 +311,7 @@ class Client(SettingsAttributes):
         # The parent's thread, child process, locks and HTTP sessions do not exist (or are not
         # ours) in a forked child: start fresh on the child's first call.
         self._lock = threading.RLock()
+        self._calling = threading.local()
         self._flusher = None
         self._child = None
         self._sync_deliverer = None
@@ -326,17 +328,31 @@ class Client(SettingsAttributes):
             return True, msg
         if connection is not None:
             return self._stage(queue, msg, body, connection)
-        row_id = queue.append(self._dest, body)
-        if not row_id:
-            self._dropped()
-        self._calls_here += 1
-        if not self._started:
-            self._start()
-        flusher = self._flusher
-        if flusher is not None:
-            flusher.on_append()
-        if self._sync and row_id:
-            self._deliver_now(row_id)
+        calling = self._calling
+        if getattr(calling, "now", False):
+            # A signal handler interrupted this thread inside another call, perhaps while it
+            # held the flusher's wake-up lock (a plain lock): store only, the interrupted
+            # call wakes the flusher. The queue's own locks are reentrant.
+            row_id = queue.append(self._dest, body)
+            if not row_id:
+                self._dropped()
+            self._calls_here += 1
+            return bool(row_id), msg
+        calling.now = True
+        try:
+            row_id = queue.append(self._dest, body)
+            if not row_id:
+                self._dropped()
+            self._calls_here += 1
+            if not self._started:
+                self._start()
+            flusher = self._flusher
+            if flusher is not None:
+                flusher.on_append()
+            if self._sync and row_id:
+                self._deliver_now(row_id)
+        finally:
+            calling.now = False
         return bool(row_id), msg
 
     def _stage(self, queue: QueueBackend, msg: dict[str, Any], body: bytes, conn: Any) -> Result:

@@ -7,17 +7,27 @@ is on disk, what a Collector received.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import WRITE_KEY, run_python
 
 from durable_analytics import Client
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite.schema import INSERT
 from durable_analytics.testing import Collector
 
 
@@ -153,3 +163,250 @@ def test_a_relative_queue_path_is_the_one_the_flusher_process_and_exit_drain_del
     assert collector.wait_for_messages(5, timeout=30)
     assert set(collector.message_ids().values()) == {1}
     assert not (elsewhere / "q.sqlite3").exists()
+
+
+# --------------------------------------------------------------------------- signal handlers
+
+SIGNALLED = """
+import json, os, random, signal, sys, threading, time
+from durable_analytics import Client
+
+key, host, path, flusher = sys.argv[1:5]
+signals = int(sys.argv[5])
+client = Client(key, host=host, queue_path=path, flusher=flusher, on_exit="none",
+                flush_at=20, flush_interval=0.01, max_retries=0)
+counts = {"main": 0, "handler": 0, "handler_false": 0}
+pad = "x" * 2000  # every ~120 calls an append takes the capped path (a transaction)
+
+def on_usr1(signum, frame):
+    # What an application's handler does: record the signal as an event.
+    ok, _ = client.track("u", "signal", {"n": counts["handler"]})
+    counts["handler" if ok else "handler_false"] += 1
+
+def on_term(signum, frame):
+    client.track("u", "shutting down")
+    counts["term"] = 1
+    raise SystemExit(0)
+
+signal.signal(signal.SIGUSR1, on_usr1)
+signal.signal(signal.SIGTERM, on_term)
+
+def killer():
+    rng = random.Random(int(sys.argv[6]))
+    for _ in range(signals):
+        time.sleep(rng.uniform(0, 0.0015))
+        os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=killer, daemon=True).start()
+try:
+    while True:
+        ok, _ = client.track("u", "main", {"pad": pad})
+        counts["main"] += ok
+        if counts["main"] % 97 == 0:
+            client.flush(timeout=5)  # leases and acks on this thread too
+finally:
+    print(json.dumps(counts), flush=True)
+"""
+
+
+@pytest.mark.parametrize("flusher", ["none", "thread"])
+def test_signal_handlers_that_track_never_deadlock_and_every_returned_call_is_stored(
+    queue_path: Path, collector: Collector, flusher: str
+) -> None:
+    """A SIGUSR1 handler that calls track() interrupts the main thread's own track() and
+    flush() calls 1,500 times at random moments (real signals, from a thread of the child);
+    then a SIGTERM handler tracks "shutting down" and exits. The child ends within its bound
+    (before: deadlocked in the append's lock), and every call that returned True, in the
+    main loop and in the handlers, reaches the Collector (a later flush delivers the rest)."""
+    result = run_python(
+        SIGNALLED, WRITE_KEY, collector.url, str(queue_path), flusher, "1500", "7", timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout)
+    assert counts["term"] == 1
+    assert counts["handler_false"] == 0
+    assert counts["handler"] > 100  # signals that arrive together are delivered once
+    later = Client(WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none")
+    try:
+        assert later.flush(timeout=60).pending == 0
+    finally:
+        later.close(timeout=0)
+    distinct = {m["messageId"]: m["event"] for m in collector.messages()}
+    events = Counter(distinct.values())
+    assert events["shutting down"] == 1
+    # Every call that returned was delivered; the SIGTERM may also cut one call off after it
+    # stored its message and before its caller counted it (stored, never reported lost).
+    extra = (events["main"] - counts["main"], events["signal"] - counts["handler"])
+    assert min(extra) >= 0, (events, counts)
+    assert sum(extra) <= 1, (events, counts)
+    assert set(events) == {"main", "signal", "shutting down"}
+    resent = sum(n - 1 for n in collector.message_ids().values())
+    print(
+        f"\nSIGNALS[{flusher}]: {counts['main']} calls and {counts['handler']} handler calls "
+        f"returned, delivered {events['main']} + {events['signal']}, resent {resent}"
+    )
+    # At most the batches in flight when SIGTERM ended the process after the server had them:
+    # the main thread's flush(), and the flusher thread's.
+    assert resent <= 20 * (2 if flusher == "thread" else 1)
+
+
+def on_this_thread_within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a thread (so that a deadlock fails the test instead of hanging it)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "deadlocked"
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+class Interrupted(Exception):
+    """What a signal handler may raise into the code it interrupted."""
+
+
+@pytest.mark.parametrize("outcome", ["committed", "rolled back"])
+def test_an_append_made_inside_a_transaction_on_the_same_thread_is_kept_either_way(
+    queue_path: Path, outcome: str
+) -> None:
+    """What a signal handler does when it interrupts a transaction of its own thread: the
+    append joins it (no deadlock, no "transaction within a transaction"); if the interrupted
+    transaction then rolls back, the append, whose call returned, is stored on its own.
+    Counted: the outer transaction's row only when committed, the inner one always."""
+    queue = Queue(queue_path)
+    dest = queue.destination("https://api.example.test", WRITE_KEY)
+
+    def outer() -> int:
+        with contextlib.suppress(Interrupted), queue._db.transaction() as conn:
+            conn.execute(INSERT, (dest, b'{"outer":1}', 11, time.time()))
+            assert queue.append(dest, b'{"inner":1}') > 0  # as the handler would
+            if outcome == "rolled back":
+                raise Interrupted
+        return 0
+
+    on_this_thread_within(30, outer)
+    bodies = sorted(
+        bytes(b) for (b,) in sqlite3.connect(queue_path).execute("SELECT body FROM messages")
+    )
+    expected = [b'{"inner":1}'] + ([b'{"outer":1}'] if outcome == "committed" else [])
+    assert bodies == expected
+    queue.close()
+
+
+def test_an_append_made_inside_a_read_on_the_same_thread_is_stored_at_once(
+    queue_path: Path,
+) -> None:
+    """A signal handler that interrupts a read of its own thread (its statement still open,
+    its snapshot older than another thread's commit) stores through a connection of its own:
+    it neither deadlocks nor waits on a snapshot that can never write."""
+    queue = Queue(queue_path)
+    dest = queue.destination("https://api.example.test", WRITE_KEY)
+    queue.append(dest, b'{"first":1}')
+    queue.append(dest, b'{"second":1}')
+
+    def read_interrupted(conn: sqlite3.Connection) -> int:
+        rows = conn.execute("SELECT id FROM messages")
+        rows.fetchone()  # the statement is open: this connection holds a snapshot
+        # Another thread commits meanwhile, so the snapshot can no longer write.
+        other = threading.Thread(target=queue.append, args=(dest, b'{"other":1}'))
+        other.start()
+        other.join(30)
+        return queue.append(dest, b'{"inner":1}')
+
+    assert on_this_thread_within(30, lambda: queue._db.read(read_interrupted)) > 0
+    assert queue.pending() == 4
+    queue.close()
+
+
+def directory_locked_by_someone(directory: Path) -> bool:
+    """Whether a shared flock is held on ``directory`` (an exclusive one cannot be taken)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_an_append_made_while_its_thread_holds_the_commit_fence_keeps_the_fence_held(
+    queue_path: Path,
+) -> None:
+    """A signal handler that interrupts a commit of its own thread after it took the commit
+    fence (the shared flock a recovery of another process waits for) stores its message
+    without waiting on that flock, and leaving does not release the interrupted commit's
+    lock: until the outer commit leaves, no recovery can take the directory."""
+    queue = Queue(queue_path)
+    dest = queue.destination("https://api.example.test", WRITE_KEY)
+    queue.append(dest, b'{"first":1}')
+    db = queue._db
+    held: list[bool] = []
+
+    def outer() -> int:
+        with db.locked(db.write_lock):
+            conn = db.conn()
+
+            def commit() -> Any:
+                row = queue.append(dest, b'{"inner":1}')  # as the handler would
+                held.append(directory_locked_by_someone(queue_path.parent))
+                return conn.execute(INSERT, (dest, b'{"outer":1}', 11, time.time()))
+
+            db.fenced(commit)
+        held.append(directory_locked_by_someone(queue_path.parent))
+        return 0
+
+    on_this_thread_within(30, outer)
+    assert held == [True, False]
+    assert queue.pending() == 3
+    queue.close()
+
+
+def test_an_append_that_joined_a_transaction_rolled_back_to_wait_for_a_recovery_is_kept(
+    queue_path: Path,
+) -> None:
+    """A transaction that finds another process recovering the queue (the commit fence held
+    exclusively) rolls back and waits. A signal handler's append that joined it just before
+    (its call returned) is stored again in the transaction that follows: counted on disk."""
+    queue = Queue(queue_path)
+    dest = queue.destination("https://api.example.test", WRITE_KEY)
+    db = queue._db
+    fence = db.fence
+    real_try_enter = fence.try_enter
+    recovering = os.open(queue_path.parent, os.O_RDONLY)  # a recovery elsewhere holds it
+    fcntl.flock(recovering, fcntl.LOCK_EX)
+
+    def interrupted_try_enter() -> bool:
+        # The signal lands after BEGIN IMMEDIATE, before the fence is tried.
+        del fence.try_enter
+        assert queue.append(dest, b'{"inner":1}') > 0
+        threading.Timer(0.05, fcntl.flock, (recovering, fcntl.LOCK_UN)).start()
+        return real_try_enter()
+
+    fence.try_enter = interrupted_try_enter  # type: ignore[method-assign]
+    try:
+
+        def outer() -> None:
+            with db.transaction() as conn:
+                conn.execute(INSERT, (dest, b'{"outer":1}', 11, time.time()))
+
+        on_this_thread_within(30, outer)
+    finally:
+        os.close(recovering)
+    bodies = sorted(
+        bytes(b) for (b,) in sqlite3.connect(queue_path).execute("SELECT body FROM messages")
+    )
+    assert bodies == [b'{"inner":1}', b'{"outer":1}']
+    queue.close()

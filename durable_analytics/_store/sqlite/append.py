@@ -19,7 +19,7 @@ from typing import Literal
 from durable_analytics._store.drops import DropWarnings
 from durable_analytics.exceptions import QueueCorrupt, QueueDiskFull
 
-from .connections import Connections
+from .connections import Connections, owned
 from .dead_letters import ROW_OVERHEAD, DeadLetters, used_bytes
 from .errors import SQLITE_BUSY, SQLITE_FULL, SQLITE_LOCKED, errorcode, translate
 from .files import checkpoint_for_space
@@ -108,13 +108,21 @@ class Appender:
             )
         ):
             return self._append_capped(dest_id, body, when)
+        # Only a signal handler finds this thread already holding a lock of the queue.
+        nested = owned(self.db.write_lock) or owned(self.db.read_lock)
         try:
             with self.db.locked(self.db.write_lock):
-                self.db.check_side_files()
+                if nested:
+                    self.db.refuse_interrupted()
+                else:
+                    # (Never under a call a signal interrupted: it moves the connections.)
+                    self.db.check_side_files()
                 try:
                     conn = self.db.local.conn
                 except AttributeError:
                     conn = self.db.conn()
+                if conn.in_transaction or owned(self.db.read_lock):
+                    return self.append_interrupted(conn, (dest_id, body, size, when))
                 if not conn.producer:
                     self.db.as_producer(conn, True)
                 row = (dest_id, body, size, when)
@@ -151,8 +159,40 @@ class Appender:
         insert = lambda: conn.execute(INSERT, row)  # noqa: E731
         return self.db.retry(lambda: self.db.fenced(insert)).lastrowid or 0
 
+    def append_interrupted(
+        self, conn: sqlite3.Connection, row: tuple[int, bytes, int, float]
+    ) -> int:
+        """Store a message from a signal handler that interrupted this thread's transaction.
+
+        Called with the write lock held while this thread's connection is in a transaction
+        or this thread holds the read lock, which only a signal handler running on the thread
+        can see. Inside a write transaction the row joins it (its commit holds the commit
+        fence), and is stored again on its own if that transaction rolls back
+        (``Connections.transaction``). Inside a read (whose snapshot may be too old to write
+        from) it goes through a connection of its own, under the fence like any commit (the
+        fence is reentrant: the interrupted code may hold it).
+        """
+        self.db.refuse_interrupted()
+        if conn.in_transaction and getattr(self.db.local, "writing", False):
+            row_id = conn.execute(INSERT, row).lastrowid or 0
+            self.db.local.joined.append(row)
+            return row_id
+        extra = self.db.open_extra()
+        try:
+            insert = lambda: extra.execute(INSERT, row)  # noqa: E731
+            return self.db.retry(lambda: self.db.fenced(insert)).lastrowid or 0
+        finally:
+            extra.close()
+
     def _append_capped(self, dest_id: int, body: bytes, when: float) -> int:
         size = len(body)
+        if owned(self.db.write_lock) or owned(self.db.read_lock):
+            # A signal handler on this thread: its transaction or read in flight decides.
+            with self.db.locked(self.db.write_lock):
+                self.db.refuse_interrupted()
+                conn = getattr(self.db.local, "conn", None)
+                if conn is not None and (conn.in_transaction or owned(self.db.read_lock)):
+                    return self.append_interrupted(conn, (dest_id, body, size, when))
 
         low = self._low_disk()
         excess = self._wal_excess()

@@ -8,6 +8,7 @@ while none of them is open on it (see ``raw_lock``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import sqlite3
@@ -25,11 +26,11 @@ from .errors import SQLITE_BUSY, SQLITE_LOCKED, errorcode, translate
 from .fence import CommitFence
 from .files import checkpoint_for_space
 from .probe import RECOVER_LOCK_SECONDS
-from .schema import check_version, migrate
+from .schema import INSERT, check_version, migrate
 from .sidefiles import SideFiles, restore
 from .wal import WalBudget
 
-__all__ = ["Connection", "Connections", "raw_lock"]
+__all__ = ["Connection", "Connections", "owned", "raw_lock"]
 
 T = TypeVar("T")
 
@@ -52,6 +53,11 @@ _abandoned: list[object] = []  # connections inherited over fork: never used, ne
 #: This module is its one owner: a forked child gets a fresh one (``raw_lock()``).
 _raw = threading.RLock()
 _raw_held_for_fork = False
+
+
+def owned(lock: threading.RLock) -> bool:
+    """Whether this thread holds ``lock`` (a signal handler may run while it does)."""
+    return bool(lock._is_owned())  # type: ignore[attr-defined]
 
 
 def raw_lock() -> threading.RLock:
@@ -132,12 +138,17 @@ class Connections:
         # One writer at a time inside this process: SQLite allows one anyway, and waiting on
         # a Python lock is far cheaper than SQLite's sleep-and-retry between our own threads.
         # Readers take the read lock. A thread takes its connection only under one of them,
-        # so that fork() can close every connection while it holds both.
-        self.write_lock = threading.Lock()
-        self.read_lock = threading.Lock()
+        # so that fork() can close every connection while it holds both. Both are reentrant:
+        # a signal handler that calls track() runs on the thread it interrupted, maybe while
+        # that thread holds them (see Appender.append_interrupted); a plain lock deadlocks.
+        self.write_lock = threading.RLock()
+        self.read_lock = threading.RLock()
         self.conns: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._conns_lock = threading.Lock()
         self._fork_held = False
+        # What a thread is doing that a signal handler on it must not interrupt with a call
+        # (by thread id; see refuse_interrupted).
+        self._unsafe_now: dict[int, str] = {}
         # Deadlines (monotonic) of the flush/exit/drain calls running now: while any is
         # active, no wait of this queue, in any thread, lasts past the earliest (see bounded).
         self._deadlines: dict[int, float] = {}
@@ -186,7 +197,7 @@ class Connections:
         return limit
 
     @contextlib.contextmanager
-    def locked(self, lock: threading.Lock) -> Iterator[None]:
+    def locked(self, lock: threading.RLock) -> Iterator[None]:
         """Hold this process's ``lock``, waiting at most as long as any wait may last."""
         if not lock.acquire(blocking=False):
             started = time.monotonic()
@@ -230,6 +241,8 @@ class Connections:
         no connection open at fork, the child starts clean. The parent's threads reopen on
         their next operation.
         """
+        if owned(self.write_lock) or owned(self.read_lock):
+            return  # fork() from a signal handler inside an operation: it is in flight
         if not self.write_lock.acquire(timeout=_FORK_WAIT):
             return  # an operation is stuck in flight: leave it (the child abandons them)
         if not self.read_lock.acquire(timeout=_FORK_WAIT):
@@ -252,9 +265,12 @@ class Connections:
         self.local = threading.local()
         self.conns = weakref.WeakSet()
         self._conns_lock = threading.Lock()
-        self.write_lock = threading.Lock()
-        self.read_lock = threading.Lock()
+        self.write_lock = threading.RLock()
+        self.read_lock = threading.RLock()
         self._fork_held = False
+        self._unsafe_now = {}
+        self._deadlines = {}  # the parent's flush/exit calls do not run here
+        self._deadlines_lock = threading.Lock()
         self.fence.forget_after_fork()
         self.side.forget()
 
@@ -269,7 +285,8 @@ class Connections:
             pass
         if self.closed:
             raise QueueError(f"the queue {self.path} is closed")
-        conn = self._open()
+        with self._unsafe("opening the queue"):
+            conn = self._open()
         self.local.conn = conn
         with self._conns_lock:
             first = not self.conns
@@ -284,11 +301,16 @@ class Connections:
         what = self.side.changed(both=now)
         if not what:
             return
-        with self.read_lock:
+        with self.read_lock, self._unsafe("moving to the queue's new -wal and -shm"):
             try:
                 restore(self.path, what, self.conn(), self.close_all, self.conn)
             except sqlite3.Error as exc:
                 raise translate(exc, self.path) from None
+
+    def open_extra(self) -> Connection:
+        """A connection of its own, not this thread's, set up like the others; close it."""
+        self.refuse_interrupted()
+        return self._open()
 
     def _open(self) -> Connection:
         try:
@@ -384,31 +406,91 @@ class Connections:
                 delay = min(delay * 2, 0.005)
 
     @contextlib.contextmanager
+    def _unsafe(self, doing: str) -> Iterator[None]:
+        """Mark this thread as ``doing`` something a signal handler's call must not join."""
+        ident = threading.get_ident()
+        outer = self._unsafe_now.get(ident)
+        self._unsafe_now[ident] = doing
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._unsafe_now.pop(ident, None)
+            else:
+                self._unsafe_now[ident] = outer
+
+    def refuse_interrupted(self) -> None:
+        """Raise when a signal handler interrupted this thread while it forks, recovers, opens
+        the file or moves to new side files.
+
+        Then the file must have no connection of this process (fork), is being replaced
+        (recovery, side files), or this thread's connection is half set up: nothing can be
+        stored at that moment, and waiting would never end (or last ``busy_timeout``).
+        """
+        doing = self._unsafe_now.get(threading.get_ident()) if self._unsafe_now else None
+        if doing is None and (self._fork_held or self.recovering) and owned(self.write_lock):
+            doing = "forking" if self._fork_held else "recovering the queue"
+        if doing is not None:
+            raise QueueError(
+                f"the queue {self.path} cannot be used from a signal handler that interrupted "
+                f"this thread while it was {doing}; the call was not stored"
+            )
+
+    @contextlib.contextmanager
     def transaction(self, *, producer: bool = False) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT`` under the process write lock, rolled back on error.
 
         ``producer``: the transaction appends on a caller's thread, whose commit should not
-        pay for a checkpoint a flusher will run (see ``wal.py``).
+        pay for a checkpoint a flusher will run (see ``wal.py``). Appends made by signal
+        handlers that interrupted it join it (``joined``); when it rolls back they are stored
+        again on their own, since their calls returned.
         """
+        nested = owned(self.write_lock)  # only a signal handler on this thread
         with self.locked(self.write_lock):
-            self.check_side_files()
+            if nested:
+                self.refuse_interrupted()
+            else:
+                # (Never under a call a signal interrupted: it uses the connections.)
+                self.check_side_files()
             conn = self.conn()
+            if conn.in_transaction:
+                # Only a signal handler can get here: this thread is inside a transaction.
+                raise QueueError(
+                    f"the queue {self.path}: a signal handler interrupted a transaction on "
+                    "this thread; only the calls (track() and the others) can be made there"
+                )
             self.as_producer(conn, producer)
-            self._begin_fenced(conn)
+            local = self.local
+            outer = getattr(local, "writing", False)
+            if not outer:
+                local.joined = []
+            local.writing = True  # before BEGIN: see Appender.append_interrupted
             try:
-                yield conn
-                self.retry(lambda: conn.execute("COMMIT"))
-            except BaseException:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                raise
+                try:
+                    self._begin_fenced(conn)
+                except BaseException:
+                    self._store_joined_again(conn)
+                    raise
+                try:
+                    yield conn
+                    self.retry(lambda: conn.execute("COMMIT"))
+                except BaseException:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    self._store_joined_again(conn)
+                    raise
+                finally:
+                    self.fence.leave()
             finally:
-                self.fence.leave()
+                local.writing = outer
+                if not outer:
+                    local.joined = []
 
     def _begin_fenced(self, conn: sqlite3.Connection) -> None:
         """``BEGIN IMMEDIATE``, then the commit fence without waiting (see fence.py): while a
-        recovery holds it, let go of SQLite's lock and wait for the fence first."""
+        recovery holds it, let go of SQLite's lock and wait for the fence first. On error
+        nothing is held (no transaction, not the fence)."""
         self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
         if self.fence.try_enter():
             return
@@ -416,7 +498,13 @@ class Connections:
         self.fence.wait_enter()
         try:
             self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+            # A signal handler's appends that joined the transaction just rolled back.
+            for row in getattr(self.local, "joined", ()):
+                conn.execute(INSERT, row)
         except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             self.fence.leave()
             raise
 
@@ -427,6 +515,14 @@ class Connections:
             return fn()
         finally:
             self.fence.leave()
+
+    def _store_joined_again(self, conn: sqlite3.Connection) -> None:
+        """After a rollback: store the appends that joined the transaction, in autocommit."""
+        joined: list[tuple[int, bytes, int, float]] = getattr(self.local, "joined", [])
+        while joined:
+            insert = functools.partial(conn.execute, INSERT, joined[0])
+            self.retry(functools.partial(self.fenced, insert))
+            joined.pop(0)
 
     def write(self, fn: Callable[[sqlite3.Connection], T], *, producer: bool = False) -> T:
         """Run ``fn`` in one write transaction, translating SQLite errors.

@@ -13,6 +13,13 @@ holds it while it waits for SQLite's write lock, so a recovery is not starved by
 queueing behind each other, and never waits for it while holding SQLite's lock, so the two
 locks cannot deadlock. Cost: two ``flock`` calls per commit (see
 ``docs/reliability/files_and_resources.md``).
+
+The fence is reentrant on its thread: a signal handler that calls ``track()`` runs on the
+thread it interrupted, maybe while that thread holds the fence. Taking a shared ``flock``
+again on the same descriptor changes nothing, but releasing it would release the
+interrupted holder's lock too, so ``leave`` releases only when the outermost holder leaves
+(``_depth``). The count is raised before the ``flock`` and lowered before the release, so a
+handler that runs between the two sees a holder and never releases under it.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ __all__ = ["CommitFence"]
 class CommitFence:
     """A shared ``flock`` on the queue's directory, held by each commit of this queue object.
 
-    One per ``Connections``: callers hold its write lock, so the lock is never taken twice
-    on the same descriptor (a second ``LOCK_UN`` would drop the first holder's lock).
+    One per ``Connections``: callers hold its write lock, so only one thread uses it at a
+    time; the same thread may enter it again from a signal handler (see the module
+    docstring).
     """
 
     def __init__(self, directory: Path, wait: float) -> None:
@@ -44,22 +52,27 @@ class CommitFence:
         self.wait = wait
         self._fd = -1
         self._unsupported = fcntl is None
+        self._depth = 0  # holders on this thread: the outermost releases the lock
 
     def descriptor(self) -> int:
         """The directory's descriptor (opened on first use; also used for cheap stats)."""
         if self._fd < 0:
-            self._fd = os.open(
-                self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC
-            )
+            fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+            if self._fd >= 0:  # a signal handler opened it meanwhile: keep that one
+                os.close(fd)
+            else:
+                self._fd = fd
         return self._fd
 
     def try_enter(self) -> bool:
         """Take the shared lock without waiting; False while a recovery holds the directory."""
         if self._unsupported:
             return True
+        self._depth += 1
         try:
             fcntl.flock(self.descriptor(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._depth -= 1
             return False
         except OSError:
             # A file system without flock: recoveries go unserialized there too.
@@ -84,7 +97,10 @@ class CommitFence:
             self.wait_enter()
 
     def leave(self) -> None:
-        if self._unsupported or self._fd < 0:
+        """Leave the fence: the lock is released when the outermost holder leaves."""
+        if self._depth > 0:
+            self._depth -= 1
+        if self._depth or self._unsupported or self._fd < 0:
             return
         with contextlib.suppress(OSError):
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -99,6 +115,7 @@ class CommitFence:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         self._fd = -1
+        self._depth = 0
 
     def close(self) -> None:
         """Close the descriptor (reopened if a write comes after all)."""
