@@ -360,7 +360,7 @@ def test_an_append_made_while_its_thread_holds_the_commit_fence_keeps_the_fence_
             conn = db.conn()
 
             def commit() -> Any:
-                row = queue.append(dest, b'{"inner":1}')  # as the handler would
+                assert queue.append(dest, b'{"inner":1}') > 0  # as the handler would
                 held.append(directory_locked_by_someone(queue_path.parent))
                 return conn.execute(INSERT, (dest, b'{"outer":1}', 11, time.time()))
 
