@@ -7,14 +7,17 @@ Each test's name states the behaviour it proves. Child processes are real (``sta
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import run_python
+import pytest
+from conftest import run_python, start_python
 
 from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import connections
 
 from .sqlite_helpers import (
     HOST,
@@ -149,3 +152,55 @@ def test_threads_of_the_parent_keep_working_across_forks(queue: Queue, dest: int
     assert errors == []
     assert queue.pending() == len(stored) + 5
     assert queue.integrity_check() == "ok"
+
+
+HOLDER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+"""
+
+
+@pytest.mark.parametrize("waiting_in", ["append", "lease"])
+def test_fork_closes_every_connection_while_a_thread_waits_for_another_processs_lock(
+    queue: Queue, dest: int, queue_path: Path, monkeypatch: pytest.MonkeyPatch, waiting_in: str
+) -> None:
+    """A thread blocked in ``append`` (or in a lease's transaction) because another process
+    holds the write lock waits without this process's write lock: the step before a fork
+    closes every connection instead of giving up after its wait (the child then starts
+    clean), and the waiting call goes on afterwards on a new connection."""
+    monkeypatch.setattr(connections, "_FORK_WAIT", 2.0)
+    queue.append(dest, body(0))
+    holder = start_python(HOLDER, str(queue_path), stdin=subprocess.PIPE)
+    assert holder.stdout is not None
+    assert holder.stdin is not None
+    assert holder.stdout.readline().strip() == "held"
+    done: list[object] = []
+
+    def call() -> None:
+        if waiting_in == "append":
+            done.append(queue.append(dest, body(1)))
+        else:
+            done.append(queue.lease(10, 1 << 20))
+
+    waiter = threading.Thread(target=call)
+    waiter.start()
+    time.sleep(0.2)  # the thread is now retrying against the holder's lock
+    db = queue._db
+    db.close_for_fork()
+    try:
+        assert not db.conns
+        assert not db.open_at_fork
+    finally:
+        db.resume_after_fork()
+    holder.stdin.write("\n")
+    holder.stdin.close()
+    assert holder.wait(timeout=30) == 0
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert done
+    assert done[0]
+    assert queue.pending() == (2 if waiting_in == "append" else 1)

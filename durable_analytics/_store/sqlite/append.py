@@ -12,6 +12,7 @@ import contextlib
 import logging
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -129,7 +130,7 @@ class Appender:
                 try:
                     row_id = self.db.fenced(lambda: conn.execute(INSERT, row)).lastrowid
                 except sqlite3.Error as exc:
-                    row_id = self._insert_failed(conn, exc, row)
+                    row_id = self._insert_failed(conn, exc, row, nested)
         except QueueCorrupt as exc:
             if not self.db.on_corrupt(exc):
                 raise
@@ -142,7 +143,11 @@ class Appender:
         return row_id or 0
 
     def _insert_failed(
-        self, conn: sqlite3.Connection, exc: sqlite3.Error, row: tuple[int, bytes, int, float]
+        self,
+        conn: sqlite3.Connection,
+        exc: sqlite3.Error,
+        row: tuple[int, bytes, int, float],
+        nested: bool,
     ) -> int:
         # Called with the write lock held. Nothing was written by the failed statement.
         code = errorcode(exc)
@@ -156,8 +161,19 @@ class Appender:
                 except sqlite3.Error as again:
                     exc = again
             raise translate(exc, self.db.path) from None
-        insert = lambda: conn.execute(INSERT, row)  # noqa: E731
-        return self.db.retry(lambda: self.db.fenced(insert)).lastrowid or 0
+        if nested:
+            insert = lambda: conn.execute(INSERT, row)  # noqa: E731
+            return self.db.retry(lambda: self.db.fenced(insert)).lastrowid or 0
+
+        def attempt() -> sqlite3.Cursor:
+            # Waits for another process's lock without this process's write lock (so that a
+            # fork meanwhile can close every connection): fetch the connection each time.
+            self.db.check_side_files()
+            again = self.db.conn()
+            self.db.as_producer(again, True)
+            return self.db.fenced(lambda: again.execute(INSERT, row))
+
+        return self.db.retry(attempt, let_go=True).lastrowid or 0
 
     def append_interrupted(
         self, conn: sqlite3.Connection, row: tuple[int, bytes, int, float]
@@ -173,9 +189,10 @@ class Appender:
         fence is reentrant: the interrupted code may hold it).
         """
         self.db.refuse_interrupted()
-        if conn.in_transaction and getattr(self.db.local, "writing", False):
+        joined = self.db.joined.get(threading.get_ident())
+        if conn.in_transaction and joined is not None:
             row_id = conn.execute(INSERT, row).lastrowid or 0
-            self.db.local.joined.append(row)
+            joined.append(row)
             return row_id
         extra = self.db.open_extra()
         try:

@@ -44,6 +44,11 @@ _CACHE_KIB = 256
 
 _registry: weakref.WeakSet[Connections] = weakref.WeakSet()
 _abandoned: list[object] = []  # connections inherited over fork: never used, never closed
+#: In a forked child: the queue files (real paths) that the parent still had open at the
+#: fork. SQLite's bookkeeping of their locks, copied into this process, describes locks this
+#: process does not hold; any connection opened here would share it and run without real
+#: locks (another process could then delete the -wal under it). Never opened here.
+_inherited_open: set[str] = set()
 
 #: Held while this process reads a database file other than through SQLite, and while it
 #: opens a connection. Closing any descriptor of a file drops every POSIX lock this process
@@ -91,7 +96,9 @@ def _after_fork_in_child() -> None:
     holders.reset_after_fork()
     _raw = threading.RLock()
     _raw_held_for_fork = False
-    for db in list(_registry):
+    dbs = list(_registry)
+    _inherited_open.update(db.real for db in dbs if db.open_at_fork)
+    for db in dbs:
         db.forget_connections()
 
 
@@ -149,6 +156,10 @@ class Connections:
         # What a thread is doing that a signal handler on it must not interrupt with a call
         # (by thread id; see refuse_interrupted).
         self._unsafe_now: dict[int, str] = {}
+        # Per thread inside transaction(): the appends of signal handlers that joined it.
+        self.joined: dict[int, list[tuple[int, bytes, int, float]]] = {}
+        # fork() found an operation in flight and forked with connections open.
+        self.open_at_fork = False
         # Deadlines (monotonic) of the flush/exit/drain calls running now: while any is
         # active, no wait of this queue, in any thread, lasts past the earliest (see bounded).
         self._deadlines: dict[int, float] = {}
@@ -241,17 +252,20 @@ class Connections:
         no connection open at fork, the child starts clean. The parent's threads reopen on
         their next operation.
         """
+        self.open_at_fork = True  # until every connection is closed
         if owned(self.write_lock) or owned(self.read_lock):
             return  # fork() from a signal handler inside an operation: it is in flight
         if not self.write_lock.acquire(timeout=_FORK_WAIT):
-            return  # an operation is stuck in flight: leave it (the child abandons them)
+            return  # an operation is stuck in flight: leave it (the child refuses the file)
         if not self.read_lock.acquire(timeout=_FORK_WAIT):
             self.write_lock.release()
             return
         self._fork_held = True
         self.close_all()
+        self.open_at_fork = False
 
     def resume_after_fork(self) -> None:
+        self.open_at_fork = False
         if self._fork_held:
             self._fork_held = False
             self.read_lock.release()
@@ -269,6 +283,8 @@ class Connections:
         self.read_lock = threading.RLock()
         self._fork_held = False
         self._unsafe_now = {}
+        self.joined = {}
+        self.open_at_fork = False
         self._deadlines = {}  # the parent's flush/exit calls do not run here
         self._deadlines_lock = threading.Lock()
         self.fence.forget_after_fork()
@@ -313,6 +329,14 @@ class Connections:
         return self._open()
 
     def _open(self) -> Connection:
+        if self.real in _inherited_open:
+            raise QueueError(
+                f"the queue {self.path} cannot be used in this process: it was forked while a "
+                f"thread of its parent was inside an operation on the queue (for over "
+                f"{_FORK_WAIT:g} s), so SQLite's state of the file here is unknown and a "
+                "write could be lost; nothing was stored. Fork while no call is in flight, "
+                "or start the process with spawn (multiprocessing) or exec"
+            )
         try:
             # timeout=0: busy waits are ours (retry), with sub-millisecond first retries
             # instead of SQLite's 1 ms minimum sleep.
@@ -385,9 +409,16 @@ class Connections:
 
     # ---------------------------------------------------------------- transactions
 
-    def retry(self, fn: Callable[[], T]) -> T:
+    def retry(self, fn: Callable[[], T], *, let_go: bool = False) -> T:
         """Run ``fn``, retrying while another connection holds the lock (up to busy_timeout,
-        or an earlier deadline of ``bounded``)."""
+        or an earlier deadline of ``bounded``).
+
+        ``let_go``: the caller holds the write lock once, outside any transaction, and ``fn``
+        fetches its connection itself. Between attempts the thread then sleeps without the
+        write lock, so that a ``fork()`` meanwhile can close every connection first
+        (``close_for_fork``) instead of giving up on a thread that only waits for another
+        process.
+        """
         started = 0.0
         delay = 0.00002
         while True:
@@ -402,8 +433,20 @@ class Connections:
                     started = now
                 if now >= self._limit(started):
                     raise translate(exc, self.path) from None
-                time.sleep(delay * (0.5 + random.random()))
+                pause = delay * (0.5 + random.random())
+                if let_go:
+                    self._sleep_unlocked(pause)
+                else:
+                    time.sleep(pause)
                 delay = min(delay * 2, 0.005)
+
+    def _sleep_unlocked(self, seconds: float) -> None:
+        """Sleep without this thread's hold on the write lock, then take it back."""
+        state = self.write_lock._release_save()  # type: ignore[attr-defined]
+        try:
+            time.sleep(seconds)
+        finally:
+            self.write_lock._acquire_restore(state)  # type: ignore[attr-defined]
 
     @contextlib.contextmanager
     def _unsafe(self, doing: str) -> Iterator[None]:
@@ -446,31 +489,15 @@ class Connections:
         again on their own, since their calls returned.
         """
         nested = owned(self.write_lock)  # only a signal handler on this thread
+        ident = threading.get_ident()
         with self.locked(self.write_lock):
             if nested:
                 self.refuse_interrupted()
-            else:
-                # (Never under a call a signal interrupted: it uses the connections.)
-                self.check_side_files()
-            conn = self.conn()
-            if conn.in_transaction:
-                # Only a signal handler can get here: this thread is inside a transaction.
-                raise QueueError(
-                    f"the queue {self.path}: a signal handler interrupted a transaction on "
-                    "this thread; only the calls (track() and the others) can be made there"
-                )
-            self.as_producer(conn, producer)
-            local = self.local
-            outer = getattr(local, "writing", False)
-            if not outer:
-                local.joined = []
-            local.writing = True  # before BEGIN: see Appender.append_interrupted
+            outer = self.joined.get(ident)
+            if outer is None:
+                self.joined[ident] = []  # before BEGIN: see Appender.append_interrupted
             try:
-                try:
-                    self._begin_fenced(conn)
-                except BaseException:
-                    self._store_joined_again(conn)
-                    raise
+                conn = self._begin_fenced(producer, nested)
                 try:
                     yield conn
                     self.retry(lambda: conn.execute("COMMIT"))
@@ -483,30 +510,60 @@ class Connections:
                 finally:
                     self.fence.leave()
             finally:
-                local.writing = outer
-                if not outer:
-                    local.joined = []
+                if outer is None:
+                    self.joined.pop(ident, None)
 
-    def _begin_fenced(self, conn: sqlite3.Connection) -> None:
+    def _begin(self, producer: bool, check: bool) -> sqlite3.Connection:
+        """One attempt: this thread's connection in a ``BEGIN IMMEDIATE`` transaction.
+
+        Fetched anew at each attempt: a ``fork()`` may have closed it while this thread
+        waited without the write lock (see ``retry``).
+        """
+        if check:
+            # (Never under a call a signal interrupted: it moves the connections.)
+            self.check_side_files()
+        conn = self.conn()
+        if conn.in_transaction:
+            # Only a signal handler can get here: this thread is inside a transaction.
+            raise QueueError(
+                f"the queue {self.path}: a signal handler interrupted a transaction on "
+                "this thread; only the calls (track() and the others) can be made there"
+            )
+        self.as_producer(conn, producer)
+        conn.execute("BEGIN IMMEDIATE")
+        return conn
+
+    def _begin_fenced(self, producer: bool, nested: bool) -> sqlite3.Connection:
         """``BEGIN IMMEDIATE``, then the commit fence without waiting (see fence.py): while a
         recovery holds it, let go of SQLite's lock and wait for the fence first. On error
-        nothing is held (no transaction, not the fence)."""
-        self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+        nothing is held (no transaction, not the fence), and what joined is stored again.
+
+        While another process holds SQLite's lock, the wait lets go of this process's write
+        lock between attempts (unless nested in a call a signal handler interrupted).
+        """
+        begin = functools.partial(self._begin, producer, not nested)
+        conn = self.retry(begin, let_go=not nested)
         if self.fence.try_enter():
-            return
+            return conn
         conn.execute("ROLLBACK")
-        self.fence.wait_enter()
+        try:
+            self.fence.wait_enter()
+        except BaseException:
+            self._store_joined_again(conn)
+            raise
         try:
             self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
             # A signal handler's appends that joined the transaction just rolled back.
-            for row in getattr(self.local, "joined", ()):
+            for row in self.joined.get(threading.get_ident(), ()):
                 conn.execute(INSERT, row)
         except BaseException:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             self.fence.leave()
+            self._store_joined_again(conn)
             raise
+        return conn
 
     def fenced(self, fn: Callable[[], T]) -> T:
         """Run one autocommit statement under the commit fence (call under the write lock)."""
@@ -518,7 +575,7 @@ class Connections:
 
     def _store_joined_again(self, conn: sqlite3.Connection) -> None:
         """After a rollback: store the appends that joined the transaction, in autocommit."""
-        joined: list[tuple[int, bytes, int, float]] = getattr(self.local, "joined", [])
+        joined = self.joined.get(threading.get_ident(), [])
         while joined:
             insert = functools.partial(conn.execute, INSERT, joined[0])
             self.retry(functools.partial(self.fenced, insert))
