@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 import click
@@ -68,14 +72,52 @@ def stderr_is_tty() -> bool:
         return False
 
 
+def terminal_columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` writes to (``COLUMNS`` wins; 80 if unknown)."""
+    # shutil.get_terminal_size() asks stdout, which `drain > summary.txt` redirects while
+    # stderr, where the bar goes, is still the terminal.
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return shutil.get_terminal_size((80, 24)).columns
+
+
+#: The label and the bar's narrowest and widest; what does not fit is dropped (rate, percent,
+#: ETA, label, in that order) rather than let the line wrap.
+_LABEL = "drain"
+_MIN_BAR = 10
+_MAX_BAR = 40
+_PARTS = (
+    ("label", "pos", "percent", "eta", "rate"),
+    ("label", "pos", "percent", "eta"),
+    ("label", "pos", "eta"),
+    ("label", "pos"),
+    ("pos",),
+    (),
+)
+
+
 class ProgressLine:
-    """Messages sent / total, rate and ETA on one terminal line, redrawn by its own thread.
+    """Messages sent / total, percent, ETA and rate on one terminal line (click's progress bar).
 
     The drain workers only add to a counter (``__call__``), so the cost to delivery does not
-    grow with the rate; the line is redrawn ``1 / interval`` times a second.
+    grow with the rate; the line is redrawn by its own thread ``1 / interval`` times a second,
+    and only when it changed. Every redraw measures the terminal and fits the line in one
+    column less than its width: parts are dropped before the line could wrap (a wrapped
+    ``\r`` line scrolls a new copy on every redraw). Draw it only on a terminal.
     """
 
-    def __init__(self, total: int, stream: TextIO, *, interval: float = 0.1) -> None:
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO,
+        *,
+        interval: float = 0.1,
+        columns: Callable[[], int] | None = None,
+    ) -> None:
         self.total = max(total, 0)
         self.done = 0
         self.updates = 0
@@ -83,9 +125,27 @@ class ProgressLine:
         self.render_cpu = 0.0
         self._stream = stream
         self._interval = interval
+        self._columns = columns or (lambda: terminal_columns(stream))
         self._lock = threading.Lock()
+        # Held while writing: a log line's clear() never lands in the middle of a redraw.
+        self._draw = threading.Lock()
+        self._drawn = ""
         self._stop = threading.Event()
         self._started = time.monotonic()
+        # click's bar keeps the position, the smoothed ETA and formats the line; writing is
+        # done here (it would measure stdout, and never redraw a line a log message wiped).
+        self._bar = click.progressbar(
+            length=max(self.total, 1),
+            label=_LABEL,
+            hidden=True,  # it formats; render() writes
+            file=io.StringIO(),
+            bar_template="%(label)s[%(bar)s]  %(info)s",
+            show_pos=True,
+            show_percent=True,
+            show_eta=True,
+            item_show_func=lambda rate: rate,
+        )
+        self._shown = 0
         self._thread = threading.Thread(target=self._run, name=f"{PROG}-progress", daemon=True)
 
     def __call__(self, sent: int) -> None:
@@ -101,6 +161,7 @@ class ProgressLine:
         return self
 
     def close(self) -> None:
+        """Stop redrawing and wipe the line (the summary is printed in its place)."""
         global _active_progress  # noqa: PLW0603
         self._stop.set()
         if self._thread.is_alive():
@@ -109,26 +170,49 @@ class ProgressLine:
         self.clear()
 
     def clear(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
+        """Wipe the line; the next redraw draws it again."""
+        with self._draw:
+            self._drawn = ""
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.write("\r\x1b[K")
+                self._stream.flush()
 
-    def line(self) -> str:
+    def line(self, columns: int | None = None) -> str:
+        """The line as it would be drawn now in ``columns`` (the terminal's width if None)."""
         with self._lock:
             done = self.done
-        total = max(self.total, done)
+        bar = self._bar
+        if done > self._shown:
+            # More than counted at the start (a lease another holder gave up): extend.
+            bar.length = max(bar.length or 0, self.total, done)
+            bar.update(done - self._shown)
+            self._shown = done
         elapsed = max(time.monotonic() - self._started, 1e-9)
-        rate = done / elapsed
-        eta = "-" if rate <= 0 else human_age((total - done) / rate)
-        width = 24
-        filled = width if total == 0 else int(width * done / total)
-        bar = "#" * filled + "-" * (width - filled)
-        return f"drain [{bar}] {done:,}/{total:,}  {rate:,.0f} msg/s  ETA {eta}"
+        rate = f"{done / elapsed:,.0f} msg/s"
+        limit = (self._columns() if columns is None else columns) - 1
+        for parts in _PARTS:
+            bar.label = f"{_LABEL} " if "label" in parts else ""
+            bar.show_pos = "pos" in parts
+            bar.show_percent = "percent" in parts
+            bar.show_eta = "eta" in parts
+            bar.current_item = rate if "rate" in parts else None
+            bar.width = 0
+            room = limit - len(bar.format_progress_line())
+            if room >= _MIN_BAR or not parts:
+                bar.width = max(0, min(_MAX_BAR, room))
+                break
+        return bar.format_progress_line()[: max(limit, 0)]
 
     def render(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.write("\r" + self.line() + "\x1b[K")
-            self._stream.flush()
+        """Redraw the line if it changed (or was wiped)."""
+        text = self.line()
+        with self._draw:
+            if text == self._drawn:
+                return
+            self._drawn = text
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.write("\r" + text + "\x1b[K")
+                self._stream.flush()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
