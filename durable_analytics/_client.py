@@ -27,7 +27,7 @@ from uuid import UUID
 
 from . import _flusher_process, _messages
 from ._client_settings import SettingsAttributes
-from ._config import SEGMENT_PARAMETERS, Config, OnError, Settings
+from ._config import SEGMENT_PARAMETERS, Config, OnError, Settings, is_loopback_host
 from ._delivery import Deliverer, FlushResult, make_deliverer
 from ._drain import deliver_until
 from ._flusher import Flusher
@@ -167,7 +167,7 @@ class Client(SettingsAttributes):
         self._send = config.send
         self._sync = config.sync_mode
         self._configure_logging()
-        if config.host.startswith("http://"):
+        if config.host.startswith("http://") and not is_loopback_host(config.host):
             log.warning(
                 "host %s uses plain http://: events and the write key travel unencrypted",
                 config.host,

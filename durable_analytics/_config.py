@@ -5,10 +5,12 @@ This is the only module that reads ``os.environ``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -35,6 +37,7 @@ __all__ = [
     "env_host",
     "env_queue_url",
     "env_write_key",
+    "is_loopback_host",
     "is_queue_url",
     "proxy_for_url",
     "redact",
@@ -180,7 +183,40 @@ def normalize_host(host: str) -> str:
         raise ConfigError("host must not contain credentials; pass the write key instead")
     if parts.query or parts.fragment:
         raise ConfigError(f"host must be a base URL without query or fragment, got {host!r}")
+    path = parts.path.rstrip("/")
+    endpoint = _ENDPOINT_TAIL.search(path)
+    if endpoint:
+        # POST {host}/v1/batch would go to .../v1/batch/v1/batch: a 404 for every batch,
+        # found only once messages pile up. A path before it (a proxy's prefix) is kept.
+        base = host.rstrip("/")[: len(host.rstrip("/")) - len(endpoint.group(0))]
+        raise ConfigError(
+            f"host must be the base URL: the library appends /v1/batch itself, so use "
+            f"{base!r}, not {host!r}"
+        )
     return host.rstrip("/")
+
+
+#: A path ending in the tracking API's own path (``/v1``, ``/v1/batch``, ``/batch``,
+#: ``/v1/track`` ...), which ``host`` must not hold.
+_ENDPOINT_TAIL = re.compile(
+    r"(?:/v1(?:/(?:batch|import|track|identify|page|screen|group|alias))?|/batch)$",
+    re.IGNORECASE,
+)
+
+
+def is_loopback_host(url: str) -> bool:
+    """Whether ``url``'s host is this machine: ``localhost`` (and ``*.localhost``) or a
+    loopback address (127.0.0.0/8, ``::1``); plain ``http://`` is fine there."""
+    name = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 # Settings that are objects of this process (callables, handlers): they never travel.

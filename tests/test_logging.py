@@ -86,9 +86,9 @@ def test_an_unconfigured_application_prints_nothing(collector: Collector, tmp_pa
         import sys
         from durable_analytics import Client
         c = Client("k", host=sys.argv[1], queue_path=sys.argv[2], flusher="none",
-                   on_exit="none")  # plain http: a warning
+                   on_exit="none")  # plain http off this machine: a warning
         """,
-        collector.url,
+        "http://analytics.example.com",
         str(tmp_path / "q.sqlite3"),
     )
     assert result.returncode == 0

@@ -105,6 +105,7 @@ def test_drain_host_and_write_key_override_the_stored_destination(
     [
         ("--host", "ftp://example.com", "host must be an http:// or https:// URL"),
         ("--host", "http://user:pw@example.com", "credentials"),
+        ("--host", "https://api.example.com/v1/batch", "use 'https://api.example.com'"),
         ("--write-key", "", "write_key must be a non-empty string"),
         ("--write-key", "a\nb", "line breaks"),
         ("--timeout", "0", "--timeout"),

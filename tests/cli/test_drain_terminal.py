@@ -1,4 +1,4 @@
-"""`durable-analytics drain`'s progress bar in real terminals: a pty, and tmux at 50 and 200 columns.
+"""The drain progress bar in real terminals: a pty, and tmux at 50 and 200 columns.
 
 The bar is drawn only when stderr is a terminal; its line must stay one column short of the
 terminal's width, or every redraw wraps and scrolls a new copy of it down the screen.
@@ -120,7 +120,12 @@ def test_without_a_terminal_drain_writes_nothing_to_stderr(
 ) -> None:
     fill(queue_path, collector.url, 50)
     done = subprocess.run(
-        _drain_argv(queue_path), capture_output=True, text=True, env=_env(), timeout=120
+        _drain_argv(queue_path),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
@@ -148,7 +153,11 @@ def _tmux(columns: int, command: str) -> Iterator[list[str]]:
 
 def _capture(base: list[str]) -> list[str]:
     done = subprocess.run(
-        [*base, "capture-pane", "-p", "-t", "t"], capture_output=True, text=True, timeout=30
+        [*base, "capture-pane", "-p", "-t", "t"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     return done.stdout.splitlines()
 
@@ -163,8 +172,7 @@ def test_in_tmux_the_bar_stays_on_one_line_and_the_summary_replaces_it(
     fill(queue_path, collector.url, MESSAGES)
     done_file = tmp_path / "exit-code"
     command = (
-        f"{shlex.join(_drain_argv(queue_path))}; echo $? > {shlex.quote(str(done_file))}; "
-        "sleep 120"
+        f"{shlex.join(_drain_argv(queue_path))}; echo $? > {shlex.quote(str(done_file))}; sleep 120"
     )
     screens: list[list[str]] = []
     with _tmux(columns, command) as base:
@@ -182,7 +190,9 @@ def test_in_tmux_the_bar_stays_on_one_line_and_the_summary_replaces_it(
         # One line on the screen: no wrapped tail, no scrolled copies.
         assert len(screen) == 1, screen
         line = screen[0]
-        assert line.startswith("drain [") and "]" in line and f"/{MESSAGES}" in line, screen
+        assert line.startswith("drain ["), screen
+        assert "]" in line, screen
+        assert f"/{MESSAGES}" in line, screen
         assert len(line) < columns
     if columns == 200:
         assert any("msg/s" in s[0] for s in with_bar), with_bar[-1]
