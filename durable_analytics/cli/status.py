@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,9 @@ from ._output import count, human_age, human_bytes, one_line
 def status_command(queue_path: Path | None, verbose: int, as_json: bool, output_format: str) -> int:
     """Show what is queued: pending, leased, dead letters, bytes, oldest age, drops, errors.
 
-    One line per destination, its write key cut to the first 4 characters. `--json` prints
+    One line per destination, its write key cut to the first 4 characters. The last error
+    is shown with its age while its destination still fails, and "none" once it delivers
+    again. `--json` prints
     the same names as `Client.stats()`: pending, leased, dead_letters, bytes,
     oldest_age_seconds, dropped, last_error, destinations, wal_bytes (the size of the
     queue's -wal file). `--format prometheus` prints them as durable_analytics_* metrics
@@ -70,7 +73,11 @@ def status_command(queue_path: Path | None, verbose: int, as_json: bool, output_
 
 
 def format_status(
-    queue_name: str | Path, stats: QueueStats, health: dict[str, Any] | None = None
+    queue_name: str | Path,
+    stats: QueueStats,
+    health: dict[str, Any] | None = None,
+    *,
+    now: float | None = None,
 ) -> str:
     """The text form of ``status``: one labelled row per figure, then one per destination."""
     rows = [
@@ -88,13 +95,7 @@ def format_status(
         ("dropped", f"{stats.dropped:,} (by the max_queue_bytes cap)"),
         ("-wal file", human_bytes(stats.wal_bytes)),
     ]
-    if stats.last_error:
-        err = stats.last_error
-        rows.append(
-            ("last error", f"{err.get('at', '')} {err.get('host', '')}: {err.get('message', '')}")
-        )
-    else:
-        rows.append(("last error", "none"))
+    rows.append(("last error", last_error_text(stats, time.time() if now is None else now)))
     if health is not None:
         oldest = health.get("oldest_transaction_seconds")
         rows.append(
@@ -118,3 +119,31 @@ def format_status(
                 )
             lines.append(text)
     return "\n".join(lines)
+
+
+def last_error_text(stats: QueueStats, now: float) -> str:
+    """The error of a destination that is still failing, with its age; else ``none``.
+
+    A destination's failure count is cleared by its next successful delivery (in the same
+    transaction as the ack), so an error whose destination counts no failure is over. The
+    queue records the time of the most recent error only: an older one of another
+    destination that still fails is shown without an age.
+    """
+    failing = [d for d in stats.destinations if d.failures]
+    if not failing:
+        return "none"
+    err = stats.last_error
+    if err and any(d.host == err.get("host") for d in failing):
+        at = err.get("at", "")
+        when = _parse_iso(at)
+        age = "" if when is None else f"{human_age(max(0.0, now - when))} ago "
+        return f"{age}({at}) {err.get('host', '')}: {err.get('message', '')}"
+    d = next((d for d in failing if d.last_error), failing[0])
+    return f"{d.host}: {d.last_error or 'failing'} ({count(d.failures, 'failure')} in a row)"
+
+
+def _parse_iso(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None

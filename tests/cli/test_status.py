@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 from unittest.mock import ANY
 
 from click.testing import CliRunner
 
 from durable_analytics import Client
+from durable_analytics._store import DestinationStats, QueueStats
+from durable_analytics.cli.status import format_status
 from durable_analytics.testing import Collector
 
 from .helpers import WRITE_KEY, assert_error, fill, run, snapshot
@@ -103,3 +108,96 @@ def test_status_format_prometheus_parses_and_matches_json(
     assert WRITE_KEY not in result.stdout
     as_json = run(runner, "status", "--queue", str(queue_path), "--format", "json")
     assert json.loads(as_json.stdout) == {**data, "oldest_age_seconds": ANY}
+
+
+def _due(queue_path: Path) -> None:
+    """End every backoff now instead of waiting it out (a test's shortcut)."""
+    conn = sqlite3.connect(queue_path, timeout=30)
+    try:
+        with conn:
+            conn.execute("UPDATE destinations SET not_before = 0")
+            conn.execute("UPDATE messages SET not_before = NULL")
+    finally:
+        conn.close()
+
+
+def _row(stdout: str, name: str) -> str:
+    [line] = [line for line in stdout.splitlines() if line.startswith(name)]
+    return line[len(name) :].strip()
+
+
+def test_status_last_error_has_its_age_and_is_cleared_once_the_destination_delivers(
+    runner: CliRunner, queue_path: Path, collector: Collector
+) -> None:
+    fill(queue_path, collector.url, 4)
+    collector.set_default(503)
+    failed = run(runner, "drain", "--queue", str(queue_path), "--max-retries", "0")
+    assert failed.exit_code == 1
+    row = _row(run(runner, "status", "--queue", str(queue_path)).stdout, "last error")
+    assert re.match(r"(<1s|\d+s) ago \(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00\) ", row), row
+    assert collector.url in row
+    assert "503" in row
+
+    collector.set_default(200)
+    _due(queue_path)
+    delivered = run(runner, "drain", "--queue", str(queue_path))
+    assert delivered.exit_code == 0, delivered.output
+    assert len(collector.message_ids()) == 4
+    after = run(runner, "status", "--queue", str(queue_path)).stdout
+    assert _row(after, "last error") == "none"
+    assert "backing off" not in after
+    # The JSON keeps the facts as Client.stats() has them: the error and its time.
+    data = json.loads(run(runner, "status", "--queue", str(queue_path), "--json").stdout)
+    assert "503" in data["last_error"]["message"]
+    assert data["destinations"][0]["failures"] == 0
+
+
+def _stats(destinations: list[DestinationStats], last_error: dict[str, str] | None) -> QueueStats:
+    return QueueStats(
+        pending=sum(d.pending for d in destinations),
+        leased=0,
+        dead_letters=0,
+        bytes=0,
+        oldest_age_seconds=None,
+        dropped=0,
+        last_error=last_error,
+        destinations=destinations,
+    )
+
+
+def _dest(host: str, failures: int, error: str | None) -> DestinationStats:
+    return DestinationStats(
+        host=host,
+        write_key="test…",
+        pending=3,
+        leased=0,
+        backoff_until=None,
+        failures=failures,
+        last_error=error,
+    )
+
+
+def test_the_last_errors_age_is_counted_from_its_time() -> None:
+    at = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    stats = _stats(
+        [_dest("https://a.example", 3, "HTTP 503")],
+        {"message": "HTTP 503", "at": at.isoformat(), "host": "https://a.example"},
+    )
+    text = format_status("q", stats, now=at.timestamp() + 125)
+    assert _row(text, "last error") == (
+        "2m 5s ago (2026-01-01T12:00:00+00:00) https://a.example: HTTP 503"
+    )
+
+
+def test_a_recovered_destination_hides_its_error_but_another_still_failing_shows_its_own() -> None:
+    at = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc).isoformat()
+    newest_but_over = {"message": "HTTP 500", "at": at, "host": "https://a.example"}
+    stats = _stats(
+        [_dest("https://a.example", 0, "HTTP 500"), _dest("https://b.example", 2, "timed out")],
+        newest_but_over,
+    )
+    assert _row(format_status("q", stats), "last error") == (
+        "https://b.example: timed out (2 failures in a row)"
+    )
+    healthy = _stats([_dest("https://a.example", 0, "HTTP 500")], newest_but_over)
+    assert _row(format_status("q", healthy), "last error") == "none"
