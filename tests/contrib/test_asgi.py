@@ -72,6 +72,27 @@ def test_uvicorn_sigterm_delivers_every_event_with_the_lifespan_integration(
     assert sum(queued_message_ids(queue).values()) == 0  # nothing left on disk
 
 
+def test_uvicorn_with_two_workers_delivers_every_event_on_sigterm(
+    tmp_path: Path, collector: Collector
+) -> None:
+    """--workers 2: the supervisor's SIGTERM reaches both workers; each closes its client."""
+    (tmp_path / "app.py").write_text(textwrap.dedent(APP))
+    queue = tmp_path / "q.sqlite3"
+    port = free_port()
+    env = {"WK": WRITE_KEY, "HOST": collector.url, "QUEUE": str(queue), "MODE": "middleware"}
+    argv = ["uvicorn", "app:app", "--port", str(port), "--workers", "2", "--log-level", "warning"]
+    with server(argv, tmp_path, env, port) as proc:
+        assert get(port, [f"/hit/{n}" for n in range(EVENTS)], connections=8) == [200] * EVENTS
+        assert collector.requests == 0
+        stop(proc, signal.SIGTERM)
+    ids = collector.message_ids()
+    events = [m["event"] for m in collector.messages()]
+    assert events.count("Hit") == EVENTS
+    assert events.count("Server Stopped") == 2  # one per worker: both shut down cleanly
+    assert max(ids.values()) == 1
+    assert sum(queued_message_ids(queue).values()) == 0
+
+
 def test_uvicorn_sigterm_without_the_integration_leaves_events_on_disk(
     tmp_path: Path, collector: Collector
 ) -> None:
