@@ -1095,12 +1095,13 @@ def test_cli_log_lines_each_start_with_the_program_name(
 @pytest.mark.parametrize(
     ("host", "warns"),
     [
-        ("http://127.0.0.1:{port}", True),
-        ("http://localhost:{port}", True),  # no exemption for loopback: see the doc
+        ("http://127.0.0.1:{port}", False),  # this machine: a local collector or sidecar
+        ("http://localhost:{port}", False),
+        ("http://analytics.example.test:{port}", True),  # off this machine: the key travels
         ("https://127.0.0.1:{port}", False),
     ],
 )
-def test_plain_http_works_but_warns(
+def test_plain_http_warns_only_off_this_machine_and_works(
     queue_path: Path, collector: Collector, records: Records, host: str, warns: bool
 ) -> None:
     url = host.format(port=collector.port)
@@ -1110,6 +1111,8 @@ def test_plain_http_works_but_warns(
     if warns:
         assert warnings[0].levelno == logging.WARNING
         assert url in warnings[0].getMessage()
+        assert WRITE_KEY not in warnings[0].getMessage()
+    elif url.startswith("http://"):
         client.track("u", "E")
         assert client.flush(timeout=5).sent == 1  # and it works
     client.close(timeout=0)
