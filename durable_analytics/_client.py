@@ -381,11 +381,15 @@ class Client(SettingsAttributes):
         since = "" if self._drop_warned_at == -math.inf else " since the last warning"
         self._drop_warned_at = now
         count, self._drops = self._drops, 0
+        caps = f"max_queue_bytes={self.config.max_queue_bytes}"
+        if self.config.max_queue_size is not None:
+            # segment's count cap refuses the same way; either may have been reached.
+            caps += f", max_queue_size={self.config.max_queue_size}"
         log.warning(
-            "the queue %s is full (max_queue_bytes=%d): dropped %d new message%s%s "
+            "the queue %s is full (%s): dropped %d new message%s%s "
             "(overflow=%r; the calls returned False). Is delivery failing?",
             self.config.queue_name,
-            self.config.max_queue_bytes,
+            caps,
             count,
             "" if count == 1 else "s",
             since,

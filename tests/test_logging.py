@@ -213,6 +213,19 @@ def test_the_size_cap_warns_with_counts_once_a_minute(
     client.close(timeout=0)
 
 
+def test_the_count_cap_warns_naming_it(
+    collector: Collector, queue_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    """Drops by segment's max_queue_size: the warning names that cap, with the count."""
+    client = _client_for(collector, queue_path, max_queue_size=5)
+    results = [client.track("u", "E")[0] for _ in range(8)]
+    assert results.count(False) == 3
+    [drop] = [w for w in _warnings(logs, "durable_analytics.client") if "is full" in w]
+    assert "max_queue_size=5" in drop
+    assert "dropped 1 new message " in drop
+    client.close(timeout=0)
+
+
 def test_exit_with_messages_left_warns(
     collector: Collector, queue_path: Path, logs: pytest.LogCaptureFixture
 ) -> None:
