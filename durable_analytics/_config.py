@@ -183,12 +183,13 @@ def normalize_host(host: str) -> str:
         raise ConfigError("host must not contain credentials; pass the write key instead")
     if parts.query or parts.fragment:
         raise ConfigError(f"host must be a base URL without query or fragment, got {host!r}")
-    path = parts.path.rstrip("/")
-    endpoint = _ENDPOINT_TAIL.search(path)
-    if endpoint:
+    if _ENDPOINT_TAIL.search(parts.path.rstrip("/")):
         # POST {host}/v1/batch would go to .../v1/batch/v1/batch: a 404 for every batch,
         # found only once messages pile up. A path before it (a proxy's prefix) is kept.
-        base = host.rstrip("/")[: len(host.rstrip("/")) - len(endpoint.group(0))]
+        path = parts.path.rstrip("/")
+        while tail := _ENDPOINT_TAIL.search(path):
+            path = path[: tail.start()].rstrip("/")
+        base = f"{parts.scheme}://{parts.netloc}{path}"
         raise ConfigError(
             f"host must be the base URL: the library appends /v1/batch itself, so use "
             f"{base!r}, not {host!r}"

@@ -23,6 +23,8 @@ from tests.conftest import WRITE_KEY
         ("https://events.example.com/batch", "https://events.example.com"),
         ("https://proxy.example.com/segment/v1/batch", "https://proxy.example.com/segment"),
         ("http://127.0.0.1:8080/V1/Batch", "http://127.0.0.1:8080"),
+        ("https://api.example.com/v1//batch", "https://api.example.com"),
+        ("https://v1/v1/batch", "https://v1"),
     ],
 )
 def test_a_host_holding_the_api_path_is_refused_at_construction_naming_the_base(
