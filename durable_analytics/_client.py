@@ -95,7 +95,8 @@ class Client(SettingsAttributes):
     own settings, keyword-only (see ``Settings`` and the README's settings table):
     ``queue_path``, ``flush_at`` (20), ``flush_interval`` (5 s), ``max_batch_bytes``,
     ``max_message_bytes``, ``durability``, ``flusher``, ``on_exit``, ``shutdown_timeout``,
-    ``busy_timeout``, ``lease_timeout``, ``max_queue_bytes``, ``overflow``. None means the default;
+    ``busy_timeout``, ``lease_timeout``, ``max_in_flight`` (32), ``max_batch_messages``,
+    ``max_queue_bytes``, ``overflow``. None means the default;
     ``max_retries`` and ``timeout`` default to 3 and 10 s, and a value passed is used as
     given. Invalid settings raise ``ConfigError``; a queue file that cannot be used raises a
     ``QueueError`` here, not at the first call. The settings are also read-only attributes
@@ -584,10 +585,14 @@ class Client(SettingsAttributes):
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Deliver every message this client's destination had queued when flush was called.
 
-        Blocks until they are delivered (or dead-lettered), or ``timeout`` seconds pass, and
-        returns ``FlushResult(sent, pending, dead_lettered)``; what is still pending stays on
-        disk. ``timeout=None`` waits as long as it takes while the server answers; when the
-        destination is backing off (server down, or a 401) it waits for the backoff too.
+        Up to ``max_in_flight`` batches are in flight at once. Returns
+        ``FlushResult(sent, pending, dead_lettered)`` once every one of those messages was
+        delivered, dead-lettered, or failed its quick retries (it then stays on disk with
+        its backoff, counts in ``pending``, and ``on_error`` was called once for its batch):
+        it never waits out a backoff without bound. Messages whose destination is already
+        backing off (their failure was reported) are not sent before their time and count
+        in ``pending``. With ``timeout`` it returns by then; within it, a backoff that ends
+        before the deadline is waited for, a longer one is not.
 
         The counts are of the messages pending when flush was called, whoever delivered them
         meanwhile (this call, the flusher thread, another process): ``sent + dead_lettered +

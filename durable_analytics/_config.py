@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 DEFAULT_HOST = "https://api.segment.io"
+#: Requests outstanding per destination by default (measured: ``benchmarks/bench_delivery.py``).
+DEFAULT_MAX_IN_FLIGHT = 32
 
 Durability = Literal["normal", "full"]
 FlusherMode = Literal["thread", "process", "none"]
@@ -296,6 +298,8 @@ class Config:
     oauth_key_id: str | None = None
     oauth_auth_server: str = DEFAULT_AUTH_SERVER
     oauth_scope: str = DEFAULT_SCOPE
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_batch_messages: int | None = None
 
     @classmethod
     def build(cls, write_key: str | None = None, **settings: Any) -> Config:
@@ -362,6 +366,16 @@ class Config:
         settings["queue_path"] = settings["queue_path"].absolute()
         if settings.get("debug") is None and env_debug():
             settings["debug"] = True
+        timeout = settings.get("timeout")
+        if (
+            "lease_timeout" not in settings
+            and isinstance(timeout, (int, float))
+            and not isinstance(timeout, bool)
+            and timeout > cls.lease_timeout
+        ):
+            # Only a lease_timeout given explicitly is refused for being too short: the
+            # default grows with a long request timeout.
+            settings["lease_timeout"] = float(timeout)
         config = cls(write_key=write_key, **settings)
         config.validate()
         return config
@@ -392,6 +406,15 @@ class Config:
         _positive("timeout", self.timeout)
         _positive("max_retries", self.max_retries, integer=True, allow_zero=True)
         _positive("lease_timeout", self.lease_timeout)
+        if self.lease_timeout < self.timeout:
+            raise ConfigError(
+                f"lease_timeout ({self.lease_timeout:g}s) must not be shorter than the request "
+                f"timeout ({self.timeout:g}s): a batch could be leased and sent again while "
+                "its first request is still waiting for an answer"
+            )
+        _positive("max_in_flight", self.max_in_flight, integer=True)
+        if self.max_batch_messages is not None:
+            _positive("max_batch_messages", self.max_batch_messages, integer=True)
         _positive("max_queue_bytes", self.max_queue_bytes, integer=True)
         _choice("durability", self.durability, ("normal", "full"))
         if self.queue_url is not None and not is_queue_url(self.queue_url):
@@ -485,6 +508,11 @@ class Config:
             return self.queue_url
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
         return parts._replace(netloc=netloc).geturl()
+
+    @property
+    def batch_messages(self) -> int:
+        """Messages per request: ``max_batch_messages`` when set, else ``flush_at``."""
+        return self.flush_at if self.max_batch_messages is None else self.max_batch_messages
 
     @property
     def redacted_key(self) -> str:

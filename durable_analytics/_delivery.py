@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import tenacity
 
 from . import _delivery_log
 from ._metrics import delivery_counters
+from ._pipeline import MAX_GATE_WAIT, Ticket, Window, keep_leased, window_for
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
 from ._transport.base import Transport
@@ -52,6 +54,8 @@ OnError = Callable[[Exception, list[dict[str, Any]]], object]
 
 # What _post returns when the caller's deadline passed before any request was made.
 _DEADLINE_PASSED = Outcome("retry", None, error="the flush deadline passed")
+# What _post returns when a Retry-After gate of this process is still closed.
+_GATED = Outcome("retry", None, error="the server asked to wait (Retry-After)")
 
 #: Steady-state retry interval against a dead server: one request a minute per destination.
 RETRY_CAP = 60.0
@@ -121,7 +125,11 @@ class Deliverer:
     to the dead letters; a retryable failure (429, 5xx, network) is retried quickly, then
     the rest of the lease goes back with a backoff shared by every process on the queue;
     401, 403, 404 and 3xx keep the messages, back off longer and warn. Build one with
-    ``make_deliverer``; a Deliverer is used by one thread at a time.
+    ``make_deliverer``.
+
+    Many threads may use one Deliverer at once (its transport must allow it): each request
+    takes a slot of the destination's in-flight window of this process (``_pipeline``), at
+    most ``max_in_flight``, and its lease is extended while the request is in flight.
     """
 
     def __init__(
@@ -135,6 +143,8 @@ class Deliverer:
         on_error: OnError | None = None,
         sleep: Callable[[float], None] = time.sleep,
         max_total_backoff_duration: float = 43200.0,
+        max_in_flight: int = 1,
+        batch_messages: int | None = None,
     ) -> None:
         self.queue = queue
         #: Quick retries of a failing batch stop after this many seconds too (segment's
@@ -142,10 +152,17 @@ class Deliverer:
         self.max_total_backoff_duration = max_total_backoff_duration
         self.transport = transport
         self.flush_at = flush_at
+        #: Messages per request: ``flush_at`` unless ``max_batch_messages`` says more.
+        self.batch_messages = flush_at if batch_messages is None else batch_messages
         self.max_batch_bytes = max_batch_bytes
         self.max_retries = max_retries
         self.on_error = on_error
+        #: Requests this Deliverer keeps outstanding per destination, at most.
+        self.max_in_flight = max(1, max_in_flight)
         self._sleep = sleep
+        self._lock = threading.Lock()
+        # on_error is the user's code: never called from two delivery threads at once.
+        self._report_lock = threading.Lock()
         #: Messages this Deliverer dead-lettered, per destination id (counted just before
         #: the move commits, so whoever sees them gone from the queue sees them counted).
         self.dead_lettered: dict[int, int] = {}
@@ -162,18 +179,55 @@ class Deliverer:
         deadline: float | None = None,
     ) -> DeliveryStats | None:
         """Lease one batch and deliver it; None when nothing is ready."""
-        lease = self.queue.lease(
-            self.flush_at, self._budget(), destination=destination, up_to_id=up_to_id
-        )
+        lease = self.lease_next(destination=destination, up_to_id=up_to_id)
         if lease is None:
             return None
         return self.deliver(lease, deadline=deadline)
 
-    def deliver(self, lease: Lease, *, deadline: float | None = None) -> DeliveryStats:
-        """Send ``lease``'s batch; ack, release, split or dead-letter as the server says."""
+    def lease_next(
+        self, *, destination: int | None = None, up_to_id: int | None = None
+    ) -> Lease | None:
+        """Lease the next batch (up to ``batch_messages`` and ``max_batch_bytes``), or None."""
+        return self.queue.lease(
+            self.batch_messages, self._budget(), destination=destination, up_to_id=up_to_id
+        )
+
+    def window(self, lease: Lease) -> Window:
+        """This process's in-flight window for ``lease``'s destination."""
+        dest = lease.destination
+        return window_for(dest.host, dest.write_key, self.max_in_flight)
+
+    def deliver(
+        self,
+        lease: Lease,
+        *,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> DeliveryStats:
+        """Send ``lease``'s batch; ack, release, split or dead-letter as the server says.
+
+        Waits for a slot of the destination's window first; if ``deadline`` passes or
+        ``stop`` is set meanwhile, the batch goes back to the queue unsent.
+        """
         stats = DeliveryStats()
+        window = self.window(lease)
         try:
-            self._send_part(lease, list(range(len(lease.ids))), stats, lease.failures, deadline)
+            with keep_leased(self.queue, lease):
+                ticket = window.acquire(self.max_in_flight, deadline=deadline, stop=stop)
+                if ticket is None:
+                    stats.kept += self.queue.release(lease, None, count_attempt=False)
+                    return stats
+                try:
+                    self._send_part(
+                        lease,
+                        list(range(len(lease.ids))),
+                        stats,
+                        lease.failures,
+                        deadline,
+                        (window, ticket),
+                    )
+                finally:
+                    window.release()
         except BaseException:
             # Whatever happened, messages not acked stay in the queue under this lease until
             # it is released here or expires.
@@ -187,38 +241,65 @@ class Deliverer:
         except QueueError:
             log.warning("could not release a lease; it will expire on its own", exc_info=True)
 
-    def _post(self, lease: Lease, idx: list[int], quick: bool, deadline: float | None) -> Outcome:
+    def _post(
+        self,
+        lease: Lease,
+        idx: list[int],
+        quick: bool,
+        deadline: float | None,
+        slot: tuple[Window, Ticket],
+    ) -> Outcome:
         bodies = [lease.bodies[i] for i in idx]
         dest = lease.destination
         last = [_DEADLINE_PASSED]
         # Earlier tries of these messages (other leases), then one more per quick retry.
         tries = [lease.attempts]
         first_try = lease.attempts
+        window, ticket = slot
 
         def attempt() -> Outcome:
+            gate = window.gate_wait()
+            if gate > 0:
+                # Another request was told to wait (Retry-After): nothing leaves before then.
+                if gate > MAX_GATE_WAIT or (
+                    deadline is not None and time.monotonic() + gate >= deadline
+                ):
+                    return _GATED
+                self._sleep(gate)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return _DEADLINE_PASSED  # no request made: the caller's time is up
-            started = time.monotonic()
-            last[0] = outcome = self.transport.send(
-                dest, bodies, timeout=remaining, retry_count=tries[0]
-            )
+            sent_at = time.monotonic()
+            outcome = self.transport.send(dest, bodies, timeout=remaining, retry_count=tries[0])
             _delivery_log.batch(
                 dest.host,
                 len(bodies),
                 sum(map(len, bodies)),
                 outcome.status,
-                time.monotonic() - started,
+                time.monotonic() - sent_at,
                 outcome.error,
             )
             # A resend: a quick retry, or the first try of a lease that failed before.
-            delivery_counters.request(last[0].status, retry=tries[0] > first_try or not quick)
+            delivery_counters.request(outcome.status, retry=tries[0] > first_try or not quick)
             tries[0] += 1
-            return last[0]
+            window.observe(time.monotonic() - sent_at)
+            last[0] = outcome
+            if outcome.kind == "ok":
+                window.on_success()
+            elif outcome.kind == "retry":
+                if outcome.status is None or outcome.status == 429 or outcome.status >= 500:
+                    window.on_congestion(ticket)
+                if outcome.retry_after:
+                    window.hold_until(time.monotonic() + outcome.retry_after)
+            return outcome
 
         first = attempt()
-        if first is _DEADLINE_PASSED or not (
-            quick and self.max_retries and first.kind == "retry" and first.retry_after is None
+        if (
+            first is _DEADLINE_PASSED
+            or first is _GATED
+            or not (
+                quick and self.max_retries and first.kind == "retry" and first.retry_after is None
+            )
         ):
             return first  # the common case builds no retry machinery at all
         # Quick retries stay well inside the lease so a slow holder is not overtaken.
@@ -245,7 +326,12 @@ class Deliverer:
             | tenacity.stop_after_delay(max(0.0, budget - (time.monotonic() - started))),
             wait=wait,
             retry=tenacity.retry_if_result(
-                lambda o: o is not _DEADLINE_PASSED and o.kind == "retry" and o.retry_after is None
+                lambda o: (
+                    o is not _DEADLINE_PASSED
+                    and o is not _GATED
+                    and o.kind == "retry"
+                    and o.retry_after is None
+                )
             ),
             sleep=self._sleep,
             retry_error_callback=lambda state: (
@@ -261,7 +347,9 @@ class Deliverer:
             ),
             reraise=True,
         )
-        retrying(attempt)
+        final = retrying(attempt)
+        if final is _GATED:
+            return _GATED
         # The last answer the server gave, not a deadline that ran out between retries.
         return last[0]
 
@@ -278,7 +366,8 @@ class Deliverer:
         if self.on_error is None:
             return
         try:
-            self.on_error(exc, self._messages(lease, idx))
+            with self._report_lock:
+                self.on_error(exc, self._messages(lease, idx))
         except Exception:
             log.exception("on_error raised; ignoring it")
 
@@ -289,15 +378,22 @@ class Deliverer:
         stats: DeliveryStats,
         failures: int,
         deadline: float | None,
+        slot: tuple[Window, Ticket],
     ) -> bool:
         """Deliver the messages ``idx`` of ``lease``; False once the rest must wait (backoff)."""
         dest = lease.destination
         ids = [lease.ids[i] for i in idx]
-        outcome = self._post(lease, idx, quick=failures == 0, deadline=deadline)
+        outcome = self._post(lease, idx, quick=failures == 0, deadline=deadline, slot=slot)
         if outcome is _DEADLINE_PASSED:
             # No request was made: the caller's deadline ran out, not the server. Hand the
             # rest back as it was: no backoff, no attempt counted, no error reported.
             stats.kept += self.queue.release(lease, None, count_attempt=False)
+            return False
+        if outcome is _GATED:
+            # No request was made: a Retry-After of this destination is still running. The
+            # batch waits it out in the queue (where every holder sees it), not here.
+            until = time.time() + slot[0].gate_wait()
+            stats.kept += self.queue.release(lease, until, count_attempt=False)
             return False
         stats.requests += 1
         if outcome.kind != "ok":
@@ -311,7 +407,8 @@ class Deliverer:
             return True
         if outcome.kind == "reject":
             if len(idx) == 1:
-                self.dead_lettered[dest.id] = self.dead_lettered.get(dest.id, 0) + 1
+                self._count_dead(dest.id, 1)
+                moved = 0
                 try:
                     moved = self.queue.dead_letter(
                         lease,
@@ -321,8 +418,7 @@ class Deliverer:
                         excerpt=outcome.excerpt,
                     )
                 finally:
-                    self.dead_lettered[dest.id] -= 1
-                self.dead_lettered[dest.id] += moved
+                    self._count_dead(dest.id, moved - 1)
                 delivery_counters.dead_lettered(moved)
                 stats.dead_lettered += 1
                 log.warning(
@@ -346,7 +442,7 @@ class Deliverer:
             # Split in halves until the bad message is alone; the good ones are delivered.
             half = len(idx) // 2
             for part in (idx[:half], idx[half:]):
-                if not self._send_part(lease, part, stats, failures, deadline):
+                if not self._send_part(lease, part, stats, failures, deadline, slot):
                     return False
             return True
         # Retryable or configuration error: keep everything not yet delivered, back off.
@@ -387,6 +483,10 @@ class Deliverer:
         self._report(exc, lease, idx)
         return False
 
+    def _count_dead(self, dest_id: int, delta: int) -> None:
+        with self._lock:
+            self.dead_lettered[dest_id] = self.dead_lettered.get(dest_id, 0) + delta
+
 
 def _message_id(body: bytes) -> str:
     """The messageId of a stored body, quoted for a log line (never the body itself).
@@ -423,4 +523,6 @@ def make_deliverer(
         on_error=config.on_error,
         sleep=sleep,
         max_total_backoff_duration=config.max_total_backoff_duration,
+        max_in_flight=config.max_in_flight,
+        batch_messages=config.batch_messages,
     )

@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._delivery import Deliverer, DeliveryStats, make_deliverer
-from ._store import QueueBackend
+from ._pipeline import run_beside
+from ._store import Lease, QueueBackend
 from ._transport import DestinationOverride, open_transport
 from ._transport.base import Outcome, Transport
 
 if TYPE_CHECKING:
     from ._config import Config
 
-__all__ = ["DrainResult", "deliver_until", "drain", "drain_lock", "drain_queue"]
+__all__ = ["DrainResult", "deliver_pass", "deliver_until", "drain", "drain_lock", "drain_queue"]
 
 log = logging.getLogger("durable_analytics.delivery")
 
@@ -34,6 +35,8 @@ Progress = Callable[[int], object]
 
 # How often the loop looks again while another holder has the rest under a lease.
 _HOLDER_POLL = 0.05
+# Passes in a row that may find messages ready yet lease none before the loop gives up.
+_MAX_STALLS = 20
 
 
 @dataclass(frozen=True)
@@ -53,32 +56,36 @@ def drain(
     queue: QueueBackend,
     make_deliverer: Callable[[], Deliverer],
     *,
-    concurrency: int = 4,
+    concurrency: int | None = None,
     timeout: float | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     up_to_id: int | None = None,
 ) -> DrainResult:
-    """One pass: lease and deliver with ``concurrency`` workers until nothing is ready.
+    """One pass: lease and deliver, ``concurrency`` batches in flight, until nothing is ready.
 
     Stops when nothing is ready any more (the rest is leased by others, in backoff, or the
     server keeps failing), when ``timeout`` passes, or when ``stop`` is set. ``up_to_id``
     limits it to the messages stored up to that id; ``left`` then counts only those. Most
     callers want ``deliver_until`` or ``drain_queue``, which also wait for other holders.
+    ``concurrency`` defaults to the Deliverer's ``max_in_flight``.
     """
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    with queue.bounded(timeout):  # no queue wait outlasts the deadline
-        total = _pass(
-            queue,
-            make_deliverer,
-            concurrency=concurrency,
-            deadline=deadline,
-            progress=progress,
-            stop=stop,
-            up_to_id=up_to_id,
-            destination=None,
-        )
+    one = make_deliverer()
+    try:
+        with queue.bounded(timeout):  # no queue wait outlasts the deadline
+            total = deliver_pass(
+                queue,
+                one,
+                workers=concurrency,
+                deadline=deadline,
+                progress=progress,
+                stop=stop,
+                up_to_id=up_to_id,
+            )
+    finally:
+        one.transport.close()
     return _result(queue, total, started, up_to_id, None)
 
 
@@ -86,7 +93,7 @@ def deliver_until(
     queue: QueueBackend,
     deliverer: Deliverer | Callable[[], Deliverer],
     *,
-    concurrency: int = 1,
+    concurrency: int | None = None,
     destination: int | None = None,
     up_to_id: int | None = None,
     deadline: float | None = None,
@@ -96,18 +103,35 @@ def deliver_until(
 ) -> DrainResult:
     """Deliver the pending messages (of ``destination``, up to ``up_to_id``) until done.
 
-    Runs passes of ``concurrency`` workers, each leasing and delivering until nothing is
+    Runs passes of the pipeline (``deliver_pass``: up to ``concurrency`` batches in flight,
+    default the Deliverer's ``max_in_flight``), each leasing and delivering until nothing is
     ready. Between passes, messages another live holder leased are waited for (that holder
-    may give them back); messages waiting out a retry backoff are waited for only with
-    ``wait_for_backoff`` (``flush()``), otherwise the loop ends and leaves them queued.
-    It also ends at ``deadline`` (a ``time.monotonic()`` value) or when ``stop`` is set.
+    may give them back). Messages waiting out a retry backoff are waited for only with
+    ``wait_for_backoff`` and a ``deadline`` the backoff ends before; otherwise the loop ends
+    and leaves them queued, so it never waits on a backoff without bound. It also ends at
+    ``deadline`` (a ``time.monotonic()`` value) or when ``stop`` is set.
 
-    ``deliverer`` is one Deliverer (used in this thread; ``concurrency`` must be 1, and its
-    transport stays open) or a factory called once per worker (each worker closes its
-    transport when done). ``progress(n)`` is called after each batch with the messages it
-    sent. ``up_to_id`` is what makes a drain end under constant production: pass the
-    queue's ``max_id()`` at the start to deliver only what was queued by then.
+    ``deliverer`` is one Deliverer (its transport stays open) or a factory called once
+    (its transport is closed when done). ``progress(n)`` is called after each batch with
+    the messages it sent. ``up_to_id`` is what makes a drain end under constant production:
+    pass the queue's ``max_id()`` at the start to deliver only what was queued by then.
     """
+    if not isinstance(deliverer, Deliverer):
+        one = deliverer()
+        try:
+            return deliver_until(
+                queue,
+                one,
+                concurrency=concurrency,
+                destination=destination,
+                up_to_id=up_to_id,
+                deadline=deadline,
+                wait_for_backoff=wait_for_backoff,
+                progress=progress,
+                stop=stop,
+            )
+        finally:
+            one.transport.close()
     # No queue wait (a lock another process holds, maybe frozen) outlasts the deadline.
     with queue.bounded(None if deadline is None else deadline - time.monotonic()):
         return _deliver_until(
@@ -125,9 +149,9 @@ def deliver_until(
 
 def _deliver_until(
     queue: QueueBackend,
-    deliverer: Deliverer | Callable[[], Deliverer],
+    deliverer: Deliverer,
     *,
-    concurrency: int,
+    concurrency: int | None,
     destination: int | None,
     up_to_id: int | None,
     deadline: float | None,
@@ -137,12 +161,12 @@ def _deliver_until(
 ) -> DrainResult:
     started = time.monotonic()
     total = DeliveryStats()
-    stalled = False  # the last pass found ready messages but leased none
+    stalls = 0  # passes in a row that found ready messages but leased none
     while True:
-        stats = _pass(
+        stats = deliver_pass(
             queue,
             deliverer,
-            concurrency=concurrency,
+            workers=concurrency,
             deadline=deadline,
             progress=progress,
             stop=stop,
@@ -160,14 +184,20 @@ def _deliver_until(
         if next_at is None:
             wait = _HOLDER_POLL  # the rest is leased by another live holder: wait for it
         elif next_at > now:
-            if not wait_for_backoff:
-                break  # what is left waits out a retry backoff
+            if (
+                not wait_for_backoff
+                or deadline is None
+                or next_at - now >= deadline - time.monotonic()
+            ):
+                break  # what is left waits out a retry backoff (past our deadline, if any)
             wait = max(0.01, min(1.0, next_at - now))
-        elif stats.sent or stats.dead_lettered or wait_for_backoff or not stalled:
+        elif stats.sent or stats.dead_lettered or wait_for_backoff or stalls < _MAX_STALLS:
             # Ready again (a holder gave some back, a lease expired): go on after a breath.
-            # One pass without progress is allowed: a lease that expired just after this
-            # pass looked (a dead holder's, on a backend that cannot tell it died) is ready.
-            stalled = not (stats.sent or stats.dead_lettered)
+            # A few passes without progress are allowed: a lease that expired just after
+            # this pass looked (a dead holder's, on a backend that cannot tell it died) is
+            # ready, and a busy holder with many batches in flight hands batches back and
+            # takes new ones between our looks.
+            stalls = 0 if (stats.sent or stats.dead_lettered) else stalls + 1
             wait = 0.01
         else:
             break  # ready but not leasable by this loop, and no progress: nothing to wait for
@@ -187,22 +217,26 @@ def drain_queue(
     host: str | None = None,
     write_key: str | None = None,
     timeout: float | None = None,
-    concurrency: int = 4,
+    concurrency: int | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     transport: Callable[[], Transport] | None = None,
+    ignore_backoff: bool = False,
 ) -> DrainResult:
     """Deliver everything queued when called, as ``durable-analytics drain`` does.
 
     Only the messages stored up to the call are taken (so a drain ends under constant
     production), each to its stored destination unless ``host`` / ``write_key`` replace it.
-    ``concurrency`` workers each use a Deliverer built by ``make_deliverer(config, queue)``
-    (batch size, retries, request ``timeout``, gzip, proxies from ``config``). Messages
-    another live process holds under a lease are waited for; messages waiting out a retry
-    backoff are left queued. Ends after ``timeout`` seconds or when ``stop`` is set.
-    ``progress(n)`` is called with the number sent after each batch (for a progress bar).
-    ``result.left`` counts what is still pending of the messages it was asked to deliver.
-    ``transport`` makes each worker's transport (default: ``open_transport(config)``).
+    One Deliverer built by ``make_deliverer(config, queue)`` (batch size, retries, request
+    ``timeout``, gzip, proxies, ``max_in_flight`` from ``config``) keeps up to
+    ``concurrency`` (default ``config.max_in_flight``) batches in flight. Messages another
+    live process holds under a lease are waited for; messages waiting out a retry backoff
+    are left queued, unless ``ignore_backoff`` (the stored backoffs are cleared first, as
+    an operator who just fixed the server or the write key wants). Ends after ``timeout``
+    seconds or when ``stop`` is set. ``progress(n)`` is called with the number sent after
+    each batch (for a progress bar). ``result.left`` counts what is still pending of the
+    messages it was asked to deliver. ``transport`` makes the transport (default:
+    ``open_transport(config)``).
 
     A process that has no write key of its own (the CLI) builds ``config`` with
     ``Config.for_delivery(timeout=..., max_retries=...)``.
@@ -214,12 +248,15 @@ def drain_queue(
             one = DestinationOverride(one, host=host, write_key=write_key)
         return make_deliverer(config, queue, one)
 
+    top = queue.max_id()
+    if ignore_backoff:
+        queue.clear_backoff(None, messages=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     return deliver_until(
         queue,
         make,
         concurrency=concurrency,
-        up_to_id=queue.max_id(),
+        up_to_id=top,
         deadline=deadline,
         progress=progress,
         stop=stop,
@@ -266,53 +303,89 @@ def _passed(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
 
-def _pass(
+def deliver_pass(
     queue: QueueBackend,
-    deliverer: Deliverer | Callable[[], Deliverer],
+    deliverer: Deliverer,
     *,
-    concurrency: int,
-    deadline: float | None,
-    progress: Progress | None,
-    stop: threading.Event | None,
-    up_to_id: int | None,
-    destination: int | None,
+    workers: int | None = None,
+    deadline: float | None = None,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    up_to_id: int | None = None,
+    destination: int | None = None,
+    full_only: bool = False,
 ) -> DeliveryStats:
-    """Lease and deliver with ``concurrency`` workers until nothing is ready."""
+    """Lease and deliver, many batches in flight, until nothing is ready; the pipeline.
+
+    Starts in the calling thread; once a full batch shows there is a backlog and the
+    destination's round trip is long enough for it to pay (``Window.latency_bound``), up
+    to ``workers`` (default: the Deliverer's ``max_in_flight``) threads lease and deliver
+    side by side, each request under its own lease and within the destination's
+    in-flight window (``_pipeline``), on the Deliverer's pool of keep-alive connections.
+    ``full_only`` (the background flusher) stops a thread after a batch that was not full,
+    so a trickle of appends is not sent one message at a time. Ends at ``deadline`` or
+    when ``stop`` is set, after the batches in flight are settled.
+    """
+    # More threads than the window has slots would only hold leases while they wait.
+    count = max(1, min(deliverer.max_in_flight, workers or deliverer.max_in_flight))
     total = DeliveryStats()
     lock = threading.Lock()
+    spawned = [False]
+    running = [0]
+    finished = threading.Condition(lock)
+    failures: list[BaseException] = []
 
-    def run(one: Deliverer) -> None:
-        while not (stop is not None and stop.is_set()) and not _passed(deadline):
-            stats = one.deliver_next(destination=destination, up_to_id=up_to_id, deadline=deadline)
-            if stats is None:
+    def done() -> bool:
+        return (stop is not None and stop.is_set()) or _passed(deadline)
+
+    def spawn(lease: Lease) -> None:
+        if spawned[0] or count == 1 or len(lease) < deliverer.batch_messages:
+            return
+        if not deliverer.window(lease).latency_bound:
+            return  # a fast server, or none measured yet: one at a time is quickest
+        spawned[0] = True
+        for _ in range(count - 1):
+            with lock:
+                running[0] += 1
+            if not run_beside(guarded):
+                with lock:
+                    running[0] -= 1
+                return  # no thread can start (interpreter exit): go on with those we have
+
+    def run(first: bool) -> None:
+        while not done():
+            lease = deliverer.lease_next(destination=destination, up_to_id=up_to_id)
+            if lease is None:
                 return
+            if first and not spawned[0]:
+                spawn(lease)
+            stats = deliverer.deliver(lease, deadline=deadline, stop=stop)
             with lock:
                 total.add(stats)
             if progress is not None and stats.sent:
                 progress(stats.sent)
             # A failing destination is now in backoff, so the next lease skips it and the
             # pass ends once only such messages are left.
+            if full_only and len(lease) < deliverer.batch_messages:
+                return
 
-    if isinstance(deliverer, Deliverer):
-        run(deliverer)
-        return total
-    factory = deliverer
-
-    def worker() -> None:
-        one = factory()
+    def guarded() -> None:
         try:
-            run(one)
+            run(False)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failures.append(exc)
         finally:
-            one.transport.close()
+            with finished:
+                running[0] -= 1
+                finished.notify_all()
 
-    threads = [
-        threading.Thread(target=worker, name=f"durable-analytics-drain-{i}", daemon=True)
-        for i in range(max(1, concurrency))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        run(True)
+    finally:
+        with finished:
+            finished.wait_for(lambda: running[0] == 0)
+    if failures:
+        raise failures[0]
     return total
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from ._delivery import Deliverer, DeliveryStats
+from ._drain import deliver_pass
 
 __all__ = ["POLL_INTERVAL", "Flusher"]
 
@@ -28,7 +29,9 @@ class Flusher:
     """The background delivery thread of one process (``flusher="thread"``).
 
     Sends as soon as ``flush_at`` messages are ready, and no later than ``flush_interval``
-    after the oldest ready message was stored, while the server is healthy. ``clock`` (wall
+    after the oldest ready message was stored, while the server is healthy. A backlog goes
+    out through the pipeline (``deliver_pass``): up to ``max_in_flight`` full batches in
+    flight at once, each under its own lease. ``clock`` (wall
     time in seconds, ``time.time`` by default) is what the ``flush_interval`` rule reads; a
     test can pass its own.
     """
@@ -59,7 +62,6 @@ class Flusher:
         # wakes the thread once that many arrive, not only on the next poll.
         self._seen_appends = 0
         self._need = _NEVER
-        self._backlog = False
         self._idle_event = threading.Event()
         self._idle_event.set()
         self._wake = threading.Event()
@@ -87,11 +89,15 @@ class Flusher:
         return self._idle_event.wait(timeout)
 
     def _deliver_next(self) -> DeliveryStats | None:
+        """Deliver what is ready, pipelined, while the batches are full; None if none was."""
         self._idle_event.clear()
         try:
-            return self.deliverer.deliver_next()
+            stats = deliver_pass(self.queue, self.deliverer, stop=self._stop, full_only=True)
         finally:
             self._idle_event.set()
+        if not (stats.requests or stats.kept or stats.sent or stats.dead_lettered):
+            return None
+        return stats
 
     def notify(self) -> None:
         """Wake the thread: new messages were appended in this process."""
@@ -143,13 +149,6 @@ class Flusher:
     def _cycle(self) -> float:
         """Deliver what is due; return how long to wait before looking again."""
         self._need = _NEVER
-        if self._backlog:
-            # The last batch was full: more are waiting, no need to look before leasing.
-            stats = self._deliver_next()
-            self._backlog = stats is not None and self._full(stats)
-            if stats is not None:
-                self.delivered.add(stats)
-                return 0.0
         now = self._now()
         appends = self.appends
         count, oldest = self.queue.ready_summary(self.deliverer.flush_at, now)
@@ -177,8 +176,4 @@ class Flusher:
         if stats is None:
             return 0.05
         self.delivered.add(stats)
-        self._backlog = self._full(stats)
         return 0.0
-
-    def _full(self, stats: DeliveryStats) -> bool:
-        return stats.kept == 0 and stats.sent + stats.dead_lettered >= self.deliverer.flush_at

@@ -122,9 +122,7 @@ def run_flusher(config: Config, parent: int) -> int:
     flusher.stop(config.shutdown_timeout)
     flusher.deliverer.transport.close()
     if time.monotonic() < deadline and queue.pending():
-        deliver_until(
-            queue, lambda: make_deliverer(config, queue), concurrency=2, deadline=deadline
-        )
+        deliver_until(queue, lambda: make_deliverer(config, queue), deadline=deadline)
     return 0
 
 

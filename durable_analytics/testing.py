@@ -243,16 +243,29 @@ class _Handler(BaseHTTPRequestHandler):
         if path.split("?", 1)[0] not in _BATCH_PATHS:
             self._send(_error(404, f"no such path: {path}"))
             return
-        reply, pending = self.server.collector._receive(path, self.headers.items(), raw)
-        if reply.hang or reply.delay:
-            stopped = self.server.stopping.wait(None if reply.hang else reply.delay)
-            if stopped or reply.hang:
-                # Never answered: the client sees the connection close when stop() runs.
-                self.close_connection = True
-                return
-            if pending is not None:
-                self.server.collector._answered(pending, reply.status)
-        self._send(reply)
+        collector = self.server.collector
+        collector._begin()
+        ended = False
+        try:
+            reply, pending = collector._receive(path, self.headers.items(), raw)
+            if reply.hang or reply.delay:
+                stopped = self.server.stopping.wait(None if reply.hang else reply.delay)
+                if stopped or reply.hang:
+                    # Never answered: the client sees the connection close when stop() runs.
+                    self.close_connection = True
+                    return
+                if pending is not None:
+                    collector._answered(pending, reply.status)
+            # Counted out before the answer leaves: a client that reuses its slot at once
+            # must not be seen with one request too many.
+            ended = True
+            collector._end()
+            self._send(reply)
+            if reply.status == 429:
+                collector._rate_limited(reply)
+        finally:
+            if not ended:
+                collector._end()
 
     def _not_the_api(self) -> None:
         if self._read_body() is None:
@@ -330,6 +343,12 @@ class Collector:
     OAuth (``oauth_auth_server=collector.url``); batches carrying one of its live tokens as
     ``Authorization: Bearer`` are authorized as well.
 
+    ``delay`` holds every answer that many seconds (a server's round trip: 0.05 is a real
+    ingest API from a server), on top of a scripted reply's own delay; ``set_delay``
+    changes it. ``peak_concurrency`` tells how many requests were being answered at once
+    at most, ``rate_limit`` answers a share of the requests 429 with a ``Retry-After``, and
+    ``requests_inside_retry_after`` counts the requests that came in while one was running.
+
     ``start()`` binds and serves from a daemon thread; ``stop()`` closes everything
     within a fraction of a second. A stopped collector can be started again on the same
     port, keeping its recordings. Also a context manager. All methods are thread-safe.
@@ -342,6 +361,7 @@ class Collector:
         host: str = "127.0.0.1",
         port: int = 0,
         token_endpoint: TokenEndpoint | None = None,
+        delay: float = 0.0,
     ) -> None:
         #: OAuth: the token endpoint served at ``{url}/token``; its live tokens are accepted
         #: as ``Authorization: Bearer`` beside the write key's Basic auth.
@@ -366,6 +386,14 @@ class Collector:
         self._accepted_ids: collections.Counter[str] = collections.Counter()
         # Bumped by reset(), so an answer that arrives late cannot touch new recordings.
         self._generation = 0
+        self._delay = _checked_delay(delay)
+        self._active = 0
+        self._peak = 0
+        self._limit_share = 0.0
+        self._limit_retry_after = "1"
+        self._limit_credit = 0.0
+        # (answered at, Retry-After ends at) of every 429 with a Retry-After, wall clock.
+        self._windows: list[tuple[float, float]] = []
 
     # lifecycle
 
@@ -463,6 +491,55 @@ class Collector:
         with self._cond:
             self._default = converted
 
+    def set_delay(self, delay: float) -> None:
+        """Hold every answer ``delay`` seconds from now on (0: answer at once)."""
+        checked = _checked_delay(delay)
+        with self._cond:
+            self._delay = checked
+
+    def rate_limit(self, share: float, retry_after: str = "1") -> None:
+        """Answer ``share`` (0-1) of the requests 429 with ``Retry-After: retry_after``.
+
+        Spread evenly (0.5: every other request), and only over requests the script and the
+        default reply would answer: bad auth, bad bodies and rejected ids keep their status.
+        ``rate_limit(0)`` turns it off.
+        """
+        if not (isinstance(share, (int, float)) and 0 <= share <= 1):
+            raise ValueError(f"share must be a number from 0 to 1, got {share!r}")
+        with self._cond:
+            self._limit_share = float(share)
+            self._limit_retry_after = str(retry_after)
+            self._limit_credit = 0.0
+
+    @property
+    def peak_concurrency(self) -> int:
+        """The most requests the collector was answering at the same time so far."""
+        with self._cond:
+            return self._peak
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests the collector is answering right now."""
+        with self._cond:
+            return self._active
+
+    @property
+    def retry_after_windows(self) -> list[tuple[float, float]]:
+        """``(answered at, ends at)`` of every 429 answered with a Retry-After (wall clock)."""
+        with self._cond:
+            return list(self._windows)
+
+    def requests_inside_retry_after(self, grace: float = 0.05) -> int:
+        """Requests that arrived while a Retry-After the collector sent was still running.
+
+        A request that arrives within ``grace`` seconds after the 429 left was already on
+        its way before the client could read the answer, and is not counted.
+        """
+        with self._cond:
+            windows = list(self._windows)
+            times = [b.received_at for b in self._batches]
+        return sum(1 for t in times if any(start + grace < t < end for start, end in windows))
+
     def reject_message_ids(self, *message_ids: str, status: int = 400) -> None:
         """Answer ``status`` to every batch holding one of these messageIds.
 
@@ -483,6 +560,10 @@ class Collector:
             self._batches = []
             self._all_ids = collections.Counter()
             self._accepted_ids = collections.Counter()
+            self._peak = self._active
+            self._limit_share = 0.0
+            self._limit_credit = 0.0
+            self._windows = []
             self._cond.notify_all()
 
     # recordings
@@ -533,6 +614,27 @@ class Collector:
             return self._cond.wait_for(lambda: len(self._batches) >= count, timeout)
 
     # called by the handler threads
+
+    def _begin(self) -> None:
+        with self._cond:
+            self._active += 1
+            self._peak = max(self._peak, self._active)
+
+    def _end(self) -> None:
+        with self._cond:
+            self._active -= 1
+
+    def _rate_limited(self, reply: Reply) -> None:
+        retry_after = {k.lower(): v for k, v in reply.headers.items()}.get("retry-after")
+        try:
+            seconds = float(retry_after) if retry_after is not None else None
+        except ValueError:
+            seconds = None
+        if seconds is None:
+            return
+        now = time.time()
+        with self._cond:
+            self._windows.append((now, now + seconds))
 
     def _track(self, server: _Server, connection: socket.socket) -> None:
         with self._cond:
@@ -611,6 +713,18 @@ class Collector:
                 reply = self._script.popleft()
             else:
                 reply = self._default
+            if problem is None and self._limit_share:
+                self._limit_credit += self._limit_share
+                if self._limit_credit >= 1.0:
+                    self._limit_credit -= 1.0
+                    reply = Reply(
+                        429,
+                        _error(429, "rate limited").body,
+                        {"Retry-After": self._limit_retry_after},
+                        delay=reply.delay,
+                    )
+            if self._delay:
+                reply = dataclasses.replace(reply, delay=reply.delay + self._delay)
             late = reply.hang or bool(reply.delay)
             status = 0 if late else reply.status
             pending = _Pending(self._generation, len(self._batches)) if late else None
@@ -643,6 +757,14 @@ class Collector:
             if _is_success(status):
                 self._accepted_ids.update(_message_ids(batch.messages))
             self._cond.notify_all()
+
+
+def _checked_delay(delay: float) -> float:
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise ValueError(f"delay must be a number of seconds, got {delay!r}")
+    if not (math.isfinite(delay) and delay >= 0):
+        raise ValueError(f"delay must be a finite number >= 0, got {delay!r}")
+    return float(delay)
 
 
 def _shut(connection: socket.socket) -> None:

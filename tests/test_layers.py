@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
     {"_store"},
     {"_transport"},
     {"_metrics", "_delivery_log"},  # counters and log lines that delivery writes to
+    {"_pipeline"},
     {"_delivery"},
     {"_flusher", "_drain", "_sync"},
     {"_flusher_process"},

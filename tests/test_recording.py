@@ -34,9 +34,11 @@ def test_a_client_with_a_recording_transport_delivers_every_message_once(
     ids = [client.track(user_id="u", event=f"e{i}")[1]["messageId"] for i in range(5)]
     result = client.flush(timeout=10)
     client.close()
-    assert (result.sent, result.pending, result.dead_lettered) == (5, 0, 0)
+    # The flusher thread may have sent some before flush() looked: they are not flush's.
+    assert (result.pending, result.dead_lettered) == (0, 0)
     assert transport.message_ids() == dict.fromkeys(ids, 1)
-    assert [m["event"] for m in transport.messages()] == [f"e{i}" for i in range(5)]
+    # Batches are in flight side by side: they may arrive in any order.
+    assert sorted(m["event"] for m in transport.messages()) == [f"e{i}" for i in range(5)]
     assert all(
         b.host == "https://api.segment.io" and b.write_key == WRITE_KEY for b in transport.batches
     )

@@ -281,8 +281,13 @@ class QueueBackend(Protocol):
         """Hold every holder back from leasing ``dest_id`` until ``until``."""
         ...
 
-    def clear_backoff(self, dest_id: int) -> None:
-        """Forget the destination's failures after a successful delivery."""
+    def clear_backoff(self, dest_id: int | None, *, messages: bool = False) -> None:
+        """Forget the destination's failures and backoff (a successful delivery does this).
+
+        ``dest_id=None`` does it for every destination. ``messages=True`` also clears the
+        retry time of each of their queued messages, so all of it is ready at once
+        (``drain --ignore-backoff``).
+        """
         ...
 
     def backoff(self, dest_id: int) -> tuple[float, int]:

@@ -17,6 +17,7 @@ from .base import (
     Transport,
     classify,
     one_line,
+    parse_rate_limit_reset,
     parse_retry_after,
 )
 from .http import MAX_RESPONSE_BYTES, HTTPTransport, batch_body, envelope_overhead
@@ -38,12 +39,20 @@ __all__ = [
     "envelope_overhead",
     "one_line",
     "open_transport",
+    "parse_rate_limit_reset",
     "parse_retry_after",
 ]
 
 
 def open_transport(config: Config) -> Transport:
-    """The transport ``config`` asks for: today always HTTP, with its timeout, gzip, proxies."""
+    """The transport ``config`` asks for: today always HTTP, with its timeout, gzip, proxies.
+
+    It keeps one keep-alive connection per request in flight (``max_in_flight``).
+    """
     return HTTPTransport(
-        timeout=config.timeout, gzip=config.gzip, proxies=config.proxies, oauth=config.oauth
+        timeout=config.timeout,
+        gzip=config.gzip,
+        proxies=config.proxies,
+        oauth=config.oauth,
+        maxsize=config.max_in_flight,
     )

@@ -26,6 +26,7 @@ __all__ = [
     "Transport",
     "classify",
     "one_line",
+    "parse_rate_limit_reset",
     "parse_retry_after",
 ]
 
@@ -82,6 +83,29 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         if math.isnan(seconds) or seconds < 0:
             return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def parse_rate_limit_reset(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from an ``X-RateLimit-Reset`` header, capped like Retry-After.
+
+    Servers spell it three ways, told apart by size: a Unix time in milliseconds
+    (above 10^12), a Unix time in seconds (above 10^9), or seconds from now; an HTTP date
+    is read as Retry-After's. None when missing or unreadable; a time in the past gives 0.
+    """
+    if not value:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return parse_retry_after(value, now)
+    if math.isnan(number) or number < 0:
+        return None
+    current = time.time() if now is None else now
+    if number > 1e12:
+        number = number / 1000.0 - current
+    elif number > 1e9:
+        number -= current
+    return min(max(number, 0.0), MAX_RETRY_AFTER)
 
 
 def one_line(text: str) -> str:

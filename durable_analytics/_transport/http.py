@@ -15,6 +15,7 @@ import gzip as gzip_module
 import logging
 import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -27,7 +28,7 @@ from durable_analytics._oauth import OAuthSettings, TokenSource, urllib3_poster
 from durable_analytics._version import __version__
 from durable_analytics.exceptions import ConfigurationRejected, DeliveryError
 
-from .base import Outcome, Target, classify, one_line, parse_retry_after
+from .base import Outcome, Target, classify, one_line, parse_rate_limit_reset, parse_retry_after
 
 __all__ = [
     "MAX_RESPONSE_BYTES",
@@ -81,10 +82,15 @@ class HTTPTransport:
         verify: bool | str = True,
         trust_env: bool = True,
         oauth: OAuthSettings | None = None,
+        maxsize: int = 32,
     ) -> None:
         self.timeout = timeout
         self._oauth = oauth
         self._tokens: TokenSource | None = None
+        #: Keep-alive connections kept per host: one per request in flight.
+        self.maxsize = max(1, maxsize)
+        # Many delivery threads share one transport; pools are made under this lock.
+        self._lock = threading.Lock()
         self.gzip = gzip
         self._proxies = dict(proxies) if proxies is not None else None
         self._verify = verify
@@ -100,6 +106,13 @@ class HTTPTransport:
 
     def _pool(self, url: str) -> Any:
         """The connection pool for ``url``, looked up (proxy included) once per process."""
+        pool = self._pools.get(url)
+        if pool is not None and self._pid == os.getpid():
+            return pool
+        with self._lock:
+            return self._new_pool(url)
+
+    def _new_pool(self, url: str) -> Any:
         pool = self._pools.get(url)
         if pool is None or self._pid != os.getpid():
             if self._pid != os.getpid():
@@ -124,7 +137,7 @@ class HTTPTransport:
         key = proxy or ""
         manager = self._managers.get(key)
         if manager is None:
-            kwargs: dict[str, object] = {"num_pools": 4, "maxsize": 8, "block": False}
+            kwargs: dict[str, object] = {"num_pools": 4, "maxsize": self.maxsize, "block": False}
             verify = self._verify
             if verify is False:
                 kwargs["cert_reqs"] = "CERT_NONE"
@@ -254,6 +267,7 @@ class HTTPTransport:
             raw = f"<unreadable response body: {type(exc).__name__}>".encode()
         status = int(response.status)
         retry_header = response.headers.get("Retry-After")
+        reset_header = response.headers.get("X-RateLimit-Reset")
         if len(raw) >= MAX_RESPONSE_BYTES:
             response.close()  # a longer body is not read: drop the connection instead
         else:
@@ -270,6 +284,11 @@ class HTTPTransport:
             excerpt = excerpt.replace(authorization[7:], "<token>")
         excerpt = excerpt[:2000]
         retry_after = parse_retry_after(retry_header)
+        if kind == "retry" and reset_header:
+            # Segment's 429 names when the rate limit resets: wait for the later of the two.
+            reset = parse_rate_limit_reset(reset_header)
+            if reset is not None:
+                retry_after = reset if retry_after is None else max(retry_after, reset)
         error = "" if kind == "ok" else f"HTTP {status} from {host}: {one_line(excerpt[:200])}"
         return Outcome(kind, status, retry_after, excerpt, error.strip())
 

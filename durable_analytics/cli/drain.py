@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT
 from durable_analytics._drain import DrainResult, drain_lock, drain_queue, lock_path
 from durable_analytics._store import QueueBackend
 
@@ -54,12 +55,39 @@ from ._output import ProgressLine, count, duration, error_line, one_line, stderr
     help="Give up after this long; what is left stays queued (exit 1). Default: no limit.",
 )
 @click.option(
+    "--max-in-flight",
     "--concurrency",
-    type=click.IntRange(1, 64),
-    default=4,
+    "max_in_flight",
+    type=click.IntRange(1, 256),
+    default=DEFAULT_MAX_IN_FLIGHT,
     show_default=True,
     metavar="N",
-    help="Parallel requests (leases make this safe).",
+    help="Requests in flight per destination, each batch under its own lease; the window "
+    "halves on 429/5xx and grows back by one per success. (--concurrency: old name.)",
+)
+@click.option(
+    "--batch-messages",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    metavar="N",
+    help="Messages per request (default: 20), still at most 500 KB: for servers that "
+    "prefer fewer, larger requests.",
+)
+@click.option(
+    "--lease-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A batch this process leased and did not settle by then (it died) may be sent "
+    "by another process; extended while its request is in flight. At least the request "
+    "timeout (10 s).",
+)
+@click.option(
+    "--ignore-backoff",
+    is_flag=True,
+    help="Send now even where a stored backoff says wait (after fixing the server or the "
+    "write key).",
 )
 @click.option(
     "--max-retries",
@@ -82,7 +110,10 @@ def drain_command(
     host: str | None,
     write_key: str | None,
     timeout: float | None,
-    concurrency: int,
+    max_in_flight: int,
+    batch_messages: int | None,
+    lease_timeout: float,
+    ignore_backoff: bool,
     max_retries: int,
     once_lock: bool,
     as_json: bool,
@@ -91,7 +122,8 @@ def drain_command(
 
     Shows a progress bar when stderr is a terminal and prints a one-line summary (sent,
     left, dead-lettered, elapsed). Messages another process holds under a live lease are
-    waited for; messages waiting out a retry backoff are left for later. Several drains,
+    waited for; messages waiting out a retry backoff are left for later (unless
+    --ignore-backoff). Several drains,
     workers and flushers may share one queue without sending a message twice under a lease.
 
     Exits 0 when nothing deliverable is left (dead letters do not count), 1 when some
@@ -100,7 +132,13 @@ def drain_command(
     setup_logging(verbose)
     # Bad overrides exit 2 here, before the queue is opened.
     config = queue_config(
-        resolve_queue(queue_path), write_key=write_key, host=host, max_retries=max_retries
+        resolve_queue(queue_path),
+        write_key=write_key,
+        host=host,
+        max_retries=max_retries,
+        max_in_flight=max_in_flight,
+        max_batch_messages=batch_messages,
+        lease_timeout=lease_timeout,
     )
     queue = open_queue(config)
     with contextlib.ExitStack() as stack:
@@ -130,9 +168,9 @@ def drain_command(
                     host=None if host is None else config.host,
                     write_key=write_key,
                     timeout=timeout,
-                    concurrency=concurrency,
                     progress=progress,
                     stop=stop,
+                    ignore_backoff=ignore_backoff,
                 )
         finally:
             if progress is not None:

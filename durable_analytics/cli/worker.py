@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT
 from durable_analytics._delivery import make_deliverer
 from durable_analytics._flusher import Flusher
 
@@ -36,12 +37,25 @@ from ._output import PROG
     help="How often to look for messages other processes appended.",
 )
 @click.option(
+    "--max-in-flight",
     "--concurrency",
-    type=click.IntRange(1, 64),
-    default=1,
+    "max_in_flight",
+    type=click.IntRange(1, 256),
+    default=DEFAULT_MAX_IN_FLIGHT,
     show_default=True,
     metavar="N",
-    help="Flusher threads, each with its own connection.",
+    help="Requests in flight per destination, each batch under its own lease; the window "
+    "halves on 429/5xx and grows back by one per success. (--concurrency: old name.)",
+)
+@click.option(
+    "--lease-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A batch this process leased and did not settle by then (it died) may be sent "
+    "by another process; extended while its request is in flight. At least "
+    "--request-timeout.",
 )
 @click.option(
     "--shutdown-timeout",
@@ -71,7 +85,8 @@ def worker_command(
     queue_path: Path | None,
     verbose: int,
     poll: float,
-    concurrency: int,
+    max_in_flight: int,
+    lease_timeout: float,
     shutdown_timeout: float,
     flush_interval: float,
     request_timeout: float,
@@ -86,28 +101,32 @@ def worker_command(
     """
     setup_logging(verbose, worker=True)
     config = queue_config(
-        resolve_queue(queue_path), timeout=request_timeout, flush_interval=flush_interval
+        resolve_queue(queue_path),
+        timeout=request_timeout,
+        flush_interval=flush_interval,
+        max_in_flight=max_in_flight,
+        lease_timeout=lease_timeout,
     )
     path = config.queue_path
     queue = open_queue(config, must_exist=False)
+    # One flusher: it keeps up to max_in_flight batches in flight on its connection pool.
     flushers = [
         Flusher(
-            make_deliverer(config, queue),  # its own transport: one connection pool each
+            make_deliverer(config, queue),
             flush_interval=flush_interval,
             poll_interval=poll,
-            name=f"{PROG}-worker-{i}",
+            name=f"{PROG}-worker",
         )
-        for i in range(concurrency)
     ]
     stop = threading.Event()
     with stop_on_signals(stop):
         for flusher in flushers:
             flusher.start()
         log.info(
-            "worker started on %s (%s pending, concurrency %d)",
+            "worker started on %s (%s pending, max %d in flight)",
             path,
             f"{queue.pending():,}",
-            concurrency,
+            max_in_flight,
         )
         reported = 0
         last_report = time.monotonic()

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import WRITE_KEY, start_python
 
+from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT
 from durable_analytics.testing import Collector, Reply
 
 from .oracle import (
@@ -39,6 +40,8 @@ from .oracle import (
 )
 
 FLUSH_AT = 20
+#: What one kill may resend: the batches in flight, at most the window's worth.
+IN_FLIGHT = DEFAULT_MAX_IN_FLIGHT * FLUSH_AT
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 30.0) -> tuple[str, str]:
@@ -109,7 +112,9 @@ def producer_kill_cycles(
     logs = tmp_path / "calls"
     logs.mkdir()
     started = time.monotonic()
-    killed: list[tuple[bool, list[str]]] = []
+    killed: list[tuple[bool, list[str]]] = []  # every batch in flight at a kill
+    kills = 0
+    batches_at_kills: list[int] = []
     left_for_drain = 0
     report = None
     for c in range(cycles):
@@ -134,8 +139,11 @@ def producer_kill_cycles(
             _, err = finish(proc)
             assert proc.returncode == -signal.SIGKILL, err[-2000:]
             in_flight = unsettled_leases(f"{name}.leases")
-            assert len(in_flight) <= 1  # one flusher thread: one batch at a time
-            killed.append((True, in_flight[0] if in_flight else []))
+            # The flusher keeps up to max_in_flight batches in flight, each under a lease.
+            assert len(in_flight) <= DEFAULT_MAX_IN_FLIGHT
+            kills += 1
+            batches_at_kills.append(len(in_flight))
+            killed.extend((True, batch) for batch in in_flight)
         left_for_drain += len(queued_message_ids(queue_path))
         drain(queue_path)
         assert wait_answered(collector)
@@ -145,8 +153,9 @@ def producer_kill_cycles(
     assert report is not None
     elapsed = time.monotonic() - started
     figures = {
-        "kills": len(killed),
-        "kills_with_a_batch_in_flight": sum(1 for _, b in killed if b),
+        "kills": kills,
+        "kills_with_a_batch_in_flight": sum(1 for n in batches_at_kills if n),
+        "most_batches_in_flight_at_a_kill": max(batches_at_kills, default=0),
         "max_duplicated_per_kill": judge_duplicates(report, killed),
         "left_on_disk_for_the_drains": left_for_drain,
     }
@@ -163,7 +172,7 @@ def test_producers_killed_at_random_moments_lose_nothing(
     report.show(f"crash: producer SIGKILL, flusher={flusher}", cycles=cycles, **figures, t=elapsed)
     assert report.sent > 0
     assert report.maybe <= 8 * figures["kills"]  # at most the calls in flight at each kill
-    assert report.extra_copies <= FLUSH_AT * figures["kills"]
+    assert report.extra_copies <= IN_FLIGHT * figures["kills"]
     if flusher == "process":
         # The orphaned flusher process delivered everything on disk before it exited, and
         # was never killed: nothing came twice.
@@ -182,7 +191,7 @@ def test_soak_producers_killed_at_random_moments_lose_nothing(
     )
     report.show(f"soak: producer SIGKILL, flusher={flusher}", cycles=cycles, **figures, t=elapsed)
     assert report.maybe <= 8 * figures["kills"]
-    assert report.extra_copies <= FLUSH_AT * figures["kills"]
+    assert report.extra_copies <= IN_FLIGHT * figures["kills"]
 
 
 # --------------------------------------------------------------------------- flushers
@@ -418,3 +427,85 @@ def test_a_killed_flusher_process_is_replaced_while_its_client_lives(
     report.show("crash: flusher process SIGKILLed under a live Client", waited_s=waited)
     report.assert_sound()
     assert delivered, "10 messages tracked after the flusher process died waited over 2 s"
+
+
+# --------------------------------------------------------------- many batches in flight
+
+WINDOW = 8
+
+# A flusher with WINDOW batches in flight (pipelined), each lease printed before it is sent.
+PIPELINED_FLUSHER = (
+    CHILD_PRELUDE
+    + """
+import json, os, sys, time
+from durable_analytics._delivery import Deliverer
+from durable_analytics._flusher import Flusher
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._transport import HTTPTransport
+path, window = sys.argv[1], int(sys.argv[2])
+real_lease = Queue.lease
+
+def lease(self, *args, **kwargs):
+    got = real_lease(self, *args, **kwargs)
+    if got is not None:
+        # One write(2) per line: threads printing at once must not interleave their lines.
+        ids = " ".join(json.loads(b)["messageId"] for b in got.bodies)
+        os.write(1, f"leased {ids}\\n".encode())
+    return got
+
+Queue.lease = lease
+queue = Queue(path)
+deliverer = Deliverer(queue, HTTPTransport(timeout=5.0, maxsize=window), max_in_flight=window)
+Flusher(deliverer, flush_interval=0.01, poll_interval=0.01).start()
+time.sleep(30)
+sys.exit("never killed")
+"""
+)
+
+
+def test_a_flusher_killed_with_many_batches_in_flight_loses_nothing(
+    queue_path: Path, tmp_path: Path
+) -> None:
+    """SIGKILL a flusher while the server holds several of its requests: lost 0, and at most
+    the batches in flight (the window times flush_at) come again, only ones the server had."""
+    cycles = 3
+    with Collector(WRITE_KEY, delay=0.2) as collector:
+        logs = tmp_path / "calls"
+        logs.mkdir()
+        fill(collector, queue_path, logs, cycles * 300)
+        started = time.monotonic()
+        killed: list[tuple[bool, list[str]]] = []
+        peaks = []
+        for _ in range(cycles):
+            base = collector.requests
+            proc = start_python(PIPELINED_FLUSHER, str(queue_path), str(WINDOW))
+            reached = wait_until(
+                lambda b=base: collector.requests >= b + 2 and collector.in_flight >= 3, 20
+            )
+            peaks.append(collector.in_flight)
+            proc.send_signal(signal.SIGKILL)
+            out, err = finish(proc)
+            assert reached, f"the flusher never had several requests in flight: {err[-2000:]}"
+            assert proc.returncode == -signal.SIGKILL, err[-2000:]
+            batches = [ln.split()[1:] for ln in out.splitlines() if ln.startswith("leased ")]
+            # Every batch it leased and did not settle may have been in flight at the kill.
+            killed.extend((True, batch) for batch in batches)
+            assert integrity_check(queue_path) == "ok"
+        drain(queue_path)
+        assert wait_answered(collector)
+        report = check([logs], collector, queue_path=queue_path)
+        elapsed = time.monotonic() - started
+
+    report.assert_sound()
+    assert report.pending == 0
+    assert report.lost == 0
+    judge_duplicates(report, killed)  # each duplicate was in flight at a kill
+    report.show(
+        "crash: flusher SIGKILL with many batches in flight",
+        cycles=cycles,
+        window=WINDOW,
+        in_flight_at_kill=peaks,
+        t=elapsed,
+    )
+    assert max(peaks) >= 3
+    assert report.extra_copies <= cycles * WINDOW * FLUSH_AT

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import WRITE_KEY, run_python, start_python
 
+from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.testing import Collector, Reply
 
@@ -37,6 +38,8 @@ from .oracle import (
 from .test_cli_processes import run_cli, start_cli
 
 FLUSH_AT = 20
+#: A process cut off with batches in flight resends at most those: the window's worth.
+IN_FLIGHT = DEFAULT_MAX_IN_FLIGHT * FLUSH_AT
 
 
 def finish(
@@ -223,10 +226,11 @@ def run_multiprocessing(
     else:
         # fork and forkserver children end through os._exit: no atexit, so on_exit does not
         # run and the flusher thread is cut off, perhaps with a batch in flight. What the
-        # calls returned is on disk; the drain delivered it, at most one batch again each.
-        assert report.extra_copies <= FLUSH_AT * 3
+        # calls returned is on disk; the drain delivered it, at most the batches in flight
+        # again each.
+        assert report.extra_copies <= IN_FLIGHT * 3
         assert report.resent is not None
-        assert report.resent <= FLUSH_AT * 3
+        assert report.resent <= IN_FLIGHT * 3
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
@@ -334,7 +338,7 @@ def sigterm_cycles(
     assert report.pending == 0
     if mode == "default":
         assert report.maybe <= 4 * cycles
-        assert report.extra_copies <= FLUSH_AT * cycles  # the flusher's batch in flight
+        assert report.extra_copies <= IN_FLIGHT * cycles  # the flusher's batches in flight
     else:
         assert report.resent == 0
         assert max(exit_times) < 10 + 1

@@ -468,6 +468,11 @@ def test_a_collector_restart_mid_stream_loses_nothing(queue_path: Path) -> None:
         ledger = Ledger(queue_path.parent)
         ledger.track(client, 20)
         assert collector.wait_for_messages(20, timeout=10)
+        # ... and acknowledged: several batches are in flight at once, and a stop before the
+        # last answer left would make that batch a retry.
+        deadline = time.monotonic() + 10
+        while client.queue.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
         collector.stop()
         ledger.track(client, 20)  # stored while the server is down
         # The flusher fails and backs off (1-1.25 s, kept in the queue): make the backoff

@@ -270,6 +270,31 @@ def test_a_longer_backoff_is_never_shortened_and_failures_add_up(
     assert backend.backoff(dest) == (0.0, 0)
 
 
+def test_clear_backoff_with_messages_makes_a_retried_batch_ready_at_once(
+    backend: QueueBackend, dest: int
+) -> None:
+    fill(backend, dest, 3)
+    lease = take(backend)
+    backend.retry_later(lease, lambda n: 300.0, "HTTP 503")
+    assert backend.lease(10, BIG) is None  # the destination and its messages wait
+    backend.clear_backoff(dest)
+    assert backend.lease(10, BIG) is None  # the messages still carry their retry time
+    backend.clear_backoff(dest, messages=True)
+    again = backend.lease(10, BIG)
+    assert again is not None
+    assert len(again) == 3
+    assert backend.backoff(dest) == (0.0, 0)
+    other = backend.destination("https://other.example", "key-2")
+    backend.append(other, b'{"n":9}')
+    backend.retry_later(again, lambda n: 300.0, "HTTP 503")
+    backend.set_backoff(other, time.time() + 300, "HTTP 500")
+    backend.clear_backoff(None, messages=True)  # every destination at once
+    assert backend.backoff(dest) == (0.0, 0)
+    assert backend.backoff(other) == (0.0, 0)
+    assert backend.pending() == 4
+    assert (backend.next_ready_at() or 0) <= time.time()
+
+
 def test_retry_later_counts_every_holders_failures_and_releases_with_one_attempt(
     backend: QueueBackend, dest: int
 ) -> None:

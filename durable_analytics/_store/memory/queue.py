@@ -348,11 +348,21 @@ class MemoryQueue:
             self._check_open()
             self._store_backoff(dest_id, until, error, time.time())
 
-    def clear_backoff(self, dest_id: int) -> None:
-        """Forget the destination's failures after a successful delivery."""
+    def clear_backoff(self, dest_id: int | None, *, messages: bool = False) -> None:
+        """Forget the destination's failures and backoff (a successful delivery does this).
+
+        ``dest_id=None`` does it for every destination. ``messages=True`` also clears the
+        retry time of each of their queued messages, so all of it is ready at once
+        (``drain --ignore-backoff``).
+        """
         with self._lock:
             self._check_open()
-            self._clear_backoff(dest_id)
+            for one in list(self._dests) if dest_id is None else [dest_id]:
+                self._clear_backoff(one)
+            if messages:
+                for msg in self._messages.values():
+                    if dest_id in (None, msg.dest):
+                        msg.not_before = None
 
     def backoff(self, dest_id: int) -> tuple[float, int]:
         """``(not_before, consecutive failures)`` of a destination."""

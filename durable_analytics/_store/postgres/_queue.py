@@ -568,9 +568,23 @@ class PostgresQueue:
         params = self._backoff_params(dest_id, max(0.0, until - time.time()), error)
         self._tx(lambda c: c.execute(self._sql(q.SET_BACKOFF), params))
 
-    def clear_backoff(self, dest_id: int) -> None:
-        """Forget the destination's failures after a successful delivery."""
-        self._tx(lambda c: c.execute(self._sql(q.CLEAR_BACKOFF), (dest_id,)))
+    def clear_backoff(self, dest_id: int | None, *, messages: bool = False) -> None:
+        """Forget the destination's failures and backoff (a successful delivery does this).
+
+        ``dest_id=None`` does it for every destination. ``messages=True`` also clears the
+        retry time of each of their queued messages, so all of it is ready at once
+        (``drain --ignore-backoff``).
+        """
+
+        def run(c: Connection) -> None:
+            if dest_id is None:
+                c.execute(self._sql(q.CLEAR_ALL_BACKOFF))
+            else:
+                c.execute(self._sql(q.CLEAR_BACKOFF), (dest_id,))
+            if messages:
+                c.execute(self._sql(q.CLEAR_MESSAGE_BACKOFF), (dest_id, dest_id))
+
+        self._tx(run)
 
     def backoff(self, dest_id: int) -> tuple[float, int]:
         """``(not_before, consecutive failures)`` of a destination (not_before 0: none)."""

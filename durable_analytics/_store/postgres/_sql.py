@@ -88,6 +88,16 @@ SELECT count(*) FROM gone
 
 CLEAR_BACKOFF = _CLEAR.replace("%(dest)s", "%s")
 
+CLEAR_ALL_BACKOFF = (
+    "UPDATE {s}.destinations SET not_before = NULL, failures = 0 "
+    "WHERE failures <> 0 OR not_before IS NOT NULL"
+)
+
+CLEAR_MESSAGE_BACKOFF = (
+    "UPDATE {s}.messages SET not_before = NULL "
+    "WHERE (%s::bigint IS NULL OR dest = %s) AND not_before IS NOT NULL"
+)
+
 RELEASE = """
 UPDATE {s}.messages
 SET lease_token = NULL, lease_expires = NULL, attempts = attempts + %(bump)s,

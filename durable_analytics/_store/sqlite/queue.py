@@ -339,9 +339,27 @@ class SqliteQueue:
         now = time.time()
         self._db.write(lambda conn: leases.store_backoff(conn, dest_id, until, error, now))
 
-    def clear_backoff(self, dest_id: int) -> None:
-        """Forget the destination's failures after a successful delivery."""
-        self._db.write(lambda conn: conn.execute(CLEAR_BACKOFF, (dest_id,)))
+    def clear_backoff(self, dest_id: int | None, *, messages: bool = False) -> None:
+        """Forget the destination's failures and backoff (a successful delivery does this).
+
+        ``dest_id=None`` does it for every destination. ``messages=True`` also clears the
+        retry time of each of their queued messages, so all of it is ready at once
+        (``drain --ignore-backoff``).
+        """
+
+        def run(conn: sqlite3.Connection) -> None:
+            if dest_id is None:
+                conn.execute("UPDATE destinations SET not_before = 0, failures = 0")
+            else:
+                conn.execute(CLEAR_BACKOFF, (dest_id,))
+            if messages:
+                conn.execute(
+                    "UPDATE messages SET not_before = NULL "
+                    "WHERE (? IS NULL OR dest = ?) AND not_before IS NOT NULL",
+                    (dest_id, dest_id),
+                )
+
+        self._db.write(run)
 
     def backoff(self, dest_id: int) -> tuple[float, int]:
         """``(not_before, consecutive failures)`` of a destination."""

@@ -1,0 +1,218 @@
+"""Delivery at real-network speed, side by side with segment-analytics-python 2.4.0.
+
+    python benchmarks/bench_delivery.py --json benchmarks/results/delivery.json
+    python benchmarks/bench_delivery.py --sweep 1,4,8,16,32     # choose max_in_flight
+
+Every client runs in its own child process, at its defaults (the peer with a large
+``max_queue_size`` so it drops nothing); the ``durable_analytics.testing.Collector`` runs in
+this process and holds every answer ``--delay`` seconds (50 ms: a round trip to a real
+ingest API from a server). Times are wall clock from the child's first ``track()`` until
+the collector holds every message (each counted once, by messageId):
+
+- ``flush``: N tracks, then ``flush()``;
+- ``exit``: N tracks, then the script just ends (durable-analytics only): the time is
+  until the process has exited, and the messages counted are those at the collector then;
+- ``storm``: the collector answers every other request 429 with ``Retry-After: 1``;
+  everything must arrive, no request may come in while a Retry-After runs (50 ms grace
+  for requests already on their way), and the child traces its in-flight window.
+
+The machine these run on is shared: numbers are noisy, compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from durable_analytics.testing import Collector
+
+WRITE_KEY = "bench-key"
+
+CHILD = r"""
+import json, sys, time
+lib, scenario, n, host, queue_dir, extra = sys.argv[1:7]
+n = int(n)
+settings = json.loads(extra)
+props = {"plan": "Enterprise", "amount": 42, "tags": ["a", "b", "c"]}
+if lib == "segment":
+    from segment.analytics import Client
+    client = Client("bench-key", host=host, max_queue_size=10_000_000)
+else:
+    from durable_analytics import Client
+    client = Client("bench-key", host=host, queue_path=queue_dir + "/q.sqlite3", **settings)
+print(json.dumps({"t0": time.time()}), flush=True)
+for i in range(n):
+    client.track(user_id=f"user-{i % 100}", event="Bench Event", properties=props)
+t_tracked = time.time()
+if scenario in ("flush", "storm"):
+    if lib == "segment":
+        client.flush()
+    else:
+        client.flush(timeout=300 if scenario == "storm" else None)
+out = {"t_tracked": t_tracked, "t_flushed": time.time()}
+if lib == "durable" and scenario == "storm":
+    from durable_analytics import _pipeline
+    out["windows"] = {
+        h: {"peak": w.peak, "history": [(round(t, 3), v) for t, v in w.history]}
+        for h, w in _pipeline.windows().items()
+    }
+print(json.dumps(out), flush=True)
+if lib == "segment":
+    client.shutdown()
+"""
+
+
+def run(
+    collector: Collector,
+    lib: str,
+    scenario: str,
+    n: int,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One child: its timings, and what the collector held when it was done."""
+    collector.reset()
+    if scenario == "storm":
+        collector.rate_limit(0.5, "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                lib,
+                scenario,
+                str(n),
+                collector.url,
+                tmp,
+                json.dumps(settings or {}),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        t0 = json.loads(proc.stdout.readline())["t0"]
+        result: dict[str, Any] = {"lib": lib, "scenario": scenario, "messages": n}
+        if scenario == "exit":
+            proc.wait(timeout=300)
+            t_exit = time.time()
+            result["at_exit"] = len(collector.message_ids())
+            result["seconds"] = t_exit - t0
+            tail = proc.stdout.read()
+            done = json.loads(tail.splitlines()[0])
+        else:
+            if not collector.wait_for_messages(n, timeout=300):
+                raise SystemExit(f"{lib} {scenario}: only {len(collector.message_ids())} of {n}")
+            result["seconds"] = time.time() - t0
+            done = json.loads(proc.stdout.readline())
+            proc.wait(timeout=60)
+        result["track_seconds"] = done["t_tracked"] - t0
+        ids = collector.message_ids()
+        result["received"] = len(ids)
+        result["duplicates"] = sum(c - 1 for c in ids.values())
+        result["requests"] = collector.requests
+        result["peak_concurrency"] = collector.peak_concurrency
+        result["msg_per_s"] = n / result["seconds"]
+        if "windows" in done:
+            result["windows"] = done["windows"]
+            result["inside_retry_after"] = collector.requests_inside_retry_after()
+            result["rate_limited"] = len(collector.retry_after_windows)
+    return result
+
+
+def show(r: dict[str, Any]) -> None:
+    extra = ""
+    if "at_exit" in r:
+        extra = f", at the collector when the process exited: {r['at_exit']:,}"
+    if "inside_retry_after" in r:
+        peaks = {h: w["peak"] for h, w in r["windows"].items()}
+        extra = (
+            f", 429s: {r['rate_limited']}, requests inside a Retry-After: "
+            f"{r['inside_retry_after']}, window peak {peaks}"
+        )
+    print(
+        f"  {r['lib']:<8} {r['scenario']:<6} {r['messages']:>6,} msgs  {r['seconds']:6.2f} s  "
+        f"{r['msg_per_s']:8,.0f} msg/s  tracks {r['track_seconds']:.2f} s  "
+        f"requests {r['requests']:,}  peak in flight {r['peak_concurrency']}  "
+        f"duplicates {r['duplicates']}{extra}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--delay", type=float, default=0.05)
+    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--exit-messages", type=int, default=5_000)
+    parser.add_argument("--loopback-messages", type=int, default=20_000)
+    parser.add_argument("--storm-messages", type=int, default=400)
+    parser.add_argument("--sweep", default=None, help="max_in_flight values, e.g. 1,4,8,16")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    results: list[dict[str, Any]] = []
+    ratios: dict[str, float] = {}
+    with Collector(WRITE_KEY, delay=args.delay) as collector:
+        if args.sweep:
+            for value in [int(v) for v in args.sweep.split(",")]:
+                r = run(collector, "durable", "flush", args.messages, {"max_in_flight": value})
+                r["max_in_flight"] = value
+                print(f"max_in_flight={value}", end="")
+                show(r)
+                results.append(r)
+        else:
+            print(f"{args.delay * 1000:g} ms per request:")
+            ours = run(collector, "durable", "flush", args.messages)
+            peer = run(collector, "segment", "flush", args.messages)
+            for r in (ours, peer):
+                show(r)
+            ratios["flush_50ms_vs_peer"] = peer["seconds"] / ours["seconds"]
+            results += [ours, peer]
+
+            exit_ours = run(collector, "durable", "exit", args.exit_messages)
+            exit_peer = run(collector, "segment", "flush", args.exit_messages)
+            for r in (exit_ours, exit_peer):
+                show(r)
+            ratios["exit_50ms_vs_peer_flush"] = exit_peer["seconds"] / exit_ours["seconds"]
+            ratios["exit_50ms_delivered_share"] = exit_ours["at_exit"] / args.exit_messages
+            results += [exit_ours, exit_peer]
+
+            storm = run(collector, "durable", "storm", args.storm_messages)
+            show(storm)
+            results.append(storm)
+
+            collector.set_delay(0.0)
+            print("loopback, no delay:")
+            lo_ours = run(collector, "durable", "flush", args.loopback_messages)
+            lo_peer = run(collector, "segment", "flush", args.loopback_messages)
+            for r in (lo_ours, lo_peer):
+                show(r)
+            ratios["flush_loopback_vs_peer"] = lo_peer["seconds"] / lo_ours["seconds"]
+            results += [lo_ours, lo_peer]
+            print("ratios (peer time / our time; >1 means faster):")
+            for name, value in ratios.items():
+                print(f"  {name}: {value:.2f}")
+    if args.json:
+        meta = {
+            "date": time.strftime("%Y-%m-%d"),
+            "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version,
+            "cpus": os.cpu_count(),
+            "delay": args.delay,
+            "command": " ".join(["python", "benchmarks/bench_delivery.py", *sys.argv[1:]]),
+        }
+        args.json.write_text(
+            json.dumps({"meta": meta, "ratios": ratios, "results": results}, indent=1) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Many batches in flight: the window per destination, AIMD, leases kept during slow
+requests, bounded flush() and exit, against a real Collector that holds each answer."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import WRITE_KEY, run_python
+
+from durable_analytics import Client, FlushResult
+from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT, Config
+from durable_analytics._delivery import Deliverer, make_deliverer
+from durable_analytics._drain import drain_queue
+from durable_analytics._pipeline import Window, windows
+from durable_analytics._store import SqliteQueue
+from durable_analytics._transport import HTTPTransport, parse_rate_limit_reset
+from durable_analytics.cli import cli
+from durable_analytics.exceptions import ConfigError
+from durable_analytics.testing import Collector, Reply
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def slow_collector() -> Iterator[Collector]:
+    """A Collector that holds every answer 50 ms, a real ingest API's round trip."""
+    with Collector(WRITE_KEY, delay=0.05) as c:
+        yield c
+
+
+def track(client: Client, n: int, size: int = 0) -> list[str]:
+    ids = []
+    for i in range(n):
+        ok, msg = client.track("user-1", "Event", {"i": i, "pad": "x" * size})
+        assert ok
+        ids.append(msg["messageId"])
+    return ids
+
+
+# ---------------------------------------------------------------- the window
+
+
+def test_the_window_halves_once_per_round_trip_and_grows_by_one_per_success() -> None:
+    window = Window(8)
+    first, second = window.acquire(), window.acquire()
+    assert first is not None
+    assert second is not None
+    window.on_congestion(first)
+    assert int(window.limit) == 4
+    window.on_congestion(second)  # sent in the same round: that decrease counted it
+    assert int(window.limit) == 4
+    third = window.acquire()
+    assert third is not None
+    window.on_congestion(third)
+    assert int(window.limit) == 2
+    for _ in range(3):
+        window.on_success()
+    assert int(window.limit) == 5
+    for _ in range(10):
+        window.on_success()
+    assert int(window.limit) == 8  # never above max_in_flight
+    assert [v for _, v in window.history] == [8, 4, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_full_window_makes_the_next_request_wait_until_a_slot_is_free() -> None:
+    window = Window(2)
+    assert window.acquire() is not None
+    assert window.acquire() is not None
+    assert window.acquire(deadline=time.monotonic() + 0.05) is None  # full: times out
+    window.release()
+    assert window.acquire(deadline=time.monotonic() + 0.05) is not None
+    assert window.peak == 2
+
+
+def test_flush_flusher_and_drain_at_once_never_exceed_max_in_flight(
+    slow_collector: Collector, queue_path: Path
+) -> None:
+    client = Client(
+        WRITE_KEY, host=slow_collector.url, queue_path=queue_path, max_in_flight=4, on_exit="none"
+    )
+    ids = track(client, 600)
+    config = Config.for_delivery(queue_path=queue_path, max_in_flight=4)
+    drained = threading.Thread(target=drain_queue, args=(client.queue, config))
+    drained.start()
+    result = client.flush()
+    drained.join()
+    client.close()
+
+    assert result.pending == 0
+    assert slow_collector.message_ids() == dict.fromkeys(ids, 1)
+    # Counted at the server: the three flushers together stayed within the window...
+    assert slow_collector.peak_concurrency <= 4
+    # ... and did keep several batches in flight (one at a time would take 30 round trips).
+    assert slow_collector.peak_concurrency >= 2
+    assert all(len(b.messages) <= 20 for b in slow_collector.batches)
+
+
+def test_a_429_halves_the_window_and_successes_grow_it_back(
+    slow_collector: Collector, queue_path: Path
+) -> None:
+    slow_collector.script(Reply(429, headers={"Retry-After": "0"}))
+    client = Client(
+        WRITE_KEY, host=slow_collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+    )
+    ids = track(client, 400)
+    result = client.flush(timeout=30)
+    client.close()
+
+    assert result == FlushResult(sent=400, pending=0, dead_lettered=0)
+    assert slow_collector.message_ids() == dict.fromkeys(ids, 1)
+    limits = [v for _, v in windows()[slow_collector.url].history]
+    low = limits.index(min(limits))
+    assert min(limits) <= DEFAULT_MAX_IN_FLIGHT // 2  # halved by the 429
+    assert limits[low + 1 :] == list(range(min(limits) + 1, limits[-1] + 1))  # +1 each
+    assert limits[-1] > min(limits)
+
+
+def test_no_request_leaves_while_a_retry_after_runs(queue_path: Path) -> None:
+    with Collector(WRITE_KEY) as collector:
+        collector.script(Reply(429, headers={"Retry-After": "1"}))
+        client = Client(
+            WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+        )
+        ids = track(client, 100)
+        result = client.flush(timeout=30)
+        client.close()
+        batches = collector.batches
+
+    assert result.pending == 0
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+    # The first request was answered 429: nothing else came in for the next second.
+    answered_at, ends_at = collector.retry_after_windows[0]
+    later = [b.received_at for b in batches[1:]]
+    assert all(t >= ends_at for t in later)
+    assert ends_at - answered_at == 1.0
+
+
+def test_x_ratelimit_reset_is_read_in_every_spelling() -> None:
+    now = 1_700_000_000.0
+    assert parse_rate_limit_reset("7", now=now) == 7.0
+    assert parse_rate_limit_reset(str(now + 12), now=now) == pytest.approx(12.0)
+    assert parse_rate_limit_reset(str((now + 3) * 1000), now=now) == pytest.approx(3.0)
+    assert parse_rate_limit_reset(str(now - 50), now=now) == 0.0
+    assert parse_rate_limit_reset("99999", now=now) == 300.0  # capped like Retry-After
+    assert parse_rate_limit_reset("soon", now=now) is None
+    assert parse_rate_limit_reset(None, now=now) is None
+
+
+def test_a_429_with_x_ratelimit_reset_holds_the_destination_back_that_long(
+    queue_path: Path,
+) -> None:
+    with Collector(WRITE_KEY) as collector:
+        collector.script(Reply(429, headers={"X-RateLimit-Reset": "120"}))
+        client = Client(
+            WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+        )
+        track(client, 5)
+        before = time.time()
+        result = client.flush()
+        not_before, failures = client.queue.backoff(client._dest)
+        client.close()
+    assert result.pending == 5
+    assert failures == 1
+    assert not_before >= before + 120
+
+
+# ---------------------------------------------------------------- leases
+
+
+def test_a_lease_is_kept_while_a_request_is_slower_than_the_lease_timeout(
+    queue_path: Path,
+) -> None:
+    with Collector(WRITE_KEY, delay=1.0) as collector:
+        queue = SqliteQueue(queue_path, lease_timeout=0.3)
+        dest = queue.destination(collector.url, WRITE_KEY)
+        for i in range(5):
+            queue.append(dest, b'{"type":"track","messageId":"m%d"}' % i)
+        deliverer = Deliverer(queue, HTTPTransport(timeout=5))
+        sending = threading.Thread(target=deliverer.deliver_next)
+        sending.start()
+        assert collector.wait_for_requests(1)
+        time.sleep(0.6)  # twice the lease_timeout, with the request still unanswered
+        other = SqliteQueue(queue_path, lease_timeout=0.3)
+        taken = other.lease(20, 10_000_000)
+        sending.join()
+        other.close()
+        left = queue.pending()
+        queue.close()
+        deliverer.transport.close()
+
+    assert taken is None  # the lease was extended: nobody could take the batch again
+    assert collector.requests == 1
+    assert collector.message_ids() == {f"m{i}": 1 for i in range(5)}
+    assert left == 0
+
+
+def test_a_lease_timeout_shorter_than_the_request_timeout_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"lease_timeout .* must not be shorter"):
+        Config.build("k", timeout=30, lease_timeout=10)
+    assert Config.build("k", timeout=90).lease_timeout == 90.0  # the default grows instead
+    with pytest.raises(ConfigError, match="max_in_flight"):
+        Config.build("k", max_in_flight=0)
+    with pytest.raises(ConfigError, match="max_batch_messages"):
+        Config.build("k", max_batch_messages=0)
+
+
+# ---------------------------------------------------------------- bounded flush
+
+
+@pytest.mark.parametrize("server", ["unreachable", "401", "500 forever"])
+def test_flush_without_a_timeout_returns_with_pending_counted_and_on_error_once_per_batch(
+    server: str, queue_path: Path
+) -> None:
+    reports: list[tuple[Exception, list[dict[str, Any]]]] = []
+    with Collector("another-key" if server == "401" else WRITE_KEY) as collector:
+        if server == "500 forever":
+            collector.set_default(500)
+        host = f"http://127.0.0.1:{free_port()}" if server == "unreachable" else collector.url
+        client = Client(
+            WRITE_KEY,
+            host=host,
+            queue_path=queue_path,
+            flusher="none",
+            on_exit="none",
+            on_error=lambda exc, msgs: reports.append((exc, msgs)),
+        )
+        ids = track(client, 50)
+        result = client.flush()  # no timeout: must come back on its own
+        client.close(timeout=0)
+
+    assert result == FlushResult(sent=0, pending=50, dead_lettered=0)
+    assert reports, "the failure was reported"
+    reported = [m["messageId"] for _, msgs in reports for m in msgs]
+    assert len(reported) == len(set(reported))  # each batch reported once, not per retry
+    assert all(len(msgs) <= 20 for _, msgs in reports)
+    assert set(reported) <= set(ids)
+
+
+def test_module_level_flush_returns_against_a_dead_server(tmp_path: Path) -> None:
+    port = free_port()
+    proc = run_python(
+        f"""
+        import durable_analytics as analytics
+        analytics.write_key = "k"
+        analytics.host = "http://127.0.0.1:{port}"
+        analytics.queue_path = {str(tmp_path / "q.sqlite3")!r}
+        for i in range(30):
+            analytics.track("u", "E")
+        result = analytics.flush()
+        print(result.pending, flush=True)
+        import os
+        os._exit(0)  # the exit handler's own bounded flush is another test's
+        """,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "30"
+
+
+# ---------------------------------------------------------------- exit
+
+
+def test_exit_delivers_everything_at_50_ms_per_request(
+    slow_collector: Collector, tmp_path: Path
+) -> None:
+    # 1,000 messages are 50 requests: one at a time they need 2.5 s, past the 2 s budget.
+    proc = run_python(
+        f"""
+        from durable_analytics import Client
+        client = Client("{WRITE_KEY}", host="{slow_collector.url}",
+                        queue_path={str(tmp_path / "q.sqlite3")!r}, shutdown_timeout=2)
+        for i in range(1000):
+            client.track("u", "E", {{"i": i}})
+        """,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ids = slow_collector.message_ids()
+    assert len(ids) == 1000
+    assert max(ids.values()) == 1
+
+
+# ---------------------------------------------------------------- batch rules and drain
+
+
+def test_batches_keep_flush_at_by_default_and_max_batch_messages_when_asked(
+    collector: Collector, queue_path: Path
+) -> None:
+    client = Client(
+        WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+    )
+    track(client, 100)
+    client.flush()
+    assert {len(b.messages) for b in collector.batches} == {20}
+    collector.reset()
+    track(client, 130, size=20_000)  # 130 messages of ~20 KB: 2.6 MB
+    config = Config.for_delivery(queue_path=queue_path, max_batch_messages=100)
+    result = drain_queue(client.queue, config)
+    client.close()
+    assert result.left == 0
+    assert max(len(b.messages) for b in collector.batches) > 20
+    assert max(len(b.raw_body) for b in collector.batches) <= 500_000
+
+
+def _runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_drain_ignore_backoff_sends_what_a_stored_backoff_holds(
+    collector: Collector, queue_path: Path
+) -> None:
+    client = Client(
+        WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+    )
+    ids = track(client, 30)
+    lease = client.queue.lease(20, 1_000_000)
+    assert lease is not None
+    client.queue.retry_later(lease, lambda n: 600.0, "HTTP 401 from the old key")
+    client.queue.close()
+    runner = _runner()
+
+    held = runner.invoke(cli, ["drain", "--queue", str(queue_path), "--batch-messages", "50"])
+    assert held.exit_code == 1
+    assert collector.requests == 0
+
+    sent = runner.invoke(cli, ["drain", "--queue", str(queue_path), "--ignore-backoff"])
+    assert sent.exit_code == 0, sent.output
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+
+
+def test_drain_refuses_a_lease_timeout_below_the_request_timeout(queue_path: Path) -> None:
+    result = _runner().invoke(cli, ["drain", "--queue", str(queue_path), "--lease-timeout", "2"])
+    assert result.exit_code == 2
+    assert "lease_timeout" in result.output
+
+
+def test_make_deliverer_takes_the_window_and_batch_settings(queue_path: Path) -> None:
+    config = Config.build("k", queue_path=queue_path, max_in_flight=5, max_batch_messages=70)
+    queue = SqliteQueue(queue_path)
+    deliverer = make_deliverer(config, queue)
+    assert (deliverer.max_in_flight, deliverer.batch_messages) == (5, 70)
+    deliverer.transport.close()
+    queue.close()
