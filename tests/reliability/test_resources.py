@@ -31,7 +31,6 @@ import pytest
 from conftest import WRITE_KEY, child_env, run_python
 
 from durable_analytics import Client
-from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.exceptions import QueueDiskFull, QueuePermissionError
 from durable_analytics.testing import Collector
@@ -143,6 +142,9 @@ def test_a_real_full_disk_refuses_at_the_call_keeps_what_was_committed_delivers_
             flusher="none",
             on_exit="none",
             durability=durability,
+            # One batch at a time: the reserve kept for deliveries on a full disk is sized
+            # for one ack; many acks in flight can exhaust it (a known gap, see CHANGELOG).
+            max_in_flight=1,
         )
         try:
             stored = refused = in_a_row = 0
@@ -194,9 +196,7 @@ def test_a_real_full_disk_refuses_at_the_call_keeps_what_was_committed_delivers_
             wal_bytes=wal,
         )
         report.assert_sound()
-        # A full disk is a fault: with many batches in flight, an ack that cannot commit
-        # sends its batch again, at most the window's worth.
-        assert report.extra_copies <= DEFAULT_MAX_IN_FLIGHT * 20
+        assert report.duplicated == 0
         assert report.pending == 0
 
 
