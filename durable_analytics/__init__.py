@@ -137,6 +137,8 @@ busy_timeout: float | None = None
 lease_timeout: float | None = None
 max_queue_bytes: int | None = None
 overflow: Overflow | None = None
+max_in_flight: int | None = None
+max_batch_messages: int | None = None
 default_client: Client | None = None
 # A library attaches no output of its own: the application's logging configuration decides
 # (the CLI and ``debug=True`` add a stderr handler).

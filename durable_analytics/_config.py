@@ -101,6 +101,8 @@ class Settings(TypedDict, total=False):
     lease_timeout: float | None
     max_queue_bytes: int | None
     overflow: Overflow | None
+    max_in_flight: int | None
+    max_batch_messages: int | None
 
 
 _ENV_WRITE_KEY = "DURABLE_ANALYTICS_WRITE_KEY"

@@ -85,6 +85,12 @@ def retry_delay(kind: str, failures: int, retry_after: float | None = None) -> f
     return float(delay)
 
 
+def wait_first(first: Outcome, budget: float) -> float:
+    """The pause before the first quick retry: the server's Retry-After, else 0.25-0.5 s."""
+    delay = first.retry_after if first.retry_after else 0.25 * random.uniform(1.0, 2.0)
+    return min(budget, delay)
+
+
 @dataclass(frozen=True)
 class FlushResult:
     """What ``flush()`` achieved: messages sent, still pending, and dead-lettered."""
@@ -145,8 +151,12 @@ class Deliverer:
         max_total_backoff_duration: float = 43200.0,
         max_in_flight: int = 1,
         batch_messages: int | None = None,
+        max_rate_limit_duration: float = 1800.0,
     ) -> None:
         self.queue = queue
+        #: A ``Retry-After`` up to this long (and inside the quick-retry budget) is waited
+        #: out by the quick retries; a longer one reports the batch at once (segment's rule).
+        self.max_rate_limit_duration = max_rate_limit_duration
         #: Quick retries of a failing batch stop after this many seconds too (segment's
         #: setting): the batch is then reported and goes back to the queue with a backoff.
         self.max_total_backoff_duration = max_total_backoff_duration
@@ -294,23 +304,27 @@ class Deliverer:
             return outcome
 
         first = attempt()
-        if (
-            first is _DEADLINE_PASSED
-            or first is _GATED
-            or not (
-                quick and self.max_retries and first.kind == "retry" and first.retry_after is None
-            )
-        ):
-            return first  # the common case builds no retry machinery at all
         # Quick retries stay well inside the lease so a slow holder is not overtaken.
         started = time.monotonic()
         budget = min(self.queue.lease_timeout * 0.5, self.max_total_backoff_duration)
         if deadline is not None:
             budget = min(budget, max(0.0, deadline - started))
-        pause = min(budget, 0.25 * random.uniform(1.0, 2.0))
-        log.debug("quick retry of a batch of %d in %.2fs after: %s", len(idx), pause, first.error)
-        self._sleep(pause)
         until = started + budget
+
+        def again(o: Outcome) -> bool:
+            # A retryable answer is retried quickly; one that names a Retry-After only when
+            # waiting it out fits both max_rate_limit_duration and what is left of the budget.
+            if o is _DEADLINE_PASSED or o is _GATED or o.kind != "retry":
+                return False
+            if o.retry_after is None:
+                return True
+            return (
+                o.retry_after <= self.max_rate_limit_duration
+                and time.monotonic() + o.retry_after < until
+            )
+
+        if not (quick and self.max_retries and again(first)):
+            return first  # the common case builds no retry machinery at all
         # 0.25, 0.5, 1 … 4 s plus up to 0.25 s of jitter (wait_exponential_jitter's
         # `initial` is deprecated in tenacity 9 and its replacement missing from 8.x).
         backoff = tenacity.wait_exponential(multiplier=0.25, max=4.0) + tenacity.wait_random(
@@ -318,21 +332,21 @@ class Deliverer:
         )
 
         def wait(state: tenacity.RetryCallState) -> float:
-            # Never sleep past the budget (a flush deadline, an exit): stop there instead.
-            return max(0.0, min(backoff(state), until - time.monotonic()))
+            # The server's Retry-After when it named one (never sooner), else the backoff;
+            # never past the budget (a flush deadline, an exit): stop there instead.
+            outcome = state.outcome.result() if state.outcome is not None else None
+            told = outcome.retry_after if isinstance(outcome, Outcome) else None
+            delay = told if told else backoff(state)
+            return max(0.0, min(delay, until - time.monotonic()))
 
+        pause = wait_first(first, budget)
+        log.debug("quick retry of a batch of %d in %.2fs after: %s", len(idx), pause, first.error)
+        self._sleep(pause)
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_retries)
             | tenacity.stop_after_delay(max(0.0, budget - (time.monotonic() - started))),
             wait=wait,
-            retry=tenacity.retry_if_result(
-                lambda o: (
-                    o is not _DEADLINE_PASSED
-                    and o is not _GATED
-                    and o.kind == "retry"
-                    and o.retry_after is None
-                )
-            ),
+            retry=tenacity.retry_if_result(again),
             sleep=self._sleep,
             retry_error_callback=lambda state: (
                 state.outcome.result()
@@ -523,6 +537,7 @@ def make_deliverer(
         on_error=config.on_error,
         sleep=sleep,
         max_total_backoff_duration=config.max_total_backoff_duration,
+        max_rate_limit_duration=config.max_rate_limit_duration,
         max_in_flight=config.max_in_flight,
         batch_messages=config.batch_messages,
     )

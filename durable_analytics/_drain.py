@@ -36,6 +36,9 @@ Progress = Callable[[int], object]
 # How often the loop looks again while another holder has the rest under a lease.
 _HOLDER_POLL = 0.05
 # Passes in a row that may find messages ready yet lease none before the loop gives up.
+#: Without a deadline, ``deliver_until(wait_for_backoff=True)`` waits out a backoff that
+#: ends within this many seconds, as long as it has met no failure of its own.
+SHORT_BACKOFF_WAIT = 5.0
 _MAX_STALLS = 20
 
 
@@ -107,8 +110,10 @@ def deliver_until(
     default the Deliverer's ``max_in_flight``), each leasing and delivering until nothing is
     ready. Between passes, messages another live holder leased are waited for (that holder
     may give them back). Messages waiting out a retry backoff are waited for only with
-    ``wait_for_backoff`` and a ``deadline`` the backoff ends before; otherwise the loop ends
-    and leaves them queued, so it never waits on a backoff without bound. It also ends at
+    ``wait_for_backoff``: with a ``deadline``, a backoff that ends before it; without one, a
+    backoff that ends within ``SHORT_BACKOFF_WAIT`` seconds, until the loop meets a failure
+    of its own. Otherwise the loop ends and leaves them queued, so it never waits on a
+    backoff without bound. It also ends at
     ``deadline`` (a ``time.monotonic()`` value) or when ``stop`` is set.
 
     ``deliverer`` is one Deliverer (its transport stays open) or a factory called once
@@ -184,12 +189,16 @@ def _deliver_until(
         if next_at is None:
             wait = _HOLDER_POLL  # the rest is leased by another live holder: wait for it
         elif next_at > now:
-            if (
-                not wait_for_backoff
-                or deadline is None
-                or next_at - now >= deadline - time.monotonic()
-            ):
-                break  # what is left waits out a retry backoff (past our deadline, if any)
+            if not wait_for_backoff:
+                break  # what is left waits out a retry backoff
+            if deadline is None:
+                # No deadline: a short backoff (a Retry-After, a failure another process met)
+                # is waited for, once, until this call meets a failure of its own; then the
+                # rest stays queued, so the wait stays bounded whatever the server does.
+                if total.errors or next_at - now > SHORT_BACKOFF_WAIT:
+                    break
+            elif next_at - now >= deadline - time.monotonic():
+                break  # the backoff ends past our deadline
             wait = max(0.01, min(1.0, next_at - now))
         elif stats.sent or stats.dead_lettered or wait_for_backoff or stalls < _MAX_STALLS:
             # Ready again (a holder gave some back, a lease expired): go on after a breath.

@@ -6,6 +6,7 @@ makes, to prove each outcome is settled in one queue call (one transaction).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from conftest import WRITE_KEY
 from durable_analytics._config import Config
 from durable_analytics._delivery import make_deliverer
 from durable_analytics._store.sqlite import SqliteQueue as Queue
-from durable_analytics.testing import RecordingTransport
+from durable_analytics.testing import RecordingTransport, Reply
 
 
 class Calls:
@@ -70,4 +71,50 @@ def test_a_success_after_failures_is_one_ack_that_clears_the_backoff(queue_path:
     assert calls.log == ["lease", "ack"]
     assert queue.backoff(dest) == (0.0, 0)
     assert queue.pending() == 0
+    queue.close()
+
+
+def test_a_retry_after_within_max_rate_limit_duration_is_waited_by_the_quick_retry(
+    queue_path: Path,
+) -> None:
+    """429 with Retry-After: 1, then 200: the quick retry sleeps the full second, then sends."""
+    answers = [Reply(429, headers={"Retry-After": "1"}), Reply(200)]
+    queue, calls, _, dest = setup(queue_path, 200)
+    transport = RecordingTransport(lambda batch: answers.pop(0))
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        time.sleep(seconds)  # the window's gate runs on the real clock
+
+    config = Config.for_delivery(max_rate_limit_duration=5)
+    deliverer = make_deliverer(config, calls, transport, sleep=sleep)  # type: ignore[arg-type]
+    stats = deliverer.deliver_next()
+    assert stats is not None
+    assert (stats.sent, stats.kept, transport.requests) == (3, 0, 2)
+    assert slept
+    assert slept[0] >= 1.0
+    assert queue.backoff(dest) == (0.0, 0)
+    queue.close()
+
+
+def test_a_retry_after_beyond_max_rate_limit_duration_is_reported_without_a_retry(
+    queue_path: Path,
+) -> None:
+    """Retry-After: 30 with max_rate_limit_duration=1: one request, on_error once, kept."""
+    errors: list[Exception] = []
+    queue, calls, _, dest = setup(queue_path, 200)
+    transport = RecordingTransport(lambda batch: Reply(429, headers={"Retry-After": "30"}))
+    config = Config.for_delivery(
+        max_rate_limit_duration=1, on_error=lambda exc, batch: errors.append(exc)
+    )
+    deliverer = make_deliverer(config, calls, transport)  # type: ignore[arg-type]
+    stats = deliverer.deliver_next()
+    assert stats is not None
+    assert (stats.sent, stats.kept, transport.requests) == (0, 3, 1)
+    assert len(errors) == 1
+    not_before, failures = queue.backoff(dest)
+    assert failures == 1
+    assert not_before >= time.time() + 25  # the server's 30 s, not our own 1-2 s
+    assert queue.pending() == 3
     queue.close()

@@ -181,3 +181,43 @@ def test_a_delivery_config_has_no_write_key_and_the_given_settings() -> None:
     config = Config.for_delivery(timeout=2.5, max_retries=1)
     assert config.write_key == ""
     assert (config.timeout, config.max_retries) == (2.5, 1)
+
+
+def test_without_a_deadline_a_short_backoff_met_elsewhere_is_waited_and_delivered(
+    queue: Queue,
+) -> None:
+    """flush()'s loop: a backoff ending within SHORT_BACKOFF_WAIT is waited out, then sent."""
+    fill(queue, 5)
+    dest = queue.destination(HOST, WRITE_KEY)
+    queue.set_backoff(dest, time.time() + 0.3, "a failure another process met")
+    transport = RecordingTransport()
+    deliverer = make_deliverer(Config.for_delivery(), queue, transport)
+    result = deliver_until(queue, deliverer, wait_for_backoff=True)
+    assert (result.sent, result.left) == (5, 0)
+    assert transport.requests == 1
+
+
+def test_without_a_deadline_a_long_backoff_is_left_pending_at_once(queue: Queue) -> None:
+    """A backoff past SHORT_BACKOFF_WAIT: nothing is sent, everything stays queued."""
+    fill(queue, 5)
+    dest = queue.destination(HOST, WRITE_KEY)
+    queue.set_backoff(dest, time.time() + 600, "a long outage")
+    transport = RecordingTransport()
+    deliverer = make_deliverer(Config.for_delivery(), queue, transport)
+    result = deliver_until(queue, deliverer, wait_for_backoff=True)
+    assert (result.sent, result.left) == (0, 5)
+    assert transport.requests == 0
+
+
+def test_without_a_deadline_its_own_failure_ends_the_wait(queue: Queue) -> None:
+    """A server failing for good: one round of quick retries, then the loop returns.
+
+    The failure stores a short backoff (about a second); the loop does not wait it out and
+    try again, so a 500-forever server cannot keep a flush() without a timeout alive.
+    """
+    fill(queue, 5)
+    transport = RecordingTransport(lambda batch: 500)
+    deliverer = make_deliverer(Config.for_delivery(max_retries=1), queue, transport)
+    result = deliver_until(queue, deliverer, wait_for_backoff=True)
+    assert (result.sent, result.left) == (0, 5)
+    assert transport.requests == 2  # the first try and one quick retry

@@ -10,7 +10,7 @@ from conftest import run_python
 
 from durable_analytics.testing import Collector
 
-from .conftest import WRITE_KEY, pending
+from .conftest import WRITE_KEY
 from .harness import Lib, differs
 
 
@@ -168,7 +168,6 @@ def test_misspelled_module_setting(
         assert analytics.track("u1", "E")[0] is True
 
 
-@pending("analytics.flush() never returns while the server fails (issue 9)")
 @pytest.mark.parametrize("status", [500, 401])
 def test_module_flush_returns_during_an_outage(lib: Lib, collector: Collector, status: int) -> None:
     """The usual end of a cron script, ``analytics.flush()``, returns while the server fails.
