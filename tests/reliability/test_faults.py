@@ -49,9 +49,12 @@ returned = []
 
 def late():
     # Registered before the client's first call, so it runs after the client's exit handler.
+    # (The exit delivery may have left its daemon lease keeper; the late calls add nothing.)
+    before = {t.ident for t in threading.enumerate()}
     for i in range(25):
         returned.append(client.track("u", "late", {"i": i})[0])
-    print(returned.count(True), threading.active_count(), flush=True)
+    started = {t.ident for t in threading.enumerate()} - before
+    print(returned.count(True), len(started), flush=True)
 
 atexit.register(late)
 client = Client(sys.argv[1], host=sys.argv[2], queue_path=sys.argv[3], flusher=sys.argv[4],
@@ -72,7 +75,7 @@ def test_calls_after_the_exit_handler_append_return_true_and_start_no_thread(
     result = run_python(LATE_CALLS, WRITE_KEY, collector.url, str(queue_path), flusher, on_exit)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    assert result.stdout.split() == ["25", "1"], result.stderr
+    assert result.stdout.split() == ["25", "0"], result.stderr
     if on_exit == "flush":  # (spawn's detached drain may be delivering them already)
         assert pending_on_disk(queue_path) == 25  # "first" went at exit; the late ones wait
     later = Client(WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none")
