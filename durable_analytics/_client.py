@@ -590,12 +590,12 @@ class Client(SettingsAttributes):
         delivered, dead-lettered, or failed its quick retries (it then stays on disk with
         its backoff, counts in ``pending``, and ``on_error`` was called once for its batch):
         it never waits out a backoff without bound. A quick retry waits out a ``Retry-After``
-        of up to ``max_rate_limit_duration`` that fits its budget. Messages whose destination
-        is already backing off (a failure met earlier, here or in another process) are not
-        sent before their time: a backoff ending within 5 seconds is waited for, until this
-        flush meets a failure of its own; a longer one leaves them in ``pending``. With
-        ``timeout`` it returns by then; within it, a backoff that ends before the deadline is
-        waited for, a longer one is not.
+        of up to 4 seconds (and ``max_rate_limit_duration``) that fits its budget. Messages
+        whose destination is already backing off (a failure met earlier, here or in another
+        process) are not sent before their time: a backoff ending within 5 seconds is waited
+        for, until this flush meets a failure of its own; a longer one leaves them in
+        ``pending``. With ``timeout`` it returns by then; within it, a backoff that ends
+        before the deadline is waited for, a longer one is not.
 
         The counts are of the messages pending when flush was called, whoever delivered them
         meanwhile (this call, the flusher thread, another process): ``sent + dead_lettered +

@@ -85,6 +85,10 @@ def retry_delay(kind: str, failures: int, retry_after: float | None = None) -> f
     return float(delay)
 
 
+#: The longest pause between quick retries; a Retry-After up to this long is waited likewise.
+QUICK_PAUSE_CAP = 4.0
+
+
 def wait_first(first: Outcome, budget: float) -> float:
     """The pause before the first quick retry: the server's Retry-After, else 0.25-0.5 s."""
     delay = first.retry_after if first.retry_after else 0.25 * random.uniform(1.0, 2.0)
@@ -313,13 +317,15 @@ class Deliverer:
 
         def again(o: Outcome) -> bool:
             # A retryable answer is retried quickly; one that names a Retry-After only when
-            # waiting it out fits both max_rate_limit_duration and what is left of the budget.
+            # the wait is a quick one (no longer than our own longest pause) that fits both
+            # max_rate_limit_duration and what is left of the budget. A longer wait goes
+            # back to the queue as the destination's backoff, where every process sees it.
             if o is _DEADLINE_PASSED or o is _GATED or o.kind != "retry":
                 return False
             if o.retry_after is None:
                 return True
             return (
-                o.retry_after <= self.max_rate_limit_duration
+                o.retry_after <= min(self.max_rate_limit_duration, QUICK_PAUSE_CAP)
                 and time.monotonic() + o.retry_after < until
             )
 
@@ -327,9 +333,9 @@ class Deliverer:
             return first  # the common case builds no retry machinery at all
         # 0.25, 0.5, 1 … 4 s plus up to 0.25 s of jitter (wait_exponential_jitter's
         # `initial` is deprecated in tenacity 9 and its replacement missing from 8.x).
-        backoff = tenacity.wait_exponential(multiplier=0.25, max=4.0) + tenacity.wait_random(
-            0, 0.25
-        )
+        backoff = tenacity.wait_exponential(
+            multiplier=0.25, max=QUICK_PAUSE_CAP
+        ) + tenacity.wait_random(0, 0.25)
 
         def wait(state: tenacity.RetryCallState) -> float:
             # The server's Retry-After when it named one (never sooner), else the backoff;
