@@ -151,7 +151,12 @@ def produce(
         while True:  # until killed
             time.sleep(3600)
     for t in workers:
-        t.join()
+        # Joined in slices, not one blocking wait: CPython runs a signal handler (the SIGTERM
+        # that sets ``stop``) only in the main thread, and only once that thread wakes; the
+        # kernel may hand the signal to any of the process's threads, which leaves a main
+        # thread blocked in an endless join() asleep with the handler never run.
+        while t.is_alive():
+            t.join(0.05)
     return client
 
 
