@@ -308,19 +308,22 @@ class Config:
         """Validate ``settings`` (the Client keyword arguments) and fill in the defaults.
 
         Takes segment-analytics-python's names too: ``upload_size`` (→ ``flush_at``) and
-        ``upload_interval`` (→ ``flush_interval``) when those are not given; ``thread`` (a
-        number of sender threads, checked and otherwise unused: one flusher per process
-        sends); ``on_error=False`` means no callback, as ``None`` does.
+        ``upload_interval`` (→ ``flush_interval``) and ``thread`` (→ ``max_in_flight``: N
+        sender threads keep at most N batches in flight, so do we) when those are not given;
+        ``on_error=False`` means no callback, as ``None`` does.
         """
-        aliases = {"upload_size": "flush_at", "upload_interval": "flush_interval"}
+        aliases = {
+            "upload_size": "flush_at",
+            "upload_interval": "flush_interval",
+            "thread": "max_in_flight",
+        }
+        if settings.get("thread") is not None:
+            _positive("thread", settings["thread"], integer=True)  # named as the user wrote it
         for old, new in aliases.items():
             if old in settings:
                 value = settings.pop(old)
                 if value is not None and settings.get(new) is None:
                     settings[new] = value
-        thread = settings.pop("thread", None)
-        if thread is not None:
-            _positive("thread", thread, integer=True)
         if settings.get("on_error") is False:
             settings["on_error"] = None
         size = settings.get("max_queue_size")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from durable_analytics.testing import Collector
+from durable_analytics.testing import Collector, Reply
 
 from .conftest import WRITE_KEY
 from .harness import Lib, differs
@@ -223,6 +223,22 @@ def test_two_sender_threads_deliver_everything_once(lib: Lib, collector: Collect
     client.flush()
     assert sorted(delivered_events(collector)) == sorted(f"E{i}" for i in range(30))
     assert set(collector.message_ids().values()) == {1}
+
+
+def test_thread_bounds_the_requests_in_flight(lib: Lib, collector: Collector) -> None:
+    """``thread=2`` against a slow server: never more than two requests at once, all arrive.
+
+    segment runs two sender threads; durable-analytics keeps ``max_in_flight=2``.
+    """
+    collector.set_default(Reply(delay=0.05))
+    client = lib.client(WRITE_KEY, host=collector.url, thread=2, upload_size=5)
+    for i in range(100):
+        client.track("user-1", f"E{i}")
+    client.flush()
+    assert sorted(delivered_events(collector)) == sorted(f"E{i}" for i in range(100))
+    assert 1 <= collector.peak_concurrency <= 2
+    if lib.name == "durable":
+        assert client.config.max_in_flight == 2
 
 
 def test_upload_size_bounds_the_batch(lib: Lib, collector: Collector) -> None:
