@@ -27,7 +27,7 @@ from .exceptions import QueueError
 
 __all__ = ["Ticket", "Window", "keep_leased", "run_beside", "window_for", "windows"]
 
-log = logging.getLogger("durable_analytics")
+log = logging.getLogger("durable_analytics.delivery")
 
 # Below this round trip a request costs about as much CPU here as it waits on the network,
 # so more requests in flight would only contend for the GIL and the queue: measured on

@@ -291,3 +291,29 @@ def test_drop_oldest_warns_with_counts_once_a_minute(
     since = client.stats().dropped - first
     assert f"dropped the {since} oldest undelivered messages since the last warning" in last
     client.close(timeout=0)
+
+
+# Modules that may name the package logger itself: where handlers and levels are set (the
+# facade's NullHandler, log_handler/debug on the Client, the CLI's stderr handler) and
+# segment's ``client.log`` attribute, which is the package logger.
+_PACKAGE_LOGGER_USERS = {
+    "__init__.py",
+    "_client.py",
+    "_client_settings.py",
+    "cli/_app.py",
+    # The SQLite queue's pinned -wal warning: to move to durable_analytics.queue with the
+    # store's next change.
+    "_store/sqlite/append.py",
+}
+
+
+def test_modules_log_to_named_children_not_to_the_package_logger() -> None:
+    """A record's logger name says which part spoke (client, delivery, queue, contrib)."""
+    package = Path(__file__).resolve().parent.parent / "durable_analytics"
+    offenders = [
+        str(path.relative_to(package))
+        for path in sorted(package.rglob("*.py"))
+        if re.search(r"getLogger\(\s*[\"']durable_analytics[\"']\s*\)", path.read_text())
+        and str(path.relative_to(package)) not in _PACKAGE_LOGGER_USERS
+    ]
+    assert offenders == []
