@@ -497,7 +497,11 @@ def test_drop_counters_of_both_policies_add_up(open_backend: OpenBackend) -> Non
     assert dropped_oldest > 0
     more = fill(first, dest, 50, start=400, pad=1000)
     assert all(more)
-    assert first.stats().dropped == dropped_oldest + 50
+    # Every message appended is either still queued or counted as dropped (how many old
+    # ones one new message displaces depends on how the rows fill the file's pages).
+    stats = first.stats()
+    assert stats.dropped > dropped_oldest
+    assert stats.dropped == 450 - stats.pending
 
 
 def count_capped(open_backend: OpenBackend, **settings: Any) -> QueueBackend:

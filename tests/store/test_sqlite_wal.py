@@ -14,7 +14,7 @@ import pytest
 from conftest import start_python
 
 from durable_analytics._store.sqlite import SqliteQueue as Queue
-from durable_analytics._store.sqlite.schema import SCHEMA_V1
+from durable_analytics._store.sqlite.schema import SCHEMA_V1, SCHEMA_VERSION
 from durable_analytics._store.sqlite.wal import WalBudget, wal_bytes
 
 from .sqlite_helpers import HOST, KEY, body_of_size
@@ -174,7 +174,7 @@ def test_a_reader_pinning_the_wal_is_named_and_the_cap_drops_new_messages(
 def test_a_version_1_file_is_migrated_to_the_destination_indexes_with_its_messages(
     tmp_path: Path,
 ) -> None:
-    """A queue file written by the previous schema (version 1) opens as version 2: its
+    """A queue file written by schema version 1 opens at the current version: its
     messages, leases' destinations and counters are kept, and the new indexes exist."""
     path = tmp_path / "v1.sqlite3"
     conn = sqlite3.connect(str(path), isolation_level=None)
@@ -191,10 +191,10 @@ def test_a_version_1_file_is_migrated_to_the_destination_indexes_with_its_messag
     conn.close()
     q = Queue(path)
     check = sqlite3.connect(str(path))
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
-    names = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    names = {r[0] for r in check.execute("SELECT name FROM sqlite_master")}
     check.close()
-    assert "messages_waiting" in names
+    assert {"messages_waiting", "dest_ids", "dest_ids_forget"} <= names
     lease = q.lease(20, 500_000)
     assert lease is not None
     assert lease.bodies == tuple(body_of_size(i, 300) for i in range(20))

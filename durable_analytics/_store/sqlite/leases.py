@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 
 from durable_analytics._store.base import CLOCK_JUMP_MARGIN, MAX_BACKOFF_SECONDS, Destination, Lease
 
+from . import bydest
 from .holders import holder, lease_over
 
 __all__ = [
-    "READY_ROWS",
     "ack_in",
     "chosen",
     "chunks",
@@ -94,12 +94,15 @@ def take(
 
     Destinations take turns: the ready ones are tried in id order starting after
     ``after_dest`` (the one this holder leased last), so a destination with a large or slow
-    backlog does not hold back another's fresh messages. A destination that backs off is
-    not read at all, so nothing is read while every destination backs off.
+    backlog does not hold back another's fresh messages. Each try reads that destination's
+    next messages through the index by destination (``bydest``), first folding the messages
+    appended since into it: the cost is the batch, whatever other destinations hold. A
+    destination that backs off is not read at all.
     """
     horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
     top = up_to_id if up_to_id is not None else (1 << 62)
     leased = reclaim(conn, lease_timeout, now_wall)
+    bydest.catch_up(conn)
     dests = {
         int(r[0]): r
         for r in conn.execute(
@@ -161,14 +164,6 @@ def take(
     return Lease(token, dest, tuple(ids), tuple(bodies), attempts, mono_expires, int(row[4]))
 
 
-#: One destination's next ready messages, oldest first, from the covering index.
-READY_ROWS = (
-    "SELECT id, size, attempts, enqueued_at FROM messages WHERE dest = ? "
-    "AND id <= ? AND (not_before IS NULL OR not_before <= ? OR not_before > ?) "
-    "ORDER BY id LIMIT ?"
-)
-
-
 def _pick(
     conn: sqlite3.Connection,
     dest_id: int,
@@ -184,9 +179,7 @@ def _pick(
     # few batches' worth of them, and the query stays one cached statement. Only sizes are
     # read: the bodies of the batch alone are read afterwards, so that many holders leasing
     # at once do not each read every other holder's bodies.
-    rows = conn.execute(
-        READY_ROWS, (dest_id, top, now_wall, horizon, max_messages + len(leased))
-    ).fetchall()
+    rows = bydest.rows(conn, dest_id, top, now_wall, horizon, max_messages + len(leased))
     ids: list[int] = []
     total = 0
     attempts = 0

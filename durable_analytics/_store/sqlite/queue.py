@@ -34,7 +34,7 @@ from durable_analytics._store.base import (
 )
 from durable_analytics.exceptions import QueueCorrupt
 
-from . import inspect, leases, ready
+from . import bydest, inspect, leases, ready
 from .append import Appender
 from .connections import Connections
 from .dead_letters import DeadLetters
@@ -324,13 +324,25 @@ class SqliteQueue:
     def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
         """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
         now_wall = time.time() if now is None else now
+        self._index_tail()
         return self._db.read(lambda conn: ready.ready_summary(conn, limit, now_wall))
 
     def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
         """The earliest wall-clock time at which some pending message may be leased."""
         top = up_to_id if up_to_id is not None else (1 << 62)
         now_wall = time.time()
+        self._index_tail()
         return self._db.read(lambda conn: ready.next_ready_at(conn, now_wall, top))
+
+    def _index_tail(self) -> None:
+        """Fold a long tail of new messages into the index by destination before a poll.
+
+        Leases do it as they go; this is for a queue nobody leases from (every destination
+        backing off, producers still appending), whose polls would otherwise read a tail
+        that only grows (see ``bydest``).
+        """
+        if self._db.read(bydest.tail) > bydest.TAIL_ROWS:
+            self._db.write(bydest.catch_up)
 
     # ---------------------------------------------------------------- backoff
 
@@ -412,19 +424,9 @@ class SqliteQueue:
     def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
         """How many messages are not yet delivered (leased or not)."""
         top = up_to_id if up_to_id is not None else (1 << 62)
-        if destination is None:
-            row = self._db.read(
-                lambda conn: conn.execute(
-                    "SELECT count(*) FROM messages WHERE id <= ?", (top,)
-                ).fetchone()
-            )
-        else:
-            row = self._db.read(
-                lambda conn: conn.execute(
-                    "SELECT count(*) FROM messages WHERE id <= ? AND dest = ?", (top, destination)
-                ).fetchone()
-            )
-        return int(row[0])
+        # Counted on the index by destination: entries of a few bytes, not rows with bodies,
+        # and only this destination's.
+        return self._db.read(lambda conn: bydest.count(conn, destination, top))
 
     def live_leases(self) -> int:
         """How many leases are held right now (by anyone)."""

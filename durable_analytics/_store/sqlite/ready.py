@@ -1,20 +1,23 @@
 """What is ready to lease, and when the next message will be: per destination, from indexes.
 
 Both questions are asked by every idle flusher on every poll, so they must not cost the
-size of a backlog that cannot be sent: a destination that backs off is not read at all
-but for its first message and the earliest retry time of its waiting messages (the small
-partial index ``messages_waiting``); the others' next messages are read in id order
-(``leases.READY_ROWS``).
-Every function runs on the caller's connection, inside its read.
+size of a backlog: each destination's next messages come through the index by destination
+(``bydest``), a destination that backs off is not read at all but for its first unleased
+message and the earliest retry time of its waiting messages (the small partial index
+``messages_waiting``). Every function runs on the caller's connection, in one read
+transaction (one snapshot for the index, its tail and the leases).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 
 from durable_analytics._store.base import CLOCK_JUMP_MARGIN, MAX_BACKOFF_SECONDS
 
-from .leases import READY_ROWS, leased_ids
+from . import bydest
+from .leases import leased_ids
 
 __all__ = ["next_ready_at", "ready_summary"]
 
@@ -33,14 +36,15 @@ def _horizon(now: float) -> float:
 def ready_summary(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int, float | None]:
     """How many of the oldest ``limit`` ready messages there are, and the oldest's time."""
     horizon = _horizon(now)
-    leased = leased_ids(conn)
-    found: list[tuple[int, float]] = []
-    for d, not_before in conn.execute("SELECT id, not_before FROM destinations").fetchall():
-        if horizon >= not_before > now:
-            continue  # backing off: nothing of it is ready
-        rows = conn.execute(READY_ROWS, (d, 1 << 62, now, horizon, limit + len(leased)))
-        mine = [(int(i), float(t)) for i, _, _, t in rows.fetchall() if i not in leased]
-        found.extend(mine[:limit])
+    with _snapshot(conn):
+        leased = leased_ids(conn)
+        found: list[tuple[int, float]] = []
+        for d, not_before in conn.execute("SELECT id, not_before FROM destinations").fetchall():
+            if horizon >= not_before > now:
+                continue  # backing off: nothing of it is ready
+            rows = bydest.rows(conn, int(d), 1 << 62, now, horizon, limit + len(leased))
+            mine = [(i, t) for i, _, _, t in rows if i not in leased]
+            found.extend(mine[:limit])
     found.sort()
     ready = found[:limit]
     return len(ready), (min(t for _, t in ready) if ready else None)
@@ -52,18 +56,32 @@ def next_ready_at(conn: sqlite3.Connection, now: float, top: int) -> float | Non
     None when every pending message is leased (or there is none).
     """
     horizon = _horizon(now)
-    leased = leased_ids(conn)
     best: float | None = None
-    for d, not_before in conn.execute("SELECT id, not_before FROM destinations").fetchall():
-        dest_at = 0.0 if not_before > horizon else float(not_before)
-        rows = conn.execute(READY_ROWS, (d, top, now, horizon, 1 + len(leased))).fetchall()
-        if any(i not in leased for i, _, _, _ in rows):
-            at = dest_at  # a message of it is ready as soon as the destination is
-        else:
-            # Only messages waiting out a retry (never leased), if any: the first of them.
-            waiting = conn.execute(_NEXT_WAITING, (d, now, horizon, top)).fetchone()[0]
-            if waiting is None:
-                continue
-            at = max(dest_at, float(waiting))
-        best = at if best is None else min(best, at)
+    with _snapshot(conn):
+        leased = leased_ids(conn)
+        for d, not_before in conn.execute("SELECT id, not_before FROM destinations").fetchall():
+            dest_at = 0.0 if not_before > horizon else float(not_before)
+            rows = bydest.rows(conn, int(d), top, now, horizon, 1 + len(leased))
+            if any(i not in leased for i, _, _, _ in rows):
+                at = dest_at  # a message of it is ready as soon as the destination is
+            else:
+                # Only messages waiting out a retry (never leased), if any: the first of them.
+                waiting = conn.execute(_NEXT_WAITING, (d, now, horizon, top)).fetchone()[0]
+                if waiting is None:
+                    continue
+                at = max(dest_at, float(waiting))
+            best = at if best is None else min(best, at)
     return best
+
+
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction around the block (unless the caller is in one already)."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
