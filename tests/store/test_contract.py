@@ -243,6 +243,44 @@ def test_backoff_holds_back_only_its_destination_until_its_time(backend: QueueBa
     assert [index(x) for x in take(backend, now=now + 31).bodies] == [0]
 
 
+def test_a_destination_is_leased_at_once_while_another_backs_off_behind_a_backlog(
+    backend: QueueBackend,
+) -> None:
+    """B's fresh messages, stored after A's backlog while A backs off, are what the next
+    lease takes (no destination named), what the poll reports as ready now, and what is
+    counted as B's; once B is delivered nothing is ready until A's backoff ends, and A's
+    backlog is all still there."""
+    a = backend.destination(HOST, KEY)
+    b = backend.destination(OTHER_HOST, OTHER_KEY)
+    fill(backend, a, 300)
+    now = time.time()
+    backend.set_backoff(a, now + 60, "HTTP 503")
+    b_ids = fill(backend, b, 5, start=300)
+    assert backend.ready_summary(100, now)[0] == 5
+    next_at = backend.next_ready_at()
+    assert next_at is not None
+    assert next_at <= time.time()
+    assert (backend.pending(destination=b), backend.pending(destination=a)) == (5, 300)
+    lease = take(backend, 100, now=now)
+    assert lease.destination.id == b
+    assert list(lease.ids) == b_ids
+    assert [index(x) for x in lease.bodies] == list(range(300, 305))
+    assert backend.ack(lease) == 5
+    assert backend.lease(100, BIG, now=now + 59) is None
+    assert backend.ready_summary(100, now)[0] == 0
+    assert backend.next_ready_at() == pytest.approx(now + 60)
+    assert (backend.pending(), backend.pending(destination=b)) == (300, 0)
+    # A's backoff over: its backlog comes out whole, oldest first.
+    later = now + 61
+    leased: list[int] = []
+    while (held := backend.lease(128, BIG, now=later)) is not None:
+        assert held.destination.id == a
+        leased.extend(index(x) for x in held.bodies)
+        backend.ack(held)
+    assert leased == list(range(300))
+    assert backend.pending() == 0
+
+
 def test_a_backoff_beyond_the_longest_one_is_ignored_as_a_clock_jump(
     backend: QueueBackend, dest: int
 ) -> None:

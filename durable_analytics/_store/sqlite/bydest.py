@@ -8,13 +8,14 @@ rate. So the index is a table of its own, ``dest_ids (dest, id)``, filled in bul
 connections that lease (``catch_up``, a few thousand rows per transaction), and an append
 stays one INSERT into ``messages``.
 
-``dest_ids_upto.upto`` is how far the index goes: every message with an id up to it has its
-entry; the messages after it (the *tail*: what was appended since the last catch-up, a
-batch or so while a flusher runs) are read from the table itself, from ``upto`` on. A
-trigger (schema version 3) deletes a message's entry with the message, and, when the
-message deleted is the one at ``upto``, lowers ``upto`` to the newest message before it:
-SQLite gives a new row ``max(id) + 1``, so while the message at ``upto`` exists no new
-message can take an id at or below it.
+How far the index goes, ``upto``, is its newest entry: every message with an id up to it
+has its entry; the messages after it (the *tail*: what was appended since the last
+catch-up, a batch or so while a flusher runs) are read from the table itself, from
+``upto`` on. A trigger (schema version 3) deletes a message's entry with the message, so
+``upto`` is always a message that exists (or 0): SQLite gives a new row ``max(id) + 1``, so
+a new message never takes an id at or below ``upto``, even when the newest messages were
+deleted and their ids are handed out again. Only the entries are written per message
+deleted; nothing else is kept up to date.
 
 Every function runs on the caller's connection, inside its transaction.
 """
@@ -42,24 +43,29 @@ _TAIL_ROWS = (
     "SELECT m.id, m.size, m.attempts, m.enqueued_at FROM messages m "
     f"WHERE m.id > ? AND m.id <= ? AND m.dest = ? AND {_READY} ORDER BY m.id LIMIT ?"
 )
+# The newest entry: the newest of each destination's (a few lookups, where max(id) over the
+# whole index would read all of it).
+_UPTO = (
+    "SELECT coalesce(max((SELECT max(x.id) FROM dest_ids x WHERE x.dest = d.id)), 0) AS upto "
+    "FROM destinations d"
+)
 _COUNT = (
     "SELECT (SELECT count(*) FROM dest_ids WHERE dest = ? AND id <= min(?, u.upto))"
     " + (SELECT count(*) FROM messages WHERE id > u.upto AND id <= ? AND dest = ?) "
-    "FROM (SELECT coalesce((SELECT upto FROM dest_ids_upto WHERE id = 1), 0) AS upto) u"
+    f"FROM ({_UPTO}) u"
 )
 _COUNT_ALL = (
     "SELECT (SELECT count(*) FROM dest_ids WHERE id <= min(?, u.upto))"
     " + (SELECT count(*) FROM messages WHERE id > u.upto AND id <= ?) "
-    "FROM (SELECT coalesce((SELECT upto FROM dest_ids_upto WHERE id = 1), 0) AS upto) u"
+    f"FROM ({_UPTO}) u"
 )
 
 Row = tuple[int, int, int, float]
 
 
 def upto(conn: sqlite3.Connection) -> int:
-    """The id up to which every message has its entry in ``dest_ids``."""
-    row = conn.execute("SELECT upto FROM dest_ids_upto WHERE id = 1").fetchone()
-    return 0 if row is None else int(row[0])
+    """The id up to which every message has its entry in ``dest_ids`` (its newest entry)."""
+    return int(conn.execute(_UPTO).fetchone()[0])
 
 
 def tail(conn: sqlite3.Connection) -> int:
@@ -71,38 +77,34 @@ def tail(conn: sqlite3.Connection) -> int:
 def catch_up(conn: sqlite3.Connection, limit: int = CATCH_UP_ROWS) -> int:
     """Index up to ``limit`` messages of the tail, oldest first; returns how many.
 
-    Runs inside a write transaction: the entries and the new ``upto`` commit together.
+    Runs inside a write transaction. (A message whose destination is not in
+    ``destinations``, which only a damaged file could hold, is indexed again each time:
+    harmless, the index's key makes it one entry.)
     """
-    start = upto(conn)
-    last = conn.execute(
-        "SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT ?)",
-        (start, limit),
-    ).fetchone()
-    if not last[1]:
-        return 0
-    conn.execute(
-        "INSERT OR IGNORE INTO dest_ids (dest, id) "
-        "SELECT dest, id FROM messages WHERE id > ? AND id <= ?",
-        (start, int(last[0])),
+    return int(
+        conn.execute(
+            "INSERT OR IGNORE INTO dest_ids (dest, id) "
+            "SELECT dest, id FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+            (upto(conn), limit),
+        ).rowcount
     )
-    conn.execute(
-        "INSERT INTO dest_ids_upto (id, upto) VALUES (1, ?) "
-        "ON CONFLICT (id) DO UPDATE SET upto = excluded.upto",
-        (int(last[0]),),
-    )
-    return int(last[1])
 
 
 def rows(
-    conn: sqlite3.Connection, dest: int, top: int, now: float, horizon: float, limit: int
+    conn: sqlite3.Connection,
+    dest: int,
+    window: tuple[int, float, float],
+    limit: int,
+    mark: int,
 ) -> list[Row]:
-    """``dest``'s first ``limit`` messages up to id ``top`` that are ready at ``now``.
+    """``dest``'s first ``limit`` messages that are ready; ``mark`` is ``upto(conn)``.
 
-    Ready: no ``not_before`` of its own, or one that has come (or lies beyond ``horizon``:
+    ``window`` is ``(top, now, horizon)``: ids up to ``top``, and ready means no
+    ``not_before`` of its own, or one that has come by ``now`` (or lies beyond ``horizon``:
     a clock that jumped back). ``(id, size, attempts, enqueued_at)``, oldest first; the
     cost is what is read of ``dest`` (and the tail), whatever other destinations hold.
     """
-    mark = upto(conn)
+    top, now, horizon = window
     found: list[Row] = [
         (int(i), int(s), int(a), float(t))
         for i, s, a, t in conn.execute(

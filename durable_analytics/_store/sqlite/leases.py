@@ -103,6 +103,7 @@ def take(
     top = up_to_id if up_to_id is not None else (1 << 62)
     leased = reclaim(conn, lease_timeout, now_wall)
     bydest.catch_up(conn)
+    mark = bydest.upto(conn)
     dests = {
         int(r[0]): r
         for r in conn.execute(
@@ -122,7 +123,7 @@ def take(
             conn,
             dest_id,
             leased,
-            (top, now_wall, horizon),
+            (top, now_wall, horizon, mark),
             max_messages,
             max_bytes,
             per_message_overhead,
@@ -168,18 +169,18 @@ def _pick(
     conn: sqlite3.Connection,
     dest_id: int,
     leased: set[int],
-    window: tuple[int, float, float],
+    window: tuple[int, float, float, int],
     max_messages: int,
     max_bytes: int,
     per_message_overhead: int,
 ) -> tuple[list[int], int] | None:
     """The ids (and highest attempts) of the batch ``take`` would lease from ``dest_id``."""
-    top, now_wall, horizon = window
+    top, now_wall, horizon, mark = window
     # Leased messages are skipped here rather than excluded in SQL: there are only ever a
     # few batches' worth of them, and the query stays one cached statement. Only sizes are
     # read: the bodies of the batch alone are read afterwards, so that many holders leasing
     # at once do not each read every other holder's bodies.
-    rows = bydest.rows(conn, dest_id, top, now_wall, horizon, max_messages + len(leased))
+    rows = bydest.rows(conn, dest_id, (top, now_wall, horizon), max_messages + len(leased), mark)
     ids: list[int] = []
     total = 0
     attempts = 0

@@ -38,11 +38,12 @@ def ready_summary(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int
     horizon = _horizon(now)
     with _snapshot(conn):
         leased = leased_ids(conn)
+        mark = bydest.upto(conn)
         found: list[tuple[int, float]] = []
         for d, not_before in conn.execute("SELECT id, not_before FROM destinations").fetchall():
             if horizon >= not_before > now:
                 continue  # backing off: nothing of it is ready
-            rows = bydest.rows(conn, int(d), 1 << 62, now, horizon, limit + len(leased))
+            rows = bydest.rows(conn, int(d), (1 << 62, now, horizon), limit + len(leased), mark)
             mine = [(i, t) for i, _, _, t in rows if i not in leased]
             found.extend(mine[:limit])
     found.sort()
@@ -59,9 +60,10 @@ def next_ready_at(conn: sqlite3.Connection, now: float, top: int) -> float | Non
     best: float | None = None
     with _snapshot(conn):
         leased = leased_ids(conn)
+        mark = bydest.upto(conn)
         for d, not_before in conn.execute("SELECT id, not_before FROM destinations").fetchall():
             dest_at = 0.0 if not_before > horizon else float(not_before)
-            rows = bydest.rows(conn, int(d), top, now, horizon, 1 + len(leased))
+            rows = bydest.rows(conn, int(d), (top, now, horizon), 1 + len(leased), mark)
             if any(i not in leased for i, _, _, _ in rows):
                 at = dest_at  # a message of it is ready as soon as the destination is
             else:

@@ -68,22 +68,17 @@ CREATE INDEX messages_waiting ON messages (dest, not_before) WHERE not_before IS
 
 # Version 3: the index of messages by destination that appends do not write (bydest.py):
 # leasing one destination and polling cost what that destination holds, not the backlog
-# of another. Built here from the messages already queued; the trigger keeps it exact
-# when messages go, and moves ``upto`` down to the newest message before it when the
-# message at ``upto`` goes (so ``upto`` is always an id SQLite will not hand out again).
+# of another. Built here from the messages already queued; the trigger deletes a message's
+# entry with the message, whichever statement deletes it.
 SCHEMA_V3 = """
 CREATE TABLE dest_ids (
     dest INTEGER NOT NULL,
     id INTEGER NOT NULL,
     PRIMARY KEY (dest, id)
 ) WITHOUT ROWID;
-CREATE TABLE dest_ids_upto (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);
 INSERT INTO dest_ids (dest, id) SELECT dest, id FROM messages ORDER BY dest, id;
-INSERT INTO dest_ids_upto (id, upto) SELECT 1, coalesce(max(id), 0) FROM messages;
 CREATE TRIGGER dest_ids_forget AFTER DELETE ON messages BEGIN
     DELETE FROM dest_ids WHERE dest = OLD.dest AND id = OLD.id;
-    UPDATE dest_ids_upto SET upto = (SELECT coalesce(max(id), 0) FROM messages WHERE id < OLD.id)
-    WHERE id = 1 AND upto = OLD.id;
 END;
 """
 
