@@ -4,18 +4,21 @@ Messages of every destination share one table in id order, so finding one destin
 next messages by reading the table means reading every other destination's backlog stored
 before them. An ordinary index on ``messages (dest)`` would answer that, but every append
 would write it: one more page per commit, measured here at about a quarter of the append
-rate. So the index is a table of its own, ``dest_ids (dest, id)``, filled in bulk by the
-connections that lease (``catch_up``, a few thousand rows per transaction), and an append
-stays one INSERT into ``messages``.
+rate. So the index is a table of its own, ``dest_ids (dest, id)``, that an append does not
+write (it stays one INSERT into ``messages``); the connections that lease fill it in bulk.
 
 How far the index goes, ``upto``, is its newest entry: every message with an id up to it
-has its entry; the messages after it (the *tail*: what was appended since the last
-catch-up, a batch or so while a flusher runs) are read from the table itself, from
-``upto`` on. A trigger (schema version 3) deletes a message's entry with the message, so
-``upto`` is always a message that exists (or 0): SQLite gives a new row ``max(id) + 1``, so
-a new message never takes an id at or below ``upto``, even when the newest messages were
-deleted and their ids are handed out again. Only the entries are written per message
-deleted; nothing else is kept up to date.
+has its entry; the messages after it (the *tail*) are read from the table itself, from
+``upto`` on. A lease (and a poll) folds the tail into the index once it is longer than
+``TAIL_ROWS`` (``fold_in``, at most ``CATCH_UP_ROWS`` per transaction), so reading the tail
+costs a bounded amount, and a queue whose flusher keeps up never writes the index at all:
+its messages are appended and acked while still in the tail.
+
+A trigger (schema version 3) deletes a message's entry with the message, so ``upto`` is
+always a message that exists (or 0): SQLite gives a new row ``max(id) + 1``, so a new
+message never takes an id at or below ``upto``, even when the newest messages were deleted
+and their ids are handed out again. Only the entries are written per message deleted;
+nothing else is kept up to date.
 
 Every function runs on the caller's connection, inside its transaction.
 """
@@ -24,12 +27,21 @@ from __future__ import annotations
 
 import sqlite3
 
-__all__ = ["CATCH_UP_ROWS", "TAIL_ROWS", "catch_up", "count", "rows", "tail", "upto"]
+__all__ = [
+    "CATCH_UP_ROWS",
+    "TAIL_ROWS",
+    "catch_up",
+    "count",
+    "fold_in",
+    "rows",
+    "tail",
+    "upto",
+]
 
 #: Rows indexed per catch-up: bounds the time one catch-up holds the write lock.
 CATCH_UP_ROWS = 10_000
-#: A poll (a read) catches the index up first when the tail is longer than this.
-TAIL_ROWS = 2_000
+#: The longest tail a lease or a poll reads before folding it into the index.
+TAIL_ROWS = 1_000
 
 _READY = "(m.not_before IS NULL OR m.not_before <= ? OR m.not_before > ?)"
 # CROSS JOIN keeps SQLite from reordering: walk one destination's entries in id order, and
@@ -88,6 +100,14 @@ def catch_up(conn: sqlite3.Connection, limit: int = CATCH_UP_ROWS) -> int:
             (upto(conn), limit),
         ).rowcount
     )
+
+
+def fold_in(conn: sqlite3.Connection) -> int:
+    """Index a chunk of the tail if it is longer than ``TAIL_ROWS``; returns how many.
+
+    Runs inside a write transaction (``lease`` calls it first thing).
+    """
+    return catch_up(conn) if tail(conn) > TAIL_ROWS else 0
 
 
 def rows(

@@ -95,14 +95,14 @@ def take(
     Destinations take turns: the ready ones are tried in id order starting after
     ``after_dest`` (the one this holder leased last), so a destination with a large or slow
     backlog does not hold back another's fresh messages. Each try reads that destination's
-    next messages through the index by destination (``bydest``), first folding the messages
-    appended since into it: the cost is the batch, whatever other destinations hold. A
-    destination that backs off is not read at all.
+    next messages through the index by destination (``bydest``, whose tail of new messages
+    is first folded into it once it is long): the cost is the batch, whatever other
+    destinations hold. A destination that backs off is not read at all.
     """
     horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
     top = up_to_id if up_to_id is not None else (1 << 62)
     leased = reclaim(conn, lease_timeout, now_wall)
-    bydest.catch_up(conn)
+    bydest.fold_in(conn)
     mark = bydest.upto(conn)
     dests = {
         int(r[0]): r

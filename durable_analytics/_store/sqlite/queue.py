@@ -342,7 +342,7 @@ class SqliteQueue:
         that only grows (see ``bydest``).
         """
         if self._db.read(bydest.tail) > bydest.TAIL_ROWS:
-            self._db.write(bydest.catch_up)
+            self._db.write(bydest.fold_in)
 
     # ---------------------------------------------------------------- backoff
 
