@@ -871,14 +871,14 @@ class _SqlTaint:
 # many with SQL text built at run time) it had when this list was written.
 _SQL_MODULES = {
     "append": (11, 5),
-    "bydest": (7, 5),
+    "bydest": (10, 5),
     "connections": (7, 1),
     "dead_letters": (13, 7),
     "files": (1, 1),
     "inspect": (10, 1),
     "leases": (13, 4),
     "queue": (12, 2),
-    "ready": (5, 1),
+    "ready": (3, 1),
     "recovery": (15, 1),
     "salvage": (15, 3),
     "schema": (10, 3),

@@ -10,9 +10,7 @@ transaction (one snapshot for the index, its tail and the leases).
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
-from collections.abc import Iterator
 
 from durable_analytics._store.base import CLOCK_JUMP_MARGIN, MAX_BACKOFF_SECONDS
 
@@ -36,7 +34,7 @@ def _horizon(now: float) -> float:
 def ready_summary(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int, float | None]:
     """How many of the oldest ``limit`` ready messages there are, and the oldest's time."""
     horizon = _horizon(now)
-    with _snapshot(conn):
+    with bydest.snapshot(conn):
         leased = leased_ids(conn)
         mark = bydest.upto(conn)
         found: list[tuple[int, float]] = []
@@ -58,7 +56,7 @@ def next_ready_at(conn: sqlite3.Connection, now: float, top: int) -> float | Non
     """
     horizon = _horizon(now)
     best: float | None = None
-    with _snapshot(conn):
+    with bydest.snapshot(conn):
         leased = leased_ids(conn)
         mark = bydest.upto(conn)
         for d, not_before in conn.execute("SELECT id, not_before FROM destinations").fetchall():
@@ -74,16 +72,3 @@ def next_ready_at(conn: sqlite3.Connection, now: float, top: int) -> float | Non
                 at = max(dest_at, float(waiting))
             best = at if best is None else min(best, at)
     return best
-
-
-@contextlib.contextmanager
-def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
-    """One read transaction around the block (unless the caller is in one already)."""
-    if conn.in_transaction:
-        yield
-        return
-    conn.execute("BEGIN")
-    try:
-        yield
-    finally:
-        conn.execute("COMMIT")
