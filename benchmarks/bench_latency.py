@@ -158,6 +158,7 @@ def main() -> None:
         print(json.dumps(run_variant(args.child, args.calls, args.url)))
         return
     results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    load_before = os.getloadavg()
     with remote_collector() as url:
         for _ in range(args.rounds):
             for variant in VARIANTS:
@@ -208,6 +209,9 @@ def main() -> None:
                     "rounds": args.rounds,
                     "python": platform.python_version(),
                     "sqlite": sqlite3.sqlite_version,
+                    # 1, 5 and 15-minute load averages before and after: how busy the
+                    # shared machine was (2 cores), which the tails measure too.
+                    "load_average": {"before": load_before, "after": os.getloadavg()},
                     "results": results,
                     "ratios": ratios,
                 },

@@ -31,7 +31,7 @@ from ._delivery import make_deliverer
 from ._drain import deliver_until, drain_lock, drain_queue, lock_path
 from ._flusher import Flusher
 from ._store import open_queue
-from .exceptions import ConfigError
+from .exceptions import ConfigError, QueueBusy
 
 __all__ = ["main", "start"]
 
@@ -117,12 +117,18 @@ def run_flusher(config: Config, parent: int) -> int:
     while not stop.is_set() and _parent_alive(parent):
         stop.wait(0.1)
     # The parent is gone (or we were asked to stop): finish the batch in flight and deliver
-    # the rest, all within one shutdown_timeout.
+    # the rest, all within one shutdown_timeout. Every queue wait of every thread (the
+    # flusher's lease or ack behind another process's lock, maybe a frozen one) ends by
+    # then too: the flusher thread gives its batch back instead of waiting out busy_timeout.
     deadline = time.monotonic() + config.shutdown_timeout
-    flusher.stop(config.shutdown_timeout)
-    flusher.deliverer.transport.close()
-    if time.monotonic() < deadline and queue.pending():
-        deliver_until(queue, lambda: make_deliverer(config, queue), deadline=deadline)
+    try:
+        with queue.bounded(config.shutdown_timeout):
+            flusher.stop(config.shutdown_timeout)
+            flusher.deliverer.transport.close()
+            if time.monotonic() < deadline and queue.pending():
+                deliver_until(queue, lambda: make_deliverer(config, queue), deadline=deadline)
+    except QueueBusy:
+        pass  # a lock held past the deadline: what is left stays queued
     return 0
 
 

@@ -141,3 +141,87 @@ def test_exit_honours_shutdown_timeout_while_a_lock_holder_is_frozen(
     ids = collector.message_ids()
     assert len(ids) == 50
     assert all(n == 1 for n in ids.values())
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie counts: it runs nothing any more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float) -> float:
+    """Seconds until ``pid`` exited, polling; ``timeout`` + 1 if it outlived ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if _gone(pid):
+            return time.monotonic() - started
+        time.sleep(0.02)
+    return timeout + 1.0
+
+
+_PROCESS_PRODUCER = """
+import os, sys
+import durable_analytics
+c = durable_analytics.Client(
+    sys.argv[1], host=sys.argv[2], queue_path=sys.argv[3], flusher="process",
+    shutdown_timeout=1.0, flush_interval=60, flush_at=1000,
+)
+for i in range(50):
+    assert c.track("u", "E", {"i": i})[0]
+print(c._child.pid, flush=True)
+if sys.stdin.readline().strip() == "crash":
+    os._exit(0)  # no exit handler: the child finds its parent gone
+"""
+
+
+def _process_producer(
+    path: Path, collector: Collector, procs: list[subprocess.Popen[str]]
+) -> tuple[subprocess.Popen[str], int]:
+    producer = start_python(
+        _PROCESS_PRODUCER, WRITE_KEY, collector.url, str(path), stdin=subprocess.PIPE
+    )
+    procs.append(producer)
+    assert producer.stdout is not None
+    child = int(producer.stdout.readline())
+    return producer, child
+
+
+def _all_delivered_once(path: Path, collector: Collector, expected: int) -> None:
+    drainer = durable_analytics.Client(
+        WRITE_KEY, host=collector.url, queue_path=path, flusher="none", on_exit="none"
+    )
+    assert drainer.flush(timeout=30).pending == 0
+    drainer.close()
+    ids = collector.message_ids()
+    assert len(ids) == expected
+    assert all(n == 1 for n in ids.values())
+
+
+@pytest.mark.parametrize("ending", ["exit", "crash"])
+def test_a_flusher_process_ends_within_shutdown_timeout_while_a_lock_holder_is_frozen(
+    frozen: tuple[Path, list[subprocess.Popen[str]]], collector: Collector, ending: str
+) -> None:
+    """flusher="process", shutdown_timeout=1, another process stopped inside a write
+    transaction (busy_timeout left at 10 s): when the parent exits (its exit handler) or
+    dies without one (the child finds it gone), the parent and its flusher child are both
+    gone within 1 + 1 s, not after a 10 s lock wait; every message is delivered exactly
+    once after the frozen process is gone."""
+    path, procs = frozen
+    producer, child = _process_producer(path, collector, procs)
+    procs.append(_frozen_writer(path))
+    frozen_writer = procs[-1]
+    assert producer.stdin is not None
+    started = time.monotonic()
+    producer.stdin.write(ending + "\n")
+    producer.stdin.flush()
+    producer.wait(timeout=60)
+    assert producer.returncode == 0, producer.stderr.read() if producer.stderr else ""
+    assert time.monotonic() - started < 1.0 + 1.0
+    assert _wait_gone(child, 30) <= 30
+    assert time.monotonic() - started < 1.0 + 1.0
+    os.kill(frozen_writer.pid, signal.SIGKILL)
+    frozen_writer.wait()
+    _all_delivered_once(path, collector, 50)
