@@ -31,6 +31,7 @@ from collections.abc import Iterator
 
 __all__ = [
     "CATCH_UP_ROWS",
+    "ROOM_BYTES",
     "TAIL_ROWS",
     "catch_up",
     "count",
@@ -45,6 +46,9 @@ __all__ = [
 CATCH_UP_ROWS = 10_000
 #: The longest tail a lease or a poll reads before folding it into the index.
 TAIL_ROWS = 1_000
+#: Below this much free disk space the index is not extended: it only saves reads, and
+#: the space is the appender's reserve for recording deliveries (``append.py``).
+ROOM_BYTES = 8 * 1024 * 1024
 
 _READY = "(m.not_before IS NULL OR m.not_before <= ? OR m.not_before > ?)"
 # CROSS JOIN keeps SQLite from reordering: walk one destination's entries in id order, and

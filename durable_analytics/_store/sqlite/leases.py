@@ -89,6 +89,7 @@ def take(
     now_wall: float,
     per_message_overhead: int,
     after_dest: int = 0,
+    fold: bool = True,
 ) -> Lease | None:
     """Lease the oldest ready messages of one destination (see ``SqliteQueue.lease``).
 
@@ -97,12 +98,14 @@ def take(
     backlog does not hold back another's fresh messages. Each try reads that destination's
     next messages through the index by destination (``bydest``, whose tail of new messages
     is first folded into it once it is long): the cost is the batch, whatever other
-    destinations hold. A destination that backs off is not read at all.
+    destinations hold. A destination that backs off is not read at all. ``fold=False``
+    leaves the tail as it is (the disk is nearly full: see ``bydest.ROOM_BYTES``).
     """
     horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
     top = up_to_id if up_to_id is not None else (1 << 62)
     leased = reclaim(conn, lease_timeout, now_wall)
-    bydest.fold_in(conn)
+    if fold:
+        bydest.fold_in(conn)
     mark = bydest.upto(conn)
     dests = {
         int(r[0]): r

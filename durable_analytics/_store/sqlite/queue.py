@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -231,6 +232,7 @@ class SqliteQueue:
                 now_wall=now_wall,
                 per_message_overhead=per_message_overhead,
                 after_dest=self._last_dest,
+                fold=self._room_for_index(),
             )
         )
         if taken is not None:
@@ -341,8 +343,15 @@ class SqliteQueue:
         backing off, producers still appending), whose polls would otherwise read a tail
         that only grows (see ``bydest``).
         """
-        if self._db.read(bydest.tail) > bydest.TAIL_ROWS:
+        if self._db.read(bydest.tail) > bydest.TAIL_ROWS and self._room_for_index():
             self._db.write(bydest.fold_in)
+
+    def _room_for_index(self) -> bool:
+        """Whether the disk has room to extend the index by destination (a statvfs)."""
+        try:
+            return shutil.disk_usage(self.path.parent).free >= bydest.ROOM_BYTES
+        except OSError:
+            return True
 
     # ---------------------------------------------------------------- backoff
 
