@@ -382,13 +382,13 @@ class Connections:
         # batch at a time, and the OS caches the file anyway.
         conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         conn.execute(f"PRAGMA journal_size_limit={int(self.wal.size_limit)}")
-        conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal.normal_pages)}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal.commit_pages)}")
         migrate(conn, self.path)
 
     def as_producer(self, conn: sqlite3.Connection, producer: bool) -> None:
         """Make ``conn`` checkpoint at the producers' size or the normal one (see ``wal.py``)."""
         if getattr(conn, "producer", False) != producer:
-            pages = self.wal.producer_pages if producer else self.wal.normal_pages
+            pages = self.wal.producer_pages if producer else self.wal.commit_pages
             conn.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
             conn.producer = producer  # type: ignore[attr-defined]
 

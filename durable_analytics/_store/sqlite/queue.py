@@ -18,6 +18,7 @@ transactions, fork), ``Recovery`` (damaged files), ``Appender`` (append and the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -33,7 +34,7 @@ from durable_analytics._store.base import (
     Lease,
     QueueStats,
 )
-from durable_analytics.exceptions import QueueCorrupt
+from durable_analytics.exceptions import QueueCorrupt, QueueError
 
 from . import bydest, inspect, leases, ready
 from .append import Appender
@@ -237,7 +238,17 @@ class SqliteQueue:
         )
         if taken is not None:
             self._last_dest = taken.destination.id  # the next lease starts after it
+        self._checkpoint_if_due()
         return taken
+
+    def _checkpoint_if_due(self) -> None:
+        """Checkpoint the ``-wal`` once it holds the normal size, after (not inside) a
+        delivering transaction: outside the process's write lock, so this process's appends
+        go on meanwhile (see ``wal.py``). PASSIVE: it waits for nobody."""
+        if wal_bytes(self.path) < self.wal_budget.size_limit:
+            return
+        with contextlib.suppress(sqlite3.Error, QueueError):
+            self._db.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
 
     def extend(self, lease: Lease) -> bool:
         """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
@@ -269,7 +280,9 @@ class SqliteQueue:
             conn.execute(CLEAR_BACKOFF, (lease.destination.id,))
             return deleted
 
-        return self._db.write(run)
+        deleted = self._db.write(run)
+        self._checkpoint_if_due()
+        return deleted
 
     def release(
         self,
@@ -285,7 +298,11 @@ class SqliteQueue:
         """
         wanted = None if ids is None else list(ids)
         bump = 1 if count_attempt else 0
-        return self._db.write(lambda conn: leases.release_in(conn, lease, not_before, wanted, bump))
+        released = self._db.write(
+            lambda conn: leases.release_in(conn, lease, not_before, wanted, bump)
+        )
+        self._checkpoint_if_due()
+        return released
 
     def retry_later(self, lease: Lease, delay: Callable[[int], float], error: str) -> float:
         """Back the destination off and hand the batch back, in one transaction.
@@ -307,7 +324,9 @@ class SqliteQueue:
             leases.release_in(conn, lease, until, None, 1)
             return until
 
-        return self._db.write(run)
+        until = self._db.write(run)
+        self._checkpoint_if_due()
+        return until
 
     def reclaim_expired(self) -> int:
         """Free the messages of dead or expired leases now; returns how many leases ended."""
