@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -272,3 +273,69 @@ def test_far_below_the_cap_appends_do_not_scan_the_table_each_few_hundred_kiloby
     for _ in range(600):
         assert pgq.append(dest, b"x" * 1000)  # 600 KB, far below the 1 GiB default cap
     assert len(measures) == 1  # the first append's, none since
+
+
+def _buffers(plan: dict[str, object]) -> int:
+    """Shared buffers a plan node (and the nodes under it) touched."""
+    hit = plan.get("Shared Hit Blocks", 0)
+    read = plan.get("Shared Read Blocks", 0)
+    assert isinstance(hit, int)
+    assert isinstance(read, int)
+    return hit + read
+
+
+def _poll_and_lease_buffers(pg_dsn: str, schema: str, backlog: int) -> tuple[int, int, int]:
+    """Buffers touched by NEXT_READY, READY_SUMMARY and LEASE (rolled back) while A backs
+    off behind ``backlog`` messages and B has 100 fresh ones."""
+    from durable_analytics._store.postgres import _sql as q
+
+    queue = PostgresQueue(pg_dsn, schema=schema, lease_timeout=30.0)
+    a = queue.destination(HOST, KEY)
+    b = queue.destination("https://other.test", KEY)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            f'INSERT INTO "{schema}".messages (dest, body, size) '
+            "SELECT %s, convert_to(repeat('x', 300), 'UTF8'), 300 FROM generate_series(1, %s)",
+            (a, backlog),
+        )
+        conn.execute(f'VACUUM ANALYZE "{schema}".messages')
+    queue.set_backoff(a, time.time() + 300, "HTTP 503")
+    for i in range(100):
+        queue.append(b, b'{"i":%d}' % i)
+    horizon = 660
+    params: dict[str, object] = {
+        "top": 1 << 62,
+        "limit": 100,
+        "horizon": horizon,
+        "dest": None,
+        "n": 100,
+        "max_bytes": 1 << 30,
+        "overhead": 1,
+        "token": uuid.uuid4(),
+        "timeout": 30.0,
+    }
+    found = []
+    with psycopg.connect(pg_dsn) as conn:
+        for statement in (q.NEXT_READY, q.READY_SUMMARY, q.LEASE):
+            explain = b"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queue._sql(statement)
+            row = conn.execute(explain, params).fetchone()
+            assert row is not None
+            found.append(_buffers(row[0][0]["Plan"]))
+        conn.rollback()
+    queue.close()
+    return found[0], found[1], found[2]
+
+
+def test_polls_and_leases_read_the_same_behind_a_backlog_ten_times_larger(
+    pg_dsn: str,
+) -> None:
+    """With A backing off behind 2,000 and then 20,000 messages and B holding 100 fresh
+    ones, "when is the next message ready", "how many are ready" and leasing B's batch
+    touch about the same number of buffers: each destination is read on the (dest, id)
+    index, and A's backlog is never walked (scanning in id order touched it all)."""
+    from _postgres import unique_schema
+
+    small = _poll_and_lease_buffers(pg_dsn, unique_schema(), 2_000)
+    large = _poll_and_lease_buffers(pg_dsn, unique_schema(), 20_000)
+    for before, after in zip(small, large, strict=True):
+        assert after < before * 1.5 + 10

@@ -17,6 +17,18 @@ _READY_DEST = (
 )
 _UNLEASED = "(m.lease_expires IS NULL OR m.lease_expires < now())"
 
+
+def _of(dest: str, top: str = "9223372036854775807") -> str:
+    """Messages of ``dest`` up to id ``top``, as a range of the (dest, id) index.
+
+    A row comparison, not ``m.dest = ... AND m.id <= ...``: with an equality on dest the
+    planner reduces "ORDER BY m.dest, m.id" to "ORDER BY m.id" and walks the primary key,
+    reading every other destination's rows on the way (its statistics cannot tell that
+    this destination holds few of them). A range of (dest, id) only that index serves.
+    """
+    return f"(m.dest, m.id) BETWEEN ({dest}, 0) AND ({dest}, {top})"
+
+
 DESTINATION = """
 WITH ins AS (
     INSERT INTO {s}.destinations (host, write_key) VALUES (%(host)s, %(key)s)
@@ -38,20 +50,24 @@ INSTANCE = "SELECT value FROM {s}.meta WHERE key = 'instance'"
 # The oldest ready message picks the destination; then the oldest ready messages of that
 # destination, within the count and the byte budget (the first always), are stamped with
 # the token. SKIP LOCKED: rows another holder is leasing right now are not waited for.
+# Each destination that is not backing off is asked for its own oldest ready message on
+# the (dest, id) index, so a destination's backlog in backoff is never read (scanning
+# messages in id order would walk past all of it; see ``_of``).
 LEASE = f"""
 WITH first AS (
-    SELECT m.dest FROM {{s}}.messages m
-    WHERE m.id <= %(top)s
-      AND (%(dest)s::bigint IS NULL OR m.dest = %(dest)s::bigint)
-      AND {_UNLEASED} AND {_READY_MSG}
-      AND m.dest IN (SELECT d.id FROM {{s}}.destinations d WHERE {_READY_DEST})
-    ORDER BY m.id LIMIT 1
-    FOR UPDATE OF m SKIP LOCKED
+    SELECT d.id AS dest FROM {{s}}.destinations d
+    CROSS JOIN LATERAL (
+        SELECT m.id FROM {{s}}.messages m
+        WHERE {_of("d.id", "%(top)s")} AND {_UNLEASED} AND {_READY_MSG}
+        ORDER BY m.dest, m.id LIMIT 1
+        FOR UPDATE OF m SKIP LOCKED
+    ) f
+    WHERE {_READY_DEST} AND (%(dest)s::bigint IS NULL OR d.id = %(dest)s::bigint)
+    ORDER BY f.id LIMIT 1
 ), cand AS (
     SELECT m.id, m.size FROM {{s}}.messages m
-    WHERE m.dest = (SELECT dest FROM first) AND m.id <= %(top)s
-      AND {_UNLEASED} AND {_READY_MSG}
-    ORDER BY m.id LIMIT %(n)s
+    WHERE {_of("(SELECT dest FROM first)", "%(top)s")} AND {_UNLEASED} AND {_READY_MSG}
+    ORDER BY m.dest, m.id LIMIT %(n)s
     FOR UPDATE OF m SKIP LOCKED
 ), pick AS (
     SELECT id FROM (
@@ -135,22 +151,41 @@ SELECT dest, body, size, enqueued_at, attempts + 1, %(status)s::integer, %(reaso
 FROM gone ORDER BY id
 """
 
+# Per destination, on the (dest, id) index: ready as soon as the destination is when one
+# unleased message of it is ready (the first found ends the look), else at the earliest
+# retry time of its waiting messages. Another destination's backlog is never read.
 NEXT_READY = f"""
 SELECT extract(epoch FROM min(greatest(
-    CASE WHEN m.not_before > now() + %(horizon)s * interval '1 second' THEN NULL
-         ELSE m.not_before END,
     CASE WHEN d.not_before > now() + %(horizon)s * interval '1 second' THEN NULL
          ELSE d.not_before END,
+    w.at,
     now())) - now())::float8
-FROM {{s}}.messages m JOIN {{s}}.destinations d ON d.id = m.dest
-WHERE m.id <= %(top)s AND {_UNLEASED}
+FROM {{s}}.destinations d
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN (
+        SELECT m.id FROM {{s}}.messages m
+        WHERE {_of("d.id", "%(top)s")} AND {_UNLEASED} AND {_READY_MSG}
+        ORDER BY m.dest, m.id LIMIT 1
+    ) IS NOT NULL THEN now() ELSE (
+        SELECT min(m.not_before) FROM {{s}}.messages m
+        WHERE {_of("d.id", "%(top)s")} AND {_UNLEASED}
+    ) END AS at
+) w
+WHERE w.at IS NOT NULL
 """
 
+# The first ``limit`` ready messages of each destination that is not backing off (from the
+# (dest, id) index), then the oldest ``limit`` of those.
 READY_SUMMARY = f"""
 SELECT count(*), extract(epoch FROM min(enqueued_at))::float8 FROM (
-    SELECT m.enqueued_at FROM {{s}}.messages m JOIN {{s}}.destinations d ON d.id = m.dest
-    WHERE {_READY_DEST} AND {_READY_MSG} AND {_UNLEASED}
-    ORDER BY m.id LIMIT %(limit)s
+    SELECT r.id, r.enqueued_at FROM {{s}}.destinations d
+    CROSS JOIN LATERAL (
+        SELECT m.id, m.enqueued_at FROM {{s}}.messages m
+        WHERE {_of("d.id")} AND {_READY_MSG} AND {_UNLEASED}
+        ORDER BY m.dest, m.id LIMIT %(limit)s
+    ) r
+    WHERE {_READY_DEST}
+    ORDER BY r.id LIMIT %(limit)s
 ) ready
 """
 
