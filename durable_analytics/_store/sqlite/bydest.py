@@ -4,8 +4,9 @@ Messages of every destination share one table in id order, so finding one destin
 next messages by reading the table means reading every other destination's backlog stored
 before them. An ordinary index on ``messages (dest)`` would answer that, but every append
 would write it: one more page per commit, measured here at 11 % of the storage call's rate
-(25 % of a bare INSERT). So the index is a table of its own, ``dest_ids (dest, id)``, that an append does not
-write (it stays one INSERT into ``messages``); the connections that lease fill it in bulk.
+(25 % of a bare INSERT). So the index is a table of its own, ``dest_ids (dest, id)``, that
+an append does not write (it stays one INSERT into ``messages``); the connections that
+lease fill it in bulk.
 
 How far the index goes, ``upto``, is its newest entry: every message with an id up to it
 has its entry; the messages after it (the *tail*) are read from the table itself, from
