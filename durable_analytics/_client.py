@@ -728,7 +728,7 @@ def _exit_reason(code: int) -> str:
 def spawn_drain(config: Config) -> subprocess.Popen[bytes]:
     """Start a detached drain of ``config``'s queue with ``config``'s settings; return at once.
 
-    The drain is the library's own (``python -m durable_analytics._flusher_process drain``),
+    The drain is the library's own (``python -m durable_analytics._flusher_process_main drain``),
     not the CLI; it receives the whole Config over a pipe and exits when done. At most one
     runs per queue: a second one finds the drain lock taken and exits.
     """

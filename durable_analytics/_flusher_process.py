@@ -1,9 +1,9 @@
 """The library's child processes: the flusher of ``flusher="process"`` and the exit drain.
 
-``python -m durable_analytics._flusher_process flusher`` delivers one queue for its
+``python -m durable_analytics._flusher_process_main flusher`` delivers one queue for its
 parent on its own core (and its own GIL), and ends after the parent exits: it then delivers
 what it can within ``shutdown_timeout`` and leaves the rest on disk.
-``python -m durable_analytics._flusher_process drain`` is the detached drain that
+``python -m durable_analytics._flusher_process_main drain`` is the detached drain that
 ``on_exit="spawn"`` starts: it delivers what is queued and exits (one per queue at a time).
 
 Both receive the parent's whole ``Config`` as JSON over an inherited pipe (``--settings-fd``),
@@ -37,7 +37,9 @@ __all__ = ["main", "start"]
 
 log = logging.getLogger("durable_analytics.delivery")
 
-_MODULE = "durable_analytics._flusher_process"
+# The command children run: a module the package does not import, so that ``python -m``
+# finds it new (running this one, which the package imports, makes runpy warn).
+_MODULE = "durable_analytics._flusher_process_main"
 _MODES = ("flusher", "drain")
 
 
@@ -160,7 +162,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] == "drain":
         return run_drain(config)
     return run_flusher(config, parent)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

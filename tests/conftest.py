@@ -3,12 +3,14 @@ private PostgreSQL server (``pg_dsn``) for the tests of the PostgreSQL queue."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _postgres import Cluster, ServerUnavailable, unique_schema
@@ -64,6 +66,56 @@ def start_python(code: str, *args: str, **kwargs: object) -> subprocess.Popen[st
         env=child_env(),
         **kwargs,
     )
+
+
+# Every child process a test starts (through start_python, or subprocess.Popen directly, the
+# library's own children included) is kept until the test ends, and its pipes are closed
+# then. A test reads what it needs; the pipes it leaves open would otherwise be closed by
+# the garbage collector with a ResourceWarning, which is an error in this suite. One still
+# running then (a detached drain) is kept until it has exited: collecting it earlier warns.
+_started: list[subprocess.Popen[Any]] = []
+_popen_init = subprocess.Popen.__init__
+
+
+def _tracked_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+    _popen_init(self, *args, **kwargs)
+    _started.append(self)
+
+
+subprocess.Popen.__init__ = _tracked_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _close_child_pipes() -> Iterator[None]:
+    yield
+    for proc in _started:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+    _started[:] = [proc for proc in _started if proc.poll() is None]
+
+
+# The matrix's extra Pythons run the fast tests only (.ci/run, README "Other Pythons"): the
+# tests of these directories and modules, built around real processes (child interpreters,
+# forks, servers) or waits of seconds (the comparison with the peer library), are `heavy`.
+TESTS = Path(__file__).resolve().parent
+HEAVY = (
+    "reliability/",
+    "contrib/",
+    "compat/",
+    "test_flusher_process.py",
+    "store/test_sqlite_connections.py",
+    "store/test_sqlite_holders.py",
+    "store/test_postgres_processes.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        where = item.path.relative_to(TESTS).as_posix()
+        if where.startswith(HEAVY):
+            item.add_marker(pytest.mark.heavy)
 
 
 def _postgres_unavailable(reason: str) -> None:

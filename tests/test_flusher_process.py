@@ -130,7 +130,7 @@ def test_the_child_receives_exactly_the_parents_settings(
     def echoing_popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         # The real start(): pipe, pass_fds, settings written after the start. Only the
         # module run is swapped for one that reports what main() read from the pipe.
-        assert args[1:3] == ["-m", "durable_analytics._flusher_process"]
+        assert args[1:3] == ["-m", "durable_analytics._flusher_process_main"]
         kwargs["stdout"] = subprocess.PIPE
         child = real_popen([args[0], "-c", _ECHO, *args[3:]], **kwargs)
         children.append(child)
@@ -201,7 +201,7 @@ def test_no_secret_is_on_the_flusher_process_command_line(
         # It tried to deliver (through the unreachable proxy): it runs its own code now.
         assert wait_until(lambda: client.stats().last_error is not None)
         line = cmdline(child.pid)
-        assert "durable_analytics._flusher_process flusher --settings-fd" in line
+        assert "durable_analytics._flusher_process_main flusher --settings-fd" in line
         assert WRITE_KEY not in line
         assert PROXY_SECRET not in line
     finally:
@@ -225,7 +225,7 @@ def test_no_secret_is_on_the_exit_drain_command_line_and_it_delivers(
     try:
         assert collector.wait_for_requests(1)
         line = cmdline(drain.pid)
-        assert "durable_analytics._flusher_process drain --settings-fd" in line
+        assert "durable_analytics._flusher_process_main drain --settings-fd" in line
         assert WRITE_KEY not in line
         assert PROXY_SECRET not in line
     finally:
@@ -267,13 +267,16 @@ def test_a_relative_queue_path_is_still_the_one_delivered_after_chdir(
     assert (home / "q.sqlite3").exists()
 
 
-def test_the_entry_point_refuses_a_bad_command_line() -> None:
+def test_the_entry_point_starts_without_a_warning_and_refuses_a_bad_command_line() -> None:
+    """The children's command (``python -m``) runs under ``-W error``: runpy does not warn
+    (it did when the module run was one the package had already imported)."""
     result = subprocess.run(
-        [sys.executable, "-m", "durable_analytics._flusher_process", "--queue", "x"],
+        [sys.executable, "-W", "error", "-m", flusher_process._MODULE, "--queue", "x"],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     assert "usage" in result.stderr
+    assert "Warning" not in result.stderr

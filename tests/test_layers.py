@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"_pipeline"},
     {"_delivery"},
     {"_flusher", "_drain", "_sync"},
-    {"_flusher_process"},
+    {"_flusher_process", "_flusher_process_main"},
     {"_client", "_client_settings"},
     {"_default"},
     {"__init__", "testing", "_recording"},

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WRITE_KEY, run_python
+from conftest import WRITE_KEY, child_env, run_python
 
 from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
@@ -298,9 +298,8 @@ def test_an_append_made_inside_a_transaction_on_the_same_thread_is_kept_either_w
         return 0
 
     on_this_thread_within(30, outer)
-    bodies = sorted(
-        bytes(b) for (b,) in sqlite3.connect(queue_path).execute("SELECT body FROM messages")
-    )
+    with contextlib.closing(sqlite3.connect(queue_path)) as check:
+        bodies = sorted(bytes(b) for (b,) in check.execute("SELECT body FROM messages"))
     expected = [b'{"inner":1}'] + ([b'{"outer":1}'] if outcome == "committed" else [])
     assert bodies == expected
     queue.close()
@@ -408,8 +407,40 @@ def test_an_append_that_joined_a_transaction_rolled_back_to_wait_for_a_recovery_
         on_this_thread_within(30, outer)
     finally:
         os.close(recovering)
-    bodies = sorted(
-        bytes(b) for (b,) in sqlite3.connect(queue_path).execute("SELECT body FROM messages")
-    )
+    with contextlib.closing(sqlite3.connect(queue_path)) as check:
+        bodies = sorted(bytes(b) for (b,) in check.execute("SELECT body FROM messages"))
     assert bodies == [b'{"inner":1}', b'{"outer":1}']
     queue.close()
+
+
+# --------------------------------------------------------------------------- warnings
+
+CLOSED_CLEANLY = """
+import sys
+from durable_analytics import Client
+client = Client(sys.argv[1], host=sys.argv[2], queue_path=sys.argv[3], on_exit="none")
+for i in range(50):
+    client.track("u", "E", {"i": i})
+client.flush(timeout=30)
+client.close(timeout=30)
+"""
+
+
+def test_a_client_closed_then_exiting_leaves_no_resource_warning(
+    queue_path: Path, collector: Collector
+) -> None:
+    """A script that tracks (its flusher thread has a connection of its own), flushes,
+    closes and exits, run with every warning shown: no ResourceWarning (Python 3.13 warned
+    about the ended flusher thread's connection, collected open, at exit)."""
+    args = [WRITE_KEY, collector.url, str(queue_path)]
+    result = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-c", CLOSED_CLEANLY, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=child_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ResourceWarning" not in result.stderr, result.stderr
+    assert len(collector.message_ids()) == 50

@@ -285,6 +285,17 @@ def _setpriv_reason() -> str:
         return "not root: cannot run a child as another user"
     if shutil.which("setpriv") is None:
         return "no setpriv command to run a child as nobody"
+    # An interpreter under /root (pyenv's, built with a shared libpython) cannot start as
+    # nobody at all: nothing to learn about the queue's permissions then.
+    probe = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", ""],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"this Python ({sys.executable}) cannot run as nobody: {probe.stderr.strip()[:200]}"
     return ""
 
 

@@ -116,6 +116,14 @@ class Connection(sqlite3.Connection):
     #: Whether it checkpoints at the producers' size (see ``wal.py``), not the normal one.
     producer = False
 
+    def __del__(self) -> None:
+        # A thread's connection lives in its thread-local and goes when the thread ends (a
+        # flusher thread, a drain worker): close it then, as Python 3.13 warns
+        # (ResourceWarning) about a connection collected open. Connections inherited over
+        # fork are kept referenced (``_abandoned``) and never get here.
+        with contextlib.suppress(Exception):
+            self.close()
+
 
 class Connections:
     """The connections of one queue object: one per thread, opened on first use.

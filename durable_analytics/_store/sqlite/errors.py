@@ -36,6 +36,8 @@ def errorcode(exc: sqlite3.Error) -> int:
         return SQLITE_BUSY
     if "disk is full" in text or "database or disk is full" in text:
         return SQLITE_FULL
+    if "disk i/o error" in text:  # Python 3.10 has no sqlite_errorcode: a full disk says so
+        return SQLITE_IOERR
     if "not a database" in text:
         return SQLITE_NOTADB
     if "malformed" in text or "corrupt" in text:
