@@ -45,10 +45,24 @@ settings = json.loads(extra)
 props = {"plan": "Enterprise", "amount": 42, "tags": ["a", "b", "c"]}
 if lib == "segment":
     from segment.analytics import Client
-    client = Client("bench-key", host=host, max_queue_size=10_000_000)
+    client = Client("bench-key", host=host, max_queue_size=10_000_000, **settings)
 else:
     from durable_analytics import Client
     client = Client("bench-key", host=host, queue_path=queue_dir + "/q.sqlite3", **settings)
+sends = []
+if lib == "durable" and scenario == "storm":
+    # The client's own account of every request: wall time before the request was made
+    # and after its answer was read, the status, the Retry-After it read, and the first
+    # messageId (to match the collector's record of the same request).
+    from durable_analytics._transport.http import HTTPTransport
+    _send = HTTPTransport.send
+    def send(self, destination, bodies, **kw):
+        started = time.time()
+        outcome = _send(self, destination, bodies, **kw)
+        first = json.loads(bodies[0]).get("messageId")
+        sends.append((started, time.time(), outcome.status, outcome.retry_after, first))
+        return outcome
+    HTTPTransport.send = send
 print(json.dumps({"t0": time.time()}), flush=True)
 for i in range(n):
     client.track(user_id=f"user-{i % 100}", event="Bench Event", properties=props)
@@ -65,6 +79,7 @@ if lib == "durable" and scenario == "storm":
         h: {"peak": w.peak, "history": [(round(t, 3), v) for t, v in w.history]}
         for h, w in _pipeline.windows().items()
     }
+    out["sends"] = sends
 print(json.dumps(out), flush=True)
 if lib == "segment":
     client.shutdown()
@@ -125,7 +140,47 @@ def run(
             result["windows"] = done["windows"]
             result["inside_retry_after"] = collector.requests_inside_retry_after()
             result["rate_limited"] = len(collector.retry_after_windows)
+            result.update(storm_check(collector, done["sends"]))
     return result
+
+
+def storm_check(collector: Collector, sends: list[list[Any]]) -> dict[str, Any]:
+    """The client's own account of the Retry-After rule, beside the collector's.
+
+    ``client_inside_retry_after`` counts requests the client *started* after it had read a
+    429 whose Retry-After was still running (by the client's clock, the start taken before
+    the request is built): a real breach of the rule. Each request the collector counted
+    inside a window is matched to the client's record of it (by its first messageId) and
+    listed with when the client started it and when the collector stamped it: a request
+    the client started before it read any 429 that covers it was already on its way.
+    """
+    windows = [(end, end + ra) for _, end, status, ra, _ in sends if status == 429 and ra]
+    client_inside = [s for s in sends if any(start < s[0] < stop for start, stop in windows)]
+    late = []
+    received = [
+        (b.received_at, b.messages[0].get("messageId") if b.messages else None)
+        for b in collector.batches
+    ]
+    for sent_start, stop in collector.retry_after_windows:
+        for at, first in received:
+            if sent_start + 0.05 < at < stop:
+                mine = [s for s in sends if s[4] == first and s[0] <= at]
+                started = max((s[0] for s in mine), default=None)
+                read_before = [w for w in windows if started is not None and w[0] < started]
+                late.append(
+                    {
+                        "collector_received_after_429_left": round(at - sent_start, 4),
+                        "client_started_before_collector_stamp": (
+                            None if started is None else round(at - started, 4)
+                        ),
+                        "client_had_read_a_covering_429": any(
+                            a < started < b for a, b in read_before
+                        )
+                        if started is not None
+                        else None,
+                    }
+                )
+    return {"client_inside_retry_after": len(client_inside), "collector_inside_detail": late}
 
 
 def show(r: dict[str, Any]) -> None:
@@ -136,10 +191,13 @@ def show(r: dict[str, Any]) -> None:
         peaks = {h: w["peak"] for h, w in r["windows"].items()}
         extra = (
             f", 429s: {r['rate_limited']}, requests inside a Retry-After: "
-            f"{r['inside_retry_after']}, window peak {peaks}"
+            f"{r['inside_retry_after']} by the collector's stamps, "
+            f"{r['client_inside_retry_after']} by the client's own clock, "
+            f"window peak {peaks}"
         )
     print(
-        f"  {r['lib']:<8} {r['scenario']:<6} {r['messages']:>6,} msgs  {r['seconds']:6.2f} s  "
+        f"  {r['lib']:<8}{'/20' if r.get('settings') else '   '} {r['scenario']:<6} "
+        f"{r['messages']:>6,} msgs  {r['seconds']:6.2f} s  "
         f"{r['msg_per_s']:8,.0f} msg/s  tracks {r['track_seconds']:.2f} s  "
         f"requests {r['requests']:,}  peak in flight {r['peak_concurrency']}  "
         f"duplicates {r['duplicates']}{extra}",
@@ -154,6 +212,9 @@ def main() -> None:
     parser.add_argument("--exit-messages", type=int, default=5_000)
     parser.add_argument("--loopback-messages", type=int, default=20_000)
     parser.add_argument("--storm-messages", type=int, default=400)
+    parser.add_argument(
+        "--only", default=None, help="comma list of scenarios: flush,exit,storm,loopback"
+    )
     parser.add_argument("--sweep", default=None, help="max_in_flight values, e.g. 1,4,8,16")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -169,34 +230,48 @@ def main() -> None:
                 show(r)
                 results.append(r)
         else:
+            only = set((args.only or "flush,exit,storm,loopback").split(","))
             print(f"{args.delay * 1000:g} ms per request:")
-            ours = run(collector, "durable", "flush", args.messages)
-            peer = run(collector, "segment", "flush", args.messages)
-            for r in (ours, peer):
-                show(r)
-            ratios["flush_50ms_vs_peer"] = peer["seconds"] / ours["seconds"]
-            results += [ours, peer]
+            if "flush" in only:
+                ours = run(collector, "durable", "flush", args.messages)
+                peer = run(collector, "segment", "flush", args.messages)
+                for r in (ours, peer):
+                    show(r)
+                ratios["flush_50ms_vs_peer"] = peer["seconds"] / ours["seconds"]
+                results += [ours, peer]
 
-            exit_ours = run(collector, "durable", "exit", args.exit_messages)
-            exit_peer = run(collector, "segment", "flush", args.exit_messages)
-            for r in (exit_ours, exit_peer):
-                show(r)
-            ratios["exit_50ms_vs_peer_flush"] = exit_peer["seconds"] / exit_ours["seconds"]
-            ratios["exit_50ms_delivered_share"] = exit_ours["at_exit"] / args.exit_messages
-            results += [exit_ours, exit_peer]
+            if "exit" in only:
+                exit_ours = run(collector, "durable", "exit", args.exit_messages)
+                exit_peer = run(collector, "segment", "flush", args.exit_messages)
+                for r in (exit_ours, exit_peer):
+                    show(r)
+                ratios["exit_50ms_vs_peer_flush"] = exit_peer["seconds"] / exit_ours["seconds"]
+                ratios["exit_50ms_delivered_share"] = exit_ours["at_exit"] / args.exit_messages
+                results += [exit_ours, exit_peer]
 
-            storm = run(collector, "durable", "storm", args.storm_messages)
-            show(storm)
-            results.append(storm)
+            if "storm" in only:
+                storm = run(collector, "durable", "storm", args.storm_messages)
+                show(storm)
+                results.append(storm)
 
-            collector.set_delay(0.0)
-            print("loopback, no delay:")
-            lo_ours = run(collector, "durable", "flush", args.loopback_messages)
-            lo_peer = run(collector, "segment", "flush", args.loopback_messages)
-            for r in (lo_ours, lo_peer):
-                show(r)
-            ratios["flush_loopback_vs_peer"] = lo_peer["seconds"] / lo_ours["seconds"]
-            results += [lo_ours, lo_peer]
+            if "loopback" in only:
+                collector.set_delay(0.0)
+                print("loopback, no delay:")
+                # Both at 20-message batches (the issue's comparison): the peer with
+                # upload_size=20, as many requests as ours.
+                lo_ours = run(collector, "durable", "flush", args.loopback_messages)
+                lo_peer20 = run(
+                    collector, "segment", "flush", args.loopback_messages, {"upload_size": 20}
+                )
+                lo_peer20["settings"] = {"upload_size": 20}
+                # Each at its defaults: the peer sends 100-message batches (a fifth of the
+                # requests), we send 20-message ones.
+                lo_peer = run(collector, "segment", "flush", args.loopback_messages)
+                for r in (lo_ours, lo_peer20, lo_peer):
+                    show(r)
+                ratios["flush_loopback_vs_peer_20"] = lo_peer20["seconds"] / lo_ours["seconds"]
+                ratios["flush_loopback_vs_peer_defaults"] = lo_peer["seconds"] / lo_ours["seconds"]
+                results += [lo_ours, lo_peer20, lo_peer]
             print("ratios (peer time / our time; >1 means faster):")
             for name, value in ratios.items():
                 print(f"  {name}: {value:.2f}")

@@ -285,6 +285,10 @@ class Deliverer:
                 return _DEADLINE_PASSED  # no request made: the caller's time is up
             sent_at = time.monotonic()
             outcome = self.transport.send(dest, bodies, timeout=remaining, retry_count=tries[0])
+            if outcome.retry_after and outcome.kind == "retry":
+                # Close the gate before anything else: another thread must not start a
+                # request in the moment between this answer being read and the gate closing.
+                window.hold_until(time.monotonic() + outcome.retry_after)
             _delivery_log.batch(
                 dest.host,
                 len(bodies),
@@ -300,11 +304,10 @@ class Deliverer:
             last[0] = outcome
             if outcome.kind == "ok":
                 window.on_success()
-            elif outcome.kind == "retry":
-                if outcome.status is None or outcome.status == 429 or outcome.status >= 500:
-                    window.on_congestion(ticket)
-                if outcome.retry_after:
-                    window.hold_until(time.monotonic() + outcome.retry_after)
+            elif outcome.kind == "retry" and (
+                outcome.status is None or outcome.status == 429 or outcome.status >= 500
+            ):
+                window.on_congestion(ticket)
             return outcome
 
         first = attempt()

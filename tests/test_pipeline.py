@@ -147,6 +147,55 @@ def test_no_request_leaves_while_a_retry_after_runs(queue_path: Path) -> None:
     assert ends_at - answered_at == 1.0
 
 
+class _TimedTransport(HTTPTransport):
+    """HTTP, with the client's own record of each request: (started, answer read, status,
+    Retry-After read), on the monotonic clock."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=10.0)
+        self.sends: list[tuple[float, float, int | None, float | None]] = []
+        self._record = threading.Lock()
+
+    def send(self, destination: Any, bodies: Any, **kw: Any) -> Any:
+        started = time.monotonic()
+        outcome = super().send(destination, bodies, **kw)
+        with self._record:
+            self.sends.append((started, time.monotonic(), outcome.status, outcome.retry_after))
+        return outcome
+
+
+def test_no_request_starts_after_the_client_read_a_429_whose_retry_after_still_runs(
+    queue_path: Path,
+) -> None:
+    # A storm: every other request answered 429 with a Retry-After, many requests in
+    # flight. Counted by the client's own clock (the collector's arrival stamps lag behind
+    # the client under load): requests started after a 429 was read and before its
+    # Retry-After ended. Those already on their way when the 429 came back are allowed.
+    transport = _TimedTransport()
+    with Collector(WRITE_KEY, delay=0.05) as collector:
+        collector.rate_limit(0.5, "0.3")
+        client = Client(
+            WRITE_KEY,
+            host=collector.url,
+            queue_path=queue_path,
+            flusher="none",
+            on_exit="none",
+            transport=transport,
+        )
+        ids = track(client, 300)
+        result = client.flush(timeout=60)
+        client.close()
+
+    assert result.pending == 0
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+    sends = transport.sends
+    told = [(read, read + ra) for _, read, status, ra in sends if status == 429 and ra]
+    assert told  # the storm happened ...
+    assert collector.peak_concurrency >= 2  # ... with requests in flight side by side
+    inside = [s for s in sends if any(start < s[0] < end for start, end in told)]
+    assert inside == []
+
+
 def test_x_ratelimit_reset_is_read_in_every_spelling() -> None:
     now = 1_700_000_000.0
     assert parse_rate_limit_reset("7", now=now) == 7.0
