@@ -377,6 +377,11 @@ def deliver_pass(
             # pass ends once only such messages are left.
             if full_only and len(lease) < deliverer.batch_messages:
                 return
+            if not first and not deliverer.window(lease).latency_bound:
+                # The destination turned out fast (a slow round trip or two were the GIL's
+                # or the CPU's, not the network's): extra threads would only contend for
+                # the GIL and the queue's write lock, so this helper stops.
+                return
 
     def guarded() -> None:
         try:

@@ -36,6 +36,10 @@ PIPELINE_MIN_RTT = 0.002
 # A Retry-After gate longer than this is not waited out while holding a lease: the batch
 # goes back to the queue, whose stored backoff keeps every holder away until then.
 MAX_GATE_WAIT = 0.5
+# How many recent round trips ``Window.latency_bound`` takes the minimum of.
+RTT_SAMPLES = 8
+# Round trips (after the first) seen before the window judges the destination at all.
+RTT_MIN_SAMPLES = 2
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,13 @@ class Window:
         self.gate = 0.0  # monotonic time before which nothing is sent
         #: Smoothed round trip of a request to the destination (None before the first).
         self.rtt: float | None = None
+        # The last few round trips: their minimum is the destination's own latency. A
+        # single round trip also counts the time its thread waited for the GIL (5 ms
+        # switch interval) behind the caller's thread, which on loopback made a fast
+        # server look slow enough to pipeline, and pipelining then made it slower.
+        self._recent: collections.deque[float] = collections.deque(maxlen=RTT_SAMPLES)
+        #: Round trips observed so far.
+        self.observed = 0
         self.history: collections.deque[tuple[float, int]] = collections.deque(maxlen=100_000)
         self.history.append((time.monotonic(), int(self.limit)))
         self._cond = threading.Condition()
@@ -122,12 +133,29 @@ class Window:
         """Record one request's round trip (a moving average of the last few)."""
         with self._cond:
             self.rtt = seconds if self.rtt is None else self.rtt * 0.8 + seconds * 0.2
+            self.observed += 1
+            if self.observed > 1:
+                # The first request pays once for the pool, the connection and the proxy
+                # lookup: not the destination's latency.
+                self._recent.append(seconds)
+
+    @property
+    def min_rtt(self) -> float | None:
+        """The shortest of the last few round trips (None before the first)."""
+        with self._cond:
+            return min(self._recent) if self._recent else None
 
     @property
     def latency_bound(self) -> bool:
-        """True when requests wait on the network long enough for pipelining to pay."""
-        rtt = self.rtt
-        return rtt is not None and rtt >= PIPELINE_MIN_RTT
+        """True when requests wait on the network long enough for pipelining to pay.
+
+        Judged by the shortest recent round trip, never by one slow one: waiting for the
+        GIL or the CPU only ever adds to a round trip, the network's share is the floor.
+        """
+        with self._cond:
+            if len(self._recent) < RTT_MIN_SAMPLES:
+                return False
+            return min(self._recent) >= PIPELINE_MIN_RTT
 
     def on_success(self) -> None:
         """Additive increase: one more slot, up to ``max_in_flight``."""

@@ -17,13 +17,13 @@ from conftest import WRITE_KEY, run_python
 from durable_analytics import Client, FlushResult
 from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT, Config
 from durable_analytics._delivery import Deliverer, make_deliverer
-from durable_analytics._drain import drain_queue
+from durable_analytics._drain import deliver_pass, drain_queue
 from durable_analytics._pipeline import Window, windows
 from durable_analytics._store import SqliteQueue
 from durable_analytics._transport import HTTPTransport, parse_rate_limit_reset
 from durable_analytics.cli import cli
 from durable_analytics.exceptions import ConfigError
-from durable_analytics.testing import Collector, Reply
+from durable_analytics.testing import Collector, RecordingTransport, Reply
 
 
 def free_port() -> int:
@@ -72,6 +72,62 @@ def test_the_window_halves_once_per_round_trip_and_grows_by_one_per_success() ->
         window.on_success()
     assert int(window.limit) == 8  # never above max_in_flight
     assert [v for _, v in window.history] == [8, 4, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_the_window_judges_latency_by_the_shortest_recent_round_trip_not_the_first() -> None:
+    window = Window(8)
+    window.observe(0.5)  # the first request: pool, connection, proxy lookup
+    assert not window.latency_bound
+    window.observe(0.05)
+    assert not window.latency_bound  # one round trip is not enough to judge
+    window.observe(0.06)
+    assert window.latency_bound  # a 50 ms destination: pipelining pays
+    window.observe(0.0005)
+    # One fast answer shows the slow ones were waits for the GIL or the CPU, not the network.
+    assert not window.latency_bound
+    for _ in range(8):
+        window.observe(0.05)
+    assert window.latency_bound  # the fast one has left the recent round trips
+
+
+def test_helpers_stop_once_the_destination_shows_a_fast_round_trip(queue_path: Path) -> None:
+    # The first requests are slow (as a loaded machine can make loopback look); then every
+    # answer is immediate. The helper threads that pipelining started stop after their
+    # batch, and the calling thread delivers the rest alone.
+    slow = [12]
+    guard = threading.Lock()
+
+    def handler(batch: Any) -> int:
+        with guard:
+            slow[0] -= 1
+            wait = slow[0] >= 0
+        if wait:
+            time.sleep(0.01)
+        return 200
+
+    transport = RecordingTransport(handler)
+    threads: list[str] = []
+    send = transport.send
+
+    def record(*args: Any, **kw: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return send(*args, **kw)
+
+    transport.send = record  # type: ignore[method-assign]
+    queue = SqliteQueue(queue_path)
+    dest = queue.destination("http://127.0.0.1:9", WRITE_KEY)
+    for i in range(2000):
+        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    deliverer = Deliverer(queue, transport, max_in_flight=8)
+    stats = deliver_pass(queue, deliverer)
+    queue.close()
+
+    assert stats.sent == 2000
+    assert len(threads) == 100
+    assert len(set(threads)) > 1  # it did pipeline while the round trips looked slow
+    caller = threading.current_thread().name
+    # At most one more batch per helper once a fast answer came: the tail is the caller's.
+    assert set(threads[-50:]) == {caller}
 
 
 def test_a_full_window_makes_the_next_request_wait_until_a_slot_is_free() -> None:
