@@ -54,6 +54,8 @@ OnError = Callable[[Exception, list[dict[str, Any]]], object]
 
 # What _post returns when the caller's deadline passed before any request was made.
 _DEADLINE_PASSED = Outcome("retry", None, error="the flush deadline passed")
+# How many times one request waits for the Retry-After gate before it goes back to the queue.
+_GATE_WAITS = 4
 # What _post returns when a Retry-After gate of this process is still closed.
 _GATED = Outcome("retry", None, error="the server asked to wait (Retry-After)")
 
@@ -84,6 +86,10 @@ def retry_delay(kind: str, failures: int, retry_after: float | None = None) -> f
         delay = max(delay, retry_after)
     return float(delay)
 
+
+#: Batches the pipeline leases at once: each still goes out as its own request, but the
+#: lease transaction is paid once for them (measured in ``benchmarks/bench_delivery.py``).
+LEASE_BATCHES = 2
 
 #: The longest pause between quick retries; a Retry-After up to this long is waited likewise.
 QUICK_PAUSE_CAP = 4.0
@@ -156,6 +162,7 @@ class Deliverer:
         max_in_flight: int = 1,
         batch_messages: int | None = None,
         max_rate_limit_duration: float = 1800.0,
+        lease_batches: int = LEASE_BATCHES,
     ) -> None:
         self.queue = queue
         #: A ``Retry-After`` up to this long (and inside the quick-retry budget) is waited
@@ -173,6 +180,8 @@ class Deliverer:
         self.on_error = on_error
         #: Requests this Deliverer keeps outstanding per destination, at most.
         self.max_in_flight = max(1, max_in_flight)
+        #: Batches the pipeline (``_drain.deliver_pass``) takes under one lease.
+        self.lease_batches = max(1, lease_batches)
         self._sleep = sleep
         self._lock = threading.Lock()
         # on_error is the user's code: never called from two delivery threads at once.
@@ -199,12 +208,39 @@ class Deliverer:
         return self.deliver(lease, deadline=deadline)
 
     def lease_next(
-        self, *, destination: int | None = None, up_to_id: int | None = None
+        self, *, destination: int | None = None, up_to_id: int | None = None, batches: int = 1
     ) -> Lease | None:
-        """Lease the next batch (up to ``batch_messages`` and ``max_batch_bytes``), or None."""
+        """Lease the next ``batches`` batches (each up to ``batch_messages`` and
+        ``max_batch_bytes``) under one lease, or None.
+
+        ``deliver`` sends a lease of more than one batch as one request per batch, one
+        after the other: every request keeps the batch limits, and the queue's lease
+        transaction, the costliest step of a request here, is paid once for them all.
+        """
         return self.queue.lease(
-            self.batch_messages, self._budget(), destination=destination, up_to_id=up_to_id
+            self.batch_messages * batches,
+            self._budget() * batches,
+            destination=destination,
+            up_to_id=up_to_id,
         )
+
+    def batches(self, lease: Lease) -> list[list[int]]:
+        """``lease``'s messages (by index) cut into requests: at most ``batch_messages``
+        each, and at most ``max_batch_bytes`` with the envelope (one message at least)."""
+        budget = self._budget()
+        parts: list[list[int]] = []
+        part: list[int] = []
+        used = 0
+        for i, body in enumerate(lease.bodies):
+            cost = len(body) + 1  # a comma each, one too many: _budget counts it back
+            if part and (len(part) >= self.batch_messages or used + cost > budget):
+                parts.append(part)
+                part, used = [], 0
+            part.append(i)
+            used += cost
+        if part:
+            parts.append(part)
+        return parts
 
     def window(self, lease: Lease) -> Window:
         """This process's in-flight window for ``lease``'s destination."""
@@ -232,14 +268,23 @@ class Deliverer:
                     stats.kept += self.queue.release(lease, None, count_attempt=False)
                     return stats
                 try:
-                    self._send_part(
-                        lease,
-                        list(range(len(lease.ids))),
-                        stats,
-                        lease.failures,
-                        deadline,
-                        (window, ticket),
-                    )
+                    parts = self.batches(lease)
+                    for n, part in enumerate(parts):
+                        if n and stop is not None and stop.is_set():
+                            # Asked to stop: the batch in flight was finished, the rest of
+                            # the lease goes back unsent.
+                            stats.kept += self.queue.release(lease, None, count_attempt=False)
+                            break
+                        if not self._send_part(
+                            lease,
+                            part,
+                            stats,
+                            lease.failures,
+                            deadline,
+                            (window, ticket),
+                            later=parts[n + 1 :],
+                        ):
+                            break  # the rest of the lease went back to the queue
                 finally:
                     window.release()
         except BaseException:
@@ -273,13 +318,22 @@ class Deliverer:
 
         def attempt() -> Outcome:
             gate = window.gate_wait()
-            if gate > 0:
+            waits = 0
+            while gate > 0:
                 # Another request was told to wait (Retry-After): nothing leaves before then.
-                if gate > MAX_GATE_WAIT or (
-                    deadline is not None and time.monotonic() + gate >= deadline
+                # A gate that keeps moving (or a clock a test froze) sends the batch back to
+                # the queue to wait there instead.
+                if (
+                    gate > MAX_GATE_WAIT
+                    or waits >= _GATE_WAITS
+                    or (deadline is not None and time.monotonic() + gate >= deadline)
                 ):
                     return _GATED
                 self._sleep(gate)
+                waits += 1
+                # Looked at again: a 429 read while this thread slept may have moved the
+                # gate further (sending at the old time would land inside its Retry-After).
+                gate = window.gate_wait()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return _DEADLINE_PASSED  # no request made: the caller's time is up
@@ -402,8 +456,14 @@ class Deliverer:
         failures: int,
         deadline: float | None,
         slot: tuple[Window, Ticket],
+        later: list[list[int]] | None = None,
     ) -> bool:
-        """Deliver the messages ``idx`` of ``lease``; False once the rest must wait (backoff)."""
+        """Deliver the messages ``idx`` of ``lease``; False once the rest must wait (backoff).
+
+        ``later`` are the lease's batches still to send after this one: when a failure
+        hands them back to the queue unsent, each is reported to ``on_error`` as its own
+        batch, as it would have been had it been leased alone.
+        """
         dest = lease.destination
         ids = [lease.ids[i] for i in idx]
         outcome = self._post(lease, idx, quick=failures == 0, deadline=deadline, slot=slot)
@@ -465,7 +525,7 @@ class Deliverer:
             # Split in halves until the bad message is alone; the good ones are delivered.
             half = len(idx) // 2
             for part in (idx[:half], idx[half:]):
-                if not self._send_part(lease, part, stats, failures, deadline, slot):
+                if not self._send_part(lease, part, stats, failures, deadline, slot, later):
                     return False
             return True
         # Retryable or configuration error: keep everything not yet delivered, back off.
@@ -504,6 +564,8 @@ class Deliverer:
                 excerpt=outcome.excerpt,
             )
         self._report(exc, lease, idx)
+        for part in later or ():
+            self._report(exc, lease, part)
         return False
 
     def _count_dead(self, dest_id: int, delta: int) -> None:

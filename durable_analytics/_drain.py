@@ -363,7 +363,9 @@ def deliver_pass(
 
     def run(first: bool) -> None:
         while not done():
-            lease = deliverer.lease_next(destination=destination, up_to_id=up_to_id)
+            lease = deliverer.lease_next(
+                destination=destination, up_to_id=up_to_id, batches=deliverer.lease_batches
+            )
             if lease is None:
                 return
             if first and not spawned[0]:
@@ -375,7 +377,7 @@ def deliver_pass(
                 progress(stats.sent)
             # A failing destination is now in backoff, so the next lease skips it and the
             # pass ends once only such messages are left.
-            if full_only and len(lease) < deliverer.batch_messages:
+            if full_only and len(lease) < deliverer.batch_messages * deliverer.lease_batches:
                 return
             if not first and not deliverer.window(lease).latency_bound:
                 # The destination turned out fast (a slow round trip or two were the GIL's

@@ -458,3 +458,68 @@ def test_make_deliverer_takes_the_window_and_batch_settings(queue_path: Path) ->
     assert (deliverer.max_in_flight, deliverer.batch_messages) == (5, 70)
     deliverer.transport.close()
     queue.close()
+
+
+# ---------------------------------------------------------------- leases of several batches
+
+
+def _fill(queue: SqliteQueue, sizes: list[int]) -> tuple[int, list[str]]:
+    dest = queue.destination("http://127.0.0.1:9", WRITE_KEY)
+    ids = []
+    for i, size in enumerate(sizes):
+        ids.append(f"m{i}")
+        queue.append(dest, b'{"messageId":"m%d","pad":"%s"}' % (i, b"x" * size))
+    return dest, ids
+
+
+def test_the_pipeline_leases_two_batches_at_once_and_sends_each_within_the_limits(
+    queue_path: Path,
+) -> None:
+    queue = SqliteQueue(queue_path)
+    leases: list[int] = []
+    take = queue.lease
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        lease = take(*args, **kw)
+        if lease is not None:
+            leases.append(len(lease))
+        return lease
+
+    queue.lease = counted  # type: ignore[method-assign]
+    # Mostly small messages, some large enough that the byte limit cuts a batch short.
+    sizes = [3000 if i % 7 == 0 else 50 for i in range(205)]
+    _, ids = _fill(queue, sizes)
+    transport = RecordingTransport()
+    deliverer = Deliverer(queue, transport, flush_at=20, max_batch_bytes=9_000)
+    stats = deliver_pass(queue, deliverer, workers=1)
+    left = queue.pending()
+    queue.close()
+
+    assert (stats.sent, left) == (205, 0)
+    got = [m["messageId"] for b in transport.batches for m in b.messages]
+    assert sorted(got) == sorted(ids)  # each message once
+    assert all(len(b.messages) <= 20 for b in transport.batches)
+    assert all(len(b.body) <= 9_000 for b in transport.batches)
+    assert max(leases) > 20  # two batches' worth under one lease ...
+    assert len(leases) < len(transport.batches)  # ... so fewer lease transactions than requests
+
+
+def test_a_failure_hands_the_unsent_batch_of_a_lease_back_and_reports_each_batch_once(
+    queue_path: Path,
+) -> None:
+    queue = SqliteQueue(queue_path)
+    _, ids = _fill(queue, [10] * 40)
+    reports: list[list[dict[str, Any]]] = []
+    transport = RecordingTransport(lambda batch: 500)
+    deliverer = Deliverer(
+        queue, transport, max_retries=0, on_error=lambda exc, msgs: reports.append(msgs)
+    )
+    stats = deliver_pass(queue, deliverer, workers=1)
+    left = queue.pending()
+    queue.close()
+
+    assert transport.requests == 1  # the second batch of the lease was not sent
+    assert (stats.sent, stats.kept, left) == (0, 40, 40)  # all back in the queue
+    assert [len(msgs) for msgs in reports] == [20, 20]  # on_error once per batch
+    reported = sorted(m["messageId"] for msgs in reports for m in msgs)
+    assert reported == sorted(ids)
