@@ -472,7 +472,7 @@ def _fill(queue: SqliteQueue, sizes: list[int]) -> tuple[int, list[str]]:
     return dest, ids
 
 
-def test_the_pipeline_leases_two_batches_at_once_and_sends_each_within_the_limits(
+def test_a_pipeline_leasing_two_batches_at_once_sends_each_within_the_limits(
     queue_path: Path,
 ) -> None:
     queue = SqliteQueue(queue_path)
@@ -490,7 +490,7 @@ def test_the_pipeline_leases_two_batches_at_once_and_sends_each_within_the_limit
     sizes = [3000 if i % 7 == 0 else 50 for i in range(205)]
     _, ids = _fill(queue, sizes)
     transport = RecordingTransport()
-    deliverer = Deliverer(queue, transport, flush_at=20, max_batch_bytes=9_000)
+    deliverer = Deliverer(queue, transport, flush_at=20, max_batch_bytes=9_000, lease_batches=2)
     stats = deliver_pass(queue, deliverer, workers=1)
     left = queue.pending()
     queue.close()
@@ -512,7 +512,11 @@ def test_a_failure_hands_the_unsent_batch_of_a_lease_back_and_reports_each_batch
     reports: list[list[dict[str, Any]]] = []
     transport = RecordingTransport(lambda batch: 500)
     deliverer = Deliverer(
-        queue, transport, max_retries=0, on_error=lambda exc, msgs: reports.append(msgs)
+        queue,
+        transport,
+        max_retries=0,
+        on_error=lambda exc, msgs: reports.append(msgs),
+        lease_batches=2,
     )
     stats = deliver_pass(queue, deliverer, workers=1)
     left = queue.pending()
