@@ -52,15 +52,15 @@ else:
 sends = []
 if lib == "durable" and scenario == "storm":
     # The client's own account of every request: wall time before the request was made
-    # and after its answer was read, the status, the Retry-After it read, and the first
-    # messageId (to match the collector's record of the same request).
+    # and after its answer was read, the status, the Retry-After it read, and its
+    # messageIds (to match the collector's record of the same request).
     from durable_analytics._transport.http import HTTPTransport
     _send = HTTPTransport.send
     def send(self, destination, bodies, **kw):
         started = time.time()
         outcome = _send(self, destination, bodies, **kw)
-        first = json.loads(bodies[0]).get("messageId")
-        sends.append((started, time.time(), outcome.status, outcome.retry_after, first))
+        ids = ",".join(json.loads(b).get("messageId") for b in bodies)
+        sends.append((started, time.time(), outcome.status, outcome.retry_after, ids))
         return outcome
     HTTPTransport.send = send
 print(json.dumps({"t0": time.time()}), flush=True)
@@ -148,39 +148,38 @@ def storm_check(collector: Collector, sends: list[list[Any]]) -> dict[str, Any]:
     """The client's own account of the Retry-After rule, beside the collector's.
 
     ``client_inside_retry_after`` counts requests the client *started* after it had read a
-    429 whose Retry-After was still running (by the client's clock, the start taken before
-    the request is built): a real breach of the rule. Each request the collector counted
-    inside a window is matched to the client's record of it (by its first messageId) and
-    listed with when the client started it and when the collector stamped it: a request
-    the client started before it read any 429 that covers it was already on its way.
+    429 whose Retry-After was still running, by the client's clock (the start is taken
+    before the request is built): a real breach of the rule. Each request the collector
+    counted inside a window is matched to the client's record of it (same messageIds)
+    and listed with when the client started it relative to the window: a request the
+    collector stamped inside a window but the client started before it read the 429, or
+    after its Retry-After ended, is an artefact of the collector's stamps (its threads
+    share a GIL under load), not a breach.
     """
-    windows = [(end, end + ra) for _, end, status, ra, _ in sends if status == 429 and ra]
-    client_inside = [s for s in sends if any(start < s[0] < stop for start, stop in windows)]
-    late = []
-    received = [
-        (b.received_at, b.messages[0].get("messageId") if b.messages else None)
-        for b in collector.batches
-    ]
-    for sent_start, stop in collector.retry_after_windows:
-        for at, first in received:
-            if sent_start + 0.05 < at < stop:
-                mine = [s for s in sends if s[4] == first and s[0] <= at]
-                started = max((s[0] for s in mine), default=None)
-                read_before = [w for w in windows if started is not None and w[0] < started]
-                late.append(
-                    {
-                        "collector_received_after_429_left": round(at - sent_start, 4),
-                        "client_started_before_collector_stamp": (
-                            None if started is None else round(at - started, 4)
-                        ),
-                        "client_had_read_a_covering_429": any(
-                            a < started < b for a, b in read_before
-                        )
-                        if started is not None
-                        else None,
-                    }
-                )
-    return {"client_inside_retry_after": len(client_inside), "collector_inside_detail": late}
+    windows = [(read, read + ra) for _, read, status, ra, _ in sends if status == 429 and ra]
+    client_inside = [s for s in sends if any(a < s[0] < b for a, b in windows)]
+    detail = []
+    for batch in collector.batches:
+        at = batch.received_at
+        covering = [(a, b) for a, b in collector.retry_after_windows if a + 0.05 < at < b]
+        if not covering:
+            continue
+        ids = ",".join(m.get("messageId", "") for m in batch.messages)
+        starts = [s[0] for s in sends if s[4] == ids and s[0] <= at]
+        started = max(starts, default=None)
+        a, b = covering[0]
+        detail.append(
+            {
+                "collector_stamp_after_429_left": round(at - a, 4),
+                "retry_after_ends_after_429_left": round(b - a, 4),
+                "client_started_after_429_left": (
+                    None if started is None else round(started - a, 4)
+                ),
+                "client_counts_it_inside": started is not None
+                and any(x < started < y for x, y in windows),
+            }
+        )
+    return {"client_inside_retry_after": len(client_inside), "collector_inside_detail": detail}
 
 
 def show(r: dict[str, Any]) -> None:

@@ -189,6 +189,10 @@ class _Server(ThreadingHTTPServer):
     # stop() must not wait for handler threads: some of them hang on purpose.
     block_on_close = False
     allow_reuse_address = True
+    # socketserver's default backlog is 5: a client opening many connections at once (a
+    # pipelining one) had SYNs dropped and retried by the kernel a second later, which
+    # showed up as one-second stalls and as requests arriving a second late.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], collector: Collector, family: int) -> None:
         self.address_family = family
@@ -260,9 +264,13 @@ class _Handler(BaseHTTPRequestHandler):
             # must not be seen with one request too many.
             ended = True
             collector._end()
+            # A Retry-After runs from when the answer leaves, stamped before it is written:
+            # stamped after, a handler thread the GIL held back would date the window late,
+            # and a client that waited it out exactly would seem to have come back early.
+            answered_at = time.time()
             self._send(reply)
             if reply.status == 429:
-                collector._rate_limited(reply)
+                collector._rate_limited(reply, answered_at)
         finally:
             if not ended:
                 collector._end()
@@ -624,7 +632,7 @@ class Collector:
         with self._cond:
             self._active -= 1
 
-    def _rate_limited(self, reply: Reply) -> None:
+    def _rate_limited(self, reply: Reply, answered_at: float) -> None:
         retry_after = {k.lower(): v for k, v in reply.headers.items()}.get("retry-after")
         try:
             seconds = float(retry_after) if retry_after is not None else None
@@ -632,9 +640,8 @@ class Collector:
             seconds = None
         if seconds is None:
             return
-        now = time.time()
         with self._cond:
-            self._windows.append((now, now + seconds))
+            self._windows.append((answered_at, answered_at + seconds))
 
     def _track(self, server: _Server, connection: socket.socket) -> None:
         with self._cond:
