@@ -38,8 +38,10 @@ PIPELINE_MIN_RTT = 0.002
 MAX_GATE_WAIT = 0.5
 # How many recent round trips ``Window.latency_bound`` takes the minimum of.
 RTT_SAMPLES = 8
-# Round trips (after the first) seen before the window judges the destination at all.
-RTT_MIN_SAMPLES = 2
+# Round trips (after the first) seen before the window judges the destination at all: one,
+# so a 50 ms destination starts pipelining after its second request. A slow one on a fast
+# destination (a GIL wait) is corrected by the next fast one: the helpers stop.
+RTT_MIN_SAMPLES = 1
 
 
 @dataclass(frozen=True)
