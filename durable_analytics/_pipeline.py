@@ -143,7 +143,7 @@ class Window:
 
     @property
     def min_rtt(self) -> float | None:
-        """The shortest of the last few round trips (None before the first)."""
+        """The shortest of the last few round trips, the first request left out (else None)."""
         with self._cond:
             return min(self._recent) if self._recent else None
 
