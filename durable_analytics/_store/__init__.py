@@ -60,15 +60,11 @@ def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
         # Imported here: psycopg is optional (ConfigError naming the extra when missing).
         from .postgres._queue import PostgresQueue
 
-        if config.max_queue_size is not None:
-            raise ConfigError(
-                "max_queue_size is not supported with a PostgreSQL queue_url yet; "
-                "cap it with max_queue_bytes"
-            )
         return PostgresQueue(
             config.queue_url,
             durability=config.durability,
             max_queue_bytes=config.max_queue_bytes,
+            max_queue_size=config.max_queue_size,
             overflow=config.overflow,
             lease_timeout=config.lease_timeout,
             timeout=config.timeout,

@@ -18,9 +18,11 @@ class DropWarnings:
     """Rate-limited WARNING for ``overflow="drop_oldest"`` drops of one queue (thread-safe
     enough: a lost count under a race only shortens one line's figure)."""
 
-    def __init__(self, where: str, max_queue_bytes: int) -> None:
+    def __init__(self, where: str, max_queue_bytes: int, max_queue_size: int | None = None) -> None:
         self._where = where
-        self._cap = max_queue_bytes
+        self._cap = f"max_queue_bytes={max_queue_bytes}"
+        if max_queue_size is not None:
+            self._cap += f", max_queue_size={max_queue_size}"
         self._count = 0
         self._warned_at = -math.inf
 
@@ -36,7 +38,7 @@ class DropWarnings:
         self._warned_at = now
         total, self._count = self._count, 0
         log.warning(
-            "the queue %s is full (max_queue_bytes=%d): dropped the %d oldest undelivered "
+            "the queue %s is full (%s): dropped the %d oldest undelivered "
             "message%s%s to make room (overflow='drop_oldest'). Is delivery failing?",
             self._where,
             self._cap,

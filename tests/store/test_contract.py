@@ -543,11 +543,8 @@ def test_drop_counters_of_both_policies_add_up(open_backend: OpenBackend) -> Non
 
 
 def count_capped(open_backend: OpenBackend, **settings: Any) -> QueueBackend:
-    """A queue with a ``max_queue_size``; the PostgreSQL backend has no count cap yet."""
-    try:
-        return open_backend(**settings)
-    except TypeError:
-        pytest.skip("this backend has no max_queue_size (count cap) yet")
+    """A queue with a ``max_queue_size`` (every backend has the count cap)."""
+    return open_backend(**settings)
 
 
 def test_count_cap_drop_newest_refuses_the_message_past_max_queue_size(

@@ -268,8 +268,8 @@ def test_far_below_the_cap_appends_do_not_scan_the_table_each_few_hundred_kiloby
     """Each size measure is a scan: a fleet far from the cap must not pay it every 256 KB."""
     dest = pgq.destination(HOST, KEY)
     measures = []
-    real = pgq._measure
-    monkeypatch.setattr(pgq, "_measure", lambda: measures.append(1) or real())
+    real = pgq._caps.remeasure
+    monkeypatch.setattr(pgq._caps, "remeasure", lambda: measures.append(1) or real())
     for _ in range(600):
         assert pgq.append(dest, b"x" * 1000)  # 600 KB, far below the 1 GiB default cap
     assert len(measures) == 1  # the first append's, none since

@@ -38,6 +38,7 @@ from durable_analytics._store.base import (
 from durable_analytics.exceptions import ConfigError, QueueError
 
 from . import _sql as q
+from ._caps import Caps
 from ._conn import Connection, Cursor, Pool, parse_url, psycopg, translate
 from ._schema import ROW_OVERHEAD, Sql, migrate
 
@@ -46,17 +47,6 @@ __all__ = ["DBAPIConnection", "PostgresQueue"]
 log = logging.getLogger("durable_analytics.queue")
 
 T = TypeVar("T")
-
-# Bytes a process may append on its own estimate before measuring the queue again, and
-# how close to the cap every append measures (at most once a second: a measure is a scan).
-_REFRESH_BYTES = 256 * 1024
-_REFRESH_SECONDS = 5.0
-_EXACT_ZONE = 2 * 1024 * 1024
-_EXACT_EVERY = 1.0
-# Below half the cap, the size is measured only this often.
-_FAR_REFRESH_SECONDS = 30.0
-# A message is dropped only on a measure at most this old (a drop storm measures this often).
-_BEFORE_DROP = 0.1
 
 
 class DBAPIConnection(Protocol):
@@ -98,6 +88,7 @@ class PostgresQueue:
         *,
         durability: Literal["normal", "full"] = "normal",
         max_queue_bytes: int = 1 << 30,
+        max_queue_size: int | None = None,
         overflow: Literal["drop_newest", "drop_oldest"] = "drop_newest",
         lease_timeout: float = 60.0,
         max_dead_letter_bytes: int | None = None,
@@ -114,6 +105,7 @@ class PostgresQueue:
         self.path = Path(self.identity)
         self.durability = durability
         self.max_queue_bytes = max_queue_bytes
+        self.max_queue_size = max_queue_size
         self.overflow = overflow
         self.lease_timeout = lease_timeout
         self.timeout = timeout
@@ -132,11 +124,15 @@ class PostgresQueue:
         self._begin_snapshot = f"BEGIN ISOLATION LEVEL REPEATABLE READ; {settings}".encode()
         self._clock = clock
         self._dest_cache: dict[tuple[str, str], int] = {}
-        self._est_used = 0
-        self._since_refresh = _REFRESH_BYTES  # measure on the first append
-        self._measured_at = -1e9
-        self._dead_since_check = 1
-        self._dead_trimmed_at = -1e9
+        self._caps = Caps(
+            self._tx,
+            self._sql,
+            self.identity,
+            max_queue_bytes=max_queue_bytes,
+            max_queue_size=max_queue_size,
+            overflow=overflow,
+            max_dead_letter_bytes=self.max_dead_letter_bytes,
+        )
         self._outbox_checked: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         with self._pool.connection() as conn:
             try:
@@ -207,97 +203,52 @@ class PostgresQueue:
     # ---------------------------------------------------------------- append
 
     def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
-        """Store one serialized message; its id after COMMIT, 0 when the size cap dropped it."""
+        """Store one serialized message; its id after COMMIT, 0 when a cap dropped it.
+
+        ``max_queue_bytes`` is applied first, then ``max_queue_size``: near the count cap
+        the append counts the rows, applies the overflow policy and inserts in one
+        transaction under the queue's count lock (see ``_caps.py``).
+        """
         body = bytes(body)
-        if not self._room_for(len(body)):
+        caps = self._caps
+        if not caps.room_for(len(body)):
             return 0
         params = (dest_id, body, len(body), enqueued_at)
-        row = self._tx(lambda c: c.execute(self._sql(q.INSERT), params)).fetchone()
-        self._grew(len(body))
-        return int(row[0]) if row else 0
+
+        def run(c: Connection) -> Any:
+            if counted and not caps.counted(c):
+                return None
+            return c.execute(self._sql(q.INSERT), params).fetchone()
+
+        counted = caps.count_due()
+        try:
+            row = self._tx(run)
+        except BaseException:
+            caps.told(committed=False)
+            raise
+        caps.told()
+        if row is None:
+            return 0
+        caps.appended(len(body))
+        return int(row[0])
 
     def stage(self, dest_id: int, body: bytes, connection: DBAPIConnection) -> int:
         """The transactional outbox: insert the message in the caller's open transaction.
 
         The message is inserted on the caller's own connection and not committed: it
         exists (and any flusher delivers it) if and only if the caller commits. Returns its
-        id (meaningful only once committed), or 0 when the size cap dropped it. The
-        connection must reach the database holding this queue; ``ConfigError`` otherwise,
-        and the caller's transaction is left as it was.
+        id (meaningful only once committed), or 0 when a cap dropped it. The connection
+        must reach the database holding this queue; ``ConfigError`` otherwise, and the
+        caller's transaction is left as it was. The caps are applied on the queue's own
+        connections (a message staged in a transaction still open is not counted yet).
         """
         body = bytes(body)
         self._check_outbox(connection)
-        if not self._room_for(len(body)):
+        if not self._caps.room_for(len(body)):
+            return 0
+        if self._caps.count_due() and not self._caps.count_room():
             return 0
         return self._stage(connection, dest_id, body, None)
-
-    def _grew(self, size: int) -> None:
-        self._est_used += size + ROW_OVERHEAD
-        self._since_refresh += size + ROW_OVERHEAD
-
-    def _room_for(self, size: int) -> bool:
-        """Whether the cap lets ``size`` more bytes in (making room with ``drop_oldest``).
-
-        The queue's size is measured (a scan) every ``_FAR_REFRESH_SECONDS`` below half the
-        cap; above, every ``_REFRESH_BYTES`` appended by this process or
-        ``_REFRESH_SECONDS``, and at most every ``_EXACT_EVERY`` near the cap; in between
-        each process adds what it appended. Many processes appending at once can therefore
-        pass the cap by about what they append between two measures.
-        """
-        now = time.monotonic()
-        near = self._est_used + size + _EXACT_ZONE > self.max_queue_bytes
-        if self._est_used * 2 < self.max_queue_bytes:
-            # Far from the cap: a measure is a scan of the whole table, and a fleet of
-            # processes measuring a large backlog often would load the server for nothing.
-            due = now - self._measured_at > _FAR_REFRESH_SECONDS
-        else:
-            due = (
-                self._since_refresh >= _REFRESH_BYTES or now - self._measured_at > _REFRESH_SECONDS
-            )
-        if (due or near) and now - self._measured_at >= (_EXACT_EVERY if near else 0.0):
-            self._remeasure()
-        over = self._est_used + size - self.max_queue_bytes
-        if over > 0 and now - self._measured_at > _BEFORE_DROP:
-            self._remeasure()  # never drop on a stale estimate: others may have acked
-            over = self._est_used + size - self.max_queue_bytes
-        if over <= 0:
-            return True
-        if self._trim_dead_letters(throttle=True):
-            over = self._est_used + size - self.max_queue_bytes
-        if over > 0 and self.overflow == "drop_oldest":
-            freed = self._drop_oldest(over)
-            self._est_used -= freed
-            over -= freed
-        if over <= 0:
-            return True
-        drop = {"n": 1, "name": "dropped_newest"}
-        self._tx(lambda c: c.execute(self._sql(q.COUNT_DROP), drop))
-        return False
-
-    def _remeasure(self) -> None:
-        self._est_used = self._measure()
-        self._since_refresh = 0
-        self._measured_at = time.monotonic()
-
-    def _measure(self) -> int:
-        params = {"overhead": ROW_OVERHEAD}
-        row = self._tx(lambda c: c.execute(self._sql(q.USED), params)).fetchone()
-        return int(row[0]) if row else 0
-
-    def _drop_oldest(self, need: int) -> int:
-        """Delete the oldest unleased messages worth ``need`` bytes; returns the bytes freed."""
-        freed = 0
-        for _ in range(64):
-            row = self._tx(self._drop_some(need - freed)).fetchone()
-            got = int(row[0]) if row else 0
-            freed += got
-            if not got or freed >= need:
-                break
-        return freed
-
-    def _drop_some(self, need: int) -> Callable[[Connection], Cursor]:
-        params = {"overhead": ROW_OVERHEAD, "need": need}
-        return lambda c: c.execute(self._sql(q.DROP_OLDEST), params)
 
     def _stage(
         self, connection: DBAPIConnection, dest_id: int, body: bytes, enqueued_at: float | None
@@ -314,7 +265,7 @@ class PostgresQueue:
         finally:
             with contextlib.suppress(Exception):
                 cur.close()
-        self._grew(len(body))
+        self._caps.appended(len(body))
         return int(row[0]) if row else 0
 
     def _check_outbox(self, connection: DBAPIConnection) -> None:
@@ -435,7 +386,7 @@ class PostgresQueue:
         freed = sum(
             len(b) + ROW_OVERHEAD for i, b in zip(lease.ids, lease.bodies, strict=True) if i in gone
         )
-        self._est_used = max(0, self._est_used - freed)
+        self._caps.removed(freed, len(gone))
 
     def release(
         self,
@@ -515,43 +466,12 @@ class PostgresQueue:
         moved = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTER), params)).rowcount
         if moved:
             done = set(chosen)
-            self._dead_since_check += sum(
+            self._caps.est_count = max(0, self._caps.est_count - int(moved))
+            self._caps.dead_since_check += sum(
                 len(b) for i, b in zip(lease.ids, lease.bodies, strict=True) if i in done
             )
-            self._bound_dead_letters()
+            self._caps.bound_dead_letters()
         return int(moved)
-
-    def _bound_dead_letters(self) -> None:
-        """Keep dead letters within ``max_dead_letter_bytes`` while the queue nears its cap."""
-        if self._dead_since_check < max(1, self.max_dead_letter_bytes // 8):
-            return
-        if time.monotonic() - self._measured_at > _EXACT_EVERY:
-            self._remeasure()
-        if self._est_used + self.max_dead_letter_bytes < self.max_queue_bytes:
-            return
-        self._trim_dead_letters()
-
-    def _trim_dead_letters(self, *, throttle: bool = False) -> int:
-        """Purge the oldest dead letters beyond ``max_dead_letter_bytes``; returns how many."""
-        now = time.monotonic()
-        if throttle and not self._dead_since_check and now - self._dead_trimmed_at < 1.0:
-            return 0
-        self._dead_trimmed_at = now
-        self._dead_since_check = 0
-        limit = self.max_dead_letter_bytes
-        params = {"overhead": ROW_OVERHEAD, "limit": limit, "keep": int(limit * 0.9)}
-        row = self._tx(lambda c: c.execute(self._sql(q.TRIM_DEAD), params)).fetchone()
-        purged = int(row[0]) if row else 0
-        if purged:
-            self._remeasure()
-            log.warning(
-                "the dead letters of %s passed max_dead_letter_bytes (%d bytes) with the queue "
-                "near its cap: purged the %d oldest",
-                self.identity,
-                limit,
-                purged,
-            )
-        return purged
 
     def dead_letters_purged(self) -> int:
         """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""

@@ -255,7 +255,7 @@ WITH v AS (
     UPDATE {{s}}.counters SET value = value + (SELECT count(*) FROM gone)
     WHERE name = 'dropped_oldest'
 )
-SELECT coalesce(sum(size + %(overhead)s), 0) FROM gone
+SELECT coalesce(sum(size + %(overhead)s), 0), count(*) FROM gone
 """
 
 # Past ``limit`` bytes of dead letters, the oldest go until ``keep`` bytes are left.
@@ -311,4 +311,21 @@ SELECT s.n_live_tup, s.n_dead_tup, pg_total_relation_size(s.relid),
     (SELECT extract(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity
      WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid())
 FROM pg_stat_user_tables s WHERE s.schemaname = %s AND s.relname = 'messages'
+"""
+
+# max_queue_size: the rows, leased ones included (run under the count lock, see _caps.py).
+COUNT_MESSAGES = "SELECT count(*) FROM {s}.messages"
+
+# The ``n`` oldest unleased messages (fewer when the rest is leased), counted as dropped.
+DROP_OLDEST_ROWS = f"""
+WITH v AS (
+    SELECT m.id FROM {{s}}.messages m WHERE {_UNLEASED}
+    ORDER BY m.id LIMIT %(n)s FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM {{s}}.messages m USING v WHERE m.id = v.id RETURNING m.size
+), counted AS (
+    UPDATE {{s}}.counters SET value = value + (SELECT count(*) FROM gone)
+    WHERE name = 'dropped_oldest'
+)
+SELECT count(*), coalesce(sum(size + %(overhead)s), 0) FROM gone
 """
