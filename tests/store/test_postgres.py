@@ -111,7 +111,7 @@ def test_the_schema_comes_from_the_url_and_holds_every_table(pg_dsn: str, pg_sch
                 "SELECT tablename FROM pg_tables WHERE schemaname = %s", (pg_schema,)
             )
         }
-    assert tables == {"meta", "destinations", "messages", "dead_letters", "counters"}
+    assert tables == {"meta", "destinations", "messages", "dead_letters", "counters", "holders"}
 
 
 def test_processes_opening_a_fresh_schema_at_once_create_it_once(

@@ -55,6 +55,8 @@ class Target:
     schema: str
     #: ``postgresql://user@host:port/dbname#schema``: no password, safe in logs and errors.
     identity: str
+    #: A dead holder's lease is taken over at once (``?fast_takeover=off``: at expiry).
+    fast_takeover: bool = True
 
 
 def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> Target:
@@ -62,7 +64,9 @@ def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> 
 
     ``?schema=name`` (stripped before connecting; libpq does not know it) names the
     PostgreSQL schema holding the queue's tables, default ``durable_analytics``; the
-    ``schema`` argument wins over it. ``connect_timeout`` defaults to ``timeout``.
+    ``schema`` argument wins over it. ``?fast_takeover=off`` (stripped too) leaves a dead
+    holder's lease to expire (behind a pooler in transaction mode). ``connect_timeout``
+    defaults to ``timeout``.
     """
     if not is_postgres_url(url):
         raise ConfigError("a PostgreSQL queue URL starts with postgresql:// or postgres://")
@@ -75,7 +79,10 @@ def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> 
             f"queue schema {chosen!r} is not a plain lower-case PostgreSQL name "
             "(letters, digits, _; at most 63)"
         )
-    rest = [(k, v) for k, v in query if k != "schema"]
+    takeover = [v.strip().lower() for k, v in query if k == "fast_takeover"]
+    if takeover and takeover[-1] not in _SWITCH:
+        raise ConfigError("fast_takeover in the queue URL is 'on' or 'off'")
+    rest = [(k, v) for k, v in query if k not in ("schema", "fast_takeover")]
     conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
     try:
         settings = conninfo_to_dict(conninfo)
@@ -95,7 +102,10 @@ def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> 
     dbname = str(settings.get("dbname") or "")
     where = f"{host}:{port}" if port else host
     identity = f"postgresql://{user + '@' if user else ''}{where}/{dbname}#{chosen}"
-    return Target(conninfo, chosen, identity)
+    return Target(conninfo, chosen, identity, _SWITCH[takeover[-1]] if takeover else True)
+
+
+_SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 
 
 def _redact(text: str, url: str) -> str:
@@ -157,6 +167,15 @@ class Pool:
             raise translate(exc, self.target.identity) from None
         self._all.add(conn)
         return conn
+
+    def dedicated(self) -> Connection:
+        """A connection of its own, outside the pool (the caller closes it).
+
+        Counted among this process's connections for ``fork()``: a child never touches it.
+        """
+        if self._closed:
+            raise QueueError(f"the PostgreSQL queue {self.target.identity} was closed")
+        return self._connect()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Connection]:

@@ -40,6 +40,7 @@ from durable_analytics.exceptions import ConfigError, QueueError
 from . import _sql as q
 from ._caps import Caps
 from ._conn import Connection, Cursor, Pool, parse_url, psycopg, translate
+from ._holders import Presence
 from ._schema import ROW_OVERHEAD, Sql, migrate
 
 __all__ = ["DBAPIConnection", "PostgresQueue"]
@@ -114,6 +115,7 @@ class PostgresQueue:
         )
         self._sql = Sql(self.target.schema)
         self._pool = Pool(self.target, size=pool_size, timeout=timeout)
+        self._presence = Presence(self._pool, self._sql, enabled=self.target.fast_takeover)
         # Per transaction (SET LOCAL), so that a pooler in transaction mode keeps them to
         # this transaction: synchronous_commit (durability), statement_timeout (the bound).
         settings = (
@@ -174,7 +176,11 @@ class PostgresQueue:
             raise translate(exc, self.identity) from None
 
     def close(self) -> None:
-        """Close this process's idle connections (busy ones close when their call ends)."""
+        """Close this process's idle connections (busy ones close when their call ends).
+
+        Leases this process still holds are then taken over at once by other processes.
+        """
+        self._presence.close()
         self._pool.close()
 
     def bounded(self, seconds: float | None) -> contextlib.AbstractContextManager[None]:
@@ -335,11 +341,17 @@ class PostgresQueue:
             "timeout": self.lease_timeout,
             "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN,
         }
+        presence = self._presence
+
+        def run(c: Connection) -> list[Any]:
+            if presence.due():
+                presence.take_over(c)  # a dead holder's messages are ready again
+            params["holder"] = presence.holder()
+            return c.execute(self._sql(q.LEASE), params, binary=True).fetchall()
+
         # Read before the statement is sent: never later than the server's expiry.
         deadline = time.monotonic() + self.lease_timeout
-        rows = self._tx(
-            lambda c: c.execute(self._sql(q.LEASE), params, binary=True), now=now
-        ).fetchall()
+        rows = self._tx(run, now=now)
         if not rows:
             return None
         rows.sort(key=lambda r: int(r[0]))
@@ -532,12 +544,19 @@ class PostgresQueue:
         return int(row[0]), float(row[1])
 
     def reclaim_expired(self) -> int:
-        """Free the messages of expired leases now; returns how many leases ended.
+        """Free the messages of expired leases and of dead holders now; how many leases ended.
 
-        ``lease`` already takes expired messages; this only makes them count as pending.
+        ``lease`` already takes expired messages (and looks for dead holders once a second);
+        this makes them ready at once. A dead holder is a process whose server session
+        ended (``_holders.py``).
         """
-        row = self._tx(lambda c: c.execute(self._sql(q.RECLAIM))).fetchone()
-        return int(row[0]) if row else 0
+
+        def run(c: Connection) -> int:
+            ended = self._presence.take_over(c) if self._presence.enabled else 0
+            row = c.execute(self._sql(q.RECLAIM)).fetchone()
+            return ended + (int(row[0]) if row else 0)
+
+        return self._tx(run)
 
     # ---------------------------------------------------------------- inspection
 

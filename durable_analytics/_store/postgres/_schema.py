@@ -23,7 +23,7 @@ from ._conn import Connection
 
 __all__ = ["SCHEMA_VERSION", "Sql", "migrate"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # How many bytes a row costs beyond its body, for the size cap.
 ROW_OVERHEAD = 48
@@ -77,8 +77,20 @@ INSERT INTO {s}.counters (name) VALUES ('dropped_newest'), ('dropped_oldest'),
     ('dead_letters_purged');
 """
 
+# Version 2: who holds a lease. Each leasing process registers a row of ``holders`` and
+# holds a session advisory lock keyed by its id for as long as it lives (``_holders.py``);
+# a lease names its holder, so a lease whose holder's lock is gone is taken over at once.
+# A column without a default: adding it rewrites nothing.
+_V2 = """
+ALTER TABLE {s}.messages ADD COLUMN lease_holder bigint;
+CREATE TABLE {s}.holders (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    since timestamptz NOT NULL DEFAULT now()
+);
+"""
+
 # Migrations from version N to N + 1.
-_MIGRATIONS: dict[int, str] = {0: _V1}
+_MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
 
 
 # What the statements use as "now": the server's clock, unless the transaction set

@@ -78,7 +78,8 @@ WITH first AS (
     WHERE running <= %(max_bytes)s OR rn = 1
 )
 UPDATE {{s}}.messages m
-SET lease_token = %(token)s, lease_expires = now() + %(timeout)s * interval '1 second'
+SET lease_token = %(token)s, lease_expires = now() + %(timeout)s * interval '1 second',
+    lease_holder = %(holder)s::bigint
 FROM pick, {{s}}.destinations d
 WHERE m.id = pick.id AND d.id = m.dest
 RETURNING m.id, m.dest, d.host, d.write_key, d.failures, m.body, m.attempts
@@ -328,4 +329,30 @@ WITH v AS (
     WHERE name = 'dropped_oldest'
 )
 SELECT count(*), coalesce(sum(size + %(overhead)s), 0) FROM gone
+"""
+
+# Fast takeover (``_holders.py``): a holder registers in the transaction that takes its
+# session lock, so its row is never seen without the lock.
+REGISTER_HOLDER = "INSERT INTO {s}.holders DEFAULT VALUES RETURNING id"
+
+# Holders whose session lock is gone: their sessions ended. Trying the lock (shared, until
+# this transaction ends) asks the lock manager about each holder alone, in this database.
+DEAD_HOLDERS = """
+SELECT h.id FROM {s}.holders h
+WHERE pg_try_advisory_xact_lock_shared(%(cls)s::int4, mod(h.id, 2147483648)::int4)
+"""
+
+# The dead holders' leases end now (their messages are ready again), and their rows go.
+TAKE_OVER = """
+WITH old AS (
+    SELECT id, lease_token FROM {s}.messages
+    WHERE lease_holder = ANY(%(dead)s::bigint[]) AND lease_token IS NOT NULL
+    FOR UPDATE
+), freed AS (
+    UPDATE {s}.messages m SET lease_token = NULL, lease_expires = NULL
+    FROM old WHERE m.id = old.id
+), gone AS (
+    DELETE FROM {s}.holders WHERE id = ANY(%(dead)s::bigint[])
+)
+SELECT count(DISTINCT lease_token) FROM old
 """
