@@ -313,6 +313,7 @@ def _poll_and_lease_buffers(pg_dsn: str, schema: str, backlog: int) -> tuple[int
         "overhead": 1,
         "token": uuid.uuid4(),
         "timeout": 30.0,
+        "holder": None,
     }
     found = []
     with psycopg.connect(pg_dsn) as conn:
