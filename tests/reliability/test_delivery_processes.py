@@ -7,7 +7,6 @@ keeping (exit times, how long a killed holder's batch waited) are printed: run w
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import signal
 import subprocess
@@ -344,25 +343,9 @@ print(codes)
 # ---------------------------------------------------------------- exit modes
 
 
-def _drain_cli_available() -> bool:
-    if importlib.util.find_spec("durable_analytics.cli") is None:
-        return False
-    probe = subprocess.run(
-        [sys.executable, "-m", "durable_analytics.cli", "drain", "--help"],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=30,
-        check=False,
-    )
-    return probe.returncode == 0 and "--once-lock" in probe.stdout
-
-
 def test_on_exit_spawn_exits_at_once_and_a_detached_drain_delivers(
     collector: Collector, queue_path: Path
 ) -> None:
-    if not _drain_cli_available():
-        pytest.xfail("`durable-analytics drain --once-lock` (durable_analytics/cli.py) is missing")
     collector.set_default(Reply(delay=0.05))  # slow enough that the script cannot finish first
     result, exit_time = run_producer(
         producer_script(collector, queue_path, "", n=1000, on_exit="spawn")
