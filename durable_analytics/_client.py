@@ -637,7 +637,8 @@ class Client(SettingsAttributes):
         """Flush (for up to ``timeout``, default ``shutdown_timeout``) and stop the flusher.
 
         What could not be delivered stays on disk for the next process, worker or drain.
-        Calls made after ``close()`` are still queued and start a new flusher.
+        Calls made after ``close()`` are still queued and start a new flusher; without such
+        calls the exit handler does nothing more for this client.
         """
         budget = self.config.shutdown_timeout if timeout is None else timeout
         if self._queue is None:
@@ -648,6 +649,10 @@ class Client(SettingsAttributes):
 
     def _close(self, budget: float) -> FlushResult:
         deadline = time.monotonic() + budget
+        # Settled here: the exit handler has nothing to do unless calls come after this
+        # (it would otherwise flush and report again, touching a queue the caller may have
+        # shut down meanwhile, such as a PostgreSQL server stopped after close()).
+        self._calls_here = 0
         result = self.flush(timeout=budget) if self._started else self._idle_result()
         with self._lock:
             flusher, self._flusher = self._flusher, None

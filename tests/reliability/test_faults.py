@@ -41,6 +41,31 @@ def pending_on_disk(queue_path: Path) -> int:
 
 # --------------------------------------------------------------------------- calls at exit
 
+CLOSED_THEN_EXIT = """
+import logging, sys
+from durable_analytics import Client
+logging.basicConfig()  # the library only attaches a NullHandler: show its warnings
+key, host, path = sys.argv[1:4]
+closed = Client(key, host=host, queue_path=path, flush_interval=0.05)
+closed.track("u", "before close")
+print(closed.close().pending, flush=True)
+# Another client of the same destination leaves its message for a later process.
+Client(key, host=host, queue_path=path, flusher="none", on_exit="none").track("u", "left")
+"""
+
+
+def test_a_closed_client_does_nothing_more_at_exit(queue_path: Path, collector: Collector) -> None:
+    """close() settles the client: at exit it neither flushes again nor warns; what another
+    client left on disk stays there (1 sent, 1 on disk, no second delivery attempt)."""
+    result = run_python(CLOSED_THEN_EXIT, WRITE_KEY, collector.url, str(queue_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0"]
+    assert [m["event"] for m in collector.messages()] == ["before close"]
+    assert collector.requests == 1
+    assert "stay queued" not in result.stderr
+    assert pending_on_disk(queue_path) == 1
+
+
 LATE_CALLS = """
 import atexit, sys, threading
 from durable_analytics import Client
