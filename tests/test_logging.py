@@ -301,9 +301,6 @@ _PACKAGE_LOGGER_USERS = {
     "_client.py",
     "_client_settings.py",
     "cli/_app.py",
-    # The SQLite queue's pinned -wal warning: to move to durable_analytics.queue with the
-    # store's next change.
-    "_store/sqlite/append.py",
 }
 
 

@@ -26,8 +26,12 @@ class DropWarnings:
         self._count = 0
         self._warned_at = -math.inf
 
-    def dropped_oldest(self, count: int) -> None:
-        """``count`` stored messages were deleted to make room for new ones."""
+    def dropped_oldest(self, count: int, *, max_queue_size: int | None = None) -> None:
+        """``count`` stored messages were deleted to make room for new ones.
+
+        ``max_queue_size``: the count cap made the room (the warning names it), not the
+        bytes cap.
+        """
         if count <= 0:
             return
         self._count += count
@@ -37,11 +41,16 @@ class DropWarnings:
         since = "" if self._warned_at == -math.inf else " since the last warning"
         self._warned_at = now
         total, self._count = self._count, 0
+        cap = (
+            f"max_queue_bytes={self._cap}"
+            if max_queue_size is None
+            else f"max_queue_size={max_queue_size}"
+        )
         log.warning(
             "the queue %s is full (%s): dropped the %d oldest undelivered "
             "message%s%s to make room (overflow='drop_oldest'). Is delivery failing?",
             self._where,
-            self._cap,
+            cap,
             total,
             "" if total == 1 else "s",
             since,

@@ -181,6 +181,7 @@ class MemoryQueue:
         for row_id in victims:
             self._remove(row_id)
             self._dropped_oldest += 1
+        self._drops.dropped_oldest(len(victims), max_queue_size=self.max_queue_size)
         return len(victims)
 
     def _drop_oldest(self, need: int) -> int:

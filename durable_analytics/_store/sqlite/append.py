@@ -30,7 +30,7 @@ from .wal import WalBudget, open_readers, wal_bytes
 
 __all__ = ["Appender"]
 
-logger = logging.getLogger("durable_analytics")
+logger = logging.getLogger("durable_analytics.queue")
 
 # How many bytes a process may append on its estimate before re-reading the real size,
 # and how close to the cap it switches to reading the real size before every append.
@@ -83,6 +83,7 @@ class Appender:
         self._pinned_warned = -_PINNED_WARN_EVERY
         self.drops = DropWarnings(str(db.path), max_queue_bytes)
         self._dropped_now = 0  # oldest messages the last append deleted (logged after COMMIT)
+        self._dropped_by_count = False  # ... to stay under max_queue_size (not the bytes cap)
 
     def forget_estimates(self) -> None:
         """The file was replaced: measure it again on the next append."""
@@ -224,6 +225,9 @@ class Appender:
                 return 0
 
         def run(conn: sqlite3.Connection) -> int:
+            # What this transaction drops, logged once it commits (a retry starts over).
+            self._dropped_now = 0
+            self._dropped_by_count = False
             if self.unsaved_drops:
                 conn.execute(
                     "UPDATE counters SET value = value + ? WHERE name = 'dropped_newest'",
@@ -260,10 +264,12 @@ class Appender:
             self.est_count += 1
             return row_id or 0
 
-        self._dropped_now = 0
         try:
             stored = self.db.write(run, producer=True)
-            self.drops.dropped_oldest(self._dropped_now)
+            self.drops.dropped_oldest(
+                self._dropped_now,
+                max_queue_size=self.max_queue_size if self._dropped_by_count else None,
+            )
         finally:
             # On a nearly full disk every append comes this way (see Appender._low_disk); else the
             # next _REFRESH_BYTES go the fast way.
@@ -346,6 +352,8 @@ class Appender:
             conn.execute(
                 "UPDATE counters SET value = value + ? WHERE name = 'dropped_oldest'", (len(take),)
             )
+        self._dropped_now += len(take)
+        self._dropped_by_count = True
         return len(take)
 
     def _low_disk(self) -> int | None:
@@ -396,5 +404,5 @@ class Appender:
             conn.execute(
                 "UPDATE counters SET value = value + ? WHERE name = 'dropped_oldest'", (dropped,)
             )
-        self._dropped_now = dropped
+        self._dropped_now += dropped
         return freed
