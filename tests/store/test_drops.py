@@ -47,19 +47,3 @@ def test_the_count_cap_dropping_the_oldest_is_logged_naming_max_queue_size(
     assert len(lines) == 1  # rate-limited: the second drop waits for the next line
     assert "max_queue_size=3" in lines[0]
     assert "dropped the 1 oldest undelivered message " in lines[0]
-
-
-def test_the_bytes_cap_dropping_the_oldest_is_logged_naming_max_queue_bytes(
-    open_backend: OpenBackend, caplog: pytest.LogCaptureFixture
-) -> None:
-    cap = 200_000
-    queue = open_backend(max_queue_bytes=cap, overflow="drop_oldest")
-    dest = queue.destination(HOST, KEY)
-    caplog.set_level(logging.WARNING, logger="durable_analytics.queue")
-    pad = b"x" * 1000
-    for i in range(400):
-        assert queue.append(dest, b'{"messageId":"m%d","pad":"%s"}' % (i, pad))
-    assert queue.stats().dropped > 0
-    lines = drop_lines(caplog)
-    assert len(lines) == 1
-    assert f"max_queue_bytes={cap}" in lines[0]
