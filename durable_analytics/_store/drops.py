@@ -41,11 +41,7 @@ class DropWarnings:
         since = "" if self._warned_at == -math.inf else " since the last warning"
         self._warned_at = now
         total, self._count = self._count, 0
-        cap = (
-            f"max_queue_bytes={self._cap}"
-            if max_queue_size is None
-            else f"max_queue_size={max_queue_size}"
-        )
+        cap = self._cap if max_queue_size is None else f"max_queue_size={max_queue_size}"
         log.warning(
             "the queue %s is full (%s): dropped the %d oldest undelivered "
             "message%s%s to make room (overflow='drop_oldest'). Is delivery failing?",
