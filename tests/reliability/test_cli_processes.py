@@ -296,13 +296,13 @@ def test_worker_delivers_and_sigterm_finishes_the_batch_in_flight(
         in_flight = collector.batches[-1]
         assert in_flight.status == 0  # the answer is still 0.6 s away
         worker.send_signal(signal.SIGTERM)
-        started = time.monotonic()
+        # Bounded by finish()'s timeout only: how long the stop takes is the shutdown-timeout
+        # tests' business; a wall-clock bound here failed under load without a fault.
         _, err = finish(worker, timeout=10)
     finally:
         if worker.poll() is None:
             worker.kill()
     assert worker.returncode == 0, err
-    assert time.monotonic() - started < 5
     assert "stopping: finishing the batches in flight" in err
     assert "stopped: sent 70" in err
     assert "Traceback" not in err
