@@ -10,16 +10,15 @@ setting, instead of being silently ignored.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
-from datetime import datetime
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from ._client import Client, Id, JSONObject, MessageId, Result
+from ._client import Client
 from ._config import SEGMENT_PARAMETERS, Settings, unknown_settings_message
-from ._delivery import FlushResult
-from ._store import QueueStats
 from .exceptions import ConfigError
 
 __all__ = [
@@ -40,6 +39,9 @@ __all__ = [
 
 #: Module attributes read when the default client is built: every Client setting.
 SETTINGS: tuple[str, ...] = SEGMENT_PARAMETERS[1:] + tuple(Settings.__annotations__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 _lock = threading.Lock()
 # The package's own names (functions, classes, imports), recorded once it is imported: any
@@ -89,169 +91,52 @@ def get_client() -> Client:
     return client
 
 
-def identify(
-    user_id: Id | None = None,
-    traits: JSONObject | None = None,
-    context: JSONObject | None = None,
-    timestamp: datetime | None = None,
-    anonymous_id: Id | None = None,
-    integrations: JSONObject | None = None,
-    message_id: MessageId | None = None,
-    *,
-    connection: Any = None,
-) -> Result:
-    """Queue an identify call on the default client (see ``Client.identify``)."""
-    return get_client().identify(
-        user_id,
-        traits,
-        context,
-        timestamp,
-        anonymous_id,
-        integrations,
-        message_id,
-        connection=connection,
+def _on_default_client(
+    method: Callable[Concatenate[Client, _P], _R], doc: str | None = None
+) -> Callable[_P, _R]:
+    """The module-level function that calls ``method`` on the default client.
+
+    It has ``method``'s exact signature, ``self`` left out: for type checkers and IDEs through
+    the ParamSpec, for ``inspect.signature`` and ``help()`` through ``__signature__``, for
+    ``typing.get_type_hints`` through ``__annotations__`` and ``__wrapped__``. The call
+    goes to ``get_client()``'s own attribute, so a ``default_client`` of a Client subclass
+    is called as itself.
+    """
+    name = method.__name__
+
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        bound: Callable[_P, _R] = getattr(get_client(), name)
+        return bound(*args, **kwargs)
+
+    signature = inspect.signature(method)
+    call.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=list(signature.parameters.values())[1:]
     )
-
-
-def track(
-    user_id: Id | None = None,
-    event: str | None = None,
-    properties: JSONObject | None = None,
-    context: JSONObject | None = None,
-    timestamp: datetime | None = None,
-    anonymous_id: Id | None = None,
-    integrations: JSONObject | None = None,
-    message_id: MessageId | None = None,
-    *,
-    connection: Any = None,
-) -> Result:
-    """Queue a track call on the default client (see ``Client.track``)."""
-    return get_client().track(
-        user_id,
-        event,
-        properties,
-        context,
-        timestamp,
-        anonymous_id,
-        integrations,
-        message_id,
-        connection=connection,
+    call.__annotations__ = {k: v for k, v in method.__annotations__.items() if k != "self"}
+    # get_type_hints resolves the annotations in the globals of the innermost __wrapped__.
+    call.__wrapped__ = method  # type: ignore[attr-defined]
+    call.__name__ = call.__qualname__ = name
+    call.__module__ = __name__
+    call.__doc__ = doc or (
+        f"Queue {'an' if name[0] in 'aeiou' else 'a'} {name} call on the default client "
+        f"(see ``Client.{name}``)."
     )
+    return call
 
 
-def page(
-    user_id: Id | None = None,
-    category: str | None = None,
-    name: str | None = None,
-    properties: JSONObject | None = None,
-    context: JSONObject | None = None,
-    timestamp: datetime | None = None,
-    anonymous_id: Id | None = None,
-    integrations: JSONObject | None = None,
-    message_id: MessageId | None = None,
-    *,
-    connection: Any = None,
-) -> Result:
-    """Queue a page call on the default client (see ``Client.page``)."""
-    return get_client().page(
-        user_id,
-        category,
-        name,
-        properties,
-        context,
-        timestamp,
-        anonymous_id,
-        integrations,
-        message_id,
-        connection=connection,
-    )
-
-
-def screen(
-    user_id: Id | None = None,
-    category: str | None = None,
-    name: str | None = None,
-    properties: JSONObject | None = None,
-    context: JSONObject | None = None,
-    timestamp: datetime | None = None,
-    anonymous_id: Id | None = None,
-    integrations: JSONObject | None = None,
-    message_id: MessageId | None = None,
-    *,
-    connection: Any = None,
-) -> Result:
-    """Queue a screen call on the default client (see ``Client.screen``)."""
-    return get_client().screen(
-        user_id,
-        category,
-        name,
-        properties,
-        context,
-        timestamp,
-        anonymous_id,
-        integrations,
-        message_id,
-        connection=connection,
-    )
-
-
-def group(
-    user_id: Id | None = None,
-    group_id: Id | None = None,
-    traits: JSONObject | None = None,
-    context: JSONObject | None = None,
-    timestamp: datetime | None = None,
-    anonymous_id: Id | None = None,
-    integrations: JSONObject | None = None,
-    message_id: MessageId | None = None,
-    *,
-    connection: Any = None,
-) -> Result:
-    """Queue a group call on the default client (see ``Client.group``)."""
-    return get_client().group(
-        user_id,
-        group_id,
-        traits,
-        context,
-        timestamp,
-        anonymous_id,
-        integrations,
-        message_id,
-        connection=connection,
-    )
-
-
-def alias(
-    previous_id: Id | None = None,
-    user_id: Id | None = None,
-    context: JSONObject | None = None,
-    timestamp: datetime | None = None,
-    integrations: JSONObject | None = None,
-    message_id: MessageId | None = None,
-    *,
-    connection: Any = None,
-) -> Result:
-    """Queue an alias call on the default client (see ``Client.alias``)."""
-    return get_client().alias(
-        previous_id, user_id, context, timestamp, integrations, message_id, connection=connection
-    )
-
-
-def flush(timeout: float | None = None) -> FlushResult:
-    """Deliver what the default client has queued (see ``Client.flush``)."""
-    return get_client().flush(timeout)
-
-
-def join() -> None:
-    """Deliver what is queued and stop the default client's flusher."""
-    get_client().join()
-
-
-def shutdown() -> None:
-    """Flush and stop the default client (segment-analytics-python's ``shutdown``)."""
-    get_client().shutdown()
-
-
-def stats() -> QueueStats:
-    """The default client's queue statistics."""
-    return get_client().stats()
+identify = _on_default_client(Client.identify)
+track = _on_default_client(Client.track)
+page = _on_default_client(Client.page)
+screen = _on_default_client(Client.screen)
+group = _on_default_client(Client.group)
+alias = _on_default_client(Client.alias)
+flush = _on_default_client(
+    Client.flush, "Deliver what the default client has queued (see ``Client.flush``)."
+)
+join = _on_default_client(
+    Client.join, "Deliver what is queued and stop the default client's flusher."
+)
+shutdown = _on_default_client(
+    Client.shutdown, "Flush and stop the default client (segment-analytics-python's ``shutdown``)."
+)
+stats = _on_default_client(Client.stats, "The default client's queue statistics.")

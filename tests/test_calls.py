@@ -1,15 +1,17 @@
 """The six calls are written once, in ``_calls.CALLS``; every other copy must agree with it.
 
-The builders in ``_messages``, ``Client``'s methods, the module-level calls, the message
-dataclasses and the CLI's enqueue commands each spell the parameter list out (the first four
-keep explicit signatures for type checkers). These tests fail when one of them drifts from the
-table: a parameter added, dropped, renamed or moved, or a field sent under another name.
+The builders in ``_messages``, ``Client``'s methods, the message dataclasses and the CLI's
+enqueue commands each spell the parameter list out (the first three keep explicit signatures
+for type checkers); the module-level calls take ``Client``'s signatures by forwarding. These
+tests fail when one of them drifts from the table: a parameter added, dropped, renamed or
+moved, or a field sent under another name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -148,6 +150,55 @@ def test_module_level_calls_pass_each_positional_argument_to_its_field(
         if client is not None:
             client.close()
     assert_every_field_on_the_wire(spec, message)
+
+
+FORWARDED = [*CALL_NAMES, "flush", "join", "shutdown", "stats"]
+
+
+@pytest.mark.parametrize("name", FORWARDED)
+def test_module_level_functions_show_the_client_methods_signature_without_self(
+    name: str,
+) -> None:
+    """inspect, help() and get_type_hints see the method's parameters, not ``*args``."""
+    function = getattr(durable_analytics, name)
+    method = getattr(Client, name)
+    method_signature = inspect.signature(method)
+    expected = method_signature.replace(parameters=list(method_signature.parameters.values())[1:])
+    assert inspect.signature(function) == expected
+    method_hints = typing.get_type_hints(method)
+    assert typing.get_type_hints(function) == method_hints
+    assert "args" not in method_hints
+    assert (function.__name__, function.__qualname__) == (name, name)
+    assert function.__module__ == "durable_analytics._default"
+    assert "default client" in function.__doc__
+
+
+def test_module_level_calls_go_to_the_default_clients_own_methods(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``default_client`` of a Client subclass has its overrides called, arguments as given."""
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    class Counting(Client):
+        def track(self, *args: Any, **kwargs: Any) -> Any:
+            seen.append((args, kwargs))
+            return super().track(*args, **kwargs)
+
+    with Counting("k", send=False) as client:
+        monkeypatch.setattr(durable_analytics, "default_client", client)
+        ok, message = durable_analytics.track("u", "E", properties={"a": 1})
+        assert (ok, message["event"]) == (True, "E")
+        assert durable_analytics.flush() == client.flush()
+    assert seen == [(("u", "E"), {"properties": {"a": 1}})]
+
+
+def test_a_module_level_call_with_an_unknown_keyword_raises_type_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with Client("k", send=False) as client:
+        monkeypatch.setattr(durable_analytics, "default_client", client)
+        with pytest.raises(TypeError, match="evnt"):
+            durable_analytics.track("u", evnt="E")  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("call", CALL_NAMES)

@@ -40,8 +40,13 @@ analytics.track(user_id="user-1", event="E", context={"ip": "1.2.3.4"})
 analytics.track("user-1", 123)  # E: arg-type
 analytics.track(user_id="user-1", evnt="E")  # E: call-arg
 analytics.identify("user-1", traits=["not", "a", "dict"])  # E: arg-type
+analytics.screen("user-1", name=5)  # E: arg-type
+analytics.alias("anon-1", "user-1", connection=None)
 analytics.flush()
+analytics.flush(timeout="5")  # E: arg-type
 analytics.shutdown()
+still_queued: int = analytics.flush(2.0).pending
+queued_count: str = analytics.stats().pending  # E: assignment
 flag: bool = ok
 text: str = message  # E: assignment
 
