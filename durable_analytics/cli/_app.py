@@ -20,6 +20,7 @@ import click
 
 from durable_analytics._config import (
     DEFAULT_HOST,
+    DEFAULT_MAX_IN_FLIGHT,
     Config,
     default_queue_path,
     env_queue_url,
@@ -147,6 +148,38 @@ def common_options(f: F) -> F:
 def json_option(f: F) -> F:
     """``--json``, passed to the command as ``as_json``."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def max_in_flight_option(f: F) -> F:
+    """``--max-in-flight`` (old name ``--concurrency``), passed as ``max_in_flight``."""
+    return click.option(
+        "--max-in-flight",
+        "--concurrency",
+        "max_in_flight",
+        type=click.IntRange(1, 256),
+        default=DEFAULT_MAX_IN_FLIGHT,
+        show_default=True,
+        metavar="N",
+        help="Requests in flight per destination, each batch under its own lease; the window "
+        "halves on 429/5xx and grows back by one per success. (--concurrency: old name.)",
+    )(f)
+
+
+def lease_timeout_option(request_timeout: str) -> Callable[[F], F]:
+    """``--lease-timeout``, passed as ``lease_timeout``.
+
+    ``request_timeout`` says, in its help, what bounds one request in that command.
+    """
+    return click.option(
+        "--lease-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=60.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="A batch this process leased and did not settle by then (it died) may be sent "
+        f"by another process; extended while its request is in flight. At least "
+        f"{request_timeout}.",
+    )
 
 
 def resolve_queue(queue_path: Path | str | None) -> Path | str:

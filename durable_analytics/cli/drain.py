@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT
 from durable_analytics._drain import DrainResult, drain_lock, drain_queue, lock_path
 from durable_analytics._store import QueueBackend
 
@@ -23,7 +22,9 @@ from ._app import (
     cli,
     common_options,
     json_option,
+    lease_timeout_option,
     log,
+    max_in_flight_option,
     open_queue,
     queue_config,
     resolve_queue,
@@ -54,17 +55,7 @@ from ._output import ProgressLine, count, duration, error_line, one_line, stderr
     metavar="SECONDS",
     help="Give up after this long; what is left stays queued (exit 1). Default: no limit.",
 )
-@click.option(
-    "--max-in-flight",
-    "--concurrency",
-    "max_in_flight",
-    type=click.IntRange(1, 256),
-    default=DEFAULT_MAX_IN_FLIGHT,
-    show_default=True,
-    metavar="N",
-    help="Requests in flight per destination, each batch under its own lease; the window "
-    "halves on 429/5xx and grows back by one per success. (--concurrency: old name.)",
-)
+@max_in_flight_option
 @click.option(
     "--batch-messages",
     type=click.IntRange(1, 100_000),
@@ -73,16 +64,7 @@ from ._output import ProgressLine, count, duration, error_line, one_line, stderr
     help="Messages per request (default: 20), still at most 500 KB: for servers that "
     "prefer fewer, larger requests.",
 )
-@click.option(
-    "--lease-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A batch this process leased and did not settle by then (it died) may be sent "
-    "by another process; extended while its request is in flight. At least the request "
-    "timeout (10 s).",
-)
+@lease_timeout_option(request_timeout="the request timeout (10 s)")
 @click.option(
     "--ignore-backoff",
     is_flag=True,

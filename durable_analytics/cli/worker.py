@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT
 from durable_analytics._delivery import make_deliverer
 from durable_analytics._flusher import Flusher
 
@@ -16,7 +15,9 @@ from ._app import (
     EXIT_OK,
     cli,
     common_options,
+    lease_timeout_option,
     log,
+    max_in_flight_option,
     open_queue,
     queue_config,
     resolve_queue,
@@ -36,27 +37,8 @@ from ._output import PROG
     metavar="SECONDS",
     help="How often to look for messages other processes appended.",
 )
-@click.option(
-    "--max-in-flight",
-    "--concurrency",
-    "max_in_flight",
-    type=click.IntRange(1, 256),
-    default=DEFAULT_MAX_IN_FLIGHT,
-    show_default=True,
-    metavar="N",
-    help="Requests in flight per destination, each batch under its own lease; the window "
-    "halves on 429/5xx and grows back by one per success. (--concurrency: old name.)",
-)
-@click.option(
-    "--lease-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="A batch this process leased and did not settle by then (it died) may be sent "
-    "by another process; extended while its request is in flight. At least "
-    "--request-timeout.",
-)
+@max_in_flight_option
+@lease_timeout_option(request_timeout="--request-timeout")
 @click.option(
     "--shutdown-timeout",
     type=click.FloatRange(min=0),
