@@ -105,13 +105,14 @@ def test_the_testing_module_all_is_sorted_without_duplicates_and_every_name_exis
 
 
 def test_every_public_class_of_the_testing_module_is_exported() -> None:
-    """A public class defined for the testing module (there or in ``_recording``) is exported.
+    """A public class defined for the testing module (there, in ``_recording`` or in
+    ``_collector_http``) is exported.
 
     Classes it merely imports (``CollectorError`` comes from ``exceptions``) are exported by
     the package itself.
     """
     module = durable_analytics.testing
-    home = {module.__name__, "durable_analytics._recording"}
+    home = {module.__name__, "durable_analytics._recording", "durable_analytics._collector_http"}
     classes = {
         name
         for name, value in vars(module).items()

@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"_flusher_process", "_flusher_process_main"},
     {"_client", "_client_settings"},
     {"_default"},
-    {"__init__", "testing", "_recording"},
+    {"__init__", "testing", "_recording", "_collector_http"},
     {"pytest_plugin", "cli"},
     {"contrib"},
 ]
