@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._delivery import Deliverer, DeliveryStats, make_deliverer
-from ._pipeline import run_beside
+from ._pipeline import EXIT_REFUSES_THREADS, prestart_helpers, run_beside
 from ._store import Lease, QueueBackend
 from ._transport import DestinationOverride, open_transport
 from ._transport.base import Outcome, Transport
@@ -351,6 +351,9 @@ def deliver_pass(
         if spawned[0] or count == 1 or len(lease) < deliverer.batch_messages:
             return
         if not deliverer.window(lease).latency_bound:
+            if EXIT_REFUSES_THREADS:
+                # A backlog now may be an exit later, which could start no thread.
+                prestart_helpers(count - 1)
             return  # a fast server, or none measured yet: one at a time is quickest
         spawned[0] = True
         for _ in range(count - 1):

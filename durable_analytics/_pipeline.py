@@ -17,6 +17,7 @@ import collections
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,16 @@ from dataclasses import dataclass
 from ._store import Lease, QueueBackend
 from .exceptions import QueueError
 
-__all__ = ["Ticket", "Window", "keep_leased", "run_beside", "window_for", "windows"]
+__all__ = [
+    "EXIT_REFUSES_THREADS",
+    "Ticket",
+    "Window",
+    "keep_leased",
+    "prestart_helpers",
+    "run_beside",
+    "window_for",
+    "windows",
+]
 
 log = logging.getLogger("durable_analytics.delivery")
 
@@ -36,6 +46,10 @@ PIPELINE_MIN_RTT = 0.002
 # A Retry-After gate longer than this is not waited out while holding a lease: the batch
 # goes back to the queue, whose stored backoff keeps every holder away until then.
 MAX_GATE_WAIT = 0.5
+# CPython 3.12.0-3.12.2 refuse to start a thread anywhere in interpreter exit (3.12.3
+# allows it until the non-daemon threads are gone, as 3.13 does): there the exit handler can
+# only pipeline on helper threads started before, so a pass that meets a backlog starts them.
+EXIT_REFUSES_THREADS = (3, 12, 0) <= sys.version_info[:3] < (3, 12, 3)
 # How many recent round trips ``Window.latency_bound`` takes the minimum of.
 RTT_SAMPLES = 8
 # Round trips (after the first) seen before the window judges the destination at all: one,
@@ -309,8 +323,9 @@ def keep_leased(queue: QueueBackend, lease: Lease) -> Iterator[None]:
 class _Helpers:
     """Daemon threads that run delivery loops beside the caller, kept for reuse.
 
-    Kept rather than started per ``flush()``: Python 3.12 refuses to start a thread at
-    interpreter exit, so the exit handler can only pipeline on threads that already exist.
+    Kept rather than started per ``flush()``: Python 3.12.0-3.12.2 refuse to start a thread
+    at interpreter exit, so there the exit handler can only pipeline on threads that already
+    exist (``prestart``).
     A thread idle for ``_IDLE_EXIT`` seconds ends.
     """
 
@@ -340,11 +355,40 @@ class _Helpers:
             return False  # at interpreter exit (Python 3.12)
         return True
 
-    def _loop(self, job: Callable[[], None]) -> None:
+    def prestart(self, count: int) -> int:
+        """Start idle threads until ``count`` are idle; returns how many were started.
+
+        Run while threads can still start, so that an exit handler on a Python that
+        forbids it (``EXIT_REFUSES_THREADS``) can still pipeline.
+        A thread counts as idle from before it starts, so a job handed to ``run`` meanwhile
+        goes to it rather than to a new thread the exit may not be allowed to start.
+        """
+        started = 0
         while True:
-            job()
             with self._cond:
+                if self._idle - len(self._jobs) >= count:
+                    return started
                 self._idle += 1
+            thread = threading.Thread(
+                target=self._loop, args=(None,), name="durable-analytics-delivery", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError:
+                with self._cond:
+                    self._idle -= 1
+                return started  # already finalizing
+            started += 1
+
+    def _loop(self, job: Callable[[], None] | None) -> None:
+        counted = job is None  # a prestarted thread was counted idle by ``prestart``
+        while True:
+            if job is not None:
+                job()
+            with self._cond:
+                if not counted:
+                    self._idle += 1
+                counted = False
                 try:
                     if not self._cond.wait_for(lambda: self._jobs, timeout=self._IDLE_EXIT):
                         return
@@ -359,6 +403,11 @@ _helpers = _Helpers()
 def run_beside(job: Callable[[], None]) -> bool:
     """Run ``job`` (which must not raise) on a kept helper thread; False if none can run it."""
     return _helpers.run(job)
+
+
+def prestart_helpers(count: int) -> int:
+    """Make sure ``count`` helper threads wait idle for ``run_beside``; returns how many started."""
+    return _helpers.prestart(count)
 
 
 def _after_fork_in_child() -> None:

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import WRITE_KEY, run_python
 
-from durable_analytics import Client, FlushResult
+from durable_analytics import Client, FlushResult, _drain, _pipeline
 from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT, Config
 from durable_analytics._delivery import Deliverer, make_deliverer
 from durable_analytics._drain import deliver_pass, drain_queue
@@ -395,6 +395,55 @@ def test_exit_delivers_everything_at_50_ms_per_request(
     ids = slow_collector.message_ids()
     assert len(ids) == 1000
     assert max(ids.values()) == 1
+    # Pipelined, on every Python: 3.12.0-3.12.2 refuse new threads at exit, so the exit
+    # uses the helpers the flusher started when it met the backlog.
+    assert slow_collector.peak_concurrency > 1
+
+
+def test_prestarted_helpers_run_jobs_when_no_thread_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the exit handler may start no thread, the helpers started before serve it."""
+    _pipeline._helpers.reset()
+    assert _pipeline.prestart_helpers(3) == 3
+    assert _pipeline.prestart_helpers(3) == 0  # already idle: none more
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    # What CPython 3.12.0-3.12.2 do in every exit handler (cannot be made real on others).
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ran: list[str] = []
+    done = threading.Semaphore(0)
+
+    def job() -> None:
+        ran.append(threading.current_thread().name)
+        done.release()
+
+    assert all(_pipeline.run_beside(job) for _ in range(3))
+    for _ in range(3):
+        assert done.acquire(timeout=10)
+    assert ran == ["durable-analytics-delivery"] * 3
+
+
+def test_a_pass_meeting_a_backlog_prestarts_helpers_where_exit_cannot_start_threads(
+    monkeypatch: pytest.MonkeyPatch, collector: Collector, queue_path: Path
+) -> None:
+    """Before the window knows the round trip, a full batch still readies the exit's helpers."""
+    monkeypatch.setattr(_drain, "EXIT_REFUSES_THREADS", True)
+    _pipeline._helpers.reset()
+    client = Client(
+        WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+    )
+    track(client, 100)
+    deliverer = make_deliverer(
+        Config.for_delivery(queue_path=queue_path, max_in_flight=6), client.queue
+    )
+    stats = deliver_pass(client.queue, deliverer)
+    client.close()
+    assert stats.sent == 100
+    assert _pipeline.prestart_helpers(5) == 0  # five were already waiting idle
+    assert len(collector.message_ids()) == 100
 
 
 # ---------------------------------------------------------------- batch rules and drain
