@@ -147,7 +147,9 @@ class Deliverer:
 
     Many threads may use one Deliverer at once (its transport must allow it): each request
     takes a slot of the destination's in-flight window of this process (``_pipeline``), at
-    most ``max_in_flight``, and its lease is extended while the request is in flight.
+    most ``max_in_flight``, and its lease is extended while the request is in flight. A
+    queue that keeps a window for every process sharing it (``queue.window``) refuses the
+    lease past that window, and is told of every 429/5xx.
     """
 
     def __init__(
@@ -364,6 +366,8 @@ class Deliverer:
                 outcome.status is None or outcome.status == 429 or outcome.status >= 500
             ):
                 window.on_congestion(ticket)
+                # And where the queue keeps a window for every process (PostgreSQL), there.
+                self.queue.window.congested(lease)
             return outcome
 
         first = attempt()

@@ -23,6 +23,9 @@ against every backend):
   every holder back until its time; a successful ``ack`` clears it in the same step. A
   backoff further away than ``MAX_BACKOFF_SECONDS`` plus a margin can only come from a wall
   clock that jumped back, and is ignored.
+- **Windowed where stored.** A backend whose ``window`` keeps a window per destination
+  (PostgreSQL) never has more live leases of a destination than that window, even with
+  many holders leasing at once; a lease settled, expired or taken over frees its slot.
 - **Bounded.** ``max_queue_bytes`` caps what the backend holds, and ``max_queue_size``
   (when set) the number of messages not yet acknowledged, leased ones included; past a cap
   ``drop_newest`` refuses the new message (``append`` returns 0) and ``drop_oldest`` drops
@@ -42,7 +45,10 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .window import InFlightWindow
 
 __all__ = [
     "CLOCK_JUMP_MARGIN",
@@ -89,6 +95,9 @@ class Lease:
     expires_monotonic: float
     #: Consecutive failed deliveries of the destination when the lease was taken.
     failures: int = 0
+    #: How many times the destination's stored window was halved when the lease was taken
+    #: (``InFlightWindow.congested`` halves once per round trip by it).
+    window_epoch: int = 0
 
     @property
     def size(self) -> int:
@@ -215,6 +224,11 @@ class QueueBackend(Protocol):
     path: Path
     #: Seconds a lease stays live without ``extend``.
     lease_timeout: float
+    @property
+    def window(self) -> InFlightWindow:
+        """Where the destinations' in-flight windows live (``window.py``): each process,
+        or this queue for every process sharing it (then ``lease`` refuses a full window)."""
+        ...
 
     def destination(self, host: str, write_key: str) -> int:
         """The id of the (host, write key) destination, created on first use."""

@@ -111,7 +111,15 @@ def test_the_schema_comes_from_the_url_and_holds_every_table(pg_dsn: str, pg_sch
                 "SELECT tablename FROM pg_tables WHERE schemaname = %s", (pg_schema,)
             )
         }
-    assert tables == {"meta", "destinations", "messages", "dead_letters", "counters", "holders"}
+    assert tables == {
+        "meta",
+        "destinations",
+        "messages",
+        "dead_letters",
+        "counters",
+        "holders",
+        "leases",
+    }
 
 
 def test_processes_opening_a_fresh_schema_at_once_create_it_once(
@@ -284,9 +292,9 @@ def _buffers(plan: dict[str, object]) -> int:
     return hit + read
 
 
-def _poll_and_lease_buffers(pg_dsn: str, schema: str, backlog: int) -> tuple[int, int, int]:
-    """Buffers touched by NEXT_READY, READY_SUMMARY and LEASE (rolled back) while A backs
-    off behind ``backlog`` messages and B has 100 fresh ones."""
+def _poll_and_lease_buffers(pg_dsn: str, schema: str, backlog: int) -> tuple[int, ...]:
+    """Buffers touched by NEXT_READY, READY_SUMMARY, CHOOSE and LEASE (rolled back) while A
+    backs off behind ``backlog`` messages and B has 100 fresh ones."""
     from durable_analytics._store.postgres import _sql as q
 
     queue = PostgresQueue(pg_dsn, schema=schema, lease_timeout=30.0)
@@ -314,25 +322,27 @@ def _poll_and_lease_buffers(pg_dsn: str, schema: str, backlog: int) -> tuple[int
         "token": uuid.uuid4(),
         "timeout": 30.0,
         "holder": None,
+        "max": 32,
+        "cls": 1,
     }
     found = []
     with psycopg.connect(pg_dsn) as conn:
-        for statement in (q.NEXT_READY, q.READY_SUMMARY, q.LEASE):
+        for statement in (q.NEXT_READY, q.READY_SUMMARY, q.CHOOSE, q.LEASE):
             explain = b"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queue._sql(statement)
             row = conn.execute(explain, params).fetchone()
             assert row is not None
             found.append(_buffers(row[0][0]["Plan"]))
         conn.rollback()
     queue.close()
-    return found[0], found[1], found[2]
+    return tuple(found)
 
 
 def test_polls_and_leases_read_the_same_behind_a_backlog_ten_times_larger(
     pg_dsn: str,
 ) -> None:
     """With A backing off behind 2,000 and then 20,000 messages and B holding 100 fresh
-    ones, "when is the next message ready", "how many are ready" and leasing B's batch
-    touch about the same number of buffers: each destination is read on the (dest, id)
+    ones, "when is the next message ready", "how many are ready", choosing B and leasing
+    B's batch touch about the same number of buffers: each destination is read on the (dest, id)
     index, and A's backlog is never walked (scanning in id order touched it all)."""
     from _postgres import unique_schema
 

@@ -30,6 +30,7 @@ from durable_analytics._store.base import (
     QueueStats,
 )
 from durable_analytics._store.drops import DropWarnings
+from durable_analytics._store.window import PROCESS_WINDOW, InFlightWindow
 from durable_analytics.exceptions import QueueError
 
 from . import views
@@ -49,6 +50,9 @@ class MemoryQueue:
     up at each call so ``freezegun`` moves it too); wall-clock times (backoff, ``now``)
     come from ``time.time``.
     """
+
+    #: Each process keeps its own in-flight window (``_pipeline.Window``).
+    window: InFlightWindow = PROCESS_WINDOW
 
     def __init__(
         self,

@@ -57,6 +57,8 @@ class Target:
     identity: str
     #: A dead holder's lease is taken over at once (``?fast_takeover=off``: at expiry).
     fast_takeover: bool = True
+    #: ``?fleet_max_in_flight=N``: leases of one destination live at once, fleet-wide.
+    fleet_max_in_flight: int | None = None
 
 
 def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> Target:
@@ -66,7 +68,8 @@ def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> 
     PostgreSQL schema holding the queue's tables, default ``durable_analytics``; the
     ``schema`` argument wins over it. ``?fast_takeover=off`` (stripped too) leaves a dead
     holder's lease to expire (behind a pooler in transaction mode). ``connect_timeout``
-    defaults to ``timeout``.
+    defaults to ``timeout``. ``?fleet_max_in_flight=N`` (stripped too) caps the leases of
+    one destination live at once across every process of every host (``_window.py``).
     """
     if not is_postgres_url(url):
         raise ConfigError("a PostgreSQL queue URL starts with postgresql:// or postgres://")
@@ -82,7 +85,13 @@ def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> 
     takeover = [v.strip().lower() for k, v in query if k == "fast_takeover"]
     if takeover and takeover[-1] not in _SWITCH:
         raise ConfigError("fast_takeover in the queue URL is 'on' or 'off'")
-    rest = [(k, v) for k, v in query if k not in ("schema", "fast_takeover")]
+    fleet = [v.strip() for k, v in query if k == "fleet_max_in_flight"]
+    if fleet and not (
+        fleet[-1].isascii() and fleet[-1].isdigit() and 1 <= int(fleet[-1]) <= 100_000
+    ):
+        raise ConfigError("fleet_max_in_flight in the queue URL is a whole number from 1 to 100000")
+    own = ("schema", "fast_takeover", "fleet_max_in_flight")
+    rest = [(k, v) for k, v in query if k not in own]
     conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
     try:
         settings = conninfo_to_dict(conninfo)
@@ -102,7 +111,13 @@ def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> 
     dbname = str(settings.get("dbname") or "")
     where = f"{host}:{port}" if port else host
     identity = f"postgresql://{user + '@' if user else ''}{where}/{dbname}#{chosen}"
-    return Target(conninfo, chosen, identity, _SWITCH[takeover[-1]] if takeover else True)
+    return Target(
+        conninfo,
+        chosen,
+        identity,
+        _SWITCH[takeover[-1]] if takeover else True,
+        int(fleet[-1]) if fleet else None,
+    )
 
 
 _SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}

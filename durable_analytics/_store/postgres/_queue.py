@@ -9,6 +9,9 @@ the server's: hosts whose clocks disagree still agree on who holds what. A holde
 deadline (``Lease.expires_monotonic``) is read before the lease statement is sent, so it is
 never later than the server's expiry.
 
+Each destination's in-flight window is stored too, for the whole fleet (``_window.py``):
+``lease`` refuses a destination whose live leases reached it.
+
 Each call is one short transaction; ``durability`` sets ``synchronous_commit`` for it with
 ``SET LOCAL`` (so it works behind PgBouncer in transaction mode) and a ``statement_timeout``
 bounds it: a call never waits on the server longer than ``timeout``.
@@ -20,12 +23,12 @@ import contextlib
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
+from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT
 from durable_analytics._store.base import (
     CLOCK_JUMP_MARGIN,
     MAX_BACKOFF_SECONDS,
@@ -41,19 +44,15 @@ from . import _sql as q
 from ._caps import Caps
 from ._conn import Connection, Cursor, Pool, parse_url, psycopg, translate
 from ._holders import Presence
+from ._outbox import DBAPIConnection, Outbox
 from ._schema import ROW_OVERHEAD, Sql, migrate
+from ._window import StoredWindow
 
 __all__ = ["DBAPIConnection", "PostgresQueue"]
 
 log = logging.getLogger("durable_analytics.queue")
 
 T = TypeVar("T")
-
-
-class DBAPIConnection(Protocol):
-    """A DB-API 2 connection with the ``%s`` paramstyle (psycopg 3, psycopg2, Django's)."""
-
-    def cursor(self) -> Any: ...
 
 
 def _iso(ts: float) -> str:
@@ -79,6 +78,11 @@ class PostgresQueue:
     pool (``pool_size``), and each statement. Past it the call raises ``QueueUnavailable``
     (server unreachable) or ``QueueBusy`` (it answered too slowly); nothing is half-done.
 
+    ``fleet_max_in_flight`` (or ``?fleet_max_in_flight=N`` in the URL; default 32) caps
+    the leases of one destination live at once across every process of every host: the
+    destination's window, halved on 429/5xx and grown by one per ack up to that cap, is
+    stored in the queue (``window``). Give every process of the fleet the same value.
+
     ``clock`` is for tests only: a function returning the wall-clock time that replaces
     the server's ``now()`` in the queue's own statements (``time.time`` under freezegun).
     """
@@ -97,6 +101,7 @@ class PostgresQueue:
         timeout: float = 10.0,
         pool_size: int = 4,
         clock: Callable[[], float] | None = None,
+        fleet_max_in_flight: int | None = None,
     ) -> None:
         if durability not in ("normal", "full"):
             raise ConfigError("durability must be 'normal' or 'full'")
@@ -135,12 +140,17 @@ class PostgresQueue:
             overflow=overflow,
             max_dead_letter_bytes=self.max_dead_letter_bytes,
         )
-        self._outbox_checked: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        fleet = fleet_max_in_flight or self.target.fleet_max_in_flight or DEFAULT_MAX_IN_FLIGHT
+        if fleet < 1:
+            raise ConfigError("fleet_max_in_flight must be at least 1")
+        #: The destinations' in-flight windows, stored here for every process.
+        self.window = StoredWindow(self._tx, self._sql, max_in_flight=fleet)
         with self._pool.connection() as conn:
             try:
                 self.instance = migrate(conn, self._sql, self.identity)
             except psycopg.Error as exc:
                 raise translate(exc, self.identity) from None
+        self._outbox = Outbox(self._sql, self.identity, self._caps, self.instance)
 
     def __repr__(self) -> str:
         return f"PostgresQueue({self.identity!r})"
@@ -248,67 +258,7 @@ class PostgresQueue:
         caller's transaction is left as it was. The caps are applied on the queue's own
         connections (a message staged in a transaction still open is not counted yet).
         """
-        body = bytes(body)
-        self._check_outbox(connection)
-        if not self._caps.room_for(len(body)):
-            return 0
-        if self._caps.count_due() and not self._caps.count_room():
-            return 0
-        return self._stage(connection, dest_id, body, None)
-
-    def _stage(
-        self, connection: DBAPIConnection, dest_id: int, body: bytes, enqueued_at: float | None
-    ) -> int:
-        cur = connection.cursor()
-        try:
-            cur.execute(self._sql(q.INSERT).decode(), (dest_id, body, len(body), enqueued_at))
-            row = cur.fetchone()
-        except Exception as exc:
-            # On the caller's connection: their transaction is now aborted, say why.
-            raise QueueError(
-                f"staging the message in your transaction on {self.identity} failed: {exc}"
-            ) from exc
-        finally:
-            with contextlib.suppress(Exception):
-                cur.close()
-        self._caps.appended(len(body))
-        return int(row[0]) if row else 0
-
-    def _check_outbox(self, connection: DBAPIConnection) -> None:
-        """Refuse a connection that does not reach this queue's database (checked once).
-
-        Only statements that cannot fail run on the caller's connection, so a refused
-        connection's transaction is left as it was.
-        """
-        with contextlib.suppress(TypeError):
-            if self._outbox_checked.get(connection):
-                return
-        refusal = ConfigError(
-            f"connection= must reach the database holding the queue ({self.identity}): "
-            "this one does not; the message was not staged"
-        )
-        try:
-            cur = connection.cursor()
-        except Exception as exc:
-            raise refusal from exc
-        try:
-            cur.execute("SELECT to_regclass(%s)::text", (f"{self._sql.quoted}.meta",))
-            found = cur.fetchone()
-            if found is None or found[0] is None:
-                raise refusal
-            cur.execute(self._sql(q.INSTANCE).decode())
-            row = cur.fetchone()
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise ConfigError(f"{refusal} (checking it failed: {exc})") from exc
-        finally:
-            with contextlib.suppress(Exception):
-                cur.close()
-        if row is None or row[0] != self.instance:
-            raise refusal
-        with contextlib.suppress(TypeError):
-            self._outbox_checked[connection] = True
+        return self._outbox.stage(dest_id, body, connection)
 
     # ---------------------------------------------------------------- leases
 
@@ -325,8 +275,9 @@ class PostgresQueue:
         """Take the oldest ready messages of one destination, or None when none are ready.
 
         At most ``max_messages`` messages and ``max_bytes`` bytes (each costing its size
-        plus ``per_message_overhead``); the first is always taken. ``now`` is honoured only
-        with a test ``clock``: otherwise every time is the server's.
+        plus ``per_message_overhead``); the first is always taken. A destination whose
+        live leases reached its window is not leased from. ``now`` is honoured only with a
+        test ``clock``: otherwise every time is the server's.
         """
         if max_messages <= 0:
             return None
@@ -347,6 +298,9 @@ class PostgresQueue:
             if presence.due():
                 presence.take_over(c)  # a dead holder's messages are ready again
             params["holder"] = presence.holder()
+            params["dest"] = self.window.choose(c, params)
+            if params["dest"] is None:
+                return []
             return c.execute(self._sql(q.LEASE), params, binary=True).fetchall()
 
         # Read before the statement is sent: never later than the server's expiry.
@@ -364,6 +318,7 @@ class PostgresQueue:
             attempts=max(int(r[6]) for r in rows),
             expires_monotonic=deadline,
             failures=int(failures),
+            window_epoch=int(rows[0][7]),
         )
 
     @staticmethod
@@ -373,11 +328,25 @@ class PostgresQueue:
         wanted = set(ids)
         return [i for i in lease.ids if i in wanted]
 
+    @staticmethod
+    def _fenced(lease: Lease, chosen: list[int]) -> dict[str, Any]:
+        """The ids a settlement names, the lease's others (``rest``), and its token."""
+        named = set(chosen)
+        return {
+            "ids": chosen,
+            "rest": [i for i in lease.ids if i not in named],
+            "token": uuid.UUID(lease.token),
+        }
+
     def extend(self, lease: Lease) -> bool:
         """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
-        params = (self.lease_timeout, list(lease.ids), uuid.UUID(lease.token))
-        count = self._tx(lambda c: c.execute(self._sql(q.EXTEND), params)).rowcount
-        return count > 0
+        params = {
+            "timeout": self.lease_timeout,
+            "ids": list(lease.ids),
+            "token": uuid.UUID(lease.token),
+        }
+        row = self._tx(lambda c: c.execute(self._sql(q.EXTEND), params)).fetchone()
+        return bool(row and row[0])
 
     def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
         """Delete delivered messages and clear the destination's backoff; returns how many.
@@ -385,7 +354,7 @@ class PostgresQueue:
         Fenced by the token: once the lease was taken over, its holder's ack deletes nothing.
         """
         chosen = self._ids(lease, ids)
-        params = {"ids": chosen, "token": uuid.UUID(lease.token), "dest": lease.destination.id}
+        params = {**self._fenced(lease, chosen), "dest": lease.destination.id}
         row = self._tx(lambda c: c.execute(self._sql(q.ACK), params)).fetchone()
         deleted = int(row[0]) if row else 0
         if deleted:
@@ -415,18 +384,15 @@ class PostgresQueue:
         """
         delay = None if not_before is None else max(0.0, not_before - time.time())
         params = self._release_params(lease, ids, delay, 1 if count_attempt else 0)
-        return self._tx(lambda c: c.execute(self._sql(q.RELEASE), params)).rowcount
+        row = self._tx(lambda c: c.execute(self._sql(q.RELEASE), params)).fetchone()
+        return int(row[0]) if row else 0
 
     @staticmethod
     def _release_params(
         lease: Lease, ids: Iterable[int] | None, delay: float | None, bump: int
     ) -> dict[str, Any]:
-        return {
-            "ids": PostgresQueue._ids(lease, ids),
-            "token": uuid.UUID(lease.token),
-            "delay": delay,
-            "bump": bump,
-        }
+        chosen = PostgresQueue._ids(lease, ids)
+        return {**PostgresQueue._fenced(lease, chosen), "delay": delay, "bump": bump}
 
     def retry_later(self, lease: Lease, delay: Callable[[int], float], error: str) -> float:
         """Back the destination off and hand the batch back, in one transaction.
@@ -469,8 +435,7 @@ class PostgresQueue:
         if not chosen:
             return 0
         params = {
-            "ids": chosen,
-            "token": uuid.UUID(lease.token),
+            **self._fenced(lease, chosen),
             "status": status,
             "reason": reason[:500],
             "excerpt": excerpt[:2000],
@@ -526,10 +491,15 @@ class PostgresQueue:
         return (_local(row[0]) or 0.0), int(row[1])
 
     def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
-        """The earliest wall-clock time at which some pending message may be leased."""
+        """The earliest wall-clock time at which some pending message may be leased.
+
+        A destination whose window is full counts as leased by others (None if only such
+        messages are left): they end when those holders settle.
+        """
         params = {
             "top": up_to_id if up_to_id is not None else (1 << 62),
             "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN,
+            "max": self.window.max_in_flight,
         }
         row = self._tx(lambda c: c.execute(self._sql(q.NEXT_READY), params)).fetchone()
         return None if row is None else _local(row[0])

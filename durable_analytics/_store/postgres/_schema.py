@@ -23,7 +23,7 @@ from ._conn import Connection
 
 __all__ = ["SCHEMA_VERSION", "Sql", "migrate"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # How many bytes a row costs beyond its body, for the size cap.
 ROW_OVERHEAD = 48
@@ -89,8 +89,37 @@ CREATE TABLE {s}.holders (
 );
 """
 
+# Version 3: the fleet-wide in-flight window (``_window.py``). Each destination keeps its
+# AIMD window (``window_limit``, halved once per ``window_epoch``, grown by acks up to
+# ``window_max``), and ``leases`` holds one row per lease, so the live leases of a
+# destination are counted from rows that expire, or go with their holder: a crash cannot
+# leak a slot. Leases live at migration time are entered, so they count at once.
+_V3 = """
+ALTER TABLE {s}.destinations
+    ADD COLUMN window_limit double precision,
+    ADD COLUMN window_max integer,
+    ADD COLUMN window_epoch bigint NOT NULL DEFAULT 0;
+CREATE TABLE {s}.leases (
+    token uuid PRIMARY KEY,
+    dest bigint NOT NULL,
+    holder bigint,
+    expires timestamptz NOT NULL
+) WITH (
+    fillfactor = 70,
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0,
+    autovacuum_vacuum_insert_threshold = 10000
+);
+CREATE INDEX leases_dest ON {s}.leases (dest, expires);
+INSERT INTO {s}.leases (token, dest, holder, expires)
+SELECT lease_token, min(dest), min(lease_holder), max(lease_expires) FROM {s}.messages
+WHERE lease_token IS NOT NULL AND lease_expires >= now()
+GROUP BY lease_token;
+"""
+
 # Migrations from version N to N + 1.
-_MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
+_MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
 
 
 # What the statements use as "now": the server's clock, unless the transaction set

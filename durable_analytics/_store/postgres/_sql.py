@@ -47,23 +47,45 @@ INSERT = (
 
 INSTANCE = "SELECT value FROM {s}.meta WHERE key = 'instance'"
 
-# The oldest ready message picks the destination; then the oldest ready messages of that
-# destination, within the count and the byte budget (the first always), are stamped with
-# the token. SKIP LOCKED: rows another holder is leasing right now are not waited for.
-# Each destination that is not backing off is asked for its own oldest ready message on
-# the (dest, id) index, so a destination's backlog in backoff is never read (scanning
-# messages in id order would walk past all of it; see ``_of``).
-LEASE = f"""
-WITH first AS (
+# A destination's window has room while its live leases (rows of ``leases`` not expired)
+# are fewer than its window (``_window.py``); ``%(max)s`` is this queue's
+# ``fleet_max_in_flight``. Run after the destination's window lock, in a statement of its
+# own, this count sees every lease committed before the lock was granted.
+ROOM = (
+    "((SELECT count(*) FROM {s}.leases l WHERE l.dest = d.id AND l.expires >= now()) "
+    "< least(floor(coalesce(d.window_limit, %(max)s)), %(max)s))"
+)
+
+# The destination of the next lease: the one whose oldest ready message is oldest, among
+# those not backing off and with room in their window (a hint: ``LEASE`` checks again).
+# Each destination is asked for its own oldest ready message on the (dest, id) index, so a
+# destination's backlog in backoff is never read (scanning messages in id order would
+# walk past all of it; see ``_of``).
+_FIRST = f"""
     SELECT d.id AS dest FROM {{s}}.destinations d
     CROSS JOIN LATERAL (
         SELECT m.id FROM {{s}}.messages m
         WHERE {_of("d.id", "%(top)s")} AND {_UNLEASED} AND {_READY_MSG}
         ORDER BY m.dest, m.id LIMIT 1
-        FOR UPDATE OF m SKIP LOCKED
+        {{lock}}
     ) f
-    WHERE {_READY_DEST} AND (%(dest)s::bigint IS NULL OR d.id = %(dest)s::bigint)
+    WHERE {_READY_DEST} AND (%(dest)s::bigint IS NULL OR d.id = %(dest)s::bigint) AND {ROOM}
     ORDER BY f.id LIMIT 1
+"""
+
+# Chooses the destination and takes its window lock (until the transaction ends), so that
+# two holders never both take its last slot.
+CHOOSE = f"""
+WITH first AS ({_FIRST.replace("{lock}", "")})
+SELECT dest, pg_advisory_xact_lock(%(cls)s::int4, mod(dest, 2147483648)::int4) FROM first
+"""
+
+# The oldest ready messages of the chosen destination (whose window lock is held), within
+# the count and the byte budget (the first always), are stamped with the token, and the
+# lease is entered in ``leases`` (one slot of the window). SKIP LOCKED: rows another
+# holder is leasing right now are not waited for.
+LEASE = f"""
+WITH first AS ({_FIRST.replace("{lock}", "FOR UPDATE OF m SKIP LOCKED")}
 ), cand AS (
     SELECT m.id, m.size FROM {{s}}.messages m
     WHERE {_of("(SELECT dest FROM first)", "%(top)s")} AND {_UNLEASED} AND {_READY_MSG}
@@ -76,30 +98,67 @@ WITH first AS (
         FROM cand
     ) s
     WHERE running <= %(max_bytes)s OR rn = 1
+), entered AS (
+    INSERT INTO {{s}}.leases (token, dest, holder, expires)
+    SELECT %(token)s, dest, %(holder)s::bigint, now() + %(timeout)s * interval '1 second'
+    FROM first WHERE EXISTS (SELECT 1 FROM pick)
+), capped AS (
+    UPDATE {{s}}.destinations
+    SET window_max = %(max)s, window_limit = least(coalesce(window_limit, %(max)s), %(max)s)
+    WHERE id = (SELECT dest FROM first) AND window_max IS DISTINCT FROM %(max)s
 )
 UPDATE {{s}}.messages m
 SET lease_token = %(token)s, lease_expires = now() + %(timeout)s * interval '1 second',
     lease_holder = %(holder)s::bigint
 FROM pick, {{s}}.destinations d
 WHERE m.id = pick.id AND d.id = m.dest
-RETURNING m.id, m.dest, d.host, d.write_key, d.failures, m.body, m.attempts
+RETURNING m.id, m.dest, d.host, d.write_key, d.failures, m.body, m.attempts, d.window_epoch
 """
 
-EXTEND = (
-    "UPDATE {s}.messages SET lease_expires = now() + %s * interval '1 second' "
-    "WHERE id = ANY(%s::bigint[]) AND lease_token = %s"
+# The lease's row in ``leases`` is extended too, or entered again when a reclaim had
+# removed it as expired while its messages were still untouched.
+EXTEND = """
+WITH kept AS (
+    UPDATE {s}.messages SET lease_expires = now() + %(timeout)s * interval '1 second'
+    WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+    RETURNING dest, lease_holder
+), entered AS (
+    INSERT INTO {s}.leases (token, dest, holder, expires)
+    SELECT %(token)s, dest, lease_holder, now() + %(timeout)s * interval '1 second'
+    FROM kept LIMIT 1
+    ON CONFLICT (token) DO UPDATE SET expires = excluded.expires
 )
+SELECT count(*) FROM kept
+"""
+
+# A settlement that leaves none of the lease's messages under it ends the lease: its slot
+# of the window is free. ``%(rest)s`` are the lease's ids this settlement does not name
+# (the statement's own changes are not visible to its sub-queries).
+_ENDED = """ended AS (
+    DELETE FROM {s}.leases WHERE token = %(token)s AND NOT EXISTS (
+        SELECT 1 FROM {s}.messages WHERE id = ANY(%(rest)s::bigint[]) AND lease_token = %(token)s
+    )
+)"""
 
 _CLEAR = (
     "UPDATE {s}.destinations SET not_before = NULL, failures = 0 "
     "WHERE id = %(dest)s AND (failures <> 0 OR not_before IS NOT NULL)"
 )
 
+# A success also grows the destination's window by one, up to its max (AIMD).
+_CLEAR_AND_GROW = (
+    "UPDATE {s}.destinations SET not_before = NULL, failures = 0, window_limit = CASE "
+    "WHEN window_limit < window_max THEN least(window_max, window_limit + 1) "
+    "ELSE window_limit END "
+    "WHERE id = %(dest)s AND (failures <> 0 OR not_before IS NOT NULL "
+    "OR window_limit < window_max)"
+)
+
 ACK = f"""
 WITH gone AS (
     DELETE FROM {{s}}.messages WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
     RETURNING 1
-), clear AS ({_CLEAR})
+), clear AS ({_CLEAR_AND_GROW}), {_ENDED}
 SELECT count(*) FROM gone
 """
 
@@ -115,12 +174,16 @@ CLEAR_MESSAGE_BACKOFF = (
     "WHERE (%s::bigint IS NULL OR dest = %s) AND not_before IS NOT NULL"
 )
 
-RELEASE = """
-UPDATE {s}.messages
-SET lease_token = NULL, lease_expires = NULL, attempts = attempts + %(bump)s,
-    not_before = CASE WHEN %(delay)s::float8 IS NULL THEN NULL
-                      ELSE now() + %(delay)s::float8 * interval '1 second' END
-WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+RELEASE = f"""
+WITH back AS (
+    UPDATE {{s}}.messages
+    SET lease_token = NULL, lease_expires = NULL, attempts = attempts + %(bump)s,
+        not_before = CASE WHEN %(delay)s::float8 IS NULL THEN NULL
+                          ELSE now() + %(delay)s::float8 * interval '1 second' END
+    WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+    RETURNING 1
+), {_ENDED}
+SELECT count(*) FROM back
 """
 
 LOCK_DESTINATION = "SELECT failures FROM {s}.destinations WHERE id = %s FOR UPDATE"
@@ -142,19 +205,20 @@ BACKOFF = (
     "FROM {s}.destinations WHERE id = %s"
 )
 
-DEAD_LETTER = """
+DEAD_LETTER = f"""
 WITH gone AS (
-    DELETE FROM {s}.messages WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+    DELETE FROM {{s}}.messages WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
     RETURNING id, dest, body, size, enqueued_at, attempts
-)
-INSERT INTO {s}.dead_letters (dest, body, size, enqueued_at, attempts, status, reason, excerpt)
+), {_ENDED}
+INSERT INTO {{s}}.dead_letters (dest, body, size, enqueued_at, attempts, status, reason, excerpt)
 SELECT dest, body, size, enqueued_at, attempts + 1, %(status)s::integer, %(reason)s, %(excerpt)s
 FROM gone ORDER BY id
 """
 
 # Per destination, on the (dest, id) index: ready as soon as the destination is when one
 # unleased message of it is ready (the first found ends the look), else at the earliest
-# retry time of its waiting messages. Another destination's backlog is never read.
+# retry time of its waiting messages. Another destination's backlog is never read. A
+# destination whose window is full waits for other holders, as if they leased the rest.
 NEXT_READY = f"""
 SELECT extract(epoch FROM min(greatest(
     CASE WHEN d.not_before > now() + %(horizon)s * interval '1 second' THEN NULL
@@ -172,7 +236,7 @@ CROSS JOIN LATERAL (
         WHERE {_of("d.id", "%(top)s")} AND {_UNLEASED}
     ) END AS at
 ) w
-WHERE w.at IS NOT NULL
+WHERE w.at IS NOT NULL AND {ROOM}
 """
 
 # The first ``limit`` ready messages of each destination that is not backing off (from the
@@ -197,6 +261,8 @@ WITH old AS (
 ), freed AS (
     UPDATE {s}.messages m SET lease_token = NULL, lease_expires = NULL
     FROM old WHERE m.id = old.id
+), slots AS (
+    DELETE FROM {s}.leases WHERE expires < now()
 )
 SELECT count(DISTINCT lease_token) FROM old
 """
@@ -353,6 +419,8 @@ WITH old AS (
     FROM old WHERE m.id = old.id
 ), gone AS (
     DELETE FROM {s}.holders WHERE id = ANY(%(dead)s::bigint[])
+), slots AS (
+    DELETE FROM {s}.leases WHERE holder = ANY(%(dead)s::bigint[])
 )
 SELECT count(DISTINCT lease_token) FROM old
 """

@@ -34,6 +34,7 @@ from durable_analytics._store.base import (
     Lease,
     QueueStats,
 )
+from durable_analytics._store.window import PROCESS_WINDOW, InFlightWindow
 from durable_analytics.exceptions import QueueCorrupt, QueueError
 
 from . import bydest, inspect, leases, ready
@@ -76,6 +77,9 @@ class SqliteQueue:
     ``max_dead_letter_bytes`` of it (default a tenth): past that, while the file is near the
     cap, the oldest dead letters are purged (counted, and logged).
     """
+
+    #: Each process keeps its own in-flight window (``_pipeline.Window``).
+    window: InFlightWindow = PROCESS_WINDOW
 
     def __init__(
         self,
