@@ -224,6 +224,7 @@ class QueueBackend(Protocol):
     path: Path
     #: Seconds a lease stays live without ``extend``.
     lease_timeout: float
+
     @property
     def window(self) -> InFlightWindow:
         """Where the destinations' in-flight windows live (``window.py``): each process,
