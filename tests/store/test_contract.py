@@ -407,6 +407,31 @@ def test_ack_clears_the_destinations_backoff_for_every_holder(
     assert len(take(backend)) == 1
 
 
+# --------------------------------------------------------------------------- in-flight window
+
+
+def test_a_stored_window_refuses_a_lease_once_halved_below_the_live_leases(
+    backend: QueueBackend, dest: int
+) -> None:
+    """Where the backend keeps a window (``window.limit`` is a number), two congestion
+    signals of two round trips halve it twice, below the 13 live leases, and the next lease
+    is refused until settlements free the slots; where the window lives in each process
+    (None) the queue refuses none. A signal never raises and never moves a message."""
+    fill(backend, dest, 60)
+    leases = [take(backend, 1) for _ in range(12)]
+    backend.window.congested(leases[-1])
+    leases.append(take(backend, 1))  # taken after the first halving: its signal counts
+    backend.window.congested(leases[-1])
+    limit = backend.window.limit(dest)
+    assert limit is None or limit < len(leases)
+    granted = backend.lease(1, BIG)
+    assert (granted is None) == (limit is not None)
+    assert backend.pending() == 60
+    for lease in [*leases, *([granted] if granted else [])]:
+        assert backend.ack(lease) == 1
+    assert backend.lease(1, BIG) is not None
+
+
 # --------------------------------------------------------------------------- dead letters
 
 

@@ -74,8 +74,9 @@ def test_leases_stop_at_the_stored_window_and_every_settlement_frees_its_slot(
     open_pg: OpenPg,
 ) -> None:
     """With a window of 4 and 20 ready messages, a fifth lease is refused (and the rest
-    counts as held by others: ``next_ready_at`` is None) until a lease ends; ack, release,
-    retry_later and dead_letter each end one, a partial ack only once the rest is settled."""
+    counts as held by others: ``next_ready_at`` is None, nothing is ready) until a lease
+    ends; ack, release, retry_later and dead_letter each end one, a partial ack only once
+    the rest is settled."""
     queue = open_pg(fleet_max_in_flight=4)
     dest = fill(queue, 20)
     first = take(queue, 10)
@@ -83,6 +84,7 @@ def test_leases_stop_at_the_stored_window_and_every_settlement_frees_its_slot(
     assert queue.window.live(dest) == 4
     assert queue.lease(1, 1 << 20) is None
     assert queue.next_ready_at() is None
+    assert queue.ready_summary(20) == (0, None)  # a flusher polls at its idle pace
     assert queue.pending() == 20  # nothing left the queue: it waits for a slot
 
     assert queue.ack(first[0]) == 1

@@ -24,7 +24,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -34,15 +33,15 @@ from durable_analytics._store.base import (
     MAX_BACKOFF_SECONDS,
     DeadLetter,
     Destination,
-    DestinationStats,
     Lease,
     QueueStats,
 )
 from durable_analytics.exceptions import ConfigError, QueueError
 
+from . import _inspect
 from . import _sql as q
 from ._caps import Caps
-from ._conn import Connection, Cursor, Pool, parse_url, psycopg, translate
+from ._conn import Connection, Pool, parse_url, psycopg, translate
 from ._holders import Presence
 from ._outbox import DBAPIConnection, Outbox
 from ._schema import ROW_OVERHEAD, Sql, migrate
@@ -53,10 +52,6 @@ __all__ = ["DBAPIConnection", "PostgresQueue"]
 log = logging.getLogger("durable_analytics.queue")
 
 T = TypeVar("T")
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 def _local(delta: float | None) -> float | None:
@@ -505,8 +500,16 @@ class PostgresQueue:
         return None if row is None else _local(row[0])
 
     def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
-        """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
-        params = {"limit": limit, "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN}
+        """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time.
+
+        Messages of a destination whose window is full are not ready (a flusher then polls
+        at its idle pace, not at once: a fleet waiting for a slot does not load the server).
+        """
+        params = {
+            "limit": limit,
+            "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN,
+            "max": self.window.max_in_flight,
+        }
         row = self._tx(lambda c: c.execute(self._sql(q.READY_SUMMARY), params), now=now).fetchone()
         if row is None or not row[0]:
             return 0, None
@@ -553,48 +556,7 @@ class PostgresQueue:
 
     def stats(self) -> QueueStats:
         """Counts and health of the queue, from one snapshot (see ``QueueStats``)."""
-
-        def run(conn: Connection) -> tuple[Cursor, Cursor]:
-            return (
-                conn.execute(self._sql(q.STATS_DESTINATIONS)),
-                conn.execute(self._sql(q.STATS_TOTALS)),
-            )
-
-        per_dest, total = self._tx(run, snapshot=True)
-        dests, totals = per_dest.fetchall(), total.fetchone()
-        if totals is None:  # pragma: no cover - an aggregate always returns one row
-            raise QueueError(f"the PostgreSQL queue {self.identity} returned no totals")
-        destinations = []
-        last: tuple[float, str, str] | None = None
-        for d, host, key, until, failures, err, err_ago, n, leased in dests:
-            if err is not None and err_ago is not None:
-                at = time.time() - float(err_ago)
-                if last is None or at > last[0]:
-                    last = (at, str(err), str(host))
-            destinations.append(
-                DestinationStats(
-                    host=host,
-                    write_key=Destination(int(d), host, key).redacted_key,
-                    pending=int(n),
-                    leased=int(leased),
-                    backoff_until=None if until is None else _iso(time.time() + float(until)),
-                    failures=int(failures),
-                    last_error=err,
-                )
-            )
-        pending, leased, size, oldest_age, dead, dropped = totals
-        return QueueStats(
-            pending=int(pending),
-            leased=int(leased),
-            dead_letters=int(dead),
-            bytes=int(size),
-            oldest_age_seconds=None if oldest_age is None else round(float(oldest_age), 3),
-            dropped=int(dropped),
-            last_error=None
-            if last is None
-            else {"message": last[1], "at": _iso(last[0]), "host": last[2]},
-            destinations=destinations,
-        )
+        return _inspect.stats(self._tx, self._sql, self.identity)
 
     def table_health(self) -> dict[str, Any]:
         """Dead rows, size and vacuum times of the message table, and the oldest snapshot.
@@ -604,21 +566,7 @@ class PostgresQueue:
         snapshot of the whole server (a long transaction, ``pg_dump``, an idle-in-transaction
         session). ``status`` shows these numbers; ``docs/POSTGRESQL.md`` says what to do.
         """
-        schema = (self.target.schema,)
-        row = self._tx(lambda c: c.execute(q.TABLE_HEALTH.encode(), schema)).fetchone()
-        if row is None:
-            return {}
-        live, dead, total_bytes, vacuumed_ago, oldest_xmin_age, oldest_tx_seconds = row
-        return {
-            "live_rows": int(live or 0),
-            "dead_rows": int(dead or 0),
-            "table_bytes": int(total_bytes or 0),
-            "last_vacuum_seconds_ago": None if vacuumed_ago is None else round(vacuumed_ago, 1),
-            "oldest_snapshot_xid_age": None if oldest_xmin_age is None else int(oldest_xmin_age),
-            "oldest_transaction_seconds": None
-            if oldest_tx_seconds is None
-            else round(float(oldest_tx_seconds), 1),
-        }
+        return _inspect.table_health(self._tx, self.target.schema)
 
     # ---------------------------------------------------------------- dead letters
 

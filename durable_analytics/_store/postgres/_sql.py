@@ -239,8 +239,8 @@ CROSS JOIN LATERAL (
 WHERE w.at IS NOT NULL AND {ROOM}
 """
 
-# The first ``limit`` ready messages of each destination that is not backing off (from the
-# (dest, id) index), then the oldest ``limit`` of those.
+# The first ``limit`` ready messages of each destination that is not backing off and has
+# room in its window (from the (dest, id) index), then the oldest ``limit`` of those.
 READY_SUMMARY = f"""
 SELECT count(*), extract(epoch FROM min(enqueued_at))::float8 FROM (
     SELECT r.id, r.enqueued_at FROM {{s}}.destinations d
@@ -249,7 +249,7 @@ SELECT count(*), extract(epoch FROM min(enqueued_at))::float8 FROM (
         WHERE {_of("d.id")} AND {_READY_MSG} AND {_UNLEASED}
         ORDER BY m.dest, m.id LIMIT %(limit)s
     ) r
-    WHERE {_READY_DEST}
+    WHERE {_READY_DEST} AND {ROOM}
     ORDER BY r.id LIMIT %(limit)s
 ) ready
 """
