@@ -1,9 +1,9 @@
 """The six calls' parameters, written once: their order, wire names, kinds and required flags.
 
-Pure data. ``_messages`` builds and checks each call by hand for speed and derives its
-cleaning lists from this table; the CLI generates its enqueue commands from it; and
-``tests/test_calls.py`` holds the builders, ``Client``'s methods, the module-level calls and
-the message dataclasses to it, so that none of those copies can drift.
+Pure data. ``_messages`` builds and checks each call by hand for speed, and
+``_message_json`` derives its cleaning lists from this table; the CLI generates its enqueue
+commands from it; and ``tests/test_calls.py`` holds the builders, ``Client``'s methods, the
+module-level calls and the message dataclasses to it, so that none of those copies can drift.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from conftest import WRITE_KEY
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from durable_analytics import Client, MessageTooLarge, ValidationError, _messages
+from durable_analytics import Client, MessageTooLarge, ValidationError, _message_json, _messages
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.cli import cli
 from durable_analytics.testing import Collector
@@ -471,7 +471,7 @@ _LEAVES = st.one_of(_COMMON_LEAVES, _COMMON_LEAVES, _COMMON_LEAVES, _COMMON_LEAV
 def _names_distinct(mapping: dict[Any, Any]) -> bool:
     """False when two keys become the same JSON name (a known bug, tested apart above)."""
     try:
-        names = [_messages._clean_key(k, "p", "t") for k in mapping]
+        names = [_message_json.clean_key(k, "p", "t") for k in mapping]
     except ValidationError:
         return True  # rejected anyway
     return len(set(names)) == len(names)
