@@ -3,22 +3,17 @@
 A call validates and serializes its message, appends it to the SQLite queue and returns
 after the COMMIT. The flusher (a thread, a child process, or nobody) starts on the first
 call, not when the Client is built; after ``os.fork()`` the child starts its own. At exit,
-``on_exit`` decides what happens to what is still queued.
+``on_exit`` decides what happens to what is still queued. How the client lives across
+processes (fork, the flusher process, the exit hook) is ``_client_processes``.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
-import multiprocessing
-import multiprocessing.util
-import os
-import signal
 import subprocess
 import threading
 import time
-import weakref
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
@@ -26,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
 from . import _flusher_process, _messages
+from ._client_processes import ExitHook, FlusherProcess, live_clients, spawn_drain
 from ._client_settings import SettingsAttributes
 from ._config import SEGMENT_PARAMETERS, Config, OnError, Settings, is_loopback_host
 from ._delivery import Deliverer, FlushResult, make_deliverer
@@ -64,24 +60,6 @@ class Staged(tuple[bool, dict[str, Any]]):
     """
 
     __slots__ = ()
-
-
-_clients: weakref.WeakSet[Client] = weakref.WeakSet()
-
-# Restarts of a flusher process that keeps exiting: the first delay, its cap, and how long a
-# child must have run for the next exit to count as a new failure (see Client._watch_child).
-_RESTART_FIRST = 0.5
-_RESTART_MAX = 60.0
-_RESTART_HEALTHY = 60.0
-
-
-def _after_fork_in_child() -> None:
-    for client in list(_clients):
-        client._reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Client(SettingsAttributes):
@@ -181,17 +159,16 @@ class Client(SettingsAttributes):
             self._queue = open_queue(config, recover=recover)
             self._dest = self._queue.destination(config.host, config.write_key)
         self._flusher: Flusher | None = None
-        self._child: subprocess.Popen[bytes] | None = None
+        self._process: FlusherProcess | None = None
         self._sync_deliverer: Deliverer | None = None
         self._started = False
         self._calls_here = 0
         self._exited = False
-        self._mp_finalizer = False
-        self._atexit_registered = False
+        self._exit_hook = ExitHook(self._at_exit)
         self._closed = False
         self._drops = 0
         self._drop_warned_at = -math.inf
-        _clients.add(self)
+        live_clients.add(self)
 
     def __repr__(self) -> str:
         c = self.config
@@ -252,58 +229,19 @@ class Client(SettingsAttributes):
                 log.debug("no flusher started (%s); messages stay queued", exc)
                 self._exited = True
                 return
-            if not self._atexit_registered:
-                atexit.register(self._at_exit)
-                self._atexit_registered = True
-            if not self._mp_finalizer and multiprocessing.parent_process() is not None:
-                # A multiprocessing child ends with os._exit() after its target returns,
-                # skipping atexit; multiprocessing's own finalizers still run there.
-                multiprocessing.util.Finalize(None, self._at_exit, exitpriority=10)
-                self._mp_finalizer = True
+            self._exit_hook.register()
             self._started = True
 
     def _start_child(self) -> None:
-        """Start the flusher process and a watcher thread that replaces it if it dies."""
-        child = self._spawn_flusher_process()
-        self._child = child
-        threading.Thread(
-            target=self._watch_child, args=(child,), name="durable-analytics-watch", daemon=True
-        ).start()
+        """Start the flusher process (see ``FlusherProcess``: it is replaced if it dies)."""
+        self._process = FlusherProcess(self._spawn_flusher_process)
+        self._process.start()
 
-    def _watch_child(self, child: subprocess.Popen[bytes]) -> None:
-        """Replace the flusher process each time it exits, backing off while it keeps failing.
-
-        A child that cannot start (a broken environment, an unusable queue) would otherwise
-        be restarted in a tight loop: the delay doubles from _RESTART_FIRST up to _RESTART_MAX
-        and starts over once a child has run for _RESTART_HEALTHY. One WARNING says why; the
-        restarts after it are logged at DEBUG. Messages wait on disk meanwhile.
-        """
-        delay = _RESTART_FIRST
-        warned = False
-        while True:
-            started = time.monotonic()
-            code = child.wait()
-            if time.monotonic() - started >= _RESTART_HEALTHY:
-                delay, warned = _RESTART_FIRST, False
-            with self._lock:
-                if self._child is not child:
-                    return  # stopped on purpose by close(), or already replaced
-            (log.debug if warned else log.warning)(
-                "the durable-analytics flusher process exited (%s); starting a new one in "
-                "%.1f s (doubling up to %d s while it keeps exiting; its own errors are on "
-                "stderr)",
-                _exit_reason(code),
-                delay,
-                _RESTART_MAX,
-            )
-            warned = True
-            time.sleep(delay)
-            with self._lock:
-                if self._child is not child:
-                    return
-                child = self._spawn_flusher_process()
-                self._child = child
-            delay = min(delay * 2, _RESTART_MAX)
+    @property
+    def _child(self) -> subprocess.Popen[bytes] | None:
+        """The flusher process running now, if any."""
+        process = self._process
+        return None if process is None else process.child
 
     def _spawn_flusher_process(self) -> subprocess.Popen[bytes]:
         return _flusher_process.start("flusher", self.config)
@@ -314,12 +252,12 @@ class Client(SettingsAttributes):
         self._lock = threading.RLock()
         self._calling = threading.local()
         self._flusher = None
-        self._child = None
+        self._process = None
         self._sync_deliverer = None
         self._started = False
         self._calls_here = 0
         self._exited = False
-        self._mp_finalizer = False
+        self._exit_hook.after_fork()
 
     # ---------------------------------------------------------------- the calls
 
@@ -656,27 +594,19 @@ class Client(SettingsAttributes):
         result = self.flush(timeout=budget) if self._started else self._idle_result()
         with self._lock:
             flusher, self._flusher = self._flusher, None
-            child, self._child = self._child, None
+            process, self._process = self._process, None
             self._started = False
         if flusher is not None:
             flusher.stop(max(0.0, deadline - time.monotonic()))
             flusher.deliverer.transport.close()
-        if child is not None:
-            self._stop_child(child, max(0.5, deadline - time.monotonic()))
+        if process is not None:
+            process.stop(max(0.5, deadline - time.monotonic()))
         return result
 
     def _idle_result(self) -> FlushResult:
         if not self._send:
             return FlushResult(0, 0, 0)
         return FlushResult(0, self.queue.pending(destination=self._dest), 0)
-
-    def _stop_child(self, child: subprocess.Popen[bytes], timeout: float) -> None:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout)
-            except subprocess.TimeoutExpired:
-                child.kill()
 
     def join(self) -> None:
         """segment-analytics-python's ``join``: deliver what is queued and stop the flusher."""
@@ -719,22 +649,3 @@ class Client(SettingsAttributes):
                 self._flusher.stop(0)
         except Exception:
             log.exception("durable-analytics exit handler failed; messages stay queued")
-
-
-def _exit_reason(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-def spawn_drain(config: Config) -> subprocess.Popen[bytes]:
-    """Start a detached drain of ``config``'s queue with ``config``'s settings; return at once.
-
-    The drain is the library's own (``python -m durable_analytics._flusher_process_main drain``),
-    not the CLI; it receives the whole Config over a pipe and exits when done. At most one
-    runs per queue: a second one finds the drain lock taken and exits.
-    """
-    return _flusher_process.start("drain", config, detach=True)

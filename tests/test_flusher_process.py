@@ -23,7 +23,7 @@ from conftest import WRITE_KEY
 
 from durable_analytics import Client
 from durable_analytics import _flusher_process as flusher_process
-from durable_analytics._client import spawn_drain
+from durable_analytics._client_processes import spawn_drain
 from durable_analytics._config import Config
 from durable_analytics.exceptions import ConfigError
 from durable_analytics.testing import Collector, Reply

@@ -6,7 +6,7 @@ import logging
 import time
 
 from durable_analytics import Client, FlushResult
-from durable_analytics._client import _clients
+from durable_analytics._client_processes import live_clients
 
 __all__ = ["close_clients"]
 
@@ -20,7 +20,7 @@ def close_clients(clients: list[Client] | None = None, timeout: float | None = N
     what is not delivered by then stays on disk for the next process or a drain. Returns the
     summed ``FlushResult``.
     """
-    targets = list(_clients) if clients is None else list(clients)
+    targets = list(live_clients) if clients is None else list(clients)
     if timeout is None:
         timeout = max((c.config.shutdown_timeout for c in targets), default=0.0)
     deadline = time.monotonic() + timeout

@@ -40,7 +40,7 @@ from click.testing import CliRunner, Result
 from conftest import WRITE_KEY
 
 from durable_analytics import Client, ConfigError, QueuePermissionError
-from durable_analytics._client import spawn_drain
+from durable_analytics._client_processes import spawn_drain
 from durable_analytics._config import Config
 from durable_analytics._store import sqlite as sqlite_package
 from durable_analytics._store.sqlite import SqliteQueue as Queue
