@@ -19,71 +19,32 @@ and noisy. Variants:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
 import platform
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _shared import PROPS, WRITE_KEY, remote_collector
+
 import durable_analytics
-
-WRITE_KEY = "bench-write-key"
-PROPS: dict[str, Any] = {
-    "plan": "Enterprise",
-    "amount": 49.99,
-    "currency": "USD",
-    "items": [{"sku": "abc-123", "qty": 2}, {"sku": "def-456", "qty": 1}],
-    "coupon": "WINTER",
-    "referrer": "https://example.com/landing?utm_source=newsletter",
-    "flags": [True, False],
-    "note": "x" * 60,
-}
-
-
-class RemoteCollector:
-    """A Collector in its own process, so its request handling does not share our GIL."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-
-@contextlib.contextmanager
-def remote_collector() -> Iterator[RemoteCollector]:
-    code = (
-        "import sys; from durable_analytics.testing import Collector; "
-        f"c = Collector({WRITE_KEY!r}); c.start(); print(c.port, flush=True); sys.stdin.read()"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        yield RemoteCollector(f"http://127.0.0.1:{port}")
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _fresh_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="bench-enqueue-"))
 
 
-def bench_durable(
-    calls: int, durability: str, flusher: str, collector: RemoteCollector | None
-) -> float:
+def bench_durable(calls: int, durability: str, flusher: str, url: str | None) -> float:
     path = _fresh_dir() / "queue.sqlite3"
-    host = collector.url if collector is not None else "http://127.0.0.1:9"
+    host = url if url is not None else "http://127.0.0.1:9"
     client = durable_analytics.Client(
         WRITE_KEY,
         host=host,
@@ -102,12 +63,10 @@ def bench_durable(
     return calls / elapsed
 
 
-def bench_segment(calls: int, collector: RemoteCollector) -> float:
+def bench_segment(calls: int, url: str) -> float:
     from segment.analytics import Client as SegmentClient
 
-    client = SegmentClient(
-        WRITE_KEY, host=collector.url, max_queue_size=calls * 2, upload_interval=0.5
-    )
+    client = SegmentClient(WRITE_KEY, host=url, max_queue_size=calls * 2, upload_interval=0.5)
     client.track("warm-up", "Warm Up", PROPS)
     track = client.track
     started = time.perf_counter()
@@ -219,17 +178,17 @@ def main() -> None:
         print(f"  {name:44s} {value:10,.0f} calls/s", flush=True)
 
     segment_clients: list[Any] = []
-    with remote_collector() as collector:
+    with remote_collector() as url:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
             record("raw sqlite WAL/NORMAL", bench_raw(args.calls, "NORMAL"))
             record(
                 "durable normal, flusher none", bench_durable(args.calls, "normal", "none", None)
             )
-            record("segment 2.4.0 (consumer running)", bench_segment(args.calls, collector))
+            record("segment 2.4.0 (consumer running)", bench_segment(args.calls, url))
             record(
                 "durable normal, flusher thread",
-                bench_durable(args.calls, "normal", "thread", collector),
+                bench_durable(args.calls, "normal", "thread", url),
             )
             record("raw sqlite WAL/FULL", bench_raw(args.full_calls, "FULL"))
             record(
@@ -238,17 +197,17 @@ def main() -> None:
             )
             record(
                 "durable normal, flusher process",
-                bench_durable(args.calls, "normal", "process", collector),
+                bench_durable(args.calls, "normal", "process", url),
             )
             record(
                 "durable full, flusher thread",
-                bench_durable(args.full_calls, "full", "thread", collector),
+                bench_durable(args.full_calls, "full", "thread", url),
             )
 
             def durable_client() -> Callable[..., Any]:
                 client = durable_analytics.Client(
                     WRITE_KEY,
-                    host=collector.url,
+                    host=url,
                     queue_path=_fresh_dir() / "q.sqlite3",
                     flusher="none",
                     on_exit="none",
@@ -258,7 +217,7 @@ def main() -> None:
             def segment_client() -> Callable[..., Any]:
                 from segment.analytics import Client as SegmentClient
 
-                client = SegmentClient(WRITE_KEY, host=collector.url, max_queue_size=10**7)
+                client = SegmentClient(WRITE_KEY, host=url, max_queue_size=10**7)
                 # Stopped after the run (below), so it does not compete with later variants.
                 segment_clients.append(client)
                 return client.track

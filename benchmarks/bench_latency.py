@@ -20,7 +20,6 @@ thread's p99.9 at most the peer delivering. The machine is shared: read ratios o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -30,21 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-WRITE_KEY = "bench-write-key"
-PROPS: dict[str, Any] = {
-    "plan": "Enterprise",
-    "amount": 49.99,
-    "currency": "USD",
-    "items": [{"sku": "abc-123", "qty": 2}, {"sku": "def-456", "qty": 1}],
-    "coupon": "WINTER",
-    "referrer": "https://example.com/landing?utm_source=newsletter",
-    "flags": [True, False],
-    "note": "x" * 60,
-}
+from _shared import PROPS, WRITE_KEY, remote_collector
 
 VARIANTS = [
     "durable none (worker delivering)",
@@ -54,24 +42,6 @@ VARIANTS = [
     "segment bare (send=False)",
     "segment delivering",
 ]
-
-
-@contextlib.contextmanager
-def remote_collector() -> Iterator[str]:
-    code = (
-        "import sys; from durable_analytics.testing import Collector; "
-        f"c = Collector({WRITE_KEY!r}); c.start(); print(c.port, flush=True); sys.stdin.read()"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _percentiles(samples: list[int]) -> dict[str, float]:

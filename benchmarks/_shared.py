@@ -1,0 +1,45 @@
+"""What bench_enqueue and bench_latency share: the write key, the event, a Collector child.
+
+A helper module, not a benchmark: the scripts import it from their own folder (Python puts a
+script's folder first on ``sys.path``, in their child processes too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+WRITE_KEY = "bench-write-key"
+#: The properties of every benchmarked ``track()``: about 300 bytes once serialized.
+PROPS: dict[str, Any] = {
+    "plan": "Enterprise",
+    "amount": 49.99,
+    "currency": "USD",
+    "items": [{"sku": "abc-123", "qty": 2}, {"sku": "def-456", "qty": 1}],
+    "coupon": "WINTER",
+    "referrer": "https://example.com/landing?utm_source=newsletter",
+    "flags": [True, False],
+    "note": "x" * 60,
+}
+
+
+@contextlib.contextmanager
+def remote_collector() -> Iterator[str]:
+    """A Collector in its own process (its request handling does not share our GIL); its URL."""
+    code = (
+        "import sys; from durable_analytics.testing import Collector; "
+        f"c = Collector({WRITE_KEY!r}); c.start(); print(c.port, flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
