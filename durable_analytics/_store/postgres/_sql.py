@@ -254,6 +254,9 @@ SELECT count(*), extract(epoch FROM min(enqueued_at))::float8 FROM (
 ) ready
 """
 
+# Expired leases end: their messages are ready and their slots' rows go. Rows another
+# transaction is settling right now are skipped, never waited for (a reclaim waiting on a
+# settlement that waits on a backoff that waits on the reclaim's rows would deadlock).
 RECLAIM = """
 WITH old AS (
     SELECT id, lease_token FROM {s}.messages WHERE lease_expires < now()
@@ -262,7 +265,9 @@ WITH old AS (
     UPDATE {s}.messages m SET lease_token = NULL, lease_expires = NULL
     FROM old WHERE m.id = old.id
 ), slots AS (
-    DELETE FROM {s}.leases WHERE expires < now()
+    DELETE FROM {s}.leases WHERE token IN (
+        SELECT token FROM {s}.leases WHERE expires < now() FOR UPDATE SKIP LOCKED
+    )
 )
 SELECT count(DISTINCT lease_token) FROM old
 """
@@ -420,7 +425,10 @@ WITH old AS (
 ), gone AS (
     DELETE FROM {s}.holders WHERE id = ANY(%(dead)s::bigint[])
 ), slots AS (
-    DELETE FROM {s}.leases WHERE holder = ANY(%(dead)s::bigint[])
+    DELETE FROM {s}.leases WHERE token IN (
+        SELECT token FROM {s}.leases WHERE holder = ANY(%(dead)s::bigint[])
+        FOR UPDATE SKIP LOCKED
+    )
 )
 SELECT count(DISTINCT lease_token) FROM old
 """
