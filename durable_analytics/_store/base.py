@@ -119,6 +119,11 @@ class DestinationStats:
     backoff_until: str | None
     failures: int
     last_error: str | None
+    #: The destination's in-flight window stored in the queue for every process
+    #: (PostgreSQL), or None where each process keeps its own.
+    window: int | None = None
+    #: Its slots in use: the destination's live leases (None with ``window``).
+    live_leases: int | None = None
 
 
 @dataclass(frozen=True)

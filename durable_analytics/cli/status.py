@@ -113,6 +113,8 @@ def format_status(
         lines.append("destinations")
         for d in stats.destinations:
             text = f"  {d.host}  key {d.write_key}  {d.pending:,} pending, {d.leased:,} leased"
+            if d.window is not None:
+                text += f", window {d.window} ({d.live_leases or 0} in flight)"
             if d.backoff_until:
                 text += (
                     f", backing off until {d.backoff_until} after {count(d.failures, 'failure')}"

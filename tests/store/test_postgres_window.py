@@ -20,6 +20,7 @@ from conftest import WRITE_KEY, start_python
 from durable_analytics._store import Destination, Lease
 from durable_analytics._store.postgres._queue import PostgresQueue
 from durable_analytics._store.window import PROCESS_WINDOW
+from durable_analytics.cli.status import format_status
 from durable_analytics.exceptions import ConfigError
 
 HOST = "https://collector.test"
@@ -86,6 +87,9 @@ def test_leases_stop_at_the_stored_window_and_every_settlement_frees_its_slot(
     assert queue.lease(1, 1 << 20) is None
     assert queue.next_ready_at() is None
     assert queue.ready_summary(20) == (0, None)  # a flusher polls at its idle pace
+    (shown,) = queue.stats().destinations
+    assert (shown.window, shown.live_leases) == (4, 4)
+    assert "window 4 (4 in flight)" in format_status(queue.identity, queue.stats())
     assert queue.pending() == 20  # nothing left the queue: it waits for a slot
 
     assert queue.ack(first[0]) == 1

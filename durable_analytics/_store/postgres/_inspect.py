@@ -46,7 +46,7 @@ def stats(tx: SnapshotRunner, sql: Sql, identity: str) -> QueueStats:
         raise QueueError(f"the PostgreSQL queue {identity} returned no totals")
     destinations = []
     last: tuple[float, str, str] | None = None
-    for d, host, key, until, failures, err, err_ago, n, leased in dests:
+    for d, host, key, until, failures, err, err_ago, n, leased, window, live in dests:
         if err is not None and err_ago is not None:
             at = time.time() - float(err_ago)
             if last is None or at > last[0]:
@@ -60,6 +60,9 @@ def stats(tx: SnapshotRunner, sql: Sql, identity: str) -> QueueStats:
                 backoff_until=None if until is None else iso(time.time() + float(until)),
                 failures=int(failures),
                 last_error=err,
+                # None until a lease stored the destination's window.
+                window=None if window is None else int(window),
+                live_leases=None if window is None else int(live),
             )
         )
     pending, leased, size, oldest_age, dead, dropped = totals

@@ -287,7 +287,9 @@ STATS_DESTINATIONS = """
 SELECT d.id, d.host, d.write_key,
     CASE WHEN d.not_before > now() THEN extract(epoch FROM d.not_before - now())::float8 END,
     d.failures, d.last_error, extract(epoch FROM now() - d.last_error_at)::float8,
-    coalesce(m.n, 0), coalesce(m.leased, 0)
+    coalesce(m.n, 0), coalesce(m.leased, 0),
+    least(floor(coalesce(d.window_limit, d.window_max)), d.window_max)::int,
+    (SELECT count(*) FROM {s}.leases l WHERE l.dest = d.id AND l.expires >= now())
 FROM {s}.destinations d LEFT JOIN (
     SELECT dest, count(*) AS n, count(*) FILTER (WHERE lease_expires >= now()) AS leased
     FROM {s}.messages GROUP BY dest
