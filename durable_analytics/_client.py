@@ -164,7 +164,7 @@ class Client(SettingsAttributes):
         self._started = False
         self._calls_here = 0
         self._exited = False
-        self._exit_hook = ExitHook(self._at_exit)
+        self._exit_hook = ExitHook()
         self._closed = False
         self._drops = 0
         self._drop_warned_at = -math.inf
@@ -229,7 +229,7 @@ class Client(SettingsAttributes):
                 log.debug("no flusher started (%s); messages stay queued", exc)
                 self._exited = True
                 return
-            self._exit_hook.register()
+            self._exit_hook.register(self._at_exit)
             self._started = True
 
     def _start_child(self) -> None:

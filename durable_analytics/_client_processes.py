@@ -119,22 +119,25 @@ class FlusherProcess:
 
 
 class ExitHook:
-    """Runs ``handler`` at interpreter exit: registered once, on the client's first call."""
+    """Where a client's exit handler is registered: once, on the client's first call.
 
-    def __init__(self, handler: Callable[[], None]) -> None:
-        self._handler = handler
+    It keeps no reference to the handler (a bound method would tie the client to itself in
+    a cycle): until the first call, a dropped client is freed at once, its files with it.
+    """
+
+    def __init__(self) -> None:
         self._atexit = False
         self._mp_finalizer = False
 
-    def register(self) -> None:
-        """Register the handler with atexit and, in a multiprocessing child, its finalizers."""
+    def register(self, handler: Callable[[], None]) -> None:
+        """Register ``handler`` with atexit and, in a multiprocessing child, its finalizers."""
         if not self._atexit:
-            atexit.register(self._handler)
+            atexit.register(handler)
             self._atexit = True
         if not self._mp_finalizer and multiprocessing.parent_process() is not None:
             # A multiprocessing child ends with os._exit() after its target returns,
             # skipping atexit; multiprocessing's own finalizers still run there.
-            multiprocessing.util.Finalize(None, self._handler, exitpriority=10)
+            multiprocessing.util.Finalize(None, handler, exitpriority=10)
             self._mp_finalizer = True
 
     def after_fork(self) -> None:

@@ -7,10 +7,12 @@ API, and the promise that the write key shows up nowhere but the Authorization h
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -530,3 +532,20 @@ def test_a_client_moves_a_damaged_queue_aside_and_keeps_the_readable_messages(
     assert report.moved_to.exists()
     assert report.moved_to.stat().st_mode & 0o777 == 0o600
     assert revived.queue.integrity_check() == "ok"
+
+
+@pytest.mark.parametrize("flusher", ["none", "thread", "process"])
+def test_a_client_dropped_before_its_first_call_is_freed_at_once(
+    queue_path: Path, flusher: str
+) -> None:
+    """Nothing ties a Client to itself before its first call (its exit hook holds no handler
+    until then): dropping the last reference frees it, queue and all, with the cyclic
+    garbage collector off, as a dropped object normally is."""
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher=flusher, on_exit="none")
+    ref = weakref.ref(client)
+    gc.disable()
+    try:
+        del client
+        assert ref() is None
+    finally:
+        gc.enable()
