@@ -113,7 +113,8 @@ class Appender:
         # Only a signal handler finds this thread already holding a lock of the queue.
         nested = owned(self.db.write_lock) or owned(self.db.read_lock)
         try:
-            with self.db.locked(self.db.write_lock):
+            # Appends take the write lock before delivering transactions (waits.py).
+            with self.db.writing(producer=True):
                 if nested:
                     self.db.refuse_interrupted()
                 else:
@@ -164,7 +165,7 @@ class Appender:
             raise translate(exc, self.db.path) from None
         if nested:
             insert = lambda: conn.execute(INSERT, row)  # noqa: E731
-            return self.db.retry(lambda: self.db.fenced(insert)).lastrowid or 0
+            return self.db.retry(lambda: self.db.fenced(insert), producer=True).lastrowid or 0
 
         def attempt() -> sqlite3.Cursor:
             # Waits for another process's lock without this process's write lock (so that a
@@ -174,7 +175,7 @@ class Appender:
             self.db.as_producer(again, True)
             return self.db.fenced(lambda: again.execute(INSERT, row))
 
-        return self.db.retry(attempt, let_go=True).lastrowid or 0
+        return self.db.retry(attempt, let_go=True, producer=True).lastrowid or 0
 
     def append_interrupted(
         self, conn: sqlite3.Connection, row: tuple[int, bytes, int, float]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from durable_analytics.exceptions import QueueBusy, QueueCorrupt, QueueDiskFull, QueueError
+from durable_analytics.exceptions import QueueCorrupt, QueueDiskFull, QueueError
 
 from . import holders
 from .errors import SQLITE_BUSY, SQLITE_LOCKED, errorcode, translate
@@ -28,6 +28,7 @@ from .files import checkpoint_for_space
 from .probe import RECOVER_LOCK_SECONDS
 from .schema import INSERT, check_version, migrate
 from .sidefiles import SideFiles, restore
+from .waits import Waits, busy_pause, owned
 from .wal import WalBudget
 
 __all__ = ["Connection", "Connections", "owned", "raw_lock"]
@@ -37,8 +38,6 @@ T = TypeVar("T")
 #: How long ``fork()`` waits for this process's queue operations in flight to finish so that
 #: it can close the connections first (see ``Connections.close_for_fork``).
 _FORK_WAIT = 5.0
-#: The least a wait for a lock may last under a deadline (see ``Connections._limit``).
-_GRACE = 0.05
 #: Each connection's page cache, in KiB (SQLite's default is 2 MiB).
 _CACHE_KIB = 256
 
@@ -58,11 +57,6 @@ _inherited_open: set[str] = set()
 #: This module is its one owner: a forked child gets a fresh one (``raw_lock()``).
 _raw = threading.RLock()
 _raw_held_for_fork = False
-
-
-def owned(lock: threading.RLock) -> bool:
-    """Whether this thread holds ``lock`` (a signal handler may run while it does)."""
-    return bool(lock._is_owned())  # type: ignore[attr-defined]
 
 
 def raw_lock() -> threading.RLock:
@@ -168,71 +162,30 @@ class Connections:
         self.joined: dict[int, list[tuple[int, bytes, int, float]]] = {}
         # fork() found an operation in flight and forked with connections open.
         self.open_at_fork = False
-        # Deadlines (monotonic) of the flush/exit/drain calls running now: while any is
-        # active, no wait of this queue, in any thread, lasts past the earliest (see bounded).
-        self._deadlines: dict[int, float] = {}
-        self._deadlines_lock = threading.Lock()
+        # Deadlines, the order of writers, busy pauses (see waits.py).
+        self.waits = Waits(path, busy_timeout)
         # Every commit holds it (shared): a recovery of another process holds it exclusively.
         self.fence = CommitFence(path.parent, RECOVER_LOCK_SECONDS)
         self.side = SideFiles(path, self.fence.descriptor)  # the -wal and -shm in use
         _registry.add(self)
 
-    # ---------------------------------------------------------------- bounded waits
+    # ---------------------------------------------------------------- waits (waits.py)
 
-    @contextlib.contextmanager
-    def bounded(self, seconds: float | None) -> Iterator[None]:
-        """Inside the block, every wait of this queue (any thread) ends ``seconds`` from now.
-
-        A wait for a lock another connection holds (SQLite's, or this process's own between
-        threads) then raises ``QueueBusy`` instead of lasting ``busy_timeout``: a flush, an
-        exit or a drain with a deadline is not held past it by a stuck lock holder (a process
-        stopped inside a write transaction). ``None`` sets no bound.
-        """
-        if seconds is None:
-            yield
-            return
-        key = id(object())
-        with self._deadlines_lock:
-            self._deadlines[key] = time.monotonic() + max(0.0, seconds)
-        try:
-            yield
-        finally:
-            with self._deadlines_lock:
-                self._deadlines.pop(key, None)
+    def bounded(self, seconds: float | None) -> contextlib.AbstractContextManager[None]:
+        """Inside the block, every wait of this queue (any thread) ends ``seconds`` from now
+        (see ``Waits.bounded``)."""
+        return self.waits.bounded(seconds)
 
     def _limit(self, started: float) -> float:
-        """When a wait begun at ``started`` must end: busy_timeout, or an earlier deadline.
+        return self.waits.limit(started)
 
-        A wait may always last ``_GRACE``: another thread's transaction takes a moment, and
-        a flush or close with no time left must not make every call of every thread fail
-        on the lock's ordinary hand-over; only a holder that is stuck is given up on.
-        """
-        limit = started + self.busy_timeout
-        if self._deadlines:
-            with self._deadlines_lock:
-                if self._deadlines:
-                    deadline = max(min(self._deadlines.values()), started + _GRACE)
-                    limit = min(limit, deadline)
-        return limit
-
-    @contextlib.contextmanager
-    def locked(self, lock: threading.RLock) -> Iterator[None]:
+    def locked(self, lock: threading.RLock) -> contextlib.AbstractContextManager[None]:
         """Hold this process's ``lock``, waiting at most as long as any wait may last."""
-        if not lock.acquire(blocking=False):
-            started = time.monotonic()
-            # Re-read the limit now and then: a deadline may be set while this thread waits.
-            while not lock.acquire(
-                timeout=min(0.1, max(0.0, self._limit(started) - time.monotonic()))
-            ):
-                if time.monotonic() >= self._limit(started):
-                    raise QueueBusy(
-                        f"the queue {self.path} stayed busy: another thread of this process "
-                        "is waiting for a lock held by another connection"
-                    )
-        try:
-            yield
-        finally:
-            lock.release()
+        return self.waits.locked(lock)
+
+    def writing(self, *, producer: bool) -> contextlib.AbstractContextManager[None]:
+        """Hold the write lock, appends (``producer``) first (see ``Waits.writing``)."""
+        return self.waits.writing(self.write_lock, producer=producer)
 
     # ---------------------------------------------------------------- fork
 
@@ -293,8 +246,7 @@ class Connections:
         self._unsafe_now = {}
         self.joined = {}
         self.open_at_fork = False
-        self._deadlines = {}  # the parent's flush/exit calls do not run here
-        self._deadlines_lock = threading.Lock()
+        self.waits.reset_after_fork()  # the parent's flush/exit calls do not run here
         self.fence.forget_after_fork()
         self.side.forget()
 
@@ -417,9 +369,11 @@ class Connections:
 
     # ---------------------------------------------------------------- transactions
 
-    def retry(self, fn: Callable[[], T], *, let_go: bool = False) -> T:
+    def retry(self, fn: Callable[[], T], *, let_go: bool = False, producer: bool = False) -> T:
         """Run ``fn``, retrying while another connection holds the lock (up to busy_timeout,
         or an earlier deadline of ``bounded``).
+
+        ``producer``: an append, which retries more often at first (see ``busy_pause``).
 
         ``let_go``: the caller holds the write lock once, outside any transaction, and ``fn``
         fetches its connection itself. Between attempts the thread then sleeps without the
@@ -441,12 +395,12 @@ class Connections:
                     started = now
                 if now >= self._limit(started):
                     raise translate(exc, self.path) from None
-                pause = delay * (0.5 + random.random())
+                pause, delay = busy_pause(delay, now - started, producer=producer)
+                pause *= 0.5 + random.random()
                 if let_go:
                     self._sleep_unlocked(pause)
                 else:
                     time.sleep(pause)
-                delay = min(delay * 2, 0.005)
 
     def _sleep_unlocked(self, seconds: float) -> None:
         """Sleep without this thread's hold on the write lock, then take it back."""
@@ -498,7 +452,7 @@ class Connections:
         """
         nested = owned(self.write_lock)  # only a signal handler on this thread
         ident = threading.get_ident()
-        with self.locked(self.write_lock):
+        with self.writing(producer=producer):
             if nested:
                 self.refuse_interrupted()
             outer = self.joined.get(ident)
@@ -550,7 +504,7 @@ class Connections:
         lock between attempts (unless nested in a call a signal handler interrupted).
         """
         begin = functools.partial(self._begin, producer, not nested)
-        conn = self.retry(begin, let_go=not nested)
+        conn = self.retry(begin, let_go=not nested, producer=producer)
         if self.fence.try_enter():
             return conn
         conn.execute("ROLLBACK")

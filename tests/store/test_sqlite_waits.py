@@ -1,0 +1,160 @@
+"""Who waits for whom inside one process: appends go before delivering transactions.
+
+Each test's name states the behaviour it proves. Orders are counted (which transaction
+committed before which), never timed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import waits
+from durable_analytics._store.sqlite.waits import busy_pause
+from durable_analytics.exceptions import QueueBusy
+
+from .sqlite_helpers import body, index
+
+DELIVERING_THREADS = 12
+
+
+def _until(condition: object, what: str) -> None:
+    """Poll (briefly) until ``condition()`` holds."""
+    deadline = time.monotonic() + 10
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def test_an_append_waits_behind_at_most_one_delivering_transaction_besides_the_holder(
+    queue: Queue, dest: int
+) -> None:
+    """With a dozen delivering threads queued for the write lock, a waiting append is
+    passed by at most one of them: each delivering transaction looks whether the append's
+    row is committed yet, and the process's own count (``most_passed``) agrees."""
+    db = queue._db
+    order = db.waits.order
+    saw_append: list[bool] = []  # per delivering transaction: the append had committed
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        holding.set()
+        release.wait(10)
+
+    def look(conn: sqlite3.Connection) -> None:
+        count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        saw_append.append(count == 1)
+
+    def delivering(n: int) -> None:
+        db.write(look)
+
+    holder = threading.Thread(target=db.write, args=(hold,))
+    holder.start()
+    assert holding.wait(10)
+    threads = [threading.Thread(target=delivering, args=(n,)) for n in range(DELIVERING_THREADS)]
+    for thread in threads:
+        thread.start()
+    # One of them has its turn (and waits for the lock), the others wait for theirs.
+    _until(lambda: not order.turn.acquire(blocking=False), "a delivering thread took its turn")
+    time.sleep(0.05)  # let the others reach their wait (not needed for correctness)
+
+    appended: list[int] = []
+    producer = threading.Thread(target=lambda: appended.append(queue.append(dest, body(1))))
+    producer.start()
+    _until(lambda: order.waiting, "the append waits for the write lock")
+    release.set()
+    producer.join(10)
+    for thread in [holder, *threads]:
+        thread.join(10)
+    assert appended
+    assert appended[0] > 0
+
+    assert len(saw_append) == DELIVERING_THREADS
+    before = saw_append.count(False)
+    assert before <= 1, f"{before} delivering transactions went before the waiting append"
+    assert order.most_passed <= 1, order.most_passed
+    lease = queue.lease(10, 1_000_000)
+    assert lease is not None
+    assert [index(b) for b in lease.bodies] == [1]  # stored once, readable
+
+
+def test_appends_are_ordered_before_deliveries_when_both_wait(queue: Queue, dest: int) -> None:
+    """Whenever appends and delivering transactions both wait for the write lock, every
+    append commits before all but at most one of the delivering transactions that were
+    waiting with it (counted over many rounds)."""
+    db = queue._db
+    order = db.waits.order
+    log: list[str] = []
+    log_lock = threading.Lock()
+    stop = threading.Event()
+
+    def delivering() -> None:
+        while not stop.is_set():
+            db.write(lambda conn: conn.execute("SELECT 1").fetchone())
+            with log_lock:
+                log.append("d")
+
+    threads = [threading.Thread(target=delivering) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(300):
+            assert queue.append(dest, body(i)) > 0
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert order.entered > 0  # the delivering threads did run their transactions
+    assert order.most_passed <= 1, order.most_passed
+    assert queue.pending() == 300
+
+
+def test_a_delivering_transaction_waiting_for_its_turn_gives_up_at_the_deadline(
+    queue: Queue,
+) -> None:
+    """A delivering thread waits for its turn no longer than a flush's deadline allows:
+    QueueBusy, and the transaction never ran."""
+    db = queue._db
+    ran: list[int] = []
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        holding.set()
+        release.wait(10)
+
+    holder = threading.Thread(target=db.write, args=(hold,))
+    holder.start()
+    try:
+        assert holding.wait(10)
+        with db.bounded(0.0), pytest.raises(QueueBusy):
+            db.write(lambda conn: ran.append(1))
+    finally:
+        release.set()
+        holder.join(10)
+    assert ran == []
+
+
+def test_an_appends_busy_wait_retries_often_at_first_then_backs_off() -> None:
+    """Against another process's lock an append pauses at most PRODUCER_MAX_PAUSE between
+    retries for PRODUCER_FINE_FOR seconds, then backs off to MAX_PAUSE like a delivering
+    connection, which backs off to MAX_PAUSE from the start."""
+    delay, waited, pauses = 0.00002, 0.0, []
+    while waited < waits.PRODUCER_FINE_FOR * 3:
+        pause, delay = busy_pause(delay, waited, producer=True)
+        pauses.append((waited, pause))
+        waited += pause
+    assert all(p <= waits.PRODUCER_MAX_PAUSE for w, p in pauses if w < waits.PRODUCER_FINE_FOR)
+    assert pauses[-1][1] == waits.MAX_PAUSE
+    delay, waited, delivering = 0.00002, 0.0, []
+    for _ in range(20):
+        pause, delay = busy_pause(delay, waited, producer=False)
+        delivering.append(pause)
+        waited += pause
+    assert max(delivering) == waits.MAX_PAUSE
+    assert delivering == sorted(delivering)
