@@ -95,14 +95,16 @@ class WriteOrder:
     def producer_waiting(self) -> Iterator[None]:
         """Mark an append as waiting for the write lock inside the block."""
         token = object()
-        self.waiting.append(token)
         entered = self.entered
         try:
+            # Inside the try: an exception raised here by a signal handler must not leave
+            # a token behind, which would hold every delivering transaction back.
+            self.waiting.append(token)
             yield
         finally:
-            self.waiting.remove(token)
-            passed = self.entered - entered
-            self.most_passed = max(self.most_passed, passed)
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(token)
+            self.most_passed = max(self.most_passed, self.entered - entered)
 
 
 class Waits:
