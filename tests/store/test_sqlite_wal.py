@@ -237,3 +237,45 @@ def test_destinations_take_turns_and_a_backed_off_backlog_is_not_read(tmp_path: 
         q.ack(lease)
     assert order in ([a, b, a, b], [b, a, b, a])
     q.close()
+
+
+def test_a_log_truncated_back_to_its_limit_is_not_checkpointed_after_every_lease_and_ack(
+    tmp_path: Path,
+) -> None:
+    """Once a checkpoint has reset the ``-wal`` and the next commit truncated it back to
+    ``journal_size_limit``, the file's size *equals* the limit while the log holds only a
+    few frames: leases and acks go on without checkpointing until the log really outgrows
+    the normal size again (each PASSIVE checkpoint costs fsyncs; counted, not timed)."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path)
+    budget = q.wal_budget
+    dest = q.destination(HOST, KEY)
+    # Grow the log well past the normal size in one transaction, then let a lease/ack
+    # checkpoint it and the next commit restart and truncate it.
+    conn = q._conn()
+    conn.execute("BEGIN IMMEDIATE")
+    for i in range(budget.normal_pages * 2):
+        conn.execute(
+            "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, 2000, 0)",
+            (dest, body_of_size(i, 2000)),
+        )
+    conn.execute("COMMIT")
+    assert wal_bytes(path) > budget.size_limit
+    for _ in range(2):
+        lease = q.lease(20, 500_000)
+        assert lease is not None
+        q.ack(lease)
+    assert wal_bytes(path) == budget.size_limit  # truncated back to the limit, not below
+    checkpoints: list[str] = []
+    conn.set_trace_callback(
+        lambda sql: checkpoints.append(sql) if "wal_checkpoint" in sql else None
+    )
+    cycles = 20  # ~2 pages a transaction: far below the normal size of 1000 pages
+    for _ in range(cycles):
+        lease = q.lease(20, 500_000)
+        assert lease is not None
+        q.ack(lease)
+    conn.set_trace_callback(None)
+    assert checkpoints == []
+    assert q.pending() == budget.normal_pages * 2 - 20 * (cycles + 2)
+    q.close()

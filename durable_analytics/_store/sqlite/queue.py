@@ -249,7 +249,11 @@ class SqliteQueue:
         """Checkpoint the ``-wal`` once it holds the normal size, after (not inside) a
         delivering transaction: outside the process's write lock, so this process's appends
         go on meanwhile (see ``wal.py``). PASSIVE: it waits for nobody."""
-        if wal_bytes(self.path) < self.wal_budget.size_limit:
+        # A reset log is truncated back to exactly ``size_limit`` (journal_size_limit) and
+        # reused from its start: a file of that size holds anywhere from one frame to the
+        # normal size. Only a file past it has outgrown the normal size (measured: ``<``
+        # checkpointed, with its fsyncs, after every lease and ack of a busy queue).
+        if wal_bytes(self.path) <= self.wal_budget.size_limit:
             return
         with contextlib.suppress(sqlite3.Error, QueueError):
             self._db.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
