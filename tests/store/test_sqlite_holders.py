@@ -18,6 +18,7 @@ import pytest
 from conftest import start_python
 
 from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import holders
 
 from .sqlite_helpers import (
     HOST,
@@ -31,6 +32,7 @@ from .sqlite_helpers import (
 HOLDER = """
 import sys, time
 from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import holders
 q = Queue(sys.argv[1], lease_timeout=float(sys.argv[2]))
 lease = q.lease(1000, 10_000_000)
 print("leased", len(lease), lease.expires_monotonic, flush=True)
@@ -204,3 +206,81 @@ def test_lease_of_another_boot_is_reclaimed_at_once(
     again = queue.lease(10, 1_000_000)
     assert again is not None
     assert again.ids == lease.ids
+
+
+# --------------------------------------------------------------------------- probe counts
+
+MANY_HOLDER = """
+import sys, time
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import holders
+q = Queue(sys.argv[1], lease_timeout=60)
+leases = [q.lease(2, 10_000_000) for _ in range(int(sys.argv[2]))]
+print("leased", sum(len(x) for x in leases if x), flush=True)
+time.sleep(120)
+"""
+
+
+def _count_probes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the pid of every ``/proc/<pid>/stat`` read the lease scan makes."""
+    probed: list[int] = []
+    real = holders._process_start
+
+    def counting(pid: int) -> int | None:
+        probed.append(pid)
+        return real(pid)
+
+    monkeypatch.setattr(holders, "_process_start", counting)
+    return probed
+
+
+def test_a_lease_never_probes_proc_for_this_processs_own_leases(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With many batches of this process in flight, each new lease reads no ``/proc`` file:
+    this process is alive while it asks (counted, not timed)."""
+    q = Queue(queue_path, lease_timeout=60)
+    dest_id = q.destination(HOST, KEY)
+    fill(q, dest_id, 100)
+    holders.holder()  # this process's identity, read once before counting
+    probed = _count_probes(monkeypatch)
+    held = [q.lease(2, 10_000_000) for _ in range(32)]
+    assert all(lease is not None for lease in held)
+    assert q.reclaim_expired() == 0
+    assert probed == []
+    assert q.stats().leased == 64
+    q.close()
+
+
+def test_another_processs_many_leases_cost_one_probe_per_scan_and_are_reclaimed_once_killed(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 10 leases of one other live process are probed once per lease (one /proc read for
+    its pid, not ten) and respected; once it is SIGKILLed, the very next lease reclaims all
+    ten (no answer is trusted from an earlier scan) while this process's own lease stays."""
+    q = Queue(queue_path, lease_timeout=60)
+    dest_id = q.destination(HOST, KEY)
+    ids = fill(q, dest_id, 30)
+    proc = start_python(MANY_HOLDER, str(queue_path), "10")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().split() == ["leased", "20"]
+        mine = q.lease(5, 10_000_000)
+        assert mine is not None
+        assert list(mine.ids) == ids[20:25]
+        probed = _count_probes(monkeypatch)
+        second = q.lease(5, 10_000_000)
+        assert second is not None
+        assert list(second.ids) == ids[25:30]
+        assert probed == [proc.pid]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        probed.clear()
+        reclaimed = q.lease(100, 10_000_000)
+        assert reclaimed is not None
+        assert list(reclaimed.ids) == ids[:20]  # all ten of the killed holder's leases
+        assert probed == [proc.pid]
+        assert q.ack(mine) == 5  # ours was never taken
+    finally:
+        stop(proc)
+        q.close()

@@ -135,6 +135,45 @@ def test_leased_messages_are_not_leased_again_while_the_lease_is_live(
     assert [index(b) for b in nxt.bodies] == [99]
 
 
+def test_with_many_batches_in_flight_the_next_lease_takes_the_oldest_unleased_messages(
+    queue: Queue, queue_path: Path
+) -> None:
+    """The pick reads a page at a time and jumps runs of leased ids: with 30 batches of two
+    destinations in flight (their ids interleaved), a batch released in the middle and
+    messages appended after (the unindexed tail), each next lease still takes exactly the
+    oldest unleased messages of its destination, in order, and nothing twice."""
+    a = queue.destination(HOST, KEY)
+    b = queue.destination(OTHER_HOST, OTHER_KEY)
+    stored: dict[int, list[int]] = {a: [], b: []}
+    for i in range(400):
+        dest = a if i % 3 else b
+        stored[dest].append(queue.append(dest, body(i)))
+    held = [queue.lease(5, 1_000_000, destination=a) for _ in range(20)]
+    held += [queue.lease(5, 1_000_000, destination=b) for _ in range(10)]
+    assert all(lease is not None for lease in held)
+    taken = {x for lease in held if lease for x in lease.ids}
+    assert len(taken) == 150
+    assert [x for x in stored[a] if x in taken] == stored[a][:100]
+    middle = held[7]
+    assert middle is not None
+    queue.release(middle, count_attempt=False)
+    again = queue.lease(5, 1_000_000, destination=a)
+    assert again is not None
+    assert list(again.ids) == list(middle.ids)  # released: the oldest unleased again
+    nxt = queue.lease(20, 1_000_000, destination=a)
+    assert nxt is not None
+    assert list(nxt.ids) == stored[a][100:120]
+    other = Queue(queue_path)  # another connection: it sees the same leases
+    rest_b = other.lease(1000, 10_000_000, destination=b)
+    assert rest_b is not None
+    assert list(rest_b.ids) == stored[b][50:]
+    other.close()
+    late = [queue.append(a, body(1000 + i)) for i in range(3)]
+    rest_a = queue.lease(1000, 10_000_000, destination=a)
+    assert rest_a is not None
+    assert list(rest_a.ids) == stored[a][120:] + late
+
+
 def test_lease_destination_filter_takes_only_that_destination(queue: Queue) -> None:
     a = queue.destination(HOST, KEY)
     b = queue.destination(OTHER_HOST, OTHER_KEY)

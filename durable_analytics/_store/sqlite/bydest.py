@@ -57,7 +57,7 @@ _READY = "(m.not_before IS NULL OR m.not_before <= ? OR m.not_before > ?)"
 _INDEXED_ROWS = (
     "SELECT m.id, m.size, m.attempts, m.enqueued_at FROM dest_ids x "
     "CROSS JOIN messages m ON m.id = x.id "
-    f"WHERE x.dest = ? AND x.id <= ? AND {_READY} ORDER BY x.id LIMIT ?"
+    f"WHERE x.dest = ? AND x.id > ? AND x.id <= ? AND {_READY} ORDER BY x.id LIMIT ?"
 )
 _TAIL_ROWS = (
     "SELECT m.id, m.size, m.attempts, m.enqueued_at FROM messages m "
@@ -131,8 +131,11 @@ def rows(
     window: tuple[int, float, float],
     limit: int,
     mark: int,
+    after: int = 0,
 ) -> list[Row]:
     """``dest``'s first ``limit`` messages that are ready; ``mark`` is ``upto(conn)``.
+
+    Only ids after ``after`` are read (a lease skips the messages other batches hold).
 
     ``window`` is ``(top, now, horizon)``: ids up to ``top``, and ready means no
     ``not_before`` of its own, or one that has come by ``now`` (or lies beyond ``horizon``:
@@ -143,14 +146,14 @@ def rows(
     found: list[Row] = [
         (int(i), int(s), int(a), float(t))
         for i, s, a, t in conn.execute(
-            _INDEXED_ROWS, (dest, min(top, mark), now, horizon, limit)
+            _INDEXED_ROWS, (dest, after, min(top, mark), now, horizon, limit)
         ).fetchall()
     ]
     if len(found) < limit and top > mark:
         found.extend(
             (int(i), int(s), int(a), float(t))
             for i, s, a, t in conn.execute(
-                _TAIL_ROWS, (mark, top, dest, now, horizon, limit - len(found))
+                _TAIL_ROWS, (max(mark, after), top, dest, now, horizon, limit - len(found))
             ).fetchall()
         )
     return found

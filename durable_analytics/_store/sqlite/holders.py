@@ -64,8 +64,17 @@ def holder() -> Holder:
     return cached
 
 
-def holder_gone(boot: str, pidns: int, pid: int, pstart: int) -> bool:
-    """True only when the lease holder provably no longer exists."""
+def holder_gone(
+    boot: str, pidns: int, pid: int, pstart: int, seen: dict[int, int | None] | None = None
+) -> bool:
+    """True only when the lease holder provably no longer exists.
+
+    A lease of this very process (same boot, pid namespace, pid and start time) is never
+    probed: this process is alive by definition, and a scan meets one such lease per batch
+    it has in flight. ``seen`` memoizes the probes of one scan (pid -> start time), so the
+    leases of another process cost one ``/proc`` read between them, and a scan never trusts
+    an earlier scan's answer (a process killed since is seen gone at the next one).
+    """
     me = holder()
     if not boot or not me.boot:
         return False
@@ -73,7 +82,14 @@ def holder_gone(boot: str, pidns: int, pid: int, pstart: int) -> bool:
         return True  # the machine rebooted since: no process of that boot survives
     if pidns != me.pidns or pidns == 0:
         return False  # another pid namespace: its pids mean nothing here
-    start = _process_start(pid)
+    if pid == me.pid and pstart == me.start:
+        return False  # this process: alive while it asks
+    if seen is None:
+        start = _process_start(pid)
+    elif pid in seen:
+        start = seen[pid]
+    else:
+        start = seen[pid] = _process_start(pid)
     return start is None or start not in (-1, pstart)
 
 
@@ -93,12 +109,13 @@ def lease_over(
     pstart: int,
     mono_exp: float,
     wall_exp: float,
+    seen: dict[int, int | None] | None = None,
 ) -> bool:
-    """Whether a lease record has expired or lost its holder."""
+    """Whether a lease record has expired or lost its holder (``seen``: see ``holder_gone``)."""
     if boot and boot == holder().boot:
         expired = now_mono > mono_exp  # one boot, one monotonic clock for every process
     else:
         # Another boot (or no boot id): the wall clock, ignoring an expiry so far
         # ahead that only a backwards clock jump explains it.
         expired = now_wall > wall_exp or wall_exp > now_wall + lease_timeout + CLOCK_JUMP_MARGIN
-    return expired or holder_gone(boot, pidns, pid, pstart)
+    return expired or holder_gone(boot, pidns, pid, pstart, seen)

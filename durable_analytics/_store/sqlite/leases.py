@@ -6,6 +6,7 @@ runs inside the caller's transaction on the given connection.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 import uuid
@@ -36,6 +37,14 @@ def parse_ids(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+@functools.lru_cache(maxsize=1024)
+def _id_set(text: str) -> frozenset[int]:
+    # Every lease and poll reads every live lease's id list: each list is parsed once per
+    # process, not once per scan (a list never changes but by being rewritten, and then
+    # its text is new).
+    return frozenset(parse_ids(text))
+
+
 def chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -48,13 +57,14 @@ def scan_leases(
     now_mono = time.monotonic()
     leased: set[int] = set()
     dead: list[str] = []
+    seen: dict[int, int | None] = {}  # one /proc probe per holder pid in this scan
     for token, ids, *holder_row in conn.execute(
         "SELECT token, ids, boot, pidns, pid, pstart, mono_expires, wall_expires FROM leases"
     ).fetchall():
-        if lease_over(lease_timeout, now_wall, now_mono, *holder_row):
+        if lease_over(lease_timeout, now_wall, now_mono, *holder_row, seen):
             dead.append(token)
         else:
-            leased.update(parse_ids(ids))
+            leased.update(_id_set(ids))
     return leased, dead
 
 
@@ -62,7 +72,7 @@ def leased_ids(conn: sqlite3.Connection) -> set[int]:
     """Every message id named by a lease record, live or not yet reclaimed."""
     leased: set[int] = set()
     for (ids,) in conn.execute("SELECT ids FROM leases").fetchall():
-        leased.update(parse_ids(ids))
+        leased.update(_id_set(ids))
     return leased
 
 
@@ -179,23 +189,36 @@ def _pick(
 ) -> tuple[list[int], int] | None:
     """The ids (and highest attempts) of the batch ``take`` would lease from ``dest_id``."""
     top, now_wall, horizon, mark = window
-    # Leased messages are skipped here rather than excluded in SQL: there are only ever a
-    # few batches' worth of them, and the query stays one cached statement. Only sizes are
-    # read: the bodies of the batch alone are read afterwards, so that many holders leasing
-    # at once do not each read every other holder's bodies.
-    rows = bydest.rows(conn, dest_id, (top, now_wall, horizon), max_messages + len(leased), mark)
+    # Leased messages are skipped here rather than excluded in SQL: the query stays one
+    # cached statement. They are the oldest of the destination's messages (the batches in
+    # flight), so rows are read a page at a time, and a page that ends in a leased message
+    # goes on after the run of leased ids that follows it: a lease reads about one page of
+    # other batches' messages, not all of them (32 batches in flight made every lease read
+    # and convert 640 rows). Only sizes are read: the bodies of the batch alone are read
+    # afterwards.
+    if max_messages < 1:
+        return None
     ids: list[int] = []
     total = 0
     attempts = 0
-    for row_id, size, row_attempts, _ in rows:
-        if row_id in leased:
-            continue
-        cost = int(size) + per_message_overhead
-        if ids and (total + cost > max_bytes or len(ids) >= max_messages):
-            break
-        ids.append(int(row_id))
-        total += cost
-        attempts = max(attempts, int(row_attempts))
+    after = 0
+    page = max_messages + 1
+    while True:
+        rows = bydest.rows(conn, dest_id, (top, now_wall, horizon), page, mark, after)
+        for row_id, size, row_attempts, _ in rows:
+            if row_id in leased:
+                continue
+            cost = int(size) + per_message_overhead
+            if ids and (total + cost > max_bytes or len(ids) >= max_messages):
+                return ids, attempts
+            ids.append(int(row_id))
+            total += cost
+            attempts = max(attempts, int(row_attempts))
+        if len(rows) < page:
+            break  # nothing more is ready
+        after = rows[-1][0]
+        while after + 1 in leased:
+            after += 1
     return (ids, attempts) if ids else None
 
 
