@@ -61,7 +61,7 @@ def scan_leases(
     for token, ids, *holder_row in conn.execute(
         "SELECT token, ids, boot, pidns, pid, pstart, mono_expires, wall_expires FROM leases"
     ).fetchall():
-        if lease_over(lease_timeout, now_wall, now_mono, *holder_row, seen):
+        if lease_over(lease_timeout, now_wall, now_mono, *holder_row, seen=seen):
             dead.append(token)
         else:
             leased.update(_id_set(ids))
