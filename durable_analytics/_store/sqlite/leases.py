@@ -58,10 +58,11 @@ def scan_leases(
     leased: set[int] = set()
     dead: list[str] = []
     seen: dict[int, int | None] = {}  # one /proc probe per holder pid in this scan
-    for token, ids, *holder_row in conn.execute(
+    for token, ids, boot, pidns, pid, pstart, mono_exp, wall_exp in conn.execute(
         "SELECT token, ids, boot, pidns, pid, pstart, mono_expires, wall_expires FROM leases"
     ).fetchall():
-        if lease_over(lease_timeout, now_wall, now_mono, *holder_row, seen=seen):
+        row = (boot, pidns, pid, pstart, mono_exp, wall_exp)
+        if lease_over(lease_timeout, now_wall, now_mono, *row, seen=seen):
             dead.append(token)
         else:
             leased.update(_id_set(ids))
