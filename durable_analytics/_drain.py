@@ -350,13 +350,17 @@ def deliver_pass(
     def spawn(lease: Lease) -> None:
         if spawned[0] or count == 1 or len(lease) < deliverer.batch_messages:
             return
-        if not deliverer.window(lease).latency_bound:
+        window = deliverer.window(lease)
+        if not window.latency_bound:
             if EXIT_REFUSES_THREADS:
                 # A backlog now may be an exit later, which could start no thread.
                 prestart_helpers(count - 1)
             return  # a fast server, or none measured yet: one at a time is quickest
         spawned[0] = True
-        for _ in range(count - 1):
+        # As many threads as the round trip needs, not always ``count``: a loaded machine
+        # makes loopback look slow enough to pipeline, and 32 threads then fought over the
+        # GIL and the write lock for a 2 ms round trip (the window still caps them all).
+        for _ in range(min(count, window.depth()) - 1):
             with lock:
                 running[0] += 1
             if not run_beside(guarded):

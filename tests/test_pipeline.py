@@ -576,3 +576,51 @@ def test_a_failure_hands_the_unsent_batch_of_a_lease_back_and_reports_each_batch
     assert [len(msgs) for msgs in reports] == [20, 20]  # on_error once per batch
     reported = sorted(m["messageId"] for msgs in reports for m in msgs)
     assert reported == sorted(ids)
+
+
+def test_the_pipeline_depth_follows_the_round_trip_so_a_fast_destination_gets_few_threads() -> None:
+    """Little's law: a 3 ms round trip needs 2 requests in flight, not ``max_in_flight``;
+    a 50 ms one fills the window (the depth is capped by ``max_in_flight`` where used)."""
+    window = Window(32)
+    assert window.depth() == 1  # nothing measured yet
+    window.observe(0.5)  # the first request (pool, connection) is not the destination's
+    assert window.depth() == 1
+    window.observe(0.003)
+    assert window.depth() == 2
+    for _ in range(8):
+        window.observe(0.05)
+    assert window.depth() >= 32
+
+
+def test_a_pass_against_a_fast_destination_starts_no_more_threads_than_its_depth(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destination whose round trips are long enough to pipeline (~3 ms, as a loaded
+    machine makes loopback look) but that holds two requests' worth of this process's
+    own cost: the pass runs two threads, not the 8 its window allows."""
+    # One request's own cost is made so large that any round trip under a second is worth
+    # two in flight: the count no longer depends on how the machine's load stretches a
+    # round trip.
+    monkeypatch.setattr(_pipeline, "REQUEST_COST", 1.0)
+
+    def handler(batch: Any) -> int:
+        time.sleep(0.003)  # above PIPELINE_MIN_RTT however loaded the machine is
+        return 200
+
+    transport = RecordingTransport(handler)
+    threads: set[str] = set()
+    send = transport.send
+
+    def record(*args: Any, **kw: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return send(*args, **kw)
+
+    transport.send = record  # type: ignore[method-assign]
+    queue = SqliteQueue(queue_path)
+    dest = queue.destination("http://127.0.0.1:19", WRITE_KEY)
+    for i in range(400):
+        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    stats = deliver_pass(queue, Deliverer(queue, transport, max_in_flight=8))
+    queue.close()
+    assert stats.sent == 400
+    assert len(threads) == 2
