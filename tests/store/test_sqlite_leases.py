@@ -174,6 +174,22 @@ def test_with_many_batches_in_flight_the_next_lease_takes_the_oldest_unleased_me
     assert list(rest_a.ids) == stored[a][120:] + late
 
 
+def test_a_batch_larger_than_a_page_is_read_in_pages_and_stops_at_the_byte_budget(
+    queue: Queue, dest: int
+) -> None:
+    """A lease of up to 250 messages (``max_batch_messages``) reads pages of about 100 and
+    still takes the oldest in order with their own bodies; the byte budget ends it early."""
+    ids = [queue.append(dest, body_of_size(i, 100)) for i in range(300)]
+    big = queue.lease(250, 10_000_000)
+    assert big is not None
+    assert list(big.ids) == ids[:250]
+    assert [index(b) for b in big.bodies] == list(range(250))
+    queue.release(big, count_attempt=False)
+    budget = queue.lease(250, 120 * 101)  # each message costs its 100 bytes + 1
+    assert budget is not None
+    assert list(budget.ids) == ids[:120]
+
+
 def test_lease_destination_filter_takes_only_that_destination(queue: Queue) -> None:
     a = queue.destination(HOST, KEY)
     b = queue.destination(OTHER_HOST, OTHER_KEY)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
     "CATCH_UP_ROWS",
@@ -38,6 +39,7 @@ __all__ = [
     "count",
     "fold_in",
     "rows",
+    "rows_with_bodies",
     "snapshot",
     "tail",
     "upto",
@@ -55,14 +57,18 @@ _READY = "(m.not_before IS NULL OR m.not_before <= ? OR m.not_before > ?)"
 # CROSS JOIN keeps SQLite from reordering: walk one destination's entries in id order, and
 # look each row up by id.
 _INDEXED_ROWS = (
-    "SELECT m.id, m.size, m.attempts, m.enqueued_at FROM dest_ids x "
+    "SELECT m.id, m.size, m.attempts, {last} FROM dest_ids x "
     "CROSS JOIN messages m ON m.id = x.id "
     f"WHERE x.dest = ? AND x.id > ? AND x.id <= ? AND {_READY} ORDER BY x.id LIMIT ?"
 )
 _TAIL_ROWS = (
-    "SELECT m.id, m.size, m.attempts, m.enqueued_at FROM messages m "
+    "SELECT m.id, m.size, m.attempts, {last} FROM messages m "
     f"WHERE m.id > ? AND m.id <= ? AND m.dest = ? AND {_READY} ORDER BY m.id LIMIT ?"
 )
+# The rows with their enqueue time (polls), or with their body (a lease: the batch's bodies
+# come with the page that picks it, not from a second statement).
+_BY_TIME = (_INDEXED_ROWS.format(last="m.enqueued_at"), _TAIL_ROWS.format(last="m.enqueued_at"))
+_BY_BODY = (_INDEXED_ROWS.format(last="m.body"), _TAIL_ROWS.format(last="m.body"))
 # The newest entry: the newest of each destination's (a few lookups, where max(id) over the
 # whole index would read all of it).
 _UPTO = (
@@ -88,6 +94,7 @@ _COUNT_EVERY = (
 )
 
 Row = tuple[int, int, int, float]
+BodyRow = tuple[int, int, int, bytes]
 
 
 def upto(conn: sqlite3.Connection) -> int:
@@ -135,25 +142,51 @@ def rows(
 ) -> list[Row]:
     """``dest``'s first ``limit`` messages that are ready; ``mark`` is ``upto(conn)``.
 
-    Only ids after ``after`` are read (a lease skips the messages other batches hold).
-
     ``window`` is ``(top, now, horizon)``: ids up to ``top``, and ready means no
     ``not_before`` of its own, or one that has come by ``now`` (or lies beyond ``horizon``:
     a clock that jumped back). ``(id, size, attempts, enqueued_at)``, oldest first; the
     cost is what is read of ``dest`` (and the tail), whatever other destinations hold.
+    Only ids after ``after`` are read.
     """
-    top, now, horizon = window
-    found: list[Row] = [
+    return [
         (int(i), int(s), int(a), float(t))
-        for i, s, a, t in conn.execute(
-            _INDEXED_ROWS, (dest, after, min(top, mark), now, horizon, limit)
-        ).fetchall()
+        for i, s, a, t in _read(conn, _BY_TIME, dest, window, limit, mark, after)
     ]
+
+
+def rows_with_bodies(
+    conn: sqlite3.Connection,
+    dest: int,
+    window: tuple[int, float, float],
+    limit: int,
+    mark: int,
+    after: int = 0,
+) -> list[BodyRow]:
+    """What ``rows`` reads, with each message's body instead of its enqueue time."""
+    return [
+        (int(i), int(s), int(a), bytes(b))
+        for i, s, a, b in _read(conn, _BY_BODY, dest, window, limit, mark, after)
+    ]
+
+
+def _read(
+    conn: sqlite3.Connection,
+    statements: tuple[str, str],
+    dest: int,
+    window: tuple[int, float, float],
+    limit: int,
+    mark: int,
+    after: int,
+) -> list[Any]:
+    top, now, horizon = window
+    indexed, tail = statements
+    found: list[Any] = conn.execute(
+        indexed, (dest, after, min(top, mark), now, horizon, limit)
+    ).fetchall()
     if len(found) < limit and top > mark:
         found.extend(
-            (int(i), int(s), int(a), float(t))
-            for i, s, a, t in conn.execute(
-                _TAIL_ROWS, (max(mark, after), top, dest, now, horizon, limit - len(found))
+            conn.execute(
+                tail, (max(mark, after), top, dest, now, horizon, limit - len(found))
             ).fetchall()
         )
     return found

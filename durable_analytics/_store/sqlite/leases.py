@@ -146,14 +146,7 @@ def take(
             break
     if picked is None:
         return None
-    ids, attempts = picked
-    found: dict[int, bytes] = {}
-    for chunk in chunks(ids, 500):
-        for row_id, body in conn.execute(
-            f"SELECT id, body FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk
-        ):
-            found[int(row_id)] = bytes(body)
-    bodies = [found[i] for i in ids]
+    ids, bodies, attempts = picked
     token = uuid.uuid4().hex
     me = holder()
     mono_expires = time.monotonic() + lease_timeout
@@ -187,32 +180,36 @@ def _pick(
     max_messages: int,
     max_bytes: int,
     per_message_overhead: int,
-) -> tuple[list[int], int] | None:
-    """The ids (and highest attempts) of the batch ``take`` would lease from ``dest_id``."""
+) -> tuple[list[int], list[bytes], int] | None:
+    """The ids, bodies and highest attempts of the batch ``take`` would lease from ``dest_id``."""
     top, now_wall, horizon, mark = window
     # Leased messages are skipped here rather than excluded in SQL: the query stays one
     # cached statement. They are the oldest of the destination's messages (the batches in
     # flight), so rows are read a page at a time, and a page that ends in a leased message
     # goes on after the run of leased ids that follows it: a lease reads about one page of
     # other batches' messages, not all of them (32 batches in flight made every lease read
-    # and convert 640 rows). Only sizes are read: the bodies of the batch alone are read
-    # afterwards.
+    # and convert 640 rows). Bodies come with the page: at most a page of other batches'
+    # bodies is read, and no second statement for the batch's own.
     if max_messages < 1:
         return None
     ids: list[int] = []
+    bodies: list[bytes] = []
     total = 0
     attempts = 0
     after = 0
-    page = max_messages + 1
+    # A page a batch of ``flush_at`` fits in; a larger batch (``max_batch_messages``) is read
+    # in pages of ~100 so that the bytes budget stops it before it reads thousands of bodies.
+    page = min(max_messages, 100) + 1
     while True:
-        rows = bydest.rows(conn, dest_id, (top, now_wall, horizon), page, mark, after)
-        for row_id, size, row_attempts, _ in rows:
+        rows = bydest.rows_with_bodies(conn, dest_id, (top, now_wall, horizon), page, mark, after)
+        for row_id, size, row_attempts, body in rows:
             if row_id in leased:
                 continue
             cost = int(size) + per_message_overhead
             if ids and (total + cost > max_bytes or len(ids) >= max_messages):
-                return ids, attempts
-            ids.append(int(row_id))
+                return ids, bodies, attempts
+            ids.append(row_id)
+            bodies.append(body)
             total += cost
             attempts = max(attempts, int(row_attempts))
         if len(rows) < page:
@@ -220,7 +217,7 @@ def _pick(
         after = rows[-1][0]
         while after + 1 in leased:
             after += 1
-    return (ids, attempts) if ids else None
+    return (ids, bodies, attempts) if ids else None
 
 
 def held_ids(conn: sqlite3.Connection, lease: Lease) -> list[int] | None:
