@@ -876,7 +876,7 @@ _SQL_MODULES = {
     "dead_letters": (13, 7),
     "files": (1, 1),
     "inspect": (10, 1),
-    "leases": (13, 4),
+    "leases": (12, 3),
     "queue": (12, 2),
     "ready": (3, 1),
     "recovery": (15, 1),

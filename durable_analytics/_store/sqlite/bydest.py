@@ -56,19 +56,22 @@ ROOM_BYTES = 8 * 1024 * 1024
 _READY = "(m.not_before IS NULL OR m.not_before <= ? OR m.not_before > ?)"
 # CROSS JOIN keeps SQLite from reordering: walk one destination's entries in id order, and
 # look each row up by id.
-_INDEXED_ROWS = (
-    "SELECT m.id, m.size, m.attempts, {last} FROM dest_ids x "
-    "CROSS JOIN messages m ON m.id = x.id "
+_INDEXED_FROM = (
+    "FROM dest_ids x CROSS JOIN messages m ON m.id = x.id "
     f"WHERE x.dest = ? AND x.id > ? AND x.id <= ? AND {_READY} ORDER BY x.id LIMIT ?"
 )
-_TAIL_ROWS = (
-    "SELECT m.id, m.size, m.attempts, {last} FROM messages m "
+_TAIL_FROM = (
+    "FROM messages m "
     f"WHERE m.id > ? AND m.id <= ? AND m.dest = ? AND {_READY} ORDER BY m.id LIMIT ?"
 )
 # The rows with their enqueue time (polls), or with their body (a lease: the batch's bodies
 # come with the page that picks it, not from a second statement).
-_BY_TIME = (_INDEXED_ROWS.format(last="m.enqueued_at"), _TAIL_ROWS.format(last="m.enqueued_at"))
-_BY_BODY = (_INDEXED_ROWS.format(last="m.body"), _TAIL_ROWS.format(last="m.body"))
+_BY_TIME = "SELECT m.id, m.size, m.attempts, m.enqueued_at"
+_BY_BODY = "SELECT m.id, m.size, m.attempts, m.body"
+_INDEXED_ROWS = f"{_BY_TIME} {_INDEXED_FROM}"
+_TAIL_ROWS = f"{_BY_TIME} {_TAIL_FROM}"
+_INDEXED_BODIES = f"{_BY_BODY} {_INDEXED_FROM}"
+_TAIL_BODIES = f"{_BY_BODY} {_TAIL_FROM}"
 # The newest entry: the newest of each destination's (a few lookups, where max(id) over the
 # whole index would read all of it).
 _UPTO = (
@@ -150,7 +153,7 @@ def rows(
     """
     return [
         (int(i), int(s), int(a), float(t))
-        for i, s, a, t in _read(conn, _BY_TIME, dest, window, limit, mark, after)
+        for i, s, a, t in _read(conn, False, dest, window, limit, mark, after)
     ]
 
 
@@ -165,13 +168,13 @@ def rows_with_bodies(
     """What ``rows`` reads, with each message's body instead of its enqueue time."""
     return [
         (int(i), int(s), int(a), bytes(b))
-        for i, s, a, b in _read(conn, _BY_BODY, dest, window, limit, mark, after)
+        for i, s, a, b in _read(conn, True, dest, window, limit, mark, after)
     ]
 
 
 def _read(
     conn: sqlite3.Connection,
-    statements: tuple[str, str],
+    bodies: bool,
     dest: int,
     window: tuple[int, float, float],
     limit: int,
@@ -179,14 +182,15 @@ def _read(
     after: int,
 ) -> list[Any]:
     top, now, horizon = window
-    indexed, tail = statements
     found: list[Any] = conn.execute(
-        indexed, (dest, after, min(top, mark), now, horizon, limit)
+        _INDEXED_BODIES if bodies else _INDEXED_ROWS,
+        (dest, after, min(top, mark), now, horizon, limit),
     ).fetchall()
     if len(found) < limit and top > mark:
         found.extend(
             conn.execute(
-                tail, (max(mark, after), top, dest, now, horizon, limit - len(found))
+                _TAIL_BODIES if bodies else _TAIL_ROWS,
+                (max(mark, after), top, dest, now, horizon, limit - len(found)),
             ).fetchall()
         )
     return found
