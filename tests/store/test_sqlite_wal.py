@@ -14,6 +14,7 @@ import pytest
 from conftest import start_python
 
 from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import queue as queue_module
 from durable_analytics._store.sqlite.schema import SCHEMA_V1, SCHEMA_VERSION
 from durable_analytics._store.sqlite.wal import WalBudget, wal_bytes
 
@@ -278,4 +279,44 @@ def test_a_log_truncated_back_to_its_limit_is_not_checkpointed_after_every_lease
     conn.set_trace_callback(None)
     assert checkpoints == []
     assert q.pending() == budget.normal_pages * 2 - 20 * (cycles + 2)
+    q.close()
+
+
+def test_a_log_that_cannot_restart_is_not_checkpointed_after_every_lease_and_ack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the log cannot restart (here a reader pins it; in production a producer that
+    commits without pause), the file stays past its limit: the delivering connection
+    checkpoints once, then only after another normal size of log or ``CHECKPOINT_EVERY``,
+    not after every lease and ack (counted, with the interval made long)."""
+    monkeypatch.setattr(queue_module, "CHECKPOINT_EVERY", 3600.0)
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path)
+    budget = q.wal_budget
+    dest = q.destination(HOST, KEY)
+    conn = q._conn()
+    conn.execute("BEGIN IMMEDIATE")
+    for i in range(budget.normal_pages * 2):
+        conn.execute(
+            "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, 2000, 0)",
+            (dest, body_of_size(i, 2000)),
+        )
+    conn.execute("COMMIT")
+    reader = sqlite3.connect(str(path))
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM messages").fetchone()  # pins the log
+    checkpoints: list[str] = []
+    conn.set_trace_callback(
+        lambda sql: checkpoints.append(sql) if "wal_checkpoint" in sql else None
+    )
+    for _ in range(20):
+        lease = q.lease(20, 500_000)
+        assert lease is not None
+        q.ack(lease)
+    conn.set_trace_callback(None)
+    assert wal_bytes(path) > budget.size_limit
+    assert len(checkpoints) == 1
+    reader.execute("COMMIT")
+    reader.close()
+    assert q.pending() == budget.normal_pages * 2 - 400
     q.close()

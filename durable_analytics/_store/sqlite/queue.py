@@ -46,7 +46,11 @@ from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
 from .wal import WalBudget, wal_bytes
 
-__all__ = ["SqliteQueue"]
+__all__ = ["CHECKPOINT_EVERY", "SqliteQueue"]
+
+#: The most often (seconds) a delivering connection checkpoints a ``-wal`` that stays past
+#: its size limit without growing by that much again (see ``_checkpoint_if_due``).
+CHECKPOINT_EVERY = 0.1
 
 
 class SqliteQueue:
@@ -106,6 +110,8 @@ class SqliteQueue:
             max_queue_bytes // 10 if max_dead_letter_bytes is None else max_dead_letter_bytes
         )
         self._dest_cache: dict[tuple[str, str], int] = {}
+        #: The ``-wal``'s size and the monotonic time at this queue's last checkpoint.
+        self._checkpointed = (0, -CHECKPOINT_EVERY)
         self._last_dest = 0  # the destination leased last: the next lease tries others first
         prepare_path(self.path)
         self.wal_budget = WalBudget.for_cap(max_queue_bytes)
@@ -249,12 +255,25 @@ class SqliteQueue:
         """Checkpoint the ``-wal`` once it holds the normal size, after (not inside) a
         delivering transaction: outside the process's write lock, so this process's appends
         go on meanwhile (see ``wal.py``). PASSIVE: it waits for nobody."""
+        size = wal_bytes(self.path)
         # A reset log is truncated back to exactly ``size_limit`` (journal_size_limit) and
         # reused from its start: a file of that size holds anywhere from one frame to the
         # normal size. Only a file past it has outgrown the normal size (measured: ``<``
         # checkpointed, with its fsyncs, after every lease and ack of a busy queue).
-        if wal_bytes(self.path) <= self.wal_budget.size_limit:
+        if size <= self.wal_budget.size_limit:
             return
+        # While producers commit without pause the log cannot restart (each writer began
+        # before the last checkpoint ended), so the file stays past the limit and each lease
+        # and ack ran a PASSIVE checkpoint of the few frames since the last, with its two
+        # fsyncs (~40 % of a flusher's time beside a busy producer). Again only once the file
+        # grew by another normal size since this queue's last checkpoint, or
+        # CHECKPOINT_EVERY passed (a log that restarted since cannot be told apart by the
+        # file's size), or the file shrank.
+        last, at = self._checkpointed
+        now = time.monotonic()
+        if last <= size < last + self.wal_budget.size_limit and now - at < CHECKPOINT_EVERY:
+            return
+        self._checkpointed = (size, now)
         with contextlib.suppress(sqlite3.Error, QueueError):
             self._db.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
 
