@@ -438,6 +438,43 @@ def test_an_append_that_joined_a_transaction_rolled_back_to_wait_for_a_recovery_
     queue.close()
 
 
+@pytest.mark.parametrize("fence_taken", [False, True], ids=["after BEGIN", "after the fence"])
+def test_an_append_that_joined_a_begin_a_handler_then_cut_short_is_kept(
+    queue_path: Path, fence_taken: bool
+) -> None:
+    """A signal handler runs right after a C call returns: a SIGTERM handler can track (its
+    append joins the transaction BEGIN IMMEDIATE just opened) and then raise SystemExit
+    before the interrupted call knew it held a transaction or the fence. The handler's call
+    returned, so its message is on disk afterwards; nothing stays open or held. (Before: the
+    transaction stayed open and the message was gone with the process, 2 runs in 100.)"""
+    queue = Queue(queue_path)
+    dest = queue.destination("https://api.example.test", WRITE_KEY)
+    db = queue._db
+    fence = db.fence
+    real_try_enter = fence.try_enter
+
+    def interrupted_try_enter() -> bool:
+        del fence.try_enter
+        if fence_taken:
+            assert real_try_enter()  # the flock returned: the signal lands after it
+        assert queue.append(dest, b'{"handler":1}') > 0  # as the SIGTERM handler would
+        raise SystemExit(0)
+
+    fence.try_enter = interrupted_try_enter  # type: ignore[method-assign]
+
+    def outer() -> None:
+        with contextlib.suppress(SystemExit), db.transaction() as conn:
+            conn.execute(INSERT, (dest, b'{"outer":1}', 11, time.time()))
+
+    on_this_thread_within(30, outer)
+    with contextlib.closing(sqlite3.connect(queue_path)) as check:
+        bodies = sorted(bytes(b) for (b,) in check.execute("SELECT body FROM messages"))
+    assert bodies == [b'{"handler":1}']
+    assert fence.depth == 0
+    assert not directory_locked_by_someone(queue_path.parent)
+    queue.close()
+
+
 # --------------------------------------------------------------------------- warnings
 
 CLOSED_CLEANLY = """

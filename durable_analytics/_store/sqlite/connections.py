@@ -503,6 +503,36 @@ class Connections:
         While another process holds SQLite's lock, the wait lets go of this process's write
         lock between attempts (unless nested in a call a signal handler interrupted).
         """
+        current = getattr(self.local, "conn", None)
+        # A transaction already open is an interrupted caller's (a signal handler's call
+        # never begins inside one, ``_begin`` refuses): not this call's to end.
+        ours = current is None or not current.in_transaction
+        depth = self.fence.depth
+        try:
+            return self._begin_fenced_steps(producer, nested)
+        except BaseException:
+            if ours:
+                self._abandon_begin(depth)
+            raise
+
+    def _abandon_begin(self, fence_depth: int) -> None:
+        """Undo a begin cut short by an exception, wherever it struck.
+
+        A signal handler runs right after a C call returns, so one that raises (SystemExit
+        from a SIGTERM handler) can strike after ``BEGIN IMMEDIATE`` or the fence's flock
+        succeeded and before this thread knew: the transaction would stay open, and an
+        append the handler made first (it joined that transaction, and its call returned)
+        would vanish with the process. Rolled back, fence left, the append stored again.
+        """
+        conn = getattr(self.local, "conn", None)
+        if conn is not None and conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        self.fence.unwind(fence_depth)
+        if conn is not None:
+            self._store_joined_again(conn)
+
+    def _begin_fenced_steps(self, producer: bool, nested: bool) -> sqlite3.Connection:
         begin = functools.partial(self._begin, producer, not nested)
         conn = self.retry(begin, let_go=not nested, producer=producer)
         if self.fence.try_enter():

@@ -105,6 +105,16 @@ class CommitFence:
         with contextlib.suppress(OSError):
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    @property
+    def depth(self) -> int:
+        """How many holds this thread has (0: the lock is not held by this object)."""
+        return self._depth
+
+    def unwind(self, depth: int) -> None:
+        """Leave until only ``depth`` holds remain (after an exception cut a caller short)."""
+        while self._depth > depth:
+            self.leave()
+
     def forget_after_fork(self) -> None:
         """In a forked child: the descriptor is shared with the parent; open our own.
 
