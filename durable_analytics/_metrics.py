@@ -70,6 +70,12 @@ _TABLE = [
     Metric("destination_backoff", "durable_analytics_destination_backoff_seconds",
            "durable_analytics.destination.backoff", "gauge", "s",
            "Seconds until the destination is tried again (0 when not backing off)."),
+    Metric("destination_window", "durable_analytics_destination_window_requests",
+           "durable_analytics.destination.window", "gauge", "{request}",
+           "The destination's in-flight window stored for the fleet (PostgreSQL queue only)."),
+    Metric("destination_in_flight", "durable_analytics_destination_live_leases",
+           "durable_analytics.destination.live_leases", "gauge", "{lease}",
+           "The destination's live leases: slots of its stored window in use."),
     Metric("last_error_time", "durable_analytics_last_error_timestamp_seconds",
            "durable_analytics.last_error.time", "gauge", "s",
            "Unix time of the most recent delivery failure (absent when none)."),
@@ -197,6 +203,17 @@ def queue_samples(stats: QueueStats, *, now: float) -> list[Sample]:
         out.append(Sample("destination_pending", pending, labels))
         out.append(Sample("destination_failures", failures, labels))
         out.append(Sample("destination_backoff", round(backoff, 3), labels))
+    # Only where the queue stores the window for the fleet (PostgreSQL).
+    windows: dict[tuple[tuple[str, str], ...], list[float]] = {}
+    for d in stats.destinations:
+        if d.window is not None:
+            labels = (("host", d.host), ("write_key", d.write_key))
+            acc = windows.setdefault(labels, [0.0, 0.0])
+            acc[0] += d.window
+            acc[1] += d.live_leases or 0
+    for labels, (window, live) in windows.items():
+        out.append(Sample("destination_window", window, labels))
+        out.append(Sample("destination_in_flight", live, labels))
     if stats.last_error is not None:
         at = _timestamp(stats.last_error.get("at"))
         if at is not None:

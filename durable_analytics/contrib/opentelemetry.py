@@ -84,6 +84,8 @@ def instrument(client: Client, *, meter_provider: metrics.MeterProvider | None =
         "destination_pending",
         "destination_failures",
         "destination_backoff",
+        "destination_window",
+        "destination_in_flight",
         "last_error_time",
         "dropped",
     ):

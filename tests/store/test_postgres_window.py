@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from conftest import WRITE_KEY, start_python
 
+from durable_analytics._metrics import queue_samples, render_prometheus
 from durable_analytics._store import Destination, Lease
 from durable_analytics._store.postgres._queue import PostgresQueue
 from durable_analytics._store.window import PROCESS_WINDOW
@@ -90,6 +91,9 @@ def test_leases_stop_at_the_stored_window_and_every_settlement_frees_its_slot(
     (shown,) = queue.stats().destinations
     assert (shown.window, shown.live_leases) == (4, 4)
     assert "window 4 (4 in flight)" in format_status(queue.identity, queue.stats())
+    exported = render_prometheus(queue_samples(queue.stats(), now=time.time()))
+    assert "durable_analytics_destination_window_requests{" in exported
+    assert "durable_analytics_destination_live_leases{" in exported
     assert queue.pending() == 20  # nothing left the queue: it waits for a slot
 
     assert queue.ack(first[0]) == 1
