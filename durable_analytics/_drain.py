@@ -23,6 +23,7 @@ from ._pipeline import EXIT_REFUSES_THREADS, prestart_helpers, run_beside
 from ._store import Lease, QueueBackend
 from ._transport import DestinationOverride, open_transport
 from ._transport.base import Outcome, Transport
+from .exceptions import QueueError
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -360,7 +361,8 @@ def deliver_pass(
         # As many threads as the round trip needs, not always ``count``: a loaded machine
         # makes loopback look slow enough to pipeline, and 32 threads then fought over the
         # GIL and the write lock for a 2 ms round trip (the window still caps them all).
-        for _ in range(min(count, window.depth()) - 1):
+        # Nor more than the queue's stored window has slots.
+        for _ in range(_helpers_for(queue, lease, min(count, window.depth()))):
             with lock:
                 running[0] += 1
             if not run_beside(guarded):
@@ -410,6 +412,17 @@ def deliver_pass(
     if failures:
         raise failures[0]
     return total
+
+
+def _helpers_for(queue: QueueBackend, lease: Lease, count: int) -> int:
+    """Helper threads worth starting beside the caller's: ``count - 1``, unless the queue
+    keeps the destination's window for the fleet (PostgreSQL) and it has fewer slots (a
+    helper it refuses would only ask again and end)."""
+    try:
+        room = queue.window.limit(lease.destination.id)
+    except QueueError:
+        room = None
+    return count - 1 if room is None else max(0, min(count, room) - 1)
 
 
 def _result(

@@ -319,3 +319,24 @@ def test_fleet_max_in_flight_comes_from_the_url_and_a_bad_value_is_refused(
         with pytest.raises(ConfigError, match="fleet_max_in_flight"):
             PostgresQueue(f"{pg_dsn}&fleet_max_in_flight={bad}", schema=pg_schema)
     assert PROCESS_WINDOW.limit(dest) is None
+
+
+def test_a_pass_starts_no_more_helper_threads_than_the_stored_window_has_slots(
+    open_pg: OpenPg,
+) -> None:
+    """The pipeline (``deliver_pass``) of a Deliverer allowed 8 requests starts 7 helpers
+    beside its own thread on a queue that keeps no window, and 1 where the stored window
+    is 2 (more would only be refused a lease and end)."""
+    from durable_analytics._drain import _helpers_for
+    from durable_analytics._store import MemoryQueue
+
+    queue = open_pg(fleet_max_in_flight=2)
+    fill(queue, 4)
+    lease = take(queue, 1)[0]
+    assert _helpers_for(queue, lease, 8) == 1
+    assert _helpers_for(queue, lease, 1) == 0
+    memory = MemoryQueue()
+    memory.append(memory.destination(HOST, WRITE_KEY), body(0))
+    other = memory.lease(1, 1 << 20)
+    assert other is not None
+    assert _helpers_for(memory, other, 8) == 7
