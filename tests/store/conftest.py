@@ -19,6 +19,7 @@ from _postgres import unique_schema
 from durable_analytics._store import MemoryQueue, QueueBackend, SqliteQueue
 from durable_analytics.exceptions import QueueError
 
+from .pg_helpers import OpenPg
 from .sqlite_helpers import HOST, KEY
 
 
@@ -96,3 +97,24 @@ def queue(queue_path: Path) -> Iterator[SqliteQueue]:
 def dest(queue: SqliteQueue) -> int:
     """The id of the usual test destination in ``queue``."""
     return queue.destination(HOST, KEY)
+
+
+@pytest.fixture
+def open_pg(pg_dsn: str, pg_schema: str) -> Iterator[OpenPg]:
+    """Opens sessions on one fresh PostgreSQL queue (its own schema), closed after the test.
+
+    ``open_pg(url=pg_dsn, **settings)``: each call is one more ``PostgresQueue``, as another
+    process of the fleet would open it.
+    """
+    from durable_analytics._store.postgres._queue import PostgresQueue
+
+    opened: list[PostgresQueue] = []
+
+    def open_(url: str = pg_dsn, **settings: Any) -> PostgresQueue:
+        queue = PostgresQueue(url, schema=pg_schema, **settings)
+        opened.append(queue)
+        return queue
+
+    yield open_
+    for queue in opened:
+        queue.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from conftest import WRITE_KEY
@@ -23,21 +23,6 @@ from durable_analytics.testing import Collector
 
 HOST = "https://collector.test"
 KEY = "write-key-caps"
-
-
-@pytest.fixture
-def open_pg(pg_dsn: str, pg_schema: str) -> Iterator[Callable[..., PostgresQueue]]:
-    """Opens sessions on one fresh queue (its own schema), closed after the test."""
-    opened: list[PostgresQueue] = []
-
-    def open_(**settings: object) -> PostgresQueue:
-        queue = PostgresQueue(pg_dsn, schema=pg_schema, **settings)  # type: ignore[arg-type]
-        opened.append(queue)
-        return queue
-
-    yield open_
-    for queue in opened:
-        queue.close()
 
 
 def append_at_once(queues: list[PostgresQueue], each: int, pad: int = 10) -> list[list[int]]:

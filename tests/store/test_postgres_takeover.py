@@ -8,10 +8,10 @@ presence session the server terminates (``pg_terminate_backend``).
 
 from __future__ import annotations
 
-import json
+import functools
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -23,6 +23,8 @@ from durable_analytics._store.postgres._queue import PostgresQueue
 from durable_analytics.exceptions import ConfigError
 from durable_analytics.testing import Collector
 
+from .pg_helpers import OpenPg, body
+
 LEASE_TIMEOUT = 600.0
 MESSAGES = 100
 BATCH = 10
@@ -33,6 +35,7 @@ HOLDER = """
 import sys
 from durable_analytics._store.postgres._queue import PostgresQueue
 from durable_analytics._transport.http import HTTPTransport
+
 url, schema, batch = sys.argv[1:4]
 q = PostgresQueue(url, schema=schema, lease_timeout=600)
 lease = q.lease(int(batch), 1 << 20)
@@ -42,31 +45,10 @@ sys.stdin.read()
 """
 
 
-def body(i: int) -> bytes:
-    return json.dumps(
-        {
-            "type": "track",
-            "event": "e",
-            "userId": "u",
-            "messageId": f"m-{i}",
-            "timestamp": "2026-01-01T00:00:00.000Z",
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
 @pytest.fixture
-def open_pg(pg_dsn: str, pg_schema: str) -> Iterator[Callable[..., PostgresQueue]]:
-    opened: list[PostgresQueue] = []
-
-    def open_(url: str = pg_dsn, **settings: object) -> PostgresQueue:
-        queue = PostgresQueue(url, schema=pg_schema, lease_timeout=LEASE_TIMEOUT, **settings)  # type: ignore[arg-type]
-        opened.append(queue)
-        return queue
-
-    yield open_
-    for queue in opened:
-        queue.close()
+def open_held(open_pg: OpenPg) -> OpenPg:
+    """Sessions whose leases live ``LEASE_TIMEOUT``: only a takeover, never expiry, ends them."""
+    return functools.partial(open_pg, lease_timeout=LEASE_TIMEOUT)
 
 
 def until_taken_over(queue: PostgresQueue, bound: float = 10.0) -> int:
@@ -84,13 +66,13 @@ def until_taken_over(queue: PostgresQueue, bound: float = 10.0) -> int:
 
 
 def test_a_sigkilled_holders_batch_is_taken_over_at_once_and_delivered_lost_0(
-    open_pg: Callable[..., PostgresQueue], pg_dsn: str, pg_schema: str
+    open_held: Callable[..., PostgresQueue], pg_dsn: str, pg_schema: str
 ) -> None:
     """A child leases a batch, sends it, and is SIGKILLed before its ack: another process
     takes the batch over within moments (not 600 s), the drain delivers every message, and
     the only duplicates are the dead child's batch."""
     with Collector(WRITE_KEY) as collector:
-        queue = open_pg()
+        queue = open_held()
         dest = queue.destination(collector.url, WRITE_KEY)
         assert all(queue.append(dest, body(i)) for i in range(MESSAGES))
         child = start_python(HOLDER, pg_dsn, pg_schema, str(BATCH), stdin=-1)
@@ -118,12 +100,12 @@ def test_a_sigkilled_holders_batch_is_taken_over_at_once_and_delivered_lost_0(
 
 
 def test_a_live_holder_whose_session_is_terminated_is_taken_over_then_registers_again(
-    open_pg: Callable[..., PostgresQueue], pg_dsn: str
+    open_held: Callable[..., PostgresQueue], pg_dsn: str
 ) -> None:
     """pg_terminate_backend of a holder's presence session: its lease is taken over, its
     own ack then deletes nothing (one batch sent twice at most), and its next lease is
     under a new holder that nobody takes over while it lives."""
-    holder, other = open_pg(), open_pg()
+    holder, other = open_held(), open_held()
     dest = holder.destination("https://collector.test", WRITE_KEY)
     assert all(holder.append(dest, body(i)) for i in range(30))
     first = holder.lease(BATCH, 1 << 20)
@@ -149,12 +131,12 @@ def test_a_live_holder_whose_session_is_terminated_is_taken_over_then_registers_
 
 
 def test_with_fast_takeover_off_a_dead_holders_lease_waits_for_its_expiry(
-    open_pg: Callable[..., PostgresQueue], pg_dsn: str, pg_schema: str
+    open_held: Callable[..., PostgresQueue], pg_dsn: str, pg_schema: str
 ) -> None:
     """?fast_takeover=off (behind a pooler in transaction mode): no holder is registered,
     and a killed holder's lease stays until it expires."""
     url = f"{pg_dsn}&fast_takeover=off"
-    queue = open_pg(url)
+    queue = open_held(url)
     dest = queue.destination("https://collector.test", WRITE_KEY)
     assert all(queue.append(dest, body(i)) for i in range(20))
     lease = queue.lease(BATCH, 1 << 20)
@@ -165,12 +147,12 @@ def test_with_fast_takeover_off_a_dead_holders_lease_waits_for_its_expiry(
             f'SELECT count(*) FROM "{pg_schema}".messages WHERE lease_holder IS NOT NULL'
         ).fetchone()
     assert row == (0,)
-    dead = open_pg()
+    dead = open_held()
     dead_lease = dead.lease(BATCH, 1 << 20)
     assert dead_lease is not None
     dead.close()  # its presence ends: a holder with takeover on is gone
     assert queue.reclaim_expired() == 0  # this queue does not look for dead holders
-    assert open_pg().reclaim_expired() == 1  # one that does, does
+    assert open_held().reclaim_expired() == 1  # one that does, does
     with pytest.raises(ConfigError):
         PostgresQueue(f"{pg_dsn}&fast_takeover=maybe", schema=pg_schema)
 

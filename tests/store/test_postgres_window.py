@@ -8,10 +8,8 @@ one up to ``fleet_max_in_flight``. Real server, real sessions, real child proces
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -24,35 +22,9 @@ from durable_analytics._store.window import PROCESS_WINDOW
 from durable_analytics.cli.status import format_status
 from durable_analytics.exceptions import ConfigError
 
+from .pg_helpers import OpenPg, body
+
 HOST = "https://collector.test"
-OpenPg = Callable[..., PostgresQueue]
-
-
-def body(i: int) -> bytes:
-    return json.dumps(
-        {
-            "type": "track",
-            "event": "e",
-            "userId": "u",
-            "messageId": f"m-{i}",
-            "timestamp": "2026-01-01T00:00:00.000Z",
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
-@pytest.fixture
-def open_pg(pg_dsn: str, pg_schema: str) -> Iterator[OpenPg]:
-    opened: list[PostgresQueue] = []
-
-    def open_(**settings: object) -> PostgresQueue:
-        queue = PostgresQueue(pg_dsn, schema=pg_schema, **settings)  # type: ignore[arg-type]
-        opened.append(queue)
-        return queue
-
-    yield open_
-    for queue in opened:
-        queue.close()
 
 
 def fill(queue: PostgresQueue, n: int, host: str = HOST) -> int:
@@ -213,6 +185,7 @@ def test_an_expired_lease_frees_its_slot_and_reclaim_removes_it(open_pg: OpenPg)
 HOLDER = """
 import sys
 from durable_analytics._store.postgres._queue import PostgresQueue
+
 url, schema = sys.argv[1:3]
 q = PostgresQueue(url, schema=schema, lease_timeout=600, fleet_max_in_flight=4)
 ids = []

@@ -9,7 +9,6 @@ twice only because a holder was killed with its batch in flight.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 
@@ -20,6 +19,8 @@ from durable_analytics._config import Config
 from durable_analytics._drain import drain_queue
 from durable_analytics._store.postgres._queue import PostgresQueue
 from durable_analytics.testing import Collector, Reply
+
+from .pg_helpers import body
 
 WINDOW = 4
 BATCH = 10
@@ -55,6 +56,7 @@ import sys, threading, time
 from durable_analytics._config import Config
 from durable_analytics._delivery import make_deliverer
 from durable_analytics._store.postgres._queue import PostgresQueue
+
 url, schema, batch = sys.argv[1:4]
 q = PostgresQueue(url, schema=schema, lease_timeout=120)
 config = Config.for_delivery(max_in_flight=8, flush_at=int(batch), timeout=60, lease_timeout=120)
@@ -73,19 +75,6 @@ for _ in range(8):
     threading.Thread(target=run, daemon=True).start()
 sys.stdin.read()
 """
-
-
-def body(i: int) -> bytes:
-    return json.dumps(
-        {
-            "type": "track",
-            "event": "e",
-            "userId": "u",
-            "messageId": f"m-{i}",
-            "timestamp": "2026-01-01T00:00:00.000Z",
-        },
-        separators=(",", ":"),
-    ).encode()
 
 
 def fill(queue: PostgresQueue, host: str, n: int) -> tuple[int, set[str]]:
