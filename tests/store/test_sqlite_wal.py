@@ -240,6 +240,20 @@ def test_destinations_take_turns_and_a_backed_off_backlog_is_not_read(tmp_path: 
     q.close()
 
 
+def grow_the_log(q: Queue, dest: int, messages: int) -> sqlite3.Connection:
+    """Append ``messages`` of 2 KB in one transaction (the log grows past its normal size);
+    returns the queue's connection of this thread."""
+    conn = q._conn()
+    conn.execute("BEGIN IMMEDIATE")
+    for i in range(messages):
+        conn.execute(
+            "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, 2000, 0)",
+            (dest, body_of_size(i, 2000)),
+        )
+    conn.execute("COMMIT")
+    return conn
+
+
 def test_a_log_truncated_back_to_its_limit_is_not_checkpointed_after_every_lease_and_ack(
     tmp_path: Path,
 ) -> None:
@@ -253,14 +267,7 @@ def test_a_log_truncated_back_to_its_limit_is_not_checkpointed_after_every_lease
     dest = q.destination(HOST, KEY)
     # Grow the log well past the normal size in one transaction, then let a lease/ack
     # checkpoint it and the next commit restart and truncate it.
-    conn = q._conn()
-    conn.execute("BEGIN IMMEDIATE")
-    for i in range(budget.normal_pages * 2):
-        conn.execute(
-            "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, 2000, 0)",
-            (dest, body_of_size(i, 2000)),
-        )
-    conn.execute("COMMIT")
+    conn = grow_the_log(q, dest, budget.normal_pages * 2)
     assert wal_bytes(path) > budget.size_limit
     for _ in range(2):
         lease = q.lease(20, 500_000)
@@ -294,14 +301,7 @@ def test_a_log_that_cannot_restart_is_not_checkpointed_after_every_lease_and_ack
     q = Queue(path)
     budget = q.wal_budget
     dest = q.destination(HOST, KEY)
-    conn = q._conn()
-    conn.execute("BEGIN IMMEDIATE")
-    for i in range(budget.normal_pages * 2):
-        conn.execute(
-            "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, 2000, 0)",
-            (dest, body_of_size(i, 2000)),
-        )
-    conn.execute("COMMIT")
+    conn = grow_the_log(q, dest, budget.normal_pages * 2)
     reader = sqlite3.connect(str(path))
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM messages").fetchone()  # pins the log
