@@ -538,23 +538,13 @@ class Connections:
         if self.fence.try_enter():
             return conn
         conn.execute("ROLLBACK")
-        try:
-            self.fence.wait_enter()
-        except BaseException:
-            self._store_joined_again(conn)
-            raise
-        try:
-            self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
-            # A signal handler's appends that joined the transaction just rolled back.
-            for row in self.joined.get(threading.get_ident(), ()):
-                conn.execute(INSERT, row)
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            self.fence.leave()
-            self._store_joined_again(conn)
-            raise
+        # Any failure from here on (waiting for the fence, beginning again) is undone by
+        # ``_abandon_begin``: rolled back, fence left, the joined appends stored again.
+        self.fence.wait_enter()
+        self.retry(lambda: conn.execute("BEGIN IMMEDIATE"))
+        # A signal handler's appends that joined the transaction just rolled back.
+        for row in self.joined.get(threading.get_ident(), ()):
+            conn.execute(INSERT, row)
         return conn
 
     def fenced(self, fn: Callable[[], T]) -> T:
