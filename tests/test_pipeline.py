@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,23 @@ def slow_collector() -> Iterator[Collector]:
     """A Collector that holds every answer 50 ms, a real ingest API's round trip."""
     with Collector(WRITE_KEY, delay=0.05) as c:
         yield c
+
+
+def thread_naming_transport(
+    handler: Callable[[Any], int],
+) -> tuple[RecordingTransport, list[str]]:
+    """A RecordingTransport answering by ``handler`` that notes, per request, the name of
+    the thread that sent it."""
+    transport = RecordingTransport(handler)
+    names: list[str] = []
+    send = transport.send
+
+    def record(*args: Any, **kw: Any) -> Any:
+        names.append(threading.current_thread().name)
+        return send(*args, **kw)
+
+    transport.send = record  # type: ignore[method-assign]
+    return transport, names
 
 
 def track(client: Client, n: int, size: int = 0) -> list[str]:
@@ -105,15 +122,7 @@ def test_helpers_stop_once_the_destination_shows_a_fast_round_trip(queue_path: P
             time.sleep(0.01)
         return 200
 
-    transport = RecordingTransport(handler)
-    threads: list[str] = []
-    send = transport.send
-
-    def record(*args: Any, **kw: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return send(*args, **kw)
-
-    transport.send = record  # type: ignore[method-assign]
+    transport, threads = thread_naming_transport(handler)
     queue = SqliteQueue(queue_path)
     dest = queue.destination("http://127.0.0.1:9", WRITE_KEY)
     for i in range(2000):
@@ -607,15 +616,7 @@ def test_a_pass_against_a_fast_destination_starts_no_more_threads_than_its_depth
         time.sleep(0.003)  # above PIPELINE_MIN_RTT however loaded the machine is
         return 200
 
-    transport = RecordingTransport(handler)
-    threads: set[str] = set()
-    send = transport.send
-
-    def record(*args: Any, **kw: Any) -> Any:
-        threads.add(threading.current_thread().name)
-        return send(*args, **kw)
-
-    transport.send = record  # type: ignore[method-assign]
+    transport, named = thread_naming_transport(handler)
     queue = SqliteQueue(queue_path)
     dest = queue.destination("http://127.0.0.1:19", WRITE_KEY)
     for i in range(400):
@@ -623,4 +624,4 @@ def test_a_pass_against_a_fast_destination_starts_no_more_threads_than_its_depth
     stats = deliver_pass(queue, Deliverer(queue, transport, max_in_flight=8))
     queue.close()
     assert stats.sent == 400
-    assert len(threads) == 2
+    assert len(set(named)) == 2
