@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from _postgres import Cluster, ServerUnavailable, unique_schema
 
+from durable_analytics import _pipeline
 from durable_analytics.testing import Collector
 
 WRITE_KEY = "test-write-key-0001"
@@ -83,6 +84,17 @@ def _tracked_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> Non
 
 
 subprocess.Popen.__init__ = _tracked_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_windows() -> None:
+    """Every test starts with no destination windows in this process.
+
+    Windows are per process and keyed by host, and the kernel hands a later test's Collector
+    a port an earlier one used: that test would inherit a Retry-After gate or a halved window
+    (a gated batch goes back to the queue unsent, so a test that expected a request saw none).
+    """
+    _pipeline._registry.reset()
 
 
 @pytest.fixture(autouse=True)
