@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"_delivery"},
     {"_flusher", "_drain", "_sync"},
     {"_flusher_process", "_flusher_process_main"},
-    {"_client", "_client_settings", "_client_processes"},
+    {"_client", "_client_calls", "_client_settings", "_client_processes"},
     {"_default"},
     {"__init__", "testing", "_recording", "_collector_http"},
     {"pytest_plugin", "cli"},

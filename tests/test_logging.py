@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from durable_analytics import Client, _client, _delivery, _delivery_log
+from durable_analytics import Client, _client_calls, _delivery, _delivery_log
 from durable_analytics._store import drops as _drops
 from durable_analytics.testing import Collector, Reply
 from tests.conftest import WRITE_KEY, run_python
@@ -206,7 +206,7 @@ def test_the_size_cap_warns_with_counts_once_a_minute(
     assert len(drops) == 1
     assert "dropped 1 new message " in drops[0]
     assert "max_queue_bytes=1048576" in drops[0]
-    monkeypatch.setattr(_client, "DROP_WARN_EVERY", 0.0)
+    monkeypatch.setattr(_client_calls, "DROP_WARN_EVERY", 0.0)
     client.track("u", "E", {"pad": pad})
     last = [w for w in _warnings(logs, "durable_analytics.client") if "is full" in w][-1]
     assert f"dropped {dropped} new messages since the last warning" in last
