@@ -5,7 +5,8 @@ ack, release with a backoff, or split and dead-letter. ``make_deliverer(config, 
 is the only construction site the library uses, so every delivery path (the flusher
 thread, ``flush()``, exit, the flusher process, ``drain`` and ``worker``) runs with the
 same settings. Nothing here raises into the caller: failures become backoff, dead letters,
-``on_error`` calls and log lines.
+``on_error`` calls and log lines. One request and its quick retries (the Retry-After gate,
+tenacity) are ``_quick_retry``'s: ``Deliverer`` settles the answer it returns.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import tenacity
-
 from . import _delivery_log
 from ._metrics import delivery_counters
-from ._pipeline import MAX_GATE_WAIT, Ticket, Window, keep_leased, window_for
+from ._pipeline import Ticket, Window, keep_leased, window_for
+from ._quick_retry import DEADLINE_PASSED, GATED, QuickRetries, post
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
 from ._transport.base import Transport
@@ -51,13 +51,6 @@ __all__ = [
 log = logging.getLogger(_delivery_log.LOGGER)
 
 OnError = Callable[[Exception, list[dict[str, Any]]], object]
-
-# What _post returns when the caller's deadline passed before any request was made.
-_DEADLINE_PASSED = Outcome("retry", None, error="the flush deadline passed")
-# How many times one request waits for the Retry-After gate before it goes back to the queue.
-_GATE_WAITS = 4
-# What _post returns when a Retry-After gate of this process is still closed.
-_GATED = Outcome("retry", None, error="the server asked to wait (Retry-After)")
 
 #: Steady-state retry interval against a dead server: one request a minute per destination.
 RETRY_CAP = 60.0
@@ -92,15 +85,6 @@ def retry_delay(kind: str, failures: int, retry_after: float | None = None) -> f
 #: request but no measurable wall time on a loaded machine, halved the parallelism of a
 #: small backlog, and slowed a 429 storm (a failure hands the unsent batch back too).
 LEASE_BATCHES = 1
-
-#: The longest pause between quick retries; a Retry-After up to this long is waited likewise.
-QUICK_PAUSE_CAP = 4.0
-
-
-def wait_first(first: Outcome, budget: float) -> float:
-    """The pause before the first quick retry: the server's Retry-After, else 0.25-0.5 s."""
-    delay = first.retry_after if first.retry_after else 0.25 * random.uniform(1.0, 2.0)
-    return min(budget, delay)
 
 
 @dataclass(frozen=True)
@@ -312,129 +296,22 @@ class Deliverer:
         deadline: float | None,
         slot: tuple[Window, Ticket],
     ) -> Outcome:
-        bodies = [lease.bodies[i] for i in idx]
-        dest = lease.destination
-        last = [_DEADLINE_PASSED]
-        # Earlier tries of these messages (other leases), then one more per quick retry.
-        tries = [lease.attempts]
-        first_try = lease.attempts
-        window, ticket = slot
-
-        def attempt() -> Outcome:
-            gate = window.gate_wait()
-            waits = 0
-            while gate > 0:
-                # Another request was told to wait (Retry-After): nothing leaves before then.
-                # A gate that keeps moving (or a clock a test froze) sends the batch back to
-                # the queue to wait there instead.
-                if (
-                    gate > MAX_GATE_WAIT
-                    or waits >= _GATE_WAITS
-                    or (deadline is not None and time.monotonic() + gate >= deadline)
-                ):
-                    return _GATED
-                self._sleep(gate)
-                waits += 1
-                # Looked at again: a 429 read while this thread slept may have moved the
-                # gate further (sending at the old time would land inside its Retry-After).
-                gate = window.gate_wait()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return _DEADLINE_PASSED  # no request made: the caller's time is up
-            sent_at = time.monotonic()
-            outcome = self.transport.send(dest, bodies, timeout=remaining, retry_count=tries[0])
-            if outcome.retry_after and outcome.kind == "retry":
-                # Close the gate before anything else: another thread must not start a
-                # request in the moment between this answer being read and the gate closing.
-                window.hold_until(time.monotonic() + outcome.retry_after)
-            _delivery_log.batch(
-                dest.host,
-                len(bodies),
-                sum(map(len, bodies)),
-                outcome.status,
-                time.monotonic() - sent_at,
-                outcome.error,
-            )
-            # A resend: a quick retry, or the first try of a lease that failed before.
-            delivery_counters.request(outcome.status, retry=tries[0] > first_try or not quick)
-            tries[0] += 1
-            window.observe(time.monotonic() - sent_at)
-            last[0] = outcome
-            if outcome.kind == "ok":
-                window.on_success()
-            elif outcome.kind == "retry" and (
-                outcome.status is None or outcome.status == 429 or outcome.status >= 500
-            ):
-                window.on_congestion(ticket)
-                # And where the queue keeps a window for every process (PostgreSQL), there.
-                self.queue.window.congested(lease)
-            return outcome
-
-        first = attempt()
-        # Quick retries stay well inside the lease so a slow holder is not overtaken.
-        started = time.monotonic()
-        budget = min(self.queue.lease_timeout * 0.5, self.max_total_backoff_duration)
-        if deadline is not None:
-            budget = min(budget, max(0.0, deadline - started))
-        until = started + budget
-
-        def again(o: Outcome) -> bool:
-            # A retryable answer is retried quickly; one that names a Retry-After only when
-            # the wait is a quick one (no longer than our own longest pause) that fits both
-            # max_rate_limit_duration and what is left of the budget. A longer wait goes
-            # back to the queue as the destination's backoff, where every process sees it.
-            if o is _DEADLINE_PASSED or o is _GATED or o.kind != "retry":
-                return False
-            if o.retry_after is None:
-                return True
-            return (
-                o.retry_after <= min(self.max_rate_limit_duration, QUICK_PAUSE_CAP)
-                and time.monotonic() + o.retry_after < until
-            )
-
-        if not (quick and self.max_retries and again(first)):
-            return first  # the common case builds no retry machinery at all
-        # 0.25, 0.5, 1 … 4 s plus up to 0.25 s of jitter (wait_exponential_jitter's
-        # `initial` is deprecated in tenacity 9 and its replacement missing from 8.x).
-        backoff = tenacity.wait_exponential(
-            multiplier=0.25, max=QUICK_PAUSE_CAP
-        ) + tenacity.wait_random(0, 0.25)
-
-        def wait(state: tenacity.RetryCallState) -> float:
-            # The server's Retry-After when it named one (never sooner), else the backoff;
-            # never past the budget (a flush deadline, an exit): stop there instead.
-            outcome = state.outcome.result() if state.outcome is not None else None
-            told = outcome.retry_after if isinstance(outcome, Outcome) else None
-            delay = told if told else backoff(state)
-            return max(0.0, min(delay, until - time.monotonic()))
-
-        pause = wait_first(first, budget)
-        log.debug("quick retry of a batch of %d in %.2fs after: %s", len(idx), pause, first.error)
-        self._sleep(pause)
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.max_retries)
-            | tenacity.stop_after_delay(max(0.0, budget - (time.monotonic() - started))),
-            wait=wait,
-            retry=tenacity.retry_if_result(again),
-            sleep=self._sleep,
-            retry_error_callback=lambda state: (
-                state.outcome.result()
-                if state.outcome is not None
-                else Outcome("retry", None, error="no attempt")
-            ),
-            before_sleep=lambda state: log.debug(
-                "quick retry of a batch of %d in %.2fs after: %s",
-                len(idx),
-                state.next_action.sleep if state.next_action else 0.0,
-                state.outcome.result().error if state.outcome else "",
-            ),
-            reraise=True,
+        policy = QuickRetries(
+            self.max_retries,
+            self.max_total_backoff_duration,
+            self.max_rate_limit_duration,
+            self._sleep,
         )
-        final = retrying(attempt)
-        if final is _GATED:
-            return _GATED
-        # The last answer the server gave, not a deadline that ran out between retries.
-        return last[0]
+        return post(
+            self.queue,
+            self.transport,
+            lease,
+            idx,
+            quick=quick,
+            deadline=deadline,
+            slot=slot,
+            policy=policy,
+        )
 
     def _messages(self, lease: Lease, idx: list[int]) -> list[dict[str, Any]]:
         out = []
@@ -473,12 +350,12 @@ class Deliverer:
         dest = lease.destination
         ids = [lease.ids[i] for i in idx]
         outcome = self._post(lease, idx, quick=failures == 0, deadline=deadline, slot=slot)
-        if outcome is _DEADLINE_PASSED:
+        if outcome is DEADLINE_PASSED:
             # No request was made: the caller's deadline ran out, not the server. Hand the
             # rest back as it was: no backoff, no attempt counted, no error reported.
             stats.kept += self.queue.release(lease, None, count_attempt=False)
             return False
-        if outcome is _GATED:
+        if outcome is GATED:
             # No request was made: a Retry-After of this destination is still running. The
             # batch waits it out in the queue (where every holder sees it), not here.
             until = time.time() + slot[0].gate_wait()

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"_store"},
     {"_transport"},
     {"_metrics", "_delivery_log"},  # counters and log lines that delivery writes to
-    {"_pipeline"},
+    {"_pipeline", "_quick_retry"},  # _quick_retry: one request and its quick retries
     {"_delivery"},
     {"_flusher", "_drain", "_sync"},
     {"_flusher_process", "_flusher_process_main"},
