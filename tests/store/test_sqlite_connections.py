@@ -17,7 +17,7 @@ import pytest
 from conftest import run_python, start_python
 
 from durable_analytics._store.sqlite import SqliteQueue as Queue
-from durable_analytics._store.sqlite import connections
+from durable_analytics._store.sqlite import forks
 
 from .sqlite_helpers import (
     HOST,
@@ -172,7 +172,7 @@ def test_fork_closes_every_connection_while_a_thread_waits_for_another_processs_
     holds the write lock waits without this process's write lock: the step before a fork
     closes every connection instead of giving up after its wait (the child then starts
     clean), and the waiting call goes on afterwards on a new connection."""
-    monkeypatch.setattr(connections, "_FORK_WAIT", 2.0)
+    monkeypatch.setattr(forks, "FORK_WAIT", 2.0)
     queue.append(dest, body(0))
     holder = start_python(HOLDER, str(queue_path), stdin=subprocess.PIPE)
     assert holder.stdout is not None

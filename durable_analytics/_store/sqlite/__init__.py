@@ -2,9 +2,10 @@
 
 Modules, lowest first (each imports only those above it): ``errors`` (SQLite codes and
 their ``QueueError``), ``schema``, ``holders`` (lease holders' identity and liveness),
-``files`` (the file and its directory on disk), ``probe`` (raw header checks),
-``rawpages`` and ``salvage`` (reading a damaged file), ``connections`` (per-thread
-connections, transactions, fork), ``leases`` (taking a batch and the fence), ``inspect``
+``forks`` (this process's queues across ``fork()``, the raw-read lock), ``files`` (the
+file and its directory on disk), ``probe`` (raw header checks), ``rawpages`` and
+``salvage`` (reading a damaged file), ``connections`` (per-thread connections,
+transactions, fork), ``leases`` (taking a batch and the fence), ``inspect``
 (stats), ``dead_letters``, ``append`` (the cap), ``recovery`` (damaged files) and
 ``queue`` (``SqliteQueue``, which composes them).
 """

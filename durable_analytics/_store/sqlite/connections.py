@@ -1,8 +1,8 @@
 """Per-thread SQLite connections to one queue file, their transactions, and ``fork()``.
 
-Every queue of this process registers its ``Connections`` here, so that a ``fork()`` closes
-them all first (see ``Connections.close_for_fork``) and a raw read of a file happens only
-while none of them is open on it (see ``raw_lock``).
+Every ``Connections`` registers with ``forks`` (this process's queues as a whole), so that a
+``fork()`` closes them all first (see ``Connections.close_for_fork``) and a raw read of a
+file happens only while none of them is open on it (see ``forks.raw_lock``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Literal, TypeVar
 
 from durable_analytics.exceptions import QueueCorrupt, QueueDiskFull, QueueError
 
-from . import holders
+from . import forks
 from .errors import SQLITE_BUSY, SQLITE_LOCKED, errorcode, translate
 from .fence import CommitFence
 from .files import checkpoint_for_space
@@ -31,77 +31,12 @@ from .sidefiles import SideFiles, restore
 from .waits import Waits, busy_pause, owned
 from .wal import WalBudget
 
-__all__ = ["Connection", "Connections", "owned", "raw_lock"]
+__all__ = ["Connection", "Connections", "owned"]
 
 T = TypeVar("T")
 
-#: How long ``fork()`` waits for this process's queue operations in flight to finish so that
-#: it can close the connections first (see ``Connections.close_for_fork``).
-_FORK_WAIT = 5.0
 #: Each connection's page cache, in KiB (SQLite's default is 2 MiB).
 _CACHE_KIB = 256
-
-_registry: weakref.WeakSet[Connections] = weakref.WeakSet()
-_abandoned: list[object] = []  # connections inherited over fork: never used, never closed
-#: In a forked child: the queue files (real paths) that the parent still had open at the
-#: fork. SQLite's bookkeeping of their locks, copied into this process, describes locks this
-#: process does not hold; any connection opened here would share it and run without real
-#: locks (another process could then delete the -wal under it). Never opened here.
-_inherited_open: set[str] = set()
-
-#: Held while this process reads a database file other than through SQLite, and while it
-#: opens a connection. Closing any descriptor of a file drops every POSIX lock this process
-#: holds on it, SQLite's included (SQLite guards only its own descriptors against that): a
-#: raw read is made only while no connection of this process is open on the file (see
-#: ``raw_allowed``), and none may open meanwhile. Other processes' locks are not affected.
-#: This module is its one owner: a forked child gets a fresh one (``raw_lock()``).
-_raw = threading.RLock()
-_raw_held_for_fork = False
-
-
-def raw_lock() -> threading.RLock:
-    """The process-wide lock for raw reads and connection opens (see ``_raw``)."""
-    return _raw
-
-
-def raw_allowed(real_path: str) -> bool:
-    """Whether no connection of this process is open on the file (call under raw_lock)."""
-    return not any(db.real == real_path and (db.conns or db.recovering) for db in list(_registry))
-
-
-def _before_fork() -> None:
-    global _raw_held_for_fork  # noqa: PLW0603
-    for db in list(_registry):
-        db.close_for_fork()
-    _raw_held_for_fork = _raw.acquire(timeout=_FORK_WAIT)
-
-
-def _after_fork_in_parent() -> None:
-    global _raw_held_for_fork  # noqa: PLW0603
-    if _raw_held_for_fork:
-        _raw_held_for_fork = False
-        _raw.release()
-    for db in list(_registry):
-        db.resume_after_fork()
-
-
-def _after_fork_in_child() -> None:
-    global _raw, _raw_held_for_fork  # noqa: PLW0603
-    holders.reset_after_fork()
-    _raw = threading.RLock()
-    _raw_held_for_fork = False
-    dbs = list(_registry)
-    _inherited_open.update(db.real for db in dbs if db.open_at_fork)
-    for db in dbs:
-        db.forget_connections()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
 
 
 class Connection(sqlite3.Connection):
@@ -114,7 +49,7 @@ class Connection(sqlite3.Connection):
         # A thread's connection lives in its thread-local and goes when the thread ends (a
         # flusher thread, a drain worker): close it then, as Python 3.13 warns
         # (ResourceWarning) about a connection collected open. Connections inherited over
-        # fork are kept referenced (``_abandoned``) and never get here.
+        # fork are kept referenced (``forks.abandon``) and never get here.
         with contextlib.suppress(Exception):
             self.close()
 
@@ -167,7 +102,7 @@ class Connections:
         # Every commit holds it (shared): a recovery of another process holds it exclusively.
         self.fence = CommitFence(path.parent, RECOVER_LOCK_SECONDS)
         self.side = SideFiles(path, self.fence.descriptor)  # the -wal and -shm in use
-        _registry.add(self)
+        forks.register(self)
 
     # ---------------------------------------------------------------- waits (waits.py)
 
@@ -216,9 +151,9 @@ class Connections:
         self.open_at_fork = True  # until every connection is closed
         if owned(self.write_lock) or owned(self.read_lock):
             return  # fork() from a signal handler inside an operation: it is in flight
-        if not self.write_lock.acquire(timeout=_FORK_WAIT):
+        if not self.write_lock.acquire(timeout=forks.FORK_WAIT):
             return  # an operation is stuck in flight: leave it (the child refuses the file)
-        if not self.read_lock.acquire(timeout=_FORK_WAIT):
+        if not self.read_lock.acquire(timeout=forks.FORK_WAIT):
             self.write_lock.release()
             return
         self._fork_held = True
@@ -235,8 +170,7 @@ class Connections:
     def forget_connections(self) -> None:
         # After fork the parent's connections (if any are still open: see close_for_fork)
         # and lock state are not ours to use or close.
-        _abandoned.append(self.local)
-        _abandoned.extend(self.conns)
+        forks.abandon(self.local, *self.conns)
         self.local = threading.local()
         self.conns = weakref.WeakSet()
         self._conns_lock = threading.Lock()
@@ -289,11 +223,11 @@ class Connections:
         return self._open()
 
     def _open(self) -> Connection:
-        if self.real in _inherited_open:
+        if forks.inherited_open(self.real):
             raise QueueError(
                 f"the queue {self.path} cannot be used in this process: it was forked while a "
                 f"thread of its parent was inside an operation on the queue (for over "
-                f"{_FORK_WAIT:g} s), so SQLite's state of the file here is unknown and a "
+                f"{forks.FORK_WAIT:g} s), so SQLite's state of the file here is unknown and a "
                 "write could be lost; nothing was stored. Fork while no call is in flight, "
                 "or start the process with spawn (multiprocessing) or exec"
             )
@@ -311,7 +245,7 @@ class Connections:
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from None
         try:
-            with raw_lock():
+            with forks.raw_lock():
                 self.retry(lambda: self._setup(conn))
         except BaseException:
             conn.close()

@@ -7,7 +7,7 @@ through its -wal with the main file's own header (a -wal carrying another file's
 application_id is foreign). PRAGMA quick_check (which reads the whole file) runs only when
 the header looks wrong or an operation raised SQLITE_CORRUPT / SQLITE_NOTADB.
 
-Raw reads must happen only under ``connections.raw_lock()`` while no connection of this
+Raw reads must happen only under ``forks.raw_lock()`` while no connection of this
 process is open on the file (closing a descriptor drops this process's POSIX locks).
 """
 

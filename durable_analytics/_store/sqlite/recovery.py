@@ -25,9 +25,10 @@ from typing import Literal
 
 from durable_analytics.exceptions import QueueBusy, QueueCorrupt, QueueDiskFull, QueueError
 
-from .connections import Connections, raw_allowed, raw_lock
+from .connections import Connections
 from .errors import SQLITE_CORRUPT, SQLITE_NOTADB, errorcode, log, translate
 from .files import fsync_dir
+from .forks import raw_allowed, raw_lock
 from .probe import (
     FOREIGN_WAL,
     RECOVER_LOCK_SECONDS,
@@ -99,7 +100,7 @@ def copy_aside(path: Path, moved: Path) -> list[str]:
     of the -wal / -shm copied.
 
     The copy runs in a child process: reading the live files here would drop this
-    process's locks on them when the descriptors close (see connections.raw_lock).
+    process's locks on them when the descriptors close (see forks.raw_lock).
     """
     args: list[str] = []
     for suffix in ("", "-wal", "-shm"):
@@ -249,7 +250,7 @@ class Recovery:
             # With no -wal nor -shm no process has the file open: read it as immutable, which
             # creates no file beside it (a plain read-only connection would create the -wal).
             # An immutable connection closes its descriptor at once, so only while no
-            # connection of this process is open on the file (see connections.raw_lock).
+            # connection of this process is open on the file (see forks.raw_lock).
             if raw_allowed(self.db.real) and not any(
                 os.path.lexists(f"{self.path}{s}") for s in ("-wal", "-shm")
             ):
@@ -361,7 +362,7 @@ class Recovery:
                 extra = copy_aside(self.path, moved)
                 if not isinstance(found, Damaged):
                     # A foreign -wal is told by the main file's own header, which this
-                    # process may no longer read in place (see connections.raw_lock): read
+                    # process may no longer read in place (see forks.raw_lock): read
                     # the copy's.
                     size, raw = read_header(moved)
                     wal = moved.with_name(moved.name + "-wal")
