@@ -4,10 +4,10 @@ Modules, lowest first (each imports only those above it): ``errors`` (SQLite cod
 their ``QueueError``), ``schema``, ``holders`` (lease holders' identity and liveness),
 ``forks`` (this process's queues across ``fork()``, the raw-read lock), ``files`` (the
 file and its directory on disk), ``probe`` (raw header checks), ``rawpages`` and
-``salvage`` (reading a damaged file), ``connections`` (per-thread connections,
-transactions, fork), ``leases`` (taking a batch and the fence), ``inspect``
-(stats), ``dead_letters``, ``append`` (the cap), ``recovery`` (damaged files) and
-``queue`` (``SqliteQueue``, which composes them).
+``salvage`` (reading a damaged file), ``transactions`` (write, read, busy retries) and
+``connections`` (per-thread connections and fork, inheriting them), ``leases`` (taking a
+batch and the fence), ``inspect`` (stats), ``dead_letters``, ``append`` (the cap),
+``recovery`` (damaged files) and ``queue`` (``SqliteQueue``, which composes them).
 """
 
 from __future__ import annotations
