@@ -15,13 +15,23 @@ from ._delivery import Deliverer
 from ._drain import deliver_until
 from ._store import QueueBackend
 from ._transport.base import Outcome
-from .exceptions import APIError, DurableAnalyticsError
+from .exceptions import (
+    APIError,
+    ConfigurationRejected,
+    DurableAnalyticsError,
+    MessageRejected,
+    RetryableError,
+)
 
 __all__ = ["deliver_now"]
 
 log = logging.getLogger("durable_analytics.client")
 
-_CODES = {"retry": "retryable", "config": "configuration", "reject": "rejected"}
+_TYPES: dict[str, type[APIError]] = {
+    "retry": RetryableError,
+    "config": ConfigurationRejected,
+    "reject": MessageRejected,
+}
 
 
 def deliver_now(
@@ -51,18 +61,20 @@ def deliver_now(
 
 
 def api_error(failure: Outcome | None, fate: str) -> APIError:
-    """The ``APIError`` for a failed delivery (``failure`` None: nothing was sent)."""
+    """The ``APIError`` for a failed delivery (``failure`` None: nothing was sent).
+
+    The subclass ``on_error`` would get for the same failure; ``code`` and ``message`` are
+    the server's, as segment's ``APIError`` has them.
+    """
     if failure is None:
         # Nothing was sent: an earlier failure's backoff is still running (or time ran out).
-        return APIError(
+        return RetryableError(
             "not sent: delivery to this host is backing off after a failure "
             f"(stats().last_error says which); {fate}",
             code="backoff",
         )
-    code = "network" if failure.status is None else _CODES.get(failure.kind, failure.kind)
-    return APIError(
+    return _TYPES.get(failure.kind, APIError)(
         f"{failure.error or 'delivery failed'}; {fate}",
         status=failure.status,
-        code=code,
         excerpt=failure.excerpt,
     )

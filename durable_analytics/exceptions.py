@@ -18,20 +18,25 @@ The tree::
     │   └── QueueUnavailable              the queue's PostgreSQL server cannot be reached (the
     │                                     call's message was not stored)
     ├── CollectorError (RuntimeError)     ``testing.Collector`` used out of order (started twice)
-    └── DeliveryError                     a batch could not be delivered (passed to ``on_error``)
-        ├── APIError                      raised by a ``sync_mode`` call whose message could
-        │                                 not be delivered (``status``, ``code``, ``message``)
-        ├── RetryableError                408, 410, 429, 460, 5xx, network errors: kept and retried
-        ├── MessageRejected               400, 413, 422: the message is dead-lettered
-        └── ConfigurationRejected         401, 403, 404, 3xx: the write key or host is wrong;
+    └── DeliveryError                     a batch could not be delivered
+        └── APIError                      segment's ``APIError`` (``status``, ``code``, ``message``):
+            │                             what ``on_error`` gets and a ``sync_mode`` call raises
+            ├── RetryableError            408, 410, 429, 460, 5xx, network errors: kept and retried
+            ├── MessageRejected           400, 413, 422: the message is dead-lettered
+            └── ConfigurationRejected     401, 403, 404, 3xx: the write key or host is wrong;
                                           messages are kept until it is fixed
 
 ``ValidationError`` and ``ConfigError`` are ``ValueError`` subclasses, so code written for
 ``segment-analytics-python`` (which raises ``AssertionError`` or ``ValueError``) can catch
-``ValueError``. No exception message or ``repr`` ever contains a write key.
+``ValueError``. Every exception handed to ``on_error`` is an ``APIError`` whose ``status``,
+``code`` and ``message`` mean what segment's do, so a segment ``on_error`` handler works
+unchanged. No exception message or ``repr`` ever contains a write key.
 """
 
 from __future__ import annotations
+
+import json
+from http import HTTPStatus
 
 __all__ = [
     "APIError",
@@ -121,7 +126,7 @@ class CollectorError(DurableAnalyticsError, RuntimeError):
 
 
 class DeliveryError(DurableAnalyticsError):
-    """A batch could not be delivered; handed to ``on_error(exception, messages)``."""
+    """A batch could not be delivered; the base of ``APIError``, which ``on_error`` gets."""
 
     def __init__(self, message: str, *, status: int | None = None, excerpt: str = "") -> None:
         super().__init__(message)
@@ -130,30 +135,70 @@ class DeliveryError(DurableAnalyticsError):
 
 
 class APIError(DeliveryError):
-    """A ``sync_mode=True`` call could not deliver its message (segment's ``APIError``).
+    """A batch was not delivered: segment's ``APIError``, with ``status``, ``code``, ``message``.
 
-    ``status`` is the HTTP status (None when no answer came: a network error or timeout,
-    then chained as ``__cause__`` where there is one), ``code`` a short word for what
-    happened, ``message`` the text. Unless the server rejected the message as bad data
-    (400, 413, 422: it was dead-lettered), the message stays queued and is retried, so
-    nothing is lost by the raise.
+    What ``on_error(exception, messages)`` gets (as ``RetryableError``, ``MessageRejected``
+    or ``ConfigurationRejected``, which say what becomes of the messages) and what a
+    ``sync_mode=True`` call raises. The attributes mean what segment-analytics-python's do:
+
+    - ``status``: the HTTP status, or None when no answer came (network error, timeout,
+      TLS error; the exception is then chained as ``__cause__`` where there is one);
+    - ``code`` and ``message``: the ``code`` and ``message`` of the server's JSON answer;
+      ``"unknown"`` and the answer's text when it has no such JSON; ``"redirect"`` and the
+      status's reason phrase for a 3xx; with no answer ``"network"`` and what went wrong
+      (``"backoff"`` when a ``sync_mode`` call sent nothing: an earlier failure's backoff
+      is still running).
+
+    ``str(exception)`` says what happened and what becomes of the messages; ``excerpt`` is
+    the start of the answer (at most 2000 characters, the write key removed). Unlike
+    segment's there is no ``response`` attribute: ``excerpt`` holds its text.
     """
 
+    code: str | int
+    message: str
+
     def __init__(
-        self, message: str, *, status: int | None = None, code: str = "error", excerpt: str = ""
+        self,
+        text: str,
+        *,
+        status: int | None = None,
+        code: str | int | None = None,
+        message: str | None = None,
+        excerpt: str = "",
     ) -> None:
-        super().__init__(message, status=status, excerpt=excerpt)
-        self.code = code
-        self.message = message
+        super().__init__(text, status=status, excerpt=excerpt)
+        if status is None:
+            found: tuple[str | int, str] = ("network", text)
+        else:
+            found = _answer_fields(status, excerpt)
+        self.code = found[0] if code is None else code
+        self.message = found[1] if message is None else message
 
 
-class RetryableError(DeliveryError):
+def _answer_fields(status: int, answer: str) -> tuple[str | int, str]:
+    """``code`` and ``message`` of an HTTP answer, as segment-analytics-python reads them."""
+    if 300 <= status < 400:
+        try:
+            return "redirect", HTTPStatus(status).phrase
+        except ValueError:
+            return "redirect", ""
+    try:
+        payload = json.loads(answer)
+        code, message = payload["code"], payload["message"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return "unknown", answer
+    if isinstance(code, bool) or not isinstance(code, (str, int)):
+        code = json.dumps(code)
+    return code, message if isinstance(message, str) else json.dumps(message)
+
+
+class RetryableError(APIError):
     """A transient failure (408, 410, 429, 460, 5xx, network): the batch is kept and retried."""
 
 
-class MessageRejected(DeliveryError):
+class MessageRejected(APIError):
     """The server rejected a message as bad data (400, 413, 422): it was dead-lettered."""
 
 
-class ConfigurationRejected(DeliveryError):
+class ConfigurationRejected(APIError):
     """The server refused the write key or URL (401, 403, 404, 3xx): messages are kept."""

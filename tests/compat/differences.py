@@ -48,6 +48,16 @@ DIFFERENCES: tuple[Difference, ...] = (
         "is wanted",
     ),
     Difference(
+        "on-error-no-answer",
+        "The exception `on_error` gets when no answer came (refused, timeout, TLS)",
+        "requests' exception (`ConnectionError`, `Timeout`, ...): no `status`, `code`, "
+        "`message`",
+        "`RetryableError`, an `APIError` with `status` None, `code` `\"network\"` and "
+        "`message` saying what failed; for an HTTP answer both pass an `APIError` whose "
+        "`status`, `code`, `message` agree (ours has no `response`: `excerpt` holds its text)",
+        "one exception type for every failure; requests is not a dependency",
+    ),
+    Difference(
         "config-status-kept",
         "401, 403, 404, 501, 505 answers",
         "dropped",

@@ -138,6 +138,81 @@ def test_on_error_for_a_batch_that_keeps_failing(lib: Lib, collector: Collector)
     assert {m["event"] for _, batch in errors.calls for m in batch} == {"Failing"}
 
 
+class SegmentStyleHandler(Errors):
+    """The ``on_error`` of segment's documentation: reads ``status``, ``code``, ``message``.
+
+    Under segment it gets an ``APIError`` for an HTTP answer; an attribute it reads that
+    the exception lacks raises AttributeError in the handler, as it would in a user's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.views: list[tuple[Any, Any, Any]] = []
+        self.failures: list[BaseException] = []
+
+    def __call__(self, exc: Exception, batch: list[dict[str, Any]]) -> None:
+        try:
+            self.views.append((exc.status, exc.code, exc.message))  # type: ignore[attr-defined]
+        except Exception as failure:
+            self.failures.append(failure)
+        super().__call__(exc, batch)
+
+
+@pytest.mark.parametrize(
+    ("reply", "view"),
+    [
+        (
+            Reply(500, body='{"code": "internal", "message": "try again later"}'),
+            (500, "internal", "try again later"),
+        ),
+        (
+            Reply(500, body="upstream exploded", headers={"Content-Type": "text/plain"}),
+            (500, "unknown", "upstream exploded"),
+        ),
+    ],
+    ids=["json-answer", "text-answer"],
+)
+def test_a_segment_on_error_handler_sees_status_code_and_message(
+    lib: Lib, collector: Collector, reply: Reply, view: tuple[Any, Any, Any], caplog: Any
+) -> None:
+    """A 500 with a JSON body, and with a plain-text one: the handler's ``(status, code,
+    message)`` is the same on both libraries (the JSON's code and message, else
+    ``"unknown"`` and the text), and reading them never raises in the handler."""
+    collector.set_default(reply)
+    handler = SegmentStyleHandler()
+    client = lib.client(
+        WRITE_KEY, host=collector.url, max_retries=1, on_error=handler, upload_interval=0.05
+    )
+    client.track("u", "Failing")
+    assert handler.wait()
+    assert handler.failures == []
+    assert handler.views[0] == view
+    assert isinstance(handler.calls[0][0], lib.api_error())
+    assert "on_error raised" not in caplog.text
+
+
+def test_a_segment_on_error_handler_when_no_answer_comes(lib: Lib, collector: Collector) -> None:
+    """Nothing listening: segment passes requests' exception (no ``code``/``message``); we
+    pass a ``RetryableError`` (an ``APIError``, ``status`` None, ``code`` ``"network"``)."""
+    collector.stop()
+    handler = SegmentStyleHandler()
+    client = lib.client(
+        WRITE_KEY, host=collector.url, max_retries=0, on_error=handler, upload_interval=0.05
+    )
+    client.track("u", "Unreachable")
+    assert handler.wait()
+    exc = handler.calls[0][0]
+    if differs(lib, "on-error-no-answer", segment=True, durable=False):
+        assert type(exc).__module__.startswith("requests")
+        assert [type(f) for f in handler.failures] == [AttributeError]
+    else:
+        assert isinstance(exc, lib.api_error())
+        assert handler.failures == []
+        status, code, message = handler.views[0]
+        assert (status, code) == (None, "network")
+        assert "cannot connect" in message
+
+
 @pytest.mark.parametrize("status", [401, 403, 404, 501, 505])
 def test_configuration_status(lib: Lib, collector: Collector, status: int) -> None:
     """401/403/404/501/505: reported to ``on_error`` at once, without quick retries."""
@@ -208,6 +283,19 @@ def test_sync_mode_raises_api_error_when_the_server_fails(lib: Lib, collector: C
         assert events(collector) == ["Failed Now"]
     else:
         assert events(collector) == []
+
+
+def test_sync_mode_api_error_carries_the_servers_code_and_message(
+    lib: Lib, collector: Collector
+) -> None:
+    """``sync_mode=True`` against a 500 with a JSON error: ``code`` and ``message`` are the
+    server's on both libraries."""
+    collector.set_default(Reply(500, body='{"code": "overloaded", "message": "slow down"}'))
+    client = lib.client(WRITE_KEY, host=collector.url, sync_mode=True, max_retries=0)
+    with pytest.raises(lib.api_error()) as raised:
+        client.track("u", "Failed Now")
+    error: Any = raised.value
+    assert (error.status, error.code, error.message) == (500, "overloaded", "slow down")
 
 
 def test_max_queue_size_drops_calls_beyond_it(lib: Lib, collector: Collector) -> None:

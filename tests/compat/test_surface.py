@@ -13,7 +13,14 @@ import durable_analytics
 from durable_analytics import Client
 from durable_analytics._config import SEGMENT_PARAMETERS, Config, Settings
 from durable_analytics._default import SETTINGS
-from durable_analytics.exceptions import APIError, ConfigError, DeliveryError
+from durable_analytics.exceptions import (
+    APIError,
+    ConfigError,
+    ConfigurationRejected,
+    DeliveryError,
+    MessageRejected,
+    RetryableError,
+)
 
 from .conftest import WRITE_KEY
 from .harness import Lib, differs
@@ -108,10 +115,51 @@ def test_unknown_client_keyword_names_the_closest() -> None:
 
 def test_api_error_is_a_delivery_error_with_segments_attributes() -> None:
     """``APIError`` is exported, a ``DeliveryError``, with ``status``, ``code``, ``message``."""
-    error = APIError("HTTP 500 from h", status=500, code="retryable")
+    error = APIError("HTTP 500 from h", status=500, code="retryable", message="down")
     assert isinstance(error, DeliveryError)
-    assert (error.status, error.code, error.message) == (500, "retryable", "HTTP 500 from h")
+    assert (error.status, error.code, error.message) == (500, "retryable", "down")
+    assert str(error) == "HTTP 500 from h"
     assert durable_analytics.APIError is APIError
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "code", "message"),
+    [
+        (500, '{"code": "boom", "message": "it broke"}', "boom", "it broke"),
+        (400, '{"success": false, "code": 400, "message": "bad"}', 400, "bad"),
+        (500, '{"success": true}', "unknown", '{"success": true}'),
+        (503, "upstream down", "unknown", "upstream down"),
+        (502, "[1, 2]", "unknown", "[1, 2]"),
+        (500, '"text"', "unknown", '"text"'),
+        (500, "", "unknown", ""),
+        (307, "moved", "redirect", "Temporary Redirect"),
+    ],
+    ids=["json", "int-code", "json-without-code", "text", "json-list", "json-str", "empty", "3xx"],
+)
+def test_api_error_reads_code_and_message_from_the_answer_as_segment_does(
+    status: int, answer: str, code: object, message: str
+) -> None:
+    """Built from an answer, ``code``/``message`` are the JSON's, else ``"unknown"`` and the text.
+
+    The same rules as segment's ``request.post`` (checked against it in test_delivery.py
+    with a real server); a 3xx is ``"redirect"`` and the reason phrase.
+    """
+    for kind in (APIError, RetryableError, MessageRejected, ConfigurationRejected):
+        error = kind(f"HTTP {status} from h", status=status, excerpt=answer)
+        assert (error.status, error.code, error.message) == (status, code, message)
+        assert str(error) == f"HTTP {status} from h"
+
+
+def test_every_exception_on_error_gets_is_an_api_error() -> None:
+    """Retryable, rejected and refused batches are all ``APIError``s; no answer: ``network``."""
+    for kind in (RetryableError, MessageRejected, ConfigurationRejected):
+        assert issubclass(kind, APIError)
+    error = RetryableError("cannot connect to h: refused; kept")
+    assert (error.status, error.code, error.message) == (
+        None,
+        "network",
+        "cannot connect to h: refused; kept",
+    )
 
 
 def test_settings_attributes_are_read_only(lib: Lib) -> None:
