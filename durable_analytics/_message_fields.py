@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from ._message_json import format_timestamp, int_text, raised_text, safe_repr
+from ._message_json import format_timestamp, int_text, raised_text, safe_repr, type_name
 from ._version import __version__
 from .exceptions import ValidationError
 
@@ -87,7 +87,7 @@ def _check_id(call: str, field: str, value: object) -> None:
         raise
     except Exception as exc:
         raise ValidationError(
-            f"{call}: {field}: the {type(value).__name__} raised {raised_text(exc)}"
+            f"{call}: {field}: the {type_name(value)} raised {raised_text(exc)}"
         ) from None
     if not finite:
         raise ValidationError(f"{call}: {field} must be a finite number")
@@ -141,9 +141,9 @@ def dict_field(call: str, field: str, value: object) -> dict[str, Any]:
             return dict(value)
         except Exception as exc:
             raise ValidationError(
-                f"{call}: {field}: reading the {type(value).__name__} raised {raised_text(exc)}"
+                f"{call}: {field}: reading the {type_name(value)} raised {raised_text(exc)}"
             ) from None
-    raise ValidationError(f"{call}: {field} must be a dict, got {type(value).__name__}")
+    raise ValidationError(f"{call}: {field} must be a dict, got {type_name(value)}")
 
 
 def optional_str(call: str, field: str, value: object) -> str | None:
@@ -151,7 +151,7 @@ def optional_str(call: str, field: str, value: object) -> str | None:
         return value
     if isinstance(value, str):
         return str.__str__(value)
-    raise ValidationError(f"{call}: {field} must be a string, got {type(value).__name__}")
+    raise ValidationError(f"{call}: {field} must be a string, got {type_name(value)}")
 
 
 def timestamp_text(call: str, value: object) -> str:
@@ -162,9 +162,9 @@ def timestamp_text(call: str, value: object) -> str:
             return format_timestamp(value)
         except Exception as exc:
             raise ValidationError(
-                f"{call}: timestamp: the {type(value).__name__} raised {raised_text(exc)}"
+                f"{call}: timestamp: the {type_name(value)} raised {raised_text(exc)}"
             ) from None
-    raise ValidationError(f"{call}: timestamp must be a datetime, got {type(value).__name__}")
+    raise ValidationError(f"{call}: timestamp must be a datetime, got {type_name(value)}")
 
 
 def message_id_text(call: str, value: object) -> str:

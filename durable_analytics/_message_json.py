@@ -12,7 +12,7 @@ import json
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from enum import Enum
 from typing import Any
@@ -30,6 +30,7 @@ __all__ = [
     "raised_text",
     "safe_repr",
     "serialize",
+    "type_name",
 ]
 
 #: Containers may nest this deep inside a field (the field's own mapping is level 1).
@@ -124,6 +125,18 @@ def one_line_text(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def type_name(value: object) -> str:
+    """The name of ``value``'s type for an error: ``tuple``, ``datetime.time``, ``numpy.bool``.
+
+    Qualified by its module unless it is a builtin, so that ``numpy.bool`` is not taken
+    for ``bool`` nor numpy's ``ndarray`` for something of the caller's.
+    """
+    kind = type(value)
+    name = getattr(kind, "__qualname__", kind.__name__)
+    module = getattr(kind, "__module__", None)
+    return name if module in (None, "builtins") else f"{module}.{name}"
+
+
 def safe_repr(value: object, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit``, or the type's name when the object's repr raises."""
     try:
@@ -133,8 +146,14 @@ def safe_repr(value: object, limit: int = 60) -> str:
 
 
 def clean_key(key: object, path: str, call: str) -> str:
-    # Mirrors json.dumps for the key types it converts itself, so the fast and the slow
-    # path store the same bytes for the same input.
+    """The JSON name for a mapping key, or a ``ValidationError`` naming ``path``.
+
+    ``str``, ``int``, ``float``, ``bool`` and ``None`` keys become what ``json.dumps`` makes
+    of them, so the fast and the slow path store the same bytes for the same input; the
+    values the calls convert to one string (``Enum``, ``datetime``, ``date``, ``UUID``,
+    ``bytes``, other numbers) become that string. Anything else (a tuple, a frozenset, an
+    object) has no JSON name: ``str()`` of it would be a guess the server cannot undo.
+    """
     if isinstance(key, str):
         # str.__str__: the string's own characters, as the C encoder writes a str subclass
         # (str() of a ``class E(str, Enum)`` member would give "E.A", not its value).
@@ -157,9 +176,25 @@ def clean_key(key: object, path: str, call: str) -> str:
         return format_timestamp(key)
     if isinstance(key, date):
         return key.isoformat()
+    if isinstance(key, UUID):
+        return str(key)
     if isinstance(key, (bytes, bytearray, memoryview)):
         return _fix_str(bytes(key).decode("utf-8", "replace"))
-    return _fix_str(str(key))
+    if isinstance(key, Decimal):
+        if not key.is_finite():
+            raise ValidationError(f"{call}: {path}: a NaN or Infinity key is not valid JSON")
+        return str(key)
+    if isinstance(key, numbers.Integral):
+        return int_text(call, path, int(key))
+    if isinstance(key, numbers.Real):
+        return clean_key(float(key), path, call)
+    # The key itself when its repr is short, like (1, 2); its type alone otherwise.
+    shown = safe_repr(key, 41)
+    what = f"the key {shown} (a {type_name(key)})" if len(shown) <= 40 else None
+    raise ValidationError(
+        f"{call}: {path}: {what or f'a key of type {type_name(key)}'} cannot be a JSON name "
+        "(use str, int, float, bool or None keys)"
+    )
 
 
 def _clean(value: object, path: str, call: str, depth: int, active: set[int]) -> Any:
@@ -174,7 +209,7 @@ def _clean(value: object, path: str, call: str, depth: int, active: set[int]) ->
         raise
     except Exception as exc:
         raise ValidationError(
-            f"{call}: {path}: cannot convert {type(value).__name__} to JSON: "
+            f"{call}: {path}: cannot convert {type_name(value)} to JSON: "
             f"it raised {raised_text(exc)}"
         ) from None
 
@@ -216,8 +251,9 @@ def _clean_value(value: object, path: str, call: str, depth: int, active: set[in
     is_mapping = isinstance(value, Mapping)
     if not is_mapping and not isinstance(value, (Sequence, set, frozenset)):
         raise ValidationError(
-            f"{call}: {path}: cannot convert {type(value).__name__} to JSON "
-            "(use str, int, float, bool, None, dict, list, datetime, Decimal, UUID or Enum)"
+            f"{call}: {path}: cannot convert {type_name(value)} to JSON "
+            f"({_conversion_hint(value)}str, int, float, bool, None, dict, list, datetime, "
+            "Decimal, UUID or Enum)"
         )
     if depth >= MAX_DEPTH:
         raise ValidationError(f"{call}: {path}: nested deeper than {MAX_DEPTH} levels")
@@ -236,7 +272,7 @@ def _clean_value(value: object, path: str, call: str, depth: int, active: set[in
                     raise
                 except Exception as exc:
                     raise ValidationError(
-                        f"{call}: {path}: a key of type {type(key).__name__} cannot become a "
+                        f"{call}: {path}: a key of type {type_name(key)} cannot become a "
                         f"JSON name: it raised {raised_text(exc)}"
                     ) from None
                 if name in out:
@@ -253,6 +289,17 @@ def _clean_value(value: object, path: str, call: str, depth: int, active: set[in
         ]
     finally:
         active.discard(marker)
+
+
+def _conversion_hint(value: object) -> str:
+    """How to convert ``value`` first, where there is an obvious way, before the type list."""
+    if callable(getattr(value, "tolist", None)):
+        return "convert it with .tolist() first; use "  # numpy scalars and arrays
+    if isinstance(value, timedelta):
+        return "e.g. .total_seconds(); use "
+    if isinstance(value, time):
+        return "e.g. .isoformat(); use "
+    return "use "
 
 
 def clean_json(value: object, path: str = "value", call: str = "clean") -> Any:

@@ -25,7 +25,7 @@ from ._message_fields import (
     timestamp_text,
     user_ids,
 )
-from ._message_json import MAX_DEPTH, clean_json, format_timestamp, serialize
+from ._message_json import MAX_DEPTH, clean_json, format_timestamp, serialize, type_name
 from .exceptions import ValidationError
 
 __all__ = [
@@ -357,7 +357,7 @@ def encode(message: Message, max_bytes: int = 32_768) -> tuple[dict[str, Any], b
     if builder is None:
         raise ValidationError(
             f"enqueue: expected Identify, Track, Page, Screen, Group or Alias, "
-            f"got {type(message).__name__}"
+            f"got {type_name(message)}"
         )
     values = [getattr(message, name) for name in message.__dataclass_fields__]
     result: tuple[dict[str, Any], bytes] = builder(*values, max_bytes=max_bytes)

@@ -19,8 +19,8 @@ The tree::
     │                                     call's message was not stored)
     ├── CollectorError (RuntimeError)     ``testing.Collector`` used out of order (started twice)
     └── DeliveryError                     a batch could not be delivered
-        └── APIError                      segment's ``APIError`` (``status``, ``code``, ``message``):
-            │                             what ``on_error`` gets and a ``sync_mode`` call raises
+        └── APIError                      segment's ``APIError``: ``status``, ``code``, ``message``;
+            │                             what ``on_error`` gets, what a ``sync_mode`` call raises
             ├── RetryableError            408, 410, 429, 460, 5xx, network errors: kept and retried
             ├── MessageRejected           400, 413, 422: the message is dead-lettered
             └── ConfigurationRejected     401, 403, 404, 3xx: the write key or host is wrong;

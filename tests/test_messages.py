@@ -22,6 +22,7 @@ from decimal import Decimal
 from enum import Enum, IntEnum
 from typing import Any
 
+import numpy
 import pytest
 from freezegun import freeze_time
 from hypothesis import HealthCheck, given, settings
@@ -1140,7 +1141,7 @@ class _Sequence(Sequence[Any]):
 
 
 class _Key:
-    """A hashable key of a type JSON does not know: converted with str()."""
+    """A hashable key of a type JSON does not know: refused, never converted with str()."""
 
 
 # (base class, arguments, methods that may raise): one bomb per base and method.
@@ -1220,9 +1221,51 @@ def test_user_objects_that_raise_become_a_validation_error_naming_the_path(
         assert path in message or path.rsplit(".", 1)[0] in message, message
 
 
-def test_a_key_whose_str_raises_names_the_mapping_and_the_exception() -> None:
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (object(), "cannot convert object to JSON (use str, int"),
+        (datetime(2024, 1, 1).time(), "cannot convert datetime.time to JSON (e.g. .isoformat()"),
+        (timedelta(1), "cannot convert datetime.timedelta to JSON (e.g. .total_seconds()"),
+        (numpy.bool_(True), "cannot convert numpy.bool to JSON (convert it with .tolist()"),
+        (numpy.array([1]), "cannot convert numpy.ndarray to JSON (convert it with .tolist()"),
+        (numpy.datetime64("2024-01-01"), "cannot convert numpy.datetime64 to JSON"),
+    ],
+    ids=["object", "time", "timedelta", "numpy-bool", "numpy-array", "numpy-datetime64"],
+)
+def test_a_value_json_cannot_hold_is_named_by_its_module_qualified_type(
+    value: Any, message: str
+) -> None:
+    """``numpy.bool`` is never reported as ``bool``: the error names the type and the way out."""
+    with pytest.raises(ValidationError) as raised:
+        _messages.track("u", "E", {"a": [value]})
+    assert str(raised.value).startswith(f"track: properties.a[0]: {message}"), raised.value
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        ((1, 2), "the key (1, 2) (a tuple)"),
+        (frozenset({1}), "the key frozenset({1}) (a frozenset)"),
+    ],
+)
+def test_a_key_json_has_no_name_for_is_refused_naming_the_path(key: Any, shown: str) -> None:
+    """A tuple key is never sent as the string "(1, 2)": the call fails naming the mapping."""
+    with pytest.raises(ValidationError) as raised:
+        _messages.identify("u", {"a": {"b": {key: 1}}})
+    assert str(raised.value) == (
+        f"identify: traits.a.b: {shown} cannot be a JSON name "
+        "(use str, int, float, bool or None keys)"
+    )
+
+
+def test_a_key_of_a_user_type_is_refused_without_calling_its_str() -> None:
+    """A key JSON has no name for is refused by type: its raising ``__str__`` is never run."""
     key = _bomb(_Key, (), "__str__", Boom)
-    with pytest.raises(ValidationError, match=r"^track: properties\.a: a key of type BadKey.*Boom"):
+    with pytest.raises(
+        ValidationError,
+        match=r"^track: properties\.a: a key of type test_messages\.BadKey cannot be a JSON name",
+    ):
         _messages.track("u", "E", {"a": {key: 1}})
 
 

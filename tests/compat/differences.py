@@ -50,9 +50,8 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference(
         "on-error-no-answer",
         "The exception `on_error` gets when no answer came (refused, timeout, TLS)",
-        "requests' exception (`ConnectionError`, `Timeout`, ...): no `status`, `code`, "
-        "`message`",
-        "`RetryableError`, an `APIError` with `status` None, `code` `\"network\"` and "
+        "requests' exception (`ConnectionError`, `Timeout`, ...): no `status`, `code`, `message`",
+        '`RetryableError`, an `APIError` with `status` None, `code` `"network"` and '
         "`message` saying what failed; for an HTTP answer both pass an `APIError` whose "
         "`status`, `code`, `message` agree (ours has no `response`: `excerpt` holds its text)",
         "one exception type for every failure; requests is not a dependency",
@@ -209,6 +208,34 @@ DIFFERENCES: tuple[Difference, ...] = (
         "the whole key is silently dropped",
         "sent as a string and a list",
         "nothing the caller passed disappears silently",
+    ),
+    Difference(
+        "unserializable-values",
+        "Values JSON cannot hold: `object()`, `datetime.time`, `timedelta`, `numpy.bool_`, "
+        "a numpy array, ...",
+        'the key is dropped with a warning ("Dictionary values must be serializeable to '
+        'JSON"), the rest sent; inside a list the whole list goes',
+        "`ValidationError` at the call naming the path and the type "
+        "(`track: properties.flag: cannot convert numpy.bool to JSON`); nothing is queued",
+        "a clear error at the call, not data silently missing at the server; convert first: "
+        "`.tolist()` for numpy values, `.isoformat()`, `.total_seconds()`, `str(...)`",
+    ),
+    Difference(
+        "number-types",
+        "numpy integers, `numpy.float32`, `Fraction`",
+        "`TypeError` from the call (`Object of type int64 is not JSON serializable`)",
+        "sent as a JSON number",
+        "a number is a number",
+    ),
+    Difference(
+        "unrepresentable-keys",
+        "Dict keys that are not `str`, `int`, `float`, `bool` or `None`",
+        "`TypeError` from the call (`keys must be str, int, float, bool or None`) for any of them",
+        "a tuple, `frozenset` or other object: `ValidationError` (a `ValueError`) naming the "
+        "path; a date, `UUID`, `Enum`, `bytes` or numpy integer key becomes its text; `int`, "
+        '`float`, `bool`, `None` keys become `"1"`, `"2.5"`, `"true"`, `"null"` in both',
+        "no JSON name can be guessed for a tuple; where `TypeError` was caught around a call, "
+        "catch `ValueError`",
     ),
     Difference(
         "invalid-utf8-replaced",

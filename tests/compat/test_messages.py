@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from enum import Enum, IntEnum
+from fractions import Fraction
 from typing import Any
 
+import numpy
 import pytest
 import segment.analytics as segment_analytics
 from segment.analytics.request import DatetimeSerializer
@@ -286,6 +289,110 @@ def test_difference_uuid_and_frozenset_values_are_converted_not_dropped(
         "f": [1],
         "kept": 1,
     }
+
+
+UNSERIALIZABLE = [
+    pytest.param(object(), "object", id="object"),
+    pytest.param(time(12, 30), "datetime.time", id="time"),
+    pytest.param(timedelta(seconds=90), "datetime.timedelta", id="timedelta"),
+    pytest.param(numpy.bool_(True), "numpy.bool", id="numpy-bool"),
+    pytest.param(numpy.array([1, 2]), "numpy.ndarray", id="numpy-array"),
+]
+
+
+@pytest.mark.parametrize(("bad", "type_name"), UNSERIALIZABLE)
+@pytest.mark.difference("unserializable-values")
+def test_difference_values_json_cannot_hold_raise_here_segment_drops_them(
+    segment_client: Any,
+    our_client: Any,
+    bad: Any,
+    type_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Segment logs a warning and drops the key; we refuse the call naming path and type."""
+    with caplog.at_level(logging.WARNING, logger="segment"):
+        sent = segment_client.track("u", "E", {"flag": bad, "kept": 1})[1]["properties"]
+    assert sent == {"kept": 1}
+    assert "Dictionary values must be serializeable to JSON" in caplog.text
+    with pytest.raises(ValidationError) as raised:
+        our_client.track("u", "E", {"flag": bad, "kept": 1})
+    assert str(raised.value).startswith(
+        f"track: properties.flag: cannot convert {type_name} to JSON ("
+    )
+    assert our_client.stats().pending == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        pytest.param(numpy.int64(3), 3, id="numpy-int64"),
+        pytest.param(numpy.float32(1.5), 1.5, id="numpy-float32"),
+        pytest.param(Fraction(1, 4), 0.25, id="fraction"),
+    ],
+)
+@pytest.mark.difference("number-types")
+def test_difference_numbers_json_cannot_write_are_sent_as_numbers(
+    segment_client: Any, our_client: Any, value: Any, sent: Any
+) -> None:
+    with pytest.raises(TypeError, match="is not JSON serializable"):
+        segment_client.track("u", "E", {"n": value})
+    _, body = _messages.track("u", "E", {"n": value})
+    assert json.loads(body)["properties"] == {"n": sent}
+
+
+@pytest.mark.parametrize(
+    "key",
+    [(1, 2), frozenset({1}), object()],
+    ids=["tuple", "frozenset", "object"],
+)
+@pytest.mark.difference("unrepresentable-keys")
+def test_difference_keys_json_has_no_name_for_raise_value_error_not_type_error(
+    segment_client: Any, our_client: Any, key: Any
+) -> None:
+    props = {"nested": {key: 1}}
+    with pytest.raises(TypeError, match="keys must be str, int, float, bool or None"):
+        segment_client.track("u", "E", props)
+    with pytest.raises(
+        ValidationError, match=r"^track: properties\.nested: .*cannot be a JSON name"
+    ):
+        our_client.track("u", "E", props)
+    assert our_client.stats().pending == 0
+
+
+@pytest.mark.difference("unrepresentable-keys")
+def test_difference_date_uuid_enum_and_bytes_keys_become_text_segment_raises(
+    segment_client: Any, our_client: Any
+) -> None:
+    for key, name in [
+        (date(2024, 1, 2), "2024-01-02"),
+        (uuid.UUID(FIXED_ID), FIXED_ID),
+        (Color.RED, "red"),
+        (b"k", "k"),
+        (numpy.int64(3), "3"),
+    ]:
+        with pytest.raises(TypeError, match="keys must be str"):
+            segment_client.track("u", "E", {key: 1})
+        assert our_client.track("u", "E", {key: 1})[1]["properties"] == {name: 1}
+
+
+def test_int_float_bool_and_none_keys_become_the_names_segment_sends(
+    segment_client: Any, our_client: Any
+) -> None:
+    """The keys ``json`` itself converts: the same names from both libraries, on the wire."""
+    props = {7: "int", 2.5: "float", True: "bool", None: "none", "s": "str"}
+    seg = json.loads(json.dumps(segment_client.track("u", "E", props)[1]["properties"]))
+    _, body = _messages.track("u", "E", props)
+    assert (
+        json.loads(body)["properties"]
+        == seg
+        == {
+            "7": "int",
+            "2.5": "float",
+            "true": "bool",
+            "null": "none",
+            "s": "str",
+        }
+    )
 
 
 @pytest.mark.difference("invalid-utf8-replaced")
