@@ -374,9 +374,9 @@ class Client(ClientCalls, SettingsAttributes):
                 result = self.close(self.config.shutdown_timeout)
                 if result.pending:
                     log.warning(
-                        "%d messages stay queued in %s for the next run or "
-                        "`durable-analytics drain`",
+                        "%d %s queued in %s for the next run or `durable-analytics drain`",
                         result.pending,
+                        "message stays" if result.pending == 1 else "messages stay",
                         self.config.queue_name,
                     )
             elif mode == "spawn":

@@ -50,6 +50,13 @@ def _hint(status: int | None) -> str:
     return "the server refused the request: check host"
 
 
+def _kept(count: int) -> str:
+    """ "the batch's message is kept" or "the batch's 5 messages are kept", as ``count`` says."""
+    if count == 1:
+        return "the batch's message is kept"
+    return f"the batch's {count} messages are kept"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f}s"
@@ -98,22 +105,22 @@ def failed(
         )
     elif first:
         log.warning(
-            "delivery to %s is failing: %s; the batch's %d messages are kept on disk; next try "
-            "in %.0fs",
+            "delivery to %s is failing: %s; %s on disk; next try in %.0fs",
             host,
             error,
-            pending,
+            _kept(pending),
             delay,
         )
     else:
         log.warning(
-            "delivery to %s still failing after %s (%d failed requests): %s; the batch's %d "
-            "messages are kept on disk; next try in %.0fs",
+            "delivery to %s still failing after %s (%d failed %s): %s; %s on disk; next try "
+            "in %.0fs",
             host,
             _duration(now - since),
             failures,
+            "request" if failures == 1 else "requests",
             error,
-            pending,
+            _kept(pending),
             delay,
         )
 
@@ -126,10 +133,11 @@ def succeeded(key: tuple[str, int], host: str) -> None:
         state = _failing.pop(key, None)
     if state is not None:
         log.info(
-            "delivery to %s recovered after %s (%d failed requests)",
+            "delivery to %s recovered after %s (%d failed %s)",
             host,
             _duration(_clock() - state.since),
             state.failures,
+            "request" if state.failures == 1 else "requests",
         )
 
 

@@ -144,6 +144,29 @@ def test_a_failing_destination_warns_at_once_then_once_a_minute_then_recovers(
     client.close(timeout=0)
 
 
+def test_failure_lines_say_message_and_request_in_the_singular_for_one(
+    logs: pytest.LogCaptureFixture, clock: list[float]
+) -> None:
+    """One message, one failed request: no "1 messages" or "1 failed requests"."""
+    key = ("/q/singular.sqlite3", 1)
+    _delivery_log.failed(key, "h", kind="retry", status=500, error="HTTP 500", delay=5, kept=1)
+    clock[0] += 61
+    _delivery_log.failed(key, "h", kind="retry", status=500, error="HTTP 500", delay=5, kept=2)
+    _delivery_log.succeeded(key, "h")
+    _delivery_log.failed(key, "h", kind="retry", status=500, error="HTTP 500", delay=5, kept=3)
+    _delivery_log.succeeded(key, "h")
+    lines = [r.getMessage() for r in logs.records if r.name == "durable_analytics.delivery"]
+    assert lines == [
+        "delivery to h is failing: HTTP 500; the batch's message is kept on disk; next try in 5s",
+        "delivery to h still failing after 61s (2 failed requests): HTTP 500; the batch's 2 "
+        "messages are kept on disk; next try in 5s",
+        "delivery to h recovered after 61s (2 failed requests)",
+        "delivery to h is failing: HTTP 500; the batch's 3 messages are kept on disk; next try "
+        "in 5s",
+        "delivery to h recovered after 0s (1 failed request)",
+    ]
+
+
 def test_an_unreachable_host_warns(queue_path: Path, logs: pytest.LogCaptureFixture) -> None:
     """No server at all (the case that used to be silent): a WARNING naming the host."""
     with Collector() as gone:
@@ -155,7 +178,7 @@ def test_an_unreachable_host_warns(queue_path: Path, logs: pytest.LogCaptureFixt
     client.flush(timeout=0.3)
     [warning] = _warnings(logs, "durable_analytics.delivery")
     assert f"delivery to {url} is failing" in warning
-    assert "the batch's 1 messages are kept on disk" in warning
+    assert "the batch's message is kept on disk" in warning
     client.close(timeout=0)
 
 
@@ -235,7 +258,7 @@ def test_exit_with_messages_left_warns(
     client.track("u", "E")
     client._at_exit()
     [warning] = _warnings(logs, "durable_analytics.client")[-1:]
-    assert "1 messages stay queued in" in warning
+    assert "1 message stays queued in" in warning
     assert str(queue_path) in warning
 
 

@@ -126,8 +126,8 @@ class AnalyticsLifespan:
             return
         if result.pending:
             log.warning(
-                "%d messages stay queued in %s at shutdown, for the next run or "
-                "`durable-analytics drain`",
+                "%d %s queued in %s at shutdown, for the next run or `durable-analytics drain`",
                 result.pending,
+                "message stays" if result.pending == 1 else "messages stay",
                 self.client.config.queue_name,
             )

@@ -27,8 +27,9 @@ def worker_exit(server: Any, worker: Any) -> None:
     log = getattr(server, "log", None)
     if log is not None and (result.sent or result.pending):
         log.info(
-            "durable-analytics: worker %s delivered %d messages at exit; %d pending in the queue",
+            "durable-analytics: worker %s delivered %d %s at exit; %d pending in the queue",
             getattr(worker, "pid", "?"),
             result.sent,
+            "message" if result.sent == 1 else "messages",
             result.pending,
         )
