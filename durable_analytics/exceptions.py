@@ -141,8 +141,8 @@ class APIError(DeliveryError):
     or ``ConfigurationRejected``, which say what becomes of the messages) and what a
     ``sync_mode=True`` call raises. The attributes mean what segment-analytics-python's do:
 
-    - ``status``: the HTTP status, or None when no answer came (network error, timeout,
-      TLS error; the exception is then chained as ``__cause__`` where there is one);
+    - ``status``: the HTTP status, or None when no answer came (connection refused,
+      timeout, TLS error);
     - ``code`` and ``message``: the ``code`` and ``message`` of the server's JSON answer;
       ``"unknown"`` and the answer's text when it has no such JSON; ``"redirect"`` and the
       status's reason phrase for a 3xx; with no answer ``"network"`` and what went wrong

@@ -129,14 +129,16 @@ DIFFERENCES: tuple[Difference, ...] = (
         "sync-mode-keeps",
         "`sync_mode=True` when delivery fails",
         "raises `APIError` (or the network error); the message is lost",
-        "raises `APIError` (a `DeliveryError`); the message stays queued and is retried",
+        "raises `APIError` (the subclass `on_error` would get, with the server's `code` and "
+        "`message`); the message stays queued and is retried",
         "durability",
     ),
     Difference(
         "sync-mode-network-error",
         "`sync_mode=True` when the server cannot be reached",
         "raises requests' `ConnectionError`",
-        "raises `APIError` (`status` None) chained to the network error; the message stays queued",
+        'raises `RetryableError` (an `APIError`: `status` None, `code` `"network"`, what '
+        "failed in `message`); the message stays queued",
         "one exception to catch; requests is not a dependency",
     ),
     Difference(
