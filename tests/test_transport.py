@@ -33,6 +33,7 @@ from durable_analytics._transport import (
     envelope_overhead,
     parse_retry_after,
 )
+from durable_analytics.exceptions import RetryableError
 from durable_analytics.testing import Collector, Reply
 
 SENT_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -267,6 +268,28 @@ def test_a_write_key_echoed_by_the_server_is_scrubbed_from_the_excerpt(
     assert WRITE_KEY not in outcome.excerpt
     assert WRITE_KEY not in outcome.error
     assert "<write key>" in outcome.excerpt
+
+
+def test_a_write_key_spelled_with_json_escapes_is_scrubbed_before_it_is_decoded(
+    collector: Collector,
+) -> None:
+    """A server writing the echoed key as ``\\u0063…`` (or ``/`` as ``\\/``): the decoded
+    ``message`` an ``APIError`` shows must not hold it either."""
+    escaped = "".join(f"\\u{ord(c):04x}" for c in WRITE_KEY)
+    token = base64.b64encode(f"{WRITE_KEY}:".encode()).decode().replace("/", "\\/")
+    collector.script(Reply(500, body=f'{{"code":"x","message":"{escaped} Basic {token}"}}'))
+    outcome = HTTPTransport().post(collector.url, WRITE_KEY, body_of("m1"))
+    error = RetryableError("failed", status=outcome.status, excerpt=outcome.excerpt)
+    assert error.code == "x"
+    assert error.message == "<write key> Basic <write key>"
+    assert WRITE_KEY not in outcome.excerpt
+
+
+def test_an_answer_with_harmless_escapes_is_kept_byte_for_byte(collector: Collector) -> None:
+    body = '{"message": "caf\\u00e9 \\/ \\"quoted\\""}'
+    collector.script(Reply(500, body=body))
+    outcome = HTTPTransport().post(collector.url, WRITE_KEY, body_of("m1"))
+    assert outcome.excerpt == body
 
 
 # ---------------------------------------------------------------- network failures

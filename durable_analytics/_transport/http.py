@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import gzip as gzip_module
+import json
 import logging
 import os
 import re
@@ -282,6 +283,8 @@ class HTTPTransport:
         excerpt = self._scrub(raw.decode("utf-8", "replace"), write_key)
         if authorization.startswith("Bearer "):
             excerpt = excerpt.replace(authorization[7:], "<token>")
+        if "\\" in excerpt:
+            excerpt = self._scrub_escaped(excerpt, write_key, authorization)
         excerpt = excerpt[:2000]
         retry_after = parse_retry_after(retry_header)
         if kind == "retry" and reset_header:
@@ -305,6 +308,22 @@ class HTTPTransport:
         if pattern is None:
             pattern = self._scrub_patterns[write_key] = secret_pattern(write_key)
         return pattern.sub("<write key>", text)
+
+    def _scrub_escaped(self, text: str, write_key: str, authorization: str) -> str:
+        """``text``, decoded, scrubbed and re-encoded if its JSON escapes spell a secret.
+
+        ``APIError.message`` is the answer's JSON ``message`` decoded, so a key written with
+        escapes (``\\/``, as some servers write ``/``, or ``\\u0041``) would appear there
+        although the text was scrubbed. Any other answer is kept byte for byte.
+        """
+        try:
+            decoded = json.dumps(json.loads(text), ensure_ascii=False)
+        except (ValueError, RecursionError):
+            return text
+        scrubbed = self._scrub(decoded, write_key)
+        if authorization.startswith("Bearer "):
+            scrubbed = scrubbed.replace(authorization[7:], "<token>")
+        return text if scrubbed == decoded else scrubbed
 
 
 def secret_pattern(write_key: str) -> re.Pattern[str]:
