@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
+from typing import ClassVar
 
 __all__ = [
     "APIError",
@@ -147,7 +148,7 @@ class APIError(DeliveryError):
       ``"unknown"`` and the answer's text when it has no such JSON; ``"redirect"`` and the
       status's reason phrase for a 3xx; with no answer ``"network"`` and what went wrong
       (``"backoff"`` when a ``sync_mode`` call sent nothing: an earlier failure's backoff
-      is still running).
+      is still running; ``"configuration"`` when the OAuth token endpoint refused).
 
     ``str(exception)`` says what happened and what becomes of the messages; ``excerpt`` is
     the start of the answer (at most 2000 characters, the write key removed). Unlike
@@ -156,6 +157,8 @@ class APIError(DeliveryError):
 
     code: str | int
     message: str
+    #: ``code`` when no HTTP answer came.
+    no_answer_code: ClassVar[str] = "network"
 
     def __init__(
         self,
@@ -168,7 +171,7 @@ class APIError(DeliveryError):
     ) -> None:
         super().__init__(text, status=status, excerpt=excerpt)
         if status is None:
-            found: tuple[str | int, str] = ("network", text)
+            found: tuple[str | int, str] = (self.no_answer_code, text)
         else:
             found = _answer_fields(status, excerpt)
         self.code = found[0] if code is None else code
@@ -201,4 +204,10 @@ class MessageRejected(APIError):
 
 
 class ConfigurationRejected(APIError):
-    """The server refused the write key or URL (401, 403, 404, 3xx): messages are kept."""
+    """The server refused the write key or URL (401, 403, 404, 3xx): messages are kept.
+
+    ``status`` None: the OAuth token endpoint refused the client (``code``
+    ``"configuration"``; ``message`` says what it answered).
+    """
+
+    no_answer_code: ClassVar[str] = "configuration"

@@ -160,6 +160,8 @@ def test_every_exception_on_error_gets_is_an_api_error() -> None:
         "network",
         "cannot connect to h: refused; kept",
     )
+    refused = ConfigurationRejected("the OAuth token endpoint answered HTTP 401 (bad key)")
+    assert (refused.status, refused.code) == (None, "configuration")
 
 
 def test_settings_attributes_are_read_only(lib: Lib) -> None:
