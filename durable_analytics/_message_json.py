@@ -293,8 +293,12 @@ def _clean_value(value: object, path: str, call: str, depth: int, active: set[in
 
 def _conversion_hint(value: object) -> str:
     """How to convert ``value`` first, where there is an obvious way, before the type list."""
-    if callable(getattr(value, "tolist", None)):
-        return "convert it with .tolist() first; use "  # numpy scalars and arrays
+    try:
+        numpy_like = callable(getattr(value, "tolist", None))  # numpy scalars and arrays
+    except Exception:
+        numpy_like = False  # a user object whose __getattr__ raises: no hint, the same error
+    if numpy_like:
+        return "convert it with .tolist() first; use "
     if isinstance(value, timedelta):
         return "e.g. .total_seconds(); use "
     if isinstance(value, time):
@@ -307,9 +311,10 @@ def clean_json(value: object, path: str = "value", call: str = "clean") -> Any:
 
     ``datetime`` and ``date`` become ISO-8601 strings (a naive datetime is taken to be UTC),
     ``Decimal`` a float, ``UUID`` a string, an ``Enum`` its value, sets and tuples lists,
-    ``bytes`` UTF-8 text (invalid bytes replaced), non-string keys strings, lone surrogates
-    U+FFFD. NaN, Infinity, circular references, nesting deeper than 64 and objects of other
-    types are rejected with the path of the offending value. The input is never mutated.
+    ``bytes`` UTF-8 text (invalid bytes replaced), number, ``None`` and those keys strings
+    (as ``json`` names them), lone surrogates U+FFFD. NaN, Infinity, circular references,
+    nesting deeper than 64, keys JSON has no name for (a tuple) and objects of other types
+    are rejected with the path of the offending value. The input is never mutated.
     """
     return _clean(value, path, call, 0, set())
 
