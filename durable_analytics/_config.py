@@ -179,12 +179,19 @@ def normalize_host(host: str) -> str:
     if not host.isprintable() or " " in host:
         # urlsplit silently drops tabs and line breaks; the host is logged and stored.
         raise ConfigError(f"host must not contain spaces or control characters, got {host!r}")
-    parts = urlsplit(host)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(host)
+    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed or bad [...] literal
+        raise ConfigError(
+            f"host {host!r} is not a valid URL ({exc}); an IPv6 address goes in brackets, "
+            "as in http://[::1]:8080"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"host must be an http:// or https:// URL, got {host!r}")
-    if parts.username or parts.password:
+    if "@" in parts.netloc:
         # Credentials in the URL would be logged and stored with every destination.
         raise ConfigError("host must not contain credentials; pass the write key instead")
+    _check_authority(parts.netloc, host)
     if parts.query or parts.fragment:
         raise ConfigError(f"host must be a base URL without query or fragment, got {host!r}")
     if _ENDPOINT_TAIL.search(parts.path.rstrip("/")):
@@ -199,6 +206,57 @@ def normalize_host(host: str) -> str:
             f"{base!r}, not {host!r}"
         )
     return host.rstrip("/")
+
+
+#: One label of a host name: letters, digits, hyphens (underscores too, as some internal
+#: DNS names use them), neither starting nor ending with a hyphen.
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _check_authority(netloc: str, host: str) -> None:
+    """Refuse a host part or port that no request could go to, naming what is wrong.
+
+    ``urlsplit`` checks little and only when asked (``.port`` raises, ``.hostname``
+    does not): without this an out-of-range port or a bad name is stored with every
+    message and fails only at delivery, again and again.
+    """
+    if netloc.startswith("["):
+        end = netloc.find("]")
+        literal, rest = netloc[1:end], netloc[end + 1 :]
+        address = literal.split("%", 1)[0]  # a zone (fe80::1%25eth0) is the OS's to check
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise ConfigError(f"host {host!r} has an invalid IPv6 address [{literal}]") from None
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"host {host!r} has {rest!r} after its IPv6 address")
+        port = rest[1:] if rest else None
+    else:
+        name, colon, port_text = netloc.rpartition(":") if ":" in netloc else (netloc, "", "")
+        port = port_text if colon else None
+        if ":" in name:
+            raise ConfigError(
+                f"host {host!r}: an IPv6 address must be in brackets, as in http://[::1]:8080"
+            )
+        labels = name.rstrip(".").split(".")  # a trailing dot is a fully qualified name
+        if not all(_LABEL.fullmatch(label) or _is_idna(label) for label in labels):
+            raise ConfigError(f"host {host!r} has an invalid host name {name!r}")
+    if port is not None:
+        if not port.isascii() or not port.isdigit():
+            raise ConfigError(f"host {host!r} has an invalid port {port!r}: a number is needed")
+        if not 1 <= int(port) <= 65535:
+            raise ConfigError(f"host {host!r} has port {int(port)}, outside 1-65535")
+
+
+def _is_idna(label: str) -> bool:
+    """Whether ``label`` is a non-ASCII label that IDNA can encode (``bücher``)."""
+    if label.isascii():
+        return False
+    try:
+        encoded = label.encode("idna")
+    except UnicodeError:
+        return False
+    return _LABEL.fullmatch(encoded.decode("ascii")) is not None
 
 
 #: A path ending in the tracking API's own path (``/v1``, ``/v1/batch``, ``/batch``,

@@ -107,3 +107,52 @@ def test_https_never_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
         on_exit="none",
     )
     assert not [r for r in caplog.records if "plain http://" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("http://127.0.0.1:99999", "port 99999, outside 1-65535"),
+        ("http://127.0.0.1:0", "port 0, outside 1-65535"),
+        ("http://[::1]:65536", "port 65536, outside 1-65535"),
+        ("http://example.com:abc", "invalid port 'abc'"),
+        ("http://example.com:-1", "invalid port '-1'"),
+        ("http://example.com:", "invalid port ''"),
+        ("http://[::1", "is not a valid URL"),
+        ("http://[::1:8080", "is not a valid URL"),
+        ("http://[not-an-address]", "is not a valid URL"),
+        ("http://[v1.x]", "invalid IPv6 address [v1.x]"),
+        ("http://[::1]x:8080", "'x:8080' after its IPv6 address"),
+        ("http://::1:8080", "an IPv6 address must be in brackets"),
+        ("http://example..com", "invalid host name 'example..com'"),
+        ("http://-example.com", "invalid host name '-example.com'"),
+        ("http://exa%20mple.com", "invalid host name 'exa%20mple.com'"),
+        ("http://:8080", "invalid host name ''"),
+    ],
+)
+def test_a_malformed_host_is_a_config_error_at_construction_naming_the_problem(
+    host: str, problem: str, tmp_path: Path
+) -> None:
+    """Accepted, it was stored with every message and failed only at delivery, retried forever
+    (an out-of-range port), or raised a bare ValueError from urlsplit (a bad IPv6 literal)."""
+    queue_path = tmp_path / "q" / "queue.sqlite3"
+    with pytest.raises(ConfigError) as caught:
+        Client(WRITE_KEY, host=host, queue_path=queue_path, flusher="none", on_exit="none")
+    assert problem in str(caught.value)
+    assert not queue_path.parent.exists()  # refused before anything was stored
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "http://127.0.0.1:1",
+        "http://127.0.0.1:65535",
+        "http://[::1]:8080",
+        "http://[fe80::1%25eth0]:8080",
+        "https://bücher.example",
+        "http://collector_1.internal:8080",
+        "https://api.segment.io.",
+    ],
+)
+def test_well_formed_hosts_at_the_edges_are_accepted(host: str) -> None:
+    assert normalize_host(host) == host

@@ -106,6 +106,8 @@ def test_drain_host_and_write_key_override_the_stored_destination(
         ("--host", "ftp://example.com", "host must be an http:// or https:// URL"),
         ("--host", "http://user:pw@example.com", "credentials"),
         ("--host", "https://api.example.com/v1/batch", "use 'https://api.example.com'"),
+        ("--host", "http://127.0.0.1:99999", "port 99999, outside 1-65535"),
+        ("--host", "http://[::1", "is not a valid URL"),
         ("--write-key", "", "write_key must be a non-empty string"),
         ("--write-key", "a\nb", "line breaks"),
         ("--timeout", "0", "--timeout"),

@@ -186,6 +186,37 @@ def test_enqueue_bad_host_exits_2(runner: CliRunner, queue_path: Path) -> None:
     assert not queue_path.exists()
 
 
+@pytest.mark.parametrize(
+    ("host", "fragment"),
+    [
+        ("http://127.0.0.1:99999", "port 99999, outside 1-65535"),
+        ("http://[::1", "is not a valid URL"),
+        ("http://[::1]:0", "port 0, outside 1-65535"),
+    ],
+)
+def test_enqueue_malformed_host_exits_2_before_storing_anything(
+    runner: CliRunner, queue_path: Path, host: str, fragment: str
+) -> None:
+    """Once stored, such a host failed only at delivery; a bad IPv6 literal was exit 1."""
+    result = run(
+        runner,
+        "track",
+        "--queue",
+        str(queue_path),
+        "--write-key",
+        "k",
+        "--host",
+        host,
+        "--user-id",
+        "u",
+        "--event",
+        "E",
+    )
+    assert_error(result, 2, fragment)
+    assert "unexpected" not in result.output
+    assert not queue_path.exists()
+
+
 def test_enqueue_into_a_corrupt_queue_exits_3_and_leaves_it_untouched(
     runner: CliRunner, corrupt_queue: Path
 ) -> None:
