@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._delivery import Deliverer, DeliveryStats, make_deliverer
+from ._override import OverrideQueue
 from ._pipeline import EXIT_REFUSES_THREADS, prestart_helpers, run_beside
 from ._store import Lease, QueueBackend
 from ._transport import DestinationOverride, open_transport
@@ -236,7 +237,9 @@ def drain_queue(
     """Deliver everything queued when called, as ``durable-analytics drain`` does.
 
     Only the messages stored up to the call are taken (so a drain ends under constant
-    production), each to its stored destination unless ``host`` / ``write_key`` replace it.
+    production), each to its stored destination unless ``host`` / ``write_key`` replace it:
+    such an override is a new endpoint, so stored backoffs are cleared first and its own
+    failures stay out of the queue's stored state (``OverrideQueue``).
     One Deliverer built by ``make_deliverer(config, queue)`` (batch size, retries, request
     ``timeout``, gzip, proxies, ``max_in_flight`` from ``config``) keeps up to
     ``concurrency`` (default ``config.max_in_flight``) batches in flight. Messages another
@@ -252,18 +255,25 @@ def drain_queue(
     ``Config.for_delivery(timeout=..., max_retries=...)``.
     """
 
+    override = host is not None or write_key is not None
+    target: QueueBackend = queue
+    if override:
+        # A new endpoint or credential: what the stored one earned does not hold it back,
+        # and what it meets is kept off the stored destination (``_override``).
+        target = OverrideQueue(queue, host=host, write_key=write_key)
+
     def make() -> Deliverer:
         one = open_transport(config) if transport is None else transport()
-        if host is not None or write_key is not None:
+        if override:
             one = DestinationOverride(one, host=host, write_key=write_key)
-        return make_deliverer(config, queue, one)
+        return make_deliverer(config, target, one)
 
     top = queue.max_id()
-    if ignore_backoff:
+    if ignore_backoff or override:
         queue.clear_backoff(None, messages=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     return deliver_until(
-        queue,
+        target,
         make,
         concurrency=concurrency,
         up_to_id=top,

@@ -40,13 +40,16 @@ from ._output import ProgressLine, count, duration, error_line, one_line, stderr
     "--host",
     metavar="URL",
     default=None,
-    help="Send every message to this base URL instead of its stored host.",
+    help="Send every message to this base URL instead of its stored host. Like --write-key, "
+    "a new endpoint: stored backoffs do not hold it back, and its failures are not stored "
+    "against the stored destination.",
 )
 @click.option(
     "--write-key",
     metavar="KEY",
     default=None,
-    help="Send every message with this write key instead of its stored one.",
+    help="Send every message with this write key instead of its stored one (the fix for a "
+    "401: tried at once, whatever backoff the old key earned).",
 )
 @click.option(
     "--timeout",
@@ -105,7 +108,7 @@ def drain_command(
     Shows a progress bar when stderr is a terminal and prints a one-line summary (sent,
     left, dead-lettered, elapsed). Messages another process holds under a live lease are
     waited for; messages waiting out a retry backoff are left for later (unless
-    --ignore-backoff). Several drains,
+    --ignore-backoff, --host or --write-key). Several drains,
     workers and flushers may share one queue without sending a message twice under a lease.
 
     Exits 0 when nothing deliverable is left (dead letters do not count), 1 when some
@@ -198,10 +201,18 @@ def _undelivered_message(
     queue: QueueBackend, result: DrainResult, timeout: float | None, timed_out: bool
 ) -> str:
     stats = queue.stats()
+    waits = [d.backoff_until for d in stats.destinations if d.pending and d.backoff_until]
+    # Left untried, not refused: a backoff stored after an earlier failure (another drain,
+    # a worker, a flusher) holds them back, and only --ignore-backoff sends them now.
+    held_back = bool(waits) and not result.errors and not timed_out
     if timed_out and timeout is not None:
         reason = f"the --timeout of {timeout:g}s passed"
     elif result.errors:
         reason = result.errors[-1]
+    elif held_back:
+        reason = "not tried: their destination backs off after an earlier failure"
+        if stats.last_error:
+            reason += f", at {stats.last_error['at']}: {stats.last_error['message']}"
     elif stats.last_error:
         reason = f"last error at {stats.last_error['at']}: {stats.last_error['message']}"
     elif stats.leased:
@@ -209,7 +220,8 @@ def _undelivered_message(
     else:
         reason = "the server did not accept them"
     text = f"{count(result.left, 'message')} could not be sent ({one_line(reason)[:400]})"
-    waits = [d.backoff_until for d in stats.destinations if d.pending and d.backoff_until]
     if waits:
         text += f"; next retry after {min(waits)}"
+    if held_back:
+        text += " (--ignore-backoff sends them now, once the cause is fixed)"
     return text + "; they stay queued"
