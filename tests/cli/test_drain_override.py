@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
-from durable_analytics._store.sqlite import SqliteQueue
 from durable_analytics._store.base import DestinationStats
+from durable_analytics._store.sqlite import SqliteQueue
 from durable_analytics.testing import Collector
 
 from .helpers import WRITE_KEY, assert_error, fill, pending, run
@@ -25,7 +25,7 @@ def destination(queue_path: Path, host: str) -> DestinationStats:
         queue.close()
 
 
-def drain(runner: CliRunner, queue_path: Path, *args: str) -> object:
+def drain(runner: CliRunner, queue_path: Path, *args: str) -> Result:
     return run(runner, "drain", "--queue", str(queue_path), "--max-retries", "0", *args)
 
 
