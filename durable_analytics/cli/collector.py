@@ -45,8 +45,17 @@ def describe(message: dict[str, Any]) -> str:
     default=None,
     help="Answer 401 to requests with another write key. Default: accept any.",
 )
+@click.option(
+    "--delay",
+    type=click.FloatRange(0, 600),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Hold every answer this long, like a distant server (0.05 is a real ingest API's "
+    "round trip): to watch batching, in-flight requests and timeouts.",
+)
 @verbose_option
-def collector_command(port: int, write_key: str | None, verbose: int) -> int:
+def collector_command(port: int, write_key: str | None, delay: float, verbose: int) -> int:
     """Run a local Segment-compatible server and print each message it receives.
 
     One line per message on stdout (type, event or name, user, messageId); the address on
@@ -56,14 +65,15 @@ def collector_command(port: int, write_key: str | None, verbose: int) -> int:
     from durable_analytics.testing import Collector
 
     setup_logging(verbose)
-    collector = Collector(write_key, port=port)
+    collector = Collector(write_key, port=port, delay=delay)
     try:
         collector.start()
     except OSError as exc:
         raise CLIError(
             f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}", EXIT_UNDELIVERED
         ) from None
-    click.echo(f"collector listening on {collector.url} (Ctrl-C to stop)", err=True)
+    held = f"; every answer held {delay:g}s" if delay else ""
+    click.echo(f"collector listening on {collector.url} (Ctrl-C to stop{held})", err=True)
     click.echo(f"  export DURABLE_ANALYTICS_HOST={collector.url}", err=True)
     stop = threading.Event()
     seen = received = 0

@@ -16,3 +16,8 @@ def test_collector_bad_port_exits_2(runner: CliRunner) -> None:
 def test_collector_port_in_use_exits_1(runner: CliRunner, collector: Collector) -> None:
     result = run(runner, "collector", "--port", str(collector.port))
     assert_error(result, 1, f"cannot listen on 127.0.0.1:{collector.port}")
+
+
+def test_collector_negative_or_huge_delay_exits_2(runner: CliRunner) -> None:
+    assert_error(run(runner, "collector", "--delay", "-1"), 2, "--delay")
+    assert_error(run(runner, "collector", "--delay", "inf"), 2, "--delay")

@@ -383,6 +383,32 @@ def test_collector_prints_each_message_until_interrupted(tmp_path: Path) -> None
     assert "received 3 messages in 1 request" in err.rest()
 
 
+def test_collector_delay_holds_every_answer(tmp_path: Path) -> None:
+    """``--delay`` is ``Collector(delay=...)``: a drain whose deadline comes first sends
+    nothing and keeps every message."""
+    proc = start_cli("collector", "--port", "0", "--delay", "30")
+    assert proc.stderr is not None
+    err = Lines(proc.stderr)
+    try:
+        banner = err.next()
+        assert "every answer held 30s" in banner
+        match = re.search(r"http://127\.0\.0\.1:\d+", banner)
+        assert match, banner
+        queue_path = tmp_path / "q" / "queue.sqlite3"
+        fill(queue_path, match.group(0), 3)
+        done = run_cli("drain", "--queue", str(queue_path), "--timeout", "1")
+        assert done.returncode == 1, done.stderr
+        assert "the --timeout of 1s passed" in done.stderr
+        assert done.stdout.startswith("sent 0, left 3,")
+        assert queue_counts(queue_path)[0] == 3
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+
+
 def test_demo_as_a_program() -> None:
     started = time.monotonic()
     done = run_cli("demo", timeout=60)
