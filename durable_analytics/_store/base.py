@@ -132,7 +132,9 @@ class QueueStats:
 
     ``pending`` counts every message not yet delivered, leased or not; ``leased`` those
     under a live lease. ``bytes`` is the size of the pending messages as stored.
-    ``last_error`` is ``{"message", "at", "host"}`` of the most recent failure, or None.
+    ``last_error`` is ``{"message", "at", "host"}`` of the most recent failure of a
+    destination that still fails, or None once every destination delivers again (each
+    destination's own ``last_error`` keeps its last error after that, as history).
     ``wal_bytes`` is the SQLite ``-wal`` file's size.
     """
 

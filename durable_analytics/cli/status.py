@@ -41,8 +41,8 @@ def status_command(queue_path: Path | None, verbose: int, as_json: bool, output_
     """Show what is queued: pending, leased, dead letters, bytes, oldest age, drops, errors.
 
     One line per destination, its write key cut to the first 4 characters. The last error
-    is shown with its age while its destination still fails, and "none" once it delivers
-    again. `--json` prints
+    is shown with its age while its destination still fails, and "none" (null in --json)
+    once it delivers again. `--json` prints
     the same names as `Client.stats()`: pending, leased, dead_letters, bytes,
     oldest_age_seconds, dropped, last_error, destinations, wal_bytes (the size of the
     queue's -wal file). `--format prometheus` prints them as durable_analytics_* metrics

@@ -146,10 +146,14 @@ def test_status_last_error_has_its_age_and_is_cleared_once_the_destination_deliv
     after = run(runner, "status", "--queue", str(queue_path)).stdout
     assert _row(after, "last error") == "none"
     assert "backing off" not in after
-    # The JSON keeps the facts as Client.stats() has them: the error and its time.
+    # The JSON agrees (it said the old error was the last one, as if still failing); the
+    # destination keeps its last error as history, beside failures == 0.
     data = json.loads(run(runner, "status", "--queue", str(queue_path), "--json").stdout)
-    assert "503" in data["last_error"]["message"]
+    assert data["last_error"] is None
     assert data["destinations"][0]["failures"] == 0
+    assert "503" in data["destinations"][0]["last_error"]
+    prometheus = run(runner, "status", "--queue", str(queue_path), "--format", "prometheus")
+    assert "durable_analytics_last_error_timestamp_seconds" not in prometheus.stdout
 
 
 def _stats(destinations: list[DestinationStats], last_error: dict[str, str] | None) -> QueueStats:

@@ -625,6 +625,35 @@ def test_count_cap_holds_over_many_appends(open_backend: OpenBackend) -> None:
 # --------------------------------------------------------------------------- stats, close
 
 
+def test_the_queues_last_error_is_a_still_failing_destinations_and_clears_on_delivery(
+    backend: QueueBackend,
+) -> None:
+    """``status`` text said "none" once the destination delivered again while ``--json``
+    (and ``Client.stats()``) kept the old error: now both say it is over."""
+    with freezegun.freeze_time("2030-01-01") as frozen:
+        a = backend.destination(HOST, KEY)
+        b = backend.destination(OTHER_HOST, OTHER_KEY)
+        backend.append(a, body(0))
+        backend.append(b, body(1))
+        backend.set_backoff(a, time.time() + 5, "HTTP 503")
+        frozen.tick(10)
+        backend.set_backoff(b, time.time() + 5, "HTTP 401")
+        assert (backend.stats().last_error or {}).get("message") == "HTTP 401"
+        frozen.tick(10)
+        backend.ack(take(backend, destination=b))  # b delivers again: its error is over
+        stats = backend.stats()
+        assert stats.last_error is not None
+        assert (stats.last_error["message"], stats.last_error["host"]) == ("HTTP 503", HOST)
+        assert stats.last_error["at"].startswith("2030-01-01T00:00:00")
+        backend.ack(take(backend, destination=a))
+        stats = backend.stats()
+        assert stats.last_error is None
+        assert stats.as_dict()["last_error"] is None
+        # Each destination keeps its own last error, as history, beside failures == 0.
+        by_host = {d.host: (d.failures, d.last_error) for d in stats.destinations}
+        assert by_host == {HOST: (0, "HTTP 503"), OTHER_HOST: (0, "HTTP 401")}
+
+
 def test_stats_count_pending_leased_dead_letters_bytes_age_and_destinations(
     backend: QueueBackend,
 ) -> None:

@@ -138,7 +138,13 @@ def stats(
     destinations = []
     for d, dest in dests.items():
         err, err_at = dest.last_error, dest.last_error_at
-        if err is not None and err_at is not None and (last is None or err_at > last[0]):
+        # Only a destination still failing gives the queue's last error (see QueueStats).
+        if (
+            dest.failures
+            and err is not None
+            and err_at is not None
+            and (last is None or err_at > last[0])
+        ):
             last = (err_at, err, dest.host)
         destinations.append(
             DestinationStats(

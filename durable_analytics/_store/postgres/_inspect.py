@@ -47,7 +47,8 @@ def stats(tx: SnapshotRunner, sql: Sql, identity: str) -> QueueStats:
     destinations = []
     last: tuple[float, str, str] | None = None
     for d, host, key, until, failures, err, err_ago, n, leased, window, live in dests:
-        if err is not None and err_ago is not None:
+        # Only a destination still failing gives the queue's last error (see QueueStats).
+        if failures and err is not None and err_ago is not None:
             at = time.time() - float(err_ago)
             if last is None or at > last[0]:
                 last = (at, str(err), str(host))

@@ -60,7 +60,14 @@ def stats(conn: sqlite3.Connection, lease_timeout: float, now: float) -> QueueSt
     last: tuple[float, str, str] | None = None
     for d, host, key, not_before, failures, err, err_at in dests:
         n, _ = per_dest.get(int(d), (0, 0))
-        if err is not None and err_at is not None and (last is None or err_at > last[0]):
+        # The queue's last error is that of a destination still failing: a delivery clears
+        # its failures, and the error is then history (kept in its DestinationStats).
+        if (
+            failures
+            and err is not None
+            and err_at is not None
+            and (last is None or err_at > last[0])
+        ):
             last = (float(err_at), str(err), str(host))
         destinations.append(
             DestinationStats(
