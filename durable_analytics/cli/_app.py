@@ -206,15 +206,26 @@ def queue_config(
     return Config.for_delivery(host=host, queue_path=path, **settings)
 
 
-def open_queue(config: Config, *, must_exist: bool = True) -> QueueBackend:
+def queue_exists(config: Config) -> bool:
+    """Whether the queue file is there (a PostgreSQL queue always counts as there)."""
+    return config.queue_url is not None or os.path.lexists(config.queue_path)
+
+
+def open_queue(config: Config, *, must_exist: bool = True, hint: str = "") -> QueueBackend:
     """Open the queue; without ``must_exist`` it is created (0600 in a 0700 directory).
 
-    A damaged queue is reported (exit 3), never repaired from a shell.
+    A missing queue is exit 3 (``hint`` ends its message), a damaged one too: reported,
+    never repaired from a shell.
     """
-    path = config.queue_path
-    if must_exist and config.queue_url is None and not os.path.lexists(path):
-        # Opening would create the file: say so instead of making an empty queue.
-        raise CLIError(f"no queue at {path}", EXIT_QUEUE)
+    if must_exist and not queue_exists(config):
+        # Opening would create the file: say so instead of making an empty queue. The
+        # common cause is a fresh deploy, so say what creates it; a wrong path is the other.
+        raise CLIError(
+            f"no queue at {config.queue_path}: nothing has been tracked there yet (the first "
+            "message a Client or `durable-analytics track` stores there creates it), or the "
+            f"path is not the one your clients use{hint}",
+            EXIT_QUEUE,
+        )
     return open_backend(config, recover=False)  # a QueueError becomes exit 3 in main
 
 
@@ -338,7 +349,8 @@ Exit codes:
   0    done (drain: nothing deliverable is left)
   1    some messages could not be sent (server down, refused, timeout)
   2    usage or configuration error (bad option or JSON, missing field or key)
-  3    the queue file is missing, unreadable or corrupt
+  3    the queue file is missing (nothing tracked there yet: see status
+       --missing-ok), unreadable or corrupt
   130  interrupted
 
 \b

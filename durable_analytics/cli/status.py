@@ -20,6 +20,7 @@ from ._app import (
     json_option,
     open_queue,
     queue_config,
+    queue_exists,
     resolve_queue,
     setup_logging,
 )
@@ -37,7 +38,15 @@ from ._output import count, human_age, human_bytes, one_line
     show_default=True,
     help="json: as --json; prometheus: the text format for node-exporter's textfile collector.",
 )
-def status_command(queue_path: Path | None, verbose: int, as_json: bool, output_format: str) -> int:
+@click.option(
+    "--missing-ok",
+    is_flag=True,
+    help="A queue file not created yet (nothing tracked there) shows as empty and exits 0, "
+    "and is not created: for a fresh deploy's health check. Without it: exit 3.",
+)
+def status_command(
+    queue_path: Path | None, verbose: int, as_json: bool, output_format: str, missing_ok: bool
+) -> int:
     """Show what is queued: pending, leased, dead letters, bytes, oldest age, drops, errors.
 
     One line per destination, its write key cut to the first 4 characters. The last error
@@ -48,17 +57,26 @@ def status_command(queue_path: Path | None, verbose: int, as_json: bool, output_
     queue's -wal file). `--format prometheus` prints them as durable_analytics_* metrics
     labelled with the queue; write it to a temporary file and rename it into the textfile
     collector's directory.
+
+    A queue file that does not exist yet (a fresh deploy: nothing tracked) is exit 3,
+    as a wrong --queue is; with --missing-ok it shows as empty and exits 0.
     """
     setup_logging(verbose)
     config = queue_config(resolve_queue(queue_path))
-    queue = open_queue(config)
-    try:
-        stats = queue.stats()
-        # A PostgreSQL queue also reports its table's dead rows (see docs/POSTGRESQL.md).
-        health_of = getattr(queue, "table_health", None)
-        health: dict[str, Any] | None = health_of() if health_of is not None else None
-    finally:
-        queue.close()
+    missing = missing_ok and not queue_exists(config)
+    health: dict[str, Any] | None = None
+    if missing:
+        # Nothing tracked yet: an empty queue, described without creating the file.
+        stats = QueueStats(0, 0, 0, 0, None, 0, None, [])
+    else:
+        queue = open_queue(config, hint="; `status --missing-ok` shows it as empty (exit 0)")
+        try:
+            stats = queue.stats()
+            # A PostgreSQL queue also reports its table's dead rows (see docs/POSTGRESQL.md).
+            health_of = getattr(queue, "table_health", None)
+            health = health_of() if health_of is not None else None
+        finally:
+            queue.close()
     if output_format == "prometheus":
         samples = queue_samples(stats, now=time.time())
         click.echo(render_prometheus(samples, {"queue": config.queue_name}), nl=False)
@@ -68,7 +86,8 @@ def status_command(queue_path: Path | None, verbose: int, as_json: bool, output_
             out["table"] = health
         click.echo(json.dumps(out, indent=2))
     else:
-        click.echo(format_status(config.queue_name, stats, health))
+        name = f"{config.queue_name} (not created yet: nothing tracked)" if missing else None
+        click.echo(format_status(name or config.queue_name, stats, health))
     return EXIT_OK
 
 

@@ -67,11 +67,46 @@ def test_status_unknown_and_corrupt_queue_exit_3(
     runner: CliRunner, tmp_path: Path, corrupt_queue: Path
 ) -> None:
     missing = tmp_path / "missing.sqlite3"
-    assert_error(run(runner, "status", "--queue", str(missing)), 3, "no queue at")
+    assert_error(
+        run(runner, "status", "--queue", str(missing)),
+        3,
+        f"no queue at {missing}: nothing has been tracked there yet",
+        "`durable-analytics track`",
+        "`status --missing-ok` shows it as empty (exit 0)",
+    )
     assert not missing.exists()
     before = snapshot(corrupt_queue.parent)
     assert_error(run(runner, "status", "--queue", str(corrupt_queue), "--json"), 3, "not a valid")
+    assert_error(run(runner, "status", "--queue", str(corrupt_queue), "--missing-ok"), 3)
     assert snapshot(corrupt_queue.parent) == before
+
+
+def test_status_missing_ok_shows_a_queue_not_created_yet_as_empty_and_creates_nothing(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    """A fresh deploy's health check ran `status` before the first event and got exit 3."""
+    missing = tmp_path / "not-yet" / "queue.sqlite3"
+    text = run(runner, "status", "--queue", str(missing), "--missing-ok")
+    assert text.exit_code == 0, text.output
+    assert _row(text.stdout, "queue") == f"{missing} (not created yet: nothing tracked)"
+    assert _row(text.stdout, "pending").startswith("0 messages (0 leased)")
+    as_json = run(runner, "status", "--queue", str(missing), "--missing-ok", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    assert (data["pending"], data["dead_letters"], data["last_error"]) == (0, 0, None)
+    prom = run(runner, "status", "--queue", str(missing), "--missing-ok", "--format", "prometheus")
+    assert prom.exit_code == 0, prom.output
+    assert f'durable_analytics_pending_messages{{queue="{missing}"}} 0' in prom.stdout
+    assert not missing.parent.exists()
+
+
+def test_status_missing_ok_on_an_existing_queue_shows_what_it_holds(
+    runner: CliRunner, queue_path: Path, closed_port: str
+) -> None:
+    fill(queue_path, closed_port, 7)
+    result = run(runner, "status", "--queue", str(queue_path), "--missing-ok", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["pending"] == 7
 
 
 def test_status_refuses_a_queue_in_a_world_writable_directory(
