@@ -35,7 +35,7 @@ class OverrideQueue:
 
     Leases name the override (a None part keeps the stored value); ``retry_later`` keeps
     the failure in this object (``backoff_until``, ``failures``) and only hands the batch
-    back, counting the attempt. While that backoff runs nothing is leased, and
+    back, counting the attempt; so does ``release`` with a ``not_before``. While that backoff runs nothing is leased, and
     ``next_ready_at`` says when it ends, so a drain that does not wait for backoffs ends.
     """
 
@@ -133,8 +133,12 @@ class OverrideQueue:
         ids: Iterable[int] | None = None,
         count_attempt: bool = True,
     ) -> int:
-        """Hand messages back to the wrapped queue."""
-        return self.inner.release(lease, not_before, ids=ids, count_attempt=count_attempt)
+        """Hand messages back to the wrapped queue, ready at once for their stored
+        destination; a ``not_before`` (the override's Retry-After) holds this drain only."""
+        if not_before is not None:
+            with self._lock:
+                self.backoff_until = max(self.backoff_until, not_before)
+        return self.inner.release(lease, None, ids=ids, count_attempt=count_attempt)
 
     def dead_letter(
         self,
