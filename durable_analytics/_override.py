@@ -35,8 +35,9 @@ class OverrideQueue:
 
     Leases name the override (a None part keeps the stored value); ``retry_later`` keeps
     the failure in this object (``backoff_until``, ``failures``) and only hands the batch
-    back, counting the attempt; so does ``release`` with a ``not_before``. While that backoff runs nothing is leased, and
-    ``next_ready_at`` says when it ends, so a drain that does not wait for backoffs ends.
+    back, counting the attempt; so does ``release`` with a ``not_before``. While that
+    backoff runs nothing is leased, and ``next_ready_at`` says when it ends, so a drain
+    that does not wait for backoffs ends.
     """
 
     def __init__(
