@@ -166,9 +166,15 @@ def test_two_concurrent_drains_send_each_message_once(
     queue_path: Path, collector: Collector
 ) -> None:
     ids = fill(queue_path, collector.url, 3000)
-    collector.set_default(Reply(delay=0.04))  # long enough for both to be at work together
-    drains = [start_cli("drain", "--queue", str(queue_path)) for _ in range(2)]
-    outputs = [finish(proc, timeout=30) for proc in drains]
+    # Two requests in flight each, 0.1 s apiece: one drain alone would take 7.5 s, so the
+    # second interpreter has started long before the first could finish, even on a loaded
+    # machine (at the default window the first sent all 3,000 in 0.2 s once).
+    collector.set_default(Reply(delay=0.1))
+    cmd = ("drain", "--queue", str(queue_path), "--max-in-flight", "2")
+    drains = [start_cli(*cmd)]
+    assert collector.wait_for_requests(1, timeout=30)
+    drains.append(start_cli(*cmd))
+    outputs = [finish(proc, timeout=60) for proc in drains]
     for proc, (_, err) in zip(drains, outputs, strict=True):
         assert proc.returncode == 0, err
     sent = [int(re.match(r"sent ([\d,]+),", out).group(1).replace(",", "")) for out, _ in outputs]
