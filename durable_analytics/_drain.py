@@ -186,7 +186,9 @@ def _deliver_until(
         if (stop is not None and stop.is_set()) or _passed(deadline):
             break
         queue.reclaim_expired()
-        next_at = queue.next_ready_at(up_to_id=up_to_id)
+        # Of our destination only: another's ready messages are not ours to wait for (a
+        # flush would otherwise poll them until its deadline, or forever without one).
+        next_at = queue.next_ready_at(up_to_id=up_to_id, destination=destination)
         now = time.time()
         if next_at is None:
             wait = _HOLDER_POLL  # the rest is leased by another live holder: wait for it

@@ -126,6 +126,29 @@ def test_flush_with_the_server_down_returns_once_the_next_retry_is_past_its_time
     assert client.stats().pending == 3  # nothing lost: still on disk
 
 
+def test_flush_returns_after_its_failure_while_another_destinations_messages_are_ready(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    """Another destination's messages in the same queue file, ready to send, are not this
+    flush's to wait for: after its own failure it returns, without a timeout too (it used
+    to poll them forever, or until its timeout)."""
+    other = make_client(flusher="none")
+    other.track("user-1", "Waiting for its own flush")
+    with Collector("another-key") as down:
+        down.set_default(Reply(503, headers={"Retry-After": "30"}))
+        client = make_client("another-key", flusher="none", host=down.url, max_retries=0)
+        track_many(client, 2)
+        results: list[FlushResult] = []
+        flushing = threading.Thread(target=lambda: results.append(client.flush()), daemon=True)
+        flushing.start()
+        flushing.join(30)
+        assert not flushing.is_alive(), "flush() did not return after its failure"
+        assert results == [FlushResult(sent=0, pending=2, dead_lettered=0)]
+        assert down.requests == 1
+    assert other.stats().pending == 3
+    assert collector.requests == 0
+
+
 def test_flush_with_a_hanging_server_returns_at_the_timeout(
     make_client: Callable[..., Client], collector: Collector
 ) -> None:

@@ -316,8 +316,10 @@ class QueueBackend(Protocol):
         """``(not_before, consecutive failures)`` of a destination."""
         ...
 
-    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
-        """The earliest time at which some pending message may be leased."""
+    def next_ready_at(
+        self, *, up_to_id: int | None = None, destination: int | None = None
+    ) -> float | None:
+        """The earliest time at which some pending message (of ``destination``) may be leased."""
         ...
 
     def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:

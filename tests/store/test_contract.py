@@ -243,6 +243,25 @@ def test_backoff_holds_back_only_its_destination_until_its_time(backend: QueueBa
     assert [index(x) for x in take(backend, now=now + 31).bodies] == [0]
 
 
+def test_next_ready_at_of_one_destination_ignores_another_destinations_ready_messages(
+    backend: QueueBackend,
+) -> None:
+    """What a flush of A waits for: A's backoff, not B's messages that are ready now."""
+    a = backend.destination(HOST, KEY)
+    b = backend.destination(OTHER_HOST, OTHER_KEY)
+    top = max(fill(backend, a, 2) + fill(backend, b, 3, start=2))
+    now = time.time()
+    backend.set_backoff(a, now + 30, "HTTP 503")
+    assert (backend.next_ready_at() or 0) <= time.time()  # B's are ready
+    assert backend.next_ready_at(destination=a) == pytest.approx(now + 30)
+    assert backend.next_ready_at(up_to_id=top, destination=a) == pytest.approx(now + 30)
+    assert (backend.next_ready_at(destination=b) or 0) <= time.time()
+    held = take(backend, now=now)
+    assert held.destination.id == b
+    backend.ack(held)
+    assert backend.next_ready_at(destination=b) is None  # nothing of B is left
+
+
 def test_a_destination_is_leased_at_once_while_another_backs_off_behind_a_backlog(
     backend: QueueBackend,
 ) -> None:

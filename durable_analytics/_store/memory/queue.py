@@ -376,12 +376,16 @@ class MemoryQueue:
             dest = self._dests.get(dest_id)
             return (0.0, 0) if dest is None else (dest.not_before, dest.failures)
 
-    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
-        """The earliest time at which some pending message may be leased."""
+    def next_ready_at(
+        self, *, up_to_id: int | None = None, destination: int | None = None
+    ) -> float | None:
+        """The earliest time at which some pending message (of ``destination``) may be leased."""
         top = up_to_id if up_to_id is not None else 1 << 62
         with self._lock:
             self._check_open()
-            return views.next_ready(self._messages, self._dests, self._leased(), top, time.time())
+            return views.next_ready(
+                self._messages, self._dests, self._leased(), top, time.time(), destination
+            )
 
     def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
         """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""

@@ -76,15 +76,21 @@ def select_batch(
 
 
 def next_ready(
-    messages: dict[int, Message], dests: dict[int, Dest], leased: set[int], top: int, now: float
+    messages: dict[int, Message],
+    dests: dict[int, Dest],
+    leased: set[int],
+    top: int,
+    now: float,
+    destination: int | None = None,
 ) -> float | None:
-    """The earliest time an unleased message up to ``top`` may be leased (clock jumps: now)."""
+    """The earliest time an unleased message up to ``top`` (of ``destination`` when given) may
+    be leased (clock jumps: now)."""
     horizon = _horizon(now)
     best: float | None = None
     for row_id, msg in messages.items():
         if row_id > top:
             break
-        if row_id in leased:
+        if row_id in leased or (destination is not None and msg.dest != destination):
             continue
         own = msg.not_before or 0.0
         shared = dests[msg.dest].not_before if msg.dest in dests else 0.0

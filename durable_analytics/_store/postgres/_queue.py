@@ -485,8 +485,10 @@ class PostgresQueue:
             return 0.0, 0
         return (_local(row[0]) or 0.0), int(row[1])
 
-    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
-        """The earliest wall-clock time at which some pending message may be leased.
+    def next_ready_at(
+        self, *, up_to_id: int | None = None, destination: int | None = None
+    ) -> float | None:
+        """The earliest wall-clock time some pending message (of ``destination``) may be leased.
 
         A destination whose window is full counts as leased by others (None if only such
         messages are left): they end when those holders settle.
@@ -495,6 +497,7 @@ class PostgresQueue:
             "top": up_to_id if up_to_id is not None else (1 << 62),
             "horizon": MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN,
             "max": self.window.max_in_flight,
+            "dest": destination,
         }
         row = self._tx(lambda c: c.execute(self._sql(q.NEXT_READY), params)).fetchone()
         return None if row is None else _local(row[0])

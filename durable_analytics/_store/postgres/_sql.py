@@ -237,6 +237,7 @@ CROSS JOIN LATERAL (
     ) END AS at
 ) w
 WHERE w.at IS NOT NULL AND {ROOM}
+    AND (%(dest)s::bigint IS NULL OR d.id = %(dest)s::bigint)
 """
 
 # The first ``limit`` ready messages of each destination that is not backing off and has

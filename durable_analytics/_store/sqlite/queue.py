@@ -375,12 +375,14 @@ class SqliteQueue:
         self._index_tail()
         return self._db.read(lambda conn: ready.ready_summary(conn, limit, now_wall))
 
-    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
-        """The earliest wall-clock time at which some pending message may be leased."""
+    def next_ready_at(
+        self, *, up_to_id: int | None = None, destination: int | None = None
+    ) -> float | None:
+        """The earliest wall-clock time some pending message (of ``destination``) may be leased."""
         top = up_to_id if up_to_id is not None else (1 << 62)
         now_wall = time.time()
         self._index_tail()
-        return self._db.read(lambda conn: ready.next_ready_at(conn, now_wall, top))
+        return self._db.read(lambda conn: ready.next_ready_at(conn, now_wall, top, destination))
 
     def _index_tail(self) -> None:
         """Fold a long tail of new messages into the index by destination before a poll.

@@ -49,10 +49,13 @@ def ready_summary(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int
     return len(ready), (min(t for _, t in ready) if ready else None)
 
 
-def next_ready_at(conn: sqlite3.Connection, now: float, top: int) -> float | None:
+def next_ready_at(
+    conn: sqlite3.Connection, now: float, top: int, destination: int | None = None
+) -> float | None:
     """The earliest wall-clock time some unleased message up to id ``top`` may be leased.
 
-    None when every pending message is leased (or there is none).
+    Only ``destination``'s messages count when it is given. None when every pending message
+    is leased (or there is none).
     """
     horizon = _horizon(now)
     best: float | None = None
@@ -60,6 +63,8 @@ def next_ready_at(conn: sqlite3.Connection, now: float, top: int) -> float | Non
         leased = leased_ids(conn)
         mark = bydest.upto(conn)
         for d, not_before in conn.execute("SELECT id, not_before FROM destinations").fetchall():
+            if destination is not None and d != destination:
+                continue
             dest_at = 0.0 if not_before > horizon else float(not_before)
             rows = bydest.rows(conn, int(d), (top, now, horizon), 1 + len(leased), mark)
             if any(i not in leased for i, _, _, _ in rows):
