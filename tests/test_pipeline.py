@@ -409,11 +409,21 @@ def test_exit_delivers_everything_at_50_ms_per_request(
     assert slow_collector.peak_concurrency > 1
 
 
+def fresh_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give this test a pool of helper threads of its own, with none idle.
+
+    Not ``_helpers.reset()``: helpers an earlier test left idle would stay on the reset pool,
+    and one ending its idle wait during this test would count itself out of the new idle
+    count, so a later ``prestart_helpers`` would start one more than the test expects.
+    """
+    monkeypatch.setattr(_pipeline, "_helpers", _pipeline._Helpers())
+
+
 def test_prestarted_helpers_run_jobs_when_no_thread_can_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where the exit handler may start no thread, the helpers started before serve it."""
-    _pipeline._helpers.reset()
+    fresh_helpers(monkeypatch)
     assert _pipeline.prestart_helpers(3) == 3
     assert _pipeline.prestart_helpers(3) == 0  # already idle: none more
 
@@ -440,7 +450,7 @@ def test_a_pass_meeting_a_backlog_prestarts_helpers_where_exit_cannot_start_thre
 ) -> None:
     """Before the window knows the round trip, a full batch still readies the exit's helpers."""
     monkeypatch.setattr(_drain, "EXIT_REFUSES_THREADS", True)
-    _pipeline._helpers.reset()
+    fresh_helpers(monkeypatch)
     client = Client(
         WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
     )
