@@ -170,7 +170,7 @@ def test_on_error_gets_the_exception_and_the_messages(
     collector.set_default(401)
     client = make_client(flusher="none", on_error=lambda e, m: calls.append((e, m)))
     ids = track_many(client, 2)
-    result = client.flush(timeout=0.3)
+    result = client.flush()
 
     assert result.pending == 2
     [(exc, messages)] = calls
@@ -359,7 +359,7 @@ def test_stats_has_the_documented_names(
     collector.set_default(503)
     client = make_client(flusher="none", max_retries=0)
     track_many(client, 4)
-    client.flush(timeout=0.2)
+    client.flush()
     stats = client.stats()
 
     assert (stats.pending, stats.leased, stats.dead_letters, stats.dropped) == (4, 0, 0, 0)
@@ -472,7 +472,7 @@ def test_a_canary_write_key_never_leaks(
         # The server echoes the key in a 401 body.
         good.set_default(Reply(401, body=f'{{"message":"bad key {CANARY}"}}'))
         client.track("user-1", "Later")
-        client.flush(timeout=0.2)
+        client.flush()
 
         queue = client.queue
         lease = Queue(queue_path).lease(20, 500_000, now=time.time() + 3600)

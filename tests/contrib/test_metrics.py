@@ -59,7 +59,7 @@ def busy_queue(tmp_path: Path, collector: Collector) -> Iterator[tuple[Client, P
         )
         failing.track("u", "Failing")
         failing.track("u", "Failing")
-        failing.flush(timeout=0.5)
+        failing.flush()
         failing.close(timeout=0)
     conn = sqlite3.connect(path)
     with conn:
