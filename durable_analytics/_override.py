@@ -101,9 +101,11 @@ class OverrideQueue:
         self.inner.release(lease, None)
         return until
 
-    def next_ready_at(self, *, up_to_id: int | None = None) -> float | None:
+    def next_ready_at(
+        self, *, up_to_id: int | None = None, destination: int | None = None
+    ) -> float | None:
         """The wrapped queue's answer, but not before this drain's own backoff ends."""
-        ready = self.inner.next_ready_at(up_to_id=up_to_id)
+        ready = self.inner.next_ready_at(up_to_id=up_to_id, destination=destination)
         if ready is None:
             return None
         return max(ready, self.backoff_until)
