@@ -10,7 +10,8 @@ dead letters, large bodies on overflow pages). Then:
 - ``Queue(path)`` (the CLI's default) and ``durable-analytics drain`` refuse with
   QueueCorrupt / exit 3 and leave the main file and its -wal byte for byte as they were;
 - a file of a newer schema version, or an intact database of another application, is never
-  treated as damaged, whatever ``recover`` says.
+  treated as damaged, whatever ``recover`` says; nor is a file with no trace of SQLite (a
+  mistyped queue_path): it is refused and keeps its content, name and mode.
 
 Run: ``pytest tests/reliability/test_corrupt_files.py -s`` prints each case's figures.
 """
@@ -130,6 +131,12 @@ def xor(path: Path, offset: int, length: int = 1) -> None:
         f.write(bytes(b ^ 0xFF for b in data))
 
 
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
 def messages_leaf(path: Path, which: str) -> int:
     """A leaf page of the messages table: the first (``"first"``) or the rightmost."""
     root = read_page(path, MESSAGES_ROOT)
@@ -223,8 +230,13 @@ DAMAGES = [
         at_open=False,
         least=0.9,
     ),
-    Damage("random-bytes", lambda p: p.write_bytes(os.urandom(64 * 1024)), full=False, least=0),
-    Damage("a-text-file", lambda p: p.write_text("not a database\n" * 500), full=False, least=0),
+    # A header a power loss tore: zeros where the data never reached the disk (XFS, ext4
+    # data=writeback), or a first sector of garbage. Still recovered, unlike a file that
+    # was never SQLite's (test_a_file_that_is_not_sqlite_is_refused_and_left_untouched).
+    Damage("header-zeroed", lambda p: overwrite(p, 0, bytes(100)), full=True),
+    Damage("first-sector-zeroed", lambda p: overwrite(p, 0, bytes(512)), full=True),
+    Damage("first-sector-garbage", lambda p: overwrite(p, 0, os.urandom(512)), full=True),
+    Damage("truncated-to-10-bytes", lambda p: os.truncate(p, 10), full=False, least=0.0),
     Damage(
         "wal-of-another-queue",
         _write_wal(lambda d: capture_wal(d, another_queue)),
@@ -444,7 +456,7 @@ def test_without_recover_an_operation_on_a_damaged_page_raises_and_touches_nothi
         "schema-text-flipped",
         "messages-root-page-flipped",
         "messages-leaf-cell-pointers-flipped",
-        "a-text-file",
+        "first-sector-garbage",
         "wal-of-another-queue",
     ],
 )
@@ -507,6 +519,103 @@ def test_another_applications_database_is_refused_and_left_alone(
     with pytest.raises(QueueCorrupt, match="not a durable-analytics queue"):
         Queue(path, recover=recover)
     assert files_of(path) == before
+    assert moved_files(path) == []
+
+
+# --------------------------------------------------------------------------- never taken over
+
+NOT_SQLITE = {
+    "an-env-file": b"SECRET=abc\n",
+    "a-text-file": b"not a database\n" * 500,
+    "random-bytes": os.urandom(64 * 1024),
+    "a-png": b"\x89PNG\r\n\x1a\n" + os.urandom(4000),
+    "json": b'{"queue": "settings"}',
+    # Beside a -wal SQLite would accept, the -wal's own header must be right too.
+    "beside-a-stray-wal": b"[section]\nkey = value\n" * 20,
+}
+
+
+def dir_state(directory: Path) -> dict[str, tuple[str, int, int]]:
+    """Name -> (sha256, mode, inode) of every file: what a refusal must leave as it was."""
+    return {
+        p.name: (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            stat.S_IMODE(p.stat().st_mode),
+            p.stat().st_ino,
+        )
+        for p in sorted(directory.iterdir())
+    }
+
+
+@pytest.mark.parametrize("recover", [False, True])
+@pytest.mark.parametrize("kind", sorted(NOT_SQLITE))
+def test_a_file_that_is_not_sqlite_is_refused_and_left_untouched(
+    damaged_dir: Path, kind: str, recover: bool
+) -> None:
+    """A mistyped queue_path never takes over the user's file as a "damaged queue"."""
+    path = damaged_dir / "settings.env"
+    path.write_bytes(NOT_SQLITE[kind])
+    path.chmod(0o644)
+    if kind == "beside-a-stray-wal":
+        Path(f"{path}-wal").write_bytes(b"not a wal header" * 4)
+    before = dir_state(damaged_dir)
+    with pytest.raises(QueueCorrupt) as info:
+        Queue(path, recover=recover)
+    text = str(info.value)
+    assert str(path) in text
+    assert "not an SQLite database" in text
+    assert "point queue_path" in text
+    assert "SECRET" not in text  # the file's content is never quoted
+    assert dir_state(damaged_dir) == before  # content, name, mode; nothing beside it
+
+
+def test_a_client_refuses_a_mistyped_queue_path_and_the_cli_exits_3(
+    damaged_dir: Path, collector: Collector
+) -> None:
+    path = damaged_dir / "settings.env"
+    path.write_bytes(b"SECRET=abc\n")
+    path.chmod(0o644)
+    before = dir_state(damaged_dir)
+    with pytest.raises(QueueCorrupt, match="not an SQLite database"):
+        Client(WRITE_KEY, host=collector.url, queue_path=path, flusher="none", on_exit="none")
+    for args in (
+        ["track", "--write-key", WRITE_KEY, "--user-id", "u", "--event", "E"],
+        ["status"],
+        ["drain"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "durable_analytics.cli", *args, "--queue", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(),
+            check=False,
+        )
+        assert proc.returncode == 3, (args, proc.stdout, proc.stderr)
+        assert "not an SQLite database" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert dir_state(damaged_dir) == before
+    assert collector.message_ids() == {}
+
+
+def test_a_main_file_of_garbage_beside_the_queues_wal_is_not_refused(damaged_dir: Path) -> None:
+    """The -wal's header is evidence that SQLite used the file (a recovery's or a new
+    queue's content can sit there before a checkpoint writes the main file): not refused,
+    and every message the -wal holds is read from it."""
+    path = damaged_dir / "queue.sqlite3"
+    q = Queue(path)
+    dest = q.destination(HOST, WRITE_KEY)
+    for i in range(20):
+        q.append(dest, message(i))
+    size, wal = path.stat().st_size, Path(f"{path}-wal").read_bytes()
+    q.close()
+    path.write_bytes(os.urandom(size))
+    Path(f"{path}-wal").write_bytes(wal)
+    q = Queue(path)
+    lease = q.lease(100, 1 << 30)
+    q.close()
+    assert lease is not None
+    assert [json.loads(b)["messageId"] for b in lease.bodies] == [f"seed-{i}" for i in range(20)]
     assert moved_files(path) == []
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import pkgutil
 import re
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -546,6 +547,57 @@ def test_a_directory_writable_by_others_is_refused_by_the_client_and_the_cli(
     assert result.exit_code == 3, result.output
     assert "writable by other users" in result.stderr
     assert list(shared.iterdir()) == []  # nothing created
+    # The advice is a private directory, never narrowing the shared one; only a directory
+    # of this user's that is not sticky (widened by mistake) also gets a chmod.
+    where = shlex.quote(str(shared))
+    assert f"mkdir -m 700 {shlex.quote(str(shared / 'myapp'))}" in result.stderr
+    assert f"chmod 700 {where}" not in result.stderr
+    if mode & stat.S_ISVTX:
+        assert "chmod" not in result.stderr
+    else:
+        assert f"chmod o-w {where}" in result.stderr
+
+
+def test_a_queue_in_tmp_is_refused_with_advice_to_make_a_private_directory_not_chmod_tmp(
+    runner: CliRunner,
+) -> None:
+    """The user's first try, ``queue_path='/tmp/q.sqlite3'``: never told to chmod /tmp."""
+    tmp = Path("/tmp")
+    if not tmp.stat().st_mode & stat.S_IWOTH:
+        pytest.skip("/tmp is not world-writable here")
+    path = tmp / f"durable-analytics-test-{os.getpid()}-{time.monotonic_ns()}.sqlite3"
+    with pytest.raises(QueuePermissionError) as info:
+        Client(WRITE_KEY, queue_path=path, flusher="none", on_exit="none")
+    result = invoke(
+        runner, "track", "--queue", str(path), "--write-key", WRITE_KEY, "--user-id", "u",
+        "--event", "E",
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output
+    for text in (str(info.value), result.stderr):
+        assert "writable by other users" in text
+        assert "mkdir -m 700 /tmp/myapp" in text
+        assert "chmod" not in text
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o700], ids=oct)
+def test_a_queue_path_that_is_a_directory_says_so_whatever_its_parent(
+    tmp_path: Path, runner: CliRunner, mode: int
+) -> None:
+    """That the path is a directory is the error, also in a shared parent like /tmp."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    os.chmod(parent, mode)
+    path = parent / "somedir"
+    path.mkdir(mode=0o700)
+    with pytest.raises(QueuePermissionError, match="is a directory, not a regular file"):
+        Client(WRITE_KEY, queue_path=path, flusher="none", on_exit="none")
+    for args in (["status"], ["drain"], ["dead-letters", "list"]):
+        result = invoke(runner, *args, "--queue", str(path))
+        assert result.exit_code == 3, (args, result.output)
+        assert "is a directory, not a regular file" in result.stderr
+        assert "writable by other users" not in result.stderr
+    assert list(path.iterdir()) == []
 
 
 def test_what_is_not_refused_a_group_writable_or_symlinked_parent_directory(

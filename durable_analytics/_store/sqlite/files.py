@@ -48,12 +48,8 @@ def prepare_path(path: Path) -> None:
         raise QueuePermissionError(f"cannot use the queue directory {parent}: {exc}") from None
     if not stat.S_ISDIR(pst.st_mode):
         raise QueuePermissionError(f"the queue directory {parent} is not a directory")
-    if pst.st_mode & stat.S_IWOTH:
-        raise QueuePermissionError(
-            f"the queue directory {parent} is writable by other users, who could replace the "
-            f"queue file; use a private directory (mode 0700): chmod 700 {shlex.quote(str(parent))}"
-        )
-    check_directory_owner(parent, pst)
+    # What the path itself is comes first: for a directory or a symlink, advice about the
+    # directory it sits in would be beside the point.
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -63,9 +59,17 @@ def prepare_path(path: Path) -> None:
     if st is not None:
         if stat.S_ISLNK(st.st_mode):
             raise QueuePermissionError(f"the queue path {path} is a symlink; refusing to follow it")
+        if stat.S_ISDIR(st.st_mode):
+            raise QueuePermissionError(
+                f"the queue path {path} is a directory, not a regular file; name a file "
+                f"inside it, e.g. {shlex.quote(str(path / 'queue.sqlite3'))}"
+            )
         if not stat.S_ISREG(st.st_mode):
             raise QueuePermissionError(f"the queue path {path} is not a regular file")
-    else:
+    if pst.st_mode & stat.S_IWOTH:
+        raise QueuePermissionError(shared_directory_message(path, pst))
+    check_directory_owner(parent, pst)
+    if st is None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
@@ -97,6 +101,36 @@ def prepare_path(path: Path) -> None:
             f"the queue directory {parent} is not writable (SQLite creates -wal and -shm files "
             "beside the queue)"
         )
+
+
+def shared_directory_message(path: Path, st: os.stat_result) -> str:
+    """Why a queue is refused in a directory other users can write, and where to put it.
+
+    Such a directory is shared (``/tmp``, ``/var/tmp``, a team's drop folder): narrowing its
+    mode would break everyone else who uses it, so the advice is a private directory of
+    one's own inside it. Only a directory of this user's that is not sticky (so most likely
+    widened by mistake) also gets the ``chmod`` that narrows it.
+    """
+    parent = path.parent
+    mode = stat.S_IMODE(st.st_mode)
+    sticky = bool(mode & stat.S_ISVTX)
+    risk = (
+        "could create files under the queue's names before it does"
+        if sticky
+        else "could replace the queue file"
+    )
+    private = parent / "myapp"
+    advice = (
+        f"keep the queue in a private directory instead, e.g. mkdir -m 700 "
+        f"{shlex.quote(str(private))} and put the queue there "
+        f"({shlex.quote(str(private / path.name))})"
+    )
+    if not sticky and st.st_uid == os.geteuid():
+        advice += f"; or, if no one else uses {parent}: chmod o-w {shlex.quote(str(parent))}"
+    return (
+        f"the queue directory {parent} (mode {mode:04o}) is writable by other users, who "
+        f"{risk}; {advice}"
+    )
 
 
 def _who(uid: int) -> str:

@@ -38,6 +38,10 @@ class Damaged(Exception):
         self.main_only = main_only
 
 
+class NotOurs(Exception):
+    """Internal: the file is not an SQLite database at all (never moved nor recovered)."""
+
+
 @dataclass(frozen=True)
 class Probe:
     """What the raw bytes of a queue file say, before SQLite reads it."""
@@ -118,6 +122,62 @@ def probe_header(size: int, wal_size: int, header: bytes) -> Probe:
     if not 1 <= u32(header, 44) <= 4 or u32(header, 56) not in (0, 1, 2, 3):
         reasons.append("its header has an unknown schema format or text encoding")
     return Probe(size, wal_size, "", "; ".join(reasons), page_size, user_version, app_id)
+
+
+#: Text of the queue's own schema, which SQLite keeps in page 1 (after the 100-byte header).
+SCHEMA_MARKS = (b"CREATE TABLE messages (", b"CREATE TABLE leases (")
+#: How much of a file's start is searched for them.
+HEAD_BYTES = 64 * 1024
+
+
+def not_a_database(path: Path, size: int) -> str:
+    """Why the file cannot be an SQLite database, even a damaged one ("" when it may be).
+
+    Call it under ``forks.raw_lock()`` while no connection of this process is open on the
+    file. A queue whose header a crash or a disk error broke must still reach recovery, so
+    a file counts as SQLite's when any of this is true (else it is refused untouched):
+
+    - it starts with SQLite's 16-byte header, or is shorter and a prefix of it (truncated);
+    - its first 16 bytes are all zero: after a power loss, XFS and ext4 (``data=writeback``,
+      delayed allocation) show blocks whose data never reached the disk as zeros;
+    - the rest of the header is SQLite's (a valid page size, file format versions 1 or 2,
+      the fixed payload fractions 64/32/32): only the magic was damaged (bit flips);
+    - page 1 still holds the queue's schema text: the first sector was torn or overwritten;
+    - its ``-wal`` starts with a WAL header: SQLite has used the file as a database (a
+      recovery's fresh content can sit there before a checkpoint rewrites the header).
+
+    A text file, a configuration file or random bytes match none of these: a mistyped
+    ``queue_path`` must never be taken over as a "damaged queue".
+    """
+    if size == 0:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    except OSError:
+        return ""  # SQLite reports what it cannot read
+    if not head:
+        return ""
+    start = head[:16]
+    if SQLITE_MAGIC.startswith(start) or not start.strip(b"\x00"):
+        return ""
+    if (
+        len(head) >= 24
+        and header_page_size(head)
+        and head[18] in (1, 2)
+        and head[19] in (1, 2)
+        and head[21:24] == b"\x40\x20\x20"
+    ):
+        return ""
+    if all(mark in head for mark in SCHEMA_MARKS):
+        return ""
+    try:
+        with open(f"{path}-wal", "rb") as f:
+            if u32(f.read(4), 0) in WAL_MAGICS:
+                return ""
+    except OSError:
+        pass
+    return "it does not start with SQLite's header"
 
 
 FOREIGN_WAL = (

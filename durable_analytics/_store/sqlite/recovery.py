@@ -1,17 +1,19 @@
 """Damaged queue files: the check at open, and recovery (copy aside, salvage, replace).
 
 ``SqliteQueue(path, recover=True)`` (what the Client uses): a damaged queue file
-(truncated, bytes flipped, not an SQLite file, a -wal of another database) is copied aside
-as ``<name>.corrupt-<UTC time>`` (0600, with its -wal and -shm), the readable messages are
-salvaged into a fresh queue at the same path, a warning is logged and the call goes on.
-``recover=False`` (the CLI's default) raises ``QueueCorrupt`` and leaves the files
-untouched. A file of a newer schema version is never treated as damaged.
+(truncated, bytes flipped, a torn header, a -wal of another database) is moved aside: copied
+to ``<name>.corrupt-<UTC time>`` (0600, with its -wal and -shm), the readable messages are
+salvaged into a fresh queue that replaces it at the same path, a warning is logged and the
+call goes on. ``recover=False`` (the CLI's default) raises ``QueueCorrupt`` and leaves the
+files untouched. A file of a newer schema version is never treated as damaged, and a file
+with no trace of SQLite (``probe.not_a_database``: a mistyped path) is refused untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -34,8 +36,10 @@ from .probe import (
     RECOVER_LOCK_SECONDS,
     SALVAGE_SECONDS,
     Damaged,
+    NotOurs,
     Probe,
     deadline_handler,
+    not_a_database,
     probe_file,
     probe_header,
     read_header,
@@ -199,6 +203,8 @@ class Recovery:
                 if not app_id:
                     self.db.write(stamp_application_id)
                 return
+            except NotOurs as exc:
+                raise QueueCorrupt(str(exc)) from None
             except Damaged as exc:
                 damage = exc
             except QueueCorrupt:
@@ -218,10 +224,24 @@ class Recovery:
             f"({damage.reason}); a Client moves it aside and salvages what it can"
         )
 
+    def _not_ours_message(self, why: str) -> str:
+        where = shlex.quote(str(self.path))
+        return (
+            f"the file {self.path} is not a valid durable-analytics queue: it is not an SQLite "
+            f"database ({why}), so it was left as it is; point queue_path (or --queue) at "
+            "another file (a path that does not exist yet becomes a new queue). If it was a "
+            f"queue, damaged beyond recognition, move it aside (mv {where} {where}.damaged) "
+            "and a fresh queue starts there"
+        )
+
     def _preflight(self) -> None:
         """The cheap check at open: the raw header, and the -wal against the main file."""
         with raw_lock():
-            probe = probe_file(self.path, raw=raw_allowed(self.db.real))
+            raw = raw_allowed(self.db.real)
+            probe = probe_file(self.path, raw=raw)
+            not_sqlite = not_a_database(self.path, probe.size) if raw and probe.notadb else ""
+        if not_sqlite:
+            raise NotOurs(self._not_ours_message(not_sqlite))
         if probe.user_version > SCHEMA_VERSION or not probe.size:
             return  # newer: QueueVersionError comes from the open; empty: a new queue
         # Read-only first: a read-write connection to a damaged file would create its -wal,
