@@ -338,7 +338,7 @@ class Recovery:
         replaces the old one through SQLite's backup API, inside the same file, so that every
         connection (other processes' too) moves to it safely: renaming a database that other
         connections still use would let the last of them delete the new file's -wal and
-        -shm by name. Only a file SQLite cannot lock at all (not an SQLite file) is replaced
+        -shm by name. Only a file SQLite cannot lock at all (its header is gone) is replaced
         by a rename.
         """
         started = time.monotonic()
