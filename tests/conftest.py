@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,19 @@ def collector() -> Iterator[Collector]:
     """A real Segment-compatible server on 127.0.0.1 that checks WRITE_KEY."""
     with Collector(WRITE_KEY) as c:
         yield c
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """An ``http://127.0.0.1:port`` URL that refuses every connection until the test ends.
+
+    The port stays bound (never listening) meanwhile: a port merely found free and closed
+    may be handed to another server (a Collector of this test, another suite on the
+    machine with the same test write key), which would then answer the "dead" host.
+    """
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
 def child_env() -> dict[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import socket
 import threading
 import time
 import weakref
@@ -34,13 +33,6 @@ from durable_analytics._default import get_client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport
 from durable_analytics.testing import Collector, Reply
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -113,9 +105,9 @@ def test_flush_only_waits_for_messages_queued_before_it(
 
 
 def test_flush_with_the_server_down_returns_once_the_next_retry_is_past_its_timeout(
-    make_client: Callable[..., Client],
+    make_client: Callable[..., Client], refused_url: str
 ) -> None:
-    client = make_client(flusher="none", host=f"http://127.0.0.1:{free_port()}", max_retries=0)
+    client = make_client(flusher="none", host=refused_url, max_retries=0)
     track_many(client, 3)
     result = client.flush(timeout=30)
 
@@ -271,9 +263,9 @@ def test_sync_mode_delivers_before_the_call_returns(
 
 
 def test_sync_mode_leaves_the_message_queued_when_the_server_is_down(
-    make_client: Callable[..., Client],
+    make_client: Callable[..., Client], refused_url: str
 ) -> None:
-    client = make_client(sync_mode=True, host=f"http://127.0.0.1:{free_port()}", max_retries=0)
+    client = make_client(sync_mode=True, host=refused_url, max_retries=0)
     started = time.monotonic()
     with pytest.raises(APIError) as first:
         client.track("user-1", "Event")

@@ -12,7 +12,6 @@ import base64
 import itertools
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -64,13 +63,6 @@ class Recorder:
 
     def __call__(self, exc: Exception, messages: list[dict[str, Any]]) -> None:
         self.calls.append((exc, messages))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -372,9 +364,9 @@ def test_501_and_505_are_not_retried(
 
 
 def test_a_refused_connection_is_retried_then_released(
-    producer: Callable[..., Client],
+    producer: Callable[..., Client], refused_url: str
 ) -> None:
-    client = producer(host=f"http://127.0.0.1:{free_port()}")
+    client = producer(host=refused_url)
     track_many(client, 2)
     sleeps: list[float] = []
     stats = make_deliverer(client.queue, max_retries=2, sleep=sleeps.append).deliver_next()
@@ -660,9 +652,9 @@ def test_a_dead_server_gets_at_most_one_request_a_minute(
 
 
 def test_a_dead_server_and_a_flusher_thread_send_one_request_per_backoff(
-    producer: Callable[..., Client], flushers: list[Flusher]
+    producer: Callable[..., Client], flushers: list[Flusher], refused_url: str
 ) -> None:
-    client = producer(host=f"http://127.0.0.1:{free_port()}")
+    client = producer(host=refused_url)
     track_many(client, 25)
     attempts: list[float] = []
 

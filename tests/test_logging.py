@@ -168,10 +168,11 @@ def test_failure_lines_say_message_and_request_in_the_singular_for_one(
     ]
 
 
-def test_an_unreachable_host_warns(queue_path: Path, logs: pytest.LogCaptureFixture) -> None:
+def test_an_unreachable_host_warns(
+    queue_path: Path, logs: pytest.LogCaptureFixture, refused_url: str
+) -> None:
     """No server at all (the case that used to be silent): a WARNING naming the host."""
-    with Collector() as gone:
-        url = gone.url
+    url = refused_url
     client = Client(
         WRITE_KEY, host=url, queue_path=queue_path, flusher="none", on_exit="none", max_retries=0
     )

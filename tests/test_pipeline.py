@@ -3,7 +3,6 @@ requests, bounded flush() and exit, against a real Collector that holds each ans
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,13 +23,6 @@ from durable_analytics._transport import HTTPTransport, parse_rate_limit_reset
 from durable_analytics.cli import cli
 from durable_analytics.exceptions import ConfigError
 from durable_analytics.testing import Collector, RecordingTransport, Reply
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -335,13 +327,13 @@ def test_a_lease_timeout_shorter_than_the_request_timeout_is_refused() -> None:
 
 @pytest.mark.parametrize("server", ["unreachable", "401", "500 forever"])
 def test_flush_without_a_timeout_returns_with_pending_counted_and_on_error_once_per_batch(
-    server: str, queue_path: Path
+    server: str, queue_path: Path, refused_url: str
 ) -> None:
     reports: list[tuple[Exception, list[dict[str, Any]]]] = []
     with Collector("another-key" if server == "401" else WRITE_KEY) as collector:
         if server == "500 forever":
             collector.set_default(500)
-        host = f"http://127.0.0.1:{free_port()}" if server == "unreachable" else collector.url
+        host = refused_url if server == "unreachable" else collector.url
         client = Client(
             WRITE_KEY,
             host=host,
@@ -362,13 +354,12 @@ def test_flush_without_a_timeout_returns_with_pending_counted_and_on_error_once_
     assert set(reported) <= set(ids)
 
 
-def test_module_level_flush_returns_against_a_dead_server(tmp_path: Path) -> None:
-    port = free_port()
+def test_module_level_flush_returns_against_a_dead_server(tmp_path: Path, refused_url: str) -> None:
     proc = run_python(
         f"""
         import durable_analytics as analytics
         analytics.write_key = "k"
-        analytics.host = "http://127.0.0.1:{port}"
+        analytics.host = "{refused_url}"
         analytics.queue_path = {str(tmp_path / "q.sqlite3")!r}
         for i in range(30):
             analytics.track("u", "E")

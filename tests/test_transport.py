@@ -122,13 +122,6 @@ def raw_server() -> Iterator[Callable[[Callable[[socket.socket], None]], RawServ
         server.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 # ---------------------------------------------------------------- the request
 
 
@@ -314,8 +307,8 @@ def test_the_per_call_timeout_shortens_the_configured_one(collector: Collector) 
     assert time.monotonic() - started < 1.5
 
 
-def test_a_refused_connection_is_retryable_and_says_so() -> None:
-    host = f"http://127.0.0.1:{free_port()}"
+def test_a_refused_connection_is_retryable_and_says_so(refused_url: str) -> None:
+    host = refused_url
     outcome = HTTPTransport(timeout=2.0).post(host, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("retry", None)
     assert outcome.error.startswith(f"cannot connect to {host}")
