@@ -182,6 +182,13 @@ def normalize_host(host: str) -> str:
     try:
         parts = urlsplit(host)
     except ValueError as exc:  # "Invalid IPv6 URL": an unclosed or bad [...] literal
+        literal = _BRACKETED.match(host)
+        if literal is not None:
+            # Python 3.11+ checks a closed literal itself; 3.10 leaves it to _check_authority,
+            # whose words every Python gives.
+            raise ConfigError(
+                f"host {host!r} has an invalid IPv6 address [{literal.group(1)}]"
+            ) from None
         raise ConfigError(
             f"host {host!r} is not a valid URL ({exc}); an IPv6 address goes in brackets, "
             "as in http://[::1]:8080"
@@ -207,6 +214,9 @@ def normalize_host(host: str) -> str:
         )
     return host.rstrip("/")
 
+
+#: A URL's closed ``[...]`` host literal, as ``urlsplit`` reads it.
+_BRACKETED = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\[([^\]/?#]*)\]")
 
 #: One label of a host name: letters, digits, hyphens (underscores too, as some internal
 #: DNS names use them), neither starting nor ending with a hyphen.

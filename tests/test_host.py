@@ -120,9 +120,7 @@ def test_https_never_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
         ("http://example.com:", "invalid port ''"),
         ("http://[::1", "is not a valid URL"),
         ("http://[::1:8080", "is not a valid URL"),
-        # Python 3.11+'s urlsplit refuses it ("is not a valid URL"); 3.10's lets our own
-        # check of the bracketed address name it: either way a ConfigError about IPv6.
-        ("http://[not-an-address]", "IPv6"),
+        ("http://[not-an-address]", "invalid IPv6 address [not-an-address]"),
         ("http://[v1.x]", "invalid IPv6 address [v1.x]"),
         ("http://[::1]x:8080", "'x:8080' after its IPv6 address"),
         ("http://::1:8080", "an IPv6 address must be in brackets"),
