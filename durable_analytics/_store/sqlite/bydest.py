@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "catch_up",
     "count",
     "fold_in",
+    "folded_mark",
+    "marks",
     "rows",
     "rows_with_bodies",
     "snapshot",
@@ -78,6 +80,8 @@ _UPTO = (
     "SELECT coalesce(max((SELECT max(x.id) FROM dest_ids x WHERE x.dest = d.id)), 0) AS upto "
     "FROM destinations d"
 )
+# ``upto`` and the newest id together: what a lease needs to decide on a fold and to read.
+_MARKS = f"SELECT u.upto, (SELECT max(id) FROM messages) FROM ({_UPTO}) u"
 _COUNT = (
     "SELECT (SELECT count(*) FROM dest_ids WHERE dest = ? AND id <= min(?, u.upto))"
     " + (SELECT count(*) FROM messages WHERE id > u.upto AND id <= ? AND dest = ?) "
@@ -105,10 +109,16 @@ def upto(conn: sqlite3.Connection) -> int:
     return int(conn.execute(_UPTO).fetchone()[0])
 
 
+def marks(conn: sqlite3.Connection) -> tuple[int, int]:
+    """``upto(conn)`` and the newest message's id (0 when empty), in one statement."""
+    mark, top = conn.execute(_MARKS).fetchone()
+    return int(mark), int(top or 0)
+
+
 def tail(conn: sqlite3.Connection) -> int:
     """About how many messages were appended after ``upto`` (ids are nearly dense)."""
-    top = conn.execute("SELECT max(id) FROM messages").fetchone()[0]
-    return max(0, int(top or 0) - upto(conn))
+    mark, top = marks(conn)
+    return max(0, top - mark)
 
 
 def catch_up(conn: sqlite3.Connection, limit: int = CATCH_UP_ROWS) -> int:
@@ -130,9 +140,21 @@ def catch_up(conn: sqlite3.Connection, limit: int = CATCH_UP_ROWS) -> int:
 def fold_in(conn: sqlite3.Connection) -> int:
     """Index a chunk of the tail if it is longer than ``TAIL_ROWS``; returns how many.
 
-    Runs inside a write transaction (``lease`` calls it first thing).
+    Runs inside a write transaction.
     """
     return catch_up(conn) if tail(conn) > TAIL_ROWS else 0
+
+
+def folded_mark(conn: sqlite3.Connection, room: Callable[[], bool]) -> int:
+    """``upto`` once a long tail was folded in (when ``room()`` says the disk has room).
+
+    What a lease does first: one statement when the tail is short (the usual case), and
+    ``room`` (a statvfs) asked only when a fold is due.
+    """
+    mark, top = marks(conn)
+    if top - mark > TAIL_ROWS and room() and catch_up(conn):
+        return upto(conn)
+    return mark
 
 
 def rows(

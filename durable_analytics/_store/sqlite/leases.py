@@ -7,10 +7,10 @@ runs inside the caller's transaction on the given connection.
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 import time
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from durable_analytics._store.base import CLOCK_JUMP_MARGIN, MAX_BACKOFF_SECONDS, Destination, Lease
 
@@ -100,7 +100,7 @@ def take(
     now_wall: float,
     per_message_overhead: int,
     after_dest: int = 0,
-    fold: bool = True,
+    room: Callable[[], bool] | None = None,
 ) -> Lease | None:
     """Lease the oldest ready messages of one destination (see ``SqliteQueue.lease``).
 
@@ -109,15 +109,14 @@ def take(
     backlog does not hold back another's fresh messages. Each try reads that destination's
     next messages through the index by destination (``bydest``, whose tail of new messages
     is first folded into it once it is long): the cost is the batch, whatever other
-    destinations hold. A destination that backs off is not read at all. ``fold=False``
-    leaves the tail as it is (the disk is nearly full: see ``bydest.ROOM_BYTES``).
+    destinations hold. A destination that backs off is not read at all. ``room`` says
+    whether the disk has room to extend the index (asked only when a fold is due; False:
+    the disk is nearly full, see ``bydest.ROOM_BYTES``).
     """
     horizon = now_wall + MAX_BACKOFF_SECONDS + CLOCK_JUMP_MARGIN
     top = up_to_id if up_to_id is not None else (1 << 62)
     leased = reclaim(conn, lease_timeout, now_wall)
-    if fold:
-        bydest.fold_in(conn)
-    mark = bydest.upto(conn)
+    mark = bydest.folded_mark(conn, room or _always)
     dests = {
         int(r[0]): r
         for r in conn.execute(
@@ -147,7 +146,8 @@ def take(
     if picked is None:
         return None
     ids, bodies, attempts = picked
-    token = uuid.uuid4().hex
+    # 128 random bits in hex, as uuid4().hex gave, without building a UUID object.
+    token = os.urandom(16).hex()
     me = holder()
     mono_expires = time.monotonic() + lease_timeout
     conn.execute(
@@ -170,6 +170,10 @@ def take(
     row = dests[dest_id]
     dest = Destination(dest_id, row[1], row[2])
     return Lease(token, dest, tuple(ids), tuple(bodies), attempts, mono_expires, int(row[4]))
+
+
+def _always() -> bool:
+    return True
 
 
 def _pick(
@@ -252,18 +256,39 @@ def chosen(held: list[int], ids: Iterable[int] | None) -> list[int]:
     return [i for i in held if i in wanted]
 
 
+def ended_whole(conn: sqlite3.Connection, lease: Lease) -> bool:
+    """End the lease if it still holds every message it took; whether it did.
+
+    One statement for the usual settlement (the whole batch at once), where ``held_ids``
+    and ``settle`` take two: the record's id list is compared as text with the one the
+    lease was taken with (ids are only ever removed from it, so equal text means all held).
+    """
+    cur = conn.execute(
+        "DELETE FROM leases WHERE token = ? AND ids = ?",
+        (lease.token, ",".join(map(str, lease.ids))),
+    )
+    return cur.rowcount > 0
+
+
 def ack_in(conn: sqlite3.Connection, lease: Lease, wanted: list[int] | None) -> int:
     """Delete the chosen messages the lease still holds; returns how many."""
+    if (wanted is None or set(wanted) >= set(lease.ids)) and ended_whole(conn, lease):
+        return _delete_messages(conn, list(lease.ids))
     held = held_ids(conn, lease)
     if held is None:
         return 0
     picked = chosen(held, wanted)
+    deleted = _delete_messages(conn, picked)
+    settle(conn, lease, held, set(picked))
+    return deleted
+
+
+def _delete_messages(conn: sqlite3.Connection, picked: list[int]) -> int:
     deleted = 0
     for chunk in chunks(picked, 500):
         deleted += conn.execute(
             f"DELETE FROM messages WHERE id IN ({','.join('?' * len(chunk))})", chunk
         ).rowcount
-    settle(conn, lease, held, set(picked))
     return deleted
 
 

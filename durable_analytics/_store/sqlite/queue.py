@@ -243,7 +243,7 @@ class SqliteQueue:
                 now_wall=now_wall,
                 per_message_overhead=per_message_overhead,
                 after_dest=self._last_dest,
-                fold=self._room_for_index(),
+                room=self._room_for_index,
             )
         )
         if taken is not None:
