@@ -44,6 +44,7 @@ __all__ = [
     "Deliverer",
     "DeliveryStats",
     "FlushResult",
+    "Follow",
     "make_deliverer",
     "retry_delay",
 ]
@@ -120,6 +121,23 @@ class DeliveryStats:
         del self.errors[:-20]
 
 
+@dataclass
+class Follow:
+    """What ``Deliverer.deliver`` leases next in its ack's transaction, and what it got.
+
+    The pipeline's step from one batch to the next (``QueueBackend.ack_and_lease``): a
+    batch delivered whole is acked and the next one leased in one queue transaction.
+    ``taken`` says it happened (``lease`` is then the queue's answer, None when nothing was
+    ready); when it did not (a failure, a split), the caller leases as usual.
+    """
+
+    destination: int | None = None
+    up_to_id: int | None = None
+    batches: int = 1
+    taken: bool = False
+    lease: Lease | None = None
+
+
 class Deliverer:
     """Delivers leased batches by the status policy.
 
@@ -177,10 +195,17 @@ class Deliverer:
         #: Messages this Deliverer dead-lettered, per destination id (counted just before
         #: the move commits, so whoever sees them gone from the queue sees them counted).
         self.dead_lettered: dict[int, int] = {}
+        self._overhead: tuple[Transport | None, int] = (None, 0)
 
     def _budget(self) -> int:
         # lease() counts one comma per message; a body of n messages has n - 1 of them.
-        return self.max_batch_bytes - self.transport.envelope_overhead() + 1
+        # The envelope's size is the transport's constant (HTTPTransport formats a sentAt
+        # to measure it): asked once per transport, not twice per batch.
+        transport, overhead = self._overhead
+        if transport is not self.transport:
+            overhead = self.transport.envelope_overhead()
+            self._overhead = (self.transport, overhead)
+        return self.max_batch_bytes - overhead + 1
 
     def deliver_next(
         self,
@@ -212,10 +237,33 @@ class Deliverer:
             up_to_id=up_to_id,
         )
 
+    def _ack(self, lease: Lease, ids: list[int], follow: Follow | None) -> None:
+        """Ack ``ids`` of ``lease``; with ``follow`` (and the whole lease acked), lease the
+        next batch in the same step."""
+        if follow is None or len(ids) != len(lease.ids):
+            self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
+            return
+        _, follow.lease = self.queue.ack_and_lease(
+            lease,
+            self.batch_messages * follow.batches,
+            self._budget() * follow.batches,
+            destination=follow.destination,
+            up_to_id=follow.up_to_id,
+        )
+        follow.taken = True
+
+    def give_back(self, lease: Lease) -> None:
+        """Hand an unsent lease back as it was (no attempt counted); a failure is logged,
+        and the lease then expires on its own."""
+        self._release_quietly(lease)
+
     def batches(self, lease: Lease) -> list[list[int]]:
         """``lease``'s messages (by index) cut into requests: at most ``batch_messages``
         each, and at most ``max_batch_bytes`` with the envelope (one message at least)."""
         budget = self._budget()
+        bodies = lease.bodies
+        if 0 < len(bodies) <= self.batch_messages and sum(map(len, bodies)) + len(bodies) <= budget:
+            return [list(range(len(bodies)))]  # the usual lease: one request
         parts: list[list[int]] = []
         part: list[int] = []
         used = 0
@@ -241,11 +289,14 @@ class Deliverer:
         *,
         deadline: float | None = None,
         stop: threading.Event | None = None,
+        follow: Follow | None = None,
     ) -> DeliveryStats:
         """Send ``lease``'s batch; ack, release, split or dead-letter as the server says.
 
         Waits for a slot of the destination's window first; if ``deadline`` passes or
-        ``stop`` is set meanwhile, the batch goes back to the queue unsent.
+        ``stop`` is set meanwhile, the batch goes back to the queue unsent. ``follow``: when
+        the batch goes out whole in one request and is acked, the next batch is leased in
+        the ack's transaction (see ``Follow``); the caller owns that lease.
         """
         stats = DeliveryStats()
         window = self.window(lease)
@@ -271,6 +322,7 @@ class Deliverer:
                             deadline,
                             (window, ticket),
                             later=parts[n + 1 :],
+                            follow=follow if len(parts) == 1 else None,
                         ):
                             break  # the rest of the lease went back to the queue
                 finally:
@@ -340,12 +392,13 @@ class Deliverer:
         deadline: float | None,
         slot: tuple[Window, Ticket],
         later: list[list[int]] | None = None,
+        follow: Follow | None = None,
     ) -> bool:
         """Deliver the messages ``idx`` of ``lease``; False once the rest must wait (backoff).
 
         ``later`` are the lease's batches still to send after this one: when a failure
         hands them back to the queue unsent, each is reported to ``on_error`` as its own
-        batch, as it would have been had it been leased alone.
+        batch, as it would have been had it been leased alone. ``follow``: see ``deliver``.
         """
         dest = lease.destination
         ids = [lease.ids[i] for i in idx]
@@ -366,7 +419,7 @@ class Deliverer:
             stats.failure = outcome
         if outcome.kind == "ok":
             # The ack also clears the destination's backoff, in the same transaction.
-            self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
+            self._ack(lease, ids, follow)
             stats.sent += len(ids)
             delivery_counters.sent(len(ids))
             _delivery_log.succeeded((str(self.queue.path), dest.id), dest.host)

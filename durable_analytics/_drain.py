@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._delivery import Deliverer, DeliveryStats, make_deliverer
+from ._delivery import Deliverer, DeliveryStats, Follow, make_deliverer
 from ._override import OverrideQueue
 from ._pipeline import EXIT_REFUSES_THREADS, prestart_helpers, run_beside
 from ._store import Lease, QueueBackend
@@ -356,6 +356,7 @@ def deliver_pass(
     running = [0]
     finished = threading.Condition(lock)
     failures: list[BaseException] = []
+    asked = (destination, up_to_id, deliverer.lease_batches)
 
     def done() -> bool:
         return (stop is not None and stop.is_set()) or _passed(deadline)
@@ -383,28 +384,45 @@ def deliver_pass(
                 return  # no thread can start (interpreter exit): go on with those we have
 
     def run(first: bool) -> None:
-        while not done():
-            lease = deliverer.lease_next(
-                destination=destination, up_to_id=up_to_id, batches=deliverer.lease_batches
-            )
-            if lease is None:
-                return
+        full = deliverer.batch_messages * deliverer.lease_batches
+        lease = None if done() else lease_next()
+        while lease is not None:
             if first and not spawned[0]:
                 spawn(lease)
-            stats = deliverer.deliver(lease, deadline=deadline, stop=stop)
+            # A full batch (or any, but for the background flusher) is followed by the next,
+            # leased in the transaction of its ack: one queue commit per batch, not two.
+            follow = None if full_only and len(lease) < full else Follow(*asked)
+            try:
+                stats = deliverer.deliver(lease, deadline=deadline, stop=stop, follow=follow)
+            except BaseException:
+                if follow is not None and follow.lease is not None:
+                    deliverer.give_back(follow.lease)
+                raise
             with lock:
                 total.add(stats)
             if progress is not None and stats.sent:
                 progress(stats.sent)
+            taken = follow is not None and follow.taken
+            nxt = follow.lease if follow is not None else None
             # A failing destination is now in backoff, so the next lease skips it and the
             # pass ends once only such messages are left.
-            if full_only and len(lease) < deliverer.batch_messages * deliverer.lease_batches:
-                return
-            if not first and not deliverer.window(lease).latency_bound:
+            if (
+                (full_only and len(lease) < full)
                 # The destination turned out fast (a slow round trip or two were the GIL's
                 # or the CPU's, not the network's): extra threads would only contend for
                 # the GIL and the queue's write lock, so this helper stops.
+                or (not first and not deliverer.window(lease).latency_bound)
+                or done()
+            ):
+                if nxt is not None:
+                    deliverer.give_back(nxt)
                 return
+            lease = nxt if taken else lease_next()
+
+    def lease_next() -> Lease | None:
+        return deliverer.lease_next(
+            destination=destination, up_to_id=up_to_id, batches=deliverer.lease_batches
+        )
 
     def guarded() -> None:
         try:

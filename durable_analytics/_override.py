@@ -128,6 +128,28 @@ class OverrideQueue:
         """Delete the delivered messages (and clear their stored destination's backoff)."""
         return self.inner.ack(lease, ids)
 
+    def ack_and_lease(
+        self,
+        lease: Lease,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> tuple[int, Lease | None]:
+        """``ack`` then this drain's ``lease`` (which honours its own backoff)."""
+        deleted = self.ack(lease)
+        return deleted, self.lease(
+            max_messages,
+            max_bytes,
+            destination=destination,
+            up_to_id=up_to_id,
+            now=now,
+            per_message_overhead=per_message_overhead,
+        )
+
     def release(
         self,
         lease: Lease,

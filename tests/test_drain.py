@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import WRITE_KEY
@@ -166,6 +167,69 @@ def test_a_stop_event_ends_the_loop(queue: Queue) -> None:
     )
     assert (result.sent, result.left) == (10, 40)
     assert transport.requests == 1
+    # The batch its ack leased meanwhile went back untouched: no lease left, no attempt.
+    assert queue.live_leases() == 0
+    rest = queue.lease(100, 1 << 30)
+    assert rest is not None
+    assert (len(rest), rest.attempts) == (40, 0)
+
+
+class Counted:
+    """The real queue, counting the calls that lease."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.calls: dict[str, int] = {"lease": 0, "ack": 0, "ack_and_lease": 0}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.queue, name)
+        if name in self.calls:
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                self.calls[name] += 1
+                return attr(*args, **kwargs)
+
+            return call
+        return attr
+
+
+def test_the_pipeline_leases_each_next_batch_in_the_transaction_of_the_ack(
+    queue: Queue,
+) -> None:
+    """One queue step per batch: after the first lease, each ack also leases the next
+    batch; every message is received once and nothing stays leased."""
+    ids = fill(queue, 95)
+    counted = Counted(queue)
+    transport = RecordingTransport()
+    deliverer = make_deliverer(Config.for_delivery(flush_at=10), counted, transport)  # type: ignore[arg-type]
+    result = deliver_until(counted, deliverer)  # type: ignore[arg-type]
+    assert (result.sent, result.left) == (95, 0)
+    assert transport.message_ids() == dict.fromkeys(ids, 1)
+    assert counted.calls == {"lease": 1, "ack": 0, "ack_and_lease": 10}
+    assert queue.live_leases() == 0
+
+
+def test_a_failed_batch_is_not_followed_and_the_next_pass_delivers_the_rest(
+    queue: Queue,
+) -> None:
+    """A 500 hands the batch back with its backoff (no lease taken with it); once the
+    destination is healthy again everything arrives once, no message lost."""
+    ids = fill(queue, 30)
+    answers = iter([200, 500])
+    transport = RecordingTransport(lambda batch: next(answers, 200))
+    counted = Counted(queue)
+    config = Config.for_delivery(flush_at=10, max_retries=0)
+    deliverer = make_deliverer(config, counted, transport)  # type: ignore[arg-type]
+    first = deliver_until(counted, deliverer)  # type: ignore[arg-type]
+    assert (first.sent, first.left) == (10, 20)
+    assert counted.calls["ack_and_lease"] == 1  # the first batch's ack leased the second
+    assert queue.live_leases() == 0
+    queue.clear_backoff(None, messages=True)
+    second = deliver_until(counted, deliverer)  # type: ignore[arg-type]
+    assert (second.sent, second.left) == (20, 0)
+    assert transport.message_ids() == dict.fromkeys(ids, 1)  # accepted once each
+    assert transport.requests == 4  # the 500's batch was sent again, once
+    assert queue.pending() == 0
 
 
 def test_only_one_holder_gets_the_drain_lock(queue_path: Path) -> None:

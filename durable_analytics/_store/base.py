@@ -23,6 +23,9 @@ against every backend):
   every holder back until its time; a successful ``ack`` clears it in the same step. A
   backoff further away than ``MAX_BACKOFF_SECONDS`` plus a margin can only come from a wall
   clock that jumped back, and is ignored.
+- **Ack then lease.** ``ack_and_lease`` is ``ack`` of everything the lease holds followed by
+  ``lease``, with the same answers: a backend may make it one step (SQLite: one transaction,
+  so a delivery loop commits once per batch), never a different outcome.
 - **Windowed where stored.** A backend whose ``window`` keeps a window per destination
   (PostgreSQL) never has more live leases of a destination than that window, even with
   many holders leasing at once; a lease settled, expired or taken over frees its slot.
@@ -265,6 +268,24 @@ class QueueBackend(Protocol):
 
     def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
         """Delete delivered messages and clear the destination's backoff; returns how many."""
+        ...
+
+    def ack_and_lease(
+        self,
+        lease: Lease,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> tuple[int, Lease | None]:
+        """``ack(lease)`` (all it holds), then ``lease(...)``; both answers.
+
+        The delivery loop's step from one batch to the next. The effect is the two calls in
+        that order; a backend may run them as one step (one transaction).
+        """
         ...
 
     def release(

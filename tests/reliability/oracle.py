@@ -171,18 +171,26 @@ def trace_leases(path: str | os.PathLike[str]) -> None:
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     real_lease, real_ack, real_release = Queue.lease, Queue.ack, Queue.release
+    real_ack_and_lease = Queue.ack_and_lease
 
-    def lease(self: Queue, *args: Any, **kwargs: Any) -> Any:
-        got = real_lease(self, *args, **kwargs)
+    def took(got: Any) -> Any:
         if got is not None:
             ids = " ".join(str(json.loads(b).get("messageId")) for b in got.bodies)
             os.write(fd, f"L {got.token} {ids}\n".encode())
         return got
 
+    def lease(self: Queue, *args: Any, **kwargs: Any) -> Any:
+        return took(real_lease(self, *args, **kwargs))
+
     def ack(self: Queue, lease: Any, *args: Any, **kwargs: Any) -> int:
         done = real_ack(self, lease, *args, **kwargs)
         os.write(fd, f"A {lease.token}\n".encode())
         return done
+
+    def ack_and_lease(self: Queue, lease: Any, *args: Any, **kwargs: Any) -> Any:
+        done, got = real_ack_and_lease(self, lease, *args, **kwargs)
+        os.write(fd, f"A {lease.token}\n".encode())
+        return done, took(got)
 
     def release(self: Queue, lease: Any, *args: Any, **kwargs: Any) -> int:
         done = real_release(self, lease, *args, **kwargs)
@@ -190,6 +198,7 @@ def trace_leases(path: str | os.PathLike[str]) -> None:
         return done
 
     Queue.lease, Queue.ack, Queue.release = lease, ack, release  # type: ignore[method-assign]
+    Queue.ack_and_lease = ack_and_lease  # type: ignore[method-assign]
 
 
 def unsettled_leases(path: str | os.PathLike[str]) -> list[list[str]]:

@@ -226,26 +226,46 @@ def die(where):
     os.kill(os.getpid(), signal.SIGKILL)
 
 real_lease, real_ack, real_execute = Queue.lease, Queue.ack, _Connection.execute
+real_ack_and_lease = Queue.ack_and_lease
 
-def lease(self, *args, **kwargs):
-    got = real_lease(self, *args, **kwargs)
+def took(got):
     if got is not None:
         leases[0] += 1
         ids = " ".join(json.loads(b)["messageId"] for b in got.bodies)
         print("leased", ids, flush=True)
-        if step == "after-lease" and leases[0] == nth:
-            die(step)
     return got
 
-def ack(self, lease, ids=None):
+def lease(self, *args, **kwargs):
+    got = took(real_lease(self, *args, **kwargs))
+    if got is not None and step == "after-lease" and leases[0] == nth:
+        die(step)
+    return got
+
+def before_ack():
     mine = leases[0] == nth
     if mine and step == "after-2xx":
         die(step)
     in_delete[0] = mine and step == "during-delete"
+    return mine
+
+def ack(self, lease, ids=None):
+    mine = before_ack()
     done = real_ack(self, lease, ids)
     if mine and step == "after-commit":
         die(step)
     return done
+
+# The pipeline acks a batch and leases the next in one transaction: the same steps, and the
+# lease it took is printed before an after-commit kill (it is in the file, unsent).
+def ack_and_lease(self, lease, *args, **kwargs):
+    mine = before_ack()
+    done, got = real_ack_and_lease(self, lease, *args, **kwargs)
+    took(got)
+    if mine and step == "after-commit":
+        die(step)
+    if got is not None and step == "after-lease" and leases[0] == nth:
+        die(step)
+    return done, got
 
 def execute(self, sql, *args):
     cursor = real_execute(self, sql, *args)
@@ -254,6 +274,7 @@ def execute(self, sql, *args):
     return cursor
 
 Queue.lease, Queue.ack, _Connection.execute = lease, ack, execute
+Queue.ack_and_lease = ack_and_lease
 queue = Queue(path)
 flusher = Flusher(Deliverer(queue, HTTPTransport(timeout=5.0)), flush_interval=0.01,
                   poll_interval=0.01)
@@ -443,17 +464,23 @@ from durable_analytics._flusher import Flusher
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport
 path, window = sys.argv[1], int(sys.argv[2])
-real_lease = Queue.lease
+real_lease, real_ack_and_lease = Queue.lease, Queue.ack_and_lease
 
-def lease(self, *args, **kwargs):
-    got = real_lease(self, *args, **kwargs)
+def took(got):
     if got is not None:
         # One write(2) per line: threads printing at once must not interleave their lines.
         ids = " ".join(json.loads(b)["messageId"] for b in got.bodies)
         os.write(1, f"leased {ids}\\n".encode())
     return got
 
-Queue.lease = lease
+def lease(self, *args, **kwargs):
+    return took(real_lease(self, *args, **kwargs))
+
+def ack_and_lease(self, *args, **kwargs):
+    done, got = real_ack_and_lease(self, *args, **kwargs)
+    return done, took(got)
+
+Queue.lease, Queue.ack_and_lease = lease, ack_and_lease
 queue = Queue(path)
 deliverer = Deliverer(queue, HTTPTransport(timeout=5.0, maxsize=window), max_in_flight=window)
 Flusher(deliverer, flush_interval=0.01, poll_interval=0.01).start()

@@ -163,20 +163,25 @@ from durable_analytics._transport import HTTPTransport
 queue = Queue(sys.argv[1])
 die_on_ack = int(sys.argv[2])
 if die_on_ack:
-    real_ack, real_lease = Queue.ack, Queue.lease
+    real_ack, real_lease, real_ack_and_lease = Queue.ack, Queue.lease, Queue.ack_and_lease
     acks = []
     def lease(self, *args, **kwargs):
         got = real_lease(self, *args, **kwargs)
         if got is not None and not acks:
             print("leased", flush=True)
         return got
-    def ack(self, lease, ids=None):
+    def acking(lease):
         acks.append(1)
         if len(acks) >= die_on_ack:
             print(" ".join(map(str, lease.ids)), flush=True)
             os.kill(os.getpid(), 9)  # the server has the batch; the ack never happens
+    def ack(self, lease, ids=None):
+        acking(lease)
         return real_ack(self, lease, ids)
-    Queue.ack, Queue.lease = ack, lease
+    def ack_and_lease(self, lease, *args, **kwargs):
+        acking(lease)  # the pipeline's ack that also leases the next batch
+        return real_ack_and_lease(self, lease, *args, **kwargs)
+    Queue.ack, Queue.lease, Queue.ack_and_lease = ack, lease, ack_and_lease
 flusher = Flusher(Deliverer(queue, HTTPTransport(timeout=5.0)), flush_interval=0.05,
                   poll_interval=0.02)
 flusher.start()

@@ -426,6 +426,55 @@ def test_ack_clears_the_destinations_backoff_for_every_holder(
     assert len(take(backend)) == 1
 
 
+def test_ack_and_lease_acks_the_whole_batch_clears_the_backoff_and_leases_the_next(
+    backend: QueueBackend, dest: int
+) -> None:
+    """Batch after batch through ack_and_lease: each message is acked once, none is leased
+    twice, the last step answers None, and the step clears a backoff like an ack."""
+    ids = fill(backend, dest, 45)
+    lease = take(backend, 20)
+    backend.set_backoff(dest, 0.0, "HTTP 500")  # a failure on record, not waiting
+    acked: list[int] = []
+    leased: list[int] = list(lease.ids)
+    while True:
+        held = list(lease.ids)
+        deleted, nxt = backend.ack_and_lease(lease, 20, BIG, destination=dest)
+        assert deleted == len(held)
+        acked += held
+        assert backend.backoff(dest) == (0.0, 0)
+        if nxt is None:
+            break
+        assert not set(nxt.ids) & set(acked)  # never a delivered message again
+        leased += nxt.ids
+        lease = nxt
+    assert acked == leased == ids  # oldest first, each once
+    assert backend.pending() == 0
+    assert backend.live_leases() == 0
+
+
+def test_ack_and_lease_of_a_stale_holder_acks_nothing_and_still_leases(
+    open_backend: OpenBackend,
+) -> None:
+    """After a takeover the stale holder's step deletes nothing of the new holder's batch;
+    its lease half is an ordinary lease of what is ready."""
+    with freezegun.freeze_time("2030-01-01") as frozen:
+        queue = open_backend(lease_timeout=60)
+        dest = queue.destination(HOST, KEY)
+        ids = fill(queue, dest, 5)
+        stale = take(queue, 3)
+        frozen.tick(61)
+        current = take(queue, 3)  # expired: taken over
+        assert list(current.ids) == ids[:3]
+        deleted, nxt = queue.ack_and_lease(stale, 10, BIG)
+        assert deleted == 0
+        assert nxt is not None
+        assert list(nxt.ids) == ids[3:]
+        assert queue.pending() == 5
+        assert queue.ack(current) == 3
+        assert queue.ack(nxt) == 2
+        assert queue.pending() == 0
+
+
 # --------------------------------------------------------------------------- in-flight window
 
 

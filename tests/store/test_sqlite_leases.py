@@ -324,6 +324,64 @@ def test_ack_of_some_ids_keeps_the_rest_under_the_lease(queue: Queue, dest: int)
     assert queue.live_leases() == 0
 
 
+def test_an_ack_of_a_batch_with_gaps_deletes_only_its_own_messages(queue: Queue, dest: int) -> None:
+    """A lease whose ids are not one run (a message released out of its middle and leased
+    by another) is acked message by message: the other holder's message in the gap stays."""
+    ids = fill(queue, dest, 6)
+    first = queue.lease(3, 1_000_000)
+    assert first is not None
+    assert queue.release(first, None, ids=ids[1:2], count_attempt=False) == 1
+    second = queue.lease(10, 1_000_000)  # the released message and the three after
+    assert second is not None
+    assert list(second.ids) == [ids[1], *ids[3:]]
+    assert queue.ack(first) == 2
+    assert sorted(index(b) for b in queue.bodies()) == [1, 3, 4, 5]
+    assert queue.ack(second) == 4
+    assert queue.pending() == 0
+
+
+def test_an_id_list_repeated_in_the_file_never_widens_an_ack(queue: Queue, dest: int) -> None:
+    """A lease record whose id list was altered to repeat an id (``1,1,3``: as many ids as
+    the range 1..3) deletes ids 1 and 3, never the 2 it does not name."""
+    ids = fill(queue, dest, 3)
+    lease = queue.lease(3, 1_000_000)
+    assert lease is not None
+    conn = queue._conn()
+    conn.execute(
+        "UPDATE leases SET ids = ? WHERE token = ?",
+        (f"{ids[0]},{ids[0]},{ids[2]}", lease.token),
+    )
+    assert queue.ack(lease) == 2
+    assert [index(b) for b in queue.bodies()] == [1]
+
+
+def test_ack_and_lease_is_one_transaction(queue: Queue, dest: int) -> None:
+    """The pipeline's step from one batch to the next commits once where ack then lease
+    commit twice, and it acks and leases exactly what they would."""
+    ids = fill(queue, dest, 60)
+    commits: list[str] = []
+    conn = queue._conn()
+    conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    first = queue.lease(20, 1_000_000)
+    assert first is not None
+    commits.clear()
+    deleted, second = queue.ack_and_lease(first, 20, 1_000_000)
+    assert len(commits) == 1
+    assert deleted == 20
+    assert second is not None
+    assert list(second.ids) == ids[20:40]
+    commits.clear()
+    assert queue.ack(second) == 20
+    third = queue.lease(20, 1_000_000)
+    assert len(commits) == 2
+    assert third is not None
+    assert list(third.ids) == ids[40:]
+    conn.set_trace_callback(None)
+    assert queue.ack_and_lease(third, 20, 1_000_000) == (20, None)
+    assert queue.pending() == 0
+    assert queue.live_leases() == 0
+
+
 def test_stale_holder_cannot_ack_release_or_dead_letter_after_a_takeover(
     queue_path: Path,
 ) -> None:

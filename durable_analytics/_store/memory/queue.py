@@ -274,6 +274,29 @@ class MemoryQueue:
             self._clear_backoff(lease.destination.id)
             return deleted
 
+    def ack_and_lease(
+        self,
+        lease: Lease,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> tuple[int, Lease | None]:
+        """``ack(lease)`` then ``lease(...)``, as one step under the queue's lock."""
+        with self._lock:
+            deleted = self.ack(lease)
+            return deleted, self.lease(
+                max_messages,
+                max_bytes,
+                destination=destination,
+                up_to_id=up_to_id,
+                now=now,
+                per_message_overhead=per_message_overhead,
+            )
+
     def release(
         self,
         lease: Lease,

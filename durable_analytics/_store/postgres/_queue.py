@@ -356,6 +356,29 @@ class PostgresQueue:
             self._shrank(lease, chosen)
         return deleted
 
+    def ack_and_lease(
+        self,
+        lease: Lease,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> tuple[int, Lease | None]:
+        """``ack(lease)`` then ``lease(...)``: two transactions (the ack frees its window slot
+        before the lease asks for one)."""
+        deleted = self.ack(lease)
+        return deleted, self.lease(
+            max_messages,
+            max_bytes,
+            destination=destination,
+            up_to_id=up_to_id,
+            now=now,
+            per_message_overhead=per_message_overhead,
+        )
+
     def _shrank(self, lease: Lease, ids: list[int]) -> None:
         """Take what this process removed off its estimate of the queue's size."""
         gone = set(ids)

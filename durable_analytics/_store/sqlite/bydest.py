@@ -187,11 +187,13 @@ def rows_with_bodies(
     mark: int,
     after: int = 0,
 ) -> list[BodyRow]:
-    """What ``rows`` reads, with each message's body instead of its enqueue time."""
-    return [
-        (int(i), int(s), int(a), bytes(b))
-        for i, s, a, b in _read(conn, True, dest, window, limit, mark, after)
-    ]
+    """What ``rows`` reads, with each message's body instead of its enqueue time.
+
+    The rows as SQLite gives them (a lease converts only those it takes, see
+    ``leases._pick``): the id is an integer (the rowid), the rest is as stored.
+    """
+    found: list[BodyRow] = _read(conn, True, dest, window, limit, mark, after)
+    return found
 
 
 def _read(

@@ -233,22 +233,40 @@ class SqliteQueue:
         """
         now_wall = time.time() if now is None else now
         taken = self._db.write(
-            lambda conn: leases.take(
-                conn,
-                self.lease_timeout,
-                max_messages,
-                max_bytes,
-                destination=destination,
-                up_to_id=up_to_id,
-                now_wall=now_wall,
-                per_message_overhead=per_message_overhead,
-                after_dest=self._last_dest,
-                room=self._room_for_index,
+            lambda conn: self._take(
+                conn, max_messages, max_bytes, destination, up_to_id, now_wall, per_message_overhead
             )
         )
-        if taken is not None:
-            self._last_dest = taken.destination.id  # the next lease starts after it
         self._checkpoint_if_due()
+        return taken
+
+    def _take(
+        self,
+        conn: sqlite3.Connection,
+        max_messages: int,
+        max_bytes: int,
+        destination: int | None,
+        up_to_id: int | None,
+        now_wall: float,
+        per_message_overhead: int,
+    ) -> Lease | None:
+        """``lease``'s work inside the caller's transaction."""
+        taken = leases.take(
+            conn,
+            self.lease_timeout,
+            max_messages,
+            max_bytes,
+            destination=destination,
+            up_to_id=up_to_id,
+            now_wall=now_wall,
+            per_message_overhead=per_message_overhead,
+            after_dest=self._last_dest,
+            room=self._room_for_index,
+        )
+        if taken is not None:
+            # The next lease starts after it. (Rolled back with the transaction? Then this
+            # only changes whose turn it is.)
+            self._last_dest = taken.destination.id
         return taken
 
     def _checkpoint_if_due(self) -> None:
@@ -300,16 +318,46 @@ class SqliteQueue:
         batch, whoever holds the lease now).
         """
         wanted = None if ids is None else list(ids)
-
-        def run(conn: sqlite3.Connection) -> int:
-            deleted = leases.ack_in(conn, lease, wanted)
-            # A delivery went through: the destination is healthy again, for every holder.
-            conn.execute(CLEAR_BACKOFF, (lease.destination.id,))
-            return deleted
-
-        deleted = self._db.write(run)
+        deleted = self._db.write(lambda conn: self._ack(conn, lease, wanted))
         self._checkpoint_if_due()
         return deleted
+
+    @staticmethod
+    def _ack(conn: sqlite3.Connection, lease: Lease, wanted: list[int] | None) -> int:
+        deleted = leases.ack_in(conn, lease, wanted)
+        # A delivery went through: the destination is healthy again, for every holder.
+        conn.execute(CLEAR_BACKOFF, (lease.destination.id,))
+        return deleted
+
+    def ack_and_lease(
+        self,
+        lease: Lease,
+        max_messages: int,
+        max_bytes: int,
+        *,
+        destination: int | None = None,
+        up_to_id: int | None = None,
+        now: float | None = None,
+        per_message_overhead: int = 1,
+    ) -> tuple[int, Lease | None]:
+        """``ack(lease)`` then ``lease(...)`` in one transaction; both answers.
+
+        A delivery loop's step from one batch to the next: one commit per batch instead of
+        two (and the lease record's pages written once). A crash before the commit keeps
+        both undone: the batch is sent again, as after a lost ack; after it, the new lease
+        is one a dead holder took, leased again at once.
+        """
+        now_wall = time.time() if now is None else now
+
+        def run(conn: sqlite3.Connection) -> tuple[int, Lease | None]:
+            deleted = self._ack(conn, lease, None)
+            return deleted, self._take(
+                conn, max_messages, max_bytes, destination, up_to_id, now_wall, per_message_overhead
+            )
+
+        done = self._db.write(run)
+        self._checkpoint_if_due()
+        return done
 
     def release(
         self,
