@@ -20,7 +20,6 @@ from email.utils import formatdate
 from typing import Any
 
 import pytest
-import urllib3
 from conftest import WRITE_KEY
 
 from durable_analytics import __version__
@@ -33,6 +32,7 @@ from durable_analytics._transport import (
     envelope_overhead,
     parse_retry_after,
 )
+from durable_analytics._transport._wire import Response, WireClient
 from durable_analytics.exceptions import RetryableError
 from durable_analytics.testing import Collector, Reply
 
@@ -209,14 +209,15 @@ def test_a_response_body_is_read_to_at_most_64_kb_and_the_connection_dropped(
     raw_server: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server promises 100 MB, sends 200 KB and then nothing: reading stops at 64 KB."""
-    amounts: list[int | None] = []
-    real_read = urllib3.response.HTTPResponse.read
+    answers: list[Response] = []
+    real_post = WireClient.post
 
-    def spy(self: Any, amt: int | None = None, *args: Any, **kwargs: Any) -> Any:
-        amounts.append(amt)
-        return real_read(self, amt, *args, **kwargs)
+    def spy(self: WireClient, *args: Any, **kwargs: Any) -> Response:
+        answer = real_post(self, *args, **kwargs)
+        answers.append(answer)
+        return answer
 
-    monkeypatch.setattr(urllib3.response.HTTPResponse, "read", spy)
+    monkeypatch.setattr(WireClient, "post", spy)
     released = threading.Event()
 
     def endless(conn: socket.socket) -> None:
@@ -238,8 +239,9 @@ def test_a_response_body_is_read_to_at_most_64_kb_and_the_connection_dropped(
     assert elapsed < 2.0  # it did not wait for the 100 MB (or the 5 s read timeout)
     assert (outcome.kind, outcome.status) == ("reject", 400)
     assert outcome.excerpt == "x" * 2000  # the excerpt kept for dead letters is short
-    assert amounts
-    assert all(a is not None and a <= MAX_RESPONSE_BYTES for a in amounts)
+    [answer] = answers
+    assert len(answer.body) == MAX_RESPONSE_BYTES
+    assert not answer.complete
     assert released.wait(2.0)  # the half-read connection is closed, never reused
 
 
