@@ -11,22 +11,28 @@ import contextlib
 import gzip
 import json
 import re
+import shutil
 import socket
+import ssl
+import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WRITE_KEY
+from conftest import WRITE_KEY, run_python
 
 from durable_analytics import __version__
 from durable_analytics._transport import (
     MAX_RESPONSE_BYTES,
     MAX_RETRY_AFTER,
     HTTPTransport,
+    _wire,
     batch_body,
     classify,
     envelope_overhead,
@@ -51,11 +57,20 @@ def body_of(*message_ids: str) -> bytes:
 class RawServer:
     """A one-purpose TCP server on 127.0.0.1: ``handler(conn)`` answers each connection."""
 
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+    def __init__(
+        self,
+        handler: Callable[[socket.socket], None],
+        *,
+        tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.handler = handler
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.tls = tls
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, 0), family=family)
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        name = f"[{host}]" if ":" in host else host
+        self.url = f"{'https' if tls else 'http'}://{name}:{self.port}"
         self.connections = 0
         self.closed_by_client = threading.Event()
         self._stop = threading.Event()
@@ -78,8 +93,13 @@ class RawServer:
             t.start()
 
     def _handle(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            self.handler(conn)
+        with contextlib.suppress(OSError):
+            if self.tls is not None:
+                conn.settimeout(5.0)
+                conn = self.tls.wrap_socket(conn, server_side=True)
+                conn.settimeout(None)
+            with conn:
+                self.handler(conn)
 
     def stop(self) -> None:
         self._stop.set()
@@ -112,8 +132,8 @@ def read_request(conn: socket.socket) -> bytes:
 def raw_server() -> Iterator[Callable[[Callable[[socket.socket], None]], RawServer]]:
     servers: list[RawServer] = []
 
-    def make(handler: Callable[[socket.socket], None]) -> RawServer:
-        server = RawServer(handler)
+    def make(handler: Callable[[socket.socket], None], **kwargs: Any) -> RawServer:
+        server = RawServer(handler, **kwargs)
         servers.append(server)
         return server
 
@@ -327,6 +347,570 @@ def test_a_connection_closed_without_an_answer_is_retryable(
     outcome = HTTPTransport(timeout=2.0).post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("retry", None)
     assert outcome.error
+
+
+# ---------------------------------------------------------------- the HTTP/1.1 client
+
+OK = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n"
+    b'{"success":true}'
+)
+
+
+class Script:
+    """A keep-alive handler: the n-th request (over all connections) gets ``answers[n]``.
+
+    An answer is bytes to send, or a callable given the connection (it may close it). The
+    connection is kept open for more requests until the client closes it or ``answers``
+    runs out. ``heads`` records every request head.
+    """
+
+    def __init__(self, *answers: bytes | Callable[[socket.socket], None]) -> None:
+        self.answers = list(answers)
+        self.heads: list[bytes] = []
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                head = read_request(conn)
+                if not head:
+                    return
+                with self._lock:
+                    self.heads.append(head)
+                    n = len(self.heads) - 1
+                if n >= len(self.answers):
+                    return
+                answer = self.answers[n]
+                if callable(answer):
+                    answer(conn)
+                    if conn.fileno() < 0:
+                        return
+                else:
+                    conn.sendall(answer)
+        finally:
+            self.done.set()
+
+
+def close_after(answer: bytes, closed: threading.Event) -> Callable[[socket.socket], None]:
+    """Answer, then close the connection (the server's idle keep-alive timeout)."""
+
+    def run(conn: socket.socket) -> None:
+        conn.sendall(answer)
+        conn.close()
+        closed.set()
+
+    return run
+
+
+def reset_after(answer: bytes, closed: threading.Event) -> Callable[[socket.socket], None]:
+    """Answer, then close with a TCP reset (SO_LINGER 0)."""
+
+    def run(conn: socket.socket) -> None:
+        conn.sendall(answer)
+        time.sleep(0.05)  # let the answer reach the client before the reset
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        closed.set()
+
+    return run
+
+
+def slam(conn: socket.socket) -> None:
+    """Close without answering (the request was read whole)."""
+    conn.close()
+
+
+def test_a_kept_alive_connection_the_server_closed_while_idle_is_not_reused(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    closed = threading.Event()
+    script = Script(close_after(OK, closed), OK)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    assert transport.post(server.url, WRITE_KEY, body_of("m1")).ok
+    assert closed.wait(2.0)
+    time.sleep(0.05)  # the FIN is in the client's socket
+    assert transport.post(server.url, WRITE_KEY, body_of("m2")).ok
+    assert (server.connections, len(script.heads)) == (2, 2)
+    transport.close()
+
+
+def test_a_reused_connection_that_breaks_after_the_request_went_out_is_retried_later_not_resent(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    """The server may have taken the batch: the outcome is a retry (the queue's decision,
+    with its backoff), never a second copy sent at once on another connection."""
+    script = Script(OK, slam, OK)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    assert transport.post(server.url, WRITE_KEY, body_of("m1")).ok
+    outcome = transport.post(server.url, WRITE_KEY, body_of("m2"))
+    assert (outcome.kind, outcome.status) == ("retry", None)
+    assert outcome.error.startswith(f"network error talking to {server.url}")
+    time.sleep(0.1)  # a resend would have arrived by now
+    assert (server.connections, len(script.heads)) == (1, 2)
+    transport.close()
+
+
+def test_a_reused_connection_whose_request_cannot_be_written_is_sent_once_on_a_new_one(
+    raw_server: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server reset the connection between the idle check and the send (the check is
+    made to miss it here, as a race would): the write fails, so the server never had the
+    request whole, and sending it on a new connection cannot duplicate it."""
+    closed = threading.Event()
+    script = Script(reset_after(OK, closed), OK)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    assert transport.post(server.url, WRITE_KEY, body_of("m1")).ok
+    assert closed.wait(2.0)
+    time.sleep(0.05)  # the reset is in the client's socket
+    monkeypatch.setattr(_wire, "_idle_and_open", lambda sock: True)
+    outcome = transport.post(server.url, WRITE_KEY, body_of("m2"))
+    assert outcome.ok, outcome.error
+    assert server.connections == 2
+    assert [b'"m2"' in h for h in script.heads] == [False, False]  # heads only
+    assert len(script.heads) == 2  # m1 on the first connection, m2 once on the second
+    transport.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "connections"),
+    [
+        (OK.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1), 2),
+        (OK.replace(b"\r\n\r\n", b"\r\nCONNECTION: Close\r\n\r\n", 1), 2),
+        (OK.replace(b"HTTP/1.1", b"HTTP/1.0"), 2),
+        (
+            OK.replace(b"HTTP/1.1", b"HTTP/1.0").replace(
+                b"\r\n\r\n", b"\r\nConnection: keep-alive\r\n\r\n", 1
+            ),
+            1,
+        ),
+        (OK, 1),
+    ],
+    ids=["close", "close-any-case", "http/1.0", "http/1.0-keep-alive", "http/1.1"],
+)
+def test_a_connection_is_reused_only_when_the_answer_lets_it(
+    raw_server: Callable[..., RawServer], answer: bytes, connections: int
+) -> None:
+    """``Connection: close`` and a plain HTTP/1.0 answer end the connection (the server
+    here keeps it open anyway: the client must not send on it)."""
+    script = Script(answer, answer)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    for i in range(2):
+        assert transport.post(server.url, WRITE_KEY, body_of(f"m{i}")).ok
+    assert (server.connections, len(script.heads)) == (connections, 2)
+    transport.close()
+
+
+def test_a_chunked_answer_is_read_whole_and_the_connection_reused(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    chunked = (
+        b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n"
+        b'7\r\n{"messa\r\n'
+        b"a;name=value\r\n" + b'ge":"down' + b'"\r\n'
+        b"2\r\n}\n\r\n"
+        b"0\r\nX-Trailer: yes\r\n\r\n"
+    )
+    script = Script(chunked, OK)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    outcome = transport.post(server.url, WRITE_KEY, body_of("m1"))
+    assert (outcome.kind, outcome.status) == ("retry", 500)
+    assert outcome.excerpt == '{"message":"down"}\n'
+    assert transport.post(server.url, WRITE_KEY, body_of("m2")).ok
+    assert server.connections == 1
+    transport.close()
+
+
+def test_a_chunked_answer_longer_than_the_cap_is_cut_and_the_connection_dropped(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    chunk = b"%x\r\n%s\r\n" % (40_000, b"y" * 40_000)
+    answer = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3 + b"0\r\n\r\n"
+    script = Script(answer, OK)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    outcome = transport.post(server.url, WRITE_KEY, body_of("m1"))
+    assert (outcome.kind, outcome.excerpt) == ("reject", "y" * 2000)
+    assert transport.post(server.url, WRITE_KEY, body_of("m2")).ok
+    assert server.connections == 2
+    transport.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n",
+        b"HTTP/1.1 400 Bad\r\nContent-Length: many\r\n\r\n",
+    ],
+    ids=["bad-chunk-size", "bad-content-length"],
+)
+def test_an_unreadable_body_keeps_the_status_and_drops_the_connection(
+    raw_server: Callable[..., RawServer], answer: bytes
+) -> None:
+    script = Script(answer, OK)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    outcome = transport.post(server.url, WRITE_KEY, body_of("m1"))
+    assert (outcome.kind, outcome.status) == ("reject", 400)
+    assert outcome.excerpt == "<unreadable response body: ProtocolError>"
+    assert transport.post(server.url, WRITE_KEY, body_of("m2")).ok
+    assert server.connections == 2
+    transport.close()
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_an_answer_without_a_body_is_complete_at_its_head(
+    raw_server: Callable[..., RawServer], status: int
+) -> None:
+    """204 and 304 have no body whatever their headers say; the connection carries on."""
+    answer = b"HTTP/1.1 %d Nothing\r\nContent-Length: 10\r\n\r\n" % status
+    script = Script(answer, OK)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    outcome = transport.post(server.url, WRITE_KEY, body_of("m1"))
+    assert (outcome.status, outcome.excerpt) == (status, "")
+    assert transport.post(server.url, WRITE_KEY, body_of("m2")).ok
+    assert server.connections == 1
+    transport.close()
+
+
+def test_a_body_framed_by_the_end_of_the_connection_is_read_to_it(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    def until_close(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 503 Busy\r\nContent-Type: text/plain\r\n\r\ncome back ")
+        time.sleep(0.05)
+        conn.sendall(b"later")
+        conn.close()
+
+    script = Script(until_close, OK)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    outcome = transport.post(server.url, WRITE_KEY, body_of("m1"))
+    assert (outcome.kind, outcome.status, outcome.excerpt) == ("retry", 503, "come back later")
+    assert transport.post(server.url, WRITE_KEY, body_of("m2")).ok
+    assert server.connections == 2
+    transport.close()
+
+
+def test_no_expect_header_is_sent_and_an_interim_100_answer_is_skipped(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+    script = Script(interim + OK)
+    server = raw_server(script)
+    outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
+    assert (outcome.kind, outcome.status) == ("ok", 200)
+    [head] = script.heads
+    assert b"expect:" not in head.lower()
+    assert head.startswith(b"POST /v1/batch HTTP/1.1\r\n")
+    assert f"\r\nHost: 127.0.0.1:{server.port}\r\n".encode() in head
+
+
+def test_answer_headers_are_read_whatever_their_case(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    answer = b"HTTP/1.1 429 Slow Down\r\nrEtRy-AfTeR: 7\r\ncontent-LENGTH: 2\r\n\r\n{}"
+    script = Script(answer)
+    server = raw_server(script)
+    outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
+    assert (outcome.kind, outcome.status, outcome.retry_after) == ("retry", 429, 7.0)
+    assert outcome.excerpt == "{}"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 2xx OK\r\nContent-Length: 0\r\n\r\n",
+        b"SPDY/3 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"<html>not http</html>\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nthis line has no colon\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
+    ],
+    ids=["status", "protocol", "html", "header", "two-lengths"],
+)
+def test_a_malformed_answer_is_a_retryable_network_error(
+    raw_server: Callable[..., RawServer], answer: bytes
+) -> None:
+    script = Script(answer)
+    server = raw_server(script)
+    outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
+    assert (outcome.kind, outcome.status) == ("retry", None)
+    assert outcome.error.startswith(f"network error talking to {server.url}: malformed")
+    assert WRITE_KEY not in outcome.error
+
+
+def test_an_answer_sent_slowly_cannot_hold_the_caller_past_the_timeout(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    """A byte every 50 ms would keep a per-read timeout waiting forever: the timeout bounds
+    the whole exchange."""
+
+    def trickle(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(200):
+            conn.sendall(b"X")
+            time.sleep(0.05)
+
+    script = Script(trickle)
+    server = raw_server(script)
+    started = time.monotonic()
+    outcome = HTTPTransport(timeout=0.5).post(server.url, WRITE_KEY, body_of("m1"))
+    elapsed = time.monotonic() - started
+    assert (outcome.kind, outcome.status) == ("retry", None)
+    assert outcome.error == f"timed out after 0.5s on {server.url}"
+    assert elapsed < 3.0  # not the 10 s the trickle lasts
+
+
+def test_an_ipv6_literal_host_is_reached_with_its_bracketed_host_header(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    script = Script(OK, OK)
+    try:
+        server = raw_server(script, host="::1")
+    except OSError:
+        pytest.skip("::1 cannot be bound here")
+    transport = HTTPTransport(timeout=5.0)
+    assert transport.post(server.url, WRITE_KEY, body_of("m1")).ok
+    assert transport.post(server.url, WRITE_KEY, body_of("m2")).ok
+    assert server.connections == 1
+    assert f"\r\nHost: [::1]:{server.port}\r\n".encode() in script.heads[0]
+    transport.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "key", "request_line"),
+    [
+        (
+            "http://example.com/v1/batch",
+            ("http", "example.com", 80),
+            b"POST /v1/batch HTTP/1.1\r\nHost: example.com\r\n",
+        ),
+        (
+            "https://example.com/v1/batch",
+            ("https", "example.com", 443),
+            b"POST /v1/batch HTTP/1.1\r\nHost: example.com\r\n",
+        ),
+        (
+            "http://example.com:443/v1/batch",
+            ("http", "example.com", 443),
+            b"POST /v1/batch HTTP/1.1\r\nHost: example.com:443\r\n",
+        ),
+        (
+            "https://Example.COM:8443/seg/v1/batch",
+            ("https", "example.com", 8443),
+            b"POST /seg/v1/batch HTTP/1.1\r\nHost: example.com:8443\r\n",
+        ),
+        (
+            "http://[::1]:80/v1/batch",
+            ("http", "::1", 80),
+            b"POST /v1/batch HTTP/1.1\r\nHost: [::1]\r\n",
+        ),
+        (
+            "https://b\u00fccher.example/v1/batch",
+            ("https", "xn--bcher-kva.example", 443),
+            b"POST /v1/batch HTTP/1.1\r\nHost: xn--bcher-kva.example\r\n",
+        ),
+    ],
+)
+def test_the_origin_of_a_url_has_default_ports_and_the_host_header_names_other_ones(
+    url: str, key: tuple[str, str, int], request_line: bytes
+) -> None:
+    origin = _wire.origin_of(url)
+    assert origin.key == key
+    assert origin.prefix == request_line
+
+
+def test_a_path_before_the_endpoint_is_kept_and_escaped() -> None:
+    origin = _wire.origin_of("http://example.com/caf\u00e9/v1/batch")
+    assert origin.prefix.startswith(b"POST /caf%C3%A9/v1/batch HTTP/1.1\r\n")
+
+
+def test_connections_have_nagle_off(collector: Collector) -> None:
+    """TCP_NODELAY: the answer to a small request is never held back by Nagle."""
+    client = WireClient(maxsize=2)
+    origin = _wire.origin_of(f"{collector.url}/v1/batch")
+    head = b"Authorization: Basic %s\r\n" % base64.b64encode(f"{WRITE_KEY}:".encode())
+    answer = client.post(origin, head, body_of("m1"), timeout=5.0, max_body=1024)
+    assert answer.status == 200
+    [[conn]] = client._idle.values()
+    assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    client.close()
+    assert client.idle_count() == 0
+
+
+def test_many_threads_share_one_transport_and_keep_at_most_maxsize_idle_connections(
+    collector: Collector,
+) -> None:
+    transport = HTTPTransport(timeout=10.0, maxsize=3)
+    outcomes: list[bool] = []
+    lock = threading.Lock()
+
+    def run(t: int) -> None:
+        for i in range(25):
+            ok = transport.post(collector.url, WRITE_KEY, body_of(f"t{t}-{i}")).ok
+            with lock:
+                outcomes.append(ok)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == [True] * 200
+    assert collector.requests == 200
+    assert len(collector.message_ids()) == 200
+    assert transport._wire is not None
+    assert 1 <= transport._wire.idle_count() <= 3
+    transport.close()
+
+
+def test_close_ends_the_idle_connections_and_the_transport_still_works(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    script = Script(OK, OK)
+    server = raw_server(script)
+    transport = HTTPTransport(timeout=5.0)
+    assert transport.post(server.url, WRITE_KEY, body_of("m1")).ok
+    transport.close()
+    assert script.done.wait(2.0)  # the server read EOF: the connection was closed
+    assert transport.post(server.url, WRITE_KEY, body_of("m2")).ok
+    assert server.connections == 2
+    transport.close()
+
+
+def test_a_connection_made_before_fork_is_never_used_by_the_child(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    """The child opens its own connection; the parent's goes on carrying its batches."""
+    script = Script(OK, OK, OK)
+    server = raw_server(script)
+    code = f"""
+        import os, sys
+        from durable_analytics._transport import HTTPTransport
+        t = HTTPTransport(timeout=5.0)
+        body = b'{{"batch":[],"sentAt":"x"}}'
+        assert t.post({server.url!r}, "k", body).ok
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if t.post({server.url!r}, "k", body).ok else 3)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        print(code, t.post({server.url!r}, "k", body).ok)
+    """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "True"]
+    assert (server.connections, len(script.heads)) == (2, 3)
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate and key for ``name`` (openssl, EC P-256, two days)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            f"subjectAltName=DNS:{name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(
+    tmp_path: Path, raw_server: Callable[..., RawServer]
+) -> tuple[RawServer, Script, Path]:
+    """A keep-alive HTTPS server on 127.0.0.1 with a self-signed certificate for localhost."""
+    cert, key = make_certificate(tmp_path, "localhost")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    script = Script(OK, OK, OK)
+    return raw_server(script, tls=context), script, cert
+
+
+def test_tls_verifies_the_certificate_by_default(
+    tls_server: tuple[RawServer, Script, Path],
+) -> None:
+    server, script, _ = tls_server
+    url = f"https://localhost:{server.port}"
+    outcome = HTTPTransport(timeout=5.0).post(url, WRITE_KEY, body_of("m1"))
+    assert (outcome.kind, outcome.status) == ("retry", None)
+    assert outcome.error.startswith(f"TLS error talking to {url}")
+    assert script.heads == []  # nothing was sent to the untrusted server
+
+
+def test_tls_trusts_a_ca_bundle_path_and_reuses_the_connection(
+    tls_server: tuple[RawServer, Script, Path],
+) -> None:
+    server, script, cert = tls_server
+    url = f"https://localhost:{server.port}"
+    transport = HTTPTransport(timeout=5.0, verify=str(cert))
+    assert transport.post(url, WRITE_KEY, body_of("m1")).ok
+    assert transport.post(url, WRITE_KEY, body_of("m2")).ok
+    assert (server.connections, len(script.heads)) == (1, 2)
+    transport.close()
+
+
+def test_tls_trusts_the_ca_bundle_named_in_the_environment(
+    tls_server: tuple[RawServer, Script, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _, cert = tls_server
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    outcome = HTTPTransport(timeout=5.0).post(
+        f"https://localhost:{server.port}", WRITE_KEY, body_of("m1")
+    )
+    assert outcome.ok, outcome.error
+
+
+def test_tls_checks_the_host_name_against_the_certificate(
+    tls_server: tuple[RawServer, Script, Path],
+) -> None:
+    """Trusted for ``localhost``, the certificate does not name 127.0.0.1."""
+    server, script, cert = tls_server
+    url = f"https://127.0.0.1:{server.port}"
+    outcome = HTTPTransport(timeout=5.0, verify=str(cert)).post(url, WRITE_KEY, body_of("m1"))
+    assert outcome.error.startswith(f"TLS error talking to {url}")
+    assert script.heads == []
+
+
+def test_tls_without_verification_accepts_any_certificate(
+    tls_server: tuple[RawServer, Script, Path],
+) -> None:
+    server, _, _ = tls_server
+    url = f"https://127.0.0.1:{server.port}"
+    outcome = HTTPTransport(timeout=5.0, verify=False).post(url, WRITE_KEY, body_of("m1"))
+    assert outcome.ok, outcome.error
 
 
 # ---------------------------------------------------------------- status classes

@@ -464,7 +464,7 @@ def _parse_head(head: bytes) -> tuple[int, bytes, dict[str, str]]:
             headers[key] = text
         elif key == "content-length":
             if previous != text:
-                raise ProtocolError("conflicting Content-Length headers")
+                raise ProtocolError("malformed answer: two different Content-Length headers")
         else:
             headers[key] = f"{previous}, {text}"
     return int(parts[1]), parts[0], headers
