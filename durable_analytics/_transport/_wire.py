@@ -43,6 +43,9 @@ MAX_HEAD_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NO_BODY = frozenset({204, 304})
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: [^\r\n]*)?\r?\n")
+#: One header line: a token, a colon, the value without surrounding blanks.
+_FIELD = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*\r?\n", re.MULTILINE)
 
 
 class ConnectError(OSError):
@@ -439,26 +442,33 @@ def _recv(sock: socket.socket, deadline: float) -> bytes:
 
 
 def _parse_head(head: bytes) -> tuple[int, bytes, dict[str, str]]:
-    lines = head.split(b"\n")
-    status_line = lines[0].rstrip(b"\r")
-    parts = status_line.split(b" ", 2)
-    if (
-        len(parts) < 2
-        or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0")
-        or len(parts[1]) != 3
-        or not parts[1].isdigit()
-    ):
-        raise ProtocolError(f"malformed status line {status_line[:80]!r}")
+    """Status, version and headers (names lower-cased) of an answer's head.
+
+    Two regular expressions do the work in C: the request's CPU is taken from the caller's
+    thread, and a Python loop over each header line costs more than the rest of the parse.
+    """
+    head += b"\r\n"
+    status = _STATUS_LINE.match(head)
+    if status is None:
+        first = head.split(b"\n", 1)[0]
+        raise ProtocolError(f"malformed status line {first[:80]!r}")
+    fields = _FIELD.findall(head, status.end())
+    if len(fields) != head.count(b"\n") - 1:
+        bad = next(line for line in head.split(b"\n")[1:-1] if not _FIELD.match(line + b"\n"))
+        raise ProtocolError(f"malformed header line {bad[:80]!r}")
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in fields}
+    if len(headers) != len(fields):
+        headers = _merge_fields(fields)
+    return int(status.group(2)), status.group(1), headers
+
+
+def _merge_fields(fields: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Headers with repeated names: values joined by commas; two different Content-Length
+    values make the answer's framing ambiguous, which is refused."""
     headers: dict[str, str] = {}
-    for raw in lines[1:]:
-        line = raw.rstrip(b"\r")
-        if not line:
-            continue
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise ProtocolError(f"malformed header line {line[:80]!r}")
+    for name, value in fields:
         key = name.decode("latin-1").lower()
-        text = value.strip().decode("latin-1")
+        text = value.decode("latin-1")
         previous = headers.get(key)
         if previous is None:
             headers[key] = text
@@ -467,7 +477,7 @@ def _parse_head(head: bytes) -> tuple[int, bytes, dict[str, str]]:
                 raise ProtocolError("malformed answer: two different Content-Length headers")
         else:
             headers[key] = f"{previous}, {text}"
-    return int(parts[1]), parts[0], headers
+    return headers
 
 
 def _keeps_alive(version: bytes, headers: dict[str, str]) -> bool:
