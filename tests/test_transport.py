@@ -646,6 +646,19 @@ def test_a_malformed_answer_is_a_retryable_network_error(
     assert WRITE_KEY not in outcome.error
 
 
+def test_a_malformed_answer_quoting_the_write_key_is_scrubbed_from_the_error(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    token = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    answer = f"HTTP/1.1 200 OK\r\nyour key {WRITE_KEY} Basic {token}\r\n\r\n".encode()
+    server = raw_server(Script(answer))
+    outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
+    assert outcome.error.startswith(f"network error talking to {server.url}: malformed")
+    assert WRITE_KEY not in outcome.error
+    assert token not in outcome.error
+    assert "<write key>" in outcome.error
+
+
 def test_an_answer_sent_slowly_cannot_hold_the_caller_past_the_timeout(
     raw_server: Callable[..., RawServer],
 ) -> None:
@@ -901,6 +914,18 @@ def test_tls_checks_the_host_name_against_the_certificate(
     url = f"https://127.0.0.1:{server.port}"
     outcome = HTTPTransport(timeout=5.0, verify=str(cert)).post(url, WRITE_KEY, body_of("m1"))
     assert outcome.error.startswith(f"TLS error talking to {url}")
+    assert script.heads == []
+
+
+def test_a_ca_bundle_that_cannot_be_read_is_a_tls_error(
+    tls_server: tuple[RawServer, Script, Path], tmp_path: Path
+) -> None:
+    server, script, _ = tls_server
+    url = f"https://localhost:{server.port}"
+    missing = tmp_path / "no-such-bundle.pem"
+    outcome = HTTPTransport(timeout=5.0, verify=str(missing)).post(url, WRITE_KEY, body_of("m1"))
+    assert (outcome.kind, outcome.status) == ("retry", None)
+    assert outcome.error.startswith(f"TLS error talking to {url}: cannot load the CA bundle")
     assert script.heads == []
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "Origin",
     "ProtocolError",
     "Response",
+    "TLSSetupError",
     "WireClient",
     "make_tls_context",
     "origin_of",
@@ -54,6 +55,13 @@ class ConnectError(OSError):
 
 class ProtocolError(OSError):
     """The server's answer is not HTTP/1.x (a malformed status line, header or framing)."""
+
+
+class TLSSetupError(ssl.SSLError):
+    """The TLS settings cannot be used (a CA bundle that cannot be loaded)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "TLS setup failed"
 
 
 @dataclass(frozen=True)
@@ -109,10 +117,13 @@ def make_tls_context(verify: bool, bundle: str | None) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     elif bundle:
-        if os.path.isdir(bundle):
-            context = ssl.create_default_context(capath=bundle)
-        else:
-            context = ssl.create_default_context(cafile=bundle)
+        try:
+            if os.path.isdir(bundle):
+                context = ssl.create_default_context(capath=bundle)
+            else:
+                context = ssl.create_default_context(cafile=bundle)
+        except OSError as exc:  # missing, unreadable, not PEM: a TLS setup error
+            raise TLSSetupError(f"cannot load the CA bundle {bundle!r}: {exc}") from exc
     else:
         context = ssl.create_default_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -255,15 +266,7 @@ class WireClient:
             _close(conn.sock)
 
     def _connect(self, origin: Origin, deadline: float) -> _Conn:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("timed out before connecting")
-        try:
-            sock = socket.create_connection((origin.host, origin.port), min(remaining, 10.0))
-        except TimeoutError:
-            raise
-        except OSError as exc:
-            raise ConnectError(str(exc)) from exc
+        sock = _open_socket(origin.host, origin.port, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if origin.scheme == "https":
@@ -344,6 +347,33 @@ class _SendFailed(Exception):
     def __init__(self, error: OSError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _open_socket(host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to the first address of ``host`` that answers, by ``deadline``.
+
+    Each address gets what is left of the deadline (at most 10 s), not a fresh timeout of
+    its own: a name with several dead addresses cannot stretch the request.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:  # an unknown name
+        raise ConnectError(str(exc)) from exc
+    error: OSError = ConnectError(f"no address for {host!r}")
+    for family, kind, proto, _, address in addresses:
+        remaining = _remaining(deadline)
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(min(remaining, 10.0))
+            sock.connect(address)
+        except OSError as exc:
+            _close(sock)
+            error = exc
+            continue
+        return sock
+    if isinstance(error, (TimeoutError, ConnectError)):
+        raise error
+    raise ConnectError(str(error)) from error
 
 
 def _remaining(deadline: float) -> float:

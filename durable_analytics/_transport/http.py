@@ -285,15 +285,16 @@ class HTTPTransport:
                     route, url, authorization, retry_count, self.gzip, data, read_timeout
                 )
         except (ssl.SSLError, urllib3.exceptions.SSLError) as exc:
-            return Outcome("retry", None, error=f"TLS error talking to {host}: {_short(exc)}")
+            return self._failed(f"TLS error talking to {host}", exc, write_key, authorization)
         except (ConnectError, urllib3.exceptions.NewConnectionError) as exc:
             # A subclass of ConnectTimeoutError in urllib3, but a refused connection or an
             # unknown host is not a timeout: say what happened.
-            return Outcome("retry", None, error=f"cannot connect to {host}: {_short(exc)}")
+            return self._failed(f"cannot connect to {host}", exc, write_key, authorization)
         except (urllib3.exceptions.TimeoutError, TimeoutError):
             return Outcome("retry", None, error=f"timed out after {read_timeout:g}s on {host}")
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            return Outcome("retry", None, error=f"network error talking to {host}: {_short(exc)}")
+            what = f"network error talking to {host}"
+            return self._failed(what, exc, write_key, authorization)
         kind = classify(status)
         if self._tokens is not None and status in _TOKEN_REFUSED:
             # The API refused the token (expired, revoked): the next try fetches a new one.
@@ -315,6 +316,14 @@ class HTTPTransport:
                 retry_after = reset if retry_after is None else max(retry_after, reset)
         error = "" if kind == "ok" else f"HTTP {status} from {host}: {one_line(excerpt[:200])}"
         return Outcome(kind, status, retry_after, excerpt, error.strip())
+
+    def _failed(self, what: str, exc: BaseException, write_key: str, authorization: str) -> Outcome:
+        """A retry outcome for a request that got no answer: ``what`` and why, scrubbed (a
+        malformed answer is quoted, and a hostile server may echo the key in it)."""
+        why = self._scrub(_short(exc), write_key)
+        if authorization.startswith("Bearer "):
+            why = why.replace(authorization[7:], "<token>")
+        return Outcome("retry", None, error=f"{what}: {why}")
 
     def _head(self, authorization: str, retry_count: int) -> bytes:
         """The header lines after ``Host`` (``Content-Length`` is added by the client)."""
