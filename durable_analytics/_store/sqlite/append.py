@@ -110,29 +110,22 @@ class Appender:
             )
         ):
             return self._append_capped(dest_id, body, when)
+        row = (dest_id, body, size, when)
+        write_lock = self.db.write_lock
         # Only a signal handler finds this thread already holding a lock of the queue.
-        nested = owned(self.db.write_lock) or owned(self.db.read_lock)
+        nested = owned(write_lock) or owned(self.db.read_lock)
         try:
-            # Appends take the write lock before delivering transactions (waits.py).
-            with self.db.writing(producer=True):
-                if nested:
-                    self.db.refuse_interrupted()
-                else:
-                    # (Never under a call a signal interrupted: it moves the connections.)
-                    self.db.check_side_files()
+            if not nested and write_lock.acquire(blocking=False):
+                # The usual case, the lock free: what ``writing`` does first for an append,
+                # without the cost of its context manager.
                 try:
-                    conn = self.db.local.conn
-                except AttributeError:
-                    conn = self.db.conn()
-                if conn.in_transaction or owned(self.db.read_lock):
-                    return self.append_interrupted(conn, (dest_id, body, size, when))
-                if not conn.producer:
-                    self.db.as_producer(conn, True)
-                row = (dest_id, body, size, when)
-                try:
-                    row_id = self.db.fenced(lambda: conn.execute(INSERT, row)).lastrowid
-                except sqlite3.Error as exc:
-                    row_id = self._insert_failed(conn, exc, row, nested)
+                    row_id = self._insert(row, nested)
+                finally:
+                    write_lock.release()
+            else:
+                # Appends take the write lock before delivering transactions (waits.py).
+                with self.db.writing(producer=True):
+                    row_id = self._insert(row, nested)
         except QueueCorrupt as exc:
             if not self.db.on_corrupt(exc):
                 raise
@@ -143,6 +136,32 @@ class Appender:
         self.est_count += 1
         self.since_count += 1
         return row_id or 0
+
+    def _insert(self, row: tuple[int, bytes, int, float], nested: bool) -> int:
+        """The INSERT of ``append``, under the write lock, in autocommit under the fence."""
+        if nested:
+            self.db.refuse_interrupted()
+        else:
+            # (Never under a call a signal interrupted: it moves the connections.)
+            self.db.check_side_files()
+        try:
+            conn = self.db.local.conn
+        except AttributeError:
+            conn = self.db.conn()
+        if conn.in_transaction or owned(self.db.read_lock):
+            return self.append_interrupted(conn, row)
+        if not conn.producer:
+            self.db.as_producer(conn, True)
+        fence = self.db.fence
+        fence.enter()
+        try:
+            # (What ``fenced`` does, without a closure per call.)
+            return conn.execute(INSERT, row).lastrowid or 0
+        except sqlite3.Error as exc:
+            failed = exc
+        finally:
+            fence.leave()
+        return self._insert_failed(conn, failed, row, nested)
 
     def _insert_failed(
         self,

@@ -77,6 +77,16 @@ class SideFiles:
         if known is None:
             return ""
         self._countdown -= 1
+        shm = known[1]
+        if not both and self._countdown > 0 and shm is not None:
+            # The usual case, before every append: one stat of the -shm, found unchanged.
+            # Anything else (not there, another file, no directory) is decided below.
+            try:
+                st = os.stat(self.names[1], dir_fd=self._dir_fd())
+                if st.st_ino == shm[1] and st.st_dev == shm[0]:
+                    return ""
+            except OSError:
+                pass
         if both or self._countdown <= 0:
             self._countdown = CHECK_EVERY
             now = self._ids(slice(0, 2))
