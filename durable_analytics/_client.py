@@ -25,7 +25,7 @@ from ._client_settings import SettingsAttributes
 from ._config import SEGMENT_PARAMETERS, Config, OnError, Settings, is_loopback_host
 from ._delivery import Deliverer, FlushResult, make_deliverer
 from ._drain import deliver_until
-from ._flusher import Flusher
+from ._flusher import Flusher, burst_age_for
 from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE
 from ._store import QueueBackend, QueueStats, open_queue
 from ._sync import deliver_now
@@ -196,8 +196,13 @@ class Client(ClientCalls, SettingsAttributes):
             mode = self.config.flusher
             try:
                 if mode == "thread":
+                    config = self.config
                     flusher = Flusher(
-                        self._new_deliverer(), flush_interval=self.config.flush_interval
+                        self._new_deliverer(),
+                        flush_interval=config.flush_interval,
+                        burst_age=burst_age_for(
+                            config.flush_interval, config.max_queue_bytes, config.max_queue_size
+                        ),
                     )
                     flusher.start()
                     self._flusher = flusher

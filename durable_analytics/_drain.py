@@ -336,6 +336,7 @@ def deliver_pass(
     up_to_id: int | None = None,
     destination: int | None = None,
     full_only: bool = False,
+    pause: Callable[[], bool] | None = None,
 ) -> DeliveryStats:
     """Lease and deliver, many batches in flight, until nothing is ready; the pipeline.
 
@@ -345,8 +346,11 @@ def deliver_pass(
     side by side, each request under its own lease and within the destination's
     in-flight window (``_pipeline``), on the Deliverer's pool of keep-alive connections.
     ``full_only`` (the background flusher) stops a thread after a batch that was not full,
-    so a trickle of appends is not sent one message at a time. Ends at ``deadline`` or
-    when ``stop`` is set, after the batches in flight are settled.
+    so a trickle of appends is not sent one message at a time. ``pause``, asked before each
+    batch of the calling thread, makes that batch the pass's last when it says so (the
+    background flusher yielding the CPU to a caller that keeps appending; what is left stays
+    ready).
+    Ends at ``deadline`` or when ``stop`` is set, after the batches in flight are settled.
     """
     # More threads than the window has slots would only hold leases while they wait.
     count = max(1, min(deliverer.max_in_flight, workers or deliverer.max_in_flight))
@@ -357,9 +361,10 @@ def deliver_pass(
     finished = threading.Condition(lock)
     failures: list[BaseException] = []
     asked = (destination, up_to_id, deliverer.lease_batches)
+    paused = [False]
 
     def done() -> bool:
-        return (stop is not None and stop.is_set()) or _passed(deadline)
+        return paused[0] or (stop is not None and stop.is_set()) or _passed(deadline)
 
     def spawn(lease: Lease) -> None:
         if spawned[0] or count == 1 or len(lease) < deliverer.batch_messages:
@@ -389,9 +394,14 @@ def deliver_pass(
         while lease is not None:
             if first and not spawned[0]:
                 spawn(lease)
+            # The background flusher yielding to its caller: this batch is the pass's last
+            # (none is leased to follow it), and the helpers stop after theirs (``done``).
+            last = first and pause is not None and pause()
+            if last:
+                paused[0] = True
             # A full batch (or any, but for the background flusher) is followed by the next,
             # leased in the transaction of its ack: one queue commit per batch, not two.
-            follow = None if full_only and len(lease) < full else Follow(*asked)
+            follow = None if last or (full_only and len(lease) < full) else Follow(*asked)
             try:
                 stats = deliverer.deliver(lease, deadline=deadline, stop=stop, follow=follow)
             except BaseException:
