@@ -68,6 +68,9 @@ class RawServer:
         self.tls = tls
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.create_server((host, 0), family=family)
+        # Set here, not in the accept thread: a test that ends at once may close the socket
+        # before that thread has run its first line.
+        self.sock.settimeout(0.05)
         self.port = self.sock.getsockname()[1]
         name = f"[{host}]" if ":" in host else host
         self.url = f"{'https' if tls else 'http'}://{name}:{self.port}"
@@ -79,7 +82,6 @@ class RawServer:
         self._accept.start()
 
     def _serve(self) -> None:
-        self.sock.settimeout(0.05)
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
