@@ -69,8 +69,9 @@ class CommitFence:
         if self._unsupported:
             return True
         self._depth += 1
+        fd = self._fd
         try:
-            fcntl.flock(self.descriptor(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd if fd >= 0 else self.descriptor(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             self._depth -= 1
             return False
@@ -102,8 +103,11 @@ class CommitFence:
             self._depth -= 1
         if self._depth or self._unsupported or self._fd < 0:
             return
-        with contextlib.suppress(OSError):
+        # A plain try, not contextlib.suppress: this runs on every commit.
+        try:  # noqa: SIM105
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
 
     @property
     def depth(self) -> int:
