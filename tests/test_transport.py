@@ -548,9 +548,9 @@ def test_a_chunked_answer_longer_than_the_cap_is_cut_and_the_connection_dropped(
     "answer",
     [
         b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n",
-        b"HTTP/1.1 400 Bad\r\nContent-Length: many\r\n\r\n",
+        b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxxxx\r\n0\r\n\r\n",
     ],
-    ids=["bad-chunk-size", "bad-content-length"],
+    ids=["bad-chunk-size", "chunk-longer-than-its-size"],
 )
 def test_an_unreadable_body_keeps_the_status_and_drops_the_connection(
     raw_server: Callable[..., RawServer], answer: bytes
@@ -634,8 +634,9 @@ def test_answer_headers_are_read_whatever_their_case(
         b"<html>not http</html>\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nthis line has no colon\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
+        b"HTTP/1.1 400 Bad\r\nContent-Length: many\r\n\r\n",
     ],
-    ids=["status", "protocol", "html", "header", "two-lengths"],
+    ids=["status", "protocol", "html", "header", "two-lengths", "bad-content-length"],
 )
 def test_a_malformed_answer_is_a_retryable_network_error(
     raw_server: Callable[..., RawServer], answer: bytes

@@ -8,6 +8,7 @@ does not do: proxies (the transport keeps urllib3's ``ProxyManager`` for those),
 (never followed anyway), ``Expect: 100-continue`` (never sent), compressed answers
 (``Accept-Encoding: identity``).
 
+The answer is read by ``_answer`` (bounded in size and time: the server is not trusted).
 Errors are raised, never returned: ``ConnectError`` (no connection), ``ssl.SSLError`` (TLS),
 ``TimeoutError`` (the deadline passed), ``ProtocolError`` (an answer that is not HTTP/1.x)
 and any other ``OSError`` (the connection broke). The caller turns them into outcomes.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import select
 import socket
 import ssl
@@ -28,7 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
+from ._answer import MAX_HEAD_BYTES, ProtocolError, Response, read_response, remaining
+
 __all__ = [
+    "MAX_HEAD_BYTES",
     "ConnectError",
     "Origin",
     "ProtocolError",
@@ -39,22 +42,11 @@ __all__ = [
     "origin_of",
 ]
 
-#: A response head longer than this is not an HTTP answer we will parse.
-MAX_HEAD_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_NO_BODY = frozenset({204, 304})
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: [^\r\n]*)?\r?\n")
-#: One header line: a token, a colon, the value without surrounding blanks.
-_FIELD = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*\r?\n", re.MULTILINE)
 
 
 class ConnectError(OSError):
     """No connection could be made (refused, unreachable, unknown host)."""
-
-
-class ProtocolError(OSError):
-    """The server's answer is not HTTP/1.x (a malformed status line, header or framing)."""
 
 
 class TLSSetupError(ssl.SSLError):
@@ -129,17 +121,6 @@ def make_tls_context(verify: bool, bundle: str | None) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     return context
-
-
-@dataclass
-class Response:
-    """One answer: its status, headers (names lower-cased), and the body read (at most the
-    cap; ``complete`` is False when more was left unread, the connection then dropped)."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    complete: bool = True
 
 
 class _Conn:
@@ -266,17 +247,19 @@ class WireClient:
             _close(conn.sock)
 
     def _connect(self, origin: Origin, deadline: float) -> _Conn:
+        # The generation before connecting: a close() while the connection is being made
+        # (a TLS handshake can take seconds) must close it when its request ends too.
+        with self._lock:
+            generation = self._generation
         sock = _open_socket(origin.host, origin.port, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if origin.scheme == "https":
-                sock.settimeout(_remaining(deadline))
+                sock.settimeout(remaining(deadline))
                 sock = self.tls.wrap_socket(sock, server_hostname=origin.host)
         except BaseException:
             _close(sock)
             raise
-        with self._lock:
-            generation = self._generation
         return _Conn(sock, generation, os.getpid())
 
     # ------------------------------------------------------------------ the exchange
@@ -318,7 +301,7 @@ class WireClient:
         sock = conn.sock
         keep = False
         try:
-            sock.settimeout(_remaining(deadline))
+            sock.settimeout(remaining(deadline))
             try:
                 sock.sendall(request)
             except TimeoutError:
@@ -327,12 +310,12 @@ class WireClient:
                 # The server may have answered before reading the whole request (a 413)
                 # and closed: that answer is the outcome if it can be read.
                 try:
-                    response, keep = _read_response(sock, deadline, max_body)
+                    response, keep = read_response(sock, deadline, max_body)
                 except (OSError, ValueError):
                     raise _SendFailed(exc) from None
                 keep = False
                 return response
-            response, keep = _read_response(sock, deadline, max_body)
+            response, keep = read_response(sock, deadline, max_body)
             return response
         finally:
             if keep:
@@ -357,14 +340,14 @@ def _open_socket(host: str, port: int, deadline: float) -> socket.socket:
     """
     try:
         addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    except OSError as exc:  # an unknown name
+    except OSError as exc:  # an unknown name (one that is not a name: ValueError)
         raise ConnectError(str(exc)) from exc
     error: OSError = ConnectError(f"no address for {host!r}")
     for family, kind, proto, _, address in addresses:
-        remaining = _remaining(deadline)
+        left = remaining(deadline)
         sock = socket.socket(family, kind, proto)
         try:
-            sock.settimeout(min(remaining, 10.0))
+            sock.settimeout(min(left, 10.0))
             sock.connect(address)
         except OSError as exc:
             _close(sock)
@@ -374,13 +357,6 @@ def _open_socket(host: str, port: int, deadline: float) -> socket.socket:
     if isinstance(error, (TimeoutError, ConnectError)):
         raise error
     raise ConnectError(str(error)) from error
-
-
-def _remaining(deadline: float) -> float:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError("timed out")
-    return remaining
 
 
 def _close_idle(idle: dict[tuple[str, str, int], list[_Conn]]) -> None:
@@ -393,197 +369,3 @@ def _close_idle(idle: dict[tuple[str, str, int], list[_Conn]]) -> None:
 def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.close()
-
-
-def _read_response(sock: socket.socket, deadline: float, max_body: int) -> tuple[Response, bool]:
-    """Read one answer; returns it and whether the connection can carry another request."""
-    data = sock.recv(65536)  # under the timeout set for the send: the common, one-read case
-    if not data:
-        raise ConnectionResetError("the server closed the connection without an answer")
-    while True:
-        head, data = _read_head(sock, data, deadline)
-        status, version, headers = _parse_head(head)
-        if not 100 <= status < 200 or status == 101:
-            break
-        # An interim answer (100 Continue, 103 Early Hints): the final one follows.
-    keep = _keeps_alive(version, headers)
-    if status in _NO_BODY or status == 101:
-        return Response(status, headers, b""), keep and status != 101 and not data
-    try:
-        body, complete, reusable = _read_body(sock, data, headers, deadline, max_body)
-    except (OSError, ValueError) as exc:
-        # The status came whole: it stands (a 200 whose body broke off still took the
-        # batch); the body is unknown and the connection is dropped.
-        unreadable = f"<unreadable response body: {type(exc).__name__}>".encode()
-        return Response(status, headers, unreadable, False), False
-    return Response(status, headers, body, complete), keep and reusable
-
-
-def _read_body(
-    sock: socket.socket, data: bytes, headers: dict[str, str], deadline: float, max_body: int
-) -> tuple[bytes, bool, bool]:
-    """The body (to ``max_body`` bytes), whether it was read whole, and whether the
-    connection is left at the start of the next answer (reusable)."""
-    coding = headers.get("transfer-encoding")
-    if coding is not None:
-        if coding.lower().rsplit(",", 1)[-1].strip() == "chunked":
-            body, complete, rest = _read_chunked(sock, data, deadline, max_body)
-            return body, complete, complete and not rest
-        body, complete = _read_to_close(sock, data, deadline, max_body)
-        return body, complete, False
-    length_text = headers.get("content-length")
-    if length_text is None:
-        body, complete = _read_to_close(sock, data, deadline, max_body)
-        return body, complete, False
-    length = _content_length(length_text)
-    wanted = min(length, max_body)
-    while len(data) < wanted:
-        data += _recv_more(sock, deadline)
-    if length > max_body:
-        return data[:max_body], False, False
-    # Bytes beyond the body answer nothing we asked: the connection is out of step, dropped.
-    return data[:length], True, len(data) == length
-
-
-def _read_head(sock: socket.socket, data: bytes, deadline: float) -> tuple[bytes, bytes]:
-    """The answer's head (status line and headers) and the bytes after it."""
-    while True:
-        end = data.find(b"\r\n\r\n")
-        if end >= 0:
-            return data[:end], data[end + 4 :]
-        bare = data.find(b"\n\n")  # a lenient server ending lines with LF alone
-        if bare >= 0:
-            return data[:bare], data[bare + 2 :]
-        if len(data) > MAX_HEAD_BYTES:
-            raise ProtocolError("the answer's head is longer than 64 KiB")
-        chunk = _recv(sock, deadline)
-        if not chunk:
-            if data:
-                raise ConnectionResetError("the server closed the connection mid-answer")
-            raise ConnectionResetError("the server closed the connection without an answer")
-        data += chunk
-
-
-def _recv(sock: socket.socket, deadline: float) -> bytes:
-    # Each read waits only what is left of the deadline: a server trickling its answer a
-    # byte at a time cannot hold the caller past it.
-    sock.settimeout(_remaining(deadline))
-    return sock.recv(65536)
-
-
-def _parse_head(head: bytes) -> tuple[int, bytes, dict[str, str]]:
-    """Status, version and headers (names lower-cased) of an answer's head.
-
-    Two regular expressions do the work in C: the request's CPU is taken from the caller's
-    thread, and a Python loop over each header line costs more than the rest of the parse.
-    """
-    head += b"\r\n"
-    status = _STATUS_LINE.match(head)
-    if status is None:
-        first = head.split(b"\n", 1)[0]
-        raise ProtocolError(f"malformed status line {first[:80]!r}")
-    fields = _FIELD.findall(head, status.end())
-    if len(fields) != head.count(b"\n") - 1:
-        bad = next(line for line in head.split(b"\n")[1:-1] if not _FIELD.match(line + b"\n"))
-        raise ProtocolError(f"malformed header line {bad[:80]!r}")
-    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in fields}
-    if len(headers) != len(fields):
-        headers = _merge_fields(fields)
-    return int(status.group(2)), status.group(1), headers
-
-
-def _merge_fields(fields: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Headers with repeated names: values joined by commas; two different Content-Length
-    values make the answer's framing ambiguous, which is refused."""
-    headers: dict[str, str] = {}
-    for name, value in fields:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        previous = headers.get(key)
-        if previous is None:
-            headers[key] = text
-        elif key == "content-length":
-            if previous != text:
-                raise ProtocolError("malformed answer: two different Content-Length headers")
-        else:
-            headers[key] = f"{previous}, {text}"
-    return headers
-
-
-def _keeps_alive(version: bytes, headers: dict[str, str]) -> bool:
-    tokens = headers.get("connection", "").lower()
-    if version == b"HTTP/1.1":
-        return "close" not in tokens
-    return "keep-alive" in tokens
-
-
-def _content_length(text: str) -> int:
-    if not text.isdigit():
-        raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
-    return int(text)
-
-
-def _read_to_close(
-    sock: socket.socket, data: bytes, deadline: float, max_body: int
-) -> tuple[bytes, bool]:
-    """A body framed by the end of the connection, read to ``max_body`` bytes."""
-    while len(data) < max_body:
-        chunk = _recv(sock, deadline)
-        if not chunk:
-            return data, True
-        data += chunk
-    return data[:max_body], False
-
-
-def _read_chunked(
-    sock: socket.socket, data: bytes, deadline: float, max_body: int
-) -> tuple[bytes, bool, bytes]:
-    """A chunked body: returns its bytes (to ``max_body``), whether it was read to its end,
-    and any bytes after it."""
-    body = bytearray()
-    while True:
-        line_end = data.find(b"\n")
-        while line_end < 0:
-            if len(data) > 1024:
-                raise ProtocolError("chunk size line too long")
-            data += _recv_more(sock, deadline)
-            line_end = data.find(b"\n")
-        size_text = data[:line_end].split(b";", 1)[0].strip()
-        if not _HEX.fullmatch(size_text):
-            raise ProtocolError(f"invalid chunk size {size_text[:20]!r}")
-        size = int(size_text, 16)
-        data = data[line_end + 1 :]
-        if size == 0:
-            break
-        if len(body) + size > max_body:
-            # Too long: keep what fits, leave the rest unread and the connection dropped.
-            take = max_body - len(body)
-            while len(data) < take:
-                data += _recv_more(sock, deadline)
-            body += data[:take]
-            return bytes(body), False, b""
-        while len(data) < size + 2:
-            data += _recv_more(sock, deadline)
-        if data[size : size + 2] != b"\r\n":
-            raise ProtocolError("a chunk does not end where its size says")
-        body += data[:size]
-        data = data[size + 2 :]
-    # Trailers, then the empty line that ends the message.
-    while True:
-        line_end = data.find(b"\n")
-        while line_end < 0:
-            if len(data) > MAX_HEAD_BYTES:
-                raise ProtocolError("trailers longer than 64 KiB")
-            data += _recv_more(sock, deadline)
-            line_end = data.find(b"\n")
-        line = data[:line_end].rstrip(b"\r")
-        data = data[line_end + 1 :]
-        if not line:
-            return bytes(body), True, data
-
-
-def _recv_more(sock: socket.socket, deadline: float) -> bytes:
-    chunk = _recv(sock, deadline)
-    if not chunk:
-        raise ConnectionResetError("the server closed the connection mid-body")
-    return chunk

@@ -295,6 +295,11 @@ class HTTPTransport:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             what = f"network error talking to {host}"
             return self._failed(what, exc, write_key, authorization)
+        except ValueError as exc:
+            # A host no URL parser or resolver takes (the config's own check refuses it, a
+            # transport called directly may not have): kept and backed off, never raised.
+            why = self._scrub(_short(exc), write_key)
+            return Outcome("config", None, error=f"cannot send to {host!r}: {why}")
         kind = classify(status)
         if self._tokens is not None and status in _TOKEN_REFUSED:
             # The API refused the token (expired, revoked): the next try fetches a new one.
