@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WRITE_KEY
+from conftest import WRITE_KEY, run_python
 from test_transport import OK, RawServer, Script, body_of, make_certificate, read_request
 
 from durable_analytics._transport import HTTPTransport, _answer
@@ -485,3 +485,57 @@ def test_close_while_a_connection_is_being_made_leaves_no_connection_in_the_pool
     thread.join(10.0)
     assert answers == [200]
     assert client.idle_count() == 0
+
+
+def test_a_fork_while_a_request_is_in_flight_shares_no_connection(
+    server_of: Callable[..., RawServer],
+) -> None:
+    """The parent's thread holds a connection mid-request when the process forks: the child
+    sends on a connection of its own, and the parent's answer reaches only the parent."""
+
+    def slow(conn: socket.socket) -> None:
+        time.sleep(0.5)
+        conn.sendall(OK)
+
+    busy = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"
+    script = Script(slow, busy)
+    server = server_of(script)
+    code = f"""
+        import os, threading, time
+        from durable_analytics._transport import HTTPTransport
+        t = HTTPTransport(timeout=5.0)
+        body = b'{{"batch":[],"sentAt":"x"}}'
+        got = []
+        thread = threading.Thread(target=lambda: got.append(t.post({server.url!r}, "k", body)))
+        thread.start()
+        time.sleep(0.2)  # the request is out, its answer not yet
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if t.post({server.url!r}, "k", body).status == 503 else 3)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        thread.join()
+        print(code, got[0].status, t._wire.idle_count())
+    """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "200", "1"]
+    assert (server.connections, len(script.heads)) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"A: x" + b" " * 30_000 + b"y", b"A:" + b" " * 30_000 + b"\rx", b"A:" + b"\t " * 15_000],
+    ids=["spaces-inside", "spaces-then-a-bare-cr", "blanks-only"],
+)
+def test_a_long_header_line_of_blanks_costs_linear_cpu(line: bytes) -> None:
+    """The header pattern must not backtrack over blanks: its CPU is spent in C with the GIL
+    held, where no timeout can stop it (4 s for 30,000 spaces before; 17 s for 60,000)."""
+    head = b"HTTP/1.1 200 OK\r\n" + line
+    started = time.thread_time()
+    try:
+        status, _, headers = _answer._parse_head(head)
+    except _answer.ProtocolError:
+        pass  # the bare CR
+    else:
+        assert (status, headers["a"][:1]) == (200, line[2:].strip()[:1].decode())
+    assert time.thread_time() - started < 0.5

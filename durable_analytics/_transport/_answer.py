@@ -34,8 +34,10 @@ MAX_INTERIM = 32
 _NO_BODY = frozenset({204, 304})
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: [^\r\n]*)?\r?\n")
-#: One header line: a token, a colon, the value without surrounding blanks.
-_FIELD = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*\r?\n", re.MULTILINE)
+#: One header line: a token, a colon, the value (its blanks are stripped in Python: a lazy
+#: value before optional blanks backtracks quadratically on a long line of spaces, seconds
+#: of CPU in C with the GIL held, past any timeout).
+_FIELD = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n]*)\r?\n", re.MULTILINE)
 #: A Content-Length of more digits than this is absurd (and would be slow to convert).
 _MAX_LENGTH_DIGITS = 18
 
@@ -200,7 +202,10 @@ def _parse_head(head: bytes) -> tuple[int, bytes, dict[str, str]]:
     if len(fields) != head.count(b"\n") - 1:
         bad = next(line for line in head.split(b"\n")[1:-1] if not _FIELD.match(line + b"\n"))
         raise ProtocolError(f"malformed header line {bad[:80]!r}")
-    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in fields}
+    headers = {
+        name.decode("latin-1").lower(): value.strip(b" \t").decode("latin-1")
+        for name, value in fields
+    }
     if len(headers) != len(fields):
         headers = _merge_fields(fields)
     return int(status.group(2)), status.group(1), headers
@@ -212,7 +217,7 @@ def _merge_fields(fields: list[tuple[bytes, bytes]]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in fields:
         key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
+        text = value.strip(b" \t").decode("latin-1")
         previous = headers.get(key)
         if previous is None:
             headers[key] = text
