@@ -11,7 +11,10 @@ a process of its own), and reports the per-call latency p50 / p99 / p99.9 / max 
 - durable-analytics with the flusher thread delivering, with ``flusher="process"``, and with
   ``durability="full"`` (flusher thread);
 - segment-analytics-python 2.4.0's bare call (``send=False``) and its call with its consumer
-  delivering.
+  delivering;
+- the floor of any queue that commits each call to a SQLite file: one raw ``sqlite3``
+  ``INSERT`` in autocommit of a same-size serialized message (WAL, ``synchronous=NORMAL``),
+  with no checkpoint at all, no other process and no Python of ours around it.
 
 Targets (issue 10): ``flusher="none"`` p99.9 at most 2x the peer's bare call; the flusher
 thread's p99.9 at most the peer delivering. The machine is shared: read ratios of one run.
@@ -47,6 +50,7 @@ VARIANTS = [
     "durable full (thread)",
     "segment bare (send=False)",
     "segment delivering",
+    "raw sqlite3 append (floor)",
 ]
 
 
@@ -111,6 +115,26 @@ def _timed_calls(track: Any, calls: int) -> tuple[list[int], list[int] | None]:
     return samples, waits
 
 
+def _raw_append(path: Path) -> Any:
+    """A track-shaped function that only serializes and commits one row: the storage floor.
+
+    No checkpoint ever runs (the log only grows), so what its tail shows is the cost of the
+    commit itself on this machine's disk and scheduler, not of keeping the file bounded.
+    """
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+
+    def track(user_id: str, event: str, properties: dict[str, Any]) -> None:
+        body = {"type": "track", "userId": user_id, "event": event, "properties": properties}
+        conn.execute("INSERT INTO messages (body) VALUES (?)", (encode(body).encode(),))
+
+    return track
+
+
 def run_variant(variant: str, calls: int, url: str) -> dict[str, float]:
     """Run one variant in this (fresh) process; its percentiles in ms."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
@@ -128,6 +152,9 @@ def run_variant(variant: str, calls: int, url: str) -> dict[str, float]:
             for consumer in peer.consumers or []:
                 consumer.pause()
             return _percentiles(samples, waits)
+
+        if variant.startswith("raw sqlite3"):
+            return _percentiles(*_timed_calls(_raw_append(workdir / "raw.sqlite3"), calls))
 
         import durable_analytics
 
@@ -224,6 +251,10 @@ def main() -> None:
         "none p99.9 / segment bare p99.9 (target <= 2)": none / bare,
         "thread p99.9 / segment delivering p99.9 (target <= 1)": thread / delivering,
     }
+    floor = best["raw sqlite3 append (floor)"]["p99.9"]
+    # How far the floor itself is from the peer's in-memory call, and we from the floor.
+    ratios["raw sqlite3 floor p99.9 / segment bare p99.9"] = floor / bare
+    ratios["none p99.9 / raw sqlite3 floor p99.9"] = none / floor
     if all("cpu-q p99.9" in best[v] for v in VARIANTS):
         # The same ratios without the time each call waited for a CPU (other processes).
         own = {v: best[v]["cpu-q p99.9"] for v in VARIANTS}
