@@ -243,13 +243,21 @@ class Deliverer:
         if follow is None or len(ids) != len(lease.ids):
             self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
             return
-        _, follow.lease = self.queue.ack_and_lease(
-            lease,
-            self.batch_messages * follow.batches,
-            self._budget() * follow.batches,
-            destination=follow.destination,
-            up_to_id=follow.up_to_id,
-        )
+        try:
+            _, follow.lease = self.queue.ack_and_lease(
+                lease,
+                self.batch_messages * follow.batches,
+                self._budget() * follow.batches,
+                destination=follow.destination,
+                up_to_id=follow.up_to_id,
+            )
+        except QueueError as exc:
+            # The step is one transaction: its lease half failing (a full disk, a deadline)
+            # undid the ack too. The server has the batch, so ack it alone; a lost ack here
+            # would send it again, a duplicate without a fault. The caller leases as usual.
+            log.debug("acking the batch alone: leasing the next in its step failed: %s", exc)
+            self.queue.ack(lease)
+            return
         follow.taken = True
 
     def give_back(self, lease: Lease) -> None:

@@ -21,6 +21,7 @@ from durable_analytics._drain import deliver_until, drain_lock, drain_queue
 from durable_analytics._store import QueueBackend
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport.base import Transport
+from durable_analytics.exceptions import QueueDiskFull
 from durable_analytics.testing import RecordingTransport, SentBatch
 
 HOST = "https://collector.test"
@@ -230,6 +231,35 @@ def test_a_failed_batch_is_not_followed_and_the_next_pass_delivers_the_rest(
     assert transport.message_ids() == dict.fromkeys(ids, 1)  # accepted once each
     assert transport.requests == 4  # the 500's batch was sent again, once
     assert queue.pending() == 0
+
+
+class LeaseHalfFails(Counted):
+    """The real queue, whose first combined ack-and-lease step fails and is undone whole,
+    as a full disk in its lease half rolls back its ack too."""
+
+    def ack_and_lease(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls["ack_and_lease"] += 1
+        if self.calls["ack_and_lease"] == 1:
+            raise QueueDiskFull("disk full while leasing the next batch (test)")
+        return self.queue.ack_and_lease(*args, **kwargs)
+
+
+def test_a_failed_lease_half_of_the_step_still_acks_the_delivered_batch(
+    queue: Queue,
+) -> None:
+    """The server took the batch: when the step that acks it and leases the next fails,
+    the batch is acked alone, so it is never sent twice; everything arrives once."""
+    ids = fill(queue, 30)
+    failing = LeaseHalfFails(queue)
+    transport = RecordingTransport()
+    deliverer = make_deliverer(Config.for_delivery(flush_at=10), failing, transport)  # type: ignore[arg-type]
+    result = deliver_until(failing, deliverer)  # type: ignore[arg-type]
+    assert (result.sent, result.left) == (30, 0)
+    assert transport.message_ids() == dict.fromkeys(ids, 1)  # received once each
+    assert transport.requests == 3
+    assert failing.calls["ack"] == 1  # the first batch, acked on its own
+    assert queue.pending() == 0
+    assert queue.live_leases() == 0
 
 
 def test_only_one_holder_gets_the_drain_lock(queue_path: Path) -> None:
