@@ -584,3 +584,9 @@ def test_close_racing_many_threads_loses_and_duplicates_no_batch(collector: Coll
     transport.close()
     assert transport._wire is not None
     assert transport._wire.idle_count() == 0
+
+
+def test_port_0_is_refused_not_read_as_the_default_port() -> None:
+    with pytest.raises(ValueError, match="port 0"):
+        origin_of("http://127.0.0.1:0/v1/batch")
+    assert origin_of("http://127.0.0.1/v1/batch").port == 80

@@ -83,7 +83,9 @@ def origin_of(url: str) -> Origin:
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS or not parts.hostname:
         raise ValueError(f"not an http:// or https:// URL: {url!r}")
-    port = parts.port or _DEFAULT_PORTS[scheme]
+    port = _DEFAULT_PORTS[scheme] if parts.port is None else parts.port
+    if port == 0:  # never the scheme's default port in its place
+        raise ValueError(f"URL {url!r} names port 0")
     netloc = parts.netloc.rsplit("@", 1)[-1]
     bracketed = netloc.startswith("[")
     host = unquote(parts.hostname) if bracketed else parts.hostname
