@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -31,19 +31,17 @@ from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT
 from durable_analytics._store.base import (
     CLOCK_JUMP_MARGIN,
     MAX_BACKOFF_SECONDS,
-    DeadLetter,
     Destination,
     Lease,
-    QueueStats,
 )
 from durable_analytics.exceptions import ConfigError, QueueError
 
-from . import _inspect
 from . import _sql as q
 from ._caps import Caps
 from ._conn import Connection, Pool, parse_url, psycopg, translate
 from ._holders import Presence
 from ._outbox import DBAPIConnection, Outbox
+from ._reads import QueueReads
 from ._schema import ROW_OVERHEAD, Sql, migrate
 from ._window import StoredWindow
 
@@ -59,7 +57,7 @@ def _local(delta: float | None) -> float | None:
     return None if delta is None else time.time() + float(delta)
 
 
-class PostgresQueue:
+class PostgresQueue(QueueReads):
     """A durable message queue in PostgreSQL, shared by every process of every host.
 
     ``url`` is a libpq URL (``postgresql://user:password@host:5432/dbname``), optionally
@@ -468,14 +466,6 @@ class PostgresQueue:
             self._caps.bound_dead_letters()
         return int(moved)
 
-    def dead_letters_purged(self) -> int:
-        """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""
-        return self._counter("dead_letters_purged")
-
-    def _counter(self, name: str) -> int:
-        row = self._tx(lambda c: c.execute(self._sql(q.COUNTER), (name,))).fetchone()
-        return int(row[0]) if row else 0
-
     # ---------------------------------------------------------------- backoff
 
     def set_backoff(self, dest_id: int, until: float, error: str | None = None) -> None:
@@ -556,63 +546,3 @@ class PostgresQueue:
             return ended + (int(row[0]) if row else 0)
 
         return self._tx(run)
-
-    # ---------------------------------------------------------------- inspection
-
-    def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
-        """How many messages are not yet delivered (leased or not)."""
-        params = {"top": up_to_id if up_to_id is not None else (1 << 62), "dest": destination}
-        row = self._tx(lambda c: c.execute(self._sql(q.PENDING), params)).fetchone()
-        return int(row[0]) if row else 0
-
-    def max_id(self) -> int:
-        """The id of the newest message (0 when empty)."""
-        row = self._tx(lambda c: c.execute(self._sql(q.MAX_ID))).fetchone()
-        return int(row[0]) if row else 0
-
-    def live_leases(self) -> int:
-        """How many leases are held right now (by anyone, on any host)."""
-        row = self._tx(lambda c: c.execute(self._sql(q.LIVE_LEASES))).fetchone()
-        return int(row[0]) if row else 0
-
-    def bodies(self) -> list[bytes]:
-        """Every pending message body, oldest first (for tests and tools)."""
-        rows = self._tx(lambda c: c.execute(self._sql(q.BODIES))).fetchall()
-        return [bytes(r[0]) for r in rows]
-
-    def stats(self) -> QueueStats:
-        """Counts and health of the queue, from one snapshot (see ``QueueStats``)."""
-        return _inspect.stats(self._tx, self._sql, self.identity)
-
-    def table_health(self) -> dict[str, Any]:
-        """Dead rows, size and vacuum times of the message table, and the oldest snapshot.
-
-        A queue's table fills with dead rows (each message leaves one per lease and one per
-        delete) that only VACUUM reclaims, and VACUUM cannot reclaim past the oldest open
-        snapshot of the whole server (a long transaction, ``pg_dump``, an idle-in-transaction
-        session). ``status`` shows these numbers; ``docs/POSTGRESQL.md`` says what to do.
-        """
-        return _inspect.table_health(self._tx, self.target.schema)
-
-    # ---------------------------------------------------------------- dead letters
-
-    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
-        """The dead letters (all, or those with ``ids``), oldest first."""
-        params = {"all": ids is None, "ids": list(ids or ())}
-        rows = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTERS), params)).fetchall()
-        return [DeadLetter.from_row(row) for row in rows]
-
-    def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
-        """Put dead letters (all, or ``ids``) back in the queue; returns how many."""
-        return self._move_dead(ids, q.REQUEUE_DEAD)
-
-    def purge_dead_letters(self, ids: Sequence[int] | None = None) -> int:
-        """Delete dead letters (all, or ``ids``) for good; returns how many."""
-        return self._move_dead(ids, q.PURGE_DEAD)
-
-    def _move_dead(self, ids: Sequence[int] | None, statement: str) -> int:
-        if ids is not None and not ids:
-            return 0
-        params = {"all": ids is None, "ids": list(ids or ())}
-        row = self._tx(lambda c: c.execute(self._sql(statement), params)).fetchone()
-        return int(row[0]) if row else 0
