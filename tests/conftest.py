@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _postgres import Cluster, ServerUnavailable, unique_schema
+from _rawserver import RawServer
 
 from durable_analytics import _pipeline
 from durable_analytics.testing import Collector
@@ -179,3 +180,18 @@ def pg_dsn() -> Iterator[str]:
 def pg_schema() -> str:
     """A schema name of this test's own, so its queue tables start empty."""
     return unique_schema()
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[..., RawServer]]:
+    """Make ``RawServer``s (``raw_server(handler, tls=..., host=...)``), stopped at the end."""
+    servers: list[RawServer] = []
+
+    def make(handler: Callable[[socket.socket], None], **kwargs: Any) -> RawServer:
+        server = RawServer(handler, **kwargs)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

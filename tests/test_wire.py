@@ -14,31 +14,18 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _rawserver import RawServer, make_certificate, read_request
 from conftest import WRITE_KEY, run_python
-from test_transport import OK, RawServer, Script, body_of, make_certificate, read_request
+from test_transport import OK, Script, body_of
 
 from durable_analytics._transport import HTTPTransport, _answer
 from durable_analytics._transport._wire import WireClient, origin_of
 from durable_analytics.testing import Collector
-
-
-@pytest.fixture
-def server_of() -> Iterator[Callable[..., RawServer]]:
-    servers: list[RawServer] = []
-
-    def make(handler: Callable[[socket.socket], None], **kwargs: Any) -> RawServer:
-        server = RawServer(handler, **kwargs)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 def hold_open(conn: socket.socket) -> None:
@@ -52,7 +39,7 @@ def hold_open(conn: socket.socket) -> None:
 
 
 def test_the_timeout_bounds_the_whole_exchange_when_the_send_used_most_of_it(
-    server_of: Callable[..., RawServer],
+    raw_server: Callable[..., RawServer],
 ) -> None:
     """A server that reads the request slowly, then never answers: the wait for the answer
     gets only what the send left of the timeout, not the timeout again."""
@@ -61,7 +48,7 @@ def test_the_timeout_bounds_the_whole_exchange_when_the_send_used_most_of_it(
         time.sleep(1.6)  # the client's send blocks on full buffers meanwhile
         hold_open(conn)
 
-    server = server_of(slow_reader)
+    server = raw_server(slow_reader)
     started = time.monotonic()
     outcome = HTTPTransport(timeout=2.0).post(server.url, WRITE_KEY, b"x" * (32 << 20))
     elapsed = time.monotonic() - started
@@ -71,7 +58,7 @@ def test_the_timeout_bounds_the_whole_exchange_when_the_send_used_most_of_it(
 
 
 def test_an_endless_flood_of_interim_answers_is_refused_before_the_timeout(
-    server_of: Callable[..., RawServer],
+    raw_server: Callable[..., RawServer],
 ) -> None:
     def flood(conn: socket.socket) -> None:
         read_request(conn)
@@ -79,14 +66,14 @@ def test_an_endless_flood_of_interim_answers_is_refused_before_the_timeout(
             conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 100)
             time.sleep(0.01)
 
-    server = server_of(flood)
+    server = raw_server(flood)
     outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("retry", None)
     assert "more than 32 interim (1xx) answers" in outcome.error
 
 
 def test_endless_trailers_end_the_answer_at_64_kb_not_at_the_timeout(
-    server_of: Callable[..., RawServer],
+    raw_server: Callable[..., RawServer],
 ) -> None:
     """A chunked 200 whose trailer lines never end: the status stands (the server took the
     batch), the body is unreadable, and the caller is not held to its timeout."""
@@ -98,7 +85,7 @@ def test_endless_trailers_end_the_answer_at_64_kb_not_at_the_timeout(
             conn.sendall(b"X-More: yes\r\n" * 100)
             time.sleep(0.005)
 
-    server = server_of(trailers)
+    server = raw_server(trailers)
     outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("ok", 200)
     assert outcome.excerpt == "<unreadable response body: ProtocolError>"  # not TimeoutError
@@ -156,10 +143,10 @@ def test_an_answer_sent_a_byte_at_a_time_costs_linear_cpu(answer: bytes) -> None
     ids=["endless-status-line", "endless-headers", "one-100-kb-header"],
 )
 def test_a_head_over_64_kb_is_refused_whole(
-    server_of: Callable[..., RawServer], answer: bytes
+    raw_server: Callable[..., RawServer], answer: bytes
 ) -> None:
     """Sent at once: the cap holds at 64 KiB, not at 64 KiB plus one more read."""
-    server = server_of(Script(answer))
+    server = raw_server(Script(answer))
     outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("retry", None)
     assert outcome.error.endswith("malformed answer: the head is longer than 64 KiB")
@@ -181,13 +168,13 @@ def test_a_head_over_64_kb_is_refused_whole(
     ],
 )
 def test_a_2xx_with_an_invalid_content_length_is_discarded_not_acknowledged(
-    server_of: Callable[..., RawServer], length: bytes
+    raw_server: Callable[..., RawServer], length: bytes
 ) -> None:
     """RFC 9112 §6.3: an answer whose length cannot be known is discarded, its connection
     closed; the batch is retried (the queue's decision), never counted as delivered."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\n" + b"x" * 5
     script = Script(answer, OK)
-    server = server_of(script)
+    server = raw_server(script)
     transport = HTTPTransport(timeout=5.0)
     outcome = transport.post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("retry", None)
@@ -203,11 +190,11 @@ def test_a_2xx_with_an_invalid_content_length_is_discarded_not_acknowledged(
     ids=["list", "repeated"],
 )
 def test_the_same_content_length_given_twice_is_one_length(
-    server_of: Callable[..., RawServer], lengths: bytes
+    raw_server: Callable[..., RawServer], lengths: bytes
 ) -> None:
     answer = b"HTTP/1.1 200 OK\r\n" + lengths + b"\r\n" + b'{"success":true}'
     script = Script(answer, OK)
-    server = server_of(script)
+    server = raw_server(script)
     transport = HTTPTransport(timeout=5.0)
     outcome = transport.post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.excerpt) == ("ok", '{"success":true}')
@@ -227,12 +214,12 @@ def test_the_same_content_length_given_twice_is_one_length(
     ids=["content-length-and-chunked", "chunked-in-http/1.0"],
 )
 def test_ambiguous_framing_is_read_by_transfer_encoding_and_the_connection_dropped(
-    server_of: Callable[..., RawServer], answer: bytes
+    raw_server: Callable[..., RawServer], answer: bytes
 ) -> None:
     """RFC 9112 §6.1, §6.3: Transfer-Encoding wins, and a connection whose framing two
     parties could read two ways (request smuggling) carries nothing more."""
     script = Script(answer, OK)
-    server = server_of(script)
+    server = raw_server(script)
     transport = HTTPTransport(timeout=5.0)
     outcome = transport.post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.excerpt) == ("ok", "{}")
@@ -247,12 +234,12 @@ def test_ambiguous_framing_is_read_by_transfer_encoding_and_the_connection_dropp
     ids=["negative", "plus", "0x", "two-numbers", "over-64-bits", "empty"],
 )
 def test_an_invalid_chunk_size_makes_the_body_unreadable_and_drops_the_connection(
-    server_of: Callable[..., RawServer], size: bytes
+    raw_server: Callable[..., RawServer], size: bytes
 ) -> None:
     """The head came whole, so its status stands; the body and the connection do not."""
     answer = b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nxxxxx\r\n"
     script = Script(answer, OK)
-    server = server_of(script)
+    server = raw_server(script)
     transport = HTTPTransport(timeout=5.0)
     outcome = transport.post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status) == ("retry", 503)
@@ -263,11 +250,11 @@ def test_an_invalid_chunk_size_makes_the_body_unreadable_and_drops_the_connectio
 
 
 def test_a_head_ending_in_bare_line_feeds_is_read_even_if_the_body_holds_crlf_crlf(
-    server_of: Callable[..., RawServer],
+    raw_server: Callable[..., RawServer],
 ) -> None:
     """The first blank line ends the head, whichever way the server ends its lines."""
     answer = b"HTTP/1.1 503 Busy\nContent-Length: 8\n\nX: 1\r\n\r\n"
-    server = server_of(Script(answer))
+    server = raw_server(Script(answer))
     outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, body_of("m1"))
     assert (outcome.kind, outcome.status, outcome.excerpt) == ("retry", 503, "X: 1\r\n\r\n")
 
@@ -277,7 +264,7 @@ def test_a_head_ending_in_bare_line_feeds_is_read_even_if_the_body_holds_crlf_cr
 
 @pytest.mark.parametrize("when", ["with-the-answer", "while-idle"])
 def test_a_stray_answer_on_a_kept_alive_connection_is_never_read_as_the_next_one(
-    server_of: Callable[..., RawServer], when: str
+    raw_server: Callable[..., RawServer], when: str
 ) -> None:
     """Bytes the server sends beyond its answer (at once, or later while the connection
     waits in the pool) would be read as the next batch's answer: a 400 would dead-letter
@@ -295,7 +282,7 @@ def test_a_stray_answer_on_a_kept_alive_connection_is_never_read_as_the_next_one
         sent.set()
 
     script = Script(first, OK)
-    server = server_of(script)
+    server = raw_server(script)
     transport = HTTPTransport(timeout=5.0)
     assert transport.post(server.url, WRITE_KEY, body_of("m1")).ok
     assert sent.wait(2.0)
@@ -308,7 +295,7 @@ def test_a_stray_answer_on_a_kept_alive_connection_is_never_read_as_the_next_one
 
 @pytest.mark.parametrize("part", [b"", OK[:40], OK[:-3]], ids=["nothing", "half-head", "half-body"])
 def test_an_answer_arriving_after_its_timeout_is_never_read_as_the_next_batchs(
-    server_of: Callable[..., RawServer], part: bytes
+    raw_server: Callable[..., RawServer], part: bytes
 ) -> None:
     """The first batch times out (after part of its answer, or none); its answer then
     arrives. The second batch goes on a new connection and gets its own answer (503), never
@@ -323,7 +310,7 @@ def test_an_answer_arriving_after_its_timeout_is_never_read_as_the_next_batchs(
 
     busy = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"
     script = Script(slow, busy)
-    server = server_of(script)
+    server = raw_server(script)
     transport = HTTPTransport(timeout=0.3)
     first = transport.post(server.url, WRITE_KEY, body_of("m1"))
     # Half a body after a whole head: the 200 stands (the server took the batch).
@@ -336,7 +323,7 @@ def test_an_answer_arriving_after_its_timeout_is_never_read_as_the_next_batchs(
 
 
 def test_an_early_answer_to_a_request_not_read_whole_is_the_outcome_and_not_resent(
-    server_of: Callable[..., RawServer],
+    raw_server: Callable[..., RawServer],
 ) -> None:
     """A server answers 413 after the head and closes: the write fails, the 413 is read,
     and the batch is not sent again on a new connection."""
@@ -347,7 +334,7 @@ def test_an_early_answer_to_a_request_not_read_whole_is_the_outcome_and_not_rese
             data += conn.recv(65536)
         conn.sendall(b"HTTP/1.1 413 Too Large\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbig")
 
-    server = server_of(early)
+    server = raw_server(early)
     outcome = HTTPTransport(timeout=5.0).post(server.url, WRITE_KEY, b"x" * (32 << 20))
     assert (outcome.kind, outcome.status, outcome.excerpt) == ("reject", 413, "big")
     time.sleep(0.1)  # a resend would have connected by now
@@ -358,10 +345,10 @@ def test_an_early_answer_to_a_request_not_read_whole_is_the_outcome_and_not_rese
 
 
 def test_a_write_key_with_line_breaks_cannot_add_a_header(
-    server_of: Callable[..., RawServer],
+    raw_server: Callable[..., RawServer],
 ) -> None:
     script = Script(OK)
-    server = server_of(script)
+    server = raw_server(script)
     key = "key\r\nX-Injected: 1\r\n"
     assert HTTPTransport(timeout=5.0).post(server.url, key, body_of("m1")).ok
     [head] = script.heads
@@ -382,12 +369,12 @@ def test_a_write_key_with_line_breaks_cannot_add_a_header(
     ids=["port", "path", "query", "next-line"],
 )
 def test_a_host_with_line_breaks_cannot_add_a_header(
-    server_of: Callable[..., RawServer], suffix: str
+    raw_server: Callable[..., RawServer], suffix: str
 ) -> None:
     """Our client refuses such a URL (the config refuses such a host first); the urllib3
     route it then falls to escapes the line break into the path."""
     script = Script(OK, OK)
-    server = server_of(script)
+    server = raw_server(script)
     HTTPTransport(timeout=2.0).post(server.url + suffix, WRITE_KEY, body_of("m1"))
     time.sleep(0.05)
     for head in script.heads:
@@ -412,7 +399,7 @@ def test_a_host_no_resolver_takes_is_a_configuration_outcome_never_an_exception(
         assert outcome.error.startswith(f"cannot send to {host!r}")
 
 
-def test_an_https_url_never_falls_back_to_plaintext(server_of: Callable[..., RawServer]) -> None:
+def test_an_https_url_never_falls_back_to_plaintext(raw_server: Callable[..., RawServer]) -> None:
     """A plaintext server on an https URL gets a TLS hello, never the request or the key."""
     received: list[bytes] = []
 
@@ -421,7 +408,7 @@ def test_an_https_url_never_falls_back_to_plaintext(server_of: Callable[..., Raw
         received.append(conn.recv(65536))
         conn.sendall(OK)
 
-    server = server_of(plaintext)
+    server = raw_server(plaintext)
     url = f"https://127.0.0.1:{server.port}"
     for verify in (True, False):
         outcome = HTTPTransport(timeout=2.0, verify=verify).post(url, WRITE_KEY, body_of("m1"))
@@ -435,7 +422,7 @@ def test_an_https_url_never_falls_back_to_plaintext(server_of: Callable[..., Raw
 
 
 def test_tls_sends_the_host_name_and_checks_it(
-    tmp_path: Path, server_of: Callable[..., RawServer]
+    tmp_path: Path, raw_server: Callable[..., RawServer]
 ) -> None:
     cert, key = make_certificate(tmp_path, "localhost")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -447,7 +434,7 @@ def test_tls_sends_the_host_name_and_checks_it(
 
     context.sni_callback = record
     script = Script(OK)
-    server = server_of(script, tls=context)
+    server = raw_server(script, tls=context)
     outcome = HTTPTransport(timeout=5.0, verify=str(cert)).post(
         f"https://localhost:{server.port}", WRITE_KEY, body_of("m1")
     )
@@ -459,7 +446,7 @@ def test_tls_sends_the_host_name_and_checks_it(
 
 
 def test_close_while_a_connection_is_being_made_leaves_no_connection_in_the_pool(
-    tmp_path: Path, server_of: Callable[..., RawServer]
+    tmp_path: Path, raw_server: Callable[..., RawServer]
 ) -> None:
     """``close()`` during a slow TLS handshake: that connection carries its request, then
     is closed, not kept after the close."""
@@ -474,7 +461,7 @@ def test_close_while_a_connection_is_being_made_leaves_no_connection_in_the_pool
         with context.wrap_socket(conn, server_side=True) as tls:
             Script(OK)(tls)
 
-    server = server_of(handshake_after_close)
+    server = raw_server(handshake_after_close)
     client = WireClient(tls=lambda: ssl.create_default_context(cafile=str(cert)))
     origin = origin_of(f"https://localhost:{server.port}/v1/batch")
     answers: list[int] = []
@@ -495,7 +482,7 @@ def test_close_while_a_connection_is_being_made_leaves_no_connection_in_the_pool
 
 
 def test_a_fork_while_a_request_is_in_flight_shares_no_connection(
-    server_of: Callable[..., RawServer],
+    raw_server: Callable[..., RawServer],
 ) -> None:
     """The parent's thread holds a connection mid-request when the process forks: the child
     sends on a connection of its own, and the parent's answer reaches only the parent."""
@@ -506,7 +493,7 @@ def test_a_fork_while_a_request_is_in_flight_shares_no_connection(
 
     busy = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"
     script = Script(slow, busy)
-    server = server_of(script)
+    server = raw_server(script)
     code = f"""
         import os, threading, time
         from durable_analytics._transport import HTTPTransport

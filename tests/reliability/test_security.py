@@ -23,7 +23,6 @@ import os
 import pkgutil
 import re
 import shlex
-import shutil
 import socket
 import sqlite3
 import ssl
@@ -37,6 +36,7 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
+from _rawserver import make_certificate
 from click.testing import CliRunner, Result
 from conftest import WRITE_KEY
 
@@ -1197,38 +1197,6 @@ def test_tls_to_a_plain_http_port_fails_and_keeps_the_messages(
     assert "TLS error" in status.stdout
 
 
-def _openssl_cert(directory: Path, name: str) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            f"subjectAltName=DNS:{name}",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 class TLSFront:
     """TLS termination in front of the plain Collector, with a given certificate."""
 
@@ -1287,7 +1255,7 @@ def tls_front(tmp_path: Path, collector: Collector) -> Iterator[Callable[[str], 
     fronts: list[TLSFront] = []
 
     def make(name: str) -> TLSFront:
-        cert, key = _openssl_cert(tmp_path, name)
+        cert, key = make_certificate(tmp_path, name)
         front = TLSFront(collector.port, cert, key)
         fronts.append(front)
         return front
