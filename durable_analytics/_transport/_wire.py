@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
 from ._answer import MAX_HEAD_BYTES, ProtocolError, Response, read_response, remaining
+from ._resolve import Resolver
 
 __all__ = [
     "MAX_HEAD_BYTES",
@@ -185,6 +186,7 @@ class WireClient:
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._generation = 0
         self._pid = os.getpid()
+        self._resolver = Resolver()
         weakref.finalize(self, _close_idle, self._idle)
 
     @property
@@ -253,7 +255,7 @@ class WireClient:
         # (a TLS handshake can take seconds) must close it when its request ends too.
         with self._lock:
             generation = self._generation
-        sock = _open_socket(origin.host, origin.port, deadline)
+        sock = _open_socket(origin.host, origin.port, deadline, self._resolver)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if origin.scheme == "https":
@@ -334,14 +336,17 @@ class _SendFailed(Exception):
         self.error = error
 
 
-def _open_socket(host: str, port: int, deadline: float) -> socket.socket:
+def _open_socket(host: str, port: int, deadline: float, resolver: Resolver) -> socket.socket:
     """A TCP connection to the first address of ``host`` that answers, by ``deadline``.
 
-    Each address gets what is left of the deadline (at most 10 s), not a fresh timeout of
-    its own: a name with several dead addresses cannot stretch the request.
+    The name lookup ends by the deadline too (``_resolve``), and each address gets what is
+    left of it (at most 10 s), not a fresh timeout of its own: a name with several dead
+    addresses cannot stretch the request.
     """
     try:
-        addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        addresses = resolver.addresses(host, port, deadline)
+    except TimeoutError:
+        raise
     except OSError as exc:  # an unknown name (one that is not a name: ValueError)
         raise ConnectError(str(exc)) from exc
     error: OSError = ConnectError(f"no address for {host!r}")

@@ -31,6 +31,7 @@ from durable_analytics._oauth import OAuthSettings, TokenSource, urllib3_poster
 from durable_analytics._version import __version__
 from durable_analytics.exceptions import ConfigurationRejected, DeliveryError
 
+from ._resolve import LookupTimeout
 from ._wire import ConnectError, Origin, ProtocolError, WireClient, make_tls_context, origin_of
 from .base import Outcome, Target, classify, one_line, parse_rate_limit_reset, parse_retry_after
 
@@ -290,8 +291,10 @@ class HTTPTransport:
             # A subclass of ConnectTimeoutError in urllib3, but a refused connection or an
             # unknown host is not a timeout: say what happened.
             return self._failed(f"cannot connect to {host}", exc, write_key, authorization)
+        except LookupTimeout as exc:
+            return Outcome("retry", None, error=f"timed out on {host}: {exc}")
         except (urllib3.exceptions.TimeoutError, TimeoutError):
-            return Outcome("retry", None, error=f"timed out after {read_timeout:g}s on {host}")
+            return Outcome("retry", None, error=f"timed out after {read_timeout:.3g}s on {host}")
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             what = f"network error talking to {host}"
             return self._failed(what, exc, write_key, authorization)
