@@ -27,12 +27,19 @@ def _file_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
+def _wal_salt(path: Path) -> bytes:
+    """The salts of the ``-wal``'s header: a restart of the log writes new ones."""
+    with open(f"{path}-wal", "rb") as f:  # the -wal carries no lock of SQLite's
+        return f.read(24)[16:24]
+
+
 def test_producer_appends_leave_the_checkpoint_to_the_delivering_connection(
     tmp_path: Path,
 ) -> None:
     """Appends past the normal checkpoint size do not checkpoint on the caller's thread;
     the first lease/ack (a flusher's connection, here another thread) does, and the next
-    append then restarts the log and truncates it to ``journal_size_limit``."""
+    append then restarts the log in the file it keeps: no truncation on the caller's
+    thread. An idle poll of the delivering side then gives the file's space back."""
     path = tmp_path / "q.sqlite3"
     q = Queue(path, max_queue_bytes=64 * 1024 * 1024)
     budget = q.wal_budget
@@ -45,6 +52,7 @@ def test_producer_appends_leave_the_checkpoint_to_the_delivering_connection(
         q.append(dest, body_of_size(i, 200))
     grown = wal_bytes(path)
     assert grown > budget.normal_pages * frame  # nobody checkpointed on the call path
+    salt = _wal_salt(path)
 
     def deliver() -> None:
         lease = q.lease(20, 500_000)
@@ -55,8 +63,56 @@ def test_producer_appends_leave_the_checkpoint_to_the_delivering_connection(
     t.start()
     t.join()
     q.append(dest, body_of_size(n, 200))
-    assert wal_bytes(path) <= budget.size_limit
+    assert _wal_salt(path) != salt  # the append restarted the log...
+    assert grown <= wal_bytes(path) <= budget.keep_limit  # ...in the file it kept
     assert q.pending() == n + 1 - 20
+
+    def drain_then_poll() -> None:
+        while (lease := q.lease(20, 500_000)) is not None:
+            q.ack(lease)
+        assert q.ready_summary(20)[0] == 0
+
+    t = threading.Thread(target=drain_then_poll)
+    t.start()
+    t.join()
+    assert wal_bytes(path) == 0  # idle: the file was given back
+    assert q.pending() == 0
+    q.close()
+
+
+def test_an_idle_poll_gives_the_wal_back_at_most_once_a_while_and_never_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle TRUNCATE checkpoint runs only when the file is past its normal size, at
+    most every ``SHRINK_EVERY``, and gives up at once when a reader of an older snapshot
+    is in the way (the file stays; nothing is lost; the next idle poll tries again)."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path)
+    budget = q.wal_budget
+    dest = q.destination(HOST, KEY)
+    conn = grow_the_log(q, dest, budget.normal_pages * 2)
+    assert wal_bytes(path) > budget.size_limit
+    monkeypatch.setattr(queue_module, "SHRINK_EVERY", 3600.0)
+    checkpoints: list[str] = []
+    conn.set_trace_callback(
+        lambda sql: checkpoints.append(sql) if "wal_checkpoint" in sql else None
+    )
+    reader = sqlite3.connect(str(path))
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM messages").fetchone()  # an older snapshot
+    q.set_backoff(dest, time.time() + 300, "503")  # nothing ready: the polls are idle
+    for _ in range(5):
+        assert q.ready_summary(20)[0] == 0
+    assert checkpoints == ["PRAGMA wal_checkpoint(TRUNCATE)"]  # once, not on every poll
+    assert wal_bytes(path) > budget.size_limit  # the reader kept it; the poll returned
+    reader.execute("COMMIT")
+    reader.close()
+    monkeypatch.setattr(queue_module, "SHRINK_EVERY", 0.0)
+    assert q.ready_summary(20)[0] == 0
+    conn.set_trace_callback(None)
+    assert len(checkpoints) == 2
+    assert wal_bytes(path) == 0
+    assert q.pending() == budget.normal_pages * 2
     q.close()
 
 
@@ -254,26 +310,30 @@ def grow_the_log(q: Queue, dest: int, messages: int) -> sqlite3.Connection:
     return conn
 
 
-def test_a_log_truncated_back_to_its_limit_is_not_checkpointed_after_every_lease_and_ack(
-    tmp_path: Path,
+def test_a_restarted_log_in_a_long_file_is_not_checkpointed_after_every_lease_and_ack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once a checkpoint has reset the ``-wal`` and the next commit truncated it back to
-    ``journal_size_limit``, the file's size *equals* the limit while the log holds only a
-    few frames: leases and acks go on without checkpointing until the log really outgrows
-    the normal size again (each PASSIVE checkpoint costs fsyncs; counted, not timed)."""
+    """Once a checkpoint has reset the ``-wal`` and the next commit restarted it, the file
+    keeps its size (past the normal size) while the log holds only a few frames: leases
+    and acks go on without checkpointing after each one, only after another normal size of
+    log or ``CHECKPOINT_EVERY`` (counted, with the interval made long)."""
+    monkeypatch.setattr(queue_module, "CHECKPOINT_EVERY", 3600.0)
     path = tmp_path / "q.sqlite3"
     q = Queue(path)
     budget = q.wal_budget
     dest = q.destination(HOST, KEY)
     # Grow the log well past the normal size in one transaction, then let a lease/ack
-    # checkpoint it and the next commit restart and truncate it.
+    # checkpoint it and the next commit restart it.
     conn = grow_the_log(q, dest, budget.normal_pages * 2)
-    assert wal_bytes(path) > budget.size_limit
+    grown = wal_bytes(path)
+    assert grown > budget.size_limit
+    salt = _wal_salt(path)
     for _ in range(2):
         lease = q.lease(20, 500_000)
         assert lease is not None
         q.ack(lease)
-    assert wal_bytes(path) == budget.size_limit  # truncated back to the limit, not below
+    assert _wal_salt(path) != salt  # restarted...
+    assert wal_bytes(path) >= grown  # ...in the file it kept: not cut back
     checkpoints: list[str] = []
     conn.set_trace_callback(
         lambda sql: checkpoints.append(sql) if "wal_checkpoint" in sql else None

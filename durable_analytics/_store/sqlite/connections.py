@@ -254,7 +254,7 @@ class Connections(Transactions):
         # caches of SQLite's default 2 MB filled with message bodies. Queue work reads a
         # batch at a time, and the OS caches the file anyway.
         conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-        conn.execute(f"PRAGMA journal_size_limit={int(self.wal.size_limit)}")
+        conn.execute(f"PRAGMA journal_size_limit={int(self.wal.keep_limit)}")
         conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal.commit_pages)}")
         migrate(conn, self.path)
 

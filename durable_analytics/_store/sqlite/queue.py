@@ -41,16 +41,18 @@ from . import bydest, inspect, leases, ready
 from .append import Appender
 from .connections import Connections
 from .dead_letters import DeadLetters
-from .files import narrow_modes, prepare_path
+from .files import checkpoint_for_space, narrow_modes, prepare_path
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
 from .wal import WalBudget, wal_bytes
 
-__all__ = ["CHECKPOINT_EVERY", "SqliteQueue"]
+__all__ = ["CHECKPOINT_EVERY", "SHRINK_EVERY", "SqliteQueue"]
 
 #: The most often (seconds) a delivering connection checkpoints a ``-wal`` that stays past
 #: its size limit without growing by that much again (see ``_checkpoint_if_due``).
 CHECKPOINT_EVERY = 0.1
+#: The most often (seconds) an idle queue tries to give back a ``-wal`` past its normal size.
+SHRINK_EVERY = 1.0
 
 
 class SqliteQueue:
@@ -112,6 +114,7 @@ class SqliteQueue:
         self._dest_cache: dict[tuple[str, str], int] = {}
         #: The ``-wal``'s size and the monotonic time at this queue's last checkpoint.
         self._checkpointed = (0, -CHECKPOINT_EVERY)
+        self._shrunk_at = -SHRINK_EVERY  # monotonic time of the last idle TRUNCATE checkpoint
         self._last_dest = 0  # the destination leased last: the next lease tries others first
         prepare_path(self.path)
         self.wal_budget = WalBudget.for_cap(max_queue_bytes)
@@ -274,19 +277,16 @@ class SqliteQueue:
         delivering transaction: outside the process's write lock, so this process's appends
         go on meanwhile (see ``wal.py``). PASSIVE: it waits for nobody."""
         size = wal_bytes(self.path)
-        # A reset log is truncated back to exactly ``size_limit`` (journal_size_limit) and
-        # reused from its start: a file of that size holds anywhere from one frame to the
-        # normal size. Only a file past it has outgrown the normal size (measured: ``<``
-        # checkpointed, with its fsyncs, after every lease and ack of a busy queue).
+        # A file no longer than the normal size holds at most that much log.
         if size <= self.wal_budget.size_limit:
             return
-        # While producers commit without pause the log cannot restart (each writer began
-        # before the last checkpoint ended), so the file stays past the limit and each lease
-        # and ack ran a PASSIVE checkpoint of the few frames since the last, with its two
-        # fsyncs (~40 % of a flusher's time beside a busy producer). Again only once the file
-        # grew by another normal size since this queue's last checkpoint, or
-        # CHECKPOINT_EVERY passed (a log that restarted since cannot be told apart by the
-        # file's size), or the file shrank.
+        # A longer file may hold a long log, or a short one: a restarted log is rewritten
+        # from the start of the file it keeps (``wal.py``), and while producers commit
+        # without pause the log cannot restart at all (each writer began before the last
+        # checkpoint ended). Checkpointing after each lease and ack then copied the few
+        # frames since the last, with two fsyncs each time (~40 % of a flusher's time beside
+        # a busy producer). So again only once the file grew by another normal size since
+        # this queue's last checkpoint, or CHECKPOINT_EVERY passed, or the file shrank.
         last, at = self._checkpointed
         now = time.monotonic()
         if last <= size < last + self.wal_budget.size_limit and now - at < CHECKPOINT_EVERY:
@@ -418,10 +418,34 @@ class SqliteQueue:
         return self._db.write(run)
 
     def ready_summary(self, limit: int, now: float | None = None) -> tuple[int, float | None]:
-        """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time."""
+        """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time.
+
+        A poll that finds nothing ready also gives back the disk of a ``-wal`` grown past its
+        normal size (``_shrink_idle_log``).
+        """
         now_wall = time.time() if now is None else now
         self._index_tail()
-        return self._db.read(lambda conn: ready.ready_summary(conn, limit, now_wall))
+        summary = self._db.read(lambda conn: ready.ready_summary(conn, limit, now_wall))
+        if summary[0] == 0:
+            self._shrink_idle_log()
+        return summary
+
+    def _shrink_idle_log(self) -> None:
+        """Cut a ``-wal`` past its normal size back to nothing, while nothing is to be sent.
+
+        A restarted log keeps its file (``wal.py``), so after a burst the file stays as big
+        as the burst made it (at most ``WalBudget.keep_limit``) until this TRUNCATE
+        checkpoint. It waits for nobody: with a writer or a reader of an older snapshot in
+        the way it gives up until a later idle poll (at most every ``SHRINK_EVERY``).
+        """
+        if wal_bytes(self.path) <= self.wal_budget.size_limit:
+            return
+        now = time.monotonic()
+        if now - self._shrunk_at < SHRINK_EVERY:
+            return
+        self._shrunk_at = now
+        with contextlib.suppress(sqlite3.Error, QueueError):
+            self._db.read(lambda conn: checkpoint_for_space(conn, "TRUNCATE"))
 
     def next_ready_at(
         self, *, up_to_id: int | None = None, destination: int | None = None
