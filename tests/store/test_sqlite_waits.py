@@ -83,6 +83,46 @@ def test_an_append_waits_behind_at_most_one_delivering_transaction_besides_the_h
     assert [index(b) for b in lease.bodies] == [1]  # stored once, readable
 
 
+def test_a_delivering_transaction_that_ends_while_an_append_waits_hands_over_the_gil(
+    queue: Queue, dest: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delivering thread gives up the GIL (``sleep(0)``) right after its transaction
+    when an append was waiting for the lock, and only then: without a waiting append it
+    goes straight on."""
+    db = queue._db
+    order = db.waits.order
+    yields: list[str] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if seconds == 0:
+            yields.append(threading.current_thread().name)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(waits.time, "sleep", sleep)
+    db.write(lambda conn: conn.execute("SELECT 1").fetchone())
+    assert yields == []  # nobody waited
+
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        holding.set()
+        release.wait(10)
+
+    holder = threading.Thread(target=db.write, args=(hold,), name="delivering")
+    holder.start()
+    assert holding.wait(10)
+    producer = threading.Thread(target=queue.append, args=(dest, body(1)))
+    producer.start()
+    _until(lambda: order.waiting, "the append waits for the write lock")
+    release.set()
+    holder.join(10)
+    producer.join(10)
+    assert yields == ["delivering"]
+    assert queue.pending() == 1
+
+
 def test_appends_are_ordered_before_deliveries_when_both_wait(queue: Queue, dest: int) -> None:
     """Whenever appends and delivering transactions both wait for the write lock, every
     append commits before all but at most one of the delivering transactions that were

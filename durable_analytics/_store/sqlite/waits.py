@@ -12,6 +12,8 @@ Three rules keep a caller's ``track()`` off the tail of everyone else's work:
   transaction holding the lock and one more that reached the lock in the same instant
   (``WriteOrder.most_passed`` counts it). Delivering threads queue on their turn, in this
   process, instead of in SQLite's busy loop.
+  Once a delivering transaction ends while an append waits, its thread gives up the GIL
+  at once (``sleep(0)``) so that the append runs before that thread's next Python.
 - **Fine-grained busy waits** (``busy_pause``): when another process holds SQLite's write
   lock, SQLite gives no notice when it is released, so the waiter retries. An append
   retries at most every ``PRODUCER_MAX_PAUSE`` for its first ``PRODUCER_FINE_FOR`` seconds
@@ -219,3 +221,9 @@ class Waits:
                 yield
             finally:
                 write_lock.release()
+                if order.waiting:
+                    # Hand the GIL over too: released, the lock wakes the append's thread,
+                    # but this thread would go on with its Python (the answer to parse,
+                    # the next request to build) until it blocked, and the append waited
+                    # for that as well (flusher thread, tight loop: p99 0.45 -> 0.35 ms).
+                    time.sleep(0)
