@@ -270,10 +270,13 @@ def drain_queue(
             one = DestinationOverride(one, host=host, write_key=write_key)
         return make_deliverer(config, target, one)
 
-    top = queue.max_id()
-    if ignore_backoff or override:
-        queue.clear_backoff(None, messages=True)
     deadline = None if timeout is None else time.monotonic() + timeout
+    # Clearing the backoffs is a write: behind a lock holder that is stuck (a process
+    # stopped inside a write transaction) it too waits at most until the deadline.
+    with queue.bounded(timeout):
+        top = queue.max_id()
+        if ignore_backoff or override:
+            queue.clear_backoff(None, messages=True)
     return deliver_until(
         target,
         make,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +21,11 @@ import pytest
 from conftest import WRITE_KEY, start_python
 
 import durable_analytics
+from durable_analytics._config import Config
+from durable_analytics._drain import drain_queue
+from durable_analytics._store import open_queue
 from durable_analytics.exceptions import QueueBusy
-from durable_analytics.testing import Collector
+from durable_analytics.testing import Collector, RecordingTransport
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
 
@@ -225,3 +229,54 @@ def test_a_flusher_process_ends_within_shutdown_timeout_while_a_lock_holder_is_f
     os.kill(frozen_writer.pid, signal.SIGKILL)
     frozen_writer.wait()
     _all_delivered_once(path, collector, 50)
+
+
+@pytest.mark.parametrize("override", ["ignore_backoff", "host"])
+def test_drain_that_clears_backoffs_ends_by_its_timeout_while_a_lock_holder_is_frozen(
+    frozen: tuple[Path, list[subprocess.Popen[str]]], override: str
+) -> None:
+    """``drain --timeout`` with ``--ignore-backoff`` (or ``--host``, which also clears the
+    stored backoffs first) returns while another process is still stopped inside a write
+    transaction, although the queue's busy_timeout is ten minutes: clearing the backoffs
+    waits at most until the drain's deadline (it waited busy_timeout, 10 s by default, before
+    the drain began). Nothing is lost: once the frozen process is gone a drain delivers all."""
+    path, procs = frozen
+    config = Config.for_delivery(queue_path=path, busy_timeout=600.0, max_retries=0)
+    queue = open_queue(config)
+    dest = queue.destination("https://api.example.test", WRITE_KEY)
+    for i in range(5):
+        queue.append(dest, b'{"messageId":"m-%d"}' % i)
+    queue.set_backoff(dest, time.time() + 300, "HTTP 503")
+    procs.append(_frozen_writer(path))
+    transport = RecordingTransport()
+    done = threading.Event()
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(
+                drain_queue(
+                    queue,
+                    config,
+                    timeout=0.5,
+                    ignore_backoff=override == "ignore_backoff",
+                    host="https://elsewhere.test" if override == "host" else None,
+                    transport=lambda: transport,
+                )
+            )
+        except QueueBusy as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    # Generous: the drain's deadline is half a second, the lock it waits for ten minutes.
+    assert done.wait(60), "drain --timeout waited on the frozen lock holder past its deadline"
+    assert procs[-1].poll() is None  # the lock holder was still frozen when the drain ended
+    assert outcome
+    os.kill(procs[-1].pid, signal.SIGKILL)
+    procs[-1].wait()
+    result = drain_queue(queue, config, ignore_backoff=True, transport=lambda: transport)
+    assert result.left == 0
+    assert sorted(transport.message_ids()) == [f"m-{i}" for i in range(5)]
+    queue.close()
