@@ -28,6 +28,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
+from ._bounded_call import call_within
 from .exceptions import ConfigError, ConfigurationRejected, RetryableError
 
 __all__ = [
@@ -249,13 +250,22 @@ class TokenSource:
         ``timeout`` bounds a token request this may have to make (with the source's own
         timeout), so a ``flush(timeout)`` or an exit stays within its budget.
         """
-        with self._lock:
+        budget = self._timeout if timeout is None else min(timeout, self._timeout)
+        deadline = time.monotonic() + max(0.05, budget)
+        # Another thread may be fetching a token (for a caller with more time): wait for it
+        # no longer than this caller's own budget.
+        if not self._lock.acquire(timeout=max(0.05, budget)):
+            raise RetryableError(
+                "no OAuth access token within the time left: another thread's token "
+                "request is still under way"
+            )
+        try:
             token = self._token
             if token is None or self._clock() >= self._refresh_at:
-                token = self._fetch(
-                    self._timeout if timeout is None else min(timeout, self._timeout)
-                )
+                token = self._fetch(deadline)
             return f"Bearer {token}"
+        finally:
+            self._lock.release()
 
     def invalidate(self, authorization: str | None = None) -> None:
         """Forget the token (the API refused it); the next ``authorization()`` fetches anew.
@@ -283,7 +293,8 @@ class TokenSource:
             claims, self._key, algorithm="RS256", headers={"kid": self._settings.key_id}
         )
 
-    def _fetch(self, timeout: float) -> str:
+    def _fetch(self, deadline: float) -> str:
+        """A new token; every request it makes ends by ``deadline`` (``time.monotonic()``)."""
         now = self._clock()
         if now < self._blocked_until:
             raise RetryableError(
@@ -296,7 +307,7 @@ class TokenSource:
         attempt = 0
         while True:
             assertion = self._assertion()
-            response = self._request(assertion, timeout)
+            response = self._request(assertion, deadline - time.monotonic())
             self._learn_skew(response.headers)
             if response.status == 200:
                 return self._accept(response)
@@ -322,12 +333,21 @@ class TokenSource:
             self._poster = _default_poster()
         self.requests += 1
         log.debug("requesting an OAuth access token from %s", settings.token_url)
+        poster = self._poster
+        timeout = max(0.05, timeout)
         try:
-            return self._poster(
-                settings.token_url,
-                form,
-                {"Content-Type": "application/x-www-form-urlencoded"},
-                max(0.05, timeout),
+            # A poster's timeout (urllib3's) bounds each read, not the request: an endpoint
+            # that answers a byte at a time would hold the token request, and the flush or
+            # exit waiting for it, for as long as it likes.
+            return call_within(
+                timeout,
+                lambda: poster(
+                    settings.token_url,
+                    form,
+                    {"Content-Type": "application/x-www-form-urlencoded"},
+                    timeout,
+                ),
+                "the OAuth token request",
             )
         except Exception as exc:
             raise RetryableError(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
+from _rawserver import RawServer, read_request
 
 from durable_analytics import Client
 from durable_analytics._oauth import OAuthSettings, TokenResponse, TokenSource
@@ -311,3 +315,90 @@ def test_a_flusher_process_delivers_with_oauth_too(keys: tuple[str, str], queue_
     assert batch.authorized
     assert batch.headers["Authorization"].startswith("Bearer ")
     assert len(endpoint.requests) == 1
+
+
+def _stalling_endpoint(
+    raw_server: Callable[..., RawServer], stop: threading.Event, trickle: bool
+) -> tuple[RawServer, threading.Event]:
+    """A token endpoint that reads the request, then for a minute answers a byte every 50 ms
+    (``trickle``) or nothing; the event is set if that minute ran out."""
+    ran_out = threading.Event()
+
+    def handler(conn: socket.socket) -> None:
+        read_request(conn)
+        if trickle:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(1200):
+            if stop.wait(0.05):
+                return
+            if trickle:
+                conn.sendall(b"a")
+        ran_out.set()
+
+    return raw_server(handler), ran_out
+
+
+def test_flush_returns_by_its_timeout_while_the_token_endpoint_trickles(
+    keys: tuple[str, str], queue_path: Path, raw_server: Callable[..., RawServer]
+) -> None:
+    """A token endpoint answering a byte every 50 ms kept each of urllib3's reads within its
+    timeout, and ``flush(timeout=0.5)`` waited as long as the endpoint went on (a minute
+    here). It now returns while the endpoint is still trickling; the message stays queued."""
+    stop = threading.Event()
+    endpoint, ran_out = _stalling_endpoint(raw_server, stop, trickle=True)
+    with Collector() as collector:
+        client = Client(
+            "WRITE_KEY",
+            host=collector.url,
+            queue_path=queue_path,
+            flusher="none",
+            on_exit="none",
+            timeout=5,
+            oauth_client_id=CLIENT_ID,
+            oauth_client_key=keys[0],
+            oauth_key_id=KEY_ID,
+            oauth_auth_server=endpoint.url,
+        )
+        try:
+            client.track("u", "Kept")
+            result = client.flush(timeout=0.5)
+            assert not ran_out.is_set()  # it returned while the endpoint was still trickling
+        finally:
+            stop.set()
+        assert (result.sent, result.pending) == (0, 1)
+        assert collector.requests == 0
+        client.close(timeout=0)
+
+
+def test_a_caller_waits_for_another_threads_token_request_no_longer_than_its_timeout(
+    keys: tuple[str, str], raw_server: Callable[..., RawServer]
+) -> None:
+    """One thread's token request (budget 30 s) hangs on a silent endpoint; another thread
+    asking with 0.2 s left gets a RetryableError while the first is still waiting, instead
+    of waiting on the token lock for the first one's whole budget."""
+    stop = threading.Event()
+    endpoint, ran_out = _stalling_endpoint(raw_server, stop, trickle=False)
+    settings = OAuthSettings.build(CLIENT_ID, keys[0], KEY_ID, endpoint.url)
+    assert settings is not None
+    tokens = TokenSource(settings, timeout=30)
+    failed: list[Exception] = []
+
+    def first_caller() -> None:
+        try:
+            tokens.authorization()
+        except RetryableError as exc:
+            failed.append(exc)
+
+    first = threading.Thread(target=first_caller, daemon=True)
+    try:
+        first.start()
+        while tokens.requests == 0:  # the first thread holds the lock, its request sent
+            time.sleep(0.005)
+        with pytest.raises(RetryableError, match="another thread"):
+            tokens.authorization(timeout=0.2)
+        assert first.is_alive()  # the first request is still waiting on the endpoint
+        assert not ran_out.is_set()
+    finally:
+        stop.set()
+    first.join(10)
+    assert failed  # the endpoint closed without answering: a retryable failure

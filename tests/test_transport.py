@@ -592,6 +592,36 @@ def test_an_answer_sent_slowly_cannot_hold_the_caller_past_the_timeout(
     assert elapsed < 3.0  # not the 10 s the trickle lasts
 
 
+def test_a_proxy_that_answers_slowly_cannot_hold_the_caller_past_the_timeout(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    """Through a proxy (urllib3, whose timeout bounds each read) a byte every 50 ms for a
+    minute kept the request alive for that minute: the timeout now bounds the whole
+    request, which returns while the proxy is still trickling."""
+    trickled = threading.Event()
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(1200):
+            if stop.wait(0.05):
+                return
+            conn.sendall(b"a")
+        trickled.set()
+
+    proxy = raw_server(trickle)
+    try:
+        transport = HTTPTransport(timeout=0.5, proxies={"http": proxy.url})
+        outcome = transport.post("http://analytics.example.test", WRITE_KEY, body_of("m1"))
+        assert not trickled.is_set()  # it returned while the proxy was still trickling
+    finally:
+        stop.set()
+    assert (outcome.kind, outcome.status) == ("retry", None)
+    assert outcome.error == "timed out after 0.5s on http://analytics.example.test"
+    assert proxy.connections == 1
+
+
 def test_an_ipv6_literal_host_is_reached_with_its_bracketed_host_header(
     raw_server: Callable[..., RawServer],
 ) -> None:

@@ -26,6 +26,7 @@ from urllib.parse import quote, quote_plus
 
 import urllib3
 
+from durable_analytics._bounded_call import call_within
 from durable_analytics._config import ca_bundle_from_env, proxy_for_url
 from durable_analytics._oauth import OAuthSettings, TokenSource, urllib3_poster
 from durable_analytics._version import __version__
@@ -282,8 +283,14 @@ class HTTPTransport:
                 retry_header = answer_headers.get("retry-after")
                 reset_header = answer_headers.get("x-ratelimit-reset")
             else:
-                status, raw, retry_header, reset_header = _post_through_urllib3(
-                    route, url, authorization, retry_count, self.gzip, data, read_timeout
+                # urllib3's timeout bounds each read, not the request: a proxy or server
+                # that answers a byte at a time would hold it past any deadline.
+                status, raw, retry_header, reset_header = call_within(
+                    read_timeout,
+                    lambda: _post_through_urllib3(
+                        route, url, authorization, retry_count, self.gzip, data, read_timeout
+                    ),
+                    f"the request to {host}",
                 )
         except (ssl.SSLError, urllib3.exceptions.SSLError) as exc:
             return self._failed(f"TLS error talking to {host}", exc, write_key, authorization)
