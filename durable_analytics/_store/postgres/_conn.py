@@ -169,10 +169,17 @@ class Pool:
         self._idle: list[Connection] = []
         self._all: weakref.WeakSet[Connection] = weakref.WeakSet()
 
-    def _connect(self) -> Connection:
+    def _connect(self, timeout: float | None = None) -> Connection:
+        # libpq's connect_timeout counts whole seconds, at least 2; the URL's (default the
+        # queue's timeout) unless a deadline leaves less.
+        conninfo = self.target.conninfo
+        if timeout is not None:
+            conninfo = psycopg.conninfo.make_conninfo(
+                conninfo, connect_timeout=max(2, math.ceil(timeout))
+            )
         try:
             conn = psycopg.connect(
-                self.target.conninfo,
+                conninfo,
                 autocommit=True,
                 # No server-side prepared statements: they break behind PgBouncer in
                 # transaction mode, where each transaction may get another server session.
@@ -193,21 +200,25 @@ class Pool:
         return self._connect()
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator[Connection]:
-        """A connection for the caller alone, returned to the pool afterwards."""
+    def connection(self, timeout: float | None = None) -> Iterator[Connection]:
+        """A connection for the caller alone, returned to the pool afterwards.
+
+        ``timeout`` (default the pool's) bounds the wait for a free one and for connecting.
+        """
         if self._closed:
             raise QueueError(f"the PostgreSQL queue {self.target.identity} was closed")
-        if not self._slots.acquire(timeout=self.timeout):
+        wait = self.timeout if timeout is None else timeout
+        if not self._slots.acquire(timeout=wait):
             raise QueueBusy(
                 f"no connection to the PostgreSQL queue {self.target.identity} came free "
-                f"within {self.timeout:g} s (all {self.size} of this process are busy)"
+                f"within {wait:g} s (all {self.size} of this process are busy)"
             )
         slots = self._slots
         try:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                conn = self._connect()
+                conn = self._connect(None if wait >= self.timeout else wait)
             try:
                 yield conn
             finally:

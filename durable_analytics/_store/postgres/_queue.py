@@ -34,9 +34,10 @@ from durable_analytics._store.base import (
     Destination,
     Lease,
 )
-from durable_analytics.exceptions import ConfigError, QueueError
+from durable_analytics.exceptions import ConfigError, QueueBusy, QueueError
 
 from . import _sql as q
+from ._bounds import WATCHDOG, Deadlines
 from ._caps import Caps
 from ._conn import Connection, Pool, parse_url, psycopg, translate
 from ._holders import Presence
@@ -122,6 +123,8 @@ class PostgresQueue(QueueReads):
         )
         self._begin = f"BEGIN; {settings}".encode()
         self._begin_snapshot = f"BEGIN ISOLATION LEVEL REPEATABLE READ; {settings}".encode()
+        #: The deadlines of the flushes, exits and drains running now (``bounded``).
+        self._deadlines = Deadlines()
         self._clock = clock
         self._dest_cache: dict[tuple[str, str], int] = {}
         self._caps = Caps(
@@ -159,23 +162,33 @@ class PostgresQueue(QueueReads):
         statement costs three round trips (measured faster than psycopg's pipeline mode
         here). Results are read after COMMIT, from the cursors ``run`` returns.
         """
+        limit = self._deadlines.limit(self.timeout)
+        watch = None
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(limit) as conn:
                 begin = self._begin_snapshot if snapshot else self._begin
+                if limit < self.timeout:  # a flush, exit or drain has less time left
+                    begin += b"; SET LOCAL statement_timeout = %d" % max(1, int(limit * 1000))
                 if self._clock is not None:
                     at = self._clock() if now is None else now
                     begin += b"; SET LOCAL durable_analytics.now = '%.6f'" % at
-                conn.execute(begin)
-                try:
-                    result = run(conn)
-                    conn.execute(b"COMMIT")
-                except BaseException:
-                    if not conn.closed and not conn.broken:
-                        with contextlib.suppress(psycopg.Error):
-                            conn.execute(b"ROLLBACK")
-                    raise
+                with WATCHDOG.watching(conn, limit) as watch:
+                    conn.execute(begin)
+                    try:
+                        result = run(conn)
+                        conn.execute(b"COMMIT")
+                    except BaseException:
+                        if not conn.closed and not conn.broken:
+                            with contextlib.suppress(psycopg.Error):
+                                conn.execute(b"ROLLBACK")
+                        raise
                 return result
         except psycopg.Error as exc:
+            if watch is not None and watch.cut:
+                raise QueueBusy(
+                    f"the PostgreSQL queue {self.identity} did not answer within {limit:.3g} s "
+                    "(its server process may be stopped or hung); the connection was dropped"
+                ) from None
             raise translate(exc, self.identity) from None
 
     def close(self) -> None:
@@ -187,8 +200,8 @@ class PostgresQueue(QueueReads):
         self._pool.close()
 
     def bounded(self, seconds: float | None) -> contextlib.AbstractContextManager[None]:
-        """Nothing more to bound: every call already waits at most ``timeout``."""
-        return contextlib.nullcontext()
+        """Inside the block, no call of this queue (any thread) waits past ``seconds``."""
+        return self._deadlines.bounded(seconds)
 
     # ---------------------------------------------------------------- destinations
 

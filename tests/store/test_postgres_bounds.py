@@ -1,0 +1,167 @@
+"""The PostgreSQL queue's waits end by the caller's bound when the server stalls.
+
+Two stalls, both real: another connection holding a lock every statement needs (the
+server is running, so ``statement_timeout`` can end the wait), and the queue's own server
+process stopped with SIGSTOP (it runs nothing, so only the client can end the wait). Each
+stall lasts a minute unless the test ends it; a call must return while it still holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from conftest import WRITE_KEY
+
+from durable_analytics import Client
+from durable_analytics._store.postgres._queue import PostgresQueue
+from durable_analytics.exceptions import QueueBusy, QueueError
+from durable_analytics.testing import Collector
+
+STALL = 60.0  # seconds a stall lasts unless the test ends it first
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
+
+
+@pytest.fixture
+def url(pg_dsn: str, pg_schema: str) -> str:
+    return f"{pg_dsn}&schema={pg_schema}"
+
+
+class Stall:
+    """A stall that ``end`` (or a minute passing) ends; ``ended`` says whether it has."""
+
+    def __init__(self, end: Callable[[], None]) -> None:
+        self._end = end
+        self._lock = threading.Lock()
+        self.ended = threading.Event()
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._run, daemon=True)
+        self._timer.start()
+
+    def _run(self) -> None:
+        self._stop.wait(STALL)
+        self.end()
+
+    def end(self) -> None:
+        with self._lock:
+            if not self.ended.is_set():
+                # Set first: a call the stall held may return the moment it ends.
+                self.ended.set()
+                self._end()
+        self._stop.set()
+
+
+@pytest.fixture
+def stalls() -> Iterator[list[Stall]]:
+    made: list[Stall] = []
+    yield made
+    for stall in made:
+        stall.end()
+
+
+def test_flush_returns_by_its_timeout_while_another_connection_locks_the_queue(
+    pg_dsn: str, url: str, pg_schema: str, stalls: list[Stall]
+) -> None:
+    """Another session holds an exclusive lock on the messages table; with the queue's
+    ``timeout`` at 60 s, ``flush(timeout=0.5)`` returns (or raises ``QueueBusy``) while the
+    lock is still held: each statement gets what is left of the flush, not 60 s."""
+    with Collector(WRITE_KEY) as collector:
+        client = Client(
+            WRITE_KEY,
+            host=collector.url,
+            queue_url=url,
+            flusher="none",
+            on_exit="none",
+            timeout=60,
+            lease_timeout=120,
+        )
+        for i in range(5):
+            assert client.track("u", "Kept", {"i": i})[0]
+        other = psycopg.connect(pg_dsn, autocommit=True)
+        other.execute("BEGIN")
+        other.execute(f"LOCK TABLE {pg_schema}.messages IN ACCESS EXCLUSIVE MODE")
+        stall = Stall(lambda: other.execute("ROLLBACK"))
+        stalls.append(stall)
+        with contextlib.suppress(QueueBusy):
+            client.flush(timeout=0.5)
+        assert not stall.ended.is_set()  # it returned while the lock was still held
+        stall.end()
+        other.close()
+        assert client.flush(timeout=30).pending == 0
+        client.close(timeout=5)
+    assert len(collector.message_ids()) == 5
+
+
+def _backend_pid(queue: PostgresQueue) -> int:
+    """The server process of the queue's one pooled connection."""
+    row = queue._tx(lambda c: c.execute(b"SELECT pg_backend_pid()").fetchone())
+    return int(row[0])
+
+
+@pytest.mark.parametrize("bound", ["deadline", "timeout"])
+def test_a_stopped_server_process_cannot_hold_a_call_past_its_bound(
+    url: str, stalls: list[Stall], bound: str
+) -> None:
+    """The queue's server process is stopped (SIGSTOP): it never applies its
+    ``statement_timeout``, and libpq waited for its answer as long as the stop lasted (for
+    ever). A call inside ``bounded(0.5)`` (a flush, an exit, a drain), or any call with the
+    queue's ``timeout`` at 1 s (a ``track()``), now raises ``QueueBusy`` while the process
+    is still stopped; its connection is dropped and the next call, on a new one, works."""
+    queue = PostgresQueue(url, timeout=60 if bound == "deadline" else 1, pool_size=1)
+    dest = queue.destination("https://api.example.test", WRITE_KEY)
+    assert queue.append(dest, b'{"messageId":"m-1"}')
+    pid = _backend_pid(queue)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except PermissionError:
+        pytest.skip("cannot stop the server's processes (not root, not their owner)")
+    stall = Stall(lambda: os.kill(pid, signal.SIGCONT))
+    stalls.append(stall)
+    bounded = queue.bounded(0.5 if bound == "deadline" else None)
+    with pytest.raises(QueueBusy, match="did not answer within"), bounded:
+        queue.pending()
+    assert not stall.ended.is_set()  # it returned while the server process was stopped
+    assert queue.pending() == 1  # on a new connection: nothing was lost
+    stall.end()
+    queue.close()
+
+
+def test_a_flush_of_a_client_whose_server_process_is_stopped_returns_by_its_timeout(
+    url: str, stalls: list[Stall]
+) -> None:
+    """The Client's ``flush(timeout=0.5)`` with its queue's server process stopped returns,
+    or raises a ``QueueError``, while that process is still stopped."""
+    with Collector(WRITE_KEY) as collector:
+        client = Client(
+            WRITE_KEY,
+            host=collector.url,
+            queue_url=url,
+            flusher="none",
+            on_exit="none",
+            timeout=60,
+            lease_timeout=120,
+        )
+        assert client.track("u", "Kept")[0]
+        queue = client.queue
+        assert isinstance(queue, PostgresQueue)
+        with queue._pool.connection() as conn:  # the one the call used, idle now
+            pid = int(conn.info.backend_pid)
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except PermissionError:
+            pytest.skip("cannot stop the server's processes (not root, not their owner)")
+        stall = Stall(lambda: os.kill(pid, signal.SIGCONT))
+        stalls.append(stall)
+        with contextlib.suppress(QueueError):
+            client.flush(timeout=0.5)
+        assert not stall.ended.is_set()  # it returned while the server process was stopped
+        stall.end()
+        assert client.flush(timeout=30).pending == 0
+        client.close(timeout=5)
+    assert len(collector.message_ids()) == 1
