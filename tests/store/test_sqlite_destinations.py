@@ -70,7 +70,8 @@ def _drain(q: Queue, now: float | None = None) -> list[tuple[int, int]]:
 def test_appends_write_no_index_entry_and_a_lease_folds_in_a_long_tail(tmp_path: Path) -> None:
     """The append path stays one INSERT, and a flusher that keeps up never writes the index
     (its messages are acked while still in the tail); once the tail is longer than
-    TAIL_ROWS, the next lease folds it in, in that lease's transaction."""
+    TAIL_ROWS, the next lease folds in FOLD_ROWS of it, in that lease's transaction, and a
+    poll the rest (in transactions of FOLD_ROWS)."""
     path = tmp_path / "q.sqlite3"
     q = Queue(path)
     a = q.destination(HOST, KEY)
@@ -81,17 +82,24 @@ def test_appends_write_no_index_entry_and_a_lease_folds_in_a_long_tail(tmp_path:
     assert lease is not None
     assert q.ack(lease) == 5
     assert conn.execute("SELECT count(*) FROM dest_ids").fetchone()[0] == 0
-    n = bydest.TAIL_ROWS + 5
+    n = bydest.TAIL_ROWS + bydest.FOLD_ROWS + 5
     for i in range(n):
         q.append(a, body(i))
     assert conn.execute("SELECT count(*) FROM dest_ids").fetchone()[0] == 0
     lease = q.lease(2, BIG)
     assert lease is not None
     assert [index(b) for b in lease.bodies] == [0, 1]
-    assert conn.execute("SELECT count(*) FROM dest_ids").fetchone()[0] == n
-    assert bydest.upto(conn) == q.max_id()
+    assert conn.execute("SELECT count(*) FROM dest_ids").fetchone()[0] == bydest.FOLD_ROWS
     q.ack(lease)
+    writes: list[str] = []
+    q._conn().set_trace_callback(
+        lambda sql: writes.append(sql) if sql == "BEGIN IMMEDIATE" else None
+    )
+    q.ready_summary(20)  # the rest, a transaction per chunk
+    q._conn().set_trace_callback(None)
+    assert len(writes) >= (n - bydest.FOLD_ROWS) // bydest.FOLD_ROWS  # chunks, not one
     assert conn.execute("SELECT count(*) FROM dest_ids").fetchone()[0] == n - 2
+    assert bydest.upto(conn) == q.max_id()
     conn.close()
     _index_is_exact(path)
     q.close()

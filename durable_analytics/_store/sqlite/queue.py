@@ -464,7 +464,11 @@ class SqliteQueue:
         that only grows (see ``bydest``).
         """
         if self._db.read(bydest.tail) > bydest.TAIL_ROWS and self._room_for_index():
-            self._db.write(bydest.fold_in)
+            # All of it, a transaction per chunk: appends waiting for the write lock go in
+            # between (``bydest.FOLD_ROWS``).
+            for _ in range(bydest.CATCH_UP_ROWS // bydest.FOLD_ROWS):
+                if not self._db.write(bydest.fold_chunk):
+                    break
 
     def _room_for_index(self) -> bool:
         """Whether the disk has room to extend the index by destination (a statvfs)."""
