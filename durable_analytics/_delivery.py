@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _delivery_log
+from ._bounded_call import call_within
 from ._metrics import delivery_counters
 from ._pipeline import Ticket, Window, keep_leased, window_for
 from ._quick_retry import DEADLINE_PASSED, GATED, QuickRetries, post
@@ -382,12 +383,27 @@ class Deliverer:
                 continue
         return out
 
-    def _report(self, exc: DeliveryError, lease: Lease, idx: list[int]) -> None:
-        if self.on_error is None:
+    def _report(
+        self, exc: DeliveryError, lease: Lease, idx: list[int], until: float | None = None
+    ) -> None:
+        """Call ``on_error``; with ``until`` (a flush, an exit, ``sync_mode``), wait for it
+        only until then: a callback that blocks must not hold the caller past its deadline."""
+        on_error = self.on_error
+        if on_error is None:
             return
-        try:
+        messages = self._messages(lease, idx)
+
+        def call() -> None:
             with self._report_lock:
-                self.on_error(exc, self._messages(lease, idx))
+                on_error(exc, messages)
+
+        try:
+            if until is None:
+                call()
+            else:
+                call_within(until - time.monotonic(), call, "on_error")
+        except TimeoutError:
+            log.warning("on_error has not returned by the deadline; not waiting for it")
         except Exception:
             log.exception("on_error raised; ignoring it")
 
@@ -464,6 +480,7 @@ class Deliverer:
                     ),
                     lease,
                     idx,
+                    _report_until(deadline),
                 )
                 return True
             # Split in halves until the bad message is alone; the good ones are delivered.
@@ -507,14 +524,24 @@ class Deliverer:
                 status=outcome.status,
                 excerpt=outcome.excerpt,
             )
-        self._report(exc, lease, idx)
+        report_by = _report_until(deadline)
+        self._report(exc, lease, idx, report_by)
         for part in later or ():
-            self._report(exc, lease, part)
+            self._report(exc, lease, part, report_by)
         return False
 
     def _count_dead(self, dest_id: int, delta: int) -> None:
         with self._lock:
             self.dead_lettered[dest_id] = self.dead_lettered.get(dest_id, 0) + delta
+
+
+#: A deadline that has (nearly) passed still gives ``on_error`` this long to return.
+_REPORT_GRACE = 0.1
+
+
+def _report_until(deadline: float | None) -> float | None:
+    """Until when ``on_error`` is waited for, under a caller's ``deadline`` (None: no bound)."""
+    return None if deadline is None else max(deadline, time.monotonic() + _REPORT_GRACE)
 
 
 def _message_id(body: bytes) -> str:

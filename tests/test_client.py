@@ -171,6 +171,60 @@ def test_on_error_gets_the_exception_and_the_messages(
     assert [m["messageId"] for m in messages] == ids
 
 
+def test_flush_with_a_timeout_does_not_wait_for_an_on_error_that_blocks(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    """An ``on_error`` that blocks (for a minute here, unless the test lets it go) held
+    ``flush(timeout=0.5)`` for as long as it blocked. The flush now returns while the
+    callback is still blocked, and the callback still gets its one call."""
+    release = threading.Event()
+    returned = threading.Event()
+    called: list[int] = []
+
+    def on_error(exc: Exception, messages: list[dict[str, Any]]) -> None:
+        called.append(len(messages))
+        release.wait(60)
+        returned.set()
+
+    collector.set_default(500)
+    client = make_client(flusher="none", on_error=on_error, max_retries=0)
+    track_many(client, 2)
+    try:
+        result = client.flush(timeout=0.5)
+        assert not returned.is_set()  # it returned while on_error was still blocked
+        assert called == [2]
+    finally:
+        release.set()
+    assert result.pending == 2
+
+
+def test_exit_is_not_held_by_an_on_error_that_never_returns(
+    collector: Collector, queue_path: Path
+) -> None:
+    """A script whose ``on_error`` never returns still exits (``shutdown_timeout=0.5``):
+    the exit handler's delivery failed, called ``on_error``, and did not wait for it past
+    its time. Its message stays queued."""
+    collector.set_default(500)
+    result = run_python(
+        f"""
+        import threading
+        from durable_analytics import Client
+        def on_error(exc, messages):
+            print("on_error", len(messages), flush=True)
+            threading.Event().wait()
+        client = Client({WRITE_KEY!r}, host={collector.url!r}, queue_path={str(queue_path)!r},
+                        flusher="none", shutdown_timeout=0.5, max_retries=0, on_error=on_error)
+        client.track("user-1", "Event")
+        """,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "on_error 1"
+    queue = Queue(queue_path)
+    assert queue.pending() == 1
+    queue.close()
+
+
 # ---------------------------------------------------------------- close
 
 
