@@ -3,8 +3,9 @@
 urllib3 (the proxied batch POST, the OAuth token request) bounds each socket operation by
 its timeout, not the request as a whole: a server or proxy that sends its answer a byte at
 a time keeps every read within the timeout and the request alive indefinitely, past any
-``flush(timeout)``, exit or ``drain --timeout``. ``call_within`` runs such a call on a
-helper thread and stops waiting for it at the deadline. The abandoned call goes on in the
+``flush(timeout)``, exit or ``drain --timeout``; and a user's ``on_error`` callback may block
+for as long as it likes. ``call_within`` runs such a call on a helper thread and stops
+waiting for it at the deadline. The abandoned call goes on in the
 background until the server lets go of it; its result is dropped.
 """
 
