@@ -280,3 +280,47 @@ def test_drain_that_clears_backoffs_ends_by_its_timeout_while_a_lock_holder_is_f
     assert result.left == 0
     assert sorted(transport.message_ids()) == [f"m-{i}" for i in range(5)]
     queue.close()
+
+
+def test_a_client_on_a_known_queue_is_built_and_flushed_while_a_lock_holder_is_frozen(
+    frozen: tuple[Path, list[subprocess.Popen[str]]], collector: Collector
+) -> None:
+    """Building a Client looked its destination up in a write transaction: with another
+    process stopped inside one, ``Client(...)`` (and so a module-level ``flush(timeout=1)``
+    that builds the default client) waited the whole ``busy_timeout``, then raised
+    ``QueueBusy``. A destination the queue knows is now read without the write lock: the
+    Client is built and ``flush(timeout=0.5)`` returns while the holder is still frozen."""
+    path, procs = frozen
+    first = durable_analytics.Client(
+        WRITE_KEY, host=collector.url, queue_path=path, flusher="none", on_exit="none"
+    )
+    assert first.track("u", "Before")[0]
+    first.close(timeout=0)
+    procs.append(_frozen_writer(path))
+    done = threading.Event()
+    results: list[object] = []
+
+    def build_and_flush() -> None:
+        try:
+            client = durable_analytics.Client(
+                WRITE_KEY,
+                host=collector.url,
+                queue_path=path,
+                flusher="none",
+                on_exit="none",
+                busy_timeout=600.0,
+            )
+            results.append(client.flush(timeout=0.5))
+            client.close(timeout=0)
+        except QueueBusy as exc:
+            results.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=build_and_flush, daemon=True).start()
+    # Generous: the flush's deadline is half a second, the lock wait it replaces ten minutes.
+    assert done.wait(60), "building the Client waited on the frozen lock holder"
+    assert procs[-1].poll() is None  # the holder was still frozen
+    [result] = results
+    assert isinstance(result, durable_analytics.FlushResult)
+    assert result.pending == 1

@@ -192,16 +192,24 @@ class SqliteQueue:
         if cached is not None:
             return cached
 
-        def find_or_create(conn: sqlite3.Connection) -> int:
+        def find(conn: sqlite3.Connection) -> int | None:
             row = conn.execute(
                 "SELECT id FROM destinations WHERE host=? AND write_key=?", key
             ).fetchone()
-            if row is not None:
-                return int(row[0])
+            return None if row is None else int(row[0])
+
+        def find_or_create(conn: sqlite3.Connection) -> int:
+            found = find(conn)
+            if found is not None:
+                return found
             cur = conn.execute("INSERT INTO destinations (host, write_key) VALUES (?, ?)", key)
             return int(cur.lastrowid or 0)
 
-        dest_id = self._db.write(find_or_create)
+        # A known one (never deleted) is read without the write lock: building a Client does
+        # not wait for a lock holder, even one stopped inside a write transaction.
+        dest_id = self._db.read(find)
+        if dest_id is None:
+            dest_id = self._db.write(find_or_create)
         self._dest_cache[key] = dest_id
         return dest_id
 
