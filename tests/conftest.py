@@ -135,6 +135,7 @@ HEAVY = (
     "store/test_sqlite_connections.py",
     "store/test_sqlite_holders.py",
     "store/test_postgres_processes.py",
+    "store/test_postgres_bounds.py",
 )
 
 

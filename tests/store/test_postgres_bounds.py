@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from conftest import WRITE_KEY
+from conftest import WRITE_KEY, run_python
 
 from durable_analytics import Client
 from durable_analytics._store.postgres._queue import PostgresQueue
@@ -165,3 +165,36 @@ def test_a_flush_of_a_client_whose_server_process_is_stopped_returns_by_its_time
         assert client.flush(timeout=30).pending == 0
         client.close(timeout=5)
     assert len(collector.message_ids()) == 1
+
+
+def test_a_forked_child_is_not_bound_by_its_parents_deadline(url: str) -> None:
+    """A process forks while a flush with a deadline runs (its deadline has passed): the
+    child, where that flush does not run, still gives its calls the queue's timeout, not the
+    parent's spent deadline (a statement of 0.3 s succeeds there, and fails in the parent).
+    In a child interpreter: forking this multi-threaded test process would warn."""
+    result = run_python(
+        """
+        import os, sys
+        from durable_analytics._store.postgres._queue import PostgresQueue
+        from durable_analytics.exceptions import QueueBusy
+        queue = PostgresQueue(sys.argv[1], timeout=30, pool_size=1)
+        slow = lambda c: c.execute(b"SELECT pg_sleep(0.3)").fetchone()
+        with queue.bounded(0):
+            try:
+                queue._tx(slow)
+                print("parent not bound")
+            except QueueBusy:
+                print("parent bound")
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    queue._tx(slow)
+                    os._exit(0)
+                except QueueBusy:
+                    os._exit(3)
+        print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        """,
+        url,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["parent bound", "child 0"]

@@ -37,9 +37,15 @@ class Deadlines:
     """The deadlines (``time.monotonic()``) of the flush/exit/drain calls running now."""
 
     def __init__(self) -> None:
+        self._reset()
+        self._keys = itertools.count()
+
+    def _reset(self) -> None:
+        # A forked child has none of its parent's calls running: their deadlines, copied
+        # with the memory, would never be removed there and would bound every call.
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._active: dict[int, float] = {}
-        self._keys = itertools.count()
 
     @contextlib.contextmanager
     def bounded(self, seconds: float | None) -> Iterator[None]:
@@ -47,6 +53,8 @@ class Deadlines:
         if seconds is None:
             yield
             return
+        if self._pid != os.getpid():
+            self._reset()
         key = next(self._keys)
         with self._lock:
             self._active[key] = time.monotonic() + max(0.0, seconds)
@@ -59,6 +67,9 @@ class Deadlines:
     def limit(self, timeout: float) -> float:
         """How long a call starting now may wait: ``timeout``, or less under a deadline."""
         if not self._active:
+            return timeout
+        if self._pid != os.getpid():
+            self._reset()
             return timeout
         with self._lock:
             earliest = min(self._active.values(), default=None)
