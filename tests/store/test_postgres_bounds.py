@@ -198,3 +198,24 @@ def test_a_forked_child_is_not_bound_by_its_parents_deadline(url: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["parent bound", "child 0"]
+
+
+def test_opening_the_queue_ends_by_its_timeout_behind_a_lock_on_its_schema(
+    pg_dsn: str, url: str, pg_schema: str, stalls: list[Stall]
+) -> None:
+    """Opening the queue checks its schema on a connection that has no
+    ``statement_timeout`` yet: behind another session's lock on the schema's ``meta`` table
+    (a migration that is stuck) ``PostgresQueue(url, timeout=1)`` (so ``Client(...)``)
+    waited as long as the lock was held. It now raises ``QueueBusy`` while it still is."""
+    PostgresQueue(url, timeout=1).close()
+    other = psycopg.connect(pg_dsn, autocommit=True)
+    other.execute("BEGIN")
+    other.execute(f"LOCK TABLE {pg_schema}.meta IN ACCESS EXCLUSIVE MODE")
+    stall = Stall(lambda: other.execute("ROLLBACK"))
+    stalls.append(stall)
+    with pytest.raises(QueueBusy, match="checking its schema"):
+        PostgresQueue(url, timeout=1)
+    assert not stall.ended.is_set()  # it returned while the lock was still held
+    stall.end()
+    other.close()
+    PostgresQueue(url, timeout=1).close()

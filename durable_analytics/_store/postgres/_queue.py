@@ -143,8 +143,16 @@ class PostgresQueue(QueueReads):
         self.window = StoredWindow(self._tx, self._sql, max_in_flight=fleet)
         with self._pool.connection() as conn:
             try:
-                self.instance = migrate(conn, self._sql, self.identity)
+                # No statement_timeout on this connection yet (it is set per transaction):
+                # the watchdog bounds the check, behind a lock held by a stuck migrator too.
+                with WATCHDOG.watching(conn, timeout) as watch:
+                    self.instance = migrate(conn, self._sql, self.identity)
             except psycopg.Error as exc:
+                if watch.cut:
+                    raise QueueBusy(
+                        f"the PostgreSQL queue {self.identity} did not answer within "
+                        f"{timeout:g} s while checking its schema"
+                    ) from None
                 raise translate(exc, self.identity) from None
         self._outbox = Outbox(self._sql, self.identity, self._caps, self.instance)
 
