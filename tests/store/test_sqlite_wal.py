@@ -14,9 +14,9 @@ import pytest
 from conftest import start_python
 
 from durable_analytics._store.sqlite import SqliteQueue as Queue
-from durable_analytics._store.sqlite import queue as queue_module
+from durable_analytics._store.sqlite import wal as wal_module
 from durable_analytics._store.sqlite.schema import SCHEMA_V1, SCHEMA_VERSION
-from durable_analytics._store.sqlite.wal import WalBudget, wal_bytes
+from durable_analytics._store.sqlite.wal import WalBudget, log_frames, wal_bytes
 
 from .sqlite_helpers import HOST, KEY, body_of_size
 
@@ -92,7 +92,7 @@ def test_an_idle_poll_gives_the_wal_back_at_most_once_a_while_and_never_waits(
     dest = q.destination(HOST, KEY)
     conn = grow_the_log(q, dest, budget.normal_pages * 2)
     assert wal_bytes(path) > budget.size_limit
-    monkeypatch.setattr(queue_module, "SHRINK_EVERY", 3600.0)
+    monkeypatch.setattr(wal_module, "SHRINK_EVERY", 3600.0)
     checkpoints: list[str] = []
     conn.set_trace_callback(
         lambda sql: checkpoints.append(sql) if "wal_checkpoint" in sql else None
@@ -107,7 +107,7 @@ def test_an_idle_poll_gives_the_wal_back_at_most_once_a_while_and_never_waits(
     assert wal_bytes(path) > budget.size_limit  # the reader kept it; the poll returned
     reader.execute("COMMIT")
     reader.close()
-    monkeypatch.setattr(queue_module, "SHRINK_EVERY", 0.0)
+    monkeypatch.setattr(wal_module, "SHRINK_EVERY", 0.0)
     assert q.ready_summary(20)[0] == 0
     conn.set_trace_callback(None)
     assert len(checkpoints) == 2
@@ -317,7 +317,7 @@ def test_a_restarted_log_in_a_long_file_is_not_checkpointed_after_every_lease_an
     keeps its size (past the normal size) while the log holds only a few frames: leases
     and acks go on without checkpointing after each one, only after another normal size of
     log or ``CHECKPOINT_EVERY`` (counted, with the interval made long)."""
-    monkeypatch.setattr(queue_module, "CHECKPOINT_EVERY", 3600.0)
+    monkeypatch.setattr(wal_module, "CHECKPOINT_EVERY", 3600.0)
     path = tmp_path / "q.sqlite3"
     q = Queue(path)
     budget = q.wal_budget
@@ -349,6 +349,77 @@ def test_a_restarted_log_in_a_long_file_is_not_checkpointed_after_every_lease_an
     q.close()
 
 
+def test_the_log_is_counted_by_its_frames_in_a_file_kept_longer(tmp_path: Path) -> None:
+    """``log_frames`` counts the frames of the current log, not the file's: after a
+    restart into the kept file it reports a new generation and only the new frames; a
+    missing ``-wal`` or one that is not a WAL file gives None (the size rule then)."""
+    path = tmp_path / "q.sqlite3"
+    assert log_frames(path) is None
+    q = Queue(path)
+    budget = q.wal_budget
+    dest = q.destination(HOST, KEY)
+    grow_the_log(q, dest, budget.normal_pages * 2)
+    first = log_frames(path)
+    assert first is not None
+    frame = 4096 + 24
+    assert first[1] == (wal_bytes(path) - 32) // frame  # every frame of the file is the log's
+    for _ in range(2):  # a lease/ack checkpoints, the next commit restarts the log
+        lease = q.lease(20, 500_000)
+        assert lease is not None
+        q.ack(lease)
+    again = log_frames(path)
+    assert again is not None
+    assert again[0] != first[0]
+    assert 0 < again[1] < 50  # the new log's few frames, in a file of thousands
+    assert wal_bytes(path) >= (first[1] * frame)
+    q.close()
+    other = tmp_path / "garbage.sqlite3"
+    Path(f"{other}-wal").write_bytes(b"not a write-ahead log" * 100)
+    assert log_frames(other) is None
+
+
+def test_a_restarted_log_in_a_long_file_is_checkpointed_once_it_grows_by_the_normal_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the file kept long after a restart, the delivering connection still checkpoints
+    when the new log has grown by the normal size (counted by frames), not only every
+    ``CHECKPOINT_EVERY`` (made long here): a producer appending without pause otherwise
+    reached its own, larger checkpoint size on the caller's thread first."""
+    monkeypatch.setattr(wal_module, "CHECKPOINT_EVERY", 3600.0)
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path)
+    budget = q.wal_budget
+    dest = q.destination(HOST, KEY)
+    conn = grow_the_log(q, dest, budget.normal_pages * 3)
+    for _ in range(2):
+        lease = q.lease(20, 500_000)
+        assert lease is not None
+        q.ack(lease)
+    restarted = log_frames(path)
+    assert restarted is not None
+    assert restarted[1] < 50
+    checkpoints: list[str] = []
+    conn.set_trace_callback(
+        lambda sql: checkpoints.append(sql) if "wal_checkpoint" in sql else None
+    )
+    # A frame or two per append: well under the normal size, no checkpoint yet.
+    for i in range(budget.normal_pages * 4 // 10):
+        q.append(dest, body_of_size(i, 200))
+    lease = q.lease(20, 500_000)
+    assert lease is not None
+    q.ack(lease)
+    assert checkpoints == []
+    # Past the normal size: the next lease/ack checkpoints.
+    for i in range(budget.normal_pages * 8 // 10):
+        q.append(dest, body_of_size(i, 200))
+    lease = q.lease(20, 500_000)
+    assert lease is not None
+    q.ack(lease)
+    conn.set_trace_callback(None)
+    assert checkpoints == ["PRAGMA wal_checkpoint(PASSIVE)"]
+    q.close()
+
+
 def test_a_log_that_cannot_restart_is_not_checkpointed_after_every_lease_and_ack(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -356,7 +427,7 @@ def test_a_log_that_cannot_restart_is_not_checkpointed_after_every_lease_and_ack
     commits without pause), the file stays past its limit: the delivering connection
     checkpoints once, then only after another normal size of log or ``CHECKPOINT_EVERY``,
     not after every lease and ack (counted, with the interval made long)."""
-    monkeypatch.setattr(queue_module, "CHECKPOINT_EVERY", 3600.0)
+    monkeypatch.setattr(wal_module, "CHECKPOINT_EVERY", 3600.0)
     path = tmp_path / "q.sqlite3"
     q = Queue(path)
     budget = q.wal_budget

@@ -44,15 +44,9 @@ from .dead_letters import DeadLetters
 from .files import checkpoint_for_space, narrow_modes, prepare_path
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
-from .wal import WalBudget, wal_bytes
+from .wal import Checkpoints, WalBudget, wal_bytes
 
-__all__ = ["CHECKPOINT_EVERY", "SHRINK_EVERY", "SqliteQueue"]
-
-#: The most often (seconds) a delivering connection checkpoints a ``-wal`` that stays past
-#: its size limit without growing by that much again (see ``_checkpoint_if_due``).
-CHECKPOINT_EVERY = 0.1
-#: The most often (seconds) an idle queue tries to give back a ``-wal`` past its normal size.
-SHRINK_EVERY = 1.0
+__all__ = ["SqliteQueue"]
 
 
 class SqliteQueue:
@@ -113,11 +107,10 @@ class SqliteQueue:
         )
         self._dest_cache: dict[tuple[str, str], int] = {}
         #: The ``-wal``'s size and the monotonic time at this queue's last checkpoint.
-        self._checkpointed = (0, -CHECKPOINT_EVERY)
-        self._shrunk_at = -SHRINK_EVERY  # monotonic time of the last idle TRUNCATE checkpoint
         self._last_dest = 0  # the destination leased last: the next lease tries others first
         prepare_path(self.path)
         self.wal_budget = WalBudget.for_cap(max_queue_bytes)
+        self._checkpoints = Checkpoints(self.path, self.wal_budget, self._run_checkpoint)
         self._db = Connections(
             self.path,
             durability=durability,
@@ -281,27 +274,15 @@ class SqliteQueue:
         return taken
 
     def _checkpoint_if_due(self) -> None:
-        """Checkpoint the ``-wal`` once it holds the normal size, after (not inside) a
-        delivering transaction: outside the process's write lock, so this process's appends
-        go on meanwhile (see ``wal.py``). PASSIVE: it waits for nobody."""
-        size = wal_bytes(self.path)
-        # A file no longer than the normal size holds at most that much log.
-        if size <= self.wal_budget.size_limit:
-            return
-        # A longer file may hold a long log, or a short one: a restarted log is rewritten
-        # from the start of the file it keeps (``wal.py``), and while producers commit
-        # without pause the log cannot restart at all (each writer began before the last
-        # checkpoint ended). Checkpointing after each lease and ack then copied the few
-        # frames since the last, with two fsyncs each time (~40 % of a flusher's time beside
-        # a busy producer). So again only once the file grew by another normal size since
-        # this queue's last checkpoint, or CHECKPOINT_EVERY passed, or the file shrank.
-        last, at = self._checkpointed
-        now = time.monotonic()
-        if last <= size < last + self.wal_budget.size_limit and now - at < CHECKPOINT_EVERY:
-            return
-        self._checkpointed = (size, now)
+        """After a delivering transaction: checkpoint once the log grew by the normal size."""
+        self._checkpoints.after_delivery()
+
+    def _run_checkpoint(self, truncate: bool) -> None:
+        """A PASSIVE (or TRUNCATE) checkpoint on this thread's connection; failures ignored
+        (a later one checkpoints again)."""
+        mode = "TRUNCATE" if truncate else "PASSIVE"
         with contextlib.suppress(sqlite3.Error, QueueError):
-            self._db.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+            self._db.read(lambda conn: checkpoint_for_space(conn, mode))
 
     def extend(self, lease: Lease) -> bool:
         """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
@@ -429,31 +410,14 @@ class SqliteQueue:
         """How many of the oldest ``limit`` messages are ready to lease, and the oldest's time.
 
         A poll that finds nothing ready also gives back the disk of a ``-wal`` grown past its
-        normal size (``_shrink_idle_log``).
+        normal size (``Checkpoints.when_idle``).
         """
         now_wall = time.time() if now is None else now
         self._index_tail()
         summary = self._db.read(lambda conn: ready.ready_summary(conn, limit, now_wall))
         if summary[0] == 0:
-            self._shrink_idle_log()
+            self._checkpoints.when_idle()
         return summary
-
-    def _shrink_idle_log(self) -> None:
-        """Cut a ``-wal`` past its normal size back to nothing, while nothing is to be sent.
-
-        A restarted log keeps its file (``wal.py``), so after a burst the file stays as big
-        as the burst made it (at most ``WalBudget.keep_limit``) until this TRUNCATE
-        checkpoint. It waits for nobody: with a writer or a reader of an older snapshot in
-        the way it gives up until a later idle poll (at most every ``SHRINK_EVERY``).
-        """
-        if wal_bytes(self.path) <= self.wal_budget.size_limit:
-            return
-        now = time.monotonic()
-        if now - self._shrunk_at < SHRINK_EVERY:
-            return
-        self._shrunk_at = now
-        with contextlib.suppress(sqlite3.Error, QueueError):
-            self._db.read(lambda conn: checkpoint_for_space(conn, "TRUNCATE"))
 
     def next_ready_at(
         self, *, up_to_id: int | None = None, destination: int | None = None

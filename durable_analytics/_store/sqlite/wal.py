@@ -29,11 +29,27 @@ against the cap (see ``WalBudget.excess``).
 from __future__ import annotations
 
 import os
+import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WalBudget", "open_readers", "wal_bytes"]
+__all__ = [
+    "CHECKPOINT_EVERY",
+    "SHRINK_EVERY",
+    "Checkpoints",
+    "WalBudget",
+    "log_frames",
+    "open_readers",
+    "wal_bytes",
+]
 
+#: The most often (seconds) a delivering connection checkpoints a ``-wal`` past its normal
+#: size when the log's frames cannot be counted (``Checkpoints.after_delivery``).
+CHECKPOINT_EVERY = 0.1
+#: The most often (seconds) an idle queue tries to give back a ``-wal`` past its normal size.
+SHRINK_EVERY = 1.0
 #: SQLite's default checkpoint size in pages, the most a delivering connection lets build up.
 _NORMAL_PAGES = 1000
 #: The fewest pages worth checkpointing at once (below, checkpoints cost more than they save).
@@ -91,6 +107,124 @@ def wal_bytes(path: Path) -> int:
         return os.stat(f"{path}-wal").st_size
     except OSError:
         return 0
+
+
+_WAL_MAGIC = (0x377F0682, 0x377F0683)
+_WAL_VERSION = 3007000
+_HEADER = struct.Struct(">IIIIII")  # magic, version, page size, checkpoint seq, salts
+_FRAME_SALTS = struct.Struct(">II")  # at offset 8 of each 24-byte frame header
+
+
+def log_frames(path: Path) -> tuple[tuple[int, int, int], int] | None:
+    """The ``-wal``'s current log: ``(its generation, how many frames it holds)``.
+
+    A log that restarts keeps its file (see the module docstring), so the file's size says
+    nothing of the log's length. The log's own frames carry the salts of the file's header
+    (SQLite's WAL format; a restart writes new salts, so frames of older logs never match),
+    and they run from the start of the file: a binary search over frame headers finds where
+    they end (about 15 reads of 8 bytes). The generation (checkpoint sequence and salts)
+    changes with each restart. ``None`` when there is no ``-wal`` or it is not one.
+
+    Only a hint for when to checkpoint: the file is read without SQLite's locks (the
+    ``-wal`` carries none; its ``-shm`` does, and opening and closing that file would drop
+    this process's locks on it), so a frame being written may or may not be counted.
+    """
+    try:
+        fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        head = os.pread(fd, _HEADER.size, 0)
+        if len(head) < _HEADER.size:
+            return None
+        magic, version, page_size, sequence, salt1, salt2 = _HEADER.unpack(head)
+        if magic not in _WAL_MAGIC or version != _WAL_VERSION or page_size < 512:
+            return None
+        frame = page_size + 24
+        size = os.fstat(fd).st_size
+        low, high = 0, max(0, (size - 32) // frame)  # frames [0, low) are the log's
+        while low < high:
+            mid = (low + high) // 2
+            salts = os.pread(fd, _FRAME_SALTS.size, 32 + mid * frame + 8)
+            if len(salts) == _FRAME_SALTS.size and _FRAME_SALTS.unpack(salts) == (salt1, salt2):
+                low = mid + 1
+            else:
+                high = mid
+        return (sequence, salt1, salt2), low
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+class Checkpoints:
+    """When one queue object's delivering connections checkpoint the ``-wal``.
+
+    ``run(truncate)`` runs a PASSIVE (or TRUNCATE) checkpoint on the calling thread's
+    connection (outside any transaction and outside the process's write lock).
+    """
+
+    def __init__(self, path: Path, budget: WalBudget, run: Callable[[bool], None]) -> None:
+        self.path = path
+        self.budget = budget
+        self._run = run
+        # At the last checkpoint: the log's generation and frames, the file's size, the
+        # monotonic time.
+        self._last: tuple[tuple[int, int, int] | None, int, int, float] = (
+            None,
+            0,
+            0,
+            -CHECKPOINT_EVERY,
+        )
+        self._shrunk_at = -SHRINK_EVERY  # monotonic time of the last idle TRUNCATE
+
+    def after_delivery(self) -> None:
+        """After a lease, ack or release: checkpoint (PASSIVE, waiting for nobody) once the
+        log grew by the normal size since this object's last checkpoint."""
+        size = wal_bytes(self.path)
+        # A file no longer than the normal size holds at most that much log.
+        if size <= self.budget.size_limit:
+            return
+        # A longer file may hold a long log or a short one: a restarted log is rewritten
+        # from the start of the file it keeps. Its frames are counted instead. While
+        # producers commit without pause the log cannot restart at all (each writer began
+        # before the last checkpoint ended): checkpointing after each lease and ack then
+        # copied the few frames since the last, with two fsyncs each time (~40 % of a
+        # flusher's time beside a busy producer). So again only once the log grew by another
+        # normal size since the last checkpoint, or restarted and grew that much since.
+        log = log_frames(self.path)
+        generation, frames, last_size, at = self._last
+        now = time.monotonic()
+        if log is not None:
+            grown = log[1] if log[0] != generation else log[1] - frames
+            if grown < self.budget.normal_pages:
+                return
+            self._last = (log[0], log[1], size, now)
+        else:
+            # Not readable as a log: by the file's growth, or every CHECKPOINT_EVERY (a
+            # restarted log cannot be told apart by the file's size).
+            if last_size <= size < last_size + self.budget.size_limit and (
+                now - at < CHECKPOINT_EVERY
+            ):
+                return
+            self._last = (None, 0, size, now)
+        self._run(False)
+
+    def when_idle(self) -> None:
+        """Nothing is to be sent: cut a ``-wal`` past its normal size back to nothing.
+
+        After a burst the kept file stays as big as the burst made it (at most
+        ``WalBudget.keep_limit``) until this TRUNCATE checkpoint. It waits for nobody: with
+        a writer or a reader of an older snapshot in the way it gives up until a later idle
+        poll (at most every ``SHRINK_EVERY``).
+        """
+        if wal_bytes(self.path) <= self.budget.size_limit:
+            return
+        now = time.monotonic()
+        if now - self._shrunk_at < SHRINK_EVERY:
+            return
+        self._shrunk_at = now
+        self._run(True)
 
 
 def open_readers(path: Path) -> list[str]:
