@@ -147,6 +147,8 @@ class PostgresQueue(QueueReads):
                 # the watchdog bounds the check, behind a lock held by a stuck migrator too.
                 with WATCHDOG.watching(conn, timeout) as watch:
                     self.instance = migrate(conn, self._sql, self.identity)
+                if watch.cut:  # cut in the instant the check ended: never to be used again
+                    conn.close()
             except psycopg.Error as exc:
                 if watch.cut:
                     raise QueueBusy(
@@ -190,6 +192,8 @@ class PostgresQueue(QueueReads):
                             with contextlib.suppress(psycopg.Error):
                                 conn.execute(b"ROLLBACK")
                         raise
+                if watch.cut:  # cut in the instant the call ended: never to be used again
+                    conn.close()
                 return result
         except psycopg.Error as exc:
             if watch is not None and watch.cut:
