@@ -277,7 +277,8 @@ class Client(ClientCalls, SettingsAttributes):
         process) are not sent before their time: a backoff ending within 5 seconds is waited
         for, until this flush meets a failure of its own; a longer one leaves them in
         ``pending``. With ``timeout`` it returns by then; within it, a backoff that ends
-        before the deadline is waited for, a longer one is not.
+        before the deadline is waited for, a longer one is not, and so is an ``on_error``
+        callback (which then runs on a helper thread, waited for at least 0.1 s).
 
         The counts are of the messages pending when flush was called, whoever delivered them
         meanwhile (this call, the flusher thread, another process): ``sent + dead_lettered +
