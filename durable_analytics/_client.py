@@ -345,7 +345,9 @@ class Client(ClientCalls, SettingsAttributes):
             flusher.stop(max(0.0, deadline - time.monotonic()))
             flusher.deliverer.transport.close()
         if process is not None:
-            process.stop(max(0.5, deadline - time.monotonic()))
+            # What is left of the budget, no more: a child still busy then (a server that
+            # hangs) is killed, and the holder-is-gone rule hands its leases on at once.
+            process.stop(max(0.0, deadline - time.monotonic()))
         return result
 
     def _idle_result(self) -> FlushResult:

@@ -23,7 +23,7 @@ from conftest import WRITE_KEY
 
 from durable_analytics import Client
 from durable_analytics import _flusher_process as flusher_process
-from durable_analytics._client_processes import spawn_drain
+from durable_analytics._client_processes import FlusherProcess, spawn_drain
 from durable_analytics._config import Config
 from durable_analytics.exceptions import ConfigError
 from durable_analytics.testing import Collector, Reply
@@ -280,3 +280,34 @@ def test_the_entry_point_starts_without_a_warning_and_refuses_a_bad_command_line
     assert result.returncode == 2, result.stderr
     assert "usage" in result.stderr
     assert "Warning" not in result.stderr
+
+
+def test_close_gives_the_flusher_process_only_what_is_left_of_its_timeout(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close(timeout)`` stops the flusher process within what is left of ``timeout``: it
+    gave the child at least half a second more (``close(timeout=1)`` took 1.5 s with the
+    child's request held by a server that hangs). With nothing left, the child is stopped
+    at once (killed if it has not exited), and its leases pass on as a dead holder's do."""
+    given: list[float] = []
+    real_stop = FlusherProcess.stop
+
+    def spy(self: FlusherProcess, timeout: float) -> None:
+        given.append(timeout)
+        real_stop(self, timeout)
+
+    monkeypatch.setattr(FlusherProcess, "stop", spy)
+    with Collector(WRITE_KEY, delay=60) as collector:
+        client = Client(
+            WRITE_KEY,
+            host=collector.url,
+            queue_path=queue_path,
+            flusher="process",
+            on_exit="none",
+        )
+        assert client.track("u", "Held")[0]
+        child = client._child
+        assert child is not None
+        client.close(timeout=0)
+        assert given == [0.0]
+        assert child.wait(30) is not None  # stopped (terminated or killed), not left running
