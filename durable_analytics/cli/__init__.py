@@ -12,7 +12,8 @@ Every error is one line on stderr, ``durable-analytics: error: ...``, and one of
 codes below (a traceback only with ``-v``):
 
     0    done (drain: nothing deliverable is left)
-    1    some messages could not be sent (server down, refused, timeout), or another failure
+    1    some messages could not be sent (server down, refused, timeout, the queue stayed
+         locked by another process), or another failure
     2    usage or configuration error: a bad option, bad JSON, a missing field or write key
     3    the queue file is missing (drain, status, dead-letters), unreadable or corrupt
     130  interrupted

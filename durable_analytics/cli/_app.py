@@ -29,7 +29,7 @@ from durable_analytics._config import (
 from durable_analytics._store import QueueBackend
 from durable_analytics._store import open_queue as open_backend
 from durable_analytics._version import __version__
-from durable_analytics.exceptions import ConfigError, QueueError, ValidationError
+from durable_analytics.exceptions import ConfigError, QueueBusy, QueueError, ValidationError
 
 from ._output import PROG, clear_progress_line, error_line
 
@@ -319,6 +319,11 @@ def _run_reporting_errors(run: Callable[[], Any]) -> int:
     except (click.Abort, KeyboardInterrupt):
         error_line("interrupted")
         return EXIT_INTERRUPTED
+    except QueueBusy as exc:
+        # Another process held the queue's lock past the wait (or the --timeout): the file
+        # is fine, what was to be done was not done. 3 would send an operator to the file.
+        error_line(str(exc))
+        return EXIT_UNDELIVERED
     except QueueError as exc:
         error_line(str(exc))
         return EXIT_QUEUE
@@ -347,7 +352,8 @@ def _run_reporting_errors(run: Callable[[], Any]) -> int:
 _EPILOG = """\b
 Exit codes:
   0    done (drain: nothing deliverable is left)
-  1    some messages could not be sent (server down, refused, timeout)
+  1    some messages could not be sent (server down, refused, timeout, or
+       the queue stayed locked by another process)
   2    usage or configuration error (bad option or JSON, missing field or key)
   3    the queue file is missing (nothing tracked there yet: see status
        --missing-ok), unreadable or corrupt

@@ -24,6 +24,8 @@ import durable_analytics
 from durable_analytics._config import Config
 from durable_analytics._drain import drain_queue
 from durable_analytics._store import open_queue
+from durable_analytics.cli import EXIT_UNDELIVERED
+from durable_analytics.cli import main as cli_main
 from durable_analytics.exceptions import QueueBusy
 from durable_analytics.testing import Collector, RecordingTransport
 
@@ -279,6 +281,31 @@ def test_drain_that_clears_backoffs_ends_by_its_timeout_while_a_lock_holder_is_f
     result = drain_queue(queue, config, ignore_backoff=True, transport=lambda: transport)
     assert result.left == 0
     assert sorted(transport.message_ids()) == [f"m-{i}" for i in range(5)]
+    queue.close()
+
+
+def test_drain_behind_a_frozen_lock_holder_exits_1_not_the_missing_queue_code(
+    frozen: tuple[Path, list[subprocess.Popen[str]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``durable-analytics drain --timeout`` that meets a queue another process keeps locked
+    past its deadline ends with exit code 1 (messages could not be sent: the queue stayed
+    busy), not 3 (missing or corrupt queue, which tells an operator to look at the file),
+    and says why. Nothing is lost."""
+    path, procs = frozen
+    queue = open_queue(Config.for_delivery(queue_path=path))
+    dest = queue.destination("https://api.example.test", WRITE_KEY)
+    for i in range(5):
+        queue.append(dest, b'{"messageId":"m-%d"}' % i)
+    queue.close()
+    procs.append(_frozen_writer(path))
+    code = cli_main(["drain", "--queue", str(path), "--timeout", "0.5", "--ignore-backoff"])
+    assert procs[-1].poll() is None  # still frozen when the drain ended
+    assert code == EXIT_UNDELIVERED
+    assert "stayed locked by another" in capsys.readouterr().err
+    os.kill(procs[-1].pid, signal.SIGKILL)
+    procs[-1].wait()
+    queue = open_queue(Config.for_delivery(queue_path=path))
+    assert queue.pending() == 5
     queue.close()
 
 
