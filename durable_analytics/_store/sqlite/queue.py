@@ -106,7 +106,6 @@ class SqliteQueue:
             max_queue_bytes // 10 if max_dead_letter_bytes is None else max_dead_letter_bytes
         )
         self._dest_cache: dict[tuple[str, str], int] = {}
-        #: The ``-wal``'s size and the monotonic time at this queue's last checkpoint.
         self._last_dest = 0  # the destination leased last: the next lease tries others first
         prepare_path(self.path)
         self.wal_budget = WalBudget.for_cap(max_queue_bytes)

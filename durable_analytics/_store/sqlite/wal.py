@@ -18,7 +18,9 @@ of the file. That commit keeps the file as it is up to ``keep_limit`` bytes
 (``journal_size_limit``): cutting it back there, on whichever commit restarted the log (most
 often a caller's append), took 4-5 ms of ``ftruncate`` on ext4, and the file then grew again
 block by block. A file past its normal size is given back while the queue is idle (a
-TRUNCATE checkpoint when a flusher finds nothing to send, ``SqliteQueue``).
+TRUNCATE checkpoint when a flusher finds nothing to send, ``Checkpoints.when_idle``), and
+since its size no longer tells the log's length, the log's frames are counted
+(``log_frames``) to know when it grew by the normal size.
 
 Both sizes scale down with ``max_queue_bytes`` so that the ``-wal`` stays a small part of
 the cap. A reader that holds an old snapshot open (an ``sqlite3`` shell, a backup, a stopped
