@@ -207,3 +207,40 @@ def test_a_forked_child_does_not_wait_for_the_parents_hung_lookup() -> None:
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0"]
+
+
+def test_a_lookup_runs_on_the_callers_thread_where_no_thread_can_start(
+    fake_dns: FakeResolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``Thread.start`` refuses (interpreter exit on CPython 3.12.0-3.12.2, imitated
+    here on this interpreter), the lookup still answers, on the caller's own thread."""
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    found = Resolver().addresses("exit.test", 80, time.monotonic() + 5)
+    assert found[0][4] == ("127.0.0.1", 80)
+    assert fake_dns.calls == ["exit.test"]
+
+
+def test_an_exit_delivers_to_a_host_given_by_name(collector: Collector, queue_path: Path) -> None:
+    """A script that tracks one event and exits delivers it to ``http://localhost:port``
+    (a name, so looked up): on CPython 3.12.0-3.12.2, where no thread starts at exit, the
+    lookup runs in the exit's own thread (it was lost to a RuntimeError there, the message
+    left on disk)."""
+    result = run_python(
+        f"""
+        from durable_analytics import Client
+        client = Client({WRITE_KEY!r}, host="http://localhost:{_port(collector.url)}",
+                        queue_path={str(queue_path)!r}, flusher="none", shutdown_timeout=5)
+        client.track("user-1", "Signed Up")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert [m["event"] for m in collector.messages()] == ["Signed Up"]
+    queue = durable_analytics.Client(
+        WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+    )
+    assert queue.queue.pending() == 0
+    queue.close(timeout=0)

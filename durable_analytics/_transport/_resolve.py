@@ -14,16 +14,22 @@ request: the batch stays queued).
   deadline) still lets delivery go on. Failures are not kept: the next caller asks again.
 - Addresses (``127.0.0.1``, ``::1``) skip the thread: the system answers those at once.
 - After a fork the child starts empty (a lookup thread of the parent does not run there).
+- Where no thread can start (interpreter exit on CPython 3.12.0-3.12.2) the lookup runs on
+  the caller's thread, bounded only by the resolver, as it did before: an exit there still
+  reaches a host given by name (``_bounded_call.Background``).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
 import threading
 import time
 from typing import Any
+
+from durable_analytics._bounded_call import Background
 
 from ._answer import remaining
 
@@ -33,33 +39,11 @@ __all__ = ["TTL", "LookupTimeout", "Resolver"]
 TTL = 30.0
 
 _AddrInfo = list[tuple[Any, ...]]
+_Lookup = Background[_AddrInfo]
 
 
 class LookupTimeout(TimeoutError):
     """The name lookup did not answer before the deadline."""
-
-
-class _Lookup:
-    """One ``getaddrinfo`` call on its own thread, and its answer once it has one."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.done = threading.Event()
-        self.answer: _AddrInfo | None = None
-        self.error: BaseException | None = None
-        self.finished_at = 0.0
-        thread = threading.Thread(
-            target=self._run, args=(host, port), name="durable-analytics-resolve", daemon=True
-        )
-        thread.start()
-
-    def _run(self, host: str, port: int) -> None:
-        try:
-            self.answer = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except BaseException as exc:  # handed to the caller that waits for it
-            self.error = exc
-        finally:
-            self.finished_at = time.monotonic()
-            self.done.set()
 
 
 def _numeric(host: str, port: int) -> _AddrInfo | None:
@@ -90,18 +74,21 @@ class Resolver:
         if numeric is not None:
             return numeric
         key = (host, port)
+        new = None
         with self._lock:
             if self._pid != os.getpid():
                 self._lookups = {}
                 self._pid = os.getpid()
             lookup = self._lookups.get(key)
             if lookup is None or (
-                lookup.done.is_set()
-                and (lookup.error is not None or time.monotonic() - lookup.finished_at > TTL)
+                lookup.done and (lookup.failed or time.monotonic() - lookup.finished_at > TTL)
             ):
-                lookup = self._lookups[key] = _Lookup(host, port)
-        if not lookup.done.wait(remaining(deadline)):
+                lookup = new = self._lookups[key] = Background(
+                    functools.partial(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM),
+                    "durable-analytics-resolve",
+                )
+        if new is not None:
+            new.start()  # outside the lock: where no thread can start, it runs right here
+        if not lookup.wait(remaining(deadline)):
             raise LookupTimeout(f"looking up {host!r} took longer than the time left")
-        if lookup.error is not None or lookup.answer is None:
-            raise lookup.error or ConnectionError(f"no address for {host!r}")
-        return lookup.answer
+        return lookup.result()
