@@ -23,6 +23,15 @@ from .sqlite_helpers import HOST, KEY, body_of_size
 CAP = 2 * 1024 * 1024
 
 
+def deliver_batches(q: Queue, batches: int) -> None:
+    """Lease ``batches`` batches of 20 messages in turn and acknowledge each (what a
+    delivering connection does); each must find messages to lease."""
+    for _ in range(batches):
+        lease = q.lease(20, 500_000)
+        assert lease is not None
+        q.ack(lease)
+
+
 def _file_bytes(path: Path) -> int:
     return path.stat().st_size
 
@@ -54,12 +63,7 @@ def test_producer_appends_leave_the_checkpoint_to_the_delivering_connection(
     assert grown > budget.normal_pages * frame  # nobody checkpointed on the call path
     salt = _wal_salt(path)
 
-    def deliver() -> None:
-        lease = q.lease(20, 500_000)
-        assert lease is not None
-        q.ack(lease)
-
-    t = threading.Thread(target=deliver)
+    t = threading.Thread(target=deliver_batches, args=(q, 1))
     t.start()
     t.join()
     q.append(dest, body_of_size(n, 200))
@@ -210,13 +214,7 @@ def test_a_reader_pinning_the_wal_is_named_and_the_cap_drops_new_messages(
     # The reader is gone: a flusher's next deliveries checkpoint and reset the log, and
     # appends are stored again.
 
-    def deliver() -> None:
-        for _ in range(3):
-            lease = q.lease(20, 500_000)
-            assert lease is not None
-            q.ack(lease)
-
-    t = threading.Thread(target=deliver)
+    t = threading.Thread(target=deliver_batches, args=(q, 3))
     t.start()
     t.join()
     assert q.stats().wal_bytes <= q.wal_budget.allowance
@@ -328,10 +326,7 @@ def test_a_restarted_log_in_a_long_file_is_not_checkpointed_after_every_lease_an
     grown = wal_bytes(path)
     assert grown > budget.size_limit
     salt = _wal_salt(path)
-    for _ in range(2):
-        lease = q.lease(20, 500_000)
-        assert lease is not None
-        q.ack(lease)
+    deliver_batches(q, 2)
     assert _wal_salt(path) != salt  # restarted...
     assert wal_bytes(path) >= grown  # ...in the file it kept: not cut back
     checkpoints: list[str] = []
@@ -339,10 +334,7 @@ def test_a_restarted_log_in_a_long_file_is_not_checkpointed_after_every_lease_an
         lambda sql: checkpoints.append(sql) if "wal_checkpoint" in sql else None
     )
     cycles = 20  # ~2 pages a transaction: far below the normal size of 1000 pages
-    for _ in range(cycles):
-        lease = q.lease(20, 500_000)
-        assert lease is not None
-        q.ack(lease)
+    deliver_batches(q, cycles)
     conn.set_trace_callback(None)
     assert checkpoints == []
     assert q.pending() == budget.normal_pages * 2 - 20 * (cycles + 2)
@@ -363,10 +355,7 @@ def test_the_log_is_counted_by_its_frames_in_a_file_kept_longer(tmp_path: Path) 
     assert first is not None
     frame = 4096 + 24
     assert first[1] == (wal_bytes(path) - 32) // frame  # every frame of the file is the log's
-    for _ in range(2):  # a lease/ack checkpoints, the next commit restarts the log
-        lease = q.lease(20, 500_000)
-        assert lease is not None
-        q.ack(lease)
+    deliver_batches(q, 2)  # a lease/ack checkpoints, the next commit restarts the log
     again = log_frames(path)
     assert again is not None
     assert again[0] != first[0]
@@ -391,10 +380,7 @@ def test_a_restarted_log_in_a_long_file_is_checkpointed_once_it_grows_by_the_nor
     budget = q.wal_budget
     dest = q.destination(HOST, KEY)
     conn = grow_the_log(q, dest, budget.normal_pages * 3)
-    for _ in range(2):
-        lease = q.lease(20, 500_000)
-        assert lease is not None
-        q.ack(lease)
+    deliver_batches(q, 2)
     restarted = log_frames(path)
     assert restarted is not None
     assert restarted[1] < 50
@@ -405,16 +391,12 @@ def test_a_restarted_log_in_a_long_file_is_checkpointed_once_it_grows_by_the_nor
     # A frame or two per append: well under the normal size, no checkpoint yet.
     for i in range(budget.normal_pages * 4 // 10):
         q.append(dest, body_of_size(i, 200))
-    lease = q.lease(20, 500_000)
-    assert lease is not None
-    q.ack(lease)
+    deliver_batches(q, 1)
     assert checkpoints == []
     # Past the normal size: the next lease/ack checkpoints.
     for i in range(budget.normal_pages * 8 // 10):
         q.append(dest, body_of_size(i, 200))
-    lease = q.lease(20, 500_000)
-    assert lease is not None
-    q.ack(lease)
+    deliver_batches(q, 1)
     conn.set_trace_callback(None)
     assert checkpoints == ["PRAGMA wal_checkpoint(PASSIVE)"]
     q.close()
@@ -440,10 +422,7 @@ def test_a_log_that_cannot_restart_is_not_checkpointed_after_every_lease_and_ack
     conn.set_trace_callback(
         lambda sql: checkpoints.append(sql) if "wal_checkpoint" in sql else None
     )
-    for _ in range(20):
-        lease = q.lease(20, 500_000)
-        assert lease is not None
-        q.ack(lease)
+    deliver_batches(q, 20)
     conn.set_trace_callback(None)
     assert wal_bytes(path) > budget.size_limit
     assert len(checkpoints) == 1
