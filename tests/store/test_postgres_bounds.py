@@ -65,6 +65,20 @@ def stalls() -> Iterator[list[Stall]]:
         stall.end()
 
 
+def _client(collector: Collector, url: str) -> Client:
+    """A Client on the PostgreSQL queue whose own waits are long (``timeout`` 60 s): only
+    the deadline of the call under test can end them early."""
+    return Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_url=url,
+        flusher="none",
+        on_exit="none",
+        timeout=60,
+        lease_timeout=120,
+    )
+
+
 def test_flush_returns_by_its_timeout_while_another_connection_locks_the_queue(
     pg_dsn: str, url: str, pg_schema: str, stalls: list[Stall]
 ) -> None:
@@ -72,15 +86,7 @@ def test_flush_returns_by_its_timeout_while_another_connection_locks_the_queue(
     ``timeout`` at 60 s, ``flush(timeout=0.5)`` returns (or raises ``QueueBusy``) while the
     lock is still held: each statement gets what is left of the flush, not 60 s."""
     with Collector(WRITE_KEY) as collector:
-        client = Client(
-            WRITE_KEY,
-            host=collector.url,
-            queue_url=url,
-            flusher="none",
-            on_exit="none",
-            timeout=60,
-            lease_timeout=120,
-        )
+        client = _client(collector, url)
         for i in range(5):
             assert client.track("u", "Kept", {"i": i})[0]
         other = psycopg.connect(pg_dsn, autocommit=True)
@@ -138,15 +144,7 @@ def test_a_flush_of_a_client_whose_server_process_is_stopped_returns_by_its_time
     """The Client's ``flush(timeout=0.5)`` with its queue's server process stopped returns,
     or raises a ``QueueError``, while that process is still stopped."""
     with Collector(WRITE_KEY) as collector:
-        client = Client(
-            WRITE_KEY,
-            host=collector.url,
-            queue_url=url,
-            flusher="none",
-            on_exit="none",
-            timeout=60,
-            lease_timeout=120,
-        )
+        client = _client(collector, url)
         assert client.track("u", "Kept")[0]
         queue = client.queue
         assert isinstance(queue, PostgresQueue)
