@@ -136,7 +136,8 @@ class Client(ClientCalls, SettingsAttributes):
         self._queue: QueueBackend | None = None
         self._dest = 0
         if self._send:
-            self._queue = open_queue(config, recover=recover)
+            # sync_mode delivers up to the id its append returned: no spool for it.
+            self._queue = open_queue(config, recover=recover, spool=not config.sync_mode)
             self._dest = self._queue.destination(config.host, config.write_key)
         self._flusher: Flusher | None = None
         self._process: FlusherProcess | None = None

@@ -407,6 +407,7 @@ def test_stats_has_the_documented_names(
         "last_error",
         "destinations",
         "wal_bytes",
+        "spooled",
     ]
     collector.set_default(503)
     client = make_client(flusher="none", max_retries=0)

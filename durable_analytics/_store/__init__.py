@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 
-def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
+def open_queue(config: Config, *, recover: bool = False, spool: bool = False) -> QueueBackend:
     """Open the queue ``config.queue_url`` or ``config.queue_path`` names.
 
     With the config's size cap, overflow, durability and lease timeout. A ``postgresql://``
@@ -55,6 +55,8 @@ def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
     ``":memory:"`` is the in-memory backend (this process only, gone when it ends); any
     other path is an SQLite file. ``recover=True`` (the Client's choice) moves a damaged
     SQLite file aside and salvages it; ``False`` (the CLI's) raises ``QueueCorrupt``.
+    ``spool=True`` (the Client's, unless ``sync_mode``): an SQLite append that would wait
+    for the file's write lock goes to this process's spool (``sqlite/spool.py``).
     """
     if config.queue_url is not None:
         # Imported here: psycopg is optional (ConfigError naming the extra when missing).
@@ -92,4 +94,5 @@ def open_queue(config: Config, *, recover: bool = False) -> QueueBackend:
         lease_timeout=config.lease_timeout,
         busy_timeout=config.busy_timeout,
         recover=recover,
+        spool=spool,
     )

@@ -153,6 +153,9 @@ class QueueStats:
     #: MB at most; more means a reader holds an old snapshot open and no checkpoint can
     #: give the space back (it then counts against ``max_queue_bytes``).
     wal_bytes: int = 0
+    #: Messages stored in the spools of SQLite queue's producers and not yet moved into the
+    #: file (counted in ``pending`` too; see ``docs/ARCHITECTURE.md``, "Spools").
+    spooled: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the same names as the fields."""

@@ -54,7 +54,8 @@ def status_command(
     once it delivers again. `--json` prints
     the same names as `Client.stats()`: pending, leased, dead_letters, bytes,
     oldest_age_seconds, dropped, last_error, destinations, wal_bytes (the size of the
-    queue's -wal file). `--format prometheus` prints them as durable_analytics_* metrics
+    queue's -wal file), spooled (messages in producers' spools not yet moved into the
+    file, counted in pending too). `--format prometheus` prints them as durable_analytics_* metrics
     labelled with the queue; write it to a temporary file and rename it into the textfile
     collector's directory.
 
@@ -114,6 +115,10 @@ def format_status(
         ("dropped", f"{stats.dropped:,} (by the max_queue_bytes cap)"),
         ("-wal file", human_bytes(stats.wal_bytes)),
     ]
+    if stats.spooled:
+        rows.append(
+            ("spooled", f"{stats.spooled:,} (in producers' spools, moved at the next poll)")
+        )
     rows.append(("last error", last_error_text(stats, time.time() if now is None else now)))
     if health is not None:
         oldest = health.get("oldest_transaction_seconds")

@@ -44,6 +44,7 @@ def test_status_text_and_json(runner: CliRunner, queue_path: Path, collector: Co
         "last_error",
         "destinations",
         "wal_bytes",
+        "spooled",
     }
     assert data["pending"] == 7
     assert "-wal file" in text.stdout

@@ -139,6 +139,7 @@ def test_stats_counts_pending_leased_dead_letters_bytes_and_age(queue: Queue, de
         "last_error",
         "destinations",
         "wal_bytes",
+        "spooled",
     }
 
 

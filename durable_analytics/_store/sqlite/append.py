@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, overload
 
 from durable_analytics._store.drops import DropWarnings
 from durable_analytics.exceptions import QueueCorrupt, QueueDiskFull
@@ -62,8 +62,12 @@ class Appender:
         page_size: Callable[[], int],
         wal: WalBudget,
         max_queue_size: int | None = None,
+        capped: bool = True,
     ) -> None:
         self.db = db
+        #: False for a spool (``spool.py``): its appends never measure the file; the queue's
+        #: own appender counts what is spooled (``count_stored``).
+        self.capped = capped
         self.wal = wal
         self.max_queue_size = max_queue_size
         self.est_count = 0
@@ -137,8 +141,69 @@ class Appender:
         self.since_count += 1
         return row_id or 0
 
-    def _insert(self, row: tuple[int, bytes, int, float], nested: bool) -> int:
-        """The INSERT of ``append``, under the write lock, in autocommit under the fence."""
+    def try_append(self, dest_id: int, body: bytes, enqueued_at: float) -> int | None:
+        """Store one message only if that needs no wait; None if it would have to wait.
+
+        None (nothing stored) while another thread of this process or another process holds
+        the write lock, and whenever the append would have to measure the file for the cap:
+        the caller then stores it elsewhere (``spool.py``) or waits in ``append``.
+        """
+        size = len(body)
+        write_lock = self.db.write_lock
+        if (
+            (self.capped and not self.fast(size))
+            or owned(write_lock)
+            or owned(self.db.read_lock)
+            or not write_lock.acquire(blocking=False)
+        ):
+            return None
+        try:
+            row_id = self._insert((dest_id, body, size, enqueued_at), False, wait=False)
+        except QueueCorrupt:
+            return None  # ``append`` meets it again and recovers
+        finally:
+            write_lock.release()
+        if row_id is None:
+            return None
+        self.count_stored(size)
+        return row_id
+
+    def fast(self, size: int) -> bool:
+        """Whether an append of ``size`` bytes may skip measuring the file for the caps."""
+        cap = self.max_queue_size
+        return not (
+            self.since_refresh >= _REFRESH_BYTES
+            or self.est_used + size + _EXACT_ZONE > self.max_queue_bytes
+            or (
+                cap is not None
+                and (self.since_count >= _REFRESH_COUNT or self.est_count + _COUNT_ZONE >= cap)
+            )
+        )
+
+    def count_stored(self, size: int) -> None:
+        """Count a message of ``size`` bytes stored (here, or in this process's spool) in
+        the estimates of the file's size and count."""
+        grown = size + ROW_OVERHEAD
+        self.est_used += grown
+        self.since_refresh += grown
+        self.est_count += 1
+        self.since_count += 1
+
+    @overload
+    def _insert(self, row: tuple[int, bytes, int, float], nested: bool) -> int: ...
+
+    @overload
+    def _insert(
+        self, row: tuple[int, bytes, int, float], nested: bool, *, wait: bool
+    ) -> int | None: ...
+
+    def _insert(
+        self, row: tuple[int, bytes, int, float], nested: bool, *, wait: bool = True
+    ) -> int | None:
+        """The INSERT of ``append``, under the write lock, in autocommit under the fence.
+
+        ``wait=False``: None instead of waiting for another connection's lock.
+        """
         if nested:
             self.db.refuse_interrupted()
         else:
@@ -153,7 +218,10 @@ class Appender:
         if not conn.producer:
             self.db.as_producer(conn, True)
         fence = self.db.fence
-        fence.enter()
+        if wait:
+            fence.enter()
+        elif not fence.try_enter():
+            return None  # a recovery holds the directory
         try:
             # (What ``fenced`` does, without a closure per call.)
             return conn.execute(INSERT, row).lastrowid or 0
@@ -161,6 +229,8 @@ class Appender:
             failed = exc
         finally:
             fence.leave()
+        if not wait and errorcode(failed) in (SQLITE_BUSY, SQLITE_LOCKED):
+            return None
         return self._insert_failed(conn, failed, row, nested)
 
     def _insert_failed(

@@ -44,6 +44,7 @@ from .dead_letters import DeadLetters
 from .files import checkpoint_for_space, narrow_modes, prepare_path
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
+from .spool import Spools
 from .wal import Checkpoints, WalBudget, wal_bytes
 
 __all__ = ["SqliteQueue"]
@@ -93,6 +94,7 @@ class SqliteQueue:
         recover: bool = False,
         max_dead_letter_bytes: int | None = None,
         max_queue_size: int | None = None,
+        spool: bool = False,
     ) -> None:
         self.path = Path(os.fspath(path)).expanduser().absolute()
         self.max_queue_size = max_queue_size
@@ -106,6 +108,7 @@ class SqliteQueue:
             max_queue_bytes // 10 if max_dead_letter_bytes is None else max_dead_letter_bytes
         )
         self._dest_cache: dict[tuple[str, str], int] = {}
+        self._dest_names: dict[int, tuple[str, str]] = {}
         self._last_dest = 0  # the destination leased last: the next lease tries others first
         prepare_path(self.path)
         self.wal_budget = WalBudget.for_cap(max_queue_bytes)
@@ -140,6 +143,39 @@ class SqliteQueue:
         )
         self._recovery.open_file()
         narrow_modes(self.path)  # it proved to be a queue: only now touch its mode
+        #: Appends that would wait for the write lock go to this process's spool (spool.py);
+        #: every queue object moves spools into the file, whether it spools or not.
+        self.spooling = spool
+        self._spools: Spools | None = Spools(self.path, self._open_spool)
+
+    def _open_spool(self, path: Path) -> SqliteQueue:
+        """A spool file: the queue's schema, never measured for the caps (``spool.py``)."""
+        spool = SqliteQueue(
+            path,
+            durability=self.durability,
+            lease_timeout=self.lease_timeout,
+            busy_timeout=self.busy_timeout,
+        )
+        spool._appender.capped = False
+        spool._spools = None  # a spool has no spools of its own
+        return spool
+
+    def move_spools(self, *, others: bool = True, scan_now: bool = False) -> int:
+        """Move spooled messages into the file: this process's, and with ``others`` every
+        process's (see ``spool.py``); returns how many were moved."""
+        spools = self._spools
+        return 0 if spools is None else spools.move(self, others=others, scan_now=scan_now)
+
+    def _move_own_spool(self) -> None:
+        spools = self._spools
+        if spools is not None and spools.has_unmoved():
+            spools.move(self, others=False)
+
+    def _note_destinations(self, known: dict[tuple[str, str], int]) -> None:
+        """Destinations a committed transaction found or created (``spool.py``)."""
+        for key, dest_id in known.items():
+            self._dest_cache[key] = dest_id
+            self._dest_names[dest_id] = key
 
     def __repr__(self) -> str:
         return f"SqliteQueue({str(self.path)!r}, durability={self.durability!r})"
@@ -182,6 +218,7 @@ class SqliteQueue:
         key = (host, write_key)
         cached = self._dest_cache.get(key)
         if cached is not None:
+            self._dest_names[cached] = key
             return cached
 
         def find(conn: sqlite3.Connection) -> int | None:
@@ -203,6 +240,7 @@ class SqliteQueue:
         if dest_id is None:
             dest_id = self._db.write(find_or_create)
         self._dest_cache[key] = dest_id
+        self._dest_names[dest_id] = key
         return dest_id
 
     def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
@@ -211,8 +249,25 @@ class SqliteQueue:
         Returns 0 when the ``max_queue_bytes`` cap dropped it (``overflow="drop_newest"``);
         with ``"drop_oldest"`` the oldest unleased messages make room instead. Both are counted.
         Raises ``QueueDiskFull`` when the disk is full (nothing committed before is affected).
+
+        With ``spool=True``, an append that would wait for the write lock (a lease or an ack
+        of another thread or process holds it) commits to this process's spool instead and
+        returns that row's id negated; it is moved into the file by the next delivery.
         """
-        return self._appender.append(dest_id, body, enqueued_at)
+        appender = self._appender
+        spools = self._spools
+        if not self.spooling or spools is None:
+            return appender.append(dest_id, body, enqueued_at)
+        when = time.time() if enqueued_at is None else enqueued_at
+        row_id = appender.try_append(dest_id, body, when)
+        if row_id is not None:
+            return row_id
+        if appender.fast(len(body)):
+            spooled = spools.try_append(self, dest_id, self._dest_names.get(dest_id), body, when)
+            if spooled is not None:
+                appender.count_stored(len(body))
+                return spooled
+        return appender.append(dest_id, body, when)
 
     # ---------------------------------------------------------------- leases
 
@@ -235,6 +290,7 @@ class SqliteQueue:
         A destination in backoff (``set_backoff``) yields nothing until its time comes.
         """
         now_wall = time.time() if now is None else now
+        self._move_own_spool()
         taken = self._db.write(
             lambda conn: self._take(
                 conn, max_messages, max_bytes, destination, up_to_id, now_wall, per_message_overhead
@@ -336,6 +392,7 @@ class SqliteQueue:
         is one a dead holder took, leased again at once.
         """
         now_wall = time.time() if now is None else now
+        self._move_own_spool()
 
         def run(conn: sqlite3.Connection) -> tuple[int, Lease | None]:
             deleted = self._ack(conn, lease, None)
@@ -412,6 +469,7 @@ class SqliteQueue:
         normal size (``Checkpoints.when_idle``).
         """
         now_wall = time.time() if now is None else now
+        self.move_spools()
         self._index_tail()
         summary = self._db.read(lambda conn: ready.ready_summary(conn, limit, now_wall))
         if summary[0] == 0:
@@ -521,7 +579,11 @@ class SqliteQueue:
     # ---------------------------------------------------------------- inspection
 
     def max_id(self) -> int:
-        """The id of the newest message (0 when empty): ``flush`` waits for ids up to it."""
+        """The id of the newest message (0 when empty): ``flush`` waits for ids up to it.
+
+        Spooled messages (``spool.py``) are moved into the file first, so they are counted.
+        """
+        self.move_spools(scan_now=True)
         row = self._db.read(lambda conn: conn.execute("SELECT max(id) FROM messages").fetchone())
         return int(row[0] or 0)
 
@@ -541,8 +603,11 @@ class SqliteQueue:
         """Counts and health of the queue (see ``QueueStats``)."""
         now = time.time()
         found = self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now))
+        spooled = 0 if self._spools is None else self._spools.count(self)
         return dataclasses.replace(
             found,
+            pending=found.pending + spooled,
+            spooled=spooled,
             dropped=found.dropped + self._appender.unsaved_drops,
             wal_bytes=wal_bytes(self.path),
         )

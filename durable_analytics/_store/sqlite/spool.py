@@ -1,0 +1,440 @@
+"""Spools: where an append goes while the queue file's write lock is taken.
+
+SQLite has one write lock per file. A delivering transaction (a lease, an ack, a fold of the
+index) holds it for 0.1-1 ms, and an append that waited for it was the slowest of a
+producer's calls: about one call in twenty while a flusher or a worker delivered. So an
+append that would wait commits instead to a small queue file of this process's own, its
+*spool* (``<queue>.spool/<pid>-<random>.db``, the queue's schema), which only this process
+appends to: a commit there, like one in the queue, is durable before ``track()`` returns.
+
+Whoever delivers moves spooled messages into the queue in bulk: this process's flusher
+before each lease, ``flush()`` and ``drain`` before they look at what is pending, and every
+poll of a flusher, a ``worker`` or a ``drain`` process (the spools of every process, at most
+every ``SCAN_EVERY``). A move is exactly once, whoever makes it and wherever it stops: the
+transaction that inserts a chunk of rows into the queue also records, in the queue's
+``counters`` table (``spool:<name>``), the id of the last row it moved; the next move starts
+after it, and only then are the moved rows deleted from the spool. A mover killed between
+the two commits leaves rows that no later move takes again; two movers serialize on the
+queue's write lock and each starts after the other's record. The spool's newest moved row is
+kept: ids of a table without AUTOINCREMENT start again after the largest one left, and a new
+row must never get an id at or below the record.
+
+A spool's owner holds an exclusive ``flock`` on ``<name>.lock`` for its life. A mover that
+can take that lock knows the owner is gone: once everything was moved it deletes the files
+and the record. A process forked from the owner starts a spool of its own.
+
+What bounds a spool: an append spools only on the queue's fast path (far from the caps:
+near them it waits and measures, as before) and while this process has fewer than
+``MOST_SPOOLED`` rows not yet moved; past that it waits for the queue file's lock, as
+before. A spool that cannot be created or is damaged turns spooling off in this process
+(logged once): appends then wait, as before; nothing stored is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from durable_analytics.exceptions import QueueError
+
+from .files import make_private_dirs
+
+if TYPE_CHECKING:
+    from .queue import SqliteQueue
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["MOST_SPOOLED", "MOVE_ROWS", "SCAN_EVERY", "Spools", "spool_dir"]
+
+logger = logging.getLogger("durable_analytics.queue")
+
+#: Rows moved into the queue per transaction (appends wait for at most one chunk).
+MOVE_ROWS = 256
+#: Most rows this process keeps spooled before its appends wait for the queue file instead.
+MOST_SPOOLED = 1024
+#: How often a poll looks for other processes' spools (seconds).
+SCAN_EVERY = 0.05
+#: The prefix of a spool's record in the queue's ``counters`` table.
+RECORD = "spool:"
+
+_SELECT = (
+    "SELECT m.id, d.host, d.write_key, m.body, m.size, m.enqueued_at "
+    "FROM messages m JOIN destinations d ON d.id = m.dest "
+    "WHERE m.id > ? ORDER BY m.id LIMIT ?"
+)
+_RECORD_SET = (
+    "INSERT INTO counters (name, value) VALUES (?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
+
+
+def spool_dir(path: Path) -> Path:
+    """The directory of the spools of the queue file ``path``."""
+    return path.with_name(path.name + ".spool")
+
+
+def _dest_in(conn: sqlite3.Connection, host: str, write_key: str) -> int:
+    """The queue's id of a destination, created if new (inside the caller's transaction)."""
+    row = conn.execute(
+        "SELECT id FROM destinations WHERE host = ? AND write_key = ?", (host, write_key)
+    ).fetchone()
+    if row is not None:
+        return int(row[0])
+    cur = conn.execute(
+        "INSERT INTO destinations (host, write_key) VALUES (?, ?)", (host, write_key)
+    )
+    return int(cur.lastrowid or 0)
+
+
+def _record(conn: sqlite3.Connection, name: str) -> tuple[int] | None:
+    row: tuple[int] | None = conn.execute(
+        "SELECT value FROM counters WHERE name = ?", (name,)
+    ).fetchone()
+    return row
+
+
+def _delete_moved(conn: sqlite3.Connection, last: int) -> None:
+    # Keep the newest moved row: new ids must stay above the record.
+    conn.execute("DELETE FROM messages WHERE id < ?", (last,))
+
+
+def _owner_gone(lock_path: Path) -> int:
+    """A descriptor holding the spool's owner lock (its owner is gone), or -1 (alive)."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        return -1
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return -2  # no lock file: its owner never took it, or a mover removed it
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+class Spools:
+    """This process's spool of one queue, and the moves of every spool into the queue."""
+
+    def __init__(self, path: Path, opener: Callable[[Path], SqliteQueue]) -> None:
+        self.path = path
+        self.dir = spool_dir(path)
+        self._opener = opener
+        self._own: SqliteQueue | None = None
+        self._own_name = ""
+        self._lock_fd = -1
+        self._off = False
+        #: Destinations of the queue -> their ids in this process's spool.
+        self._dests: dict[int, int] = {}
+        #: The newest id appended to this process's spool, and the newest moved from it.
+        self.last_spooled = 0
+        self.moved_upto = 0
+        self._looked = -math.inf  # when the record was last read (``_moved_elsewhere``)
+        self._others: dict[str, SqliteQueue] = {}
+        self._bad: set[str] = set()
+        self._scanned = -math.inf
+        self._moving = threading.Lock()
+        self._creating = threading.Lock()
+        _registry.add(self)
+
+    # ---------------------------------------------------------------- appending
+
+    def try_append(
+        self,
+        queue: SqliteQueue,
+        dest_id: int,
+        names: tuple[str, str] | None,
+        body: bytes,
+        when: float,
+    ) -> int | None:
+        """Store one message in this process's spool without waiting; None if it cannot.
+
+        ``names`` is the destination's (host, write key). Returns the spool row's id,
+        negated (a queue row id is positive).
+        """
+        if self._off or names is None:
+            return None
+        if self.last_spooled - self.moved_upto >= MOST_SPOOLED and not self._moved_elsewhere(queue):
+            return None
+        own = self._own
+        try:
+            if own is None:
+                own = self._create()
+                if own is None:
+                    return None
+            spool_dest = self._dests.get(dest_id)
+            if spool_dest is None:
+                spool_dest = own.destination(*names)
+                self._dests[dest_id] = spool_dest
+            row_id = own._appender.try_append(spool_dest, body, when)
+        except (QueueError, OSError, sqlite3.Error) as exc:
+            self._turn_off(exc)
+            return None
+        if row_id is None:
+            return None
+        self.last_spooled = max(self.last_spooled, row_id)
+        return -row_id
+
+    def _moved_elsewhere(self, queue: SqliteQueue) -> bool:
+        """Whether another process moved this one's spool below the bound (read at most
+        every ``SCAN_EVERY`` while at the bound: a worker moves it without telling us)."""
+        now = time.monotonic()
+        if now - self._looked < SCAN_EVERY:
+            return False
+        self._looked = now
+        try:
+            row = queue._db.read(partial(_record, name=RECORD + self._own_name))
+        except QueueError:
+            return False
+        if row is not None:
+            self.moved_upto = max(self.moved_upto, int(row[0]))
+        return self.last_spooled - self.moved_upto < MOST_SPOOLED
+
+    def _create(self) -> SqliteQueue | None:
+        with self._creating:
+            if self._own is not None or self._off:
+                return self._own
+            name = f"{os.getpid()}-{secrets.token_hex(6)}"
+            make_private_dirs(self.dir)
+            lock_path = self.dir / f"{name}.lock"
+            fd = os.open(
+                lock_path,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0),
+                0o600,
+            )
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                own = self._opener(self.dir / f"{name}.db")
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()
+                raise
+            self._lock_fd = fd
+            self._own_name = name
+            self._own = own
+            return own
+
+    def _turn_off(self, exc: BaseException) -> None:
+        if not self._off:
+            self._off = True
+            logger.warning(
+                "appends to %s wait for the queue file's lock from now on in this process: "
+                "its spool in %s failed (%s)",
+                self.path,
+                self.dir,
+                exc,
+            )
+
+    # ---------------------------------------------------------------- moving
+
+    def has_unmoved(self) -> bool:
+        """Whether this process spooled rows not moved yet (no I/O)."""
+        return self.last_spooled > self.moved_upto
+
+    def move(self, queue: SqliteQueue, *, others: bool, scan_now: bool = False) -> int:
+        """Move spooled messages into ``queue``: this process's, and with ``others`` those of
+        every spool in the directory (looked for at most every ``SCAN_EVERY``, or now with
+        ``scan_now``). Returns how many were moved."""
+        with self._moving:
+            moved = 0
+            own = self._own
+            if own is not None and self.has_unmoved():
+                moved += self._move_one(queue, self._own_name, own, mine=True)
+            if others and (scan_now or time.monotonic() - self._scanned >= SCAN_EVERY):
+                moved += self._move_others(queue)
+            return moved
+
+    def _move_one(self, queue: SqliteQueue, name: str, spool: SqliteQueue, *, mine: bool) -> int:
+        record = RECORD + name
+        moved = 0
+        known: dict[tuple[str, str], int] = {}
+
+        db_path = self.dir / f"{name}.db"
+
+        def run(conn: sqlite3.Connection) -> tuple[int, int]:
+            known.clear()
+            row = conn.execute("SELECT value FROM counters WHERE name = ?", (record,)).fetchone()
+            if row is None and not mine and not db_path.exists():
+                # Another mover deleted this spool (and then its record) after we opened it:
+                # what this handle still reads was moved already.
+                return 0, 0
+            after = int(row[0]) if row is not None else 0
+            rows = spool._db.read(
+                lambda sconn: sconn.execute(_SELECT, (after, MOVE_ROWS)).fetchall()
+            )
+            if not rows:
+                return 0, after
+            batch = []
+            for _, host, write_key, body, size, when in rows:
+                key = (str(host), str(write_key))
+                dest = known.get(key)
+                if dest is None:
+                    dest = known[key] = _dest_in(conn, *key)
+                batch.append((dest, body, size, when))
+            conn.executemany(
+                "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)", batch
+            )
+            last = int(rows[-1][0])
+            conn.execute(_RECORD_SET, (record, last))
+            return len(rows), last
+
+        if not mine and not self._has_rows_after(queue, record, spool):
+            return 0
+        while True:
+            count, last = queue._db.write(run)
+            queue._note_destinations(known)
+            if mine and last > self.moved_upto:
+                self.moved_upto = last
+            if count:
+                spool._db.write(partial(_delete_moved, last=last))
+            moved += count
+            if count < MOVE_ROWS:
+                return moved
+
+    @staticmethod
+    def _has_rows_after(queue: SqliteQueue, record: str, spool: SqliteQueue) -> bool:
+        """Whether the spool has rows past its record (two reads: no write lock taken)."""
+        row = queue._db.read(
+            lambda conn: conn.execute(
+                "SELECT value FROM counters WHERE name = ?", (record,)
+            ).fetchone()
+        )
+        top = spool._db.read(lambda conn: conn.execute("SELECT max(id) FROM messages").fetchone())
+        return int(top[0] or 0) > (int(row[0]) if row is not None else 0)
+
+    def _move_others(self, queue: SqliteQueue) -> int:
+        self._scanned = time.monotonic()
+        try:
+            names = sorted(
+                entry.name[: -len(".db")]
+                for entry in os.scandir(self.dir)
+                if entry.name.endswith(".db") and entry.is_file(follow_symlinks=False)
+            )
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            logger.warning("could not list the spools in %s: %s", self.dir, exc)
+            return 0
+        for gone in set(self._others) - set(names):
+            self._forget(gone)
+        moved = 0
+        for name in names:
+            if name == self._own_name or name in self._bad:
+                continue
+            try:
+                moved += self._adopt(queue, name)
+            except (QueueError, sqlite3.Error, OSError) as exc:
+                self._forget(name)
+                self._bad.add(name)  # warned once per process; a worker restart tries again
+                logger.warning(
+                    "the spool %s could not be moved into the queue (left as it is): %s",
+                    self.dir / f"{name}.db",
+                    exc,
+                )
+        return moved
+
+    def _adopt(self, queue: SqliteQueue, name: str) -> int:
+        """Move another process's spool; delete it once its owner is gone and it is empty."""
+        spool = self._others.get(name)
+        if spool is None:
+            db = self.dir / f"{name}.db"
+            if not db.exists():
+                return 0
+            spool = self._others[name] = self._opener(db)
+        moved = self._move_one(queue, name, spool, mine=False)
+        lock_path = self.dir / f"{name}.lock"
+        fd = _owner_gone(lock_path)
+        if fd == -1:
+            return moved
+        try:
+            # The owner is gone: nothing appends any more. Move what it left after our look.
+            moved += self._move_one(queue, name, spool, mine=False)
+            self._forget(name)
+            for suffix in (".db-wal", ".db-shm", ".db", ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.dir / f"{name}{suffix}").unlink()
+            queue._db.write(
+                lambda conn: conn.execute("DELETE FROM counters WHERE name = ?", (RECORD + name,))
+            )
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return moved
+
+    def _forget(self, name: str) -> None:
+        spool = self._others.pop(name, None)
+        if spool is not None:
+            spool._db.close_all()
+
+    # ---------------------------------------------------------------- inspection
+
+    def count(self, queue: SqliteQueue) -> int:
+        """How many messages wait in the spools of every process, not moved yet."""
+        try:
+            files = [e.name for e in os.scandir(self.dir) if e.name.endswith(".db")]
+        except OSError:
+            return 0
+        total = 0
+        for file in files:
+            name = file[: -len(".db")]
+            record = queue._db.read(partial(_record, name=RECORD + name))
+            after = int(record[0]) if record is not None else 0
+            uri = (self.dir / file).as_uri() + "?mode=ro"
+            try:
+                with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as conn:
+                    row = conn.execute(
+                        "SELECT count(*) FROM messages WHERE id > ?", (after,)
+                    ).fetchone()
+            except sqlite3.Error:
+                continue
+            total += int(row[0])
+        return total
+
+    # ---------------------------------------------------------------- fork
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's spool is the parent's; this process makes its own."""
+        if self._lock_fd >= 0:
+            # The parent's descriptor keeps the lock: closing this copy releases nothing.
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+        self._lock_fd = -1
+        self._own = None
+        self._own_name = ""
+        self._dests = {}
+        self.last_spooled = self.moved_upto = 0
+        self._others = {}
+        self._scanned = -math.inf
+        self._moving = threading.Lock()
+        self._creating = threading.Lock()
+
+
+_registry: weakref.WeakSet[Spools] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for spools in list(_registry):
+        spools.forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,330 @@
+"""Spools: an append that would wait for the queue file's write lock commits to its
+process's own spool instead, and every spooled message reaches the queue exactly once —
+whoever moves it, however many move at once, and whichever process dies on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import start_python
+
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import spool as spool_module
+from durable_analytics._store.sqlite.spool import MOST_SPOOLED, MOVE_ROWS, spool_dir
+
+from .sqlite_helpers import HOST, KEY, OTHER_HOST, OTHER_KEY, body, index
+
+
+@contextmanager
+def write_lock_held(path: Path) -> Iterator[sqlite3.Connection]:
+    """Hold the file's write lock from another connection (as another process's lease)."""
+    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield holder
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+
+
+def spooling(path: Path, **options: object) -> tuple[Queue, int]:
+    """A queue that spools, past its first append (which measures the file for the caps)."""
+    q = Queue(path, spool=True, **options)  # type: ignore[arg-type]
+    dest = q.destination(HOST, KEY)
+    assert q.append(dest, body(-1)) > 0
+    lease = q.lease(1, 500_000)
+    assert lease is not None
+    q.ack(lease)
+    return q, dest
+
+
+def spool_files(path: Path) -> list[str]:
+    d = spool_dir(path)
+    return sorted(os.listdir(d)) if d.exists() else []
+
+
+def queued_indexes(q: Queue) -> list[int]:
+    return sorted(index(b) for b in q.bodies())
+
+
+def test_an_append_that_would_wait_commits_to_the_spool_and_returns_at_once(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    with write_lock_held(path):
+        started = time.monotonic()
+        ids = [q.append(dest, body(i)) for i in range(50)]
+        took = time.monotonic() - started
+    # Waiting for the holder would have raised QueueBusy after busy_timeout or never
+    # returned before the COMMIT above: these returned while it held the lock.
+    assert took < q.busy_timeout
+    assert all(i < 0 for i in ids)
+    assert ids == sorted(ids, reverse=True)
+    assert q.bodies() == []  # not in the file yet ...
+    assert q.stats().spooled == 50  # ... but counted, and pending
+    assert q.stats().pending == 50
+    spooled = sqlite3.connect(str(spool_dir(path) / spool_files(path)[0]))
+    assert spooled.execute("SELECT count(*) FROM messages").fetchone()[0] == 50
+    spooled.close()
+
+
+def test_max_id_moves_this_process_spool_so_flush_counts_it(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    q.append(dest, body(0))
+    with write_lock_held(path):
+        for i in range(1, 11):
+            q.append(dest, body(i))
+    top = q.max_id()
+    assert q.pending(up_to_id=top) == 11
+    assert queued_indexes(q) == list(range(11))
+    assert q.stats().spooled == 0
+
+
+def test_a_queue_without_spool_waits_for_the_lock_as_before(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    q = Queue(path)  # spool=False: what sync_mode and the CLI use
+    dest = q.destination(HOST, KEY)
+    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.2, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        row_id = q.append(dest, body(0))
+    finally:
+        release.join()
+        holder.close()
+    assert row_id > 0
+    assert not spool_dir(path).exists()
+
+
+def test_lease_moves_the_spool_first_and_keeps_each_destination(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    q, a = spooling(path)
+    b = q.destination(OTHER_HOST, OTHER_KEY)
+    with write_lock_held(path):
+        for i in range(10):
+            q.append(a if i % 2 else b, body(i))
+    leased: dict[str, list[int]] = {}
+    while (lease := q.lease(20, 500_000)) is not None:
+        leased.setdefault(lease.destination.host, []).extend(index(m) for m in lease.bodies)
+        q.ack(lease)
+    assert sorted(leased[HOST]) == [1, 3, 5, 7, 9]
+    assert sorted(leased[OTHER_HOST]) == [0, 2, 4, 6, 8]
+
+
+def test_rows_spooled_after_a_move_are_never_taken_for_moved_ones(tmp_path: Path) -> None:
+    """The spool keeps its newest moved row: SQLite gives a new row the largest id plus one,
+    and an emptied table would start again at 1, below the move's record (lost)."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    for round_ in range(3):
+        with write_lock_held(path):
+            for i in range(5):
+                q.append(dest, body(round_ * 5 + i))
+        assert q.move_spools() == 5
+    assert queued_indexes(q) == list(range(15))
+
+
+def test_a_mover_killed_between_its_two_commits_moves_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    with write_lock_held(path):
+        for i in range(30):
+            q.append(dest, body(i))
+
+    def killed(conn: sqlite3.Connection, last: int) -> None:
+        raise KeyboardInterrupt  # the mover dies after the queue's COMMIT
+
+    monkeypatch.setattr(spool_module, "_delete_moved", killed)
+    with pytest.raises(KeyboardInterrupt):
+        q.move_spools()
+    monkeypatch.undo()
+    # Every row is still in the spool; another process's mover starts after the record.
+    other = Queue(path)
+    assert other.move_spools(scan_now=True) == 0
+    assert q.move_spools() == 0
+    assert queued_indexes(q) == list(range(30))
+
+
+def test_two_movers_at_once_move_every_row_once(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    producer, dest = spooling(path)
+    total = 3 * MOVE_ROWS
+    with write_lock_held(path):
+        for i in range(total):
+            producer.append(dest, body(i))
+    movers = [Queue(path) for _ in range(3)]
+    barrier = threading.Barrier(len(movers) + 1)
+    moved: list[int] = []
+
+    def move(m: Queue) -> None:
+        barrier.wait()
+        moved.append(m.move_spools(scan_now=True))
+
+    threads = [threading.Thread(target=move, args=(m,)) for m in movers]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    moved.append(producer.move_spools())
+    for t in threads:
+        t.join()
+    assert sum(moved) == total
+    assert queued_indexes(producer) == list(range(total))
+
+
+def test_spooling_stops_past_the_bound_and_appends_wait_instead(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    for i in range(MOST_SPOOLED):
+        assert q.append(dest, body(i)) < 0
+    release = threading.Timer(0.2, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        assert q.append(dest, body(MOST_SPOOLED)) > 0  # waited for the file, as before
+    finally:
+        release.join()
+        holder.close()
+    assert q.max_id() > 0
+    assert queued_indexes(q) == list(range(MOST_SPOOLED + 1))
+
+
+def test_near_the_cap_an_append_measures_the_file_instead_of_spooling(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    q = Queue(path, spool=True, max_queue_bytes=64 * 1024)
+    dest = q.destination(HOST, KEY)
+    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.2, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        row_id = q.append(dest, body(0))
+    finally:
+        release.join()
+        holder.close()
+    assert row_id > 0
+    assert not spool_dir(path).exists()
+
+
+_SPOOLING_CHILD = """
+import sys
+from durable_analytics._store.sqlite import SqliteQueue
+q = SqliteQueue(sys.argv[1], spool=True)
+dest = q.destination(sys.argv[2], sys.argv[3])
+q.append(dest, b'{"i":-1}')  # the first append measures the file
+print("ready", flush=True)
+sys.stdin.readline()
+ids = [q.append(dest, ('{"i":%d}' % i).encode()) for i in range(int(sys.argv[4]))]
+print("spooled" if all(i < 0 for i in ids) else "stored", flush=True)
+sys.stdin.read()
+"""
+
+
+def _child_spools(path: Path, count: int) -> object:
+    """A child process that spooled ``count`` messages (the file's lock held meanwhile)."""
+    import subprocess
+
+    child = start_python(_SPOOLING_CHILD, str(path), HOST, KEY, str(count), stdin=subprocess.PIPE)
+    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout.readline().strip() == "ready"
+    with write_lock_held(path):
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "spooled"
+    return child
+
+
+def spooled_indexes(q: Queue) -> list[int]:
+    """The indexes of the children's messages in the file (their first one left out)."""
+    return sorted(i for i in (json.loads(b)["i"] for b in q.bodies()) if i >= 0)
+
+
+def test_the_spool_of_a_killed_process_is_moved_and_then_removed(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    Queue(path).destination(HOST, KEY)
+    child = _child_spools(path, 40)
+    os.kill(child.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    child.wait()  # type: ignore[attr-defined]
+    worker = Queue(path)
+    assert worker.move_spools(scan_now=True) == 40
+    assert spooled_indexes(worker) == list(range(40))
+    assert spool_files(path) == []
+    counters = sqlite3.connect(str(path)).execute("SELECT name FROM counters").fetchall()
+    assert not [n for (n,) in counters if n.startswith("spool:")]
+
+
+def test_a_live_process_spool_is_moved_but_kept(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    Queue(path).destination(HOST, KEY)
+    child = _child_spools(path, 10)
+    try:
+        worker = Queue(path)
+        assert worker.move_spools(scan_now=True) == 10
+        assert any(f.endswith(".db") for f in spool_files(path))  # its owner still appends
+        assert worker.move_spools(scan_now=True) == 0
+    finally:
+        child.stdin.close()  # type: ignore[attr-defined]
+        child.wait()  # type: ignore[attr-defined]
+    assert worker.move_spools(scan_now=True) == 0
+    assert spool_files(path) == []  # gone once its owner exited
+    assert spooled_indexes(worker) == list(range(10))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_spools_to_a_file_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    with write_lock_held(path):
+        q.append(dest, body(0))
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            code = 1
+            try:
+                code = 0 if q.append(dest, body(1)) < 0 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    dbs = [f for f in spool_files(path) if f.endswith(".db")]
+    assert sorted(int(f.split("-")[0]) for f in dbs) == sorted([os.getpid(), pid])
+    assert q.move_spools(scan_now=True) == 2
+    assert queued_indexes(q) == [0, 1]
+
+
+def test_a_symlink_or_a_foreign_file_in_the_spool_directory_is_left_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "q.db"
+    q = Queue(path)
+    dest = q.destination(HOST, KEY)
+    d = spool_dir(path)
+    d.mkdir(mode=0o700)
+    target = tmp_path / "elsewhere.db"
+    target.write_bytes(b"x" * 100)
+    (d / "1-link.db").symlink_to(target)
+    (d / "2-junk.db").write_bytes(b"not a database at all, just some bytes" * 50)
+    with caplog.at_level(logging.WARNING, logger="durable_analytics.queue"):
+        assert q.move_spools(scan_now=True) == 0
+        assert q.move_spools(scan_now=True) == 0
+    warned = [r for r in caplog.records if "2-junk" in r.getMessage()]
+    assert len(warned) == 1  # once, not at every poll
+    assert target.read_bytes() == b"x" * 100
+    assert (d / "2-junk.db").exists()
+    q.append(dest, body(0))
+    assert queued_indexes(q) == [0]
