@@ -389,12 +389,22 @@ def integrity_check(path: str | os.PathLike[str]) -> str:
 
 
 def queued_message_ids(path: str | os.PathLike[str]) -> Counter[str]:
-    """The messageIds of the messages still in the queue file (leased or not)."""
+    """The messageIds of the messages still on disk: in the queue file (leased or not), and
+    in the spools of its producers past what was moved from them (each spool's record)."""
     conn = _connect(path)
     try:
         rows = conn.execute("SELECT body FROM messages").fetchall()
+        records = dict(conn.execute("SELECT name, value FROM counters").fetchall())
     finally:
         conn.close()
+    spools = Path(path).with_name(Path(path).name + ".spool")
+    for spool in sorted(spools.glob("*.db")) if spools.is_dir() else []:
+        moved = records.get("spool:" + spool.stem, 0)
+        conn = _connect(spool)
+        try:
+            rows += conn.execute("SELECT body FROM messages WHERE id > ?", (moved,)).fetchall()
+        finally:
+            conn.close()
     return Counter(str(json.loads(r[0]).get("messageId")) for r in rows)
 
 

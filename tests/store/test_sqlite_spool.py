@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,11 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import start_python
+from conftest import WRITE_KEY, child_env, start_python
 
+from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import spool as spool_module
 from durable_analytics._store.sqlite.spool import MOST_SPOOLED, MOVE_ROWS, spool_dir
+from durable_analytics.testing import Collector
 
 from .sqlite_helpers import HOST, KEY, OTHER_HOST, OTHER_KEY, body, index
 
@@ -75,6 +79,8 @@ def test_an_append_that_would_wait_commits_to_the_spool_and_returns_at_once(
     assert q.bodies() == []  # not in the file yet ...
     assert q.stats().spooled == 50  # ... but counted, and pending
     assert q.stats().pending == 50
+    assert q.pending() == q.pending(destination=dest) == 50
+    assert q.pending(destination=q.destination(OTHER_HOST, OTHER_KEY)) == 0
     spooled = sqlite3.connect(str(spool_dir(path) / spool_files(path)[0]))
     assert spooled.execute("SELECT count(*) FROM messages").fetchone()[0] == 50
     spooled.close()
@@ -227,21 +233,21 @@ import sys
 from durable_analytics._store.sqlite import SqliteQueue
 q = SqliteQueue(sys.argv[1], spool=True)
 dest = q.destination(sys.argv[2], sys.argv[3])
-q.append(dest, b'{"i":-1}')  # the first append measures the file
+q.append(dest, b'{"type":"track","event":"E","userId":"u","messageId":"m--1","i":-1}')
 print("ready", flush=True)
 sys.stdin.readline()
-ids = [q.append(dest, ('{"i":%d}' % i).encode()) for i in range(int(sys.argv[4]))]
+body = '{"type":"track","event":"E","userId":"u","messageId":"m-%d","i":%d}'
+ids = [q.append(dest, (body % (i, i)).encode()) for i in range(int(sys.argv[4]))]
 print("spooled" if all(i < 0 for i in ids) else "stored", flush=True)
 sys.stdin.read()
 """
 
 
-def _child_spools(path: Path, count: int) -> object:
+def _child_spools(path: Path, count: int, *, host: str = HOST, key: str = KEY) -> object:
     """A child process that spooled ``count`` messages (the file's lock held meanwhile)."""
-    import subprocess
-
-    child = start_python(_SPOOLING_CHILD, str(path), HOST, KEY, str(count), stdin=subprocess.PIPE)
-    assert child.stdout is not None and child.stdin is not None
+    child = start_python(_SPOOLING_CHILD, str(path), host, key, str(count), stdin=subprocess.PIPE)
+    assert child.stdout is not None
+    assert child.stdin is not None
     assert child.stdout.readline().strip() == "ready"
     with write_lock_held(path):
         child.stdin.write("go\n")
@@ -328,3 +334,51 @@ def test_a_symlink_or_a_foreign_file_in_the_spool_directory_is_left_alone(
     assert (d / "2-junk.db").exists()
     q.append(dest, body(0))
     assert queued_indexes(q) == [0]
+
+
+# ---------------------------------------------------------------- through the Client
+
+
+def test_a_client_whose_calls_spooled_delivers_each_message_once(
+    collector: Collector, queue_path: Path
+) -> None:
+    """Calls made while another process holds the file's write lock return at once; the
+    flusher thread moves them in and delivers every one, once."""
+    client = Client(WRITE_KEY, host=collector.url, queue_path=queue_path, on_exit="none")
+    try:
+        sent = [client.track("user-1", "Before", {"i": i})[1]["messageId"] for i in range(50)]
+        assert client.flush().pending == 0
+        with write_lock_held(queue_path):
+            sent += [client.track("user-1", "During", {"i": i})[1]["messageId"] for i in range(200)]
+            assert client.stats().spooled == 200
+        sent += [client.track("user-1", "After", {"i": i})[1]["messageId"] for i in range(50)]
+        result = client.flush()
+    finally:
+        client.close(timeout=5)
+    assert result.pending == 0
+    received = collector.message_ids()
+    assert sorted(received) == sorted(sent)  # lost 0
+    assert max(received.values()) == 1  # duplicated 0
+    assert [f for f in spool_files(queue_path) if f.endswith(".db")]  # its owner's, kept
+
+
+def test_drain_delivers_what_a_killed_producer_left_in_its_spool(
+    collector: Collector, queue_path: Path
+) -> None:
+    Queue(queue_path).destination(collector.url, WRITE_KEY)
+    child = _child_spools(queue_path, 120, host=collector.url, key=WRITE_KEY)
+    os.kill(child.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    child.wait()  # type: ignore[attr-defined]
+    result = subprocess.run(
+        [sys.executable, "-m", "durable_analytics.cli", "drain", "--queue", str(queue_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    received = [m["i"] for m in collector.messages()]
+    assert sorted(i for i in received if i >= 0) == list(range(120))  # lost 0
+    assert len(received) == len(set(received))  # duplicated 0
+    assert spool_files(queue_path) == []

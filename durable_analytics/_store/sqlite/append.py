@@ -151,7 +151,7 @@ class Appender:
         size = len(body)
         write_lock = self.db.write_lock
         if (
-            (self.capped and not self.fast(size))
+            (self.capped and not self.fast(size) and not self._remeasured(size))
             or owned(write_lock)
             or owned(self.db.read_lock)
             or not write_lock.acquire(blocking=False)
@@ -167,6 +167,31 @@ class Appender:
             return None
         self.count_stored(size)
         return row_id
+
+    def _remeasured(self, size: int) -> bool:
+        """Re-read the file's real size without the write lock; whether the fast path may go on.
+
+        The periodic re-measure (every ``_REFRESH_BYTES``) far from the cap: a read and a
+        look at the disk and the ``-wal``, so that it never waits for another connection's
+        write lock. Near the caps, with a count cap, a low disk, a pinned ``-wal`` or drops
+        to record, False: ``append`` measures inside its write transaction, as before.
+        """
+        if (
+            self.max_queue_size is not None
+            or self.unsaved_drops
+            or self.est_used + size + _EXACT_ZONE > self.max_queue_bytes
+            or owned(self.db.write_lock)
+            or owned(self.db.read_lock)
+            or self._low_disk() is not None
+            or self._wal_excess()
+        ):
+            return False
+        used = self.db.read(lambda conn: used_bytes(conn, self._page_size()))
+        self.est_used = used
+        if used + size + _EXACT_ZONE > self.max_queue_bytes:
+            return False
+        self.since_refresh = 0
+        return True
 
     def fast(self, size: int) -> bool:
         """Whether an append of ``size`` bytes may skip measuring the file for the caps."""

@@ -26,6 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +36,7 @@ from durable_analytics._store.base import (
     QueueStats,
 )
 from durable_analytics._store.window import PROCESS_WINDOW, InFlightWindow
-from durable_analytics.exceptions import QueueCorrupt, QueueError
+from durable_analytics.exceptions import QueueBusy, QueueCorrupt, QueueError
 
 from . import bydest, inspect, leases, ready
 from .append import Appender
@@ -44,7 +45,7 @@ from .dead_letters import DeadLetters
 from .files import checkpoint_for_space, narrow_modes, prepare_path
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
-from .spool import Spools
+from .spool import Spools, open_spool
 from .wal import Checkpoints, WalBudget, wal_bytes
 
 __all__ = ["SqliteQueue"]
@@ -146,30 +147,26 @@ class SqliteQueue:
         #: Appends that would wait for the write lock go to this process's spool (spool.py);
         #: every queue object moves spools into the file, whether it spools or not.
         self.spooling = spool
-        self._spools: Spools | None = Spools(self.path, self._open_spool)
-
-    def _open_spool(self, path: Path) -> SqliteQueue:
-        """A spool file: the queue's schema, never measured for the caps (``spool.py``)."""
-        spool = SqliteQueue(
-            path,
-            durability=self.durability,
-            lease_timeout=self.lease_timeout,
-            busy_timeout=self.busy_timeout,
-        )
-        spool._appender.capped = False
-        spool._spools = None  # a spool has no spools of its own
-        return spool
+        self._spools: Spools | None = Spools(self.path, partial(open_spool, self))
 
     def move_spools(self, *, others: bool = True, scan_now: bool = False) -> int:
         """Move spooled messages into the file: this process's, and with ``others`` every
         process's (see ``spool.py``); returns how many were moved."""
         spools = self._spools
-        return 0 if spools is None else spools.move(self, others=others, scan_now=scan_now)
+        if spools is None:
+            return 0
+        try:
+            return spools.move(self, others=others, scan_now=scan_now)
+        except QueueBusy:
+            # A lock holder outlived the wait (or a flush's deadline): the spooled messages
+            # stay where they are, on disk, for the next move. The caller goes on.
+            return 0
 
-    def _move_own_spool(self) -> None:
+    def _move_spools_due(self) -> None:
+        """Before a lease: this process's spool, and every ``SCAN_EVERY`` the others'."""
         spools = self._spools
-        if spools is not None and spools.has_unmoved():
-            spools.move(self, others=False)
+        if spools is not None:
+            spools.move(self, others=True)
 
     def _note_destinations(self, known: dict[tuple[str, str], int]) -> None:
         """Destinations a committed transaction found or created (``spool.py``)."""
@@ -254,20 +251,10 @@ class SqliteQueue:
         of another thread or process holds it) commits to this process's spool instead and
         returns that row's id negated; it is moved into the file by the next delivery.
         """
-        appender = self._appender
         spools = self._spools
-        if not self.spooling or spools is None:
-            return appender.append(dest_id, body, enqueued_at)
-        when = time.time() if enqueued_at is None else enqueued_at
-        row_id = appender.try_append(dest_id, body, when)
-        if row_id is not None:
-            return row_id
-        if appender.fast(len(body)):
-            spooled = spools.try_append(self, dest_id, self._dest_names.get(dest_id), body, when)
-            if spooled is not None:
-                appender.count_stored(len(body))
-                return spooled
-        return appender.append(dest_id, body, when)
+        if self.spooling and spools is not None:
+            return spools.append(self, dest_id, body, enqueued_at)
+        return self._appender.append(dest_id, body, enqueued_at)
 
     # ---------------------------------------------------------------- leases
 
@@ -290,7 +277,7 @@ class SqliteQueue:
         A destination in backoff (``set_backoff``) yields nothing until its time comes.
         """
         now_wall = time.time() if now is None else now
-        self._move_own_spool()
+        self._move_spools_due()
         taken = self._db.write(
             lambda conn: self._take(
                 conn, max_messages, max_bytes, destination, up_to_id, now_wall, per_message_overhead
@@ -392,7 +379,7 @@ class SqliteQueue:
         is one a dead holder took, leased again at once.
         """
         now_wall = time.time() if now is None else now
-        self._move_own_spool()
+        self._move_spools_due()
 
         def run(conn: sqlite3.Connection) -> tuple[int, Lease | None]:
             deleted = self._ack(conn, lease, None)
@@ -588,11 +575,19 @@ class SqliteQueue:
         return int(row[0] or 0)
 
     def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
-        """How many messages are not yet delivered (leased or not)."""
+        """How many messages are not yet delivered (leased or not).
+
+        Without ``up_to_id``, messages still in the spools of producers (``spool.py``) count
+        too.
+        """
         top = up_to_id if up_to_id is not None else (1 << 62)
         # Counted on the index by destination: entries of a few bytes, not rows with bodies,
         # and only this destination's.
-        return self._db.read(lambda conn: bydest.count(conn, destination, top))
+        found = self._db.read(lambda conn: bydest.count(conn, destination, top))
+        spools = self._spools
+        if up_to_id is not None or spools is None:
+            return found
+        return found + spools.count(self, destination)
 
     def live_leases(self) -> int:
         """How many leases are held right now (by anyone)."""
@@ -603,7 +598,7 @@ class SqliteQueue:
         """Counts and health of the queue (see ``QueueStats``)."""
         now = time.time()
         found = self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now))
-        spooled = 0 if self._spools is None else self._spools.count(self)
+        spooled = 0 if self._spools is None else self._spools.count(self, None)
         return dataclasses.replace(
             found,
             pending=found.pending + spooled,

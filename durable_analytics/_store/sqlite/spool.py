@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 from durable_analytics.exceptions import QueueError
 
 from .files import make_private_dirs
+from .waits import owned
 
 if TYPE_CHECKING:
     from .queue import SqliteQueue
@@ -58,7 +59,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["MOST_SPOOLED", "MOVE_ROWS", "SCAN_EVERY", "Spools", "spool_dir"]
+__all__ = ["MOST_SPOOLED", "MOVE_ROWS", "SCAN_EVERY", "Spools", "open_spool", "spool_dir"]
 
 logger = logging.getLogger("durable_analytics.queue")
 
@@ -112,6 +113,34 @@ def _delete_moved(conn: sqlite3.Connection, last: int) -> None:
     conn.execute("DELETE FROM messages WHERE id < ?", (last,))
 
 
+def _names_of(queue: SqliteQueue, dest_id: int) -> tuple[str, str] | None:
+    """The (host, write key) of one of ``queue``'s destinations, or None if there is none."""
+    names = queue._dest_names.get(dest_id)
+    if names is None:
+        row = queue._db.read(
+            lambda conn: conn.execute(
+                "SELECT host, write_key FROM destinations WHERE id = ?", (dest_id,)
+            ).fetchone()
+        )
+        if row is not None:
+            names = queue._dest_names[dest_id] = (str(row[0]), str(row[1]))
+    return names
+
+
+def open_spool(queue: SqliteQueue, path: Path) -> SqliteQueue:
+    """A spool file of ``queue``: its schema and durability, never measured for the caps
+    (the queue's appender counts what is spooled)."""
+    spool = type(queue)(
+        path,
+        durability=queue.durability,
+        lease_timeout=queue.lease_timeout,
+        busy_timeout=queue.busy_timeout,
+    )
+    spool._appender.capped = False
+    spool._spools = None  # a spool has no spools of its own
+    return spool
+
+
 def _owner_gone(lock_path: Path) -> int:
     """A descriptor holding the spool's owner lock (its owner is gone), or -1 (alive)."""
     if fcntl is None:  # pragma: no cover - not POSIX
@@ -150,11 +179,29 @@ class Spools:
         self._others: dict[str, SqliteQueue] = {}
         self._bad: set[str] = set()
         self._scanned = -math.inf
-        self._moving = threading.Lock()
-        self._creating = threading.Lock()
+        self._moving = threading.RLock()
+        self._creating = threading.RLock()
         _registry.add(self)
 
     # ---------------------------------------------------------------- appending
+
+    def append(
+        self, queue: SqliteQueue, dest_id: int, body: bytes, enqueued_at: float | None
+    ) -> int:
+        """``queue.append`` with spooling: the queue file if that needs no wait, else this
+        process's spool (a negated id), else the queue file after the wait."""
+        appender = queue._appender
+        when = time.time() if enqueued_at is None else enqueued_at
+        row_id = appender.try_append(dest_id, body, when)
+        if row_id is not None:
+            return row_id
+        if appender.fast(len(body)):
+            names = queue._dest_names.get(dest_id)
+            spooled = self.try_append(queue, dest_id, names, body, when)
+            if spooled is not None:
+                appender.count_stored(len(body))
+                return spooled
+        return appender.append(dest_id, body, when)
 
     def try_append(
         self,
@@ -169,11 +216,17 @@ class Spools:
         ``names`` is the destination's (host, write key). Returns the spool row's id,
         negated (a queue row id is positive).
         """
-        if self._off or names is None:
+        own = self._own
+        if (
+            self._off
+            or names is None
+            # A signal handler inside this thread's own spool operation (or its creation).
+            or (own is not None and (owned(own._db.write_lock) or owned(own._db.read_lock)))
+            or owned(self._creating)
+        ):
             return None
         if self.last_spooled - self.moved_upto >= MOST_SPOOLED and not self._moved_elsewhere(queue):
             return None
-        own = self._own
         try:
             if own is None:
                 own = self._create()
@@ -208,30 +261,37 @@ class Spools:
         return self.last_spooled - self.moved_upto < MOST_SPOOLED
 
     def _create(self) -> SqliteQueue | None:
-        with self._creating:
-            if self._own is not None or self._off:
-                return self._own
-            name = f"{os.getpid()}-{secrets.token_hex(6)}"
-            make_private_dirs(self.dir)
-            lock_path = self.dir / f"{name}.lock"
-            fd = os.open(
-                lock_path,
-                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0),
-                0o600,
-            )
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                own = self._opener(self.dir / f"{name}.db")
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    lock_path.unlink()
-                raise
-            self._lock_fd = fd
-            self._own_name = name
-            self._own = own
-            return own
+        if not self._creating.acquire(blocking=False):
+            return None  # another thread creates it: this append waits for the queue file
+        try:
+            return self._create_locked()
+        finally:
+            self._creating.release()
+
+    def _create_locked(self) -> SqliteQueue | None:
+        if self._own is not None or self._off:
+            return self._own
+        name = f"{os.getpid()}-{secrets.token_hex(6)}"
+        make_private_dirs(self.dir)
+        lock_path = self.dir / f"{name}.lock"
+        fd = os.open(
+            lock_path,
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0),
+            0o600,
+        )
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            own = self._opener(self.dir / f"{name}.db")
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            raise
+        self._lock_fd = fd
+        self._own_name = name
+        self._own = own
+        return own
 
     def _turn_off(self, exc: BaseException) -> None:
         if not self._off:
@@ -254,6 +314,8 @@ class Spools:
         """Move spooled messages into ``queue``: this process's, and with ``others`` those of
         every spool in the directory (looked for at most every ``SCAN_EVERY``, or now with
         ``scan_now``). Returns how many were moved."""
+        if owned(self._moving):
+            return 0  # a signal handler's flush inside this thread's move: the move goes on
         with self._moving:
             moved = 0
             own = self._own
@@ -387,23 +449,33 @@ class Spools:
 
     # ---------------------------------------------------------------- inspection
 
-    def count(self, queue: SqliteQueue) -> int:
-        """How many messages wait in the spools of every process, not moved yet."""
+    def count(self, queue: SqliteQueue, destination: int | None) -> int:
+        """How many messages (of ``destination``) wait in the spools of every process, not
+        moved yet (a look at each spool file, read-only)."""
+        names = None if destination is None else _names_of(queue, destination)
+        if destination is not None and names is None:
+            return 0
         try:
             files = [e.name for e in os.scandir(self.dir) if e.name.endswith(".db")]
         except OSError:
             return 0
         total = 0
         for file in files:
-            name = file[: -len(".db")]
-            record = queue._db.read(partial(_record, name=RECORD + name))
+            record = queue._db.read(partial(_record, name=RECORD + file[: -len(".db")]))
             after = int(record[0]) if record is not None else 0
             uri = (self.dir / file).as_uri() + "?mode=ro"
             try:
                 with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as conn:
-                    row = conn.execute(
-                        "SELECT count(*) FROM messages WHERE id > ?", (after,)
-                    ).fetchone()
+                    if names is None:
+                        row = conn.execute(
+                            "SELECT count(*) FROM messages WHERE id > ?", (after,)
+                        ).fetchone()
+                    else:
+                        row = conn.execute(
+                            "SELECT count(*) FROM messages m JOIN destinations d "
+                            "ON d.id = m.dest WHERE m.id > ? AND d.host = ? AND d.write_key = ?",
+                            (after, *names),
+                        ).fetchone()
             except sqlite3.Error:
                 continue
             total += int(row[0])
@@ -424,8 +496,8 @@ class Spools:
         self.last_spooled = self.moved_upto = 0
         self._others = {}
         self._scanned = -math.inf
-        self._moving = threading.Lock()
-        self._creating = threading.Lock()
+        self._moving = threading.RLock()
+        self._creating = threading.RLock()
 
 
 _registry: weakref.WeakSet[Spools] = weakref.WeakSet()
