@@ -403,6 +403,8 @@ def queued_message_ids(path: str | os.PathLike[str]) -> Counter[str]:
         conn = _connect(spool)
         try:
             rows += conn.execute("SELECT body FROM messages WHERE id > ?", (moved,)).fetchall()
+        except sqlite3.OperationalError:
+            pass  # created an instant ago, its schema not committed yet: nothing in it
         finally:
             conn.close()
     return Counter(str(json.loads(r[0]).get("messageId")) for r in rows)

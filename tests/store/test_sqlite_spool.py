@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import WRITE_KEY, child_env, start_python
@@ -25,6 +26,7 @@ from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import spool as spool_module
 from durable_analytics._store.sqlite.spool import MOST_SPOOLED, MOVE_ROWS, spool_dir
+from durable_analytics._store.sqlite.waits import owned
 from durable_analytics.testing import Collector
 
 from .sqlite_helpers import HOST, KEY, OTHER_HOST, OTHER_KEY, body, index
@@ -193,6 +195,39 @@ def test_two_movers_at_once_move_every_row_once(tmp_path: Path) -> None:
     assert queued_indexes(producer) == list(range(total))
 
 
+def test_a_move_never_holds_the_locks_of_two_files_at_once(tmp_path: Path) -> None:
+    """fork() closes each file's connections in turn, taking each one's locks: a mover that
+    held the queue's write lock while waiting for the spool's (or the reverse) would hold
+    the fork up for its 5 s, and the child would refuse the queue."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    with write_lock_held(path):
+        for i in range(2 * MOVE_ROWS + 5):
+            q.append(dest, body(i))
+    spools = q._spools
+    assert spools is not None
+    spool = spools._own
+    assert spool is not None
+    both: list[str] = []
+    real_read, real_write = spool._db.read, spool._db.write
+
+    def read(fn: Any) -> Any:
+        if owned(q._db.write_lock) or owned(q._db.read_lock):
+            both.append("spool read inside a queue operation")
+        return real_read(fn)
+
+    def write(fn: Any, **kwargs: Any) -> Any:
+        if owned(q._db.write_lock) or owned(q._db.read_lock):
+            both.append("spool write inside a queue operation")
+        return real_write(fn, **kwargs)
+
+    spool._db.read = read  # type: ignore[method-assign]
+    spool._db.write = write  # type: ignore[method-assign]
+    assert q.move_spools() == 2 * MOVE_ROWS + 5
+    assert both == []
+    assert queued_indexes(q) == list(range(2 * MOVE_ROWS + 5))
+
+
 def test_spooling_stops_past_the_bound_and_appends_wait_instead(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     q, dest = spooling(path)
@@ -290,6 +325,25 @@ def test_a_live_process_spool_is_moved_but_kept(tmp_path: Path) -> None:
     assert worker.move_spools(scan_now=True) == 0
     assert spool_files(path) == []  # gone once its owner exited
     assert spooled_indexes(worker) == list(range(10))
+
+
+def test_a_move_that_meets_a_held_lock_leaves_the_spool_for_the_next_move(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "q.db"
+    Queue(path).destination(HOST, KEY)
+    child = _child_spools(path, 10)
+    try:
+        worker = Queue(path, busy_timeout=0.2)
+        with caplog.at_level(logging.WARNING), write_lock_held(path):
+            assert worker.move_spools(scan_now=True) == 0  # waited 0.2 s, then gave up
+            assert worker.max_id() == 1  # a flush goes on with what the file holds
+        assert not caplog.records  # not taken for a damaged spool
+        assert worker.move_spools(scan_now=True) == 10
+        assert spooled_indexes(worker) == list(range(10))
+    finally:
+        child.stdin.close()  # type: ignore[attr-defined]
+        child.wait()  # type: ignore[attr-defined]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")

@@ -44,9 +44,9 @@ import weakref
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from durable_analytics.exceptions import QueueError
+from durable_analytics.exceptions import QueueBusy, QueueError
 
 from .files import make_private_dirs
 from .waits import owned
@@ -106,6 +106,11 @@ def _record(conn: sqlite3.Connection, name: str) -> tuple[int] | None:
         "SELECT value FROM counters WHERE name = ?", (name,)
     ).fetchone()
     return row
+
+
+def _rows_after(conn: sqlite3.Connection, after: int) -> list[Any]:
+    """A chunk of a spool's rows past ``after``, with their destination's names."""
+    return conn.execute(_SELECT, (after, MOVE_ROWS)).fetchall()
 
 
 def _delete_moved(conn: sqlite3.Connection, last: int) -> None:
@@ -237,6 +242,8 @@ class Spools:
                 spool_dest = own.destination(*names)
                 self._dests[dest_id] = spool_dest
             row_id = own._appender.try_append(spool_dest, body, when)
+        except QueueBusy:
+            return None  # the spool's lock, for a moment (a mover's delete): wait for the queue
         except (QueueError, OSError, sqlite3.Error) as exc:
             self._turn_off(exc)
             return None
@@ -326,62 +333,61 @@ class Spools:
             return moved
 
     def _move_one(self, queue: SqliteQueue, name: str, spool: SqliteQueue, *, mine: bool) -> int:
+        """Move one spool's rows past its record into the queue, a chunk per transaction.
+
+        The chunk is read before the queue's transaction and the record checked again
+        inside it (another mover may have gone first: then it starts over): a thread never
+        holds the locks of two files at once, which a ``fork()`` (closing every file's
+        connections in turn) could otherwise meet in the other order.
+        """
         record = RECORD + name
+        db_path = self.dir / f"{name}.db"
         moved = 0
         known: dict[tuple[str, str], int] = {}
-
-        db_path = self.dir / f"{name}.db"
-
-        def run(conn: sqlite3.Connection) -> tuple[int, int]:
-            known.clear()
-            row = conn.execute("SELECT value FROM counters WHERE name = ?", (record,)).fetchone()
-            if row is None and not mine and not db_path.exists():
-                # Another mover deleted this spool (and then its record) after we opened it:
-                # what this handle still reads was moved already.
-                return 0, 0
-            after = int(row[0]) if row is not None else 0
-            rows = spool._db.read(
-                lambda sconn: sconn.execute(_SELECT, (after, MOVE_ROWS)).fetchall()
-            )
-            if not rows:
-                return 0, after
-            batch = []
-            for _, host, write_key, body, size, when in rows:
-                key = (str(host), str(write_key))
-                dest = known.get(key)
-                if dest is None:
-                    dest = known[key] = _dest_in(conn, *key)
-                batch.append((dest, body, size, when))
-            conn.executemany(
-                "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)", batch
-            )
-            last = int(rows[-1][0])
-            conn.execute(_RECORD_SET, (record, last))
-            return len(rows), last
-
-        if not mine and not self._has_rows_after(queue, record, spool):
-            return 0
         while True:
-            count, last = queue._db.write(run)
-            queue._note_destinations(known)
-            if mine and last > self.moved_upto:
-                self.moved_upto = last
-            if count:
-                spool._db.write(partial(_delete_moved, last=last))
-            moved += count
-            if count < MOVE_ROWS:
+            found = queue._db.read(partial(_record, name=record))
+            after = int(found[0]) if found is not None else 0
+            rows = spool._db.read(partial(_rows_after, after=after))
+            if not rows:
+                if mine:
+                    self.moved_upto = max(self.moved_upto, after)
                 return moved
+            last = int(rows[-1][0])
 
-    @staticmethod
-    def _has_rows_after(queue: SqliteQueue, record: str, spool: SqliteQueue) -> bool:
-        """Whether the spool has rows past its record (two reads: no write lock taken)."""
-        row = queue._db.read(
-            lambda conn: conn.execute(
-                "SELECT value FROM counters WHERE name = ?", (record,)
-            ).fetchone()
-        )
-        top = spool._db.read(lambda conn: conn.execute("SELECT max(id) FROM messages").fetchone())
-        return int(top[0] or 0) > (int(row[0]) if row is not None else 0)
+            def run(conn: sqlite3.Connection, after: int = after, rows: list[Any] = rows) -> bool:
+                known.clear()
+                row = _record(conn, record)
+                if (int(row[0]) if row is not None else 0) != after:
+                    return False  # another mover went first: read again
+                if row is None and not mine and not db_path.exists():
+                    # Another mover deleted this spool (and then its record) after we
+                    # opened it: what this handle still reads was moved already.
+                    return False
+                batch = []
+                for _, host, write_key, body, size, when in rows:
+                    key = (str(host), str(write_key))
+                    dest = known.get(key)
+                    if dest is None:
+                        dest = known[key] = _dest_in(conn, *key)
+                    batch.append((dest, body, size, when))
+                conn.executemany(
+                    "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)",
+                    batch,
+                )
+                conn.execute(_RECORD_SET, (record, rows[-1][0]))
+                return True
+
+            if not queue._db.write(run):
+                if not db_path.exists():
+                    return moved
+                continue
+            queue._note_destinations(known)
+            if mine:
+                self.moved_upto = max(self.moved_upto, last)
+            spool._db.write(partial(_delete_moved, last=last))
+            moved += len(rows)
+            if len(rows) < MOVE_ROWS:
+                return moved
 
     def _move_others(self, queue: SqliteQueue) -> int:
         self._scanned = time.monotonic()
@@ -404,6 +410,8 @@ class Spools:
                 continue
             try:
                 moved += self._adopt(queue, name)
+            except QueueBusy:
+                raise  # a lock held past the wait: the spool is fine, the next move tries again
             except (QueueError, sqlite3.Error, OSError) as exc:
                 self._forget(name)
                 self._bad.add(name)  # warned once per process; a worker restart tries again
