@@ -141,12 +141,16 @@ class Appender:
         self.since_count += 1
         return row_id or 0
 
-    def try_append(self, dest_id: int, body: bytes, enqueued_at: float) -> int | None:
+    def try_append(
+        self, dest_id: int, body: bytes, enqueued_at: float, *, local_wait: float = 0.0
+    ) -> int | None:
         """Store one message only if that needs no wait; None if it would have to wait.
 
         None (nothing stored) while another thread of this process or another process holds
         the write lock, and whenever the append would have to measure the file for the cap:
         the caller then stores it elsewhere (``spool.py``) or waits in ``append``.
+        ``local_wait``: how long to wait for another thread of this process (a spool's
+        other users hold its lock for one short statement each).
         """
         size = len(body)
         write_lock = self.db.write_lock
@@ -154,7 +158,11 @@ class Appender:
             (self.capped and not self.fast(size) and not self._remeasured(size))
             or owned(write_lock)
             or owned(self.db.read_lock)
-            or not write_lock.acquire(blocking=False)
+            or not (
+                write_lock.acquire(timeout=local_wait)
+                if local_wait > 0
+                else write_lock.acquire(blocking=False)
+            )
         ):
             return None
         try:

@@ -67,6 +67,10 @@ logger = logging.getLogger("durable_analytics.queue")
 MOVE_ROWS = 256
 #: Most rows this process keeps spooled before its appends wait for the queue file instead.
 MOST_SPOOLED = 1024
+#: How long an append waits for another thread's turn at this process's spool (a producer's
+#: INSERT, or a mover deleting what it moved: one statement each) before waiting for the
+#: queue file instead.
+LOCAL_WAIT = 0.002
 #: How often a poll looks for other processes' spools (seconds).
 SCAN_EVERY = 0.05
 #: The prefix of a spool's record in the queue's ``counters`` table.
@@ -241,7 +245,7 @@ class Spools:
             if spool_dest is None:
                 spool_dest = own.destination(*names)
                 self._dests[dest_id] = spool_dest
-            row_id = own._appender.try_append(spool_dest, body, when)
+            row_id = own._appender.try_append(spool_dest, body, when, local_wait=LOCAL_WAIT)
         except QueueBusy:
             return None  # the spool's lock, for a moment (a mover's delete): wait for the queue
         except (QueueError, OSError, sqlite3.Error) as exc:
