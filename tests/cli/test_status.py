@@ -52,6 +52,34 @@ def test_status_text_and_json(runner: CliRunner, queue_path: Path, collector: Co
     assert WRITE_KEY not in result.stdout
 
 
+def test_status_counts_messages_still_in_a_producers_spool(
+    runner: CliRunner, queue_path: Path, collector: Collector
+) -> None:
+    """Calls made while another process held the write lock wait in their process's spool:
+    `status` counts them in pending and names them, and moves nothing (a read)."""
+    client = Client(
+        WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+    )
+    client.track("u", "First")  # a process's first append measures the file
+    holder = sqlite3.connect(str(queue_path), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for i in range(5):
+            assert client.track("u", "Spooled", {"i": i})[0]
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    text = run(runner, "status", "--queue", str(queue_path))
+    assert text.exit_code == 0
+    assert "6 messages (0 leased)" in text.stdout
+    assert re.search(r"spooled\s+5 ", text.stdout), text.stdout
+    data = json.loads(run(runner, "status", "--queue", str(queue_path), "--json").stdout)
+    assert (data["pending"], data["spooled"]) == (6, 5)
+    again = json.loads(run(runner, "status", "--queue", str(queue_path), "--json").stdout)
+    assert again["spooled"] == 5
+    client.close(timeout=0)
+
+
 def test_status_shows_the_last_error_and_backoff(
     runner: CliRunner, queue_path: Path, closed_port: str
 ) -> None:
