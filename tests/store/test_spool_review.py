@@ -157,3 +157,28 @@ def test_a_damaged_own_spool_does_not_make_flush_raise(tmp_path: Path) -> None:
         Path(str(db) + suffix).unlink(missing_ok=True)
     db.write_bytes(b"garbage, not a database" * 400)
     assert q.max_id() > 0
+
+
+def test_a_frozen_producer_holding_its_spool_lock_does_not_fail_another_process_lease(
+    tmp_path: Path,
+) -> None:
+    """Another process's spool is not on the delivery path: its lock, held by a producer
+    frozen mid-INSERT (SIGSTOP, a debugger), must not make this process's lease wait out
+    busy_timeout and raise QueueBusy."""
+    import pytest
+
+    from durable_analytics.exceptions import QueueBusy
+
+    path = tmp_path / "q.db"
+    producer, dest = spooling(path)  # stands for the other process
+    with write_lock_held(path):
+        assert producer.append(dest, body(1)) < 0
+    deliverer = Queue(path, busy_timeout=0.3)
+    ddest = deliverer.destination(HOST, KEY)
+    deliverer.append(ddest, body(2))
+    with write_lock_held(_spool_db(path)):  # the producer, frozen inside its spool's INSERT
+        try:
+            lease = deliverer.lease(10, 500_000)
+        except QueueBusy:
+            pytest.fail("lease raised QueueBusy for another process's spool lock")
+    assert lease is not None
