@@ -5,9 +5,12 @@ whoever moves it, however many move at once, and whichever process dies on the w
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -25,7 +28,13 @@ from conftest import WRITE_KEY, child_env, start_python
 from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import spool as spool_module
-from durable_analytics._store.sqlite.spool import MOST_SPOOLED, MOVE_ROWS, spool_dir
+from durable_analytics._store.sqlite.spool import (
+    MOST_SPOOLED,
+    MOVE_ROWS,
+    SPOOL_MARGIN,
+    _owner_gone,
+    spool_dir,
+)
 from durable_analytics._store.sqlite.waits import owned
 from durable_analytics.testing import Collector
 
@@ -306,7 +315,8 @@ def test_the_spool_of_a_killed_process_is_moved_and_then_removed(tmp_path: Path)
     assert worker.move_spools(scan_now=True) == 40
     assert spooled_indexes(worker) == list(range(40))
     assert spool_files(path) == []
-    counters = sqlite3.connect(str(path)).execute("SELECT name FROM counters").fetchall()
+    with contextlib.closing(sqlite3.connect(str(path))) as conn:
+        counters = conn.execute("SELECT name FROM counters").fetchall()
     assert not [n for (n,) in counters if n.startswith("spool:")]
 
 
@@ -436,3 +446,180 @@ def test_drain_delivers_what_a_killed_producer_left_in_its_spool(
     assert sorted(i for i in received if i >= 0) == list(range(120))  # lost 0
     assert len(received) == len(set(received))  # duplicated 0
     assert spool_files(queue_path) == []
+
+
+def _spool_db(path: Path) -> Path:
+    return spool_dir(path) / next(n for n in spool_files(path) if n.endswith(".db"))
+
+
+def test_a_damaged_own_spool_does_not_stop_this_process_from_delivering(tmp_path: Path) -> None:
+    """The docs: a damaged spool turns spooling off; nothing else changes. A lease of
+    the file's own messages must go on."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    with write_lock_held(path):
+        assert q.append(dest, body(1)) < 0
+    assert q.append(dest, body(2)) > 0
+    own = q._spools._own  # type: ignore[union-attr]
+    assert own is not None
+    own._db.close_all()
+    db = _spool_db(path)
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    db.write_bytes(b"garbage, not a database" * 400)
+    lease = q.lease(10, 500_000)  # raises QueueCorrupt from the own spool's move
+    assert lease is not None
+
+
+def test_closing_a_queue_releases_its_spool_lock_and_descriptor(tmp_path: Path) -> None:
+    """A queue object that was closed and dropped leaves no descriptor open, and its spool
+    can be adopted (moved and removed) by another mover while this process lives."""
+    path = tmp_path / "q.db"
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        q, dest = spooling(path)
+        with write_lock_held(path):
+            assert q.append(dest, body(1)) < 0
+        q.max_id()  # moves it
+        q.close()
+        del q
+        gc.collect()
+    after = len(os.listdir("/proc/self/fd"))
+    assert after - before < 5, f"{after - before} descriptors leaked"
+    locks = [n for n in spool_files(path) if n.endswith(".lock")]
+    held = 0
+    for name in locks:
+        fd = _owner_gone(spool_dir(path) / name)
+        if fd == -1:
+            held += 1
+        elif fd >= 0:
+            os.close(fd)
+    assert held == 0, f"{held} spools of closed queues still locked by this process"
+
+
+def test_pending_never_counts_what_no_mover_will_ever_move(tmp_path: Path) -> None:
+    """pending()/stats().pending (status, prometheus, on_exit="spawn"): a spool file the
+    movers skip (here a symlink, which they rightly refuse) must not be counted forever."""
+    path = tmp_path / "q.db"
+    q, _ = spooling(path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    target = elsewhere / "x.db"
+    t = Queue(target)
+    tdest = t.destination(HOST, KEY)
+    for i in range(5):
+        t.append(tdest, body(i))
+    t.close()
+    d = spool_dir(path)
+    d.mkdir(mode=0o700, exist_ok=True)
+    (d / "1-link.db").symlink_to(target)
+    q.move_spools(scan_now=True)
+    assert queued_indexes(q) == []
+    assert q.pending() == 0
+
+
+def test_a_spool_with_a_damaged_body_is_not_counted_pending_forever(tmp_path: Path) -> None:
+    """A dead producer's spool whose message table reads but whose bodies do not (a torn
+    overflow page): the mover skips it; pending() must not report it forever."""
+    path = tmp_path / "q.db"
+    q, _ = spooling(path)
+    src = tmp_path / "src"
+    src.mkdir(mode=0o700)
+    donor = src / "9-dead.db"
+    t = Queue(donor)
+    tdest = t.destination(HOST, KEY)
+    t.append(tdest, b"{" + b"x" * 20000 + b"}")  # overflow pages
+    t.close()
+    conn = sqlite3.connect(str(donor))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA journal_mode=DELETE")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.close()
+    raw = bytearray(donor.read_bytes())
+    # Point the first overflow page's next-page pointer past the end of the file: find a
+    # page full of 'x' (an overflow page starts with a 4-byte next-page number).
+    for p in range(pages):
+        page = raw[p * page_size : (p + 1) * page_size]
+        if page[4:64] == b"x" * 60 and page[:4] != b"\0\0\0\0":
+            raw[p * page_size : p * page_size + 4] = (pages + 50).to_bytes(4, "big")
+            break
+    else:  # pragma: no cover
+        raise AssertionError("no overflow page found")
+    d = spool_dir(path)
+    d.mkdir(mode=0o700, exist_ok=True)
+    (d / donor.name).write_bytes(bytes(raw))
+    os.chmod(d / donor.name, 0o600)
+    shutil.rmtree(src)
+    for _ in range(3):
+        q.move_spools(scan_now=True)
+    assert q.pending() == len(q.bodies())
+
+
+def test_a_damaged_own_spool_does_not_make_flush_raise(tmp_path: Path) -> None:
+    """flush() starts with max_id(), which moves this process's spool: a damaged spool
+    must not turn every flush (and close, and the exit handler) into an exception."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    with write_lock_held(path):
+        assert q.append(dest, body(1)) < 0
+    assert q.append(dest, body(2)) > 0
+    own = q._spools._own  # type: ignore[union-attr]
+    assert own is not None
+    own._db.close_all()
+    db = _spool_db(path)
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    db.write_bytes(b"garbage, not a database" * 400)
+    assert q.max_id() > 0
+
+
+def test_a_frozen_producer_holding_its_spool_lock_does_not_fail_another_process_lease(
+    tmp_path: Path,
+) -> None:
+    """Another process's spool is not on the delivery path: its lock, held by a producer
+    frozen mid-INSERT (SIGSTOP, a debugger), must not make this process's lease wait out
+    busy_timeout and raise QueueBusy."""
+    import pytest
+
+    from durable_analytics.exceptions import QueueBusy
+
+    path = tmp_path / "q.db"
+    producer, dest = spooling(path)  # stands for the other process
+    with write_lock_held(path):
+        assert producer.append(dest, body(1)) < 0
+    deliverer = Queue(path, busy_timeout=0.3)
+    ddest = deliverer.destination(HOST, KEY)
+    deliverer.append(ddest, body(2))
+    with write_lock_held(_spool_db(path)):  # the producer, frozen inside its spool's INSERT
+        try:
+            lease = deliverer.lease(10, 500_000)
+        except QueueBusy:
+            pytest.fail("lease raised QueueBusy for another process's spool lock")
+    assert lease is not None
+
+
+def test_with_a_count_cap_or_a_file_near_its_byte_cap_a_call_waits_instead_of_spooling(
+    tmp_path: Path,
+) -> None:
+    """A move adds what waited without the caps' check: with ``max_queue_size``, or a file
+    within ``SPOOL_MARGIN`` of ``max_queue_bytes``, a call waits for the file (the caps stay
+    exact), and a file filled to the count cap is never pushed past it."""
+    for n, options in enumerate(({"max_queue_size": 400}, {"max_queue_bytes": SPOOL_MARGIN})):
+        path = tmp_path / f"q{n}.db"
+        q, dest = spooling(path, overflow="drop_newest", **options)
+        holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.2, lambda h=holder: h.execute("COMMIT"))  # type: ignore[misc]
+        release.start()
+        try:
+            assert q.append(dest, body(0)) > 0
+        finally:
+            release.join()
+            holder.close()
+        assert not [f for f in spool_files(path) if f.endswith(".db")]
+        if "max_queue_size" in options:
+            for i in range(1, 450):
+                q.append(dest, body(i))
+            q.max_id()
+            assert len(q.bodies()) == 400

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from durable_analytics.exceptions import QueueBusy, QueueError
 
+from . import forks
 from .files import make_private_dirs
 from .waits import owned
 
@@ -71,6 +72,10 @@ MOST_SPOOLED = 1024
 #: INSERT, or a mover deleting what it moved: one statement each) before waiting for the
 #: queue file instead.
 LOCAL_WAIT = 0.002
+#: A message spools only while the file is at least this far under ``max_queue_bytes`` by
+#: the estimate, and never with a ``max_queue_size``: a move adds what waited, without the
+#: caps' check (at most ``MOST_SPOOLED`` messages of at most 32 KiB).
+SPOOL_MARGIN = MOST_SPOOLED * 32 * 1024
 #: How often a poll looks for other processes' spools (seconds).
 SCAN_EVERY = 0.05
 #: The prefix of a spool's record in the queue's ``counters`` table.
@@ -120,6 +125,14 @@ def _rows_after(conn: sqlite3.Connection, after: int) -> list[Any]:
 def _delete_moved(conn: sqlite3.Connection, last: int) -> None:
     # Keep the newest moved row: new ids must stay above the record.
     conn.execute("DELETE FROM messages WHERE id < ?", (last,))
+
+
+def _release_lock(fd: int, spool: SqliteQueue) -> None:
+    """Close a collected Spools' own spool and let go of its owner lock."""
+    with contextlib.suppress(Exception):
+        spool._db.close_all()
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _names_of(queue: SqliteQueue, dest_id: int) -> tuple[str, str] | None:
@@ -179,6 +192,8 @@ class Spools:
         self._own_name = ""
         self._lock_fd = -1
         self._off = False
+        self._own_bad = False  # this process's spool could not be read: no more moves
+        self._release: weakref.finalize[[int, SqliteQueue], Spools] | None = None
         #: Destinations of the queue -> their ids in this process's spool.
         self._dests: dict[int, int] = {}
         #: The newest id appended to this process's spool, and the newest moved from it.
@@ -204,7 +219,12 @@ class Spools:
         row_id = appender.try_append(dest_id, body, when)
         if row_id is not None:
             return row_id
-        if appender.fast(len(body)):
+        size = len(body)
+        if (
+            appender.fast(size)
+            and appender.max_queue_size is None
+            and appender.est_used + size + SPOOL_MARGIN <= appender.max_queue_bytes
+        ):
             names = queue._dest_names.get(dest_id)
             spooled = self.try_append(queue, dest_id, names, body, when)
             if spooled is not None:
@@ -290,16 +310,23 @@ class Spools:
             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0),
             0o600,
         )
+        # Known before it is locked: a fork() from here on closes the child's copy.
+        self._lock_fd = fd
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             own = self._opener(self.dir / f"{name}.db")
         except BaseException:
+            self._lock_fd = -1
             os.close(fd)
             with contextlib.suppress(OSError):
                 lock_path.unlink()
             raise
-        self._lock_fd = fd
+        # Released with this object (the spool of a closed, dropped queue is then adopted by
+        # the next mover), or at exit.
+        self._release = weakref.finalize(self, _release_lock, fd, own)
+        # Not at exit: the exit handler may still append and move; the kernel lets go then.
+        self._release.atexit = False
         self._own_name = name
         self._own = own
         return own
@@ -330,9 +357,20 @@ class Spools:
         with self._moving:
             moved = 0
             own = self._own
-            if own is not None and self.has_unmoved():
-                moved += self._move_one(queue, self._own_name, own, mine=True)
-            if others and (scan_now or time.monotonic() - self._scanned >= SCAN_EVERY):
+            scan = others and (scan_now or time.monotonic() - self._scanned >= SCAN_EVERY)
+            # Looked at on every scan too: ``last_spooled`` is a hint that two producer
+            # threads may set out of order.
+            if own is not None and not self._own_bad and (self.has_unmoved() or scan):
+                try:
+                    moved += self._move_one(queue, self._own_name, own, mine=True)
+                except QueueBusy:
+                    raise
+                except (QueueError, OSError, sqlite3.Error) as exc:
+                    # Damaged: spooling stops here; what it holds stays on disk as it is.
+                    self._own_bad = True
+                    self._bad.add(self._own_name)
+                    self._turn_off(exc)
+            if scan:
                 moved += self._move_others(queue)
             return moved
 
@@ -388,7 +426,13 @@ class Spools:
             queue._note_destinations(known)
             if mine:
                 self.moved_upto = max(self.moved_upto, last)
-            spool._db.write(partial(_delete_moved, last=last))
+                spool._db.write(partial(_delete_moved, last=last))
+            else:
+                # Another process's spool is not on this delivery's path: its owner may hold
+                # its lock (stopped inside an INSERT). The record protects what was moved;
+                # a later move deletes it.
+                with contextlib.suppress(QueueBusy), spool.bounded(0):
+                    spool._db.write(partial(_delete_moved, last=last))
             moved += len(rows)
             if len(rows) < MOVE_ROWS:
                 return moved
@@ -468,7 +512,14 @@ class Spools:
         if destination is not None and names is None:
             return 0
         try:
-            files = [e.name for e in os.scandir(self.dir) if e.name.endswith(".db")]
+            # What the movers take (``_move_others``): no symlink, no spool found damaged.
+            files = [
+                e.name
+                for e in os.scandir(self.dir)
+                if e.name.endswith(".db")
+                and e.is_file(follow_symlinks=False)
+                and e.name[: -len(".db")] not in self._bad
+            ]
         except OSError:
             return 0
         total = 0
@@ -477,7 +528,11 @@ class Spools:
             after = int(record[0]) if record is not None else 0
             uri = (self.dir / file).as_uri() + "?mode=ro"
             try:
-                with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as conn:
+                # Under the lock fork() takes: a child never inherits this connection open.
+                with (
+                    forks.raw_lock(),
+                    contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as conn,
+                ):
                     if names is None:
                         row = conn.execute(
                             "SELECT count(*) FROM messages WHERE id > ?", (after,)
@@ -497,6 +552,9 @@ class Spools:
 
     def forget_after_fork(self) -> None:
         """In a forked child: the parent's spool is the parent's; this process makes its own."""
+        if self._release is not None:
+            self._release.detach()
+            self._release = None
         if self._lock_fd >= 0:
             # The parent's descriptor keeps the lock: closing this copy releases nothing.
             with contextlib.suppress(OSError):
