@@ -19,15 +19,18 @@ queue's write lock and each starts after the other's record. The spool's newest 
 kept: ids of a table without AUTOINCREMENT start again after the largest one left, and a new
 row must never get an id at or below the record.
 
-A spool's owner holds an exclusive ``flock`` on ``<name>.lock`` for its life. A mover that
-can take that lock knows the owner is gone: once everything was moved it deletes the files
-and the record. A process forked from the owner starts a spool of its own.
+A spool's owner holds an exclusive ``flock`` on ``<name>.lock`` while its queue object
+lives. A mover that can take that lock knows the owner is gone: once everything was moved
+it deletes the files and the record. A process forked from the owner starts a spool of its
+own. A move never holds the locks of two files at once (``fork()`` takes each file's in
+turn), and never waits for another process's spool lock.
 
-What bounds a spool: an append spools only on the queue's fast path (far from the caps:
-near them it waits and measures, as before) and while this process has fewer than
+What bounds a spool: an append spools only on the queue's fast path, never with a
+``max_queue_size`` and only ``SPOOL_MARGIN`` or more under ``max_queue_bytes`` (a move adds
+what waited without the caps' check), and while this process has fewer than
 ``MOST_SPOOLED`` rows not yet moved; past that it waits for the queue file's lock, as
-before. A spool that cannot be created or is damaged turns spooling off in this process
-(logged once): appends then wait, as before; nothing stored is lost.
+before. A spool that cannot be created or read turns spooling off in this process (logged
+once): appends then wait, as before; nothing stored is lost.
 """
 
 from __future__ import annotations
