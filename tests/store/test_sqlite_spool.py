@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,27 @@ def write_lock_held(path: Path) -> Iterator[sqlite3.Connection]:
         yield holder
         holder.execute("COMMIT")
     finally:
+        holder.close()
+
+
+@contextmanager
+def write_lock_released_later(path: Path) -> Iterator[Callable[[float], None]]:
+    """Hold the file's write lock from another connection; the block calls the function it
+    gets to have a timer commit (and so release the lock) that many seconds later."""
+    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    timers: list[threading.Timer] = []
+
+    def release_after(seconds: float) -> None:
+        timer = threading.Timer(seconds, holder.execute, ("COMMIT",))
+        timers.append(timer)
+        timer.start()
+
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield release_after
+    finally:
+        for timer in timers:
+            timer.join()
         holder.close()
 
 
@@ -114,15 +135,9 @@ def test_a_queue_without_spool_waits_for_the_lock_as_before(tmp_path: Path) -> N
     path = tmp_path / "q.db"
     q = Queue(path)  # spool=False: what sync_mode and the CLI use
     dest = q.destination(HOST, KEY)
-    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN IMMEDIATE")
-    release = threading.Timer(0.2, lambda: holder.execute("COMMIT"))
-    release.start()
-    try:
+    with write_lock_released_later(path) as release_after:
+        release_after(0.2)
         row_id = q.append(dest, body(0))
-    finally:
-        release.join()
-        holder.close()
     assert row_id > 0
     assert not spool_dir(path).exists()
 
@@ -240,17 +255,11 @@ def test_a_move_never_holds_the_locks_of_two_files_at_once(tmp_path: Path) -> No
 def test_spooling_stops_past_the_bound_and_appends_wait_instead(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     q, dest = spooling(path)
-    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN IMMEDIATE")
-    for i in range(MOST_SPOOLED):
-        assert q.append(dest, body(i)) < 0
-    release = threading.Timer(0.2, lambda: holder.execute("COMMIT"))
-    release.start()
-    try:
+    with write_lock_released_later(path) as release_after:
+        for i in range(MOST_SPOOLED):
+            assert q.append(dest, body(i)) < 0
+        release_after(0.2)
         assert q.append(dest, body(MOST_SPOOLED)) > 0  # waited for the file, as before
-    finally:
-        release.join()
-        holder.close()
     assert q.max_id() > 0
     assert queued_indexes(q) == list(range(MOST_SPOOLED + 1))
 
@@ -259,15 +268,9 @@ def test_near_the_cap_an_append_measures_the_file_instead_of_spooling(tmp_path: 
     path = tmp_path / "q.db"
     q = Queue(path, spool=True, max_queue_bytes=64 * 1024)
     dest = q.destination(HOST, KEY)
-    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN IMMEDIATE")
-    release = threading.Timer(0.2, lambda: holder.execute("COMMIT"))
-    release.start()
-    try:
+    with write_lock_released_later(path) as release_after:
+        release_after(0.2)
         row_id = q.append(dest, body(0))
-    finally:
-        release.join()
-        holder.close()
     assert row_id > 0
     assert not spool_dir(path).exists()
 
@@ -608,15 +611,9 @@ def test_with_a_count_cap_or_a_file_near_its_byte_cap_a_call_waits_instead_of_sp
     for n, options in enumerate(({"max_queue_size": 400}, {"max_queue_bytes": SPOOL_MARGIN})):
         path = tmp_path / f"q{n}.db"
         q, dest = spooling(path, overflow="drop_newest", **options)
-        holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        holder.execute("BEGIN IMMEDIATE")
-        release = threading.Timer(0.2, lambda h=holder: h.execute("COMMIT"))  # type: ignore[misc]
-        release.start()
-        try:
+        with write_lock_released_later(path) as release_after:
+            release_after(0.2)
             assert q.append(dest, body(0)) > 0
-        finally:
-            release.join()
-            holder.close()
         assert not [f for f in spool_files(path) if f.endswith(".db")]
         if "max_queue_size" in options:
             for i in range(1, 450):
