@@ -189,22 +189,56 @@ def run_variant(variant: str, calls: int, url: str) -> dict[str, float]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _ratios(best: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The targets' ratios (and the floor's), of the variants that ran."""
+    none, thread, _process, _full, bare, delivering, floor = VARIANTS
+    pairs = {
+        "none p99.9 / segment bare p99.9 (target <= 2)": (none, bare),
+        "thread p99.9 / segment delivering p99.9 (target <= 1)": (thread, delivering),
+        # How far the floor itself is from the peer's in-memory call, and we from the floor.
+        "raw sqlite3 floor p99.9 / segment bare p99.9": (floor, bare),
+        "none p99.9 / raw sqlite3 floor p99.9": (none, floor),
+    }
+    ratios = {
+        name: best[ours]["p99.9"] / best[theirs]["p99.9"]
+        for name, (ours, theirs) in pairs.items()
+        if ours in best and theirs in best
+    }
+    # The same ratios without the time each call waited for a CPU (other processes).
+    for name, ours, theirs in (
+        ("cpu-q: none / segment bare", none, bare),
+        ("cpu-q: thread / segment delivering", thread, delivering),
+    ):
+        if "cpu-q p99.9" in best.get(ours, {}) and "cpu-q p99.9" in best.get(theirs, {}):
+            ratios[name] = best[ours]["cpu-q p99.9"] / best[theirs]["cpu-q p99.9"]
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=30_000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only the variants whose name contains TEXT (repeatable); the ratios of the "
+        "variants run are printed",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_variant(args.child, args.calls, args.url)))
         return
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    variants = [v for v in VARIANTS if not args.only or any(o in v for o in args.only)]
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     load_before = os.getloadavg()
     with remote_collector() as url:
         for _ in range(args.rounds):
-            for variant in VARIANTS:
+            for variant in variants:
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -243,23 +277,7 @@ def main() -> None:
             f"{variant:<34} {pick['p50']:7.3f} {pick['p99']:7.3f} {pick['p99.9']:7.3f} "
             f"{pick['max']:7.2f}{own}"
         )
-    none = best[VARIANTS[0]]["p99.9"]
-    thread = best[VARIANTS[1]]["p99.9"]
-    bare = best["segment bare (send=False)"]["p99.9"]
-    delivering = best["segment delivering"]["p99.9"]
-    ratios = {
-        "none p99.9 / segment bare p99.9 (target <= 2)": none / bare,
-        "thread p99.9 / segment delivering p99.9 (target <= 1)": thread / delivering,
-    }
-    floor = best["raw sqlite3 append (floor)"]["p99.9"]
-    # How far the floor itself is from the peer's in-memory call, and we from the floor.
-    ratios["raw sqlite3 floor p99.9 / segment bare p99.9"] = floor / bare
-    ratios["none p99.9 / raw sqlite3 floor p99.9"] = none / floor
-    if all("cpu-q p99.9" in best[v] for v in VARIANTS):
-        # The same ratios without the time each call waited for a CPU (other processes).
-        own = {v: best[v]["cpu-q p99.9"] for v in VARIANTS}
-        ratios["cpu-q: none / segment bare"] = own[VARIANTS[0]] / own["segment bare (send=False)"]
-        ratios["cpu-q: thread / segment delivering"] = own[VARIANTS[1]] / own["segment delivering"]
+    ratios = _ratios(best)
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
     if args.json:

@@ -36,6 +36,7 @@ from durable_analytics._store.sqlite.spool import (
     spool_dir,
 )
 from durable_analytics._store.sqlite.waits import owned
+from durable_analytics._store.sqlite.wal import log_frames
 from durable_analytics.testing import Collector
 
 from .sqlite_helpers import HOST, KEY, OTHER_HOST, OTHER_KEY, body, index
@@ -620,3 +621,68 @@ def test_with_a_count_cap_or_a_file_near_its_byte_cap_a_call_waits_instead_of_sp
                 q.append(dest, body(i))
             q.max_id()
             assert len(q.bodies()) == 400
+
+
+# ---------------------------------------------------------------- checkpoints, measures
+
+
+def test_the_mover_checkpoints_a_spool_so_that_its_log_starts_over(tmp_path: Path) -> None:
+    """The owner never checkpoints its spool on a call (a few milliseconds each time): the
+    mover's RESTART checkpoint lets the next commit write the spool's log from its start,
+    instead of past the ~1,000 frames the calls wrote."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    count = MOST_SPOOLED - 1
+    with write_lock_held(path):
+        assert all(q.append(dest, body(i)) < 0 for i in range(count))
+    db = _spool_db(path)
+    found = log_frames(db)
+    assert found is not None
+    generation, frames = found
+    assert frames >= q.wal_budget.normal_pages  # past the normal size: a mover checkpoints
+    assert q.move_spools(others=False) == count
+    with write_lock_held(path):
+        assert q.append(dest, body(count)) < 0
+    after = log_frames(db)
+    assert after is not None
+    assert after[0] != generation  # restarted ...
+    assert after[1] < 100  # ... from its start, by the mover's last deletes or the append
+    q.move_spools(others=False)
+    assert queued_indexes(q) == list(range(count + 1))
+
+
+def test_what_a_move_took_is_made_durable_in_the_queue_before_the_spool_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``synchronous=NORMAL`` a commit is not synced: the spool's checkpoint (which
+    syncs the spool, and with it the deletes of moved rows) must come after the queue's
+    ``-wal`` holding those rows was synced, or a power loss could keep only the deletes."""
+    order: list[str] = []
+    real_sync = spool_module.sync_wal
+    monkeypatch.setattr(
+        spool_module, "sync_wal", lambda p: (order.append(f"sync {Path(p).name}"), real_sync(p))
+    )
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    with write_lock_held(path):
+        assert all(q.append(dest, body(i)) < 0 for i in range(MOST_SPOOLED - 1))
+    spool = q._spools._own  # type: ignore[union-attr]
+    assert spool is not None
+    spool._conn().set_trace_callback(
+        lambda sql: order.append("checkpoint") if "wal_checkpoint" in sql else None
+    )
+    q.move_spools(others=False)
+    assert order == ["sync q.db", "checkpoint"]
+    full = Queue(tmp_path / "full.db", spool=True, durability="full")
+    assert spool_module.open_spool(full, tmp_path / "full-spool.db").before_checkpoint is None
+
+
+def test_far_from_the_cap_the_file_is_measured_less_often(tmp_path: Path) -> None:
+    """Each measure of the file's size is a slower call: with room, the estimate goes on
+    for up to 4 MiB; close to the cap, every 256 KiB as before."""
+    far = Queue(tmp_path / "far.db")
+    assert far.append(far.destination(HOST, KEY), body(0)) > 0
+    assert far._appender.refresh_every == 4 * 1024 * 1024
+    near = Queue(tmp_path / "near.db", max_queue_bytes=8 * 1024 * 1024)
+    assert near.append(near.destination(HOST, KEY), body(0)) > 0
+    assert near._appender.refresh_every == 256 * 1024

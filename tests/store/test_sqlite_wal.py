@@ -18,7 +18,7 @@ from durable_analytics._store.sqlite import wal as wal_module
 from durable_analytics._store.sqlite.schema import SCHEMA_V1, SCHEMA_VERSION
 from durable_analytics._store.sqlite.wal import WalBudget, log_frames, wal_bytes
 
-from .sqlite_helpers import HOST, KEY, body_of_size
+from .sqlite_helpers import HOST, KEY, body_of_size, index
 
 CAP = 2 * 1024 * 1024
 
@@ -430,3 +430,49 @@ def test_a_log_that_cannot_restart_is_not_checkpointed_after_every_lease_and_ack
     reader.close()
     assert q.pending() == budget.normal_pages * 2 - 400
     q.close()
+
+
+def test_a_producer_appending_without_pause_never_reaches_its_own_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A producer that never pauses leaves a PASSIVE checkpoint always behind, so the log
+    never started over and grew to the producers' backstop size, where SQLite checkpointed
+    inside a caller's commit. The delivering connection's RESTART checkpoint (the caller's
+    appends spool meanwhile) lets the log start over: sampled all along, it stays under the
+    backstop size, it restarts many times, and every message is there once."""
+    path = tmp_path / "q.sqlite3"
+    producer = Queue(path, spool=True)
+    deliverer = Queue(path)
+    budget = producer.wal_budget
+    dest = producer.destination(HOST, KEY)
+    total = budget.producer_pages * 3
+    done = threading.Event()
+    delivered: list[int] = []
+    longest = 0
+    generations: set[tuple[int, int, int]] = set()
+
+    def deliver() -> None:
+        while not done.is_set() or deliverer.pending():
+            lease = deliverer.lease(20, 500_000)
+            if lease is None:
+                time.sleep(0.001)
+                continue
+            delivered.extend(index(b) for b in lease.bodies)
+            deliverer.ack(lease)
+
+    worker = threading.Thread(target=deliver)
+    worker.start()
+    try:
+        for i in range(total):
+            producer.append(dest, body_of_size(i, 200))
+            if i % 25 == 0 and (log := log_frames(path)) is not None:
+                generations.add(log[0])
+                longest = max(longest, log[1])
+    finally:
+        done.set()
+        worker.join()
+    assert longest < budget.producer_pages
+    assert len(generations) > 3
+    assert sorted(delivered) == list(range(total))  # lost 0, duplicated 0
+    producer.close()
+    deliverer.close()

@@ -205,19 +205,40 @@ def read_only_fs(directory: Path) -> bool:
         return False
 
 
-def checkpoint_for_space(conn: sqlite3.Connection, mode: str = "TRUNCATE") -> bool:
+def checkpoint_for_space(
+    conn: sqlite3.Connection, mode: str = "TRUNCATE", wait_ms: int = 0
+) -> bool:
     """After SQLITE_FULL: copy the -wal into the main file and truncate it, once.
 
     The -wal grows to about 4 MB before SQLite checkpoints it on its own; on a nearly full
     disk that is where the space goes (on a 2 MB file system, 75 KB of messages filled it).
     A checkpoint gives it back, so the call can be tried once more. True when it completed
-    (no reader held an older snapshot).
+    (no reader held an older snapshot). ``wait_ms``: how long SQLite may wait for a writer
+    (or a reader, for RESTART and TRUNCATE) before it gives up; the connection waits for
+    nobody again afterwards.
     """
     try:
-        busy, _, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        if wait_ms:
+            conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
+        try:
+            busy, _, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        finally:
+            if wait_ms:
+                conn.execute("PRAGMA busy_timeout=0")
     except sqlite3.Error:
         return False
     return not busy
+
+
+def sync_wal(path: Path) -> None:
+    """Make every commit in the ``-wal`` of ``path`` durable (an fsync; none if there is no
+    ``-wal``)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_dir(directory: Path) -> None:

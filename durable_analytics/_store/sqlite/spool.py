@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from durable_analytics.exceptions import QueueBusy, QueueError
 
 from . import forks
-from .files import make_private_dirs
+from .files import make_private_dirs, sync_wal
 from .waits import owned
 
 if TYPE_CHECKING:
@@ -163,6 +163,11 @@ def open_spool(queue: SqliteQueue, path: Path) -> SqliteQueue:
     )
     spool._appender.capped = False
     spool._spools = None  # a spool has no spools of its own
+    if queue.durability != "full":
+        # A spool checkpoint makes the movers' deletes durable: what they moved must be
+        # durable in the queue first (synchronous=NORMAL syncs neither file on commit), or a
+        # power loss could keep the delete and lose the moved rows.
+        spool.before_checkpoint = partial(sync_wal, queue.path)
     return spool
 
 
@@ -231,7 +236,7 @@ class Spools:
             names = queue._dest_names.get(dest_id)
             spooled = self.try_append(queue, dest_id, names, body, when)
             if spooled is not None:
-                appender.count_stored(len(body))
+                appender.count_stored(size)
                 return spooled
         return appender.append(dest_id, body, when)
 
@@ -436,6 +441,9 @@ class Spools:
                 # a later move deletes it.
                 with contextlib.suppress(QueueBusy), spool.bounded(0):
                     spool._db.write(partial(_delete_moved, last=last))
+            # The owner never checkpoints its spool on its calls (a few milliseconds each):
+            # the mover does, once its log grew by the normal size (``Checkpoints``).
+            spool._checkpoint_if_due()
             moved += len(rows)
             if len(rows) < MOVE_ROWS:
                 return moved
