@@ -8,9 +8,9 @@ a flusher process, a worker, ``drain``) checkpoint at the normal size, off the c
 thread, and after their transaction rather than inside its commit: a commit runs under the
 process's write lock, and a checkpoint there (milliseconds, with its fsyncs) made every
 append of the caller's thread wait behind it (the flusher thread's p99.9 was 6-7 ms, 2 ms
-without). ``SqliteQueue`` runs that checkpoint (PASSIVE: writers go on meanwhile) once the
-log holds ``normal_pages``; SQLite's own, inside a commit, is left as a backstop at the
-producers' size (``commit_pages``). With nobody delivering (``flusher="none"`` and no
+without). ``SqliteQueue`` runs that checkpoint (RESTART: see ``SqliteQueue._run_checkpoint``)
+once the log holds ``normal_pages``; SQLite's own, inside a commit, is left as a backstop at
+the producers' size (``commit_pages``). With nobody delivering (``flusher="none"`` and no
 worker running) producers still bound the file at the larger size.
 
 Once a checkpoint has copied the whole log back, the next commit restarts it from the start
@@ -162,7 +162,7 @@ def log_frames(path: Path) -> tuple[tuple[int, int, int], int] | None:
 class Checkpoints:
     """When one queue object's delivering connections checkpoint the ``-wal``.
 
-    ``run(truncate)`` runs a PASSIVE (or TRUNCATE) checkpoint on the calling thread's
+    ``run(truncate)`` runs a RESTART (or TRUNCATE) checkpoint on the calling thread's
     connection (outside any transaction and outside the process's write lock).
     """
 
@@ -181,16 +181,16 @@ class Checkpoints:
         self._shrunk_at = -SHRINK_EVERY  # monotonic time of the last idle TRUNCATE
 
     def after_delivery(self) -> None:
-        """After a lease, ack or release: checkpoint (PASSIVE, waiting for nobody) once the
-        log grew by the normal size since this object's last checkpoint."""
+        """After a lease, ack or release: checkpoint once the log grew by the normal size
+        since this object's last checkpoint."""
         size = wal_bytes(self.path)
         # A file no longer than the normal size holds at most that much log.
         if size <= self.budget.size_limit:
             return
         # A longer file may hold a long log or a short one: a restarted log is rewritten
-        # from the start of the file it keeps. Its frames are counted instead. While
-        # producers commit without pause the log cannot restart at all (each writer began
-        # before the last checkpoint ended): checkpointing after each lease and ack then
+        # from the start of the file it keeps. Its frames are counted instead. While the log
+        # cannot restart (a reader in the way; with PASSIVE checkpoints, also producers
+        # committing without pause): checkpointing after each lease and ack then
         # copied the few frames since the last, with two fsyncs each time (~40 % of a
         # flusher's time beside a busy producer). So again only once the log grew by another
         # normal size since the last checkpoint, or restarted and grew that much since.
