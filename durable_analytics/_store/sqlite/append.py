@@ -275,12 +275,19 @@ class Appender:
             # (What ``fenced`` does, without a closure per call.)
             return conn.execute(INSERT, row).lastrowid or 0
         except sqlite3.Error as exc:
+            # Decided here, where ``exc`` is dropped on the way out: held in a local, it and
+            # its traceback (which holds this frame) made a cycle for the garbage collector
+            # on every call that found the file busy, and the collections those cycles set
+            # off were the slowest of a producer's calls beside a worker.
+            if not wait and errorcode(exc) in (SQLITE_BUSY, SQLITE_LOCKED):
+                return None
             failed = exc
         finally:
             fence.leave()
-        if not wait and errorcode(failed) in (SQLITE_BUSY, SQLITE_LOCKED):
-            return None
-        return self._insert_failed(conn, failed, row, nested)
+        try:
+            return self._insert_failed(conn, failed, row, nested)
+        finally:
+            del failed
 
     def _insert_failed(
         self,
