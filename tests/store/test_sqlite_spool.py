@@ -672,7 +672,7 @@ def test_what_a_move_took_is_made_durable_in_the_queue_before_the_spool_checkpoi
         lambda sql: order.append("checkpoint") if "wal_checkpoint" in sql else None
     )
     q.move_spools(others=False)
-    assert order == ["sync q.db", "checkpoint"]
+    assert order == ["sync q.db", "checkpoint", "checkpoint"]  # PASSIVE, then RESTART
     full = Queue(tmp_path / "full.db", spool=True, durability="full")
     assert spool_module.open_spool(full, tmp_path / "full-spool.db").before_checkpoint is None
 

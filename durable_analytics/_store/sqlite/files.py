@@ -205,29 +205,37 @@ def read_only_fs(directory: Path) -> bool:
         return False
 
 
-def checkpoint_for_space(
-    conn: sqlite3.Connection, mode: str = "TRUNCATE", wait_ms: int = 0
-) -> bool:
-    """After SQLITE_FULL: copy the -wal into the main file and truncate it, once.
+def wal_checkpoint(
+    conn: sqlite3.Connection, mode: str, wait_ms: int = 0
+) -> tuple[int, int, int] | None:
+    """``PRAGMA wal_checkpoint(mode)``: (busy, frames in the log, frames copied), or None.
 
-    The -wal grows to about 4 MB before SQLite checkpoints it on its own; on a nearly full
-    disk that is where the space goes (on a 2 MB file system, 75 KB of messages filled it).
-    A checkpoint gives it back, so the call can be tried once more. True when it completed
-    (no reader held an older snapshot). ``wait_ms``: how long SQLite may wait for a writer
-    (or a reader, for RESTART and TRUNCATE) before it gives up; the connection waits for
-    nobody again afterwards.
+    ``wait_ms``: how long SQLite may wait for a writer (or a reader, for RESTART and
+    TRUNCATE) before it gives up; the connection waits for nobody again afterwards.
     """
     try:
         if wait_ms:
             conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
         try:
-            busy, _, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            busy, log, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         finally:
             if wait_ms:
                 conn.execute("PRAGMA busy_timeout=0")
     except sqlite3.Error:
-        return False
-    return not busy
+        return None
+    return int(busy), int(log), int(done)
+
+
+def checkpoint_for_space(conn: sqlite3.Connection, mode: str = "TRUNCATE") -> bool:
+    """After SQLITE_FULL: copy the -wal into the main file and truncate it, once.
+
+    The -wal grows to about 4 MB before SQLite checkpoints it on its own; on a nearly full
+    disk that is where the space goes (on a 2 MB file system, 75 KB of messages filled it).
+    A checkpoint gives it back, so the call can be tried once more. True when it completed
+    (no reader held an older snapshot).
+    """
+    result = wal_checkpoint(conn, mode)
+    return result is not None and not result[0]
 
 
 def sync_wal(path: Path) -> None:
