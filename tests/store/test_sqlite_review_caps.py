@@ -16,7 +16,8 @@ from .sqlite_helpers import HOST, KEY
 _PRODUCER = r"""
 import os, sys, time
 from durable_analytics._store.sqlite import SqliteQueue as Queue
-path, cap, size, spool, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+path, cap, size, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[5]
+spool = sys.argv[4] == "1"
 q = Queue(path, max_queue_bytes=cap, spool=spool)
 dest = q.destination(sys.argv[6], sys.argv[7])
 while not os.path.exists(go):
