@@ -28,6 +28,7 @@ from conftest import WRITE_KEY, child_env, start_python
 from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import spool as spool_module
+from durable_analytics._store.sqlite.dead_letters import used_bytes
 from durable_analytics._store.sqlite.spool import (
     MOST_SPOOLED,
     MOVE_ROWS,
@@ -686,3 +687,106 @@ def test_far_from_the_cap_the_file_is_measured_less_often(tmp_path: Path) -> Non
     near = Queue(tmp_path / "near.db", max_queue_bytes=8 * 1024 * 1024)
     assert near.append(near.destination(HOST, KEY), body(0)) > 0
     assert near._appender.refresh_every == 256 * 1024
+
+
+def test_a_move_leaves_what_has_no_room_under_the_cap_in_the_spool_until_there_is(
+    tmp_path: Path,
+) -> None:
+    """Every spooling process may hold spooled messages, so the appends' margin cannot
+    bound what all of them move in at once: a chunk that would take the file past
+    ``max_queue_bytes`` waits in its spool, counted as pending and lost by nobody, and
+    moves once deliveries made room."""
+    path = tmp_path / "q.db"
+    cap = 40 * 1024 * 1024
+    q, dest = spooling(path, max_queue_bytes=cap)
+    with write_lock_held(path):
+        assert all(q.append(dest, body(i)) < 0 for i in range(100))
+    # Another process fills the file to just under the cap meanwhile (no room for a chunk).
+    filler = sqlite3.connect(str(path), isolation_level=None)
+    filler.execute("BEGIN IMMEDIATE")
+    pad = b"p" * 3_000  # a page each: the file ends 4-8 KiB under the cap
+    while (
+        filler.execute("PRAGMA page_count").fetchone()[0]
+        - filler.execute("PRAGMA freelist_count").fetchone()[0]
+    ) * 4096 < cap - 8 * 1024:
+        filler.execute(
+            "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, 0)",
+            (dest, pad, len(pad)),
+        )
+    filler.execute("COMMIT")
+    filled = q.pending()
+    assert q.move_spools(others=False) == 0  # no room: nothing moved ...
+    assert q.stats().spooled == 100  # ... nothing lost, still counted
+    assert q.pending() == filled
+    filler.execute("DELETE FROM messages WHERE size = ?", (len(pad),))  # delivered
+    filler.close()
+    assert q.move_spools(others=False) == 100
+    assert queued_indexes(q) == [*range(100)]
+    assert q.stats().spooled == 0
+
+
+_CAPPED_PRODUCER = r"""
+import os, sys, time
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+path, cap, size, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[5]
+spool = sys.argv[4] == "1"
+q = Queue(path, max_queue_bytes=cap, spool=spool)
+dest = q.destination(sys.argv[6], sys.argv[7])
+while not os.path.exists(go):
+    time.sleep(0.001)
+stored = drops = 0
+while drops < 2000:
+    if q.append(dest, b"x" * size):
+        stored += 1
+    else:
+        drops += 1
+q.max_id()  # as flush() does: moves what this process spooled
+q.close()
+print(stored)
+"""
+
+
+@pytest.mark.parametrize("spool", [False, True], ids=["no-spool", "spool"])
+def test_several_producer_processes_filling_a_capped_queue_stay_near_the_cap(
+    tmp_path: Path, spool: bool
+) -> None:
+    """Four processes append 2,100-byte messages (one row per page: about twice the cap's
+    estimate of a row) until each saw 2,000 drops, with nobody delivering
+    (``flusher="none"``, no worker). The file's used size ends within 2 MiB of
+    ``max_queue_bytes``; every stored message is in it once.
+
+    With spools, 5-12 MiB over before: ``SPOOL_MARGIN`` covered one process's spool, but
+    each process spools up to ``MOST_SPOOLED`` rows and a move skipped the cap's check.
+    Now the margin counts every spool and a move leaves what has no room in its spool.
+    """
+    path = tmp_path / "q.db"
+    cap = 48 * 1024 * 1024
+    Queue(path, max_queue_bytes=cap).close()
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CAPPED_PRODUCER,
+                str(path),
+                str(cap),
+                "2100",
+                "1" if spool else "0",
+                str(go),
+                HOST,
+                KEY,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    go.touch()
+    stored = sum(int(p.communicate(timeout=120)[0]) for p in procs)
+    q = Queue(path, max_queue_bytes=cap)
+    q.max_id()  # adopts any spool left behind
+    used = q._db.read(lambda conn: used_bytes(conn, 4096))
+    assert q.pending() == stored  # lost 0, duplicated 0
+    q.close()
+    assert used <= cap + 2 * 1024 * 1024, f"{(used - cap) / 2**20:.1f} MiB over the cap"

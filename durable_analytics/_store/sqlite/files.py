@@ -214,9 +214,10 @@ def wal_checkpoint(
     TRUNCATE) before it gives up; the connection waits for nobody again afterwards.
     """
     try:
-        if wait_ms:
-            conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
         try:
+            # Inside: a signal handler raising right after it still finds the reset below.
+            if wait_ms:
+                conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
             busy, log, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         finally:
             if wait_ms:

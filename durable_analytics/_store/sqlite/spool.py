@@ -26,8 +26,10 @@ own. A move never holds the locks of two files at once (``fork()`` takes each fi
 turn), and never waits for another process's spool lock.
 
 What bounds a spool: an append spools only on the queue's fast path, never with a
-``max_queue_size`` and only ``SPOOL_MARGIN`` or more under ``max_queue_bytes`` (a move adds
-what waited without the caps' check), and while this process has fewer than
+``max_queue_size`` and only ``SPOOL_MARGIN`` times the number of spools (this process's
+included, counted at most every ``SCAN_EVERY``) or more under ``max_queue_bytes``: a move
+adds what waited without the caps' check, and every spooling process may hold that much.
+It also spools only while this process has fewer than
 ``MOST_SPOOLED`` rows not yet moved; past that it waits for the queue file's lock, as
 before. A spool that cannot be created or read turns spooling off in this process (logged
 once): appends then wait, as before; nothing stored is lost.
@@ -52,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 from durable_analytics.exceptions import QueueBusy, QueueError
 
 from . import forks
+from .dead_letters import ROW_OVERHEAD, used_bytes
 from .files import make_private_dirs, sync_wal
 from .waits import owned
 
@@ -76,8 +79,9 @@ MOST_SPOOLED = 1024
 #: queue file instead.
 LOCAL_WAIT = 0.002
 #: A message spools only while the file is at least this far under ``max_queue_bytes`` by
-#: the estimate, and never with a ``max_queue_size``: a move adds what waited, without the
-#: caps' check (at most ``MOST_SPOOLED`` messages of at most 32 KiB).
+#: the estimate for each spool in the directory (this process's included), and never with
+#: a ``max_queue_size``: a move adds what waited, without the caps' check (at most
+#: ``MOST_SPOOLED`` messages of at most 32 KiB per spool).
 SPOOL_MARGIN = MOST_SPOOLED * 32 * 1024
 #: How often a poll looks for other processes' spools (seconds).
 SCAN_EVERY = 0.05
@@ -123,6 +127,15 @@ def _record(conn: sqlite3.Connection, name: str) -> tuple[int] | None:
 def _rows_after(conn: sqlite3.Connection, after: int) -> list[Any]:
     """A chunk of a spool's rows past ``after``, with their destination's names."""
     return conn.execute(_SELECT, (after, MOVE_ROWS)).fetchall()
+
+
+def _room_for(conn: sqlite3.Connection, queue: SqliteQueue, rows: list[Any]) -> bool:
+    """Whether a chunk fits under the queue's ``max_queue_bytes`` (inside the move's
+    transaction). A chunk that does not waits in its spool, counted as pending, until
+    deliveries make room: every spooling process may hold spooled messages, so the margin
+    the appends keep does not bound what all of them move in at once."""
+    used = used_bytes(conn, queue._appender._page_size())
+    return used + sum(int(r[4]) + ROW_OVERHEAD for r in rows) <= queue._appender.max_queue_bytes
 
 
 def _delete_moved(conn: sqlite3.Connection, last: int) -> None:
@@ -211,6 +224,8 @@ class Spools:
         self._others: dict[str, SqliteQueue] = {}
         self._bad: set[str] = set()
         self._scanned = -math.inf
+        self._spoolers = 1
+        self._counted_at = -math.inf  # when the spools were last counted (``spoolers``)
         self._moving = threading.RLock()
         self._creating = threading.RLock()
         _registry.add(self)
@@ -231,7 +246,8 @@ class Spools:
         if (
             appender.fast(size)
             and appender.max_queue_size is None
-            and appender.est_used + size + SPOOL_MARGIN <= appender.max_queue_bytes
+            and appender.est_used + size + SPOOL_MARGIN * self.spoolers()
+            <= appender.max_queue_bytes
         ):
             names = queue._dest_names.get(dest_id)
             spooled = self.try_append(queue, dest_id, names, body, when)
@@ -239,6 +255,23 @@ class Spools:
                 appender.count_stored(size)
                 return spooled
         return appender.append(dest_id, body, when)
+
+    def spoolers(self) -> int:
+        """How many processes may hold spooled messages: the spools in the directory, this
+        process's counted even before it has one (looked at most every ``SCAN_EVERY``)."""
+        now = time.monotonic()
+        if now - self._counted_at >= SCAN_EVERY:
+            self._counted_at = now
+            try:
+                others = sum(
+                    1
+                    for entry in os.scandir(self.dir)
+                    if entry.name.endswith(".db") and entry.name[: -len(".db")] != self._own_name
+                )
+            except OSError:
+                others = 0  # no directory yet: no spool
+            self._spoolers = others + 1
+        return self._spoolers
 
     def try_append(
         self,
@@ -370,7 +403,7 @@ class Spools:
             # threads may set out of order.
             if own is not None and not self._own_bad and (self.has_unmoved() or scan):
                 try:
-                    moved += self._move_one(queue, self._own_name, own, mine=True)
+                    moved += self._move_one(queue, self._own_name, own, mine=True)[0]
                 except QueueBusy:
                     raise
                 except (QueueError, OSError, sqlite3.Error) as exc:
@@ -382,8 +415,12 @@ class Spools:
                 moved += self._move_others(queue)
             return moved
 
-    def _move_one(self, queue: SqliteQueue, name: str, spool: SqliteQueue, *, mine: bool) -> int:
-        """Move one spool's rows past its record into the queue, a chunk per transaction.
+    def _move_one(
+        self, queue: SqliteQueue, name: str, spool: SqliteQueue, *, mine: bool
+    ) -> tuple[int, bool]:
+        """Move one spool's rows past its record into the queue, a chunk per transaction;
+        returns how many moved, and False when it stopped with rows left because the queue
+        had no room for them under ``max_queue_bytes`` (``_room_for``).
 
         The chunk is read before the queue's transaction and the record checked again
         inside it (another mover may have gone first: then it starts over): a thread never
@@ -394,6 +431,7 @@ class Spools:
         db_path = self.dir / f"{name}.db"
         moved = 0
         known: dict[tuple[str, str], int] = {}
+        full = False  # the queue file had no room for the chunk (``_room_for``)
         while True:
             found = queue._db.read(partial(_record, name=record))
             after = int(found[0]) if found is not None else 0
@@ -401,10 +439,12 @@ class Spools:
             if not rows:
                 if mine:
                     self.moved_upto = max(self.moved_upto, after)
-                return moved
+                return moved, True
             last = int(rows[-1][0])
 
             def run(conn: sqlite3.Connection, after: int = after, rows: list[Any] = rows) -> bool:
+                nonlocal full
+                full = False
                 known.clear()
                 row = _record(conn, record)
                 if (int(row[0]) if row is not None else 0) != after:
@@ -412,6 +452,9 @@ class Spools:
                 if row is None and not mine and not db_path.exists():
                     # Another mover deleted this spool (and then its record) after we
                     # opened it: what this handle still reads was moved already.
+                    return False
+                if not _room_for(conn, queue, rows):
+                    full = True
                     return False
                 batch = []
                 for _, host, write_key, body, size, when in rows:
@@ -428,8 +471,10 @@ class Spools:
                 return True
 
             if not queue._db.write(run):
+                if full:
+                    return moved, False  # the rest waits here until deliveries make room
                 if not db_path.exists():
-                    return moved
+                    return moved, True
                 continue
             queue._note_destinations(known)
             if mine:
@@ -446,7 +491,7 @@ class Spools:
             spool._checkpoint_if_due()
             moved += len(rows)
             if len(rows) < MOVE_ROWS:
-                return moved
+                return moved, True
 
     def _move_others(self, queue: SqliteQueue) -> int:
         self._scanned = time.monotonic()
@@ -489,14 +534,17 @@ class Spools:
             if not db.exists():
                 return 0
             spool = self._others[name] = self._opener(db)
-        moved = self._move_one(queue, name, spool, mine=False)
+        moved, _ = self._move_one(queue, name, spool, mine=False)
         lock_path = self.dir / f"{name}.lock"
         fd = _owner_gone(lock_path)
         if fd == -1:
             return moved
         try:
             # The owner is gone: nothing appends any more. Move what it left after our look.
-            moved += self._move_one(queue, name, spool, mine=False)
+            more, done = self._move_one(queue, name, spool, mine=False)
+            moved += more
+            if not done:
+                return moved  # no room in the queue for the rest: the files stay, and wait
             self._forget(name)
             for suffix in (".db-wal", ".db-shm", ".db", ".lock"):
                 with contextlib.suppress(FileNotFoundError):
@@ -577,6 +625,7 @@ class Spools:
         self.last_spooled = self.moved_upto = 0
         self._others = {}
         self._scanned = -math.inf
+        self._counted_at = -math.inf
         self._moving = threading.RLock()
         self._creating = threading.RLock()
 
