@@ -457,10 +457,9 @@ def _spool_db(path: Path) -> Path:
     return spool_dir(path) / next(n for n in spool_files(path) if n.endswith(".db"))
 
 
-def test_a_damaged_own_spool_does_not_stop_this_process_from_delivering(tmp_path: Path) -> None:
-    """The docs: a damaged spool turns spooling off; nothing else changes. A lease of
-    the file's own messages must go on."""
-    path = tmp_path / "q.db"
+def _with_damaged_own_spool(path: Path) -> Queue:
+    """A queue with one message spooled and one in the file, whose own spool file was then
+    overwritten with garbage."""
     q, dest = spooling(path)
     with write_lock_held(path):
         assert q.append(dest, body(1)) < 0
@@ -472,6 +471,13 @@ def test_a_damaged_own_spool_does_not_stop_this_process_from_delivering(tmp_path
     for suffix in ("-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
     db.write_bytes(b"garbage, not a database" * 400)
+    return q
+
+
+def test_a_damaged_own_spool_does_not_stop_this_process_from_delivering(tmp_path: Path) -> None:
+    """The docs: a damaged spool turns spooling off; nothing else changes. A lease of
+    the file's own messages must go on."""
+    q = _with_damaged_own_spool(tmp_path / "q.db")
     lease = q.lease(10, 500_000)  # raises QueueCorrupt from the own spool's move
     assert lease is not None
 
@@ -564,18 +570,7 @@ def test_a_spool_with_a_damaged_body_is_not_counted_pending_forever(tmp_path: Pa
 def test_a_damaged_own_spool_does_not_make_flush_raise(tmp_path: Path) -> None:
     """flush() starts with max_id(), which moves this process's spool: a damaged spool
     must not turn every flush (and close, and the exit handler) into an exception."""
-    path = tmp_path / "q.db"
-    q, dest = spooling(path)
-    with write_lock_held(path):
-        assert q.append(dest, body(1)) < 0
-    assert q.append(dest, body(2)) > 0
-    own = q._spools._own  # type: ignore[union-attr]
-    assert own is not None
-    own._db.close_all()
-    db = _spool_db(path)
-    for suffix in ("-wal", "-shm"):
-        Path(str(db) + suffix).unlink(missing_ok=True)
-    db.write_bytes(b"garbage, not a database" * 400)
+    q = _with_damaged_own_spool(tmp_path / "q.db")
     assert q.max_id() > 0
 
 
