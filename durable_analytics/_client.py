@@ -293,6 +293,7 @@ class Client(ClientCalls, SettingsAttributes):
 
     def _flush(self, timeout: float | None) -> FlushResult:
         queue = self.queue
+        dest = self._dest
         top = queue.max_id()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -300,19 +301,37 @@ class Client(ClientCalls, SettingsAttributes):
                 self._sync_deliverer = self._new_deliverer()
             deliverer = self._sync_deliverer
         dead_before = self._dead_lettered_here()
-        before = queue.pending(up_to_id=top, destination=self._dest)
+        before = queue.pending(up_to_id=top, destination=dest)
+        # Messages not in the file yet: calls spooled while it had no room under
+        # ``max_queue_bytes`` (``max_id`` moved every spooled call it could). They were
+        # pending at the call too, and move in as deliveries make room.
+        held = max(0, queue.pending(destination=dest) - before)
+        before += held
+        pending = before
         try:
-            deliver_until(
-                queue,
-                deliverer,
-                destination=self._dest,
-                up_to_id=top,
-                deadline=deadline,
-                wait_for_backoff=True,
-            )
+            while True:
+                deliver_until(
+                    queue,
+                    deliverer,
+                    destination=dest,
+                    up_to_id=top,
+                    deadline=deadline,
+                    wait_for_backoff=True,
+                )
+                pending = queue.pending(up_to_id=top, destination=dest)
+                if not held or pending or (deadline is not None and time.monotonic() >= deadline):
+                    break
+                moved_to = queue.max_id()
+                if moved_to <= top:
+                    break  # nothing moved: the room went to other processes' calls
+                top = moved_to
+                # (At least one less per round, so that appends racing it cannot keep
+                # flush going.)
+                held = max(0, held - max(1, queue.pending(up_to_id=top, destination=dest)))
         except DurableAnalyticsError:
             log.exception("flush: delivery failed; the messages stay queued")
-        pending = queue.pending(up_to_id=top, destination=self._dest)
+            pending = queue.pending(up_to_id=top, destination=dest)
+        pending = min(before, pending + held)
         dead = min(max(0, self._dead_lettered_here() - dead_before), max(0, before - pending))
         # What left the queue and was not dead-lettered was delivered, by us or by another.
         return FlushResult(max(0, before - pending - dead), pending, dead)

@@ -720,6 +720,54 @@ def test_a_move_leaves_what_has_no_room_under_the_cap_in_the_spool_until_there_i
     assert q.stats().spooled == 0
 
 
+def test_flush_delivers_spooled_calls_the_byte_cap_held_back_and_counts_them(
+    collector: Collector, queue_path: Path
+) -> None:
+    """Calls spooled while the file had no room under ``max_queue_bytes`` were pending when
+    ``flush()`` was called: it delivers them once its deliveries made room, and counts
+    them in ``sent`` (before, it returned ``pending=0`` with them still on disk)."""
+    cap = 40 * 1024 * 1024
+    client = Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        on_exit="none",
+        flusher="none",
+        max_queue_bytes=cap,
+    )
+    try:
+        assert client.flush().pending == 0  # the file exists and was measured
+        with write_lock_held(queue_path):
+            spooled = [client.track("u", "Held", {"i": i})[1]["messageId"] for i in range(60)]
+            assert client.stats().spooled == 60
+        # Another process fills the file to just under the cap meanwhile: no room for them.
+        dest = client.queue.destination(collector.url, WRITE_KEY)
+        filler = sqlite3.connect(str(queue_path), isolation_level=None)
+        filler.execute("BEGIN IMMEDIATE")
+        padded = 0
+        while (
+            filler.execute("PRAGMA page_count").fetchone()[0]
+            - filler.execute("PRAGMA freelist_count").fetchone()[0]
+        ) * 4096 < cap - 8 * 1024:
+            pad = body(10_000 + padded, pad=30_000)
+            filler.execute(
+                "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, 0)",
+                (dest, pad, len(pad)),
+            )
+            padded += 1
+        filler.execute("COMMIT")
+        filler.close()
+        assert client.queue.move_spools(others=False) == 0  # held back by the cap
+        result = client.flush()
+        received = collector.message_ids()
+        left = client.stats()
+    finally:
+        client.close(timeout=5)
+    assert all(received[m] == 1 for m in spooled)  # lost 0, duplicated 0
+    assert (result.sent, result.pending, result.dead_lettered) == (padded + 60, 0, 0)
+    assert (left.pending, left.spooled) == (0, 0)
+
+
 _CAPPED_PRODUCER = r"""
 import os, sys, time
 from durable_analytics._store.sqlite import SqliteQueue as Queue
