@@ -255,10 +255,12 @@ class _Handler(BaseHTTPRequestHandler):
         The standard library parses headers with the ``email`` package: 60 % of the
         collector's CPU per batch, which on a shared machine is CPU the client under test
         does not get. Only what clients of an HTTP/1.x API send is accepted; the answers to
-        what is refused are the standard library's (400, 431, 505).
+        what is refused are the standard library's (400, 431, 505), with a status line.
         """
         self.command = None  # type: ignore[assignment]  # (set in case of an error answer)
-        self.request_version = self.default_request_version
+        # (Never HTTP/0.9, the standard library's default: its error answers then lack a
+        # status line.)
+        self.request_version = "HTTP/1.1"
         self.close_connection = True
         line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         self.requestline = line

@@ -495,3 +495,121 @@ def test_reprs_never_show_the_write_key(collector: Collector) -> None:
         assert encoded not in text
     assert isinstance(batch, ReceivedBatch)
     assert "status=200" in repr(batch)
+
+
+def exchange(collector: Collector, head: bytes, body: bytes = b"") -> tuple[bytes, bytes]:
+    """Send ``head`` (the request line and headers, without the blank line) and ``body`` on
+    a fresh socket; return the status line and what the server sent until it closed or went
+    quiet."""
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=5) as sock:
+        sock.sendall(head + b"\r\n\r\n" + body)
+        sock.settimeout(0.5)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except TimeoutError:
+            pass  # kept alive: nothing more comes
+        closed = _peer_closed(sock)
+    status, _, rest = data.partition(b"\r\n")
+    return status, rest + (b"<closed>" if closed else b"")
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    sock.settimeout(0.2)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def batch_head(data: bytes, *extra: str, version: str = "HTTP/1.1") -> bytes:
+    lines = [
+        f"POST /v1/batch {version}",
+        "Host: 127.0.0.1",
+        f"Authorization: {auth_headers()['Authorization']}",
+        f"Content-Length: {len(data)}",
+        *extra,
+    ]
+    return "\r\n".join(lines).encode()
+
+
+def test_request_heads_are_parsed_case_insensitively_with_folded_lines(
+    collector: Collector,
+) -> None:
+    """The collector reads heads itself: names in any case, a folded (obsolete) continuation
+    line joined to its header, and the values recorded as sent."""
+    data = json.dumps(batch_of("f1")).encode()
+    head = batch_head(data, "x-TRACE: one", "  two", "CONTENT-TYPE: application/json")
+    status, _ = exchange(collector, head, data)
+    assert status == b"HTTP/1.1 200 OK"
+    recorded = collector.batches[-1]
+    assert recorded.headers["X-Trace"] == "one two"
+    assert recorded.headers["content-type"] == "application/json"
+    assert collector.message_ids()["f1"] == 1
+
+
+@pytest.mark.parametrize(
+    ("head", "answer"),
+    [
+        (b"POST /v1/batch HTTP/2.0\r\nContent-Length: 0", b"HTTP/1.1 505"),
+        (b"POST /v1/batch HTXP/1.1\r\nContent-Length: 0", b"HTTP/1.1 400"),
+        (b"POST /v1/batch\r\nContent-Length: 0", b"HTTP/1.1 400"),
+        (b"POST /v1/batch HTTP/1.1\r\nNo colon here", b"HTTP/1.1 400"),
+        (b"POST /v1/batch HTTP/1.1\r\nSpaced : name", b"HTTP/1.1 400"),
+        (b"POST /v1/batch HTTP/1.1\r\n" + b"\r\n".join([b"X: y"] * 101), b"HTTP/1.1 431"),
+        (b"POST /v1/batch HTTP/1.1\r\nX: " + b"y" * 70_000, b"HTTP/1.1 431"),
+    ],
+    ids=[
+        "http-2",
+        "bad-version",
+        "no-version",
+        "no-colon",
+        "space-before-colon",
+        "101-headers",
+        "long-line",
+    ],
+)
+def test_a_malformed_head_is_answered_and_the_connection_closed(
+    collector: Collector, head: bytes, answer: bytes
+) -> None:
+    """What the standard library's server refuses, the collector refuses the same way,
+    records nothing, and closes the connection (the rest of the stream cannot be framed)."""
+    status, rest = exchange(collector, head)
+    assert status.startswith(answer)
+    assert rest.endswith(b"<closed>")
+    assert collector.requests == 0
+
+
+def test_http_1_0_closes_after_the_answer_unless_asked_to_keep_alive(
+    collector: Collector,
+) -> None:
+    data = json.dumps(batch_of("v1")).encode()
+    status, rest = exchange(collector, batch_head(data, version="HTTP/1.0"), data)
+    assert status == b"HTTP/1.1 200 OK"
+    assert rest.endswith(b"<closed>")
+    data = json.dumps(batch_of("v2")).encode()
+    head = batch_head(data, "Connection: keep-alive", version="HTTP/1.0")
+    status, rest = exchange(collector, head, data)
+    assert status == b"HTTP/1.1 200 OK"
+    assert not rest.endswith(b"<closed>")
+    head = batch_head(data, "Connection: close")
+    status, rest = exchange(collector, head, data)
+    assert status == b"HTTP/1.1 200 OK"
+    assert rest.endswith(b"<closed>")
+
+
+def test_expect_100_continue_gets_its_interim_answer_before_the_body(
+    collector: Collector,
+) -> None:
+    data = json.dumps(batch_of("e1")).encode()
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=5) as sock:
+        sock.sendall(batch_head(data, "Expect: 100-continue") + b"\r\n\r\n")
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100")
+        sock.sendall(data)
+        final = sock.recv(65536)
+    assert final.startswith(b"HTTP/1.1 200")
+    assert collector.message_ids()["e1"] == 1
