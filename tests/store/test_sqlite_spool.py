@@ -133,6 +133,24 @@ def test_max_id_moves_this_process_spool_so_flush_counts_it(tmp_path: Path) -> N
     assert q.stats().spooled == 0
 
 
+def test_stats_count_spooled_messages_in_pending_and_in_bytes(tmp_path: Path) -> None:
+    """``bytes`` is the size of the pending messages, and spooled ones are pending: a look
+    at the stats while calls wait in a spool gives the same totals as after they moved."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    stored = [body(i, pad=100 * i) for i in range(10)]
+    q.append(dest, stored[0])
+    with write_lock_held(path):
+        for b in stored[1:]:
+            assert q.append(dest, b) < 0  # spooled
+    waiting = q.stats()
+    assert (waiting.pending, waiting.spooled) == (10, 9)
+    assert waiting.bytes == sum(len(b) for b in stored)
+    q.max_id()  # moves the spool in
+    moved = q.stats()
+    assert (moved.pending, moved.spooled, moved.bytes) == (10, 0, waiting.bytes)
+
+
 def test_a_queue_without_spool_waits_for_the_lock_as_before(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     q = Queue(path)  # spool=False: what sync_mode and the CLI use

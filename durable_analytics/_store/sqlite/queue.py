@@ -621,10 +621,11 @@ class SqliteQueue:
         """Counts and health of the queue (see ``QueueStats``)."""
         now = time.time()
         found = self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now))
-        spooled = 0 if self._spools is None else self._spools.count(self, None)
+        spooled, spooled_bytes = (0, 0) if self._spools is None else self._spools.totals(self, None)
         return dataclasses.replace(
             found,
             pending=found.pending + spooled,
+            bytes=found.bytes + spooled_bytes,
             spooled=spooled,
             dropped=found.dropped + self._appender.unsaved_drops,
             wal_bytes=wal_bytes(self.path),

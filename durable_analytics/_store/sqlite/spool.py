@@ -567,9 +567,13 @@ class Spools:
     def count(self, queue: SqliteQueue, destination: int | None) -> int:
         """How many messages (of ``destination``) wait in the spools of every process, not
         moved yet (a look at each spool file, read-only)."""
+        return self.totals(queue, destination)[0]
+
+    def totals(self, queue: SqliteQueue, destination: int | None) -> tuple[int, int]:
+        """``count`` and the size of those messages as stored (their bodies' bytes)."""
         names = None if destination is None else _names_of(queue, destination)
         if destination is not None and names is None:
-            return 0
+            return 0, 0
         try:
             # What the movers take (``_move_others``): no symlink, no spool found damaged.
             files = [
@@ -580,8 +584,8 @@ class Spools:
                 and e.name[: -len(".db")] not in self._bad
             ]
         except OSError:
-            return 0
-        total = 0
+            return 0, 0
+        total = size = 0
         for file in files:
             record = queue._db.read(partial(_record, name=RECORD + file[: -len(".db")]))
             after = int(record[0]) if record is not None else 0
@@ -594,18 +598,19 @@ class Spools:
                 ):
                     if names is None:
                         row = conn.execute(
-                            "SELECT count(*) FROM messages WHERE id > ?", (after,)
+                            "SELECT count(*), total(size) FROM messages WHERE id > ?", (after,)
                         ).fetchone()
                     else:
                         row = conn.execute(
-                            "SELECT count(*) FROM messages m JOIN destinations d "
+                            "SELECT count(*), total(m.size) FROM messages m JOIN destinations d "
                             "ON d.id = m.dest WHERE m.id > ? AND d.host = ? AND d.write_key = ?",
                             (after, *names),
                         ).fetchone()
             except sqlite3.Error:
                 continue
             total += int(row[0])
-        return total
+            size += int(row[1])
+        return total, size
 
     # ---------------------------------------------------------------- fork
 
