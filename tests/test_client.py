@@ -105,6 +105,42 @@ def test_flush_only_waits_for_messages_queued_before_it(
     assert client.flush(timeout=5) == FlushResult(2, 0, 0)
 
 
+def test_flush_neither_counts_nor_delivers_a_call_made_just_after_it_took_its_top(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    """A call another thread makes just after flush() took the newest id it waits for was
+    not pending at the call: flush neither delivers it nor counts it, and ``sent + pending
+    + dead_lettered`` is the 3 that were queued. (It was taken for a spooled call held back
+    by the byte cap: delivered and counted in ``sent``.)"""
+    client = make_client(flusher="none")
+    other = make_client(flusher="none")  # another producer on the same queue
+    track_many(client, 3)
+    queue = client.queue
+    newest = queue.max_id
+    late: list[str] = []
+
+    def max_id() -> int:
+        top = newest()
+        if not late:
+            # The other thread's call lands right after flush() took its top.
+            producer = threading.Thread(target=lambda: late.extend(track_many(other, 1)))
+            producer.start()
+            producer.join()
+        return top
+
+    queue.max_id = max_id  # type: ignore[method-assign]
+    try:
+        result = client.flush(timeout=10)
+    finally:
+        del queue.max_id  # type: ignore[method-assign]
+
+    assert late  # made during flush()
+    assert result == FlushResult(3, 0, 0)
+    assert late[0] not in collector.message_ids()
+    assert client.queue.pending() == 1  # left for the next flush
+    assert client.flush(timeout=10) == FlushResult(1, 0, 0)
+
+
 def test_flush_with_the_server_down_returns_once_the_next_retry_is_past_its_timeout(
     make_client: Callable[..., Client], refused_url: str
 ) -> None:
