@@ -561,6 +561,11 @@ def test_request_heads_are_parsed_case_insensitively_with_folded_lines(
         (b"POST /v1/batch HTTP/1.1\r\nSpaced : name", b"HTTP/1.1 400"),
         (b"POST /v1/batch HTTP/1.1\r\n" + b"\r\n".join([b"X: y"] * 101), b"HTTP/1.1 431"),
         (b"POST /v1/batch HTTP/1.1\r\nX: " + b"y" * 70_000, b"HTTP/1.1 431"),
+        # Folded lines are lines of the head too: 101 of them are too many.
+        (b"POST /v1/batch HTTP/1.1\r\nX: y\r\n" + b"\r\n".join([b" z"] * 101), b"HTTP/1.1 431"),
+        # A digit to str.isdigit() but not to int(): superscript two (latin-1 0xB2).
+        (b"POST /v1/batch HTTP/\xb2.1\r\nContent-Length: 0", b"HTTP/1.1 400"),
+        (b"POST /v1/batch HTTP/" + b"1" * 5000 + b".1\r\nContent-Length: 0", b"HTTP/1.1 400"),
     ],
     ids=[
         "http-2",
@@ -570,6 +575,9 @@ def test_request_heads_are_parsed_case_insensitively_with_folded_lines(
         "space-before-colon",
         "101-headers",
         "long-line",
+        "101-folded-lines",
+        "superscript-version",
+        "5000-digit-version",
     ],
 )
 def test_a_malformed_head_is_answered_and_the_connection_closed(
@@ -613,3 +621,39 @@ def test_expect_100_continue_gets_its_interim_answer_before_the_body(
         final = sock.recv(65536)
     assert final.startswith(b"HTTP/1.1 200")
     assert collector.message_ids()["e1"] == 1
+
+
+def test_conflicting_content_lengths_are_answered_400_and_nothing_is_smuggled(
+    collector: Collector,
+) -> None:
+    """Two Content-Length headers that disagree leave the request's end unknown: whichever
+    one the collector believed, the rest of the stream would be framed as another request
+    on the kept-alive connection (a batch smuggled in the first one's body). It answers 400,
+    records nothing and closes; the same length twice is one length."""
+    smuggled = json.dumps(batch_of("smuggled")).encode()
+    inner = batch_head(smuggled) + b"\r\n\r\n" + smuggled
+    for lengths in ((0, len(inner)), (len(inner), 0)):
+        head = batch_head(b"", *(f"Content-Length: {n}" for n in lengths))
+        head = head.replace(b"Content-Length: 0\r\n", b"", 1)  # batch_head's own
+        status, rest = exchange(collector, head, inner)
+        assert status.startswith(b"HTTP/1.1 400")
+        assert rest.endswith(b"<closed>")
+    assert collector.requests == 0
+    assert "smuggled" not in collector.message_ids()
+    data = json.dumps(batch_of("same")).encode()
+    status, _ = exchange(collector, batch_head(data, f"Content-Length: {len(data)}"), data)
+    assert status == b"HTTP/1.1 200 OK"
+    assert collector.message_ids()["same"] == 1
+
+
+def test_basic_credentials_with_non_ascii_bytes_are_answered_401_and_recorded(
+    collector: Collector,
+) -> None:
+    """A header byte past ASCII in the Basic credentials is a wrong key, not a crash of the
+    handler thread: the request is answered 401 and recorded unauthorized."""
+    data = json.dumps(batch_of("n1")).encode()
+    head = batch_head(data).replace(b"Authorization: Basic ", b"Authorization: Basic \xe9", 1)
+    status, _ = exchange(collector, head, data)
+    assert status.startswith(b"HTTP/1.1 401")
+    [recorded] = collector.batches
+    assert not recorded.authorized
