@@ -8,7 +8,6 @@ through ``CollectorSide``, which keeps the recordings and decides the answers.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import gzip
 import json
@@ -189,7 +188,9 @@ def is_authorized(
         return False
     try:
         credentials = base64.b64decode(token.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:
+        # (binascii.Error, UnicodeDecodeError, and the ValueError of a str past ASCII: a
+        # header byte past 0x7F arrives as one.)
         return False
     if write_key is None:
         return ":" in credentials
@@ -272,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         command, path, version = words
         major, dot, minor = version[5:].partition(".")
-        if not (version.startswith("HTTP/") and dot and major.isdigit() and minor.isdigit()):
+        if not (version.startswith("HTTP/") and dot and _is_number(major) and _is_number(minor)):
             self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request version ({version!r})")
             return False
         if int(major) != 1:
@@ -282,6 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         self.command, self.path, self.request_version = command, path, version
         fields: list[tuple[str, str]] = []
+        lines = 0
         while True:
             raw = self.rfile.readline(_MAX_LINE + 1)
             if len(raw) > _MAX_LINE:
@@ -289,7 +291,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return False
             if raw in (b"\r\n", b"\n", b""):
                 break
-            if len(fields) >= _MAX_HEADERS:
+            # Folded lines count too: else a head of endless ones grows a value without bound.
+            lines += 1
+            if lines > _MAX_HEADERS:
                 self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers")
                 return False
             text = str(raw, "iso-8859-1")
@@ -302,6 +306,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_error(HTTPStatus.BAD_REQUEST, f"Bad header line ({text.rstrip()!r})")
                 return False
             fields.append((name, value.strip()))
+        lengths = {value for name, value in fields if name.lower() == "content-length"}
+        if len(lengths) > 1:
+            # Whichever one is believed, the rest of the stream would be framed as another
+            # request on this connection (RFC 9112 6.3): refuse it and close.
+            self.send_error(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers")
+            return False
         headers = Headers(fields)
         self.headers = headers  # type: ignore[assignment]
         connection = headers.get("connection", "").lower()
@@ -410,6 +420,12 @@ class _Handler(BaseHTTPRequestHandler):
         # One write per response: fewer syscalls and no Nagle/delayed-ACK stall.
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head + body)
+
+
+def _is_number(text: str) -> bool:
+    """Whether ``text`` is a version number as the standard library's server takes one:
+    ASCII digits (``str.isdigit`` also takes ``²``, which ``int`` refuses), at most 10."""
+    return text.isascii() and text.isdigit() and len(text) <= 10
 
 
 def shut(connection: socket.socket) -> None:
