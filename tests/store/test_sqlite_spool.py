@@ -738,6 +738,27 @@ def test_a_move_leaves_what_has_no_room_under_the_cap_in_the_spool_until_there_i
     assert q.stats().spooled == 0
 
 
+def _fill_to_just_under(queue_path: Path, dest: int, cap: int) -> int:
+    """Fill the file to just under ``cap`` bytes from another connection (as another
+    process's appends); returns how many messages that took."""
+    filler = sqlite3.connect(str(queue_path), isolation_level=None)
+    filler.execute("BEGIN IMMEDIATE")
+    padded = 0
+    while (
+        filler.execute("PRAGMA page_count").fetchone()[0]
+        - filler.execute("PRAGMA freelist_count").fetchone()[0]
+    ) * 4096 < cap - 8 * 1024:
+        pad = body(10_000 + padded, pad=30_000)
+        filler.execute(
+            "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, 0)",
+            (dest, pad, len(pad)),
+        )
+        padded += 1
+    filler.execute("COMMIT")
+    filler.close()
+    return padded
+
+
 def test_flush_delivers_spooled_calls_the_byte_cap_held_back_and_counts_them(
     collector: Collector, queue_path: Path
 ) -> None:
@@ -759,22 +780,9 @@ def test_flush_delivers_spooled_calls_the_byte_cap_held_back_and_counts_them(
             spooled = [client.track("u", "Held", {"i": i})[1]["messageId"] for i in range(60)]
             assert client.stats().spooled == 60
         # Another process fills the file to just under the cap meanwhile: no room for them.
-        dest = client.queue.destination(collector.url, WRITE_KEY)
-        filler = sqlite3.connect(str(queue_path), isolation_level=None)
-        filler.execute("BEGIN IMMEDIATE")
-        padded = 0
-        while (
-            filler.execute("PRAGMA page_count").fetchone()[0]
-            - filler.execute("PRAGMA freelist_count").fetchone()[0]
-        ) * 4096 < cap - 8 * 1024:
-            pad = body(10_000 + padded, pad=30_000)
-            filler.execute(
-                "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, 0)",
-                (dest, pad, len(pad)),
-            )
-            padded += 1
-        filler.execute("COMMIT")
-        filler.close()
+        padded = _fill_to_just_under(
+            queue_path, client.queue.destination(collector.url, WRITE_KEY), cap
+        )
         assert client.queue.move_spools(others=False) == 0  # held back by the cap
         result = client.flush()
         received = collector.message_ids()
@@ -784,6 +792,62 @@ def test_flush_delivers_spooled_calls_the_byte_cap_held_back_and_counts_them(
     assert all(received[m] == 1 for m in spooled)  # lost 0, duplicated 0
     assert (result.sent, result.pending, result.dead_lettered) == (padded + 60, 0, 0)
     assert (left.pending, left.spooled) == (0, 0)
+
+
+def test_flush_does_not_count_held_back_calls_pending_once_another_deliverer_sent_them(
+    collector: Collector, queue_path: Path
+) -> None:
+    """Calls held back by the byte cap that another deliverer (the flusher thread, a
+    ``worker``, another client) moved in and delivered while flush() delivered its own were
+    sent, not pending: flush counts them in ``sent`` and ``pending`` is 0. (It counted
+    every one of them ``pending``: it found nothing new to move, and its count of what it
+    still held was never brought down.)"""
+    cap = 40 * 1024 * 1024
+    settings: dict[str, Any] = {
+        "host": collector.url,
+        "queue_path": queue_path,
+        "on_exit": "none",
+        "flusher": "none",
+        "max_queue_bytes": cap,
+    }
+    client = Client(WRITE_KEY, **settings)
+    other = Client(WRITE_KEY, **settings)
+    try:
+        assert client.flush().pending == 0  # the file exists and was measured
+        with write_lock_held(queue_path):
+            spooled = [client.track("u", "Held", {"i": i})[1]["messageId"] for i in range(60)]
+            assert client.stats().spooled == 60
+        padded = _fill_to_just_under(
+            queue_path, client.queue.destination(collector.url, WRITE_KEY), cap
+        )
+        assert client.queue.move_spools(others=False) == 0  # held back by the cap
+        queue = client.queue
+        newest = queue.max_id
+        calls = 0
+
+        def max_id() -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                # flush() delivered what was in the file and looks for what moved in: the
+                # other deliverer was quicker and sent the held-back calls.
+                assert other.flush(timeout=30).pending == 0
+            return newest()
+
+        queue.max_id = max_id  # type: ignore[method-assign]
+        try:
+            result = client.flush(timeout=30)
+        finally:
+            del queue.max_id  # type: ignore[method-assign]
+        received = collector.message_ids()
+        left = client.stats()
+    finally:
+        other.close(timeout=5)
+        client.close(timeout=5)
+    assert calls >= 2
+    assert all(received[m] == 1 for m in spooled)  # lost 0, duplicated 0
+    assert (left.pending, left.spooled) == (0, 0)
+    assert (result.sent, result.pending, result.dead_lettered) == (padded + 60, 0, 0)
 
 
 _CAPPED_PRODUCER = r"""
