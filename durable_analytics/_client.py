@@ -294,7 +294,10 @@ class Client(ClientCalls, SettingsAttributes):
     def _flush(self, timeout: float | None) -> FlushResult:
         queue = self.queue
         dest = self._dest
-        top = queue.max_id()
+        top = queue.max_id()  # (moves in every spooled call it can)
+        # Calls still spooled now were pending at the call too: those the file had no room
+        # for under ``max_queue_bytes``. They move in as deliveries make room.
+        marks = queue.held_back(destination=dest)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             if self._sync_deliverer is None:
@@ -302,10 +305,7 @@ class Client(ClientCalls, SettingsAttributes):
             deliverer = self._sync_deliverer
         dead_before = self._dead_lettered_here()
         before = queue.pending(up_to_id=top, destination=dest)
-        # Messages not in the file yet: calls spooled while it had no room under
-        # ``max_queue_bytes`` (``max_id`` moved every spooled call it could). They were
-        # pending at the call too, and move in as deliveries make room.
-        held = max(0, queue.pending(destination=dest) - before)
+        held = queue.held_back_left(marks, destination=dest)
         before += held
         pending = before
         try:
@@ -319,18 +319,21 @@ class Client(ClientCalls, SettingsAttributes):
                     wait_for_backoff=True,
                 )
                 pending = queue.pending(up_to_id=top, destination=dest)
-                if not held or pending or (deadline is not None and time.monotonic() >= deadline):
+                if not marks or pending or (deadline is not None and time.monotonic() >= deadline):
                     break
-                moved_to = queue.max_id()
+                held = queue.held_back_left(marks, destination=dest)
+                moved_to = queue.max_id()  # moves in what now has room
                 if moved_to <= top:
-                    break  # nothing moved: the room went to other processes' calls
+                    break  # nothing moved in: what is held back stays (counted pending)
                 top = moved_to
-                # (At least one less per round, so that appends racing it cannot keep
-                # flush going.)
-                held = max(0, held - max(1, queue.pending(up_to_id=top, destination=dest)))
+                if not held:
+                    # Every held-back call was in the file before this top (moved in by
+                    # this flush or another mover): one last round delivers what is left.
+                    marks = {}
         except DurableAnalyticsError:
             log.exception("flush: delivery failed; the messages stay queued")
             pending = queue.pending(up_to_id=top, destination=dest)
+        held = queue.held_back_left(marks, destination=dest)
         pending = min(before, pending + held)
         dead = min(max(0, self._dead_lettered_here() - dead_before), max(0, before - pending))
         # What left the queue and was not dead-lettered was delivered, by us or by another.

@@ -205,6 +205,14 @@ class OverrideQueue:
         """The wrapped queue's newest id."""
         return self.inner.max_id()
 
+    def held_back(self, destination: int | None = None) -> dict[str, int]:
+        """The wrapped queue's held-back marks."""
+        return self.inner.held_back(destination)
+
+    def held_back_left(self, marks: dict[str, int], destination: int | None = None) -> int:
+        """The wrapped queue's count of held-back calls left."""
+        return self.inner.held_back_left(marks, destination)
+
     def live_leases(self) -> int:
         """The wrapped queue's live leases."""
         return self.inner.live_leases()

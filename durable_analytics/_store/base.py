@@ -363,6 +363,18 @@ class QueueBackend(Protocol):
         """The id of the newest message (0 when empty)."""
         ...
 
+    def held_back(self, destination: int | None = None) -> dict[str, int]:
+        """Where the calls not in the queue yet end (of ``destination``), for
+        ``held_back_left``: a SQLite queue's producers' spools (calls that met a busy file,
+        or that no room under ``max_queue_bytes`` keeps out). Empty where every call goes
+        straight into the queue."""
+        ...
+
+    def held_back_left(self, marks: dict[str, int], destination: int | None = None) -> int:
+        """How many of the calls that ``held_back`` returned ``marks`` for are still not in
+        the queue (whoever moved the others in)."""
+        ...
+
     def live_leases(self) -> int:
         """How many leases are held right now (by anyone)."""
         ...

@@ -152,6 +152,16 @@ def test_pending_max_id_and_ready_summary_count_what_is_stored(
     assert backend.pending() == 2
 
 
+def test_calls_that_met_no_busy_file_are_never_held_back(backend: QueueBackend, dest: int) -> None:
+    """``held_back`` names only calls not in the queue yet (a SQLite producer's spool): an
+    append nobody contended for is in the queue when it returns, so ``flush`` has nothing
+    more to wait for than ``max_id``."""
+    fill(backend, dest, 3)
+    assert backend.held_back() == {}
+    assert backend.held_back(destination=dest) == {}
+    assert backend.held_back_left({}, destination=dest) == 0
+
+
 # --------------------------------------------------------------------------- fencing, expiry
 
 

@@ -435,6 +435,14 @@ class MemoryQueue:
             self._check_open()
             return next(reversed(self._messages), 0)
 
+    def held_back(self, destination: int | None = None) -> dict[str, int]:
+        """Nothing: every call goes straight into the queue."""
+        return {}
+
+    def held_back_left(self, marks: dict[str, int], destination: int | None = None) -> int:
+        """0: nothing is ever held back."""
+        return 0
+
     def bodies(self) -> list[bytes]:
         """Every pending message body, oldest first (for tests and tools)."""
         with self._lock:

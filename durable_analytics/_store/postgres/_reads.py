@@ -60,6 +60,14 @@ class QueueReads:
         row = self._tx(lambda c: c.execute(self._sql(q.MAX_ID))).fetchone()
         return int(row[0]) if row else 0
 
+    def held_back(self, destination: int | None = None) -> dict[str, int]:
+        """Nothing: every call commits straight into the table."""
+        return {}
+
+    def held_back_left(self, marks: dict[str, int], destination: int | None = None) -> int:
+        """0: nothing is ever held back."""
+        return 0
+
     def live_leases(self) -> int:
         """How many leases are held right now (by anyone, on any host)."""
         row = self._tx(lambda c: c.execute(self._sql(q.LIVE_LEASES))).fetchone()

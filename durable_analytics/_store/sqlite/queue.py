@@ -38,7 +38,7 @@ from durable_analytics._store.base import (
 from durable_analytics._store.window import PROCESS_WINDOW, InFlightWindow
 from durable_analytics.exceptions import QueueBusy, QueueCorrupt, QueueError
 
-from . import bydest, inspect, leases, ready
+from . import bydest, inspect, leases, ready, spool_counts
 from .append import Appender
 from .connections import Connections
 from .dead_letters import DeadLetters
@@ -610,7 +610,17 @@ class SqliteQueue:
         spools = self._spools
         if up_to_id is not None or spools is None:
             return found
-        return found + spools.count(self, destination)
+        return found + spool_counts.count(spools, self, destination)
+
+    def held_back(self, destination: int | None = None) -> dict[str, int]:
+        """By spool file, its newest message (of ``destination``) not moved in yet."""
+        spools = self._spools
+        return {} if spools is None else spool_counts.marks(spools, self, destination)
+
+    def held_back_left(self, marks: dict[str, int], destination: int | None = None) -> int:
+        """How many of the spooled messages up to ``marks`` are still not moved in."""
+        spools = self._spools
+        return 0 if spools is None else spool_counts.held(spools, self, marks, destination)
 
     def live_leases(self) -> int:
         """How many leases are held right now (by anyone)."""
@@ -621,7 +631,10 @@ class SqliteQueue:
         """Counts and health of the queue (see ``QueueStats``)."""
         now = time.time()
         found = self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now))
-        spooled, spooled_bytes = (0, 0) if self._spools is None else self._spools.totals(self, None)
+        spools = self._spools
+        spooled, spooled_bytes = (
+            (0, 0) if spools is None else spool_counts.totals(spools, self, None)
+        )
         return dataclasses.replace(
             found,
             pending=found.pending + spooled,

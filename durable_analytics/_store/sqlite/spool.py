@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any
 
 from durable_analytics.exceptions import QueueBusy, QueueError
 
-from . import forks
 from .dead_letters import ROW_OVERHEAD, used_bytes
 from .files import make_private_dirs, sync_wal
 from .waits import owned
@@ -389,6 +388,11 @@ class Spools:
         """Whether this process spooled rows not moved yet (no I/O)."""
         return self.last_spooled > self.moved_upto
 
+    @property
+    def bad(self) -> frozenset[str]:
+        """The spools found damaged: no mover takes them and nobody counts them."""
+        return frozenset(self._bad)
+
     def move(self, queue: SqliteQueue, *, others: bool, scan_now: bool = False) -> int:
         """Move spooled messages into ``queue``: this process's, and with ``others`` those of
         every spool in the directory (looked for at most every ``SCAN_EVERY``, or now with
@@ -561,56 +565,6 @@ class Spools:
         spool = self._others.pop(name, None)
         if spool is not None:
             spool._db.close_all()
-
-    # ---------------------------------------------------------------- inspection
-
-    def count(self, queue: SqliteQueue, destination: int | None) -> int:
-        """How many messages (of ``destination``) wait in the spools of every process, not
-        moved yet (a look at each spool file, read-only)."""
-        return self.totals(queue, destination)[0]
-
-    def totals(self, queue: SqliteQueue, destination: int | None) -> tuple[int, int]:
-        """``count`` and the size of those messages as stored (their bodies' bytes)."""
-        names = None if destination is None else _names_of(queue, destination)
-        if destination is not None and names is None:
-            return 0, 0
-        try:
-            # What the movers take (``_move_others``): no symlink, no spool found damaged.
-            files = [
-                e.name
-                for e in os.scandir(self.dir)
-                if e.name.endswith(".db")
-                and e.is_file(follow_symlinks=False)
-                and e.name[: -len(".db")] not in self._bad
-            ]
-        except OSError:
-            return 0, 0
-        total = size = 0
-        for file in files:
-            record = queue._db.read(partial(_record, name=RECORD + file[: -len(".db")]))
-            after = int(record[0]) if record is not None else 0
-            uri = (self.dir / file).as_uri() + "?mode=ro"
-            try:
-                # Under the lock fork() takes: a child never inherits this connection open.
-                with (
-                    forks.raw_lock(),
-                    contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as conn,
-                ):
-                    if names is None:
-                        row = conn.execute(
-                            "SELECT count(*), total(size) FROM messages WHERE id > ?", (after,)
-                        ).fetchone()
-                    else:
-                        row = conn.execute(
-                            "SELECT count(*), total(m.size) FROM messages m JOIN destinations d "
-                            "ON d.id = m.dest WHERE m.id > ? AND d.host = ? AND d.write_key = ?",
-                            (after, *names),
-                        ).fetchone()
-            except sqlite3.Error:
-                continue
-            total += int(row[0])
-            size += int(row[1])
-        return total, size
 
     # ---------------------------------------------------------------- fork
 

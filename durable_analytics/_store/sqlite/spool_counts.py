@@ -1,0 +1,95 @@
+"""What waits in the spools of a queue's producers, looked at read-only (see ``spool.py``).
+
+``stats()`` and ``pending()`` count spooled messages as pending (``totals``, ``count``);
+``flush()`` marks where each spool's held-back messages end when it is called (``marks``)
+and follows how many of those are still not moved in (``held``), whoever moves them.
+Each look opens every spool file read-only, once, as the movers would take them: no
+symlink, no spool this process found damaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from . import forks
+from .spool import RECORD, Spools, _names_of, _record
+
+if TYPE_CHECKING:
+    from .queue import SqliteQueue
+
+__all__ = ["count", "held", "marks", "totals"]
+
+
+def count(spools: Spools, queue: SqliteQueue, destination: int | None) -> int:
+    """How many messages (of ``destination``) wait in the spools of every process, not
+    moved yet."""
+    return totals(spools, queue, destination)[0]
+
+
+def totals(spools: Spools, queue: SqliteQueue, destination: int | None) -> tuple[int, int]:
+    """``count`` and the size of those messages as stored (their bodies' bytes)."""
+    rows = _look(spools, queue, destination, "count(*), total(m.size)").values()
+    return sum(int(row[0]) for row in rows), sum(int(row[1]) for row in rows)
+
+
+def marks(spools: Spools, queue: SqliteQueue, destination: int | None) -> dict[str, int]:
+    """By spool file, the id of its newest message (of ``destination``) not moved yet: what
+    is held back at this moment, for ``held`` to follow."""
+    found = _look(spools, queue, destination, "max(m.id)")
+    return {file: int(row[0]) for file, row in found.items() if row[0] is not None}
+
+
+def held(spools: Spools, queue: SqliteQueue, upto: dict[str, int], destination: int | None) -> int:
+    """How many of the messages up to ``upto`` (from ``marks``) are still not moved in."""
+    if not upto:
+        return 0
+    return sum(int(row[0]) for row in _look(spools, queue, destination, "count(*)", upto).values())
+
+
+def _look(
+    spools: Spools,
+    queue: SqliteQueue,
+    destination: int | None,
+    columns: str,
+    upto: dict[str, int] | None = None,
+) -> dict[str, tuple[Any, ...]]:
+    """``SELECT columns`` over each spool file's messages (of ``destination``) not moved
+    yet, by file; with ``upto``, only in the files it names and up to their id there."""
+    names = None if destination is None else _names_of(queue, destination)
+    if destination is not None and names is None:
+        return {}
+    try:
+        files = [
+            e.name
+            for e in os.scandir(spools.dir)
+            if e.name.endswith(".db")
+            and e.is_file(follow_symlinks=False)
+            and e.name[: -len(".db")] not in spools.bad
+            and (upto is None or e.name in upto)
+        ]
+    except OSError:
+        return {}
+    sql = f"SELECT {columns} FROM messages m"
+    if names is not None:
+        sql += " JOIN destinations d ON d.id = m.dest AND d.host = ? AND d.write_key = ?"
+    sql += " WHERE m.id > ? AND m.id <= ?"
+    found: dict[str, tuple[Any, ...]] = {}
+    for file in files:
+        record = queue._db.read(partial(_record, name=RECORD + file[: -len(".db")]))
+        after = int(record[0]) if record is not None else 0
+        top = (1 << 62) if upto is None else upto[file]
+        uri = (spools.dir / file).as_uri() + "?mode=ro"
+        try:
+            # Under the lock fork() takes: a child never inherits this connection open.
+            with (
+                forks.raw_lock(),
+                contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as conn,
+            ):
+                found[file] = conn.execute(sql, (*(names or ()), after, top)).fetchone()
+        except sqlite3.Error:
+            continue
+    return found
