@@ -759,6 +759,22 @@ def _fill_to_just_under(queue_path: Path, dest: int, cap: int) -> int:
     return padded
 
 
+def _held_back_by_the_cap(
+    client: Client, collector: Collector, queue_path: Path, cap: int
+) -> tuple[list[str], int]:
+    """60 calls of ``client`` spooled, then the file filled by another process to just under
+    ``cap``: no room for them to move in. Their messageIds, and how many rows filled it."""
+    assert client.flush().pending == 0  # the file exists and was measured
+    with write_lock_held(queue_path):
+        spooled = [client.track("u", "Held", {"i": i})[1]["messageId"] for i in range(60)]
+        assert client.stats().spooled == 60
+    padded = _fill_to_just_under(
+        queue_path, client.queue.destination(collector.url, WRITE_KEY), cap
+    )
+    assert client.queue.move_spools(others=False) == 0  # held back by the cap
+    return spooled, padded
+
+
 def test_flush_delivers_spooled_calls_the_byte_cap_held_back_and_counts_them(
     collector: Collector, queue_path: Path
 ) -> None:
@@ -775,15 +791,7 @@ def test_flush_delivers_spooled_calls_the_byte_cap_held_back_and_counts_them(
         max_queue_bytes=cap,
     )
     try:
-        assert client.flush().pending == 0  # the file exists and was measured
-        with write_lock_held(queue_path):
-            spooled = [client.track("u", "Held", {"i": i})[1]["messageId"] for i in range(60)]
-            assert client.stats().spooled == 60
-        # Another process fills the file to just under the cap meanwhile: no room for them.
-        padded = _fill_to_just_under(
-            queue_path, client.queue.destination(collector.url, WRITE_KEY), cap
-        )
-        assert client.queue.move_spools(others=False) == 0  # held back by the cap
+        spooled, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
         result = client.flush()
         received = collector.message_ids()
         left = client.stats()
@@ -813,14 +821,7 @@ def test_flush_does_not_count_held_back_calls_pending_once_another_deliverer_sen
     client = Client(WRITE_KEY, **settings)
     other = Client(WRITE_KEY, **settings)
     try:
-        assert client.flush().pending == 0  # the file exists and was measured
-        with write_lock_held(queue_path):
-            spooled = [client.track("u", "Held", {"i": i})[1]["messageId"] for i in range(60)]
-            assert client.stats().spooled == 60
-        padded = _fill_to_just_under(
-            queue_path, client.queue.destination(collector.url, WRITE_KEY), cap
-        )
-        assert client.queue.move_spools(others=False) == 0  # held back by the cap
+        spooled, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
         queue = client.queue
         newest = queue.max_id
         calls = 0
