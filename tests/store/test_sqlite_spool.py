@@ -851,6 +851,46 @@ def test_flush_does_not_count_held_back_calls_pending_once_another_deliverer_sen
     assert (result.sent, result.pending, result.dead_lettered) == (padded + 60, 0, 0)
 
 
+def test_flush_counts_held_back_calls_another_mover_took_in_but_nobody_delivered_pending(
+    collector: Collector, queue_path: Path
+) -> None:
+    """Held-back calls that another mover (a ``worker`` with a larger cap, another client)
+    moved into the file during ``flush()`` are still pending when its delivery failed: it
+    counts them ``pending``, never ``sent`` (it counted them sent: they were neither in
+    its spool look nor at or below the ids it delivered up to)."""
+    cap = 40 * 1024 * 1024
+    mover = Queue(queue_path)  # the default cap: room for everything
+    moved: list[int] = []
+
+    def on_error(exc: Exception, batch: list[dict[str, Any]]) -> None:
+        if not moved:  # while flush() delivers: the other mover takes the spools in
+            moved.append(mover.move_spools(scan_now=True))
+
+    client = Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        on_exit="none",
+        flusher="none",
+        max_queue_bytes=cap,
+        max_retries=0,
+        on_error=on_error,
+    )
+    try:
+        _, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
+        collector.set_default(500)  # every delivery fails from now on
+        result = client.flush()
+        accepted = len(collector.messages())
+        left = client.stats()
+    finally:
+        client.close(timeout=5)
+        mover.close()
+    assert moved == [60]
+    assert accepted == 0
+    assert (left.pending, left.spooled) == (padded + 60, 0)
+    assert (result.sent, result.pending, result.dead_lettered) == (0, padded + 60, 0)
+
+
 _CAPPED_PRODUCER = r"""
 import os, sys, time
 from durable_analytics._store.sqlite import SqliteQueue as Queue
