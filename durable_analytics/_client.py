@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["Client", "Staged"]
 
 log = logging.getLogger("durable_analytics.client")
+#: An id above every message's: ``pending(up_to_id=_ANY_ID)`` counts the file alone.
+_ANY_ID = 1 << 62
 # The package logger: where log_handler and debug=True apply, for every module's logger.
 _package_log = logging.getLogger("durable_analytics")
 
@@ -305,7 +307,7 @@ class Client(ClientCalls, SettingsAttributes):
             deliverer = self._sync_deliverer
         dead_before = self._dead_lettered_here()
         before = queue.pending(up_to_id=top, destination=dest)
-        held = queue.held_back_left(marks, destination=dest)
+        held = held_at_call = queue.held_back_left(marks, destination=dest)
         before += held
         pending = before
         try:
@@ -323,18 +325,25 @@ class Client(ClientCalls, SettingsAttributes):
                     break
                 held = queue.held_back_left(marks, destination=dest)
                 moved_to = queue.max_id()  # moves in what now has room
+                if not held:
+                    # Every held-back call was in the file before ``moved_to`` (moved in by
+                    # this flush or another mover): at most one last round delivers them.
+                    marks = {}
                 if moved_to <= top:
                     break  # nothing moved in: what is held back stays (counted pending)
                 top = moved_to
-                if not held:
-                    # Every held-back call was in the file before this top (moved in by
-                    # this flush or another mover): one last round delivers what is left.
-                    marks = {}
         except DurableAnalyticsError:
             log.exception("flush: delivery failed; the messages stay queued")
             pending = queue.pending(up_to_id=top, destination=dest)
-        held = queue.held_back_left(marks, destination=dest)
-        pending = min(before, pending + held)
+        left = queue.held_back_left(marks, destination=dest)
+        if marks and left < held_at_call:
+            # Held-back calls another mover took in meanwhile got ids past ``top``: until
+            # delivered they are pending, and so is what the file holds past ``top``, up
+            # to how many of them were taken in (newer calls may be counted among them;
+            # never a call not delivered among the sent).
+            past_top = queue.pending(up_to_id=_ANY_ID, destination=dest) - pending
+            left += min(held_at_call - left, max(0, past_top))
+        pending = min(before, pending + left)
         dead = min(max(0, self._dead_lettered_here() - dead_before), max(0, before - pending))
         # What left the queue and was not dead-lettered was delivered, by us or by another.
         return FlushResult(max(0, before - pending - dead), pending, dead)
