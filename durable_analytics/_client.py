@@ -310,6 +310,7 @@ class Client(ClientCalls, SettingsAttributes):
         held = held_at_call = queue.held_back_left(marks, destination=dest)
         before += held
         pending = before
+        last_held: int | None = None
         try:
             while True:
                 deliver_until(
@@ -324,17 +325,23 @@ class Client(ClientCalls, SettingsAttributes):
                 if not marks or pending or (deadline is not None and time.monotonic() >= deadline):
                     break
                 held = queue.held_back_left(marks, destination=dest)
-                moved_to = queue.max_id()  # moves in what now has room
+                if held and last_held is not None and held >= last_held:
+                    # A whole round took none of them in (others' calls keep taking the
+                    # room): they stay held, counted pending, and flush ends.
+                    break
+                last_held = held
                 if not held:
-                    # Every held-back call was in the file before ``moved_to`` (moved in by
-                    # this flush or another mover): at most one last round delivers them.
+                    # Every held-back call is in the file now (moved in by this flush or
+                    # another mover): one last round delivers what is left of them.
                     marks = {}
-                if moved_to <= top:
-                    break  # nothing moved in: what is held back stays (counted pending)
-                top = moved_to
+                # Moves in what has room now. (Not ``moved_to > top`` as the test of it:
+                # a file that deliveries emptied gives new rows ids from 1 again, at or
+                # below ``top``, where the next round finds them too.)
+                top = max(top, queue.max_id())
         except DurableAnalyticsError:
             log.exception("flush: delivery failed; the messages stay queued")
-            pending = queue.pending(up_to_id=top, destination=dest)
+        # Counted again: calls moved in since may have taken ids at or below ``top``.
+        pending = queue.pending(up_to_id=top, destination=dest)
         left = queue.held_back_left(marks, destination=dest)
         if marks and left < held_at_call:
             # Held-back calls another mover took in meanwhile got ids past ``top``: until

@@ -891,6 +891,97 @@ def test_flush_counts_held_back_calls_another_mover_took_in_but_nobody_delivered
     assert (result.sent, result.pending, result.dead_lettered) == (0, padded + 60, 0)
 
 
+def test_flush_ends_when_others_calls_keep_taking_the_room_its_held_back_calls_need(
+    collector: Collector, queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other processes' calls that take every bit of room as soon as deliveries make it
+    keep the held-back calls out; flush() delivers those calls each round, and would go on
+    as long as they come. It ends once a whole round took none of its held-back calls in,
+    and counts them pending."""
+    cap = 40 * 1024 * 1024
+    client = Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        on_exit="none",
+        flusher="none",
+        max_queue_bytes=cap,
+    )
+    try:
+        _, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
+        queue = client.queue
+        dest = queue.destination(collector.url, WRITE_KEY)
+        newest = queue.max_id
+        rounds = 0
+
+        def max_id() -> int:
+            # Another process's call lands first every time, and the room goes to it.
+            nonlocal rounds
+            rounds += 1
+            assert rounds < 50, "flush() kept going while no held-back call moved in"
+            with contextlib.closing(sqlite3.connect(str(queue_path))) as other, other:
+                other.execute(
+                    "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, 0)",
+                    (dest, body(20_000 + rounds), len(body(20_000 + rounds))),
+                )
+            return newest()
+
+        monkeypatch.setattr(queue, "max_id", max_id)
+        # The room each round makes is gone before a move gets there: none moves in.
+        monkeypatch.setattr(spool_module.Spools, "move", lambda *_, **__: 0)
+        result = client.flush()
+    finally:
+        monkeypatch.undo()
+        client.close(timeout=5)
+    print("ROUNDS", rounds, result)
+    assert rounds <= 3
+    assert (result.pending, result.dead_lettered) == (60, 0)
+    assert result.sent >= padded
+
+
+def test_flush_delivers_held_back_calls_that_moved_into_a_file_its_deliveries_emptied(
+    collector: Collector, queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that deliveries emptied gives the next rows ids from 1 again, at or below
+    the id flush() delivered up to: held-back calls moved in then are still delivered by
+    it (not taken for sent because no id past its top appeared)."""
+    cap = 40 * 1024 * 1024
+    client = Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        on_exit="none",
+        flusher="none",
+        max_queue_bytes=cap,
+    )
+    try:
+        spooled, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
+        queue = client.queue
+        move = spool_module.Spools.move
+        newest = queue.max_id
+        moving = [False]
+
+        def max_id() -> int:
+            moving[0] = True  # only flush's own look moves spools in, once the file is empty
+            try:
+                return newest()
+            finally:
+                moving[0] = False
+
+        def move_when_looked_for(self: Any, *args: Any, **kwargs: Any) -> int:
+            return move(self, *args, **kwargs) if moving[0] else 0
+
+        monkeypatch.setattr(spool_module.Spools, "move", move_when_looked_for)
+        monkeypatch.setattr(queue, "max_id", max_id)
+        result = client.flush()
+        received = collector.message_ids()
+    finally:
+        monkeypatch.undo()
+        client.close(timeout=5)
+    assert all(received[m] == 1 for m in spooled)
+    assert (result.sent, result.pending, result.dead_lettered) == (padded + 60, 0, 0)
+
+
 _CAPPED_PRODUCER = r"""
 import os, sys, time
 from durable_analytics._store.sqlite import SqliteQueue as Queue
