@@ -133,13 +133,12 @@ class DestinationStats:
 class QueueStats:
     """What is in the queue; ``durable-analytics status --json`` prints the same names.
 
-        ``pending`` counts every message not yet delivered, leased or not; ``leased`` those
-        under a live lease. ``bytes`` is the size of the pending messages as stored (spooled
-    ones included).
-        ``last_error`` is ``{"message", "at", "host"}`` of the most recent failure of a
-        destination that still fails, or None once every destination delivers again (each
-        destination's own ``last_error`` keeps its last error after that, as history).
-        ``wal_bytes`` is the SQLite ``-wal`` file's size.
+    ``pending`` counts every message not yet delivered, leased or not; ``leased`` those
+    under a live lease. ``bytes`` is the size of the pending messages as stored (spooled
+    ones included). ``last_error`` is ``{"message", "at", "host"}`` of the most recent
+    failure of a destination that still fails, or None once every destination delivers
+    again (each destination's own ``last_error`` keeps its last error after that, as
+    history). ``wal_bytes`` is the SQLite ``-wal`` file's size.
     """
 
     pending: int
