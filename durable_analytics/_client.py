@@ -340,8 +340,11 @@ class Client(ClientCalls, SettingsAttributes):
                 top = max(top, queue.max_id())
         except DurableAnalyticsError:
             log.exception("flush: delivery failed; the messages stay queued")
-        # Counted again: calls moved in since may have taken ids at or below ``top``.
-        pending = queue.pending(up_to_id=top, destination=dest)
+            pending = queue.pending(up_to_id=top, destination=dest)
+        else:
+            if held_at_call:
+                # Counted again: calls moved in since may have taken ids at or below ``top``.
+                pending = queue.pending(up_to_id=top, destination=dest)
         left = queue.held_back_left(marks, destination=dest)
         if marks and left < held_at_call:
             # Held-back calls another mover took in meanwhile got ids past ``top``: until

@@ -759,6 +759,19 @@ def _fill_to_just_under(queue_path: Path, dest: int, cap: int) -> int:
     return padded
 
 
+def _capped_client(collector: Collector, queue_path: Path, cap: int, **settings: Any) -> Client:
+    """A Client with no flusher (only ``flush()`` delivers) under ``max_queue_bytes=cap``."""
+    return Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        on_exit="none",
+        flusher="none",
+        max_queue_bytes=cap,
+        **settings,
+    )
+
+
 def _held_back_by_the_cap(
     client: Client, collector: Collector, queue_path: Path, cap: int
 ) -> tuple[list[str], int]:
@@ -782,14 +795,7 @@ def test_flush_delivers_spooled_calls_the_byte_cap_held_back_and_counts_them(
     ``flush()`` was called: it delivers them once its deliveries made room, and counts
     them in ``sent`` (before, it returned ``pending=0`` with them still on disk)."""
     cap = 40 * 1024 * 1024
-    client = Client(
-        WRITE_KEY,
-        host=collector.url,
-        queue_path=queue_path,
-        on_exit="none",
-        flusher="none",
-        max_queue_bytes=cap,
-    )
+    client = _capped_client(collector, queue_path, cap)
     try:
         spooled, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
         result = client.flush()
@@ -811,15 +817,8 @@ def test_flush_does_not_count_held_back_calls_pending_once_another_deliverer_sen
     every one of them ``pending``: it found nothing new to move, and its count of what it
     still held was never brought down.)"""
     cap = 40 * 1024 * 1024
-    settings: dict[str, Any] = {
-        "host": collector.url,
-        "queue_path": queue_path,
-        "on_exit": "none",
-        "flusher": "none",
-        "max_queue_bytes": cap,
-    }
-    client = Client(WRITE_KEY, **settings)
-    other = Client(WRITE_KEY, **settings)
+    client = _capped_client(collector, queue_path, cap)
+    other = _capped_client(collector, queue_path, cap)
     try:
         spooled, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
         queue = client.queue
@@ -866,16 +865,7 @@ def test_flush_counts_held_back_calls_another_mover_took_in_but_nobody_delivered
         if not moved:  # while flush() delivers: the other mover takes the spools in
             moved.append(mover.move_spools(scan_now=True))
 
-    client = Client(
-        WRITE_KEY,
-        host=collector.url,
-        queue_path=queue_path,
-        on_exit="none",
-        flusher="none",
-        max_queue_bytes=cap,
-        max_retries=0,
-        on_error=on_error,
-    )
+    client = _capped_client(collector, queue_path, cap, max_retries=0, on_error=on_error)
     try:
         _, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
         collector.set_default(500)  # every delivery fails from now on
@@ -899,14 +889,7 @@ def test_flush_ends_when_others_calls_keep_taking_the_room_its_held_back_calls_n
     as long as they come. It ends once a whole round took none of its held-back calls in,
     and counts them pending."""
     cap = 40 * 1024 * 1024
-    client = Client(
-        WRITE_KEY,
-        host=collector.url,
-        queue_path=queue_path,
-        on_exit="none",
-        flusher="none",
-        max_queue_bytes=cap,
-    )
+    client = _capped_client(collector, queue_path, cap)
     try:
         _, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
         queue = client.queue
@@ -933,7 +916,6 @@ def test_flush_ends_when_others_calls_keep_taking_the_room_its_held_back_calls_n
     finally:
         monkeypatch.undo()
         client.close(timeout=5)
-    print("ROUNDS", rounds, result)
     assert rounds <= 3
     assert (result.pending, result.dead_lettered) == (60, 0)
     assert result.sent >= padded
@@ -946,14 +928,7 @@ def test_flush_delivers_held_back_calls_that_moved_into_a_file_its_deliveries_em
     the id flush() delivered up to: held-back calls moved in then are still delivered by
     it (not taken for sent because no id past its top appeared)."""
     cap = 40 * 1024 * 1024
-    client = Client(
-        WRITE_KEY,
-        host=collector.url,
-        queue_path=queue_path,
-        on_exit="none",
-        flusher="none",
-        max_queue_bytes=cap,
-    )
+    client = _capped_client(collector, queue_path, cap)
     try:
         spooled, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
         queue = client.queue
