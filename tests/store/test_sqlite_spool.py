@@ -617,6 +617,85 @@ def test_a_frozen_producer_holding_its_spool_lock_does_not_fail_another_process_
     assert lease is not None
 
 
+@contextmanager
+def spools_held_exclusively(path: Path) -> Iterator[int]:
+    """Every spool file of ``path`` held by another connection in exclusive locking mode
+    (an operator's ``sqlite3`` shell, a backup tool): no other connection can even read it.
+    Gives how many files are held."""
+    holders = []
+    try:
+        for file in sorted(spool_dir(path).glob("*.db")):
+            holder = sqlite3.connect(str(file), isolation_level=None)
+            holders.append(holder)
+            holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+            holder.execute("BEGIN EXCLUSIVE")
+        yield len(holders)
+    finally:
+        for holder in holders:
+            holder.close()
+
+
+def test_spools_nobody_can_read_keep_a_bounded_call_within_its_deadline(tmp_path: Path) -> None:
+    """Flush, close and the exit handler bound the queue with their deadline. A look into
+    the spools (pending, held_back) and a move of a dead producer's spool (max_id) must end
+    by it too, however many spool files are held: before, a look waited 1 s per held file
+    and a move 30 s (SQLite's wait at the spool's open) twice over."""
+    path = tmp_path / "q.db"
+    Queue(path).destination(HOST, KEY)
+    for _ in range(3):
+        child = _child_spools(path, 5)
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        child.wait()  # type: ignore[attr-defined]
+    q = Queue(path)
+    dest = q.destination(HOST, KEY)
+    with spools_held_exclusively(path) as held:
+        assert held == 3
+        for name, op in [
+            ("max_id", q.max_id),
+            ("pending", q.pending),
+            ("held_back", lambda: q.held_back(destination=dest)),
+        ]:
+            started = time.monotonic()
+            with q.bounded(0.2):
+                op()
+            took = time.monotonic() - started
+            assert took < 1.0, f"{name} took {took:.2f} s under a 0.2 s deadline"
+    # Nothing was lost or moved twice: released, every spooled message moves in once.
+    assert q.move_spools(scan_now=True) == 15
+    assert spooled_indexes(q) == sorted(list(range(5)) * 3)
+    assert spool_files(path) == []
+
+
+def test_a_flush_with_a_timeout_returns_by_it_while_a_dead_producers_spool_is_held(
+    tmp_path: Path, collector: Collector
+) -> None:
+    """The same bound seen from the Client: ``flush(timeout=0.3)`` (what ``close`` and the
+    exit handler call) returns by its deadline, counting what it could not reach pending,
+    and a later flush delivers every spooled message once."""
+    path = tmp_path / "q.db"
+    Queue(path).destination(collector.url, WRITE_KEY)
+    child = _child_spools(path, 5, host=collector.url, key=WRITE_KEY)
+    os.kill(child.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    child.wait()  # type: ignore[attr-defined]
+    client = Client(WRITE_KEY, host=collector.url, queue_path=path, flusher="none")
+    try:
+        client.track(user_id="u", event="Mine")
+        with spools_held_exclusively(path):
+            started = time.monotonic()
+            result = client.flush(timeout=0.3)
+            took = time.monotonic() - started
+        assert took < 1.3, f"flush(timeout=0.3) took {took:.2f} s"
+        # The child's first message (in the file) and ours; the held spool is not even
+        # readable, so its 5 are not counted (nor lost).
+        assert result.sent + result.pending == 2
+        assert client.flush().pending == 0
+    finally:
+        client.close()
+    ids = collector.message_ids()
+    assert len(ids) == 7
+    assert set(ids.values()) == {1}
+
+
 def test_with_a_count_cap_or_a_file_near_its_byte_cap_a_call_waits_instead_of_spooling(
     tmp_path: Path,
 ) -> None:

@@ -66,6 +66,7 @@ class Connections(Transactions):
         busy_timeout: float,
         on_corrupt: Callable[[QueueCorrupt], bool],
         wal: WalBudget | None = None,
+        deadlines_of: Waits | None = None,
     ) -> None:
         self.path = path
         self.wal = wal or WalBudget.for_cap(1 << 30)
@@ -95,7 +96,7 @@ class Connections(Transactions):
         # fork() found an operation in flight and forked with connections open.
         self.open_at_fork = False
         # Deadlines, the order of writers, busy pauses (see waits.py).
-        self.waits = Waits(path, busy_timeout)
+        self.waits = Waits(path, busy_timeout, parent=deadlines_of)
         # Every commit holds it (shared): a recovery of another process holds it exclusively.
         self.fence = CommitFence(path.parent, RECOVER_LOCK_SECONDS)
         self.side = SideFiles(path, self.fence.descriptor)  # the -wal and -shm in use

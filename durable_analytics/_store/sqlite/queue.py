@@ -46,6 +46,7 @@ from .files import narrow_modes, prepare_path, wal_checkpoint
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
 from .spool import Spools, open_spool
+from .waits import Waits
 from .wal import Checkpoints, WalBudget, wal_bytes
 
 __all__ = ["SqliteQueue"]
@@ -82,6 +83,9 @@ class SqliteQueue:
     letters may take at most
     ``max_dead_letter_bytes`` of it (default a tenth): past that, while the file is near the
     cap, the oldest dead letters are purged (counted, and logged).
+
+    ``deadlines_of`` (a spool's queue) makes a deadline set with that queue's ``bounded``
+    bound every wait on this file too, from its open on.
     """
 
     #: Each process keeps its own in-flight window (``_pipeline.Window``).
@@ -100,6 +104,7 @@ class SqliteQueue:
         max_dead_letter_bytes: int | None = None,
         max_queue_size: int | None = None,
         spool: bool = False,
+        deadlines_of: SqliteQueue | None = None,
     ) -> None:
         self.path = Path(os.fspath(path)).expanduser().absolute()
         self.max_queue_size = max_queue_size
@@ -124,6 +129,7 @@ class SqliteQueue:
             busy_timeout=busy_timeout,
             on_corrupt=self._recover_from,
             wal=self.wal_budget,
+            deadlines_of=None if deadlines_of is None else deadlines_of.waits,
         )
         self._recovery = Recovery(
             self._db,
@@ -154,6 +160,11 @@ class SqliteQueue:
         #: Called before each checkpoint of this file after a delivery (``spool.py``).
         self.before_checkpoint: Callable[[], None] | None = None
         self._spools: Spools | None = Spools(self.path, partial(open_spool, self))
+
+    @property
+    def waits(self) -> Waits:
+        """This file's waits: deadlines set with ``bounded`` (a spool's open follows them)."""
+        return self._db.waits
 
     def move_spools(self, *, others: bool = True, scan_now: bool = False) -> int:
         """Move spooled messages into the file: this process's, and with ``others`` every

@@ -282,7 +282,7 @@ class Recovery:
     ) -> Damaged | Literal["foreign"] | None:
         try:
             ro = sqlite3.connect(
-                ro_uri(self.path, main_only=main_only), uri=True, timeout=self.db.busy_timeout
+                ro_uri(self.path, main_only=main_only), uri=True, timeout=self.db.waits.remaining()
             )
         except sqlite3.Error:
             return None

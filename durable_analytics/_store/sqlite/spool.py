@@ -84,6 +84,12 @@ LOCAL_WAIT = 0.002
 SPOOL_MARGIN = MOST_SPOOLED * 32 * 1024
 #: How often a poll looks for other processes' spools (seconds).
 SCAN_EVERY = 0.05
+#: How long a mover waits for another process's spool that another connection holds so that
+#: it cannot even be read (exclusive locking mode: an operator's ``sqlite3`` shell, a
+#: backup); its owner's appends never do that. Then it leaves that spool alone for
+#: ``BUSY_RETRY`` seconds, and its messages wait there, counted pending.
+OTHERS_WAIT = 0.05
+BUSY_RETRY = 1.0
 #: The prefix of a spool's record in the queue's ``counters`` table.
 RECORD = "spool:"
 
@@ -164,14 +170,16 @@ def _names_of(queue: SqliteQueue, dest_id: int) -> tuple[str, str] | None:
     return names
 
 
-def open_spool(queue: SqliteQueue, path: Path) -> SqliteQueue:
+def open_spool(queue: SqliteQueue, path: Path, *, wait: float | None = None) -> SqliteQueue:
     """A spool file of ``queue``: its schema and durability, never measured for the caps
-    (the queue's appender counts what is spooled)."""
+    (the queue's appender counts what is spooled). Its waits last at most ``wait`` (default
+    the queue's ``busy_timeout``), and never past a deadline set on ``queue``."""
     spool = type(queue)(
         path,
         durability=queue.durability,
         lease_timeout=queue.lease_timeout,
-        busy_timeout=queue.busy_timeout,
+        busy_timeout=queue.busy_timeout if wait is None else min(wait, queue.busy_timeout),
+        deadlines_of=queue,
     )
     spool._appender.capped = False
     spool._spools = None  # a spool has no spools of its own
@@ -204,7 +212,7 @@ def _owner_gone(lock_path: Path) -> int:
 class Spools:
     """This process's spool of one queue, and the moves of every spool into the queue."""
 
-    def __init__(self, path: Path, opener: Callable[[Path], SqliteQueue]) -> None:
+    def __init__(self, path: Path, opener: Callable[..., SqliteQueue]) -> None:
         self.path = path
         self.dir = spool_dir(path)
         self._opener = opener
@@ -222,6 +230,8 @@ class Spools:
         self._looked = -math.inf  # when the record was last read (``_moved_elsewhere``)
         self._others: dict[str, SqliteQueue] = {}
         self._bad: set[str] = set()
+        #: Others' spools that stayed busy past ``OTHERS_WAIT``: left alone until then.
+        self._busy_until: dict[str, float] = {}
         self._scanned = -math.inf
         self._spoolers = 1
         self._counted_at = -math.inf  # when the spools were last counted (``spoolers``)
@@ -416,7 +426,7 @@ class Spools:
                     self._bad.add(self._own_name)
                     self._turn_off(exc)
             if scan:
-                moved += self._move_others(queue)
+                moved += self._move_others(queue, retry_busy=scan_now)
             return moved
 
     def _move_one(
@@ -497,7 +507,7 @@ class Spools:
             if len(rows) < MOVE_ROWS:
                 return moved, True
 
-    def _move_others(self, queue: SqliteQueue) -> int:
+    def _move_others(self, queue: SqliteQueue, *, retry_busy: bool = False) -> int:
         self._scanned = time.monotonic()
         try:
             names = sorted(
@@ -513,13 +523,19 @@ class Spools:
         for gone in set(self._others) - set(names):
             self._forget(gone)
         moved = 0
+        now = time.monotonic()
         for name in names:
             if name == self._own_name or name in self._bad:
+                continue
+            if not retry_busy and self._busy_until.get(name, -math.inf) > now:
                 continue
             try:
                 moved += self._adopt(queue, name)
             except QueueBusy:
-                raise  # a lock held past the wait: the spool is fine, the next move tries again
+                # A lock held past the wait (this spool's, or the queue's): the spool is
+                # fine, a move tries it again later; the other spools wait for that move.
+                self._busy_until[name] = time.monotonic() + BUSY_RETRY
+                raise
             except (QueueError, sqlite3.Error, OSError) as exc:
                 self._forget(name)
                 self._bad.add(name)  # warned once per process; a worker restart tries again
@@ -537,7 +553,7 @@ class Spools:
             db = self.dir / f"{name}.db"
             if not db.exists():
                 return 0
-            spool = self._others[name] = self._opener(db)
+            spool = self._others[name] = self._opener(db, wait=OTHERS_WAIT)
         moved, _ = self._move_one(queue, name, spool, mine=False)
         lock_path = self.dir / f"{name}.lock"
         fd = _owner_gone(lock_path)
@@ -562,6 +578,7 @@ class Spools:
         return moved
 
     def _forget(self, name: str) -> None:
+        self._busy_until.pop(name, None)
         spool = self._others.pop(name, None)
         if spool is not None:
             spool._db.close_all()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from .queue import SqliteQueue
 
 __all__ = ["count", "held", "marks", "totals"]
+
+#: The longest a look waits for one spool file that another connection holds exclusively
+#: (less when the caller's deadline is nearer: see ``Waits.bounded``).
+LOOK_WAIT = 1.0
 
 
 def count(spools: Spools, queue: SqliteQueue, destination: int | None) -> int:
@@ -78,6 +83,9 @@ def _look(
         sql += " JOIN destinations d ON d.id = m.dest AND d.host = ? AND d.write_key = ?"
     sql += " WHERE m.id > ? AND m.id <= ?"
     found: dict[str, tuple[Any, ...]] = {}
+    # One wait for the whole look, not one per file: past it, a file held exclusively by
+    # another connection is left out of the count at once.
+    end = time.monotonic() + min(LOOK_WAIT, queue.waits.remaining())
     for file in files:
         record = queue._db.read(partial(_record, name=RECORD + file[: -len(".db")]))
         after = int(record[0]) if record is not None else 0
@@ -87,7 +95,9 @@ def _look(
             # Under the lock fork() takes: a child never inherits this connection open.
             with (
                 forks.raw_lock(),
-                contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as conn,
+                contextlib.closing(
+                    sqlite3.connect(uri, uri=True, timeout=max(0.0, end - time.monotonic()))
+                ) as conn,
             ):
                 found[file] = conn.execute(sql, (*(names or ()), after, top)).fetchone()
         except sqlite3.Error:

@@ -112,9 +112,12 @@ class WriteOrder:
 class Waits:
     """The waits of one queue object's threads (see the module docstring)."""
 
-    def __init__(self, path: Path, busy_timeout: float) -> None:
+    def __init__(self, path: Path, busy_timeout: float, parent: Waits | None = None) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
+        #: The waits of the queue this file belongs to (a spool's queue): a deadline set
+        #: there bounds the waits here too, so a flush that moves a spool stays in time.
+        self.parent = parent
         # Deadlines (monotonic) of the flush/exit/drain calls running now: while any is
         # active, no wait of this queue, in any thread, lasts past the earliest.
         self._deadlines: dict[int, float] = {}
@@ -161,7 +164,14 @@ class Waits:
                 if self._deadlines:
                     deadline = max(min(self._deadlines.values()), started + GRACE)
                     limit = min(limit, deadline)
+        if self.parent is not None:
+            limit = min(limit, self.parent.limit(started))
         return limit
+
+    def remaining(self) -> float:
+        """How long a wait begun now may last (for SQLite's own busy handler)."""
+        now = time.monotonic()
+        return max(0.0, self.limit(now) - now)
 
     def _busy(self) -> QueueBusy:
         return QueueBusy(

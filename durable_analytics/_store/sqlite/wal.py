@@ -30,6 +30,7 @@ against the cap (see ``WalBudget.excess``).
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
@@ -178,7 +179,7 @@ class Checkpoints:
             0,
             -CHECKPOINT_EVERY,
         )
-        self._shrunk_at = -SHRINK_EVERY  # monotonic time of the last idle TRUNCATE
+        self._shrunk_at = -math.inf  # monotonic time of the last idle TRUNCATE (none yet)
 
     def after_delivery(self) -> None:
         """After a lease, ack or release: checkpoint once the log grew by the normal size
