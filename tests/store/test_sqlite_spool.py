@@ -1101,3 +1101,71 @@ def test_several_producer_processes_filling_a_capped_queue_stay_near_the_cap(
     assert q.pending() == stored  # lost 0, duplicated 0
     q.close()
     assert used <= cap + 2 * 1024 * 1024, f"{(used - cap) / 2**20:.1f} MiB over the cap"
+
+
+@contextmanager
+def spool_held_exclusively(file: Path) -> Iterator[None]:
+    """One spool file held by another connection in exclusive locking mode."""
+    holder = sqlite3.connect(str(file), isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        yield
+    finally:
+        holder.close()
+
+
+def _killed_spoolers(path: Path, *counts: int) -> list[Path]:
+    """Spools left by killed producers, ``counts[i]`` messages each; their files, sorted."""
+    for count in counts:
+        child = _child_spools(path, count)
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        child.wait()  # type: ignore[attr-defined]
+    return sorted(spool_dir(path).glob("*.db"))
+
+
+def test_a_spool_nobody_can_read_does_not_fail_another_process_lease(tmp_path: Path) -> None:
+    """Another process's spool is not on the delivery path: held so that it cannot even be
+    read (an operator's shell in exclusive locking mode), it is left for later; the lease
+    of what the file holds goes on, instead of raising QueueBusy at every retry of it."""
+    from durable_analytics.exceptions import QueueBusy
+
+    path = tmp_path / "q.db"
+    Queue(path).destination(HOST, KEY)
+    (held,) = _killed_spoolers(path, 5)
+    deliverer = Queue(path)
+    dest = deliverer.destination(HOST, KEY)
+    deliverer.append(dest, body(100))
+    with spool_held_exclusively(held):
+        try:
+            lease = deliverer.lease(10, 500_000)
+        except QueueBusy:
+            pytest.fail("lease raised QueueBusy for another process's unreadable spool")
+    assert lease is not None
+    deliverer.ack(lease)
+    assert deliverer.move_spools(scan_now=True) == 5
+    assert spooled_indexes(deliverer) == list(range(5))
+    assert spool_files(path) == []
+
+
+def test_a_spool_nobody_can_read_does_not_keep_the_others_from_moving_in(tmp_path: Path) -> None:
+    """``max_id`` (each flush, drain and exit) moves in every spool it can: one that cannot
+    be read, first in the directory's order, must not hold back those after it, which it
+    retries at each flush while it stays held."""
+    path = tmp_path / "q.db"
+    Queue(path).destination(HOST, KEY)
+    held, readable = _killed_spoolers(path, 3, 4)
+    q = Queue(path)
+    with spool_held_exclusively(held):
+        for _ in range(2):  # the second flush retries the held one first (scan_now)
+            started = time.monotonic()
+            with q.bounded(0.5):
+                q.max_id()
+            assert time.monotonic() - started < 1.0
+        assert not readable.exists()  # moved in, and its files removed
+        assert spooled_indexes(q) == list(range(4))
+        assert q.pending() == 2 + 4  # each child's first call, in the file; the held spool
+        # is not counted (nor lost)
+    assert q.move_spools(scan_now=True) == 3
+    assert spooled_indexes(q) == sorted([*range(3), *range(4)])
+    assert spool_files(path) == []

@@ -104,6 +104,10 @@ _RECORD_SET = (
 )
 
 
+class _SpoolBusy(QueueBusy):
+    """Another process's spool stayed locked past ``OTHERS_WAIT`` (not the queue file)."""
+
+
 def spool_dir(path: Path) -> Path:
     """The directory of the spools of the queue file ``path``."""
     return path.with_name(path.name + ".spool")
@@ -449,7 +453,12 @@ class Spools:
         while True:
             found = queue._db.read(partial(_record, name=record))
             after = int(found[0]) if found is not None else 0
-            rows = spool._db.read(partial(_rows_after, after=after))
+            try:
+                rows = spool._db.read(partial(_rows_after, after=after))
+            except QueueBusy:
+                if mine:
+                    raise
+                raise _SpoolBusy(f"the spool {db_path} stayed locked") from None
             if not rows:
                 if mine:
                     self.moved_upto = max(self.moved_upto, after)
@@ -520,22 +529,27 @@ class Spools:
         except OSError as exc:
             logger.warning("could not list the spools in %s: %s", self.dir, exc)
             return 0
-        for gone in set(self._others) - set(names):
+        for gone in (set(self._others) | set(self._busy_until)) - set(names):
             self._forget(gone)
         moved = 0
         now = time.monotonic()
+        busy_met = False
         for name in names:
             if name == self._own_name or name in self._bad:
                 continue
-            if not retry_busy and self._busy_until.get(name, -math.inf) > now:
+            # ``retry_busy`` tries the spools left alone again, until one is still busy:
+            # each costs up to ``OTHERS_WAIT`` (or ``GRACE`` past a deadline).
+            if (busy_met or not retry_busy) and self._busy_until.get(name, -math.inf) > now:
                 continue
             try:
                 moved += self._adopt(queue, name)
-            except QueueBusy:
-                # A lock held past the wait (this spool's, or the queue's): the spool is
-                # fine, a move tries it again later; the other spools wait for that move.
+            except _SpoolBusy:
+                # Held past the wait (an operator's shell in exclusive mode, a backup): the
+                # spool is fine, its messages wait there; the other spools go on.
+                busy_met = True
                 self._busy_until[name] = time.monotonic() + BUSY_RETRY
-                raise
+            except QueueBusy:
+                raise  # the queue file's lock: every other spool would wait for it too
             except (QueueError, sqlite3.Error, OSError) as exc:
                 self._forget(name)
                 self._bad.add(name)  # warned once per process; a worker restart tries again
@@ -553,7 +567,10 @@ class Spools:
             db = self.dir / f"{name}.db"
             if not db.exists():
                 return 0
-            spool = self._others[name] = self._opener(db, wait=OTHERS_WAIT)
+            try:
+                spool = self._others[name] = self._opener(db, wait=OTHERS_WAIT)
+            except QueueBusy:
+                raise _SpoolBusy(f"the spool {db} stayed locked") from None
         moved, _ = self._move_one(queue, name, spool, mine=False)
         lock_path = self.dir / f"{name}.lock"
         fd = _owner_gone(lock_path)
