@@ -1169,3 +1169,20 @@ def test_a_spool_nobody_can_read_does_not_keep_the_others_from_moving_in(tmp_pat
     assert q.move_spools(scan_now=True) == 3
     assert spooled_indexes(q) == sorted([*range(3), *range(4)])
     assert spool_files(path) == []
+
+
+def test_held_back_calls_in_a_spool_nobody_can_read_still_count_as_held(tmp_path: Path) -> None:
+    """``held_back_left`` tells flush how many of its held-back calls are not moved in yet.
+    A spool held so that it cannot be read since ``held_back`` looked is not moved in:
+    counted 0, flush took its calls for delivered (``sent``) and stopped waiting for them."""
+    path = tmp_path / "q.db"
+    Queue(path).destination(HOST, KEY)
+    (held,) = _killed_spoolers(path, 5)
+    q = Queue(path)
+    dest = q.destination(HOST, KEY)
+    marks = q.held_back(destination=dest)
+    assert q.held_back_left(marks, destination=dest) == 5
+    with spool_held_exclusively(held), q.bounded(0.2):
+        assert q.held_back_left(marks, destination=dest) == 5
+    assert q.move_spools(scan_now=True) == 5
+    assert q.held_back_left(marks, destination=dest) == 0

@@ -52,7 +52,9 @@ def held(spools: Spools, queue: SqliteQueue, upto: dict[str, int], destination: 
     """How many of the messages up to ``upto`` (from ``marks``) are still not moved in."""
     if not upto:
         return 0
-    return sum(int(row[0]) for row in _look(spools, queue, destination, "count(*)", upto).values())
+    unread: dict[str, int] = {}
+    found = _look(spools, queue, destination, "count(*)", upto, unread)
+    return sum(int(row[0]) for row in found.values()) + sum(unread.values())
 
 
 def _look(
@@ -61,9 +63,13 @@ def _look(
     destination: int | None,
     columns: str,
     upto: dict[str, int] | None = None,
+    unread: dict[str, int] | None = None,
 ) -> dict[str, tuple[Any, ...]]:
     """``SELECT columns`` over each spool file's messages (of ``destination``) not moved
-    yet, by file; with ``upto``, only in the files it names and up to their id there."""
+    yet, by file; with ``upto``, only in the files it names and up to their id there.
+
+    A file that could not be read is left out; ``unread`` gets, for each, how many ids lie
+    between its record and its ``upto`` (at least how many of those messages it holds)."""
     names = None if destination is None else _names_of(queue, destination)
     if destination is not None and names is None:
         return {}
@@ -101,5 +107,7 @@ def _look(
             ):
                 found[file] = conn.execute(sql, (*(names or ()), after, top)).fetchone()
         except sqlite3.Error:
+            if unread is not None:
+                unread[file] = max(0, top - after)
             continue
     return found
