@@ -133,7 +133,8 @@ class DestinationStats:
 class QueueStats:
     """What is in the queue; ``durable-analytics status --json`` prints the same names.
 
-    ``pending`` counts every message not yet delivered, leased or not; ``leased`` those
+    ``pending`` counts every message not yet delivered, leased or not (those waiting in
+    producers' spools too, in the total and in each destination's); ``leased`` those
     under a live lease. ``bytes`` is the size of the pending messages as stored (spooled
     ones included). ``last_error`` is ``{"message", "at", "host"}`` of the most recent
     failure of a destination that still fails, or None once every destination delivers

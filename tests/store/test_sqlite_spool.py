@@ -151,6 +151,32 @@ def test_stats_count_spooled_messages_in_pending_and_in_bytes(tmp_path: Path) ->
     assert (moved.pending, moved.spooled, moved.bytes) == (10, 0, waiting.bytes)
 
 
+def test_stats_count_spooled_messages_under_their_destination_and_in_the_oldest_age(
+    tmp_path: Path,
+) -> None:
+    """Each destination's ``pending`` (what ``status`` lists) counts its spooled calls as
+    the total does, and ``oldest_age_seconds`` sees a spooled call when the file holds none:
+    before, a destination with only spooled calls showed 0 pending and no oldest age."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)  # the file is empty again
+    other = q.destination(OTHER_HOST, OTHER_KEY)
+    with write_lock_held(path):
+        for i in range(5):
+            assert q.append(dest, body(i)) < 0
+        for i in range(3):
+            assert q.append(other, body(10 + i)) < 0
+    waiting = q.stats()
+    by_host = {d.host: d.pending for d in waiting.destinations}
+    assert by_host == {HOST: 5, OTHER_HOST: 3}
+    assert (waiting.pending, waiting.spooled) == (8, 8)
+    assert waiting.oldest_age_seconds is not None
+    assert waiting.oldest_age_seconds >= 0
+    q.max_id()  # moves the spool in: the same counts, from the file
+    moved = q.stats()
+    assert {d.host: d.pending for d in moved.destinations} == by_host
+    assert (moved.pending, moved.spooled) == (8, 0)
+
+
 def test_a_queue_without_spool_waits_for_the_lock_as_before(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     q = Queue(path)  # spool=False: what sync_mode and the CLI use

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Mapping
 
 from durable_analytics._store.base import Destination, DestinationStats, QueueStats, iso_utc
 
 from .holders import lease_over
 from .leases import chunks, parse_ids
+from .spool_counts import Spooled
 
 __all__ = ["stats"]
 
 
-def stats(conn: sqlite3.Connection, lease_timeout: float, now: float) -> QueueStats:
-    """Counts and health of the queue, from one consistent snapshot (see ``QueueStats``)."""
+def stats(
+    conn: sqlite3.Connection,
+    lease_timeout: float,
+    now: float,
+    spooled: Mapping[tuple[str, str], Spooled] | None = None,
+) -> QueueStats:
+    """Counts and health of the queue, from one consistent snapshot (see ``QueueStats``).
+
+    ``spooled`` (by host and write key: what waits in producers' spools, looked at just
+    before) is counted pending too, in the totals and in each destination's.
+    """
+    spooled = spooled or {}
     conn.execute("BEGIN")  # one consistent snapshot for every count
     try:
         now_mono = time.monotonic()
@@ -60,6 +72,8 @@ def stats(conn: sqlite3.Connection, lease_timeout: float, now: float) -> QueueSt
     last: tuple[float, str, str] | None = None
     for d, host, key, not_before, failures, err, err_at in dests:
         n, _ = per_dest.get(int(d), (0, 0))
+        waiting = spooled.get((str(host), str(key)))
+        n += 0 if waiting is None else waiting.messages
         # The queue's last error is that of a destination still failing: a delivery clears
         # its failures, and the error is then history (kept in its DestinationStats).
         if (
@@ -80,12 +94,15 @@ def stats(conn: sqlite3.Connection, lease_timeout: float, now: float) -> QueueSt
                 last_error=err,
             )
         )
-    pending = sum(n for n, _ in per_dest.values())
+    in_spools = sum(w.messages for w in spooled.values())
+    pending = sum(n for n, _ in per_dest.values()) + in_spools
+    times = [t for t in (oldest, *(w.oldest for w in spooled.values())) if t is not None]
+    oldest = min(times) if times else None
     return QueueStats(
         pending=pending,
         leased=sum(leased_by_dest.values()),
         dead_letters=dead,
-        bytes=int(sum(b for _, b in per_dest.values())),
+        bytes=int(sum(b for _, b in per_dest.values()) + sum(w.bytes for w in spooled.values())),
         oldest_age_seconds=None if oldest is None else max(0.0, round(now - oldest, 3)),
         dropped=dropped,
         last_error=None

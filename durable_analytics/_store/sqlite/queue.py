@@ -641,16 +641,14 @@ class SqliteQueue:
     def stats(self) -> QueueStats:
         """Counts and health of the queue (see ``QueueStats``)."""
         now = time.time()
-        found = self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now))
         spools = self._spools
-        spooled, spooled_bytes = (
-            (0, 0) if spools is None else spool_counts.totals(spools, self, None)
-        )
+        # Looked at first: a message moved in meanwhile is counted twice for a moment,
+        # never left out (the file's snapshot comes after the look).
+        waiting = {} if spools is None else spool_counts.by_destination(spools, self)
+        found = self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now, waiting))
         return dataclasses.replace(
             found,
-            pending=found.pending + spooled,
-            bytes=found.bytes + spooled_bytes,
-            spooled=spooled,
+            spooled=sum(w.messages for w in waiting.values()),
             dropped=found.dropped + self._appender.unsaved_drops,
             wal_bytes=wal_bytes(self.path),
         )

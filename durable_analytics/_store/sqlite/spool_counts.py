@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import forks
 from .spool import RECORD, Spools, _names_of, _record
@@ -22,7 +22,17 @@ from .spool import RECORD, Spools, _names_of, _record
 if TYPE_CHECKING:
     from .queue import SqliteQueue
 
-__all__ = ["count", "held", "marks", "totals"]
+__all__ = ["Spooled", "by_destination", "count", "held", "marks", "totals"]
+
+
+class Spooled(NamedTuple):
+    """What waits in the spools for one destination."""
+
+    messages: int
+    bytes: int
+    #: The oldest one's ``enqueued_at`` (Unix time), None when there is none.
+    oldest: float | None
+
 
 #: The longest a look waits for one spool file that another connection holds exclusively
 #: (less when the caller's deadline is nearer: see ``Waits.bounded``).
@@ -37,15 +47,37 @@ def count(spools: Spools, queue: SqliteQueue, destination: int | None) -> int:
 
 def totals(spools: Spools, queue: SqliteQueue, destination: int | None) -> tuple[int, int]:
     """``count`` and the size of those messages as stored (their bodies' bytes)."""
-    rows = _look(spools, queue, destination, "count(*), total(m.size)").values()
+    rows = [r[0] for r in _look(spools, queue, destination, "count(*), total(m.size)").values()]
     return sum(int(row[0]) for row in rows), sum(int(row[1]) for row in rows)
+
+
+def by_destination(spools: Spools, queue: SqliteQueue) -> dict[tuple[str, str], Spooled]:
+    """What waits in the spools of every process, not moved yet, by (host, write key)."""
+    found = _look(
+        spools,
+        queue,
+        None,
+        "d.host, d.write_key, count(*), total(m.size), min(m.enqueued_at)",
+        group=True,
+    )
+    out: dict[tuple[str, str], Spooled] = {}
+    for rows in found.values():
+        for host, key, n, size, oldest in rows:
+            seen = out.get((str(host), str(key)), Spooled(0, 0, None))
+            times = [t for t in (seen.oldest, oldest) if t is not None]
+            out[(str(host), str(key))] = Spooled(
+                seen.messages + int(n),
+                seen.bytes + int(size),
+                float(min(times)) if times else None,
+            )
+    return out
 
 
 def marks(spools: Spools, queue: SqliteQueue, destination: int | None) -> dict[str, int]:
     """By spool file, the id of its newest message (of ``destination``) not moved yet: what
     is held back at this moment, for ``held`` to follow."""
     found = _look(spools, queue, destination, "max(m.id)")
-    return {file: int(row[0]) for file, row in found.items() if row[0] is not None}
+    return {file: int(rows[0][0]) for file, rows in found.items() if rows[0][0] is not None}
 
 
 def held(spools: Spools, queue: SqliteQueue, upto: dict[str, int], destination: int | None) -> int:
@@ -54,7 +86,7 @@ def held(spools: Spools, queue: SqliteQueue, upto: dict[str, int], destination: 
         return 0
     unread: dict[str, int] = {}
     found = _look(spools, queue, destination, "count(*)", upto, unread)
-    return sum(int(row[0]) for row in found.values()) + sum(unread.values())
+    return sum(int(rows[0][0]) for rows in found.values()) + sum(unread.values())
 
 
 def _look(
@@ -64,9 +96,12 @@ def _look(
     columns: str,
     upto: dict[str, int] | None = None,
     unread: dict[str, int] | None = None,
-) -> dict[str, tuple[Any, ...]]:
+    *,
+    group: bool = False,
+) -> dict[str, list[tuple[Any, ...]]]:
     """``SELECT columns`` over each spool file's messages (of ``destination``) not moved
-    yet, by file; with ``upto``, only in the files it names and up to their id there.
+    yet, its rows by file; with ``upto``, only in the files it names and up to their id
+    there; with ``group``, one row per destination (``d`` is the destinations table).
 
     A file that could not be read is left out; ``unread`` gets, for each, how many ids lie
     between its record and its ``upto`` (at least how many of those messages it holds)."""
@@ -87,8 +122,12 @@ def _look(
     sql = f"SELECT {columns} FROM messages m"
     if names is not None:
         sql += " JOIN destinations d ON d.id = m.dest AND d.host = ? AND d.write_key = ?"
+    elif group:
+        sql += " JOIN destinations d ON d.id = m.dest"
     sql += " WHERE m.id > ? AND m.id <= ?"
-    found: dict[str, tuple[Any, ...]] = {}
+    if group:
+        sql += " GROUP BY d.host, d.write_key"
+    found: dict[str, list[tuple[Any, ...]]] = {}
     # One wait for the whole look, not one per file: past it, a file held exclusively by
     # another connection is left out of the count at once.
     end = time.monotonic() + min(LOOK_WAIT, queue.waits.remaining())
@@ -105,7 +144,7 @@ def _look(
                     sqlite3.connect(uri, uri=True, timeout=max(0.0, end - time.monotonic()))
                 ) as conn,
             ):
-                found[file] = conn.execute(sql, (*(names or ()), after, top)).fetchone()
+                found[file] = conn.execute(sql, (*(names or ()), after, top)).fetchall()
         except sqlite3.Error:
             if unread is not None:
                 unread[file] = max(0, top - after)
