@@ -358,3 +358,83 @@ def test_a_client_on_a_known_queue_is_built_and_flushed_while_a_lock_holder_is_f
     [result] = results
     assert isinstance(result, durable_analytics.FlushResult)
     assert result.pending == 1
+
+
+def _frozen_recovery(directory: Path) -> subprocess.Popen[str]:
+    """A process that holds the queue directory's exclusive flock, as a recovery of a queue
+    file in that directory does (the commit fence), and is then stopped."""
+    proc = start_python(
+        """
+        import fcntl, os, sys, time
+        fd = os.open(sys.argv[1], os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(300)
+        """,
+        str(directory),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    os.kill(proc.pid, signal.SIGSTOP)
+    return proc
+
+
+def test_flush_and_track_are_bounded_while_a_recovery_holding_the_commit_fence_is_frozen(
+    frozen: tuple[Path, list[subprocess.Popen[str]]], collector: Collector
+) -> None:
+    """Another process recovering a queue file of the same directory holds the commit
+    fence (an exclusive flock on the directory) and is stopped. ``flush(timeout=0.5)``
+    returns by its deadline (+1 s) and ``track()``, once its spool is full, raises
+    ``QueueBusy`` within ``busy_timeout`` (+1 s): both waited for the fence the recovery's
+    own 180 s. Nothing is lost: once the frozen process is gone, everything is delivered."""
+    path, procs = frozen
+    client = durable_analytics.Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=path,
+        flusher="none",
+        on_exit="none",
+        busy_timeout=0.5,
+    )
+    stored = [client.track("u", "Before", {"i": i})[1]["messageId"] for i in range(10)]
+    procs.append(_frozen_recovery(path.parent))
+    done = threading.Event()
+    results: list[object] = []
+
+    def flush_then_track() -> None:
+        try:
+            started = time.monotonic()
+            results.append(client.flush(timeout=0.5))
+            results.append(time.monotonic() - started)
+            for i in range(MOST_SPOOLED):
+                ok, msg = client.track("u", "Spooled", {"i": i})
+                assert ok
+                stored.append(msg["messageId"])
+            started = time.monotonic()
+            try:
+                client.track("u", "Blocked")
+            except QueueBusy as exc:
+                results.append(exc)
+            results.append(time.monotonic() - started)
+        finally:
+            done.set()
+
+    threading.Thread(target=flush_then_track, daemon=True).start()
+    # Generous: the deadlines are half a second, the fence's wait it replaces 180 s.
+    assert done.wait(30), "a wait for the commit fence outlasted its deadline"
+    assert procs[-1].poll() is None  # the recovery was still frozen
+    flushed, flush_took, busy, track_took = results
+    assert isinstance(flushed, durable_analytics.FlushResult)
+    assert flushed.pending == 10
+    assert isinstance(flush_took, float)
+    assert flush_took < 0.5 + 1.0
+    assert isinstance(busy, QueueBusy)
+    assert isinstance(track_took, float)
+    assert track_took < 0.5 + 1.0
+    os.kill(procs[-1].pid, signal.SIGKILL)
+    procs[-1].wait()
+    assert client.flush(timeout=30).pending == 0
+    client.close()
+    ids = collector.message_ids()
+    assert set(stored) <= set(ids)  # lost 0
+    assert all(n == 1 for n in ids.values())  # duplicated 0

@@ -98,7 +98,7 @@ class Connections(Transactions):
         # Deadlines, the order of writers, busy pauses (see waits.py).
         self.waits = Waits(path, busy_timeout, parent=deadlines_of)
         # Every commit holds it (shared): a recovery of another process holds it exclusively.
-        self.fence = CommitFence(path.parent, RECOVER_LOCK_SECONDS)
+        self.fence = CommitFence(path.parent, RECOVER_LOCK_SECONDS, self.waits.limit)
         self.side = SideFiles(path, self.fence.descriptor)  # the -wal and -shm in use
         forks.register(self)
 

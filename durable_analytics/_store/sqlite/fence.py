@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from durable_analytics.exceptions import QueueBusy
@@ -47,9 +48,14 @@ class CommitFence:
     docstring).
     """
 
-    def __init__(self, directory: Path, wait: float) -> None:
+    def __init__(
+        self, directory: Path, wait: float, limit: Callable[[float], float] | None = None
+    ) -> None:
         self.directory = directory
         self.wait = wait
+        # When a wait begun at a time must end (``Waits.limit``: busy_timeout, or the
+        # deadline of a flush, an exit or a drain), if earlier than ``wait``.
+        self.limit = limit
         self._fd = -1
         self._unsupported = fcntl is None
         self._depth = 0  # holders on this thread: the outermost releases the lock
@@ -81,16 +87,25 @@ class CommitFence:
         return True
 
     def wait_enter(self) -> None:
-        """Wait (polling, bounded) until no recovery holds the directory, then take the lock."""
-        deadline = time.monotonic() + self.wait
+        """Wait (polling, bounded) until no recovery holds the directory, then take the lock.
+
+        At most ``wait``, and no longer than ``limit`` allows: a recovery stopped while it
+        holds the directory (SIGSTOP) must not hold a flush, an exit or a call past its own
+        bound. The limit is read again at each poll: a deadline may be set meanwhile.
+        """
+        started = time.monotonic()
         delay = 0.0005
         while not self.try_enter():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            deadline = started + self.wait
+            if self.limit is not None:
+                deadline = min(deadline, self.limit(started))
+            if now > deadline:
                 raise QueueBusy(
-                    f"another process kept recovering the queue in {self.directory} for over "
-                    f"{self.wait:.0f} s"
+                    f"another process kept recovering a queue in {self.directory} for over "
+                    f"{now - started:.1f} s"
                 )
-            time.sleep(delay)
+            time.sleep(min(delay, max(0.0, deadline - now)))
             delay = min(delay * 2, 0.02)
 
     def enter(self) -> None:
