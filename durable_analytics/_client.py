@@ -30,7 +30,7 @@ from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE
 from ._store import QueueBackend, QueueStats, open_queue
 from ._sync import deliver_now
 from ._transport.base import Transport
-from .exceptions import ConfigError, DurableAnalyticsError
+from .exceptions import ConfigError, DurableAnalyticsError, QueueBusy
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -413,6 +413,16 @@ class Client(ClientCalls, SettingsAttributes):
 
     # ---------------------------------------------------------------- exit
 
+    def _pending_at_exit(self) -> bool:
+        """Whether this client's destination has pending messages, looked at within
+        ``shutdown_timeout``; True when the queue did not answer by then (a server process
+        or a lock holder that is stopped): the drain then finds out, past the exit."""
+        try:
+            with self.queue.bounded(self.config.shutdown_timeout):
+                return bool(self.queue.pending(destination=self._dest))
+        except QueueBusy:
+            return True
+
     def _at_exit(self) -> None:
         """Run once at interpreter exit, by ``on_exit``; never longer than shutdown_timeout."""
         if not self._send or not self._calls_here or self._exited:
@@ -432,7 +442,7 @@ class Client(ClientCalls, SettingsAttributes):
             elif mode == "spawn":
                 if self._flusher is not None:
                     self._flusher.stop(0)
-                if self.queue.pending(destination=self._dest):
+                if self._pending_at_exit():
                     spawn_drain(self.config)
             elif self._flusher is not None:
                 self._flusher.stop(0)

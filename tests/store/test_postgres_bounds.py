@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -217,3 +218,46 @@ def test_opening_the_queue_ends_by_its_timeout_behind_a_lock_on_its_schema(
     stall.end()
     other.close()
     PostgresQueue(url, timeout=1).close()
+
+
+def test_an_exit_that_spawns_a_drain_returns_by_shutdown_timeout_with_the_server_stopped(
+    url: str, stalls: list[Stall]
+) -> None:
+    """``on_exit="spawn"`` looks whether its destination has pending messages before it
+    starts the drain: with the queue's server process stopped, that look waited the queue's
+    ``timeout`` (60 s here) plus the watchdog's margin, past ``shutdown_timeout``. The exit
+    handler now returns by ``shutdown_timeout`` (+1 s) while the process is still stopped,
+    and still hands the queue to a drain, which delivers everything."""
+    with Collector(WRITE_KEY) as collector:
+        client = Client(
+            WRITE_KEY,
+            host=collector.url,
+            queue_url=url,
+            flusher="none",
+            on_exit="spawn",
+            shutdown_timeout=0.5,
+            timeout=60,
+            lease_timeout=120,
+        )
+        for i in range(3):
+            assert client.track("u", "Kept", {"i": i})[0]
+        queue = client.queue
+        assert isinstance(queue, PostgresQueue)
+        with queue._pool.connection() as conn:  # the one the calls used, idle now
+            pid = int(conn.info.backend_pid)
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except PermissionError:
+            pytest.skip("cannot stop the server's processes (not root, not their owner)")
+        stall = Stall(lambda: os.kill(pid, signal.SIGCONT))
+        stalls.append(stall)
+        started = time.monotonic()
+        client._at_exit()
+        took = time.monotonic() - started
+        assert not stall.ended.is_set()  # it returned while the server process was stopped
+        assert took < 0.5 + 1.0
+        stall.end()
+        deadline = time.monotonic() + 30
+        while len(collector.message_ids()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(collector.message_ids()) == 3  # the spawned drain delivered them
