@@ -261,3 +261,34 @@ def test_an_exit_that_spawns_a_drain_returns_by_shutdown_timeout_with_the_server
         while len(collector.message_ids()) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
     assert len(collector.message_ids()) == 3  # the spawned drain delivered them
+
+
+def test_a_first_flush_returns_by_its_timeout_while_the_holders_table_is_locked(
+    pg_dsn: str, url: str, pg_schema: str, stalls: list[Stall]
+) -> None:
+    """A process registers as a lease holder on its first lease, on a connection of its
+    own: with another session holding a lock that stops the registration's INSERT (reads
+    still pass), ``flush(timeout=0.5)`` waited the queue's ``timeout`` (60 s here), since
+    neither the deadline nor the watchdog reached that connection. It now returns by its
+    deadline (+1 s) while the lock is held; its leases then name no holder (they expire)
+    until it registers, and everything is delivered."""
+    with Collector(WRITE_KEY) as collector:
+        client = _client(collector, url)
+        for i in range(3):
+            assert client.track("u", "Kept", {"i": i})[0]
+        other = psycopg.connect(pg_dsn, autocommit=True)
+        other.execute("BEGIN")
+        other.execute(f"LOCK TABLE {pg_schema}.holders IN EXCLUSIVE MODE")
+        stall = Stall(lambda: other.execute("ROLLBACK"))
+        stalls.append(stall)
+        started = time.monotonic()
+        with contextlib.suppress(QueueBusy):
+            client.flush(timeout=0.5)
+        took = time.monotonic() - started
+        assert not stall.ended.is_set()  # it returned while the lock was still held
+        assert took < 0.5 + 1.0
+        stall.end()
+        other.close()
+        assert client.flush(timeout=30).pending == 0
+        client.close(timeout=5)
+    assert len(collector.message_ids()) == 3

@@ -190,14 +190,15 @@ class Pool:
         self._all.add(conn)
         return conn
 
-    def dedicated(self) -> Connection:
-        """A connection of its own, outside the pool (the caller closes it).
+    def dedicated(self, timeout: float | None = None) -> Connection:
+        """A connection of its own, outside the pool (the caller closes it); ``timeout``
+        (default the URL's) bounds connecting.
 
         Counted among this process's connections for ``fork()``: a child never touches it.
         """
         if self._closed:
             raise QueueError(f"the PostgreSQL queue {self.target.identity} was closed")
-        return self._connect()
+        return self._connect(timeout)
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Connection]:

@@ -25,10 +25,12 @@ import select
 import threading
 import time
 import zlib
+from collections.abc import Callable
 
 from durable_analytics.exceptions import QueueError
 
 from . import _sql as q
+from ._bounds import WATCHDOG
 from ._conn import Connection, Pool, psycopg
 from ._schema import Sql
 
@@ -63,8 +65,18 @@ def _cut(conn: Connection) -> bool:
 class Presence:
     """This process's mark of life on the server, and the search for dead holders."""
 
-    def __init__(self, pool: Pool, sql: Sql, *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        sql: Sql,
+        *,
+        enabled: bool = True,
+        limit: Callable[[float], float] | None = None,
+    ) -> None:
         self._pool = pool
+        # How long a call starting now may wait (``Deadlines.limit``: the pool's timeout,
+        # or what a flush, an exit or a drain running now has left).
+        self._limit = limit or (lambda timeout: timeout)
         self._sql = sql
         self.enabled = enabled
         self.key_class = holder_class(sql.schema)
@@ -86,12 +98,17 @@ class Presence:
             self._lock = threading.Lock()
             self._conn = None
             self.id = None
-        with self._lock:
+        # Another thread may be registering: wait for it no longer than this call may wait.
+        if not self._lock.acquire(timeout=self._limit(self._pool.timeout)):
+            return None  # this lease names no holder: it expires instead
+        try:
             if self._conn is not None and _cut(self._conn):
                 self._drop()
             if self._conn is None and time.monotonic() - self._failed_at >= _RETRY_EVERY:
                 self._register()
             return self.id
+        finally:
+            self._lock.release()
 
     def pid(self) -> int | None:
         """The server process of the presence session (for tests and ``status``)."""
@@ -99,24 +116,30 @@ class Presence:
         return None if conn is None or conn.closed else int(conn.info.backend_pid)
 
     def _register(self) -> None:
+        # Within the caller's bound (a flush, an exit or a drain may have less left than
+        # the pool's timeout): the connect, the statements, and the watchdog past them.
+        limit = self._limit(self._pool.timeout)
         try:
-            conn = self._pool.dedicated()
+            conn = self._pool.dedicated(None if limit >= self._pool.timeout else limit)
         except QueueError as exc:
             self._failed(exc)
             return
         try:
-            if conn.info.server_version >= 140000:
-                # An idle-session limit would end the presence of a live process.
-                conn.execute(b"SET idle_session_timeout = 0")
-            bound = max(1, int(self._pool.timeout * 1000))
-            with conn.transaction():
-                conn.execute(b"SET LOCAL statement_timeout = %d" % bound)
-                row = conn.execute(self._sql(q.REGISTER_HOLDER)).fetchone()
-                holder = int(row[0]) if row else 0
-                conn.execute(
-                    b"SELECT pg_advisory_lock(%s::int4, %s::int4)",
-                    (self.key_class, holder % _KEYS),
-                )
+            with WATCHDOG.watching(conn, limit) as watch:
+                if conn.info.server_version >= 140000:
+                    # An idle-session limit would end the presence of a live process.
+                    conn.execute(b"SET idle_session_timeout = 0")
+                bound = max(1, int(limit * 1000))
+                with conn.transaction():
+                    conn.execute(b"SET LOCAL statement_timeout = %d" % bound)
+                    row = conn.execute(self._sql(q.REGISTER_HOLDER)).fetchone()
+                    holder = int(row[0]) if row else 0
+                    conn.execute(
+                        b"SELECT pg_advisory_lock(%s::int4, %s::int4)",
+                        (self.key_class, holder % _KEYS),
+                    )
+            if watch.cut:  # cut in the instant it ended: the session (and its lock) is gone
+                raise psycopg.OperationalError("the presence connection was cut")
         except psycopg.Error as exc:
             with contextlib.suppress(psycopg.Error):
                 conn.close()

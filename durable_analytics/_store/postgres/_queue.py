@@ -114,7 +114,11 @@ class PostgresQueue(QueueReads):
         )
         self._sql = Sql(self.target.schema)
         self._pool = Pool(self.target, size=pool_size, timeout=timeout)
-        self._presence = Presence(self._pool, self._sql, enabled=self.target.fast_takeover)
+        #: The deadlines of the flushes, exits and drains running now (``bounded``).
+        self._deadlines = Deadlines()
+        self._presence = Presence(
+            self._pool, self._sql, enabled=self.target.fast_takeover, limit=self._deadlines.limit
+        )
         # Per transaction (SET LOCAL), so that a pooler in transaction mode keeps them to
         # this transaction: synchronous_commit (durability), statement_timeout (the bound).
         settings = (
@@ -123,8 +127,6 @@ class PostgresQueue(QueueReads):
         )
         self._begin = f"BEGIN; {settings}".encode()
         self._begin_snapshot = f"BEGIN ISOLATION LEVEL REPEATABLE READ; {settings}".encode()
-        #: The deadlines of the flushes, exits and drains running now (``bounded``).
-        self._deadlines = Deadlines()
         self._clock = clock
         self._dest_cache: dict[tuple[str, str], int] = {}
         self._caps = Caps(
