@@ -14,6 +14,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
@@ -292,3 +294,45 @@ def test_a_first_flush_returns_by_its_timeout_while_the_holders_table_is_locked(
         assert client.flush(timeout=30).pending == 0
         client.close(timeout=5)
     assert len(collector.message_ids()) == 3
+
+
+def _postmaster_pid(pg_dsn: str) -> int:
+    """The cluster's postmaster (the process that accepts new connections)."""
+    base = parse_qs(urlsplit(pg_dsn).query)["host"][0]
+    return int(Path(base, "data", "postmaster.pid").read_text().split()[0])
+
+
+def test_a_flush_that_must_connect_returns_by_its_timeout_while_the_postmaster_is_stopped(
+    pg_dsn: str, url: str, stalls: list[Stall]
+) -> None:
+    """The server's postmaster is stopped (SIGSTOP), so a new connection gets no answer, and
+    the process has no idle connection left (a cut one was dropped): ``flush(timeout=0.5)``
+    and ``close(timeout=0.5)`` each waited libpq's least connect timeout, 2 s, past their
+    deadline. Each now returns (or raises a ``QueueError``) by its deadline (+1 s)."""
+    with Collector(WRITE_KEY) as collector:
+        client = _client(collector, url)
+        assert client.track("u", "Kept")[0]
+        queue = client.queue
+        assert isinstance(queue, PostgresQueue)
+        with queue._pool._lock:  # as if the watchdog had cut the idle one
+            idle, queue._pool._idle = queue._pool._idle, []
+        for conn in idle:
+            conn.close()
+        pid = _postmaster_pid(pg_dsn)
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except PermissionError:
+            pytest.skip("cannot stop the server's processes (not root, not their owner)")
+        stall = Stall(lambda: os.kill(pid, signal.SIGCONT))
+        stalls.append(stall)
+        for call in (client.flush, client.close):
+            started = time.monotonic()
+            with contextlib.suppress(QueueError):
+                call(timeout=0.5)
+            took = time.monotonic() - started
+            assert took < 0.5 + 1.0, call
+        assert not stall.ended.is_set()  # it returned while the postmaster was stopped
+        stall.end()
+        assert client.flush(timeout=30).pending == 0
+        client.close(timeout=5)
+    assert len(collector.message_ids()) == 1

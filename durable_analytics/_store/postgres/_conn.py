@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from durable_analytics._bounded_call import Background
 from durable_analytics.exceptions import ConfigError, QueueBusy, QueueError, QueueUnavailable
 
 try:
@@ -178,17 +179,56 @@ class Pool:
                 conninfo, connect_timeout=max(2, math.ceil(timeout))
             )
         try:
-            conn = psycopg.connect(
-                conninfo,
-                autocommit=True,
-                # No server-side prepared statements: they break behind PgBouncer in
-                # transaction mode, where each transaction may get another server session.
-                prepare_threshold=None,
-            )
+            # Under a deadline, given up at it (see _open_within).
+            if timeout is not None:
+                conn = self._open_within(conninfo, timeout)
+            else:
+                conn = self._open(conninfo)
         except psycopg.Error as exc:
             raise translate(exc, self.target.identity) from None
         self._all.add(conn)
         return conn
+
+    @staticmethod
+    def _open(conninfo: str) -> Connection:
+        return psycopg.connect(
+            conninfo,
+            autocommit=True,
+            # No server-side prepared statements: they break behind PgBouncer in
+            # transaction mode, where each transaction may get another server session.
+            prepare_threshold=None,
+        )
+
+    def _open_within(self, conninfo: str, timeout: float) -> Connection:
+        """Connect by ``timeout`` (a deadline's rest), which libpq would round up to whole
+        seconds, at least 2: on a helper thread, given up at ``timeout``; a connection
+        made after that is closed by the helper."""
+        lock = threading.Lock()
+        given_up = False
+        made: list[Connection] = []
+
+        def connect() -> None:
+            conn = self._open(conninfo)
+            with lock:
+                if not given_up:
+                    made.append(conn)
+                    return
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+        call = Background(connect, "durable-analytics-pg-connect")
+        call.start()
+        call.wait(timeout)
+        with lock:
+            given_up = True
+        if made:
+            return made[0]
+        if call.done:
+            call.result()  # its exception
+        raise QueueUnavailable(
+            f"the PostgreSQL queue {self.target.identity} is unreachable: no connection "
+            f"within {timeout:.3g} s"
+        )
 
     def dedicated(self, timeout: float | None = None) -> Connection:
         """A connection of its own, outside the pool (the caller closes it); ``timeout``
