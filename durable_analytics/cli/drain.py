@@ -6,12 +6,14 @@ import contextlib
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
 
 from durable_analytics._drain import DrainResult, drain_lock, drain_queue, lock_path
 from durable_analytics._store import QueueBackend
+from durable_analytics.exceptions import QueueBusy
 
 from ._app import (
     EXIT_INTERRUPTED,
@@ -139,8 +141,14 @@ def drain_command(
             if not taken:
                 log.debug("another drain holds the drain lock of %s; leaving it", config.queue_path)
                 return EXIT_OK
-        stats = queue.stats()
-        total = stats.pending - stats.leased
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            # Only for the progress bar: never worth waiting past --timeout for.
+            with queue.bounded(timeout):
+                stats = queue.stats()
+            total = stats.pending - stats.leased
+        except QueueBusy:
+            total = 0
         progress: ProgressLine | None = None
         if total and stderr_is_tty():
             progress = ProgressLine(total, sys.stderr).start()
@@ -171,7 +179,8 @@ def drain_command(
             error_line(f"interrupted; {count(result.left, 'message')} left in the queue")
             return EXIT_INTERRUPTED
         if result.left:
-            error_line(_undelivered_message(queue, result, timeout, timed_out))
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            error_line(_undelivered_message(queue, result, timeout, timed_out, left))
             return EXIT_UNDELIVERED
     return EXIT_OK
 
@@ -198,9 +207,23 @@ def _print_summary(result: DrainResult, as_json: bool) -> None:
 
 
 def _undelivered_message(
-    queue: QueueBackend, result: DrainResult, timeout: float | None, timed_out: bool
+    queue: QueueBackend,
+    result: DrainResult,
+    timeout: float | None,
+    timed_out: bool,
+    left: float | None,
 ) -> str:
-    stats = queue.stats()
+    """Why ``result.left`` messages stay queued, from the queue's stats read within what is
+    ``left`` of ``--timeout`` (None: no timeout)."""
+    try:
+        with queue.bounded(left):
+            stats = queue.stats()
+    except QueueBusy as exc:
+        reason = f"the --timeout of {timeout:g}s passed" if timed_out and timeout else str(exc)
+        return (
+            f"{count(result.left, 'message')} could not be sent ({one_line(reason)[:400]}); "
+            "they stay queued"
+        )
     waits = [d.backoff_until for d in stats.destinations if d.pending and d.backoff_until]
     # Left untried, not refused: a backoff stored after an earlier failure (another drain,
     # a worker, a flusher) holds them back, and only --ignore-backoff sends them now.

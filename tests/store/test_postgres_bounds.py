@@ -23,6 +23,8 @@ from conftest import WRITE_KEY, run_python
 
 from durable_analytics import Client
 from durable_analytics._store.postgres._queue import PostgresQueue
+from durable_analytics.cli import EXIT_UNDELIVERED
+from durable_analytics.cli import main as cli_main
 from durable_analytics.exceptions import QueueBusy, QueueError
 from durable_analytics.testing import Collector
 
@@ -336,3 +338,33 @@ def test_a_flush_that_must_connect_returns_by_its_timeout_while_the_postmaster_i
         assert client.flush(timeout=30).pending == 0
         client.close(timeout=5)
     assert len(collector.message_ids()) == 1
+
+
+def test_drain_with_a_timeout_returns_by_it_while_another_connection_locks_the_queue(
+    pg_dsn: str, url: str, pg_schema: str, stalls: list[Stall]
+) -> None:
+    """``durable-analytics drain --timeout 0.5`` on a PostgreSQL queue whose messages table
+    another session locks: the counts it reads for its progress bar before the drain, and
+    for its report after it, each waited the queue's ``timeout`` (10 s). It now ends by its
+    timeout (+1 s) while the lock is held, exit 1, and nothing is lost."""
+    queue = PostgresQueue(url, timeout=10)
+    dest = queue.destination("https://api.example.test", WRITE_KEY)
+    for i in range(3):
+        assert queue.append(dest, b'{"messageId":"m-%d"}' % i)
+    queue.close()
+    other = psycopg.connect(pg_dsn, autocommit=True)
+    other.execute("BEGIN")
+    other.execute(f"LOCK TABLE {pg_schema}.messages IN ACCESS EXCLUSIVE MODE")
+    stall = Stall(lambda: other.execute("ROLLBACK"))
+    stalls.append(stall)
+    started = time.monotonic()
+    code = cli_main(["drain", "--queue", url, "--timeout", "0.5"])
+    took = time.monotonic() - started
+    assert not stall.ended.is_set()  # it returned while the lock was still held
+    assert took < 0.5 + 1.0
+    assert code == EXIT_UNDELIVERED
+    stall.end()
+    other.close()
+    queue = PostgresQueue(url, timeout=10)
+    assert queue.pending() == 3
+    queue.close()
