@@ -10,6 +10,7 @@ import click
 
 from durable_analytics._delivery import make_deliverer
 from durable_analytics._flusher import Flusher
+from durable_analytics.exceptions import QueueBusy
 
 from ._app import (
     EXIT_OK,
@@ -137,10 +138,11 @@ def worker_command(
         )
     sent = sum(f.delivered.sent for f in flushers)
     dead = sum(f.delivered.dead_lettered for f in flushers)
-    log.info(
-        "stopped: sent %s, dead-lettered %s, %s pending",
-        f"{sent:,}",
-        f"{dead:,}",
-        f"{queue.pending():,}",
-    )
+    try:
+        # Within what is left of the shutdown: a lock holder may be frozen.
+        with queue.bounded(max(0.0, deadline - time.monotonic())):
+            pending = f"{queue.pending():,}"
+    except QueueBusy:
+        pending = "an unknown number (the queue did not answer in time)"
+    log.info("stopped: sent %s, dead-lettered %s, %s pending", f"{sent:,}", f"{dead:,}", pending)
     return EXIT_OK

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
-from conftest import WRITE_KEY, run_python
+from conftest import WRITE_KEY, run_python, start_python
 
 from durable_analytics import Client
 from durable_analytics._store.postgres._queue import PostgresQueue
@@ -368,3 +368,43 @@ def test_drain_with_a_timeout_returns_by_it_while_another_connection_locks_the_q
     queue = PostgresQueue(url, timeout=10)
     assert queue.pending() == 3
     queue.close()
+
+
+def test_a_worker_stops_within_its_shutdown_timeout_while_another_connection_locks_the_queue(
+    pg_dsn: str, url: str, pg_schema: str, stalls: list[Stall]
+) -> None:
+    """``durable-analytics worker --shutdown-timeout 0.5`` on a PostgreSQL queue whose
+    messages table another session locks: after stopping its flushers it counted what is
+    pending for its last log line with the queue's ``timeout`` (10 s). It now exits within
+    its shutdown timeout (+1 s) of SIGTERM while the lock is held."""
+    worker = start_python(
+        "from durable_analytics.cli import main; raise SystemExit(main())",
+        "worker",
+        "--queue",
+        url,
+        "--poll",
+        "0.05",
+        "--shutdown-timeout",
+        "0.5",
+    )
+    assert worker.stderr is not None
+    try:
+        while "worker started" not in (line := worker.stderr.readline()):
+            assert line, "the worker ended before it started"
+        other = psycopg.connect(pg_dsn, autocommit=True)
+        other.execute("BEGIN")
+        other.execute(f"LOCK TABLE {pg_schema}.messages IN ACCESS EXCLUSIVE MODE")
+        stall = Stall(lambda: other.execute("ROLLBACK"))
+        stalls.append(stall)
+        worker.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        worker.wait(timeout=60)
+        took = time.monotonic() - started
+        assert not stall.ended.is_set()  # it exited while the lock was still held
+        assert took < 0.5 + 1.0
+        stall.end()
+        other.close()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
