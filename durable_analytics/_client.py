@@ -378,7 +378,14 @@ class Client(ClientCalls, SettingsAttributes):
         # (it would otherwise flush and report again, touching a queue the caller may have
         # shut down meanwhile, such as a PostgreSQL server stopped after close()).
         self._calls_here = 0
-        result = self.flush(timeout=budget) if self._started else self._idle_result()
+        try:
+            return self.flush(timeout=budget) if self._started else self._idle_result()
+        finally:
+            # Also when the flush raised (a queue that did not answer in time): close()
+            # stops the flusher whatever the queue said, and the error reaches the caller.
+            self._stop_flushers(deadline)
+
+    def _stop_flushers(self, deadline: float) -> None:
         with self._lock:
             flusher, self._flusher = self._flusher, None
             process, self._process = self._process, None
@@ -390,7 +397,6 @@ class Client(ClientCalls, SettingsAttributes):
             # What is left of the budget, no more: a child still busy then (a server that
             # hangs) is killed, and the holder-is-gone rule hands its leases on at once.
             process.stop(max(0.0, deadline - time.monotonic()))
-        return result
 
     def _idle_result(self) -> FlushResult:
         if not self._send:

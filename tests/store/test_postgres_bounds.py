@@ -109,6 +109,45 @@ def test_flush_returns_by_its_timeout_while_another_connection_locks_the_queue(
     assert len(collector.message_ids()) == 5
 
 
+def test_close_stops_the_flusher_even_when_its_flush_raises(
+    pg_dsn: str, url: str, pg_schema: str, stalls: list[Stall]
+) -> None:
+    """``close(timeout=0.5)`` while another session locks the messages table: its flush
+    cannot even count what is pending and raises ``QueueBusy``. The flusher thread must be
+    stopped all the same (before, close() raised with it still running, delivering behind
+    the caller's back after the caller was told the client was closed); nothing is lost."""
+    with Collector(WRITE_KEY) as collector:
+        client = Client(
+            WRITE_KEY,
+            host=collector.url,
+            queue_url=url,
+            on_exit="none",
+            timeout=60,
+            lease_timeout=120,
+        )
+        assert client.track("u", "Kept")[0]
+        flusher = client._flusher
+        assert flusher is not None
+        assert flusher.alive
+        other = psycopg.connect(pg_dsn, autocommit=True)
+        other.execute("BEGIN")
+        other.execute(f"LOCK TABLE {pg_schema}.messages IN ACCESS EXCLUSIVE MODE")
+        stall = Stall(lambda: other.execute("ROLLBACK"))
+        stalls.append(stall)
+        with pytest.raises(QueueBusy):
+            client.close(timeout=0.5)
+        assert client._flusher is None
+        stall.end()
+        other.close()
+        # Asked to stop by close(), it ends on its own once its wait for the lock is over
+        # (without the fix it was never asked, and kept polling).
+        flusher._thread.join(5.0)
+        assert not flusher.alive
+        assert client.flush(timeout=30).pending == 0  # another close delivers it
+        client.close(timeout=5)
+    assert len(collector.message_ids()) == 1
+
+
 def _backend_pid(queue: PostgresQueue) -> int:
     """The server process of the queue's one pooled connection."""
     row = queue._tx(lambda c: c.execute(b"SELECT pg_backend_pid()").fetchone())
