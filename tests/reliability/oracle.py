@@ -390,7 +390,24 @@ def integrity_check(path: str | os.PathLike[str]) -> str:
 
 def queued_message_ids(path: str | os.PathLike[str]) -> Counter[str]:
     """The messageIds of the messages still on disk: in the queue file (leased or not), and
-    in the spools of its producers past what was moved from them (each spool's record)."""
+    in the spools of its producers past what was moved from them (each spool's record).
+
+    A spool removed between the look at the queue file and the look at it (a mover took
+    all it held into the file, after that look, then deleted it) starts the look over: its
+    messages are in the file now, and a look that skipped it would miss them."""
+    for _ in range(20):
+        try:
+            return _queued_message_ids(path)
+        except _SpoolGone:
+            continue
+    return _queued_message_ids(path)
+
+
+class _SpoolGone(Exception):
+    """A spool listed a moment ago no longer exists."""
+
+
+def _queued_message_ids(path: str | os.PathLike[str]) -> Counter[str]:
     conn = _connect(path)
     try:
         rows = conn.execute("SELECT body FROM messages").fetchall()
@@ -400,7 +417,15 @@ def queued_message_ids(path: str | os.PathLike[str]) -> Counter[str]:
     spools = Path(path).with_name(Path(path).name + ".spool")
     for spool in sorted(spools.glob("*.db")) if spools.is_dir() else []:
         moved = records.get("spool:" + spool.stem, 0)
-        conn = _connect(spool)
+        if not spool.exists():
+            raise _SpoolGone(spool)
+        try:
+            # Read-only: a spool deleted since the check above must not be created again.
+            conn = sqlite3.connect(spool.as_uri() + "?mode=ro", uri=True, timeout=30)
+        except sqlite3.OperationalError:
+            if not spool.exists():
+                raise _SpoolGone(spool) from None
+            conn = _connect(spool)  # there, but not readable read-only (no -shm yet)
         try:
             rows += conn.execute("SELECT body FROM messages WHERE id > ?", (moved,)).fetchall()
         except sqlite3.OperationalError:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
@@ -70,6 +71,33 @@ def stalls() -> Iterator[list[Stall]]:
         stall.end()
 
 
+def _locked(
+    pg_dsn: str, table: str, mode: str, stalls: list[Stall]
+) -> tuple[psycopg.Connection[Any], Stall]:
+    """Another session holding ``LOCK TABLE table IN mode MODE`` until its stall ends."""
+    other = psycopg.connect(pg_dsn, autocommit=True)
+    other.execute("BEGIN")
+    other.execute(f"LOCK TABLE {table} IN {mode} MODE")
+
+    def rollback() -> None:
+        other.execute("ROLLBACK")
+
+    stall = Stall(rollback)
+    stalls.append(stall)
+    return other, stall
+
+
+def _stopped(pid: int, stalls: list[Stall]) -> Stall:
+    """The server process ``pid`` stopped (SIGSTOP) until its stall ends (SIGCONT)."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except PermissionError:
+        pytest.skip("cannot stop the server's processes (not root, not their owner)")
+    stall = Stall(lambda: os.kill(pid, signal.SIGCONT))
+    stalls.append(stall)
+    return stall
+
+
 def _client(collector: Collector, url: str) -> Client:
     """A Client on the PostgreSQL queue whose own waits are long (``timeout`` 60 s): only
     the deadline of the call under test can end them early."""
@@ -94,11 +122,7 @@ def test_flush_returns_by_its_timeout_while_another_connection_locks_the_queue(
         client = _client(collector, url)
         for i in range(5):
             assert client.track("u", "Kept", {"i": i})[0]
-        other = psycopg.connect(pg_dsn, autocommit=True)
-        other.execute("BEGIN")
-        other.execute(f"LOCK TABLE {pg_schema}.messages IN ACCESS EXCLUSIVE MODE")
-        stall = Stall(lambda: other.execute("ROLLBACK"))
-        stalls.append(stall)
+        other, stall = _locked(pg_dsn, f"{pg_schema}.messages", "ACCESS EXCLUSIVE", stalls)
         with contextlib.suppress(QueueBusy):
             client.flush(timeout=0.5)
         assert not stall.ended.is_set()  # it returned while the lock was still held
@@ -129,11 +153,7 @@ def test_close_stops_the_flusher_even_when_its_flush_raises(
         flusher = client._flusher
         assert flusher is not None
         assert flusher.alive
-        other = psycopg.connect(pg_dsn, autocommit=True)
-        other.execute("BEGIN")
-        other.execute(f"LOCK TABLE {pg_schema}.messages IN ACCESS EXCLUSIVE MODE")
-        stall = Stall(lambda: other.execute("ROLLBACK"))
-        stalls.append(stall)
+        other, stall = _locked(pg_dsn, f"{pg_schema}.messages", "ACCESS EXCLUSIVE", stalls)
         with pytest.raises(QueueBusy):
             client.close(timeout=0.5)
         assert client._flusher is None
@@ -167,12 +187,7 @@ def test_a_stopped_server_process_cannot_hold_a_call_past_its_bound(
     dest = queue.destination("https://api.example.test", WRITE_KEY)
     assert queue.append(dest, b'{"messageId":"m-1"}')
     pid = _backend_pid(queue)
-    try:
-        os.kill(pid, signal.SIGSTOP)
-    except PermissionError:
-        pytest.skip("cannot stop the server's processes (not root, not their owner)")
-    stall = Stall(lambda: os.kill(pid, signal.SIGCONT))
-    stalls.append(stall)
+    stall = _stopped(pid, stalls)
     bounded = queue.bounded(0.5 if bound == "deadline" else None)
     with pytest.raises(QueueBusy, match="did not answer within"), bounded:
         queue.pending()
@@ -194,12 +209,7 @@ def test_a_flush_of_a_client_whose_server_process_is_stopped_returns_by_its_time
         assert isinstance(queue, PostgresQueue)
         with queue._pool.connection() as conn:  # the one the call used, idle now
             pid = int(conn.info.backend_pid)
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except PermissionError:
-            pytest.skip("cannot stop the server's processes (not root, not their owner)")
-        stall = Stall(lambda: os.kill(pid, signal.SIGCONT))
-        stalls.append(stall)
+        stall = _stopped(pid, stalls)
         with contextlib.suppress(QueueError):
             client.flush(timeout=0.5)
         assert not stall.ended.is_set()  # it returned while the server process was stopped
@@ -250,11 +260,7 @@ def test_opening_the_queue_ends_by_its_timeout_behind_a_lock_on_its_schema(
     (a migration that is stuck) ``PostgresQueue(url, timeout=1)`` (so ``Client(...)``)
     waited as long as the lock was held. It now raises ``QueueBusy`` while it still is."""
     PostgresQueue(url, timeout=1).close()
-    other = psycopg.connect(pg_dsn, autocommit=True)
-    other.execute("BEGIN")
-    other.execute(f"LOCK TABLE {pg_schema}.meta IN ACCESS EXCLUSIVE MODE")
-    stall = Stall(lambda: other.execute("ROLLBACK"))
-    stalls.append(stall)
+    other, stall = _locked(pg_dsn, f"{pg_schema}.meta", "ACCESS EXCLUSIVE", stalls)
     with pytest.raises(QueueBusy, match="checking its schema"):
         PostgresQueue(url, timeout=1)
     assert not stall.ended.is_set()  # it returned while the lock was still held
@@ -288,12 +294,7 @@ def test_an_exit_that_spawns_a_drain_returns_by_shutdown_timeout_with_the_server
         assert isinstance(queue, PostgresQueue)
         with queue._pool.connection() as conn:  # the one the calls used, idle now
             pid = int(conn.info.backend_pid)
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except PermissionError:
-            pytest.skip("cannot stop the server's processes (not root, not their owner)")
-        stall = Stall(lambda: os.kill(pid, signal.SIGCONT))
-        stalls.append(stall)
+        stall = _stopped(pid, stalls)
         started = time.monotonic()
         client._at_exit()
         took = time.monotonic() - started
@@ -319,11 +320,7 @@ def test_a_first_flush_returns_by_its_timeout_while_the_holders_table_is_locked(
         client = _client(collector, url)
         for i in range(3):
             assert client.track("u", "Kept", {"i": i})[0]
-        other = psycopg.connect(pg_dsn, autocommit=True)
-        other.execute("BEGIN")
-        other.execute(f"LOCK TABLE {pg_schema}.holders IN EXCLUSIVE MODE")
-        stall = Stall(lambda: other.execute("ROLLBACK"))
-        stalls.append(stall)
+        other, stall = _locked(pg_dsn, f"{pg_schema}.holders", "EXCLUSIVE", stalls)
         started = time.monotonic()
         with contextlib.suppress(QueueBusy):
             client.flush(timeout=0.5)
@@ -360,12 +357,7 @@ def test_a_flush_that_must_connect_returns_by_its_timeout_while_the_postmaster_i
         for conn in idle:
             conn.close()
         pid = _postmaster_pid(pg_dsn)
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except PermissionError:
-            pytest.skip("cannot stop the server's processes (not root, not their owner)")
-        stall = Stall(lambda: os.kill(pid, signal.SIGCONT))
-        stalls.append(stall)
+        stall = _stopped(pid, stalls)
         for call in (client.flush, client.close):
             started = time.monotonic()
             with contextlib.suppress(QueueError):
@@ -391,11 +383,7 @@ def test_drain_with_a_timeout_returns_by_it_while_another_connection_locks_the_q
     for i in range(3):
         assert queue.append(dest, b'{"messageId":"m-%d"}' % i)
     queue.close()
-    other = psycopg.connect(pg_dsn, autocommit=True)
-    other.execute("BEGIN")
-    other.execute(f"LOCK TABLE {pg_schema}.messages IN ACCESS EXCLUSIVE MODE")
-    stall = Stall(lambda: other.execute("ROLLBACK"))
-    stalls.append(stall)
+    other, stall = _locked(pg_dsn, f"{pg_schema}.messages", "ACCESS EXCLUSIVE", stalls)
     started = time.monotonic()
     code = cli_main(["drain", "--queue", url, "--timeout", "0.5"])
     took = time.monotonic() - started
@@ -430,11 +418,7 @@ def test_a_worker_stops_within_its_shutdown_timeout_while_another_connection_loc
     try:
         while "worker started" not in (line := worker.stderr.readline()):
             assert line, "the worker ended before it started"
-        other = psycopg.connect(pg_dsn, autocommit=True)
-        other.execute("BEGIN")
-        other.execute(f"LOCK TABLE {pg_schema}.messages IN ACCESS EXCLUSIVE MODE")
-        stall = Stall(lambda: other.execute("ROLLBACK"))
-        stalls.append(stall)
+        other, stall = _locked(pg_dsn, f"{pg_schema}.messages", "ACCESS EXCLUSIVE", stalls)
         worker.send_signal(signal.SIGTERM)
         started = time.monotonic()
         worker.wait(timeout=60)
