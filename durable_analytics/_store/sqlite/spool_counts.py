@@ -1,6 +1,6 @@
 """What waits in the spools of a queue's producers, looked at read-only (see ``spool.py``).
 
-``stats()`` and ``pending()`` count spooled messages as pending (``totals``, ``count``);
+``stats()`` and ``pending()`` count spooled messages as pending (``by_destination``, ``count``);
 ``flush()`` marks where each spool's held-back messages end when it is called (``marks``)
 and follows how many of those are still not moved in (``held``), whoever moves them.
 Each look opens every spool file read-only, once, as the movers would take them: no
@@ -22,7 +22,7 @@ from .spool import RECORD, Spools, _names_of, _record
 if TYPE_CHECKING:
     from .queue import SqliteQueue
 
-__all__ = ["Spooled", "by_destination", "count", "held", "marks", "totals"]
+__all__ = ["Spooled", "by_destination", "count", "held", "marks"]
 
 
 class Spooled(NamedTuple):
@@ -42,13 +42,7 @@ LOOK_WAIT = 1.0
 def count(spools: Spools, queue: SqliteQueue, destination: int | None) -> int:
     """How many messages (of ``destination``) wait in the spools of every process, not
     moved yet."""
-    return totals(spools, queue, destination)[0]
-
-
-def totals(spools: Spools, queue: SqliteQueue, destination: int | None) -> tuple[int, int]:
-    """``count`` and the size of those messages as stored (their bodies' bytes)."""
-    rows = [r[0] for r in _look(spools, queue, destination, "count(*), total(m.size)").values()]
-    return sum(int(row[0]) for row in rows), sum(int(row[1]) for row in rows)
+    return sum(int(rows[0][0]) for rows in _look(spools, queue, destination, "count(*)").values())
 
 
 def by_destination(spools: Spools, queue: SqliteQueue) -> dict[tuple[str, str], Spooled]:
