@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import start_python
 
+from durable_analytics._store.base import Lease
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import wal as wal_module
 from durable_analytics._store.sqlite.schema import SCHEMA_V1, SCHEMA_VERSION
@@ -478,3 +479,63 @@ def test_a_producer_appending_without_pause_never_reaches_its_own_checkpoint(
     assert sorted(delivered) == list(range(total))  # lost 0, duplicated 0
     producer.close()
     deliverer.close()
+
+
+def test_the_delivering_connection_starts_the_log_over_itself_after_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """The commit that starts a log over syncs the log's header: after the checkpoint that
+    follows an ack, the delivering thread makes that commit itself (a count in
+    ``counters``), so the caller's next append goes on in the new log instead of starting
+    it (its header stays the same) and pays no fsync."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path, max_queue_bytes=64 * 1024 * 1024)
+    budget = q.wal_budget
+    dest = q.destination(HOST, KEY)
+    for i in range(20):
+        q.append(dest, body_of_size(i, 200))
+    leased: list[Lease] = []
+    t = threading.Thread(target=lambda: leased.append(q.lease(20, 500_000)))
+    t.start()
+    t.join()
+    n = budget.normal_pages * 3 // 2  # past the normal size: the ack's checkpoint is due
+    for i in range(n):
+        q.append(dest, body_of_size(i, 200))
+    salt = _wal_salt(path)
+    t = threading.Thread(target=q.ack, args=(leased[0],))  # the delivering thread's last op
+    t.start()
+    t.join()
+    restarted = _wal_salt(path)
+    assert restarted != salt  # the delivering thread started the log over
+    q.append(dest, body_of_size(n, 200))
+    assert _wal_salt(path) == restarted  # the append went on in that log
+    log = log_frames(path)
+    assert log is not None
+    assert log[1] < 10  # one frame of that commit, one of the append
+    conn = q._conn()
+    counted = conn.execute("SELECT value FROM counters WHERE name = 'log_restarts'")
+    assert counted.fetchone() == (1,)
+    assert q.pending() == n + 1
+    q.close()
+
+
+def test_the_log_is_left_to_the_next_writer_when_another_connection_writes(
+    tmp_path: Path,
+) -> None:
+    """When another connection holds the write lock at the checkpoint, the delivering
+    thread does not wait for it past the RESTART's short wait: that writer's commit starts
+    the log over."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path)
+    dest = q.destination(HOST, KEY)
+    grow_the_log(q, dest, 10)
+    other = sqlite3.connect(str(path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    q._restart_log()
+    assert time.monotonic() - started < 0.5
+    other.execute("ROLLBACK")
+    other.close()
+    counted = q._conn().execute("SELECT count(*) FROM counters WHERE name = 'log_restarts'")
+    assert counted.fetchone() == (0,)
+    q.close()

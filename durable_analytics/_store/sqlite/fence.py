@@ -14,6 +14,13 @@ queueing behind each other, and never waits for it while holding SQLite's lock, 
 locks cannot deadlock. Cost: two ``flock`` calls per commit (see
 ``docs/reliability/files_and_resources.md``).
 
+A delivering thread also holds it exclusively, for the few milliseconds of its RESTART
+checkpoint and the small commit of its own that starts the log over right after it (see
+``SqliteQueue._restart_log``): that commit writes the log's header and syncs it, and left
+to the next writer it fell on a caller's ``track()``, which now finds the fence taken and
+spools. It is taken only without waiting for a writer (between their commits), and only
+around a checkpoint, which holds SQLite's write lock for those milliseconds anyway.
+
 The fence is reentrant on its thread: a signal handler that calls ``track()`` runs on the
 thread it interrupted, maybe while that thread holds the fence. Taking a shared ``flock``
 again on the same descriptor changes nothing, but releasing it would release the
@@ -85,6 +92,33 @@ class CommitFence:
             # A file system without flock: recoveries go unserialized there too.
             self._unsupported = True
         return True
+
+    def try_exclusive(self, wait: float) -> bool:
+        """Take the lock exclusively, trying for up to ``wait`` seconds; False if it stayed
+        taken (nothing is held then). Released by ``leave``.
+
+        For a delivering thread's RESTART checkpoint and the commit that starts the log
+        over (``SqliteQueue._restart_log``): meanwhile every other writer, of any process,
+        finds the fence taken as during a recovery, and spools or waits.
+        """
+        if self._unsupported or self._depth:
+            return False
+        fd = self.descriptor()
+        deadline = time.monotonic() + wait
+        self._depth += 1  # before the flock: see the module docstring
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                # Writers hold it shared for one commit at a time: a gap comes soon.
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.0001)
+            except OSError:
+                break
+        self._depth -= 1
+        return False
 
     def wait_enter(self) -> None:
         """Wait (polling, bounded) until no recovery holds the directory, then take the lock.

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import sqlite3
 import struct
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ __all__ = [
     "WalBudget",
     "log_frames",
     "open_readers",
+    "start_log_over",
     "wal_bytes",
 ]
 
@@ -102,6 +104,26 @@ class WalBudget:
     def excess(self, wal_size: int) -> int:
         """Bytes of ``-wal`` beyond what a healthy log takes: they count against the cap."""
         return max(0, wal_size - self.allowance)
+
+
+#: The smallest write there is to make: it counts the logs started over (``counters``).
+_LOG_RESTART = (
+    "INSERT INTO counters (name, value) VALUES ('log_restarts', 1) "
+    "ON CONFLICT (name) DO UPDATE SET value = value + 1"
+)
+
+
+def start_log_over(conn: sqlite3.Connection) -> bool:
+    """Commit one small write on ``conn`` (autocommit, its busy timeout), right after a
+    checkpoint that let the log start over: that commit starts it (and syncs its header).
+
+    False when it could not (another connection writes: its commit starts the log over).
+    """
+    try:
+        conn.execute(_LOG_RESTART)
+    except sqlite3.Error:
+        return False
+    return True
 
 
 def wal_bytes(path: Path) -> int:
