@@ -44,7 +44,10 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CommitFence"]
+__all__ = ["EXCLUSIVE_RETRY", "CommitFence"]
+
+#: Seconds between the tries of ``CommitFence.try_exclusive``.
+EXCLUSIVE_RETRY = 0.0005
 
 
 class CommitFence:
@@ -111,10 +114,12 @@ class CommitFence:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
-                # Writers hold it shared for one commit at a time: a gap comes soon.
+                # Writers hold it shared for one commit at a time, so a later try finds a
+                # gap. Few tries: each wake-up of this thread could take the CPU from one
+                # of those writers (a caller) on a busy machine.
                 if time.monotonic() >= deadline:
                     break
-                time.sleep(0.0001)
+                time.sleep(EXCLUSIVE_RETRY)
             except OSError:
                 break
         self._depth -= 1
