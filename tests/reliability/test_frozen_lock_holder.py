@@ -25,10 +25,11 @@ import durable_analytics
 from durable_analytics._config import Config
 from durable_analytics._drain import drain_queue
 from durable_analytics._store import open_queue
+from durable_analytics._store.sqlite import SqliteQueue
 from durable_analytics._store.sqlite.spool import MOST_SPOOLED
 from durable_analytics.cli import EXIT_UNDELIVERED
 from durable_analytics.cli import main as cli_main
-from durable_analytics.exceptions import QueueBusy
+from durable_analytics.exceptions import QueueBusy, QueueCorrupt
 from durable_analytics.testing import Collector, RecordingTransport
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
@@ -438,3 +439,59 @@ def test_flush_and_track_are_bounded_while_a_recovery_holding_the_commit_fence_i
     ids = collector.message_ids()
     assert set(stored) <= set(ids)  # lost 0
     assert all(n == 1 for n in ids.values())  # duplicated 0
+
+
+def test_a_recovery_met_under_a_deadline_waits_for_another_recovery_only_until_it(
+    frozen: tuple[Path, list[subprocess.Popen[str]]],
+) -> None:
+    """An operation of a flush, an exit or a drain that meets a damaged file starts a
+    recovery, which first waits for any other process's recovery of the directory. With that
+    process stopped while it holds the directory, the wait ends by the deadline (+1 s; it
+    was the recovery's own 180 s) with ``QueueBusy``, and nothing has been touched: the
+    file and its messages are as they were, and nothing was set aside."""
+    path, procs = frozen
+    q = SqliteQueue(path, recover=True, busy_timeout=30.0)
+    dest = q.destination("https://api.example.com", WRITE_KEY)
+    for i in range(3):
+        q.append(dest, b'{"i":%d}' % i)
+    procs.append(_frozen_recovery(path.parent))
+    q._recovery.healthy_at = -1e9  # no full check just found the file sound
+    started = time.monotonic()
+    with q.bounded(0.5), pytest.raises(QueueBusy, match="recovering"):
+        q._recovery.recover_from(QueueCorrupt("database disk image is malformed"))
+    assert time.monotonic() - started < 0.5 + 1.0
+    assert q.pending() == 3
+    assert sorted(p.name for p in path.parent.iterdir() if ".corrupt-" in p.name) == []
+    q.close()
+
+
+def test_a_recovery_met_under_a_deadline_waits_for_this_process_only_until_it(
+    tmp_path: Path,
+) -> None:
+    """The recovery's wait for this process's other operations (another thread holding the
+    queue's write lock) ends by the deadline too, with ``QueueBusy`` and nothing touched."""
+    path = tmp_path / "queue.sqlite3"
+    q = SqliteQueue(path, recover=True)
+    dest = q.destination("https://api.example.com", WRITE_KEY)
+    q.append(dest, b'{"i":1}')
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with q._db.write_lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    q._recovery.healthy_at = -1e9
+    started = time.monotonic()
+    try:
+        with q.bounded(0.3), pytest.raises(QueueBusy, match="needs recovering"):
+            q._recovery.recover_from(QueueCorrupt("database disk image is malformed"))
+        assert time.monotonic() - started < 0.3 + 1.0
+    finally:
+        release.set()
+        holder.join()
+    assert q.pending() == 1
+    q.close()

@@ -17,6 +17,7 @@ import shlex
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -151,7 +152,7 @@ def directory_lock(directory: Path, timeout: float) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     raise QueueBusy(
                         f"another process kept recovering the queue in {directory} for over "
-                        f"{timeout:.0f} s"
+                        f"{timeout:.3g} s"
                     ) from None
                 time.sleep(0.02)
             except OSError:
@@ -159,6 +160,20 @@ def directory_lock(directory: Path, timeout: float) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _held(lock: threading.RLock, until: float, path: Path) -> Iterator[None]:
+    """This process's ``lock``, waited for until ``until`` (monotonic), then QueueBusy."""
+    if not lock.acquire(timeout=max(0.0, until - time.monotonic())):
+        raise QueueBusy(
+            f"the queue {path} needs recovering, but another operation of this process "
+            "kept it busy past the deadline"
+        )
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class Recovery:
@@ -352,10 +367,15 @@ class Recovery:
     def _recover_locked(
         self, damage: Damaged | None, error: str, started: float, deadline: float
     ) -> bool:
+        # Before anything is touched: the waits for this process's other operations and for
+        # another process's recovery end by the deadline of a flush, an exit or a drain
+        # that met the damage (the recovery's own 180 s otherwise); then QueueBusy, with
+        # nothing done (the next operation recovers the file).
+        until = started + self.db.waits.within(RECOVER_LOCK_SECONDS)
         with (
-            self.db.write_lock,
-            self.db.read_lock,
-            directory_lock(self.path.parent, RECOVER_LOCK_SECONDS),
+            _held(self.db.write_lock, until, self.path),
+            _held(self.db.read_lock, until, self.path),
+            directory_lock(self.path.parent, max(0.0, until - time.monotonic())),
             contextlib.closing(self._keeper()),
         ):
             live: sqlite3.Connection | None = None

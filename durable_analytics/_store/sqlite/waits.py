@@ -168,6 +168,21 @@ class Waits:
             limit = min(limit, self.parent.limit(started))
         return limit
 
+    def within(self, seconds: float) -> float:
+        """``seconds``, or less when a deadline set with ``bounded`` (here or in the parent)
+        ends sooner (never under ``GRACE``): for a wait that ``busy_timeout`` does not bound
+        (another process's recovery of the file)."""
+        now = time.monotonic()
+        end = now + seconds
+        waits: Waits | None = self
+        while waits is not None:
+            if waits._deadlines:
+                with waits._deadlines_lock:
+                    if waits._deadlines:
+                        end = min(end, max(min(waits._deadlines.values()), now + GRACE))
+            waits = waits.parent
+        return end - now
+
     def remaining(self) -> float:
         """How long a wait begun now may last (for SQLite's own busy handler)."""
         now = time.monotonic()
