@@ -46,10 +46,9 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from durable_analytics.exceptions import QueueBusy, QueueError
 
@@ -65,7 +64,15 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["MOST_SPOOLED", "MOVE_ROWS", "SCAN_EVERY", "Spools", "open_spool", "spool_dir"]
+__all__ = [
+    "MOST_SPOOLED",
+    "MOVE_ROWS",
+    "SCAN_EVERY",
+    "SpoolOpener",
+    "Spools",
+    "open_spool",
+    "spool_dir",
+]
 
 logger = logging.getLogger("durable_analytics.queue")
 
@@ -213,10 +220,16 @@ def _owner_gone(lock_path: Path) -> int:
     return fd
 
 
+class SpoolOpener(Protocol):
+    """Opens a spool file as a queue (``open_spool`` bound to the spool's queue)."""
+
+    def __call__(self, path: Path, *, wait: float | None = None) -> SqliteQueue: ...
+
+
 class Spools:
     """This process's spool of one queue, and the moves of every spool into the queue."""
 
-    def __init__(self, path: Path, opener: Callable[..., SqliteQueue]) -> None:
+    def __init__(self, path: Path, opener: SpoolOpener) -> None:
         self.path = path
         self.dir = spool_dir(path)
         self._opener = opener
