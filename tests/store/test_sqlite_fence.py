@@ -3,12 +3,21 @@ other writer, of any process, out of the commit that starts the log over."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
+import threading
 import time
 from pathlib import Path
+from types import FrameType
 
+import pytest
 from conftest import start_python
 
+from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite.fence import CommitFence
+
+from .sqlite_helpers import HOST, KEY
 
 # A child that holds the directory's lock shared (as a writer during one commit) until its
 # stdin closes.
@@ -75,3 +84,87 @@ def test_an_exclusive_hold_is_not_taken_inside_a_commit_of_the_same_fence(
     fence.leave()
     assert fence.depth == 0
     fence.close()
+
+
+class _Interrupted(Exception):
+    """What a signal handler may raise into the code it interrupted (a SIGALRM-based
+    timeout, KeyboardInterrupt, SystemExit from a SIGTERM handler)."""
+
+
+def _directory_locked_by_someone(directory: Path) -> bool:
+    """Whether a flock is held on ``directory`` (an exclusive one cannot be taken)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("where", ["while it retries", "after its flock"])
+def test_a_signal_handler_raising_into_the_exclusive_hold_leaves_the_fence_free(
+    tmp_path: Path, where: str
+) -> None:
+    """``flush()`` delivers on the caller's thread, so a signal handler may raise into the
+    delivering thread's ``_restart_log`` while ``try_exclusive`` retries (another process's
+    writer holds the lock shared) or right after its flock succeeded. Nothing stays held
+    afterwards: the fence's count is back to 0, and once this process commits again a
+    recovery of another process can take the directory. (Before: the count stayed at 1, so
+    every later commit of the process left its shared lock held, for the process's life.)"""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path)
+    dest = q.destination(HOST, KEY)
+    fence = q._db.fence
+    theirs = CommitFence(tmp_path, wait=1.0)
+    if where == "while it retries":
+        # A writer of another process holds the lock shared: try_exclusive keeps trying
+        # (2 ms), and a signal arriving meanwhile raises out of its sleep.
+        assert theirs.try_enter()
+        main = threading.get_ident()
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if frame is not None and frame.f_code.co_name == "try_exclusive":
+                raise _Interrupted
+
+        def kill() -> None:
+            while not stop.wait(0.0002):
+                signal.pthread_kill(main, signal.SIGUSR1)
+
+        previous = signal.signal(signal.SIGUSR1, on_signal)
+        killer = threading.Thread(target=kill, daemon=True)
+        killer.start()
+
+        def restart_until_interrupted() -> None:
+            for _ in range(2000):
+                q._restart_log()
+
+        try:
+            with pytest.raises(_Interrupted):
+                restart_until_interrupted()
+        finally:
+            stop.set()
+            killer.join()
+            signal.signal(signal.SIGUSR1, previous)
+        theirs.leave()
+    else:
+        real = fence.try_exclusive
+
+        def interrupted(wait: float) -> bool:
+            del fence.try_exclusive
+            assert real(wait)  # the flock returned: the signal lands after it
+            raise _Interrupted
+
+        fence.try_exclusive = interrupted  # type: ignore[method-assign]
+        with pytest.raises(_Interrupted):
+            q._restart_log()
+    assert fence.depth == 0
+    assert q.append(dest, b'{"i":1}') > 0  # a commit of this process, as any track()
+    assert not _directory_locked_by_someone(tmp_path)
+    assert q.pending() == 1
+    theirs.close()
+    q.close()

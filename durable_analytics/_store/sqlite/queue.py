@@ -392,17 +392,22 @@ class SqliteQueue:
         try:
             db.check_side_files()
             fence = db.fence
-            # Exclusive keeps other processes' callers out too; shared, only this one's.
-            if not (fence.try_exclusive(_LOG_FENCE_WAIT) or fence.try_enter()):
-                db.read(restart)  # a recovery holds the directory: no commit now
-                return
+            depth = fence.depth
             try:
+                # Exclusive keeps other processes' callers out too; shared, only this one's.
+                if not (fence.try_exclusive(_LOG_FENCE_WAIT) or fence.try_enter()):
+                    db.read(restart)  # a recovery holds the directory: no commit now
+                    return
                 done = db.read(restart)
                 # Everything copied: the next commit starts the log over; this one.
                 if done is not None and done[1] == done[2]:
                     db.read(start_log_over)
             finally:
-                db.fence.leave()
+                # Not a plain leave after the take: ``flush()`` runs this on the caller's
+                # thread, and a signal handler may raise into it in ``try_exclusive``'s
+                # retries, right after its flock, or before this block knew it held the
+                # fence. A count left at 1 kept every later commit's lock held.
+                fence.unwind(depth)
         finally:
             lock.release()
 
