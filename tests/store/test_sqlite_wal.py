@@ -539,3 +539,76 @@ def test_the_log_is_left_to_the_next_writer_when_another_connection_writes(
     counted = q._conn().execute("SELECT count(*) FROM counters WHERE name = 'log_restarts'")
     assert counted.fetchone() == (0,)
     q.close()
+
+
+def _hold_read_lock(q: Queue, until: threading.Event) -> tuple[threading.Thread, threading.Event]:
+    """Another thread of this process inside a long read (``stats()`` of a large queue):
+    it holds the queue's read lock until ``until`` is set (at most 5 s)."""
+    holding = threading.Event()
+
+    def hold() -> None:
+        with q._db.read_lock:
+            holding.set()
+            until.wait(5)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert holding.wait(10)
+    return thread, holding
+
+
+def test_a_long_read_of_this_process_does_not_keep_other_processes_writers_out_of_the_log_restart(
+    tmp_path: Path,
+) -> None:
+    """The delivering thread holds the commit fence exclusively only for a moment: while
+    another thread of its process is inside a long read, it does not hold the fence (and
+    the write lock) waiting for that read, so a writer of another process that does not
+    spool commits at once (+1 s; it waited for the whole read before)."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path)
+    dest = q.destination(HOST, KEY)
+    grow_the_log(q, dest, 10)
+    other = Queue(path)  # another process's queue object: its own locks and descriptor
+    other_dest = other.destination(HOST, KEY)
+    done = threading.Event()
+    reader, _ = _hold_read_lock(q, done)
+    restarter = threading.Thread(target=q._restart_log, daemon=True)
+    try:
+        restarter.start()
+        time.sleep(0.1)  # it took what it could, and waits for the read
+        started = time.monotonic()
+        assert other.append(other_dest, b'{"i":1}') > 0
+        waited = time.monotonic() - started
+    finally:
+        done.set()
+        reader.join()
+        restarter.join()
+    assert waited < 1.0
+    assert q.pending() == 11
+    other.close()
+    q.close()
+
+
+def test_a_signal_handler_tracking_inside_a_read_does_not_wait_for_the_log_restart(
+    tmp_path: Path,
+) -> None:
+    """A signal handler that calls ``track()`` (no spool: ``sync_mode``) runs on the thread
+    it interrupted, maybe inside a read, holding the read lock; the delivering thread's
+    restart of the log, holding the write lock, must not wait for that read lock while the
+    handler's append waits for the write lock: the append is stored at once (+1 s; it
+    waited ``busy_timeout`` before, until the restart gave up)."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path, busy_timeout=3.0)
+    dest = q.destination(HOST, KEY)
+    grow_the_log(q, dest, 10)
+    restarter = threading.Thread(target=q._restart_log, daemon=True)
+    with q._db.read_lock:  # this thread is inside a read when the signal comes
+        restarter.start()
+        time.sleep(0.1)  # it took what it could, and waits for the read
+        started = time.monotonic()
+        assert q.append(dest, b'{"handler":1}') > 0  # what the handler's track() does
+        waited = time.monotonic() - started
+    restarter.join()
+    assert waited < 1.0
+    assert q.pending() == 11
+    q.close()

@@ -54,8 +54,9 @@ __all__ = ["SqliteQueue"]
 #: How long a RESTART checkpoint waits for the writer or a reader in its way (SQLite's busy
 #: handler): a moment, since it keeps new writers waiting meanwhile.
 _RESTART_WAIT_MS = 2
-#: How long a delivering thread waits for the process's write lock to start the log over
-#: itself (``SqliteQueue._restart_log``); past it, the RESTART runs without it.
+#: How long a delivering thread waits for the process's write lock, then for its read lock,
+#: to start the log over itself (``SqliteQueue._restart_log``); past it, the RESTART runs
+#: without them.
 _LOG_LOCK_WAIT = 0.01
 #: How long it tries for the commit fence exclusively (other processes' writers hold it for
 #: one commit at a time), before it takes it shared like any writer.
@@ -389,6 +390,15 @@ class SqliteQueue:
         if owned(lock) or owned(db.read_lock) or not lock.acquire(timeout=_LOG_LOCK_WAIT):
             db.read(restart)
             return
+        # The read lock too, for a moment only, and before the fence: another thread's read
+        # (stats() of a large queue) may hold it long, and waiting for it inside
+        # ``db.read`` kept the write lock and the exclusive fence (every writer of every
+        # process) for the whole read; a signal handler's track() inside a read, waiting
+        # for the write lock, deadlocked with it until ``busy_timeout``.
+        if not db.read_lock.acquire(timeout=_LOG_LOCK_WAIT):
+            lock.release()
+            db.read(restart)  # as before: waits for the read without holding anything
+            return
         try:
             db.check_side_files()
             fence = db.fence
@@ -409,6 +419,7 @@ class SqliteQueue:
                 # fence. A count left at 1 kept every later commit's lock held.
                 fence.unwind(depth)
         finally:
+            db.read_lock.release()
             lock.release()
 
     def extend(self, lease: Lease) -> bool:
