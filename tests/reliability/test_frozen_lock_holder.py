@@ -26,7 +26,9 @@ from durable_analytics._config import Config
 from durable_analytics._drain import drain_queue
 from durable_analytics._store import open_queue
 from durable_analytics._store.sqlite import SqliteQueue
-from durable_analytics._store.sqlite.spool import MOST_SPOOLED
+from durable_analytics._store.sqlite.files import make_private_dirs
+from durable_analytics._store.sqlite.spool import MOST_SPOOLED, spool_dir
+from durable_analytics._store.sqlite.waits import GRACE
 from durable_analytics.cli import EXIT_UNDELIVERED
 from durable_analytics.cli import main as cli_main
 from durable_analytics.exceptions import QueueBusy, QueueCorrupt
@@ -494,4 +496,48 @@ def test_a_recovery_met_under_a_deadline_waits_for_this_process_only_until_it(
         release.set()
         holder.join()
     assert q.pending() == 1
+    q.close()
+
+
+def test_a_track_that_would_spool_does_not_wait_for_a_mover_stopped_holding_the_spools_fence(
+    frozen: tuple[Path, list[subprocess.Popen[str]]],
+) -> None:
+    """A mover restarting the log of a spool (any process's) holds the fence of the spool
+    directory exclusively for a moment (``SqliteQueue._restart_log``); stopped there, it
+    keeps every spool's commits out. An append that finds the queue file busy and would
+    spool (its spool knows no destination yet: it writes one) gives the spool up after
+    ``GRACE`` and stores in the queue file once that is free (+1 s): before, every such call
+    waited ``busy_timeout`` for the fence first. Nothing is lost."""
+    path, procs = frozen
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    q = SqliteQueue(path, spool=True, busy_timeout=5.0)
+    dest = q.destination("https://api.example.com", WRITE_KEY)
+    assert q.append(dest, b'{"i":0}') > 0
+    spools = spool_dir(path)
+    make_private_dirs(spools)
+    procs.append(_frozen_recovery(spools))  # the fence's flock, as the stopped mover holds it
+    waited = []
+    for i in (1, 2):
+        holding, release = threading.Event(), threading.Event()
+
+        def hold(holding: threading.Event = holding, release: threading.Event = release) -> None:
+            with q._db.write_lock:  # a delivering transaction of this process, for 0.2 s
+                holding.set()
+                release.wait(0.2)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(10)
+        started = time.monotonic()
+        try:
+            assert q.append(dest, b'{"i":%d}' % i) != 0
+            waited.append(time.monotonic() - started)
+        finally:
+            release.set()
+            holder.join()
+    assert max(waited) < 0.2 + GRACE + 1.0
+    os.kill(procs[0].pid, signal.SIGKILL)
+    procs[0].wait()
+    q.move_spools()
+    assert q.pending() == 3
     q.close()

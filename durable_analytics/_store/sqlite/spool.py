@@ -330,7 +330,11 @@ class Spools:
                     return None
             spool_dest = self._dests.get(dest_id)
             if spool_dest is None:
-                spool_dest = own.destination(*names)
+                # A write, which waits for the spool directory's commit fence: a mover of
+                # any process holds it exclusively while it restarts a spool's log, and may
+                # be stopped there. This call goes to the queue file instead (after GRACE).
+                with own.bounded(0):
+                    spool_dest = own.destination(*names)
                 self._dests[dest_id] = spool_dest
             row_id = own._appender.try_append(spool_dest, body, when, local_wait=LOCAL_WAIT)
         except QueueBusy:
