@@ -502,12 +502,13 @@ def test_a_recovery_met_under_a_deadline_waits_for_this_process_only_until_it(
 def test_a_track_that_would_spool_does_not_wait_for_a_mover_stopped_holding_the_spools_fence(
     frozen: tuple[Path, list[subprocess.Popen[str]]],
 ) -> None:
-    """A mover restarting the log of a spool (any process's) holds the fence of the spool
-    directory exclusively for a moment (``SqliteQueue._restart_log``); stopped there, it
-    keeps every spool's commits out. An append that finds the queue file busy and would
-    spool (its spool knows no destination yet: it writes one) gives the spool up after
-    ``GRACE`` and stores in the queue file once that is free (+1 s): before, every such call
-    waited ``busy_timeout`` for the fence first. Nothing is lost."""
+    """A process stopped while it holds the fence of the spool directory exclusively keeps
+    every spool's commits out (a mover of this version never holds it so: it restarts a
+    spool's log holding it shared, see ``checkpoint.restart_log``). An append that finds
+    the queue file busy and would spool (its spool knows no destination yet: it writes one)
+    gives the spool up after ``GRACE`` and stores in the queue file once that is free
+    (+1 s): before, every such call waited ``busy_timeout`` for the fence first. Nothing is
+    lost."""
     path, procs = frozen
     path.parent.mkdir(mode=0o700, exist_ok=True)
     q = SqliteQueue(path, spool=True, busy_timeout=5.0)

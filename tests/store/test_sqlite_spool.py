@@ -1212,3 +1212,33 @@ def test_held_back_calls_in_a_spool_nobody_can_read_still_count_as_held(tmp_path
         assert q.held_back_left(marks, destination=dest) == 5
     assert q.move_spools(scan_now=True) == 5
     assert q.held_back_left(marks, destination=dest) == 0
+
+
+def test_a_mover_restarting_a_spools_log_never_holds_the_spool_directory_exclusively(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool directory's fence is every process's spool's: a mover that checkpoints a
+    spool and starts its log over takes it shared, like any writer, never exclusively (the
+    queue file's restart does take its own directory's exclusively)."""
+    from durable_analytics._store.sqlite import fence as fence_module
+    from durable_analytics._store.sqlite.spool import open_spool, spool_dir
+
+    taken: list[Path] = []
+    real = fence_module.CommitFence.try_exclusive
+
+    def recording(self: fence_module.CommitFence, wait: float) -> bool:
+        taken.append(self.directory)
+        return real(self, wait)
+
+    monkeypatch.setattr(fence_module.CommitFence, "try_exclusive", recording)
+    q = Queue(tmp_path / "q.sqlite3")
+    spool = open_spool(q, spool_dir(q.path) / "1-test.db")
+    assert not spool.restart_exclusive
+    for target in (spool, q):
+        dest = target.destination(HOST, KEY)
+        for i in range(5):
+            target.append(dest, b'{"i":%d}' % i)
+        target._restart_log()
+    assert taken == [q.path.parent]
+    spool.close()
+    q.close()

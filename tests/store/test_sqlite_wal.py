@@ -399,7 +399,7 @@ def test_a_restarted_log_in_a_long_file_is_checkpointed_once_it_grows_by_the_nor
         q.append(dest, body_of_size(i, 200))
     deliver_batches(q, 1)
     conn.set_trace_callback(None)
-    # One checkpoint: a PASSIVE pass, then a RESTART of what is left (see _run_checkpoint).
+    # One checkpoint: a PASSIVE pass, then a RESTART of what is left (checkpoint.py).
     assert checkpoints == ["PRAGMA wal_checkpoint(PASSIVE)", "PRAGMA wal_checkpoint(RESTART)"]
     q.close()
 

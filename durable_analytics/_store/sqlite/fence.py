@@ -16,10 +16,12 @@ locks cannot deadlock. Cost: two ``flock`` calls per commit (see
 
 A delivering thread also holds it exclusively, for the few milliseconds of its RESTART
 checkpoint and the small commit of its own that starts the log over right after it (see
-``SqliteQueue._restart_log``): that commit writes the log's header and syncs it, and left
+``checkpoint.restart_log``): that commit writes the log's header and syncs it, and left
 to the next writer it fell on a caller's ``track()``, which now finds the fence taken and
 spools. It is taken only without waiting for a writer (between their commits), and only
-around a checkpoint, which holds SQLite's write lock for those milliseconds anyway.
+around a checkpoint, which holds SQLite's write lock for those milliseconds anyway; only
+for a queue file, never for a spool (whose fence is the spool directory's, shared by every
+process's spool).
 
 The fence is reentrant on its thread: a signal handler that calls ``track()`` runs on the
 thread it interrupted, maybe while that thread holds the fence. Taking a shared ``flock``
@@ -101,7 +103,7 @@ class CommitFence:
         taken (nothing is held then). Released by ``leave``.
 
         For a delivering thread's RESTART checkpoint and the commit that starts the log
-        over (``SqliteQueue._restart_log``): meanwhile every other writer, of any process,
+        over (``checkpoint.restart_log``): meanwhile every other writer, of any process,
         finds the fence taken as during a recovery, and spools or waits.
         """
         if self._unsupported or self._depth:

@@ -18,7 +18,6 @@ transactions, fork), ``Recovery`` (damaged files), ``Appender`` (append and the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -36,31 +35,21 @@ from durable_analytics._store.base import (
     QueueStats,
 )
 from durable_analytics._store.window import PROCESS_WINDOW, InFlightWindow
-from durable_analytics.exceptions import QueueBusy, QueueCorrupt, QueueError
+from durable_analytics.exceptions import QueueBusy, QueueCorrupt
 
 from . import bydest, inspect, leases, ready, spool_counts
 from .append import Appender
-from .connections import Connections, owned
+from .checkpoint import restart_log, run_checkpoint
+from .connections import Connections
 from .dead_letters import DeadLetters
-from .files import narrow_modes, prepare_path, wal_checkpoint
+from .files import narrow_modes, prepare_path
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
 from .spool import Spools, open_spool
 from .waits import Waits
-from .wal import Checkpoints, WalBudget, start_log_over, wal_bytes
+from .wal import Checkpoints, WalBudget, wal_bytes
 
 __all__ = ["SqliteQueue"]
-
-#: How long a RESTART checkpoint waits for the writer or a reader in its way (SQLite's busy
-#: handler): a moment, since it keeps new writers waiting meanwhile.
-_RESTART_WAIT_MS = 2
-#: How long a delivering thread waits for the process's write lock, then for its read lock,
-#: to start the log over itself (``SqliteQueue._restart_log``); past it, the RESTART runs
-#: without them.
-_LOG_LOCK_WAIT = 0.01
-#: How long it tries for the commit fence exclusively (other processes' writers hold it for
-#: one commit at a time), before it takes it shared like any writer.
-_LOG_FENCE_WAIT = 0.002
 
 
 class SqliteQueue:
@@ -166,6 +155,11 @@ class SqliteQueue:
         self.spooling = spool
         #: Called before each checkpoint of this file after a delivery (``spool.py``).
         self.before_checkpoint: Callable[[], None] | None = None
+        #: Whether ``checkpoint.restart_log`` keeps other processes' writers out (the commit fence
+        #: held exclusively). Not for a spool: its fence is the spool directory's, which
+        #: every process's spool shares, and spools are never recovered, so no writer there
+        #: expects that lock to be taken (``open_spool``).
+        self.restart_exclusive = True
         self._spools: Spools | None = Spools(self.path, partial(open_spool, self))
 
     @property
@@ -344,83 +338,14 @@ class SqliteQueue:
         self._checkpoints.after_delivery()
 
     def _run_checkpoint(self, truncate: bool) -> None:
-        """A checkpoint on this thread's connection that lets the log start over; failures
-        ignored (a later one checkpoints again). TRUNCATE (an idle queue) waits for nobody.
-
-        PASSIVE first: it copies while writers go on. Beside a producer that appends without
-        pause that never lets the log start over (the next writer restarts the log only if
-        its snapshot began once everything was copied), so the log grew until SQLite's
-        backstop checkpoint ran inside a producer's commit: 0.4-2.7 ms of that call's CPU, a
-        few calls per thousand, the p99.9 of ``track()`` with a worker delivering. So a
-        RESTART follows: it keeps new writers waiting while it copies what the PASSIVE left
-        (the Client's calls spool meanwhile; the PASSIVE first keeps that short for writers
-        that do not spool: their p99.9 was 3-5 times longer behind a RESTART alone) and
-        until no reader uses the log, and makes the next commit start it over. It waits at
-        most ``_RESTART_WAIT_MS`` for the writer or a reader in its way. That next commit is
-        this thread's own where it can be (``_restart_log``), not a caller's.
-        """
-        with contextlib.suppress(QueueError):
-            if truncate:
-                # The file is given back; the next commit, whenever it comes, starts it.
-                self._db.read(partial(wal_checkpoint, mode="TRUNCATE"))
-                return
-            if self.before_checkpoint is not None:
-                self.before_checkpoint()
-            self._db.read(partial(wal_checkpoint, mode="PASSIVE"))
-            self._restart_log()
+        """A checkpoint on this thread's connection (``checkpoint.run_checkpoint``)."""
+        run_checkpoint(
+            self._db, truncate, before=self.before_checkpoint, exclusive=self.restart_exclusive
+        )
 
     def _restart_log(self) -> None:
-        """The RESTART checkpoint, then this thread's commit starts the log over.
-
-        The commit that starts a log over writes its header and syncs it (SQLite does so
-        with ``synchronous=NORMAL`` too: its order against the frames that follow is what
-        keeps the file whole on power loss). Left to the next writer, that fsync fell on a
-        caller's ``track()`` once per checkpoint (20-30 of 20,000 calls, 0.1-0.8 ms each
-        on this machine's disk, more on one that flushes for real). So the RESTART and a
-        small commit of this thread's run under the process's write lock and the commit
-        fence held exclusively (``fence.py``): callers of every process spool meanwhile
-        and never start the log. Either taken only for a moment (else: the RESTART alone,
-        and the next writer starts the log over, as before).
-        """
-        db = self._db
-        lock = db.write_lock
-        restart = partial(wal_checkpoint, mode="RESTART", wait_ms=_RESTART_WAIT_MS)
-        # A caller holds the lock for one append at a time: the wait is short, but may
-        # last until the caller lets go of the GIL (its switch interval).
-        if owned(lock) or owned(db.read_lock) or not lock.acquire(timeout=_LOG_LOCK_WAIT):
-            db.read(restart)
-            return
-        # The read lock too, for a moment only, and before the fence: another thread's read
-        # (stats() of a large queue) may hold it long, and waiting for it inside
-        # ``db.read`` kept the write lock and the exclusive fence (every writer of every
-        # process) for the whole read; a signal handler's track() inside a read, waiting
-        # for the write lock, deadlocked with it until ``busy_timeout``.
-        if not db.read_lock.acquire(timeout=_LOG_LOCK_WAIT):
-            lock.release()
-            db.read(restart)  # as before: waits for the read without holding anything
-            return
-        try:
-            db.check_side_files()
-            fence = db.fence
-            depth = fence.depth
-            try:
-                # Exclusive keeps other processes' callers out too; shared, only this one's.
-                if not (fence.try_exclusive(_LOG_FENCE_WAIT) or fence.try_enter()):
-                    db.read(restart)  # a recovery holds the directory: no commit now
-                    return
-                done = db.read(restart)
-                # Everything copied: the next commit starts the log over; this one.
-                if done is not None and done[1] == done[2]:
-                    db.read(start_log_over)
-            finally:
-                # Not a plain leave after the take: ``flush()`` runs this on the caller's
-                # thread, and a signal handler may raise into it in ``try_exclusive``'s
-                # retries, right after its flock, or before this block knew it held the
-                # fence. A count left at 1 kept every later commit's lock held.
-                fence.unwind(depth)
-        finally:
-            db.read_lock.release()
-            lock.release()
+        """The RESTART, then this thread's commit starts the log (``checkpoint.restart_log``)."""
+        restart_log(self._db, exclusive=self.restart_exclusive)
 
     def extend(self, lease: Lease) -> bool:
         """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""

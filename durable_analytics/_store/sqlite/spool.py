@@ -194,6 +194,7 @@ def open_spool(queue: SqliteQueue, path: Path, *, wait: float | None = None) -> 
     )
     spool._appender.capped = False
     spool._spools = None  # a spool has no spools of its own
+    spool.restart_exclusive = False  # its directory's fence is every spool's
     if queue.durability != "full":
         # A spool checkpoint makes the movers' deletes durable: what they moved must be
         # durable in the queue first (synchronous=NORMAL syncs neither file on commit), or a

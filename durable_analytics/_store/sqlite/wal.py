@@ -8,7 +8,7 @@ a flusher process, a worker, ``drain``) checkpoint at the normal size, off the c
 thread, and after their transaction rather than inside its commit: a commit runs under the
 process's write lock, and a checkpoint there (milliseconds, with its fsyncs) made every
 append of the caller's thread wait behind it (the flusher thread's p99.9 was 6-7 ms, 2 ms
-without). ``SqliteQueue`` runs that checkpoint (PASSIVE, then RESTART: ``_run_checkpoint``)
+without). ``checkpoint.run_checkpoint`` runs that checkpoint (PASSIVE, then RESTART)
 once the log holds ``normal_pages``; SQLite's own, inside a commit, is left as a backstop at
 the producers' size (``commit_pages``). With nobody delivering (``flusher="none"`` and no
 worker running) producers still bound the file at the larger size.
