@@ -84,6 +84,22 @@ def start_python(code: str, *args: str, **kwargs: object) -> subprocess.Popen[st
     )
 
 
+def directory_locked_by_someone(directory: Path) -> bool:
+    """Whether a flock is held on ``directory`` (an exclusive one cannot be taken)."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 # Every child process a test starts (through start_python, or subprocess.Popen directly, the
 # library's own children included) is kept until the test ends, and its pipes are closed
 # then. A test reads what it needs; the pipes it leaves open would otherwise be closed by

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WRITE_KEY, child_env, run_python
+from conftest import WRITE_KEY, child_env, directory_locked_by_someone, run_python
 
 from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
@@ -353,20 +353,6 @@ def test_an_append_made_inside_a_read_on_the_same_thread_is_stored_at_once(
     assert on_this_thread_within(30, lambda: queue._db.read(read_interrupted)) > 0
     assert queue.pending() == 4
     queue.close()
-
-
-def directory_locked_by_someone(directory: Path) -> bool:
-    """Whether a shared flock is held on ``directory`` (an exclusive one cannot be taken)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
 
 
 def test_an_append_made_while_its_thread_holds_the_commit_fence_keeps_the_fence_held(

@@ -3,8 +3,6 @@ other writer, of any process, out of the commit that starts the log over."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 import signal
 import threading
 import time
@@ -12,7 +10,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
-from conftest import start_python
+from conftest import directory_locked_by_someone, start_python
 
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite.fence import CommitFence
@@ -91,20 +89,6 @@ class _Interrupted(Exception):
     timeout, KeyboardInterrupt, SystemExit from a SIGTERM handler)."""
 
 
-def _directory_locked_by_someone(directory: Path) -> bool:
-    """Whether a flock is held on ``directory`` (an exclusive one cannot be taken)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("where", ["while it retries", "after its flock"])
 def test_a_signal_handler_raising_into_the_exclusive_hold_leaves_the_fence_free(
     tmp_path: Path, where: str
@@ -164,7 +148,7 @@ def test_a_signal_handler_raising_into_the_exclusive_hold_leaves_the_fence_free(
             q._restart_log()
     assert fence.depth == 0
     assert q.append(dest, b'{"i":1}') > 0  # a commit of this process, as any track()
-    assert not _directory_locked_by_someone(tmp_path)
+    assert not directory_locked_by_someone(tmp_path)
     assert q.pending() == 1
     theirs.close()
     q.close()
