@@ -13,6 +13,7 @@ import pytest
 from conftest import directory_locked_by_someone, start_python
 
 from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite.checkpoint import restart_log
 from durable_analytics._store.sqlite.fence import CommitFence
 
 from .sqlite_helpers import HOST, KEY
@@ -94,7 +95,7 @@ def test_a_signal_handler_raising_into_the_exclusive_hold_leaves_the_fence_free(
     tmp_path: Path, where: str
 ) -> None:
     """``flush()`` delivers on the caller's thread, so a signal handler may raise into the
-    delivering thread's ``_restart_log`` while ``try_exclusive`` retries (another process's
+    delivering thread's ``restart_log`` while ``try_exclusive`` retries (another process's
     writer holds the lock shared) or right after its flock succeeded. Nothing stays held
     afterwards: the fence's count is back to 0, and once this process commits again a
     recovery of another process can take the directory. (Before: the count stayed at 1, so
@@ -125,7 +126,7 @@ def test_a_signal_handler_raising_into_the_exclusive_hold_leaves_the_fence_free(
 
         def restart_until_interrupted() -> None:
             for _ in range(2000):
-                q._restart_log()
+                restart_log(q._db)
 
         try:
             with pytest.raises(_Interrupted):
@@ -145,7 +146,7 @@ def test_a_signal_handler_raising_into_the_exclusive_hold_leaves_the_fence_free(
 
         fence.try_exclusive = interrupted  # type: ignore[method-assign]
         with pytest.raises(_Interrupted):
-            q._restart_log()
+            restart_log(q._db)
     assert fence.depth == 0
     assert q.append(dest, b'{"i":1}') > 0  # a commit of this process, as any track()
     assert not directory_locked_by_someone(tmp_path)

@@ -1238,7 +1238,7 @@ def test_a_mover_restarting_a_spools_log_never_holds_the_spool_directory_exclusi
         dest = target.destination(HOST, KEY)
         for i in range(5):
             target.append(dest, b'{"i":%d}' % i)
-        target._restart_log()
+        target._run_checkpoint(False)  # PASSIVE, RESTART and the commit starting the log
     assert taken == [q.path.parent]
     spool.close()
     q.close()

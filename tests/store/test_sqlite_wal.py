@@ -16,6 +16,7 @@ from conftest import start_python
 from durable_analytics._store.base import Lease
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import wal as wal_module
+from durable_analytics._store.sqlite.checkpoint import restart_log
 from durable_analytics._store.sqlite.schema import SCHEMA_V1, SCHEMA_VERSION
 from durable_analytics._store.sqlite.wal import WalBudget, log_frames, wal_bytes
 
@@ -532,7 +533,7 @@ def test_the_log_is_left_to_the_next_writer_when_another_connection_writes(
     other = sqlite3.connect(str(path), isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     started = time.monotonic()
-    q._restart_log()
+    restart_log(q._db)
     assert time.monotonic() - started < 0.5
     other.execute("ROLLBACK")
     other.close()
@@ -572,7 +573,7 @@ def test_a_long_read_of_this_process_does_not_keep_other_processes_writers_out_o
     other_dest = other.destination(HOST, KEY)
     done = threading.Event()
     reader, _ = _hold_read_lock(q, done)
-    restarter = threading.Thread(target=q._restart_log, daemon=True)
+    restarter = threading.Thread(target=restart_log, args=(q._db,), daemon=True)
     try:
         restarter.start()
         time.sleep(0.1)  # it took what it could, and waits for the read
@@ -601,7 +602,7 @@ def test_a_signal_handler_tracking_inside_a_read_does_not_wait_for_the_log_resta
     q = Queue(path, busy_timeout=3.0)
     dest = q.destination(HOST, KEY)
     grow_the_log(q, dest, 10)
-    restarter = threading.Thread(target=q._restart_log, daemon=True)
+    restarter = threading.Thread(target=restart_log, args=(q._db,), daemon=True)
     with q._db.read_lock:  # this thread is inside a read when the signal comes
         restarter.start()
         time.sleep(0.1)  # it took what it could, and waits for the read

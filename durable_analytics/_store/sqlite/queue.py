@@ -39,7 +39,7 @@ from durable_analytics.exceptions import QueueBusy, QueueCorrupt
 
 from . import bydest, inspect, leases, ready, spool_counts
 from .append import Appender
-from .checkpoint import restart_log, run_checkpoint
+from .checkpoint import run_checkpoint
 from .connections import Connections
 from .dead_letters import DeadLetters
 from .files import narrow_modes, prepare_path
@@ -342,10 +342,6 @@ class SqliteQueue:
         run_checkpoint(
             self._db, truncate, before=self.before_checkpoint, exclusive=self.restart_exclusive
         )
-
-    def _restart_log(self) -> None:
-        """The RESTART, then this thread's commit starts the log (``checkpoint.restart_log``)."""
-        restart_log(self._db, exclusive=self.restart_exclusive)
 
     def extend(self, lease: Lease) -> bool:
         """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""

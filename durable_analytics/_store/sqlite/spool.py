@@ -331,9 +331,10 @@ class Spools:
                     return None
             spool_dest = self._dests.get(dest_id)
             if spool_dest is None:
-                # A write, which waits for the spool directory's commit fence: a mover of
-                # any process holds it exclusively while it restarts a spool's log, and may
-                # be stopped there. This call goes to the queue file instead (after GRACE).
+                # A write, which waits for the spool directory's commit fence: a process
+                # stopped while it holds that exclusively would hold this call up for
+                # busy_timeout (movers take it shared only, see checkpoint.restart_log).
+                # This call goes to the queue file instead (after GRACE).
                 with own.bounded(0):
                     spool_dest = own.destination(*names)
                 self._dests[dest_id] = spool_dest
