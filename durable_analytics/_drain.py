@@ -9,6 +9,7 @@ exit drain, and the CLI's ``drain``. ``drain_queue`` is that loop with the rules
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ._delivery import Deliverer, DeliveryStats, Follow, make_deliverer
 from ._override import OverrideQueue
-from ._pipeline import EXIT_REFUSES_THREADS, prestart_helpers, run_beside
+from ._pipeline import EXIT_REFUSES_THREADS, Window, prestart_helpers, run_beside
 from ._store import Lease, QueueBackend
 from ._transport import DestinationOverride, open_transport
 from ._transport.base import Outcome, Transport
@@ -359,8 +360,7 @@ def deliver_pass(
     count = max(1, min(deliverer.max_in_flight, workers or deliverer.max_in_flight))
     total = DeliveryStats()
     lock = threading.Lock()
-    spawned = [False]
-    running = [0]
+    running = [0]  # this pass's helper threads still running
     finished = threading.Condition(lock)
     failures: list[BaseException] = []
     asked = (destination, up_to_id, deliverer.lease_batches)
@@ -370,32 +370,39 @@ def deliver_pass(
         return paused[0] or (stop is not None and stop.is_set()) or _passed(deadline)
 
     def spawn(lease: Lease) -> None:
-        if spawned[0] or count == 1 or len(lease) < deliverer.batch_messages:
+        """Start helpers up to what the window has room for (asked before each batch of
+        the calling thread: helpers that another pass ran and ended leave room)."""
+        if count == 1 or running[0] >= count - 1 or len(lease) < deliverer.batch_messages:
             return
         window = deliverer.window(lease)
+        if window.helpers >= window.max_in_flight - 1:
+            return  # other passes' helpers fill the window (read without its lock: a hint)
         if not window.latency_bound:
             if EXIT_REFUSES_THREADS:
                 # A backlog now may be an exit later, which could start no thread.
                 prestart_helpers(count - 1)
             return  # a fast server, or none measured yet: one at a time is quickest
-        spawned[0] = True
         # As many threads as the round trip needs, not always ``count``: a loaded machine
         # makes loopback look slow enough to pipeline, and 32 threads then fought over the
         # GIL and the write lock for a 2 ms round trip (the window still caps them all).
-        # Nor more than the queue's stored window has slots.
-        for _ in range(_helpers_for(queue, lease, min(count, window.depth()))):
+        # Nor more than the queue's stored window has slots, nor than the window leaves
+        # beside the helpers other passes of this process run.
+        want = _helpers_for(queue, lease, min(count, window.depth())) - running[0]
+        granted = window.reserve_helpers(want)
+        for started in range(granted):
             with lock:
                 running[0] += 1
-            if not run_beside(guarded):
+            if not run_beside(functools.partial(guarded, window)):
                 with lock:
                     running[0] -= 1
+                window.helpers_done(granted - started)
                 return  # no thread can start (interpreter exit): go on with those we have
 
     def run(first: bool) -> None:
         full = deliverer.batch_messages * deliverer.lease_batches
         lease = None if done() else lease_next()
         while lease is not None:
-            if first and not spawned[0]:
+            if first:
                 spawn(lease)
             # The background flusher yielding to its caller: this batch is the pass's last
             # (none is leased to follow it), and the helpers stop after theirs (``done``).
@@ -437,12 +444,13 @@ def deliver_pass(
             destination=destination, up_to_id=up_to_id, batches=deliverer.lease_batches
         )
 
-    def guarded() -> None:
+    def guarded(window: Window) -> None:
         try:
             run(False)
         except BaseException as exc:  # re-raised in the caller's thread
             failures.append(exc)
         finally:
+            window.helpers_done()
             with finished:
                 running[0] -= 1
                 finished.notify_all()

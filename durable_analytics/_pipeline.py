@@ -88,6 +88,9 @@ class Window:
         self.in_flight = 0
         #: The most requests this window ever had outstanding at once.
         self.peak = 0
+        #: Helper threads that passes of this process started for this destination and
+        #: that still run (``reserve_helpers``).
+        self.helpers = 0
         self.epoch = 0
         self.gate = 0.0  # monotonic time before which nothing is sent
         #: Smoothed round trip of a request to the destination (None before the first).
@@ -149,6 +152,26 @@ class Window:
         with self._cond:
             self.in_flight -= 1
             self._cond.notify_all()
+
+    def reserve_helpers(self, want: int) -> int:
+        """Count up to ``want`` more helper threads for this destination; how many may start.
+
+        Every pass of the process (the flusher thread's, ``flush()``'s, a drain's) starts
+        its helpers through here, so together they run at most ``max_in_flight - 1``
+        beside their own threads. Each pass started its own before: two passes at once
+        ran twice the window's threads, half of them holding a leased batch while they
+        waited for a slot, every release woke them all, and the leases they held made
+        every other lease read twice as many records.
+        """
+        with self._cond:
+            granted = max(0, min(want, self.max_in_flight - 1 - self.helpers))
+            self.helpers += granted
+            return granted
+
+    def helpers_done(self, count: int = 1) -> None:
+        """``count`` helper threads counted by ``reserve_helpers`` have ended."""
+        with self._cond:
+            self.helpers = max(0, self.helpers - count)
 
     def observe(self, seconds: float) -> None:
         """Record one request's round trip (a moving average of the last few)."""

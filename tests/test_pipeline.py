@@ -626,3 +626,112 @@ def test_a_pass_against_a_fast_destination_starts_no_more_threads_than_its_depth
     queue.close()
     assert stats.sent == 400
     assert len(set(named)) == 2
+
+
+def _slow_transport(seconds: float, on_send: Callable[[], None]) -> RecordingTransport:
+    """A transport whose every answer takes ``seconds`` (long enough to pipeline), calling
+    ``on_send`` inside each request."""
+
+    def handler(batch: Any) -> int:
+        on_send()
+        time.sleep(seconds)
+        return 200
+
+    return RecordingTransport(handler)
+
+
+def test_two_passes_at_once_hold_no_more_leases_than_the_window_has_slots_and_threads(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher thread's pass and ``flush()``'s (here two passes on two threads) share
+    the destination's window: together they start at most ``max_in_flight - 1`` helpers, so
+    the batches leased at any moment are at most the window's slots plus each pass's own
+    thread, not a window's worth per pass (half of them waiting for a slot, each holding a
+    leased batch, all woken by every release)."""
+    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
+    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)  # depth = max_in_flight
+    reader = SqliteQueue(queue_path)
+    counts: list[int] = []
+    guard = threading.Lock()
+
+    def count_leases() -> None:
+        with guard:
+            counts.append(reader.stats().leased // 20)  # every batch here is 20 messages
+
+    transport = _slow_transport(0.01, count_leases)
+    queue = SqliteQueue(queue_path)
+    dest = queue.destination("http://127.0.0.1:29", WRITE_KEY)
+    for i in range(3200):
+        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    results: list[int] = []
+
+    def one_pass() -> None:
+        results.append(deliver_pass(queue, Deliverer(queue, transport, max_in_flight=8)).sent)
+
+    passes = [threading.Thread(target=one_pass) for _ in range(2)]
+    for t in passes:
+        t.start()
+    for t in passes:
+        t.join()
+    queue.close()
+    reader.close()
+
+    assert sum(results) == 3200
+    assert transport.requests == 160
+    assert max(counts) >= 8  # the window was full
+    # 7 helpers in all and the two passes' own threads: at most 9 batches leased at once
+    # (16 and more when each pass started 7 helpers of its own).
+    assert max(counts) <= 9
+
+
+def test_a_pass_starts_helpers_once_another_passes_helpers_have_ended(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that found the window's helpers all taken by another pass (the flusher
+    thread's) starts its own once that pass ends (the flusher thread yielding to its
+    caller): it does not go on alone, one batch at a time."""
+    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
+    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)
+    inside = [0]
+    peaks: list[tuple[bool, int]] = []  # (first pass over, requests in flight)
+    first_over = threading.Event()
+    guard = threading.Lock()
+
+    def handler(batch: Any) -> int:
+        with guard:
+            inside[0] += 1
+            peaks.append((first_over.is_set(), inside[0]))
+        time.sleep(0.01)
+        with guard:
+            inside[0] -= 1
+        return 200
+
+    transport = RecordingTransport(handler)
+    queue = SqliteQueue(queue_path)
+    dest = queue.destination("http://127.0.0.1:39", WRITE_KEY)
+    for i in range(4000):
+        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    batches = [0]
+
+    def yield_soon() -> bool:
+        batches[0] += 1
+        return batches[0] >= 10  # the background flusher's "a caller appends: give way"
+
+    def first_pass() -> None:
+        deliver_pass(queue, Deliverer(queue, transport, max_in_flight=8), pause=yield_soon)
+        first_over.set()
+
+    first = threading.Thread(target=first_pass)
+    first.start()
+    while transport.requests < 4:  # the first pass has its helpers
+        time.sleep(0.001)
+    sent = deliver_pass(queue, Deliverer(queue, transport, max_in_flight=8)).sent
+    first.join()
+    queue.close()
+
+    assert transport.requests == 200
+    assert len(transport.messages()) == 4000
+    assert sent > 0
+    after = [n for over, n in peaks if over]
+    assert len(after) > 50  # most of the backlog went out after the first pass ended
+    assert max(after) >= 4  # ... pipelined by the second pass's own helpers
