@@ -215,14 +215,16 @@ def _pick(
     page = min(max_messages, 100) + 1
     while True:
         rows = bydest.rows_with_bodies(conn, dest_id, (top, now_wall, horizon), page, mark, after)
+        taken = len(ids)
         for row_id, size, row_attempts, body in rows:
             if row_id in leased:
                 continue
             cost = int(size) + per_message_overhead
-            if ids and (total + cost > max_bytes or len(ids) >= max_messages):
+            if taken and (total + cost > max_bytes or taken >= max_messages):
                 return ids, bodies, attempts
             ids.append(row_id)
             bodies.append(bytes(body))  # the same object for a BLOB (a damaged file: text)
+            taken += 1
             total += cost
             attempts = max(attempts, int(row_attempts))
         if len(rows) < page:
