@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -43,6 +44,9 @@ _HOLDER_POLL = 0.05
 #: ends within this many seconds, as long as it has met no failure of its own.
 SHORT_BACKOFF_WAIT = 5.0
 _MAX_STALLS = 20
+# How often a pass looks again for room to start more helpers (see ``deliver_pass``): that
+# look asks a PostgreSQL queue for its stored window, a round trip not worth every batch.
+_TOP_UP_EVERY = 0.05
 
 
 @dataclass(frozen=True)
@@ -361,6 +365,7 @@ def deliver_pass(
     total = DeliveryStats()
     lock = threading.Lock()
     running = [0]  # this pass's helper threads still running
+    looked = [-math.inf]  # monotonic time of the last look for room for more helpers
     finished = threading.Condition(lock)
     failures: list[BaseException] = []
     asked = (destination, up_to_id, deliverer.lease_batches)
@@ -382,6 +387,10 @@ def deliver_pass(
                 # A backlog now may be an exit later, which could start no thread.
                 prestart_helpers(count - 1)
             return  # a fast server, or none measured yet: one at a time is quickest
+        now = time.monotonic()
+        if now - looked[0] < _TOP_UP_EVERY:
+            return
+        looked[0] = now
         # As many threads as the round trip needs, not always ``count``: a loaded machine
         # makes loopback look slow enough to pipeline, and 32 threads then fought over the
         # GIL and the write lock for a 2 ms round trip (the window still caps them all).
