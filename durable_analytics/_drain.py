@@ -345,6 +345,7 @@ def deliver_pass(
     destination: int | None = None,
     full_only: bool = False,
     pause: Callable[[], bool] | None = None,
+    solo: Callable[[], bool] | None = None,
 ) -> DeliveryStats:
     """Lease and deliver, many batches in flight, until nothing is ready; the pipeline.
 
@@ -357,7 +358,8 @@ def deliver_pass(
     so a trickle of appends is not sent one message at a time. ``pause``, asked before each
     batch of the calling thread, makes that batch the pass's last when it says so (the
     background flusher yielding the CPU to a caller that keeps appending; what is left stays
-    ready).
+    ready). ``solo``, asked before helpers would start, keeps the pass to its own thread
+    while it says True (the background flusher while its caller keeps appending).
     Ends at ``deadline`` or when ``stop`` is set, after the batches in flight are settled.
     """
     # More threads than the window has slots would only hold leases while they wait.
@@ -389,6 +391,8 @@ def deliver_pass(
             return  # a fast server, or none measured yet: one at a time is quickest
         now = time.monotonic()
         if now - looked[0] < _TOP_UP_EVERY:
+            return
+        if solo is not None and solo():
             return
         looked[0] = now
         # As many threads as the round trip needs, not always ``count``: a loaded machine

@@ -134,6 +134,17 @@ class Flusher:
         def pause() -> bool:
             return self.yields(appends, started)
 
+        seen = [appends]
+
+        def solo() -> bool:
+            # The caller appended since the last ask (about a batch ago): it is still in
+            # its burst. Helpers would take its GIL on top of this thread's share (the
+            # share counts this thread's CPU only); they start once it pauses.
+            now_seen = self.appends
+            busy = now_seen != seen[0]
+            seen[0] = now_seen
+            return busy
+
         try:
             stats = deliver_pass(
                 self.queue,
@@ -141,6 +152,7 @@ class Flusher:
                 stop=self._stop,
                 full_only=True,
                 pause=pause if may_yield else None,
+                solo=solo if may_yield else None,
             )
         finally:
             self._idle_event.set()

@@ -10,6 +10,7 @@ simulated by counting one after each batch.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import WRITE_KEY
 
-from durable_analytics import Client
+from durable_analytics import Client, _pipeline
 from durable_analytics._delivery import Deliverer
 from durable_analytics._flusher import (
     BURST_AGE,
@@ -195,3 +196,73 @@ def test_a_burst_tracked_with_the_flusher_thread_arrives_whole_once_flushed(
     received = collector.message_ids()
     assert set(received) == set(ids)
     assert max(received.values()) == 1
+
+
+def delivering_threads(flusher: Flusher, appending_batches: int) -> list[str]:
+    """Record the thread of every batch the flusher's Deliverer sends; the caller counts as
+    appending during its first ``appending_batches`` batches (one append after each)."""
+    deliverer = flusher.deliverer
+    deliver = deliverer.deliver
+    names: list[str] = []
+
+    def deliver_recorded(*args: Any, **kwargs: Any) -> Any:
+        names.append(threading.current_thread().name)
+        try:
+            return deliver(*args, **kwargs)
+        finally:
+            if len(names) <= appending_batches:
+                flusher.appends += 1
+
+    deliverer.deliver = deliver_recorded  # type: ignore[method-assign]
+    return names
+
+
+@pytest.fixture
+def slow_stored(
+    queue_path: Path, clients: list[Client], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Client, list[str]]]:
+    """400 messages (20 batches) for a Collector that holds each answer 10 ms: long enough
+    a round trip for the pipeline to start helpers (a window of their own for this test)."""
+    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
+    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)  # depth = max_in_flight
+    with Collector(WRITE_KEY, delay=0.01) as slow:
+        client = Client(
+            WRITE_KEY, host=slow.url, queue_path=queue_path, flusher="none", on_exit="none"
+        )
+        clients.append(client)
+        ids = [client.track("user-1", "Event", {"i": i})[1]["messageId"] for i in range(400)]
+        yield client, ids
+
+
+def test_a_pass_during_a_burst_starts_no_helpers_while_the_caller_keeps_appending(
+    slow_stored: tuple[Client, list[str]],
+) -> None:
+    """The share rule counts the flusher thread's CPU only: helpers started while the
+    caller appends would take its GIL beyond that share (10,000 tracks at 50 ms took 0.82-0.86
+    s beside them, 0.43-0.47 s without). The pass stays on its own thread."""
+    client, ids = slow_stored
+    flusher = new_flusher(client, burst_age=1.0)
+    flusher.deliverer.max_in_flight = 8
+    flusher.cpu_slice = 60.0  # the pass does not end on its slice here
+    names = delivering_threads(flusher, appending_batches=1_000)
+    stats = flusher._deliver_next(may_yield=True)
+    assert stats is not None
+    assert stats.sent == len(ids)
+    assert set(names) == {threading.current_thread().name}
+    assert client.queue.pending() == 0
+
+
+def test_a_pass_during_a_burst_starts_helpers_once_the_caller_pauses(
+    slow_stored: tuple[Client, list[str]],
+) -> None:
+    client, ids = slow_stored
+    flusher = new_flusher(client, burst_age=1.0)
+    flusher.deliverer.max_in_flight = 8
+    flusher.cpu_slice = 60.0
+    names = delivering_threads(flusher, appending_batches=4)
+    stats = flusher._deliver_next(may_yield=True)
+    assert stats is not None
+    assert stats.sent == len(ids)
+    caller = threading.current_thread().name
+    assert set(names[:4]) == {caller}
+    assert len(set(names)) > 1  # helpers joined once the appends stopped
