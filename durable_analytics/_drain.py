@@ -402,21 +402,43 @@ def deliver_pass(
         # beside the helpers other passes of this process run.
         want = _helpers_for(queue, lease, min(count, window.depth())) - running[0]
         granted = window.reserve_helpers(want)
-        for started in range(granted):
-            with lock:
-                running[0] += 1
-            if not run_beside(functools.partial(guarded, window)):
+        # Of those, the helpers that run or will run: each counts itself out when it ends,
+        # the window gets the others back here. Also when ``run_beside`` raises: Ctrl-C
+        # (or a signal handler's ``sys.exit``) reaches this thread while ``Thread.start``
+        # waits for the new thread, which then runs anyway; counts left behind there kept
+        # every later pass of the process from starting helpers (the window looked full).
+        handed = 0
+        try:
+            while handed < granted:
+                claim = [False]  # taken by the helper when it starts, or by this thread
                 with lock:
-                    running[0] -= 1
-                window.helpers_done(granted - started)
-                return  # no thread can start (interpreter exit): go on with those we have
+                    running[0] += 1
+                started = False
+                try:
+                    started = run_beside(functools.partial(guarded, window, claim))
+                finally:
+                    with lock:
+                        if started or claim[0]:
+                            handed += 1
+                        else:
+                            claim[0] = True  # not started, or taken back before it ran
+                            running[0] -= 1
+                if not started:
+                    return  # no thread can start (interpreter exit): go on with those we have
+        finally:
+            if handed < granted:
+                window.helpers_done(granted - handed)
 
     def run(first: bool) -> None:
         full = deliverer.batch_messages * deliverer.lease_batches
         lease = None if done() else lease_next()
         while lease is not None:
             if first:
-                spawn(lease)
+                try:
+                    spawn(lease)
+                except BaseException:
+                    deliverer.give_back(lease)  # not sent: back to the queue, not left to expire
+                    raise
             # The background flusher yielding to its caller: this batch is the pass's last
             # (none is leased to follow it), and the helpers stop after theirs (``done``).
             last = first and pause is not None and pause()
@@ -457,7 +479,11 @@ def deliver_pass(
             destination=destination, up_to_id=up_to_id, batches=deliverer.lease_batches
         )
 
-    def guarded(window: Window) -> None:
+    def guarded(window: Window, claim: list[bool]) -> None:
+        with lock:
+            if claim[0]:
+                return  # taken back by ``spawn`` (interrupted) before it ran: not counted
+            claim[0] = True
         try:
             run(False)
         except BaseException as exc:  # re-raised in the caller's thread

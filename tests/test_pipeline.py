@@ -735,3 +735,61 @@ def test_a_pass_starts_helpers_once_another_passes_helpers_have_ended(
     after = [n for over, n in peaks if over]
     assert len(after) > 50  # most of the backlog went out after the first pass ended
     assert max(after) >= 4  # ... pipelined by the second pass's own helpers
+
+
+def test_a_pass_interrupted_while_starting_helpers_gives_back_their_count_and_its_batch(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or a signal handler's ``sys.exit``) that reaches the calling thread while it
+    starts a helper (``Thread.start`` waits for the new thread) ends the pass with the
+    interrupt; the helpers the window counted for the pass but that never started are
+    counted out again, and the batch the calling thread had leased goes back to the queue.
+    A later pass of the process then still pipelines, and nothing waits for a lease to
+    expire."""
+    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
+    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)  # depth = max_in_flight
+    fresh_helpers(monkeypatch)  # none idle: each helper starts a thread
+    inside = [0]
+    peak = [0]
+    guard = threading.Lock()
+
+    def handler(batch: Any) -> int:
+        with guard:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        time.sleep(0.005)
+        with guard:
+            inside[0] -= 1
+        return 200
+
+    transport = RecordingTransport(handler)
+    queue = SqliteQueue(queue_path)
+    dest = queue.destination("http://127.0.0.1:49", WRITE_KEY)
+    for i in range(400):
+        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    real_start = threading.Thread.start
+    interrupted = [False]
+
+    def start_then_interrupt(self: threading.Thread) -> None:
+        real_start(self)
+        if self.name == "durable-analytics-delivery" and not interrupted[0]:
+            interrupted[0] = True
+            raise KeyboardInterrupt  # the signal handler, while start() waited
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    deliverer = Deliverer(queue, transport, max_in_flight=8)
+    with pytest.raises(KeyboardInterrupt):
+        deliver_pass(queue, deliverer)
+    assert interrupted[0]
+    window = windows()["http://127.0.0.1:49"]
+    assert window.helpers == 0  # the one that started has ended; the others never ran
+
+    for i in range(400, 800):
+        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    peak[0] = 0
+    deliver_pass(queue, deliverer)
+    left = queue.pending()
+    queue.close()
+    assert left == 0  # the interrupted pass's own batch too: it was given back
+    assert sorted(m["i"] for m in transport.messages()) == list(range(800))
+    assert peak[0] > 1  # the later pass pipelined
