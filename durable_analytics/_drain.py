@@ -496,6 +496,12 @@ def deliver_pass(
 
     try:
         run(True)
+    except BaseException:
+        # The caller is leaving (Ctrl-C, a signal handler's exit, an error of its own): the
+        # helpers end after the batch they have in flight instead of sending the whole
+        # backlog first, and what they did not send stays in the queue.
+        paused[0] = True
+        raise
     finally:
         with finished:
             finished.wait_for(lambda: running[0] == 0)
