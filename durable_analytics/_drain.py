@@ -503,6 +503,11 @@ def deliver_pass(
         paused[0] = True
         raise
     finally:
+        # The pass ends with its own thread's loop: the helpers end after their batch in
+        # flight. Left to go on, they never ended while a caller kept appending (every
+        # batch full), and the background flusher waited for them: no new look at its
+        # backlog, no helpers started again, delivery stuck at the few that ran.
+        paused[0] = True
         with finished:
             finished.wait_for(lambda: running[0] == 0)
     if failures:

@@ -831,3 +831,53 @@ def test_a_pass_whose_caller_is_interrupted_stops_its_helpers_after_their_batch(
     # The caller's 4 requests and at most a few per helper around them: not the 200 of the
     # whole backlog.
     assert transport.requests < 40
+
+
+def test_a_pass_ends_with_its_own_thread_and_its_helpers_stop_after_their_batch(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the pass's own thread finds nothing more for itself (here: its ack's lease came
+    back empty), its helpers end after the batch they have in flight. They went on before,
+    and with a caller appending without pause (every batch full) they never ended: the
+    background flusher waited for them with no new look at its backlog and no helpers
+    started again, so at 2,000 calls a second against a 50 ms server its backlog grew
+    without bound (12,896 waiting after 10 s; with this, 120-1,946 at any moment)."""
+    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
+    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)
+    caller = threading.current_thread()
+
+    def handler(batch: Any) -> int:
+        time.sleep(0.01)
+        return 200
+
+    transport = RecordingTransport(handler)
+    queue = SqliteQueue(queue_path)
+    dest = queue.destination("http://127.0.0.1:59", WRITE_KEY)
+    for i in range(4000):
+        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    deliverer = Deliverer(queue, transport, max_in_flight=4)
+    deliver = deliverer.deliver
+    own = [0]
+
+    def deliver_then_run_dry(lease: Any, **kwargs: Any) -> Any:
+        stats = deliver(lease, **kwargs)
+        follow = kwargs.get("follow")
+        if threading.current_thread() is caller:
+            own[0] += 1
+            if own[0] == 6 and follow is not None and follow.lease is not None:
+                # As if nothing had been ready for the pass's own thread.
+                deliverer.give_back(follow.lease)
+                follow.lease = None
+        return stats
+
+    deliverer.deliver = deliver_then_run_dry  # type: ignore[method-assign]
+    stats = deliver_pass(queue, deliverer, full_only=True)
+    left = queue.pending()
+    leased = queue.stats().leased
+    queue.close()
+
+    assert own[0] == 6
+    assert stats.sent + left == 4000
+    assert len(transport.messages()) == stats.sent
+    assert leased == 0
+    assert transport.requests < 40  # not the whole backlog's 200
