@@ -12,6 +12,9 @@ the collector holds every message (each counted once, by messageId):
 - ``flush``: N tracks, then ``flush()``;
 - ``exit``: N tracks, then the script just ends (durable-analytics only): the time is
   until the process has exited, and the messages counted are those at the collector then;
+- ``steady``: ``--steady-rate`` calls a second for ``--steady-seconds`` (a web process's
+  stream), then ``flush()``: the most that waited to be sent at once (sampled every 0.25 s)
+  and how long the final ``flush()`` took;
 - ``storm``: the collector answers every other request 429 with ``Retry-After: 1``;
   everything must arrive, no request may come in while a Retry-After runs (50 ms grace
   for requests already on their way), and the child traces its in-flight window.
@@ -42,6 +45,7 @@ import json, sys, time
 lib, scenario, n, host, queue_dir, extra = sys.argv[1:7]
 n = int(n)
 settings = json.loads(extra)
+rate = settings.pop("_rate", None)
 props = {"plan": "Enterprise", "amount": 42, "tags": ["a", "b", "c"]}
 if lib == "segment":
     from segment.analytics import Client
@@ -64,15 +68,34 @@ if lib == "durable" and scenario == "storm":
         return outcome
     HTTPTransport.send = send
 print(json.dumps({"t0": time.time()}), flush=True)
-for i in range(n):
-    client.track(user_id=f"user-{i % 100}", event="Bench Event", properties=props)
+backlog = []
+if scenario == "steady":
+    # A web process's steady stream: ``rate`` calls a second, the backlog (what waits to
+    # be sent: ours on disk, the peer's in memory) sampled every 0.25 s.
+    waiting = client.queue.pending if lib == "durable" else client.queue.qsize
+    start = time.monotonic()
+    i = 0
+    next_sample = 0.25
+    while i < n:
+        now = time.monotonic() - start
+        due = min(n, int(now * rate) + 1)
+        while i < due:
+            client.track(user_id=f"user-{i % 100}", event="Bench Event", properties=props)
+            i += 1
+        if now >= next_sample:
+            backlog.append(waiting())
+            next_sample += 0.25
+        time.sleep(0.001)
+else:
+    for i in range(n):
+        client.track(user_id=f"user-{i % 100}", event="Bench Event", properties=props)
 t_tracked = time.time()
-if scenario in ("flush", "storm"):
+if scenario in ("flush", "storm", "steady"):
     if lib == "segment":
         client.flush()
     else:
         client.flush(timeout=300 if scenario == "storm" else None)
-out = {"t_tracked": t_tracked, "t_flushed": time.time()}
+out = {"t_tracked": t_tracked, "t_flushed": time.time(), "backlog": backlog}
 if lib == "durable" and scenario == "storm":
     from durable_analytics import _pipeline
     out["windows"] = {
@@ -136,6 +159,10 @@ def run(
         result["requests"] = collector.requests
         result["peak_concurrency"] = collector.peak_concurrency
         result["msg_per_s"] = n / result["seconds"]
+        if scenario == "steady":
+            result["backlog"] = done["backlog"]
+            result["max_backlog"] = max(done["backlog"], default=0)
+            result["flush_seconds"] = done["t_flushed"] - done["t_tracked"]
         if "windows" in done:
             result["windows"] = done["windows"]
             result["inside_retry_after"] = collector.requests_inside_retry_after()
@@ -186,6 +213,11 @@ def show(r: dict[str, Any]) -> None:
     extra = ""
     if "at_exit" in r:
         extra = f", at the collector when the process exited: {r['at_exit']:,}"
+    if "max_backlog" in r:
+        extra = (
+            f", waiting at most {r['max_backlog']:,} (sampled every 0.25 s), "
+            f"flush() at the end {r['flush_seconds']:.2f} s"
+        )
     if "inside_retry_after" in r:
         peaks = {h: w["peak"] for h, w in r["windows"].items()}
         extra = (
@@ -213,8 +245,10 @@ def main() -> None:
     parser.add_argument("--exit-messages", type=int, default=5_000)
     parser.add_argument("--loopback-messages", type=int, default=20_000)
     parser.add_argument("--storm-messages", type=int, default=400)
+    parser.add_argument("--steady-rate", type=int, default=2_000)
+    parser.add_argument("--steady-seconds", type=float, default=10.0)
     parser.add_argument(
-        "--only", default=None, help="comma list of scenarios: flush,exit,storm,loopback"
+        "--only", default=None, help="comma list of scenarios: flush,exit,storm,steady,loopback"
     )
     parser.add_argument("--sweep", default=None, help="max_in_flight values, e.g. 1,4,8,16")
     parser.add_argument("--json", type=Path, default=None)
@@ -231,8 +265,8 @@ def main() -> None:
                 show(r)
                 results.append(r)
         else:
-            only = set((args.only or "flush,exit,storm,loopback").split(","))
-            if only & {"flush", "exit", "storm"}:
+            only = set((args.only or "flush,exit,storm,steady,loopback").split(","))
+            if only & {"flush", "exit", "storm", "steady"}:
                 print(f"{args.delay * 1000:g} ms per request:")
             if "flush" in only:
                 ours = run(collector, "durable", "flush", args.messages)
@@ -255,6 +289,18 @@ def main() -> None:
                 storm = run(collector, "durable", "storm", args.storm_messages)
                 show(storm)
                 results.append(storm)
+
+            if "steady" in only:
+                n = int(args.steady_rate * args.steady_seconds)
+                pace = {"_rate": args.steady_rate}
+                steady_ours = run(collector, "durable", "steady", n, pace)
+                steady_peer = run(collector, "segment", "steady", n, pace)
+                for r in (steady_ours, steady_peer):
+                    show(r)
+                ratios["steady_backlog_peer_over_ours"] = steady_peer["max_backlog"] / max(
+                    1, steady_ours["max_backlog"]
+                )
+                results += [steady_ours, steady_peer]
 
             if "loopback" in only:
                 collector.set_delay(0.0)
