@@ -96,6 +96,8 @@ class Flusher:
         # wakes the thread once that many arrive, not only on the next poll.
         self._seen_appends = 0
         self._need = _NEVER
+        # Appends seen at the last ``solo`` ask of a pass, or at the end of the last pass.
+        self._asked = 0
         self._idle_event = threading.Event()
         self._idle_event.set()
         self._wake = threading.Event()
@@ -134,15 +136,16 @@ class Flusher:
         def pause() -> bool:
             return self.yields(appends, started)
 
-        seen = [appends]
-
         def solo() -> bool:
             # The caller appended since the last ask (about a batch ago): it is still in
             # its burst. Helpers would take its GIL on top of this thread's share (the
-            # share counts this thread's CPU only); they start once it pauses.
+            # share counts this thread's CPU only); they start once it pauses. The first
+            # ask of a pass counts from the last ask or pass before, not from this pass's
+            # start a fraction of a millisecond ago: that instant between two calls of a
+            # caller calling once a millisecond looked like a pause.
             now_seen = self.appends
-            busy = now_seen != seen[0]
-            seen[0] = now_seen
+            busy = now_seen != self._asked
+            self._asked = now_seen
             return busy
 
         try:
@@ -155,6 +158,7 @@ class Flusher:
                 solo=solo if may_yield else None,
             )
         finally:
+            self._asked = self.appends
             self._idle_event.set()
         if not (stats.requests or stats.kept or stats.sent or stats.dead_lettered):
             return None

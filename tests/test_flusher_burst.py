@@ -266,3 +266,53 @@ def test_a_pass_during_a_burst_starts_helpers_once_the_caller_pauses(
     caller = threading.current_thread().name
     assert set(names[:4]) == {caller}
     assert len(set(names)) > 1  # helpers joined once the appends stopped
+
+
+@pytest.fixture
+def slow_backlog(
+    queue_path: Path, clients: list[Client], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Client, list[str], str]]:
+    """1,500 messages (75 batches) for a Collector that holds each answer 10 ms, and its URL
+    (a window of their own for this test, helpers as many as the window has)."""
+    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
+    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)  # depth = max_in_flight
+    with Collector(WRITE_KEY, delay=0.01) as slow:
+        client = Client(
+            WRITE_KEY, host=slow.url, queue_path=queue_path, flusher="none", on_exit="none"
+        )
+        clients.append(client)
+        ids = [client.track("user-1", "Event", {"i": i})[1]["messageId"] for i in range(1500)]
+        yield client, ids, slow.url
+
+
+def measured_window(url: str, max_in_flight: int) -> None:
+    """Round trips of 10 ms already seen to ``url`` (the flusher of a process that has sent
+    before): its passes may start helpers from their first batch."""
+    window = _pipeline.window_for(url, WRITE_KEY, max_in_flight)
+    window.observe(0.01)
+    window.observe(0.01)
+    assert window.latency_bound
+
+
+def test_a_pass_that_starts_during_a_burst_counts_the_appends_made_before_it(
+    slow_backlog: tuple[Client, list[str], str],
+) -> None:
+    """The caller appended since the flusher's last look and goes on appending: the pass's
+    first ask, a fraction of a millisecond after the pass began, saw no append in that
+    instant and started every helper beside a caller calling once a millisecond."""
+    client, ids, url = slow_backlog
+    flusher = new_flusher(client, burst_age=1.0)
+    flusher.deliverer.max_in_flight = 8
+    flusher.cpu_slice = 60.0
+    measured_window(url, 8)
+    flusher.appends = 50  # the calls that made this backlog
+    names = delivering_threads(flusher, appending_batches=4)
+    stats = flusher._deliver_next(may_yield=True)
+    assert stats is not None
+    assert stats.sent == len(ids)
+    caller = threading.current_thread().name
+    # Asked before each batch: the appends before the pass and after each of the first 4
+    # batches keep the first 5 on this thread; helpers join once the caller paused.
+    assert set(names[:5]) == {caller}
+    assert len(set(names)) > 1
+    assert client.queue.pending() == 0
