@@ -358,8 +358,9 @@ def deliver_pass(
     so a trickle of appends is not sent one message at a time. ``pause``, asked before each
     batch of the calling thread, makes that batch the pass's last when it says so (the
     background flusher yielding the CPU to a caller that keeps appending; what is left stays
-    ready). ``solo``, asked before helpers would start, keeps the pass to its own thread
-    while it says True (the background flusher while its caller keeps appending).
+    ready). ``solo``, asked before each batch of the calling thread, keeps the pass to that
+    thread while it says True (the background flusher while its caller keeps appending): no
+    helper starts, and helpers started while it said False end after their batch in flight.
     Ends at ``deadline`` or when ``stop`` is set, after the batches in flight are settled.
     """
     # More threads than the window has slots would only hold leases while they wait.
@@ -372,11 +373,12 @@ def deliver_pass(
     failures: list[BaseException] = []
     asked = (destination, up_to_id, deliverer.lease_batches)
     paused = [False]
+    alone = [False]  # ``solo`` said True at the calling thread's last batch: helpers end
 
     def done() -> bool:
         return paused[0] or (stop is not None and stop.is_set()) or _passed(deadline)
 
-    def spawn(lease: Lease) -> None:
+    def spawn(lease: Lease, busy: bool) -> None:
         """Start helpers up to what the window has room for (asked before each batch of
         the calling thread: helpers that another pass ran and ended leave room)."""
         if count == 1 or running[0] >= count - 1 or len(lease) < deliverer.batch_messages:
@@ -392,8 +394,8 @@ def deliver_pass(
         now = time.monotonic()
         if now - looked[0] < _TOP_UP_EVERY:
             return
-        if solo is not None and solo():
-            return
+        if busy:
+            return  # the caller keeps appending (``solo``): helpers would take its GIL
         looked[0] = now
         # As many threads as the round trip needs, not always ``count``: a loaded machine
         # makes loopback look slow enough to pipeline, and 32 threads then fought over the
@@ -431,11 +433,17 @@ def deliver_pass(
 
     def run(first: bool) -> None:
         full = deliverer.batch_messages * deliverer.lease_batches
-        lease = None if done() else lease_next()
+        lease = None if done() or (not first and alone[0]) else lease_next()
         while lease is not None:
             if first:
                 try:
-                    spawn(lease)
+                    # Asked before every batch of this thread, whether or not helpers could
+                    # start: helpers started while the caller paused stop once it appends
+                    # again (their CPU is not in the flusher's share, which counts this
+                    # thread's only), not when this thread's slice runs out much later.
+                    busy = solo is not None and solo()
+                    alone[0] = busy
+                    spawn(lease, busy)
                 except BaseException:
                     deliverer.give_back(lease)  # not sent: back to the queue, not left to expire
                     raise
@@ -468,6 +476,7 @@ def deliver_pass(
                 # the GIL and the queue's write lock, so this helper stops.
                 or (not first and not deliverer.window(lease).latency_bound)
                 or done()
+                or (not first and alone[0])  # the caller appends again (``solo``)
             ):
                 if nxt is not None:
                     deliverer.give_back(nxt)

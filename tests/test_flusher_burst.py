@@ -316,3 +316,45 @@ def test_a_pass_that_starts_during_a_burst_counts_the_appends_made_before_it(
     assert set(names[:5]) == {caller}
     assert len(set(names)) > 1
     assert client.queue.pending() == 0
+
+
+def test_a_pass_during_a_burst_ends_its_helpers_when_the_caller_appends_again(
+    slow_backlog: tuple[Client, list[str], str],
+) -> None:
+    """Helpers started while the caller paused went on beside it once it appended again,
+    for as long as the pass lasted (its slice counts the flusher thread's CPU only, a
+    fraction of what they used): they now end after their batch, and the pass goes on alone."""
+    client, ids, _ = slow_backlog
+    flusher = new_flusher(client, burst_age=1.0)
+    flusher.deliverer.max_in_flight = 8
+    flusher.cpu_slice = 60.0  # the pass does not end on its slice here
+    deliverer = flusher.deliverer
+    deliver = deliverer.deliver
+    caller = threading.current_thread().name
+    lock = threading.Lock()
+    finished = [0]
+    entered: list[tuple[str, bool]] = []  # (thread, the caller appends again)
+
+    def deliver_recorded(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            entered.append((threading.current_thread().name, finished[0] >= 10))
+        try:
+            return deliver(*args, **kwargs)
+        finally:
+            with lock:
+                finished[0] += 1
+                # Appending during the first 2 batches, paused until 10 were sent, then
+                # appending again for the rest of the pass.
+                if finished[0] <= 2 or finished[0] > 10:
+                    flusher.appends += 1
+
+    deliverer.deliver = deliver_recorded  # type: ignore[method-assign]
+    stats = flusher._deliver_next(may_yield=True)
+    assert stats is not None
+    assert stats.sent == len(ids)
+    assert client.queue.pending() == 0
+    assert any(name != caller for name, _ in entered)  # helpers ran while it paused
+    late = [name for name, again in entered if again and name != caller]
+    # At most the batch each helper had leased when the caller's thread next asked (about
+    # a batch later), not the rest of the backlog (about 60 batches before).
+    assert len(late) <= 2 * 7
