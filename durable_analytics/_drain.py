@@ -374,9 +374,20 @@ def deliver_pass(
     asked = (destination, up_to_id, deliverer.lease_batches)
     paused = [False]
     alone = [False]  # ``solo`` said True at the calling thread's last batch: helpers end
+    ended = [False]  # the calling thread's loop ended (nothing more for it): helpers end
+
+    def winding_down() -> bool:
+        """The pass's own thread ended its loop normally (not paused, stopped, past its
+        deadline nor interrupted): a helper still sends the batch it holds."""
+        return (
+            ended[0]
+            and not paused[0]
+            and not (stop is not None and stop.is_set())
+            and (not _passed(deadline))
+        )
 
     def done() -> bool:
-        return paused[0] or (stop is not None and stop.is_set()) or _passed(deadline)
+        return paused[0] or ended[0] or (stop is not None and stop.is_set()) or _passed(deadline)
 
     def spawn(lease: Lease, busy: bool) -> None:
         """Start helpers up to what the window has room for (asked before each batch of
@@ -434,6 +445,7 @@ def deliver_pass(
     def run(first: bool) -> None:
         full = deliverer.batch_messages * deliverer.lease_batches
         lease = None if done() or (not first and alone[0]) else lease_next()
+        final = False  # this batch is the thread's last: none is leased to follow it
         while lease is not None:
             if first:
                 try:
@@ -454,7 +466,7 @@ def deliver_pass(
                 paused[0] = True
             # A full batch (or any, but for the background flusher) is followed by the next,
             # leased in the transaction of its ack: one queue commit per batch, not two.
-            follow = None if last or (full_only and len(lease) < full) else Follow(*asked)
+            follow = None if last or final or (full_only and len(lease) < full) else Follow(*asked)
             try:
                 stats = deliverer.deliver(lease, deadline=deadline, stop=stop, follow=follow)
             except BaseException:
@@ -465,6 +477,8 @@ def deliver_pass(
                 total.add(stats)
             if progress is not None and stats.sent:
                 progress(stats.sent)
+            if final:
+                return
             taken = follow is not None and follow.taken
             nxt = follow.lease if follow is not None else None
             # A failing destination is now in backoff, so the next lease skips it and the
@@ -478,6 +492,11 @@ def deliver_pass(
                 or done()
                 or (not first and alone[0])  # the caller appends again (``solo``)
             ):
+                if nxt is not None and taken and not first and winding_down():
+                    # Leased in this batch's ack when the pass's own thread had just found
+                    # nothing more: sent rather than handed back for another pass to lease.
+                    lease, final = nxt, True
+                    continue
                 if nxt is not None:
                     deliverer.give_back(nxt)
                 return
@@ -515,8 +534,9 @@ def deliver_pass(
         # The pass ends with its own thread's loop: the helpers end after their batch in
         # flight. Left to go on, they never ended while a caller kept appending (every
         # batch full), and the background flusher waited for them: no new look at its
-        # backlog, no helpers started again, delivery stuck at the few that ran.
-        paused[0] = True
+        # backlog, no helpers started again, delivery stuck at the few that ran. One
+        # already holds for its next batch, it still sends (``winding_down``).
+        ended[0] = True
         with finished:
             finished.wait_for(lambda: running[0] == 0)
     if failures:
