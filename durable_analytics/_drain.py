@@ -361,7 +361,10 @@ def deliver_pass(
     ready). ``solo``, asked before each batch of the calling thread, keeps the pass to that
     thread while it says True (the background flusher while its caller keeps appending): no
     helper starts, and helpers started while it said False end after their batch in flight.
-    Ends at ``deadline`` or when ``stop`` is set, after the batches in flight are settled.
+    The pass ends with the calling thread's loop: its helpers then end after their batch
+    in flight (still sending one their ack had just leased, unless the pass was paused,
+    stopped, interrupted or past its deadline). Ends at ``deadline`` or when ``stop`` is
+    set, after the batches in flight are settled.
     """
     # More threads than the window has slots would only hold leases while they wait.
     count = max(1, min(deliverer.max_in_flight, workers or deliverer.max_in_flight))
