@@ -112,7 +112,13 @@ def lease_over(
     seen: dict[int, int | None] | None = None,
 ) -> bool:
     """Whether a lease record has expired or lost its holder (``seen``: see ``holder_gone``)."""
-    if boot and boot == holder().boot:
+    me = holder()
+    if boot and boot == me.boot and (pidns, pid, pstart) == (me.pidns, me.pid, me.start):
+        # This process's own lease (one per batch it has in flight, most of the records of
+        # a scan while it pipelines): alive by definition, so only its expiry counts, with
+        # no identity checks per record.
+        return now_mono > mono_exp
+    if boot and boot == me.boot:
         expired = now_mono > mono_exp  # one boot, one monotonic clock for every process
     else:
         # Another boot (or no boot id): the wall clock, ignoring an expiry so far

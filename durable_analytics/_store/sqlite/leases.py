@@ -58,20 +58,11 @@ def scan_leases(
     leased: set[int] = set()
     dead: list[str] = []
     seen: dict[int, int | None] = {}  # one /proc probe per holder pid in this scan
-    me = holder()
-    mine = (me.boot, me.pidns, me.pid, me.start)
     for token, ids, boot, pidns, pid, pstart, mono_exp, wall_exp in conn.execute(
         "SELECT token, ids, boot, pidns, pid, pstart, mono_expires, wall_expires FROM leases"
     ).fetchall():
-        if boot and (boot, pidns, pid, pstart) == mine:
-            # This process's own lease (one per batch it has in flight: most of the rows
-            # when it pipelines): alive by definition, so only its monotonic expiry counts.
-            # What ``lease_over`` decides for it, without its per-row identity checks.
-            over = now_mono > mono_exp
-        else:
-            row = (boot, pidns, pid, pstart, mono_exp, wall_exp)
-            over = lease_over(lease_timeout, now_wall, now_mono, *row, seen=seen)
-        if over:
+        row = (boot, pidns, pid, pstart, mono_exp, wall_exp)
+        if lease_over(lease_timeout, now_wall, now_mono, *row, seen=seen):
             dead.append(token)
         else:
             leased.update(_id_set(ids))
