@@ -10,6 +10,7 @@ simulated by counting one after each batch.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,12 +218,13 @@ def delivering_threads(flusher: Flusher, appending_batches: int) -> list[str]:
     return names
 
 
-@pytest.fixture
-def slow_stored(
-    queue_path: Path, clients: list[Client], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[Client, list[str]]]:
-    """400 messages (20 batches) for a Collector that holds each answer 10 ms: long enough
-    a round trip for the pipeline to start helpers (a window of their own for this test)."""
+@contextlib.contextmanager
+def stored_for_a_slow_collector(
+    queue_path: Path, clients: list[Client], monkeypatch: pytest.MonkeyPatch, count: int
+) -> Iterator[tuple[Client, list[str], str]]:
+    """``count`` messages stored for a Collector that holds each answer 10 ms (long enough
+    a round trip for the pipeline to start helpers; a window of their own for the test,
+    helpers as many as it has), their ids and the Collector's URL."""
     monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
     monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)  # depth = max_in_flight
     with Collector(WRITE_KEY, delay=0.01) as slow:
@@ -230,7 +232,16 @@ def slow_stored(
             WRITE_KEY, host=slow.url, queue_path=queue_path, flusher="none", on_exit="none"
         )
         clients.append(client)
-        ids = [client.track("user-1", "Event", {"i": i})[1]["messageId"] for i in range(400)]
+        ids = [client.track("user-1", "Event", {"i": i})[1]["messageId"] for i in range(count)]
+        yield client, ids, slow.url
+
+
+@pytest.fixture
+def slow_stored(
+    queue_path: Path, clients: list[Client], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Client, list[str]]]:
+    """400 messages (20 batches) for a Collector that holds each answer 10 ms."""
+    with stored_for_a_slow_collector(queue_path, clients, monkeypatch, 400) as (client, ids, _):
         yield client, ids
 
 
@@ -272,17 +283,9 @@ def test_a_pass_during_a_burst_starts_helpers_once_the_caller_pauses(
 def slow_backlog(
     queue_path: Path, clients: list[Client], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[Client, list[str], str]]:
-    """1,500 messages (75 batches) for a Collector that holds each answer 10 ms, and its URL
-    (a window of their own for this test, helpers as many as the window has)."""
-    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
-    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)  # depth = max_in_flight
-    with Collector(WRITE_KEY, delay=0.01) as slow:
-        client = Client(
-            WRITE_KEY, host=slow.url, queue_path=queue_path, flusher="none", on_exit="none"
-        )
-        clients.append(client)
-        ids = [client.track("user-1", "Event", {"i": i})[1]["messageId"] for i in range(1500)]
-        yield client, ids, slow.url
+    """1,500 messages (75 batches) for a Collector that holds each answer 10 ms, and its URL."""
+    with stored_for_a_slow_collector(queue_path, clients, monkeypatch, 1500) as stored:
+        yield stored
 
 
 def measured_window(url: str, max_in_flight: int) -> None:

@@ -628,6 +628,23 @@ def test_a_pass_against_a_fast_destination_starts_no_more_threads_than_its_depth
     assert len(set(named)) == 2
 
 
+@pytest.fixture
+def own_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows of this test's own, whose depth is ``max_in_flight`` whatever the round trip
+    (a pass starts as many helpers as the window allows)."""
+    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
+    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)
+
+
+def _filled(queue_path: Path, port: int, count: int) -> SqliteQueue:
+    """A queue holding ``count`` messages for ``http://127.0.0.1:{port}``."""
+    queue = SqliteQueue(queue_path)
+    dest = queue.destination(f"http://127.0.0.1:{port}", WRITE_KEY)
+    for i in range(count):
+        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    return queue
+
+
 def _slow_transport(seconds: float, on_send: Callable[[], None]) -> RecordingTransport:
     """A transport whose every answer takes ``seconds`` (long enough to pipeline), calling
     ``on_send`` inside each request."""
@@ -641,15 +658,13 @@ def _slow_transport(seconds: float, on_send: Callable[[], None]) -> RecordingTra
 
 
 def test_two_passes_at_once_hold_no_more_leases_than_the_window_has_slots_and_threads(
-    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+    queue_path: Path, own_window: None
 ) -> None:
     """The flusher thread's pass and ``flush()``'s (here two passes on two threads) share
     the destination's window: together they start at most ``max_in_flight - 1`` helpers, so
     the batches leased at any moment are at most the window's slots plus each pass's own
     thread, not a window's worth per pass (half of them waiting for a slot, each holding a
     leased batch, all woken by every release)."""
-    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
-    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)  # depth = max_in_flight
     reader = SqliteQueue(queue_path)
     counts: list[int] = []
     guard = threading.Lock()
@@ -659,10 +674,7 @@ def test_two_passes_at_once_hold_no_more_leases_than_the_window_has_slots_and_th
             counts.append(reader.stats().leased // 20)  # every batch here is 20 messages
 
     transport = _slow_transport(0.01, count_leases)
-    queue = SqliteQueue(queue_path)
-    dest = queue.destination("http://127.0.0.1:29", WRITE_KEY)
-    for i in range(3200):
-        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    queue = _filled(queue_path, 29, 3200)
     results: list[int] = []
 
     def one_pass() -> None:
@@ -685,13 +697,11 @@ def test_two_passes_at_once_hold_no_more_leases_than_the_window_has_slots_and_th
 
 
 def test_a_pass_starts_helpers_once_another_passes_helpers_have_ended(
-    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+    queue_path: Path, own_window: None
 ) -> None:
     """A pass that found the window's helpers all taken by another pass (the flusher
     thread's) starts its own once that pass ends (the flusher thread yielding to its
     caller): it does not go on alone, one batch at a time."""
-    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
-    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)
     inside = [0]
     peaks: list[tuple[bool, int]] = []  # (first pass over, requests in flight)
     first_over = threading.Event()
@@ -707,10 +717,7 @@ def test_a_pass_starts_helpers_once_another_passes_helpers_have_ended(
         return 200
 
     transport = RecordingTransport(handler)
-    queue = SqliteQueue(queue_path)
-    dest = queue.destination("http://127.0.0.1:39", WRITE_KEY)
-    for i in range(4000):
-        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    queue = _filled(queue_path, 39, 4000)
     batches = [0]
 
     def yield_soon() -> bool:
@@ -738,7 +745,7 @@ def test_a_pass_starts_helpers_once_another_passes_helpers_have_ended(
 
 
 def test_a_pass_interrupted_while_starting_helpers_gives_back_their_count_and_its_batch(
-    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch, own_window: None
 ) -> None:
     """Ctrl-C (or a signal handler's ``sys.exit``) that reaches the calling thread while it
     starts a helper (``Thread.start`` waits for the new thread) ends the pass with the
@@ -746,8 +753,6 @@ def test_a_pass_interrupted_while_starting_helpers_gives_back_their_count_and_it
     counted out again, and the batch the calling thread had leased goes back to the queue.
     A later pass of the process then still pipelines, and nothing waits for a lease to
     expire."""
-    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
-    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)  # depth = max_in_flight
     fresh_helpers(monkeypatch)  # none idle: each helper starts a thread
     inside = [0]
     peak = [0]
@@ -763,10 +768,7 @@ def test_a_pass_interrupted_while_starting_helpers_gives_back_their_count_and_it
         return 200
 
     transport = RecordingTransport(handler)
-    queue = SqliteQueue(queue_path)
-    dest = queue.destination("http://127.0.0.1:49", WRITE_KEY)
-    for i in range(400):
-        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    queue = _filled(queue_path, 49, 400)
     real_start = threading.Thread.start
     interrupted = [False]
 
@@ -784,6 +786,7 @@ def test_a_pass_interrupted_while_starting_helpers_gives_back_their_count_and_it
     window = windows()["http://127.0.0.1:49"]
     assert window.helpers == 0  # the one that started has ended; the others never ran
 
+    dest = queue.destination("http://127.0.0.1:49", WRITE_KEY)
     for i in range(400, 800):
         queue.append(dest, b'{"type":"track","i":%d}' % i)
     peak[0] = 0
@@ -796,13 +799,11 @@ def test_a_pass_interrupted_while_starting_helpers_gives_back_their_count_and_it
 
 
 def test_a_pass_whose_caller_is_interrupted_stops_its_helpers_after_their_batch(
-    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+    queue_path: Path, own_window: None
 ) -> None:
     """Ctrl-C during ``flush()``: the pass's helpers finish the batch they have in flight
     and stop; they do not deliver the rest of the backlog before the interrupt reaches the
     caller. Nothing is lost: what was not sent is still in the queue, under no lease."""
-    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
-    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)
     caller = threading.current_thread()
     calls = [0]
 
@@ -815,10 +816,7 @@ def test_a_pass_whose_caller_is_interrupted_stops_its_helpers_after_their_batch(
         return 200
 
     transport = RecordingTransport(handler)
-    queue = SqliteQueue(queue_path)
-    dest = queue.destination("http://127.0.0.1:49", WRITE_KEY)
-    for i in range(4000):
-        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    queue = _filled(queue_path, 49, 4000)
     with pytest.raises(KeyboardInterrupt):
         deliver_pass(queue, Deliverer(queue, transport, max_in_flight=4))
     sent = len(transport.messages())
@@ -834,7 +832,7 @@ def test_a_pass_whose_caller_is_interrupted_stops_its_helpers_after_their_batch(
 
 
 def test_a_pass_ends_with_its_own_thread_and_its_helpers_stop_after_their_batch(
-    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+    queue_path: Path, own_window: None
 ) -> None:
     """When the pass's own thread finds nothing more for itself (here: its ack's lease came
     back empty), its helpers end after the batch they have in flight. They went on before,
@@ -842,19 +840,9 @@ def test_a_pass_ends_with_its_own_thread_and_its_helpers_stop_after_their_batch(
     background flusher waited for them with no new look at its backlog and no helpers
     started again, so at 2,000 calls a second against a 50 ms server its backlog grew
     without bound (12,896 waiting after 10 s; with this, 120-1,946 at any moment)."""
-    monkeypatch.setattr(_pipeline, "_registry", _pipeline._Windows())
-    monkeypatch.setattr(_pipeline, "REQUEST_COST", 0.0001)
     caller = threading.current_thread()
-
-    def handler(batch: Any) -> int:
-        time.sleep(0.01)
-        return 200
-
-    transport = RecordingTransport(handler)
-    queue = SqliteQueue(queue_path)
-    dest = queue.destination("http://127.0.0.1:59", WRITE_KEY)
-    for i in range(4000):
-        queue.append(dest, b'{"type":"track","i":%d}' % i)
+    transport = _slow_transport(0.01, lambda: None)
+    queue = _filled(queue_path, 59, 4000)
     deliverer = Deliverer(queue, transport, max_in_flight=4)
     deliver = deliverer.deliver
     own = [0]
