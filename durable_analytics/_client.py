@@ -10,6 +10,7 @@ exit hook) is ``_client_processes``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import subprocess
@@ -289,8 +290,12 @@ class Client(ClientCalls, SettingsAttributes):
         """
         if not self._send:
             return FlushResult(0, 0, 0)
+        flusher = self._flusher
         # Every wait on the queue ends by the deadline, even behind a stuck lock holder.
-        with self.queue.bounded(timeout):
+        with (
+            self.queue.bounded(timeout),
+            contextlib.nullcontext() if flusher is None else flusher.stepping_aside(),
+        ):
             return self._flush(timeout)
 
     def _flush(self, timeout: float | None) -> FlushResult:

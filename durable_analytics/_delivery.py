@@ -23,11 +23,18 @@ from typing import TYPE_CHECKING, Any
 from . import _delivery_log
 from ._bounded_call import call_within
 from ._metrics import delivery_counters
-from ._pipeline import Ticket, Window, keep_leased, window_for
+from ._pipeline import (
+    Ticket,
+    Window,
+    keep_leased,
+    keep_leased_from_now,
+    stop_keeping,
+    window_for,
+)
 from ._quick_retry import DEADLINE_PASSED, GATED, QuickRetries, post
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
-from ._transport.base import Transport
+from ._transport.base import Started, Transport
 from .exceptions import (
     ConfigurationRejected,
     DeliveryError,
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_CAP",
     "RETRY_CAP",
+    "Ahead",
     "Deliverer",
     "DeliveryStats",
     "FlushResult",
@@ -137,6 +145,23 @@ class Follow:
     batches: int = 1
     taken: bool = False
     lease: Lease | None = None
+
+
+@dataclass
+class Ahead:
+    """A leased batch already sent, its answer still to read (``Deliverer.send_ahead``).
+
+    It holds a slot of its destination's window and its lease is kept alive; hand it to
+    ``Deliverer.deliver`` (which reads the answer and settles the batch) or to
+    ``Deliverer.drop_ahead``.
+    """
+
+    lease: Lease
+    started: Started
+    window: Window
+    ticket: Ticket
+    #: When the request left (monotonic): its round trip is measured from here.
+    sent_at: float
 
 
 class Deliverer:
@@ -287,6 +312,55 @@ class Deliverer:
             parts.append(part)
         return parts
 
+    def send_ahead(self, lease: Lease, *, deadline: float | None = None) -> Ahead | None:
+        """Send ``lease``'s batch now, its answer to be read by ``deliver(ahead=...)``.
+
+        What lets one thread keep two requests in flight: it sends the next batch before it
+        reads the answer to the one before, so the server works on one while the thread
+        settles the other. None (nothing sent, the lease still the caller's) when the
+        transport cannot (``SendsAhead``), the lease needs more than one request, the
+        destination's window has no free slot, its Retry-After gate is closed, or
+        ``deadline`` leaves too little time.
+        """
+        start: Callable[..., Started | None] | None = getattr(self.transport, "start", None)
+        if start is None or len(self.batches(lease)) != 1:
+            return None
+        window = self.window(lease)
+        if window.gate_wait() > 0:
+            return None
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining < _AHEAD_MIN_TIME:
+            return None
+        ticket = window.try_acquire(self.max_in_flight)
+        if ticket is None:
+            return None
+        keep_leased_from_now(self.queue, lease)
+        try:
+            sent_at = time.monotonic()
+            started = start(
+                lease.destination, lease.bodies, timeout=remaining, retry_count=lease.attempts
+            )
+        except BaseException:
+            stop_keeping(lease)
+            window.release()
+            raise
+        if started is None:
+            stop_keeping(lease)
+            window.release()
+            return None
+        return Ahead(lease, started, window, ticket, sent_at)
+
+    def drop_ahead(self, ahead: Ahead) -> None:
+        """Give up a batch ``send_ahead`` sent, its answer unread: the connection is closed
+        and the lease handed back (the server may have taken the batch: it may be sent
+        again, as after any lost answer)."""
+        try:
+            ahead.started.cancel()
+        finally:
+            stop_keeping(ahead.lease)
+            ahead.window.release()
+            self._release_quietly(ahead.lease)
+
     def window(self, lease: Lease) -> Window:
         """This process's in-flight window for ``lease``'s destination."""
         dest = lease.destination
@@ -299,22 +373,30 @@ class Deliverer:
         deadline: float | None = None,
         stop: threading.Event | None = None,
         follow: Follow | None = None,
+        ahead: Ahead | None = None,
+        quick: bool = True,
     ) -> DeliveryStats:
         """Send ``lease``'s batch; ack, release, split or dead-letter as the server says.
 
         Waits for a slot of the destination's window first; if ``deadline`` passes or
         ``stop`` is set meanwhile, the batch goes back to the queue unsent. ``follow``: when
         the batch goes out whole in one request and is acked, the next batch is leased in
-        the ack's transaction (see ``Follow``); the caller owns that lease.
+        the ack's transaction (see ``Follow``); the caller owns that lease. ``ahead``: the
+        batch was already sent (``send_ahead``, its slot taken then): its answer is read
+        here, whatever ``deadline`` and ``stop`` say. ``quick=False`` skips the quick
+        retries of a failure (the batch sent before this one has just had them).
         """
         stats = DeliveryStats()
-        window = self.window(lease)
+        window = self.window(lease) if ahead is None else ahead.window
         try:
             with keep_leased(self.queue, lease):
-                ticket = window.acquire(self.max_in_flight, deadline=deadline, stop=stop)
-                if ticket is None:
-                    stats.kept += self.queue.release(lease, None, count_attempt=False)
-                    return stats
+                if ahead is None:
+                    ticket = window.acquire(self.max_in_flight, deadline=deadline, stop=stop)
+                    if ticket is None:
+                        stats.kept += self.queue.release(lease, None, count_attempt=False)
+                        return stats
+                else:
+                    ticket = ahead.ticket
                 try:
                     parts = self.batches(lease)
                     for n, part in enumerate(parts):
@@ -327,11 +409,12 @@ class Deliverer:
                             lease,
                             part,
                             stats,
-                            lease.failures,
+                            lease.failures if quick else max(1, lease.failures),
                             deadline,
                             (window, ticket),
                             later=parts[n + 1 :],
                             follow=follow if len(parts) == 1 else None,
+                            started=None if ahead is None else (ahead.started, ahead.sent_at),
                         ):
                             break  # the rest of the lease went back to the queue
                 finally:
@@ -339,6 +422,8 @@ class Deliverer:
         except BaseException:
             # Whatever happened, messages not acked stay in the queue under this lease until
             # it is released here or expires.
+            if ahead is not None:
+                ahead.started.cancel()  # no-op once its answer was read
             self._release_quietly(lease)
             raise
         return stats
@@ -356,6 +441,7 @@ class Deliverer:
         quick: bool,
         deadline: float | None,
         slot: tuple[Window, Ticket],
+        started: tuple[Started, float] | None = None,
     ) -> Outcome:
         policy = QuickRetries(
             self.max_retries,
@@ -372,6 +458,7 @@ class Deliverer:
             deadline=deadline,
             slot=slot,
             policy=policy,
+            sent=started,
         )
 
     def _messages(self, lease: Lease, idx: list[int]) -> list[dict[str, Any]]:
@@ -417,16 +504,20 @@ class Deliverer:
         slot: tuple[Window, Ticket],
         later: list[list[int]] | None = None,
         follow: Follow | None = None,
+        started: tuple[Started, float] | None = None,
     ) -> bool:
         """Deliver the messages ``idx`` of ``lease``; False once the rest must wait (backoff).
 
         ``later`` are the lease's batches still to send after this one: when a failure
         hands them back to the queue unsent, each is reported to ``on_error`` as its own
         batch, as it would have been had it been leased alone. ``follow``: see ``deliver``.
+        ``started``: the request was sent ahead (its answer read first, see ``_quick_retry``).
         """
         dest = lease.destination
         ids = [lease.ids[i] for i in idx]
-        outcome = self._post(lease, idx, quick=failures == 0, deadline=deadline, slot=slot)
+        outcome = self._post(
+            lease, idx, quick=failures == 0, deadline=deadline, slot=slot, started=started
+        )
         if outcome is DEADLINE_PASSED:
             # No request was made: the caller's deadline ran out, not the server. Hand the
             # rest back as it was: no backoff, no attempt counted, no error reported.
@@ -534,6 +625,9 @@ class Deliverer:
         with self._lock:
             self.dead_lettered[dest_id] = self.dead_lettered.get(dest_id, 0) + delta
 
+
+#: A batch is sent ahead only with at least this long left before the caller's deadline.
+_AHEAD_MIN_TIME = 0.05
 
 #: A deadline that has (nearly) passed still gives ``on_error`` this long to return.
 _REPORT_GRACE = 0.1

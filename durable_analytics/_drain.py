@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._delivery import Deliverer, DeliveryStats, Follow, make_deliverer
+from ._delivery import Ahead, Deliverer, DeliveryStats, Follow, make_deliverer
 from ._override import OverrideQueue
 from ._pipeline import EXIT_REFUSES_THREADS, Window, prestart_helpers, run_beside
 from ._store import Lease, QueueBackend
@@ -449,61 +449,129 @@ def deliver_pass(
         full = deliverer.batch_messages * deliverer.lease_batches
         lease = None if done() or (not first and alone[0]) else lease_next()
         final = False  # this batch is the thread's last: none is leased to follow it
-        while lease is not None:
-            if first:
-                try:
-                    # Asked before every batch of this thread, whether or not helpers could
-                    # start: helpers started while the caller paused stop once it appends
-                    # again (their CPU is not in the flusher's share, which counts this
-                    # thread's only), not when this thread's slice runs out much later.
+        # The calling thread keeps a second request in flight while no helper runs: it
+        # sends the batch after ``lease`` before it reads ``lease``'s answer, so the server
+        # works on one batch while this thread settles the other (on loopback, where
+        # helper threads only fought over the GIL, that halved a flush). ``sent`` is
+        # ``lease`` on the wire; ``then`` the batch after it, on the wire as ``then_sent``.
+        sent: Ahead | None = None
+        then: Lease | None = None
+        then_sent: Ahead | None = None
+        quick = True  # False: the batch sent before ``lease`` failed; no quick retries
+        # Whatever interrupts this loop (Ctrl-C, a signal handler's exit, an error), no
+        # lease it holds is left to expire: ``mine`` says ``lease`` is still this loop's
+        # (not yet handed to ``deliver``), and ``follow.lease`` is until it becomes
+        # ``lease`` or ``then``.
+        mine = lease is not None
+        follow: Follow | None = None
+        try:
+            while lease is not None:
+                if first:
+                    # Asked before every batch of this thread, whether or not helpers
+                    # could start: helpers started while the caller paused stop once it
+                    # appends again (their CPU is not in the flusher's share, which
+                    # counts this thread's only), not when this thread's slice runs out.
                     busy = solo is not None and solo()
                     alone[0] = busy
                     spawn(lease, busy)
-                except BaseException:
-                    deliverer.give_back(lease)  # not sent: back to the queue, not left to expire
-                    raise
-            # The background flusher yielding to its caller: this batch is the pass's last
-            # (none is leased to follow it), and the helpers stop after theirs (``done``).
-            last = first and pause is not None and pause()
-            if last:
-                paused[0] = True
-            # A full batch (or any, but for the background flusher) is followed by the next,
-            # leased in the transaction of its ack: one queue commit per batch, not two.
-            follow = None if last or final or (full_only and len(lease) < full) else Follow(*asked)
-            try:
-                stats = deliverer.deliver(lease, deadline=deadline, stop=stop, follow=follow)
-            except BaseException:
-                if follow is not None and follow.lease is not None:
-                    deliverer.give_back(follow.lease)
-                raise
-            with lock:
-                total.add(stats)
-            if progress is not None and stats.sent:
-                progress(stats.sent)
-            if final:
-                return
-            taken = follow is not None and follow.taken
-            nxt = follow.lease if follow is not None else None
-            # A failing destination is now in backoff, so the next lease skips it and the
-            # pass ends once only such messages are left.
-            if (
-                (full_only and len(lease) < full)
-                # The destination turned out fast (a slow round trip or two were the GIL's
-                # or the CPU's, not the network's): extra threads would only contend for
-                # the GIL and the queue's write lock, so this helper stops.
-                or (not first and not deliverer.window(lease).latency_bound)
-                or done()
-                or (not first and alone[0])  # the caller appends again (``solo``)
-            ):
-                if nxt is not None and taken and not first and winding_down():
-                    # Leased in this batch's ack when the pass's own thread had just found
-                    # nothing more: sent rather than handed back for another pass to lease.
-                    lease, final = nxt, True
+                # The background flusher yielding to its caller: this batch is the pass's
+                # last (none is leased to follow it), and the helpers stop after theirs.
+                last = first and pause is not None and pause()
+                if last:
+                    paused[0] = True
+                # A full batch (or any, but for the background flusher) is followed by the
+                # next, leased in the transaction of its ack: one queue commit per batch.
+                follow = (
+                    None if last or final or (full_only and len(lease) < full) else Follow(*asked)
+                )
+                if first and then is None and follow is not None and sends_ahead(lease, full):
+                    if sent is None:
+                        sent = deliverer.send_ahead(lease, deadline=deadline)
+                    if sent is not None:
+                        then = lease_next()  # once, as the pipeline starts; then by ``follow``
+                        if then is not None:
+                            then_sent = deliverer.send_ahead(then, deadline=deadline)
+                ahead, sent = sent, None  # ``deliver`` settles both, whatever happens
+                mine = False
+                stats = deliverer.deliver(
+                    lease,
+                    deadline=deadline,
+                    stop=stop,
+                    follow=follow,
+                    ahead=ahead,
+                    quick=quick,
+                )
+                with lock:
+                    total.add(stats)
+                if progress is not None and stats.sent:
+                    progress(stats.sent)
+                if final:
+                    return
+                taken = follow is not None and follow.taken
+                nxt = follow.lease if follow is not None else None
+                if then is not None:
+                    # The batch after this one goes next whatever the rules below say
+                    # (it is on the wire, or leased for it); what this ack leased follows
+                    # it, sent now so that the server has it while this thread reads.
+                    quick = not stats.errors
+                    lease, sent, then, then_sent = then, then_sent, None, None
+                    mine = True
+                    if nxt is not None:
+                        if quick and not done() and not last:
+                            then = nxt
+                            if sends_ahead(nxt, full):
+                                then_sent = deliverer.send_ahead(nxt, deadline=deadline)
+                        else:
+                            follow = None
+                            deliverer.give_back(nxt)
+                    if sent is None and done():
+                        mine = False
+                        deliverer.give_back(lease)
+                        return
                     continue
-                if nxt is not None:
-                    deliverer.give_back(nxt)
-                return
-            lease = nxt if taken else lease_next()
+                quick = True
+                # A failing destination is now in backoff, so the next lease skips it and
+                # the pass ends once only such messages are left.
+                if (
+                    (full_only and len(lease) < full)
+                    # The destination turned out fast (a slow round trip or two were the
+                    # GIL's or the CPU's, not the network's): extra threads would only
+                    # contend for the GIL and the queue's write lock, so this helper stops.
+                    or (not first and not deliverer.window(lease).latency_bound)
+                    or done()
+                    or (not first and alone[0])  # the caller appends again (``solo``)
+                ):
+                    if nxt is not None and taken and not first and winding_down():
+                        # Leased in this batch's ack when the pass's own thread had just
+                        # found nothing more: sent rather than handed back for another pass.
+                        lease, final, mine = nxt, True, True
+                        continue
+                    if nxt is not None:
+                        follow = None
+                        deliverer.give_back(nxt)
+                    return
+                lease = nxt if taken else lease_next()
+                mine = lease is not None
+        except BaseException:
+            # Sent ahead and not settled: their connections are dropped and their leases
+            # handed back (the server may have them: sent again later, at least once).
+            # Leased and not sent: handed back as they were.
+            for pending in (sent, then_sent):
+                if pending is not None:
+                    deliverer.drop_ahead(pending)
+            unsent = [then if then_sent is None else None, lease if mine and not sent else None]
+            if follow is not None and follow.lease is not lease and follow.lease is not then:
+                unsent.append(follow.lease)
+            for held in unsent:
+                if held is not None:
+                    deliverer.give_back(held)
+            raise
+
+    def sends_ahead(lease: Lease, full: int) -> bool:
+        """Whether the calling thread sends the batch after ``lease`` before it reads
+        ``lease``'s answer: a full batch (a backlog), more than one request allowed in
+        flight, no helper of this pass running (they pipeline instead), the pass going on."""
+        return count > 1 and running[0] == 0 and len(lease) >= full and not done()
 
     def lease_next() -> Lease | None:
         return deliverer.lease_next(

@@ -32,8 +32,10 @@ __all__ = [
     "Ticket",
     "Window",
     "keep_leased",
+    "keep_leased_from_now",
     "prestart_helpers",
     "run_beside",
+    "stop_keeping",
     "window_for",
     "windows",
 ]
@@ -136,16 +138,27 @@ class Window:
         that, nor than the shared ``limit``.
         """
         with self._cond:
-            while self.in_flight >= max(1, min(int(self.limit), cap or self.max_in_flight)):
+            while self._full(cap):
                 if stop is not None and stop.is_set():
                     return None
                 wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
                 if wait <= 0:
                     return None
                 self._cond.wait(wait)
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-            return Ticket(self.epoch)
+            return self._take()
+
+    def try_acquire(self, cap: int | None = None) -> Ticket | None:
+        """Take a slot if one is free now (as ``acquire`` would), else None at once."""
+        with self._cond:
+            return None if self._full(cap) else self._take()
+
+    def _full(self, cap: int | None) -> bool:
+        return self.in_flight >= max(1, min(int(self.limit), cap or self.max_in_flight))
+
+    def _take(self) -> Ticket:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        return Ticket(self.epoch)
 
     def release(self) -> None:
         """Give a slot back."""
@@ -354,6 +367,17 @@ def keep_leased(queue: QueueBackend, lease: Lease) -> Iterator[None]:
         yield
     finally:
         _keeper.remove(lease)
+
+
+def keep_leased_from_now(queue: QueueBackend, lease: Lease) -> None:
+    """Extend ``lease`` as ``keep_leased`` does until ``stop_keeping`` (or the end of a
+    ``keep_leased`` block for it): a batch sent ahead, settled later by another call."""
+    _keeper.add(queue, lease)
+
+
+def stop_keeping(lease: Lease) -> None:
+    """Stop extending ``lease`` (``keep_leased_from_now``)."""
+    _keeper.remove(lease)
 
 
 class _Helpers:

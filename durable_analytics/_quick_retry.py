@@ -24,7 +24,7 @@ from ._metrics import delivery_counters
 from ._pipeline import MAX_GATE_WAIT, Ticket, Window
 from ._store import Lease, QueueBackend
 from ._transport import Outcome
-from ._transport.base import Transport
+from ._transport.base import Started, Transport
 
 __all__ = ["DEADLINE_PASSED", "GATED", "QUICK_PAUSE_CAP", "QuickRetries", "post", "wait_first"]
 
@@ -70,12 +70,14 @@ def post(
     deadline: float | None,
     slot: tuple[Window, Ticket],
     policy: QuickRetries,
+    sent: tuple[Started, float] | None = None,
 ) -> Outcome:
     """Send the messages ``idx`` of ``lease`` in one request, quickly retried when ``quick``.
 
     ``slot`` is the destination's window of this process and the ticket this request holds
-    in it. Returns the server's last answer, or ``DEADLINE_PASSED`` / ``GATED`` when no
-    request was made.
+    in it. ``sent``: the request was already sent (``SendsAhead.start``, at the monotonic
+    time given): its answer is the first. Returns the server's last answer, or
+    ``DEADLINE_PASSED`` / ``GATED`` when no request was made.
     """
     bodies = [lease.bodies[i] for i in idx]
     dest = lease.destination
@@ -85,7 +87,14 @@ def post(
     first_try = lease.attempts
     window, ticket = slot
 
+    pending = [] if sent is None else [sent]
+
     def attempt() -> Outcome:
+        if pending:
+            # Sent ahead, before the answer to the batch sent before it was read; the gate
+            # was looked at then.
+            request, sent_at = pending.pop()
+            return answered(request.finish(), sent_at)
         gate = window.gate_wait()
         waits = 0
         while gate > 0:
@@ -107,7 +116,11 @@ def post(
         if remaining is not None and remaining <= 0:
             return DEADLINE_PASSED  # no request made: the caller's time is up
         sent_at = time.monotonic()
-        outcome = transport.send(dest, bodies, timeout=remaining, retry_count=tries[0])
+        return answered(
+            transport.send(dest, bodies, timeout=remaining, retry_count=tries[0]), sent_at
+        )
+
+    def answered(outcome: Outcome, sent_at: float) -> Outcome:
         if outcome.retry_after and outcome.kind == "retry":
             # Close the gate before anything else: another thread must not start a
             # request in the moment between this answer being read and the gate closing.
@@ -121,7 +134,7 @@ def post(
             outcome.error,
         )
         # A resend: a quick retry, or the first try of a lease that failed before.
-        delivery_counters.request(outcome.status, retry=tries[0] > first_try or not quick)
+        delivery_counters.request(outcome.status, retry=tries[0] > first_try or lease.failures > 0)
         tries[0] += 1
         window.observe(time.monotonic() - sent_at)
         last[0] = outcome

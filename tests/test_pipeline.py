@@ -19,7 +19,7 @@ from durable_analytics._delivery import Deliverer, make_deliverer
 from durable_analytics._drain import deliver_pass, drain_queue
 from durable_analytics._pipeline import Window, windows
 from durable_analytics._store import SqliteQueue
-from durable_analytics._transport import HTTPTransport, parse_rate_limit_reset
+from durable_analytics._transport import HTTPTransport, Outcome, parse_rate_limit_reset
 from durable_analytics.cli import cli
 from durable_analytics.exceptions import ConfigError
 from durable_analytics.testing import Collector, RecordingTransport, Reply
@@ -185,10 +185,16 @@ def test_a_429_halves_the_window_and_successes_grow_it_back(
 
 
 def test_no_request_leaves_while_a_retry_after_runs(queue_path: Path) -> None:
+    transport = _TimedTransport()
     with Collector(WRITE_KEY) as collector:
         collector.script(Reply(429, headers={"Retry-After": "1"}))
         client = Client(
-            WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+            WRITE_KEY,
+            host=collector.url,
+            queue_path=queue_path,
+            flusher="none",
+            on_exit="none",
+            transport=transport,
         )
         ids = track(client, 100)
         result = client.flush(timeout=30)
@@ -197,10 +203,17 @@ def test_no_request_leaves_while_a_retry_after_runs(queue_path: Path) -> None:
 
     assert result.pending == 0
     assert collector.message_ids() == dict.fromkeys(ids, 1)
-    # The first request was answered 429: nothing else came in for the next second.
+    # The first request was answered 429: no request started in the next second but the
+    # one already on its way (sent ahead, before the answer was read).
+    first, *rest = sorted(transport.sends)
+    assert first[2] == 429
+    read_at = first[1]
+    on_the_way = [s for s in rest if s[0] < read_at]
+    assert len(on_the_way) <= 1
+    assert [s for s in rest if read_at <= s[0] < read_at + 1.0] == []
     answered_at, ends_at = collector.retry_after_windows[0]
-    later = [b.received_at for b in batches[1:]]
-    assert all(t >= ends_at for t in later)
+    arrived_inside = [b for b in batches[1:] if b.received_at < ends_at]
+    assert len(arrived_inside) <= len(on_the_way)
     assert ends_at - answered_at == 1.0
 
 
@@ -215,10 +228,30 @@ class _TimedTransport(HTTPTransport):
 
     def send(self, destination: Any, bodies: Any, **kw: Any) -> Any:
         started = time.monotonic()
-        outcome = super().send(destination, bodies, **kw)
+        return self._recorded(started, super().send(destination, bodies, **kw))
+
+    def start(self, destination: Any, bodies: Any, **kw: Any) -> Any:
+        started = time.monotonic()
+        pending = super().start(destination, bodies, **kw)
+        return None if pending is None else _TimedStart(self, started, pending)
+
+    def _recorded(self, started: float, outcome: Outcome) -> Outcome:
         with self._record:
             self.sends.append((started, time.monotonic(), outcome.status, outcome.retry_after))
         return outcome
+
+
+class _TimedStart:
+    """A request ``_TimedTransport`` sent ahead: recorded when its answer is read."""
+
+    def __init__(self, transport: _TimedTransport, started: float, pending: Any) -> None:
+        self._transport, self._started, self._pending = transport, started, pending
+
+    def finish(self) -> Outcome:
+        return self._transport._recorded(self._started, self._pending.finish())
+
+    def cancel(self) -> None:
+        self._pending.cancel()
 
 
 def test_no_request_starts_after_the_client_read_a_429_whose_retry_after_still_runs(

@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import formatdate
 from pathlib import Path
@@ -26,9 +27,11 @@ from _rawserver import RawServer, make_certificate, read_request
 from conftest import WRITE_KEY, run_python
 
 from durable_analytics import __version__
+from durable_analytics._oauth import OAuthSettings
 from durable_analytics._transport import (
     MAX_RESPONSE_BYTES,
     MAX_RETRY_AFTER,
+    DestinationOverride,
     HTTPTransport,
     _wire,
     batch_body,
@@ -38,7 +41,7 @@ from durable_analytics._transport import (
 )
 from durable_analytics._transport._wire import Response, WireClient
 from durable_analytics.exceptions import RetryableError
-from durable_analytics.testing import Collector, Reply
+from durable_analytics.testing import Collector, Reply, generate_key_pair
 
 SENT_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -955,3 +958,90 @@ def test_parse_retry_after_http_date() -> None:
 def test_transport_repr_shows_no_secrets() -> None:
     transport = HTTPTransport(timeout=3.0, gzip=True)
     assert repr(transport) == "HTTPTransport(timeout=3.0, gzip=True)"
+
+
+# ---------------------------------------------------------------- sending ahead
+
+
+@dataclass(frozen=True)
+class _Dest:
+    host: str
+    write_key: str = WRITE_KEY
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(200),
+        Reply(400),
+        Reply(401),
+        Reply(429, headers={"Retry-After": "3"}),
+        Reply(500),
+    ],
+)
+def test_an_answer_read_after_start_is_the_outcome_send_gives(
+    collector: Collector, reply: Reply
+) -> None:
+    transport = HTTPTransport()
+    bodies = [b'{"type":"track","messageId":"m1"}']
+    collector.script(reply, reply)
+    sent = transport.send(_Dest(collector.url), bodies)
+    started = transport.start(_Dest(collector.url), bodies)
+    assert started is not None
+    assert started.finish() == sent
+    assert collector.requests == 2
+
+
+def test_a_request_that_cannot_be_written_finishes_as_its_retryable_failure(
+    refused_url: str,
+) -> None:
+    transport = HTTPTransport(timeout=2.0)
+    started = transport.start(_Dest(refused_url), [b"{}"])
+    assert started is not None
+    outcome = started.finish()
+    assert (outcome.kind, outcome.status) == ("retry", None)
+    assert outcome == transport.send(_Dest(refused_url), [b"{}"])
+    started.cancel()  # nothing on the wire: a no-op
+
+
+def test_a_retry_sent_ahead_carries_its_retry_count(collector: Collector) -> None:
+    started = HTTPTransport().start(_Dest(collector.url), [b"{}"], retry_count=2)
+    assert started is not None
+    assert started.finish().ok
+    assert collector.batches[0].headers.get("X-Retry-Count") == "2"
+
+
+class _LoggingTransport(HTTPTransport):
+    """A user's subclass that wraps ``send`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def send(self, destination: Any, bodies: Any, **kw: Any) -> Any:
+        self.seen += 1
+        return super().send(destination, bodies, **kw)
+
+
+def test_start_is_declined_where_it_would_bypass_a_route_or_a_subclass(
+    collector: Collector,
+) -> None:
+    """Through a proxy (urllib3 carries it), with OAuth (a token per request), and for a
+    subclass that overrides ``send`` alone (its ``send`` must see every batch), ``start``
+    says None and the batch goes through ``send``."""
+    dest = _Dest(collector.url)
+    proxied = HTTPTransport(proxies={"http": "http://127.0.0.1:9"})
+    assert proxied.start(dest, [b"{}"]) is None
+    oauth = OAuthSettings.build("id", generate_key_pair()[0], "kid", "http://127.0.0.1:9")
+    assert HTTPTransport(oauth=oauth).start(dest, [b"{}"]) is None
+    assert _LoggingTransport().start(dest, [b"{}"]) is None
+    assert collector.requests == 0
+
+
+def test_an_override_sends_ahead_to_its_own_host(collector: Collector) -> None:
+    override = DestinationOverride(HTTPTransport(), host=collector.url)
+    started = override.start(_Dest("http://127.0.0.1:9"), [b'{"messageId":"m1"}'])
+    assert started is not None
+    assert started.finish().ok
+    assert collector.message_ids(accepted_only=False) == {"m1": 1}
+    assert DestinationOverride(_LoggingTransport()).start(_Dest(collector.url), [b"{}"]) is None

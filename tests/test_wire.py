@@ -577,3 +577,79 @@ def test_port_0_is_refused_not_read_as_the_default_port() -> None:
     with pytest.raises(ValueError, match="port 0"):
         origin_of("http://127.0.0.1:0/v1/batch")
     assert origin_of("http://127.0.0.1/v1/batch").port == 80
+
+
+# ---------------------------------------------------------------- sending ahead
+
+
+def test_two_requests_started_before_either_answer_is_read_are_both_answered(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    """``start`` returns once the request is written, not when it is answered: the server
+    answers neither request before it holds both, and both answers are read after."""
+    both = threading.Barrier(2, timeout=5.0)
+
+    def answer_when_both_arrived(conn: socket.socket) -> None:
+        read_request(conn)
+        both.wait()
+        conn.sendall(OK)
+        hold_open(conn)
+
+    server = raw_server(answer_when_both_arrived)
+    client = WireClient()
+    origin = origin_of(f"{server.url}/v1/batch")
+    first = client.start(origin, b"", body_of("m1"), timeout=5.0, max_body=1024)
+    second = client.start(origin, b"", body_of("m2"), timeout=5.0, max_body=1024)
+    assert client.finish(first).status == 200
+    assert client.finish(second).status == 200
+    assert server.connections == 2  # one connection per request in flight
+    assert client.idle_count() == 2  # both kept alive for the next requests
+    client.close()
+
+
+def test_an_answer_read_after_its_deadline_is_still_read_within_the_late_grace(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    """A sent-ahead answer read late (its thread was busy with the batch before) is the
+    server's answer if it came: taking it for a timeout would send the batch again."""
+    server = raw_server(Script(OK, OK))
+    client = WireClient()
+    origin = origin_of(f"{server.url}/v1/batch")
+    late = client.start(origin, b"", body_of("m1"), timeout=0.2, max_body=1024)
+    strict = client.start(origin, b"", body_of("m2"), timeout=0.2, max_body=1024)
+    time.sleep(0.3)  # both answers arrived; both deadlines passed
+    assert client.finish(late, late=0.25).status == 200
+    with pytest.raises(TimeoutError):
+        client.finish(strict)
+    client.close()
+
+
+def test_an_answer_is_read_once_and_a_cancelled_request_drops_its_connection(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    closed = threading.Event()
+
+    def answer_then_wait_for_close(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(OK)
+        hold_open(conn)
+        closed.set()
+
+    server = raw_server(answer_then_wait_for_close)
+    client = WireClient()
+    origin = origin_of(f"{server.url}/v1/batch")
+    read = client.start(origin, b"", body_of("m1"), timeout=5.0, max_body=1024)
+    assert client.finish(read).status == 200
+    with pytest.raises(_answer.ProtocolError):
+        client.finish(read)  # an answer is never handed out twice
+    client.cancel(read)  # nothing to give up: the connection stays in the pool
+    assert client.idle_count() == 1
+
+    client.close()
+    closed.clear()
+    given_up = client.start(origin, b"", body_of("m2"), timeout=5.0, max_body=1024)
+    client.cancel(given_up)
+    assert closed.wait(5.0)  # the server saw the connection end
+    assert client.idle_count() == 0  # and it is not pooled for a later request
+    with pytest.raises(_answer.ProtocolError):
+        client.finish(given_up)

@@ -1,5 +1,9 @@
 """A lean HTTP/1.1 client on ``socket``/``ssl``: one POST, a keep-alive pool, nothing more.
 
+A POST is sent and answered in one call (``post``), or in two (``start`` writes it,
+``finish`` reads its answer), so that one thread can have a second request on the wire while
+it settles the first (``_drain.deliver_pass``).
+
 Why not urllib3 for the batch POST: delivery runs in the caller's process and the GIL takes
 its CPU from the caller's thread. A urllib3 POST of one batch costs about 0.2 ms of CPU on
 loopback, ``http.client`` about 0.12 ms, this exchange (one ``sendall`` of head and body, the
@@ -37,6 +41,7 @@ __all__ = [
     "Origin",
     "ProtocolError",
     "Response",
+    "Sent",
     "TLSSetupError",
     "WireClient",
     "make_tls_context",
@@ -277,13 +282,23 @@ class WireClient:
         At most ``max_body`` bytes of the answer's body are read; a longer body is left
         unread and its connection dropped.
         """
+        return self.finish(self.start(origin, head, body, timeout=timeout, max_body=max_body))
+
+    def start(
+        self, origin: Origin, head: bytes, body: bytes, *, timeout: float, max_body: int
+    ) -> Sent:
+        """Send a POST as ``post`` does and return without reading its answer (``finish``).
+
+        The request is written whole before this returns; ``timeout`` bounds the whole
+        exchange, the read that ``finish`` does later included.
+        """
         deadline = time.monotonic() + timeout
         request = b"".join((origin.prefix, head, b"Content-Length: %d\r\n\r\n" % len(body), body))
         conn = self._checkout(origin)
         if conn is None:
             conn = self._connect(origin, deadline)
         try:
-            return self._exchange(origin, conn, request, deadline, max_body)
+            early = self._send(conn, request, deadline, max_body)
         except _SendFailed as failed:
             if not conn.reused:
                 raise failed.error from None
@@ -293,17 +308,52 @@ class WireClient:
             # sending it once on a new connection cannot duplicate a batch. A failure after
             # the request went out whole is never resent here: the server may have taken the
             # batch, and resending is the queue's decision (its retry, at least once).
-            fresh = self._connect(origin, deadline)
+            conn = self._connect(origin, deadline)
             try:
-                return self._exchange(origin, fresh, request, deadline, max_body)
+                early = self._send(conn, request, deadline, max_body)
             except _SendFailed as again:
                 raise again.error from None
+        return Sent(origin, conn, deadline, max_body, early)
 
-    def _exchange(
-        self, origin: Origin, conn: _Conn, request: bytes, deadline: float, max_body: int
-    ) -> Response:
-        sock = conn.sock
+    def finish(self, sent: Sent, *, late: float = 0.0) -> Response:
+        """Read the answer to a request ``start`` sent, once, by its deadline.
+
+        ``late``: the read gets at least this many seconds, even past the deadline. A
+        caller that reads a sent-ahead answer after other work (the quick retries of the
+        batch before it) gives it the time to read what the server may have sent long ago;
+        an answer taken for a timeout would send the batch again, a duplicate without a
+        fault.
+        """
+        if sent.answer is not None:
+            return sent.answer
+        if sent.done:
+            raise ProtocolError("this request's answer was already read or given up")
+        sent.done = True
+        conn = sent.conn
         keep = False
+        deadline = max(sent.deadline, time.monotonic() + late) if late else sent.deadline
+        try:
+            response, keep = read_response(conn.sock, deadline, sent.max_body)
+            return response
+        finally:
+            if keep:
+                self._checkin(sent.origin, conn)
+            else:
+                _close(conn.sock)
+
+    def cancel(self, sent: Sent) -> None:
+        """Give up a request ``start`` sent without reading its answer: its connection is
+        closed (the server may still have taken the batch)."""
+        if sent.answer is None and not sent.done:
+            sent.done = True
+            _close(sent.conn.sock)
+
+    @staticmethod
+    def _send(conn: _Conn, request: bytes, deadline: float, max_body: int) -> Response | None:
+        """Write ``request`` whole: None, the connection left open for the answer; or the
+        answer a server sent before it read the whole request (a 413), its connection closed.
+        """
+        sock = conn.sock
         try:
             sock.settimeout(remaining(deadline))
             try:
@@ -314,18 +364,29 @@ class WireClient:
                 # The server may have answered before reading the whole request (a 413)
                 # and closed: that answer is the outcome if it can be read.
                 try:
-                    response, keep = read_response(sock, deadline, max_body)
+                    response, _ = read_response(sock, deadline, max_body)
                 except (OSError, ValueError):
                     raise _SendFailed(exc) from None
-                keep = False
-                return response
-            response, keep = read_response(sock, deadline, max_body)
-            return response
-        finally:
-            if keep:
-                self._checkin(origin, conn)
-            else:
                 _close(sock)
+                return response
+        except BaseException:
+            _close(sock)
+            raise
+        return None
+
+
+@dataclass
+class Sent:
+    """A request ``WireClient.start`` wrote, its answer still to read (``finish``)."""
+
+    origin: Origin
+    conn: _Conn
+    deadline: float
+    max_body: int
+    #: The answer when the server gave it before it read the whole request.
+    answer: Response | None = None
+    #: Its answer was read or given up (``cancel``): the connection is no longer this one's.
+    done: bool = False
 
 
 class _SendFailed(Exception):

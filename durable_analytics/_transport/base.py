@@ -22,6 +22,8 @@ __all__ = [
     "DestinationOverride",
     "Kind",
     "Outcome",
+    "SendsAhead",
+    "Started",
     "Target",
     "Transport",
     "classify",
@@ -179,6 +181,39 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+class Started(Protocol):
+    """A batch a transport has sent whose answer is still to be read (``SendsAhead``)."""
+
+    def finish(self) -> Outcome:
+        """Read the answer (once) and return it as ``Transport.send`` would have."""
+        ...
+
+    def cancel(self) -> None:
+        """Give up the answer unread (the server may still have taken the batch)."""
+        ...
+
+
+class SendsAhead(Protocol):
+    """A transport that can also send a batch now and read its answer later.
+
+    Optional beside ``Transport``: with it, one delivering thread keeps a second batch on
+    the wire while it settles the first (``_drain.deliver_pass``). ``start`` writes the
+    request whole and returns a ``Started`` whose ``finish`` gives what ``send`` would have
+    (a request that could not be written included, as its retryable outcome), within
+    ``timeout`` for both steps together; or None when it cannot for this destination, and
+    the caller then uses ``send``. The HTTP transport implements it for direct routes.
+    """
+
+    def start(
+        self,
+        destination: Target,
+        bodies: Sequence[bytes],
+        *,
+        timeout: float | None = None,
+        retry_count: int = 0,
+    ) -> Started | None: ...
+
+
 @dataclass(frozen=True)
 class _Override:
     host: str
@@ -217,6 +252,22 @@ class DestinationOverride:
         """Send through the wrapped transport with the overridden host and write key."""
         target = _Override(self.host or destination.host, self.write_key or destination.write_key)
         return self.inner.send(target, bodies, timeout=timeout, retry_count=retry_count)
+
+    def start(
+        self,
+        destination: Target,
+        bodies: Sequence[bytes],
+        *,
+        timeout: float | None = None,
+        retry_count: int = 0,
+    ) -> Started | None:
+        """Send ahead through the wrapped transport (``SendsAhead``), when it can."""
+        start = getattr(self.inner, "start", None)
+        if start is None:
+            return None
+        target = _Override(self.host or destination.host, self.write_key or destination.write_key)
+        started: Started | None = start(target, bodies, timeout=timeout, retry_count=retry_count)
+        return started
 
     def close(self) -> None:
         """Close the wrapped transport."""

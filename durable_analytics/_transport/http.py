@@ -19,7 +19,7 @@ import os
 import re
 import ssl
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -33,8 +33,25 @@ from durable_analytics._version import __version__
 from durable_analytics.exceptions import ConfigurationRejected, DeliveryError
 
 from ._resolve import LookupTimeout
-from ._wire import ConnectError, Origin, ProtocolError, WireClient, make_tls_context, origin_of
-from .base import Outcome, Target, classify, one_line, parse_rate_limit_reset, parse_retry_after
+from ._wire import (
+    ConnectError,
+    Origin,
+    ProtocolError,
+    Response,
+    Sent,
+    WireClient,
+    make_tls_context,
+    origin_of,
+)
+from .base import (
+    Outcome,
+    Started,
+    Target,
+    classify,
+    one_line,
+    parse_rate_limit_reset,
+    parse_retry_after,
+)
 
 __all__ = [
     "MAX_RESPONSE_BYTES",
@@ -45,6 +62,9 @@ __all__ = [
 
 log = logging.getLogger("durable_analytics.delivery")
 
+#: A sent-ahead answer read after its request's timeout (its thread was busy with the batch
+#: before it) still gets this long: the server may have answered in time.
+LATE_READ = 0.25
 #: Response bodies are read to at most this many bytes.
 MAX_RESPONSE_BYTES = 64 * 1024
 USER_AGENT = f"durable-analytics/{__version__}"
@@ -265,51 +285,101 @@ class HTTPTransport:
                 return Outcome("config", None, error=str(exc))
             except DeliveryError as exc:
                 return Outcome("retry", None, error=str(exc))
-        data = body
-        if self.gzip:
-            data = gzip_module.compress(body, compresslevel=6)
-        read_timeout = self.timeout if timeout is None else max(0.05, min(timeout, self.timeout))
-        try:
+        data = self._compressed(body)
+        read_timeout = self._read_timeout(timeout)
+
+        def exchange() -> tuple[int, bytes, str | None, str | None]:
             route = self._pool(url)
             if isinstance(route, Origin):
-                answer = self._wire_client().post(
-                    route,
-                    self._head(authorization, retry_count),
-                    data,
-                    timeout=read_timeout,
-                    max_body=MAX_RESPONSE_BYTES,
+                return _fields(
+                    self._wire_client().post(
+                        route,
+                        self._head(authorization, retry_count),
+                        data,
+                        timeout=read_timeout,
+                        max_body=MAX_RESPONSE_BYTES,
+                    )
                 )
-                status, raw, answer_headers = answer.status, answer.body, answer.headers
-                retry_header = answer_headers.get("retry-after")
-                reset_header = answer_headers.get("x-ratelimit-reset")
-            else:
-                # urllib3's timeout bounds each read, not the request: a proxy or server
-                # that answers a byte at a time would hold it past any deadline.
-                status, raw, retry_header, reset_header = call_within(
-                    read_timeout,
-                    lambda: _post_through_urllib3(
-                        route, url, authorization, retry_count, self.gzip, data, read_timeout
-                    ),
-                    f"the request to {host}",
-                )
-        except (ssl.SSLError, urllib3.exceptions.SSLError) as exc:
-            return self._failed(f"TLS error talking to {host}", exc, write_key, authorization)
-        except (ConnectError, urllib3.exceptions.NewConnectionError) as exc:
-            # A subclass of ConnectTimeoutError in urllib3, but a refused connection or an
-            # unknown host is not a timeout: say what happened.
-            return self._failed(f"cannot connect to {host}", exc, write_key, authorization)
-        except LookupTimeout as exc:
-            return Outcome("retry", None, error=f"timed out on {host}: {exc}")
-        except (urllib3.exceptions.TimeoutError, TimeoutError):
-            return Outcome("retry", None, error=f"timed out after {read_timeout:.3g}s on {host}")
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            what = f"network error talking to {host}"
-            return self._failed(what, exc, write_key, authorization)
-        except ValueError as exc:
-            # A host no URL parser or resolver takes (the config's own check refuses it, a
-            # transport called directly may not have): kept and backed off, never raised.
-            why = self._scrub(_short(exc), write_key)
-            return Outcome("config", None, error=f"cannot send to {host!r}: {why}")
+            # urllib3's timeout bounds each read, not the request: a proxy or server
+            # that answers a byte at a time would hold it past any deadline.
+            return call_within(
+                read_timeout,
+                lambda: _post_through_urllib3(
+                    route, url, authorization, retry_count, self.gzip, data, read_timeout
+                ),
+                f"the request to {host}",
+            )
+
+        return self._answered(host, write_key, authorization, read_timeout, exchange)
+
+    def start(
+        self,
+        destination: Target,
+        bodies: Sequence[bytes],
+        *,
+        timeout: float | None = None,
+        retry_count: int = 0,
+    ) -> Started | None:
+        """Send ``bodies`` as one batch now and read the answer later (``Started.finish``).
+
+        ``finish`` returns what ``send`` would have (a request that could not be written
+        comes back as its retryable outcome); ``timeout`` bounds both steps together. None
+        when this route cannot send ahead (a proxy, OAuth), or when a subclass overrides
+        ``send`` and not this (what it does there must see every batch): the caller then
+        uses ``send``.
+        """
+        if self._oauth is not None or (
+            type(self).send is not HTTPTransport.send and type(self).start is HTTPTransport.start
+        ):
+            return None
+        host, write_key = destination.host, destination.write_key
+        try:
+            route = self._pool(f"{host}/v1/batch")
+        except (ValueError, urllib3.exceptions.HTTPError):
+            return None  # ``send`` says what is wrong with the host
+        if not isinstance(route, Origin):
+            return None
+        authorization = self._authorization(write_key)
+        read_timeout = self._read_timeout(timeout)
+        wire = self._wire_client()
+        try:
+            sent = wire.start(
+                route,
+                self._head(authorization, retry_count),
+                self._compressed(batch_body(bodies)),
+                timeout=read_timeout,
+                max_body=MAX_RESPONSE_BYTES,
+            )
+        except Exception as exc:
+            outcome = self._error_outcome(exc, host, write_key, authorization, read_timeout)
+            if outcome is None:
+                raise
+            return _Settled(outcome)
+        return _Pending(self, wire, sent, (host, write_key, authorization, read_timeout))
+
+    def _compressed(self, body: bytes) -> bytes:
+        return gzip_module.compress(body, compresslevel=6) if self.gzip else body
+
+    def _read_timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else max(0.05, min(timeout, self.timeout))
+
+    def _answered(
+        self,
+        host: str,
+        write_key: str,
+        authorization: str,
+        read_timeout: float,
+        exchange: Callable[[], tuple[int, bytes, str | None, str | None]],
+    ) -> Outcome:
+        """The outcome of ``exchange`` (status, body, Retry-After, X-RateLimit-Reset):
+        classified and scrubbed, or the retryable or configuration outcome of its error."""
+        try:
+            status, raw, retry_header, reset_header = exchange()
+        except Exception as exc:
+            outcome = self._error_outcome(exc, host, write_key, authorization, read_timeout)
+            if outcome is None:
+                raise
+            return outcome
         kind = classify(status)
         if self._tokens is not None and status in _TOKEN_REFUSED:
             # The API refused the token (expired, revoked): the next try fetches a new one.
@@ -331,6 +401,35 @@ class HTTPTransport:
                 retry_after = reset if retry_after is None else max(retry_after, reset)
         error = "" if kind == "ok" else f"HTTP {status} from {host}: {one_line(excerpt[:200])}"
         return Outcome(kind, status, retry_after, excerpt, error.strip())
+
+    def _error_outcome(
+        self,
+        exc: Exception,
+        host: str,
+        write_key: str,
+        authorization: str,
+        read_timeout: float,
+    ) -> Outcome | None:
+        """The outcome of a request that raised ``exc`` (None: not a failure of ours)."""
+        if isinstance(exc, (ssl.SSLError, urllib3.exceptions.SSLError)):
+            return self._failed(f"TLS error talking to {host}", exc, write_key, authorization)
+        if isinstance(exc, (ConnectError, urllib3.exceptions.NewConnectionError)):
+            # A subclass of ConnectTimeoutError in urllib3, but a refused connection or an
+            # unknown host is not a timeout: say what happened.
+            return self._failed(f"cannot connect to {host}", exc, write_key, authorization)
+        if isinstance(exc, LookupTimeout):
+            return Outcome("retry", None, error=f"timed out on {host}: {exc}")
+        if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+            return Outcome("retry", None, error=f"timed out after {read_timeout:.3g}s on {host}")
+        if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
+            what = f"network error talking to {host}"
+            return self._failed(what, exc, write_key, authorization)
+        if isinstance(exc, ValueError):
+            # A host no URL parser or resolver takes (the config's own check refuses it, a
+            # transport called directly may not have): kept and backed off, never raised.
+            why = self._scrub(_short(exc), write_key)
+            return Outcome("config", None, error=f"cannot send to {host!r}: {why}")
+        return None
 
     def _failed(self, what: str, exc: BaseException, write_key: str, authorization: str) -> Outcome:
         """A retry outcome for a request that got no answer: ``what`` and why, scrubbed (a
@@ -453,6 +552,58 @@ def _post_through_urllib3(
     retry_header = response.headers.get("Retry-After")
     reset_header = response.headers.get("X-RateLimit-Reset")
     return int(response.status), raw, retry_header, reset_header
+
+
+def _fields(answer: Response) -> tuple[int, bytes, str | None, str | None]:
+    """Status, body, Retry-After and X-RateLimit-Reset of one answer of ``_wire``."""
+    headers = answer.headers
+    return answer.status, answer.body, headers.get("retry-after"), headers.get("x-ratelimit-reset")
+
+
+class _Pending:
+    """A batch ``HTTPTransport.start`` sent: its answer read once, by ``finish``."""
+
+    def __init__(
+        self,
+        transport: HTTPTransport,
+        wire: WireClient,
+        sent: Sent,
+        call: tuple[str, str, str, float],
+    ) -> None:
+        self._transport = transport
+        self._wire = wire
+        self._sent = sent
+        self._call = call
+
+    def finish(self) -> Outcome:
+        """The server's answer, classified as ``HTTPTransport.send`` does."""
+        host, write_key, authorization, read_timeout = self._call
+        wire, sent = self._wire, self._sent
+        return self._transport._answered(
+            host,
+            write_key,
+            authorization,
+            read_timeout,
+            lambda: _fields(wire.finish(sent, late=LATE_READ)),
+        )
+
+    def cancel(self) -> None:
+        """Drop the connection without reading the answer (the server may have the batch)."""
+        self._wire.cancel(self._sent)
+
+
+class _Settled:
+    """A batch ``HTTPTransport.start`` could not send: ``finish`` says why."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        self._outcome = outcome
+
+    def finish(self) -> Outcome:
+        """The failure's outcome."""
+        return self._outcome
+
+    def cancel(self) -> None:
+        """Nothing to give up: no request is on the wire."""
 
 
 def _path(url: str) -> str:

@@ -1,0 +1,230 @@
+"""The calling thread's second request in flight: ``Deliverer.send_ahead`` and its use in
+``_drain.deliver_pass``.
+
+A delivery pass sends the batch after the one in flight before it reads that one's answer,
+so the server works on one batch while the thread settles the other, without a second
+thread (on loopback, helper threads only fought over the GIL). Each test counts what the
+collector received and what the client sent: no loss, no duplicate without a fault, at
+most two requests of one thread outstanding, and every lease settled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import WRITE_KEY
+
+from durable_analytics import _pipeline
+from durable_analytics._delivery import Deliverer
+from durable_analytics._drain import deliver_pass
+from durable_analytics._flusher import Flusher
+from durable_analytics._pipeline import windows
+from durable_analytics._store.sqlite import SqliteQueue
+from durable_analytics._transport import HTTPTransport, Outcome
+from durable_analytics.testing import Collector
+
+
+class _Requests(HTTPTransport):
+    """HTTP, with the client's own record of each request: (thread, started, answer read)."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        super().__init__(timeout=timeout)
+        self.log: list[tuple[int, float, float]] = []
+        self._lock = threading.Lock()
+
+    def send(self, destination: Any, bodies: Any, **kw: Any) -> Outcome:
+        started = time.monotonic()
+        return self._done(started, super().send(destination, bodies, **kw))
+
+    def start(self, destination: Any, bodies: Any, **kw: Any) -> Any:
+        started = time.monotonic()
+        pending = super().start(destination, bodies, **kw)
+        if pending is None:
+            return None
+        transport = self
+
+        class Timed:
+            def finish(self) -> Outcome:
+                return transport._done(started, pending.finish())
+
+            def cancel(self) -> None:
+                pending.cancel()
+
+        return Timed()
+
+    def _done(self, started: float, outcome: Outcome) -> Outcome:
+        with self._lock:
+            self.log.append((threading.get_ident(), started, time.monotonic()))
+        return outcome
+
+    def most_outstanding(self) -> int:
+        """The most requests this client had started and not yet read at once."""
+        events = sorted([(s, 1) for _, s, _ in self.log] + [(e, -1) for _, _, e in self.log])
+        now = most = 0
+        for _, step in events:
+            now += step
+            most = max(most, now)
+        return most
+
+
+@pytest.fixture(autouse=True)
+def _never_latency_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A loaded machine can make loopback look slow enough for helper threads; these tests
+    # are about the calling thread alone.
+    monkeypatch.setattr(_pipeline, "PIPELINE_MIN_RTT", 1e9)
+
+
+@pytest.fixture
+def queue(queue_path: Path) -> Iterator[SqliteQueue]:
+    q = SqliteQueue(queue_path, lease_timeout=60.0)
+    yield q
+    q.close()
+
+
+def _fill(queue: SqliteQueue, host: str, n: int) -> list[str]:
+    dest = queue.destination(host, WRITE_KEY)
+    ids = [f"m{i}" for i in range(n)]
+    for message_id in ids:
+        body = b'{"type":"track","event":"E","userId":"u","messageId":"%s"}' % message_id.encode()
+        queue.append(dest, body)
+    return ids
+
+
+def test_one_thread_keeps_two_batches_in_flight_and_sends_each_once(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    ids = _fill(queue, collector.url, 400)
+    transport = _Requests()
+    deliverer = Deliverer(queue, transport, max_in_flight=8)
+
+    stats = deliver_pass(queue, deliverer)
+
+    assert stats.sent == 400
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+    assert collector.requests == 20
+    assert {thread for thread, _, _ in transport.log} == {threading.get_ident()}
+    assert transport.most_outstanding() == 2
+    assert queue.stats().leased == 0
+
+
+def test_a_window_of_one_slot_leaves_nothing_to_send_ahead(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    ids = _fill(queue, collector.url, 100)
+    transport = _Requests()
+    deliver_pass(queue, Deliverer(queue, transport, max_in_flight=1))
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+    assert transport.most_outstanding() == 1
+    assert windows()[collector.url].peak == 1
+
+
+def test_a_batch_sent_ahead_of_one_that_failed_for_good_gets_no_quick_retries(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """The batch before it had its quick retries and failed: the destination now backs off,
+    so the batch already on the wire is settled by its own answer, with one report."""
+    collector.set_default(500)
+    _fill(queue, collector.url, 100)
+    reports: list[int] = []
+    deliverer = Deliverer(
+        queue,
+        _Requests(),
+        max_in_flight=8,
+        max_retries=2,
+        sleep=lambda _seconds: None,
+        on_error=lambda _exc, messages: reports.append(len(messages)),
+    )
+
+    stats = deliver_pass(queue, deliverer)
+
+    assert stats.sent == 0
+    assert collector.requests == 4  # the first batch thrice, the one sent ahead once
+    assert reports == [20, 20]  # each batch reported once
+    assert queue.pending() == 100
+    assert queue.stats().leased == 0
+
+
+def test_a_batch_sent_ahead_is_acked_when_the_retries_before_it_outlast_its_timeout(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """Its answer came long before it was read (the thread was retrying the batch before):
+    it is the server's answer, not a timeout, so the batch is not sent again."""
+    collector.script(500, 200, 500)  # first batch: 500, 500, then 200; the second: 200
+    ids = _fill(queue, collector.url, 40)
+    deliverer = Deliverer(
+        queue,
+        _Requests(timeout=0.3),
+        max_in_flight=8,
+        max_retries=3,
+        sleep=lambda _seconds: time.sleep(0.25),  # two pauses outlast the 0.3 s timeout
+    )
+
+    stats = deliver_pass(queue, deliverer)
+
+    assert stats.sent == 40
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+    assert collector.requests == 4
+    assert queue.pending() == 0
+
+
+def test_an_interrupted_pass_hands_the_batch_sent_ahead_back_at_once(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    ids = _fill(queue, collector.url, 200)
+    deliverer = Deliverer(queue, _Requests(), max_in_flight=8)
+
+    def interrupt(_sent: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        deliver_pass(queue, deliverer, progress=interrupt)
+
+    # Nothing is left under a lease to wait for its expiry (60 s here): the next pass
+    # sends the rest now. The batch that was on the wire may arrive twice (an interrupt
+    # is a fault), nothing else.
+    assert queue.stats().leased == 0
+    left = queue.pending()
+    assert deliver_pass(queue, deliverer).sent == left
+    received = collector.message_ids()
+    assert set(received) == set(ids)
+    assert sum(received.values()) - len(ids) <= 20
+    assert queue.pending() == 0
+
+
+def test_the_flusher_thread_delivers_nothing_while_a_caller_steps_it_aside(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """``flush()`` delivers in the caller's thread; the flusher thread's pass beside it
+    would only take turns at the GIL with it."""
+    ids = _fill(queue, collector.url, 40)
+    flusher = Flusher(Deliverer(queue, HTTPTransport()), flush_interval=0.0)
+    with flusher.stepping_aside():
+        flusher._cycle()
+        assert collector.requests == 0
+    flusher._cycle()
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+
+
+def test_a_pass_of_the_flusher_thread_ends_when_a_caller_steps_it_aside(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    collector.set_delay(0.05)
+    ids = _fill(queue, collector.url, 400)
+    flusher = Flusher(Deliverer(queue, HTTPTransport(), max_in_flight=2), flush_interval=0.0)
+    passing = threading.Thread(target=flusher._cycle)
+    passing.start()
+    assert collector.wait_for_requests(1)
+    with flusher.stepping_aside():
+        passing.join(10.0)
+        assert not passing.is_alive()
+        delivered = len(collector.message_ids())
+        assert 0 < delivered <= 100  # the batches it held, not the backlog
+        assert queue.stats().leased == 0
+    while flusher._cycle() == 0.0:
+        pass
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
