@@ -519,7 +519,10 @@ def deliver_pass(
                     if nxt is not None:
                         if quick and not done() and not last:
                             then = nxt
-                            if sends_ahead(nxt, full):
+                            # Never ahead of a batch still to send: that one waits for a
+                            # slot of the window (``acquire``), and the slot taken here
+                            # could be the one it waits for, held by this very thread.
+                            if sent is not None and sends_ahead(nxt, full):
                                 then_sent = deliverer.send_ahead(nxt, deadline=deadline)
                         else:
                             follow = None

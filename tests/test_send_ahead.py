@@ -23,7 +23,7 @@ from durable_analytics import _pipeline
 from durable_analytics._delivery import Deliverer
 from durable_analytics._drain import deliver_pass
 from durable_analytics._flusher import Flusher
-from durable_analytics._pipeline import windows
+from durable_analytics._pipeline import window_for, windows
 from durable_analytics._store.sqlite import SqliteQueue
 from durable_analytics._transport import HTTPTransport, Outcome
 from durable_analytics.testing import Collector
@@ -228,3 +228,23 @@ def test_a_pass_of_the_flusher_thread_ends_when_a_caller_steps_it_aside(
     while flusher._cycle() == 0.0:
         pass
     assert collector.message_ids() == dict.fromkeys(ids, 1)
+
+
+def test_a_batch_is_never_sent_ahead_of_one_still_waiting_for_a_slot(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """Another pass of this process holds one of the window's two slots. A batch whose
+    send ahead found the window full goes next by ``acquire``: the batch after it must not
+    take the slot it waits for (the thread would wait for itself, until the deadline, or
+    for ever without one, the batch sent ahead unread meanwhile)."""
+    ids = _fill(queue, collector.url, 80)
+    deliverer = Deliverer(queue, _Requests(), max_in_flight=2)
+    other = window_for(collector.url, WRITE_KEY, 2)
+    assert other.try_acquire(2) is not None  # the other pass's request, in flight
+    try:
+        stats = deliver_pass(queue, deliverer, deadline=time.monotonic() + 3.0)
+    finally:
+        other.release()
+    assert (stats.sent, stats.kept) == (len(ids), 0)
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+    assert queue.stats().leased == 0
