@@ -248,3 +248,22 @@ def test_a_batch_is_never_sent_ahead_of_one_still_waiting_for_a_slot(
     assert (stats.sent, stats.kept) == (len(ids), 0)
     assert collector.message_ids() == dict.fromkeys(ids, 1)
     assert queue.stats().leased == 0
+
+
+def test_a_transport_that_overrides_post_sees_every_batch(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """``post`` is HTTPTransport's method for one batch body: a subclass that overrides it
+    (to count, to record, to add a header) must see the batches sent ahead too."""
+    ids = _fill(queue, collector.url, 100)
+    posted: list[int] = []
+
+    class Recording(HTTPTransport):
+        def post(self, *args: Any, **kwargs: Any) -> Outcome:
+            outcome = super().post(*args, **kwargs)
+            posted.append(outcome.status or 0)
+            return outcome
+
+    deliver_pass(queue, Deliverer(queue, Recording(), max_in_flight=8))
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+    assert len(posted) == collector.requests == 5

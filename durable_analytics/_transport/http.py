@@ -325,12 +325,13 @@ class HTTPTransport:
         ``finish`` returns what ``send`` would have (a request that could not be written
         comes back as its retryable outcome); ``timeout`` bounds both steps together. None
         when this route cannot send ahead (a proxy, OAuth), or when a subclass overrides
-        ``send`` and not this (what it does there must see every batch): the caller then
-        uses ``send``.
+        ``send`` or ``post`` and not this (what it does there must see every batch): the
+        caller then uses ``send``.
         """
-        if self._oauth is not None or (
-            type(self).send is not HTTPTransport.send and type(self).start is HTTPTransport.start
-        ):
+        overridden = type(self).send is not HTTPTransport.send or (
+            type(self).post is not HTTPTransport.post
+        )
+        if self._oauth is not None or (overridden and type(self).start is HTTPTransport.start):
             return None
         host, write_key = destination.host, destination.write_key
         try:
