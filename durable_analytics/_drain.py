@@ -528,8 +528,13 @@ def deliver_pass(
                             follow = None
                             deliverer.give_back(nxt)
                     if sent is None and done():
+                        # (``done`` may have turned since it was asked above: what the ack
+                        # leased goes back too.)
                         mine = False
                         deliverer.give_back(lease)
+                        if then is not None:
+                            leased, then = then, None
+                            deliverer.give_back(leased)
                         return
                     continue
                 quick = True

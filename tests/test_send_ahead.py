@@ -267,3 +267,39 @@ def test_a_transport_that_overrides_post_sees_every_batch(
     deliver_pass(queue, Deliverer(queue, Recording(), max_in_flight=8))
     assert collector.message_ids() == dict.fromkeys(ids, 1)
     assert len(posted) == collector.requests == 5
+
+
+def test_a_stop_that_comes_while_the_pass_moves_on_leaves_no_lease_behind(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """``stop`` set (by another thread) just after the pass decided to keep the batch its
+    ack leased: the pass ends, and that batch goes back with the one it ends on, not left
+    under a lease until it expires (60 s here)."""
+    _fill(queue, collector.url, 80)
+    deliverer = Deliverer(queue, _Requests(), max_in_flight=2)
+    other = window_for(collector.url, WRITE_KEY, 2)
+    assert other.try_acquire(2) is not None  # the second batch cannot be sent ahead
+
+    class Stop(threading.Event):
+        """Set from the second look after the first batch was counted (another thread
+        setting it between the pass's two looks)."""
+
+        looks = -1
+
+        def is_set(self) -> bool:
+            if self.looks >= 0:
+                self.looks += 1
+            return self.looks >= 2 or super().is_set()
+
+    stop = Stop()
+
+    def counted(_sent: int) -> None:
+        stop.looks = max(stop.looks, 0)
+
+    try:
+        stats = deliver_pass(queue, deliverer, stop=stop, progress=counted)
+    finally:
+        other.release()
+    assert stats.sent == 20
+    assert queue.stats().leased == 0
+    assert queue.pending() == 60
