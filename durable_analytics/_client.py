@@ -294,7 +294,7 @@ class Client(ClientCalls, SettingsAttributes):
         # Every wait on the queue ends by the deadline, even behind a stuck lock holder.
         with (
             self.queue.bounded(timeout),
-            contextlib.nullcontext() if flusher is None else flusher.stepping_aside(),
+            contextlib.nullcontext() if flusher is None else flusher.stepping_aside(self._dest),
         ):
             return self._flush(timeout)
 

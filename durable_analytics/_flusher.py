@@ -99,8 +99,9 @@ class Flusher:
         self._need = _NEVER
         # Appends seen at the last ``solo`` ask of a pass, or at the end of the last pass.
         self._asked = 0
-        # Callers of this process delivering in their own thread now (``stepping_aside``).
-        self._aside = 0
+        # The destinations (None: all) that callers of this process deliver in their own
+        # thread now, one entry per caller (``stepping_aside``).
+        self._aside: list[int | None] = []
         self._aside_lock = threading.Lock()
         self._idle_event = threading.Event()
         self._idle_event.set()
@@ -125,22 +126,36 @@ class Flusher:
         return not self._idle_event.is_set()
 
     @contextlib.contextmanager
-    def stepping_aside(self) -> Iterator[None]:
+    def stepping_aside(self, destination: int | None = None) -> Iterator[None]:
         """While the block runs, the thread delivers nothing: its pass ends after its
         batches in flight and it starts none until the block ends.
 
         For ``flush()``, which delivers in the caller's thread: two passes of one process
         at once only take turns at the GIL (measured on loopback, a flush took half as much
         CPU again beside the thread's pass), and the caller's pass sends all it waits for.
+        ``destination``: the caller delivers that destination only; while the queue holds
+        messages of others, the thread delivers as usual (it would otherwise leave them
+        waiting for as long as the caller's delivery takes).
         """
         with self._aside_lock:
-            self._aside += 1
+            self._aside.append(destination)
         try:
             yield
         finally:
             with self._aside_lock:
-                self._aside -= 1
+                self._aside.remove(destination)
             self.notify()
+
+    def _stands_aside(self) -> bool:
+        """Whether a caller delivers (``stepping_aside``) all that the queue holds."""
+        with self._aside_lock:
+            aside = set(self._aside)
+        if not aside:
+            return False
+        if None in aside:
+            return True
+        theirs = sum(self.queue.pending(destination=dest) for dest in aside)
+        return self.queue.pending() <= theirs
 
     def wait_delivered(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the batch in flight (if any) to be finished."""
@@ -155,8 +170,12 @@ class Flusher:
         appends = self.appends
         started = time.thread_time()
 
+        aside: list[bool] = []  # asked once a caller steps aside during this pass
+
         def pause() -> bool:
-            return self._aside > 0 or (may_yield and self.yields(appends, started))
+            if self._aside and not aside:
+                aside.append(self._stands_aside())
+            return (bool(aside) and aside[0]) or (may_yield and self.yields(appends, started))
 
         def solo() -> bool:
             # The caller appended since the last ask (about a batch ago): it is still in
@@ -245,7 +264,7 @@ class Flusher:
     def _cycle(self) -> float:
         """Deliver what is due; return how long to wait before looking again."""
         self._need = _NEVER
-        if self._aside:
+        if self._aside and self._stands_aside():
             return self.poll_interval  # a caller delivers (``stepping_aside``): woken after
         now = self._now()
         appends = self.appends

@@ -10,16 +10,18 @@ most two requests of one thread outstanding, and every lease settled.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _rawserver import RawServer, read_request
 from conftest import WRITE_KEY
 
-from durable_analytics import _pipeline
+from durable_analytics import Client, _pipeline
 from durable_analytics._delivery import Deliverer
 from durable_analytics._drain import deliver_pass
 from durable_analytics._flusher import Flusher
@@ -303,3 +305,37 @@ def test_a_stop_that_comes_while_the_pass_moves_on_leaves_no_lease_behind(
     assert stats.sent == 20
     assert queue.stats().leased == 0
     assert queue.pending() == 60
+
+
+def test_a_flush_steps_the_flusher_thread_aside_for_its_own_destination_only(
+    queue_path: Path, collector: Collector, raw_server: Callable[..., RawServer]
+) -> None:
+    """``flush()`` delivers its client's destination only: the queue's other destinations
+    are still the flusher thread's to deliver while it runs, however long it takes."""
+    answer = threading.Event()
+    asked = threading.Event()
+
+    def held(conn: socket.socket) -> None:
+        read_request(conn)
+        asked.set()
+        answer.wait(10.0)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    slow = raw_server(held)
+    client = Client(WRITE_KEY, host=slow.url, queue_path=queue_path, on_exit="none")
+    try:
+        client.track("u", "E")
+        flushing = threading.Thread(target=client.flush)
+        flushing.start()
+        try:
+            assert asked.wait(10.0)
+            ids = _fill(client.queue, collector.url, 20)  # another destination's backlog
+            assert client._flusher is not None
+            client._flusher.notify()
+            assert collector.wait_for_messages(20, timeout=5.0)
+            assert collector.message_ids() == dict.fromkeys(ids, 1)
+        finally:
+            answer.set()
+            flushing.join(10.0)
+    finally:
+        client.shutdown()
