@@ -513,7 +513,8 @@ def deliver_pass(
                     # The batch after this one goes next whatever the rules below say
                     # (it is on the wire, or leased for it); what this ack leased follows
                     # it, sent now so that the server has it while this thread reads.
-                    quick = not stats.errors
+                    # (The failure put ``lease``'s destination in backoff, not another's.)
+                    quick = not stats.errors or then.destination.id != lease.destination.id
                     lease, sent, then, then_sent = then, then_sent, None, None
                     mine = True
                     if nxt is not None:

@@ -339,3 +339,23 @@ def test_a_flush_steps_the_flusher_thread_aside_for_its_own_destination_only(
             flushing.join(10.0)
     finally:
         client.shutdown()
+
+
+def test_a_failing_destination_takes_no_quick_retries_from_another_sent_ahead(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """The batch sent ahead is of another destination than the one that failed for good
+    before it: that destination is not backing off, its batch keeps its quick retries."""
+    collector.set_default(500)
+    _fill(queue, collector.url, 20)
+    with Collector(WRITE_KEY) as other:
+        other.script(500)  # then 200
+        ids = _fill(queue, other.url, 20)
+        deliverer = Deliverer(
+            queue, _Requests(), max_in_flight=8, max_retries=2, sleep=lambda _seconds: None
+        )
+        deliver_pass(queue, deliverer)
+        assert other.message_ids() == dict.fromkeys(ids, 1)
+        assert other.requests == 2
+    assert queue.pending() == 20
+    assert queue.stats().leased == 0
