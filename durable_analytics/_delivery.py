@@ -162,6 +162,8 @@ class Ahead:
     ticket: Ticket
     #: When the request left (monotonic): its round trip is measured from here.
     sent_at: float
+    #: ``Deliverer.deliver`` took it (it settles it, whatever happens, from then on).
+    taken: bool = False
 
 
 class Deliverer:
@@ -335,20 +337,26 @@ class Deliverer:
         if ticket is None:
             return None
         keep_leased_from_now(self.queue, lease)
+        started: Started | None = None
         try:
             sent_at = time.monotonic()
             started = start(
                 lease.destination, lease.bodies, timeout=remaining, retry_count=lease.attempts
             )
+            if started is not None:
+                return Ahead(lease, started, window, ticket, sent_at)
         except BaseException:
+            # Also an interrupt between the request leaving and its ``Ahead``: the slot and
+            # the keeper's entry go back, the connection is dropped (the lease is the
+            # caller's, still unsent as far as it knows).
+            if started is not None:
+                started.cancel()
             stop_keeping(lease)
             window.release()
             raise
-        if started is None:
-            stop_keeping(lease)
-            window.release()
-            return None
-        return Ahead(lease, started, window, ticket, sent_at)
+        stop_keeping(lease)
+        window.release()
+        return None
 
     def drop_ahead(self, ahead: Ahead) -> None:
         """Give up a batch ``send_ahead`` sent, its answer unread: the connection is closed
@@ -386,6 +394,8 @@ class Deliverer:
         here, whatever ``deadline`` and ``stop`` say. ``quick=False`` skips the quick
         retries of a failure (the batch sent before this one has just had them).
         """
+        if ahead is not None:
+            ahead.taken = True  # first: an interrupt before it leaves it to the caller's care
         stats = DeliveryStats()
         window = self.window(lease) if ahead is None else ahead.window
         try:

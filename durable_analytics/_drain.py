@@ -464,6 +464,7 @@ def deliver_pass(
         # ``lease`` or ``then``.
         mine = lease is not None
         follow: Follow | None = None
+        ahead: Ahead | None = None  # ``sent`` on its way into ``deliver``
         try:
             while lease is not None:
                 if first:
@@ -491,8 +492,9 @@ def deliver_pass(
                         then = lease_next()  # once, as the pipeline starts; then by ``follow``
                         if then is not None:
                             then_sent = deliverer.send_ahead(then, deadline=deadline)
-                ahead, sent = sent, None  # ``deliver`` settles both, whatever happens
-                mine = False
+                # One statement (no interrupt lands between its stores): ``deliver`` settles
+                # the lease and what was sent of it once it has taken them (``Ahead.taken``).
+                ahead, sent, mine = sent, None, False
                 stats = deliverer.deliver(
                     lease,
                     deadline=deadline,
@@ -528,15 +530,20 @@ def deliver_pass(
                         else:
                             follow = None
                             deliverer.give_back(nxt)
-                    if sent is None and done():
-                        # (``done`` may have turned since it was asked above: what the ack
-                        # leased goes back too.)
+                    if sent is None and (done() or not quick):
+                        # Not on the wire: handed back when the pass ends (``done`` may have
+                        # turned since it was asked above: what the ack leased goes back
+                        # too), or when the batch before failed for good: its destination
+                        # backs off now, and the next lease skips it.
                         mine = False
                         deliverer.give_back(lease)
                         if then is not None:
                             leased, then = then, None
                             deliverer.give_back(leased)
-                        return
+                        if done():
+                            return
+                        lease, quick = lease_next(), True
+                        mine = lease is not None
                     continue
                 quick = True
                 # A failing destination is now in backoff, so the next lease skips it and
@@ -565,7 +572,7 @@ def deliver_pass(
             # Sent ahead and not settled: their connections are dropped and their leases
             # handed back (the server may have them: sent again later, at least once).
             # Leased and not sent: handed back as they were.
-            for pending in (sent, then_sent):
+            for pending in (sent, then_sent, None if ahead is None or ahead.taken else ahead):
                 if pending is not None:
                     deliverer.drop_ahead(pending)
             unsent = [then if then_sent is None else None, lease if mine and not sent else None]

@@ -21,7 +21,7 @@ import pytest
 from _rawserver import RawServer, read_request
 from conftest import WRITE_KEY
 
-from durable_analytics import Client, _pipeline
+from durable_analytics import Client, _delivery, _pipeline
 from durable_analytics._delivery import Deliverer
 from durable_analytics._drain import deliver_pass
 from durable_analytics._flusher import Flusher
@@ -252,6 +252,32 @@ def test_a_batch_is_never_sent_ahead_of_one_still_waiting_for_a_slot(
     assert queue.stats().leased == 0
 
 
+def test_a_batch_not_yet_sent_goes_back_when_the_one_before_it_failed_for_good(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """The batch after the one in flight found the window full (another pass holds a
+    slot), so it waits unsent; the one in flight then fails for good and its destination
+    backs off: the waiting batch goes back to the queue instead of making one more request
+    to a destination in backoff."""
+    collector.set_default(500)
+    _fill(queue, collector.url, 40)
+    deliverer = Deliverer(
+        queue, _Requests(), max_in_flight=2, max_retries=2, sleep=lambda _seconds: None
+    )
+    other = window_for(collector.url, WRITE_KEY, 2)
+    assert other.try_acquire(2) is not None  # the other pass's request, in flight
+    try:
+        # (The 500s halved the window to the other pass's one slot: a batch that went on
+        # to ``acquire`` would wait for it until this deadline.)
+        stats = deliver_pass(queue, deliverer, deadline=time.monotonic() + 5.0)
+    finally:
+        other.release()
+    assert collector.requests == 3  # the first batch and its two quick retries, no more
+    assert (stats.sent, stats.kept) == (0, 20)
+    assert queue.pending() == 40
+    assert queue.stats().leased == 0
+
+
 def test_a_transport_that_overrides_post_sees_every_batch(
     queue: SqliteQueue, collector: Collector
 ) -> None:
@@ -359,3 +385,27 @@ def test_a_failing_destination_takes_no_quick_retries_from_another_sent_ahead(
         assert other.requests == 2
     assert queue.pending() == 20
     assert queue.stats().leased == 0
+
+
+def test_an_interrupt_between_the_request_leaving_and_its_record_leaks_nothing(
+    queue: SqliteQueue, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C right after ``start`` wrote the request: its window slot, its keeper entry
+    and its lease all go back, and its connection is dropped."""
+    _fill(queue, collector.url, 100)
+    deliverer = Deliverer(queue, _Requests(), max_in_flight=8)
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_delivery, "Ahead", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        deliver_pass(queue, deliverer)
+
+    window = windows()[collector.url]
+    assert window.in_flight == 0
+    assert not _pipeline._keeper._held
+    assert queue.stats().leased == 0
+    monkeypatch.undo()
+    assert deliver_pass(queue, Deliverer(queue, HTTPTransport(), max_in_flight=8)).sent >= 80
+    assert set(collector.message_ids()) == {f"m{i}" for i in range(100)}

@@ -624,6 +624,29 @@ def test_an_answer_read_after_its_deadline_is_still_read_within_the_late_grace(
     client.close()
 
 
+def test_a_server_that_has_not_begun_to_answer_by_the_deadline_gets_no_late_grace(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    """The grace reads an answer that came in time; it never stretches a caller's deadline
+    (a ``flush(timeout)``) for a server that is merely slow."""
+
+    def never_answer(conn: socket.socket) -> None:
+        read_request(conn)
+        hold_open(conn)
+
+    server = raw_server(never_answer)
+    client = WireClient()
+    sent = client.start(
+        origin_of(f"{server.url}/v1/batch"), b"", body_of("m1"), timeout=0.1, max_body=1024
+    )
+    time.sleep(0.2)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.finish(sent, late=5.0)
+    assert time.monotonic() - started < 2.5  # not the 5 s grace
+    client.close()
+
+
 def test_an_answer_is_read_once_and_a_cancelled_request_drops_its_connection(
     raw_server: Callable[..., RawServer],
 ) -> None:

@@ -156,6 +156,13 @@ else:  # pragma: no cover - Windows
         return bool(select.select([sock], [], [], 0)[0])
 
 
+def _has_bytes(sock: socket.socket) -> bool:
+    """Whether the server has sent something not yet read (or closed the connection)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    return _readable(sock)
+
+
 def _idle_and_open(sock: socket.socket) -> bool:
     """Whether a pooled connection can carry a request: nothing to read on it.
 
@@ -318,11 +325,12 @@ class WireClient:
     def finish(self, sent: Sent, *, late: float = 0.0) -> Response:
         """Read the answer to a request ``start`` sent, once, by its deadline.
 
-        ``late``: the read gets at least this many seconds, even past the deadline. A
-        caller that reads a sent-ahead answer after other work (the quick retries of the
-        batch before it) gives it the time to read what the server may have sent long ago;
-        an answer taken for a timeout would send the batch again, a duplicate without a
-        fault.
+        ``late``: called past the deadline with the answer already arriving (bytes waiting
+        on the connection), the read gets this many seconds more. A caller that reads a
+        sent-ahead answer after other work (the quick retries of the batch before it) reads
+        what the server sent in time: taken for a timeout, it would send the batch again, a
+        duplicate without a fault. A server that has not begun to answer gets no more than
+        the deadline (a caller's ``flush(timeout)`` is not stretched by it).
         """
         if sent.answer is not None:
             return sent.answer
@@ -331,8 +339,10 @@ class WireClient:
         sent.done = True
         conn = sent.conn
         keep = False
-        deadline = max(sent.deadline, time.monotonic() + late) if late else sent.deadline
+        deadline = sent.deadline
         try:
+            if late and time.monotonic() >= deadline and _has_bytes(conn.sock):
+                deadline = time.monotonic() + late
             response, keep = read_response(conn.sock, deadline, sent.max_body)
             return response
         finally:

@@ -63,7 +63,7 @@ __all__ = [
 log = logging.getLogger("durable_analytics.delivery")
 
 #: A sent-ahead answer read after its request's timeout (its thread was busy with the batch
-#: before it) still gets this long: the server may have answered in time.
+#: before it) and already arriving still gets this long to be read whole.
 LATE_READ = 0.25
 #: Response bodies are read to at most this many bytes.
 MAX_RESPONSE_BYTES = 64 * 1024
