@@ -214,7 +214,7 @@ class Deliverer:
         self.on_error = on_error
         #: Requests this Deliverer keeps outstanding per destination, at most.
         self.max_in_flight = max(1, max_in_flight)
-        #: Batches the pipeline (``_drain.deliver_pass``) takes under one lease.
+        #: Batches the pipeline (``_pass.deliver_pass``) takes under one lease.
         self.lease_batches = max(1, lease_batches)
         self._sleep = sleep
         self._lock = threading.Lock()

@@ -9,9 +9,7 @@ exit drain, and the CLI's ``drain``. ``drain_queue`` is that loop with the rules
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import math
 import os
 import threading
 import time
@@ -20,22 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._delivery import Ahead, Deliverer, DeliveryStats, Follow, make_deliverer
+from ._delivery import Deliverer, DeliveryStats, make_deliverer
 from ._override import OverrideQueue
-from ._pipeline import EXIT_REFUSES_THREADS, Window, prestart_helpers, run_beside
-from ._store import Lease, QueueBackend
+from ._pass import Progress, deliver_pass, passed
+from ._store import QueueBackend
 from ._transport import DestinationOverride, open_transport
 from ._transport.base import Outcome, Transport
-from .exceptions import QueueError
 
 if TYPE_CHECKING:
     from ._config import Config
 
-__all__ = ["DrainResult", "deliver_pass", "deliver_until", "drain", "drain_lock", "drain_queue"]
+__all__ = ["DrainResult", "deliver_until", "drain", "drain_lock", "drain_queue"]
 
 log = logging.getLogger("durable_analytics.delivery")
-
-Progress = Callable[[int], object]
 
 # How often the loop looks again while another holder has the rest under a lease.
 _HOLDER_POLL = 0.05
@@ -44,9 +39,6 @@ _HOLDER_POLL = 0.05
 #: ends within this many seconds, as long as it has met no failure of its own.
 SHORT_BACKOFF_WAIT = 5.0
 _MAX_STALLS = 20
-# How often a pass looks again for room to start more helpers (see ``deliver_pass``): that
-# look asks a PostgreSQL queue for its stored window, a round trip not worth every batch.
-_TOP_UP_EVERY = 0.05
 
 
 @dataclass(frozen=True)
@@ -188,7 +180,7 @@ def _deliver_until(
         total.add(stats)
         if queue.pending(up_to_id=up_to_id, destination=destination) == 0:
             break
-        if (stop is not None and stop.is_set()) or _passed(deadline):
+        if (stop is not None and stop.is_set()) or passed(deadline):
             break
         queue.reclaim_expired()
         # Of our destination only: another's ready messages are not ours to wait for (a
@@ -327,319 +319,6 @@ def drain_lock(path: Path) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
-
-
-def _passed(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() >= deadline
-
-
-def deliver_pass(
-    queue: QueueBackend,
-    deliverer: Deliverer,
-    *,
-    workers: int | None = None,
-    deadline: float | None = None,
-    progress: Progress | None = None,
-    stop: threading.Event | None = None,
-    up_to_id: int | None = None,
-    destination: int | None = None,
-    full_only: bool = False,
-    pause: Callable[[], bool] | None = None,
-    solo: Callable[[], bool] | None = None,
-) -> DeliveryStats:
-    """Lease and deliver, many batches in flight, until nothing is ready; the pipeline.
-
-    Starts in the calling thread; once a full batch shows there is a backlog and the
-    destination's round trip is long enough for it to pay (``Window.latency_bound``), up
-    to ``workers`` (default: the Deliverer's ``max_in_flight``) threads lease and deliver
-    side by side, each request under its own lease and within the destination's
-    in-flight window (``_pipeline``), on the Deliverer's pool of keep-alive connections.
-    ``full_only`` (the background flusher) stops a thread after a batch that was not full,
-    so a trickle of appends is not sent one message at a time. ``pause``, asked before each
-    batch of the calling thread, makes that batch the pass's last when it says so (the
-    background flusher yielding the CPU to a caller that keeps appending; what is left stays
-    ready). ``solo``, asked before each batch of the calling thread, keeps the pass to that
-    thread while it says True (the background flusher while its caller keeps appending): no
-    helper starts, and helpers started while it said False end after their batch in flight.
-    The pass ends with the calling thread's loop: its helpers then end after their batch
-    in flight (still sending one their ack had just leased, unless the pass was paused,
-    stopped, interrupted or past its deadline). Ends at ``deadline`` or when ``stop`` is
-    set, after the batches in flight are settled.
-    """
-    # More threads than the window has slots would only hold leases while they wait.
-    count = max(1, min(deliverer.max_in_flight, workers or deliverer.max_in_flight))
-    total = DeliveryStats()
-    lock = threading.Lock()
-    running = [0]  # this pass's helper threads still running
-    looked = [-math.inf]  # monotonic time of the last look for room for more helpers
-    finished = threading.Condition(lock)
-    failures: list[BaseException] = []
-    asked = (destination, up_to_id, deliverer.lease_batches)
-    paused = [False]
-    alone = [False]  # ``solo`` said True at the calling thread's last batch: helpers end
-    ended = [False]  # the calling thread's loop ended (nothing more for it): helpers end
-
-    def winding_down() -> bool:
-        """The pass's own thread ended its loop normally (not paused, stopped, past its
-        deadline nor interrupted): a helper still sends the batch it holds."""
-        return (
-            ended[0]
-            and not paused[0]
-            and not (stop is not None and stop.is_set())
-            and (not _passed(deadline))
-        )
-
-    def done() -> bool:
-        return paused[0] or ended[0] or (stop is not None and stop.is_set()) or _passed(deadline)
-
-    def spawn(lease: Lease, busy: bool) -> None:
-        """Start helpers up to what the window has room for (asked before each batch of
-        the calling thread: helpers that another pass ran and ended leave room)."""
-        if count == 1 or running[0] >= count - 1 or len(lease) < deliverer.batch_messages:
-            return
-        window = deliverer.window(lease)
-        if window.helpers >= window.max_in_flight - 1:
-            return  # other passes' helpers fill the window (read without its lock: a hint)
-        if not window.latency_bound:
-            if EXIT_REFUSES_THREADS:
-                # A backlog now may be an exit later, which could start no thread.
-                prestart_helpers(count - 1)
-            return  # a fast server, or none measured yet: one at a time is quickest
-        now = time.monotonic()
-        if now - looked[0] < _TOP_UP_EVERY:
-            return
-        if busy:
-            return  # the caller keeps appending (``solo``): helpers would take its GIL
-        looked[0] = now
-        # As many threads as the round trip needs, not always ``count``: a loaded machine
-        # makes loopback look slow enough to pipeline, and 32 threads then fought over the
-        # GIL and the write lock for a 2 ms round trip (the window still caps them all).
-        # Nor more than the queue's stored window has slots, nor than the window leaves
-        # beside the helpers other passes of this process run.
-        want = _helpers_for(queue, lease, min(count, window.depth())) - running[0]
-        granted = window.reserve_helpers(want)
-        # Of those, the helpers that run or will run: each counts itself out when it ends,
-        # the window gets the others back here. Also when ``run_beside`` raises: Ctrl-C
-        # (or a signal handler's ``sys.exit``) reaches this thread while ``Thread.start``
-        # waits for the new thread, which then runs anyway; counts left behind there kept
-        # every later pass of the process from starting helpers (the window looked full).
-        handed = 0
-        try:
-            while handed < granted:
-                claim = [False]  # taken by the helper when it starts, or by this thread
-                with lock:
-                    running[0] += 1
-                started = False
-                try:
-                    started = run_beside(functools.partial(guarded, window, claim))
-                finally:
-                    with lock:
-                        if started or claim[0]:
-                            handed += 1
-                        else:
-                            claim[0] = True  # not started, or taken back before it ran
-                            running[0] -= 1
-                if not started:
-                    return  # no thread can start (interpreter exit): go on with those we have
-        finally:
-            if handed < granted:
-                window.helpers_done(granted - handed)
-
-    def run(first: bool) -> None:
-        full = deliverer.batch_messages * deliverer.lease_batches
-        lease = None if done() or (not first and alone[0]) else lease_next()
-        final = False  # this batch is the thread's last: none is leased to follow it
-        # The calling thread keeps a second request in flight while no helper runs: it
-        # sends the batch after ``lease`` before it reads ``lease``'s answer, so the server
-        # works on one batch while this thread settles the other (on loopback, where
-        # helper threads only fought over the GIL, that halved a flush). ``sent`` is
-        # ``lease`` on the wire; ``then`` the batch after it, on the wire as ``then_sent``.
-        sent: Ahead | None = None
-        then: Lease | None = None
-        then_sent: Ahead | None = None
-        quick = True  # False: the batch sent before ``lease`` failed; no quick retries
-        # Whatever interrupts this loop (Ctrl-C, a signal handler's exit, an error), no
-        # lease it holds is left to expire: ``mine`` says ``lease`` is still this loop's
-        # (not yet handed to ``deliver``), and ``follow.lease`` is until it becomes
-        # ``lease`` or ``then``.
-        mine = lease is not None
-        follow: Follow | None = None
-        ahead: Ahead | None = None  # ``sent`` on its way into ``deliver``
-        try:
-            while lease is not None:
-                if first:
-                    # Asked before every batch of this thread, whether or not helpers
-                    # could start: helpers started while the caller paused stop once it
-                    # appends again (their CPU is not in the flusher's share, which
-                    # counts this thread's only), not when this thread's slice runs out.
-                    busy = solo is not None and solo()
-                    alone[0] = busy
-                    spawn(lease, busy)
-                # The background flusher yielding to its caller: this batch is the pass's
-                # last (none is leased to follow it), and the helpers stop after theirs.
-                last = first and pause is not None and pause()
-                if last:
-                    paused[0] = True
-                # A full batch (or any, but for the background flusher) is followed by the
-                # next, leased in the transaction of its ack: one queue commit per batch.
-                follow = (
-                    None if last or final or (full_only and len(lease) < full) else Follow(*asked)
-                )
-                if first and then is None and follow is not None and sends_ahead(lease, full):
-                    if sent is None:
-                        sent = deliverer.send_ahead(lease, deadline=deadline)
-                    if sent is not None:
-                        then = lease_next()  # once, as the pipeline starts; then by ``follow``
-                        if then is not None:
-                            then_sent = deliverer.send_ahead(then, deadline=deadline)
-                # One statement (no interrupt lands between its stores): ``deliver`` settles
-                # the lease and what was sent of it once it has taken them (``Ahead.taken``).
-                ahead, sent, mine = sent, None, False
-                stats = deliverer.deliver(
-                    lease,
-                    deadline=deadline,
-                    stop=stop,
-                    follow=follow,
-                    ahead=ahead,
-                    quick=quick,
-                )
-                with lock:
-                    total.add(stats)
-                if progress is not None and stats.sent:
-                    progress(stats.sent)
-                if final:
-                    return
-                taken = follow is not None and follow.taken
-                nxt = follow.lease if follow is not None else None
-                if then is not None:
-                    # The batch after this one goes next whatever the rules below say
-                    # (it is on the wire, or leased for it); what this ack leased follows
-                    # it, sent now so that the server has it while this thread reads.
-                    # (The failure put ``lease``'s destination in backoff, not another's.)
-                    quick = not stats.errors or then.destination.id != lease.destination.id
-                    lease, sent, then, then_sent = then, then_sent, None, None
-                    mine = True
-                    if nxt is not None:
-                        if quick and not done() and not last:
-                            then = nxt
-                            # Never ahead of a batch still to send: that one waits for a
-                            # slot of the window (``acquire``), and the slot taken here
-                            # could be the one it waits for, held by this very thread.
-                            if sent is not None and sends_ahead(nxt, full):
-                                then_sent = deliverer.send_ahead(nxt, deadline=deadline)
-                        else:
-                            follow = None
-                            deliverer.give_back(nxt)
-                    if sent is None and (done() or not quick):
-                        # Not on the wire: handed back when the pass ends (``done`` may have
-                        # turned since it was asked above: what the ack leased goes back
-                        # too), or when the batch before failed for good: its destination
-                        # backs off now, and the next lease skips it.
-                        mine = False
-                        deliverer.give_back(lease)
-                        if then is not None:
-                            leased, then = then, None
-                            deliverer.give_back(leased)
-                        if done():
-                            return
-                        lease, quick = lease_next(), True
-                        mine = lease is not None
-                    continue
-                quick = True
-                # A failing destination is now in backoff, so the next lease skips it and
-                # the pass ends once only such messages are left.
-                if (
-                    (full_only and len(lease) < full)
-                    # The destination turned out fast (a slow round trip or two were the
-                    # GIL's or the CPU's, not the network's): extra threads would only
-                    # contend for the GIL and the queue's write lock, so this helper stops.
-                    or (not first and not deliverer.window(lease).latency_bound)
-                    or done()
-                    or (not first and alone[0])  # the caller appends again (``solo``)
-                ):
-                    if nxt is not None and taken and not first and winding_down():
-                        # Leased in this batch's ack when the pass's own thread had just
-                        # found nothing more: sent rather than handed back for another pass.
-                        lease, final, mine = nxt, True, True
-                        continue
-                    if nxt is not None:
-                        follow = None
-                        deliverer.give_back(nxt)
-                    return
-                lease = nxt if taken else lease_next()
-                mine = lease is not None
-        except BaseException:
-            # Sent ahead and not settled: their connections are dropped and their leases
-            # handed back (the server may have them: sent again later, at least once).
-            # Leased and not sent: handed back as they were.
-            for pending in (sent, then_sent, None if ahead is None or ahead.taken else ahead):
-                if pending is not None:
-                    deliverer.drop_ahead(pending)
-            unsent = [then if then_sent is None else None, lease if mine and not sent else None]
-            if follow is not None and follow.lease is not lease and follow.lease is not then:
-                unsent.append(follow.lease)
-            for held in unsent:
-                if held is not None:
-                    deliverer.give_back(held)
-            raise
-
-    def sends_ahead(lease: Lease, full: int) -> bool:
-        """Whether the calling thread sends the batch after ``lease`` before it reads
-        ``lease``'s answer: a full batch (a backlog), more than one request allowed in
-        flight, no helper of this pass running (they pipeline instead), the pass going on."""
-        return count > 1 and running[0] == 0 and len(lease) >= full and not done()
-
-    def lease_next() -> Lease | None:
-        return deliverer.lease_next(
-            destination=destination, up_to_id=up_to_id, batches=deliverer.lease_batches
-        )
-
-    def guarded(window: Window, claim: list[bool]) -> None:
-        with lock:
-            if claim[0]:
-                return  # taken back by ``spawn`` (interrupted) before it ran: not counted
-            claim[0] = True
-        try:
-            run(False)
-        except BaseException as exc:  # re-raised in the caller's thread
-            failures.append(exc)
-        finally:
-            window.helpers_done()
-            with finished:
-                running[0] -= 1
-                finished.notify_all()
-
-    try:
-        run(True)
-    except BaseException:
-        # The caller is leaving (Ctrl-C, a signal handler's exit, an error of its own): the
-        # helpers end after the batch they have in flight instead of sending the whole
-        # backlog first, and what they did not send stays in the queue.
-        paused[0] = True
-        raise
-    finally:
-        # The pass ends with its own thread's loop: the helpers end after their batch in
-        # flight. Left to go on, they never ended while a caller kept appending (every
-        # batch full), and the background flusher waited for them: no new look at its
-        # backlog, no helpers started again, delivery stuck at the few that ran. One
-        # already holds for its next batch, it still sends (``winding_down``).
-        ended[0] = True
-        with finished:
-            finished.wait_for(lambda: running[0] == 0)
-    if failures:
-        raise failures[0]
-    return total
-
-
-def _helpers_for(queue: QueueBackend, lease: Lease, count: int) -> int:
-    """Helper threads worth starting beside the caller's: ``count - 1``, unless the queue
-    keeps the destination's window for the fleet (PostgreSQL) and it has fewer slots (a
-    helper it refuses would only ask again and end)."""
-    try:
-        room = queue.window.limit(lease.destination.id)
-    except QueueError:
-        room = None
-    return count - 1 if room is None else max(0, min(count, room) - 1)
 
 
 def _result(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from ._delivery import Deliverer, DeliveryStats
-from ._drain import deliver_pass
+from ._pass import deliver_pass
 
 __all__ = ["BURST_AGE", "POLL_INTERVAL", "SLICE", "Flusher", "burst_age_for"]
 

@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"_metrics", "_delivery_log"},  # counters and log lines that delivery writes to
     {"_pipeline", "_quick_retry"},  # _quick_retry: one request and its quick retries
     {"_delivery"},
+    {"_pass"},  # the delivery pass (pipeline) every delivery path runs
     {"_flusher", "_drain", "_sync", "_override"},
     {"_flusher_process", "_flusher_process_main"},
     {"_client", "_client_calls", "_client_settings", "_client_processes"},

@@ -13,10 +13,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import WRITE_KEY, run_python
 
-from durable_analytics import Client, FlushResult, _drain, _pipeline
+from durable_analytics import Client, FlushResult, _pass, _pipeline
 from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT, Config
 from durable_analytics._delivery import Deliverer, make_deliverer
-from durable_analytics._drain import deliver_pass, drain_queue
+from durable_analytics._drain import drain_queue
+from durable_analytics._pass import deliver_pass
 from durable_analytics._pipeline import Window, windows
 from durable_analytics._store import SqliteQueue
 from durable_analytics._transport import HTTPTransport, Outcome, parse_rate_limit_reset
@@ -473,7 +474,7 @@ def test_a_pass_meeting_a_backlog_prestarts_helpers_where_exit_cannot_start_thre
     monkeypatch: pytest.MonkeyPatch, collector: Collector, queue_path: Path
 ) -> None:
     """Before the window knows the round trip, a full batch still readies the exit's helpers."""
-    monkeypatch.setattr(_drain, "EXIT_REFUSES_THREADS", True)
+    monkeypatch.setattr(_pass, "EXIT_REFUSES_THREADS", True)
     fresh_helpers(monkeypatch)
     client = Client(
         WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"

@@ -1,5 +1,5 @@
 """The calling thread's second request in flight: ``Deliverer.send_ahead`` and its use in
-``_drain.deliver_pass``.
+``_pass.deliver_pass``.
 
 A delivery pass sends the batch after the one in flight before it reads that one's answer,
 so the server works on one batch while the thread settles the other, without a second
@@ -23,8 +23,8 @@ from conftest import WRITE_KEY
 
 from durable_analytics import Client, _delivery, _pipeline
 from durable_analytics._delivery import Deliverer
-from durable_analytics._drain import deliver_pass
 from durable_analytics._flusher import Flusher
+from durable_analytics._pass import deliver_pass
 from durable_analytics._pipeline import window_for, windows
 from durable_analytics._store.sqlite import SqliteQueue
 from durable_analytics._transport import HTTPTransport, Outcome

@@ -2,7 +2,7 @@
 
 A POST is sent and answered in one call (``post``), or in two (``start`` writes it,
 ``finish`` reads its answer), so that one thread can have a second request on the wire while
-it settles the first (``_drain.deliver_pass``).
+it settles the first (``_pass.deliver_pass``).
 
 Why not urllib3 for the batch POST: delivery runs in the caller's process and the GIL takes
 its CPU from the caller's thread. A urllib3 POST of one batch costs about 0.2 ms of CPU on

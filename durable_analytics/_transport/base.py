@@ -197,7 +197,7 @@ class SendsAhead(Protocol):
     """A transport that can also send a batch now and read its answer later.
 
     Optional beside ``Transport``: with it, one delivering thread keeps a second batch on
-    the wire while it settles the first (``_drain.deliver_pass``). ``start`` writes the
+    the wire while it settles the first (``_pass.deliver_pass``). ``start`` writes the
     request whole and returns a ``Started`` whose ``finish`` gives what ``send`` would have
     (a request that could not be written included, as its retryable outcome), within
     ``timeout`` for both steps together; or None when it cannot for this destination, and

@@ -300,7 +300,7 @@ def test_a_pass_starts_no_more_helper_threads_than_the_stored_window_has_slots(
     """The pipeline (``deliver_pass``) of a Deliverer allowed 8 requests starts 7 helpers
     beside its own thread on a queue that keeps no window, and 1 where the stored window
     is 2 (more would only be refused a lease and end)."""
-    from durable_analytics._drain import _helpers_for
+    from durable_analytics._pass import _helpers_for
     from durable_analytics._store import MemoryQueue
 
     queue = open_pg(fleet_max_in_flight=2)
