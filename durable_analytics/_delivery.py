@@ -23,14 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import _delivery_log
 from ._bounded_call import call_within
 from ._metrics import delivery_counters
-from ._pipeline import (
-    Ticket,
-    Window,
-    keep_leased,
-    keep_leased_from_now,
-    stop_keeping,
-    window_for,
-)
+from ._pipeline import Ticket, Window, keep_leased, window_for
 from ._quick_retry import DEADLINE_PASSED, GATED, QuickRetries, post
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
@@ -149,11 +142,11 @@ class Follow:
 
 @dataclass
 class Ahead:
-    """A leased batch already sent, its answer still to read (``Deliverer.send_ahead``).
+    """A leased batch already sent, its answer still to read (``_pass.send_ahead``).
 
     It holds a slot of its destination's window and its lease is kept alive; hand it to
     ``Deliverer.deliver`` (which reads the answer and settles the batch) or to
-    ``Deliverer.drop_ahead``.
+    ``_pass.drop_ahead``.
     """
 
     lease: Lease
@@ -314,61 +307,6 @@ class Deliverer:
             parts.append(part)
         return parts
 
-    def send_ahead(self, lease: Lease, *, deadline: float | None = None) -> Ahead | None:
-        """Send ``lease``'s batch now, its answer to be read by ``deliver(ahead=...)``.
-
-        What lets one thread keep two requests in flight: it sends the next batch before it
-        reads the answer to the one before, so the server works on one while the thread
-        settles the other. None (nothing sent, the lease still the caller's) when the
-        transport cannot (``SendsAhead``), the lease needs more than one request, the
-        destination's window has no free slot, its Retry-After gate is closed, or
-        ``deadline`` leaves too little time.
-        """
-        start: Callable[..., Started | None] | None = getattr(self.transport, "start", None)
-        if start is None or len(self.batches(lease)) != 1:
-            return None
-        window = self.window(lease)
-        if window.gate_wait() > 0:
-            return None
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining < _AHEAD_MIN_TIME:
-            return None
-        ticket = window.try_acquire(self.max_in_flight)
-        if ticket is None:
-            return None
-        keep_leased_from_now(self.queue, lease)
-        started: Started | None = None
-        try:
-            sent_at = time.monotonic()
-            started = start(
-                lease.destination, lease.bodies, timeout=remaining, retry_count=lease.attempts
-            )
-            if started is not None:
-                return Ahead(lease, started, window, ticket, sent_at)
-        except BaseException:
-            # Also an interrupt between the request leaving and its ``Ahead``: the slot and
-            # the keeper's entry go back, the connection is dropped (the lease is the
-            # caller's, still unsent as far as it knows).
-            if started is not None:
-                started.cancel()
-            stop_keeping(lease)
-            window.release()
-            raise
-        stop_keeping(lease)
-        window.release()
-        return None
-
-    def drop_ahead(self, ahead: Ahead) -> None:
-        """Give up a batch ``send_ahead`` sent, its answer unread: the connection is closed
-        and the lease handed back (the server may have taken the batch: it may be sent
-        again, as after any lost answer)."""
-        try:
-            ahead.started.cancel()
-        finally:
-            stop_keeping(ahead.lease)
-            ahead.window.release()
-            self._release_quietly(ahead.lease)
-
     def window(self, lease: Lease) -> Window:
         """This process's in-flight window for ``lease``'s destination."""
         dest = lease.destination
@@ -390,7 +328,7 @@ class Deliverer:
         ``stop`` is set meanwhile, the batch goes back to the queue unsent. ``follow``: when
         the batch goes out whole in one request and is acked, the next batch is leased in
         the ack's transaction (see ``Follow``); the caller owns that lease. ``ahead``: the
-        batch was already sent (``send_ahead``, its slot taken then): its answer is read
+        batch was already sent (``_pass.send_ahead``, its slot taken then): its answer is read
         here, whatever ``deadline`` and ``stop`` say. ``quick=False`` skips the quick
         retries of a failure (the batch sent before this one has just had them).
         """
@@ -635,9 +573,6 @@ class Deliverer:
         with self._lock:
             self.dead_lettered[dest_id] = self.dead_lettered.get(dest_id, 0) + delta
 
-
-#: A batch is sent ahead only with at least this long left before the caller's deadline.
-_AHEAD_MIN_TIME = 0.05
 
 #: A deadline that has (nearly) passed still gives ``on_error`` this long to return.
 _REPORT_GRACE = 0.1

@@ -3,7 +3,7 @@
 ``deliver_pass`` is the pipeline every delivery path runs (the flusher thread, ``flush()``
 and exit through ``_drain.deliver_until``, the flusher process, ``worker``, ``drain``): its
 own thread sends the next batch before it reads the answer to the one before (two requests
-in flight, ``Deliverer.send_ahead``), and against a slow destination it starts helper
+in flight, ``send_ahead``), and against a slow destination it starts helper
 threads, within the destination's window (``_pipeline``). docs/ARCHITECTURE.md, section 6.1.
 """
 
@@ -16,14 +16,25 @@ import time
 from collections.abc import Callable
 
 from ._delivery import Ahead, Deliverer, DeliveryStats, Follow
-from ._pipeline import EXIT_REFUSES_THREADS, Window, prestart_helpers, run_beside
+from ._pipeline import (
+    EXIT_REFUSES_THREADS,
+    Window,
+    keep_leased_from_now,
+    prestart_helpers,
+    run_beside,
+    stop_keeping,
+)
 from ._store import Lease, QueueBackend
+from ._transport.base import Started
 from .exceptions import QueueError
 
-__all__ = ["Progress", "deliver_pass", "passed"]
+__all__ = ["Progress", "deliver_pass", "drop_ahead", "passed", "send_ahead"]
 
 #: Called with the number of messages each delivered batch sent.
 Progress = Callable[[int], object]
+
+#: A batch is sent ahead only with at least this long left before the caller's deadline.
+_AHEAD_MIN_TIME = 0.05
 
 # How often a pass looks again for room to start more helpers (see ``deliver_pass``): that
 # look asks a PostgreSQL queue for its stored window, a round trip not worth every batch.
@@ -189,11 +200,11 @@ def deliver_pass(
                 )
                 if first and then is None and follow is not None and sends_ahead(lease, full):
                     if sent is None:
-                        sent = deliverer.send_ahead(lease, deadline=deadline)
+                        sent = send_ahead(deliverer, lease, deadline=deadline)
                     if sent is not None:
                         then = lease_next()  # once, as the pipeline starts; then by ``follow``
                         if then is not None:
-                            then_sent = deliverer.send_ahead(then, deadline=deadline)
+                            then_sent = send_ahead(deliverer, then, deadline=deadline)
                 # One statement (no interrupt lands between its stores): ``deliver`` settles
                 # the lease and what was sent of it once it has taken them (``Ahead.taken``).
                 ahead, sent, mine = sent, None, False
@@ -228,7 +239,7 @@ def deliver_pass(
                             # slot of the window (``acquire``), and the slot taken here
                             # could be the one it waits for, held by this very thread.
                             if sent is not None and sends_ahead(nxt, full):
-                                then_sent = deliverer.send_ahead(nxt, deadline=deadline)
+                                then_sent = send_ahead(deliverer, nxt, deadline=deadline)
                         else:
                             follow = None
                             deliverer.give_back(nxt)
@@ -276,7 +287,7 @@ def deliver_pass(
             # Leased and not sent: handed back as they were.
             for pending in (sent, then_sent, None if ahead is None or ahead.taken else ahead):
                 if pending is not None:
-                    deliverer.drop_ahead(pending)
+                    drop_ahead(deliverer, pending)
             unsent = [then if then_sent is None else None, lease if mine and not sent else None]
             if follow is not None and follow.lease is not lease and follow.lease is not then:
                 unsent.append(follow.lease)
@@ -331,6 +342,65 @@ def deliver_pass(
     if failures:
         raise failures[0]
     return total
+
+
+def send_ahead(
+    deliverer: Deliverer, lease: Lease, *, deadline: float | None = None
+) -> Ahead | None:
+    """Send ``lease``'s batch now, its answer to be read by ``Deliverer.deliver(ahead=...)``.
+
+    What lets one thread keep two requests in flight: it sends the next batch before it
+    reads the answer to the one before, so the server works on one while the thread
+    settles the other. None (nothing sent, the lease still the caller's) when the
+    transport cannot (``SendsAhead``), the lease needs more than one request, the
+    destination's window has no free slot, its Retry-After gate is closed, or
+    ``deadline`` leaves too little time.
+    """
+    start: Callable[..., Started | None] | None = getattr(deliverer.transport, "start", None)
+    if start is None or len(deliverer.batches(lease)) != 1:
+        return None
+    window = deliverer.window(lease)
+    if window.gate_wait() > 0:
+        return None
+    remaining = None if deadline is None else deadline - time.monotonic()
+    if remaining is not None and remaining < _AHEAD_MIN_TIME:
+        return None
+    ticket = window.try_acquire(deliverer.max_in_flight)
+    if ticket is None:
+        return None
+    keep_leased_from_now(deliverer.queue, lease)
+    started: Started | None = None
+    try:
+        sent_at = time.monotonic()
+        started = start(
+            lease.destination, lease.bodies, timeout=remaining, retry_count=lease.attempts
+        )
+        if started is not None:
+            return Ahead(lease, started, window, ticket, sent_at)
+    except BaseException:
+        # Also an interrupt between the request leaving and its ``Ahead``: the slot and
+        # the keeper's entry go back, the connection is dropped (the lease is the
+        # caller's, still unsent as far as it knows).
+        if started is not None:
+            started.cancel()
+        stop_keeping(lease)
+        window.release()
+        raise
+    stop_keeping(lease)
+    window.release()
+    return None
+
+
+def drop_ahead(deliverer: Deliverer, ahead: Ahead) -> None:
+    """Give up a batch ``send_ahead`` sent, its answer unread: the connection is closed
+    and the lease handed back (the server may have taken the batch: it may be sent
+    again, as after any lost answer)."""
+    try:
+        ahead.started.cancel()
+    finally:
+        stop_keeping(ahead.lease)
+        ahead.window.release()
+        deliverer.give_back(ahead.lease)
 
 
 def _helpers_for(queue: QueueBackend, lease: Lease, count: int) -> int:

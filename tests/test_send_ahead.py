@@ -1,4 +1,4 @@
-"""The calling thread's second request in flight: ``Deliverer.send_ahead`` and its use in
+"""The calling thread's second request in flight: ``_pass.send_ahead`` and its use in
 ``_pass.deliver_pass``.
 
 A delivery pass sends the batch after the one in flight before it reads that one's answer,
@@ -21,7 +21,7 @@ import pytest
 from _rawserver import RawServer, read_request
 from conftest import WRITE_KEY
 
-from durable_analytics import Client, _delivery, _pipeline
+from durable_analytics import Client, _pass, _pipeline
 from durable_analytics._delivery import Deliverer
 from durable_analytics._flusher import Flusher
 from durable_analytics._pass import deliver_pass
@@ -398,7 +398,7 @@ def test_an_interrupt_between_the_request_leaving_and_its_record_leaks_nothing(
     def interrupted(*_args: Any, **_kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_delivery, "Ahead", interrupted)
+    monkeypatch.setattr(_pass, "Ahead", interrupted)
     with pytest.raises(KeyboardInterrupt):
         deliver_pass(queue, deliverer)
 
