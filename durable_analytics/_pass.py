@@ -198,11 +198,15 @@ def deliver_pass(
                 follow = (
                     None if last or final or (full_only and len(lease) < full) else Follow(*asked)
                 )
-                if first and then is None and follow is not None and sends_ahead(lease, full):
+                if first and follow is not None and then_sent is None and sends_ahead(lease, full):
+                    # As the pipeline starts, and again while a batch waits unsent (the
+                    # window was full when it was leased: another pass's requests, or a
+                    # window halved by a 429) once there is room again.
                     if sent is None:
                         sent = send_ahead(deliverer, lease, deadline=deadline)
                     if sent is not None:
-                        then = lease_next()  # once, as the pipeline starts; then by ``follow``
+                        if then is None:
+                            then = lease_next()  # as the pipeline starts; then by ``follow``
                         if then is not None:
                             then_sent = send_ahead(deliverer, then, deadline=deadline)
                 # One statement (no interrupt lands between its stores): ``deliver`` settles

@@ -252,6 +252,35 @@ def test_a_batch_is_never_sent_ahead_of_one_still_waiting_for_a_slot(
     assert queue.stats().leased == 0
 
 
+def test_a_pass_that_once_found_the_window_full_sends_ahead_again_once_there_is_room(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """Another pass holds two of three slots as this pass starts, so its second batch waits
+    unsent; once the other pass's requests end, this pass keeps two requests out again
+    rather than one at a time for the rest of the backlog."""
+    collector.set_delay(0.02)
+    ids = _fill(queue, collector.url, 400)
+    transport = _Requests()
+    other = window_for(collector.url, WRITE_KEY, 3)
+    held = [other.try_acquire(3), other.try_acquire(3)]
+    assert None not in held
+
+    def release_when_this_pass_started() -> None:
+        collector.wait_for_requests(1)
+        for _ in held:
+            other.release()
+
+    releasing = threading.Thread(target=release_when_this_pass_started)
+    releasing.start()
+    stats = deliver_pass(queue, Deliverer(queue, transport, max_in_flight=3))
+    releasing.join(5.0)
+
+    assert stats.sent == 400
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+    assert transport.most_outstanding() == 2
+    assert queue.stats().leased == 0
+
+
 def test_a_batch_not_yet_sent_goes_back_when_the_one_before_it_failed_for_good(
     queue: SqliteQueue, collector: Collector
 ) -> None:
