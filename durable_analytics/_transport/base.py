@@ -250,8 +250,9 @@ class DestinationOverride:
         retry_count: int = 0,
     ) -> Outcome:
         """Send through the wrapped transport with the overridden host and write key."""
-        target = _Override(self.host or destination.host, self.write_key or destination.write_key)
-        return self.inner.send(target, bodies, timeout=timeout, retry_count=retry_count)
+        return self.inner.send(
+            self._target(destination), bodies, timeout=timeout, retry_count=retry_count
+        )
 
     def start(
         self,
@@ -265,10 +266,15 @@ class DestinationOverride:
         start = getattr(self.inner, "start", None)
         if start is None:
             return None
-        target = _Override(self.host or destination.host, self.write_key or destination.write_key)
-        started: Started | None = start(target, bodies, timeout=timeout, retry_count=retry_count)
+        started: Started | None = start(
+            self._target(destination), bodies, timeout=timeout, retry_count=retry_count
+        )
         return started
 
     def close(self) -> None:
         """Close the wrapped transport."""
         self.inner.close()
+
+    def _target(self, destination: Target) -> _Override:
+        """``destination`` with the overridden host and write key (a None keeps its own)."""
+        return _Override(self.host or destination.host, self.write_key or destination.write_key)
