@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import _delivery_log
 from ._bounded_call import call_within
 from ._metrics import delivery_counters
-from ._pipeline import Ticket, Window, keep_leased, window_for
+from ._pipeline import Ticket, Window, keep_leased, stop_keeping, window_for
 from ._quick_retry import DEADLINE_PASSED, GATED, QuickRetries, post
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
@@ -332,11 +332,13 @@ class Deliverer:
         here, whatever ``deadline`` and ``stop`` say. ``quick=False`` skips the quick
         retries of a failure (the batch sent before this one has just had them).
         """
-        if ahead is not None:
-            ahead.taken = True  # first: an interrupt before it leaves it to the caller's care
         stats = DeliveryStats()
         window = self.window(lease) if ahead is None else ahead.window
+        # The slot a batch sent ahead holds, until the block that gives it back owns it.
+        slot_unowned = ahead is not None
         try:
+            if ahead is not None:
+                ahead.taken = True  # an interrupt before this leaves it to the caller's care
             with keep_leased(self.queue, lease):
                 if ahead is None:
                     ticket = window.acquire(self.max_in_flight, deadline=deadline, stop=stop)
@@ -346,6 +348,7 @@ class Deliverer:
                 else:
                     ticket = ahead.ticket
                 try:
+                    slot_unowned = False
                     parts = self.batches(lease)
                     for n, part in enumerate(parts):
                         if n and stop is not None and stop.is_set():
@@ -372,6 +375,9 @@ class Deliverer:
             # it is released here or expires.
             if ahead is not None:
                 ahead.started.cancel()  # no-op once its answer was read
+                stop_keeping(lease)  # kept since it was sent: a no-op once the block ended
+                if slot_unowned:
+                    window.release()
             self._release_quietly(lease)
             raise
         return stats

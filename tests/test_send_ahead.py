@@ -21,7 +21,7 @@ import pytest
 from _rawserver import RawServer, read_request
 from conftest import WRITE_KEY
 
-from durable_analytics import Client, _pass, _pipeline
+from durable_analytics import Client, _delivery, _pass, _pipeline
 from durable_analytics._delivery import Deliverer
 from durable_analytics._flusher import Flusher
 from durable_analytics._pass import deliver_pass
@@ -438,3 +438,23 @@ def test_an_interrupt_between_the_request_leaving_and_its_record_leaks_nothing(
     monkeypatch.undo()
     assert deliver_pass(queue, Deliverer(queue, HTTPTransport(), max_in_flight=8)).sent >= 80
     assert set(collector.message_ids()) == {f"m{i}" for i in range(100)}
+
+
+def test_an_interrupt_as_deliver_takes_a_batch_sent_ahead_leaks_no_window_slot(
+    queue: SqliteQueue, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after ``deliver`` took the batch sent ahead and before its request's slot is
+    in the hands of the block that gives it back: the slot, the lease and the connection
+    all go back."""
+    _fill(queue, collector.url, 100)
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_delivery, "keep_leased", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        deliver_pass(queue, Deliverer(queue, _Requests(), max_in_flight=8))
+
+    assert windows()[collector.url].in_flight == 0
+    assert not _pipeline._keeper._held
+    assert queue.stats().leased == 0
