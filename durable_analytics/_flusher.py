@@ -152,10 +152,12 @@ class Flusher:
             aside = set(self._aside)
         if not aside:
             return False
-        if None in aside:
-            return True
-        theirs = sum(self.queue.pending(destination=dest) for dest in aside)
-        return self.queue.pending() <= theirs
+        ours = {dest for dest in aside if dest is not None}
+        if len(ours) < len(aside):
+            return True  # a caller delivers every destination
+        # A look per destination: counting them (``pending``) took 0.3-0.4 s per cycle on a
+        # queue of 1,000,000 messages, for as long as the caller's flush ran.
+        return not self.queue.holds_others(ours)
 
     def wait_delivered(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the batch in flight (if any) to be finished."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -200,6 +200,10 @@ class OverrideQueue:
     def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
         """The wrapped queue's pending count."""
         return self.inner.pending(up_to_id=up_to_id, destination=destination)
+
+    def holds_others(self, destinations: Collection[int]) -> bool:
+        """Whether the wrapped queue holds messages of other destinations."""
+        return self.inner.holds_others(destinations)
 
     def max_id(self) -> int:
         """The wrapped queue's newest id."""

@@ -212,6 +212,24 @@ def test_the_flusher_thread_delivers_nothing_while_a_caller_steps_it_aside(
     assert collector.message_ids() == dict.fromkeys(ids, 1)
 
 
+def test_the_flusher_thread_steps_aside_for_one_destination_until_another_has_messages(
+    queue: SqliteQueue, collector: Collector
+) -> None:
+    """Stepped aside for the flushed destination, the thread delivers nothing while the
+    queue holds only that destination's messages, and delivers once another's arrive."""
+    ids = _fill(queue, collector.url, 40)
+    flushed = queue.destination(collector.url, WRITE_KEY)
+    flusher = Flusher(Deliverer(queue, HTTPTransport()), flush_interval=0.0)
+    with Collector(WRITE_KEY) as other, flusher.stepping_aside(flushed):
+        flusher._cycle()
+        assert collector.requests == 0
+        others = _fill(queue, other.url, 20)
+        flusher._cycle()
+        assert other.message_ids() == dict.fromkeys(others, 1)
+    flusher._cycle()
+    assert collector.message_ids() == dict.fromkeys(ids, 1)
+
+
 def test_a_pass_of_the_flusher_thread_ends_when_a_caller_steps_it_aside(
     queue: SqliteQueue, collector: Collector
 ) -> None:

@@ -43,7 +43,7 @@ to ``open_queue`` (``durable_analytics/_store/__init__.py``) and one parameter t
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -357,6 +357,15 @@ class QueueBackend(Protocol):
 
     def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
         """How many messages are not yet delivered (leased or not)."""
+        ...
+
+    def holds_others(self, destinations: Collection[int]) -> bool:
+        """Whether a message of a destination not in ``destinations`` is pending.
+
+        Leased or not, as ``pending`` counts them, but answered with a look per destination
+        instead of a count of the backlog: the flusher asks it while ``flush()`` delivers
+        one destination, on queues that may hold millions of messages.
+        """
         ...
 
     def max_id(self) -> int:

@@ -152,6 +152,29 @@ def test_pending_max_id_and_ready_summary_count_what_is_stored(
     assert backend.pending() == 2
 
 
+def test_holds_others_names_messages_of_any_destination_outside_the_given_ones(
+    backend: QueueBackend, dest: int
+) -> None:
+    """``holds_others`` answers what ``pending`` would (leased messages included) for every
+    destination but the given ones, without counting."""
+    other = backend.destination(OTHER_HOST, OTHER_KEY)
+    assert not backend.holds_others([])
+    assert not backend.holds_others([dest, other])
+    fill(backend, dest, 3)
+    assert backend.holds_others([])
+    assert backend.holds_others([other])
+    assert not backend.holds_others([dest])
+    backend.append(other, body(9))
+    assert backend.holds_others([dest])
+    assert not backend.holds_others([dest, other])
+    leased = take(backend, 10, destination=other)
+    assert backend.holds_others([dest])  # a leased message is still pending
+    backend.ack(leased)
+    assert not backend.holds_others([dest])
+    backend.ack(take(backend, 10, destination=dest))
+    assert not backend.holds_others([])
+
+
 def test_calls_that_met_no_busy_file_are_never_held_back(backend: QueueBackend, dest: int) -> None:
     """``held_back`` names only calls not in the queue yet (a SQLite producer's spool): an
     append nobody contended for is in the queue when it returns, so ``flush`` has nothing

@@ -334,3 +334,51 @@ def test_leasing_and_polling_cost_the_same_behind_a_backlog_ten_times_larger(
     large = _behind_backlog(tmp_path, 20_000)
     assert large[0] < small[0] * 1.3
     assert large[1] < small[1] * 1.3
+
+
+def _holds_others_steps(tmp_path: Path, backlog: int) -> tuple[int, int]:
+    """(``holds_others([A])``, ``pending(destination=A)``) in VM instructions, A's
+    ``backlog`` folded into the index, B with none."""
+    path = tmp_path / f"h-{backlog}.sqlite3"
+    q = Queue(path)
+    a = q.destination(HOST, KEY)
+    q.destination(OTHER_HOST, OTHER_KEY)
+    _bulk(path, a, 0, backlog)
+    while q._db.write(bydest.fold_chunk):
+        pass
+    assert bydest.tail(q._conn()) == 0
+    looked = _vm_steps(q, lambda: q.holds_others([a]))
+    counted = _vm_steps(q, lambda: q.pending(destination=a))
+    assert not q.holds_others([a])
+    q.close()
+    return looked, counted
+
+
+def test_holds_others_costs_the_same_behind_a_backlog_ten_times_larger(tmp_path: Path) -> None:
+    """What the flusher asks while ``flush()`` delivers one destination: a seek per other
+    destination, where counting (what it asked before) grows with the backlog."""
+    small = _holds_others_steps(tmp_path, 2_000)
+    large = _holds_others_steps(tmp_path, 20_000)
+    assert large[0] < small[0] * 1.3
+    assert large[1] > small[1] * 5  # the count it replaced does grow
+
+
+def test_holds_others_reads_the_tail_and_says_maybe_past_tail_look(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Messages not folded into the index yet are looked at too, up to ``TAIL_LOOK`` rows;
+    a longer tail answers True (other destinations may be there), never a wrong False."""
+    monkeypatch.setattr(bydest, "TAIL_LOOK", 50)
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path)
+    a = q.destination(HOST, KEY)
+    b = q.destination(OTHER_HOST, OTHER_KEY)
+    _bulk(path, a, 0, 40)
+    assert bydest.tail(q._conn()) == 40
+    assert not q.holds_others([a])
+    _bulk(path, b, 40, 1)
+    assert q.holds_others([a])
+    assert not q.holds_others([a, b])
+    _bulk(path, a, 41, 20)  # 61 rows in the tail: past the look
+    assert q.holds_others([a, b])
+    q.close()

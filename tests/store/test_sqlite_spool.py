@@ -1242,3 +1242,18 @@ def test_a_mover_restarting_a_spools_log_never_holds_the_spool_directory_exclusi
     assert taken == [q.path.parent]
     spool.close()
     q.close()
+
+
+def test_holds_others_sees_another_destinations_calls_still_in_a_spool(tmp_path: Path) -> None:
+    """A call spooled for another destination is pending (``pending`` counts it), so the
+    look the flusher makes while ``flush()`` delivers one destination finds it too."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    other = q.destination(OTHER_HOST, OTHER_KEY)
+    with write_lock_held(path):
+        assert q.append(dest, body(0)) < 0
+        assert not q.holds_others([dest])
+        assert q.append(other, body(1)) < 0
+        assert q.holds_others([dest])
+        assert not q.holds_others([dest, other])
+    q.close()

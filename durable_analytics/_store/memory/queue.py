@@ -17,7 +17,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -428,6 +428,13 @@ class MemoryQueue:
             return sum(
                 1 for i, m in self._messages.items() if i <= top and destination in (None, m.dest)
             )
+
+    def holds_others(self, destinations: Collection[int]) -> bool:
+        """Whether a message of a destination not in ``destinations`` is pending."""
+        ours = frozenset(destinations)
+        with self._lock:
+            self._check_open()
+            return any(m.dest not in ours for m in self._messages.values())
 
     def max_id(self) -> int:
         """The id of the newest message (0 when empty)."""

@@ -7,7 +7,7 @@ method is one short transaction of the queue's (``PostgresQueue._tx``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from durable_analytics._store.base import DeadLetter, QueueStats
@@ -54,6 +54,13 @@ class QueueReads:
         params = {"top": up_to_id if up_to_id is not None else (1 << 62), "dest": destination}
         row = self._tx(lambda c: c.execute(self._sql(q.PENDING), params)).fetchone()
         return int(row[0]) if row else 0
+
+    def holds_others(self, destinations: Collection[int]) -> bool:
+        """Whether a message of a destination not in ``destinations`` is pending: one
+        index lookup per other destination (``messages (dest, id)``), not a count."""
+        params = {"dests": sorted(destinations)}
+        row = self._tx(lambda c: c.execute(self._sql(q.HOLDS_OTHERS), params)).fetchone()
+        return bool(row[0]) if row else False
 
     def max_id(self) -> int:
         """The id of the newest message (0 when empty)."""

@@ -278,6 +278,13 @@ PENDING = (
     "AND (%(dest)s::bigint IS NULL OR dest = %(dest)s::bigint)"
 )
 
+# A lookup in messages (dest, id) per destination, not a scan of the one that holds the
+# backlog (what "dest <> ALL(...)" over the messages would read).
+HOLDS_OTHERS = (
+    "SELECT EXISTS (SELECT 1 FROM {s}.destinations d WHERE d.id <> ALL(%(dests)s::bigint[]) "
+    "AND EXISTS (SELECT 1 FROM {s}.messages m WHERE m.dest = d.id))"
+)
+
 MAX_ID = "SELECT coalesce(max(id), 0) FROM {s}.messages"
 
 LIVE_LEASES = "SELECT count(DISTINCT lease_token) FROM {s}.messages WHERE lease_expires >= now()"

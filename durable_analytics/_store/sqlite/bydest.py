@@ -36,12 +36,14 @@ __all__ = [
     "CATCH_UP_ROWS",
     "FOLD_ROWS",
     "ROOM_BYTES",
+    "TAIL_LOOK",
     "TAIL_ROWS",
     "catch_up",
     "count",
     "fold_chunk",
     "fold_in",
     "folded_mark",
+    "holds_others",
     "marks",
     "rows",
     "rows_with_bodies",
@@ -58,6 +60,9 @@ CATCH_UP_ROWS = 10_000
 FOLD_ROWS = 256
 #: The longest tail a lease or a poll reads before folding it into the index.
 TAIL_ROWS = 1_000
+#: The most rows of the tail ``holds_others`` reads before it answers "maybe" (True):
+#: ~25 ms, where counting a backlog of 1,000,000 took 0.3-0.4 s.
+TAIL_LOOK = 100 * TAIL_ROWS
 #: Below this much free disk space the index is not extended: it only saves reads, and
 #: the space is the appender's reserve for recording deliveries (``append.py``).
 ROOM_BYTES = 8 * 1024 * 1024
@@ -249,6 +254,33 @@ def count(conn: sqlite3.Connection, dest: int | None, top: int) -> int:
         if newest is not None and top >= newest:
             return int(conn.execute(_COUNT_EVERY, (top,)).fetchone()[0])
         return int(conn.execute(_COUNT_ALL, (top, top)).fetchone()[0])
+
+
+def holds_others(conn: sqlite3.Connection, dests: tuple[int, ...]) -> bool:
+    """Whether a message of a destination not in ``dests`` exists, in one read.
+
+    A seek in the index per other destination (never a walk of the backlog of ``dests``),
+    then at most ``TAIL_LOOK`` rows of the tail after ``upto``. A longer tail (a burst no
+    lease or poll has folded yet) is not read through: the answer is then True, which
+    makes the caller treat other destinations as present (the safe side for the flusher,
+    which then keeps delivering beside a flush).
+    """
+    among = ",".join("?" * len(dests))
+    with snapshot(conn):
+        mark = upto(conn)
+        indexed = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM destinations d WHERE d.id NOT IN "
+            f"({among}) AND EXISTS (SELECT 1 FROM dest_ids x WHERE x.dest = d.id))",
+            dests,
+        ).fetchone()[0]
+        if indexed:
+            return True
+        many, others = conn.execute(
+            f"SELECT count(*) > ?, total(t.dest NOT IN ({among})) FROM "
+            "(SELECT dest FROM messages WHERE id > ? ORDER BY id LIMIT ?) t",
+            (TAIL_LOOK, *dests, mark, TAIL_LOOK + 1),
+        ).fetchone()
+    return bool(many) or others > 0
 
 
 @contextlib.contextmanager

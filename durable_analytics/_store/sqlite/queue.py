@@ -23,7 +23,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
@@ -605,6 +605,18 @@ class SqliteQueue:
         if up_to_id is not None or spools is None:
             return found
         return found + spool_counts.count(spools, self, destination)
+
+    def holds_others(self, destinations: Collection[int]) -> bool:
+        """Whether a message of a destination not in ``destinations`` is pending.
+
+        A seek in the index by destination per other destination, then the tail after it
+        (``bydest.holds_others``), then the spools of every process: a look, not a count.
+        """
+        ours = tuple(sorted(set(destinations)))
+        if self._db.read(lambda conn: bydest.holds_others(conn, ours)):
+            return True
+        spools = self._spools
+        return spools is not None and spool_counts.holds_others(spools, self, ours)
 
     def held_back(self, destination: int | None = None) -> dict[str, int]:
         """By spool file, its newest message (of ``destination``) not moved in yet."""

@@ -1,6 +1,7 @@
 """What waits in the spools of a queue's producers, looked at read-only (see ``spool.py``).
 
-``stats()`` and ``pending()`` count spooled messages as pending (``by_destination``, ``count``);
+``stats()`` and ``pending()`` count spooled messages as pending (``by_destination``, ``count``),
+``holds_others()`` looks for another destination's (``holds_others``);
 ``flush()`` marks where each spool's held-back messages end when it is called (``marks``)
 and follows how many of those are still not moved in (``held``), whoever moves them.
 Each look opens every spool file read-only, once, as the movers would take them: no
@@ -22,7 +23,7 @@ from .spool import RECORD, Spools, _names_of, _record
 if TYPE_CHECKING:
     from .queue import SqliteQueue
 
-__all__ = ["Spooled", "by_destination", "count", "held", "marks"]
+__all__ = ["Spooled", "by_destination", "count", "held", "holds_others", "marks"]
 
 
 class Spooled(NamedTuple):
@@ -65,6 +66,13 @@ def by_destination(spools: Spools, queue: SqliteQueue) -> dict[tuple[str, str], 
                 float(min(times)) if times else None,
             )
     return out
+
+
+def holds_others(spools: Spools, queue: SqliteQueue, destinations: tuple[int, ...]) -> bool:
+    """Whether the spools of every process hold a message, not moved yet, of a destination
+    not among ``destinations``."""
+    ours = {_names_of(queue, dest) for dest in destinations}
+    return any(key not in ours for key in by_destination(spools, queue))
 
 
 def marks(spools: Spools, queue: SqliteQueue, destination: int | None) -> dict[str, int]:
