@@ -1,9 +1,11 @@
-"""The HTTP transport: the Segment batch envelope, auth, gzip, connection pools, scrubbing.
+"""The HTTP transport: the Segment batch envelope, auth, gzip, connection pools.
 
-Auth is Basic with the write key, or with OAuth settings a Bearer token (``_oauth``).
+Auth is Basic with the write key, or with OAuth settings a Bearer token (``_oauth``). What
+a server answers is scrubbed of both before anything keeps it (``_scrub``).
 
 A batch to a host reached directly goes through our own lean HTTP/1.1 client (``_wire``);
-through a proxy it goes through urllib3's ``ProxyManager`` (as does the OAuth token request).
+through a proxy it goes through urllib3's ``ProxyManager`` (``_proxied``; as does the OAuth
+token request).
 Connections are pooled per transport, in the process that made them (never reused across a
 fork). Proxies and the CA bundle are taken from the environment once per host, not on every
 request, and redirects are never followed so the write key cannot be sent to a third host.
@@ -13,16 +15,13 @@ from __future__ import annotations
 
 import base64
 import gzip as gzip_module
-import json
 import logging
 import os
-import re
 import ssl
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote, quote_plus
 
 import urllib3
 
@@ -32,7 +31,10 @@ from durable_analytics._oauth import OAuthSettings, TokenSource, urllib3_poster
 from durable_analytics._version import __version__
 from durable_analytics.exceptions import ConfigurationRejected, DeliveryError
 
+from . import _proxied as proxied
+from ._proxied import make_manager, proxy_from_mapping
 from ._resolve import LookupTimeout
+from ._scrub import Scrubber
 from ._wire import (
     ConnectError,
     Origin,
@@ -128,7 +130,7 @@ class HTTPTransport:
         self._heads: dict[str, bytes] = {}
         self._pid = os.getpid()
         self._auth_cache: dict[str, str] = {}
-        self._scrub_patterns: dict[str, re.Pattern[str]] = {}
+        self._scrubber = Scrubber()
 
     def __repr__(self) -> str:
         return f"HTTPTransport(timeout={self.timeout!r}, gzip={self.gzip!r})"
@@ -167,7 +169,7 @@ class HTTPTransport:
 
     def _proxy(self, url: str) -> str | None:
         if self._proxies is not None:
-            return _proxy_from_mapping(self._proxies, url)
+            return proxy_from_mapping(self._proxies, url)
         return proxy_for_url(url) if self._trust_env else None
 
     def _wire_client(self) -> WireClient:
@@ -194,19 +196,7 @@ class HTTPTransport:
         key = proxy or ""
         manager = self._managers.get(key)
         if manager is None:
-            kwargs: dict[str, object] = {"num_pools": 4, "maxsize": self.maxsize, "block": False}
-            verify = self._verify
-            if verify is False:
-                kwargs["cert_reqs"] = "CERT_NONE"
-            else:
-                kwargs["cert_reqs"] = "CERT_REQUIRED"
-                bundle = verify if isinstance(verify, str) else ca_bundle_from_env()
-                if bundle:
-                    kwargs["ca_certs"] = bundle
-            if proxy:
-                manager = urllib3.ProxyManager(proxy, **kwargs)  # type: ignore[arg-type]
-            else:
-                manager = urllib3.PoolManager(**kwargs)  # type: ignore[arg-type]
+            manager = make_manager(proxy, maxsize=self.maxsize, verify=self._verify)
             self._managers[key] = manager
         return manager
 
@@ -302,10 +292,11 @@ class HTTPTransport:
                 )
             # urllib3's timeout bounds each read, not the request: a proxy or server
             # that answers a byte at a time would hold it past any deadline.
+            headers = self._proxied_headers(authorization, retry_count)
             return call_within(
                 read_timeout,
-                lambda: _post_through_urllib3(
-                    route, url, authorization, retry_count, self.gzip, data, read_timeout
+                lambda: proxied.post(
+                    route, url, headers, data, read_timeout, max_body=MAX_RESPONSE_BYTES
                 ),
                 f"the request to {host}",
             )
@@ -388,12 +379,9 @@ class HTTPTransport:
             if status == 511:
                 kind = "retry"
         # Scrub the whole answer, then cut: a cut first could keep part of an echoed key.
-        excerpt = self._scrub(raw.decode("utf-8", "replace"), write_key)
-        if authorization.startswith("Bearer "):
-            excerpt = excerpt.replace(authorization[7:], "<token>")
-        if "\\" in excerpt:
-            excerpt = self._scrub_escaped(excerpt, write_key, authorization)
-        excerpt = excerpt[:2000]
+        excerpt = self._scrubber.scrub_answer(
+            raw.decode("utf-8", "replace"), write_key, authorization
+        )[:2000]
         retry_after = parse_retry_after(retry_header)
         if kind == "retry" and reset_header:
             # Segment's 429 names when the rate limit resets: wait for the later of the two.
@@ -428,17 +416,28 @@ class HTTPTransport:
         if isinstance(exc, ValueError):
             # A host no URL parser or resolver takes (the config's own check refuses it, a
             # transport called directly may not have): kept and backed off, never raised.
-            why = self._scrub(_short(exc), write_key)
+            why = self._scrubber.scrub(_short(exc), write_key, authorization)
             return Outcome("config", None, error=f"cannot send to {host!r}: {why}")
         return None
 
     def _failed(self, what: str, exc: BaseException, write_key: str, authorization: str) -> Outcome:
         """A retry outcome for a request that got no answer: ``what`` and why, scrubbed (a
         malformed answer is quoted, and a hostile server may echo the key in it)."""
-        why = self._scrub(_short(exc), write_key)
-        if authorization.startswith("Bearer "):
-            why = why.replace(authorization[7:], "<token>")
+        why = self._scrubber.scrub(_short(exc), write_key, authorization)
         return Outcome("retry", None, error=f"{what}: {why}")
+
+    def _proxied_headers(self, authorization: str, retry_count: int) -> dict[str, str]:
+        """The headers of a request through urllib3 (``_proxied``)."""
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "Authorization": authorization,
+        }
+        if retry_count > 0:
+            headers["X-Retry-Count"] = str(retry_count)
+        if self.gzip:
+            headers["Content-Encoding"] = "gzip"
+        return headers
 
     def _head(self, authorization: str, retry_count: int) -> bytes:
         """The header lines after ``Host`` (``Content-Length`` is added by the client)."""
@@ -460,99 +459,9 @@ class HTTPTransport:
             head += b"X-Retry-Count: %d\r\n" % retry_count
         return head
 
-    def _scrub(self, text: str, write_key: str) -> str:
-        """Remove the write key, in every spelling a server may echo, from its answer.
-
-        A server that echoes the key (or the Authorization header) back must not put it in
-        logs, exceptions, ``status`` or dead letters: the raw key, its Basic token (base64 of
-        ``key:``, with or without padding, also URL-safe), and each URL-encoded.
-        """
-        if not write_key:
-            return text
-        pattern = self._scrub_patterns.get(write_key)
-        if pattern is None:
-            pattern = self._scrub_patterns[write_key] = secret_pattern(write_key)
-        return pattern.sub("<write key>", text)
-
-    def _scrub_escaped(self, text: str, write_key: str, authorization: str) -> str:
-        """``text``, decoded, scrubbed and re-encoded if its JSON escapes spell a secret.
-
-        ``APIError.message`` is the answer's JSON ``message`` decoded, so a key written with
-        escapes (``\\/``, as some servers write ``/``, or ``\\u0041``) would appear there
-        although the text was scrubbed. Any other answer is kept byte for byte.
-        """
-        try:
-            decoded = json.dumps(json.loads(text), ensure_ascii=False)
-        except (ValueError, RecursionError):
-            return text
-        scrubbed = self._scrub(decoded, write_key)
-        if authorization.startswith("Bearer "):
-            scrubbed = scrubbed.replace(authorization[7:], "<token>")
-        return text if scrubbed == decoded else scrubbed
-
-
-def secret_pattern(write_key: str) -> re.Pattern[str]:
-    """A regular expression matching ``write_key`` in every spelling ``_scrub`` removes."""
-    token = base64.b64encode(f"{write_key}:".encode()).decode("ascii")
-    urlsafe = token.replace("+", "-").replace("/", "_")
-    spellings: set[str] = set()
-    for secret in (write_key, token, token.rstrip("="), urlsafe, urlsafe.rstrip("=")):
-        if secret:
-            spellings.update((secret, quote(secret, safe=""), quote_plus(secret, safe="")))
-    # Longest first, so that a spelling is never half-replaced by a shorter one inside it;
-    # percent escapes match in either case (%2F and %2f).
-    parts = [
-        re.sub(r"%([0-9A-F]{2})", lambda m: f"%(?i:{m.group(1)})", re.escape(s))
-        for s in sorted(spellings, key=len, reverse=True)
-    ]
-    return re.compile("|".join(parts))
-
 
 # Answers that say the OAuth token is not (or no longer) good; 511 is retried with OAuth.
 _TOKEN_REFUSED = frozenset({401, 403, 511})
-
-
-def _post_through_urllib3(
-    pool: Any,
-    url: str,
-    authorization: str,
-    retry_count: int,
-    gzip: bool,
-    data: bytes,
-    read_timeout: float,
-) -> tuple[int, bytes, str | None, str | None]:
-    """POST through a urllib3 pool or proxy manager: status, body, Retry-After, reset."""
-    headers = {
-        "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
-        "Authorization": authorization,
-    }
-    if retry_count > 0:
-        headers["X-Retry-Count"] = str(retry_count)
-    if gzip:
-        headers["Content-Encoding"] = "gzip"
-    target = url if isinstance(pool, urllib3.ProxyManager) else _path(url)
-    response = pool.urlopen(
-        "POST",
-        target,
-        body=data,
-        headers=headers,
-        redirect=False,
-        retries=False,
-        timeout=urllib3.Timeout(connect=min(read_timeout, 10.0), read=read_timeout),
-        preload_content=False,
-    )
-    try:
-        raw = response.read(MAX_RESPONSE_BYTES) or b""
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raw = f"<unreadable response body: {type(exc).__name__}>".encode()
-    if len(raw) >= MAX_RESPONSE_BYTES:
-        response.close()  # a longer body is not read: drop the connection instead
-    else:
-        response.release_conn()
-    retry_header = response.headers.get("Retry-After")
-    reset_header = response.headers.get("X-RateLimit-Reset")
-    return int(response.status), raw, retry_header, reset_header
 
 
 def _fields(answer: Response) -> tuple[int, bytes, str | None, str | None]:
@@ -605,17 +514,6 @@ class _Settled:
 
     def cancel(self) -> None:
         """Nothing to give up: no request is on the wire."""
-
-
-def _path(url: str) -> str:
-    rest = url.split("://", 1)[1]
-    slash = rest.find("/")
-    return rest[slash:] if slash >= 0 else "/"
-
-
-def _proxy_from_mapping(proxies: Mapping[str, str], url: str) -> str | None:
-    scheme = url.split("://", 1)[0]
-    return proxies.get(scheme) or proxies.get("all") or None
 
 
 def _short(exc: BaseException) -> str:
