@@ -11,33 +11,26 @@ tenacity) are ``_quick_retry``'s: ``Deliverer`` settles the answer it returns.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import _delivery_log
-from ._bounded_call import call_within
 from ._metrics import delivery_counters
 from ._pipeline import Ticket, Window, keep_leased, stop_keeping, window_for
 from ._quick_retry import DEADLINE_PASSED, GATED, QuickRetries, post
+from ._reports import kept_error, message_id, rejected_error, report, report_until
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
 from ._transport.base import Started, Transport
-from .exceptions import (
-    ConfigurationRejected,
-    DeliveryError,
-    MessageRejected,
-    QueueError,
-    RetryableError,
-)
+from .exceptions import DeliveryError, QueueError
 
 if TYPE_CHECKING:
-    from ._config import Config
+    from ._config import Config, OnError
 
 __all__ = [
     "CONFIG_CAP",
@@ -52,8 +45,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(_delivery_log.LOGGER)
-
-OnError = Callable[[Exception, list[dict[str, Any]]], object]
 
 #: Steady-state retry interval against a dead server: one request a minute per destination.
 RETRY_CAP = 60.0
@@ -415,38 +406,11 @@ class Deliverer:
             sent=started,
         )
 
-    def _messages(self, lease: Lease, idx: list[int]) -> list[dict[str, Any]]:
-        out = []
-        for i in idx:
-            try:
-                out.append(json.loads(lease.bodies[i]))
-            except ValueError:
-                continue
-        return out
-
     def _report(
         self, exc: DeliveryError, lease: Lease, idx: list[int], until: float | None = None
     ) -> None:
-        """Call ``on_error``; with ``until`` (a flush, an exit, ``sync_mode``), wait for it
-        only until then: a callback that blocks must not hold the caller past its deadline."""
-        on_error = self.on_error
-        if on_error is None:
-            return
-        messages = self._messages(lease, idx)
-
-        def call() -> None:
-            with self._report_lock:
-                on_error(exc, messages)
-
-        try:
-            if until is None:
-                call()
-            else:
-                call_within(until - time.monotonic(), call, "on_error")
-        except TimeoutError:
-            log.warning("on_error has not returned by the deadline; not waiting for it")
-        except Exception:
-            log.exception("on_error raised; ignoring it")
+        """Call ``on_error`` for the messages ``idx`` of ``lease`` (``_reports.report``)."""
+        report(self.on_error, self._report_lock, exc, lease, idx, until)
 
     def _send_part(
         self,
@@ -512,21 +476,11 @@ class Deliverer:
                 log.warning(
                     "dead-lettered message %s: %s answered HTTP %s (see `durable-analytics "
                     "dead-letters list`)",
-                    _message_id(lease.bodies[idx[0]]),
+                    message_id(lease.bodies[idx[0]]),
                     dest.host,
                     outcome.status,
                 )
-                self._report(
-                    MessageRejected(
-                        f"the server rejected a message with HTTP {outcome.status}; it was "
-                        "moved to the dead letters",
-                        status=outcome.status,
-                        excerpt=outcome.excerpt,
-                    ),
-                    lease,
-                    idx,
-                    _report_until(deadline),
-                )
+                self._report(rejected_error(outcome), lease, idx, report_until(deadline))
                 return True
             # Split in halves until the bad message is alone; the good ones are delivered.
             half = len(idx) // 2
@@ -557,19 +511,8 @@ class Deliverer:
             delay=delay,
             kept=kept,
         )
-        if outcome.kind == "config":
-            exc: DeliveryError = ConfigurationRejected(
-                f"{outcome.error}; the messages are kept: check the write key and host",
-                status=outcome.status,
-                excerpt=outcome.excerpt,
-            )
-        else:
-            exc = RetryableError(
-                f"{outcome.error}; the messages are kept and retried in {delay:.0f}s",
-                status=outcome.status,
-                excerpt=outcome.excerpt,
-            )
-        report_by = _report_until(deadline)
+        exc = kept_error(outcome, delay)
+        report_by = report_until(deadline)
         self._report(exc, lease, idx, report_by)
         for part in later or ():
             self._report(exc, lease, part, report_by)
@@ -578,28 +521,6 @@ class Deliverer:
     def _count_dead(self, dest_id: int, delta: int) -> None:
         with self._lock:
             self.dead_lettered[dest_id] = self.dead_lettered.get(dest_id, 0) + delta
-
-
-#: A deadline that has (nearly) passed still gives ``on_error`` this long to return.
-_REPORT_GRACE = 0.1
-
-
-def _report_until(deadline: float | None) -> float | None:
-    """Until when ``on_error`` is waited for, under a caller's ``deadline`` (None: no bound)."""
-    return None if deadline is None else max(deadline, time.monotonic() + _REPORT_GRACE)
-
-
-def _message_id(body: bytes) -> str:
-    """The messageId of a stored body, quoted for a log line (never the body itself).
-
-    It is user data: JSON-quoted (line breaks and control characters escaped, so it cannot
-    forge a log line) and cut to 100 characters.
-    """
-    try:
-        value = json.loads(body).get("messageId")
-    except (ValueError, AttributeError):
-        return "?"
-    return "?" if value is None else json.dumps(str(value)[:100])
 
 
 def make_deliverer(

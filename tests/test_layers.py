@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"_config", "_messages", "_message_fields", "_message_json"},
     {"_store"},
     {"_transport"},
-    {"_metrics", "_delivery_log"},  # counters and log lines that delivery writes to
+    {"_metrics", "_delivery_log", "_reports"},  # counters, log lines, on_error reports
     {"_pipeline", "_quick_retry"},  # _quick_retry: one request and its quick retries
     {"_delivery"},
     {"_pass"},  # the delivery pass (pipeline) every delivery path runs

@@ -1,0 +1,110 @@
+"""What delivery tells the user: the ``on_error`` calls and the errors they carry.
+
+``Deliverer`` settles each answer in the queue; what it then reports goes through here: a
+rejected message (``MessageRejected``, after its move to the dead letters), and a batch
+kept for later (``RetryableError``, or ``ConfigurationRejected`` for a write key or host
+the server refuses). ``report`` calls ``on_error`` with the batch's messages, never from
+two delivery threads at once, and under a caller's deadline waits for it only until then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from . import _delivery_log
+from ._bounded_call import call_within
+from ._config import OnError
+from ._store import Lease
+from ._transport import Outcome
+from .exceptions import ConfigurationRejected, DeliveryError, MessageRejected, RetryableError
+
+__all__ = ["REPORT_GRACE", "kept_error", "message_id", "rejected_error", "report", "report_until"]
+
+log = logging.getLogger(_delivery_log.LOGGER)
+
+#: A deadline that has (nearly) passed still gives ``on_error`` this long to return.
+REPORT_GRACE = 0.1
+
+
+def report_until(deadline: float | None) -> float | None:
+    """Until when ``on_error`` is waited for, under a caller's ``deadline`` (None: no bound)."""
+    return None if deadline is None else max(deadline, time.monotonic() + REPORT_GRACE)
+
+
+def report(
+    on_error: OnError | None,
+    lock: threading.Lock,
+    exc: DeliveryError,
+    lease: Lease,
+    idx: list[int],
+    until: float | None = None,
+) -> None:
+    """Call ``on_error`` with ``exc`` and the messages ``idx`` of ``lease``, under ``lock``.
+
+    With ``until`` (a flush, an exit, ``sync_mode``), wait for it only until then: a
+    callback that blocks must not hold the caller past its deadline. What it raises is
+    logged, never passed on.
+    """
+    if on_error is None:
+        return
+    messages = []
+    for i in idx:
+        try:
+            messages.append(json.loads(lease.bodies[i]))
+        except ValueError:
+            continue
+
+    def call() -> None:
+        with lock:
+            on_error(exc, messages)
+
+    try:
+        if until is None:
+            call()
+        else:
+            call_within(until - time.monotonic(), call, "on_error")
+    except TimeoutError:
+        log.warning("on_error has not returned by the deadline; not waiting for it")
+    except Exception:
+        log.exception("on_error raised; ignoring it")
+
+
+def rejected_error(outcome: Outcome) -> MessageRejected:
+    """The error reported for a message the server rejected (now a dead letter)."""
+    return MessageRejected(
+        f"the server rejected a message with HTTP {outcome.status}; it was moved to the "
+        "dead letters",
+        status=outcome.status,
+        excerpt=outcome.excerpt,
+    )
+
+
+def kept_error(outcome: Outcome, delay: float) -> DeliveryError:
+    """The error reported for a batch kept in the queue, retried in ``delay`` seconds."""
+    if outcome.kind == "config":
+        return ConfigurationRejected(
+            f"{outcome.error}; the messages are kept: check the write key and host",
+            status=outcome.status,
+            excerpt=outcome.excerpt,
+        )
+    return RetryableError(
+        f"{outcome.error}; the messages are kept and retried in {delay:.0f}s",
+        status=outcome.status,
+        excerpt=outcome.excerpt,
+    )
+
+
+def message_id(body: bytes) -> str:
+    """The messageId of a stored body, quoted for a log line (never the body itself).
+
+    It is user data: JSON-quoted (line breaks and control characters escaped, so it cannot
+    forge a log line) and cut to 100 characters.
+    """
+    try:
+        value = json.loads(body).get("messageId")
+    except (ValueError, AttributeError):
+        return "?"
+    return "?" if value is None else json.dumps(str(value)[:100])
