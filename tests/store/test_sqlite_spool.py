@@ -28,14 +28,10 @@ from conftest import WRITE_KEY, child_env, start_python
 from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import spool as spool_module
+from durable_analytics._store.sqlite import spool_moves
 from durable_analytics._store.sqlite.dead_letters import used_bytes
-from durable_analytics._store.sqlite.spool import (
-    MOST_SPOOLED,
-    MOVE_ROWS,
-    SPOOL_MARGIN,
-    _owner_gone,
-    spool_dir,
-)
+from durable_analytics._store.sqlite.spool import MOST_SPOOLED, SPOOL_MARGIN, spool_dir
+from durable_analytics._store.sqlite.spool_moves import MOVE_ROWS, _owner_gone
 from durable_analytics._store.sqlite.waits import owned
 from durable_analytics._store.sqlite.wal import log_frames
 from durable_analytics.testing import Collector
@@ -228,7 +224,7 @@ def test_a_mover_killed_between_its_two_commits_moves_nothing_twice(
     def killed(conn: sqlite3.Connection, last: int) -> None:
         raise KeyboardInterrupt  # the mover dies after the queue's COMMIT
 
-    monkeypatch.setattr(spool_module, "_delete_moved", killed)
+    monkeypatch.setattr(spool_moves, "_delete_moved", killed)
     with pytest.raises(KeyboardInterrupt):
         q.move_spools()
     monkeypatch.undo()

@@ -18,7 +18,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import forks
-from .spool import RECORD, Spools, _names_of, _record
+from .spool import Spools, _names_of
+from .spool_moves import RECORD, record_of
 
 if TYPE_CHECKING:
     from .queue import SqliteQueue
@@ -134,7 +135,7 @@ def _look(
     # another connection is left out of the count at once.
     end = time.monotonic() + min(LOOK_WAIT, queue.waits.remaining())
     for file in files:
-        record = queue._db.read(partial(_record, name=RECORD + file[: -len(".db")]))
+        record = queue._db.read(partial(record_of, name=RECORD + file[: -len(".db")]))
         after = int(record[0]) if record is not None else 0
         top = (1 << 62) if upto is None else upto[file]
         uri = (spools.dir / file).as_uri() + "?mode=ro"
