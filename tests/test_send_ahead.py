@@ -10,6 +10,7 @@ most two requests of one thread outstanding, and every lease settled.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -95,6 +96,18 @@ def _fill(queue: SqliteQueue, host: str, n: int) -> list[str]:
         body = b'{"type":"track","event":"E","userId":"u","messageId":"%s"}' % message_id.encode()
         queue.append(dest, body)
     return ids
+
+
+@contextlib.contextmanager
+def _another_pass_holds_a_slot(url: str, size: int) -> Iterator[None]:
+    """Another pass of this process holds one slot of ``url``'s window of ``size`` (its
+    request in flight) for as long as the block runs."""
+    other = window_for(url, WRITE_KEY, size)
+    assert other.try_acquire(size) is not None
+    try:
+        yield
+    finally:
+        other.release()
 
 
 def test_one_thread_keeps_two_batches_in_flight_and_sends_each_once(
@@ -259,12 +272,8 @@ def test_a_batch_is_never_sent_ahead_of_one_still_waiting_for_a_slot(
     for ever without one, the batch sent ahead unread meanwhile)."""
     ids = _fill(queue, collector.url, 80)
     deliverer = Deliverer(queue, _Requests(), max_in_flight=2)
-    other = window_for(collector.url, WRITE_KEY, 2)
-    assert other.try_acquire(2) is not None  # the other pass's request, in flight
-    try:
+    with _another_pass_holds_a_slot(collector.url, 2):
         stats = deliver_pass(queue, deliverer, deadline=time.monotonic() + 3.0)
-    finally:
-        other.release()
     assert (stats.sent, stats.kept) == (len(ids), 0)
     assert collector.message_ids() == dict.fromkeys(ids, 1)
     assert queue.stats().leased == 0
@@ -311,14 +320,10 @@ def test_a_batch_not_yet_sent_goes_back_when_the_one_before_it_failed_for_good(
     deliverer = Deliverer(
         queue, _Requests(), max_in_flight=2, max_retries=2, sleep=lambda _seconds: None
     )
-    other = window_for(collector.url, WRITE_KEY, 2)
-    assert other.try_acquire(2) is not None  # the other pass's request, in flight
-    try:
+    with _another_pass_holds_a_slot(collector.url, 2):
         # (The 500s halved the window to the other pass's one slot: a batch that went on
         # to ``acquire`` would wait for it until this deadline.)
         stats = deliver_pass(queue, deliverer, deadline=time.monotonic() + 5.0)
-    finally:
-        other.release()
     assert collector.requests == 3  # the first batch and its two quick retries, no more
     assert (stats.sent, stats.kept) == (0, 20)
     assert queue.pending() == 40
@@ -352,8 +357,6 @@ def test_a_stop_that_comes_while_the_pass_moves_on_leaves_no_lease_behind(
     under a lease until it expires (60 s here)."""
     _fill(queue, collector.url, 80)
     deliverer = Deliverer(queue, _Requests(), max_in_flight=2)
-    other = window_for(collector.url, WRITE_KEY, 2)
-    assert other.try_acquire(2) is not None  # the second batch cannot be sent ahead
 
     class Stop(threading.Event):
         """Set from the second look after the first batch was counted (another thread
@@ -371,10 +374,9 @@ def test_a_stop_that_comes_while_the_pass_moves_on_leaves_no_lease_behind(
     def counted(_sent: int) -> None:
         stop.looks = max(stop.looks, 0)
 
-    try:
+    # The other pass's slot: the second batch cannot be sent ahead.
+    with _another_pass_holds_a_slot(collector.url, 2):
         stats = deliver_pass(queue, deliverer, stop=stop, progress=counted)
-    finally:
-        other.release()
     assert stats.sent == 20
     assert queue.stats().leased == 0
     assert queue.pending() == 60
