@@ -175,6 +175,19 @@ def test_holds_others_names_messages_of_any_destination_outside_the_given_ones(
     assert not backend.holds_others([])
 
 
+def test_holds_others_counts_a_message_whatever_its_destinations_record_says(
+    backend: QueueBackend, dest: int
+) -> None:
+    """A message stored under an id no destination has (a damaged file, a bad id) is
+    pending like any other, so it is another destination's for ``holds_others``."""
+    fill(backend, dest, 2)
+    stray = 987_654
+    backend.append(stray, body(5))
+    assert backend.pending() == 3
+    assert backend.holds_others([dest])
+    assert not backend.holds_others([dest, stray])
+
+
 def test_calls_that_met_no_busy_file_are_never_held_back(backend: QueueBackend, dest: int) -> None:
     """``held_back`` names only calls not in the queue yet (a SQLite producer's spool): an
     append nobody contended for is in the queue when it returns, so ``flush`` has nothing

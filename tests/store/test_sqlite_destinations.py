@@ -382,3 +382,25 @@ def test_holds_others_reads_the_tail_and_says_maybe_past_tail_look(
     _bulk(path, a, 41, 20)  # 61 rows in the tail: past the look
     assert q.holds_others([a, b])
     q.close()
+
+
+def test_holds_others_finds_a_message_whose_destination_has_no_row(tmp_path: Path) -> None:
+    """``pending`` counts every message, whatever its destination's row says; so does
+    ``holds_others``, in the index (seeks over ``dest_ids`` itself) and in the tail: a
+    message of a destination id with no row (a damaged file, an append with a bad id) is
+    another destination's."""
+    path = tmp_path / "q.sqlite3"
+    q = Queue(path)
+    a = q.destination(HOST, KEY)
+    _bulk(path, 99, 0, 1)  # no destination 99
+    _bulk(path, a, 1, 10)
+    assert q.pending() == 11
+    assert q.holds_others([a])  # in the tail
+    while q._db.write(bydest.fold_chunk):
+        pass
+    assert bydest.tail(q._conn()) == 0
+    assert q.holds_others([a])  # in the index only
+    assert not q.holds_others([a, 99])
+    _bulk(path, 99, 11, 1)
+    assert q.holds_others([a])  # and in the tail again
+    q.close()

@@ -28,7 +28,7 @@ from conftest import WRITE_KEY, child_env, start_python
 from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import spool as spool_module
-from durable_analytics._store.sqlite import spool_moves
+from durable_analytics._store.sqlite import spool_counts, spool_moves
 from durable_analytics._store.sqlite.dead_letters import used_bytes
 from durable_analytics._store.sqlite.spool import MOST_SPOOLED, SPOOL_MARGIN, spool_dir
 from durable_analytics._store.sqlite.spool_moves import MOVE_ROWS, _owner_gone
@@ -1252,4 +1252,52 @@ def test_holds_others_sees_another_destinations_calls_still_in_a_spool(tmp_path:
         assert q.append(other, body(1)) < 0
         assert q.holds_others([dest])
         assert not q.holds_others([dest, other])
+    q.close()
+
+
+def test_holds_others_sees_a_spooled_message_moved_in_between_its_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spools are looked at before the file: a spooled message of another destination
+    that a mover (``flush()``'s own pass before each lease, a worker) moves into the file
+    while ``holds_others`` looks is seen in one or the other. With the file looked at
+    first, a move just before the spools' look hid it from both (pinned here by moving
+    it at that moment)."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    other = q.destination(OTHER_HOST, OTHER_KEY)
+    with write_lock_held(path):
+        assert q.append(other, body(1)) < 0  # spooled: the queue file was busy
+    real = spool_counts.holds_others
+    moves: list[int] = []
+
+    def moved_meanwhile(spools: Any, queue: Any, destinations: tuple[int, ...]) -> bool:
+        moves.append(queue.move_spools(scan_now=True))  # another thread's move, right now
+        return real(spools, queue, destinations)
+
+    monkeypatch.setattr(spool_counts, "holds_others", moved_meanwhile)
+    assert q.holds_others([dest])
+    assert moves == [1]
+    assert q.pending(destination=other) == 1  # in the file now
+    q.close()
+
+
+def test_holds_others_says_maybe_for_a_spool_it_could_not_read(tmp_path: Path) -> None:
+    """A spool another connection holds exclusively (a backup, an operator's shell) cannot
+    be looked into: it may hold another destination's messages, so the answer is True."""
+    path = tmp_path / "q.db"
+    q = Queue(path, spool=True)
+    dest = q.destination(HOST, KEY)
+    other = q.destination(OTHER_HOST, OTHER_KEY)
+    child = _child_spools(path, 5, host=OTHER_HOST, key=OTHER_KEY)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    with contextlib.closing(sqlite3.connect(str(path), isolation_level=None)) as conn:
+        conn.execute("DELETE FROM messages")  # the child's one message in the file
+    assert q.pending(destination=other) == 5  # all in its spool
+    assert q.holds_others([dest])
+    assert not q.holds_others([dest, other])
+    with spools_held_exclusively(path) as held:
+        assert held == 1
+        assert q.holds_others([dest, other])  # unsure: True
     q.close()

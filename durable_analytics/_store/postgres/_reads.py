@@ -57,7 +57,8 @@ class QueueReads:
 
     def holds_others(self, destinations: Collection[int]) -> bool:
         """Whether a message of a destination not in ``destinations`` is pending: one
-        index lookup per other destination (``messages (dest, id)``), not a count."""
+        index seek per destination the messages hold (``messages (dest, id)``), not a
+        count."""
         params = {"dests": sorted(destinations)}
         row = self._tx(lambda c: c.execute(self._sql(q.HOLDS_OTHERS), params)).fetchone()
         return bool(row[0]) if row else False

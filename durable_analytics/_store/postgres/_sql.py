@@ -278,11 +278,17 @@ PENDING = (
     "AND (%(dest)s::bigint IS NULL OR dest = %(dest)s::bigint)"
 )
 
-# A lookup in messages (dest, id) per destination, not a scan of the one that holds the
-# backlog (what "dest <> ALL(...)" over the messages would read).
+# The destinations the messages hold, one seek each in messages (dest, id) (a loose index
+# scan), not a scan of the one that holds the backlog (what "dest <> ALL(...)" over the
+# messages would read), nor a trust in the destinations table.
 HOLDS_OTHERS = (
-    "SELECT EXISTS (SELECT 1 FROM {s}.destinations d WHERE d.id <> ALL(%(dests)s::bigint[]) "
-    "AND EXISTS (SELECT 1 FROM {s}.messages m WHERE m.dest = d.id))"
+    "WITH RECURSIVE held (dest) AS ("
+    " (SELECT dest FROM {s}.messages ORDER BY dest LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT m.dest FROM {s}.messages m WHERE m.dest > h.dest ORDER BY m.dest LIMIT 1)"
+    " FROM held h WHERE h.dest IS NOT NULL"
+    ") SELECT EXISTS (SELECT 1 FROM held WHERE dest IS NOT NULL"
+    " AND dest <> ALL(%(dests)s::bigint[]))"
 )
 
 MAX_ID = "SELECT coalesce(max(id), 0) FROM {s}.messages"

@@ -259,22 +259,24 @@ def count(conn: sqlite3.Connection, dest: int | None, top: int) -> int:
 def holds_others(conn: sqlite3.Connection, dests: tuple[int, ...]) -> bool:
     """Whether a message of a destination not in ``dests`` exists, in one read.
 
-    A seek in the index per other destination (never a walk of the backlog of ``dests``),
-    then at most ``TAIL_LOOK`` rows of the tail after ``upto``. A longer tail (a burst no
-    lease or poll has folded yet) is not read through: the answer is then True, which
-    makes the caller treat other destinations as present (the safe side for the flusher,
-    which then keeps delivering beside a flush).
+    The index's destinations one seek each, in order (never a walk of the backlog of
+    ``dests``, nor a trust in the destinations table), then at most ``TAIL_LOOK`` rows of
+    the tail after ``upto``. A longer tail (a burst no lease or poll has folded yet) is not
+    read through: the answer is then True, which makes the caller treat other
+    destinations as present (the safe side for the flusher, which then keeps delivering
+    beside a flush).
     """
     among = ",".join("?" * len(dests))
+    ours = set(dests)
     with snapshot(conn):
         mark = upto(conn)
-        indexed = conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM destinations d WHERE d.id NOT IN "
-            f"({among}) AND EXISTS (SELECT 1 FROM dest_ids x WHERE x.dest = d.id))",
-            dests,
-        ).fetchone()[0]
-        if indexed:
-            return True
+        found = conn.execute("SELECT min(dest) FROM dest_ids").fetchone()[0]
+        while found is not None:
+            if found not in ours:
+                return True
+            found = conn.execute(
+                "SELECT min(dest) FROM dest_ids WHERE dest > ?", (found,)
+            ).fetchone()[0]
         many, others = conn.execute(
             f"SELECT count(*) > ?, total(t.dest NOT IN ({among})) FROM "
             "(SELECT dest FROM messages WHERE id > ? ORDER BY id LIMIT ?) t",

@@ -609,14 +609,16 @@ class SqliteQueue:
     def holds_others(self, destinations: Collection[int]) -> bool:
         """Whether a message of a destination not in ``destinations`` is pending.
 
-        A seek in the index by destination per other destination, then the tail after it
-        (``bydest.holds_others``), then the spools of every process: a look, not a count.
+        The spools of every process first, then the file: a seek in the index by
+        destination per destination, and the tail after it (``bydest.holds_others``). In
+        that order a message moved from a spool into the file meanwhile is seen in one or
+        the other (messages only ever move that way), never in neither.
         """
         ours = tuple(sorted(set(destinations)))
-        if self._db.read(lambda conn: bydest.holds_others(conn, ours)):
-            return True
         spools = self._spools
-        return spools is not None and spool_counts.holds_others(spools, self, ours)
+        if spools is not None and spool_counts.holds_others(spools, self, ours):
+            return True
+        return bool(self._db.read(lambda conn: bydest.holds_others(conn, ours)))
 
     def held_back(self, destination: int | None = None) -> dict[str, int]:
         """By spool file, its newest message (of ``destination``) not moved in yet."""

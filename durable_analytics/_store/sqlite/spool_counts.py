@@ -71,9 +71,13 @@ def by_destination(spools: Spools, queue: SqliteQueue) -> dict[tuple[str, str], 
 
 def holds_others(spools: Spools, queue: SqliteQueue, destinations: tuple[int, ...]) -> bool:
     """Whether the spools of every process hold a message, not moved yet, of a destination
-    not among ``destinations``."""
+    not among ``destinations``; True too when a spool could not be read (it may)."""
     ours = {_names_of(queue, dest) for dest in destinations}
-    return any(key not in ours for key in by_destination(spools, queue))
+    unread: dict[str, int] = {}
+    found = _look(spools, queue, None, "d.host, d.write_key", unread=unread, group=True)
+    if unread:
+        return True
+    return any((str(host), str(key)) not in ours for rows in found.values() for host, key in rows)
 
 
 def marks(spools: Spools, queue: SqliteQueue, destination: int | None) -> dict[str, int]:
