@@ -13,46 +13,45 @@ wall-clock jump neither steals a live lease nor keeps a dead one forever.
 
 The class composes one object per concern: ``Connections`` (per-thread connections,
 transactions, fork), ``Recovery`` (damaged files), ``Appender`` (append and the cap) and
-``DeadLetters``; the lease protocol is in ``leases.py``.
+``DeadLetters``; the lease protocol is in ``leases.py``; what ``status``, ``flush()`` and
+the tools read (counts, stats, dead letters) is ``reads.py``'s ``QueueReads``, a base.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from durable_analytics._store.base import (
-    DeadLetter,
     Lease,
-    QueueStats,
 )
 from durable_analytics._store.window import PROCESS_WINDOW, InFlightWindow
 from durable_analytics.exceptions import QueueBusy, QueueCorrupt
 
-from . import bydest, inspect, leases, ready, spool_counts
+from . import bydest, leases, ready
 from .append import Appender
 from .checkpoint import run_checkpoint
 from .connections import Connections
 from .dead_letters import DeadLetters
 from .files import narrow_modes, prepare_path
+from .reads import QueueReads
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
 from .spool import Spools, open_spool
 from .waits import Waits
-from .wal import Checkpoints, WalBudget, wal_bytes
+from .wal import Checkpoints, WalBudget
 
 __all__ = ["SqliteQueue"]
 
 
-class SqliteQueue:
+class SqliteQueue(QueueReads):
     """A durable message queue in one SQLite file, shared by threads and processes.
 
     ``durability="normal"`` (WAL, synchronous=NORMAL) survives the crash or kill of any
@@ -549,116 +548,3 @@ class SqliteQueue:
         if row is None:
             return 0.0, 0
         return float(row[0]), int(row[1])
-
-    # ---------------------------------------------------------------- dead letters
-
-    def dead_letter(
-        self,
-        lease: Lease,
-        ids: Iterable[int],
-        *,
-        status: int | None,
-        reason: str,
-        excerpt: str = "",
-    ) -> int:
-        """Move leased messages to the dead-letter table with the status and a response excerpt."""
-        return self._dead.move(lease, ids, status=status, reason=reason, excerpt=excerpt)
-
-    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
-        """The dead letters (all, or those with ``ids``), oldest first."""
-        return self._dead.select(ids)
-
-    def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
-        """Put dead letters (all, or ``ids``) back in the queue; returns how many."""
-        return self._dead.take_out(ids, requeue=True)
-
-    def purge_dead_letters(self, ids: Sequence[int] | None = None) -> int:
-        """Delete dead letters (all, or ``ids``) for good; returns how many."""
-        return self._dead.take_out(ids, requeue=False)
-
-    def dead_letters_purged(self) -> int:
-        """How many dead letters were purged to keep them within ``max_dead_letter_bytes``."""
-        return self._dead.purged()
-
-    # ---------------------------------------------------------------- inspection
-
-    def max_id(self) -> int:
-        """The id of the newest message (0 when empty): ``flush`` waits for ids up to it.
-
-        Spooled messages (``spool.py``) are moved into the file first, so they are counted.
-        """
-        self.move_spools(scan_now=True)
-        row = self._db.read(lambda conn: conn.execute("SELECT max(id) FROM messages").fetchone())
-        return int(row[0] or 0)
-
-    def pending(self, *, up_to_id: int | None = None, destination: int | None = None) -> int:
-        """How many messages are not yet delivered (leased or not).
-
-        Without ``up_to_id``, messages still in the spools of producers (``spool.py``) count
-        too.
-        """
-        top = up_to_id if up_to_id is not None else (1 << 62)
-        # Counted on the index by destination: entries of a few bytes, not rows with bodies,
-        # and only this destination's.
-        found = self._db.read(lambda conn: bydest.count(conn, destination, top))
-        spools = self._spools
-        if up_to_id is not None or spools is None:
-            return found
-        return found + spool_counts.count(spools, self, destination)
-
-    def holds_others(self, destinations: Collection[int]) -> bool:
-        """Whether a message of a destination not in ``destinations`` is pending.
-
-        The spools of every process first, then the file: a seek in the index by
-        destination per destination, and the tail after it (``bydest.holds_others``). In
-        that order a message moved from a spool into the file meanwhile is seen in one or
-        the other (messages only ever move that way), never in neither.
-        """
-        ours = tuple(sorted(set(destinations)))
-        spools = self._spools
-        if spools is not None and spool_counts.holds_others(spools, self, ours):
-            return True
-        return bool(self._db.read(lambda conn: bydest.holds_others(conn, ours)))
-
-    def held_back(self, destination: int | None = None) -> dict[str, int]:
-        """By spool file, its newest message (of ``destination``) not moved in yet."""
-        spools = self._spools
-        return {} if spools is None else spool_counts.marks(spools, self, destination)
-
-    def held_back_left(self, marks: dict[str, int], destination: int | None = None) -> int:
-        """How many of the spooled messages up to ``marks`` are still not moved in."""
-        spools = self._spools
-        return 0 if spools is None else spool_counts.held(spools, self, marks, destination)
-
-    def live_leases(self) -> int:
-        """How many leases are held right now (by anyone)."""
-        row = self._db.read(lambda conn: conn.execute("SELECT count(*) FROM leases").fetchone())
-        return int(row[0])
-
-    def stats(self) -> QueueStats:
-        """Counts and health of the queue (see ``QueueStats``)."""
-        now = time.time()
-        spools = self._spools
-        # Looked at first: a message moved in meanwhile is counted twice for a moment,
-        # never left out (the file's snapshot comes after the look).
-        waiting = {} if spools is None else spool_counts.by_destination(spools, self)
-        found = self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now, waiting))
-        return dataclasses.replace(
-            found,
-            spooled=sum(w.messages for w in waiting.values()),
-            dropped=found.dropped + self._appender.unsaved_drops,
-            wal_bytes=wal_bytes(self.path),
-        )
-
-    def integrity_check(self) -> str:
-        """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` when healthy)."""
-        rows = self._db.read(lambda conn: conn.execute("PRAGMA integrity_check").fetchall())
-        return "; ".join(str(r[0]) for r in rows)
-
-    def bodies(self) -> list[bytes]:
-        """Every message body in the file, oldest first (for tests and tools); not those
-        still in a spool (``max_id()`` moves them in first)."""
-        rows = self._db.read(
-            lambda conn: conn.execute("SELECT body FROM messages ORDER BY id").fetchall()
-        )
-        return [bytes(r[0]) for r in rows]
