@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -19,6 +21,7 @@ from ._app import (
     json_option,
     open_queue,
     queue_config,
+    queue_exists,
     resolve_queue,
     setup_logging,
 )
@@ -45,12 +48,23 @@ _ID_OPTION = click.option(
 )
 
 
-def _selected(queue: QueueBackend, ids: tuple[int, ...]) -> list[DeadLetter]:
-    """The dead letters named by ``ids`` (all without ids); an unknown id is a usage error."""
+_MISSING_OK = click.option(
+    "--missing-ok",
+    is_flag=True,
+    help="A queue file not created yet (nothing tracked there) has no dead letters: exit 0, "
+    "and it is not created. Without it: exit 3.",
+)
+
+
+def _selected(queue: QueueBackend | None, ids: tuple[int, ...]) -> list[DeadLetter]:
+    """The dead letters named by ``ids`` (all without ids); an unknown id is a usage error.
+
+    ``queue`` None: a queue not created yet, which has none.
+    """
     if not ids:
-        return queue.dead_letters()
+        return [] if queue is None else queue.dead_letters()
     wanted = sorted(set(ids))
-    found = queue.dead_letters(wanted)
+    found = [] if queue is None else queue.dead_letters(wanted)
     missing = sorted(set(wanted) - {d.id for d in found})
     if missing:
         raise CLIError(
@@ -60,17 +74,32 @@ def _selected(queue: QueueBackend, ids: tuple[int, ...]) -> list[DeadLetter]:
     return found
 
 
+@contextlib.contextmanager
+def _opened(queue_path: Path | None, missing_ok: bool) -> Iterator[QueueBackend | None]:
+    """The queue, closed after the block; None for one not created yet with ``missing_ok``."""
+    config = queue_config(resolve_queue(queue_path))
+    if missing_ok and not queue_exists(config):
+        yield None  # nothing tracked there yet: no dead letters, and no file created
+        return
+    queue = open_queue(config, hint="; with `--missing-ok` it has no dead letters (exit 0)")
+    try:
+        yield queue
+    finally:
+        queue.close()
+
+
 @dead_letters_group.command("list", short_help="Show id, type, event, status, reason, age.")
 @common_options
 @_ID_OPTION
 @json_option
+@_MISSING_OK
 def dead_letters_list(
-    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool
+    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool, missing_ok: bool
 ) -> int:
     """Show the dead letters: id, type, event, status, reason, age (--json: everything)."""
     setup_logging(verbose)
-    queue = open_queue(queue_config(resolve_queue(queue_path)))
-    letters = _selected(queue, ids)
+    with _opened(queue_path, missing_ok) as queue:
+        letters = _selected(queue, ids)
     if as_json:
         click.echo(json.dumps([d.as_dict() for d in letters], indent=2))
         return EXIT_OK
@@ -100,33 +129,42 @@ def dead_letters_list(
 @common_options
 @_ID_OPTION
 @json_option
+@_MISSING_OK
 def dead_letters_requeue(
-    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool
+    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool, missing_ok: bool
 ) -> int:
     """Put dead letters back in the queue, to be sent again by the next drain or flusher."""
-    return _act_on_dead_letters(queue_path, verbose, ids, as_json, "requeued")
+    return _act_on_dead_letters(queue_path, verbose, ids, as_json, missing_ok, "requeued")
 
 
 @dead_letters_group.command("purge", short_help="Delete dead letters for good.")
 @common_options
 @_ID_OPTION
 @json_option
+@_MISSING_OK
 def dead_letters_purge(
-    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool
+    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool, missing_ok: bool
 ) -> int:
     """Delete dead letters for good."""
-    return _act_on_dead_letters(queue_path, verbose, ids, as_json, "purged")
+    return _act_on_dead_letters(queue_path, verbose, ids, as_json, missing_ok, "purged")
 
 
 def _act_on_dead_letters(
-    queue_path: Path | None, verbose: int, ids: tuple[int, ...], as_json: bool, done: str
+    queue_path: Path | None,
+    verbose: int,
+    ids: tuple[int, ...],
+    as_json: bool,
+    missing_ok: bool,
+    done: str,
 ) -> int:
     """Requeue or purge the selected dead letters and report how many, as ``done``."""
     setup_logging(verbose)
-    queue = open_queue(queue_config(resolve_queue(queue_path)))
-    chosen = _selected(queue, ids)
-    act = queue.requeue_dead_letters if done == "requeued" else queue.purge_dead_letters
-    n = act([d.id for d in chosen]) if chosen else 0
+    with _opened(queue_path, missing_ok) as queue:
+        chosen = _selected(queue, ids)
+        n = 0
+        if queue is not None and chosen:
+            act = queue.requeue_dead_letters if done == "requeued" else queue.purge_dead_letters
+            n = act([d.id for d in chosen])
     if as_json:
         click.echo(json.dumps({done: n}))
     else:

@@ -111,3 +111,43 @@ def test_dead_letters_unknown_and_corrupt_queue_exit_3(
     before = snapshot(corrupt_queue.parent)
     assert_error(run(runner, "dead-letters", action, "--queue", str(corrupt_queue)), 3)
     assert snapshot(corrupt_queue.parent) == before
+
+
+@pytest.mark.parametrize("action", ["list", "requeue", "purge"])
+def test_dead_letters_missing_ok_on_a_queue_not_created_yet_has_none_and_creates_nothing(
+    runner: CliRunner, tmp_path: Path, corrupt_queue: Path, action: str
+) -> None:
+    """A fresh deploy's check of its dead letters before the first event: without the flag
+    exit 3 (with a hint naming it), with it none (exit 0) and no file created; a damaged
+    queue is still exit 3, and an id asked for is still unknown (exit 2)."""
+    missing = tmp_path / "not-yet" / "queue.sqlite3"
+    assert_error(run(runner, "dead-letters", action, "--queue", str(missing)), 3, "--missing-ok")
+    text = run(runner, "dead-letters", action, "--queue", str(missing), "--missing-ok")
+    assert text.exit_code == 0, text.output
+    expected = {"list": "no dead letters", "requeue": "requeued 0", "purge": "purged 0"}
+    assert text.stdout.startswith(expected[action])
+    as_json = run(runner, "dead-letters", action, "--queue", str(missing), "--missing-ok", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout) == ([] if action == "list" else {f"{action}d": 0})
+    unknown = run(
+        runner, "dead-letters", action, "--queue", str(missing), "--missing-ok", "--id", "3"
+    )
+    assert_error(unknown, 2, "no dead letter with id 3")
+    assert not missing.parent.exists()
+    before = snapshot(corrupt_queue.parent)
+    assert_error(
+        run(runner, "dead-letters", action, "--queue", str(corrupt_queue), "--missing-ok"), 3
+    )
+    assert snapshot(corrupt_queue.parent) == before
+
+
+def test_dead_letters_missing_ok_on_an_existing_queue_acts_as_without_it(
+    runner: CliRunner, queue_path: Path, with_dead_letters: list[str]
+) -> None:
+    listed = run(
+        runner, "dead-letters", "list", "--queue", str(queue_path), "--missing-ok", "--json"
+    )
+    assert [d["message_id"] for d in json.loads(listed.stdout)] == with_dead_letters
+    purged = run(runner, "dead-letters", "purge", "--queue", str(queue_path), "--missing-ok")
+    assert purged.exit_code == 0, purged.output
+    assert purged.stdout.startswith("purged 2")
