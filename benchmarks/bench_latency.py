@@ -55,6 +55,10 @@ VARIANTS = [
     # Not among the targets: a producer that never spools (a count cap turns spooling off),
     # so it shares the file with the worker, its transactions and its checkpoints.
     "durable none, no spool (max_queue_size)",
+    # A control, not a target: the peer's bare call while a worker delivers a backlog to the
+    # collector, the load that runs beside "durable none". Its tail beside ours tells what of
+    # ours is the call and what is the machine running the worker and the collector.
+    "segment bare beside a worker (control)",
 ]
 
 
@@ -163,6 +167,35 @@ def _raw_append(path: Path) -> Any:
     return track
 
 
+def _start_worker(path: Path) -> subprocess.Popen[bytes]:
+    """A ``durable-analytics worker`` delivering from the queue file ``path``."""
+    cli = shutil.which("durable-analytics") or str(
+        Path(sys.executable).with_name("durable-analytics")
+    )
+    return subprocess.Popen(
+        [cli, "worker", "--queue", str(path), "--poll", "0.05"], stderr=subprocess.DEVNULL
+    )
+
+
+def _worker_with_backlog(path: Path, messages: int, url: str) -> subprocess.Popen[bytes]:
+    """A worker delivering ``messages`` queued before it started (the control's load).
+
+    Twice the calls measured: the worker, at full speed on a backlog, is still delivering
+    when the last timed call returns.
+    """
+    import durable_analytics
+
+    producer = durable_analytics.Client(
+        WRITE_KEY, host=url, queue_path=path, on_exit="none", flusher="none"
+    )
+    for _ in range(messages):
+        producer.track("user-1", "Signed Up", PROPS)
+    producer.close(timeout=0)
+    worker = _start_worker(path)
+    time.sleep(0.2)  # started, and delivering
+    return worker
+
+
 def run_variant(variant: str, calls: int, url: str) -> dict[str, float]:
     """Run one variant in this (fresh) process; its percentiles in ms."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
@@ -171,6 +204,8 @@ def run_variant(variant: str, calls: int, url: str) -> dict[str, float]:
         if variant.startswith("segment"):
             from segment.analytics import Client as SegmentClient
 
+            if "beside a worker" in variant:
+                worker = _worker_with_backlog(workdir / "queue.sqlite3", calls * 2, url)
             send = variant == "segment delivering"
             peer = SegmentClient(
                 WRITE_KEY, host=url, send=send, max_queue_size=calls * 2, upload_interval=0.5
@@ -201,13 +236,7 @@ def run_variant(variant: str, calls: int, url: str) -> dict[str, float]:
         )
         client.track("warm-up", "Warm Up", PROPS)
         if settings["flusher"] == "none":
-            cli = shutil.which("durable-analytics") or str(
-                Path(sys.executable).with_name("durable-analytics")
-            )
-            worker = subprocess.Popen(
-                [cli, "worker", "--queue", str(path), "--poll", "0.05"],
-                stderr=subprocess.DEVNULL,
-            )
+            worker = _start_worker(path)
             time.sleep(0.5)
         samples, waits = _timed_calls(client.track, calls)
         client.close(timeout=0)
@@ -221,9 +250,11 @@ def run_variant(variant: str, calls: int, url: str) -> dict[str, float]:
 
 def _ratios(best: dict[str, dict[str, float]]) -> dict[str, float]:
     """The targets' ratios (and the floor's), of the variants that ran."""
-    none, thread, _process, _full, bare, delivering, floor, _no_spool = VARIANTS
+    none, thread, _process, _full, bare, delivering, floor, _no_spool, control = VARIANTS
     pairs = {
         "none p99.9 / segment bare p99.9 (target <= 2)": (none, bare),
+        # Both beside the same kind of load: a worker delivering to the collector.
+        "none p99.9 / segment bare beside a worker p99.9 (control)": (none, control),
         "thread p99.9 / segment delivering p99.9 (target <= 1)": (thread, delivering),
         # How far the floor itself is from the peer's in-memory call, and we from the floor.
         "raw sqlite3 floor p99.9 / segment bare p99.9": (floor, bare),

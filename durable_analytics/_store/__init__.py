@@ -55,8 +55,9 @@ def open_queue(config: Config, *, recover: bool = False, spool: bool = False) ->
     ``":memory:"`` is the in-memory backend (this process only, gone when it ends); any
     other path is an SQLite file. ``recover=True`` (the Client's choice) moves a damaged
     SQLite file aside and salvages it; ``False`` (the CLI's) raises ``QueueCorrupt``.
-    ``spool=True`` (the Client's, unless ``sync_mode``): an SQLite append that would wait
-    for the file's write lock goes to this process's spool (``sqlite/spool.py``).
+    ``spool=True`` (the Client's, unless ``sync_mode``): an SQLite append goes first to this
+    process's journal (``sqlite/journal.py``), and one that would wait for the file's write
+    lock to its spool (``sqlite/spool.py``).
     """
     if config.queue_url is not None:
         # Imported here: psycopg is optional (ConfigError naming the extra when missing).
@@ -95,4 +96,5 @@ def open_queue(config: Config, *, recover: bool = False, spool: bool = False) ->
         busy_timeout=config.busy_timeout,
         recover=recover,
         spool=spool,
+        journal=spool,
     )

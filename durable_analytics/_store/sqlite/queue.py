@@ -99,6 +99,7 @@ class SqliteQueue(QueueReads):
         max_dead_letter_bytes: int | None = None,
         max_queue_size: int | None = None,
         spool: bool = False,
+        journal: bool = False,
         deadlines_of: SqliteQueue | None = None,
     ) -> None:
         self.path = Path(os.fspath(path)).expanduser().absolute()
@@ -159,7 +160,13 @@ class SqliteQueue(QueueReads):
         #: every process's spool shares, and spools are never recovered, so no writer there
         #: expects that lock to be taken (``open_spool``).
         self.restart_exclusive = True
-        self._spools: Spools | None = Spools(self.path, partial(open_spool, self))
+        #: With ``journal`` (and ``spool``), appends go first to this process's journal
+        #: (``journal.py``): one ``write()`` each; never with ``durability="full"``.
+        self._spools: Spools | None = Spools(
+            self.path,
+            partial(open_spool, self),
+            journal=journal and spool and durability != "full",
+        )
 
     @property
     def waits(self) -> Waits:

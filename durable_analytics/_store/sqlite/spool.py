@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Protocol
 from durable_analytics.exceptions import QueueBusy, QueueError
 
 from .files import make_private_dirs, sync_wal
+from .journal import MOST_JOURNALED, SUFFIX, Journal, owner_of
 from .spool_moves import RECORD, SCAN_EVERY, SpoolMoves, record_of
 from .waits import owned
 
@@ -81,11 +82,12 @@ MOST_SPOOLED = 1024
 #: INSERT, or a mover deleting what it moved: one statement each) before waiting for the
 #: queue file instead.
 LOCAL_WAIT = 0.002
-#: A message spools only while the file is at least this far under ``max_queue_bytes`` by
-#: the estimate for each spool in the directory (this process's included), and never with
-#: a ``max_queue_size``: a move adds what waited, without the caps' check (at most
-#: ``MOST_SPOOLED`` messages of at most 32 KiB per spool).
-SPOOL_MARGIN = MOST_SPOOLED * 32 * 1024
+#: A message spools or journals only while the file is at least this far under
+#: ``max_queue_bytes`` by the estimate for each process with a spool or a journal in the
+#: directory (this one included), and never with a ``max_queue_size``: a move adds what
+#: waited, without the caps' check (at most ``MOST_SPOOLED`` messages of at most 32 KiB per
+#: spool, and ``MOST_JOURNALED`` bytes per journal).
+SPOOL_MARGIN = MOST_SPOOLED * 32 * 1024 + MOST_JOURNALED
 
 
 def spool_dir(path: Path) -> Path:
@@ -93,10 +95,11 @@ def spool_dir(path: Path) -> Path:
     return path.with_name(path.name + ".spool")
 
 
-def _release_lock(fd: int, spool: SqliteQueue) -> None:
-    """Close a collected Spools' own spool and let go of its owner lock."""
-    with contextlib.suppress(Exception):
-        spool._db.close_all()
+def _release_lock(fd: int, owned_files: list[SqliteQueue]) -> None:
+    """Close a collected Spools' own spool (if it made one) and let go of its owner lock."""
+    for spool in owned_files:
+        with contextlib.suppress(Exception):
+            spool._db.close_all()
     with contextlib.suppress(OSError):
         os.close(fd)
 
@@ -146,7 +149,7 @@ class SpoolOpener(Protocol):
 class Spools(SpoolMoves):
     """This process's spool of one queue, and the moves of every spool into the queue."""
 
-    def __init__(self, path: Path, opener: SpoolOpener) -> None:
+    def __init__(self, path: Path, opener: SpoolOpener, *, journal: bool = False) -> None:
         self.path = path
         self.dir = spool_dir(path)
         self._opener = opener
@@ -155,7 +158,11 @@ class Spools(SpoolMoves):
         self._lock_fd = -1
         self._off = False
         self._own_bad = False  # this process's spool could not be read: no more moves
-        self._release: weakref.finalize[[int, SqliteQueue], Spools] | None = None
+        self._release: weakref.finalize[[int, list[SqliteQueue]], Spools] | None = None
+        #: What the owner lock's release closes: this process's spool, once it has one.
+        self._owned_files: list[SqliteQueue] = []
+        #: This process's journal (``journal.py``): where its calls go first, if journaling.
+        self.journal: Journal | None = Journal(self.dir, self._claim) if journal else None
         #: Destinations of the queue -> their ids in this process's spool.
         self._dests: dict[int, int] = {}
         #: The newest id appended to this process's spool, and the newest moved from it.
@@ -182,16 +189,18 @@ class Spools(SpoolMoves):
         process's spool (a negated id), else the queue file after the wait."""
         appender = queue._appender
         when = time.time() if enqueued_at is None else enqueued_at
+        size = len(body)
+        journal = self.journal
+        if journal is not None and not journal.off and self._may_hold(queue, size):
+            names = queue._dest_names.get(dest_id)
+            end = None if names is None else journal.append(names, body, when)
+            if end is not None:
+                appender.count_stored(size)
+                return -end
         row_id = appender.try_append(dest_id, body, when)
         if row_id is not None:
             return row_id
-        size = len(body)
-        if (
-            appender.fast(size)
-            and appender.max_queue_size is None
-            and appender.est_used + size + SPOOL_MARGIN * self.spoolers()
-            <= appender.max_queue_bytes
-        ):
+        if self._may_hold(queue, size):
             names = queue._dest_names.get(dest_id)
             spooled = self.try_append(queue, dest_id, names, body, when)
             if spooled is not None:
@@ -199,21 +208,37 @@ class Spools(SpoolMoves):
                 return spooled
         return appender.append(dest_id, body, when)
 
+    def _may_hold(self, queue: SqliteQueue, size: int) -> bool:
+        """Whether a message of ``size`` bytes may wait outside the file (a journal, a spool):
+        the fast path, no count cap, and ``SPOOL_MARGIN`` per holding process left."""
+        appender = queue._appender
+        return (
+            appender.fast(size)
+            and appender.max_queue_size is None
+            and appender.est_used + size + SPOOL_MARGIN * self.spoolers()
+            <= appender.max_queue_bytes
+        )
+
     def spoolers(self) -> int:
-        """How many processes may hold spooled messages: the spools in the directory, this
-        process's counted even before it has one (looked at most every ``SCAN_EVERY``)."""
+        """How many processes may hold spooled or journaled messages: the owners of the spools
+        and journals in the directory, this process counted even before it has one (looked at
+        most every ``SCAN_EVERY``)."""
         now = time.monotonic()
         if now - self._counted_at >= SCAN_EVERY:
             self._counted_at = now
+            owners: set[str] = set()
             try:
-                others = sum(
-                    1
-                    for entry in os.scandir(self.dir)
-                    if entry.name.endswith(".db") and entry.name[: -len(".db")] != self._own_name
-                )
+                for entry in os.scandir(self.dir):
+                    if entry.name.endswith(".db"):
+                        owners.add(entry.name[: -len(".db")])
+                    elif entry.name.endswith(SUFFIX):
+                        found = owner_of(entry.name[: -len(SUFFIX)])
+                        if found is not None:
+                            owners.add(found[0])
             except OSError:
-                others = 0  # no directory yet: no spool
-            self._spoolers = others + 1
+                pass  # no directory yet: no spool
+            owners.discard(self._own_name)
+            self._spoolers = len(owners) + 1
         return self._spoolers
 
     def try_append(
@@ -291,6 +316,32 @@ class Spools(SpoolMoves):
     def _create_locked(self) -> SqliteQueue | None:
         if self._own is not None or self._off:
             return self._own
+        name = self._claim_locked()
+        own = self._opener(self.dir / f"{name}.db")
+        self._owned_files.append(own)
+        self._own = own
+        return own
+
+    def _claim(self) -> str | None:
+        """This process's spool name, its owner lock taken (the journal's files are named
+        after it); None when another thread is taking it or it cannot be taken."""
+        if self._own_name:
+            return self._own_name
+        if not self._creating.acquire(blocking=False):
+            return None
+        try:
+            return self._claim_locked()
+        except (OSError, QueueError) as exc:
+            if self.journal is not None:
+                self.journal.off = True
+            logger.warning("could not start the journal in %s: %s", self.dir, exc)
+            return None
+        finally:
+            self._creating.release()
+
+    def _claim_locked(self) -> str:
+        if self._own_name:
+            return self._own_name
         name = f"{os.getpid()}-{secrets.token_hex(6)}"
         make_private_dirs(self.dir)
         lock_path = self.dir / f"{name}.lock"
@@ -304,21 +355,20 @@ class Spools(SpoolMoves):
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            own = self._opener(self.dir / f"{name}.db")
         except BaseException:
             self._lock_fd = -1
             os.close(fd)
             with contextlib.suppress(OSError):
                 lock_path.unlink()
             raise
-        # Released with this object (the spool of a closed, dropped queue is then adopted by
-        # the next mover), or at exit.
-        self._release = weakref.finalize(self, _release_lock, fd, own)
+        # Released with this object (the spool and journal of a closed, dropped queue are
+        # then adopted by the next mover), or at exit.
+        self._owned_files = []
+        self._release = weakref.finalize(self, _release_lock, fd, self._owned_files)
         # Not at exit: the exit handler may still append and move; the kernel lets go then.
         self._release.atexit = False
         self._own_name = name
-        self._own = own
-        return own
+        return name
 
     def _turn_off(self, exc: BaseException) -> None:
         if not self._off:
@@ -337,6 +387,10 @@ class Spools(SpoolMoves):
         """Whether this process spooled rows not moved yet (no I/O)."""
         return self.last_spooled > self.moved_upto
 
+    def has_unjournaled(self) -> bool:
+        """Whether this process journaled calls its own moves have not taken (no I/O)."""
+        return self.journal is not None and self.journal.has_unmoved()
+
     # ---------------------------------------------------------------- fork
 
     def forget_after_fork(self) -> None:
@@ -351,6 +405,9 @@ class Spools(SpoolMoves):
         self._lock_fd = -1
         self._own = None
         self._own_name = ""
+        self._owned_files = []
+        if self.journal is not None:
+            self.journal.close_after_fork()
         self._dests = {}
         self.last_spooled = self.moved_upto = 0
         self._others = {}

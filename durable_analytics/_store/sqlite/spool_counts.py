@@ -2,6 +2,7 @@
 
 ``stats()`` and ``pending()`` count spooled messages as pending (``by_destination``, ``count``),
 ``holds_others()`` looks for another destination's (``holds_others``);
+every look covers the producers' journals too (``journal.py``), read from each file's record;
 ``flush()`` marks where each spool's held-back messages end when it is called (``marks``)
 and follows how many of those are still not moved in (``held``), whoever moves them.
 Each look opens every spool file read-only, once, as the movers would take them: no
@@ -18,6 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import forks
+from .journal import SUFFIX, Entry, owner_of, parse, read_from
 from .spool import Spools, _names_of
 from .spool_moves import RECORD, record_of
 
@@ -44,7 +46,10 @@ LOOK_WAIT = 1.0
 def count(spools: Spools, queue: SqliteQueue, destination: int | None) -> int:
     """How many messages (of ``destination``) wait in the spools of every process, not
     moved yet."""
-    return sum(int(rows[0][0]) for rows in _look(spools, queue, destination, "count(*)").values())
+    in_spools = sum(
+        int(rows[0][0]) for rows in _look(spools, queue, destination, "count(*)").values()
+    )
+    return in_spools + sum(len(e) for e in _look_journals(spools, queue, destination).values())
 
 
 def by_destination(spools: Spools, queue: SqliteQueue) -> dict[tuple[str, str], Spooled]:
@@ -57,6 +62,14 @@ def by_destination(spools: Spools, queue: SqliteQueue) -> dict[tuple[str, str], 
         group=True,
     )
     out: dict[tuple[str, str], Spooled] = {}
+    for entries in _look_journals(spools, queue, None).values():
+        for e in entries:
+            seen = out.get((e.host, e.write_key), Spooled(0, 0, None))
+            out[(e.host, e.write_key)] = Spooled(
+                seen.messages + 1,
+                seen.bytes + len(e.body),
+                e.enqueued_at if seen.oldest is None else min(seen.oldest, e.enqueued_at),
+            )
     for rows in found.values():
         for host, key, n, size, oldest in rows:
             seen = out.get((str(host), str(key)), Spooled(0, 0, None))
@@ -74,6 +87,11 @@ def holds_others(spools: Spools, queue: SqliteQueue, destinations: tuple[int, ..
     not among ``destinations``; True too when a spool could not be read (it may)."""
     ours = {_names_of(queue, dest) for dest in destinations}
     unread: dict[str, int] = {}
+    journaled = _look_journals(spools, queue, None, unread=unread)
+    if unread or any(
+        (e.host, e.write_key) not in ours for entries in journaled.values() for e in entries
+    ):
+        return True
     found = _look(spools, queue, None, "d.host, d.write_key", unread=unread, group=True)
     if unread:
         return True
@@ -84,7 +102,11 @@ def marks(spools: Spools, queue: SqliteQueue, destination: int | None) -> dict[s
     """By spool file, the id of its newest message (of ``destination``) not moved yet: what
     is held back at this moment, for ``held`` to follow."""
     found = _look(spools, queue, destination, "max(m.id)")
-    return {file: int(rows[0][0]) for file, rows in found.items() if rows[0][0] is not None}
+    out = {file: int(rows[0][0]) for file, rows in found.items() if rows[0][0] is not None}
+    for file, entries in _look_journals(spools, queue, destination).items():
+        if entries:
+            out[file] = entries[-1].end
+    return out
 
 
 def held(spools: Spools, queue: SqliteQueue, upto: dict[str, int], destination: int | None) -> int:
@@ -93,7 +115,61 @@ def held(spools: Spools, queue: SqliteQueue, upto: dict[str, int], destination: 
         return 0
     unread: dict[str, int] = {}
     found = _look(spools, queue, destination, "count(*)", upto, unread)
-    return sum(int(rows[0][0]) for rows in found.values()) + sum(unread.values())
+    journaled = _look_journals(spools, queue, destination, upto, unread)
+    return (
+        sum(int(rows[0][0]) for rows in found.values())
+        + sum(len(entries) for entries in journaled.values())
+        + sum(unread.values())
+    )
+
+
+def _look_journals(
+    spools: Spools,
+    queue: SqliteQueue,
+    destination: int | None,
+    upto: dict[str, int] | None = None,
+    unread: dict[str, int] | None = None,
+) -> dict[str, list[Entry]]:
+    """Each journal file's records (of ``destination``) not moved yet, by file name; with
+    ``upto``, only in the files it names and up to their offset there.
+
+    A file that could not be read (or is damaged past its record) is left out; ``unread``
+    gets 1 for each such file with something past its record (at least one message)."""
+    names = None if destination is None else _names_of(queue, destination)
+    if destination is not None and names is None:
+        return {}
+    try:
+        files = [
+            e.name
+            for e in os.scandir(spools.dir)
+            if e.name.endswith(SUFFIX)
+            and owner_of(e.name[: -len(SUFFIX)]) is not None
+            and e.is_file(follow_symlinks=False)
+            and e.name not in spools.bad
+            and (upto is None or e.name in upto)
+        ]
+    except OSError:
+        return {}
+    found: dict[str, list[Entry]] = {}
+    for file in files:
+        record = queue._db.read(partial(record_of, name=RECORD + file[: -len(SUFFIX)]))
+        after = int(record[0]) if record is not None else 0
+        top = None if upto is None else upto[file]
+        if top is not None and top <= after:
+            continue
+        try:
+            data = read_from(spools.dir / file, after, None if top is None else top - after)
+        except OSError:
+            if unread is not None:
+                unread[file] = 1
+            continue
+        if data is None:
+            continue  # moved in whole and deleted meanwhile
+        entries, _, damaged = parse(data, after)
+        if damaged and unread is not None:
+            unread[file] = 1
+        found[file] = [e for e in entries if names is None or (e.host, e.write_key) == names]
+    return found
 
 
 def _look(

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from durable_analytics.exceptions import QueueBusy, QueueError
 
 from .dead_letters import ROW_OVERHEAD, used_bytes
+from .files import sync_wal
+from .journal import SUFFIX, Journal, owner_of, parse, read_from
 from .waits import owned
 
 if TYPE_CHECKING:
@@ -60,8 +62,10 @@ SCAN_EVERY = 0.05
 #: ``BUSY_RETRY`` seconds, and its messages wait there, counted pending.
 OTHERS_WAIT = 0.05
 BUSY_RETRY = 1.0
-#: The prefix of a spool's record in the queue's ``counters`` table.
+#: The prefix of a spool's record in the queue's ``counters`` table (a journal file's too).
 RECORD = "spool:"
+#: The most bytes of a journal file read and moved into the queue per transaction.
+MOVE_BYTES = 256 * 1024
 
 _SELECT = (
     "SELECT m.id, d.host, d.write_key, m.body, m.size, m.enqueued_at "
@@ -76,6 +80,27 @@ _RECORD_SET = (
 
 class _SpoolBusy(QueueBusy):
     """Another process's spool stayed locked past ``OTHERS_WAIT`` (not the queue file)."""
+
+
+class JournalDamaged(QueueError):
+    """A journal file holds a record that fails its check (or is not a regular file)."""
+
+
+def _insert_moved(
+    conn: sqlite3.Connection, rows: list[Any], known: dict[tuple[str, str], int]
+) -> None:
+    """Insert moved rows ``(_, host, write_key, body, size, enqueued_at)`` into the queue
+    (inside the move's transaction); ``known`` gets the destinations met."""
+    batch = []
+    for _, host, write_key, body, size, when in rows:
+        key = (str(host), str(write_key))
+        dest = known.get(key)
+        if dest is None:
+            dest = known[key] = _dest_in(conn, *key)
+        batch.append((dest, body, size, when))
+    conn.executemany(
+        "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)", batch
+    )
 
 
 def _dest_in(conn: sqlite3.Connection, host: str, write_key: str) -> int:
@@ -151,6 +176,8 @@ class SpoolMoves:
     _scanned: float
     _moving: threading.RLock
     moved_upto: int
+    journal: Journal | None
+    path: Path
 
     if TYPE_CHECKING:
 
@@ -173,6 +200,9 @@ class SpoolMoves:
             moved = 0
             own = self._own
             scan = others and (scan_now or time.monotonic() - self._scanned >= SCAN_EVERY)
+            journal = self.journal
+            if journal is not None and (journal.has_unmoved() or (scan and journal.files)):
+                moved += self._move_own_journal(queue, journal)
             # Looked at on every scan too: ``last_spooled`` is a hint that two producer
             # threads may set out of order.
             if own is not None and not self._own_bad and (self.has_unmoved() or scan):
@@ -235,17 +265,7 @@ class SpoolMoves:
                 if not _room_for(conn, queue, rows):
                     full = True
                     return False
-                batch = []
-                for _, host, write_key, body, size, when in rows:
-                    key = (str(host), str(write_key))
-                    dest = known.get(key)
-                    if dest is None:
-                        dest = known[key] = _dest_in(conn, *key)
-                    batch.append((dest, body, size, when))
-                conn.executemany(
-                    "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)",
-                    batch,
-                )
+                _insert_moved(conn, rows, known)
                 conn.execute(_RECORD_SET, (record, rows[-1][0]))
                 return True
 
@@ -272,19 +292,191 @@ class SpoolMoves:
             if len(rows) < MOVE_ROWS:
                 return moved, True
 
+    def _move_own_journal(self, queue: SqliteQueue, journal: Journal) -> int:
+        """Move this process's journal files; delete the sealed ones once all is moved."""
+        moved = 0
+        current = journal.stem
+        done: list[str] = []  # sealed and moved in whole: deleted together, after one sync
+        for stem in list(journal.files):
+            try:
+                more, room, end = self._move_log(queue, stem, journal=journal)
+            except QueueBusy:
+                raise
+            except (QueueError, OSError, sqlite3.Error) as exc:
+                # Damaged: journaling stops here; the file stays on disk as it is.
+                self._bad.add(stem + SUFFIX)
+                journal.forget(stem)
+                if not journal.off:
+                    journal.off = True
+                    logger.warning(
+                        "calls to %s go to the queue file from now on in this process: its "
+                        "journal %s could not be moved (%s)",
+                        self.path,
+                        self.dir / f"{stem}{SUFFIX}",
+                        exc,
+                    )
+                continue
+            moved += more
+            if end is None:
+                journal.forget(stem)  # another mover deleted it: all of it was moved
+            elif room and stem != current and end >= journal.files.get(stem, 0):
+                done.append(stem)
+        if done:
+            self._drop_logs(queue, done)
+            for stem in done:
+                journal.forget(stem)
+        return moved
+
+    def _move_log(
+        self, queue: SqliteQueue, stem: str, *, journal: Journal | None = None
+    ) -> tuple[int, bool, int | None]:
+        """Move one journal file's complete records past its record into the queue, a chunk
+        per transaction (``journal`` when the file is this process's own).
+
+        Returns how many moved, False when it stopped with records left because the queue
+        had no room for them (``_room_for``), and the offset up to which the file is moved
+        (None: the file is gone, all of it moved by another mover). Raises
+        ``JournalDamaged`` at a record that fails its check, after moving those before it.
+        """
+        record = RECORD + stem
+        path = self.dir / f"{stem}{SUFFIX}"
+        moved = 0
+        known: dict[tuple[str, str], int] = {}
+        full = False
+        while True:
+            found = queue._db.read(partial(record_of, name=record))
+            after = int(found[0]) if found is not None else 0
+            data = read_from(path, after, MOVE_BYTES)
+            if data is None:
+                return moved, True, None
+            entries, end, damaged = parse(data, after)
+            if entries:
+
+                def run(
+                    conn: sqlite3.Connection, after: int = after, rows: list[Any] = entries
+                ) -> bool:
+                    nonlocal full
+                    full = False
+                    known.clear()
+                    row = record_of(conn, record)
+                    if (int(row[0]) if row is not None else 0) != after:
+                        return False  # another mover went first: read again
+                    if row is None and not path.exists():
+                        return False  # deleted by a mover that moved all of it
+                    if not _room_for(conn, queue, rows):
+                        full = True
+                        return False
+                    _insert_moved(conn, rows, known)
+                    conn.execute(_RECORD_SET, (record, rows[-1][0]))
+                    return True
+
+                if not queue._db.write(run):
+                    if full:
+                        return moved, False, after
+                    if not path.exists():
+                        return moved, True, None
+                    continue
+                queue._note_destinations(known)
+                moved += len(entries)
+            if journal is not None:
+                journal.moved[stem] = max(journal.moved.get(stem, 0), end)
+            if damaged:
+                raise JournalDamaged(f"the journal {path} is damaged at offset {end}")
+            if not entries or len(data) < MOVE_BYTES:
+                return moved, True, end
+
+    def _drop_logs(self, queue: SqliteQueue, stems: list[str]) -> None:
+        """Delete journal files moved in whole, then their records (in that order: a mover
+        that read a record before finds no file, and takes nothing again)."""
+        if queue.durability != "full":
+            # What was moved must be durable in the queue before the file that held it goes.
+            sync_wal(queue.path)
+        for stem in stems:
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / f"{stem}{SUFFIX}").unlink()
+        queue._db.write(
+            lambda conn: conn.executemany(
+                "DELETE FROM counters WHERE name = ?", [(RECORD + stem,) for stem in stems]
+            )
+        )
+
+    def _move_journals(self, queue: SqliteQueue, logs: dict[str, list[tuple[int, str]]]) -> int:
+        """Move other processes' journal files (``logs``: by owner, their generations and
+        stems). A file is sealed once a newer generation exists or its owner is gone: moved
+        in whole, it is deleted; a gone owner's cut-off last record is dropped with it."""
+        moved = 0
+        for owner, files in sorted(logs.items()):
+            if owner == self._own_name:
+                continue
+            lock_path = self.dir / f"{owner}.lock"
+            fd = _owner_gone(lock_path)
+            try:
+                newest = max(gen for gen, _ in files)
+                for gen, stem in sorted(files):
+                    if stem + SUFFIX in self._bad:
+                        continue
+                    try:
+                        more, room, end = self._move_log(queue, stem)
+                    except QueueBusy:
+                        raise
+                    except (QueueError, OSError, sqlite3.Error) as exc:
+                        self._bad.add(stem + SUFFIX)
+                        logger.warning(
+                            "the journal %s could not be moved into the queue (left as it is): %s",
+                            self.dir / f"{stem}{SUFFIX}",
+                            exc,
+                        )
+                        continue
+                    moved += more
+                    if end is None or not room or (fd == -1 and gen == newest):
+                        continue
+                    path = self.dir / f"{stem}{SUFFIX}"
+                    try:
+                        size = path.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                    if end < size:
+                        if fd == -1:
+                            continue  # sealed while we read: the rest is moved next time
+                        logger.warning(
+                            "dropped the last %d bytes of %s: a record its process was "
+                            "killed while writing (that call never returned)",
+                            size - end,
+                            path,
+                        )
+                    self._drop_logs(queue, [stem])
+                if fd != -1 and not any(
+                    e.name.startswith(owner + ".") and not e.name.endswith(".lock")
+                    for e in os.scandir(self.dir)
+                ):
+                    with contextlib.suppress(FileNotFoundError):
+                        lock_path.unlink()
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        return moved
+
     def _move_others(self, queue: SqliteQueue, *, retry_busy: bool = False) -> int:
         self._scanned = time.monotonic()
+        names: list[str] = []
+        logs: dict[str, list[tuple[int, str]]] = {}
         try:
-            names = sorted(
-                entry.name[: -len(".db")]
-                for entry in os.scandir(self.dir)
-                if entry.name.endswith(".db") and entry.is_file(follow_symlinks=False)
-            )
+            for entry in os.scandir(self.dir):
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.name.endswith(".db"):
+                    names.append(entry.name[: -len(".db")])
+                elif entry.name.endswith(SUFFIX):
+                    stem = entry.name[: -len(SUFFIX)]
+                    found = owner_of(stem)
+                    if found is not None:
+                        logs.setdefault(found[0], []).append((found[1], stem))
         except FileNotFoundError:
             return 0
         except OSError as exc:
             logger.warning("could not list the spools in %s: %s", self.dir, exc)
             return 0
+        names.sort()
         for gone in (set(self._others) | set(self._busy_until)) - set(names):
             self._forget(gone)
         moved = 0
@@ -314,7 +506,7 @@ class SpoolMoves:
                     self.dir / f"{name}.db",
                     exc,
                 )
-        return moved
+        return moved + self._move_journals(queue, logs)
 
     def _adopt(self, queue: SqliteQueue, name: str) -> int:
         """Move another process's spool; delete it once its owner is gone and it is empty."""

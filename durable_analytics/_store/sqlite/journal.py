@@ -1,0 +1,328 @@
+"""Journals: a producer's calls stored with one ``write()`` each, moved into the queue in bulk.
+
+An append to the queue file is an SQLite transaction (~17 µs of SQLite, more around it); a
+record appended to a file of this process's own is one ``write()`` (~3 µs). So a Client's
+call goes first to its process's *journal*, ``<queue>.spool/<name>.<generation>.log`` (the
+name is the process's spool name, ``spool.py``), and whoever delivers moves journals into
+the queue in bulk, as it moves spools: this process's flusher before each lease, ``flush()``
+and ``drain`` before they look at what is pending, every poll of a flusher, a ``worker`` or
+a ``drain`` process (every process's journals, ``spool_moves.py``). Once ``write()``
+returned, the record is in the kernel's page cache: a killed process loses nothing, as
+with the queue's commits under ``durability="normal"`` (a power loss may take the last
+seconds of both). With ``durability="full"`` calls never journal (each commit is synced).
+
+A record is a header (a magic byte, the payload's length and its CRC-32) and a payload:
+the call's ``enqueued_at``, its destination's host and write key, and the message body. A
+reader takes the complete records from an offset: a record still being written (its length
+says more than the file holds) ends the read, and is taken on a later one; a record whose
+check fails marks the file damaged (left on disk as it is, warned about, never counted).
+
+A move is exactly once, as a spool's: the transaction that inserts a chunk of records into
+the queue records the offset after the last (``spool:<name>.<generation>`` in ``counters``),
+and the next move starts there. A file takes ``ROTATE_BYTES``; the next call starts the next
+generation, and the older file, *sealed*, is deleted with its record by whoever moves its
+last record (after the queue's ``-wal`` is synced: a power loss must not keep the deletion
+and lose what was moved). A process killed inside a ``write()`` may leave part of a record
+at the end of its last file: that call never returned; the part is dropped once the owner is
+gone. What bounds a journal: a call journals only while this process's journal files not yet
+deleted hold less than ``MOST_JOURNALED`` bytes, and on the queue's fast path (the margin
+``spool.SPOOL_MARGIN`` under ``max_queue_bytes`` counts it); else it goes to the queue file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from .waits import owned
+
+__all__ = [
+    "MOST_JOURNALED",
+    "ROTATE_BYTES",
+    "SUFFIX",
+    "Entry",
+    "Journal",
+    "encode",
+    "owner_of",
+    "parse",
+    "read_from",
+]
+
+logger = logging.getLogger("durable_analytics.queue")
+
+#: The file name's suffix of a journal (``<name>.<generation>.log``).
+SUFFIX = ".log"
+#: A journal file's size at which the next call starts the next generation.
+ROTATE_BYTES = 1 << 20
+#: The most bytes this process's journal files (not yet deleted) hold before its calls go
+#: to the queue file instead: a mover that stays away (a stopped flusher) bounds the disk.
+MOST_JOURNALED = 8 << 20
+#: How long a call waits for another thread's turn at the journal (one ``write()`` each).
+LOCAL_WAIT = 0.002
+#: How often a journal at its bound looks whether movers deleted its sealed files.
+LOOK_EVERY = 0.05
+
+_MAGIC = 0xDA
+_HEAD = struct.Struct("<BII")  # magic, payload length, CRC-32 of the payload
+_WHEN = struct.Struct("<d")
+_NAMES = struct.Struct("<HH")  # host and write key lengths (UTF-8 bytes)
+_FIXED = _WHEN.size + _NAMES.size
+_FIXED_PART = struct.Struct("<dHH")  # the payload's start: enqueued_at and the two lengths
+
+
+class Entry(NamedTuple):
+    """One complete record of a journal file (shaped as a spool's row is for a move)."""
+
+    #: The offset just past the record in its file.
+    end: int
+    host: str
+    write_key: str
+    body: bytes
+    size: int
+    enqueued_at: float
+
+
+def names_of(host: str, write_key: str) -> bytes:
+    """A destination's names as a record carries them (kept per destination by the caller)."""
+    h, k = host.encode(), write_key.encode()
+    return _NAMES.pack(len(h), len(k)) + h + k
+
+
+def encode(names: bytes, body: bytes, when: float) -> bytes:
+    """One record: header, then ``enqueued_at``, the destination's ``names``, the body."""
+    payload = _WHEN.pack(when) + names + body
+    return _HEAD.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def parse(data: bytes, base: int) -> tuple[list[Entry], int, bool]:
+    """The complete records of ``data`` (a file's bytes from offset ``base``): the entries,
+    the offset after the last, and whether a record failed its check (the read stops
+    there). A record cut short by the end of ``data`` ends the read, not damaged."""
+    entries: list[Entry] = []
+    add = entries.append
+    view = memoryview(data)
+    crc32 = zlib.crc32
+    head_of = _HEAD.unpack_from
+    fixed_of = _FIXED_PART.unpack_from
+    # A journal holds one or a few destinations: their names are decoded once per read.
+    known: dict[bytes, tuple[str, str]] = {}
+    pos = 0
+    size = len(data)
+    head = _HEAD.size
+    while pos + head <= size:
+        magic, length, crc = head_of(data, pos)
+        if magic != _MAGIC or length < _FIXED:
+            return entries, base + pos, True
+        start = pos + head
+        stop = start + length
+        if stop > size:
+            break  # still being written, or cut short by a killed writer
+        if crc32(view[start:stop]) != crc:
+            return entries, base + pos, True
+        when, host_len, key_len = fixed_of(data, start)
+        names_end = start + _FIXED + host_len + key_len
+        if names_end > stop:
+            return entries, base + pos, True
+        raw = data[start + _FIXED : names_end]
+        names = known.get(raw)
+        if names is None:
+            try:
+                names = known[raw] = (
+                    raw[:host_len].decode(),
+                    raw[host_len:].decode(),
+                )
+            except UnicodeDecodeError:
+                return entries, base + pos, True
+        pos = stop
+        add(Entry(base + stop, names[0], names[1], data[names_end:stop], stop - names_end, when))
+    return entries, base + pos, False
+
+
+def read_from(path: Path, offset: int, most: int | None = None) -> bytes | None:
+    """The bytes of the journal ``path`` from ``offset`` (at most ``most``); None when it
+    is gone. Never follows a symbolic link; a file that is not a regular one reads as
+    damaged (``OSError``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        want = max(0, info.st_size - offset)
+        if most is not None:
+            want = min(want, most)
+        chunks: list[bytes] = []
+        while want > 0:
+            chunk = os.pread(fd, want, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            want -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def owner_of(stem: str) -> tuple[str, int] | None:
+    """The spool name and generation of a journal file's stem, or None if not one."""
+    name, dot, gen = stem.rpartition(".")
+    if not dot or not name or not gen.isdigit():
+        return None
+    return name, int(gen)
+
+
+class Journal:
+    """This process's journal of one queue: its calls' appends, and its files' sizes.
+
+    ``claim`` gives this process's spool name (creating its owner lock), or None when it
+    cannot; the files are ``dir / f"{name}.{generation}.log"``.
+    """
+
+    def __init__(self, directory: Path, claim: Callable[[], str | None]) -> None:
+        self.dir = directory
+        self._claim = claim
+        self.lock = threading.RLock()
+        self._fd = -1
+        self.stem = ""
+        self._gen = 0
+        self._size = 0
+        self.off = False
+        #: This process's files not yet deleted, by stem: the bytes written to each.
+        self.files: dict[str, int] = {}
+        #: By stem, the offset up to which this process's mover moved it.
+        self.moved: dict[str, int] = {}
+        self._names: dict[tuple[str, str], bytes] = {}
+        self._looked = 0.0
+
+    def append(self, names: tuple[str, str], body: bytes, when: float) -> int | None:
+        """Journal one call; the offset after its record (> 0), or None: the caller stores
+        it elsewhere (journal off or at its bound, another thread's turn, a full disk)."""
+        prefix = self._names.get(names)
+        if prefix is None:
+            prefix = self._names[names] = names_of(*names)
+        record = encode(prefix, body, when)
+        lock = self.lock
+        # A signal handler inside this thread's own append: the queue file takes it.
+        if owned(lock) or not lock.acquire(timeout=LOCAL_WAIT):
+            return None
+        try:
+            if self.off or (self._held() >= MOST_JOURNALED and not self._shrunk()):
+                return None
+            if (self._fd < 0 or self._size >= ROTATE_BYTES) and not self._next_file():
+                return None
+            try:
+                written = os.write(self._fd, record)
+            except OSError as exc:
+                self._turn_off(exc)  # nothing was written (an error means no byte went)
+                return None
+            if written != len(record):
+                self._take_back(written)
+                return None
+            self._size += written
+            self.files[self.stem] = self._size
+            return self._size
+        finally:
+            lock.release()
+
+    def _held(self) -> int:
+        return sum(self.files.values())
+
+    def _shrunk(self) -> bool:
+        """At the bound: whether movers deleted sealed files meanwhile (looked at most every
+        ``LOOK_EVERY``)."""
+        now = time.monotonic()
+        if now - self._looked < LOOK_EVERY:
+            return False
+        self._looked = now
+        for stem in [s for s in self.files if s != self.stem]:
+            if not (self.dir / f"{stem}{SUFFIX}").exists():
+                self.forget(stem)
+        return self._held() < MOST_JOURNALED
+
+    def _next_file(self) -> bool:
+        """Start the next generation (the first at the first call)."""
+        name = self._claim()
+        if name is None:
+            return False
+        self._gen += 1
+        stem = f"{name}.{self._gen}"
+        try:
+            fd = os.open(
+                self.dir / f"{stem}{SUFFIX}",
+                os.O_WRONLY
+                | os.O_CREAT
+                | os.O_EXCL
+                | os.O_APPEND
+                | os.O_CLOEXEC
+                | getattr(os, "O_NOFOLLOW", 0),
+                0o600,
+            )
+        except OSError as exc:
+            self._turn_off(exc)
+            return False
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = fd
+        self.stem = stem
+        self._size = 0
+        self.files[stem] = 0
+        return True
+
+    def _take_back(self, written: int) -> None:
+        """A short write (a full disk): cut the partial record off, or stop journaling."""
+        try:
+            end = os.fstat(self._fd).st_size
+            os.ftruncate(self._fd, end - written)
+        except OSError as exc:
+            self._turn_off(exc)
+            return
+        logger.warning("a call to %s met a full disk in its journal; stored in the queue", self.dir)
+
+    def _turn_off(self, exc: BaseException) -> None:
+        if not self.off:
+            self.off = True
+            logger.warning(
+                "calls to the queue of %s go to the queue file from now on in this process: "
+                "its journal failed (%s)",
+                self.dir,
+                exc,
+            )
+
+    def sealed(self) -> list[str]:
+        """This process's files that no call appends to any more."""
+        return [stem for stem in self.files if stem != self.stem]
+
+    def forget(self, stem: str) -> None:
+        """A file of this process's was deleted (all of it moved)."""
+        self.files.pop(stem, None)
+        self.moved.pop(stem, None)
+
+    def has_unmoved(self) -> bool:
+        """Whether this process journaled bytes its own moves have not taken (no I/O)."""
+        return any(size > self.moved.get(stem, 0) for stem, size in self.files.items())
+
+    def close_after_fork(self) -> None:
+        """In a forked child: the parent's files are the parent's."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = -1
+        self.stem = ""
+        self._gen = 0
+        self._size = 0
+        self.files = {}
+        self.moved = {}
+        self.lock = threading.RLock()
