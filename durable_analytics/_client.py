@@ -301,11 +301,13 @@ class Client(ClientCalls, SettingsAttributes):
     def _flush(self, timeout: float | None) -> FlushResult:
         queue = self.queue
         dest = self._dest
-        top = queue.max_id()  # (moves in every spooled call it can)
+        # Set first: moving the calls in may itself wait (a lock holder that is stuck), and
+        # that wait is part of the timeout, not before it.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        top = queue.max_id()  # (moves in every journaled and spooled call it can)
         # Calls still spooled now were pending at the call too: those the file had no room
         # for under ``max_queue_bytes``. They move in as deliveries make room.
         marks = queue.held_back(destination=dest)
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             if self._sync_deliverer is None:
                 self._sync_deliverer = self._new_deliverer()

@@ -635,6 +635,7 @@ def test_a_client_moves_a_damaged_queue_aside_and_keeps_the_readable_messages(
     client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
     for i in range(50):
         client.track("u", "E", {"i": i})
+    client.queue.max_id()  # moves the calls in from the journal: all 50 in the file
     client.queue.close()
     with open(queue_path, "r+b") as f:
         f.write(b"not a database, not at all")

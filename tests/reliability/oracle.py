@@ -432,7 +432,37 @@ def _queued_message_ids(path: str | os.PathLike[str]) -> Counter[str]:
             pass  # created an instant ago, its schema not committed yet: nothing in it
         finally:
             conn.close()
+    for journal in sorted(spools.glob("*.log")) if spools.is_dir() else []:
+        moved = records.get("spool:" + journal.stem, 0)
+        try:
+            data = journal.read_bytes()[moved:]
+        except FileNotFoundError:
+            raise _SpoolGone(journal) from None
+        rows += [(body,) for body in _journal_bodies(data)]
     return Counter(str(json.loads(r[0]).get("messageId")) for r in rows)
+
+
+def _journal_bodies(data: bytes) -> list[bytes]:
+    """The message bodies of a journal's complete records (the format written down in
+    ``durable_analytics/_store/sqlite/journal.py``, read here on its own): a header of a
+    magic byte 0xDA, the payload's length and CRC-32 (little-endian), then the payload:
+    ``enqueued_at`` (a double), the host's and write key's lengths (two u16), both, the body.
+    A record cut short at the end (being written, or its writer killed) is left out."""
+    import struct
+    import zlib
+
+    bodies = []
+    pos = 0
+    while pos + 9 <= len(data):
+        magic, length, crc = struct.unpack_from("<BII", data, pos)
+        payload = data[pos + 9 : pos + 9 + length]
+        if len(payload) < length:
+            break
+        assert magic == 0xDA and zlib.crc32(payload) == crc, f"damaged journal at {pos}"
+        host_len, key_len = struct.unpack_from("<HH", payload, 8)
+        bodies.append(payload[12 + host_len + key_len :])
+        pos += 9 + length
+    return bodies
 
 
 # --------------------------------------------------------------------------- helpers

@@ -119,6 +119,7 @@ class Store:
             assert queue.pending() == before  # nothing was stored
             return None
         assert ok
+        queue.max_id()  # moves the call in from this process's journal
         body = queue.bodies()[-1]
         stored = strict_json(body)
         assert stored["messageId"] == message["messageId"]

@@ -32,6 +32,13 @@ from durable_analytics.testing import Collector
 
 
 def pending_on_disk(queue_path: Path) -> int:
+    """Messages in the queue file, once a mover took in what the producers' journals and
+    spools hold (as the next worker or drain would)."""
+    mover = Queue(queue_path)
+    try:
+        mover.move_spools(scan_now=True)
+    finally:
+        mover.close()
     conn = sqlite3.connect(queue_path)
     try:
         return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])

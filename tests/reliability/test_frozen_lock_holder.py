@@ -27,6 +27,7 @@ from durable_analytics._drain import drain_queue
 from durable_analytics._store import open_queue
 from durable_analytics._store.sqlite import SqliteQueue
 from durable_analytics._store.sqlite.files import make_private_dirs
+from durable_analytics._store.sqlite import journal as journal_module
 from durable_analytics._store.sqlite.spool import MOST_SPOOLED, spool_dir
 from durable_analytics._store.sqlite.waits import GRACE
 from durable_analytics.cli import EXIT_UNDELIVERED
@@ -67,12 +68,17 @@ def frozen(tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Popen[str]]]]
 
 
 def test_track_raises_queue_busy_after_busy_timeout_and_loses_nothing(
-    frozen: tuple[Path, list[subprocess.Popen[str]]], collector: Collector
+    frozen: tuple[Path, list[subprocess.Popen[str]]],
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the write lock frozen, ``track()`` stores into its process's spool without
     waiting, up to the spool's bound; past it, it raises ``QueueBusy`` within
     ``busy_timeout`` (+1 s), and ``close()`` returns within its timeout (+1 s); every call
-    that returned True, spooled or not, is delivered once when the frozen process is gone."""
+    that returned True, spooled or not, is delivered once when the frozen process is gone.
+    (The journal, which takes calls first and never waits for the lock, is kept at a bound
+    of 0 bytes here: ``test_sqlite_journal.py`` shows it with the lock frozen.)"""
+    monkeypatch.setattr(journal_module, "MOST_JOURNALED", 0)
     path, procs = frozen
     client = durable_analytics.Client(
         WRITE_KEY,
@@ -383,13 +389,17 @@ def _frozen_recovery(directory: Path) -> subprocess.Popen[str]:
 
 
 def test_flush_and_track_are_bounded_while_a_recovery_holding_the_commit_fence_is_frozen(
-    frozen: tuple[Path, list[subprocess.Popen[str]]], collector: Collector
+    frozen: tuple[Path, list[subprocess.Popen[str]]],
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Another process recovering a queue file of the same directory holds the commit
     fence (an exclusive flock on the directory) and is stopped. ``flush(timeout=0.5)``
     returns by its deadline (+1 s) and ``track()``, once its spool is full, raises
     ``QueueBusy`` within ``busy_timeout`` (+1 s): both waited for the fence the recovery's
-    own 180 s. Nothing is lost: once the frozen process is gone, everything is delivered."""
+    own 180 s. Nothing is lost: once the frozen process is gone, everything is delivered.
+    (The journal, which never takes the fence, is kept at a bound of 0 bytes here.)"""
+    monkeypatch.setattr(journal_module, "MOST_JOURNALED", 0)
     path, procs = frozen
     client = durable_analytics.Client(
         WRITE_KEY,

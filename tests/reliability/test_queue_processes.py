@@ -38,6 +38,13 @@ def integrity(path: Path) -> str:
 
 
 def stored_properties(path: Path) -> list[dict[str, int]]:
+    """The properties of every message stored, after a mover took in what the producers'
+    journals and spools hold (as a worker would: a killed producer's are adopted)."""
+    mover = Queue(path)
+    try:
+        mover.move_spools(scan_now=True)
+    finally:
+        mover.close()
     conn = sqlite3.connect(str(path))
     try:
         rows = conn.execute("SELECT body FROM messages ORDER BY id").fetchall()

@@ -1,6 +1,10 @@
 """Spools: an append that would wait for the queue file's write lock commits to its
 process's own spool instead, and every spooled message reaches the queue exactly once —
 whoever moves it, however many move at once, and whichever process dies on the way.
+
+A Client's calls go to its journal first (``test_sqlite_journal.py``): here the journal is
+kept at a bound of 0 bytes, so that the calls meet the queue file and its spools as a call
+does once its journal is full or off.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from conftest import WRITE_KEY, child_env, start_python
 
 from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import journal as journal_module
 from durable_analytics._store.sqlite import spool as spool_module
 from durable_analytics._store.sqlite import spool_counts, spool_moves
 from durable_analytics._store.sqlite.dead_letters import used_bytes
@@ -37,6 +42,12 @@ from durable_analytics._store.sqlite.wal import log_frames
 from durable_analytics.testing import Collector
 
 from .sqlite_helpers import HOST, KEY, OTHER_HOST, OTHER_KEY, body, index
+
+
+@pytest.fixture(autouse=True)
+def _no_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls skip the journal (its bound is 0 bytes) and meet the file and its spools."""
+    monkeypatch.setattr(journal_module, "MOST_JOURNALED", 0)
 
 
 @contextmanager
@@ -811,7 +822,7 @@ def test_a_move_leaves_what_has_no_room_under_the_cap_in_the_spool_until_there_i
     ``max_queue_bytes`` waits in its spool, counted as pending and lost by nobody, and
     moves once deliveries made room."""
     path = tmp_path / "q.db"
-    cap = 40 * 1024 * 1024
+    cap = SPOOL_MARGIN + 8 * 1024 * 1024
     q, dest = spooling(path, max_queue_bytes=cap)
     with write_lock_held(path):
         assert all(q.append(dest, body(i)) < 0 for i in range(100))
@@ -895,7 +906,7 @@ def test_flush_delivers_spooled_calls_the_byte_cap_held_back_and_counts_them(
     """Calls spooled while the file had no room under ``max_queue_bytes`` were pending when
     ``flush()`` was called: it delivers them once its deliveries made room, and counts
     them in ``sent`` (before, it returned ``pending=0`` with them still on disk)."""
-    cap = 40 * 1024 * 1024
+    cap = SPOOL_MARGIN + 8 * 1024 * 1024
     client = _capped_client(collector, queue_path, cap)
     try:
         spooled, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
@@ -917,7 +928,7 @@ def test_flush_does_not_count_held_back_calls_pending_once_another_deliverer_sen
     sent, not pending: flush counts them in ``sent`` and ``pending`` is 0. (It counted
     every one of them ``pending``: it found nothing new to move, and its count of what it
     still held was never brought down.)"""
-    cap = 40 * 1024 * 1024
+    cap = SPOOL_MARGIN + 8 * 1024 * 1024
     client = _capped_client(collector, queue_path, cap)
     other = _capped_client(collector, queue_path, cap)
     try:
@@ -958,7 +969,7 @@ def test_flush_counts_held_back_calls_another_mover_took_in_but_nobody_delivered
     moved into the file during ``flush()`` are still pending when its delivery failed: it
     counts them ``pending``, never ``sent`` (it counted them sent: they were neither in
     its spool look nor at or below the ids it delivered up to)."""
-    cap = 40 * 1024 * 1024
+    cap = SPOOL_MARGIN + 8 * 1024 * 1024
     mover = Queue(queue_path)  # the default cap: room for everything
     moved: list[int] = []
 
@@ -989,7 +1000,7 @@ def test_flush_ends_when_others_calls_keep_taking_the_room_its_held_back_calls_n
     keep the held-back calls out; flush() delivers those calls each round, and would go on
     as long as they come. It ends once a whole round took none of its held-back calls in,
     and counts them pending."""
-    cap = 40 * 1024 * 1024
+    cap = SPOOL_MARGIN + 8 * 1024 * 1024
     client = _capped_client(collector, queue_path, cap)
     try:
         _, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
@@ -1028,7 +1039,7 @@ def test_flush_delivers_held_back_calls_that_moved_into_a_file_its_deliveries_em
     """A file that deliveries emptied gives the next rows ids from 1 again, at or below
     the id flush() delivered up to: held-back calls moved in then are still delivered by
     it (not taken for sent because no id past its top appeared)."""
-    cap = 40 * 1024 * 1024
+    cap = SPOOL_MARGIN + 8 * 1024 * 1024
     client = _capped_client(collector, queue_path, cap)
     try:
         spooled, padded = _held_back_by_the_cap(client, collector, queue_path, cap)
@@ -1093,7 +1104,7 @@ def test_several_producer_processes_filling_a_capped_queue_stay_near_the_cap(
     Now the margin counts every spool and a move leaves what has no room in its spool.
     """
     path = tmp_path / "q.db"
-    cap = 48 * 1024 * 1024
+    cap = SPOOL_MARGIN + 16 * 1024 * 1024
     Queue(path, max_queue_bytes=cap).close()
     go = tmp_path / "go"
     procs = [

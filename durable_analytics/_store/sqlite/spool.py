@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from durable_analytics.exceptions import QueueBusy, QueueError
 
+from . import forks
 from .files import make_private_dirs, sync_wal
 from .journal import MOST_JOURNALED, SUFFIX, Journal, owner_of
 from .spool_moves import RECORD, SCAN_EVERY, SpoolMoves, record_of
@@ -191,7 +192,14 @@ class Spools(SpoolMoves):
         when = time.time() if enqueued_at is None else enqueued_at
         size = len(body)
         journal = self.journal
-        if journal is not None and not journal.off and self._may_hold(queue, size):
+        if (
+            journal is not None
+            and not journal.off
+            # A child forked while its parent was inside an operation refuses the file
+            # (``Connections._open``): its calls raise at once, none journaled unseen.
+            and not forks.inherited_open(queue._db.real)
+            and self._may_hold(queue, size)
+        ):
             names = queue._dest_names.get(dest_id)
             end = None if names is None else journal.append(names, body, when)
             if end is not None:

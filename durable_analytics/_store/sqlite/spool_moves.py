@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from durable_analytics.exceptions import QueueBusy, QueueError
+from durable_analytics.exceptions import QueueBusy, QueueDiskFull, QueueError
 
 from .dead_letters import ROW_OVERHEAD, used_bytes
 from .files import sync_wal
@@ -300,9 +300,9 @@ class SpoolMoves:
         for stem in list(journal.files):
             try:
                 more, room, end = self._move_log(queue, stem, journal=journal)
-            except QueueBusy:
-                raise
-            except (QueueError, OSError, sqlite3.Error) as exc:
+            except QueueDiskFull:
+                break  # the queue file's disk: the records wait in the journal, whole
+            except (JournalDamaged, OSError) as exc:
                 # Damaged: journaling stops here; the file stays on disk as it is.
                 self._bad.add(stem + SUFFIX)
                 journal.forget(stem)
@@ -417,9 +417,9 @@ class SpoolMoves:
                         continue
                     try:
                         more, room, end = self._move_log(queue, stem)
-                    except QueueBusy:
-                        raise
-                    except (QueueError, OSError, sqlite3.Error) as exc:
+                    except QueueDiskFull:
+                        return moved  # the queue file's disk: the records wait, whole
+                    except (JournalDamaged, OSError) as exc:
                         self._bad.add(stem + SUFFIX)
                         logger.warning(
                             "the journal %s could not be moved into the queue (left as it is): %s",
