@@ -458,7 +458,8 @@ def _journal_bodies(data: bytes) -> list[bytes]:
         payload = data[pos + 9 : pos + 9 + length]
         if len(payload) < length:
             break
-        assert magic == 0xDA and zlib.crc32(payload) == crc, f"damaged journal at {pos}"
+        assert magic == 0xDA, f"not a journal record at {pos}"
+        assert zlib.crc32(payload) == crc, f"damaged journal record at {pos}"
         host_len, key_len = struct.unpack_from("<HH", payload, 8)
         bodies.append(payload[12 + host_len + key_len :])
         pos += 9 + length

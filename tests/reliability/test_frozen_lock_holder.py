@@ -26,8 +26,8 @@ from durable_analytics._config import Config
 from durable_analytics._drain import drain_queue
 from durable_analytics._store import open_queue
 from durable_analytics._store.sqlite import SqliteQueue
-from durable_analytics._store.sqlite.files import make_private_dirs
 from durable_analytics._store.sqlite import journal as journal_module
+from durable_analytics._store.sqlite.files import make_private_dirs
 from durable_analytics._store.sqlite.spool import MOST_SPOOLED, spool_dir
 from durable_analytics._store.sqlite.waits import GRACE
 from durable_analytics.cli import EXIT_UNDELIVERED

@@ -46,7 +46,9 @@ from typing import NamedTuple
 from .waits import owned
 
 __all__ = [
+    "LOOK_BYTES",
     "MOST_JOURNALED",
+    "MOST_PAYLOAD",
     "ROTATE_BYTES",
     "SUFFIX",
     "Entry",
@@ -70,6 +72,12 @@ MOST_JOURNALED = 8 << 20
 LOCAL_WAIT = 0.002
 #: How often a journal at its bound looks whether movers deleted its sealed files.
 LOOK_EVERY = 0.05
+#: The longest payload a record may have: a message (at most 32 KiB) with its names, and
+#: room to spare. A longer length is damage, not a record still being written.
+MOST_PAYLOAD = 1 << 20
+#: The most bytes of one journal file a look (``pending()``, ``stats()``) reads: a file is
+#: at most ``ROTATE_BYTES`` and one record; what lies beyond in a foreign file is not read.
+LOOK_BYTES = 4 << 20
 
 _MAGIC = 0xDA
 _HEAD = struct.Struct("<BII")  # magic, payload length, CRC-32 of the payload
@@ -120,7 +128,7 @@ def parse(data: bytes, base: int) -> tuple[list[Entry], int, bool]:
     head = _HEAD.size
     while pos + head <= size:
         magic, length, crc = head_of(data, pos)
-        if magic != _MAGIC or length < _FIXED:
+        if magic != _MAGIC or not _FIXED <= length <= MOST_PAYLOAD:
             return entries, base + pos, True
         start = pos + head
         stop = start + length
@@ -194,7 +202,9 @@ class Journal:
         self.dir = directory
         self._claim = claim
         self.lock = threading.RLock()
-        self._fd = -1
+        #: The descriptor of the file being written, in a box the owner lock's release
+        #: closes too (``spool._release_lock``: a dropped queue lets go of both).
+        self.fd_box = [-1]
         self.stem = ""
         self._gen = 0
         self._size = 0
@@ -220,10 +230,10 @@ class Journal:
         try:
             if self.off or (self._held() >= MOST_JOURNALED and not self._shrunk()):
                 return None
-            if (self._fd < 0 or self._size >= ROTATE_BYTES) and not self._next_file():
+            if (self.fd_box[0] < 0 or self._size >= ROTATE_BYTES) and not self._next_file():
                 return None
             try:
-                written = os.write(self._fd, record)
+                written = os.write(self.fd_box[0], record)
             except OSError as exc:
                 self._turn_off(exc)  # nothing was written (an error means no byte went)
                 return None
@@ -272,10 +282,10 @@ class Journal:
         except OSError as exc:
             self._turn_off(exc)
             return False
-        if self._fd >= 0:
+        if self.fd_box[0] >= 0:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._fd = fd
+                os.close(self.fd_box[0])
+        self.fd_box[0] = fd
         self.stem = stem
         self._size = 0
         self.files[stem] = 0
@@ -284,8 +294,9 @@ class Journal:
     def _take_back(self, written: int) -> None:
         """A short write (a full disk): cut the partial record off, or stop journaling."""
         try:
-            end = os.fstat(self._fd).st_size
-            os.ftruncate(self._fd, end - written)
+            fd = self.fd_box[0]
+            end = os.fstat(fd).st_size
+            os.ftruncate(fd, end - written)
         except OSError as exc:
             self._turn_off(exc)
             return
@@ -316,10 +327,10 @@ class Journal:
 
     def close_after_fork(self) -> None:
         """In a forked child: the parent's files are the parent's."""
-        if self._fd >= 0:
+        if self.fd_box[0] >= 0:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._fd = -1
+                os.close(self.fd_box[0])
+        self.fd_box = [-1]
         self.stem = ""
         self._gen = 0
         self._size = 0

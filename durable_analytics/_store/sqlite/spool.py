@@ -1,5 +1,9 @@
 """Spools: where an append goes while the queue file's write lock is taken.
 
+A Client's call goes first to its process's journal (``journal.py``: one ``write()``, moved
+in by the same movers); what follows is for a call the journal does not take (it is full,
+off, or the queue is ``durability="full"``) that would wait for the file.
+
 SQLite has one write lock per file. A delivering transaction (a lease, an ack, a fold of the
 index) holds it for 0.1-1 ms, and an append that waited for it was the slowest of a
 producer's calls: about one call in twenty while a flusher or a worker delivered. So an
@@ -96,11 +100,15 @@ def spool_dir(path: Path) -> Path:
     return path.with_name(path.name + ".spool")
 
 
-def _release_lock(fd: int, owned_files: list[SqliteQueue]) -> None:
-    """Close a collected Spools' own spool (if it made one) and let go of its owner lock."""
+def _release_lock(fd: int, owned_files: list[SqliteQueue], journal_fd: list[int]) -> None:
+    """Close a collected Spools' own spool (if it made one) and journal file, and let go of
+    its owner lock."""
     for spool in owned_files:
         with contextlib.suppress(Exception):
             spool._db.close_all()
+    if journal_fd[0] >= 0:
+        with contextlib.suppress(OSError):
+            os.close(journal_fd[0])
     with contextlib.suppress(OSError):
         os.close(fd)
 
@@ -159,7 +167,7 @@ class Spools(SpoolMoves):
         self._lock_fd = -1
         self._off = False
         self._own_bad = False  # this process's spool could not be read: no more moves
-        self._release: weakref.finalize[[int, list[SqliteQueue]], Spools] | None = None
+        self._release: weakref.finalize[[int, list[SqliteQueue], list[int]], Spools] | None = None
         #: What the owner lock's release closes: this process's spool, once it has one.
         self._owned_files: list[SqliteQueue] = []
         #: This process's journal (``journal.py``): where its calls go first, if journaling.
@@ -372,7 +380,8 @@ class Spools(SpoolMoves):
         # Released with this object (the spool and journal of a closed, dropped queue are
         # then adopted by the next mover), or at exit.
         self._owned_files = []
-        self._release = weakref.finalize(self, _release_lock, fd, self._owned_files)
+        box = [-1] if self.journal is None else self.journal.fd_box
+        self._release = weakref.finalize(self, _release_lock, fd, self._owned_files, box)
         # Not at exit: the exit handler may still append and move; the kernel lets go then.
         self._release.atexit = False
         self._own_name = name

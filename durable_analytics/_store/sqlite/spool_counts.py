@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import forks
-from .journal import SUFFIX, Entry, owner_of, parse, read_from
+from .journal import LOOK_BYTES, SUFFIX, Entry, owner_of, parse, read_from
 from .spool import Spools, _names_of
 from .spool_moves import RECORD, record_of
 
@@ -158,7 +158,8 @@ def _look_journals(
         if top is not None and top <= after:
             continue
         try:
-            data = read_from(spools.dir / file, after, None if top is None else top - after)
+            most = LOOK_BYTES if top is None else min(LOOK_BYTES, top - after)
+            data = read_from(spools.dir / file, after, most)
         except OSError:
             if unread is not None:
                 unread[file] = 1

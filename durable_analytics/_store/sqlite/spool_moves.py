@@ -445,16 +445,20 @@ class SpoolMoves:
                             path,
                         )
                     self._drop_logs(queue, [stem])
-                if fd != -1 and not any(
-                    e.name.startswith(owner + ".") and not e.name.endswith(".lock")
-                    for e in os.scandir(self.dir)
-                ):
+                if fd != -1 and not self._owns_files(owner):
                     with contextlib.suppress(FileNotFoundError):
                         lock_path.unlink()
             finally:
                 if fd >= 0:
                     os.close(fd)
         return moved
+
+    def _owns_files(self, owner: str) -> bool:
+        """Whether a spool or journal file of ``owner`` is still in the directory."""
+        with os.scandir(self.dir) as entries:
+            return any(
+                e.name.startswith(owner + ".") and not e.name.endswith(".lock") for e in entries
+            )
 
     def _move_others(self, queue: SqliteQueue, *, retry_busy: bool = False) -> int:
         self._scanned = time.monotonic()

@@ -1,0 +1,446 @@
+"""Journals: a Client's calls are stored with one ``write()`` each in its process's journal,
+and every journaled call reaches the queue exactly once — whoever moves it, however many
+move at once, whichever process dies on the way, whatever a damaged or foreign file holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import WRITE_KEY, run_python, start_python
+
+from durable_analytics import Client
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import journal as journal_module
+from durable_analytics._store.sqlite.journal import encode, names_of, parse
+from durable_analytics._store.sqlite.spool import spool_dir
+from durable_analytics.testing import Collector
+
+from .sqlite_helpers import HOST, KEY, body
+
+
+def in_file(path: Path) -> Counter[str]:
+    """The messageIds in the queue file itself (not in journals or spools)."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT body FROM messages").fetchall()
+    finally:
+        conn.close()
+    return Counter(str(json.loads(r[0])["messageId"]) for r in rows)
+
+
+def journals(path: Path) -> list[Path]:
+    directory = spool_dir(path)
+    return sorted(directory.glob("*.log")) if directory.is_dir() else []
+
+
+def move_all(path: Path) -> int:
+    """What a worker or drain does first: move every process's journals and spools in."""
+    mover = Queue(path)
+    try:
+        return mover.move_spools(scan_now=True)
+    finally:
+        mover.close()
+
+
+def records(n: int, start: int = 0) -> tuple[bytes, list[bytes]]:
+    """``n`` journal records of distinct bodies, and those bodies."""
+    names = names_of(HOST, KEY)
+    bodies = [body(start + i, pad=i * 7 % 50) for i in range(n)]
+    return b"".join(encode(names, b, 1_700_000_000.0 + i) for i, b in enumerate(bodies)), bodies
+
+
+# --------------------------------------------------------------------------- the format
+
+
+def test_a_journal_cut_at_any_byte_reads_as_a_prefix_of_its_records_never_damaged() -> None:
+    """A record cut short (a writer killed inside ``write()``, a read racing a write) ends
+    the read; every complete record before it is read whole, with its names and time."""
+    data, bodies = records(6)
+    ends = [e.end for e in parse(data, 0)[0]]
+    for cut in range(len(data) + 1):
+        entries, end, damaged = parse(data[:cut], 0)
+        complete = sum(1 for e in ends if e <= cut)
+        assert not damaged
+        assert [e.body for e in entries] == bodies[:complete]
+        assert end == (ends[complete - 1] if complete else 0)
+        assert all((e.host, e.write_key) == (HOST, KEY) for e in entries)
+        assert [e.enqueued_at for e in entries] == [1_700_000_000.0 + i for i in range(complete)]
+        assert all(e.size == len(e.body) for e in entries)
+
+
+def test_a_changed_byte_never_yields_a_record_that_was_not_written() -> None:
+    """Any single byte changed anywhere: the read stops at or before the changed record
+    (damaged, or cut short when the length grew), and what it returns is the records
+    before it, unchanged."""
+    data, bodies = records(4)
+    for at in range(len(data)):
+        changed = bytearray(data)
+        changed[at] ^= 0x41
+        entries, _, _ = parse(bytes(changed), 0)
+        assert [e.body for e in entries] == bodies[: len(entries)]
+        first_changed = sum(1 for e in parse(data, 0)[0] if e.end <= at)
+        assert len(entries) <= first_changed
+
+
+def test_offsets_are_those_of_the_file_when_read_from_the_middle() -> None:
+    data, bodies = records(5)
+    ends = [e.end for e in parse(data, 0)[0]]
+    entries, end, damaged = parse(data[ends[1] :], ends[1])
+    assert not damaged
+    assert [e.body for e in entries] == bodies[2:]
+    assert [e.end for e in entries] == ends[2:]
+    assert end == len(data)
+
+
+# --------------------------------------------------------------------------- a Client's calls
+
+
+def test_a_clients_calls_go_to_its_journal_counted_pending_and_are_delivered_once(
+    queue_path: Path, collector: Collector
+) -> None:
+    client = Client(
+        WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+    )
+    ids = [client.track("u", "J", {"i": i})[1]["messageId"] for i in range(200)]
+    assert len(journals(queue_path)) == 1
+    in_journal = set(ids) - set(in_file(queue_path))
+    assert len(in_journal) >= 199  # (the first call may meet an empty file: it goes there)
+    assert client.queue.pending() == 200
+    stats = client.stats()
+    assert stats.pending == 200
+    assert stats.spooled == len(in_journal)
+    result = client.flush(timeout=30)
+    assert (result.sent, result.pending) == (200, 0)
+    assert collector.message_ids() == Counter(ids)
+    client.close()
+
+
+def test_calls_journal_without_waiting_while_another_process_holds_the_write_lock(
+    queue_path: Path, collector: Collector
+) -> None:
+    """A lease or ack of another process (here a connection in a write transaction) makes
+    no call wait: each is one ``write()`` to the journal; once the lock is free, a flush
+    moves and delivers every one."""
+    client = Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        flusher="none",
+        on_exit="none",
+        busy_timeout=0.5,
+    )
+    client.track("u", "First")  # the file exists
+    holder = sqlite3.connect(queue_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    ids = [client.track("u", "Held", {"i": i})[1]["messageId"] for i in range(500)]
+    took = time.monotonic() - started
+    holder.execute("COMMIT")
+    holder.close()
+    assert took < 0.5  # a single wait for the lock would have been busy_timeout, 0.5 s
+    assert client.flush(timeout=30).pending == 0
+    received = collector.message_ids()
+    assert all(received[i] == 1 for i in ids)
+    client.close()
+
+
+def test_durability_full_never_journals(queue_path: Path) -> None:
+    """With ``durability="full"`` each call is a synced commit in the file itself."""
+    client = Client(
+        WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none", durability="full"
+    )
+    for i in range(20):
+        client.track("u", "Full", {"i": i})
+    assert journals(queue_path) == []
+    assert sum(in_file(queue_path).values()) == 20
+    client.close(timeout=0)
+
+
+def test_the_bound_sends_calls_to_the_file_until_moves_free_the_journal(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal holds at most ``MOST_JOURNALED`` bytes of files not yet deleted (its
+    mover may be away): past it, calls go to the queue file; once its sealed files are
+    moved and deleted, calls journal again. Every call is stored once."""
+    monkeypatch.setattr(journal_module, "ROTATE_BYTES", 4096)
+    monkeypatch.setattr(journal_module, "MOST_JOURNALED", 16 * 1024)
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    ids = [client.track("u", "B", {"i": i, "pad": "x" * 200})[1]["messageId"] for i in range(300)]
+    held = sum(p.stat().st_size for p in journals(queue_path))
+    assert 16 * 1024 <= held < 16 * 1024 + 4096
+    assert sum(in_file(queue_path).values()) > 200  # the rest went to the file
+    assert client.queue.move_spools() > 0
+    assert len(journals(queue_path)) == 1  # the sealed files were deleted once moved
+    more = [client.track("u", "B2", {"i": i})[1]["messageId"] for i in range(20)]
+    assert journals(queue_path)[0].stat().st_size > 0  # journaling again
+    client.queue.move_spools()
+    assert in_file(queue_path) == Counter(ids + more)
+    client.close(timeout=0)
+
+
+def test_a_journal_rotates_and_a_worker_deletes_a_live_owners_sealed_files(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files of ``ROTATE_BYTES``: another process's mover (a worker) moves them all and
+    deletes those sealed by a newer one, with their records; the file being written stays.
+    Then the owner's own move finds nothing more and nothing twice."""
+    monkeypatch.setattr(journal_module, "ROTATE_BYTES", 4096)
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    ids = [client.track("u", "R", {"i": i, "pad": "y" * 100})[1]["messageId"] for i in range(150)]
+    assert len(journals(queue_path)) > 3
+    move_all(queue_path)
+    left = journals(queue_path)
+    assert len(left) == 1
+    assert left[0].stem == client.queue._spools.journal.stem  # type: ignore[union-attr]
+    conn = sqlite3.connect(queue_path)
+    names = [r[0] for r in conn.execute("SELECT name FROM counters WHERE name LIKE 'spool:%'")]
+    conn.close()
+    assert names == ["spool:" + left[0].stem]
+    assert client.queue.move_spools() == 0
+    assert in_file(queue_path) == Counter(ids)
+    client.close(timeout=0)
+
+
+# --------------------------------------------------------------------------- processes
+
+PRODUCER = """
+import os, sys, time
+from durable_analytics import Client
+path, n = sys.argv[1], int(sys.argv[2])
+client = Client("k", host="https://api.example.test", queue_path=path, flusher="none",
+                on_exit="none")
+for i in range(n):
+    client.track("u", "P", {"i": i}, message_id="p-%06d" % i)
+j = client.queue._spools.journal
+print(j.dir / (j.stem + ".log"), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_producers_journal_is_adopted_and_its_cut_off_record_dropped(
+    queue_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A producer killed while writing a record: a mover takes every complete record (each
+    a call that returned), drops the part (a call that never returned), says so, and
+    deletes the journal and its owner lock once the owner is gone."""
+    proc = start_python(PRODUCER, str(queue_path), "300")
+    assert proc.stdout is not None
+    journal_path = Path(proc.stdout.readline().strip())
+    partial, _ = records(1, start=999)
+    with journal_path.open("ab") as f:
+        f.write(partial[: len(partial) // 2])  # as a write() cut by the kill would
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with caplog.at_level(logging.WARNING, logger="durable_analytics.queue"):
+        moved = move_all(queue_path)
+    assert moved >= 299
+    assert in_file(queue_path) == Counter(f"p-{i:06d}" for i in range(300))
+    assert "killed while writing" in caplog.text
+    assert list(spool_dir(queue_path).iterdir()) == []
+
+
+def test_movers_racing_a_producer_move_each_journaled_call_exactly_once(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer process journals 3,000 calls (small files: many rotations) while three
+    movers of this process, each with its own queue object as separate workers would,
+    move in a loop. Counted in the file afterwards: 3,000 messages, none twice."""
+    Queue(queue_path).close()
+    producer = start_python(
+        """
+        import sys
+        from durable_analytics import Client
+        from durable_analytics._store.sqlite import journal
+        journal.ROTATE_BYTES = 8192
+        client = Client("k", host="https://api.example.test", queue_path=sys.argv[1],
+                        flusher="none", on_exit="none")
+        for i in range(3000):
+            client.track("u", "Race", {"i": i}, message_id="r-%06d" % i)
+        print("done", flush=True)
+        sys.stdin.readline()
+        """,
+        str(queue_path),
+        stdin=-1,
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def mover() -> None:
+        q = Queue(queue_path)
+        try:
+            while not stop.is_set():
+                q.move_spools(scan_now=True)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            q.close()
+
+    threads = [threading.Thread(target=mover) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert producer.stdout is not None
+    assert producer.stdout.readline().strip() == "done"
+    time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert producer.stdin is not None
+    producer.stdin.write("\n")
+    producer.stdin.flush()
+    producer.wait(30)
+    move_all(queue_path)
+    assert not errors
+    counted = in_file(queue_path)
+    assert len(counted) == 3000
+    assert max(counted.values()) == 1
+    assert list(spool_dir(queue_path).glob("*.log")) == []  # the owner is gone: all deleted
+
+
+def test_a_forked_child_journals_to_a_file_of_its_own(queue_path: Path) -> None:
+    """After ``fork()`` the child never appends to its parent's journal: each process's
+    calls are in its own file, and a mover takes both, once each."""
+    result = run_python(
+        """
+        import os, sys
+        from durable_analytics import Client
+        client = Client("k", host="https://api.example.test", queue_path=sys.argv[1],
+                        flusher="none", on_exit="none")
+        for i in range(10):
+            client.track("u", "Parent", message_id="parent-%d" % i)
+        pid = os.fork()
+        if pid == 0:
+            for i in range(10):
+                client.track("u", "Child", message_id="child-%d" % i)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        for i in range(10, 20):
+            client.track("u", "Parent", message_id="parent-%d" % i)
+        print(len({p.name.split(".")[0] for p in client.queue._spools.dir.glob("*.log")}))
+        """,
+        str(queue_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2"
+    move_all(queue_path)
+    expected = [f"parent-{i}" for i in range(20)] + [f"child-{i}" for i in range(10)]
+    assert in_file(queue_path) == Counter(expected)
+
+
+# --------------------------------------------------------------------------- damaged, foreign
+
+
+def test_a_damaged_journal_moves_what_precedes_the_damage_and_is_left_on_disk(
+    queue_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record that fails its check (the owner gone): the records before it are moved,
+    the file stays as it is (for an operator), warned about once, and no longer counted."""
+    Queue(queue_path).close()
+    data, bodies = records(5)
+    ends = [e.end for e in parse(data, 0)[0]]
+    damaged = bytearray(data)
+    damaged[ends[2] + 20] ^= 0xFF  # inside the fourth record's payload
+    directory = spool_dir(queue_path)
+    directory.mkdir(mode=0o700)
+    path = directory / "4242-0123456789ab.1.log"
+    path.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING, logger="durable_analytics.queue"):
+        mover = Queue(queue_path)
+        mover.move_spools(scan_now=True)
+        assert mover.pending() == 3
+        assert mover.stats().spooled == 0
+        mover.close()
+    assert in_file(queue_path) == Counter(json.loads(b)["messageId"] for b in bodies[:3])
+    assert path.read_bytes() == bytes(damaged)
+    assert "could not be moved" in caplog.text
+
+
+def test_a_symlink_named_like_a_journal_is_never_followed(queue_path: Path, tmp_path: Path) -> None:
+    """Whatever a link in the spool directory points at is neither moved nor counted."""
+    Queue(queue_path).close()
+    data, _ = records(3)
+    target = tmp_path / "elsewhere.log"
+    target.write_bytes(data)
+    directory = spool_dir(queue_path)
+    directory.mkdir(mode=0o700)
+    (directory / "4242-0123456789ab.1.log").symlink_to(target)
+    mover = Queue(queue_path)
+    assert mover.move_spools(scan_now=True) == 0
+    assert mover.pending() == 0
+    mover.close()
+    assert target.read_bytes() == data
+    assert sum(in_file(queue_path).values()) == 0
+
+
+def test_a_file_not_named_as_a_journal_is_left_alone(queue_path: Path) -> None:
+    Queue(queue_path).close()
+    data, _ = records(3)
+    directory = spool_dir(queue_path)
+    directory.mkdir(mode=0o700)
+    (directory / "notes.log").write_bytes(data)
+    assert move_all(queue_path) == 0
+    assert (directory / "notes.log").read_bytes() == data
+
+
+def test_a_length_no_record_can_have_is_damage_not_a_record_still_being_written() -> None:
+    """A header naming more than ``MOST_PAYLOAD`` bytes: the read stops there, damaged, so
+    a gone owner's file is kept for an operator rather than dropped as a cut-off record."""
+    data, bodies = records(2)
+    bogus = bytes([0xDA]) + (journal_module.MOST_PAYLOAD + 1).to_bytes(4, "little") + bytes(4)
+    entries, end, damaged = parse(data + bogus, 0)
+    assert [e.body for e in entries] == bodies
+    assert (end, damaged) == (len(data), True)
+
+
+def test_a_write_cut_short_by_a_file_size_limit_is_taken_back_and_nothing_returned_is_lost(
+    queue_path: Path,
+) -> None:
+    """A real short ``write()`` (``RLIMIT_FSIZE`` reached inside a record, as a full disk
+    does): the partial record is cut off the journal, the call goes to the queue file, and
+    the journal stops in that process (the next write fails outright). Counted: every call
+    that returned is stored once, and the journal ends on a record boundary."""
+    result = run_python(
+        """
+        import resource, signal, sys
+        from durable_analytics import Client
+        from durable_analytics._store.sqlite import journal
+        journal.ROTATE_BYTES = 1 << 30  # one file, which meets the limit
+        client = Client("k", host="https://api.example.test", queue_path=sys.argv[1],
+                        flusher="none", on_exit="none")
+        client.track("u", "Warm")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
+        returned = ["warm"]
+        for i in range(400):
+            try:
+                client.track("u", "Cut", {"pad": "z" * 700}, message_id="c-%04d" % i)
+            except Exception as exc:
+                print("raised", type(exc).__name__, file=sys.stderr)
+                continue
+            returned.append("c-%04d" % i)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        print(" ".join(returned))
+        """,
+        str(queue_path),
+    )
+    assert result.returncode == 0, result.stderr
+    returned = result.stdout.split()
+    assert len(returned) > 300  # the journal took ~300 KB, the file the rest (or refused)
+    (path,) = journals(queue_path)
+    data = path.read_bytes()
+    entries, end, damaged = parse(data, 0)
+    assert (end, damaged) == (len(data), False)
+    assert 290_000 < len(data) <= 300_000
+    move_all(queue_path)
+    stored = in_file(queue_path)
+    assert max(stored.values()) == 1
+    assert set(returned[1:]) <= set(stored)
