@@ -440,6 +440,7 @@ def test_a_write_cut_short_by_a_file_size_limit_is_taken_back_and_nothing_return
     entries, end, damaged = parse(data, 0)
     assert (end, damaged) == (len(data), False)
     assert 290_000 < len(data) <= 300_000
+    assert {json.loads(e.body)["messageId"] for e in entries} <= set(returned)
     move_all(queue_path)
     stored = in_file(queue_path)
     assert max(stored.values()) == 1
