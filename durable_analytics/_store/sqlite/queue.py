@@ -45,6 +45,7 @@ from .reads import QueueReads
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
 from .spool import Spools, open_spool
+from .spool_moves import MOVE_BUDGET
 from .waits import Waits
 from .wal import Checkpoints, WalBudget
 
@@ -173,24 +174,31 @@ class SqliteQueue(QueueReads):
         """This file's waits: deadlines set with ``bounded`` (a spool's open follows them)."""
         return self._db.waits
 
-    def move_spools(self, *, others: bool = True, scan_now: bool = False) -> int:
-        """Move spooled messages into the file: this process's, and with ``others`` every
-        process's (see ``spool.py``); returns how many were moved."""
+    def move_spools(
+        self, *, others: bool = True, scan_now: bool = False, budget: int | None = None
+    ) -> int:
+        """Move journaled and spooled messages into the file: this process's, and with
+        ``others`` every process's (see ``spool.py``, ``journal.py``); returns how many were
+        moved. ``budget``: about how many bytes of journals to read at most."""
         spools = self._spools
         if spools is None:
             return 0
         try:
-            return spools.move(self, others=others, scan_now=scan_now)
+            return spools.move(self, others=others, scan_now=scan_now, budget=budget)
         except QueueBusy:
             # A lock holder outlived the wait (or a flush's deadline): the spooled messages
             # stay where they are, on disk, for the next move. The caller goes on.
             return 0
 
     def _move_spools_due(self) -> None:
-        """Before a lease: this process's spool, and every ``SCAN_EVERY`` the others'."""
+        """Before a lease: this process's spool, and every ``SCAN_EVERY`` the others'.
+
+        A Client's queue (``spooling``) moves at most ``MOVE_BUDGET`` bytes of journals
+        here: its flusher thread shares the caller's GIL, and a burst's journal moved at
+        once held the caller's calls up (``flush()`` moves everything, in ``max_id``)."""
         spools = self._spools
         if spools is not None:
-            spools.move(self, others=True)
+            spools.move(self, others=True, budget=MOVE_BUDGET if self.spooling else None)
 
     def _note_destinations(self, known: dict[tuple[str, str], int]) -> None:
         """Destinations a committed transaction found or created (``spool.py``)."""
@@ -479,7 +487,7 @@ class SqliteQueue(QueueReads):
         normal size (``Checkpoints.when_idle``).
         """
         now_wall = time.time() if now is None else now
-        self.move_spools()
+        self.move_spools(budget=MOVE_BUDGET if self.spooling else None)
         self._index_tail()
         summary = self._db.read(lambda conn: ready.ready_summary(conn, limit, now_wall))
         if summary[0] == 0:

@@ -40,7 +40,9 @@ class QueueReads:
         _appender: Appender
         _spools: Spools | None
 
-        def move_spools(self, *, others: bool = True, scan_now: bool = False) -> int: ...
+        def move_spools(
+            self, *, others: bool = True, scan_now: bool = False, budget: int | None = None
+        ) -> int: ...
 
     def _queue(self) -> SqliteQueue:
         # The spools' looks take the whole queue (its connections, waits and names).

@@ -42,6 +42,8 @@ except ImportError:  # pragma: no cover - not POSIX
 
 __all__ = [
     "BUSY_RETRY",
+    "MOVE_BUDGET",
+    "MOVE_BYTES",
     "MOVE_ROWS",
     "OTHERS_WAIT",
     "RECORD",
@@ -64,8 +66,12 @@ OTHERS_WAIT = 0.05
 BUSY_RETRY = 1.0
 #: The prefix of a spool's record in the queue's ``counters`` table (a journal file's too).
 RECORD = "spool:"
-#: The most bytes of a journal file read and moved into the queue per transaction.
-MOVE_BYTES = 256 * 1024
+#: The most bytes of a journal file read and moved into the queue per transaction: the
+#: records' parsing holds the GIL, which a Client's flusher thread shares with the caller.
+MOVE_BYTES = 32 * 1024
+#: About how many bytes of journals a Client's flusher thread moves before a lease or a
+#: poll (``SqliteQueue._move_spools_due``); ``flush()`` moves everything.
+MOVE_BUDGET = 2 * MOVE_BYTES
 
 _SELECT = (
     "SELECT m.id, d.host, d.write_key, m.body, m.size, m.enqueued_at "
@@ -178,6 +184,8 @@ class SpoolMoves:
     moved_upto: int
     journal: Journal | None
     path: Path
+    #: What is left of the current move's ``budget`` (bytes of journals), None: no bound.
+    _budget: int | None = None
 
     if TYPE_CHECKING:
 
@@ -190,13 +198,26 @@ class SpoolMoves:
         """The spools found damaged: no mover takes them and nobody counts them."""
         return frozenset(self._bad)
 
-    def move(self, queue: SqliteQueue, *, others: bool, scan_now: bool = False) -> int:
+    def move(
+        self,
+        queue: SqliteQueue,
+        *,
+        others: bool,
+        scan_now: bool = False,
+        budget: int | None = None,
+    ) -> int:
         """Move spooled messages into ``queue``: this process's, and with ``others`` those of
         every spool in the directory (looked for at most every ``SCAN_EVERY``, or now with
-        ``scan_now``). Returns how many were moved."""
+        ``scan_now``). Returns how many were moved.
+
+        ``budget``: read at most about that many bytes of journals (a chunk more at most),
+        the rest left for the next move: a Client's flusher thread moves a little before
+        each lease, not a whole burst at once while it shares the caller's GIL.
+        """
         if owned(self._moving):
             return 0  # a signal handler's flush inside this thread's move: the move goes on
         with self._moving:
+            self._budget = budget
             moved = 0
             own = self._own
             scan = others and (scan_now or time.monotonic() - self._scanned >= SCAN_EVERY)
@@ -334,7 +355,8 @@ class SpoolMoves:
         per transaction (``journal`` when the file is this process's own).
 
         Returns how many moved, False when it stopped with records left because the queue
-        had no room for them (``_room_for``), and the offset up to which the file is moved
+        had no room for them (``_room_for``) or the move's budget was spent, and the offset
+        up to which the file is moved
         (None: the file is gone, all of it moved by another mover). Raises
         ``JournalDamaged`` at a record that fails its check, after moving those before it.
         """
@@ -346,6 +368,8 @@ class SpoolMoves:
         while True:
             found = queue._db.read(partial(record_of, name=record))
             after = int(found[0]) if found is not None else 0
+            if self._budget is not None and self._budget <= 0:
+                return moved, False, after  # the move's budget is spent: the rest next time
             data = read_from(path, after, MOVE_BYTES)
             if data is None:
                 return moved, True, None
@@ -378,6 +402,8 @@ class SpoolMoves:
                     continue
                 queue._note_destinations(known)
                 moved += len(entries)
+                if self._budget is not None:
+                    self._budget -= end - after
             if journal is not None:
                 journal.moved[stem] = max(journal.moved.get(stem, 0), end)
             if damaged:
