@@ -445,3 +445,21 @@ def test_a_write_cut_short_by_a_file_size_limit_is_taken_back_and_nothing_return
     stored = in_file(queue_path)
     assert max(stored.values()) == 1
     assert set(returned[1:]) <= set(stored)
+
+
+def test_a_message_longer_than_a_move_chunk_is_moved_and_delivered(
+    queue_path: Path, collector: Collector
+) -> None:
+    """A move reads 32 KiB at a time; a record longer than that (a message at the 32 KiB
+    limit, with its names and header) is read whole and moved, with those around it."""
+    client = Client(
+        WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+    )
+    ids = [client.track("u", "Small", {"i": 0})[1]["messageId"]]
+    ids.append(client.track("u", "Big", {"pad": "b" * 32_000})[1]["messageId"])
+    ids.append(client.track("u", "Small", {"i": 2})[1]["messageId"])
+    assert client.queue.max_id() > 0
+    assert set(ids) <= set(in_file(queue_path))
+    assert client.flush(timeout=30).pending == 0
+    assert collector.message_ids() == Counter(ids)
+    client.close()

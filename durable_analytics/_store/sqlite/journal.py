@@ -54,6 +54,7 @@ __all__ = [
     "Entry",
     "Journal",
     "encode",
+    "first_size",
     "owner_of",
     "parse",
     "read_from",
@@ -153,6 +154,14 @@ def parse(data: bytes, base: int) -> tuple[list[Entry], int, bool]:
         pos = stop
         add(Entry(base + stop, names[0], names[1], data[names_end:stop], stop - names_end, when))
     return entries, base + pos, False
+
+
+def first_size(data: bytes) -> int:
+    """The size of the record ``data`` starts with, as its header says (0: no whole header)."""
+    if len(data) < _HEAD.size:
+        return 0
+    _, length, _ = _HEAD.unpack_from(data, 0)
+    return int(_HEAD.size + length)
 
 
 def read_from(path: Path, offset: int, most: int | None = None) -> bytes | None:

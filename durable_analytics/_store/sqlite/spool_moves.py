@@ -28,7 +28,7 @@ from durable_analytics.exceptions import QueueBusy, QueueDiskFull, QueueError
 
 from .dead_letters import ROW_OVERHEAD, used_bytes
 from .files import sync_wal
-from .journal import SUFFIX, Journal, owner_of, parse, read_from
+from .journal import SUFFIX, Journal, first_size, owner_of, parse, read_from
 from .waits import owned
 
 if TYPE_CHECKING:
@@ -374,6 +374,12 @@ class SpoolMoves:
             if data is None:
                 return moved, True, None
             entries, end, damaged = parse(data, after)
+            if not entries and not damaged and first_size(data) > MOVE_BYTES:
+                # One record longer than a chunk (a message near 32 KiB with its names).
+                data = read_from(path, after, first_size(data))
+                if data is None:
+                    return moved, True, None
+                entries, end, damaged = parse(data, after)
             if entries:
 
                 def run(
@@ -408,7 +414,7 @@ class SpoolMoves:
                 journal.moved[stem] = max(journal.moved.get(stem, 0), end)
             if damaged:
                 raise JournalDamaged(f"the journal {path} is damaged at offset {end}")
-            if not entries or len(data) < MOVE_BYTES:
+            if not entries or len(data) < MOVE_BYTES or end == after:
                 return moved, True, end
 
     def _drop_logs(self, queue: SqliteQueue, stems: list[str]) -> None:
