@@ -54,10 +54,10 @@ def status_command(
     once it delivers again. `--json` prints
     the same names as `Client.stats()`: pending, leased, dead_letters, bytes,
     oldest_age_seconds, dropped, last_error, destinations, wal_bytes (the size of the
-    queue's -wal file), spooled (messages in producers' spools not yet moved into the
-    file, counted in pending too). `--format prometheus` prints them as durable_analytics_* metrics
-    labelled with the queue; write it to a temporary file and rename it into the textfile
-    collector's directory.
+    queue's -wal file), spooled (messages in producers' journals and spools not yet moved
+    into the file, counted in pending too). `--format prometheus` prints them as
+    durable_analytics_* metrics labelled with the queue; write it to a temporary file and
+    rename it into the textfile collector's directory.
 
     A queue file that does not exist yet (a fresh deploy: nothing tracked) is exit 3,
     as a wrong --queue is; with --missing-ok it shows as empty and exits 0.
@@ -117,7 +117,10 @@ def format_status(
     ]
     if stats.spooled:
         rows.append(
-            ("spooled", f"{stats.spooled:,} (in producers' spools, moved at the next poll)")
+            (
+                "spooled",
+                f"{stats.spooled:,} (in producers' journals and spools, moved at the next poll)",
+            )
         )
     rows.append(("last error", last_error_text(stats, time.time() if now is None else now)))
     if health is not None:

@@ -463,3 +463,38 @@ def test_a_message_longer_than_a_move_chunk_is_moved_and_delivered(
     assert client.flush(timeout=30).pending == 0
     assert collector.message_ids() == Counter(ids)
     client.close()
+
+
+def test_pending_and_stats_count_each_call_once_while_movers_take_journals_in(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mover takes the journals in a little at a time (sealed files deleted as it goes)
+    while ``pending()`` and ``stats()`` look, again and again: each look counts every call
+    exactly once, in the file or in a journal, never in both nor in neither."""
+    monkeypatch.setattr(journal_module, "ROTATE_BYTES", 8192)
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    for i in range(2000):
+        client.track("u", "Count", {"i": i})
+    stop = threading.Event()
+
+    def mover() -> None:
+        q = Queue(queue_path)
+        try:
+            while not stop.is_set() and q.move_spools(scan_now=True, budget=4096):
+                pass
+        finally:
+            q.close()
+
+    thread = threading.Thread(target=mover)
+    thread.start()
+    seen = set()
+    try:
+        for _ in range(150):
+            seen.add(client.queue.pending())
+            seen.add(client.stats().pending)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert seen == {2000}
+    assert client.queue.pending() == 2000
+    client.close(timeout=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from durable_analytics._store.base import Destination, DestinationStats, QueueStats, iso_utc
 
@@ -12,23 +12,28 @@ from .holders import lease_over
 from .leases import chunks, parse_ids
 from .spool_counts import Spooled
 
-__all__ = ["stats"]
+__all__ = ["SpooledLook", "stats"]
+
+#: A look at what waits in the journals and spools, made inside the file's snapshot.
+SpooledLook = Callable[[sqlite3.Connection], Mapping[tuple[str, str], Spooled]]
 
 
 def stats(
     conn: sqlite3.Connection,
     lease_timeout: float,
     now: float,
-    spooled: Mapping[tuple[str, str], Spooled] | None = None,
+    spooled: SpooledLook | Mapping[tuple[str, str], Spooled] | None = None,
 ) -> QueueStats:
     """Counts and health of the queue, from one consistent snapshot (see ``QueueStats``).
 
-    ``spooled`` (by host and write key: what waits in producers' spools, looked at just
-    before) is counted pending too, in the totals and in each destination's.
+    ``spooled`` (by host and write key: what waits in producers' journals and spools) is
+    counted pending too, in the totals and in each destination's; as a function, it is
+    called inside the snapshot, so that a message moved into the file meanwhile counts
+    once.
     """
-    spooled = spooled or {}
     conn.execute("BEGIN")  # one consistent snapshot for every count
     try:
+        waiting = (spooled(conn) if callable(spooled) else spooled) or {}
         now_mono = time.monotonic()
         live_ids: set[int] = set()
         for ids, *holder_row in conn.execute(
@@ -72,8 +77,8 @@ def stats(
     last: tuple[float, str, str] | None = None
     for d, host, key, not_before, failures, err, err_at in dests:
         n, _ = per_dest.get(int(d), (0, 0))
-        waiting = spooled.get((str(host), str(key)))
-        n += 0 if waiting is None else waiting.messages
+        held = waiting.get((str(host), str(key)))
+        n += 0 if held is None else held.messages
         # The queue's last error is that of a destination still failing: a delivery clears
         # its failures, and the error is then history (kept in its DestinationStats).
         if (
@@ -94,15 +99,16 @@ def stats(
                 last_error=err,
             )
         )
-    in_spools = sum(w.messages for w in spooled.values())
+    in_spools = sum(w.messages for w in waiting.values())
     pending = sum(n for n, _ in per_dest.values()) + in_spools
-    times = [t for t in (oldest, *(w.oldest for w in spooled.values())) if t is not None]
+    times = [t for t in (oldest, *(w.oldest for w in waiting.values())) if t is not None]
     oldest = min(times) if times else None
     return QueueStats(
+        spooled=in_spools,
         pending=pending,
         leased=sum(leased_by_dest.values()),
         dead_letters=dead,
-        bytes=int(sum(b for _, b in per_dest.values()) + sum(w.bytes for w in spooled.values())),
+        bytes=int(sum(b for _, b in per_dest.values()) + sum(w.bytes for w in waiting.values())),
         oldest_age_seconds=None if oldest is None else max(0.0, round(now - oldest, 3)),
         dropped=dropped,
         last_error=None

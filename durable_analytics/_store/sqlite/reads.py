@@ -8,8 +8,10 @@ delivery path. The counts include what waits in the producers' spools (``spool_c
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -26,6 +28,12 @@ if TYPE_CHECKING:
     from .spool import Spools
 
 __all__ = ["QueueReads"]
+
+
+#: How many times ``pending()`` and ``stats()`` count again when a journal file they listed
+#: was moved in whole and deleted before they read it (its last records moved perhaps after
+#: their snapshot of the file: counted in neither).
+_RECOUNTS = 5
 
 
 class QueueReads:
@@ -96,13 +104,26 @@ class QueueReads:
         too.
         """
         top = up_to_id if up_to_id is not None else (1 << 62)
-        # Counted on the index by destination: entries of a few bytes, not rows with bodies,
-        # and only this destination's.
-        found = self._db.read(lambda conn: bydest.count(conn, destination, top))
         spools = self._spools
         if up_to_id is not None or spools is None:
-            return found
-        return found + spool_counts.count(spools, self._queue(), destination)
+            # Counted on the index by destination: entries of a few bytes, not rows with
+            # bodies, and only this destination's.
+            return self._db.read(lambda conn: bydest.count(conn, destination, top))
+        queue = self._queue()
+        for _ in range(_RECOUNTS):
+            listed = spool_counts.list_journals(spools)
+
+            def run(conn: sqlite3.Connection, listed: spool_counts.Listed = listed) -> int:
+                # The file and the records the journals are read from, in one snapshot: a
+                # message moved in meanwhile counts in the one or the other, once.
+                with bydest.snapshot(conn):
+                    found = bydest.count(conn, destination, top)
+                    return found + spool_counts.count(spools, queue, destination, conn, listed)
+
+            total = self._db.read(run)
+            if not listed.gone:
+                break
+        return total
 
     def holds_others(self, destinations: Collection[int]) -> bool:
         """Whether a message of a destination not in ``destinations`` is pending.
@@ -137,13 +158,25 @@ class QueueReads:
         """Counts and health of the queue (see ``QueueStats``)."""
         now = time.time()
         spools = self._spools
-        # Looked at first: a message moved in meanwhile is counted twice for a moment,
-        # never left out (the file's snapshot comes after the look).
-        waiting = {} if spools is None else spool_counts.by_destination(spools, self._queue())
-        found = self._db.read(lambda conn: inspect.stats(conn, self.lease_timeout, now, waiting))
+        queue = self._queue()
+        for _ in range(_RECOUNTS):
+            listed = spool_counts.list_journals(spools) if spools is not None else None
+
+            def waiting(
+                conn: sqlite3.Connection, listed: spool_counts.Listed | None = listed
+            ) -> Mapping[tuple[str, str], spool_counts.Spooled]:
+                # Inside the file's snapshot (see ``pending``).
+                if spools is None:
+                    return {}
+                return spool_counts.by_destination(spools, queue, conn, listed)
+
+            found = self._db.read(
+                partial(inspect.stats, lease_timeout=self.lease_timeout, now=now, spooled=waiting)
+            )
+            if listed is None or not listed.gone:
+                break
         return dataclasses.replace(
             found,
-            spooled=sum(w.messages for w in waiting.values()),
             dropped=found.dropped + self._appender.unsaved_drops,
             wal_bytes=wal_bytes(self.path),
         )

@@ -26,7 +26,16 @@ from .spool_moves import RECORD, record_of
 if TYPE_CHECKING:
     from .queue import SqliteQueue
 
-__all__ = ["Spooled", "by_destination", "count", "held", "holds_others", "marks"]
+__all__ = [
+    "Listed",
+    "Spooled",
+    "by_destination",
+    "count",
+    "held",
+    "holds_others",
+    "list_journals",
+    "marks",
+]
 
 
 class Spooled(NamedTuple):
@@ -43,26 +52,71 @@ class Spooled(NamedTuple):
 LOOK_WAIT = 1.0
 
 
-def count(spools: Spools, queue: SqliteQueue, destination: int | None) -> int:
-    """How many messages (of ``destination``) wait in the spools of every process, not
-    moved yet."""
+class Listed(NamedTuple):
+    """The journal files of the spool directory, listed before a snapshot of the queue file
+    (``list_journals``), and those of them found gone when read (``gone``)."""
+
+    files: list[str]
+    gone: list[str]
+
+
+def list_journals(spools: Spools) -> Listed:
+    """The journal files now, to be read after a snapshot begins (see ``count``)."""
+    try:
+        files = [
+            e.name
+            for e in os.scandir(spools.dir)
+            if e.name.endswith(SUFFIX)
+            and owner_of(e.name[: -len(SUFFIX)]) is not None
+            and e.is_file(follow_symlinks=False)
+            and e.name not in spools.bad
+        ]
+    except OSError:
+        files = []
+    return Listed(files, [])
+
+
+def count(
+    spools: Spools,
+    queue: SqliteQueue,
+    destination: int | None,
+    conn: sqlite3.Connection | None = None,
+    listed: Listed | None = None,
+) -> int:
+    """How many messages (of ``destination``) wait in the journals and spools of every
+    process, not moved yet.
+
+    Counted beside a count of the queue file, each message once: ``conn`` is in a read
+    transaction (its snapshot gives the records each file is read from) and ``listed`` the
+    journal files listed before it began. A listed file gone when read had its last records
+    moved, perhaps after the snapshot: its name goes to ``listed.gone``, and the caller
+    counts again."""
     in_spools = sum(
-        int(rows[0][0]) for rows in _look(spools, queue, destination, "count(*)").values()
+        int(rows[0][0])
+        for rows in _look(spools, queue, destination, "count(*)", conn=conn).values()
     )
-    return in_spools + sum(len(e) for e in _look_journals(spools, queue, destination).values())
+    journaled = _look_journals(spools, queue, destination, conn=conn, listed=listed)
+    return in_spools + sum(len(e) for e in journaled.values())
 
 
-def by_destination(spools: Spools, queue: SqliteQueue) -> dict[tuple[str, str], Spooled]:
-    """What waits in the spools of every process, not moved yet, by (host, write key)."""
+def by_destination(
+    spools: Spools,
+    queue: SqliteQueue,
+    conn: sqlite3.Connection | None = None,
+    listed: Listed | None = None,
+) -> dict[tuple[str, str], Spooled]:
+    """What waits in the journals and spools of every process, not moved yet, by (host,
+    write key); ``conn`` and ``listed`` as in ``count``."""
     found = _look(
         spools,
         queue,
         None,
         "d.host, d.write_key, count(*), total(m.size), min(m.enqueued_at)",
         group=True,
+        conn=conn,
     )
     out: dict[tuple[str, str], Spooled] = {}
-    for entries in _look_journals(spools, queue, None).values():
+    for entries in _look_journals(spools, queue, None, conn=conn, listed=listed).values():
         for e in entries:
             seen = out.get((e.host, e.write_key), Spooled(0, 0, None))
             out[(e.host, e.write_key)] = Spooled(
@@ -123,36 +177,37 @@ def held(spools: Spools, queue: SqliteQueue, upto: dict[str, int], destination: 
     )
 
 
+def _record(queue: SqliteQueue, conn: sqlite3.Connection | None, name: str) -> tuple[int] | None:
+    """A spool's or journal's record: in ``conn``'s snapshot, or read now."""
+    if conn is not None:
+        return record_of(conn, name)
+    return queue._db.read(partial(record_of, name=name))
+
+
 def _look_journals(
     spools: Spools,
     queue: SqliteQueue,
     destination: int | None,
     upto: dict[str, int] | None = None,
     unread: dict[str, int] | None = None,
+    *,
+    conn: sqlite3.Connection | None = None,
+    listed: Listed | None = None,
 ) -> dict[str, list[Entry]]:
     """Each journal file's records (of ``destination``) not moved yet, by file name; with
-    ``upto``, only in the files it names and up to their offset there.
+    ``upto``, only in the files it names and up to their offset there; with ``listed``, the
+    files it lists (a file gone goes to ``listed.gone``); ``conn`` as in ``count``.
 
     A file that could not be read (or is damaged past its record) is left out; ``unread``
     gets 1 for each such file with something past its record (at least one message)."""
     names = None if destination is None else _names_of(queue, destination)
     if destination is not None and names is None:
         return {}
-    try:
-        files = [
-            e.name
-            for e in os.scandir(spools.dir)
-            if e.name.endswith(SUFFIX)
-            and owner_of(e.name[: -len(SUFFIX)]) is not None
-            and e.is_file(follow_symlinks=False)
-            and e.name not in spools.bad
-            and (upto is None or e.name in upto)
-        ]
-    except OSError:
-        return {}
+    listing = list_journals(spools) if listed is None else listed
+    files = [f for f in listing.files if f not in spools.bad and (upto is None or f in upto)]
     found: dict[str, list[Entry]] = {}
     for file in files:
-        record = queue._db.read(partial(record_of, name=RECORD + file[: -len(SUFFIX)]))
+        record = _record(queue, conn, RECORD + file[: -len(SUFFIX)])
         after = int(record[0]) if record is not None else 0
         top = None if upto is None else upto[file]
         if top is not None and top <= after:
@@ -165,7 +220,8 @@ def _look_journals(
                 unread[file] = 1
             continue
         if data is None:
-            continue  # moved in whole and deleted meanwhile
+            listing.gone.append(file)  # moved in whole and deleted meanwhile
+            continue
         entries, _, damaged = parse(data, after)
         if damaged and unread is not None:
             unread[file] = 1
@@ -182,6 +238,7 @@ def _look(
     unread: dict[str, int] | None = None,
     *,
     group: bool = False,
+    conn: sqlite3.Connection | None = None,
 ) -> dict[str, list[tuple[Any, ...]]]:
     """``SELECT columns`` over each spool file's messages (of ``destination``) not moved
     yet, its rows by file; with ``upto``, only in the files it names and up to their id
@@ -216,7 +273,7 @@ def _look(
     # another connection is left out of the count at once.
     end = time.monotonic() + min(LOOK_WAIT, queue.waits.remaining())
     for file in files:
-        record = queue._db.read(partial(record_of, name=RECORD + file[: -len(".db")]))
+        record = _record(queue, conn, RECORD + file[: -len(".db")])
         after = int(record[0]) if record is not None else 0
         top = (1 << 62) if upto is None else upto[file]
         uri = (spools.dir / file).as_uri() + "?mode=ro"
@@ -226,9 +283,9 @@ def _look(
                 forks.raw_lock(),
                 contextlib.closing(
                     sqlite3.connect(uri, uri=True, timeout=max(0.0, end - time.monotonic()))
-                ) as conn,
+                ) as spool,
             ):
-                found[file] = conn.execute(sql, (*(names or ()), after, top)).fetchall()
+                found[file] = spool.execute(sql, (*(names or ()), after, top)).fetchall()
         except sqlite3.Error:
             if unread is not None:
                 unread[file] = max(0, top - after)
