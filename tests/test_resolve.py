@@ -244,3 +244,19 @@ def test_an_exit_delivers_to_a_host_given_by_name(collector: Collector, queue_pa
     )
     assert queue.queue.pending() == 0
     queue.close(timeout=0)
+
+
+def test_importing_the_library_imports_the_codec_getaddrinfo_needs() -> None:
+    """``getaddrinfo`` imports the "idna" codec on its first call. On a flusher thread, a
+    ``fork()`` meanwhile left that import's lock held in the child by a thread it does not
+    have, and the child's first lookup waited forever (a gunicorn master that tracked and
+    then forked its workers). The library imports it itself, before any thread can."""
+    result = run_python(
+        """
+        import sys
+        import durable_analytics
+        print("encodings.idna" in sys.modules)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"

@@ -21,6 +21,7 @@ request: the batch stays queued).
 
 from __future__ import annotations
 
+import codecs
 import functools
 import ipaddress
 import os
@@ -37,6 +38,14 @@ __all__ = ["TTL", "LookupTimeout", "Resolver"]
 
 #: How long an answer is used for new connections before the name is looked up again.
 TTL = 30.0
+
+# ``getaddrinfo`` encodes the host with the "idna" codec, whose module the first call
+# imports. A process that forks while its flusher thread is inside that import (a gunicorn
+# master that tracked, then forked its workers) leaves the module's import lock held in the
+# children by a thread they do not have: their first lookup then waits forever (seen in
+# tests/reliability/test_process_model.py). Imported here, with this module, before any
+# thread of ours can run a lookup.
+codecs.lookup("idna")
 
 _AddrInfo = list[tuple[Any, ...]]
 _Lookup = Background[_AddrInfo]
