@@ -316,7 +316,6 @@ class SpoolMoves:
     def _move_own_journal(self, queue: SqliteQueue, journal: Journal) -> int:
         """Move this process's journal files; delete the sealed ones once all is moved."""
         moved = 0
-        current = journal.stem
         done: list[str] = []  # sealed and moved in whole: deleted together, after one sync
         for stem in list(journal.files):
             try:
@@ -340,7 +339,11 @@ class SpoolMoves:
             moved += more
             if end is None:
                 journal.forget(stem)  # another mover deleted it: all of it was moved
-            elif room and stem != current and end >= journal.files.get(stem, 0):
+            elif room and stem != journal.stem and end >= journal.files.get(stem, 0):
+                # Sealed: read now, not before the loop, since a call may have started a
+                # newer file meanwhile (and the file it writes must never be deleted). A file
+                # once sealed is never written again (calls write under the journal's lock,
+                # which the switch to a newer file holds), and its size is final.
                 done.append(stem)
         if done:
             self._drop_logs(queue, done)
