@@ -434,6 +434,8 @@ def _queued_message_ids(path: str | os.PathLike[str]) -> Counter[str]:
             conn.close()
     for journal in sorted(spools.glob("*.log")) if spools.is_dir() else []:
         moved = records.get("spool:" + journal.stem, 0)
+        if moved < 0:
+            continue  # a tombstone: moved in whole, the file deleted after the snapshot
         try:
             data = journal.read_bytes()[moved:]
         except FileNotFoundError:

@@ -21,6 +21,7 @@ from conftest import WRITE_KEY, run_python, start_python
 from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import journal as journal_module
+from durable_analytics._store.sqlite import spool_moves
 from durable_analytics._store.sqlite.journal import encode, names_of, parse
 from durable_analytics._store.sqlite.spool import spool_dir
 from durable_analytics.testing import Collector
@@ -203,9 +204,11 @@ def test_a_journal_rotates_and_a_worker_deletes_a_live_owners_sealed_files(
     assert len(left) == 1
     assert left[0].stem == client.queue._spools.journal.stem  # type: ignore[union-attr]
     conn = sqlite3.connect(queue_path)
-    names = [r[0] for r in conn.execute("SELECT name FROM counters WHERE name LIKE 'spool:%'")]
+    records = dict(conn.execute("SELECT name, value FROM counters WHERE name LIKE 'spool:%'"))
     conn.close()
-    assert names == ["spool:" + left[0].stem]
+    # The deleted files' records are tombstones (the deletion's time, negated) for a while.
+    assert [name for name, value in records.items() if value >= 0] == ["spool:" + left[0].stem]
+    assert all(-value > time.time() - 60 for value in records.values() if value < 0)
     assert client.queue.move_spools() == 0
     assert in_file(queue_path) == Counter(ids)
     client.close(timeout=0)
@@ -497,4 +500,32 @@ def test_pending_and_stats_count_each_call_once_while_movers_take_journals_in(
         thread.join(30)
     assert seen == {2000}
     assert client.queue.pending() == 2000
+    client.close(timeout=0)
+
+
+def test_tombstones_of_deleted_journals_are_purged_after_they_are_kept(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted file's record stays as a tombstone for ``TOMBSTONE_KEEP`` seconds, then a
+    later deletion purges it: the counters table does not grow with every file."""
+    monkeypatch.setattr(journal_module, "ROTATE_BYTES", 4096)
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    for i in range(60):
+        client.track("u", "T", {"i": i, "pad": "t" * 100})
+    client.queue.move_spools()
+
+    def tombstones() -> list[int]:
+        conn = sqlite3.connect(queue_path)
+        try:
+            rows = conn.execute("SELECT value FROM counters WHERE name LIKE 'spool:%'")
+            return [int(v) for (v,) in rows if v < 0]
+        finally:
+            conn.close()
+
+    assert tombstones()
+    monkeypatch.setattr(spool_moves, "TOMBSTONE_KEEP", -5.0)  # "kept" until 5 s from now
+    for i in range(60):
+        client.track("u", "T2", {"i": i, "pad": "t" * 100})
+    client.queue.move_spools()
+    assert tombstones() == []
     client.close(timeout=0)

@@ -55,8 +55,10 @@ __all__ = [
     "Journal",
     "encode",
     "first_size",
+    "open_journal",
     "owner_of",
     "parse",
+    "read_at",
     "read_from",
 ]
 
@@ -164,30 +166,46 @@ def first_size(data: bytes) -> int:
     return int(_HEAD.size + length)
 
 
-def read_from(path: Path, offset: int, most: int | None = None) -> bytes | None:
-    """The bytes of the journal ``path`` from ``offset`` (at most ``most``); None when it
-    is gone. Never follows a symbolic link; a file that is not a regular one reads as
-    damaged (``OSError``)."""
+def open_journal(path: Path) -> int | None:
+    """A descriptor to read the journal ``path``, or None when it is gone. Never follows a
+    symbolic link; a file that is not a regular one is refused (``OSError``)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         return None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")
-        want = max(0, info.st_size - offset)
-        if most is not None:
-            want = min(want, most)
-        chunks: list[bytes] = []
-        while want > 0:
-            chunk = os.pread(fd, want, offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-            want -= len(chunk)
-        return b"".join(chunks)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_at(fd: int, offset: int, most: int | None = None) -> bytes:
+    """The bytes of an open journal from ``offset`` to its end (at most ``most``)."""
+    want = max(0, os.fstat(fd).st_size - offset)
+    if most is not None:
+        want = min(want, most)
+    chunks: list[bytes] = []
+    while want > 0:
+        chunk = os.pread(fd, want, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+        want -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_from(path: Path, offset: int, most: int | None = None) -> bytes | None:
+    """The bytes of the journal ``path`` from ``offset`` (at most ``most``); None when it
+    is gone (see ``open_journal``)."""
+    fd = open_journal(path)
+    if fd is None:
+        return None
+    try:
+        return read_at(fd, offset, most)
     finally:
         os.close(fd)
 

@@ -7,6 +7,7 @@ delivery path. The counts include what waits in the producers' spools (``spool_c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 import time
@@ -28,12 +29,6 @@ if TYPE_CHECKING:
     from .spool import Spools
 
 __all__ = ["QueueReads"]
-
-
-#: How many times ``pending()`` and ``stats()`` count again when a journal file they listed
-#: was moved in whole and deleted before they read it (its last records moved perhaps after
-#: their snapshot of the file: counted in neither).
-_RECOUNTS = 5
 
 
 class QueueReads:
@@ -110,20 +105,16 @@ class QueueReads:
             # bodies, and only this destination's.
             return self._db.read(lambda conn: bydest.count(conn, destination, top))
         queue = self._queue()
-        for _ in range(_RECOUNTS):
-            listed = spool_counts.list_journals(spools)
+        with spool_counts.list_journals(spools) as listed:
 
-            def run(conn: sqlite3.Connection, listed: spool_counts.Listed = listed) -> int:
+            def run(conn: sqlite3.Connection) -> int:
                 # The file and the records the journals are read from, in one snapshot: a
                 # message moved in meanwhile counts in the one or the other, once.
                 with bydest.snapshot(conn):
                     found = bydest.count(conn, destination, top)
                     return found + spool_counts.count(spools, queue, destination, conn, listed)
 
-            total = self._db.read(run)
-            if not listed.gone:
-                break
-        return total
+            return self._db.read(run)
 
     def holds_others(self, destinations: Collection[int]) -> bool:
         """Whether a message of a destination not in ``destinations`` is pending.
@@ -159,12 +150,13 @@ class QueueReads:
         now = time.time()
         spools = self._spools
         queue = self._queue()
-        for _ in range(_RECOUNTS):
-            listed = spool_counts.list_journals(spools) if spools is not None else None
+        with (
+            contextlib.nullcontext(None)
+            if spools is None
+            else spool_counts.list_journals(spools) as listed
+        ):
 
-            def waiting(
-                conn: sqlite3.Connection, listed: spool_counts.Listed | None = listed
-            ) -> Mapping[tuple[str, str], spool_counts.Spooled]:
+            def waiting(conn: sqlite3.Connection) -> Mapping[tuple[str, str], spool_counts.Spooled]:
                 # Inside the file's snapshot (see ``pending``).
                 if spools is None:
                     return {}
@@ -173,8 +165,6 @@ class QueueReads:
             found = self._db.read(
                 partial(inspect.stats, lease_timeout=self.lease_timeout, now=now, spooled=waiting)
             )
-            if listed is None or not listed.gone:
-                break
         return dataclasses.replace(
             found,
             dropped=found.dropped + self._appender.unsaved_drops,

@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import forks
-from .journal import LOOK_BYTES, SUFFIX, Entry, owner_of, parse, read_from
+from .journal import LOOK_BYTES, SUFFIX, Entry, open_journal, owner_of, parse, read_at
 from .spool import Spools, _names_of
 from .spool_moves import RECORD, record_of
 
@@ -52,18 +52,33 @@ class Spooled(NamedTuple):
 LOOK_WAIT = 1.0
 
 
-class Listed(NamedTuple):
-    """The journal files of the spool directory, listed before a snapshot of the queue file
-    (``list_journals``), and those of them found gone when read (``gone``)."""
+class Listed:
+    """The journal files of the spool directory, opened before a snapshot of the queue file
+    began (``list_journals``): one deleted meanwhile (moved in whole by a mover, perhaps
+    after the snapshot) is still read whole. Close it after the look."""
 
-    files: list[str]
-    gone: list[str]
+    def __init__(self, fds: dict[str, int]) -> None:
+        self.fds = fds
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = {}
+
+    def __enter__(self) -> Listed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def list_journals(spools: Spools) -> Listed:
-    """The journal files now, to be read after a snapshot begins (see ``count``)."""
+    """The journal files now, open, to be read after a snapshot begins (see ``count``);
+    a file that cannot be opened is left out."""
+    fds: dict[str, int] = {}
     try:
-        files = [
+        names = [
             e.name
             for e in os.scandir(spools.dir)
             if e.name.endswith(SUFFIX)
@@ -72,8 +87,19 @@ def list_journals(spools: Spools) -> Listed:
             and e.name not in spools.bad
         ]
     except OSError:
-        files = []
-    return Listed(files, [])
+        names = []
+    try:
+        for name in names:
+            try:
+                fd = open_journal(spools.dir / name)
+            except OSError:
+                continue
+            if fd is not None:
+                fds[name] = fd
+    except BaseException:
+        Listed(fds).close()
+        raise
+    return Listed(fds)
 
 
 def count(
@@ -88,9 +114,8 @@ def count(
 
     Counted beside a count of the queue file, each message once: ``conn`` is in a read
     transaction (its snapshot gives the records each file is read from) and ``listed`` the
-    journal files listed before it began. A listed file gone when read had its last records
-    moved, perhaps after the snapshot: its name goes to ``listed.gone``, and the caller
-    counts again."""
+    journal files opened before it began (a file a mover deletes meanwhile is still read:
+    its last records may have moved after the snapshot)."""
     in_spools = sum(
         int(rows[0][0])
         for rows in _look(spools, queue, destination, "count(*)", conn=conn).values()
@@ -196,31 +221,34 @@ def _look_journals(
 ) -> dict[str, list[Entry]]:
     """Each journal file's records (of ``destination``) not moved yet, by file name; with
     ``upto``, only in the files it names and up to their offset there; with ``listed``, the
-    files it lists (a file gone goes to ``listed.gone``); ``conn`` as in ``count``.
+    files it holds open (else those there now); ``conn`` as in ``count``.
 
     A file that could not be read (or is damaged past its record) is left out; ``unread``
     gets 1 for each such file with something past its record (at least one message)."""
     names = None if destination is None else _names_of(queue, destination)
     if destination is not None and names is None:
         return {}
-    listing = list_journals(spools) if listed is None else listed
-    files = [f for f in listing.files if f not in spools.bad and (upto is None or f in upto)]
+    if listed is None:
+        with list_journals(spools) as listing:
+            return _look_journals(
+                spools, queue, destination, upto, unread, conn=conn, listed=listing
+            )
+    files = [f for f in listed.fds if f not in spools.bad and (upto is None or f in upto)]
     found: dict[str, list[Entry]] = {}
     for file in files:
         record = _record(queue, conn, RECORD + file[: -len(SUFFIX)])
         after = int(record[0]) if record is not None else 0
+        if after < 0:
+            continue  # a tombstone: moved in whole (and deleted after this file was opened)
         top = None if upto is None else upto[file]
         if top is not None and top <= after:
             continue
         try:
             most = LOOK_BYTES if top is None else min(LOOK_BYTES, top - after)
-            data = read_from(spools.dir / file, after, most)
+            data = read_at(listed.fds[file], after, most)
         except OSError:
             if unread is not None:
                 unread[file] = 1
-            continue
-        if data is None:
-            listing.gone.append(file)  # moved in whole and deleted meanwhile
             continue
         entries, _, damaged = parse(data, after)
         if damaged and unread is not None:

@@ -48,6 +48,7 @@ __all__ = [
     "OTHERS_WAIT",
     "RECORD",
     "SCAN_EVERY",
+    "TOMBSTONE_KEEP",
     "SpoolMoves",
     "record_of",
 ]
@@ -72,6 +73,8 @@ MOVE_BYTES = 32 * 1024
 #: About how many bytes of journals a Client's flusher thread moves before a lease or a
 #: poll (``SqliteQueue._move_spools_due``); ``flush()`` moves everything.
 MOVE_BUDGET = 2 * MOVE_BYTES
+#: How long the record of a deleted journal file stays, as a tombstone (``_drop_logs``).
+TOMBSTONE_KEEP = 60.0
 
 _SELECT = (
     "SELECT m.id, d.host, d.write_key, m.body, m.size, m.enqueued_at "
@@ -371,6 +374,8 @@ class SpoolMoves:
         while True:
             found = queue._db.read(partial(record_of, name=record))
             after = int(found[0]) if found is not None else 0
+            if after < 0:
+                return moved, True, None  # a tombstone: moved in whole and deleted
             if self._budget is not None and self._budget <= 0:
                 return moved, False, after  # the move's budget is spent: the rest next time
             data = read_from(path, after, MOVE_BYTES)
@@ -421,19 +426,30 @@ class SpoolMoves:
                 return moved, True, end
 
     def _drop_logs(self, queue: SqliteQueue, stems: list[str]) -> None:
-        """Delete journal files moved in whole, then their records (in that order: a mover
-        that read a record before finds no file, and takes nothing again)."""
+        """Delete journal files moved in whole, then mark their records deleted (in that
+        order: a mover that read a record before finds no file, and takes nothing again).
+
+        A record becomes a tombstone, the deletion's time negated, kept ``TOMBSTONE_KEEP``
+        seconds: a look that opened the file before it was deleted (``spool_counts``) reads
+        the record in its snapshot of the queue file, and a record simply gone would there
+        mean "nothing moved yet" and count the moved messages again."""
         if queue.durability != "full":
             # What was moved must be durable in the queue before the file that held it goes.
             sync_wal(queue.path)
         for stem in stems:
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / f"{stem}{SUFFIX}").unlink()
-        queue._db.write(
-            lambda conn: conn.executemany(
-                "DELETE FROM counters WHERE name = ?", [(RECORD + stem,) for stem in stems]
+        now = time.time()
+        tombstone = -max(1, int(now))
+
+        def mark(conn: sqlite3.Connection) -> None:
+            conn.executemany(_RECORD_SET, [(RECORD + stem, tombstone) for stem in stems])
+            conn.execute(
+                "DELETE FROM counters WHERE name LIKE 'spool:%' AND value < 0 AND value > ?",
+                (-(now - TOMBSTONE_KEEP),),
             )
-        )
+
+        queue._db.write(mark)
 
     def _move_journals(self, queue: SqliteQueue, logs: dict[str, list[tuple[int, str]]]) -> int:
         """Move other processes' journal files (``logs``: by owner, their generations and
