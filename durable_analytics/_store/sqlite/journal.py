@@ -20,9 +20,9 @@ check fails marks the file damaged (left on disk as it is, warned about, never c
 A move is exactly once, as a spool's: the transaction that inserts a chunk of records into
 the queue records the offset after the last (``spool:<name>.<generation>`` in ``counters``),
 and the next move starts there. A file takes ``ROTATE_BYTES``; the next call starts the next
-generation, and the older file, *sealed*, is deleted with its record by whoever moves its
-last record (after the queue's ``-wal`` is synced: a power loss must not keep the deletion
-and lose what was moved). A process killed inside a ``write()`` may leave part of a record
+generation, and the older file, *sealed*, is deleted by whoever moves its last record
+(after the queue's ``-wal`` is synced: a power loss must not keep the deletion and lose what
+was moved); its record stays a while as a tombstone (``spool_moves.TOMBSTONE_KEEP``). A process killed inside a ``write()`` may leave part of a record
 at the end of its last file: that call never returned; the part is dropped once the owner is
 gone. What bounds a journal: a call journals only while this process's journal files not yet
 deleted hold less than ``MOST_JOURNALED`` bytes, and on the queue's fast path (the margin
