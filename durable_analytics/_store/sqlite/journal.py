@@ -24,9 +24,10 @@ generation, and the older file, *sealed*, is deleted by whoever moves its last r
 (after the queue's ``-wal`` is synced: a power loss must not keep the deletion and lose what
 was moved); its record stays a while as a tombstone (``spool_moves.TOMBSTONE_KEEP``). A
 process killed inside a ``write()`` may leave part of a record at the end of its last file:
-that call never returned; the part is dropped once the owner is gone. What bounds a journal: a call journals only while this process's journal files not yet
-deleted hold less than ``MOST_JOURNALED`` bytes, and on the queue's fast path (the margin
-``spool.SPOOL_MARGIN`` under ``max_queue_bytes`` counts it); else it goes to the queue file.
+that call never returned; the part is dropped once the owner is gone. What bounds a journal:
+a call journals only while this process's journal files not yet deleted hold less than
+``MOST_JOURNALED`` bytes, and on the queue's fast path (the margin ``spool.SPOOL_MARGIN``
+under ``max_queue_bytes`` counts it); else it goes to the queue file.
 """
 
 from __future__ import annotations
