@@ -20,6 +20,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,35 @@ def _dest_in(conn: sqlite3.Connection, host: str, write_key: str) -> int:
         "INSERT INTO destinations (host, write_key) VALUES (?, ?)", (host, write_key)
     )
     return int(cur.lastrowid or 0)
+
+
+def _commit_chunk(
+    queue: SqliteQueue,
+    record: str,
+    after: int,
+    rows: list[Any],
+    known: dict[tuple[str, str], int],
+    gone: Callable[[], bool],
+    conn: sqlite3.Connection,
+) -> bool | None:
+    """A move's transaction (a spool's rows or a journal's records, shaped alike): insert
+    ``rows`` and set ``record`` past them, if the record still says ``after``.
+
+    True: moved. False: read again, another mover went first (the record moved on), or the
+    source is ``gone`` with its record (moved whole by another mover; what a handle opened
+    before still reads was moved already). None: no room under ``max_queue_bytes``.
+    ``known`` gets the destinations met."""
+    known.clear()
+    row = record_of(conn, record)
+    if (int(row[0]) if row is not None else 0) != after:
+        return False
+    if row is None and gone():
+        return False
+    if not _room_for(conn, queue, rows):
+        return None
+    _insert_moved(conn, rows, known)
+    conn.execute(_RECORD_SET, (record, rows[-1][0]))
+    return True
 
 
 def record_of(conn: sqlite3.Connection, name: str) -> tuple[int] | None:
@@ -259,7 +289,6 @@ class SpoolMoves:
         db_path = self.dir / f"{name}.db"
         moved = 0
         known: dict[tuple[str, str], int] = {}
-        full = False  # the queue file had no room for the chunk (``_room_for``)
         while True:
             found = queue._db.read(partial(record_of, name=record))
             after = int(found[0]) if found is not None else 0
@@ -275,26 +304,12 @@ class SpoolMoves:
                 return moved, True
             last = int(rows[-1][0])
 
-            def run(conn: sqlite3.Connection, after: int = after, rows: list[Any] = rows) -> bool:
-                nonlocal full
-                full = False
-                known.clear()
-                row = record_of(conn, record)
-                if (int(row[0]) if row is not None else 0) != after:
-                    return False  # another mover went first: read again
-                if row is None and not mine and not db_path.exists():
-                    # Another mover deleted this spool (and then its record) after we
-                    # opened it: what this handle still reads was moved already.
-                    return False
-                if not _room_for(conn, queue, rows):
-                    full = True
-                    return False
-                _insert_moved(conn, rows, known)
-                conn.execute(_RECORD_SET, (record, rows[-1][0]))
-                return True
-
-            if not queue._db.write(run):
-                if full:
+            # Another mover deleted this spool (and then its record) after we opened it:
+            # what this handle still reads was moved already.
+            gone = (lambda: False) if mine else (lambda: not db_path.exists())
+            done = queue._db.write(partial(_commit_chunk, queue, record, after, rows, known, gone))
+            if not done:
+                if done is None:
                     return moved, False  # the rest waits here until deliveries make room
                 if not db_path.exists():
                     return moved, True
@@ -370,7 +385,10 @@ class SpoolMoves:
         path = self.dir / f"{stem}{SUFFIX}"
         moved = 0
         known: dict[tuple[str, str], int] = {}
-        full = False
+
+        def gone() -> bool:
+            return not path.exists()  # deleted by a mover that moved all of it
+
         while True:
             found = queue._db.read(partial(record_of, name=record))
             after = int(found[0]) if found is not None else 0
@@ -389,27 +407,11 @@ class SpoolMoves:
                     return moved, True, None
                 entries, end, damaged = parse(data, after)
             if entries:
-
-                def run(
-                    conn: sqlite3.Connection, after: int = after, rows: list[Any] = entries
-                ) -> bool:
-                    nonlocal full
-                    full = False
-                    known.clear()
-                    row = record_of(conn, record)
-                    if (int(row[0]) if row is not None else 0) != after:
-                        return False  # another mover went first: read again
-                    if row is None and not path.exists():
-                        return False  # deleted by a mover that moved all of it
-                    if not _room_for(conn, queue, rows):
-                        full = True
-                        return False
-                    _insert_moved(conn, rows, known)
-                    conn.execute(_RECORD_SET, (record, rows[-1][0]))
-                    return True
-
-                if not queue._db.write(run):
-                    if full:
+                done = queue._db.write(
+                    partial(_commit_chunk, queue, record, after, entries, known, gone)
+                )
+                if not done:
+                    if done is None:
                         return moved, False, after
                     if not path.exists():
                         return moved, True, None
