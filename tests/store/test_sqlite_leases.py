@@ -174,6 +174,39 @@ def test_with_many_batches_in_flight_the_next_lease_takes_the_oldest_unleased_me
     assert list(rest_a.ids) == stored[a][120:] + late
 
 
+def test_with_two_batches_in_flight_a_lease_reads_its_batch_in_one_statement(
+    queue: Queue, dest: int
+) -> None:
+    """A delivery pass keeps two batches out: the next lease's first page covers them (read
+    and skipped) and reads the batch from the unindexed tail with one SELECT, not two
+    pages, nor a look at the empty index."""
+    ids = fill(queue, dest, 100)
+    out = [queue.lease(20, 1_000_000) for _ in range(2)]
+    assert all(lease is not None for lease in out)
+    reads: list[str] = []
+    conn = queue._db.conn()
+    conn.set_trace_callback(lambda sql: reads.append(sql) if "m.body" in sql else None)
+    try:
+        third = queue.lease(20, 1_000_000)
+    finally:
+        conn.set_trace_callback(None)
+    assert third is not None
+    assert list(third.ids) == ids[40:60]
+    assert len(reads) == 1
+
+
+def test_single_message_leases_past_the_first_page_find_every_message(
+    queue: Queue, dest: int
+) -> None:
+    """More leases in flight than the first page covers: each next lease goes on past the
+    run of leased ids and takes the next message, until all are leased."""
+    ids = fill(queue, dest, 12)
+    taken = []
+    while (lease := queue.lease(1, 1_000_000)) is not None:
+        taken += list(lease.ids)
+    assert taken == ids
+
+
 def test_a_batch_larger_than_a_page_is_read_in_pages_and_stops_at_the_byte_budget(
     queue: Queue, dest: int
 ) -> None:

@@ -204,8 +204,13 @@ def _pick(
     # A page a batch of ``flush_at`` fits in; a larger batch (``max_batch_messages``) is read
     # in pages of ~100 so that the bytes budget stops it before it reads thousands of bodies.
     page = min(max_messages, 100) + 1
+    # The first page also covers a few batches in flight (the oldest messages, read and
+    # skipped): with one or two batches out, as a delivery pass keeps them, the batch comes
+    # from one statement instead of two.
+    first = page + min(len(leased), 2 * page)
     while True:
-        rows = bydest.rows_with_bodies(conn, dest_id, (top, now_wall, horizon), page, mark, after)
+        asked = first if after == 0 else page
+        rows = bydest.rows_with_bodies(conn, dest_id, (top, now_wall, horizon), asked, mark, after)
         taken = len(ids)
         for row_id, size, row_attempts, body in rows:
             if row_id in leased:
@@ -218,7 +223,7 @@ def _pick(
             taken += 1
             total += cost
             attempts = max(attempts, int(row_attempts))
-        if len(rows) < page:
+        if len(rows) < asked:
             break  # nothing more is ready
         after = rows[-1][0]
         while after + 1 in leased:
