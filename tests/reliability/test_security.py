@@ -928,7 +928,9 @@ _SQL_MODULES = {
     "dead_letters": (13, 7),
     "files": (1, 1),
     "inspect": (10, 1),
+    "journal_moves": (2, 1),
     "leases": (12, 3),
+    "move_records": (5, 1),
     "queue": (10, 2),
     "reads": (4, 0),
     "ready": (3, 1),
@@ -938,7 +940,7 @@ _SQL_MODULES = {
     "sidefiles": (10, 1),
     "spool": (1, 0),
     "spool_counts": (1, 1),
-    "spool_moves": (8, 2),
+    "spool_moves": (3, 1),
     "transactions": (7, 1),
     "wal": (1, 1),
 }

@@ -21,7 +21,7 @@ from conftest import WRITE_KEY, run_python, start_python
 from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import journal as journal_module
-from durable_analytics._store.sqlite import spool_moves
+from durable_analytics._store.sqlite import journal_moves
 from durable_analytics._store.sqlite.journal import encode, names_of, parse
 from durable_analytics._store.sqlite.spool import spool_dir
 from durable_analytics.testing import Collector
@@ -523,7 +523,7 @@ def test_tombstones_of_deleted_journals_are_purged_after_they_are_kept(
             conn.close()
 
     assert tombstones()
-    monkeypatch.setattr(spool_moves, "TOMBSTONE_KEEP", -5.0)  # "kept" until 5 s from now
+    monkeypatch.setattr(journal_moves, "TOMBSTONE_KEEP", -5.0)  # "kept" until 5 s from now
     for i in range(60):
         client.track("u", "T2", {"i": i, "pad": "t" * 100})
     client.queue.move_spools()

@@ -35,8 +35,9 @@ from durable_analytics._store.sqlite import journal as journal_module
 from durable_analytics._store.sqlite import spool as spool_module
 from durable_analytics._store.sqlite import spool_counts, spool_moves
 from durable_analytics._store.sqlite.dead_letters import used_bytes
+from durable_analytics._store.sqlite.move_records import owner_gone
 from durable_analytics._store.sqlite.spool import MOST_SPOOLED, SPOOL_MARGIN, spool_dir
-from durable_analytics._store.sqlite.spool_moves import MOVE_ROWS, _owner_gone
+from durable_analytics._store.sqlite.spool_moves import MOVE_ROWS
 from durable_analytics._store.sqlite.waits import owned
 from durable_analytics._store.sqlite.wal import log_frames
 from durable_analytics.testing import Collector
@@ -551,7 +552,7 @@ def test_closing_a_queue_releases_its_spool_lock_and_descriptor(tmp_path: Path) 
     locks = [n for n in spool_files(path) if n.endswith(".lock")]
     held = 0
     for name in locks:
-        fd = _owner_gone(spool_dir(path) / name)
+        fd = owner_gone(spool_dir(path) / name)
         if fd == -1:
             held += 1
         elif fd >= 0:

@@ -6,7 +6,7 @@ call goes first to its process's *journal*, ``<queue>.spool/<name>.<generation>.
 name is the process's spool name, ``spool.py``), and whoever delivers moves journals into
 the queue in bulk, as it moves spools: this process's flusher before each lease, ``flush()``
 and ``drain`` before they look at what is pending, every poll of a flusher, a ``worker`` or
-a ``drain`` process (every process's journals, ``spool_moves.py``). Once ``write()``
+a ``drain`` process (every process's journals, ``journal_moves.py``). Once ``write()``
 returned, the record is in the kernel's page cache: a killed process loses nothing, as
 with the queue's commits under ``durability="normal"`` (a power loss may take the last
 seconds of both). With ``durability="full"`` calls never journal (each commit is synced).
@@ -22,7 +22,7 @@ the queue records the offset after the last (``spool:<name>.<generation>`` in ``
 and the next move starts there. A file takes ``ROTATE_BYTES``; the next call starts the next
 generation, and the older file, *sealed*, is deleted by whoever moves its last record
 (after the queue's ``-wal`` is synced: a power loss must not keep the deletion and lose what
-was moved); its record stays a while as a tombstone (``spool_moves.TOMBSTONE_KEEP``). A
+was moved); its record stays a while as a tombstone (``journal_moves.TOMBSTONE_KEEP``). A
 process killed inside a ``write()`` may leave part of a record at the end of its last file:
 that call never returned; the part is dropped once the owner is gone. What bounds a journal:
 a call journals only while this process's journal files not yet deleted hold less than

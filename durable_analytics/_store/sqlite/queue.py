@@ -41,11 +41,11 @@ from .checkpoint import run_checkpoint
 from .connections import Connections
 from .dead_letters import DeadLetters
 from .files import narrow_modes, prepare_path
+from .journal_moves import MOVE_BUDGET
 from .reads import QueueReads
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF
 from .spool import Spools, open_spool
-from .spool_moves import MOVE_BUDGET
 from .waits import Waits
 from .wal import Checkpoints, WalBudget
 

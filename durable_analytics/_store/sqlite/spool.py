@@ -18,7 +18,8 @@ every ``SCAN_EVERY``). A move is exactly once, whoever makes it and wherever it 
 transaction that inserts a chunk of rows into the queue also records, in the queue's
 ``counters`` table (``spool:<name>``), the id of the last row it moved; the next move starts
 after it, and only then are the moved rows deleted from the spool (the moves are
-``spool_moves.py``'s: ``Spools`` inherits them from ``SpoolMoves``). A mover killed between
+``spool_moves.py``'s and ``journal_moves.py``'s: ``Spools`` inherits them from
+``SpoolMoves``). A mover killed between
 the two commits leaves rows that no later move takes again; two movers serialize on the
 queue's write lock and each starts after the other's record. The spool's newest moved row is
 kept: ids of a table without AUTOINCREMENT start again after the largest one left, and a new
@@ -60,7 +61,8 @@ from durable_analytics.exceptions import QueueBusy, QueueError
 from . import forks
 from .files import make_private_dirs, sync_wal
 from .journal import MOST_JOURNALED, SUFFIX, Journal, owner_of
-from .spool_moves import RECORD, SCAN_EVERY, SpoolMoves, record_of
+from .move_records import RECORD, record_of
+from .spool_moves import SCAN_EVERY, SpoolMoves
 from .waits import owned
 
 if TYPE_CHECKING:

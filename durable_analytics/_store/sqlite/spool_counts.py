@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import forks
 from .journal import LOOK_BYTES, SUFFIX, Entry, open_journal, owner_of, parse, read_at
+from .move_records import RECORD, record_of
 from .spool import Spools, _names_of
-from .spool_moves import RECORD, record_of
 
 if TYPE_CHECKING:
     from .queue import SqliteQueue

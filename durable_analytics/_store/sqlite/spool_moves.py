@@ -1,60 +1,41 @@
-"""Moves: every spool's messages into the queue, exactly once (see ``spool.py``).
+"""Moves: every spool's and journal's messages into the queue, exactly once (``spool.py``).
 
 A move reads a chunk of a spool's rows past its record (``RECORD`` + the spool's name, in
-the queue's ``counters`` table), and inserts them into the queue in one transaction with
-the record of the last row it moved; only then are the moved rows deleted from the spool.
-Movers serialize on the queue's write lock and each starts after the other's record. Another
-process's spool is adopted: moved whenever a poll looks (``SCAN_EVERY``), and deleted with
-its record once its owner is gone (its ``flock`` can be taken) and it is empty.
+the queue's ``counters`` table, ``move_records``), and inserts them into the queue in one
+transaction with the record of the last row it moved; only then are the moved rows deleted
+from the spool. Movers serialize on the queue's write lock and each starts after the other's
+record. Another process's spool is adopted: moved whenever a poll looks (``SCAN_EVERY``),
+and deleted with its record once its owner is gone (its ``flock`` can be taken) and it is
+empty. Journal files are moved by the same movers, by the rules of ``journal_moves.py``.
 
-``SpoolMoves`` is the moving half of ``Spools``: this module owns the record and the rules
-of a move, ``spool.py`` the appends of this process to its own spool.
+``SpoolMoves`` is the moving half of ``Spools``: this module holds the rules of a move and
+the order of a whole move (own journal, own spool, then every other process's), ``spool.py``
+the appends of this process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from durable_analytics.exceptions import QueueBusy, QueueDiskFull, QueueError
+from durable_analytics.exceptions import QueueBusy, QueueError
 
-from .dead_letters import ROW_OVERHEAD, used_bytes
-from .files import sync_wal
-from .journal import SUFFIX, Journal, first_size, owner_of, parse, read_from
+from .journal import SUFFIX, Journal, owner_of
+from .journal_moves import JournalMoves, logger
+from .move_records import RECORD, commit_chunk, owner_gone, record_of
 from .waits import owned
 
 if TYPE_CHECKING:
     from .queue import SqliteQueue
     from .spool import SpoolOpener
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = [
-    "BUSY_RETRY",
-    "MOVE_BUDGET",
-    "MOVE_BYTES",
-    "MOVE_ROWS",
-    "OTHERS_WAIT",
-    "RECORD",
-    "SCAN_EVERY",
-    "TOMBSTONE_KEEP",
-    "SpoolMoves",
-    "record_of",
-]
-
-logger = logging.getLogger("durable_analytics.queue")
+__all__ = ["BUSY_RETRY", "MOVE_ROWS", "OTHERS_WAIT", "SCAN_EVERY", "SpoolMoves"]
 
 #: Rows moved into the queue per transaction (appends wait for at most one chunk).
 MOVE_ROWS = 256
@@ -66,25 +47,11 @@ SCAN_EVERY = 0.05
 #: ``BUSY_RETRY`` seconds, and its messages wait there, counted pending.
 OTHERS_WAIT = 0.05
 BUSY_RETRY = 1.0
-#: The prefix of a spool's record in the queue's ``counters`` table (a journal file's too).
-RECORD = "spool:"
-#: The most bytes of a journal file read and moved into the queue per transaction: the
-#: records' parsing holds the GIL, which a Client's flusher thread shares with the caller.
-MOVE_BYTES = 32 * 1024
-#: About how many bytes of journals a Client's flusher thread moves before a lease or a
-#: poll (``SqliteQueue._move_spools_due``); ``flush()`` moves everything.
-MOVE_BUDGET = 2 * MOVE_BYTES
-#: How long the record of a deleted journal file stays, as a tombstone (``_drop_logs``).
-TOMBSTONE_KEEP = 60.0
 
 _SELECT = (
     "SELECT m.id, d.host, d.write_key, m.body, m.size, m.enqueued_at "
     "FROM messages m JOIN destinations d ON d.id = m.dest "
     "WHERE m.id > ? ORDER BY m.id LIMIT ?"
-)
-_RECORD_SET = (
-    "INSERT INTO counters (name, value) VALUES (?, ?) "
-    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
 
 
@@ -92,89 +59,9 @@ class _SpoolBusy(QueueBusy):
     """Another process's spool stayed locked past ``OTHERS_WAIT`` (not the queue file)."""
 
 
-class JournalDamaged(QueueError):
-    """A journal file holds a record that fails its check (or is not a regular file)."""
-
-
-def _insert_moved(
-    conn: sqlite3.Connection, rows: list[Any], known: dict[tuple[str, str], int]
-) -> None:
-    """Insert moved rows ``(_, host, write_key, body, size, enqueued_at)`` into the queue
-    (inside the move's transaction); ``known`` gets the destinations met."""
-    batch = []
-    for _, host, write_key, body, size, when in rows:
-        key = (str(host), str(write_key))
-        dest = known.get(key)
-        if dest is None:
-            dest = known[key] = _dest_in(conn, *key)
-        batch.append((dest, body, size, when))
-    conn.executemany(
-        "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)", batch
-    )
-
-
-def _dest_in(conn: sqlite3.Connection, host: str, write_key: str) -> int:
-    """The queue's id of a destination, created if new (inside the caller's transaction)."""
-    row = conn.execute(
-        "SELECT id FROM destinations WHERE host = ? AND write_key = ?", (host, write_key)
-    ).fetchone()
-    if row is not None:
-        return int(row[0])
-    cur = conn.execute(
-        "INSERT INTO destinations (host, write_key) VALUES (?, ?)", (host, write_key)
-    )
-    return int(cur.lastrowid or 0)
-
-
-def _commit_chunk(
-    queue: SqliteQueue,
-    record: str,
-    after: int,
-    rows: list[Any],
-    known: dict[tuple[str, str], int],
-    gone: Callable[[], bool],
-    conn: sqlite3.Connection,
-) -> bool | None:
-    """A move's transaction (a spool's rows or a journal's records, shaped alike): insert
-    ``rows`` and set ``record`` past them, if the record still says ``after``.
-
-    True: moved. False: read again, another mover went first (the record moved on), or the
-    source is ``gone`` with its record (moved whole by another mover; what a handle opened
-    before still reads was moved already). None: no room under ``max_queue_bytes``.
-    ``known`` gets the destinations met."""
-    known.clear()
-    row = record_of(conn, record)
-    if (int(row[0]) if row is not None else 0) != after:
-        return False
-    if row is None and gone():
-        return False
-    if not _room_for(conn, queue, rows):
-        return None
-    _insert_moved(conn, rows, known)
-    conn.execute(_RECORD_SET, (record, rows[-1][0]))
-    return True
-
-
-def record_of(conn: sqlite3.Connection, name: str) -> tuple[int] | None:
-    """The record of the spool ``name``'s moves (the id of the last row moved), if any."""
-    row: tuple[int] | None = conn.execute(
-        "SELECT value FROM counters WHERE name = ?", (name,)
-    ).fetchone()
-    return row
-
-
 def _rows_after(conn: sqlite3.Connection, after: int) -> list[Any]:
     """A chunk of a spool's rows past ``after``, with their destination's names."""
     return conn.execute(_SELECT, (after, MOVE_ROWS)).fetchall()
-
-
-def _room_for(conn: sqlite3.Connection, queue: SqliteQueue, rows: list[Any]) -> bool:
-    """Whether a chunk fits under the queue's ``max_queue_bytes`` (inside the move's
-    transaction). A chunk that does not waits in its spool, counted as pending, until
-    deliveries make room: every spooling process may hold spooled messages, so the margin
-    the appends keep does not bound what all of them move in at once."""
-    used = used_bytes(conn, queue._appender._page_size())
-    return used + sum(int(r[4]) + ROW_OVERHEAD for r in rows) <= queue._appender.max_queue_bytes
 
 
 def _delete_moved(conn: sqlite3.Connection, last: int) -> None:
@@ -182,43 +69,20 @@ def _delete_moved(conn: sqlite3.Connection, last: int) -> None:
     conn.execute("DELETE FROM messages WHERE id < ?", (last,))
 
 
-def _owner_gone(lock_path: Path) -> int:
-    """A descriptor holding the spool's owner lock (its owner is gone), or -1 (alive)."""
-    if fcntl is None:  # pragma: no cover - not POSIX
-        return -1
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        return -2  # no lock file: its owner never took it, or a mover removed it
-    except OSError:
-        return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return -1
-    return fd
+class SpoolMoves(JournalMoves):
+    """The moves of ``Spools``: this process's spool and journal, and every other process's
+    in the directory."""
 
-
-class SpoolMoves:
-    """The moves of ``Spools``: this process's spool, and every other in the directory."""
-
-    # Set by ``Spools.__init__``.
-    dir: Path
+    # Set by ``Spools.__init__`` (and those of ``JournalMoves``).
     _opener: SpoolOpener
     _own: SqliteQueue | None
-    _own_name: str
     _own_bad: bool
-    _bad: set[str]
     _others: dict[str, SqliteQueue]
     _busy_until: dict[str, float]
     _scanned: float
     _moving: threading.RLock
     moved_upto: int
     journal: Journal | None
-    path: Path
-    #: What is left of the current move's ``budget`` (bytes of journals), None: no bound.
-    _budget: int | None = None
 
     if TYPE_CHECKING:
 
@@ -307,7 +171,7 @@ class SpoolMoves:
             # Another mover deleted this spool (and then its record) after we opened it:
             # what this handle still reads was moved already.
             gone = (lambda: False) if mine else (lambda: not db_path.exists())
-            done = queue._db.write(partial(_commit_chunk, queue, record, after, rows, known, gone))
+            done = queue._db.write(partial(commit_chunk, queue, record, after, rows, known, gone))
             if not done:
                 if done is None:
                     return moved, False  # the rest waits here until deliveries make room
@@ -330,188 +194,6 @@ class SpoolMoves:
             moved += len(rows)
             if len(rows) < MOVE_ROWS:
                 return moved, True
-
-    def _move_own_journal(self, queue: SqliteQueue, journal: Journal) -> int:
-        """Move this process's journal files; delete the sealed ones once all is moved."""
-        moved = 0
-        done: list[str] = []  # sealed and moved in whole: deleted together, after one sync
-        for stem in list(journal.files):
-            try:
-                more, room, end = self._move_log(queue, stem, journal=journal)
-            except QueueDiskFull:
-                break  # the queue file's disk: the records wait in the journal, whole
-            except (JournalDamaged, OSError) as exc:
-                # Damaged: journaling stops here; the file stays on disk as it is.
-                self._bad.add(stem + SUFFIX)
-                journal.forget(stem)
-                if not journal.off:
-                    journal.off = True
-                    logger.warning(
-                        "calls to %s go to the queue file from now on in this process: its "
-                        "journal %s could not be moved (%s)",
-                        self.path,
-                        self.dir / f"{stem}{SUFFIX}",
-                        exc,
-                    )
-                continue
-            moved += more
-            if end is None:
-                journal.forget(stem)  # another mover deleted it: all of it was moved
-            elif room and stem != journal.stem and end >= journal.files.get(stem, 0):
-                # Sealed: read now, not before the loop, since a call may have started a
-                # newer file meanwhile (and the file it writes must never be deleted). A file
-                # once sealed is never written again (calls write under the journal's lock,
-                # which the switch to a newer file holds), and its size is final.
-                done.append(stem)
-        if done:
-            self._drop_logs(queue, done)
-            for stem in done:
-                journal.forget(stem)
-        return moved
-
-    def _move_log(
-        self, queue: SqliteQueue, stem: str, *, journal: Journal | None = None
-    ) -> tuple[int, bool, int | None]:
-        """Move one journal file's complete records past its record into the queue, a chunk
-        per transaction (``journal`` when the file is this process's own).
-
-        Returns how many moved, False when it stopped with records left because the queue
-        had no room for them (``_room_for``) or the move's budget was spent, and the offset
-        up to which the file is moved
-        (None: the file is gone, all of it moved by another mover). Raises
-        ``JournalDamaged`` at a record that fails its check, after moving those before it.
-        """
-        record = RECORD + stem
-        path = self.dir / f"{stem}{SUFFIX}"
-        moved = 0
-        known: dict[tuple[str, str], int] = {}
-
-        def gone() -> bool:
-            return not path.exists()  # deleted by a mover that moved all of it
-
-        while True:
-            found = queue._db.read(partial(record_of, name=record))
-            after = int(found[0]) if found is not None else 0
-            if after < 0:
-                return moved, True, None  # a tombstone: moved in whole and deleted
-            if self._budget is not None and self._budget <= 0:
-                return moved, False, after  # the move's budget is spent: the rest next time
-            data = read_from(path, after, MOVE_BYTES)
-            if data is None:
-                return moved, True, None
-            entries, end, damaged = parse(data, after)
-            if not entries and not damaged and first_size(data) > MOVE_BYTES:
-                # One record longer than a chunk (a message near 32 KiB with its names).
-                data = read_from(path, after, first_size(data))
-                if data is None:
-                    return moved, True, None
-                entries, end, damaged = parse(data, after)
-            if entries:
-                done = queue._db.write(
-                    partial(_commit_chunk, queue, record, after, entries, known, gone)
-                )
-                if not done:
-                    if done is None:
-                        return moved, False, after
-                    if not path.exists():
-                        return moved, True, None
-                    continue
-                queue._note_destinations(known)
-                moved += len(entries)
-                if self._budget is not None:
-                    self._budget -= end - after
-            if journal is not None:
-                journal.moved[stem] = max(journal.moved.get(stem, 0), end)
-            if damaged:
-                raise JournalDamaged(f"the journal {path} is damaged at offset {end}")
-            if not entries or len(data) < MOVE_BYTES or end == after:
-                return moved, True, end
-
-    def _drop_logs(self, queue: SqliteQueue, stems: list[str]) -> None:
-        """Delete journal files moved in whole, then mark their records deleted (in that
-        order: a mover that read a record before finds no file, and takes nothing again).
-
-        A record becomes a tombstone, the deletion's time negated, kept ``TOMBSTONE_KEEP``
-        seconds: a look that opened the file before it was deleted (``spool_counts``) reads
-        the record in its snapshot of the queue file, and a record simply gone would there
-        mean "nothing moved yet" and count the moved messages again."""
-        if queue.durability != "full":
-            # What was moved must be durable in the queue before the file that held it goes.
-            sync_wal(queue.path)
-        for stem in stems:
-            with contextlib.suppress(FileNotFoundError):
-                (self.dir / f"{stem}{SUFFIX}").unlink()
-        now = time.time()
-        tombstone = -max(1, int(now))
-
-        def mark(conn: sqlite3.Connection) -> None:
-            conn.executemany(_RECORD_SET, [(RECORD + stem, tombstone) for stem in stems])
-            conn.execute(
-                "DELETE FROM counters WHERE name LIKE 'spool:%' AND value < 0 AND value > ?",
-                (-(now - TOMBSTONE_KEEP),),
-            )
-
-        queue._db.write(mark)
-
-    def _move_journals(self, queue: SqliteQueue, logs: dict[str, list[tuple[int, str]]]) -> int:
-        """Move other processes' journal files (``logs``: by owner, their generations and
-        stems). A file is sealed once a newer generation exists or its owner is gone: moved
-        in whole, it is deleted; a gone owner's cut-off last record is dropped with it."""
-        moved = 0
-        for owner, files in sorted(logs.items()):
-            if owner == self._own_name:
-                continue
-            lock_path = self.dir / f"{owner}.lock"
-            fd = _owner_gone(lock_path)
-            try:
-                newest = max(gen for gen, _ in files)
-                for gen, stem in sorted(files):
-                    if stem + SUFFIX in self._bad:
-                        continue
-                    try:
-                        more, room, end = self._move_log(queue, stem)
-                    except QueueDiskFull:
-                        return moved  # the queue file's disk: the records wait, whole
-                    except (JournalDamaged, OSError) as exc:
-                        self._bad.add(stem + SUFFIX)
-                        logger.warning(
-                            "the journal %s could not be moved into the queue (left as it is): %s",
-                            self.dir / f"{stem}{SUFFIX}",
-                            exc,
-                        )
-                        continue
-                    moved += more
-                    if end is None or not room or (fd == -1 and gen == newest):
-                        continue
-                    path = self.dir / f"{stem}{SUFFIX}"
-                    try:
-                        size = path.stat().st_size
-                    except FileNotFoundError:
-                        continue
-                    if end < size:
-                        if fd == -1:
-                            continue  # sealed while we read: the rest is moved next time
-                        logger.warning(
-                            "dropped the last %d bytes of %s: a record its process was "
-                            "killed while writing (that call never returned)",
-                            size - end,
-                            path,
-                        )
-                    self._drop_logs(queue, [stem])
-                if fd != -1 and not self._owns_files(owner):
-                    with contextlib.suppress(FileNotFoundError):
-                        lock_path.unlink()
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-        return moved
-
-    def _owns_files(self, owner: str) -> bool:
-        """Whether a spool or journal file of ``owner`` is still in the directory."""
-        with os.scandir(self.dir) as entries:
-            return any(
-                e.name.startswith(owner + ".") and not e.name.endswith(".lock") for e in entries
-            )
 
     def _move_others(self, queue: SqliteQueue, *, retry_busy: bool = False) -> int:
         self._scanned = time.monotonic()
@@ -578,7 +260,7 @@ class SpoolMoves:
                 raise _SpoolBusy(f"the spool {db} stayed locked") from None
         moved, _ = self._move_one(queue, name, spool, mine=False)
         lock_path = self.dir / f"{name}.lock"
-        fd = _owner_gone(lock_path)
+        fd = owner_gone(lock_path)
         if fd == -1:
             return moved
         try:
