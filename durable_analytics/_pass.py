@@ -79,57 +79,132 @@ def deliver_pass(
     stopped, interrupted or past its deadline). Ends at ``deadline`` or when ``stop`` is
     set, after the batches in flight are settled.
     """
-    # More threads than the window has slots would only hold leases while they wait.
-    count = max(1, min(deliverer.max_in_flight, workers or deliverer.max_in_flight))
-    total = DeliveryStats()
-    lock = threading.Lock()
-    running = [0]  # this pass's helper threads still running
-    looked = [-math.inf]  # monotonic time of the last look for room for more helpers
-    finished = threading.Condition(lock)
-    failures: list[BaseException] = []
-    asked = (destination, up_to_id, deliverer.lease_batches)
-    paused = [False]
-    alone = [False]  # ``solo`` said True at the calling thread's last batch: helpers end
-    ended = [False]  # the calling thread's loop ended (nothing more for it): helpers end
+    return _Pass(
+        queue,
+        deliverer,
+        workers=workers,
+        deadline=deadline,
+        progress=progress,
+        stop=stop,
+        up_to_id=up_to_id,
+        destination=destination,
+        full_only=full_only,
+        pause=pause,
+        solo=solo,
+    ).go()
 
-    def winding_down() -> bool:
+
+class _Pass:
+    """One ``deliver_pass``: its calling thread's loop, its helpers and what they share."""
+
+    def __init__(
+        self,
+        queue: QueueBackend,
+        deliverer: Deliverer,
+        *,
+        workers: int | None,
+        deadline: float | None,
+        progress: Progress | None,
+        stop: threading.Event | None,
+        up_to_id: int | None,
+        destination: int | None,
+        full_only: bool,
+        pause: Callable[[], bool] | None,
+        solo: Callable[[], bool] | None,
+    ) -> None:
+        self.queue = queue
+        self.deliverer = deliverer
+        self.deadline = deadline
+        self.progress = progress
+        self.stop = stop
+        self.destination = destination
+        self.up_to_id = up_to_id
+        self.full_only = full_only
+        self.pause = pause
+        self.solo = solo
+        # More threads than the window has slots would only hold leases while they wait.
+        self.count = max(1, min(deliverer.max_in_flight, workers or deliverer.max_in_flight))
+        self.total = DeliveryStats()
+        self.lock = threading.Lock()
+        self.running = 0  # this pass's helper threads still running
+        self.looked = -math.inf  # monotonic time of the last look for room for more helpers
+        self.finished = threading.Condition(self.lock)
+        self.failures: list[BaseException] = []
+        self.asked = (destination, up_to_id, deliverer.lease_batches)
+        self.paused = False
+        self.alone = False  # ``solo`` said True at the calling thread's last batch: helpers end
+        self.ended = False  # the calling thread's loop ended (nothing more for it): helpers end
+
+    def go(self) -> DeliveryStats:
+        """Run the pass in the calling thread and wait for its helpers (``deliver_pass``)."""
+        try:
+            self.run(True)
+        except BaseException:
+            # The caller is leaving (Ctrl-C, a signal handler's exit, an error of its own): the
+            # helpers end after the batch they have in flight instead of sending the whole
+            # backlog first, and what they did not send stays in the queue.
+            self.paused = True
+            raise
+        finally:
+            # The pass ends with its own thread's loop: the helpers end after their batch in
+            # flight. Left to go on, they never ended while a caller kept appending (every
+            # batch full), and the background flusher waited for them: no new look at its
+            # backlog, no helpers started again, delivery stuck at the few that ran. One
+            # already holds for its next batch, it still sends (``winding_down``).
+            self.ended = True
+            with self.finished:
+                self.finished.wait_for(lambda: self.running == 0)
+        if self.failures:
+            raise self.failures[0]
+        return self.total
+
+    def winding_down(self) -> bool:
         """The pass's own thread ended its loop normally (not paused, stopped, past its
         deadline nor interrupted): a helper still sends the batch it holds."""
         return (
-            ended[0]
-            and not paused[0]
-            and not (stop is not None and stop.is_set())
-            and (not passed(deadline))
+            self.ended
+            and not self.paused
+            and not (self.stop is not None and self.stop.is_set())
+            and (not passed(self.deadline))
         )
 
-    def done() -> bool:
-        return paused[0] or ended[0] or (stop is not None and stop.is_set()) or passed(deadline)
+    def done(self) -> bool:
+        return (
+            self.paused
+            or self.ended
+            or (self.stop is not None and self.stop.is_set())
+            or passed(self.deadline)
+        )
 
-    def spawn(lease: Lease, busy: bool) -> None:
+    def spawn(self, lease: Lease, busy: bool) -> None:
         """Start helpers up to what the window has room for (asked before each batch of
         the calling thread: helpers that another pass ran and ended leave room)."""
-        if count == 1 or running[0] >= count - 1 or len(lease) < deliverer.batch_messages:
+        if (
+            self.count == 1
+            or self.running >= self.count - 1
+            or len(lease) < self.deliverer.batch_messages
+        ):
             return
-        window = deliverer.window(lease)
+        window = self.deliverer.window(lease)
         if window.helpers >= window.max_in_flight - 1:
             return  # other passes' helpers fill the window (read without its lock: a hint)
         if not window.latency_bound:
             if EXIT_REFUSES_THREADS:
                 # A backlog now may be an exit later, which could start no thread.
-                prestart_helpers(count - 1)
+                prestart_helpers(self.count - 1)
             return  # a fast server, or none measured yet: one at a time is quickest
         now = time.monotonic()
-        if now - looked[0] < _TOP_UP_EVERY:
+        if now - self.looked < _TOP_UP_EVERY:
             return
         if busy:
             return  # the caller keeps appending (``solo``): helpers would take its GIL
-        looked[0] = now
+        self.looked = now
         # As many threads as the round trip needs, not always ``count``: a loaded machine
         # makes loopback look slow enough to pipeline, and 32 threads then fought over the
         # GIL and the write lock for a 2 ms round trip (the window still caps them all).
         # Nor more than the queue's stored window has slots, nor than the window leaves
         # beside the helpers other passes of this process run.
-        want = _helpers_for(queue, lease, min(count, window.depth())) - running[0]
+        want = _helpers_for(self.queue, lease, min(self.count, window.depth())) - self.running
         granted = window.reserve_helpers(want)
         # Of those, the helpers that run or will run: each counts itself out when it ends,
         # the window gets the others back here. Also when ``run_beside`` raises: Ctrl-C
@@ -140,27 +215,27 @@ def deliver_pass(
         try:
             while handed < granted:
                 claim = [False]  # taken by the helper when it starts, or by this thread
-                with lock:
-                    running[0] += 1
+                with self.lock:
+                    self.running += 1
                 started = False
                 try:
-                    started = run_beside(functools.partial(guarded, window, claim))
+                    started = run_beside(functools.partial(self.guarded, window, claim))
                 finally:
-                    with lock:
+                    with self.lock:
                         if started or claim[0]:
                             handed += 1
                         else:
                             claim[0] = True  # not started, or taken back before it ran
-                            running[0] -= 1
+                            self.running -= 1
                 if not started:
                     return  # no thread can start (interpreter exit): go on with those we have
         finally:
             if handed < granted:
                 window.helpers_done(granted - handed)
 
-    def run(first: bool) -> None:
-        full = deliverer.batch_messages * deliverer.lease_batches
-        lease = None if done() or (not first and alone[0]) else lease_next()
+    def run(self, first: bool) -> None:
+        full = self.deliverer.batch_messages * self.deliverer.lease_batches
+        lease = None if self.done() or (not first and self.alone) else self.lease_next()
         final = False  # this batch is the thread's last: none is leased to follow it
         # The calling thread keeps a second request in flight while no helper runs: it
         # sends the batch after ``lease`` before it reads ``lease``'s answer, so the server
@@ -185,45 +260,52 @@ def deliver_pass(
                     # could start: helpers started while the caller paused stop once it
                     # appends again (their CPU is not in the flusher's share, which
                     # counts this thread's only), not when this thread's slice runs out.
-                    busy = solo is not None and solo()
-                    alone[0] = busy
-                    spawn(lease, busy)
+                    busy = self.solo is not None and self.solo()
+                    self.alone = busy
+                    self.spawn(lease, busy)
                 # The background flusher yielding to its caller: this batch is the pass's
                 # last (none is leased to follow it), and the helpers stop after theirs.
-                last = first and pause is not None and pause()
+                last = first and self.pause is not None and self.pause()
                 if last:
-                    paused[0] = True
+                    self.paused = True
                 # A full batch (or any, but for the background flusher) is followed by the
                 # next, leased in the transaction of its ack: one queue commit per batch.
                 follow = (
-                    None if last or final or (full_only and len(lease) < full) else Follow(*asked)
+                    None
+                    if last or final or (self.full_only and len(lease) < full)
+                    else Follow(*self.asked)
                 )
-                if first and follow is not None and then_sent is None and sends_ahead(lease, full):
+                if (
+                    first
+                    and follow is not None
+                    and then_sent is None
+                    and self.sends_ahead(lease, full)
+                ):
                     # As the pipeline starts, and again while a batch waits unsent (the
                     # window was full when it was leased: another pass's requests, or a
                     # window halved by a 429) once there is room again.
                     if sent is None:
-                        sent = send_ahead(deliverer, lease, deadline=deadline)
+                        sent = send_ahead(self.deliverer, lease, deadline=self.deadline)
                     if sent is not None:
                         if then is None:
-                            then = lease_next()  # as the pipeline starts; then by ``follow``
+                            then = self.lease_next()  # as the pipeline starts; then by ``follow``
                         if then is not None:
-                            then_sent = send_ahead(deliverer, then, deadline=deadline)
+                            then_sent = send_ahead(self.deliverer, then, deadline=self.deadline)
                 # One statement (no interrupt lands between its stores): ``deliver`` settles
                 # the lease and what was sent of it once it has taken them (``Ahead.taken``).
                 ahead, sent, mine = sent, None, False
-                stats = deliverer.deliver(
+                stats = self.deliverer.deliver(
                     lease,
-                    deadline=deadline,
-                    stop=stop,
+                    deadline=self.deadline,
+                    stop=self.stop,
                     follow=follow,
                     ahead=ahead,
                     quick=quick,
                 )
-                with lock:
-                    total.add(stats)
-                if progress is not None and stats.sent:
-                    progress(stats.sent)
+                with self.lock:
+                    self.total.add(stats)
+                if self.progress is not None and stats.sent:
+                    self.progress(stats.sent)
                 if final:
                     return
                 taken = follow is not None and follow.taken
@@ -237,53 +319,53 @@ def deliver_pass(
                     lease, sent, then, then_sent = then, then_sent, None, None
                     mine = True
                     if nxt is not None:
-                        if quick and not done() and not last:
+                        if quick and not self.done() and not last:
                             then = nxt
                             # Never ahead of a batch still to send: that one waits for a
                             # slot of the window (``acquire``), and the slot taken here
                             # could be the one it waits for, held by this very thread.
-                            if sent is not None and sends_ahead(nxt, full):
-                                then_sent = send_ahead(deliverer, nxt, deadline=deadline)
+                            if sent is not None and self.sends_ahead(nxt, full):
+                                then_sent = send_ahead(self.deliverer, nxt, deadline=self.deadline)
                         else:
                             follow = None
-                            deliverer.give_back(nxt)
-                    if sent is None and (done() or not quick):
+                            self.deliverer.give_back(nxt)
+                    if sent is None and (self.done() or not quick):
                         # Not on the wire: handed back when the pass ends (``done`` may have
                         # turned since it was asked above: what the ack leased goes back
                         # too), or when the batch before failed for good: its destination
                         # backs off now, and the next lease skips it.
                         mine = False
-                        deliverer.give_back(lease)
+                        self.deliverer.give_back(lease)
                         if then is not None:
                             leased, then = then, None
-                            deliverer.give_back(leased)
-                        if done():
+                            self.deliverer.give_back(leased)
+                        if self.done():
                             return
-                        lease, quick = lease_next(), True
+                        lease, quick = self.lease_next(), True
                         mine = lease is not None
                     continue
                 quick = True
                 # A failing destination is now in backoff, so the next lease skips it and
                 # the pass ends once only such messages are left.
                 if (
-                    (full_only and len(lease) < full)
+                    (self.full_only and len(lease) < full)
                     # The destination turned out fast (a slow round trip or two were the
                     # GIL's or the CPU's, not the network's): extra threads would only
                     # contend for the GIL and the queue's write lock, so this helper stops.
-                    or (not first and not deliverer.window(lease).latency_bound)
-                    or done()
-                    or (not first and alone[0])  # the caller appends again (``solo``)
+                    or (not first and not self.deliverer.window(lease).latency_bound)
+                    or self.done()
+                    or (not first and self.alone)  # the caller appends again (``solo``)
                 ):
-                    if nxt is not None and taken and not first and winding_down():
+                    if nxt is not None and taken and not first and self.winding_down():
                         # Leased in this batch's ack when the pass's own thread had just
                         # found nothing more: sent rather than handed back for another pass.
                         lease, final, mine = nxt, True, True
                         continue
                     if nxt is not None:
                         follow = None
-                        deliverer.give_back(nxt)
+                        self.deliverer.give_back(nxt)
                     return
-                lease = nxt if taken else lease_next()
+                lease = nxt if taken else self.lease_next()
                 mine = lease is not None
         except BaseException:
             # Sent ahead and not settled: their connections are dropped and their leases
@@ -291,61 +373,42 @@ def deliver_pass(
             # Leased and not sent: handed back as they were.
             for pending in (sent, then_sent, None if ahead is None or ahead.taken else ahead):
                 if pending is not None:
-                    drop_ahead(deliverer, pending)
+                    drop_ahead(self.deliverer, pending)
             unsent = [then if then_sent is None else None, lease if mine and not sent else None]
             if follow is not None and follow.lease is not lease and follow.lease is not then:
                 unsent.append(follow.lease)
             for held in unsent:
                 if held is not None:
-                    deliverer.give_back(held)
+                    self.deliverer.give_back(held)
             raise
 
-    def sends_ahead(lease: Lease, full: int) -> bool:
+    def sends_ahead(self, lease: Lease, full: int) -> bool:
         """Whether the calling thread sends the batch after ``lease`` before it reads
         ``lease``'s answer: a full batch (a backlog), more than one request allowed in
         flight, no helper of this pass running (they pipeline instead), the pass going on."""
-        return count > 1 and running[0] == 0 and len(lease) >= full and not done()
+        return self.count > 1 and self.running == 0 and len(lease) >= full and not self.done()
 
-    def lease_next() -> Lease | None:
-        return deliverer.lease_next(
-            destination=destination, up_to_id=up_to_id, batches=deliverer.lease_batches
+    def lease_next(self) -> Lease | None:
+        return self.deliverer.lease_next(
+            destination=self.destination,
+            up_to_id=self.up_to_id,
+            batches=self.deliverer.lease_batches,
         )
 
-    def guarded(window: Window, claim: list[bool]) -> None:
-        with lock:
+    def guarded(self, window: Window, claim: list[bool]) -> None:
+        with self.lock:
             if claim[0]:
                 return  # taken back by ``spawn`` (interrupted) before it ran: not counted
             claim[0] = True
         try:
-            run(False)
+            self.run(False)
         except BaseException as exc:  # re-raised in the caller's thread
-            failures.append(exc)
+            self.failures.append(exc)
         finally:
             window.helpers_done()
-            with finished:
-                running[0] -= 1
-                finished.notify_all()
-
-    try:
-        run(True)
-    except BaseException:
-        # The caller is leaving (Ctrl-C, a signal handler's exit, an error of its own): the
-        # helpers end after the batch they have in flight instead of sending the whole
-        # backlog first, and what they did not send stays in the queue.
-        paused[0] = True
-        raise
-    finally:
-        # The pass ends with its own thread's loop: the helpers end after their batch in
-        # flight. Left to go on, they never ended while a caller kept appending (every
-        # batch full), and the background flusher waited for them: no new look at its
-        # backlog, no helpers started again, delivery stuck at the few that ran. One
-        # already holds for its next batch, it still sends (``winding_down``).
-        ended[0] = True
-        with finished:
-            finished.wait_for(lambda: running[0] == 0)
-    if failures:
-        raise failures[0]
-    return total
+            with self.finished:
+                self.running -= 1
+                self.finished.notify_all()
 
 
 def send_ahead(
