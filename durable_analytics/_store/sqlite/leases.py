@@ -172,6 +172,10 @@ def take(
     return Lease(token, dest, tuple(ids), tuple(bodies), attempts, mono_expires, int(row[4]))
 
 
+#: Rows of batches in flight a lease's first page reads beyond its own (two of 20).
+_COVERED = 40
+
+
 def _always() -> bool:
     return True
 
@@ -205,9 +209,10 @@ def _pick(
     # in pages of ~100 so that the bytes budget stops it before it reads thousands of bodies.
     page = min(max_messages, 100) + 1
     # The first page also covers a few batches in flight (the oldest messages, read and
-    # skipped): with one or two batches out, as a delivery pass keeps them, the batch comes
-    # from one statement instead of two.
-    first = page + min(len(leased), 2 * page)
+    # skipped): with one or two batches of ``flush_at`` out, as a delivery pass keeps them,
+    # the batch comes from one statement instead of two. At most ``_COVERED`` rows more, so
+    # that a page of large messages stays about a page.
+    first = page + min(len(leased), _COVERED)
     while True:
         asked = first if after == 0 else page
         rows = bydest.rows_with_bodies(conn, dest_id, (top, now_wall, horizon), asked, mark, after)
