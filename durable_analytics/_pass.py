@@ -169,6 +169,8 @@ class _Pass:
         )
 
     def done(self) -> bool:
+        """Whether the pass is over for new batches: paused, ended, stopped or past its
+        deadline."""
         return (
             self.paused
             or self.ended
@@ -234,6 +236,8 @@ class _Pass:
                 window.helpers_done(granted - handed)
 
     def run(self, first: bool) -> None:
+        """One thread's loop: lease, send, settle, until nothing is ready or ``done``
+        (``first``: the calling thread's, which starts helpers and sends ahead)."""
         full = self.deliverer.batch_messages * self.deliverer.lease_batches
         lease = None if self.done() or (not first and self.alone) else self.lease_next()
         final = False  # this batch is the thread's last: none is leased to follow it
@@ -389,6 +393,7 @@ class _Pass:
         return self.count > 1 and self.running == 0 and len(lease) >= full and not self.done()
 
     def lease_next(self) -> Lease | None:
+        """The next batch of what the pass was asked for (its own transaction)."""
         return self.deliverer.lease_next(
             destination=self.destination,
             up_to_id=self.up_to_id,
