@@ -22,6 +22,7 @@ from durable_analytics import Client
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import journal as journal_module
 from durable_analytics._store.sqlite import journal_moves
+from durable_analytics._store.sqlite import spool as spool_module
 from durable_analytics._store.sqlite.journal import encode, names_of, parse
 from durable_analytics._store.sqlite.spool import spool_dir
 from durable_analytics.testing import Collector
@@ -187,6 +188,82 @@ def test_the_bound_sends_calls_to_the_file_until_moves_free_the_journal(
     client.queue.move_spools()
     assert in_file(queue_path) == Counter(ids + more)
     client.close(timeout=0)
+
+
+@pytest.mark.parametrize("outlet", ["journal", "spool", "refresh due"])
+def test_a_signal_handlers_call_inside_a_waiting_call_is_stored_past_the_bound_at_once(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch, outlet: str
+) -> None:
+    """A call waits for the write lock (its journal at the bound and its spool full, or the
+    estimates of the file's size due to be measured; another thread holding the lock); a
+    signal handler's call on that thread does not wait behind it but journals past the
+    bound (or, with the journal off, spools past the spool's).
+    Before, each handler's call waited too, inside the one it interrupted: a storm of
+    signals nested deeper with every signal, until a RecursionError (CI, 1,500 signals a
+    second beside a flusher thread)."""
+    if outlet != "refresh due":
+        monkeypatch.setattr(journal_module, "MOST_JOURNALED", 0)
+        monkeypatch.setattr(spool_module, "MOST_SPOOLED", 0)
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    client.track("u", "first")  # the destination and the queue's connection exist
+    journal = client.queue._spools.journal
+    assert journal is not None
+    if outlet == "spool":
+        journal.off = True
+    appender = client.queue._appender
+    lock = client.queue._db.write_lock
+    held = threading.Event()
+    release = threading.Event()
+    seen: dict[str, object] = {}
+
+    def holder() -> None:
+        with lock:
+            held.set()
+            release.wait(10)
+
+    def on_usr1(signum: int, frame: object) -> None:
+        seen["ok"] = client.track("u", "handler")[0]
+        seen["while_held"] = not release.is_set()
+
+    def signal_then_release() -> None:
+        time.sleep(0.1)  # the main thread waits for the lock by now
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.3)
+        release.set()
+
+    previous = signal.signal(signal.SIGUSR1, on_usr1)
+    try:
+        threading.Thread(target=holder, daemon=True).start()
+        assert held.wait(5)
+        threading.Thread(target=signal_then_release, daemon=True).start()
+        if outlet == "refresh due":
+            # This call measures the file for the caps, inside a write transaction (a drop
+            # to record: no measuring by a read first): it waits for the lock.
+            appender.since_refresh = appender.refresh_every
+            appender.unsaved_drops = 1
+        ok, _ = client.track("u", "waiting")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert ok
+    assert seen["ok"] is True
+    assert seen["while_held"] is True  # it returned while the lock was still held
+    spooled = list(spool_dir(queue_path).glob("*.db"))
+    assert bool(spooled) == (outlet == "spool")
+    client.queue.move_spools()
+    assert Counter(m["event"] for m in _bodies_in_file(queue_path)) == {
+        "first": 1,
+        "waiting": 1,
+        "handler": 1,
+    }
+    client.close(timeout=0)
+
+
+def _bodies_in_file(path: Path) -> list[dict[str, object]]:
+    conn = sqlite3.connect(path)
+    try:
+        return [json.loads(r[0]) for r in conn.execute("SELECT body FROM messages")]
+    finally:
+        conn.close()
 
 
 def test_a_journal_rotates_and_a_worker_deletes_a_live_owners_sealed_files(

@@ -217,15 +217,22 @@ class Appender:
         room = min(self.max_queue_bytes - used, self._disk_free - _LOW_DISK_BYTES) // _REFRESH_SHARE
         self.refresh_every = max(_REFRESH_BYTES, min(_REFRESH_MOST, room))
 
-    def fast(self, size: int) -> bool:
-        """Whether an append of ``size`` bytes may skip measuring the file for the caps."""
+    def fast(self, size: int, *, stale_ok: bool = False) -> bool:
+        """Whether an append of ``size`` bytes may skip measuring the file for the caps.
+
+        ``stale_ok``: even when the estimates are due to be measured again (not near a
+        cap): a signal handler's call inside a call of its own thread that waits to measure
+        them (``Spools.append``)."""
         cap = self.max_queue_size
         return not (
-            self.since_refresh >= self.refresh_every
+            (self.since_refresh >= self.refresh_every and not stale_ok)
             or self.est_used + size + _EXACT_ZONE > self.max_queue_bytes
             or (
                 cap is not None
-                and (self.since_count >= _REFRESH_COUNT or self.est_count + _COUNT_ZONE >= cap)
+                and (
+                    (self.since_count >= _REFRESH_COUNT and not stale_ok)
+                    or self.est_count + _COUNT_ZONE >= cap
+                )
             )
         )
 

@@ -244,9 +244,15 @@ class Journal:
         self._names: dict[tuple[str, str], bytes] = {}
         self._looked = 0.0
 
-    def append(self, names: tuple[str, str], body: bytes, when: float) -> int | None:
+    def append(
+        self, names: tuple[str, str], body: bytes, when: float, *, past_bound: bool = False
+    ) -> int | None:
         """Journal one call; the offset after its record (> 0), or None: the caller stores
-        it elsewhere (journal off or at its bound, another thread's turn, a full disk)."""
+        it elsewhere (journal off or at its bound, another thread's turn, a full disk).
+
+        ``past_bound``: journal it even past ``MOST_JOURNALED`` (a signal handler's call
+        inside a call of its own thread that waits for the queue's lock, see
+        ``Spools.append``)."""
         prefix = self._names.get(names)
         if prefix is None:
             prefix = self._names[names] = names_of(*names)
@@ -256,7 +262,9 @@ class Journal:
         if owned(lock) or not lock.acquire(timeout=LOCAL_WAIT):
             return None
         try:
-            if self.off or (self._held() >= MOST_JOURNALED and not self._shrunk()):
+            if self.off or (
+                not past_bound and self._held() >= MOST_JOURNALED and not self._shrunk()
+            ):
                 return None
             if (self.fd_box[0] < 0 or self._size >= ROTATE_BYTES) and not self._next_file():
                 return None

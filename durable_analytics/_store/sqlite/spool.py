@@ -189,6 +189,9 @@ class Spools(SpoolMoves):
         self._counted_at = -math.inf  # when the spools were last counted (``spoolers``)
         self._moving = threading.RLock()
         self._creating = threading.RLock()
+        #: Threads inside a call that waits for the queue file's lock, with how many such
+        #: calls each (a signal handler's call nests inside the one it interrupted).
+        self._waiting: dict[int, int] = {}
         _registry.add(self)
 
     # ---------------------------------------------------------------- appending
@@ -202,36 +205,55 @@ class Spools(SpoolMoves):
         when = time.time() if enqueued_at is None else enqueued_at
         size = len(body)
         journal = self.journal
+        me = threading.get_ident()
+        # A signal handler's call inside a call of this thread that waits for the queue's
+        # lock journals (or spools) even past the bound, and when the estimates of the
+        # file's size are due to be measured (the waiting call does that): waiting too,
+        # each handler's call nested inside the one before, and a storm of signals during
+        # one long wait ended in a RecursionError.
+        nested = me in self._waiting
         if (
             journal is not None
             and not journal.off
             # A child forked while its parent was inside an operation refuses the file
             # (``Connections._open``): its calls raise at once, none journaled unseen.
             and not forks.inherited_open(queue._db.real)
-            and self._may_hold(queue, size)
+            and self._may_hold(queue, size, nested)
         ):
             names = queue._dest_names.get(dest_id)
-            end = None if names is None else journal.append(names, body, when)
+            end = None if names is None else journal.append(names, body, when, past_bound=nested)
             if end is not None:
                 appender.count_stored(size)
                 return -end
         row_id = appender.try_append(dest_id, body, when)
         if row_id is not None:
             return row_id
-        if self._may_hold(queue, size):
+        if self._may_hold(queue, size, nested):
             names = queue._dest_names.get(dest_id)
-            spooled = self.try_append(queue, dest_id, names, body, when)
+            spooled = self.try_append(queue, dest_id, names, body, when, past_bound=nested)
             if spooled is not None:
                 appender.count_stored(size)
                 return spooled
-        return appender.append(dest_id, body, when)
+        waiting = self._waiting
+        waiting[me] = waiting.get(me, 0) + 1
+        try:
+            return appender.append(dest_id, body, when)
+        finally:
+            # Only this thread (and its signal handlers, which return first) touch its entry.
+            left = waiting.get(me, 1) - 1
+            if left:
+                waiting[me] = left
+            else:
+                waiting.pop(me, None)
 
-    def _may_hold(self, queue: SqliteQueue, size: int) -> bool:
+    def _may_hold(self, queue: SqliteQueue, size: int, nested: bool = False) -> bool:
         """Whether a message of ``size`` bytes may wait outside the file (a journal, a spool):
-        the fast path, no count cap, and ``SPOOL_MARGIN`` per holding process left."""
+        the fast path (``nested``: also when the estimates are due to be measured, which the
+        waiting call it interrupted is about to do), no count cap, and ``SPOOL_MARGIN`` per
+        holding process left."""
         appender = queue._appender
         return (
-            appender.fast(size)
+            appender.fast(size, stale_ok=nested)
             and appender.max_queue_size is None
             and appender.est_used + size + SPOOL_MARGIN * self.spoolers()
             <= appender.max_queue_bytes
@@ -266,11 +288,14 @@ class Spools(SpoolMoves):
         names: tuple[str, str] | None,
         body: bytes,
         when: float,
+        *,
+        past_bound: bool = False,
     ) -> int | None:
         """Store one message in this process's spool without waiting; None if it cannot.
 
         ``names`` is the destination's (host, write key). Returns the spool row's id,
-        negated (a queue row id is positive).
+        negated (a queue row id is positive). ``past_bound``: even past ``MOST_SPOOLED``
+        (a signal handler's call inside a waiting call, as for the journal).
         """
         own = self._own
         if (
@@ -281,7 +306,11 @@ class Spools(SpoolMoves):
             or owned(self._creating)
         ):
             return None
-        if self.last_spooled - self.moved_upto >= MOST_SPOOLED and not self._moved_elsewhere(queue):
+        if (
+            not past_bound
+            and self.last_spooled - self.moved_upto >= MOST_SPOOLED
+            and not self._moved_elsewhere(queue)
+        ):
             return None
         try:
             if own is None:
@@ -428,6 +457,7 @@ class Spools(SpoolMoves):
         if self.journal is not None:
             self.journal.close_after_fork()
         self._dests = {}
+        self._waiting = {}  # the parent's threads' waits (only the forking thread lives on)
         self.last_spooled = self.moved_upto = 0
         self._others = {}
         self._scanned = -math.inf
