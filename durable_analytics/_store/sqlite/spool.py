@@ -19,11 +19,11 @@ transaction that inserts a chunk of rows into the queue also records, in the que
 ``counters`` table (``spool:<name>``), the id of the last row it moved; the next move starts
 after it, and only then are the moved rows deleted from the spool (the moves are
 ``spool_moves.py``'s and ``journal_moves.py``'s: ``Spools`` inherits them from
-``SpoolMoves``). A mover killed between
-the two commits leaves rows that no later move takes again; two movers serialize on the
-queue's write lock and each starts after the other's record. The spool's newest moved row is
-kept: ids of a table without AUTOINCREMENT start again after the largest one left, and a new
-row must never get an id at or below the record.
+``SpoolMoves``). A mover killed between the two commits leaves rows that no later move
+takes again; two movers serialize on the queue's write lock and each starts after the
+other's record. The spool's newest moved row is kept: ids of a table without AUTOINCREMENT
+start again after the largest one left, and a new row must never get an id at or below the
+record.
 
 A spool's owner holds an exclusive ``flock`` on ``<name>.lock`` while its queue object
 lives. A mover that can take that lock knows the owner is gone: once everything was moved
