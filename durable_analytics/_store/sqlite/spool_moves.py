@@ -16,6 +16,7 @@ the appends of this process.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sqlite3
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from durable_analytics.exceptions import QueueBusy, QueueError
 
 from .journal import SUFFIX, Journal, owner_of
-from .journal_moves import JournalMoves, logger
+from .journal_moves import JournalMoves
 from .move_records import RECORD, commit_chunk, owner_gone, record_of
 from .waits import owned
 
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from .spool import SpoolOpener
 
 __all__ = ["BUSY_RETRY", "MOVE_ROWS", "OTHERS_WAIT", "SCAN_EVERY", "SpoolMoves"]
+
+logger = logging.getLogger("durable_analytics.queue")
 
 #: Rows moved into the queue per transaction (appends wait for at most one chunk).
 MOVE_ROWS = 256
