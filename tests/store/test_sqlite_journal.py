@@ -225,8 +225,14 @@ def test_a_signal_handlers_call_inside_a_waiting_call_is_stored_past_the_bound_a
         seen["ok"] = client.track("u", "handler")[0]
         seen["while_held"] = not release.is_set()
 
+    main = threading.get_ident()
+    spools = client.queue._spools
+
     def signal_then_release() -> None:
-        time.sleep(0.1)  # the main thread waits for the lock by now
+        # Once the main thread's call waits for the lock (it counts itself waiting then).
+        deadline = time.monotonic() + 10
+        while main not in spools._waiting and time.monotonic() < deadline:
+            time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.3)
         release.set()
