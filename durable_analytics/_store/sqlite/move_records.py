@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .dead_letters import ROW_OVERHEAD, used_bytes
+from .schema import INSERT, destination_in
 
 if TYPE_CHECKING:
     from .queue import SqliteQueue
@@ -28,7 +29,6 @@ __all__ = [
     "RECORD",
     "RECORD_SET",
     "commit_chunk",
-    "dest_in",
     "insert_moved",
     "owner_gone",
     "record_of",
@@ -54,24 +54,9 @@ def insert_moved(
         key = (str(host), str(write_key))
         dest = known.get(key)
         if dest is None:
-            dest = known[key] = dest_in(conn, *key)
+            dest = known[key] = destination_in(conn, *key)
         batch.append((dest, body, size, when))
-    conn.executemany(
-        "INSERT INTO messages (dest, body, size, enqueued_at) VALUES (?, ?, ?, ?)", batch
-    )
-
-
-def dest_in(conn: sqlite3.Connection, host: str, write_key: str) -> int:
-    """The queue's id of a destination, created if new (inside the caller's transaction)."""
-    row = conn.execute(
-        "SELECT id FROM destinations WHERE host = ? AND write_key = ?", (host, write_key)
-    ).fetchone()
-    if row is not None:
-        return int(row[0])
-    cur = conn.execute(
-        "INSERT INTO destinations (host, write_key) VALUES (?, ?)", (host, write_key)
-    )
-    return int(cur.lastrowid or 0)
+    conn.executemany(INSERT, batch)
 
 
 def commit_chunk(

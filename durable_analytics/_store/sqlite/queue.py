@@ -44,7 +44,7 @@ from .files import narrow_modes, prepare_path
 from .journal_moves import MOVE_BUDGET
 from .reads import QueueReads
 from .recovery import Recovery, RecoveryReport
-from .schema import CLEAR_BACKOFF
+from .schema import CLEAR_BACKOFF, destination_in
 from .spool import Spools, open_spool
 from .waits import Waits
 from .wal import Checkpoints, WalBudget
@@ -256,18 +256,11 @@ class SqliteQueue(QueueReads):
             ).fetchone()
             return None if row is None else int(row[0])
 
-        def find_or_create(conn: sqlite3.Connection) -> int:
-            found = find(conn)
-            if found is not None:
-                return found
-            cur = conn.execute("INSERT INTO destinations (host, write_key) VALUES (?, ?)", key)
-            return int(cur.lastrowid or 0)
-
         # A known one (never deleted) is read without the write lock: building a Client does
         # not wait for a lock holder, even one stopped inside a write transaction.
         dest_id = self._db.read(find)
         if dest_id is None:
-            dest_id = self._db.write(find_or_create)
+            dest_id = self._db.write(lambda conn: destination_in(conn, host, write_key))
         self._dest_cache[key] = dest_id
         self._dest_names[dest_id] = key
         return dest_id

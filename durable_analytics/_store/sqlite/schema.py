@@ -157,3 +157,16 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def destination_in(conn: sqlite3.Connection, host: str, write_key: str) -> int:
+    """The id of a destination, created if new (inside the caller's write transaction)."""
+    row = conn.execute(
+        "SELECT id FROM destinations WHERE host = ? AND write_key = ?", (host, write_key)
+    ).fetchone()
+    if row is not None:
+        return int(row[0])
+    cur = conn.execute(
+        "INSERT INTO destinations (host, write_key) VALUES (?, ?)", (host, write_key)
+    )
+    return int(cur.lastrowid or 0)
