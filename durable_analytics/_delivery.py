@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import _delivery_log
 from ._metrics import delivery_counters
-from ._pipeline import Ticket, Window, keep_leased, stop_keeping, window_for
+from ._pipeline import Ticket, Window, keep_leased, still_held, stop_keeping, window_for
 from ._quick_retry import DEADLINE_PASSED, GATED, QuickRetries, post
 from ._reports import kept_error, message_id, rejected_error, report, report_until
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
@@ -340,6 +340,12 @@ class Deliverer:
                     ticket = ahead.ticket
                 try:
                     slot_unowned = False
+                    if ahead is None and not still_held(self.queue, lease):
+                        # Expired while it waited and leased again (see ``still_held``):
+                        # its messages are another lease's now; sent, they would be a
+                        # duplicate without a fault. Nothing of it is ours to settle.
+                        log.debug("a batch's lease ran out before it was sent; not sent")
+                        return stats
                     parts = self.batches(lease)
                     for n, part in enumerate(parts):
                         if n and stop is not None and stop.is_set():

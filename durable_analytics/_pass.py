@@ -22,6 +22,7 @@ from ._pipeline import (
     keep_leased_from_now,
     prestart_helpers,
     run_beside,
+    still_held,
     stop_keeping,
 )
 from ._store import Lease, QueueBackend
@@ -439,6 +440,15 @@ def send_ahead(
         return None
     ticket = window.try_acquire(deliverer.max_in_flight)
     if ticket is None:
+        return None
+    try:
+        held = still_held(deliverer.queue, lease)
+    except BaseException:
+        window.release()
+        raise
+    if not held:
+        # Not sent: ``Deliverer.deliver`` finds it lost too and sends nothing.
+        window.release()
         return None
     keep_leased_from_now(deliverer.queue, lease)
     started: Started | None = None

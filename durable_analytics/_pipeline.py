@@ -35,6 +35,7 @@ __all__ = [
     "keep_leased_from_now",
     "prestart_helpers",
     "run_beside",
+    "still_held",
     "stop_keeping",
     "window_for",
     "windows",
@@ -299,7 +300,12 @@ class _Keeper:
     def add(self, queue: QueueBackend, lease: Lease) -> None:
         with self._cond:
             now = time.monotonic()
-            self._held[lease.token] = (queue, lease, now)
+            held = self._held.get(lease.token)
+            # Extended a third of the lease after it was last set: when the lease was taken
+            # for one not kept yet (``lease_taken_at``; it may have waited, leased ahead of
+            # a batch still being sent), not when the keeping starts.
+            at = held[2] if held is not None else min(now, lease_taken_at(queue, lease))
+            self._held[lease.token] = (queue, lease, at)
             if self._thread is None or not self._thread.is_alive():
                 thread = threading.Thread(
                     target=self._run, name="durable-analytics-lease-keeper", daemon=True
@@ -311,7 +317,7 @@ class _Keeper:
                     # lives its lease_timeout, which is never shorter than a request.
                     return
                 self._thread = thread
-            elif now + max(0.01, queue.lease_timeout / 3) < self._wake_at:
+            elif at + max(0.01, queue.lease_timeout / 3) < self._wake_at:
                 # Woken only when this lease is due before the keeper looks again: a wake-up
                 # per request would cost the delivering threads a GIL switch each.
                 self._cond.notify_all()
@@ -367,6 +373,28 @@ def keep_leased(queue: QueueBackend, lease: Lease) -> Iterator[None]:
         yield
     finally:
         _keeper.remove(lease)
+
+
+def lease_taken_at(queue: QueueBackend, lease: Lease) -> float:
+    """When ``lease`` was taken (monotonic): its first expiry less ``lease_timeout``."""
+    return lease.expires_monotonic - queue.lease_timeout
+
+
+def still_held(queue: QueueBackend, lease: Lease) -> bool:
+    """Whether ``lease`` is still this holder's, right before its batch is sent.
+
+    A lease taken a while ago and not kept meanwhile (leased ahead of a batch whose quick
+    retries ran long, or waiting for a slot of a full window) may have expired and had its
+    messages leased again, by another holder or by this pass's next lease: sending it then
+    is a duplicate without a fault. Past a third of ``lease_timeout`` (when the keeper
+    would have extended it) the queue is asked, with ``extend`` (fenced by the token): it
+    renews the lease if it is still this holder's, and answers False if it is not. A
+    younger lease is sent as it is: the keeper extends it before it can expire.
+    """
+    age = time.monotonic() - lease_taken_at(queue, lease)
+    if age < queue.lease_timeout / 3:
+        return True
+    return queue.extend(lease)
 
 
 def keep_leased_from_now(queue: QueueBackend, lease: Lease) -> None:

@@ -11,6 +11,7 @@ most two requests of one thread outstanding, and every lease settled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -328,6 +329,89 @@ def test_a_batch_not_yet_sent_goes_back_when_the_one_before_it_failed_for_good(
     assert (stats.sent, stats.kept) == (0, 20)
     assert queue.pending() == 40
     assert queue.stats().leased == 0
+
+
+def test_a_batch_leased_ahead_whose_lease_ran_out_while_it_waited_is_not_sent_twice(
+    queue_path: Path, collector: Collector
+) -> None:
+    """The batch after the one in flight found the window full, so it waits leased and
+    unsent while the one before fails and is retried (0.7 s, past the 0.6 s lease). Its
+    lease runs out, and the ack of the batch before leases the same messages again. The
+    stale lease must not be sent: that would be a duplicate without any fault (every
+    answer was read in time)."""
+    queue = SqliteQueue(queue_path, lease_timeout=0.6)
+    try:
+        collector.script(500)  # the first batch's first request; its retry is answered 200
+        ids = _fill(queue, collector.url, 60)
+        deliverer = Deliverer(
+            queue,
+            _Requests(timeout=0.3),
+            max_in_flight=2,
+            max_retries=3,
+            sleep=lambda _seconds: time.sleep(0.7),
+        )
+        with _another_pass_holds_a_slot(collector.url, 2):
+            stats = deliver_pass(queue, deliverer, deadline=time.monotonic() + 10.0)
+        assert collector.message_ids() == dict.fromkeys(ids, 1)
+        assert collector.requests == 4  # the first batch twice, then one request each
+        assert stats.sent == 60
+        assert queue.pending() == 0
+    finally:
+        queue.close()
+
+
+def test_the_keeper_extends_a_lease_that_waited_a_third_of_its_timeout_at_once(
+    queue_path: Path,
+) -> None:
+    """A lease handed to the keeper late (it waited, leased ahead) is extended a third of
+    the lease after it was taken, not a third after the keeping started: that would be past
+    its expiry."""
+    queue = SqliteQueue(queue_path, lease_timeout=30.0)
+    try:
+        _fill(queue, "http://127.0.0.1:9", 1)
+        lease = queue.lease(20, 500_000)
+        assert lease is not None
+        keeper = _pipeline._Keeper()
+        young = dataclasses.replace(lease, token="young")
+        old = dataclasses.replace(lease, expires_monotonic=time.monotonic() + 15.0)
+        keeper._held = {}  # not started: only the schedule is looked at
+        with keeper._cond:
+            keeper._thread = threading.current_thread()  # so ``add`` starts no thread
+            keeper.add(queue, young)
+            keeper.add(queue, old)
+            due, _wait = keeper._due(time.monotonic())
+        assert [held.token for _q, held in due] == [lease.token]
+    finally:
+        queue.close()
+
+
+def test_a_lease_younger_than_a_third_of_its_timeout_is_sent_without_asking_the_queue(
+    queue_path: Path,
+) -> None:
+    """``still_held`` asks the queue (a transaction) only for a lease that may have run out,
+    and then answers what the queue says: lost once another holder took the messages."""
+    queue = SqliteQueue(queue_path, lease_timeout=30.0)
+    try:
+        _fill(queue, "http://127.0.0.1:9", 1)
+        lease = queue.lease(20, 500_000)
+        assert lease is not None
+        asked: list[str] = []
+        extend = queue.extend
+
+        def counted(held: Any) -> bool:
+            asked.append(held.token)
+            return extend(held)
+
+        queue.extend = counted  # type: ignore[method-assign]
+        assert _pipeline.still_held(queue, lease)
+        assert asked == []
+        old = dataclasses.replace(lease, expires_monotonic=time.monotonic() + 5.0)
+        assert _pipeline.still_held(queue, old)
+        assert asked == [lease.token]
+        queue.ack(lease)
+        assert not _pipeline.still_held(queue, old)
+    finally:
+        queue.close()
 
 
 def test_a_transport_that_overrides_post_sees_every_batch(
