@@ -31,7 +31,7 @@ from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE
 from ._store import QueueBackend, QueueStats, open_queue
 from ._sync import deliver_now
 from ._transport.base import Transport
-from .exceptions import ConfigError, DurableAnalyticsError, QueueBusy
+from .exceptions import ConfigError, DurableAnalyticsError, QueueBusy, ValidationError
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -288,6 +288,7 @@ class Client(ClientCalls, SettingsAttributes):
         meanwhile (this call, the flusher thread, another process): ``sent + dead_lettered +
         pending`` is how many were pending at the call.
         """
+        timeout = call_timeout("flush", timeout)
         if not self._send:
             return FlushResult(0, 0, 0)
         flusher = self._flusher
@@ -372,7 +373,8 @@ class Client(ClientCalls, SettingsAttributes):
         Calls made after ``close()`` are still queued and start a new flusher; without such
         calls the exit handler does nothing more for this client.
         """
-        budget = self.config.shutdown_timeout if timeout is None else timeout
+        checked = call_timeout("close", timeout)
+        budget = self.config.shutdown_timeout if checked is None else checked
         if self._queue is None:
             return self._close(budget)
         # No queue wait of any thread (the flusher's included) outlasts the budget.
@@ -461,3 +463,24 @@ class Client(ClientCalls, SettingsAttributes):
                 self._flusher.stop(0)
         except Exception:
             log.exception("durable-analytics exit handler failed; messages stay queued")
+
+
+def call_timeout(call: str, timeout: object) -> float | None:
+    """``timeout`` of ``flush`` / ``close``: None, or a finite number of seconds >= 0.
+
+    ``ValidationError`` otherwise, at the call: a NaN deadline is never reached and is
+    never past either, so ``flush(timeout=float("nan"))`` against a failing server looped
+    without a pause and never returned; infinity waited on backoffs without end.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValidationError(
+            f"{call}: timeout must be a number of seconds or None, got {type(timeout).__name__}"
+        )
+    if not math.isfinite(timeout) or timeout < 0:
+        raise ValidationError(
+            f"{call}: timeout must be a finite number of seconds >= 0, or None "
+            f"(flush: no deadline), got {timeout!r}"
+        )
+    return float(timeout)

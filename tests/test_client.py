@@ -27,6 +27,7 @@ from durable_analytics import (
     FlushResult,
     QueueStats,
     Track,
+    ValidationError,
 )
 from durable_analytics._config import Config
 from durable_analytics._default import get_client
@@ -270,6 +271,24 @@ def test_exit_is_not_held_by_an_on_error_that_never_returns(
 
 
 # ---------------------------------------------------------------- close
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, "5", True])
+def test_flush_and_close_refuse_a_timeout_that_is_not_finite_seconds_and_keep_the_queue(
+    make_client: Callable[..., Client], timeout: Any
+) -> None:
+    """A NaN deadline is never reached nor passed: ``flush(timeout=nan)`` against a failing
+    server looped without a pause for ever. Such a timeout is refused at the call, a
+    ``ValidationError`` (a ``ValueError``) naming it, and nothing queued is touched."""
+    client = make_client(flusher="none")
+    ids = track_many(client, 3)
+    for call in (client.flush, client.close):
+        with pytest.raises(ValidationError, match="timeout") as raised:
+            call(timeout=timeout)
+        assert isinstance(raised.value, ValueError)
+        assert call.__name__ in str(raised.value)
+    assert client.queue.pending() == len(ids)
+    assert client.flush(timeout=5.0) == FlushResult(len(ids), 0, 0)
 
 
 def test_close_flushes_and_stops_the_flusher_thread(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -165,6 +166,20 @@ def max_in_flight_option(f: F) -> F:
     )(f)
 
 
+class Seconds(click.FloatRange):
+    """A number of seconds in a range, and finite: ``FloatRange`` takes "nan" and "inf",
+    which every comparison with a deadline gets wrong (a drain with ``--timeout nan`` never
+    ended, looping without a pause)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return seconds
+
+
 def lease_timeout_option(request_timeout: str) -> Callable[[F], F]:
     """``--lease-timeout``, passed as ``lease_timeout``.
 
@@ -172,7 +187,7 @@ def lease_timeout_option(request_timeout: str) -> Callable[[F], F]:
     """
     return click.option(
         "--lease-timeout",
-        type=click.FloatRange(min=0, min_open=True),
+        type=Seconds(min=0, min_open=True),
         default=60.0,
         show_default=True,
         metavar="SECONDS",

@@ -11,6 +11,7 @@ from ._app import (
     EXIT_OK,
     EXIT_UNDELIVERED,
     CLIError,
+    Seconds,
     cli,
     setup_logging,
     stop_on_signals,
@@ -47,7 +48,7 @@ def describe(message: dict[str, Any]) -> str:
 )
 @click.option(
     "--delay",
-    type=click.FloatRange(0, 600),
+    type=Seconds(0, 600),
     default=0.0,
     show_default=True,
     metavar="SECONDS",

@@ -21,6 +21,7 @@ from ._app import (
     EXIT_QUEUE,
     EXIT_UNDELIVERED,
     CLIError,
+    Seconds,
     cli,
     common_options,
     json_option,
@@ -55,7 +56,7 @@ from ._output import ProgressLine, count, duration, error_line, one_line, stderr
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(min=0, min_open=True),
     default=None,
     metavar="SECONDS",
     help="Give up after this long; what is left stays queued (exit 1). Default: no limit.",

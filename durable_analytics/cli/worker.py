@@ -14,6 +14,7 @@ from durable_analytics.exceptions import QueueBusy
 
 from ._app import (
     EXIT_OK,
+    Seconds,
     cli,
     common_options,
     lease_timeout_option,
@@ -32,7 +33,7 @@ from ._output import PROG
 @common_options
 @click.option(
     "--poll",
-    type=click.FloatRange(min=0.01),
+    type=Seconds(min=0.01),
     default=0.5,
     show_default=True,
     metavar="SECONDS",
@@ -42,7 +43,7 @@ from ._output import PROG
 @lease_timeout_option(request_timeout="--request-timeout")
 @click.option(
     "--shutdown-timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=5.0,
     show_default=True,
     metavar="SECONDS",
@@ -50,7 +51,7 @@ from ._output import PROG
 )
 @click.option(
     "--flush-interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(min=0, min_open=True),
     default=5.0,
     show_default=True,
     metavar="SECONDS",
@@ -58,7 +59,7 @@ from ._output import PROG
 )
 @click.option(
     "--request-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(min=0, min_open=True),
     default=10.0,
     show_default=True,
     metavar="SECONDS",

@@ -165,6 +165,20 @@ def test_drain_timeout_against_a_hanging_server_exits_1(
     assert pending(queue_path) == 5
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_drain_refuses_a_timeout_that_is_not_a_finite_number_of_seconds(
+    runner: CliRunner, queue_path: Path, collector: Collector, value: str
+) -> None:
+    """click's float ranges take "nan": ``drain --timeout nan`` against a failing server
+    never ended, looping without a pause. Refused as a usage error; nothing is sent."""
+    fill(queue_path, collector.url, 5)
+    result = run(runner, "drain", "--queue", str(queue_path), "--timeout", value)
+    assert result.exit_code == 2
+    assert "not a finite number of seconds" in result.output
+    assert collector.requests == 0
+    assert pending(queue_path) == 5
+
+
 def test_drain_once_lock_exits_0_quietly_when_another_drain_holds_it(
     runner: CliRunner, queue_path: Path, collector: Collector
 ) -> None:
