@@ -28,6 +28,7 @@ from ._delivery import Deliverer, FlushResult, make_deliverer
 from ._drain import deliver_until
 from ._flusher import Flusher, burst_age_for
 from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE
+from ._reports import ReportGate
 from ._store import QueueBackend, QueueStats, open_queue
 from ._sync import deliver_now
 from ._transport.base import Transport
@@ -135,6 +136,7 @@ class Client(ClientCalls, SettingsAttributes):
                 config.host,
             )
         self._lock = threading.RLock()
+        self._report_gate = ReportGate()
         self._calling = threading.local()  # inside _store on this thread (signal handlers)
         self._queue: QueueBackend | None = None
         self._dest = 0
@@ -187,7 +189,10 @@ class Client(ClientCalls, SettingsAttributes):
         return self._queue
 
     def _new_deliverer(self) -> Deliverer:
-        return make_deliverer(self.config, self.queue, self._transport)
+        # One gate for all of this client's deliverers: its on_error calls never overlap.
+        return make_deliverer(
+            self.config, self.queue, self._transport, report_gate=self._report_gate
+        )
 
     def _start(self) -> None:
         """Start the flusher and the exit handler: on the first call, once per process."""
@@ -239,6 +244,7 @@ class Client(ClientCalls, SettingsAttributes):
         # The parent's thread, child process, locks and HTTP sessions do not exist (or are not
         # ours) in a forked child: start fresh on the child's first call.
         self._lock = threading.RLock()
+        self._report_gate = ReportGate()
         self._calling = threading.local()
         self._flusher = None
         self._process = None

@@ -23,7 +23,14 @@ from . import _delivery_log
 from ._metrics import delivery_counters
 from ._pipeline import Ticket, Window, keep_leased, still_held, stop_keeping, window_for
 from ._quick_retry import DEADLINE_PASSED, GATED, QuickRetries, post
-from ._reports import kept_error, message_id, rejected_error, report, report_until
+from ._reports import (
+    ReportGate,
+    kept_error,
+    message_id,
+    rejected_error,
+    report,
+    report_until,
+)
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
 from ._transport.base import Started, Transport
@@ -181,6 +188,7 @@ class Deliverer:
         batch_messages: int | None = None,
         max_rate_limit_duration: float = 1800.0,
         lease_batches: int = LEASE_BATCHES,
+        report_gate: ReportGate | None = None,
     ) -> None:
         self.queue = queue
         #: A ``Retry-After`` up to this long (and inside the quick-retry budget) is waited
@@ -202,8 +210,9 @@ class Deliverer:
         self.lease_batches = max(1, lease_batches)
         self._sleep = sleep
         self._lock = threading.Lock()
-        # on_error is the user's code: never called from two delivery threads at once.
-        self._report_lock = threading.Lock()
+        # on_error is the user's code: never called from two delivery threads at once (a
+        # Client's deliverers share one gate).
+        self._report_gate = ReportGate() if report_gate is None else report_gate
         #: Messages this Deliverer dead-lettered, per destination id (counted just before
         #: the move commits, so whoever sees them gone from the queue sees them counted).
         self.dead_lettered: dict[int, int] = {}
@@ -416,7 +425,7 @@ class Deliverer:
         self, exc: DeliveryError, lease: Lease, idx: list[int], until: float | None = None
     ) -> None:
         """Call ``on_error`` for the messages ``idx`` of ``lease`` (``_reports.report``)."""
-        report(self.on_error, self._report_lock, exc, lease, idx, until)
+        report(self.on_error, self._report_gate, exc, lease, idx, until)
 
     def _send_part(
         self,
@@ -535,12 +544,14 @@ def make_deliverer(
     transport: Transport | None = None,
     *,
     sleep: Callable[[float], None] = time.sleep,
+    report_gate: ReportGate | None = None,
 ) -> Deliverer:
     """A Deliverer for ``queue`` with ``config``'s batch, retry and ``on_error`` settings.
 
     ``transport`` defaults to ``open_transport(config)`` (HTTP with the config's timeout,
     gzip and proxies); pass one to deliver through another (``Client(transport=...)``, a
-    ``DestinationOverride``, a test's ``RecordingTransport``).
+    ``DestinationOverride``, a test's ``RecordingTransport``). ``report_gate``: shared by
+    the deliverers of one Client, so its ``on_error`` calls never overlap.
     """
     return Deliverer(
         queue,
@@ -554,4 +565,5 @@ def make_deliverer(
         max_rate_limit_duration=config.max_rate_limit_duration,
         max_in_flight=config.max_in_flight,
         batch_messages=config.batch_messages,
+        report_gate=report_gate,
     )

@@ -21,7 +21,15 @@ from ._store import Lease
 from ._transport import Outcome
 from .exceptions import ConfigurationRejected, DeliveryError, MessageRejected, RetryableError
 
-__all__ = ["REPORT_GRACE", "kept_error", "message_id", "rejected_error", "report", "report_until"]
+__all__ = [
+    "REPORT_GRACE",
+    "ReportGate",
+    "kept_error",
+    "message_id",
+    "rejected_error",
+    "report",
+    "report_until",
+]
 
 log = logging.getLogger(_delivery_log.LOGGER)
 
@@ -34,15 +42,35 @@ def report_until(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline, time.monotonic() + REPORT_GRACE)
 
 
+class ReportGate:
+    """Lets one ``on_error`` call run at a time: one gate per Client, shared by its
+    deliverers (the flusher thread's and the one ``flush()``, ``close()``, exit and
+    ``sync_mode`` use), so their reports never overlap.
+
+    A report made from inside ``on_error`` (the callback called ``flush()``, which failed
+    too) runs at once, on the thread that asked: waiting for the gate, which that very
+    callback holds, would wait for itself.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        #: The thread running ``on_error`` under the gate (None: none is).
+        self.owner: int | None = None
+
+    def running_here(self) -> bool:
+        """Whether this thread is inside an ``on_error`` call of this gate."""
+        return self.owner == threading.get_ident()
+
+
 def report(
     on_error: OnError | None,
-    lock: threading.Lock,
+    gate: ReportGate,
     exc: DeliveryError,
     lease: Lease,
     idx: list[int],
     until: float | None = None,
 ) -> None:
-    """Call ``on_error`` with ``exc`` and the messages ``idx`` of ``lease``, under ``lock``.
+    """Call ``on_error`` with ``exc`` and the messages ``idx`` of ``lease``, through ``gate``.
 
     With ``until`` (a flush, an exit, ``sync_mode``), wait for it only until then: a
     callback that blocks must not hold the caller past its deadline. What it raises is
@@ -57,9 +85,21 @@ def report(
         except ValueError:
             continue
 
-    def call() -> None:
-        with lock:
+    if gate.running_here():
+        # Asked from inside the callback (its own flush() failed): the outer call waits.
+        try:
             on_error(exc, messages)
+        except Exception:
+            log.exception("on_error raised; ignoring it")
+        return
+
+    def call() -> None:
+        with gate.lock:
+            gate.owner = threading.get_ident()
+            try:
+                on_error(exc, messages)
+            finally:
+                gate.owner = None
 
     try:
         if until is None:

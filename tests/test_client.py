@@ -25,13 +25,16 @@ from durable_analytics import (
     Client,
     ConfigurationRejected,
     FlushResult,
+    MessageRejected,
     QueueStats,
+    RetryableError,
     Track,
     ValidationError,
 )
 from durable_analytics._config import Config
 from durable_analytics._default import get_client
 from durable_analytics._pipeline import EXIT_REFUSES_THREADS
+from durable_analytics._store import Destination, Lease
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport
 from durable_analytics.testing import Collector, Reply
@@ -236,6 +239,78 @@ def test_flush_with_a_timeout_does_not_wait_for_an_on_error_that_blocks(
     finally:
         release.set()
     assert result.pending == 2
+
+
+def test_on_error_never_runs_twice_at_once_for_the_flusher_thread_and_a_flush(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    """The flusher thread's deliverer and the one ``flush()`` uses each had a lock of their
+    own, so a flush's report ran beside the flusher thread's, still blocked (the README:
+    "calls never overlap"). One gate per client now: the flush waits for it until its
+    deadline, and its call comes once the first has returned."""
+    release = threading.Event()
+    first_in = threading.Event()
+    inside: list[str] = []
+    most: list[int] = [0]
+    threads: list[str] = []
+
+    def on_error(exc: Exception, messages: list[dict[str, Any]]) -> None:
+        inside.append(threading.current_thread().name)
+        most[0] = max(most[0], len(inside))
+        threads.append(inside[-1])
+        first_in.set()
+        release.wait(30)
+        inside.pop()
+
+    client = make_client(on_error=on_error, max_retries=0)
+    track_many(client, 1)
+    client.flush(timeout=5.0)  # delivered: starts the flusher thread and flush()'s deliverer
+    flusher = client._flusher
+    assert flusher is not None
+    assert client._sync_deliverer is not None
+    background, foreground = flusher.deliverer, client._sync_deliverer
+    lease = Lease("t", Destination(1, collector.url, WRITE_KEY), (1,), (b'{"a":1}',), 0, 0.0)
+    error = RetryableError("HTTP 500; kept")
+    blocked = threading.Thread(target=background._report, args=(error, lease, [0]))
+    blocked.start()
+    try:
+        assert first_in.wait(10)
+        # The flush's report waits for the gate, and gives up waiting at its deadline.
+        foreground._report(error, lease, [0], time.monotonic() + 0.3)
+        assert len(threads) == 1
+    finally:
+        release.set()
+        blocked.join(10)
+    deadline = time.monotonic() + 10
+    while len(threads) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(threads) == 2  # the flush's call came, after the first had returned
+    assert most[0] == 1
+
+
+@pytest.mark.timeout(20)
+def test_a_flush_called_inside_on_error_reports_its_own_failure_at_once(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    """``on_error`` that calls ``flush()`` (no timeout), which fails too: the inner report
+    waited for the lock the outer call held, on the same thread, for ever. It now runs at
+    once, inside the outer call."""
+    collector.set_default(400)  # rejected: dead-lettered at once, no backoff to wait for
+    calls: list[tuple[type[Exception], int]] = []
+
+    def on_error(exc: Exception, messages: list[dict[str, Any]]) -> None:
+        calls.append((type(exc), len(messages)))
+        if len(calls) == 1:
+            client.track(user_id="u", event="Inside")
+            client.flush()
+
+    client = make_client(flusher="none", on_error=on_error)
+    track_many(client, 1)
+    result = client.flush()
+
+    assert calls == [(MessageRejected, 1), (MessageRejected, 1)]
+    assert result.dead_lettered == 1
+    assert client.queue.pending() == 0
 
 
 @pytest.mark.skipif(
