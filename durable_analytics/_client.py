@@ -24,11 +24,12 @@ from ._client_calls import ClientCalls, Staged
 from ._client_processes import ExitHook, FlusherProcess, live_clients, spawn_drain
 from ._client_settings import SettingsAttributes
 from ._config import SEGMENT_PARAMETERS, Config, OnError, Settings, is_loopback_host
-from ._delivery import Deliverer, FlushResult, make_deliverer
+from ._delivery import Deliverer, FlushResult, Reported, make_deliverer
 from ._drain import deliver_until
 from ._flusher import Flusher, burst_age_for
 from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE
-from ._reports import ReportGate
+from ._pass import passed
+from ._reports import ReportGate, report_until
 from ._store import QueueBackend, QueueStats, open_queue
 from ._sync import deliver_now
 from ._transport.base import Transport
@@ -325,40 +326,45 @@ class Client(ClientCalls, SettingsAttributes):
         before += held
         pending = before
         last_held: int | None = None
-        try:
-            while True:
-                deliver_until(
-                    queue,
-                    deliverer,
-                    destination=dest,
-                    up_to_id=top,
-                    deadline=deadline,
-                    wait_for_backoff=True,
-                )
+        # What this flush reports to on_error (every thread of its pass): the rest of what it
+        # did not send is reported after, once its destination backs off (``_report_unsent``).
+        with deliverer.recording() as reported:
+            try:
+                while True:
+                    deliver_until(
+                        queue,
+                        deliverer,
+                        destination=dest,
+                        up_to_id=top,
+                        deadline=deadline,
+                        wait_for_backoff=True,
+                    )
+                    pending = queue.pending(up_to_id=top, destination=dest)
+                    if not marks or pending or passed(deadline):
+                        break
+                    held = queue.held_back_left(marks, destination=dest)
+                    if held and last_held is not None and held >= last_held:
+                        # A whole round took none of them in (others' calls keep taking the
+                        # room): they stay held, counted pending, and flush ends.
+                        break
+                    last_held = held
+                    if not held:
+                        # Every held-back call is in the file now (moved in by this flush or
+                        # another mover): one last round delivers what is left of them.
+                        marks = {}
+                    # Moves in what has room now. (Not ``moved_to > top`` as the test of it:
+                    # a file that deliveries emptied gives new rows ids from 1 again, at or
+                    # below ``top``, where the next round finds them too.)
+                    top = max(top, queue.max_id())
+            except DurableAnalyticsError:
+                log.exception("flush: delivery failed; the messages stay queued")
                 pending = queue.pending(up_to_id=top, destination=dest)
-                if not marks or pending or (deadline is not None and time.monotonic() >= deadline):
-                    break
-                held = queue.held_back_left(marks, destination=dest)
-                if held and last_held is not None and held >= last_held:
-                    # A whole round took none of them in (others' calls keep taking the
-                    # room): they stay held, counted pending, and flush ends.
-                    break
-                last_held = held
-                if not held:
-                    # Every held-back call is in the file now (moved in by this flush or
-                    # another mover): one last round delivers what is left of them.
-                    marks = {}
-                # Moves in what has room now. (Not ``moved_to > top`` as the test of it:
-                # a file that deliveries emptied gives new rows ids from 1 again, at or
-                # below ``top``, where the next round finds them too.)
-                top = max(top, queue.max_id())
-        except DurableAnalyticsError:
-            log.exception("flush: delivery failed; the messages stay queued")
-            pending = queue.pending(up_to_id=top, destination=dest)
-        else:
-            if held_at_call:
-                # Counted again: calls moved in since may have taken ids at or below ``top``.
-                pending = queue.pending(up_to_id=top, destination=dest)
+            else:
+                if held_at_call:
+                    # Counted again: calls moved in since may have taken ids at or below ``top``.
+                    pending = queue.pending(up_to_id=top, destination=dest)
+        if reported.kept is not None and pending and not passed(deadline):
+            self._report_unsent(deliverer, reported, top, deadline)
         left = queue.held_back_left(marks, destination=dest)
         if marks and left < held_at_call:
             # Held-back calls another mover took in meanwhile got ids past ``top``: until
@@ -371,6 +377,40 @@ class Client(ClientCalls, SettingsAttributes):
         dead = min(max(0, self._dead_lettered_here() - dead_before), max(0, before - pending))
         # What left the queue and was not dead-lettered was delivered, by us or by another.
         return FlushResult(max(0, before - pending - dead), pending, dead)
+
+    def _report_unsent(
+        self, deliverer: Deliverer, reported: Reported, top: int, deadline: float | None
+    ) -> None:
+        """``on_error`` for what this flush did not send: its destination backs off after a
+        failure of the flush's own, so the rest of what was pending at the call stays queued
+        unsent (trying each batch against a dead server would not end). Each such batch is
+        reported once, with that failure's error, as segment reports every batch it could
+        not deliver. Not those another holder has leased (they are on their way), nor those
+        this flush already reported; by the flush's deadline, if it has one.
+        """
+        exc = reported.kept
+        if exc is None:
+            return
+        queue = self.queue
+        count, budget = deliverer.batch_messages, deliverer.max_batch_bytes
+        batch: list[bytes] = []
+        used = 0
+        after = 0
+        while not passed(deadline):
+            rows = queue.unleased(self._dest, up_to_id=top, after_id=after, limit=count * 25)
+            if not rows:
+                break
+            after = rows[-1][0]
+            for row_id, body in rows:
+                if row_id in reported.ids:
+                    continue
+                if batch and (len(batch) >= count or used + len(body) + 1 > budget):
+                    deliverer.report_unsent(exc, batch, report_until(deadline))
+                    batch, used = [], 0
+                batch.append(body)
+                used += len(body) + 1
+        if batch and not passed(deadline):
+            deliverer.report_unsent(exc, batch, report_until(deadline))
 
     def close(self, timeout: float | None = None) -> FlushResult:
         """Flush (for up to ``timeout``, default ``shutdown_timeout``) and stop the flusher.

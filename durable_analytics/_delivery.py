@@ -11,11 +11,12 @@ tenacity) are ``_quick_retry``'s: ``Deliverer`` settles the answer it returns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ from ._reports import (
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
 from ._transport import Outcome, open_transport
 from ._transport.base import Started, Transport
-from .exceptions import DeliveryError, QueueError
+from .exceptions import DeliveryError, MessageRejected, QueueError
 
 if TYPE_CHECKING:
     from ._config import Config, OnError
@@ -47,6 +48,7 @@ __all__ = [
     "DeliveryStats",
     "FlushResult",
     "Follow",
+    "Reported",
     "make_deliverer",
     "retry_delay",
 ]
@@ -157,6 +159,21 @@ class Ahead:
     taken: bool = False
 
 
+@dataclass
+class Reported:
+    """What a Deliverer reported to ``on_error`` during a ``recording`` block: the ids of
+    the messages, and the last error that kept a batch in the queue (None: every failure
+    was a rejection, or there was none)."""
+
+    ids: set[int] = field(default_factory=set)
+    kept: DeliveryError | None = None
+
+    def add(self, exc: DeliveryError, ids: Iterable[int]) -> None:
+        self.ids.update(ids)
+        if not isinstance(exc, MessageRejected):
+            self.kept = exc
+
+
 class Deliverer:
     """Delivers leased batches by the status policy.
 
@@ -213,6 +230,7 @@ class Deliverer:
         # on_error is the user's code: never called from two delivery threads at once (a
         # Client's deliverers share one gate).
         self._report_gate = ReportGate() if report_gate is None else report_gate
+        self._records: list[Reported] = []  # ``recording`` blocks running now
         #: Messages this Deliverer dead-lettered, per destination id (counted just before
         #: the move commits, so whoever sees them gone from the queue sees them counted).
         self.dead_lettered: dict[int, int] = {}
@@ -425,7 +443,30 @@ class Deliverer:
         self, exc: DeliveryError, lease: Lease, idx: list[int], until: float | None = None
     ) -> None:
         """Call ``on_error`` for the messages ``idx`` of ``lease`` (``_reports.report``)."""
-        report(self.on_error, self._report_gate, exc, lease, idx, until)
+        ids = [lease.ids[i] for i in idx]
+        for record in tuple(self._records):
+            record.add(exc, ids)
+        report(self.on_error, self._report_gate, exc, [lease.bodies[i] for i in idx], until)
+
+    def report_unsent(
+        self, exc: DeliveryError, bodies: Sequence[bytes], until: float | None = None
+    ) -> None:
+        """Call ``on_error`` for messages that were not sent (``flush()``'s rest, kept behind
+        its destination's backoff), as for a batch that failed with ``exc``."""
+        report(self.on_error, self._report_gate, exc, bodies, until)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Reported]:
+        """Record what this Deliverer reports to ``on_error`` while the block runs (every
+        thread's reports, see ``Reported``)."""
+        record = Reported()
+        with self._lock:
+            self._records.append(record)
+        try:
+            yield record
+        finally:
+            with self._lock:
+                self._records.remove(record)
 
     def _send_part(
         self,

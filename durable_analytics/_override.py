@@ -201,6 +201,12 @@ class OverrideQueue:
         """The wrapped queue's pending count."""
         return self.inner.pending(up_to_id=up_to_id, destination=destination)
 
+    def unleased(
+        self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
+    ) -> list[tuple[int, bytes]]:
+        """The wrapped queue's unleased messages of ``destination``."""
+        return self.inner.unleased(destination, up_to_id=up_to_id, after_id=after_id, limit=limit)
+
     def holds_others(self, destinations: Collection[int]) -> bool:
         """Whether the wrapped queue holds messages of other destinations."""
         return self.inner.holds_others(destinations)

@@ -13,11 +13,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 from . import _delivery_log
 from ._bounded_call import call_within
 from ._config import OnError
-from ._store import Lease
 from ._transport import Outcome
 from .exceptions import ConfigurationRejected, DeliveryError, MessageRejected, RetryableError
 
@@ -66,11 +66,10 @@ def report(
     on_error: OnError | None,
     gate: ReportGate,
     exc: DeliveryError,
-    lease: Lease,
-    idx: list[int],
+    bodies: Sequence[bytes],
     until: float | None = None,
 ) -> None:
-    """Call ``on_error`` with ``exc`` and the messages ``idx`` of ``lease``, through ``gate``.
+    """Call ``on_error`` with ``exc`` and the messages ``bodies`` (parsed), through ``gate``.
 
     With ``until`` (a flush, an exit, ``sync_mode``), wait for it only until then: a
     callback that blocks must not hold the caller past its deadline. What it raises is
@@ -79,9 +78,9 @@ def report(
     if on_error is None:
         return
     messages = []
-    for i in idx:
+    for body in bodies:
         try:
-            messages.append(json.loads(lease.bodies[i]))
+            messages.append(json.loads(body))
         except ValueError:
             continue
 

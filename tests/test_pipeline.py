@@ -3,6 +3,7 @@ requests, bounded flush() and exit, against a real Collector that holds each ans
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from durable_analytics._pipeline import Window, windows
 from durable_analytics._store import SqliteQueue
 from durable_analytics._transport import HTTPTransport, Outcome, parse_rate_limit_reset
 from durable_analytics.cli import cli
-from durable_analytics.exceptions import ConfigError
+from durable_analytics.exceptions import ConfigError, ConfigurationRejected, RetryableError
 from durable_analytics.testing import Collector, RecordingTransport, Reply
 
 
@@ -392,11 +393,49 @@ def test_flush_without_a_timeout_returns_with_pending_counted_and_on_error_once_
         client.close(timeout=0)
 
     assert result == FlushResult(sent=0, pending=50, dead_lettered=0)
-    assert reports, "the failure was reported"
     reported = [m["messageId"] for _, msgs in reports for m in msgs]
-    assert len(reported) == len(set(reported))  # each batch reported once, not per retry
-    assert all(len(msgs) <= 20 for _, msgs in reports)
-    assert set(reported) <= set(ids)
+    # Every message pending at the call reported once (not per retry): those tried, and the
+    # rest, kept unsent behind the backoff the flush's own failure stored, with its error.
+    assert sorted(reported) == sorted(ids)
+    assert all(0 < len(msgs) <= 20 for _, msgs in reports)
+    kind = ConfigurationRejected if server == "401" else RetryableError
+    assert {type(exc) for exc, _ in reports} == {kind}
+
+
+def test_flush_reports_what_it_did_not_send_but_not_what_another_holder_is_sending(
+    queue_path: Path, collector: Collector
+) -> None:
+    """After its own failure a flush reports the rest of its messages as kept (they wait
+    out the backoff unsent), except those another holder has leased: that holder is
+    sending them, and reports them itself if it fails."""
+    collector.set_default(500)
+    reports: list[list[str]] = []
+    client = Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        flusher="none",
+        on_exit="none",
+        max_retries=0,
+        on_error=lambda exc, msgs: reports.append([m["messageId"] for m in msgs]),
+    )
+    ids = track(client, 100)
+    client.queue.max_id()  # moves the journaled calls into the file
+    other = SqliteQueue(queue_path)
+    try:
+        elsewhere = other.lease(20, 500_000, destination=client._dest, up_to_id=1 << 60)
+        assert elsewhere is not None
+        result = client.flush()
+        client.close(timeout=0)
+        sent_elsewhere = {json.loads(b)["messageId"] for b in elsewhere.bodies}
+        other.release(elsewhere, None, count_attempt=False)
+    finally:
+        other.close()
+
+    assert result == FlushResult(sent=0, pending=100, dead_lettered=0)
+    reported = [i for batch in reports for i in batch]
+    assert sorted(reported) == sorted(set(ids) - sent_elsewhere)
+    assert all(0 < len(batch) <= 20 for batch in reports)
 
 
 def test_module_level_flush_returns_against_a_dead_server(tmp_path: Path, refused_url: str) -> None:

@@ -359,6 +359,18 @@ class QueueBackend(Protocol):
         """How many messages are not yet delivered (leased or not)."""
         ...
 
+    def unleased(
+        self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
+    ) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` messages of ``destination`` with ids in ``(after_id, up_to_id]``
+        that no lease names, oldest first, as ``(id, body)``; changes nothing.
+
+        What ``flush()`` reports to ``on_error`` as kept when its destination backs off after
+        a failure of its own: messages it did not send and no other holder is sending. Not
+        a lease: another holder may lease them right after.
+        """
+        ...
+
     def holds_others(self, destinations: Collection[int]) -> bool:
         """Whether a message of a destination not in ``destinations`` is pending.
 

@@ -152,6 +152,34 @@ def test_pending_max_id_and_ready_summary_count_what_is_stored(
     assert backend.pending() == 2
 
 
+def test_unleased_reads_a_destinations_messages_no_lease_holds_in_order_changing_nothing(
+    backend: QueueBackend, dest: int
+) -> None:
+    """What a flush reports as kept when it stops at a backoff: this destination's
+    messages in the id range, oldest first, past the leased ones, a page at a time; those
+    of another destination, past the range or leased are not read, and nothing changes."""
+    other = backend.destination(OTHER_HOST, OTHER_KEY)
+    ids = fill(backend, dest, 3)
+    backend.append(other, body(99))
+    ids += fill(backend, dest, 4, start=3)
+    lease = take(backend, 2, destination=dest)
+    assert lease.ids == tuple(ids[:2])
+
+    found = backend.unleased(dest, up_to_id=ids[5])
+    assert [i for i, _ in found] == ids[2:6]
+    assert [index(b) for _, b in found] == [2, 3, 4, 5]
+    page = backend.unleased(dest, up_to_id=ids[-1], limit=2)
+    assert [i for i, _ in page] == ids[2:4]
+    rest = backend.unleased(dest, up_to_id=ids[-1], after_id=page[-1][0], limit=10)
+    assert [i for i, _ in rest] == ids[4:]
+    assert backend.unleased(other, up_to_id=ids[0]) == []
+
+    assert backend.pending() == 8
+    assert take(backend, 100, destination=dest).ids == tuple(ids[2:])  # none was leased
+    backend.release(lease, None, count_attempt=False)
+    assert [i for i, _ in backend.unleased(dest, up_to_id=ids[-1])] == ids[:2]
+
+
 def test_holds_others_names_messages_of_any_destination_outside_the_given_ones(
     backend: QueueBackend, dest: int
 ) -> None:

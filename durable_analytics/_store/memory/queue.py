@@ -429,6 +429,21 @@ class MemoryQueue:
                 1 for i, m in self._messages.items() if i <= top and destination in (None, m.dest)
             )
 
+    def unleased(
+        self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
+    ) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` unleased messages of ``destination`` in ``(after_id, up_to_id]``."""
+        with self._lock:
+            self._check_open()
+            leased = self._leased()
+            found: list[tuple[int, bytes]] = []
+            for i, m in self._messages.items():
+                if len(found) >= limit or i > up_to_id:
+                    break
+                if i > after_id and m.dest == destination and i not in leased:
+                    found.append((i, m.body))
+            return found
+
     def holds_others(self, destinations: Collection[int]) -> bool:
         """Whether a message of a destination not in ``destinations`` is pending."""
         ours = frozenset(destinations)

@@ -55,6 +55,15 @@ class QueueReads:
         row = self._tx(lambda c: c.execute(self._sql(q.PENDING), params)).fetchone()
         return int(row[0]) if row else 0
 
+    def unleased(
+        self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
+    ) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` messages of ``destination`` in ``(after_id, up_to_id]`` that no
+        live lease holds, oldest first."""
+        params = {"dest": destination, "after": after_id, "top": up_to_id, "limit": limit}
+        rows = self._tx(lambda c: c.execute(self._sql(q.UNLEASED), params)).fetchall()
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
     def holds_others(self, destinations: Collection[int]) -> bool:
         """Whether a message of a destination not in ``destinations`` is pending: one
         index seek per destination the messages hold (``messages (dest, id)``), not a

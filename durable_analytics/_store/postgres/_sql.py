@@ -297,6 +297,13 @@ LIVE_LEASES = "SELECT count(DISTINCT lease_token) FROM {s}.messages WHERE lease_
 
 BODIES = "SELECT body FROM {s}.messages ORDER BY id"
 
+# A flush's report of what it did not send (``unleased``): one range of the destination's
+# index (messages (dest, id)), past the live leases.
+UNLEASED = (
+    "SELECT m.id, m.body FROM {s}.messages m WHERE m.dest = %(dest)s "
+    "AND m.id > %(after)s AND m.id <= %(top)s AND " + _UNLEASED + " ORDER BY m.id LIMIT %(limit)s"
+)
+
 STATS_DESTINATIONS = """
 SELECT d.id, d.host, d.write_key,
     CASE WHEN d.not_before > now() THEN extract(epoch FROM d.not_before - now())::float8 END,

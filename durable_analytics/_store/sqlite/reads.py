@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 from durable_analytics._store.base import DeadLetter, Lease, QueueStats
 
-from . import bydest, inspect, spool_counts
+from . import bydest, inspect, leases, spool_counts
 from .wal import wal_bytes
 
 if TYPE_CHECKING:
@@ -115,6 +115,24 @@ class QueueReads:
                     return found + spool_counts.count(spools, queue, destination, conn, listed)
 
             return self._db.read(run)
+
+    def unleased(
+        self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
+    ) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` messages of ``destination`` in ``(after_id, up_to_id]`` that no
+        lease record names, oldest first (not those still in a spool or journal)."""
+
+        def run(conn: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            leased = leases.leased_ids(conn)
+            # Read past as many rows as leases may skip: one statement, however they fall.
+            rows = conn.execute(
+                "SELECT id, body FROM messages WHERE dest = ? AND id > ? AND id <= ? "
+                "ORDER BY id LIMIT ?",
+                (destination, after_id, up_to_id, limit + len(leased)),
+            ).fetchall()
+            return [(int(i), bytes(b)) for i, b in rows if int(i) not in leased][:limit]
+
+        return self._db.read(run)
 
     def holds_others(self, destinations: Collection[int]) -> bool:
         """Whether a message of a destination not in ``destinations`` is pending.
