@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter
@@ -465,6 +466,104 @@ def test_a_symlink_named_like_a_journal_is_never_followed(queue_path: Path, tmp_
     mover.close()
     assert target.read_bytes() == data
     assert sum(in_file(queue_path).values()) == 0
+
+
+def _plant_unsafe_spool_directory(queue_path: Path, kind: str) -> Path:
+    """A spool directory another user could write, or theirs, or a link: a journal planted
+    in it (three calls another user made up)."""
+    directory = spool_dir(queue_path)
+    data, _ = records(3)
+    if kind == "link":
+        real = queue_path.parent / "real-spool"
+        real.mkdir(mode=0o700)
+        (real / "4242-0123456789ab.1.log").write_bytes(data)
+        directory.symlink_to(real)
+        return directory
+    directory.mkdir(mode=0o700)
+    (directory / "4242-0123456789ab.1.log").write_bytes(data)
+    if kind == "others-writable":
+        os.chmod(directory, 0o777)
+    else:
+        os.chown(directory / "4242-0123456789ab.1.log", 65534, 65534)
+        os.chown(directory, 65534, 65534)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "others-writable",
+        "link",
+        pytest.param(
+            "another-users",
+            marks=pytest.mark.skipif(
+                os.geteuid() != 0, reason="making a directory another user's needs root"
+            ),
+        ),
+    ],
+)
+def test_a_spool_directory_another_user_controls_is_neither_journaled_to_nor_moved_from(
+    queue_path: Path, collector: Collector, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its owner (or anyone, when others can write it) could delete a journal before it is
+    moved, losing calls that returned, or plant one that a mover delivers as if a call had
+    made it. The queue file's directory was refused for that; the spool directory was used
+    as found. Now calls go to the queue file, and nothing in the directory is moved or
+    counted, with a warning saying why."""
+    Queue(queue_path).close()
+    directory = _plant_unsafe_spool_directory(queue_path, kind)
+    client = Client(
+        WRITE_KEY, host=collector.url, queue_path=queue_path, flusher="none", on_exit="none"
+    )
+    with caplog.at_level(logging.WARNING, logger="durable_analytics"):
+        ids = [client.track("u", "J", {"i": i})[1]["messageId"] for i in range(20)]
+        assert in_file(queue_path) == Counter(ids)  # every call in the queue file itself
+        assert client.queue.pending() == 20
+        result = client.flush(timeout=30)
+    client.close()
+    assert (result.sent, result.pending) == (20, 0)
+    assert collector.message_ids() == Counter(ids)  # not one of the planted calls
+    assert move_all(queue_path) == 0
+    assert sorted(p.name for p in directory.iterdir()) == ["4242-0123456789ab.1.log"]
+    assert "not moving or counting what is in" in caplog.text
+
+
+def test_looking_at_the_journals_files_while_they_rotate_and_are_forgotten_never_raises(
+    tmp_path: Path,
+) -> None:
+    """A caller's append rotates files in while a mover forgets moved ones; what movers and
+    calls ask of the list (``has_unmoved``, ``sealed``) iterated it unlocked, and a dict
+    changed meanwhile raised ``RuntimeError`` (thousands of times in 20 s with a 1 us thread
+    switch). They now read a copy."""
+    journal = journal_module.Journal(tmp_path, lambda: "4242-0123456789ab")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def rotate_and_forget() -> None:
+        while not stop.is_set():
+            old = journal.stem
+            journal._next_file()
+            if old:
+                journal.forget(old)
+                (tmp_path / f"{old}.log").unlink()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    rotating = threading.Thread(target=rotate_and_forget)
+    rotating.start()
+    try:
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            try:
+                journal.has_unmoved()
+                journal.sealed()
+            except RuntimeError as exc:
+                errors.append(exc)
+    finally:
+        stop.set()
+        rotating.join(5)
+        sys.setswitchinterval(interval)
+    assert errors == []
 
 
 def test_a_file_not_named_as_a_journal_is_left_alone(queue_path: Path) -> None:

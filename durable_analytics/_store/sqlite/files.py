@@ -166,6 +166,35 @@ def check_directory_owner(directory: Path, st: os.stat_result) -> None:
         )
 
 
+def check_spool_directory(directory: Path) -> None:
+    """Refuse a spool directory (``<queue>.spool``) as ``prepare_path`` refuses the queue's:
+    a symlink, not a directory, writable by other users, or another user's.
+
+    Whoever can write there can delete a journal before it is moved (the calls in it,
+    which returned, are lost) or plant one that a mover delivers to the host and write key
+    its records name. ``QueuePermissionError`` says which and what to do.
+    """
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise QueuePermissionError(
+            f"cannot use the spool directory {directory}: {exc.strerror}"
+        ) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise QueuePermissionError(
+            f"the spool directory {directory} is a symlink; refusing to follow it"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise QueuePermissionError(f"the spool directory {directory} is not a directory")
+    if st.st_mode & stat.S_IWOTH:
+        advice = f"; chmod 700 {shlex.quote(str(directory))}" if st.st_uid == os.geteuid() else ""
+        raise QueuePermissionError(
+            f"the spool directory {directory} (mode {stat.S_IMODE(st.st_mode):04o}) is "
+            f"writable by other users: they could delete or plant the calls kept there{advice}"
+        )
+    check_directory_owner(directory, st)
+
+
 def check_file_owner(path: Path) -> None:
     """Refuse a queue file (or its -wal / -shm) that another user created.
 

@@ -292,7 +292,9 @@ class Journal:
         if now - self._looked < LOOK_EVERY:
             return False
         self._looked = now
-        for stem in [s for s in self.files if s != self.stem]:
+        # A copy first (one C call, no thread switch inside): a mover's ``forget`` may drop
+        # a file meanwhile, and a dict changed while iterated raised into the caller's call.
+        for stem in [s for s in list(self.files) if s != self.stem]:
             if not (self.dir / f"{stem}{SUFFIX}").exists():
                 self.forget(stem)
         return self._held() < MOST_JOURNALED
@@ -350,7 +352,7 @@ class Journal:
 
     def sealed(self) -> list[str]:
         """This process's files that no call appends to any more."""
-        return [stem for stem in self.files if stem != self.stem]
+        return [stem for stem in list(self.files) if stem != self.stem]  # see ``_shrunk``
 
     def forget(self, stem: str) -> None:
         """A file of this process's was deleted (all of it moved)."""
@@ -359,7 +361,7 @@ class Journal:
 
     def has_unmoved(self) -> bool:
         """Whether this process journaled bytes its own moves have not taken (no I/O)."""
-        return any(size > self.moved.get(stem, 0) for stem, size in self.files.items())
+        return any(size > self.moved.get(stem, 0) for stem, size in list(self.files.items()))
 
     def close_after_fork(self) -> None:
         """In a forked child: the parent's files are the parent's."""

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Protocol
 from durable_analytics.exceptions import QueueBusy, QueueError
 
 from . import forks
-from .files import make_private_dirs, sync_wal
+from .files import check_spool_directory, make_private_dirs, sync_wal
 from .journal import MOST_JOURNALED, SUFFIX, Journal, owner_of
 from .move_records import RECORD, record_of
 from .spool_moves import SCAN_EVERY, SpoolMoves
@@ -185,6 +185,7 @@ class Spools(SpoolMoves):
         #: Others' spools that stayed busy past ``OTHERS_WAIT``: left alone until then.
         self._busy_until: dict[str, float] = {}
         self._scanned = -math.inf
+        self._dir_warned = False  # the directory was refused (``dir_trusted``)
         self._spoolers = 1
         self._counted_at = -math.inf  # when the spools were last counted (``spoolers``)
         self._moving = threading.RLock()
@@ -391,6 +392,7 @@ class Spools(SpoolMoves):
             return self._own_name
         name = f"{os.getpid()}-{secrets.token_hex(6)}"
         make_private_dirs(self.dir)
+        check_spool_directory(self.dir)  # one another user controls is not used at all
         lock_path = self.dir / f"{name}.lock"
         fd = os.open(
             lock_path,

@@ -78,14 +78,18 @@ def list_journals(spools: Spools) -> Listed:
     a file that cannot be opened is left out."""
     fds: dict[str, int] = {}
     try:
-        names = [
-            e.name
-            for e in os.scandir(spools.dir)
-            if e.name.endswith(SUFFIX)
-            and owner_of(e.name[: -len(SUFFIX)]) is not None
-            and e.is_file(follow_symlinks=False)
-            and e.name not in spools.bad
-        ]
+        names = (
+            []
+            if not spools.dir_trusted()
+            else [
+                e.name
+                for e in os.scandir(spools.dir)
+                if e.name.endswith(SUFFIX)
+                and owner_of(e.name[: -len(SUFFIX)]) is not None
+                and e.is_file(follow_symlinks=False)
+                and e.name not in spools.bad
+            ]
+        )
     except OSError:
         names = []
     try:
@@ -278,14 +282,18 @@ def _look(
     if destination is not None and names is None:
         return {}
     try:
-        files = [
-            e.name
-            for e in os.scandir(spools.dir)
-            if e.name.endswith(".db")
-            and e.is_file(follow_symlinks=False)
-            and e.name[: -len(".db")] not in spools.bad
-            and (upto is None or e.name in upto)
-        ]
+        files = (
+            []
+            if not spools.dir_trusted()
+            else [
+                e.name
+                for e in os.scandir(spools.dir)
+                if e.name.endswith(".db")
+                and e.is_file(follow_symlinks=False)
+                and e.name[: -len(".db")] not in spools.bad
+                and (upto is None or e.name in upto)
+            ]
+        )
     except OSError:
         return {}
     sql = f"SELECT {columns} FROM messages m"

@@ -25,8 +25,9 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from durable_analytics.exceptions import QueueBusy, QueueError
+from durable_analytics.exceptions import QueueBusy, QueueError, QueuePermissionError
 
+from .files import check_spool_directory
 from .journal import SUFFIX, Journal, owner_of
 from .journal_moves import JournalMoves
 from .move_records import RECORD, commit_chunk, owner_gone, record_of
@@ -83,6 +84,7 @@ class SpoolMoves(JournalMoves):
     _others: dict[str, SqliteQueue]
     _busy_until: dict[str, float]
     _scanned: float
+    _dir_warned: bool
     _moving: threading.RLock
     moved_upto: int
     journal: Journal | None
@@ -198,8 +200,25 @@ class SpoolMoves(JournalMoves):
             if len(rows) < MOVE_ROWS:
                 return moved, True
 
+    def dir_trusted(self) -> bool:
+        """Whether the spool directory may be read: another user's, or one others can write
+        (``check_spool_directory``), is not — a file planted there would be delivered as if
+        a call had made it. Warned about once per queue object; looked at on every scan."""
+        if not os.path.lexists(self.dir):
+            return True  # nothing there to read yet
+        try:
+            check_spool_directory(self.dir)
+        except QueuePermissionError as exc:
+            if not self._dir_warned:
+                self._dir_warned = True
+                logger.warning("not moving or counting what is in %s: %s", self.dir, exc)
+            return False
+        return True
+
     def _move_others(self, queue: SqliteQueue, *, retry_busy: bool = False) -> int:
         self._scanned = time.monotonic()
+        if not self.dir_trusted():
+            return 0
         names: list[str] = []
         logs: dict[str, list[tuple[int, str]]] = {}
         try:
