@@ -32,7 +32,7 @@ from ._reports import (
     report,
     report_until,
 )
-from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
+from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend, settling
 from ._transport import Outcome, open_transport
 from ._transport.base import Started, Transport
 from .exceptions import DeliveryError, MessageRejected, QueueError
@@ -278,7 +278,12 @@ class Deliverer:
 
     def _ack(self, lease: Lease, ids: list[int], follow: Follow | None) -> None:
         """Ack ``ids`` of ``lease``; with ``follow`` (and the whole lease acked), lease the
-        next batch in the same step."""
+        next batch in the same step. The server has the batch: its ack may wait a moment
+        past a caller's deadline (``settling``), since a lost one sends it again."""
+        with settling():
+            self._ack_settling(lease, ids, follow)
+
+    def _ack_settling(self, lease: Lease, ids: list[int], follow: Follow | None) -> None:
         if follow is None or len(ids) != len(lease.ids):
             self.queue.ack(lease, None if len(ids) == len(lease.ids) else ids)
             return

@@ -14,6 +14,7 @@ from conftest import WRITE_KEY
 
 from durable_analytics._config import Config
 from durable_analytics._delivery import make_deliverer
+from durable_analytics._store.settle import SETTLE_GRACE, settle_grace
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics.testing import RecordingTransport, Reply
 
@@ -71,6 +72,26 @@ def test_a_success_after_failures_is_one_ack_that_clears_the_backoff(queue_path:
     assert calls.log == ["lease", "ack"]
     assert queue.backoff(dest) == (0.0, 0)
     assert queue.pending() == 0
+    queue.close()
+
+
+def test_the_ack_of_a_batch_the_server_took_runs_with_the_settle_grace(queue_path: Path) -> None:
+    """An ack given up at a caller's deadline sends the batch again: it runs inside
+    ``settling`` (its waits may last the grace past the deadline); a release does not."""
+    queue, calls, transport, _dest = setup(queue_path, 200)
+    graces: dict[str, float] = {}
+    for name in ("ack", "release"):
+        method = getattr(queue, name)
+
+        def seen(*args: Any, _name: str = name, _method: Any = method, **kwargs: Any) -> Any:
+            graces[_name] = settle_grace()
+            return _method(*args, **kwargs)
+
+        setattr(calls, name, seen)
+    deliverer = make_deliverer(Config.for_delivery(), calls, transport)  # type: ignore[arg-type]
+    assert deliverer.deliver_next() is not None
+    assert graces == {"ack": SETTLE_GRACE}
+    assert settle_grace() == 0.0  # only inside the ack
     queue.close()
 
 

@@ -28,6 +28,7 @@ from .base import (
     QueueStats,
 )
 from .memory import MEMORY_PATH, MemoryQueue
+from .settle import settling
 from .sqlite import SqliteQueue
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ __all__ = [
     "QueueStats",
     "SqliteQueue",
     "open_queue",
+    "settling",
 ]
 
 

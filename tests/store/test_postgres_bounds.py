@@ -23,7 +23,10 @@ import pytest
 from conftest import WRITE_KEY, run_python, start_python
 
 from durable_analytics import Client
+from durable_analytics._store.postgres._bounds import GRACE as PG_GRACE
+from durable_analytics._store.postgres._bounds import Deadlines
 from durable_analytics._store.postgres._queue import PostgresQueue
+from durable_analytics._store.settle import SETTLE_GRACE, settling
 from durable_analytics.cli import EXIT_UNDELIVERED
 from durable_analytics.cli import main as cli_main
 from durable_analytics.exceptions import QueueBusy, QueueError
@@ -110,6 +113,17 @@ def _client(collector: Collector, url: str) -> Client:
         timeout=60,
         lease_timeout=120,
     )
+
+
+def test_a_settling_call_may_wait_the_grace_past_a_deadline_and_no_longer() -> None:
+    """The PostgreSQL bound honours ``settling`` as SQLite's does: past a deadline a call
+    keeps 50 ms, an ack of a delivered batch the grace."""
+    deadlines = Deadlines()
+    with deadlines.bounded(0.0):
+        assert deadlines.limit(10.0) == pytest.approx(PG_GRACE, abs=0.01)
+        with settling():
+            assert deadlines.limit(10.0) == pytest.approx(SETTLE_GRACE, abs=0.05)
+    assert deadlines.limit(10.0) == 10.0
 
 
 def test_flush_returns_by_its_timeout_while_another_connection_locks_the_queue(

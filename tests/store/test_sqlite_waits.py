@@ -9,9 +9,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from durable_analytics._store.settle import SETTLE_GRACE, settling
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._store.sqlite import waits
 from durable_analytics._store.sqlite.waits import busy_pause
@@ -178,6 +180,41 @@ def test_a_delivering_transaction_waiting_for_its_turn_gives_up_at_the_deadline(
         release.set()
         holder.join(10)
     assert ran == []
+
+
+def test_settling_a_delivered_batch_may_wait_half_a_second_past_the_deadline_not_more(
+    queue: Queue, queue_path: Path, dest: int
+) -> None:
+    """Another process holds the write lock for 0.3 s past a deadline that has passed. An
+    ack gave up after the 50 ms every wait keeps, so the batch the server had went again;
+    inside ``settling`` it waits for the lock (the grace is 0.5 s), while an ordinary write
+    still gives up. A holder that outlasts the grace is given up on too, at the grace."""
+    queue.append(dest, body(1))
+    lease = queue.lease(10, 1 << 20)
+    assert lease is not None
+    other = sqlite3.connect(queue_path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        releasing = threading.Timer(0.3, other.rollback)
+        releasing.start()
+        with queue.bounded(0.0):
+            with pytest.raises(QueueBusy):
+                queue.extend(lease)
+            with settling():
+                assert queue.ack(lease) == 1
+        releasing.join(10)
+        assert queue.pending() == 0
+
+        other.execute("BEGIN IMMEDIATE")  # held until the end: a stuck holder
+        started = time.monotonic()
+        with queue.bounded(0.0), settling(), pytest.raises(QueueBusy):
+            queue.append(dest, body(2))
+        waited = time.monotonic() - started
+        assert SETTLE_GRACE - 0.05 <= waited < SETTLE_GRACE + 1.5
+    finally:
+        if other.in_transaction:
+            other.rollback()
+        other.close()
 
 
 def test_an_appends_busy_wait_retries_often_at_first_then_backs_off() -> None:

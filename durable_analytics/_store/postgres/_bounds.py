@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from durable_analytics._store.settle import settle_grace
+
 __all__ = ["CUT_AFTER", "GRACE", "WATCHDOG", "Deadlines", "Watch", "Watchdog"]
 
 #: The least a call may wait under a deadline that has (nearly) passed: a healthy server
@@ -75,7 +77,7 @@ class Deadlines:
             earliest = min(self._active.values(), default=None)
         if earliest is None:
             return timeout
-        return min(timeout, max(GRACE, earliest - time.monotonic()))
+        return min(timeout, max(GRACE, earliest + settle_grace() - time.monotonic()))
 
 
 class Watch:

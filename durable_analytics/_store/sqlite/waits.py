@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from durable_analytics._store.settle import settle_grace
 from durable_analytics.exceptions import QueueBusy
 
 __all__ = [
@@ -162,7 +163,8 @@ class Waits:
         if self._deadlines:
             with self._deadlines_lock:
                 if self._deadlines:
-                    deadline = max(min(self._deadlines.values()), started + GRACE)
+                    end = min(self._deadlines.values()) + settle_grace()
+                    deadline = max(end, started + GRACE)
                     limit = min(limit, deadline)
         if self.parent is not None:
             limit = min(limit, self.parent.limit(started))
