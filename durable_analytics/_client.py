@@ -24,12 +24,12 @@ from ._client_calls import ClientCalls, Staged
 from ._client_processes import ExitHook, FlusherProcess, live_clients, spawn_drain
 from ._client_settings import SettingsAttributes
 from ._config import SEGMENT_PARAMETERS, Config, OnError, Settings, is_loopback_host
-from ._delivery import Deliverer, FlushResult, Reported, make_deliverer
+from ._delivery import Deliverer, FlushResult, make_deliverer
 from ._drain import deliver_until
 from ._flusher import Flusher, burst_age_for
 from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE
 from ._pass import passed
-from ._reports import ReportGate, report_until
+from ._reports import Reported, ReportGate, report_until
 from ._store import QueueBackend, QueueStats, open_queue
 from ._sync import deliver_now
 from ._transport.base import Transport
@@ -298,6 +298,12 @@ class Client(ClientCalls, SettingsAttributes):
         timeout = call_timeout("flush", timeout)
         if not self._send:
             return FlushResult(0, 0, 0)
+        if self._report_gate.running_here():
+            # Called from this client's on_error, on its thread: the batch being reported
+            # still holds its slot of the window, so a delivery here could wait for itself
+            # for ever. Counted, not delivered (the next flush or the flusher sends them).
+            log.warning("flush() called from on_error delivers nothing; counting only")
+            return FlushResult(0, self.queue.pending(destination=self._dest), 0)
         flusher = self._flusher
         # Every wait on the queue ends by the deadline, even behind a stuck lock holder.
         with (
@@ -328,7 +334,7 @@ class Client(ClientCalls, SettingsAttributes):
         last_held: int | None = None
         # What this flush reports to on_error (every thread of its pass): the rest of what it
         # did not send is reported after, once its destination backs off (``_report_unsent``).
-        with deliverer.recording() as reported:
+        with self._report_gate.recording() as reported:
             try:
                 while True:
                     deliver_until(
@@ -363,8 +369,10 @@ class Client(ClientCalls, SettingsAttributes):
                 if held_at_call:
                     # Counted again: calls moved in since may have taken ids at or below ``top``.
                     pending = queue.pending(up_to_id=top, destination=dest)
-        if reported.kept is not None and pending and not passed(deadline):
-            self._report_unsent(deliverer, reported, top, deadline)
+            # Still recording: what another flush of this client reports meanwhile is not
+            # reported again here.
+            if reported.kept is not None and pending and not passed(deadline):
+                self._report_unsent(deliverer, reported, top, deadline)
         left = queue.held_back_left(marks, destination=dest)
         if marks and left < held_at_call:
             # Held-back calls another mover took in meanwhile got ids past ``top``: until
@@ -386,31 +394,39 @@ class Client(ClientCalls, SettingsAttributes):
         unsent (trying each batch against a dead server would not end). Each such batch is
         reported once, with that failure's error, as segment reports every batch it could
         not deliver. Not those another holder has leased (they are on their way), nor those
-        this flush already reported; by the flush's deadline, if it has one.
+        reported meanwhile by any deliverer of this client (``reported``: another flush at
+        once reports under the same lock, one after the other); by the flush's deadline.
         """
         exc = reported.kept
         if exc is None:
             return
-        queue = self.queue
-        count, budget = deliverer.batch_messages, deliverer.max_batch_bytes
-        batch: list[bytes] = []
-        used = 0
-        after = 0
-        while not passed(deadline):
-            rows = queue.unleased(self._dest, up_to_id=top, after_id=after, limit=count * 25)
-            if not rows:
-                break
-            after = rows[-1][0]
-            for row_id, body in rows:
-                if row_id in reported.ids:
-                    continue
-                if batch and (len(batch) >= count or used + len(body) + 1 > budget):
-                    deliverer.report_unsent(exc, batch, report_until(deadline))
-                    batch, used = [], 0
-                batch.append(body)
-                used += len(body) + 1
-        if batch and not passed(deadline):
-            deliverer.report_unsent(exc, batch, report_until(deadline))
+        gate = self._report_gate
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not gate.unsent.acquire(timeout=wait):
+            return
+        try:
+            queue = self.queue
+            count, budget = deliverer.batch_messages, deliverer.max_batch_bytes
+            batch: list[tuple[int, bytes]] = []
+            used = 0
+            after = 0
+            while not passed(deadline):
+                rows = queue.unleased(self._dest, up_to_id=top, after_id=after, limit=count * 25)
+                if not rows:
+                    break
+                after = rows[-1][0]
+                for row in rows:
+                    if row[0] in reported.ids:
+                        continue
+                    if batch and (len(batch) >= count or used + len(row[1]) + 1 > budget):
+                        deliverer.report_unsent(exc, batch, report_until(deadline))
+                        batch, used = [], 0
+                    batch.append(row)
+                    used += len(row[1]) + 1
+            if batch and not passed(deadline):
+                deliverer.report_unsent(exc, batch, report_until(deadline))
+        finally:
+            gate.unsent.release()
 
     def close(self, timeout: float | None = None) -> FlushResult:
         """Flush (for up to ``timeout``, default ``shutdown_timeout``) and stop the flusher.

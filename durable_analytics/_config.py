@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypedDict
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE, OAuthSettings
 from .exceptions import ConfigError
@@ -324,6 +324,26 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {options}, got {value!r}")
 
 
+#: Query parameters of a PostgreSQL URL that hold a secret (libpq's ``password`` and the
+#: passphrase of an encrypted client key).
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
+def url_without_secrets(url: str) -> str:
+    """``url`` with its password replaced by ``***``: the one in the authority
+    (``user:password@``) and one given as a ``?password=`` parameter (libpq takes both)."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMETERS for k, _ in query):
+            hidden = [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in query]
+            parts = parts._replace(query=urlencode(hidden, safe="*"))
+    return parts.geturl()
+
+
 @dataclass(frozen=True)
 class Config:
     """Every Client setting, validated. Build it with ``Config.build(write_key, **settings)``.
@@ -576,11 +596,7 @@ class Config:
         """Where the queue lives, safe to show: the path, or the URL without its password."""
         if self.queue_url is None:
             return str(self.queue_path)
-        parts = urlsplit(self.queue_url)
-        if parts.password is None:
-            return self.queue_url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
+        return url_without_secrets(self.queue_url)
 
     @property
     def batch_messages(self) -> int:

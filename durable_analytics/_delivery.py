@@ -11,12 +11,11 @@ tenacity) are ``_quick_retry``'s: ``Deliverer`` settles the answer it returns.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,7 +34,7 @@ from ._reports import (
 from ._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend, settling
 from ._transport import Outcome, open_transport
 from ._transport.base import Started, Transport
-from .exceptions import DeliveryError, MessageRejected, QueueError
+from .exceptions import DeliveryError, QueueError
 
 if TYPE_CHECKING:
     from ._config import Config, OnError
@@ -48,7 +47,6 @@ __all__ = [
     "DeliveryStats",
     "FlushResult",
     "Follow",
-    "Reported",
     "make_deliverer",
     "retry_delay",
 ]
@@ -159,21 +157,6 @@ class Ahead:
     taken: bool = False
 
 
-@dataclass
-class Reported:
-    """What a Deliverer reported to ``on_error`` during a ``recording`` block: the ids of
-    the messages, and the last error that kept a batch in the queue (None: every failure
-    was a rejection, or there was none)."""
-
-    ids: set[int] = field(default_factory=set)
-    kept: DeliveryError | None = None
-
-    def add(self, exc: DeliveryError, ids: Iterable[int]) -> None:
-        self.ids.update(ids)
-        if not isinstance(exc, MessageRejected):
-            self.kept = exc
-
-
 class Deliverer:
     """Delivers leased batches by the status policy.
 
@@ -230,7 +213,6 @@ class Deliverer:
         # on_error is the user's code: never called from two delivery threads at once (a
         # Client's deliverers share one gate).
         self._report_gate = ReportGate() if report_gate is None else report_gate
-        self._records: list[Reported] = []  # ``recording`` blocks running now
         #: Messages this Deliverer dead-lettered, per destination id (counted just before
         #: the move commits, so whoever sees them gone from the queue sees them counted).
         self.dead_lettered: dict[int, int] = {}
@@ -448,30 +430,26 @@ class Deliverer:
         self, exc: DeliveryError, lease: Lease, idx: list[int], until: float | None = None
     ) -> None:
         """Call ``on_error`` for the messages ``idx`` of ``lease`` (``_reports.report``)."""
-        ids = [lease.ids[i] for i in idx]
-        for record in tuple(self._records):
-            record.add(exc, ids)
+        self._report_gate.note(exc, [lease.ids[i] for i in idx])
         report(self.on_error, self._report_gate, exc, [lease.bodies[i] for i in idx], until)
 
     def report_unsent(
-        self, exc: DeliveryError, bodies: Sequence[bytes], until: float | None = None
+        self,
+        exc: DeliveryError,
+        rows: Sequence[tuple[int, bytes]],
+        until: float | None = None,
     ) -> None:
-        """Call ``on_error`` for messages that were not sent (``flush()``'s rest, kept behind
-        its destination's backoff), as for a batch that failed with ``exc``."""
-        report(self.on_error, self._report_gate, exc, bodies, until)
+        """Call ``on_error`` for messages ``(id, body)`` that were not sent (``flush()``'s
+        rest, kept behind its destination's backoff), as for a batch that failed with
+        ``exc``."""
+        self._report_gate.note(exc, [row_id for row_id, _ in rows])
+        report(self.on_error, self._report_gate, exc, [body for _, body in rows], until)
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[Reported]:
-        """Record what this Deliverer reports to ``on_error`` while the block runs (every
-        thread's reports, see ``Reported``)."""
-        record = Reported()
-        with self._lock:
-            self._records.append(record)
-        try:
-            yield record
-        finally:
-            with self._lock:
-                self._records.remove(record)
+    @property
+    def report_gate(self) -> ReportGate:
+        """The gate of this Deliverer's ``on_error`` calls (a Client's deliverers share one):
+        ``ReportGate.recording`` records what any of them reports."""
+        return self._report_gate
 
     def _send_part(
         self,
@@ -512,8 +490,11 @@ class Deliverer:
         if outcome.kind != "ok":
             stats.failure = outcome
         if outcome.kind == "ok":
-            # The ack also clears the destination's backoff, in the same transaction.
-            self._ack(lease, ids, follow)
+            # The ack also clears the destination's backoff, in the same transaction. Past
+            # the caller's deadline it acks alone: the next lease would only be handed back
+            # (and the ack may now wait a moment past the deadline, ``settling``).
+            late = deadline is not None and time.monotonic() >= deadline
+            self._ack(lease, ids, None if late else follow)
             stats.sent += len(ids)
             delivery_counters.sent(len(ids))
             _delivery_log.succeeded((str(self.queue.path), dest.id), dest.host)

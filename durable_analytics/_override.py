@@ -120,9 +120,9 @@ class OverrideQueue:
         """Store a message in the wrapped queue."""
         return self.inner.append(dest_id, body, enqueued_at)
 
-    def extend(self, lease: Lease) -> bool:
+    def extend(self, lease: Lease, *, whole: bool = False) -> bool:
         """Extend the lease in the wrapped queue."""
-        return self.inner.extend(lease)
+        return self.inner.extend(lease, whole=whole)
 
     def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
         """Delete the delivered messages (and clear their stored destination's backoff)."""

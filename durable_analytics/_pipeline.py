@@ -387,14 +387,20 @@ def still_held(queue: QueueBackend, lease: Lease) -> bool:
     retries ran long, or waiting for a slot of a full window) may have expired and had its
     messages leased again, by another holder or by this pass's next lease: sending it then
     is a duplicate without a fault. Past a third of ``lease_timeout`` (when the keeper
-    would have extended it) the queue is asked, with ``extend`` (fenced by the token): it
-    renews the lease if it is still this holder's, and answers False if it is not. A
-    younger lease is sent as it is: the keeper extends it before it can expire.
+    would have extended it) the queue is asked, with ``extend(whole=True)`` (fenced by the
+    token): it renews the lease if all of it is still this holder's; if not, what is left
+    of it is handed back and False answered. A younger lease is sent as it is: the keeper
+    extends it before it can expire.
     """
     age = time.monotonic() - lease_taken_at(queue, lease)
     if age < queue.lease_timeout / 3:
         return True
-    return queue.extend(lease)
+    if queue.extend(lease, whole=True):
+        return True
+    # Partly another holder's (PostgreSQL leases messages one by one): what is still ours
+    # goes back now rather than at its expiry (fenced: nothing else is touched).
+    queue.release(lease, None, count_attempt=False)
+    return False
 
 
 def keep_leased_from_now(queue: QueueBackend, lease: Lease) -> None:

@@ -9,11 +9,13 @@ two delivery threads at once, and under a caller's deadline waits for it only un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from . import _delivery_log
 from ._bounded_call import call_within
@@ -24,6 +26,7 @@ from .exceptions import ConfigurationRejected, DeliveryError, MessageRejected, R
 __all__ = [
     "REPORT_GRACE",
     "ReportGate",
+    "Reported",
     "kept_error",
     "message_id",
     "rejected_error",
@@ -56,10 +59,53 @@ class ReportGate:
         self.lock = threading.Lock()
         #: The thread running ``on_error`` under the gate (None: none is).
         self.owner: int | None = None
+        #: Held by a ``flush()`` while it reports what it did not send: two flushes of one
+        #: client at once report each message once (the second finds it in its record).
+        self.unsent = threading.Lock()
+        self._records: list[Reported] = []
+        self._records_lock = threading.Lock()
 
     def running_here(self) -> bool:
         """Whether this thread is inside an ``on_error`` call of this gate."""
         return self.owner == threading.get_ident()
+
+    def note(self, exc: DeliveryError, ids: Sequence[int]) -> None:
+        """Record, in every ``recording`` block running now, a report of ``ids``."""
+        with self._records_lock:
+            for record in self._records:
+                record.add(exc, ids)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Reported]:
+        """Record what any deliverer of this gate reports while the block runs, and what
+        was reported in the blocks already running when it began (two flushes at once
+        report a message once between them; one after the other, each reports it)."""
+        record = Reported()
+        try:
+            with self._records_lock:
+                for running in self._records:
+                    record.ids.update(running.ids)
+                self._records.append(record)
+            yield record
+        finally:
+            with self._records_lock:
+                # By identity: records with equal contents are different blocks.
+                self._records = [r for r in self._records if r is not record]
+
+
+@dataclass(eq=False)
+class Reported:
+    """What a gate's deliverers reported to ``on_error`` during a ``recording`` block: the
+    ids of the messages, and the last error that kept a batch in the queue (None: every
+    failure was a rejection, or there was none)."""
+
+    ids: set[int] = field(default_factory=set)
+    kept: DeliveryError | None = None
+
+    def add(self, exc: DeliveryError, ids: Iterable[int]) -> None:
+        self.ids.update(ids)
+        if not isinstance(exc, MessageRejected):
+            self.kept = exc
 
 
 def report(

@@ -25,7 +25,6 @@ from durable_analytics import (
     Client,
     ConfigurationRejected,
     FlushResult,
-    MessageRejected,
     QueueStats,
     RetryableError,
     Track,
@@ -288,29 +287,39 @@ def test_on_error_never_runs_twice_at_once_for_the_flusher_thread_and_a_flush(
     assert most[0] == 1
 
 
-@pytest.mark.timeout(20)
-def test_a_flush_called_inside_on_error_reports_its_own_failure_at_once(
-    make_client: Callable[..., Client], collector: Collector
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("status", [400, 500])
+def test_a_flush_called_inside_on_error_returns_at_once_counting_without_delivering(
+    make_client: Callable[..., Client], collector: Collector, status: int
 ) -> None:
-    """``on_error`` that calls ``flush()`` (no timeout), which fails too: the inner report
-    waited for the lock the outer call held, on the same thread, for ever. It now runs at
-    once, inside the outer call."""
-    collector.set_default(400)  # rejected: dead-lettered at once, no backoff to wait for
-    calls: list[tuple[type[Exception], int]] = []
+    """``on_error`` that calls ``flush()`` (no timeout): the inner flush waited for the
+    report lock its own outer call held, or for a slot of the window the batch being
+    reported still held, for ever. It now returns at once with the count, delivering
+    nothing; the outer flush goes on, and a later flush sends what is left."""
+    collector.set_default(status)
+    calls: list[type[Exception]] = []
+    inner: list[FlushResult] = []
 
     def on_error(exc: Exception, messages: list[dict[str, Any]]) -> None:
-        calls.append((type(exc), len(messages)))
+        calls.append(type(exc))
         if len(calls) == 1:
             client.track(user_id="u", event="Inside")
-            client.flush()
+            inner.append(client.flush())
 
-    client = make_client(flusher="none", on_error=on_error)
-    track_many(client, 1)
+    client = make_client(flusher="none", on_error=on_error, max_in_flight=4, max_retries=0)
+    ids = track_many(client, 1 if status == 400 else 100)
     result = client.flush()
 
-    assert calls == [(MessageRejected, 1), (MessageRejected, 1)]
-    assert result.dead_lettered == 1
-    assert client.queue.pending() == 0
+    assert len(inner) == 1
+    assert inner[0].sent == 0
+    if status == 400:
+        assert inner[0].pending == 1  # the message tracked inside; the bad one is gone
+        assert result == FlushResult(0, 0, 1)
+    else:
+        assert inner[0].pending == len(ids) + 1
+        assert result == FlushResult(0, len(ids), 0)
+    # Nothing lost: each call is queued or a dead letter.
+    assert client.queue.pending() + len(client.queue.dead_letters()) == len(ids) + 1
 
 
 @pytest.mark.skipif(

@@ -402,6 +402,49 @@ def test_flush_without_a_timeout_returns_with_pending_counted_and_on_error_once_
     assert {type(exc) for exc, _ in reports} == {kind}
 
 
+def test_two_flushes_at_once_report_each_unsent_message_once_and_raise_nothing(
+    queue_path: Path, collector: Collector
+) -> None:
+    """Two threads flush one client against a failing server. Each saw the other's failure
+    (one record of reports per client) and reported the same rest: 120 reports for 100
+    messages; and a record removed by equality, not identity, raised ``ValueError`` out
+    of ``flush()``. Now each message is reported once and both flushes return. (Each
+    answer is held 1 s, so both passes lease before either meets its failure: neither
+    then waits for the other's backoff and tries again, which would report again.)"""
+    collector.set_default(500)
+    collector.set_delay(1.0)
+    reported: list[str] = []
+    client = Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        flusher="none",
+        on_exit="none",
+        max_retries=0,
+        on_error=lambda exc, msgs: reported.extend(m["messageId"] for m in msgs),
+    )
+    ids = track(client, 100)
+    results: list[FlushResult] = []
+    errors: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            results.append(client.flush())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=flush) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    client.close(timeout=0)
+
+    assert errors == []
+    assert [r.pending for r in results] == [100, 100]
+    assert sorted(reported) == sorted(ids)
+
+
 def test_flush_reports_what_it_did_not_send_but_not_what_another_holder_is_sending(
     queue_path: Path, collector: Collector
 ) -> None:

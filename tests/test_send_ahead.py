@@ -398,9 +398,10 @@ def test_a_lease_younger_than_a_third_of_its_timeout_is_sent_without_asking_the_
         asked: list[str] = []
         extend = queue.extend
 
-        def counted(held: Any) -> bool:
+        def counted(held: Any, *, whole: bool = False) -> bool:
+            assert whole  # all of it must still be this holder's
             asked.append(held.token)
-            return extend(held)
+            return extend(held, whole=whole)
 
         queue.extend = counted  # type: ignore[method-assign]
         assert _pipeline.still_held(queue, lease)

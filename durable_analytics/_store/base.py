@@ -266,8 +266,13 @@ class QueueBackend(Protocol):
         """Take the oldest ready messages of one destination, or None when none are ready."""
         ...
 
-    def extend(self, lease: Lease) -> bool:
-        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
+    def extend(self, lease: Lease, *, whole: bool = False) -> bool:
+        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already.
+
+        ``whole``: False also when only some of its messages are still under it (a backend
+        that leases messages one by one lets another holder take part of an expired lease;
+        what is left is extended all the same).
+        """
         ...
 
     def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:

@@ -29,8 +29,8 @@ def settling() -> Iterator[None]:
     """Inside the block, this thread's queue waits may end ``SETTLE_GRACE`` past the
     deadline of ``QueueBackend.bounded`` (the ack of a batch the server took)."""
     depth = getattr(_local, "depth", 0)
-    _local.depth = depth + 1
     try:
+        _local.depth = depth + 1
         yield
     finally:
         _local.depth = depth

@@ -70,6 +70,29 @@ def test_the_password_of_the_queue_url_is_never_shown() -> None:
     assert config.queue_name == "postgresql://app:***@db:5432/app"
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://app@db/app?schema=q&password=s3cret-pw",
+            "postgresql://app@db/app?schema=q&password=***",
+        ),
+        (
+            "postgresql://app:s3cret-pw@db/app?sslpassword=s3cret-key&sslmode=require",
+            "postgresql://app:***@db/app?sslpassword=***&sslmode=require",
+        ),
+    ],
+)
+def test_a_password_given_as_a_url_parameter_is_never_shown_either(url: str, shown: str) -> None:
+    """libpq takes ``?password=`` too: it was shown in ``repr(Client)``, ``status``, the
+    Prometheus labels and the queue-full warning (only ``user:password@`` was masked)."""
+    config = Config.build(WRITE_KEY, queue_url=url)
+    assert config.queue_name == shown
+    assert "s3cret" not in repr(config)
+    client = Client(WRITE_KEY, queue_url=url, send=False)
+    assert "s3cret" not in repr(client)
+
+
 def test_the_module_level_queue_url_setting(
     url: str, collector: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:

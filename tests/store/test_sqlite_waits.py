@@ -185,7 +185,7 @@ def test_a_delivering_transaction_waiting_for_its_turn_gives_up_at_the_deadline(
 def test_settling_a_delivered_batch_may_wait_half_a_second_past_the_deadline_not_more(
     queue: Queue, queue_path: Path, dest: int
 ) -> None:
-    """Another process holds the write lock for 0.3 s past a deadline that has passed. An
+    """Another process holds the write lock for 0.1 s past a deadline that has passed. An
     ack gave up after the 50 ms every wait keeps, so the batch the server had went again;
     inside ``settling`` it waits for the lock (the grace is 0.5 s), while an ordinary write
     still gives up. A holder that outlasts the grace is given up on too, at the grace."""
@@ -195,11 +195,11 @@ def test_settling_a_delivered_batch_may_wait_half_a_second_past_the_deadline_not
     other = sqlite3.connect(queue_path, isolation_level=None, check_same_thread=False)
     try:
         other.execute("BEGIN IMMEDIATE")
-        releasing = threading.Timer(0.3, other.rollback)
-        releasing.start()
         with queue.bounded(0.0):
             with pytest.raises(QueueBusy):
                 queue.extend(lease)
+            releasing = threading.Timer(0.1, other.rollback)  # well inside the 0.5 s grace
+            releasing.start()
             with settling():
                 assert queue.ack(lease) == 1
         releasing.join(10)

@@ -249,8 +249,9 @@ class MemoryQueue:
                 dest.failures,
             )
 
-    def extend(self, lease: Lease) -> bool:
-        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
+    def extend(self, lease: Lease, *, whole: bool = False) -> bool:
+        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already
+        (a lease is one record: held whole or not at all, so ``whole`` changes nothing)."""
         with self._lock:
             self._check_open()
             rec = self._leases.get(lease.token)

@@ -125,8 +125,13 @@ _SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0
 
 
 def _redact(text: str, url: str) -> str:
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
+    secrets = [urlsplit(url).password] + [
+        v for k, v in parse_qsl(urlsplit(url).query) if k.lower() in ("password", "sslpassword")
+    ]
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def translate(exc: Exception, identity: str) -> QueueError:
@@ -159,6 +164,9 @@ class Pool:
         self.target = target
         self.size = size
         self.timeout = timeout
+        hosts = str(conninfo_to_dict(target.conninfo).get("host") or "")
+        hostaddrs = str(conninfo_to_dict(target.conninfo).get("hostaddr") or "")
+        self._many_hosts = "," in hosts or "," in hostaddrs
         self._reset()
         self._closed = False
         _POOLS.add(self)
@@ -179,9 +187,11 @@ class Pool:
                 conninfo, connect_timeout=max(2, math.ceil(timeout))
             )
         try:
-            # Under a deadline, given up at it (see _open_within).
-            if timeout is not None:
-                conn = self._open_within(conninfo, timeout)
+            # Under a deadline, given up at it (see _open_within); so is a URL of several
+            # hosts, whose connect_timeout libpq counts per host: three hosts, one of them
+            # hung, took three times the queue's timeout.
+            if timeout is not None or self._many_hosts:
+                conn = self._open_within(conninfo, self.timeout if timeout is None else timeout)
             else:
                 conn = self._open(conninfo)
         except psycopg.Error as exc:
@@ -279,6 +289,15 @@ class Pool:
             return
         with contextlib.suppress(psycopg.Error):
             conn.close()
+
+    def drop_idle(self) -> None:
+        """Close the idle connections (the server ended their sessions: a restart); new
+        ones are made on demand."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
 
     def close(self) -> None:
         """Close the idle connections (busy ones close when given back); no new ones."""

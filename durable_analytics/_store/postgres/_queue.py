@@ -58,6 +58,11 @@ def _local(delta: float | None) -> float | None:
     return None if delta is None else time.time() + float(delta)
 
 
+class _StaleConnection(Exception):
+    """A pooled connection was found closed by the server at a transaction's first
+    statement: nothing ran; ``_tx`` runs it again on a new connection."""
+
+
 class PostgresQueue(QueueReads):
     """A durable message queue in PostgreSQL, shared by every process of every host.
 
@@ -174,6 +179,24 @@ class PostgresQueue(QueueReads):
         statement costs three round trips (measured faster than psycopg's pipeline mode
         here). Results are read after COMMIT, from the cursors ``run`` returns.
         """
+        try:
+            return self._tx_once(run, snapshot, now)
+        except _StaleConnection:
+            # The server ended the session while it sat idle in the pool (a restart, a
+            # failover, ``idle_session_timeout``, a pooler or NAT dropping idle sockets):
+            # nothing of this transaction ran, so it runs once more on a new connection
+            # (the other idle ones are most likely dead too: dropped).
+            self._pool.drop_idle()
+            return self._tx_once(run, snapshot, now, retried=True)
+
+    def _tx_once(
+        self,
+        run: Callable[[Connection], T],
+        snapshot: bool,
+        now: float | None,
+        *,
+        retried: bool = False,
+    ) -> T:
         limit = self._deadlines.limit(self.timeout)
         watch = None
         try:
@@ -185,7 +208,12 @@ class PostgresQueue(QueueReads):
                     at = self._clock() if now is None else now
                     begin += b"; SET LOCAL durable_analytics.now = '%.6f'" % at
                 with WATCHDOG.watching(conn, limit) as watch:
-                    conn.execute(begin)
+                    try:
+                        conn.execute(begin)
+                    except psycopg.OperationalError:
+                        if not retried and not watch.cut and (conn.closed or conn.broken):
+                            raise _StaleConnection from None
+                        raise
                     try:
                         result = run(conn)
                         conn.execute(b"COMMIT")
@@ -358,15 +386,20 @@ class PostgresQueue(QueueReads):
             "token": uuid.UUID(lease.token),
         }
 
-    def extend(self, lease: Lease) -> bool:
-        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
+    def extend(self, lease: Lease, *, whole: bool = False) -> bool:
+        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already.
+
+        Messages are leased one by one: another holder may have taken some of an expired
+        lease. What is left is extended; ``whole`` answers False then too.
+        """
         params = {
             "timeout": self.lease_timeout,
             "ids": list(lease.ids),
             "token": uuid.UUID(lease.token),
         }
         row = self._tx(lambda c: c.execute(self._sql(q.EXTEND), params)).fetchone()
-        return bool(row and row[0])
+        kept = int(row[0]) if row else 0
+        return kept == len(lease.ids) if whole else kept > 0
 
     def ack(self, lease: Lease, ids: Iterable[int] | None = None) -> int:
         """Delete delivered messages and clear the destination's backoff; returns how many.
@@ -556,8 +589,10 @@ class PostgresQueue(QueueReads):
         row = self._tx(lambda c: c.execute(self._sql(q.READY_SUMMARY), params), now=now).fetchone()
         if row is None or not row[0]:
             return 0, None
-        # The oldest's enqueue time as stored (the server's clock, or the caller's).
-        return int(row[0]), float(row[1])
+        # The oldest's age by the server's clock, on this host's (or the caller's ``now``):
+        # a host whose clock is off from the server's by more than ``flush_interval`` saw
+        # every message overdue (or from the future, sent at once), one request each.
+        return int(row[0]), (time.time() if now is None else now) + float(row[1])
 
     def reclaim_expired(self) -> int:
         """Free the messages of expired leases and of dead holders now; how many leases ended.

@@ -243,7 +243,7 @@ WHERE w.at IS NOT NULL AND {ROOM}
 # The first ``limit`` ready messages of each destination that is not backing off and has
 # room in its window (from the (dest, id) index), then the oldest ``limit`` of those.
 READY_SUMMARY = f"""
-SELECT count(*), extract(epoch FROM min(enqueued_at))::float8 FROM (
+SELECT count(*), extract(epoch FROM min(enqueued_at) - now())::float8 FROM (
     SELECT r.id, r.enqueued_at FROM {{s}}.destinations d
     CROSS JOIN LATERAL (
         SELECT m.id, m.enqueued_at FROM {{s}}.messages m

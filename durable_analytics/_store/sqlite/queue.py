@@ -350,8 +350,9 @@ class SqliteQueue(QueueReads):
             self._db, truncate, before=self.before_checkpoint, exclusive=self.restart_exclusive
         )
 
-    def extend(self, lease: Lease) -> bool:
-        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already."""
+    def extend(self, lease: Lease, *, whole: bool = False) -> bool:
+        """Push the lease's expiry ``lease_timeout`` from now; False if it was lost already
+        (a lease is one record: held whole or not at all, so ``whole`` changes nothing)."""
         now_wall = time.time()
         mono = time.monotonic() + self.lease_timeout
 
