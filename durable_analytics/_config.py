@@ -344,6 +344,11 @@ def url_without_secrets(url: str) -> str:
     return parts.geturl()
 
 
+#: Client settings segment-analytics-python reads as truthy or falsy, whatever their type.
+#: (``debug`` is not among them: None leaves it to the ``DEBUG`` environment variable.)
+_SEGMENT_FLAGS = ("send", "gzip", "sync_mode")
+
+
 @dataclass(frozen=True)
 class Config:
     """Every Client setting, validated. Build it with ``Config.build(write_key, **settings)``.
@@ -423,6 +428,13 @@ class Config:
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(unknown_settings_message(unknown, known))
+        for flag in _SEGMENT_FLAGS:
+            # segment-analytics-python keeps these as given and reads them as truthy or
+            # falsy (send=1, gzip=0, send=None): so do we, as True or False.
+            if flag in settings:
+                settings[flag] = bool(settings[flag])
+        if settings.get("debug") is not None:
+            settings["debug"] = bool(settings["debug"])
         # None means "the default", as segment-analytics-python's module settings do.
         settings = {k: v for k, v in settings.items() if v is not None}
 
@@ -432,7 +444,11 @@ class Config:
             raise ConfigError(
                 "write_key is required: pass Client(write_key) or set DURABLE_ANALYTICS_WRITE_KEY"
             )
-        if not isinstance(write_key, str) or not write_key.strip():
+        if not isinstance(write_key, str):
+            raise ConfigError("write_key must be a non-empty string")
+        # send=False takes an empty key (a development setup: the key from an unset
+        # environment variable): segment accepts it, and nothing is ever sent with it.
+        if not write_key.strip() and settings.get("send", True):
             raise ConfigError("write_key must be a non-empty string")
         if any(c in write_key for c in "\r\n\x00"):
             raise ConfigError("write_key must not contain line breaks or NUL")

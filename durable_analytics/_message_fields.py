@@ -7,6 +7,7 @@ raises a ``ValidationError`` naming the call and the field.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from collections.abc import Mapping
@@ -68,7 +69,8 @@ def now_timestamp() -> str:
 
 # --------------------------------------------------------------------------- checks
 
-_ID_TYPES = (str, int, float, Decimal, UUID)
+# numbers.Real: numpy's integers and floats too, as segment-analytics-python takes any number.
+_ID_TYPES = (str, numbers.Real, Decimal, UUID)
 
 
 def _check_id(call: str, field: str, value: object) -> None:
@@ -81,8 +83,10 @@ def _check_id(call: str, field: str, value: object) -> None:
         finite = not isinstance(value, (float, Decimal)) or (
             math.isfinite(value) if isinstance(value, float) else value.is_finite()
         )
-        if isinstance(value, int):
-            int_text(call, field, value)
+        if isinstance(value, numbers.Integral):
+            int_text(call, field, int(value))
+        elif isinstance(value, numbers.Real) and not isinstance(value, float):
+            finite = math.isfinite(float(value))  # numpy's floats, fractions
     except ValidationError:
         raise
     except Exception as exc:
@@ -102,6 +106,8 @@ def optional_id(call: str, field: str, value: object) -> str | None:
     _check_id(call, field, value)
     if isinstance(value, str):
         return str.__str__(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, int):
+        return str(int(value))  # numpy's integers
     try:
         return str(value)
     except Exception as exc:
@@ -172,9 +178,13 @@ def message_id_text(call: str, value: object) -> str:
         return new_message_id()
     if type(value) is str and value:
         return value
-    if isinstance(value, (UUID, int)) and not isinstance(value, bool):
+    if isinstance(value, (UUID, numbers.Real, Decimal)) and not isinstance(value, bool):
+        # As segment-analytics-python sends it: str() of it (a number must be finite).
+        _check_id(call, "message_id", value)
         try:
-            return int_text(call, "message_id", value) if isinstance(value, int) else str(value)
+            if isinstance(value, numbers.Integral):
+                return int_text(call, "message_id", int(value))
+            return str(value)
         except ValidationError:
             raise
         except Exception as exc:

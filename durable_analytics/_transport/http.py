@@ -73,9 +73,9 @@ USER_AGENT = f"durable-analytics/{__version__}"
 
 
 def _sent_at() -> bytes:
-    return (
-        datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    ).encode("ascii")
+    # As segment-analytics-python writes it (microseconds, "+00:00"), and always with the
+    # microseconds: one length, so ``envelope_overhead`` measured once holds for every body.
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").encode("ascii")
 
 
 _HEAD = b'{"batch":['

@@ -192,14 +192,16 @@ DIFFERENCES: tuple[Difference, ...] = (
     ),
     Difference(
         "empty-required-ids",
-        "An empty `group_id` / `previous_id`",
-        'sent as `""`',
+        "An empty `event`, `group_id`, `previous_id` or `message_id`; a bool `message_id`",
+        'sent as `""` (`"True"`)',
         "`ValidationError`",
-        "an empty id cannot be joined on",
+        'an empty id cannot be joined on, nor a nameless event counted; every `""` '
+        "`messageId` would be one message to a deduplicating server",
     ),
     Difference(
         "mapping-fields",
-        '`traits` / `properties` that are `[]`, `""` or another `Mapping`; `name=0`',
+        '`traits` / `properties` / `context` / `integrations` that are `[]`, `""` or '
+        "another `Mapping`; `name=0`",
         "falsy values become `{}`; only `dict` accepted; `name=0` sent",
         "`ValidationError` for a falsy non-mapping and a non-string name; any `Mapping` accepted",
         "a wrong type is a bug at the call",

@@ -8,7 +8,8 @@ through a real client to a real collector.
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -237,6 +238,35 @@ def test_the_request_envelope_and_headers(lib: Lib, collector: Collector) -> Non
         durable={"batch", "sentAt"},
     )
     assert batch.body["sentAt"][:4].isdigit()
+    # segment writes it with microseconds and "+00:00" (durable-analytics wrote ms and "Z").
+    sent_at = datetime.fromisoformat(batch.body["sentAt"])
+    assert sent_at.utcoffset() == timedelta(0)
+    assert batch.body["sentAt"].endswith("+00:00")
+    assert len(batch.body["sentAt"].split(".")[-1]) in (len("123456+00:00"), len("+00:00"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "sent"),
+    [
+        ("user_id", "numpy.int64(42)", "42"),
+        ("message_id", "1.5", "1.5"),
+        ("message_id", "Decimal('5')", "5"),
+    ],
+)
+def test_ids_of_other_number_types_are_sent_as_their_text(
+    lib: Lib, collector: Collector, field: str, value: str, sent: str
+) -> None:
+    """numpy integers as ids (a data pipeline's), a float or ``Decimal`` message id:
+    segment sends ``str()`` of them; durable-analytics raised ``ValidationError``."""
+    numpy = pytest.importorskip("numpy")
+    given = eval(value, {"numpy": numpy, "Decimal": Decimal})
+    client = lib.client(WRITE_KEY, host=collector.url)
+    kwargs = {"user_id": "u", "event": "E", field: given}
+    assert client.track(**kwargs)[0] is True
+    client.flush()
+    [batch] = collector.batches
+    key = {"user_id": "userId", "message_id": "messageId"}[field]
+    assert batch.body["batch"][0][key] == sent
 
 
 def test_gzip_compresses_the_body(lib: Lib, collector: Collector) -> None:

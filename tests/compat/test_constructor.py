@@ -264,6 +264,41 @@ def test_send_false_validates_and_sends_nothing(lib: Lib, collector: Collector) 
         client.track("user-1", 123)
 
 
+def test_an_empty_write_key_with_send_false_is_a_quiet_development_client(
+    lib: Lib, collector: Collector
+) -> None:
+    """``write_key=os.environ.get("KEY", "")`` with ``send=False`` (a development setup):
+    calls return ``(True, message)`` and flush returns; durable-analytics raised
+    ``ConfigError`` from every call."""
+    client = lib.client("", host=collector.url, send=False)
+    ok, msg = client.track("user-1", "E")
+    client.flush()
+    assert ok is True
+    assert msg["event"] == "E"
+    assert collector.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "sends"),
+    [
+        ({"send": 1, "gzip": 0, "debug": 0}, True),
+        ({"send": None}, False),
+        ({"send": 0}, False),
+        ({"send": "yes", "sync_mode": 0}, True),
+    ],
+)
+def test_flags_are_read_as_truthy_or_falsy(
+    lib: Lib, collector: Collector, flags: dict[str, Any], sends: bool
+) -> None:
+    """segment keeps ``send``, ``gzip``, ``sync_mode``, ``debug`` as given and reads them
+    as truthy or falsy (``send=None`` sends nothing); durable-analytics refused anything
+    but a bool, and took ``send=None`` for its default, True."""
+    client = lib.client(WRITE_KEY, host=collector.url, **flags)
+    assert client.track("user-1", "E")[0] is True
+    client.flush()
+    assert (collector.requests > 0) == sends
+
+
 def test_log_handler_receives_the_librarys_records(lib: Lib, collector: Collector) -> None:
     """``log_handler`` is attached to the library's logger and gets its children's records."""
     records: list[logging.LogRecord] = []

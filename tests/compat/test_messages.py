@@ -259,6 +259,14 @@ def test_difference_empty_group_id_and_previous_id_are_rejected(
         our_client.group("u", "")
     with pytest.raises(ValidationError, match="previous_id is required"):
         our_client.alias("", "u")
+    assert segment_client.track("u", "")[1]["event"] == ""
+    with pytest.raises(ValidationError, match="event is required"):
+        our_client.track("u", "")
+    assert segment_client.track("u", "E", message_id="")[1]["messageId"] == ""
+    assert segment_client.track("u", "E", message_id=True)[1]["messageId"] == "True"
+    for bad in ("", True):
+        with pytest.raises(ValidationError, match="message_id"):
+            our_client.track("u", "E", message_id=bad)
 
 
 @pytest.mark.difference("mapping-fields")
@@ -268,6 +276,12 @@ def test_difference_mapping_fields_accept_any_mapping_and_reject_falsy_non_dicts
     assert segment_client.identify("u", [])[1]["traits"] == {}
     with pytest.raises(ValidationError, match="traits must be a dict"):
         our_client.identify("u", [])
+    assert segment_client.track("u", "E", context=[])[1]["context"]["library"]
+    assert segment_client.track("u", "E", integrations="")[1]["integrations"] == {}
+    with pytest.raises(ValidationError, match="context must be a dict"):
+        our_client.track("u", "E", context=[])
+    with pytest.raises(ValidationError, match="integrations must be a dict"):
+        our_client.track("u", "E", integrations="")
     from types import MappingProxyType
 
     with pytest.raises(AssertionError):
