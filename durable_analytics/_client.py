@@ -362,6 +362,11 @@ class Client(ClientCalls, SettingsAttributes):
                     # a file that deliveries emptied gives new rows ids from 1 again, at or
                     # below ``top``, where the next round finds them too.)
                     top = max(top, queue.max_id())
+            except QueueBusy as exc:
+                # Another process holds the queue's lock (stopped inside a transaction, a
+                # backup): an operational state, said without a traceback.
+                log.warning("flush: the queue stayed busy; the messages stay queued: %s", exc)
+                pending = queue.pending(up_to_id=top, destination=dest)
             except DurableAnalyticsError:
                 log.exception("flush: delivery failed; the messages stay queued")
                 pending = queue.pending(up_to_id=top, destination=dest)
@@ -372,7 +377,10 @@ class Client(ClientCalls, SettingsAttributes):
             # Still recording: what another flush of this client reports meanwhile is not
             # reported again here.
             if reported.kept is not None and pending and not passed(deadline):
-                self._report_unsent(deliverer, reported, top, deadline)
+                try:
+                    self._report_unsent(deliverer, reported, top, deadline)
+                except DurableAnalyticsError as exc:  # the counts stand; the reports did not
+                    log.warning("flush: could not read the messages left to report: %s", exc)
         left = queue.held_back_left(marks, destination=dest)
         if marks and left < held_at_call:
             # Held-back calls another mover took in meanwhile got ids past ``top``: until

@@ -50,9 +50,9 @@ class ReportGate:
     deliverers (the flusher thread's and the one ``flush()``, ``close()``, exit and
     ``sync_mode`` use), so their reports never overlap.
 
-    A report made from inside ``on_error`` (the callback called ``flush()``, which failed
-    too) runs at once, on the thread that asked: waiting for the gate, which that very
-    callback holds, would wait for itself.
+    A report asked for from inside ``on_error``, on its thread, runs at once: waiting for
+    the gate, which that very callback holds, would wait for itself. (A ``flush()`` called
+    there delivers nothing, see ``Client.flush``; this keeps any other path from hanging.)
     """
 
     def __init__(self) -> None:
