@@ -376,7 +376,7 @@ class Client(ClientCalls, SettingsAttributes):
                     pending = queue.pending(up_to_id=top, destination=dest)
             # Still recording: what another flush of this client reports meanwhile is not
             # reported again here.
-            if reported.kept is not None and pending and not passed(deadline):
+            if dest in reported.kept and pending and not passed(deadline):
                 try:
                     self._report_unsent(deliverer, reported, top, deadline)
                 except DurableAnalyticsError as exc:  # the counts stand; the reports did not
@@ -405,7 +405,7 @@ class Client(ClientCalls, SettingsAttributes):
         reported meanwhile by any deliverer of this client (``reported``: another flush at
         once reports under the same lock, one after the other); by the flush's deadline.
         """
-        exc = reported.kept
+        exc = reported.kept.get(self._dest)
         if exc is None:
             return
         gate = self._report_gate
@@ -427,12 +427,12 @@ class Client(ClientCalls, SettingsAttributes):
                     if row[0] in reported.ids:
                         continue
                     if batch and (len(batch) >= count or used + len(row[1]) + 1 > budget):
-                        deliverer.report_unsent(exc, batch, report_until(deadline))
+                        deliverer.report_unsent(exc, self._dest, batch, report_until(deadline))
                         batch, used = [], 0
                     batch.append(row)
                     used += len(row[1]) + 1
             if batch and not passed(deadline):
-                deliverer.report_unsent(exc, batch, report_until(deadline))
+                deliverer.report_unsent(exc, self._dest, batch, report_until(deadline))
         finally:
             gate.unsent.release()
 

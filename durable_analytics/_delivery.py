@@ -430,19 +430,20 @@ class Deliverer:
         self, exc: DeliveryError, lease: Lease, idx: list[int], until: float | None = None
     ) -> None:
         """Call ``on_error`` for the messages ``idx`` of ``lease`` (``_reports.report``)."""
-        self._report_gate.note(exc, [lease.ids[i] for i in idx])
+        self._report_gate.note(exc, lease.destination.id, [lease.ids[i] for i in idx])
         report(self.on_error, self._report_gate, exc, [lease.bodies[i] for i in idx], until)
 
     def report_unsent(
         self,
         exc: DeliveryError,
+        dest_id: int,
         rows: Sequence[tuple[int, bytes]],
         until: float | None = None,
     ) -> None:
-        """Call ``on_error`` for messages ``(id, body)`` that were not sent (``flush()``'s
-        rest, kept behind its destination's backoff), as for a batch that failed with
-        ``exc``."""
-        self._report_gate.note(exc, [row_id for row_id, _ in rows])
+        """Call ``on_error`` for messages ``(id, body)`` of ``dest_id`` that were not sent
+        (``flush()``'s rest, kept behind its destination's backoff), as for a batch that
+        failed with ``exc``."""
+        self._report_gate.note(exc, dest_id, [row_id for row_id, _ in rows])
         report(self.on_error, self._report_gate, exc, [body for _, body in rows], until)
 
     @property

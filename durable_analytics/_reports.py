@@ -69,11 +69,12 @@ class ReportGate:
         """Whether this thread is inside an ``on_error`` call of this gate."""
         return self.owner == threading.get_ident()
 
-    def note(self, exc: DeliveryError, ids: Sequence[int]) -> None:
-        """Record, in every ``recording`` block running now, a report of ``ids``."""
+    def note(self, exc: DeliveryError, dest_id: int, ids: Sequence[int]) -> None:
+        """Record, in every ``recording`` block running now, a report of ``ids`` (messages
+        of the destination ``dest_id``)."""
         with self._records_lock:
             for record in self._records:
-                record.add(exc, ids)
+                record.add(exc, dest_id, ids)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[Reported]:
@@ -96,16 +97,18 @@ class ReportGate:
 @dataclass(eq=False)
 class Reported:
     """What a gate's deliverers reported to ``on_error`` during a ``recording`` block: the
-    ids of the messages, and the last error that kept a batch in the queue (None: every
-    failure was a rejection, or there was none)."""
+    ids of the messages, and by destination the last error that kept a batch in the queue
+    (none: every failure was a rejection, or there was none). By destination: the flusher
+    thread also delivers the other destinations of a shared queue file, whose failures say
+    nothing of this client's."""
 
     ids: set[int] = field(default_factory=set)
-    kept: DeliveryError | None = None
+    kept: dict[int, DeliveryError] = field(default_factory=dict)
 
-    def add(self, exc: DeliveryError, ids: Iterable[int]) -> None:
+    def add(self, exc: DeliveryError, dest_id: int, ids: Iterable[int]) -> None:
         self.ids.update(ids)
         if not isinstance(exc, MessageRejected):
-            self.kept = exc
+            self.kept[dest_id] = exc
 
 
 def report(

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import WRITE_KEY, run_python
 
 from durable_analytics import Client, FlushResult, _pass, _pipeline
+from durable_analytics import _client as _client_module
 from durable_analytics._config import DEFAULT_MAX_IN_FLIGHT, Config
 from durable_analytics._delivery import Deliverer, make_deliverer
 from durable_analytics._drain import drain_queue
@@ -443,6 +444,38 @@ def test_two_flushes_at_once_report_each_unsent_message_once_and_raise_nothing(
     assert errors == []
     assert [r.pending for r in results] == [100, 100]
     assert sorted(reported) == sorted(ids)
+
+
+def test_a_failure_of_another_destination_never_makes_a_flush_report_its_messages(
+    queue_path: Path, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher thread also delivers the other destinations of a shared queue file. Its
+    failure there, reported while a flush ran, was taken for the flush's own: a flush held
+    back by a backoff another process stored (nothing tried, nothing failed here) reported
+    every one of its messages, with that other destination's error."""
+    reports: list[int] = []
+    client = Client(
+        WRITE_KEY,
+        host=collector.url,
+        queue_path=queue_path,
+        flusher="none",
+        on_exit="none",
+        on_error=lambda exc, msgs: reports.append(len(msgs)),
+    )
+    track(client, 40)
+    client.queue.set_backoff(client._dest, time.time() + 60, "HTTP 503 (another process)")
+    deliver = _client_module.deliver_until
+
+    def beside_another_destinations_failure(*args: Any, **kwargs: Any) -> Any:
+        client._report_gate.note(RetryableError("HTTP 500"), client._dest + 1000, [])
+        return deliver(*args, **kwargs)
+
+    monkeypatch.setattr(_client_module, "deliver_until", beside_another_destinations_failure)
+    result = client.flush(timeout=1)
+    client.close(timeout=0)
+    assert result == FlushResult(0, 40, 0)
+    assert collector.requests == 0
+    assert reports == []
 
 
 def test_flush_reports_what_it_did_not_send_but_not_what_another_holder_is_sending(
