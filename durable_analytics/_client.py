@@ -303,7 +303,8 @@ class Client(ClientCalls, SettingsAttributes):
             # still holds its slot of the window, so a delivery here could wait for itself
             # for ever. Counted, not delivered (the next flush or the flusher sends them).
             log.warning("flush() called from on_error delivers nothing; counting only")
-            return FlushResult(0, self.queue.pending(destination=self._dest), 0)
+            with self.queue.bounded(timeout):
+                return FlushResult(0, self.queue.pending(destination=self._dest), 0)
         flusher = self._flusher
         # Every wait on the queue ends by the deadline, even behind a stuck lock holder.
         with (

@@ -428,13 +428,19 @@ class Config:
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(unknown_settings_message(unknown, known))
-        for flag in _SEGMENT_FLAGS:
+        for flag in (*_SEGMENT_FLAGS, "debug"):
             # segment-analytics-python keeps these as given and reads them as truthy or
-            # falsy (send=1, gzip=0, send=None): so do we, as True or False.
-            if flag in settings:
-                settings[flag] = bool(settings[flag])
-        if settings.get("debug") is not None:
-            settings["debug"] = bool(settings["debug"])
+            # falsy (send=1, gzip=0, send=None): so do we, as True or False, but for a
+            # string, whose "false" or "0" (a setting read from the environment) would mean
+            # on. (debug=None leaves it to the DEBUG environment variable.)
+            value = settings.get(flag)
+            if isinstance(value, (str, bytes)):
+                raise ConfigError(
+                    f"{flag} must be True or False, got the string {value!r}: a string "
+                    "from the environment is not a switch (\"false\" would mean on)"
+                )
+            if flag in settings and (value is not None or flag != "debug"):
+                settings[flag] = bool(value)
         # None means "the default", as segment-analytics-python's module settings do.
         settings = {k: v for k, v in settings.items() if v is not None}
 

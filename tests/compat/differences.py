@@ -191,6 +191,13 @@ DIFFERENCES: tuple[Difference, ...] = (
         "a bool is never an id; 0 and UUIDs are",
     ),
     Difference(
+        "string-flags",
+        'A string for `send`, `gzip`, `sync_mode` or `debug` (`"false"`, `"0"`)',
+        'truthy: `send="false"` sends',
+        "`ConfigError` from `Client(...)`; other values read as truthy or falsy, as segment does",
+        'a setting read from the environment is a string, and `"false"` must not mean on',
+    ),
+    Difference(
         "empty-required-ids",
         "An empty `event`, `group_id`, `previous_id` or `message_id`; a bool `message_id`",
         'sent as `""` (`"True"`)',

@@ -284,7 +284,7 @@ def test_an_empty_write_key_with_send_false_is_a_quiet_development_client(
         ({"send": 1, "gzip": 0, "debug": 0}, True),
         ({"send": None}, False),
         ({"send": 0}, False),
-        ({"send": "yes", "sync_mode": 0}, True),
+        ({"send": 2, "sync_mode": 0}, True),
     ],
 )
 def test_flags_are_read_as_truthy_or_falsy(
@@ -297,6 +297,22 @@ def test_flags_are_read_as_truthy_or_falsy(
     assert client.track("user-1", "E")[0] is True
     client.flush()
     assert (collector.requests > 0) == sends
+
+
+def test_a_string_flag_is_refused_rather_than_read_as_truthy(
+    lib: Lib, collector: Collector
+) -> None:
+    """``send="false"`` (a setting read from the environment): segment reads it as truthy
+    and sends; durable-analytics refuses it."""
+    refused = differs(lib, "string-flags", segment=False, durable=True)
+    if refused:
+        with pytest.raises(ValueError, match="send must be True or False"):
+            lib.client(WRITE_KEY, host=collector.url, send="false")
+        return
+    client = lib.client(WRITE_KEY, host=collector.url, send="false")
+    client.track("user-1", "E")
+    client.flush()
+    assert collector.requests == 1
 
 
 def test_log_handler_receives_the_librarys_records(lib: Lib, collector: Collector) -> None:

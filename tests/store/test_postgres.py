@@ -13,12 +13,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
 from conftest import run_python
 
-from durable_analytics._store.postgres._queue import PostgresQueue
+from durable_analytics._store.postgres._queue import PostgresQueue, _StaleConnection
 from durable_analytics.exceptions import (
     ConfigError,
     QueueBusy,
@@ -141,6 +143,39 @@ def test_a_call_on_a_pooled_connection_the_server_ended_runs_on_a_new_one(
     assert pgq.pending() == 2
 
 
+def test_the_retry_on_a_new_connection_gets_only_what_is_left_of_the_timeout(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pooled socket dropped silently is found dead only when the kernel gives up on it
+    (``tcp_user_timeout`` = the queue's ``timeout``): the retry on a new connection then
+    started a second full ``timeout``. It gets what is left, and past it the call raises."""
+    q = PostgresQueue(pg_dsn, schema=pg_schema, timeout=1.0)
+    try:
+        dest = q.destination(HOST, KEY)
+        given: list[float | None] = []
+        real = q._tx_once
+
+        def found_dead_after(spent: float) -> Any:
+            def once(*args: Any, retried: bool = False, within: float | None = None) -> Any:
+                if not retried:
+                    time.sleep(spent)
+                    raise _StaleConnection
+                given.append(within)
+                return real(*args, retried=retried, within=within)
+
+            return once
+
+        monkeypatch.setattr(q, "_tx_once", found_dead_after(0.3))
+        assert q.append(dest, b'{"n":1}') > 0
+        assert given  # every transaction of the call retried once, with what was left
+        assert all(left is not None and 0.0 < left <= 0.71 for left in given)
+        monkeypatch.setattr(q, "_tx_once", found_dead_after(1.0))
+        with pytest.raises(QueueUnavailable, match="found closed"):
+            q.append(dest, b'{"n":2}')
+    finally:
+        q.close()
+
+
 def test_the_holders_local_deadline_is_never_later_than_the_servers_expiry(
     pg_dsn: str, pg_schema: str, pgq: PostgresQueue
 ) -> None:
@@ -235,11 +270,13 @@ def test_an_unreachable_server_raises_queue_unavailable(tmp_path: object) -> Non
     assert time.monotonic() - started < 10
 
 
-@pytest.mark.parametrize("hosts", [1, 3])
-def test_a_server_that_never_answers_raises_within_the_timeout(hosts: int) -> None:
+@pytest.mark.parametrize(("hosts", "timeout", "most"), [(1, 2.0, 4.5), (3, 6.0, 8.5)])
+def test_a_server_that_never_answers_raises_within_the_timeout(
+    hosts: int, timeout: float, most: float
+) -> None:
     """A TCP peer that accepts and then says nothing: bounded by the connect timeout, also
-    when the URL names several hosts (libpq counts ``connect_timeout`` per host: three
-    such hosts took three times the timeout)."""
+    when the URL names several hosts: libpq counts ``connect_timeout`` per host, so each
+    gets its share of ``timeout`` (three such hosts took three times the timeout)."""
     listeners = []
     for i in range(hosts):
         listener = socket.socket()
@@ -250,11 +287,40 @@ def test_a_server_that_never_answers_raises_within_the_timeout(hosts: int) -> No
     try:
         started = time.monotonic()
         with pytest.raises(QueueUnavailable):
-            PostgresQueue(f"postgresql://u:secret-pw@{where}/db?sslmode=disable", timeout=2.5)
-        assert time.monotonic() - started < 5.5  # one timeout and a margin, not three
+            PostgresQueue(f"postgresql://u:secret-pw@{where}/db?sslmode=disable", timeout=timeout)
+        assert time.monotonic() - started < most  # about one timeout, not one per host
     finally:
         for listener in listeners:
             listener.close()
+
+
+def test_a_url_whose_first_host_hangs_connects_to_the_next_within_the_timeout(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """Failover: the old primary hangs, the next host answers. Each host's share of
+    ``timeout`` leaves time for the next one (a give-up at ``timeout`` for all of them
+    together, tried first, refused every new connection while the first host hung)."""
+    parts = urlsplit(pg_dsn)
+    query = parse_qs(parts.query)
+    socket_dir, port = query["host"][0], query["port"][0]
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    try:
+        url = (
+            f"postgresql://{parts.username}@/{parts.path.lstrip('/')}?schema={pg_schema}"
+            f"&host=127.0.0.1,{socket_dir}&port={hung.getsockname()[1]},{port}&sslmode=disable"
+        )
+        started = time.monotonic()
+        queue = PostgresQueue(url, timeout=5.0)
+        try:
+            queue.append(queue.destination(HOST, KEY), b'{"n":1}')
+            assert queue.pending() == 1
+        finally:
+            queue.close()
+        assert time.monotonic() - started < 5.0 + 1.0
+    finally:
+        hung.close()
 
 
 def test_a_statement_held_up_by_a_lock_raises_queue_busy_after_the_timeout(

@@ -100,7 +100,12 @@ def parse_url(url: str, *, schema: str | None = None, timeout: float = 10.0) -> 
         raise ConfigError(f"invalid PostgreSQL queue URL: {_redact(str(exc), url)}") from None
     extra: dict[str, Any] = {"application_name": "durable-analytics"}
     if "connect_timeout" not in settings:
-        extra["connect_timeout"] = max(2, math.ceil(timeout))
+        # libpq counts it per host: a URL of several hosts gives each its share of
+        # ``timeout`` (at least 2 s, libpq's least), so that a hung first host leaves time
+        # for the next (failover) and trying them all takes about ``timeout``, not hosts
+        # times it.
+        hosts = max(1, str(settings.get("host") or "").count(",") + 1)
+        extra["connect_timeout"] = max(2, math.ceil(timeout / hosts))
     if "tcp_user_timeout" not in settings:
         # A server that vanished without closing the socket must not hang a call for the
         # kernel's retransmission timeout (minutes).
@@ -164,9 +169,6 @@ class Pool:
         self.target = target
         self.size = size
         self.timeout = timeout
-        hosts = str(conninfo_to_dict(target.conninfo).get("host") or "")
-        hostaddrs = str(conninfo_to_dict(target.conninfo).get("hostaddr") or "")
-        self._many_hosts = "," in hosts or "," in hostaddrs
         self._reset()
         self._closed = False
         _POOLS.add(self)
@@ -187,11 +189,9 @@ class Pool:
                 conninfo, connect_timeout=max(2, math.ceil(timeout))
             )
         try:
-            # Under a deadline, given up at it (see _open_within); so is a URL of several
-            # hosts, whose connect_timeout libpq counts per host: three hosts, one of them
-            # hung, took three times the queue's timeout.
-            if timeout is not None or self._many_hosts:
-                conn = self._open_within(conninfo, self.timeout if timeout is None else timeout)
+            # Under a deadline, given up at it (see _open_within).
+            if timeout is not None:
+                conn = self._open_within(conninfo, timeout)
             else:
                 conn = self._open(conninfo)
         except psycopg.Error as exc:

@@ -34,10 +34,10 @@ from durable_analytics._store.base import (
     Destination,
     Lease,
 )
-from durable_analytics.exceptions import ConfigError, QueueBusy, QueueError
+from durable_analytics.exceptions import ConfigError, QueueBusy, QueueError, QueueUnavailable
 
 from . import _sql as q
-from ._bounds import WATCHDOG, Deadlines
+from ._bounds import GRACE, WATCHDOG, Deadlines
 from ._caps import Caps
 from ._conn import Connection, Pool, parse_url, psycopg, translate
 from ._holders import Presence
@@ -179,15 +179,24 @@ class PostgresQueue(QueueReads):
         statement costs three round trips (measured faster than psycopg's pipeline mode
         here). Results are read after COMMIT, from the cursors ``run`` returns.
         """
+        started = time.monotonic()
         try:
             return self._tx_once(run, snapshot, now)
         except _StaleConnection:
             # The server ended the session while it sat idle in the pool (a restart, a
             # failover, ``idle_session_timeout``, a pooler or NAT dropping idle sockets):
             # nothing of this transaction ran, so it runs once more on a new connection
-            # (the other idle ones are most likely dead too: dropped).
+            # (the other idle ones are most likely dead too: dropped), within what is left
+            # of the call's bound: a socket dropped silently is found dead only by the
+            # kernel's ``tcp_user_timeout``, and the call still ends by its ``timeout``.
             self._pool.drop_idle()
-            return self._tx_once(run, snapshot, now, retried=True)
+            left = self.timeout - (time.monotonic() - started)
+            if left < GRACE:
+                raise QueueUnavailable(
+                    f"the PostgreSQL queue {self.identity} is unreachable: its connection "
+                    f"was found closed after {self.timeout:.3g} s"
+                ) from None
+            return self._tx_once(run, snapshot, now, retried=True, within=left)
 
     def _tx_once(
         self,
@@ -196,8 +205,9 @@ class PostgresQueue(QueueReads):
         now: float | None,
         *,
         retried: bool = False,
+        within: float | None = None,
     ) -> T:
-        limit = self._deadlines.limit(self.timeout)
+        limit = self._deadlines.limit(self.timeout if within is None else within)
         watch = None
         try:
             with self._pool.connection(limit) as conn:
@@ -592,7 +602,8 @@ class PostgresQueue(QueueReads):
         # The oldest's age by the server's clock, on this host's (or the caller's ``now``):
         # a host whose clock is off from the server's by more than ``flush_interval`` saw
         # every message overdue (or from the future, sent at once), one request each.
-        return int(row[0]), (time.time() if now is None else now) + float(row[1])
+        here = now if now is not None else (self._clock() if self._clock else time.time())
+        return int(row[0]), here + float(row[1])
 
     def reclaim_expired(self) -> int:
         """Free the messages of expired leases and of dead holders now; how many leases ended.
