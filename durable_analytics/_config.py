@@ -437,7 +437,7 @@ class Config:
             if isinstance(value, (str, bytes)):
                 raise ConfigError(
                     f"{flag} must be True or False, got the string {value!r}: a string "
-                    "from the environment is not a switch (\"false\" would mean on)"
+                    'from the environment is not a switch ("false" would mean on)'
                 )
             if flag in settings and (value is not None or flag != "debug"):
                 settings[flag] = bool(value)
