@@ -52,6 +52,13 @@ def thread_naming_transport(
     return transport, names
 
 
+def _quiet_client(host: str, queue_path: Path, **settings: Any) -> Client:
+    """A client that delivers only when the test flushes: no flusher, nothing at exit."""
+    return Client(
+        WRITE_KEY, host=host, queue_path=queue_path, flusher="none", on_exit="none", **settings
+    )
+
+
 def track(client: Client, n: int, size: int = 0) -> list[str]:
     ids = []
     for i in range(n):
@@ -195,12 +202,9 @@ def test_no_request_leaves_while_a_retry_after_runs(queue_path: Path, answered_f
     transport = _TimedTransport()
     with Collector(WRITE_KEY) as collector:
         collector.script(*[Reply(200)] * answered_first, Reply(429, headers={"Retry-After": "1"}))
-        client = Client(
-            WRITE_KEY,
-            host=collector.url,
-            queue_path=queue_path,
-            flusher="none",
-            on_exit="none",
+        client = _quiet_client(
+            collector.url,
+            queue_path,
             transport=transport,
         )
         ids = track(client, 100)
@@ -278,12 +282,9 @@ def test_no_request_starts_after_the_client_read_a_429_whose_retry_after_still_r
     transport = _TimedTransport()
     with Collector(WRITE_KEY, delay=0.05) as collector:
         collector.rate_limit(0.5, "0.3")
-        client = Client(
-            WRITE_KEY,
-            host=collector.url,
-            queue_path=queue_path,
-            flusher="none",
-            on_exit="none",
+        client = _quiet_client(
+            collector.url,
+            queue_path,
             transport=transport,
         )
         ids = track(client, 300)
@@ -381,12 +382,9 @@ def test_flush_without_a_timeout_returns_with_pending_counted_and_on_error_once_
         if server == "500 forever":
             collector.set_default(500)
         host = refused_url if server == "unreachable" else collector.url
-        client = Client(
-            WRITE_KEY,
-            host=host,
-            queue_path=queue_path,
-            flusher="none",
-            on_exit="none",
+        client = _quiet_client(
+            host,
+            queue_path,
             on_error=lambda exc, msgs: reports.append((exc, msgs)),
         )
         ids = track(client, 50)
@@ -415,12 +413,9 @@ def test_two_flushes_at_once_report_each_unsent_message_once_and_raise_nothing(
     collector.set_default(500)
     collector.set_delay(1.0)
     reported: list[str] = []
-    client = Client(
-        WRITE_KEY,
-        host=collector.url,
-        queue_path=queue_path,
-        flusher="none",
-        on_exit="none",
+    client = _quiet_client(
+        collector.url,
+        queue_path,
         max_retries=0,
         on_error=lambda exc, msgs: reported.extend(m["messageId"] for m in msgs),
     )
@@ -454,12 +449,9 @@ def test_a_failure_of_another_destination_never_makes_a_flush_report_its_message
     back by a backoff another process stored (nothing tried, nothing failed here) reported
     every one of its messages, with that other destination's error."""
     reports: list[int] = []
-    client = Client(
-        WRITE_KEY,
-        host=collector.url,
-        queue_path=queue_path,
-        flusher="none",
-        on_exit="none",
+    client = _quiet_client(
+        collector.url,
+        queue_path,
         on_error=lambda exc, msgs: reports.append(len(msgs)),
     )
     track(client, 40)
@@ -486,12 +478,9 @@ def test_flush_reports_what_it_did_not_send_but_not_what_another_holder_is_sendi
     sending them, and reports them itself if it fails."""
     collector.set_default(500)
     reports: list[list[str]] = []
-    client = Client(
-        WRITE_KEY,
-        host=collector.url,
-        queue_path=queue_path,
-        flusher="none",
-        on_exit="none",
+    client = _quiet_client(
+        collector.url,
+        queue_path,
         max_retries=0,
         on_error=lambda exc, msgs: reports.append([m["messageId"] for m in msgs]),
     )
