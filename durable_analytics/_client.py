@@ -414,26 +414,26 @@ class Client(ClientCalls, SettingsAttributes):
         if not gate.unsent.acquire(timeout=wait):
             return
         try:
-            queue = self.queue
-            count, budget = deliverer.batch_messages, deliverer.max_batch_bytes
-            batch: list[tuple[int, bytes]] = []
-            used = 0
+            # Cut as requests are (``Deliverer.split``); the last, maybe partial, batch of
+            # a page waits for the next page's messages.
+            left: list[tuple[int, bytes]] = []
             after = 0
             while not passed(deadline):
-                rows = queue.unleased(self._dest, up_to_id=top, after_id=after, limit=count * 25)
-                if not rows:
-                    break
-                after = rows[-1][0]
-                for row in rows:
-                    if row[0] in reported.ids:
-                        continue
-                    if batch and (len(batch) >= count or used + len(row[1]) + 1 > budget):
-                        deliverer.report_unsent(exc, self._dest, batch, report_until(deadline))
-                        batch, used = [], 0
-                    batch.append(row)
-                    used += len(row[1]) + 1
-            if batch and not passed(deadline):
-                deliverer.report_unsent(exc, self._dest, batch, report_until(deadline))
+                page = self.queue.unleased(
+                    self._dest, up_to_id=top, after_id=after, limit=deliverer.batch_messages * 25
+                )
+                if page:
+                    after = page[-1][0]
+                left += [row for row in page if row[0] not in reported.ids]
+                parts = deliverer.split([body for _, body in left])
+                for part in parts if not page else parts[:-1]:
+                    if passed(deadline):
+                        return
+                    rows = [left[i] for i in part]
+                    deliverer.report_unsent(exc, self._dest, rows, report_until(deadline))
+                if not page:
+                    return
+                left = [left[i] for i in parts[-1]] if parts else []
         finally:
             gate.unsent.release()
 

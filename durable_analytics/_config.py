@@ -23,6 +23,7 @@ from .exceptions import ConfigError
 
 __all__ = [
     "DEFAULT_HOST",
+    "SECRET_URL_PARAMETERS",
     "SEGMENT_PARAMETERS",
     "Config",
     "Durability",
@@ -41,6 +42,7 @@ __all__ = [
     "is_queue_url",
     "proxy_for_url",
     "redact",
+    "url_without_secrets",
 ]
 
 DEFAULT_HOST = "https://api.segment.io"
@@ -326,7 +328,7 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 #: Query parameters of a PostgreSQL URL that hold a secret (libpq's ``password`` and the
 #: passphrase of an encrypted client key).
-_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+SECRET_URL_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
 def url_without_secrets(url: str) -> str:
@@ -338,15 +340,14 @@ def url_without_secrets(url: str) -> str:
         parts = parts._replace(netloc=netloc)
     if parts.query:
         query = parse_qsl(parts.query, keep_blank_values=True)
-        if any(k.lower() in _SECRET_PARAMETERS for k, _ in query):
-            hidden = [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in query]
+        if any(k.lower() in SECRET_URL_PARAMETERS for k, _ in query):
+            hidden = [(k, "***" if k.lower() in SECRET_URL_PARAMETERS else v) for k, v in query]
             parts = parts._replace(query=urlencode(hidden, safe="*"))
     return parts.geturl()
 
 
 #: Client settings segment-analytics-python reads as truthy or falsy, whatever their type.
-#: (``debug`` is not among them: None leaves it to the ``DEBUG`` environment variable.)
-_SEGMENT_FLAGS = ("send", "gzip", "sync_mode")
+_SEGMENT_FLAGS = ("send", "gzip", "sync_mode", "debug")
 
 
 @dataclass(frozen=True)
@@ -428,7 +429,7 @@ class Config:
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(unknown_settings_message(unknown, known))
-        for flag in (*_SEGMENT_FLAGS, "debug"):
+        for flag in _SEGMENT_FLAGS:
             # segment-analytics-python keeps these as given and reads them as truthy or
             # falsy (send=1, gzip=0, send=None): so do we, as True or False, but for a
             # string, whose "false" or "0" (a setting read from the environment) would mean

@@ -292,16 +292,19 @@ class Deliverer:
         self._release_quietly(lease)
 
     def batches(self, lease: Lease) -> list[list[int]]:
-        """``lease``'s messages (by index) cut into requests: at most ``batch_messages``
-        each, and at most ``max_batch_bytes`` with the envelope (one message at least)."""
+        """``lease``'s messages (by index) cut into requests (``split``)."""
+        return self.split(lease.bodies)
+
+    def split(self, bodies: Sequence[bytes]) -> list[list[int]]:
+        """``bodies`` (by index) cut into batches: at most ``batch_messages`` each, and at
+        most ``max_batch_bytes`` with the envelope (one message at least)."""
         budget = self._budget()
-        bodies = lease.bodies
         if 0 < len(bodies) <= self.batch_messages and sum(map(len, bodies)) + len(bodies) <= budget:
             return [list(range(len(bodies)))]  # the usual lease: one request
         parts: list[list[int]] = []
         part: list[int] = []
         used = 0
-        for i, body in enumerate(lease.bodies):
+        for i, body in enumerate(bodies):
             cost = len(body) + 1  # a comma each, one too many: _budget counts it back
             if part and (len(part) >= self.batch_messages or used + cost > budget):
                 parts.append(part)
@@ -445,12 +448,6 @@ class Deliverer:
         failed with ``exc``."""
         self._report_gate.note(exc, dest_id, [row_id for row_id, _ in rows])
         report(self.on_error, self._report_gate, exc, [body for _, body in rows], until)
-
-    @property
-    def report_gate(self) -> ReportGate:
-        """The gate of this Deliverer's ``on_error`` calls (a Client's deliverers share one):
-        ``ReportGate.recording`` records what any of them reports."""
-        return self._report_gate
 
     def _send_part(
         self,

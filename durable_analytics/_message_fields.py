@@ -180,7 +180,8 @@ def message_id_text(call: str, value: object) -> str:
         return value
     if isinstance(value, (UUID, numbers.Real, Decimal)) and not isinstance(value, bool):
         # As segment-analytics-python sends it: str() of it (a number must be finite).
-        _check_id(call, "message_id", value)
+        if not isinstance(value, numbers.Integral):
+            _check_id(call, "message_id", value)  # (an integer's check is int_text's)
         try:
             if isinstance(value, numbers.Integral):
                 return int_text(call, "message_id", int(value))

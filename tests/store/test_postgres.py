@@ -156,12 +156,12 @@ def test_the_retry_on_a_new_connection_gets_only_what_is_left_of_the_timeout(
         real = q._tx_once
 
         def found_dead_after(spent: float) -> Any:
-            def once(*args: Any, retried: bool = False, within: float | None = None) -> Any:
-                if not retried:
+            def once(*args: Any, within: float | None = None) -> Any:
+                if within is None:  # the first attempt
                     time.sleep(spent)
                     raise _StaleConnection
                 given.append(within)
-                return real(*args, retried=retried, within=within)
+                return real(*args, within=within)
 
             return once
 

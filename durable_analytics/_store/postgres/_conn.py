@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from durable_analytics._bounded_call import Background
+from durable_analytics._config import SECRET_URL_PARAMETERS
 from durable_analytics.exceptions import ConfigError, QueueBusy, QueueError, QueueUnavailable
 
 try:
@@ -130,8 +131,9 @@ _SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0
 
 
 def _redact(text: str, url: str) -> str:
-    secrets = [urlsplit(url).password] + [
-        v for k, v in parse_qsl(urlsplit(url).query) if k.lower() in ("password", "sslpassword")
+    parts = urlsplit(url)
+    secrets = [parts.password] + [
+        v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_URL_PARAMETERS
     ]
     for secret in secrets:
         if secret:
@@ -302,11 +304,7 @@ class Pool:
     def close(self) -> None:
         """Close the idle connections (busy ones close when given back); no new ones."""
         self._closed = True
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            with contextlib.suppress(psycopg.Error):
-                conn.close()
+        self.drop_idle()
 
     def _after_fork(self) -> None:
         inherited = list(self._all)

@@ -196,7 +196,7 @@ class PostgresQueue(QueueReads):
                     f"the PostgreSQL queue {self.identity} is unreachable: its connection "
                     f"was found closed after {self.timeout:.3g} s"
                 ) from None
-            return self._tx_once(run, snapshot, now, retried=True, within=left)
+            return self._tx_once(run, snapshot, now, within=left)
 
     def _tx_once(
         self,
@@ -204,9 +204,10 @@ class PostgresQueue(QueueReads):
         snapshot: bool,
         now: float | None,
         *,
-        retried: bool = False,
         within: float | None = None,
     ) -> T:
+        """``_tx``'s one attempt; ``within``: the retry's, given what is left of the bound
+        (raises ``_StaleConnection`` on a first attempt only)."""
         limit = self._deadlines.limit(self.timeout if within is None else within)
         watch = None
         try:
@@ -221,7 +222,7 @@ class PostgresQueue(QueueReads):
                     try:
                         conn.execute(begin)
                     except psycopg.OperationalError:
-                        if not retried and not watch.cut and (conn.closed or conn.broken):
+                        if within is None and not watch.cut and (conn.closed or conn.broken):
                             raise _StaleConnection from None
                         raise
                     try:
