@@ -265,6 +265,77 @@ def test_a_signal_handlers_call_inside_a_waiting_call_is_stored_past_the_bound_a
     client.close(timeout=0)
 
 
+@pytest.mark.parametrize("moment", ["after its write", "before its write", "after a short write"])
+def test_a_signal_handlers_call_inside_its_threads_own_journal_write_is_journaled_too(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """A real SIGUSR1 whose handler calls track() lands while the main thread's call is
+    inside its journal write (the signal is sent from inside that ``os.write``: just before
+    it, just after it, or after it wrote half its record, as on a full disk). The handler's
+    call journals its record after the interrupted one, at once, instead of going to the
+    queue file and its locks (CI: behind a delivery thread that held the file's lock and
+    waited for a lock the interrupted call held, every further handler nested until a
+    RecursionError). After a short write it is not journaled there: the interrupted call
+    cuts its own partial record off, which would cut a record behind it. Every call is
+    stored once, the file holds whole records only, and the bookings match the file."""
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    client.track("u", "first")  # to the file: the destination and the connection exist
+    journal = client.queue._spools.journal
+    assert journal is not None
+    real_write = os.write
+    seen: dict[str, object] = {}
+
+    def on_usr1(signum: int, frame: object) -> None:
+        seen["ok"] = client.track("u", "handler")[0]
+        seen["size"] = os.fstat(journal.fd_box[0]).st_size
+
+    def write(fd: int, data: bytes) -> int:
+        if fd != journal.fd_box[0] or "sent" in seen:
+            return real_write(fd, data)
+        seen["sent"] = True
+        if moment == "before its write":
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs here, before the write
+            return real_write(fd, data)
+        if moment == "after a short write":
+            data = data[: len(data) // 2]
+        written = real_write(fd, data)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs here, after the write
+        return written
+
+    previous = signal.signal(signal.SIGUSR1, on_usr1)
+    try:
+        monkeypatch.setattr(journal_module.os, "write", write)
+        ok, _ = client.track("u", "interrupted")
+        monkeypatch.setattr(journal_module.os, "write", real_write)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert ok
+    assert seen["ok"] is True
+    files = journals(queue_path)
+    assert len(files) == 1
+    data = files[0].read_bytes()
+    assert journal.files[journal.stem] == len(data)  # booked: what the file holds
+    entries, end, damaged = parse(data, 0)
+    assert (end, damaged) == (len(data), False)  # whole records only
+    events = [json.loads(e.body)["event"] for e in entries]
+    if moment == "after a short write":
+        # Neither: the interrupted call cut its partial record off, and both went to the file.
+        assert events == []
+    elif moment == "before its write":
+        assert events == ["handler", "interrupted"]
+        assert seen["size"] < len(data)  # the interrupted record went after it
+    else:
+        assert events == ["interrupted", "handler"]
+        assert seen["size"] == len(data)
+    client.queue.move_spools()
+    assert Counter(m["event"] for m in _bodies_in_file(queue_path)) == {
+        "first": 1,
+        "interrupted": 1,
+        "handler": 1,
+    }
+    client.close(timeout=0)
+
+
 def _bodies_in_file(path: Path) -> list[dict[str, object]]:
     conn = sqlite3.connect(path)
     try:

@@ -243,6 +243,9 @@ class Journal:
         self.moved: dict[str, int] = {}
         self._names: dict[tuple[str, str], bytes] = {}
         self._looked = 0.0
+        #: The length of the record this process's append is writing, between its checks
+        #: and its booking (0 otherwise): see ``_append_nested``.
+        self._writing = 0
 
     def append(
         self, names: tuple[str, str], body: bytes, when: float, *, past_bound: bool = False
@@ -258,8 +261,10 @@ class Journal:
             prefix = self._names[names] = names_of(*names)
         record = encode(prefix, body, when)
         lock = self.lock
-        # A signal handler inside this thread's own append: the queue file takes it.
-        if owned(lock) or not lock.acquire(timeout=LOCAL_WAIT):
+        if owned(lock):
+            # A signal handler inside this thread's own append (``_append_nested``).
+            return self._append_nested(record)
+        if not lock.acquire(timeout=LOCAL_WAIT):
             return None
         try:
             if self.off or (
@@ -268,6 +273,9 @@ class Journal:
                 return None
             if (self.fd_box[0] < 0 or self._size >= ROTATE_BYTES) and not self._next_file():
                 return None
+            # From here to the booking a signal handler's call may write its own record
+            # (``_append_nested``); written or not, this one goes after it.
+            self._writing = len(record)
             try:
                 written = os.write(self.fd_box[0], record)
             except OSError as exc:
@@ -280,7 +288,42 @@ class Journal:
             self.files[self.stem] = self._size
             return self._size
         finally:
+            self._writing = 0
             lock.release()
+
+    def _append_nested(self, record: bytes) -> int | None:
+        """Journal the call of a signal handler that interrupted its thread's own append.
+
+        Only while that append is between its check and its booking (``_writing``), and only
+        if the file ends where the booked size says, or right after the interrupted record
+        (anything else is a short write the interrupted call is about to cut off, with
+        whatever follows it). Handlers run to their end before the interrupted call goes on,
+        so this record is the file's last while it is written, and the two bookings add up
+        in either order. A handler inside this one's write finds ``_writing`` cleared and
+        goes to the queue file. Past ``MOST_JOURNALED`` too: the queue file's lock may be
+        held by another thread that waits for something the interrupted call holds.
+        """
+        pending = self._writing
+        fd = self.fd_box[0]
+        if not pending or self.off or fd < 0:
+            return None
+        self._writing = 0
+        try:
+            start = os.fstat(fd).st_size
+            if start - self._size not in (0, pending):
+                return None
+            written = os.write(fd, record)
+        except OSError:
+            return None  # the interrupted call meets the same error and turns the journal off
+        finally:
+            self._writing = pending
+        if written != len(record):
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)  # this record is the last (see above)
+            return None
+        self._size += written
+        self.files[self.stem] = self._size
+        return start + written
 
     def _held(self) -> int:
         return sum(self.files.values())

@@ -212,7 +212,9 @@ class Spools(SpoolMoves):
         # file's size are due to be measured (the waiting call does that): waiting too,
         # each handler's call nested inside the one before, and a storm of signals during
         # one long wait ended in a RecursionError.
-        nested = me in self._waiting
+        # The same for a handler's call inside this thread's own journal write, which the
+        # journal takes after the interrupted record (``Journal._append_nested``).
+        nested = me in self._waiting or (journal is not None and owned(journal.lock))
         if (
             journal is not None
             and not journal.off

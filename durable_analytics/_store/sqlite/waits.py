@@ -36,6 +36,8 @@ from pathlib import Path
 from durable_analytics._store.settle import settle_grace
 from durable_analytics.exceptions import QueueBusy
 
+from .nesting import waiting
+
 __all__ = [
     "PRODUCER_FINE_FOR",
     "PRODUCER_MAX_PAUSE",
@@ -122,13 +124,15 @@ class Waits:
         # Deadlines (monotonic) of the flush/exit/drain calls running now: while any is
         # active, no wait of this queue, in any thread, lasts past the earliest.
         self._deadlines: dict[int, float] = {}
-        self._deadlines_lock = threading.Lock()
+        # Reentrant: a signal handler's call may read the deadlines while its thread does.
+        self._deadlines_lock = threading.RLock()
         self.order = WriteOrder()
 
     def reset_after_fork(self) -> None:
         """In a forked child: the parent's calls and waiting threads are not here."""
         self._deadlines = {}
-        self._deadlines_lock = threading.Lock()
+        # Reentrant: a signal handler's call may read the deadlines while its thread does.
+        self._deadlines_lock = threading.RLock()
         self.order = WriteOrder()
 
     @contextlib.contextmanager
@@ -197,10 +201,18 @@ class Waits:
         )
 
     def _acquire(self, lock: threading.RLock, started: float) -> None:
-        # Re-read the limit now and then: a deadline may be set while this thread waits.
-        while not lock.acquire(timeout=min(0.1, max(0.0, self.limit(started) - time.monotonic()))):
-            if time.monotonic() >= self.limit(started):
-                raise self._busy()
+        with waiting(lock) as nested:
+            if nested:
+                # A signal handler's wait inside its thread's own (``nesting.py``): one call.
+                if not lock.acquire(timeout=max(0.0, self.limit(started) - time.monotonic())):
+                    raise self._busy()
+                return
+            # Re-read the limit now and then: a deadline may be set while this thread waits.
+            while not lock.acquire(
+                timeout=min(0.1, max(0.0, self.limit(started) - time.monotonic()))
+            ):
+                if time.monotonic() >= self.limit(started):
+                    raise self._busy()
 
     @contextlib.contextmanager
     def locked(self, lock: threading.RLock) -> Iterator[None]:
