@@ -265,34 +265,43 @@ def test_a_signal_handlers_call_inside_a_waiting_call_is_stored_past_the_bound_a
     client.close(timeout=0)
 
 
-@pytest.mark.parametrize("moment", ["after its write", "before its write", "after a short write"])
-def test_a_signal_handlers_call_inside_its_threads_own_journal_write_is_journaled_too(
+@pytest.mark.parametrize(
+    "moment", ["after its write", "before its write", "after a short write", "inside a handler"]
+)
+def test_a_signal_handlers_call_right_after_its_threads_own_journal_write_is_journaled_too(
     queue_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
 ) -> None:
     """A real SIGUSR1 whose handler calls track() lands while the main thread's call is
-    inside its journal write (the signal is sent from inside that ``os.write``: just before
-    it, just after it, or after it wrote half its record, as on a full disk). The handler's
-    call journals its record after the interrupted one, at once, instead of going to the
-    queue file and its locks (CI: behind a delivery thread that held the file's lock and
-    waited for a lock the interrupted call held, every further handler nested until a
-    RecursionError). After a short write it is not journaled there: the interrupted call
-    cuts its own partial record off, which would cut a record behind it. Every call is
-    stored once, the file holds whole records only, and the bookings match the file."""
+    inside its journal write (sent from inside that ``os.write``). Right after the write,
+    the handler's call journals its record after the interrupted one, at once, instead of
+    going to the queue file and its locks (CI: behind a delivery thread that held the
+    file's lock and waited for a lock the interrupted call held, every further handler
+    nested until a RecursionError). Anywhere else it goes to the queue file: before the
+    write; after a short write (as on a full disk), which the interrupted call cuts off
+    with whatever would follow it; and inside the handler's own journal write (a second
+    handler). Every call is stored once, the journal holds whole records only, and its
+    bookings match the file."""
     client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
     client.track("u", "first")  # to the file: the destination and the connection exist
     journal = client.queue._spools.journal
     assert journal is not None
     real_write = os.write
+    writes: list[int] = []
     seen: dict[str, object] = {}
 
     def on_usr1(signum: int, frame: object) -> None:
-        seen["ok"] = client.track("u", "handler")[0]
-        seen["size"] = os.fstat(journal.fd_box[0]).st_size
+        inner = "entered" in seen
+        seen["entered"] = True
+        name = "inner handler" if inner else "handler"
+        seen["inner ok" if inner else "ok"] = client.track("u", name)[0]
 
     def write(fd: int, data: bytes) -> int:
-        if fd != journal.fd_box[0] or "sent" in seen:
+        if fd != journal.fd_box[0]:
             return real_write(fd, data)
-        seen["sent"] = True
+        writes.append(len(data))
+        signalled = len(writes) == 1 or (len(writes) == 2 and moment == "inside a handler")
+        if not signalled:
+            return real_write(fd, data)
         if moment == "before its write":
             os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs here, before the write
             return real_write(fd, data)
@@ -311,28 +320,24 @@ def test_a_signal_handlers_call_inside_its_threads_own_journal_write_is_journale
         signal.signal(signal.SIGUSR1, previous)
     assert ok
     assert seen["ok"] is True
-    files = journals(queue_path)
-    assert len(files) == 1
-    data = files[0].read_bytes()
-    assert journal.files[journal.stem] == len(data)  # booked: what the file holds
+    assert seen.get("inner ok", True) is True
+    data = b"".join(f.read_bytes() for f in journals(queue_path))
+    assert journal.files.get(journal.stem, 0) == len(data)  # booked: what the file holds
     entries, end, damaged = parse(data, 0)
     assert (end, damaged) == (len(data), False)  # whole records only
-    events = [json.loads(e.body)["event"] for e in entries]
-    if moment == "after a short write":
-        # Neither: the interrupted call cut its partial record off, and both went to the file.
-        assert events == []
-    elif moment == "before its write":
-        assert events == ["handler", "interrupted"]
-        assert seen["size"] < len(data)  # the interrupted record went after it
-    else:
-        assert events == ["interrupted", "handler"]
-        assert seen["size"] == len(data)
-    client.queue.move_spools()
-    assert Counter(m["event"] for m in _bodies_in_file(queue_path)) == {
-        "first": 1,
-        "interrupted": 1,
-        "handler": 1,
+    in_journal = [json.loads(e.body)["event"] for e in entries]
+    expected = {
+        "after its write": ["interrupted", "handler"],
+        "before its write": ["interrupted"],
+        "after a short write": [],  # cut off: the interrupted call went to the file too
+        "inside a handler": ["interrupted", "handler"],
     }
+    assert in_journal == expected[moment]
+    client.queue.move_spools()
+    stored = Counter(m["event"] for m in _bodies_in_file(queue_path))
+    assert stored == {"first": 1, "interrupted": 1, "handler": 1} | (
+        {"inner handler": 1} if moment == "inside a handler" else {}
+    )
     client.close(timeout=0)
 
 

@@ -14,11 +14,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import WRITE_KEY
 
 from durable_analytics import Client
-from durable_analytics._store.sqlite import nesting
+from durable_analytics._store.sqlite import SqliteQueue as Queue
+from durable_analytics._store.sqlite import forks, nesting
 from durable_analytics._store.sqlite.waits import Waits
+
+
+@pytest.fixture(autouse=True)
+def _list_handlers_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests install their handlers just before: no listing from an earlier test."""
+    monkeypatch.setattr(nesting, "_LISTED_FOR", 0.0)
 
 
 def _events_in_file(path: Path) -> Counter[str]:
@@ -94,28 +102,175 @@ def test_a_storm_of_signals_during_a_long_wait_nests_two_handlers_deep_not_one_p
 
 def test_a_wait_outside_any_other_is_not_marked_nested_and_holds_no_signal() -> None:
     """The main thread's first wait keeps its signals (a handler may interrupt it); a wait
-    inside it is the nested one, with the handled signals blocked until it ends."""
-    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+    inside it is the nested one, with the handled signals blocked until it ends (and only
+    those: a signal with no Python handler is not held back)."""
+    previous = [
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None),
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL),
+    ]
     try:
         with nesting.waiting() as outer:
             assert outer is False
             assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
             with nesting.waiting() as inner:
                 assert inner is True
-                assert signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+                assert signal.SIGUSR1 in blocked
+                assert signal.SIGUSR2 not in blocked  # default action: not ours to hold
             assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
     finally:
+        signal.signal(signal.SIGUSR1, previous[0])
+        signal.signal(signal.SIGUSR2, previous[1])
+
+
+class _Stop(Exception):
+    """What a handler raises (SystemExit, KeyboardInterrupt in an application)."""
+
+
+def test_a_handler_that_raises_the_moment_a_nested_wait_takes_its_lock_releases_it() -> None:
+    """The main thread waits for one lock; a handler's wait for another nests inside it,
+    with the signals held back. A signal then goes to another thread (the main thread has
+    it blocked), and its handler runs on the main thread the moment the nested wait takes
+    its lock, and raises. The lock is released on the way out (its caller never saw it
+    taken: before, it stayed held for good, and with the write lock every other thread's
+    transaction failed), and the mask is as it was."""
+    waits = Waits(Path("q"), 5.0)
+    outer, inner = threading.RLock(), threading.RLock()
+    taken = threading.Event()
+    report: dict[str, object] = {}
+
+    def holder() -> None:
+        with outer:
+            with inner:
+                taken.set()
+                time.sleep(0.3)  # the handler's wait has begun
+                os.kill(os.getpid(), signal.SIGUSR2)  # blocked on main: to this thread
+                time.sleep(0.05)
+            time.sleep(0.3)
+
+    def on_usr2(signum: int, frame: object) -> None:
+        raise _Stop
+
+    def on_usr1(signum: int, frame: object) -> None:
+        try:
+            waits._acquire(inner, time.monotonic())
+        except _Stop:
+            report["owned after"] = inner._is_owned()  # type: ignore[attr-defined]
+            raise
+        inner.release()
+
+    previous = [signal.signal(signal.SIGUSR1, on_usr1), signal.signal(signal.SIGUSR2, on_usr2)]
+    try:
+        threading.Thread(target=holder, daemon=True).start()
+        assert taken.wait(5)
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        try:
+            waits._acquire(outer, time.monotonic())
+            outer.release()
+        except _Stop:
+            pass
+    finally:
+        signal.signal(signal.SIGUSR1, previous[0])
+        signal.signal(signal.SIGUSR2, previous[1])
+    assert report == {"owned after": False}
+    got: list[bool] = []
+    other = threading.Thread(target=lambda: got.append(inner.acquire(timeout=2)))
+    other.start()
+    other.join()
+    assert got == [True]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == set()
+    assert nesting._depth[0] == 0
+
+
+def test_a_nested_wait_works_beside_a_handler_on_an_unnamed_real_time_signal() -> None:
+    """An application's Python handler on SIGRTMIN+1 (a signal with no name in the signal
+    module) does not break a handler's nested wait: it waits and takes its lock (before,
+    every such wait raised ValueError out of the handler's call)."""
+    waits = Waits(Path("q"), 5.0)
+    outer, inner = threading.RLock(), threading.RLock()
+    taken = threading.Event()
+    report: dict[str, object] = {}
+
+    def holder() -> None:
+        with outer:
+            with inner:
+                taken.set()
+                time.sleep(0.2)
+            time.sleep(0.1)
+
+    def on_usr1(signum: int, frame: object) -> None:
+        try:
+            waits._acquire(inner, time.monotonic())
+        except Exception as exc:  # reported, not raised into the main thread's wait
+            report["raised"] = exc
+            return
+        report["took"] = True
+        inner.release()
+
+    real_time = signal.SIGRTMIN + 1
+    previous = [
+        signal.signal(signal.SIGUSR1, on_usr1),
+        signal.signal(real_time, lambda signum, frame: None),
+    ]
+    try:
+        threading.Thread(target=holder, daemon=True).start()
+        assert taken.wait(5)
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        waits._acquire(outer, time.monotonic())
+        outer.release()
+    finally:
+        signal.signal(signal.SIGUSR1, previous[0])
+        signal.signal(real_time, previous[1])
+    assert report == {"took": True}
+
+
+def test_a_handlers_call_never_waits_behind_a_thread_opening_its_connection(
+    queue_path: Path,
+) -> None:
+    """The main thread holds the process's raw lock (as a look at other spools or the open
+    of a connection does) when a signal comes; meanwhile a delivery thread begins its first
+    transaction, whose connection must wait for that lock. The handler's call (a count cap:
+    no journal, no spool) is stored at once: the delivery thread opens its connection
+    before it takes the write lock. Before, it held the write lock while it waited, and the
+    handler's call waited for it until ``busy_timeout``, then raised QueueBusy."""
+    queue = Queue(queue_path, busy_timeout=2.0, max_queue_size=10_000)
+    dest = queue.destination("https://h.example", "key")
+    queue.append(dest, b'{"messageId": "first"}')
+    report: dict[str, object] = {}
+
+    def on_usr1(signum: int, frame: object) -> None:
+        started = time.monotonic()
+        report["stored"] = queue.append(dest, b'{"messageId": "handler"}') > 0
+        report["waited"] = time.monotonic() - started
+
+    def first_transaction() -> None:
+        queue._db.write(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    previous = signal.signal(signal.SIGUSR1, on_usr1)
+    try:
+        with forks.raw_lock():
+            delivery = threading.Thread(target=first_transaction, daemon=True)
+            delivery.start()
+            time.sleep(0.2)  # it waits for the raw lock
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)  # the handler runs here, the raw lock still held
+        delivery.join(5)
+    finally:
         signal.signal(signal.SIGUSR1, previous)
+        queue.close()
+    assert report["stored"] is True
+    assert float(report["waited"]) < 1.0  # type: ignore[arg-type]
 
 
-def test_a_handler_that_raises_when_a_nested_wait_ends_releases_the_lock_it_took() -> None:
-    """A signal held back during a nested wait runs its handler as the wait ends; if that
-    handler raises, the lock the wait acquired is released before the exception goes on
-    (its caller never saw the lock taken), and the signals are let through again."""
+def test_a_handler_that_raises_as_a_nested_wait_lets_signals_through_releases_its_lock() -> None:
+    """A signal held back during a nested wait runs its handler as the wait ends and the
+    signals are let through; if that handler raises, the lock the wait took is released
+    before the exception goes on (its caller never saw the lock taken), and the mask is
+    as it was."""
     lock = threading.RLock()
 
     def on_usr1(signum: int, frame: object) -> None:
-        raise KeyError("from the handler")
+        raise _Stop
 
     previous = signal.signal(signal.SIGUSR1, on_usr1)
     try:
@@ -125,7 +280,7 @@ def test_a_handler_that_raises_when_a_nested_wait_ends_releases_the_lock_it_took
                     assert nested
                     os.kill(os.getpid(), signal.SIGUSR1)  # held back: pending
                     assert lock.acquire(timeout=1)
-            except KeyError:
+            except _Stop:
                 pass
             else:
                 raise AssertionError("the handler's exception was lost")

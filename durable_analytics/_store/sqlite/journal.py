@@ -274,7 +274,7 @@ class Journal:
             if (self.fd_box[0] < 0 or self._size >= ROTATE_BYTES) and not self._next_file():
                 return None
             # From here to the booking a signal handler's call may write its own record
-            # (``_append_nested``); written or not, this one goes after it.
+            # after this one (``_append_nested``).
             self._writing = len(record)
             try:
                 written = os.write(self.fd_box[0], record)
@@ -294,14 +294,14 @@ class Journal:
     def _append_nested(self, record: bytes) -> int | None:
         """Journal the call of a signal handler that interrupted its thread's own append.
 
-        Only while that append is between its check and its booking (``_writing``), and only
-        if the file ends where the booked size says, or right after the interrupted record
-        (anything else is a short write the interrupted call is about to cut off, with
-        whatever follows it). Handlers run to their end before the interrupted call goes on,
-        so this record is the file's last while it is written, and the two bookings add up
-        in either order. A handler inside this one's write finds ``_writing`` cleared and
-        goes to the queue file. Past ``MOST_JOURNALED`` too: the queue file's lock may be
-        held by another thread that waits for something the interrupted call holds.
+        Only right after that append's write (``_writing`` set, and the file ends right
+        after the interrupted record: anything else is a write not made yet, or a short one
+        the interrupted call is about to cut off, with whatever would follow it). Handlers
+        run to their end before the interrupted call goes on, so this record is the file's
+        last while it is written, and the two bookings add up. A handler inside this one's
+        write or booking finds ``_writing`` cleared and goes to the queue file. Past
+        ``MOST_JOURNALED`` too: the queue file's lock may be held by another thread that
+        waits for something the interrupted call holds.
         """
         pending = self._writing
         fd = self.fd_box[0]
@@ -310,20 +310,28 @@ class Journal:
         self._writing = 0
         try:
             start = os.fstat(fd).st_size
-            if start - self._size not in (0, pending):
+            if start != self._size + pending:
                 return None
             written = os.write(fd, record)
+            if written != len(record):
+                self._cut(start)
+                return None
+            self._size += written
+            self.files[self.stem] = self._size
+            return start + written
         except OSError:
-            return None  # the interrupted call meets the same error and turns the journal off
+            return None  # nothing was written (an error means no byte went)
         finally:
+            # Only now: a handler inside this one's write or its cut must not write after it.
             self._writing = pending
-        if written != len(record):
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)  # this record is the last (see above)
-            return None
-        self._size += written
-        self.files[self.stem] = self._size
-        return start + written
+
+    def _cut(self, start: int) -> None:
+        """A handler's short write: cut it off (its record is the last), or stop journaling
+        (nothing more may follow a partial record)."""
+        try:
+            os.ftruncate(self.fd_box[0], start)
+        except OSError as exc:
+            self._turn_off(exc)
 
     def _held(self) -> int:
         return sum(self.files.values())
@@ -415,6 +423,7 @@ class Journal:
         self.stem = ""
         self._gen = 0
         self._size = 0
+        self._writing = 0
         self.files = {}
         self.moved = {}
         self.lock = threading.RLock()

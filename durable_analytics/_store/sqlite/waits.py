@@ -201,18 +201,30 @@ class Waits:
         )
 
     def _acquire(self, lock: threading.RLock, started: float) -> None:
-        with waiting(lock) as nested:
-            if nested:
-                # A signal handler's wait inside its thread's own (``nesting.py``): one call.
-                if not lock.acquire(timeout=max(0.0, self.limit(started) - time.monotonic())):
-                    raise self._busy()
-                return
-            # Re-read the limit now and then: a deadline may be set while this thread waits.
-            while not lock.acquire(
-                timeout=min(0.1, max(0.0, self.limit(started) - time.monotonic()))
-            ):
-                if time.monotonic() >= self.limit(started):
-                    raise self._busy()
+        """Wait for ``lock``, which this thread does not hold, or raise ``QueueBusy``.
+
+        A signal handler may run the moment the lock is taken (before this returns) and
+        raise: the lock is then released, since the caller never saw it taken.
+        """
+        held_before = owned(lock)  # never, by the callers; then it is not ours to release
+        try:
+            with waiting(lock) as nested:
+                if nested:
+                    # A handler's wait inside its thread's own (``nesting.py``): one call.
+                    timeout = max(0.0, self.limit(started) - time.monotonic())
+                    if not lock.acquire(timeout=timeout):
+                        raise self._busy()
+                    return
+                # Re-read the limit now and then: a deadline may be set meanwhile.
+                while not lock.acquire(
+                    timeout=min(0.1, max(0.0, self.limit(started) - time.monotonic()))
+                ):
+                    if time.monotonic() >= self.limit(started):
+                        raise self._busy()
+        except BaseException:
+            if not held_before and owned(lock):
+                lock.release()
+            raise
 
     @contextlib.contextmanager
     def locked(self, lock: threading.RLock) -> Iterator[None]:
