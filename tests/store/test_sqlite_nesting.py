@@ -15,11 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import WRITE_KEY
+from conftest import WRITE_KEY, run_python
 
 from durable_analytics import Client
-from durable_analytics._store.sqlite import SqliteQueue as Queue
-from durable_analytics._store.sqlite import forks, nesting
+from durable_analytics._store.sqlite import nesting
 from durable_analytics._store.sqlite.waits import Waits
 
 
@@ -109,18 +108,25 @@ def test_a_wait_outside_any_other_is_not_marked_nested_and_holds_no_signal() -> 
         signal.signal(signal.SIGUSR2, signal.SIG_DFL),
     ]
     try:
-        with nesting.waiting() as outer:
-            assert outer is False
+        outer = nesting.enter()
+        try:
+            assert not outer.nested
             assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
-            with nesting.waiting() as inner:
-                assert inner is True
+            inner = nesting.enter()
+            try:
+                assert inner.nested
                 blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ())
                 assert signal.SIGUSR1 in blocked
                 assert signal.SIGUSR2 not in blocked  # default action: not ours to hold
+            finally:
+                nesting.leave(inner)
             assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        finally:
+            nesting.leave(outer)
     finally:
         signal.signal(signal.SIGUSR1, previous[0])
         signal.signal(signal.SIGUSR2, previous[1])
+    assert nesting._depth[0] == 0
 
 
 class _Stop(Exception):
@@ -224,70 +230,44 @@ def test_a_nested_wait_works_beside_a_handler_on_an_unnamed_real_time_signal() -
     assert report == {"took": True}
 
 
-def test_a_handlers_call_never_waits_behind_a_thread_opening_its_connection(
-    queue_path: Path,
-) -> None:
-    """The main thread holds the process's raw lock (as a look at other spools or the open
-    of a connection does) when a signal comes; meanwhile a delivery thread begins its first
-    transaction, whose connection must wait for that lock. The handler's call (a count cap:
-    no journal, no spool) is stored at once: the delivery thread opens its connection
-    before it takes the write lock. Before, it held the write lock while it waited, and the
-    handler's call waited for it until ``busy_timeout``, then raised QueueBusy."""
-    queue = Queue(queue_path, busy_timeout=2.0, max_queue_size=10_000)
-    dest = queue.destination("https://h.example", "key")
-    queue.append(dest, b'{"messageId": "first"}')
-    report: dict[str, object] = {}
-
-    def on_usr1(signum: int, frame: object) -> None:
-        started = time.monotonic()
-        report["stored"] = queue.append(dest, b'{"messageId": "handler"}') > 0
-        report["waited"] = time.monotonic() - started
-
-    def first_transaction() -> None:
-        queue._db.write(lambda conn: conn.execute("SELECT 1").fetchone())
-
-    previous = signal.signal(signal.SIGUSR1, on_usr1)
-    try:
-        with forks.raw_lock():
-            delivery = threading.Thread(target=first_transaction, daemon=True)
-            delivery.start()
-            time.sleep(0.2)  # it waits for the raw lock
-            os.kill(os.getpid(), signal.SIGUSR1)
-            time.sleep(0.01)  # the handler runs here, the raw lock still held
-        delivery.join(5)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-        queue.close()
-    assert report["stored"] is True
-    assert float(report["waited"]) < 1.0  # type: ignore[arg-type]
-
-
 def test_a_handler_that_raises_as_a_nested_wait_lets_signals_through_releases_its_lock() -> None:
-    """A signal held back during a nested wait runs its handler as the wait ends and the
-    signals are let through; if that handler raises, the lock the wait took is released
-    before the exception goes on (its caller never saw the lock taken), and the mask is
-    as it was."""
+    """A signal that comes while a nested wait holds it back (blocked in the lock's holder
+    too, so it stays pending) runs its handler as the wait ends and the signals are let
+    through; the handler raises. The lock the wait took is released before the exception
+    goes on (its caller never saw it taken), and the mask and the count are as before."""
+    waits = Waits(Path("q"), 5.0)
     lock = threading.RLock()
+    taken = threading.Event()
+
+    def holder() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        with lock:
+            taken.set()
+            time.sleep(0.2)  # the main thread's nested wait has begun
+            os.kill(os.getpid(), signal.SIGUSR1)  # pending: blocked here and there
+            time.sleep(0.05)
 
     def on_usr1(signum: int, frame: object) -> None:
         raise _Stop
 
     previous = signal.signal(signal.SIGUSR1, on_usr1)
     try:
-        with nesting.waiting():
-            try:
-                with nesting.waiting(lock) as nested:
-                    assert nested
-                    os.kill(os.getpid(), signal.SIGUSR1)  # held back: pending
-                    assert lock.acquire(timeout=1)
-            except _Stop:
-                pass
-            else:
-                raise AssertionError("the handler's exception was lost")
+        threading.Thread(target=holder, daemon=True).start()
+        assert taken.wait(5)
+        outer = nesting.enter()  # the wait a handler's call would have interrupted
+        try:
+            waits._acquire(lock, time.monotonic())
+        except _Stop:
+            pass
+        else:
+            raise AssertionError("the handler did not run as the wait ended")
+        finally:
+            nesting.leave(outer)
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert not lock._is_owned()  # type: ignore[attr-defined]
     assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    assert nesting._depth[0] == 0
 
 
 def test_a_handlers_call_may_read_the_deadlines_while_its_thread_reads_them() -> None:
@@ -304,3 +284,34 @@ def test_a_handlers_call_may_read_the_deadlines_while_its_thread_reads_them() ->
 
     threading.Thread(target=reader, daemon=True).start()
     assert done.wait(5)
+
+
+FORKED_INSIDE_A_WAIT = """
+import os
+from durable_analytics._store.sqlite import nesting
+
+outer = nesting.enter()  # the main thread waits; a handler of it forks
+pid = os.fork()
+nesting.leave(outer)  # both processes leave that wait
+a = nesting.enter()
+b = nesting.enter()
+who = "child" if pid == 0 else "parent"
+os.write(1, f"{who} {a.nested} {b.nested}\\n".encode())  # one write: no interleaving
+nesting.leave(b)
+nesting.leave(a)
+if pid == 0:
+    os._exit(0 if nesting._depth[0] == 0 else 3)
+code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+os.write(1, f"exit {code} {nesting._depth[0]}\\n".encode())
+"""
+
+
+def test_a_child_forked_inside_a_wait_counts_its_waits_from_zero_once_it_leaves_it() -> None:
+    """Forked from the main thread inside a marked wait, the child starts at no wait and
+    leaves the inherited one without going below: its next wait is a first one and a wait
+    inside that is nested, as in the parent (before, the count stayed at -1 and no wait
+    of the child was ever nested)."""
+    result = run_python(FORKED_INSIDE_A_WAIT)
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.splitlines())
+    assert lines == ["child False True", "exit 0 0", "parent False True"]

@@ -135,13 +135,6 @@ class Transactions:
         """
         nested = owned(self.write_lock)  # only a signal handler on this thread
         ident = threading.get_ident()
-        if not nested and getattr(self.local, "conn", None) is None:
-            # This thread's first: open its connection under the read lock, not the write
-            # lock. An open waits for the process's raw lock (``forks.raw_lock``), whose
-            # holder may be a thread a signal handler interrupted, and the handler's call
-            # waits for the write lock: held here, neither would ever go on.
-            with self.locked(self.read_lock):
-                self.conn()
         with self.writing(producer=producer):
             if nested:
                 self.refuse_interrupted()

@@ -36,7 +36,7 @@ from pathlib import Path
 from durable_analytics._store.settle import settle_grace
 from durable_analytics.exceptions import QueueBusy
 
-from .nesting import waiting
+from .nesting import enter, leave
 
 __all__ = [
     "PRODUCER_FINE_FOR",
@@ -207,9 +207,10 @@ class Waits:
         raise: the lock is then released, since the caller never saw it taken.
         """
         held_before = owned(lock)  # never, by the callers; then it is not ours to release
+        mark = enter()
         try:
-            with waiting(lock) as nested:
-                if nested:
+            try:
+                if mark.before is not None:
                     # A handler's wait inside its thread's own (``nesting.py``): one call.
                     timeout = max(0.0, self.limit(started) - time.monotonic())
                     if not lock.acquire(timeout=timeout):
@@ -221,6 +222,8 @@ class Waits:
                 ):
                     if time.monotonic() >= self.limit(started):
                         raise self._busy()
+            finally:
+                leave(mark)
         except BaseException:
             if not held_before and owned(lock):
                 lock.release()
