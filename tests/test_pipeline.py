@@ -408,9 +408,11 @@ def test_two_flushes_at_once_report_each_unsent_message_once_and_raise_nothing(
     (one record of reports per client) and reported the same rest: 120 reports for 100
     messages; and a record removed by equality, not identity, raised ``ValueError`` out
     of ``flush()``. Now each message is reported once and both flushes return. (Each
-    answer is held 1 s, so both passes lease before either meets its failure: neither
-    then waits for the other's backoff and tries again, which would report again.)"""
-    collector.set_default(500)
+    answer is held 1 s, so both passes lease before either meets its failure; and it asks
+    for a 60 s pause, so that neither leases a failed batch again once the other's backoff
+    ended, which is a second failure and reported again: on a slow run a pass that
+    started late did, and 20 of 100 were reported twice.)"""
+    collector.set_default(Reply(500, headers={"Retry-After": "60"}))
     collector.set_delay(1.0)
     reported: list[str] = []
     client = _quiet_client(
