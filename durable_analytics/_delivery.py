@@ -531,7 +531,9 @@ class Deliverer:
         # Retryable or configuration error: keep everything not yet delivered, back off.
         # One queue transaction: count the failure (other holders' included), store the
         # backoff so every process on the queue honours it, and hand back everything this
-        # lease still holds (a split stops here).
+        # lease still holds (a split stops here). What this reports below is claimed first:
+        # once handed back, another flush's report of its unsent rest would take it too.
+        self._report_gate.claim(lease.ids[i] for part in (idx, *(later or ())) for i in part)
         until = self.queue.retry_later(
             lease,
             lambda failures: retry_delay(outcome.kind, failures, outcome.retry_after),

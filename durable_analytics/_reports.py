@@ -69,6 +69,14 @@ class ReportGate:
         """Whether this thread is inside an ``on_error`` call of this gate."""
         return self.owner == threading.get_ident()
 
+    def claim(self, ids: Iterable[int]) -> None:
+        """Record ``ids`` as reported, in every ``recording`` block running now, before they
+        go back to the queue unsent; their reports follow (``note``). A flush reporting its
+        unsent rest meanwhile would otherwise find them unleased and report them too."""
+        with self._records_lock:
+            for record in self._records:
+                record.ids.update(ids)
+
     def note(self, exc: DeliveryError, dest_id: int, ids: Sequence[int]) -> None:
         """Record, in every ``recording`` block running now, a report of ``ids`` (messages
         of the destination ``dest_id``)."""
