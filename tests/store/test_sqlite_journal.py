@@ -191,6 +191,87 @@ def test_the_bound_sends_calls_to_the_file_until_moves_free_the_journal(
     client.close(timeout=0)
 
 
+def test_with_many_processes_on_the_queue_a_journal_holds_its_share_in_smaller_files(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the processes holding journals or spools outnumber what ``SPOOL_MARGIN`` each
+    leaves under ``max_queue_bytes``, a journal holds its share of ``MOST_JOURNALED`` (and
+    rotates at a quarter of that, so that moved files are deleted within it); past the
+    share, calls go to the file. Every call is stored once."""
+    monkeypatch.setattr(journal_module, "MOST_JOURNALED", 64 * 1024)
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    first = client.track("u", "first")[1]["messageId"]
+    spools = client.queue._spools
+    assert spools is not None
+    monkeypatch.setattr(spools, "spoolers", lambda: 40)
+    share = spools.hold_share(client.queue, 300)
+    assert 0.5 < share < 1
+    bound = int(64 * 1024 * share)
+    ids = [client.track("u", "B", {"i": i, "pad": "x" * 200})[1]["messageId"] for i in range(400)]
+    files = journals(queue_path)
+    held = sum(p.stat().st_size for p in files)
+    assert bound <= held < bound + bound // 4 + 1024
+    assert len(files) >= 4  # files of about a quarter of the bound each
+    assert sum(in_file(queue_path).values()) > 100  # the rest went to the file
+    client.queue.move_spools()
+    assert in_file(queue_path) == Counter([first, *ids])
+    client.close(timeout=0)
+
+
+_SHARING_PRODUCER = """
+import json, os, sys, time
+from durable_analytics import Client
+from durable_analytics.exceptions import QueueBusy
+path, cap, ready, go = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+client = Client("key", queue_path=path, flusher="none", on_exit="none",
+                max_queue_bytes=cap, busy_timeout=0.3)
+client.track("u", "first")  # the destination exists, and this process's journal
+open(ready + str(os.getpid()), "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+time.sleep(0.2)  # past the next count of the processes that hold journals
+ids, raised = [], 0
+for i in range(200):
+    try:
+        ids.append(client.track("u", "shared", {"i": i})[1]["messageId"])
+    except QueueBusy:
+        raised += 1
+        if raised == 3:
+            break
+print(json.dumps({"ids": ids, "raised": raised}))
+"""
+
+
+def test_processes_beyond_what_the_margin_fits_still_journal_and_never_wait_for_the_file(
+    tmp_path: Path,
+) -> None:
+    """Six producer processes on a queue whose cap fits ``SPOOL_MARGIN`` for four; the file
+    held locked by another connection (a lease, a move) while all of them call. Every call
+    returns at once from the journal: none raises ``QueueBusy`` (before, once a process
+    had counted the others, each of its calls waited for the file). Lost 0, duplicated 0."""
+    path = tmp_path / "q.db"
+    cap = 4 * spool_module.SPOOL_MARGIN
+    Queue(path, max_queue_bytes=cap).close()
+    ready, go = str(tmp_path / "ready-"), tmp_path / "go"
+    procs = [start_python(_SHARING_PRODUCER, str(path), str(cap), ready, str(go)) for _ in range(6)]
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready-*"))) < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        go.touch()
+        outs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    finally:
+        holder.close()
+    assert [o["raised"] for o in outs] == [0] * 6
+    move_all(path)
+    stored = in_file(path)
+    sent = Counter(i for o in outs for i in o["ids"])
+    assert len(sent) == 1200
+    assert all(stored[i] == 1 for i in sent)  # lost 0, duplicated 0
+
+
 @pytest.mark.parametrize("outlet", ["journal", "spool", "refresh due"])
 def test_a_signal_handlers_call_inside_a_waiting_call_is_stored_past_the_bound_at_once(
     queue_path: Path, monkeypatch: pytest.MonkeyPatch, outlet: str

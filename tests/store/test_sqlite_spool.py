@@ -36,7 +36,7 @@ from durable_analytics._store.sqlite import spool as spool_module
 from durable_analytics._store.sqlite import spool_counts, spool_moves
 from durable_analytics._store.sqlite.dead_letters import used_bytes
 from durable_analytics._store.sqlite.move_records import owner_gone
-from durable_analytics._store.sqlite.spool import MOST_SPOOLED, SPOOL_MARGIN, spool_dir
+from durable_analytics._store.sqlite.spool import LEAST_SHARE, MOST_SPOOLED, SPOOL_MARGIN, spool_dir
 from durable_analytics._store.sqlite.spool_moves import MOVE_ROWS
 from durable_analytics._store.sqlite.waits import owned
 from durable_analytics._store.sqlite.wal import log_frames
@@ -733,10 +733,11 @@ def test_a_flush_with_a_timeout_returns_by_it_while_a_dead_producers_spool_is_he
 def test_with_a_count_cap_or_a_file_near_its_byte_cap_a_call_waits_instead_of_spooling(
     tmp_path: Path,
 ) -> None:
-    """A move adds what waited without the caps' check: with ``max_queue_size``, or a file
-    within ``SPOOL_MARGIN`` of ``max_queue_bytes``, a call waits for the file (the caps stay
-    exact), and a file filled to the count cap is never pushed past it."""
-    for n, options in enumerate(({"max_queue_size": 400}, {"max_queue_bytes": SPOOL_MARGIN})):
+    """With ``max_queue_size``, or a file whose room under ``max_queue_bytes`` is less than
+    ``LEAST_SHARE`` of ``SPOOL_MARGIN``, a call waits for the file (the caps stay exact),
+    and a file filled to the count cap is never pushed past it."""
+    near = int(SPOOL_MARGIN * LEAST_SHARE)
+    for n, options in enumerate(({"max_queue_size": 400}, {"max_queue_bytes": near})):
         path = tmp_path / f"q{n}.db"
         q, dest = spooling(path, overflow="drop_newest", **options)
         with write_lock_released_later(path) as release_after:
@@ -748,6 +749,47 @@ def test_with_a_count_cap_or_a_file_near_its_byte_cap_a_call_waits_instead_of_sp
                 q.append(dest, body(i))
             q.max_id()
             assert len(q.bodies()) == 400
+
+
+def test_many_processes_on_one_queue_each_spool_a_share_that_keeps_them_all_under_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``SPOOL_MARGIN`` for every process with a spool does not fit under
+    ``max_queue_bytes`` (40 such processes at the default cap), each spools a share of
+    ``MOST_SPOOLED`` instead of none: room / (margin x processes) of it, so that what they
+    hold together stays within the cap. Before, every call of every one of them waited for
+    the file's lock (``busy_timeout``, then ``QueueBusy``); past its share, a call waits as
+    before. Every call is stored once."""
+    path = tmp_path / "q.db"
+    q, dest = spooling(path)
+    monkeypatch.setattr(q._spools, "spoolers", lambda: 40)
+    share = q._spools.hold_share(q, 200)
+    assert 0.5 < share < 1  # 1 GiB among 40 margins of 40 MiB
+    most = int(MOST_SPOOLED * share)
+    with write_lock_released_later(path) as release_after:
+        assert all(q.append(dest, body(i)) < 0 for i in range(most))  # spooled at once
+        release_after(0.2)
+        assert q.append(dest, body(most)) > 0  # past its share: waited for the file
+    q.move_spools(others=False)
+    assert queued_indexes(q) == list(range(most + 1))
+    q.close()
+
+
+def test_the_share_shrinks_as_the_file_nears_its_cap_and_ends_before_it(tmp_path: Path) -> None:
+    """The share of one process follows the room left: all of it far from the cap, the
+    room divided by the margin nearer, none within ``LEAST_SHARE`` of a margin."""
+    path = tmp_path / "q.db"
+    q, _ = spooling(path, max_queue_bytes=4 * SPOOL_MARGIN)
+    spools = q._spools
+    assert spools is not None
+    appender = q._appender
+    appender.est_used = 0
+    assert spools.hold_share(q, 100) == 1.0
+    appender.est_used = 3 * SPOOL_MARGIN + SPOOL_MARGIN // 2
+    assert spools.hold_share(q, 100) == pytest.approx(0.5, abs=0.01)
+    appender.est_used = 4 * SPOOL_MARGIN - int(SPOOL_MARGIN * LEAST_SHARE) + 1
+    assert spools.hold_share(q, 100) == 0.0
+    q.close()
 
 
 # ---------------------------------------------------------------- checkpoints, measures

@@ -25,9 +25,11 @@ generation, and the older file, *sealed*, is deleted by whoever moves its last r
 was moved); its record stays a while as a tombstone (``journal_moves.TOMBSTONE_KEEP``). A
 process killed inside a ``write()`` may leave part of a record at the end of its last file:
 that call never returned; the part is dropped once the owner is gone. What bounds a journal:
-a call journals only while this process's journal files not yet deleted hold less than
-``MOST_JOURNALED`` bytes, and on the queue's fast path (the margin ``spool.SPOOL_MARGIN``
-under ``max_queue_bytes`` counts it); else it goes to the queue file.
+a call journals only on the queue's fast path, and while this process's journal files not
+yet deleted hold less than its share of ``MOST_JOURNALED`` (all of it while every process
+on the queue can have its ``spool.SPOOL_MARGIN`` under ``max_queue_bytes``, less when more
+processes share the queue or the file nears the cap: ``Spools.hold_share``); else it goes
+to the queue file.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import NamedTuple
 from .waits import owned
 
 __all__ = [
+    "LEAST_ROTATE_BYTES",
     "LOOK_BYTES",
     "MOST_JOURNALED",
     "MOST_PAYLOAD",
@@ -67,8 +70,11 @@ logger = logging.getLogger("durable_analytics.queue")
 
 #: The file name's suffix of a journal (``<name>.<generation>.log``).
 SUFFIX = ".log"
-#: A journal file's size at which the next call starts the next generation.
+#: A journal file's size at which the next call starts the next generation (smaller when
+#: this process's share of ``MOST_JOURNALED`` is small: see ``Journal.append``).
 ROTATE_BYTES = 1 << 20
+#: The smallest file a journal rotates at (with a small share of ``MOST_JOURNALED``).
+LEAST_ROTATE_BYTES = 4096
 #: The most bytes this process's journal files (not yet deleted) hold before its calls go
 #: to the queue file instead: a mover that stays away (a stopped flusher) bounds the disk.
 MOST_JOURNALED = 8 << 20
@@ -248,14 +254,23 @@ class Journal:
         self._writing = 0
 
     def append(
-        self, names: tuple[str, str], body: bytes, when: float, *, past_bound: bool = False
+        self,
+        names: tuple[str, str],
+        body: bytes,
+        when: float,
+        *,
+        past_bound: bool = False,
+        share: float = 1.0,
     ) -> int | None:
         """Journal one call; the offset after its record (> 0), or None: the caller stores
         it elsewhere (journal off or at its bound, another thread's turn, a full disk).
 
-        ``past_bound``: journal it even past ``MOST_JOURNALED`` (a signal handler's call
-        inside a call of its own thread that waits for the queue's lock, see
-        ``Spools.append``)."""
+        ``share`` (at most 1): the part of ``MOST_JOURNALED`` this process may hold now
+        (``Spools.hold_share``: many processes on one queue each hold less, so that all of
+        them together stay under ``max_queue_bytes``); its files then rotate sooner, so
+        that what was moved is deleted within the smaller bound. ``past_bound``: journal
+        it even past the bound (a signal handler's call inside a call of its own thread
+        that waits for the queue's lock, see ``Spools.append``)."""
         prefix = self._names.get(names)
         if prefix is None:
             prefix = self._names[names] = names_of(*names)
@@ -267,11 +282,13 @@ class Journal:
         if not lock.acquire(timeout=LOCAL_WAIT):
             return None
         try:
-            if self.off or (
-                not past_bound and self._held() >= MOST_JOURNALED and not self._shrunk()
-            ):
+            bound = MOST_JOURNALED if share >= 1.0 else int(MOST_JOURNALED * share)
+            if self.off or (not past_bound and self._held() >= bound and not self._shrunk(bound)):
                 return None
-            if (self.fd_box[0] < 0 or self._size >= ROTATE_BYTES) and not self._next_file():
+            # A quarter of the bound per file: sealed files (deleted once moved) and the
+            # one being written fit in it together.
+            rotate = min(ROTATE_BYTES, max(bound // 4, LEAST_ROTATE_BYTES))
+            if (self.fd_box[0] < 0 or self._size >= rotate) and not self._next_file():
                 return None
             # From here to the booking a signal handler's call may write its own record
             # after this one (``_append_nested``).
@@ -336,8 +353,8 @@ class Journal:
     def _held(self) -> int:
         return sum(self.files.values())
 
-    def _shrunk(self) -> bool:
-        """At the bound: whether movers deleted sealed files meanwhile (looked at most every
+    def _shrunk(self, bound: int) -> bool:
+        """At ``bound``: whether movers deleted sealed files meanwhile (looked at most every
         ``LOOK_EVERY``)."""
         now = time.monotonic()
         if now - self._looked < LOOK_EVERY:
@@ -348,7 +365,7 @@ class Journal:
         for stem in [s for s in list(self.files) if s != self.stem]:
             if not (self.dir / f"{stem}{SUFFIX}").exists():
                 self.forget(stem)
-        return self._held() < MOST_JOURNALED
+        return self._held() < bound
 
     def _next_file(self) -> bool:
         """Start the next generation (the first at the first call)."""

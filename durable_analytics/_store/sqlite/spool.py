@@ -32,13 +32,17 @@ own. A move never holds the locks of two files at once (``fork()`` takes each fi
 turn), and never waits for another process's spool lock.
 
 What bounds a spool: an append spools only on the queue's fast path, never with a
-``max_queue_size`` and only ``SPOOL_MARGIN`` times the number of spools (this process's
-included, counted at most every ``SCAN_EVERY``) or more under ``max_queue_bytes``: a move
-adds what waited without the caps' check, and every spooling process may hold that much.
-It also spools only while this process has fewer than
-``MOST_SPOOLED`` rows not yet moved; past that it waits for the queue file's lock, as
-before. A spool that cannot be created or read turns spooling off in this process (logged
-once): appends then wait, as before; nothing stored is lost.
+``max_queue_size``, and only while this process has fewer than its share of
+``MOST_SPOOLED`` rows not yet moved (``Spools.hold_share``); past that it waits for the
+queue file's lock, as before. The share is all of it while ``SPOOL_MARGIN`` for each
+process with a spool or a journal (this one included, counted at most every
+``SCAN_EVERY``) fits under ``max_queue_bytes`` beside the file, and shrinks in proportion
+when it does not (many processes on one queue, or a file near the cap): what all of them
+may hold outside the file stays within the cap, and forty web workers on one queue still
+journal their calls instead of all waiting for the file's lock (they did, up to
+``busy_timeout``, with 26 or more processes at the default cap). A spool that cannot be
+created or read turns spooling off in this process (logged once): appends then wait, as
+before; nothing stored is lost.
 """
 
 from __future__ import annotations
@@ -74,7 +78,9 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "LEAST_SHARE",
     "MOST_SPOOLED",
+    "SPOOL_MARGIN",
     "SpoolOpener",
     "Spools",
     "open_spool",
@@ -93,8 +99,12 @@ LOCAL_WAIT = 0.002
 #: ``max_queue_bytes`` by the estimate for each process with a spool or a journal in the
 #: directory (this one included), and never with a ``max_queue_size``: a move adds what
 #: waited, without the caps' check (at most ``MOST_SPOOLED`` messages of at most 32 KiB per
-#: spool, and ``MOST_JOURNALED`` bytes per journal).
+#: spool, and ``MOST_JOURNALED`` bytes per journal). With more processes than fit, each holds
+#: a share of it (``Spools.hold_share``).
 SPOOL_MARGIN = MOST_SPOOLED * 32 * 1024 + MOST_JOURNALED
+#: The smallest share of ``SPOOL_MARGIN`` a process journals or spools with (128 KiB of
+#: journal, 16 rows of spool): below it, its calls go to the queue file.
+LEAST_SHARE = 1 / 64
 
 
 def spool_dir(path: Path) -> Path:
@@ -221,19 +231,26 @@ class Spools(SpoolMoves):
             # A child forked while its parent was inside an operation refuses the file
             # (``Connections._open``): its calls raise at once, none journaled unseen.
             and not forks.inherited_open(queue._db.real)
-            and self._may_hold(queue, size, nested)
         ):
+            share = self.hold_share(queue, size, nested)
             names = queue._dest_names.get(dest_id)
-            end = None if names is None else journal.append(names, body, when, past_bound=nested)
+            end = (
+                None
+                if names is None or not share
+                else journal.append(names, body, when, past_bound=nested, share=share)
+            )
             if end is not None:
                 appender.count_stored(size)
                 return -end
         row_id = appender.try_append(dest_id, body, when)
         if row_id is not None:
             return row_id
-        if self._may_hold(queue, size, nested):
+        share = self.hold_share(queue, size, nested)
+        if share:
             names = queue._dest_names.get(dest_id)
-            spooled = self.try_append(queue, dest_id, names, body, when, past_bound=nested)
+            spooled = self.try_append(
+                queue, dest_id, names, body, when, past_bound=nested, share=share
+            )
             if spooled is not None:
                 appender.count_stored(size)
                 return spooled
@@ -249,18 +266,26 @@ class Spools(SpoolMoves):
             else:
                 waiting.pop(me, None)
 
-    def _may_hold(self, queue: SqliteQueue, size: int, nested: bool = False) -> bool:
-        """Whether a message of ``size`` bytes may wait outside the file (a journal, a spool):
-        the fast path (``nested``: also when the estimates are due to be measured, which the
-        waiting call it interrupted is about to do), no count cap, and ``SPOOL_MARGIN`` per
-        holding process left."""
+    def hold_share(self, queue: SqliteQueue, size: int, nested: bool = False) -> float:
+        """The share of ``SPOOL_MARGIN`` this process may hold outside the file (in its
+        journal and its spool) with a message of ``size`` bytes; 0.0: none, store it in
+        the file.
+
+        None off the fast path (``nested``: it is also taken when the estimates are due to
+        be measured, which the waiting call it interrupted is about to do) or with a count
+        cap. Else all of it (1.0) while ``SPOOL_MARGIN`` for each holding process fits
+        under ``max_queue_bytes`` beside the file, and that room divided among them when it
+        does not (each process computes the same share, so what they hold together stays
+        within the cap), down to ``LEAST_SHARE``."""
         appender = queue._appender
-        return (
-            appender.fast(size, stale_ok=nested)
-            and appender.max_queue_size is None
-            and appender.est_used + size + SPOOL_MARGIN * self.spoolers()
-            <= appender.max_queue_bytes
-        )
+        if not appender.fast(size, stale_ok=nested) or appender.max_queue_size is not None:
+            return 0.0
+        room = appender.max_queue_bytes - appender.est_used - size
+        need = SPOOL_MARGIN * self.spoolers()
+        if room >= need:
+            return 1.0
+        share = room / need
+        return share if share >= LEAST_SHARE else 0.0
 
     def spoolers(self) -> int:
         """How many processes may hold spooled or journaled messages: the owners of the spools
@@ -293,12 +318,14 @@ class Spools(SpoolMoves):
         when: float,
         *,
         past_bound: bool = False,
+        share: float = 1.0,
     ) -> int | None:
         """Store one message in this process's spool without waiting; None if it cannot.
 
         ``names`` is the destination's (host, write key). Returns the spool row's id,
-        negated (a queue row id is positive). ``past_bound``: even past ``MOST_SPOOLED``
-        (a signal handler's call inside a waiting call, as for the journal).
+        negated (a queue row id is positive). ``share``: the part of ``MOST_SPOOLED`` this
+        process may hold now (``hold_share``, at least one row). ``past_bound``: even past
+        that (a signal handler's call inside a waiting call, as for the journal).
         """
         own = self._own
         if (
@@ -309,10 +336,11 @@ class Spools(SpoolMoves):
             or owned(self._creating)
         ):
             return None
+        most = MOST_SPOOLED if share >= 1.0 else max(1, int(MOST_SPOOLED * share))
         if (
             not past_bound
-            and self.last_spooled - self.moved_upto >= MOST_SPOOLED
-            and not self._moved_elsewhere(queue)
+            and self.last_spooled - self.moved_upto >= most
+            and not self._moved_elsewhere(queue, most)
         ):
             return None
         try:
@@ -340,8 +368,8 @@ class Spools(SpoolMoves):
         self.last_spooled = max(self.last_spooled, row_id)
         return -row_id
 
-    def _moved_elsewhere(self, queue: SqliteQueue) -> bool:
-        """Whether another process moved this one's spool below the bound (read at most
+    def _moved_elsewhere(self, queue: SqliteQueue, most: int) -> bool:
+        """Whether another process moved this one's spool below ``most`` rows (read at most
         every ``SCAN_EVERY`` while at the bound: a worker moves it without telling us)."""
         now = time.monotonic()
         if now - self._looked < SCAN_EVERY:
@@ -353,7 +381,7 @@ class Spools(SpoolMoves):
             return False
         if row is not None:
             self.moved_upto = max(self.moved_upto, int(row[0]))
-        return self.last_spooled - self.moved_upto < MOST_SPOOLED
+        return self.last_spooled - self.moved_upto < most
 
     def _create(self) -> SqliteQueue | None:
         if not self._creating.acquire(blocking=False):
