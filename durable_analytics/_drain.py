@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ._delivery import Deliverer, DeliveryStats, make_deliverer
 from ._override import OverrideQueue
@@ -166,17 +167,30 @@ def _deliver_until(
     started = time.monotonic()
     total = DeliveryStats()
     stalls = 0  # passes in a row that found ready messages but leased none
+    # Many processes on one SQLite file deliver a few at a time (``slots.py``); the others'
+    # loops wait while the holders deliver what they wait for, and end once it is done.
+    slots: _Slots | None = getattr(queue, "delivery_slots", None)
+    waiting = _SlotWait(slots)
     while True:
-        stats = deliver_pass(
-            queue,
-            deliverer,
-            workers=concurrency,
-            deadline=deadline,
-            progress=progress,
-            stop=stop,
-            up_to_id=up_to_id,
-            destination=destination,
-        )
+        if slots is not None and slots.needed():
+            with slots.held() as mine:
+                if not mine:
+                    left = queue.pending(up_to_id=up_to_id, destination=destination)
+                    if left == 0:
+                        break  # the holders delivered it
+                    if waiting.patient(left):
+                        if (stop is not None and stop.is_set()) or passed(deadline):
+                            break
+                        _pause(min(slots.poll, _remaining(deadline)), stop)
+                        continue
+                stats = _one_pass(
+                    queue, deliverer, concurrency, deadline, progress, stop, up_to_id, destination
+                )
+            waiting = _SlotWait(slots)
+        else:
+            stats = _one_pass(
+                queue, deliverer, concurrency, deadline, progress, stop, up_to_id, destination
+            )
         total.add(stats)
         if queue.pending(up_to_id=up_to_id, destination=destination) == 0:
             break
@@ -211,13 +225,72 @@ def _deliver_until(
             wait = 0.01
         else:
             break  # ready but not leasable by this loop, and no progress: nothing to wait for
-        if deadline is not None:
-            wait = min(wait, max(0.0, deadline - time.monotonic()))
-        if stop is not None:
-            stop.wait(wait)
-        else:
-            time.sleep(wait)
+        _pause(min(wait, _remaining(deadline)), stop)
     return _result(queue, total, started, up_to_id, destination)
+
+
+def _one_pass(
+    queue: QueueBackend,
+    deliverer: Deliverer,
+    concurrency: int | None,
+    deadline: float | None,
+    progress: Progress | None,
+    stop: threading.Event | None,
+    up_to_id: int | None,
+    destination: int | None,
+) -> DeliveryStats:
+    return deliver_pass(
+        queue,
+        deliverer,
+        workers=concurrency,
+        deadline=deadline,
+        progress=progress,
+        stop=stop,
+        up_to_id=up_to_id,
+        destination=destination,
+    )
+
+
+def _remaining(deadline: float | None) -> float:
+    return math.inf if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _pause(seconds: float, stop: threading.Event | None) -> None:
+    if stop is not None:
+        stop.wait(seconds)
+    else:
+        time.sleep(seconds)
+
+
+class _Slots(Protocol):
+    """A queue's delivery slots (a SQLite queue's ``delivery_slots``, ``slots.py``)."""
+
+    #: How often a loop without a slot tries again (seconds).
+    poll: float
+    #: How long a loop waits for a slot without progress before it goes on without one.
+    patience: float
+
+    def needed(self) -> bool: ...
+
+    def held(self) -> contextlib.AbstractContextManager[bool]: ...
+
+
+class _SlotWait:
+    """A flush loop's wait for a delivery slot: patient while what it waits for goes down
+    (the holders deliver it), for ``patience`` seconds without progress (a holder stopped
+    or hung: the loop then delivers without a slot)."""
+
+    def __init__(self, slots: _Slots | None) -> None:
+        self._patience = 0.0 if slots is None else slots.patience
+        self._left: int | None = None
+        self._since = time.monotonic()
+
+    def patient(self, left: int) -> bool:
+        """Whether to wait on, with ``left`` messages still pending."""
+        now = time.monotonic()
+        if self._left is None or left < self._left:
+            self._left, self._since = left, now
+        return now - self._since < self._patience
 
 
 def drain_queue(

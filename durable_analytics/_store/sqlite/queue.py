@@ -45,6 +45,7 @@ from .journal_moves import MOVE_BUDGET
 from .reads import QueueReads
 from .recovery import Recovery, RecoveryReport
 from .schema import CLEAR_BACKOFF, destination_in
+from .slots import DeliverySlots
 from .spool import Spools, open_spool
 from .waits import Waits
 from .wal import Checkpoints, WalBudget
@@ -168,6 +169,8 @@ class SqliteQueue(QueueReads):
             partial(open_spool, self),
             journal=journal and spool and durability != "full",
         )
+        #: Which processes deliver at once when many share the file (``slots.py``).
+        self.delivery_slots = DeliverySlots(self.path, self._spools.spoolers)
 
     @property
     def waits(self) -> Waits:
@@ -195,10 +198,13 @@ class SqliteQueue(QueueReads):
 
         A Client's queue (``spooling``) moves at most ``MOVE_BUDGET`` bytes of journals
         here: its flusher thread shares the caller's GIL, and a burst's journal moved at
-        once held the caller's calls up (``flush()`` moves everything, in ``max_id``)."""
+        once held the caller's calls up (``flush()`` moves everything, in ``max_id``).
+        Never waits for another thread's move (``SpoolMoves.move``'s ``wait``)."""
         spools = self._spools
         if spools is not None:
-            spools.move(self, others=True, budget=MOVE_BUDGET if self.spooling else None)
+            spools.move(
+                self, others=True, budget=MOVE_BUDGET if self.spooling else None, wait=False
+            )
 
     def _note_destinations(self, known: dict[tuple[str, str], int]) -> None:
         """Destinations a committed transaction found or created (``spool.py``)."""

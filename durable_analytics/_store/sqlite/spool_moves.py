@@ -107,6 +107,7 @@ class SpoolMoves(JournalMoves):
         others: bool,
         scan_now: bool = False,
         budget: int | None = None,
+        wait: bool = True,
     ) -> int:
         """Move spooled messages into ``queue``: this process's, and with ``others`` those of
         every spool in the directory (looked for at most every ``SCAN_EVERY``, or now with
@@ -115,32 +116,47 @@ class SpoolMoves(JournalMoves):
         ``budget``: read at most about that many bytes of journals (a chunk more at most),
         the rest left for the next move: a Client's flusher thread moves a little before
         each lease, not a whole burst at once while it shares the caller's GIL.
+
+        ``wait=False`` (the move before a lease): when another thread of this process is
+        moving, return 0 at once instead of waiting for that move; the lease takes what the
+        file holds. With many processes on one queue, every delivering thread of a process
+        queued up behind the one move waiting for the file's lock, each lease with it.
         """
         if owned(self._moving):
             return 0  # a signal handler's flush inside this thread's move: the move goes on
-        with self._moving:
-            self._budget = budget
-            moved = 0
-            own = self._own
-            scan = others and (scan_now or time.monotonic() - self._scanned >= SCAN_EVERY)
-            journal = self.journal
-            if journal is not None and (journal.has_unmoved() or (scan and journal.files)):
-                moved += self._move_own_journal(queue, journal)
-            # Looked at on every scan too: ``last_spooled`` is a hint that two producer
-            # threads may set out of order.
-            if own is not None and not self._own_bad and (self.has_unmoved() or scan):
-                try:
-                    moved += self._move_one(queue, self._own_name, own, mine=True)[0]
-                except QueueBusy:
-                    raise
-                except (QueueError, OSError, sqlite3.Error) as exc:
-                    # Damaged: spooling stops here; what it holds stays on disk as it is.
-                    self._own_bad = True
-                    self._bad.add(self._own_name)
-                    self._turn_off(exc)
-            if scan:
-                moved += self._move_others(queue, retry_busy=scan_now)
-            return moved
+        if not self._moving.acquire(blocking=wait):
+            return 0
+        try:
+            return self._move_holding(queue, others=others, scan_now=scan_now, budget=budget)
+        finally:
+            self._moving.release()
+
+    def _move_holding(
+        self, queue: SqliteQueue, *, others: bool, scan_now: bool, budget: int | None
+    ) -> int:
+        """``move``'s work, under ``_moving``."""
+        self._budget = budget
+        moved = 0
+        own = self._own
+        scan = others and (scan_now or time.monotonic() - self._scanned >= SCAN_EVERY)
+        journal = self.journal
+        if journal is not None and (journal.has_unmoved() or (scan and journal.files)):
+            moved += self._move_own_journal(queue, journal)
+        # Looked at on every scan too: ``last_spooled`` is a hint that two producer
+        # threads may set out of order.
+        if own is not None and not self._own_bad and (self.has_unmoved() or scan):
+            try:
+                moved += self._move_one(queue, self._own_name, own, mine=True)[0]
+            except QueueBusy:
+                raise
+            except (QueueError, OSError, sqlite3.Error) as exc:
+                # Damaged: spooling stops here; what it holds stays on disk as it is.
+                self._own_bad = True
+                self._bad.add(self._own_name)
+                self._turn_off(exc)
+        if scan:
+            moved += self._move_others(queue, retry_busy=scan_now)
+        return moved
 
     def _move_one(
         self, queue: SqliteQueue, name: str, spool: SqliteQueue, *, mine: bool

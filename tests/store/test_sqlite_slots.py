@@ -1,0 +1,121 @@
+"""Delivery slots (``_store/sqlite/slots.py``): with many processes on one queue file, a
+few deliver at once, the others' flush loops wait for them and end once their messages are
+delivered."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import start_python
+
+from durable_analytics._store.sqlite.slots import SLOTS, DeliverySlots
+from durable_analytics.testing import Collector
+
+
+def test_at_most_slots_holders_at_once_and_a_freed_slot_is_taken_again(tmp_path: Path) -> None:
+    """``SLOTS`` holders (each its own open file, as separate processes are) take the
+    slots; one more finds none until a holder leaves."""
+    path = tmp_path / "q.db"
+    many = [DeliverySlots(path, lambda: 10) for _ in range(SLOTS + 1)]
+    assert all(s.needed() for s in many)
+    held = [s.held() for s in many[:SLOTS]]
+    assert [h.__enter__() for h in held] == [True] * SLOTS
+    with many[SLOTS].held() as mine:
+        assert not mine
+    held[0].__exit__(None, None, None)
+    with many[SLOTS].held() as mine:
+        assert mine
+    for h in held[1:]:
+        h.__exit__(None, None, None)
+
+
+def test_threads_of_one_process_share_its_slot_and_few_processes_need_none(
+    tmp_path: Path,
+) -> None:
+    """A second pass of the same process (another thread, nested) rides on the slot it
+    holds instead of taking another; with no more processes than slots, none is needed."""
+    path = tmp_path / "q.db"
+    mine = DeliverySlots(path, lambda: 10)
+    others = [DeliverySlots(path, lambda: 10) for _ in range(SLOTS - 1)]
+    with mine.held() as first, mine.held() as second:
+        assert first
+        assert second
+        entered = [o.held() for o in others]
+        assert [e.__enter__() for e in entered] == [True] * (SLOTS - 1)  # one slot used
+        for e in entered:
+            e.__exit__(None, None, None)
+    assert not DeliverySlots(path, lambda: SLOTS).needed()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_a_child_forked_while_its_parent_holds_a_slot_does_not_hold_it(tmp_path: Path) -> None:
+    """The flock of a forked descriptor is the parent's: the child takes a slot of its own
+    (the next file), and leaving it does not release the parent's."""
+    path = tmp_path / "q.db"
+    slots = DeliverySlots(path, lambda: 10)
+    with slots.held() as mine:
+        assert mine
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                with slots.held() as child_has:
+                    code = 0 if child_has and slots._fd >= 0 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        rival = [DeliverySlots(path, lambda: 10) for _ in range(SLOTS - 1)]
+        entered = [r.held() for r in rival]
+        # The parent still holds slot 0: only SLOTS - 1 others get one.
+        assert [e.__enter__() for e in entered] == [True] * (SLOTS - 1)
+        with DeliverySlots(path, lambda: 10).held() as extra:
+            assert not extra
+        for e in entered:
+            e.__exit__(None, None, None)
+
+
+_CLOSER = """
+import json, os, sys, time
+from durable_analytics._store.sqlite import slots
+slots.SLOTS = 1
+from durable_analytics import Client
+host, path, ready, go = sys.argv[1:5]
+client = Client("key", host=host, queue_path=path, max_in_flight=2, flusher="none",
+                on_exit="none")
+ids = [client.track("u", "closing", {"i": i})[1]["messageId"] for i in range(150)]
+open(ready + str(os.getpid()), "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+result = client.flush(timeout=60)
+print(json.dumps({"ids": ids, "pending": result.pending}))
+"""
+
+
+def test_processes_flushing_at_once_deliver_one_at_a_time_everything_once(
+    tmp_path: Path,
+) -> None:
+    """Six processes on one queue (one slot, ``max_in_flight=2`` each) flush at once, as
+    at a pool's shutdown, against a 20 ms collector: never more than one process's
+    requests in flight at the collector, every message delivered by the time every flush
+    returned, none twice."""
+    path = tmp_path / "q.db"
+    ready, go = str(tmp_path / "ready-"), tmp_path / "go"
+    with Collector(write_key="key", delay=0.02) as collector:
+        procs = [start_python(_CLOSER, collector.url, str(path), ready, str(go)) for _ in range(6)]
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("ready-*"))) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        go.touch()
+        outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+        received = collector.message_ids()
+        peak = collector.peak_concurrency
+    sent = [i for o in outs for i in o["ids"]]
+    assert [o["pending"] for o in outs] == [0] * 6
+    assert peak <= 2
+    assert len(sent) == 900
+    assert {i: received.get(i, 0) for i in sent} == dict.fromkeys(sent, 1)  # lost 0, dup 0
