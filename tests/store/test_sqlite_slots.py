@@ -119,3 +119,32 @@ def test_processes_flushing_at_once_deliver_one_at_a_time_everything_once(
     assert peak <= 2
     assert len(sent) == 900
     assert {i: received.get(i, 0) for i in sent} == dict.fromkeys(sent, 1)  # lost 0, dup 0
+
+
+def test_a_flush_behind_holders_that_deliver_nothing_delivers_without_a_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every slot held by processes that deliver nothing (stopped, hung): a flush waits
+    ``patience`` seconds without progress, then delivers without a slot, as before slots.
+    Lost 0, duplicated 0."""
+    from durable_analytics import Client
+
+    path = tmp_path / "q.db"
+    stuck = [DeliverySlots(path, lambda: 10) for _ in range(SLOTS)]
+    entered = [s.held() for s in stuck]
+    assert [e.__enter__() for e in entered] == [True] * SLOTS
+    with Collector(write_key="key") as collector:
+        client = Client("key", host=collector.url, queue_path=path, flusher="none")
+        ids = [client.track("u", "behind", {"i": i})[1]["messageId"] for i in range(60)]
+        slots = client.queue.delivery_slots
+        monkeypatch.setattr(slots, "needed", lambda: True)
+        monkeypatch.setattr(slots, "patience", 0.2)
+        with slots.held() as mine:
+            assert not mine  # every slot is taken
+        result = client.flush(timeout=30)
+        received = collector.message_ids()
+        client.close(timeout=1)
+    for e in entered:
+        e.__exit__(None, None, None)
+    assert result.pending == 0
+    assert {i: received.get(i, 0) for i in ids} == dict.fromkeys(ids, 1)

@@ -33,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PATIENCE", "POLL", "SLOTS", "DeliverySlots"]
+__all__ = ["LOCK_WAIT", "PATIENCE", "POLL", "SLOTS", "DeliverySlots"]
 
 #: Processes that deliver from one queue file at once, once more than this many share it.
 SLOTS = 4
@@ -42,6 +42,8 @@ POLL = 0.02
 #: How long a flush loop waits for a slot while nothing it waits for gets delivered
 #: (seconds); past it, it delivers without one.
 PATIENCE = 2.0
+#: How long a pass waits for another thread of its process to finish counting holders.
+LOCK_WAIT = 0.01
 
 
 class DeliverySlots:
@@ -76,14 +78,22 @@ class DeliverySlots:
                 self._give()
 
     def _take(self) -> bool:
-        with self._lock:
-            if self._pid != os.getpid():
-                # A forked child: the flock is its parent's. Its copy of the descriptor is
-                # closed (not unlocked: that would release the parent's slot).
-                if self._fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(self._fd)
-                self._fd, self._holders, self._pid = -1, 0, os.getpid()
+        if self._pid != os.getpid():
+            # A forked child (only the forking thread runs here): the flock is its
+            # parent's. Its copy of the descriptor is closed (not unlocked: that would
+            # release the parent's slot), and the lock is new (a thread of the parent may
+            # have held it at the fork).
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+            self._lock = threading.Lock()
+            self._fd, self._holders, self._pid = -1, 0, os.getpid()
+        # A moment at most: another thread holds it only to count, and a signal handler's
+        # flush inside this thread's own count must not wait for itself (its loop then
+        # waits for a slot like any other).
+        if not self._lock.acquire(timeout=LOCK_WAIT):
+            return False
+        try:
             if self._holders:
                 self._holders += 1
                 return True
@@ -93,6 +103,8 @@ class DeliverySlots:
                     self._fd, self._holders = fd, 1
                     return True
             return False
+        finally:
+            self._lock.release()
 
     def _give(self) -> None:
         with self._lock:
