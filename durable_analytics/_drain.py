@@ -178,7 +178,7 @@ def _deliver_until(
                     left = queue.pending(up_to_id=up_to_id, destination=destination)
                     if left == 0:
                         break  # the holders delivered it
-                    if waiting.patient(left):
+                    if waiting.patient(queue, destination, slots.working(destination)):
                         if (stop is not None and stop.is_set()) or passed(deadline):
                             break
                         _pause(min(slots.poll, _remaining(deadline)), stop)
@@ -262,6 +262,13 @@ def _pause(seconds: float, stop: threading.Event | None) -> None:
         time.sleep(seconds)
 
 
+#: An id above every message's: ``pending(up_to_id=...)`` counts the file's messages only
+#: (not journals or spools), from the index.
+_EVERY_ID = 1 << 62
+#: How long a loop without a slot waits while nobody has a lease out on its destination.
+_IDLE_GRACE = 0.2
+
+
 class _Slots(Protocol):
     """A queue's delivery slots (a SQLite queue's ``delivery_slots``, ``slots.py``)."""
 
@@ -272,22 +279,35 @@ class _Slots(Protocol):
 
     def needed(self) -> bool: ...
 
+    def working(self, destination: int | None) -> bool: ...
+
     def held(self) -> contextlib.AbstractContextManager[bool]: ...
 
 
 class _SlotWait:
-    """A flush loop's wait for a delivery slot: patient while what it waits for goes down
-    (the holders deliver it), for ``patience`` seconds without progress (a holder stopped
-    or hung: the loop then delivers without a slot)."""
+    """A flush loop's wait for a delivery slot: patient while another process delivers
+    the destination and its messages in the file go down (the holders deliver them, and
+    end); not once nobody had a lease out on it for ``_IDLE_GRACE`` (the holders deliver
+    other destinations), nor after ``patience`` seconds without progress (a holder stopped
+    or hung). The loop then delivers without a slot."""
 
     def __init__(self, slots: _Slots | None) -> None:
         self._patience = 0.0 if slots is None else slots.patience
         self._left: int | None = None
         self._since = time.monotonic()
+        self._idle_since: float | None = None
 
-    def patient(self, left: int) -> bool:
-        """Whether to wait on, with ``left`` messages still pending."""
+    def patient(self, queue: QueueBackend, destination: int | None, working: bool) -> bool:
+        """Whether to wait on; ``working``: a lease is out on the destination now."""
         now = time.monotonic()
+        if working:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= _IDLE_GRACE:
+            return False  # nobody delivers it: a holder's gap between passes is shorter
+        # Every id: the holders deliver up to their own loops' ids.
+        left = queue.pending(up_to_id=_EVERY_ID, destination=destination)
         if self._left is None or left < self._left:
             self._left, self._since = left, now
         return now - self._since < self._patience

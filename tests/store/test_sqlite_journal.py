@@ -218,6 +218,38 @@ def test_with_many_processes_on_the_queue_a_journal_holds_its_share_in_smaller_f
     client.close(timeout=0)
 
 
+def test_a_share_that_shrank_below_the_file_being_written_rotates_it_and_journals_again(
+    queue_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal file that grew under a full share (up to 1 MiB) when the share then
+    shrinks below it (more processes, a file nearer its cap): the next call seals that
+    file, which its mover deletes once moved, and calls journal again. Before, the bound
+    refused every call while the file, never sealed, stayed on disk whole."""
+    monkeypatch.setattr(journal_module, "LOOK_EVERY", 0.0)
+    client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+    first = client.track("u", "first")[1]["messageId"]
+    spools = client.queue._spools
+    assert spools is not None
+    share = [1.0]
+    monkeypatch.setattr(spools, "hold_share", lambda queue, size, nested=False: share[0])
+    ids = [client.track("u", "burst", {"pad": "x" * 250})[1]["messageId"] for _ in range(1700)]
+    (big,) = journals(queue_path)
+    assert big.stat().st_size > 800 * 1024  # one file, not yet rotated
+    client.queue.move_spools(scan_now=True)
+    share[0] = 1 / 16  # a bound of 512 KiB, below that file
+    before = sum(in_file(queue_path).values())
+    later = [client.track("u", "later", {"i": i})[1]["messageId"] for i in range(200)]
+    assert sum(in_file(queue_path).values()) - before == 200  # past the bound: to the file
+    client.queue.move_spools(scan_now=True)
+    assert not big.exists()  # sealed by the first later call, deleted once moved
+    before = sum(in_file(queue_path).values())
+    more = [client.track("u", "more", {"i": i})[1]["messageId"] for i in range(200)]
+    assert sum(in_file(queue_path).values()) == before  # journaled again
+    client.queue.move_spools(scan_now=True)
+    assert in_file(queue_path) == Counter([first, *ids, *later, *more])
+    client.close(timeout=0)
+
+
 _SHARING_PRODUCER = """
 import json, os, sys, time
 from durable_analytics import Client

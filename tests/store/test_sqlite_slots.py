@@ -12,15 +12,19 @@ from pathlib import Path
 import pytest
 from conftest import start_python
 
-from durable_analytics._store.sqlite.slots import SLOTS, DeliverySlots
+from durable_analytics._store.sqlite.slots import SLOTS, DeliverySlots, _try_lock
 from durable_analytics.testing import Collector
+
+
+def _nobody(destination: int | None) -> bool:
+    return False
 
 
 def test_at_most_slots_holders_at_once_and_a_freed_slot_is_taken_again(tmp_path: Path) -> None:
     """``SLOTS`` holders (each its own open file, as separate processes are) take the
     slots; one more finds none until a holder leaves."""
     path = tmp_path / "q.db"
-    many = [DeliverySlots(path, lambda: 10) for _ in range(SLOTS + 1)]
+    many = [DeliverySlots(path, lambda: 10, _nobody) for _ in range(SLOTS + 1)]
     assert all(s.needed() for s in many)
     held = [s.held() for s in many[:SLOTS]]
     assert [h.__enter__() for h in held] == [True] * SLOTS
@@ -39,8 +43,8 @@ def test_threads_of_one_process_share_its_slot_and_few_processes_need_none(
     """A second pass of the same process (another thread, nested) rides on the slot it
     holds instead of taking another; with no more processes than slots, none is needed."""
     path = tmp_path / "q.db"
-    mine = DeliverySlots(path, lambda: 10)
-    others = [DeliverySlots(path, lambda: 10) for _ in range(SLOTS - 1)]
+    mine = DeliverySlots(path, lambda: 10, _nobody)
+    others = [DeliverySlots(path, lambda: 10, _nobody) for _ in range(SLOTS - 1)]
     with mine.held() as first, mine.held() as second:
         assert first
         assert second
@@ -48,35 +52,38 @@ def test_threads_of_one_process_share_its_slot_and_few_processes_need_none(
         assert [e.__enter__() for e in entered] == [True] * (SLOTS - 1)  # one slot used
         for e in entered:
             e.__exit__(None, None, None)
-    assert not DeliverySlots(path, lambda: SLOTS).needed()
+    assert not DeliverySlots(path, lambda: SLOTS, _nobody).needed()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
 def test_a_child_forked_while_its_parent_holds_a_slot_does_not_hold_it(tmp_path: Path) -> None:
-    """The flock of a forked descriptor is the parent's: the child takes a slot of its own
-    (the next file), and leaving it does not release the parent's."""
+    """The flock of a forked descriptor is shared with the parent: the child closes its
+    copy at the fork (before, only at its own next delivery, so a child that never
+    delivered held its parent's slot for its whole life): the parent's slot is free once
+    the parent leaves it, while the child lives; the child takes one of its own."""
     path = tmp_path / "q.db"
-    slots = DeliverySlots(path, lambda: 10)
+    slots = DeliverySlots(path, lambda: 10, _nobody)
     with slots.held() as mine:
         assert mine
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             code = 1
             try:
+                time.sleep(0.5)  # alive, not delivering, while the parent leaves its slot
                 with slots.held() as child_has:
                     code = 0 if child_has and slots._fd >= 0 else 2
             finally:
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.WEXITSTATUS(status) == 0
-        rival = [DeliverySlots(path, lambda: 10) for _ in range(SLOTS - 1)]
-        entered = [r.held() for r in rival]
-        # The parent still holds slot 0: only SLOTS - 1 others get one.
-        assert [e.__enter__() for e in entered] == [True] * (SLOTS - 1)
-        with DeliverySlots(path, lambda: 10).held() as extra:
-            assert not extra
-        for e in entered:
-            e.__exit__(None, None, None)
+    first = path.with_name(f"{path.name}.slot0.lock")
+    deadline = time.monotonic() + 0.4
+    fd = _try_lock(first)
+    while fd < 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the child may not have run its fork hook yet
+        fd = _try_lock(first)
+    assert fd >= 0, "the parent's slot stayed held by its child"
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
 
 
 _CLOSER = """
@@ -130,7 +137,7 @@ def test_a_flush_behind_holders_that_deliver_nothing_delivers_without_a_slot(
     from durable_analytics import Client
 
     path = tmp_path / "q.db"
-    stuck = [DeliverySlots(path, lambda: 10) for _ in range(SLOTS)]
+    stuck = [DeliverySlots(path, lambda: 10, _nobody) for _ in range(SLOTS)]
     entered = [s.held() for s in stuck]
     assert [e.__enter__() for e in entered] == [True] * SLOTS
     with Collector(write_key="key") as collector:
@@ -148,3 +155,53 @@ def test_a_flush_behind_holders_that_deliver_nothing_delivers_without_a_slot(
         e.__exit__(None, None, None)
     assert result.pending == 0
     assert {i: received.get(i, 0) for i in ids} == dict.fromkeys(ids, 1)
+
+
+def test_a_flush_whose_destination_nobody_delivers_does_not_wait_for_a_slot(
+    tmp_path: Path,
+) -> None:
+    """Every slot held, the one free by a flush of another write key whose server is slow:
+    a flush of this write key (nobody has a lease out on it) delivers without a slot after
+    a moment, well within its timeout. Before, it waited the whole patience (2 s) for the
+    holders' progress, which never came for its destination: flush(timeout=1.5) sent
+    nothing."""
+    import threading
+
+    from durable_analytics import Client
+    from durable_analytics.testing import RecordingTransport
+
+    path = tmp_path / "q.db"
+
+    def slow(batch: object) -> int:
+        time.sleep(0.2)
+        return 200
+
+    busy = Client(
+        "KEY-A",
+        queue_path=path,
+        flusher="none",
+        on_exit="none",
+        transport=RecordingTransport(slow),
+        max_in_flight=1,
+    )
+    quick_transport = RecordingTransport()
+    quick = Client(
+        "KEY-B", queue_path=path, flusher="none", on_exit="none", transport=quick_transport
+    )
+    for i in range(100):
+        busy.track("u", "A", {"i": i})
+    (_, sent) = quick.track("u", "B")
+    others = [DeliverySlots(path, lambda: 10, _nobody).held() for _ in range(SLOTS - 1)]
+    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
+    for client in (busy, quick):
+        client.queue.delivery_slots.needed = lambda: True  # type: ignore[method-assign]
+    holder = threading.Thread(target=busy.flush, kwargs={"timeout": 30})
+    holder.start()
+    while not busy.queue.delivery_slots._holders:
+        time.sleep(0.001)
+    result = quick.flush(timeout=1.5)
+    holder.join()
+    for o in others:
+        o.__exit__(None, None, None)
+    assert result.pending == 0
+    assert [m["messageId"] for m in quick_transport.messages()] == [sent["messageId"]]

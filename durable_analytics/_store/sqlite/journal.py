@@ -282,13 +282,20 @@ class Journal:
         if not lock.acquire(timeout=LOCAL_WAIT):
             return None
         try:
-            bound = MOST_JOURNALED if share >= 1.0 else int(MOST_JOURNALED * share)
-            if self.off or (not past_bound and self._held() >= bound and not self._shrunk(bound)):
+            if self.off:
                 return None
+            bound = MOST_JOURNALED if share >= 1.0 else int(MOST_JOURNALED * share)
             # A quarter of the bound per file: sealed files (deleted once moved) and the
-            # one being written fit in it together.
+            # one being written fit in it together. Rotated before the bound is checked:
+            # a share that shrank below the file being written (it grew under a larger
+            # one) would otherwise refuse every call while that file, never sealed, stayed
+            # on disk for good, moved or not.
             rotate = min(ROTATE_BYTES, max(bound // 4, LEAST_ROTATE_BYTES))
-            if (self.fd_box[0] < 0 or self._size >= rotate) and not self._next_file():
+            if self.fd_box[0] >= 0 and self._size >= rotate and not self._next_file():
+                return None
+            if not past_bound and self._held() >= bound and not self._shrunk(bound):
+                return None
+            if self.fd_box[0] < 0 and not self._next_file():
                 return None
             # From here to the booking a signal handler's call may write its own record
             # after this one (``_append_nested``).

@@ -170,7 +170,7 @@ class SqliteQueue(QueueReads):
             journal=journal and spool and durability != "full",
         )
         #: Which processes deliver at once when many share the file (``slots.py``).
-        self.delivery_slots = DeliverySlots(self.path, self._spools.spoolers)
+        self.delivery_slots = DeliverySlots(self.path, self._spools.spoolers, self._leased_on)
 
     @property
     def waits(self) -> Waits:
@@ -192,6 +192,15 @@ class SqliteQueue(QueueReads):
             # A lock holder outlived the wait (or a flush's deadline): the spooled messages
             # stay where they are, on disk, for the next move. The caller goes on.
             return 0
+
+    def _leased_on(self, destination: int | None) -> bool:
+        """Whether any holder has a lease out on ``destination`` (None: on any)."""
+        sql, args = (
+            ("SELECT 1 FROM leases LIMIT 1", ())
+            if destination is None
+            else ("SELECT 1 FROM leases WHERE dest = ? LIMIT 1", (destination,))
+        )
+        return self._db.read(lambda conn: conn.execute(sql, args).fetchone()) is not None
 
     def _move_spools_due(self) -> None:
         """Before a lease: this process's spool, and every ``SCAN_EVERY`` the others'.

@@ -9,15 +9,20 @@ messages queued delivered 1,400-1,700 of them in ``shutdown_timeout`` (5 s) and 
 twice (requests dropped at the deadline with their answers unread).
 
 So once more processes than ``SLOTS`` hold journals or spools of the queue, a flush loop
-(``flush()``, ``close()``, exit, ``drain``, ``worker``) delivers only while its process
-holds one of ``SLOTS`` slots: an exclusive ``flock`` on ``<queue>.slot<k>.lock``. A
-process that has none waits (polling every ``POLL`` seconds) while the holders deliver
-everything ready, its messages included, and its loop ends as soon as nothing it waits for
-is pending. The kernel releases a slot whose holder died. A holder that delivers nothing
-(stopped with ``SIGSTOP``, hung) does not hold the others back: a loop that saw no
-progress for ``PATIENCE`` seconds delivers without a slot, as every loop did before.
-Threads of one process share its slot. A child forked while its parent held one does not
-hold it (the ``flock`` stays the parent's).
+(``flush()``, ``close()``, exit, ``drain`` without ``--host``/``--write-key``) delivers
+only while its process holds one of ``SLOTS`` slots: an exclusive ``flock`` on
+``<queue>.slot<k>.lock``. A process that has none waits, polling every ``POLL`` seconds,
+while another process has a lease out on its destination: the holders deliver that
+destination's messages (up to what each of their own loops was asked for), and a slot
+comes free as each of them ends; its loop ends as soon as nothing it waits for is
+pending. It does not wait when nobody delivers its destination (the holders deliver
+others), nor when the destination's messages in the file stopped going down for
+``PATIENCE`` seconds (a holder stopped with ``SIGSTOP``, hung): then it delivers without a
+slot, as every loop did before. The kernel releases a slot whose holder died. The
+background flusher threads and ``worker`` take no slot.
+Threads of one process share its slot. A child forked while its parent held one closes its
+copy of the descriptor at once (``os.register_at_fork``): the slot stays the parent's,
+freed when the parent leaves it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -49,7 +55,12 @@ LOCK_WAIT = 0.01
 class DeliverySlots:
     """The delivery slots of one queue file, as this process sees them (see the module)."""
 
-    def __init__(self, path: Path, processes: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        processes: Callable[[], int],
+        working: Callable[[int | None], bool],
+    ) -> None:
         #: How often a loop without a slot tries again, and how long it waits without
         #: progress (read by ``_drain``).
         self.poll = POLL
@@ -57,10 +68,12 @@ class DeliverySlots:
         self._files = [path.with_name(f"{path.name}.slot{k}.lock") for k in range(SLOTS)]
         #: How many processes hold journals or spools of the queue (``Spools.spoolers``).
         self._processes = processes
+        #: Whether a lease is out on a destination (None: on any), read from the file.
+        self.working = working
         self._lock = threading.Lock()
         self._fd = -1
         self._holders = 0
-        self._pid = os.getpid()
+        _everyone.add(self)
 
     def needed(self) -> bool:
         """Whether more processes share the queue than there are slots."""
@@ -77,17 +90,19 @@ class DeliverySlots:
             if taken:
                 self._give()
 
+    def forget_after_fork(self) -> None:
+        """In a child just forked (only the forking thread runs): the slot is the parent's.
+        The child's copy of its descriptor is closed at once, so that the parent's release
+        frees the slot (a copy left open would keep the flock held while the child lives);
+        closed, not unlocked, which would release the parent's slot now. The lock is new:
+        a thread of the parent may have held it at the fork."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._lock = threading.Lock()
+        self._fd, self._holders = -1, 0
+
     def _take(self) -> bool:
-        if self._pid != os.getpid():
-            # A forked child (only the forking thread runs here): the flock is its
-            # parent's. Its copy of the descriptor is closed (not unlocked: that would
-            # release the parent's slot), and the lock is new (a thread of the parent may
-            # have held it at the fork).
-            if self._fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(self._fd)
-            self._lock = threading.Lock()
-            self._fd, self._holders, self._pid = -1, 0, os.getpid()
         # A moment at most: another thread holds it only to count, and a signal handler's
         # flush inside this thread's own count must not wait for itself (its loop then
         # waits for a slot like any other).
@@ -108,13 +123,26 @@ class DeliverySlots:
 
     def _give(self) -> None:
         with self._lock:
-            if self._pid != os.getpid():
+            if self._holders == 0:
                 return  # taken in the parent, before a fork: not this process's
             self._holders -= 1
             if self._holders == 0 and self._fd >= 0:
                 fd, self._fd = self._fd, -1
                 with contextlib.suppress(OSError):
                     os.close(fd)  # releases the flock
+
+
+#: Every DeliverySlots of this process, forgotten in a forked child.
+_everyone: weakref.WeakSet[DeliverySlots] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for slots in list(_everyone):
+        slots.forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _try_lock(file: Path) -> int:
