@@ -170,7 +170,7 @@ def _deliver_until(
     # Many processes on one SQLite file deliver a few at a time (``slots.py``); the others'
     # loops wait while the holders deliver what they wait for, and end once it is done.
     slots: _Slots | None = getattr(queue, "delivery_slots", None)
-    waiting = _SlotWait(slots)
+    waiting = _SlotWait(slots, deadline)
     while True:
         if slots is not None and slots.needed():
             with slots.held() as mine:
@@ -186,7 +186,7 @@ def _deliver_until(
                 stats = _one_pass(
                     queue, deliverer, concurrency, deadline, progress, stop, up_to_id, destination
                 )
-            waiting = _SlotWait(slots)
+            waiting = _SlotWait(slots, deadline)
         else:
             stats = _one_pass(
                 queue, deliverer, concurrency, deadline, progress, stop, up_to_id, destination
@@ -267,6 +267,8 @@ def _pause(seconds: float, stop: threading.Event | None) -> None:
 _EVERY_ID = 1 << 62
 #: How long a loop without a slot waits while nobody has a lease out on its destination.
 _IDLE_GRACE = 0.2
+#: The longest a loop waits for a slot in one go (less with a deadline: half of it).
+_MOST_WAIT = 5.0
 
 
 class _Slots(Protocol):
@@ -289,17 +291,23 @@ class _SlotWait:
     the destination and its messages in the file go down (the holders deliver them, and
     end); not once nobody had a lease out on it for ``_IDLE_GRACE`` (the holders deliver
     other destinations), nor after ``patience`` seconds without progress (a holder stopped
-    or hung). The loop then delivers without a slot."""
+    or hung), nor past ``_MOST_WAIT`` seconds or half the time its deadline left it in all
+    (the holders may work through a backlog of theirs for long, never reaching this
+    loop's messages). The loop then delivers without a slot."""
 
-    def __init__(self, slots: _Slots | None) -> None:
+    def __init__(self, slots: _Slots | None, deadline: float | None) -> None:
         self._patience = 0.0 if slots is None else slots.patience
         self._left: int | None = None
         self._since = time.monotonic()
         self._idle_since: float | None = None
+        most = _MOST_WAIT if deadline is None else min(_MOST_WAIT, (deadline - self._since) / 2)
+        self._until = self._since + most
 
     def patient(self, queue: QueueBackend, destination: int | None, working: bool) -> bool:
         """Whether to wait on; ``working``: a lease is out on the destination now."""
         now = time.monotonic()
+        if now >= self._until:
+            return False
         if working:
             self._idle_since = None
         elif self._idle_since is None:

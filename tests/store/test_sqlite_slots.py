@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,60 @@ def test_a_flush_whose_destination_nobody_delivers_does_not_wait_for_a_slot(
         o.__exit__(None, None, None)
     assert result.pending == 0
     assert [m["messageId"] for m in quick_transport.messages()] == [sent["messageId"]]
+
+
+def test_a_flush_behind_a_holder_working_through_older_messages_waits_half_its_timeout(
+    tmp_path: Path,
+) -> None:
+    """The one free slot held by a flush of the same write key working through 400 older
+    messages against a slow server (4 s): a later flush's own message lies past what that
+    holder was asked for, so the holder never reaches it. The later flush waits at most
+    half its timeout for a slot, then delivers without one. Before, the destination's
+    falling count kept it waiting its whole timeout: flush(timeout=2) sent nothing."""
+    import threading
+
+    from durable_analytics import Client
+    from durable_analytics.testing import RecordingTransport
+
+    path = tmp_path / "q.db"
+
+    def slow(batch: object) -> int:
+        time.sleep(0.2)
+        return 200
+
+    holder_transport = RecordingTransport(slow)
+    holder = Client(
+        "KEY",
+        queue_path=path,
+        flusher="none",
+        on_exit="none",
+        transport=holder_transport,
+        max_in_flight=1,
+    )
+    later_transport = RecordingTransport()
+    later = Client(
+        "KEY", queue_path=path, flusher="none", on_exit="none", transport=later_transport
+    )
+    for i in range(400):
+        holder.track("u", "older", {"i": i})
+    others = [DeliverySlots(path, lambda: 10, _nobody).held() for _ in range(SLOTS - 1)]
+    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
+    for client in (holder, later):
+        client.queue.delivery_slots.needed = lambda: True  # type: ignore[method-assign]
+    working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
+    working.start()
+    while not holder.queue.delivery_slots._holders:
+        time.sleep(0.001)
+    (_, sent) = later.track("u", "later")
+    result = later.flush(timeout=2.0)
+    working.join()
+    for o in others:
+        o.__exit__(None, None, None)
+    assert result.pending == 0
+    # Its pass took older messages too (all of the destination up to its own): each once.
+    delivered = Counter(
+        m["messageId"] for t in (holder_transport, later_transport) for m in t.messages()
+    )
+    assert delivered[sent["messageId"]] == 1
+    assert len(delivered) == 401
+    assert set(delivered.values()) == {1}

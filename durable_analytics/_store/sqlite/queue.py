@@ -195,12 +195,15 @@ class SqliteQueue(QueueReads):
 
     def _leased_on(self, destination: int | None) -> bool:
         """Whether any holder has a lease out on ``destination`` (None: on any)."""
-        sql, args = (
-            ("SELECT 1 FROM leases LIMIT 1", ())
-            if destination is None
-            else ("SELECT 1 FROM leases WHERE dest = ? LIMIT 1", (destination,))
-        )
-        return self._db.read(lambda conn: conn.execute(sql, args).fetchone()) is not None
+
+        def run(conn: sqlite3.Connection) -> object:
+            if destination is None:
+                return conn.execute("SELECT 1 FROM leases LIMIT 1").fetchone()
+            return conn.execute(
+                "SELECT 1 FROM leases WHERE dest = ? LIMIT 1", (destination,)
+            ).fetchone()
+
+        return self._db.read(run) is not None
 
     def _move_spools_due(self) -> None:
         """Before a lease: this process's spool, and every ``SCAN_EVERY`` the others'.

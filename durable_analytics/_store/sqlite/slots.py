@@ -17,8 +17,9 @@ destination's messages (up to what each of their own loops was asked for), and a
 comes free as each of them ends; its loop ends as soon as nothing it waits for is
 pending. It does not wait when nobody delivers its destination (the holders deliver
 others), nor when the destination's messages in the file stopped going down for
-``PATIENCE`` seconds (a holder stopped with ``SIGSTOP``, hung): then it delivers without a
-slot, as every loop did before. The kernel releases a slot whose holder died. The
+``PATIENCE`` seconds (a holder stopped with ``SIGSTOP``, hung), nor past 5 s in all or half
+the time its deadline left it (the holders may work through older messages for long):
+then it delivers without a slot, as every loop did before. The kernel releases a slot whose holder died. The
 background flusher threads and ``worker`` take no slot.
 Threads of one process share its slot. A child forked while its parent held one closes its
 copy of the descriptor at once (``os.register_at_fork``): the slot stays the parent's,
