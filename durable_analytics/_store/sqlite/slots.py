@@ -2,11 +2,11 @@
 
 SQLite lets one connection write at a time, and every delivery step (a lease, an ack, a
 move of the journals) is a write. A few processes delivering side by side share that lock
-well. Forty of them (a big gunicorn or Celery pool shut down at once, each exit or
-``close()`` flushing the one shared queue) spent their time waiting for it: threads polled
-the lock, and whoever held it was preempted among them. 40 processes closing with 12,000
-messages queued delivered 1,400-1,700 of them in ``shutdown_timeout`` (5 s) and sent some
-twice (requests dropped at the deadline with their answers unread).
+well. Twenty of them (a worker pool shut down at once, each exit or ``close()`` flushing
+the one shared queue) spent their time waiting for it: threads polled the lock, and
+whoever held it was preempted among them. 20 processes closing with 6,000 messages queued
+delivered 3,000-3,800 of them in ``shutdown_timeout`` (5 s) and sent up to 60 twice
+(requests dropped at the deadline with their answers unread).
 
 So once more processes than ``SLOTS`` hold journals or spools of the queue, a flush loop
 (``flush()``, ``close()``, exit, ``drain`` without ``--host``/``--write-key``) delivers
@@ -17,13 +17,13 @@ destination's messages (up to what each of their own loops was asked for), and a
 comes free as each of them ends; its loop ends as soon as nothing it waits for is
 pending. It does not wait when nobody delivers its destination (the holders deliver
 others), nor when the destination's messages in the file stopped going down for
-``PATIENCE`` seconds (a holder stopped with ``SIGSTOP``, hung), nor past 5 s in all or half
-the time its deadline left it (the holders may work through older messages for long):
-then it delivers without a slot, as every loop did before. The kernel releases a slot whose holder died. The
-background flusher threads and ``worker`` take no slot.
-Threads of one process share its slot. A child forked while its parent held one closes its
-copy of the descriptor at once (``os.register_at_fork``): the slot stays the parent's,
-freed when the parent leaves it.
+``PATIENCE`` seconds (a holder stopped with ``SIGSTOP``, hung), nor past 5 s in all or
+half the time its deadline left it (the holders may work through older messages for
+long): then it delivers without a slot, as every loop did before. The kernel releases a
+slot whose holder died. The background flusher threads and ``worker`` take no slot.
+Threads of one process share its slot. A child forked while its parent held one closes
+its copy of the descriptor at once (``os.register_at_fork``): the slot stays the
+parent's, freed when the parent leaves it.
 """
 
 from __future__ import annotations
