@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import start_python
 
+from durable_analytics import Client
 from durable_analytics._store.sqlite.slots import SLOTS, DeliverySlots
-from durable_analytics.testing import Collector
+from durable_analytics.testing import Collector, RecordingTransport
 
 
 def _nobody(destination: int | None) -> bool:
@@ -146,8 +150,6 @@ def test_a_flush_behind_holders_that_deliver_nothing_delivers_without_a_slot(
     """Every slot held by processes that deliver nothing (stopped, hung): a flush waits
     ``patience`` seconds without progress, then delivers without a slot, as before slots.
     Lost 0, duplicated 0."""
-    from durable_analytics import Client
-
     path = tmp_path / "q.db"
     stuck = [DeliverySlots(path, lambda: 10, _nobody) for _ in range(SLOTS)]
     entered = [s.held() for s in stuck]
@@ -169,6 +171,50 @@ def test_a_flush_behind_holders_that_deliver_nothing_delivers_without_a_slot(
     assert {i: received.get(i, 0) for i in ids} == dict.fromkeys(ids, 1)
 
 
+@contextmanager
+def _one_slot_held_by_a_slow_flush(
+    path: Path, holder_key: str, waiter_key: str, older: int
+) -> Iterator[tuple[Client, RecordingTransport, RecordingTransport]]:
+    """Every slot but one held by processes that stay away; the last by a flush of
+    ``older`` messages of ``holder_key`` against a server that answers in 0.2 s (one batch
+    at a time). Yields the client of ``waiter_key`` on the same queue (slots needed), and
+    the transports of both; the holder's flush is joined at the end."""
+    holder_transport = RecordingTransport(_slow)
+    holder = Client(
+        holder_key,
+        queue_path=path,
+        flusher="none",
+        on_exit="none",
+        transport=holder_transport,
+        max_in_flight=1,
+    )
+    waiter_transport = RecordingTransport()
+    waiter = Client(
+        waiter_key, queue_path=path, flusher="none", on_exit="none", transport=waiter_transport
+    )
+    for i in range(older):
+        holder.track("u", "older", {"i": i})
+    others = [DeliverySlots(path, lambda: 10, _nobody).held() for _ in range(SLOTS - 1)]
+    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
+    for client in (holder, waiter):
+        client.queue.delivery_slots.needed = lambda: True  # type: ignore[method-assign]
+    working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
+    working.start()
+    try:
+        while not holder.queue.delivery_slots._holders:
+            time.sleep(0.001)
+        yield waiter, holder_transport, waiter_transport
+    finally:
+        working.join()
+        for o in others:
+            o.__exit__(None, None, None)
+
+
+def _slow(batch: object) -> int:
+    time.sleep(0.2)
+    return 200
+
+
 def test_a_flush_whose_destination_nobody_delivers_does_not_wait_for_a_slot(
     tmp_path: Path,
 ) -> None:
@@ -177,44 +223,13 @@ def test_a_flush_whose_destination_nobody_delivers_does_not_wait_for_a_slot(
     a moment, well within its timeout. Before, it waited the whole patience (2 s) for the
     holders' progress, which never came for its destination: flush(timeout=1.5) sent
     nothing."""
-    import threading
-
-    from durable_analytics import Client
-    from durable_analytics.testing import RecordingTransport
-
-    path = tmp_path / "q.db"
-
-    def slow(batch: object) -> int:
-        time.sleep(0.2)
-        return 200
-
-    busy = Client(
-        "KEY-A",
-        queue_path=path,
-        flusher="none",
-        on_exit="none",
-        transport=RecordingTransport(slow),
-        max_in_flight=1,
-    )
-    quick_transport = RecordingTransport()
-    quick = Client(
-        "KEY-B", queue_path=path, flusher="none", on_exit="none", transport=quick_transport
-    )
-    for i in range(100):
-        busy.track("u", "A", {"i": i})
-    (_, sent) = quick.track("u", "B")
-    others = [DeliverySlots(path, lambda: 10, _nobody).held() for _ in range(SLOTS - 1)]
-    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
-    for client in (busy, quick):
-        client.queue.delivery_slots.needed = lambda: True  # type: ignore[method-assign]
-    holder = threading.Thread(target=busy.flush, kwargs={"timeout": 30})
-    holder.start()
-    while not busy.queue.delivery_slots._holders:
-        time.sleep(0.001)
-    result = quick.flush(timeout=1.5)
-    holder.join()
-    for o in others:
-        o.__exit__(None, None, None)
+    with _one_slot_held_by_a_slow_flush(tmp_path / "q.db", "KEY-A", "KEY-B", 100) as (
+        quick,
+        _,
+        quick_transport,
+    ):
+        (_, sent) = quick.track("u", "B")
+        result = quick.flush(timeout=1.5)
     assert result.pending == 0
     assert [m["messageId"] for m in quick_transport.messages()] == [sent["messageId"]]
 
@@ -227,45 +242,13 @@ def test_a_flush_behind_a_holder_working_through_older_messages_waits_half_its_t
     holder was asked for, so the holder never reaches it. The later flush waits at most
     half its timeout for a slot, then delivers without one. Before, the destination's
     falling count kept it waiting its whole timeout: flush(timeout=2) sent nothing."""
-    import threading
-
-    from durable_analytics import Client
-    from durable_analytics.testing import RecordingTransport
-
-    path = tmp_path / "q.db"
-
-    def slow(batch: object) -> int:
-        time.sleep(0.2)
-        return 200
-
-    holder_transport = RecordingTransport(slow)
-    holder = Client(
-        "KEY",
-        queue_path=path,
-        flusher="none",
-        on_exit="none",
-        transport=holder_transport,
-        max_in_flight=1,
-    )
-    later_transport = RecordingTransport()
-    later = Client(
-        "KEY", queue_path=path, flusher="none", on_exit="none", transport=later_transport
-    )
-    for i in range(400):
-        holder.track("u", "older", {"i": i})
-    others = [DeliverySlots(path, lambda: 10, _nobody).held() for _ in range(SLOTS - 1)]
-    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
-    for client in (holder, later):
-        client.queue.delivery_slots.needed = lambda: True  # type: ignore[method-assign]
-    working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
-    working.start()
-    while not holder.queue.delivery_slots._holders:
-        time.sleep(0.001)
-    (_, sent) = later.track("u", "later")
-    result = later.flush(timeout=2.0)
-    working.join()
-    for o in others:
-        o.__exit__(None, None, None)
+    with _one_slot_held_by_a_slow_flush(tmp_path / "q.db", "KEY", "KEY", 400) as (
+        later,
+        holder_transport,
+        later_transport,
+    ):
+        (_, sent) = later.track("u", "later")
+        result = later.flush(timeout=2.0)
     assert result.pending == 0
     # Its pass took older messages too (all of the destination up to its own): each once.
     delivered = Counter(
