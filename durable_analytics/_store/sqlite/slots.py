@@ -46,8 +46,8 @@ __all__ = ["LOCK_WAIT", "PATIENCE", "POLL", "SLOTS", "DeliverySlots"]
 SLOTS = 4
 #: How often a process without a slot tries for one (seconds).
 POLL = 0.02
-#: How long a flush loop waits for a slot while nothing it waits for gets delivered
-#: (seconds); past it, it delivers without one.
+#: How long a flush loop waits for a slot while its destination's messages in the file do
+#: not go down (seconds); past it, it delivers without one.
 PATIENCE = 2.0
 #: How long a pass waits for another thread of its process to finish counting holders.
 LOCK_WAIT = 0.01

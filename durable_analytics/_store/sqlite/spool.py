@@ -271,7 +271,7 @@ class Spools(SpoolMoves):
         journal and its spool) with a message of ``size`` bytes; 0.0: none, store it in
         the file.
 
-        None off the fast path (``nested``: it is also taken when the estimates are due to
+        0.0 off the fast path (``nested``: it is also taken when the estimates are due to
         be measured, which the waiting call it interrupted is about to do) or with a count
         cap. Else all of it (1.0) while ``SPOOL_MARGIN`` for each holding process fits
         under ``max_queue_bytes`` beside the file, and that room divided among them when it
