@@ -102,6 +102,64 @@ def test_a_child_forked_while_its_parent_holds_a_slot_does_not_hold_it(tmp_path:
     assert out.split() == ["True", "0"]  # the parent's slot freed; the child got its own
 
 
+_FORKS_WHILE_TAKING = """
+import os, sys, threading, time
+from pathlib import Path
+from durable_analytics._store.sqlite import slots as module
+
+path = Path(sys.argv[1])
+slots = module.DeliverySlots(path, lambda: 10, lambda destination: False)
+real_try_lock = module._try_lock
+flocked = threading.Event()
+
+def slow_try_lock(file):
+    # The window: the flock is taken, its descriptor not yet recorded; another thread
+    # forks in it.
+    fd = real_try_lock(file)
+    if fd >= 0 and not flocked.is_set():
+        flocked.set()
+        time.sleep(0.3)
+    return fd
+
+module._try_lock = slow_try_lock
+child = []
+
+def fork_in_the_window():
+    flocked.wait(10)
+    time.sleep(0.05)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(1.0)  # alive, never delivering, while the parent leaves its slot
+        os._exit(0)
+    child.append(pid)
+
+forker = threading.Thread(target=fork_in_the_window)
+forker.start()
+with slots.held() as mine:
+    assert mine
+forker.join()
+# The parent left its slot while the child lives: another process (a descriptor of its
+# own) must find it free.
+fd = real_try_lock(path.with_name(path.name + ".slot0.lock"))
+os.waitpid(child[0], 0)
+print(fd >= 0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_a_fork_while_another_thread_takes_a_slot_leaves_the_child_without_it(
+    tmp_path: Path,
+) -> None:
+    """A fork by one thread while another has taken a slot's flock but not yet recorded its
+    descriptor waits for that thread (a fork hook): the child then knows of its copy and
+    closes it, and the slot is free once the parent leaves it. Before, the child kept an
+    unknown copy and held the slot for its whole life. (In a fresh interpreter, as above.)"""
+    child = start_python(_FORKS_WHILE_TAKING, str(tmp_path / "q.db"))
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert out.split() == ["True"]
+
+
 _CLOSER = """
 import json, os, sys, time
 from durable_analytics._store.sqlite import slots

@@ -23,7 +23,9 @@ long): then it delivers without a slot, as every loop did before. The kernel rel
 slot whose holder died. The background flusher threads and ``worker`` take no slot.
 Threads of one process share its slot. A child forked while its parent held one closes
 its copy of the descriptor at once (``os.register_at_fork``): the slot stays the
-parent's, freed when the parent leaves it.
+parent's, freed when the parent leaves it. A fork waits for a thread that is taking or
+giving back a slot (``FORK_WAIT`` at most): forked between the ``flock`` and the record of
+its descriptor, the child kept a copy it did not know of, and held the slot for its life.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_WAIT", "PATIENCE", "POLL", "SLOTS", "DeliverySlots"]
+__all__ = ["FORK_WAIT", "LOCK_WAIT", "PATIENCE", "POLL", "SLOTS", "DeliverySlots"]
 
 #: Processes that deliver from one queue file at once, once more than this many share it.
 SLOTS = 4
@@ -51,6 +53,10 @@ POLL = 0.02
 PATIENCE = 2.0
 #: How long a pass waits for another thread of its process to finish counting holders.
 LOCK_WAIT = 0.01
+#: How long a fork waits for a thread taking or giving back a slot (seconds): a moment's
+#: work (non-blocking ``flock``s, a ``close``), unless that thread was stopped in it; past
+#: this the fork goes on (a child forked inside it may then keep the slot, as before).
+FORK_WAIT = 1.0
 
 
 class DeliverySlots:
@@ -135,15 +141,39 @@ class DeliverySlots:
 
 #: Every DeliverySlots of this process, forgotten in a forked child.
 _everyone: weakref.WeakSet[DeliverySlots] = weakref.WeakSet()
+#: The slots whose lock ``_before_fork`` took, per forking thread (two threads may fork at
+#: once), for the parent to let go after the fork.
+_forking = threading.local()
+
+
+def _before_fork() -> None:
+    # Every slot's lock, so that no other thread is between its flock and the record of
+    # its descriptor (or between clearing that record and the close) at the fork: the
+    # child's copy of the descriptor is then always the one ``forget_after_fork`` closes.
+    # The forking thread itself may hold one (a fork from a signal handler that interrupted
+    # ``_take``): a timed wait, never a deadlock.
+    _forking.held = [s for s in list(_everyone) if s._lock.acquire(timeout=FORK_WAIT)]
+
+
+def _after_fork_in_parent() -> None:
+    held: list[DeliverySlots] = getattr(_forking, "held", [])
+    _forking.held = []
+    for slots in held:
+        slots._lock.release()
 
 
 def _after_fork_in_child() -> None:
+    _forking.held = []  # the child makes new locks (``forget_after_fork``)
     for slots in list(_everyone):
         slots.forget_after_fork()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def _try_lock(file: Path) -> int:
