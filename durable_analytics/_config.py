@@ -320,6 +320,16 @@ def _positive(name: str, value: object, *, integer: bool = False, allow_zero: bo
         raise ConfigError(f"{name} must be {bound}, got {value!r}")
 
 
+def _connect_and_read(value: tuple[object, ...]) -> float:
+    """segment-analytics-python's ``timeout=(connect, read)`` (requests' form) as our one
+    bound of a whole request: the two added."""
+    if len(value) != 2:
+        raise ConfigError(f"timeout must be a number or a (connect, read) pair, got {value!r}")
+    for part in value:
+        _positive("timeout", part)
+    return float(value[0]) + float(value[1])  # type: ignore[arg-type]
+
+
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)
@@ -483,6 +493,8 @@ class Config:
         if settings.get("debug") is None and env_debug():
             settings["debug"] = True
         timeout = settings.get("timeout")
+        if isinstance(timeout, tuple):
+            timeout = settings["timeout"] = _connect_and_read(timeout)
         if (
             "lease_timeout" not in settings
             and isinstance(timeout, (int, float))

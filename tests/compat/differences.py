@@ -98,6 +98,14 @@ DIFFERENCES: tuple[Difference, ...] = (
         "latency for fewer requests",
     ),
     Difference(
+        "timeout-pair",
+        "`timeout=(connect, read)`, requests' pair",
+        "passed to requests: the connect and the read timeout; `client.timeout` is the pair",
+        "one bound of the whole request, the two added; `client.timeout` is that sum",
+        "one deadline per request bounds every wait of a flush; a pair that is not two "
+        "positive numbers is a `ConfigError` at construction",
+    ),
+    Difference(
         "flush-result",
         "`flush()`",
         "returns `None`; blocks until the queue is empty (or the retries give up)",

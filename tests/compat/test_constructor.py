@@ -339,6 +339,34 @@ def test_default_timeout(lib: Lib) -> None:
     assert client.timeout == differs(lib, "durable-defaults", segment=15, durable=10.0)
 
 
+def test_a_connect_and_read_timeout_pair_is_accepted_and_delivers(
+    lib: Lib, collector: Collector
+) -> None:
+    """``timeout=(2, 5)``, requests' (connect, read) form that segment passes through:
+    the client is built and delivers; our one bound of a request is their sum."""
+    client = lib.client(WRITE_KEY, host=collector.url, timeout=(2, 5))
+    assert client.timeout == differs(lib, "timeout-pair", segment=(2, 5), durable=7.0)
+    client.track("user-1", "Paired")
+    client.flush()
+    assert delivered_events(collector) == ["Paired"]
+
+
+@pytest.mark.parametrize("pair", [(1, 2, 3), (1, None), (0, 5), ("1", 5), (1, float("inf"))])
+def test_a_timeout_pair_that_is_not_two_positive_numbers_is_refused(
+    tmp_path: Any, pair: tuple[Any, ...]
+) -> None:
+    """Ours only (segment fails at the first request instead): a ``ConfigError``, a
+    ``ValueError``, at construction, naming ``timeout``; the queue file is not created."""
+    import durable_analytics
+    from durable_analytics.exceptions import ConfigError
+
+    path = tmp_path / "q.sqlite3"
+    with pytest.raises(ConfigError, match="timeout") as caught:
+        durable_analytics.Client(WRITE_KEY, queue_path=path, timeout=pair)
+    assert isinstance(caught.value, ValueError)
+    assert not path.exists()
+
+
 def test_max_queue_size_zero_means_no_limit(lib: Lib, collector: Collector) -> None:
     """``max_queue_size=0`` is segment's (``queue.Queue``'s) "no limit": nothing is dropped."""
     client = lib.client(WRITE_KEY, host=collector.url, max_queue_size=0)
