@@ -170,7 +170,7 @@ class SqliteQueue(QueueReads):
             journal=journal and spool and durability != "full",
         )
         #: Which processes deliver at once when many share the file (``slots.py``).
-        self.delivery_slots = DeliverySlots(self.path, self._spools.spoolers, self._leased_on)
+        self.delivery_slots = DeliverySlots(self.path, self._leased_on)
 
     @property
     def waits(self) -> Waits:

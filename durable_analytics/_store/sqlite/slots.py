@@ -8,24 +8,32 @@ whoever held it was preempted among them. 20 processes closing with 6,000 messag
 delivered 3,000-3,800 of them in ``shutdown_timeout`` (5 s) and sent up to 60 twice
 (requests dropped at the deadline with their answers unread).
 
-So once more processes than ``SLOTS`` hold journals or spools of the queue, a flush loop
-(``flush()``, ``close()``, exit, ``drain`` without ``--host``/``--write-key``) delivers
-only while its process holds one of ``SLOTS`` slots: an exclusive ``flock`` on
-``<queue>.slot<k>.lock``. A process that has none waits, polling every ``POLL`` seconds,
-while another process has a lease out on its destination: the holders deliver that
-destination's messages (up to what each of their own loops was asked for), and a slot
-comes free as each of them ends; its loop ends as soon as nothing it waits for is
-pending. It does not wait when nobody delivers its destination (the holders deliver
-others), nor when the destination's messages in the file stopped going down for
+So a flush loop (``flush()``, ``close()``, exit, ``drain`` without ``--host``/
+``--write-key``) delivers only while its process holds one of ``SLOTS`` slots: an
+exclusive ``flock`` on ``<queue>.slot<k>.lock``. With ``SLOTS`` or fewer processes
+flushing at once, each takes one at once. A process that has none waits, polling every
+``POLL`` seconds, while another process has a lease out on its destination: the holders
+deliver that destination's messages (up to what each of their own loops was asked for),
+and a slot comes free as each of them ends; its loop ends as soon as nothing it waits
+for is pending. It does not wait when nobody delivers its destination (the holders
+deliver others), nor when the destination's messages in the file stopped going down for
 ``PATIENCE`` seconds (a holder stopped with ``SIGSTOP``, hung), nor past 5 s in all or
 half the time its deadline left it (the holders may work through older messages for
 long): then it delivers without a slot, as every loop did before. The kernel releases a
 slot whose holder died. The background flusher threads and ``worker`` take no slot.
-Threads of one process share its slot. A child forked while its parent held one closes
-its copy of the descriptor at once (``os.register_at_fork``): the slot stays the
-parent's, freed when the parent leaves it. A fork waits for a thread that is taking or
-giving back a slot (``FORK_WAIT`` at most): forked between the ``flock`` and the record of
-its descriptor, the child kept a copy it did not know of, and held the slot for its life.
+Threads of one process share its slot. Where no slot file can be opened (a directory
+another user owns the lock files in), loops deliver without slots.
+
+Slots are taken whenever a loop runs, not only once many processes share the file: an
+earlier rule (slots past ``SLOTS`` processes with journals or spools, counted from the
+spool directory) let a loop that looked just after the others' flushes had moved their
+journals into the file count itself alone and deliver beside the slot holder.
+
+A child forked while its parent held one closes its copy of the descriptor at once
+(``os.register_at_fork``): the slot stays the parent's, freed when the parent leaves it. A
+fork waits for a thread that is taking or giving back a slot (``FORK_WAIT`` at most):
+forked between the ``flock`` and the record of its descriptor, the child kept a copy it
+did not know of, and held the slot for its life.
 """
 
 from __future__ import annotations
@@ -62,19 +70,14 @@ FORK_WAIT = 1.0
 class DeliverySlots:
     """The delivery slots of one queue file, as this process sees them (see the module)."""
 
-    def __init__(
-        self,
-        path: Path,
-        processes: Callable[[], int],
-        working: Callable[[int | None], bool],
-    ) -> None:
+    def __init__(self, path: Path, working: Callable[[int | None], bool]) -> None:
         #: How often a loop without a slot tries again, and how long it waits without
         #: progress (read by ``_drain``).
         self.poll = POLL
         self.patience = PATIENCE
         self._files = [path.with_name(f"{path.name}.slot{k}.lock") for k in range(SLOTS)]
-        #: How many processes hold journals or spools of the queue (``Spools.spoolers``).
-        self._processes = processes
+        #: False once no slot file could be opened at all: loops then deliver without.
+        self._usable = fcntl is not None
         #: Whether a lease is out on a destination (None: on any), read from the file.
         self.working = working
         self._lock = threading.Lock()
@@ -83,8 +86,9 @@ class DeliverySlots:
         _everyone.add(self)
 
     def needed(self) -> bool:
-        """Whether more processes share the queue than there are slots."""
-        return fcntl is not None and self._processes() > SLOTS
+        """Whether a flush loop takes turns on the slots: on POSIX, unless no slot file
+        could be opened (then every loop delivers without one)."""
+        return self._usable
 
     @contextlib.contextmanager
     def held(self) -> Iterator[bool]:
@@ -119,11 +123,15 @@ class DeliverySlots:
             if self._holders:
                 self._holders += 1
                 return True
+            opened = False
             for file in self._files:
                 fd = _try_lock(file)
                 if fd >= 0:
                     self._fd, self._holders = fd, 1
                     return True
+                opened = opened or fd == _TAKEN
+            # Every file refused to open: nobody can hold these slots, so none is waited for.
+            self._usable = opened
             return False
         finally:
             self._lock.release()
@@ -176,17 +184,22 @@ if hasattr(os, "register_at_fork"):
     )
 
 
+#: What ``_try_lock`` returns when another process holds the file's flock, and when the file
+#: cannot be opened.
+_TAKEN, _UNOPENED = -1, -2
+
+
 def _try_lock(file: Path) -> int:
-    """A descriptor of ``file`` holding its exclusive flock, or -1 (taken, or no file)."""
+    """A descriptor of ``file`` holding its exclusive flock, or ``_TAKEN`` / ``_UNOPENED``."""
     try:
         fd = os.open(
             file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600
         )
     except OSError:
-        return -1
+        return _UNOPENED
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        return -1
+        return _TAKEN
     return fd
