@@ -201,6 +201,14 @@ class OverrideQueue:
         """The wrapped queue's pending count."""
         return self.inner.pending(up_to_id=up_to_id, destination=destination)
 
+    def qsize(self) -> int:
+        """The wrapped queue's ``qsize()``."""
+        return self.inner.qsize()
+
+    def empty(self) -> bool:
+        """The wrapped queue's ``empty()``."""
+        return self.inner.empty()
+
     def unleased(
         self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
     ) -> list[tuple[int, bytes]]:

@@ -364,6 +364,16 @@ class QueueBackend(Protocol):
         """How many messages are not yet delivered (leased or not)."""
         ...
 
+    def qsize(self) -> int:
+        """``pending()``: every message not yet delivered. The name is ``queue.Queue``'s,
+        which ``client.queue`` is in segment-analytics-python (there it omits the batch in
+        flight; here a leased message still counts)."""
+        ...
+
+    def empty(self) -> bool:
+        """Whether no message waits for delivery (``qsize() == 0``)."""
+        ...
+
     def unleased(
         self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
     ) -> list[tuple[int, bytes]]:

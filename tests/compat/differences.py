@@ -151,7 +151,7 @@ DIFFERENCES: tuple[Difference, ...] = (
     ),
     Difference(
         "queue-size-counts-in-flight",
-        "`max_queue_size`",
+        "`max_queue_size`, `client.queue.qsize()`",
         "counts messages waiting in memory, not the batch being sent",
         "counts every message not yet acknowledged, the batch being sent included",
         "an unacknowledged message is still in the queue file",

@@ -317,6 +317,25 @@ def test_max_queue_size_drops_calls_beyond_it(lib: Lib, collector: Collector) ->
     assert sorted(events(collector)) == sorted(["In Flight", *kept])
 
 
+def test_queue_qsize_and_empty_count_what_waits(lib: Lib, collector: Collector) -> None:
+    """``client.queue.qsize()`` / ``empty()`` with a batch in flight and four calls after
+    it: segment counts the four waiting in memory, ours every message not yet acknowledged
+    (the one in flight too); both say empty before the first call and after ``flush()``."""
+    collector.set_default(Reply(delay=1.0))
+    client = lib.client(WRITE_KEY, host=collector.url, upload_interval=0.05)
+    assert (client.queue.qsize(), client.queue.empty()) == (0, True)
+    client.track("u", "In Flight")
+    assert collector.wait_for_requests(1)
+    for i in range(4):
+        client.track("u", f"E{i}")
+    assert client.queue.qsize() == differs(lib, "queue-size-counts-in-flight", segment=4, durable=5)
+    assert not client.queue.empty()
+    collector.set_default(200)
+    client.flush()
+    assert (client.queue.qsize(), client.queue.empty()) == (0, True)
+    assert sorted(events(collector)) == sorted(["In Flight", "E0", "E1", "E2", "E3"])
+
+
 def test_join_after_a_batch_went_out(lib: Lib, collector: Collector) -> None:
     """``join()`` while a batch is in flight and another message waits: what arrives?"""
     collector.set_default(Reply(delay=0.5))

@@ -131,6 +131,20 @@ def test_a_batch_holds_one_destination_and_filters_choose_which(backend: QueueBa
     assert list(take(backend).ids) == [ids[4]]
 
 
+def test_qsize_and_empty_read_what_is_pending_leased_or_not(
+    backend: QueueBackend, dest: int
+) -> None:
+    """``qsize()``/``empty()`` (``queue.Queue``'s names, as segment's ``client.queue``):
+    the pending count, a leased message included, down to 0 once acknowledged."""
+    assert (backend.qsize(), backend.empty()) == (0, True)
+    fill(backend, dest, 3)
+    assert (backend.qsize(), backend.empty()) == (3, False)
+    lease = take(backend, 3)
+    assert (backend.qsize(), backend.empty()) == (3, False)
+    backend.ack(lease)
+    assert (backend.qsize(), backend.empty()) == (0, True)
+
+
 def test_pending_max_id_and_ready_summary_count_what_is_stored(
     backend: QueueBackend, dest: int
 ) -> None:

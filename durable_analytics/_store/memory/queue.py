@@ -430,6 +430,14 @@ class MemoryQueue:
                 1 for i, m in self._messages.items() if i <= top and destination in (None, m.dest)
             )
 
+    def qsize(self) -> int:
+        """``pending()``, by ``queue.Queue``'s name (``client.queue.qsize()``)."""
+        return self.pending()
+
+    def empty(self) -> bool:
+        """Whether no message waits for delivery (``qsize() == 0``)."""
+        return self.pending() == 0
+
     def unleased(
         self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
     ) -> list[tuple[int, bytes]]:

@@ -55,6 +55,14 @@ class QueueReads:
         row = self._tx(lambda c: c.execute(self._sql(q.PENDING), params)).fetchone()
         return int(row[0]) if row else 0
 
+    def qsize(self) -> int:
+        """``pending()``, by ``queue.Queue``'s name (``client.queue.qsize()``)."""
+        return self.pending()
+
+    def empty(self) -> bool:
+        """Whether no message waits for delivery (``qsize() == 0``)."""
+        return self.pending() == 0
+
     def unleased(
         self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
     ) -> list[tuple[int, bytes]]:
