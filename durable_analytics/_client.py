@@ -33,7 +33,7 @@ from ._reports import Reported, ReportGate, report_until
 from ._store import QueueBackend, QueueStats, open_queue
 from ._sync import deliver_now
 from ._transport.base import Transport
-from .exceptions import ConfigError, DurableAnalyticsError, QueueBusy, ValidationError
+from .exceptions import ConfigError, DurableAnalyticsError, QueueBusy, QueueError, ValidationError
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -266,14 +266,15 @@ class Client(ClientCalls, SettingsAttributes):
         deadline = time.monotonic() + self.config.timeout * (1 + self.config.max_retries)
         deliver_now(self.queue, deliverer, self._dest, row_id, deadline)
 
-    def _dead_lettered_here(self) -> int:
-        """Messages of this destination dead-lettered by this process's deliverers so far."""
-        total = 0
-        flusher = self._flusher
-        for deliverer in (self._sync_deliverer, flusher.deliverer if flusher else None):
-            if deliverer is not None:
-                total += deliverer.dead_lettered.get(self._dest, 0)
-        return total
+    def _dead_lettered_since(self, mark: int) -> int:
+        """Messages of this destination dead-lettered since ``mark`` (``dead_letter_mark``),
+        by any process; a flush whose queue cannot be read for it any more (a lock holder
+        stuck past its deadline) counts 0 and reports the rest as sent or pending."""
+        try:
+            return self.queue.dead_lettered_since(mark, destination=self._dest)
+        except QueueError as exc:
+            log.warning("flush: could not count the dead letters: %s", exc)
+            return 0
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Deliver every message this client's destination had queued when flush was called.
@@ -327,7 +328,9 @@ class Client(ClientCalls, SettingsAttributes):
             if self._sync_deliverer is None:
                 self._sync_deliverer = self._new_deliverer()
             deliverer = self._sync_deliverer
-        dead_before = self._dead_lettered_here()
+        # Dead letters are counted from the queue, whoever moved them there: a process that
+        # waited for a delivery slot saw its messages dead-lettered by the holder's flush.
+        dead_mark = queue.dead_letter_mark()
         before = queue.pending(up_to_id=top, destination=dest)
         held = held_at_call = queue.held_back_left(marks, destination=dest)
         before += held
@@ -391,7 +394,7 @@ class Client(ClientCalls, SettingsAttributes):
             past_top = queue.pending(up_to_id=_ANY_ID, destination=dest) - pending
             left += min(held_at_call - left, max(0, past_top))
         pending = min(before, pending + left)
-        dead = min(max(0, self._dead_lettered_here() - dead_before), max(0, before - pending))
+        dead = min(self._dead_lettered_since(dead_mark), max(0, before - pending))
         # What left the queue and was not dead-lettered was delivered, by us or by another.
         return FlushResult(max(0, before - pending - dead), pending, dead)
 

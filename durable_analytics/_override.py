@@ -209,6 +209,14 @@ class OverrideQueue:
         """The wrapped queue's ``empty()``."""
         return self.inner.empty()
 
+    def dead_letter_mark(self) -> int:
+        """The wrapped queue's newest dead letter's id."""
+        return self.inner.dead_letter_mark()
+
+    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
+        """The wrapped queue's dead letters newer than ``mark``."""
+        return self.inner.dead_lettered_since(mark, destination)
+
     def unleased(
         self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
     ) -> list[tuple[int, bytes]]:

@@ -423,6 +423,16 @@ class QueueBackend(Protocol):
         """The dead letters (all, or those with ``ids``), oldest first."""
         ...
 
+    def dead_letter_mark(self) -> int:
+        """The newest dead letter's id (0 when there is none), for ``dead_lettered_since``."""
+        ...
+
+    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
+        """How many dead letters (of ``destination``) are newer than ``mark``: what every
+        process moved there since the mark was read (a flush counts those of its
+        destination, whoever dead-lettered them)."""
+        ...
+
     def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters (all, or ``ids``) back in the queue; returns how many."""
         ...

@@ -145,6 +145,33 @@ def test_qsize_and_empty_read_what_is_pending_leased_or_not(
     assert (backend.qsize(), backend.empty()) == (0, True)
 
 
+def test_dead_lettered_since_counts_the_dead_letters_newer_than_the_mark_by_destination(
+    backend: QueueBackend, dest: int
+) -> None:
+    """``dead_letter_mark()`` then ``dead_lettered_since(mark, destination)``: the dead
+    letters moved after the mark, of that destination (or of any), not the older ones, and
+    not fewer once older ones are purged or requeued."""
+    other = backend.destination(OTHER_HOST, OTHER_KEY)
+    assert backend.dead_letter_mark() == 0
+    old = fill(backend, dest, 2)
+    backend.dead_letter(take(backend, 2), old[:1], status=400, reason="bad")
+    mark = backend.dead_letter_mark()
+    assert mark > 0
+    assert backend.dead_lettered_since(mark) == 0
+    new = fill(backend, dest, 3, start=10)
+    backend.append(other, body(20))
+    backend.dead_letter(take(backend, 10, destination=dest), new[:2], status=422, reason="bad")
+    elsewhere = take(backend, 10, destination=other)
+    backend.dead_letter(elsewhere, elsewhere.ids, status=400, reason="bad")
+    assert backend.dead_lettered_since(mark, destination=dest) == 2
+    assert backend.dead_lettered_since(mark, destination=other) == 1
+    assert backend.dead_lettered_since(mark) == 3
+    assert backend.dead_lettered_since(0, destination=dest) == 3
+    oldest = backend.dead_letters()[0].id
+    assert backend.purge_dead_letters([oldest]) == 1
+    assert backend.dead_lettered_since(mark) == 3
+
+
 def test_pending_max_id_and_ready_summary_count_what_is_stored(
     backend: QueueBackend, dest: int
 ) -> None:

@@ -18,7 +18,7 @@ from conftest import start_python
 
 from durable_analytics import Client, FlushResult
 from durable_analytics._store.sqlite.slots import SLOTS, DeliverySlots
-from durable_analytics.testing import Collector, RecordingTransport
+from durable_analytics.testing import Collector, RecordingTransport, SentBatch
 
 
 def _nobody(destination: int | None) -> bool:
@@ -384,3 +384,63 @@ def test_a_flush_behind_a_holder_working_through_older_messages_waits_half_its_t
     assert delivered[sent["messageId"]] == 1
     assert len(delivered) == 401
     assert set(delivered.values()) == {1}
+
+
+def _refuse_bad(batch: SentBatch) -> int:
+    # 400 to any batch with the "bad" event (split until it is alone, then dead-lettered).
+    time.sleep(0.05)
+    return 400 if any(m.get("event") == "bad" for m in batch.messages) else 200
+
+
+def test_a_flush_that_waited_for_the_slot_holder_counts_what_the_holder_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """Every slot but one held by processes that stay away; the last by another client's
+    flush of the same write key, which delivers this client's messages too and
+    dead-letters the one the server refuses. This client's flush waits without a slot, and
+    its result (of every message its destination had queued: the other client's 40 and
+    its own 10) counts 49 sent and 1 dead-lettered: the dead letters are read from the
+    queue, whoever moved them. Before, only this process's own dead letters counted, and
+    the refused message was reported as sent."""
+    path = tmp_path / "q.db"
+    holder_transport = RecordingTransport(_refuse_bad)
+    holder = Client(
+        "key",
+        queue_path=path,
+        flusher="none",
+        on_exit="none",
+        transport=holder_transport,
+        max_in_flight=1,
+    )
+    waiter_transport = RecordingTransport()
+    waiter = Client(
+        "key", queue_path=path, flusher="none", on_exit="none", transport=waiter_transport
+    )
+    for i in range(40):
+        holder.track("u", "older", {"i": i})
+    events = ["mine"] * 9
+    events.insert(4, "bad")
+    ids = [waiter.track("u", event)[1]["messageId"] for event in events]
+    others = [DeliverySlots(path, _nobody).held() for _ in range(SLOTS - 1)]
+    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
+    working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
+    working.start()
+    try:
+        while not holder.queue.delivery_slots._holders:
+            time.sleep(0.001)
+        result = waiter.flush(timeout=30)
+    finally:
+        working.join()
+        for o in others:
+            o.__exit__(None, None, None)
+    delivered = [m["messageId"] for m in holder_transport.messages()]
+    dead = [d.body for d in waiter.queue.dead_letters()]
+    assert waiter_transport.messages() == []  # the holder delivered them all
+    assert result == FlushResult(sent=49, pending=0, dead_lettered=1)
+    assert [i for i in ids if i in delivered] == [
+        i for e, i in zip(events, ids, strict=True) if e != "bad"
+    ]
+    assert len(dead) == 1
+    assert b'"bad"' in dead[0]
+    holder.close(timeout=1)
+    waiter.close(timeout=1)

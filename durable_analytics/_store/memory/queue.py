@@ -532,6 +532,22 @@ class MemoryQueue:
             self._check_open()
             return self._dead.select(ids, self._dests)
 
+    def dead_letter_mark(self) -> int:
+        """The newest dead letter's id (0 when there is none)."""
+        with self._lock:
+            self._check_open()
+            return max(self._dead.rows, default=0)
+
+    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
+        """How many dead letters (of ``destination``) are newer than ``mark``."""
+        with self._lock:
+            self._check_open()
+            return sum(
+                1
+                for dead_id, dead in self._dead.rows.items()
+                if dead_id > mark and destination in (None, dead.dest)
+            )
+
     def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters (all, or ``ids``) back in the queue as new messages; how many."""
         with self._lock:

@@ -125,6 +125,21 @@ class QueueReads:
         rows = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTERS), params)).fetchall()
         return [DeadLetter.from_row(row) for row in rows]
 
+    def dead_letter_mark(self) -> int:
+        """The newest dead letter's id (0 when there is none)."""
+        row = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTER_MARK))).fetchone()
+        return int(row[0]) if row else 0
+
+    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
+        """How many dead letters (of ``destination``) are newer than ``mark``.
+
+        An identity is taken before its transaction commits, so a dead letter whose move
+        committed after the mark was read may carry an id below it and not count here.
+        """
+        params = {"mark": mark, "dest": destination}
+        row = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTERED_SINCE), params)).fetchone()
+        return int(row[0]) if row else 0
+
     def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters (all, or ``ids``) back in the queue; returns how many."""
         return self._move_dead(ids, q.REQUEUE_DEAD)

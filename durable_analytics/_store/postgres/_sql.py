@@ -380,6 +380,15 @@ WHERE %(all)s OR l.id = ANY(%(ids)s::bigint[])
 ORDER BY l.id
 """
 
+DEAD_LETTER_MARK = """
+SELECT coalesce(max(id), 0) FROM {s}.dead_letters
+"""
+
+DEAD_LETTERED_SINCE = """
+SELECT count(*) FROM {s}.dead_letters
+WHERE id > %(mark)s AND (%(dest)s::bigint IS NULL OR dest = %(dest)s::bigint)
+"""
+
 REQUEUE_DEAD = """
 WITH gone AS (
     DELETE FROM {s}.dead_letters WHERE %(all)s OR id = ANY(%(ids)s::bigint[])

@@ -172,6 +172,28 @@ class DeadLetters:
         )
         return 0 if row is None else int(row[0])
 
+    def mark(self) -> int:
+        """The newest dead letter's id, 0 when there is none."""
+        row = self.db.read(
+            lambda conn: conn.execute("SELECT coalesce(max(id), 0) FROM dead_letters").fetchone()
+        )
+        return int(row[0])
+
+    def count_since(self, mark: int, destination: int | None) -> int:
+        """How many dead letters (of ``destination``, None: of any) have ids past ``mark``.
+
+        Ids are not reused while a newer one exists (``INTEGER PRIMARY KEY`` takes the
+        highest plus one), so only a purge of every dead letter past the mark between the
+        two reads could make a later one count as older.
+        """
+        row = self.db.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM dead_letters WHERE id > ? AND (? IS NULL OR dest = ?)",
+                (mark, destination, destination),
+            ).fetchone()
+        )
+        return int(row[0])
+
     def select(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
         """The dead letters (all, or those with ``ids``), oldest first."""
 

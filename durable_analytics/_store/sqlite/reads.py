@@ -69,6 +69,14 @@ class QueueReads:
         """The dead letters (all, or those with ``ids``), oldest first."""
         return self._dead.select(ids)
 
+    def dead_letter_mark(self) -> int:
+        """The newest dead letter's id (0 when there is none)."""
+        return self._dead.mark()
+
+    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
+        """How many dead letters (of ``destination``) are newer than ``mark``."""
+        return self._dead.count_since(mark, destination)
+
     def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters (all, or ``ids``) back in the queue; returns how many."""
         return self._dead.take_out(ids, requeue=True)
