@@ -30,7 +30,7 @@ from ._flusher import Flusher, burst_age_for
 from ._oauth import DEFAULT_AUTH_SERVER, DEFAULT_SCOPE
 from ._pass import passed
 from ._reports import Reported, ReportGate, report_until
-from ._store import QueueBackend, QueueStats, open_queue
+from ._store import DeadLetterMark, QueueBackend, QueueStats, open_queue
 from ._sync import deliver_now
 from ._transport.base import Transport
 from .exceptions import ConfigError, DurableAnalyticsError, QueueBusy, QueueError, ValidationError
@@ -266,7 +266,7 @@ class Client(ClientCalls, SettingsAttributes):
         deadline = time.monotonic() + self.config.timeout * (1 + self.config.max_retries)
         deliver_now(self.queue, deliverer, self._dest, row_id, deadline)
 
-    def _dead_lettered_since(self, mark: int) -> int:
+    def _dead_lettered_since(self, mark: DeadLetterMark) -> int:
         """Messages of this destination dead-lettered since ``mark`` (``dead_letter_mark``),
         by any process; a flush whose queue cannot be read for it any more (a lock holder
         stuck past its deadline) counts 0 and reports the rest as sent or pending."""

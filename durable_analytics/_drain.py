@@ -103,6 +103,7 @@ def deliver_until(
     wait_for_backoff: bool = False,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    take_turns: bool = True,
 ) -> DrainResult:
     """Deliver the pending messages (of ``destination``, up to ``up_to_id``) until done.
 
@@ -120,6 +121,9 @@ def deliver_until(
     (its transport is closed when done). ``progress(n)`` is called after each batch with
     the messages it sent. ``up_to_id`` is what makes a drain end under constant production:
     pass the queue's ``max_id()`` at the start to deliver only what was queued by then.
+    ``take_turns``: on a SQLite queue, deliver only while this process holds a delivery
+    slot (``slots.py``), as flushes, ``close()``, exit and ``drain`` do; ``sync_mode``'s
+    one message does not wait for one.
     """
     if not isinstance(deliverer, Deliverer):
         one = deliverer()
@@ -134,6 +138,7 @@ def deliver_until(
                 wait_for_backoff=wait_for_backoff,
                 progress=progress,
                 stop=stop,
+                take_turns=take_turns,
             )
         finally:
             one.transport.close()
@@ -149,6 +154,7 @@ def deliver_until(
             wait_for_backoff=wait_for_backoff,
             progress=progress,
             stop=stop,
+            slots=getattr(queue, "delivery_slots", None) if take_turns else None,
         )
 
 
@@ -163,13 +169,13 @@ def _deliver_until(
     wait_for_backoff: bool,
     progress: Progress | None,
     stop: threading.Event | None,
+    slots: _Slots | None,
 ) -> DrainResult:
     started = time.monotonic()
     total = DeliveryStats()
     stalls = 0  # passes in a row that found ready messages but leased none
     # Many processes on one SQLite file deliver a few at a time (``slots.py``); the others'
     # loops wait while the holders deliver what they wait for, and end once it is done.
-    slots: _Slots | None = getattr(queue, "delivery_slots", None)
     waiting = _SlotWait(slots, deadline)
     while True:
         if slots is not None and slots.needed():

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ._store import Lease, QueueBackend
-from ._store.base import DeadLetter, Destination, QueueStats
+from ._store.base import DeadLetter, DeadLetterMark, Destination, QueueStats
 from ._store.window import InFlightWindow
 
 __all__ = ["OverrideQueue"]
@@ -209,11 +209,11 @@ class OverrideQueue:
         """The wrapped queue's ``empty()``."""
         return self.inner.empty()
 
-    def dead_letter_mark(self) -> int:
-        """The wrapped queue's newest dead letter's id."""
+    def dead_letter_mark(self) -> DeadLetterMark:
+        """The wrapped queue's dead-letter mark."""
         return self.inner.dead_letter_mark()
 
-    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
+    def dead_lettered_since(self, mark: DeadLetterMark, destination: int | None = None) -> int:
         """The wrapped queue's dead letters newer than ``mark``."""
         return self.inner.dead_lettered_since(mark, destination)
 

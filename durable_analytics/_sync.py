@@ -44,8 +44,15 @@ def deliver_now(
     """
     try:
         # A failure leaves the rest queued in backoff: not waited for here.
+        # One message, bounded by its deadline: it takes no delivery slot (``slots.py``), so
+        # many sync_mode processes never wait for each other's deliveries.
         result = deliver_until(
-            queue, deliverer, destination=destination, up_to_id=row_id, deadline=deadline
+            queue,
+            deliverer,
+            destination=destination,
+            up_to_id=row_id,
+            deadline=deadline,
+            take_turns=False,
         )
         pending = queue.pending(up_to_id=row_id, destination=destination) > queue.pending(
             up_to_id=row_id - 1, destination=destination

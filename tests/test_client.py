@@ -36,7 +36,7 @@ from durable_analytics._pipeline import EXIT_REFUSES_THREADS
 from durable_analytics._store import Destination, Lease
 from durable_analytics._store.sqlite import SqliteQueue as Queue
 from durable_analytics._transport import HTTPTransport
-from durable_analytics.testing import Collector, Reply
+from durable_analytics.testing import Collector, RecordingTransport, Reply, SentBatch
 
 
 @pytest.fixture
@@ -80,6 +80,44 @@ def test_flush_returns_sent_pending_and_dead_lettered(
     assert client.flush() == FlushResult(0, 0, 0)
     assert sorted(collector.message_ids()) == sorted(set(ids) - {ids[5]})
     assert client.stats().dead_letters == 1
+
+
+def test_flush_does_not_count_a_message_queued_after_it_that_another_handle_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """Dead letters are counted from the queue, whoever moved them, but only of messages
+    queued by the time flush was called: a message queued during the flush and
+    dead-lettered by another handle on the file (another process) is not among the 10 this
+    flush reports, which are all sent."""
+    path = tmp_path / "q.db"
+    other = Queue(path)
+    late: list[int] = []
+
+    def answer(batch: SentBatch) -> int:
+        if not late:
+            late.append(other.append(dest, b'{"type":"track","event":"late"}'))
+            lease = other.lease(10, 1 << 20, destination=dest)
+            assert lease is not None
+            assert late[0] in lease.ids
+            other.dead_letter(lease, late, status=400, reason="bad")
+        return 200
+
+    client = Client(
+        WRITE_KEY,
+        queue_path=path,
+        flusher="none",
+        on_exit="none",
+        transport=RecordingTransport(answer),
+        max_in_flight=1,
+    )
+    dest = client._dest
+    track_many(client, 10)
+    try:
+        assert client.flush(timeout=10) == FlushResult(sent=10, pending=0, dead_lettered=0)
+        assert len(client.queue.dead_letters()) == 1  # the late one, dead-lettered meanwhile
+    finally:
+        client.close(timeout=1)
+        other.close()
 
 
 def test_flush_counts_what_the_flusher_thread_delivered_meanwhile(

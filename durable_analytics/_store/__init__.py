@@ -21,6 +21,7 @@ from durable_analytics.exceptions import ConfigError
 from .base import (
     MAX_BACKOFF_SECONDS,
     DeadLetter,
+    DeadLetterMark,
     Destination,
     DestinationStats,
     Lease,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_BACKOFF_SECONDS",
     "DeadLetter",
+    "DeadLetterMark",
     "Destination",
     "DestinationStats",
     "Lease",

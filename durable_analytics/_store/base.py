@@ -57,6 +57,7 @@ __all__ = [
     "CLOCK_JUMP_MARGIN",
     "MAX_BACKOFF_SECONDS",
     "DeadLetter",
+    "DeadLetterMark",
     "Destination",
     "DestinationStats",
     "Lease",
@@ -70,6 +71,19 @@ __all__ = [
 MAX_BACKOFF_SECONDS = 600.0
 #: The margin added to ``MAX_BACKOFF_SECONDS`` before a time counts as a clock jump.
 CLOCK_JUMP_MARGIN = 60.0
+
+
+@dataclass(frozen=True)
+class DeadLetterMark:
+    """Where the dead letters stood when a flush began (``QueueBackend.dead_letter_mark``).
+
+    ``id``: the newest dead letter's id then (0: none). ``at``: the queue's clock then (for
+    PostgreSQL the server's, as its ``enqueued_at`` is), so that only messages queued by
+    then count (``dead_lettered_since``), not those queued during the flush.
+    """
+
+    id: int
+    at: float
 
 
 @dataclass(frozen=True)
@@ -423,14 +437,14 @@ class QueueBackend(Protocol):
         """The dead letters (all, or those with ``ids``), oldest first."""
         ...
 
-    def dead_letter_mark(self) -> int:
-        """The newest dead letter's id (0 when there is none), for ``dead_lettered_since``."""
+    def dead_letter_mark(self) -> DeadLetterMark:
+        """Where the dead letters stand now, for ``dead_lettered_since``."""
         ...
 
-    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
-        """How many dead letters (of ``destination``) are newer than ``mark``: what every
-        process moved there since the mark was read (a flush counts those of its
-        destination, whoever dead-lettered them)."""
+    def dead_lettered_since(self, mark: DeadLetterMark, destination: int | None = None) -> int:
+        """How many dead letters (of ``destination``) are newer than ``mark`` and of messages
+        queued by then: what any process dead-lettered of them since (a flush counts those
+        of its destination, whoever dead-lettered them)."""
         ...
 
     def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:

@@ -161,7 +161,8 @@ def drain_command(
                     config,
                     host=None if host is None else config.host,
                     write_key=write_key,
-                    timeout=timeout,
+                    # What the progress bar's count left of --timeout: one deadline in all.
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
                     progress=progress,
                     stop=stop,
                     ignore_backoff=ignore_backoff,

@@ -15,7 +15,7 @@ from typing import Any
 import freezegun
 import pytest
 
-from durable_analytics._store import MAX_BACKOFF_SECONDS, Lease, QueueBackend
+from durable_analytics._store import MAX_BACKOFF_SECONDS, DeadLetterMark, Lease, QueueBackend
 from durable_analytics.exceptions import QueueError
 
 from .conftest import OpenBackend
@@ -149,24 +149,28 @@ def test_dead_lettered_since_counts_the_dead_letters_newer_than_the_mark_by_dest
     backend: QueueBackend, dest: int
 ) -> None:
     """``dead_letter_mark()`` then ``dead_lettered_since(mark, destination)``: the dead
-    letters moved after the mark, of that destination (or of any), not the older ones, and
-    not fewer once older ones are purged or requeued."""
+    letters moved after the mark of messages queued by then, of that destination (or of
+    any); not the older dead letters, not a message queued after the mark, and not fewer
+    once older ones are purged."""
     other = backend.destination(OTHER_HOST, OTHER_KEY)
-    assert backend.dead_letter_mark() == 0
+    assert backend.dead_letter_mark().id == 0
     old = fill(backend, dest, 2)
     backend.dead_letter(take(backend, 2), old[:1], status=400, reason="bad")
-    mark = backend.dead_letter_mark()
-    assert mark > 0
-    assert backend.dead_lettered_since(mark) == 0
     new = fill(backend, dest, 3, start=10)
     backend.append(other, body(20))
-    backend.dead_letter(take(backend, 10, destination=dest), new[:2], status=422, reason="bad")
+    mark = backend.dead_letter_mark()
+    assert mark.id > 0
+    assert backend.dead_lettered_since(mark) == 0
+    late = backend.append(dest, body(30), enqueued_at=mark.at + 60)  # queued after the mark
+    lease = take(backend, 10, destination=dest)
+    assert late in lease.ids
+    backend.dead_letter(lease, [*new[:2], late], status=422, reason="bad")
     elsewhere = take(backend, 10, destination=other)
     backend.dead_letter(elsewhere, elsewhere.ids, status=400, reason="bad")
     assert backend.dead_lettered_since(mark, destination=dest) == 2
     assert backend.dead_lettered_since(mark, destination=other) == 1
     assert backend.dead_lettered_since(mark) == 3
-    assert backend.dead_lettered_since(0, destination=dest) == 3
+    assert backend.dead_lettered_since(DeadLetterMark(0, mark.at), destination=dest) == 3
     oldest = backend.dead_letters()[0].id
     assert backend.purge_dead_letters([oldest]) == 1
     assert backend.dead_lettered_since(mark) == 3

@@ -4,6 +4,7 @@ delivered."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -12,11 +13,12 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import start_python
 
-from durable_analytics import Client, FlushResult
+from durable_analytics import Client, FlushResult, _drain
 from durable_analytics._store.sqlite.slots import SLOTS, DeliverySlots
 from durable_analytics.testing import Collector, RecordingTransport, SentBatch
 
@@ -69,6 +71,30 @@ def test_slots_whose_files_cannot_be_opened_are_not_waited_for(tmp_path: Path) -
     with slots.held() as mine:
         assert not mine
     assert not slots.needed()
+
+
+def test_slot_files_that_fail_to_open_for_a_passing_reason_stay_in_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors (``EMFILE``) while taking a slot: no slot this time, but the slots
+    stay in use, and the next try takes one once descriptors are back. (Only an open that
+    can never succeed turns them off, as above.)"""
+    path = tmp_path / "q.db"
+    slots = DeliverySlots(path, _nobody)
+    real_open = os.open
+
+    def out_of_descriptors(file: Any, *args: Any, **kwargs: Any) -> int:
+        if str(file).startswith(str(path) + ".slot"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(file, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "open", out_of_descriptors)
+        with slots.held() as mine:
+            assert not mine
+    assert slots.needed()
+    with slots.held() as mine:
+        assert mine
 
 
 def test_one_slot_file_that_cannot_be_opened_leaves_the_others_in_use(tmp_path: Path) -> None:
@@ -386,14 +412,8 @@ def test_a_flush_behind_a_holder_working_through_older_messages_waits_half_its_t
     assert set(delivered.values()) == {1}
 
 
-def _refuse_bad(batch: SentBatch) -> int:
-    # 400 to any batch with the "bad" event (split until it is alone, then dead-lettered).
-    time.sleep(0.05)
-    return 400 if any(m.get("event") == "bad" for m in batch.messages) else 200
-
-
 def test_a_flush_that_waited_for_the_slot_holder_counts_what_the_holder_dead_lettered(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every slot but one held by processes that stay away; the last by another client's
     flush of the same write key, which delivers this client's messages too and
@@ -403,7 +423,19 @@ def test_a_flush_that_waited_for_the_slot_holder_counts_what_the_holder_dead_let
     queue, whoever moved them. Before, only this process's own dead letters counted, and
     the refused message was reported as sent."""
     path = tmp_path / "q.db"
-    holder_transport = RecordingTransport(_refuse_bad)
+    # The turns themselves, not the ways out of them: a loaded machine must not make the
+    # waiter deliver without a slot.
+    monkeypatch.setattr(_drain, "_MOST_WAIT", 60.0)
+    monkeypatch.setattr(_drain, "_IDLE_GRACE", 60.0)
+    counted = threading.Event()  # the waiter has counted what its flush covers
+
+    def refuse_bad(batch: SentBatch) -> int:
+        # Nothing is answered before the waiter counted; then 400 to any batch with the
+        # "bad" event (split until it is alone, then dead-lettered).
+        assert counted.wait(30)
+        return 400 if any(m.get("event") == "bad" for m in batch.messages) else 200
+
+    holder_transport = RecordingTransport(refuse_bad)
     holder = Client(
         "key",
         queue_path=path,
@@ -416,6 +448,15 @@ def test_a_flush_that_waited_for_the_slot_holder_counts_what_the_holder_dead_let
     waiter = Client(
         "key", queue_path=path, flusher="none", on_exit="none", transport=waiter_transport
     )
+    waiter.queue.delivery_slots.patience = 60.0
+    count_pending = waiter.queue.pending
+
+    def pending_then_go(**kwargs: Any) -> int:
+        found = count_pending(**kwargs)
+        counted.set()  # the flush's first count (its ``before``) is taken
+        return found
+
+    monkeypatch.setattr(waiter.queue, "pending", pending_then_go)
     for i in range(40):
         holder.track("u", "older", {"i": i})
     events = ["mine"] * 9
@@ -426,8 +467,10 @@ def test_a_flush_that_waited_for_the_slot_holder_counts_what_the_holder_dead_let
     working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
     working.start()
     try:
-        while not holder.queue.delivery_slots._holders:
+        deadline = time.monotonic() + 30
+        while not holder.queue.delivery_slots._holders and time.monotonic() < deadline:
             time.sleep(0.001)
+        assert holder.queue.delivery_slots._holders
         result = waiter.flush(timeout=30)
     finally:
         working.join()
@@ -444,3 +487,33 @@ def test_a_flush_that_waited_for_the_slot_holder_counts_what_the_holder_dead_let
     assert b'"bad"' in dead[0]
     holder.close(timeout=1)
     waiter.close(timeout=1)
+
+
+def test_sync_mode_delivers_its_message_without_taking_a_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sync_mode``'s one message, bounded by its own deadline, never waits for a delivery
+    slot: with every slot held by processes delivering its destination, the call delivers
+    at once and the slots are not even looked at."""
+    path = tmp_path / "q.db"
+    stuck = [DeliverySlots(path, _nobody) for _ in range(SLOTS)]
+    entered = [s.held() for s in stuck]
+    assert [e.__enter__() for e in entered] == [True] * SLOTS
+    transport = RecordingTransport()
+    client = Client("key", queue_path=path, sync_mode=True, on_exit="none", transport=transport)
+    slots = client.queue.delivery_slots
+    monkeypatch.setattr(slots, "working", lambda destination: True)
+
+    def no_turn() -> None:
+        raise AssertionError("sync_mode asked for a delivery slot")
+
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(slots, "held", no_turn)
+            ok, message = client.track("u", "now")
+        assert ok
+        assert [m["messageId"] for m in transport.messages()] == [message["messageId"]]
+    finally:
+        client.close(timeout=1)
+        for e in entered:
+            e.__exit__(None, None, None)

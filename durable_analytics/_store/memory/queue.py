@@ -25,6 +25,7 @@ from durable_analytics._store.base import (
     CLOCK_JUMP_MARGIN,
     MAX_BACKOFF_SECONDS,
     DeadLetter,
+    DeadLetterMark,
     Destination,
     Lease,
     QueueStats,
@@ -532,20 +533,23 @@ class MemoryQueue:
             self._check_open()
             return self._dead.select(ids, self._dests)
 
-    def dead_letter_mark(self) -> int:
-        """The newest dead letter's id (0 when there is none)."""
+    def dead_letter_mark(self) -> DeadLetterMark:
+        """Where the dead letters stand now (the newest's id, this clock)."""
         with self._lock:
             self._check_open()
-            return max(self._dead.rows, default=0)
+            return DeadLetterMark(max(self._dead.rows, default=0), time.time())
 
-    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
-        """How many dead letters (of ``destination``) are newer than ``mark``."""
+    def dead_lettered_since(self, mark: DeadLetterMark, destination: int | None = None) -> int:
+        """How many dead letters (of ``destination``) are newer than ``mark`` and of messages
+        queued by then."""
         with self._lock:
             self._check_open()
             return sum(
                 1
                 for dead_id, dead in self._dead.rows.items()
-                if dead_id > mark and destination in (None, dead.dest)
+                if dead_id > mark.id
+                and dead.enqueued_at <= mark.at
+                and destination in (None, dead.dest)
             )
 
     def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:

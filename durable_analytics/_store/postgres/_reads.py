@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from durable_analytics._store.base import DeadLetter, QueueStats
+from durable_analytics._store.base import DeadLetter, DeadLetterMark, QueueStats
+from durable_analytics.exceptions import QueueError
 
 from . import _inspect
 from . import _sql as q
@@ -125,18 +126,21 @@ class QueueReads:
         rows = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTERS), params)).fetchall()
         return [DeadLetter.from_row(row) for row in rows]
 
-    def dead_letter_mark(self) -> int:
-        """The newest dead letter's id (0 when there is none)."""
+    def dead_letter_mark(self) -> DeadLetterMark:
+        """Where the dead letters stand now (the newest's id, the server's clock)."""
         row = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTER_MARK))).fetchone()
-        return int(row[0]) if row else 0
+        if row is None:  # an aggregate always answers one row
+            raise QueueError("PostgreSQL answered no row to the dead-letter mark")
+        return DeadLetterMark(int(row[0]), float(row[1]))
 
-    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
-        """How many dead letters (of ``destination``) are newer than ``mark``.
+    def dead_lettered_since(self, mark: DeadLetterMark, destination: int | None = None) -> int:
+        """How many dead letters (of ``destination``) are newer than ``mark`` and of messages
+        queued by then.
 
         An identity is taken before its transaction commits, so a dead letter whose move
         committed after the mark was read may carry an id below it and not count here.
         """
-        params = {"mark": mark, "dest": destination}
+        params = {"mark": mark.id, "at": mark.at, "dest": destination}
         row = self._tx(lambda c: c.execute(self._sql(q.DEAD_LETTERED_SINCE), params)).fetchone()
         return int(row[0]) if row else 0
 

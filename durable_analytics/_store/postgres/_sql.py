@@ -381,12 +381,14 @@ ORDER BY l.id
 """
 
 DEAD_LETTER_MARK = """
-SELECT coalesce(max(id), 0) FROM {s}.dead_letters
+SELECT coalesce(max(id), 0), extract(epoch FROM clock_timestamp())::float8
+FROM {s}.dead_letters
 """
 
 DEAD_LETTERED_SINCE = """
 SELECT count(*) FROM {s}.dead_letters
-WHERE id > %(mark)s AND (%(dest)s::bigint IS NULL OR dest = %(dest)s::bigint)
+WHERE id > %(mark)s AND enqueued_at <= to_timestamp(%(at)s::float8)
+    AND (%(dest)s::bigint IS NULL OR dest = %(dest)s::bigint)
 """
 
 REQUEUE_DEAD = """

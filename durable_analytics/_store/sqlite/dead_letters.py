@@ -172,24 +172,26 @@ class DeadLetters:
         )
         return 0 if row is None else int(row[0])
 
-    def mark(self) -> int:
+    def newest(self) -> int:
         """The newest dead letter's id, 0 when there is none."""
         row = self.db.read(
             lambda conn: conn.execute("SELECT coalesce(max(id), 0) FROM dead_letters").fetchone()
         )
         return int(row[0])
 
-    def count_since(self, mark: int, destination: int | None) -> int:
-        """How many dead letters (of ``destination``, None: of any) have ids past ``mark``.
+    def count_since(self, newest: int, queued_by: float, destination: int | None) -> int:
+        """How many dead letters (of ``destination``, None: of any) have ids past ``newest``
+        and were queued by ``queued_by``.
 
-        Ids are not reused while a newer one exists (``INTEGER PRIMARY KEY`` takes the
-        highest plus one), so only a purge of every dead letter past the mark between the
-        two reads could make a later one count as older.
+        An id is the highest plus one (``INTEGER PRIMARY KEY``): a purge or requeue of the
+        newest dead letters meanwhile gives later ones ids at or below ``newest`` again, and
+        those are not counted (an operator's action during a flush).
         """
         row = self.db.read(
             lambda conn: conn.execute(
-                "SELECT count(*) FROM dead_letters WHERE id > ? AND (? IS NULL OR dest = ?)",
-                (mark, destination, destination),
+                "SELECT count(*) FROM dead_letters "
+                "WHERE id > ? AND enqueued_at <= ? AND (? IS NULL OR dest = ?)",
+                (newest, queued_by, destination, destination),
             ).fetchone()
         )
         return int(row[0])

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from durable_analytics._store.base import DeadLetter, Lease, QueueStats
+from durable_analytics._store.base import DeadLetter, DeadLetterMark, Lease, QueueStats
 
 from . import bydest, inspect, leases, spool_counts
 from .wal import wal_bytes
@@ -69,13 +69,14 @@ class QueueReads:
         """The dead letters (all, or those with ``ids``), oldest first."""
         return self._dead.select(ids)
 
-    def dead_letter_mark(self) -> int:
-        """The newest dead letter's id (0 when there is none)."""
-        return self._dead.mark()
+    def dead_letter_mark(self) -> DeadLetterMark:
+        """Where the dead letters stand now (the newest's id, this clock)."""
+        return DeadLetterMark(self._dead.newest(), time.time())
 
-    def dead_lettered_since(self, mark: int, destination: int | None = None) -> int:
-        """How many dead letters (of ``destination``) are newer than ``mark``."""
-        return self._dead.count_since(mark, destination)
+    def dead_lettered_since(self, mark: DeadLetterMark, destination: int | None = None) -> int:
+        """How many dead letters (of ``destination``) are newer than ``mark`` and of messages
+        queued by then."""
+        return self._dead.count_since(mark.id, mark.at, destination)
 
     def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters (all, or ``ids``) back in the queue; returns how many."""

@@ -8,9 +8,10 @@ whoever held it was preempted among them. 20 processes closing with 6,000 messag
 delivered 3,000-3,800 of them in ``shutdown_timeout`` (5 s) and sent up to 60 twice
 (requests dropped at the deadline with their answers unread).
 
-So a flush loop (``flush()``, ``close()``, exit, ``drain`` without ``--host``/
-``--write-key``) delivers only while its process holds one of ``SLOTS`` slots: an
-exclusive ``flock`` on ``<queue>.slot<k>.lock``. With ``SLOTS`` or fewer processes
+So a flush loop (``flush()``, ``close()``, exit, the detached exit drain, a flusher
+process's last delivery, ``drain`` without ``--host``/``--write-key``; not ``sync_mode``'s
+one message) delivers only while its process holds one of ``SLOTS`` slots: an exclusive
+``flock`` on ``<queue>.slot<k>.lock``. With ``SLOTS`` or fewer processes
 flushing at once, each takes one at once. A process that has none waits, polling every
 ``POLL`` seconds, while another process has a lease out on its destination: the holders
 deliver that destination's messages (up to what each of their own loops was asked for),
@@ -21,8 +22,10 @@ deliver others), nor when the destination's messages in the file stopped going d
 half the time its deadline left it (the holders may work through older messages for
 long): then it delivers without a slot, as every loop did before. The kernel releases a
 slot whose holder died. The background flusher threads and ``worker`` take no slot.
-Threads of one process share its slot. Where no slot file can be opened (a directory
-another user owns the lock files in), loops deliver without slots.
+Threads of one queue handle share its slot (two Clients on one file in one process hold
+one each, as two processes would). Where no slot file can ever be opened (another user's,
+not a file), loops deliver without slots; an open that fails for a passing reason (out of
+descriptors) counts as a taken slot that once.
 
 Slots are taken whenever a loop runs, not only once many processes share the file: an
 earlier rule (slots past ``SLOTS`` processes with journals or spools, counted from the
@@ -39,6 +42,7 @@ did not know of, and held the slot for its life.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import weakref
@@ -52,7 +56,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 __all__ = ["FORK_WAIT", "LOCK_WAIT", "PATIENCE", "POLL", "SLOTS", "DeliverySlots"]
 
-#: Processes that deliver from one queue file at once, once more than this many share it.
+#: Processes whose flush loops deliver from one queue file at once.
 SLOTS = 4
 #: How often a process without a slot tries for one (seconds).
 POLL = 0.02
@@ -130,7 +134,8 @@ class DeliverySlots:
                     self._fd, self._holders = fd, 1
                     return True
                 opened = opened or fd == _TAKEN
-            # Every file refused to open: nobody can hold these slots, so none is waited for.
+            # Every file refused to open for good: nobody can hold these slots, so none is
+            # waited for.
             self._usable = opened
             return False
         finally:
@@ -184,9 +189,14 @@ if hasattr(os, "register_at_fork"):
     )
 
 
-#: What ``_try_lock`` returns when another process holds the file's flock, and when the file
-#: cannot be opened.
+#: What ``_try_lock`` returns when another process holds the file's flock (or the file could
+#: not be opened for a passing reason), and when it can never be opened.
 _TAKEN, _UNOPENED = -1, -2
+#: Why an open fails for good (slots are then off): the file is not ours to open, or not a
+#: file. Others (out of descriptors, ``EINTR``) pass: the slot counts as taken this once.
+_LASTING = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ELOOP, errno.ENOTDIR}
+)
 
 
 def _try_lock(file: Path) -> int:
@@ -195,8 +205,8 @@ def _try_lock(file: Path) -> int:
         fd = os.open(
             file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600
         )
-    except OSError:
-        return _UNOPENED
+    except OSError as exc:
+        return _UNOPENED if exc.errno in _LASTING else _TAKEN
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
