@@ -187,16 +187,17 @@ def test_two_concurrent_drains_send_each_message_once(
 
 
 def test_once_lock_lets_one_drain_run_per_queue(queue_path: Path, collector: Collector) -> None:
-    # 10 batches of 0.3 s: the first drain still holds the lock while a second interpreter
+    # 10 batches of 0.6 s: the first drain still holds the lock while a second interpreter
     # starts, even on a loaded machine (with 2 batches it could finish first).
     ids = fill(queue_path, collector.url, 200)
-    collector.set_default(Reply(delay=0.3))
+    collector.set_default(Reply(delay=0.6))
     first = start_cli("drain", "--queue", str(queue_path), "--once-lock", "--concurrency", "1")
     assert collector.wait_for_requests(1, timeout=10)
     started = time.monotonic()
     second = run_cli("drain", "--queue", str(queue_path), "--once-lock")
     assert second.returncode == 0
     assert second.stdout == second.stderr == ""
+    assert first.poll() is None  # the two overlapped: the second found the lock taken
     assert time.monotonic() - started < 5
     out, err = finish(first)
     assert first.returncode == 0, err

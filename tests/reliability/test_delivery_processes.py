@@ -351,12 +351,15 @@ print(codes)
 def test_on_exit_spawn_exits_at_once_and_a_detached_drain_delivers(
     collector: Collector, queue_path: Path
 ) -> None:
-    collector.set_default(Reply(delay=0.05))  # slow enough that the script cannot finish first
+    # Every answer 5 s away: the script cannot finish delivering first, and an exit that
+    # waited to deliver would take its whole shutdown_timeout (5 s). The bound leaves a
+    # loaded machine time to end the interpreter and start the drain.
+    collector.set_default(Reply(delay=5.0))
     result, exit_time = run_producer(
         producer_script(collector, queue_path, "", n=1000, on_exit="spawn")
     )
     assert result.returncode == 0, result.stderr
-    assert exit_time < 1.0  # it did not wait to deliver
+    assert exit_time < 4.0  # it did not wait to deliver
 
     assert collector.wait_for_messages(1000, timeout=30)
     assert len(collector.message_ids()) == 1000
@@ -403,7 +406,8 @@ def test_flusher_process_delivers_and_ends_after_the_parent_exits(
     assert parent.wait(timeout=30) == 0
     parent_ended = time.monotonic()
 
-    deadline = parent_ended + 3.0 + 2.0
+    # Its shutdown_timeout, then time for a loaded machine to end the interpreter.
+    deadline = parent_ended + 3.0 + 15.0
     while not _gone(int(child_pid)) and time.monotonic() < deadline:
         time.sleep(0.02)
     child_ended = time.monotonic()
@@ -435,10 +439,12 @@ def test_flusher_process_with_on_exit_flush_delivers_everything(
 def test_on_exit_none_leaves_the_rest_on_disk_for_the_next_run(
     collector: Collector, queue_path: Path
 ) -> None:
-    collector.set_default(Reply(delay=0.2))
+    # Every answer 5 s away: nothing is acknowledged before the exit, and an exit that
+    # waited to deliver would take at least that.
+    collector.set_default(Reply(delay=5.0))
     result, exit_time = run_producer(producer_script(collector, queue_path, "", on_exit="none"))
     assert result.returncode == 0, result.stderr
-    assert exit_time < 1.0
+    assert exit_time < 4.0
     left = Queue(queue_path).pending()
     assert left > 0
     collector.set_default(Reply())

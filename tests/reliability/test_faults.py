@@ -142,9 +142,10 @@ class FailingChildClient(Client):
 def test_a_flusher_process_that_cannot_start_is_restarted_with_backoff_and_one_warning(
     queue_path: Path, collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Within 1.5 s of a child that always fails: at most 3 starts (the first, then after
-    0.5 s and 1 s more; without backoff it was dozens), one WARNING that says why, and the
-    50 messages wait on disk; close() still delivers all of them in this process."""
+    """A child that always fails is started again after 0.5 s, then 1 s more: within 1 s of
+    the second start at most one more (without backoff it was dozens), one WARNING that
+    says why, and the 50 messages wait on disk; close() still delivers all of them in this
+    process. (The second start is waited for, however long a loaded machine takes.)"""
     caplog.set_level(logging.DEBUG, logger="durable_analytics")
     FailingChildClient.spawned = 0
     client = FailingChildClient(
@@ -152,7 +153,10 @@ def test_a_flusher_process_that_cannot_start_is_restarted_with_backoff_and_one_w
     )
     for i in range(50):
         assert client.track("u", "E", {"i": i})[0]
-    time.sleep(1.5)  # the bounded window in which restarts are counted
+    deadline = time.monotonic() + 30
+    while FailingChildClient.spawned < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.0)  # the window in which restarts are counted: the next is 1 s away
     spawned = FailingChildClient.spawned
     assert pending_on_disk(queue_path) == 50
     result = client.close(timeout=30)

@@ -189,7 +189,7 @@ import os, sys
 import durable_analytics
 c = durable_analytics.Client(
     sys.argv[1], host=sys.argv[2], queue_path=sys.argv[3], flusher="process",
-    shutdown_timeout=1.0, flush_interval=60, flush_at=1000,
+    shutdown_timeout=1.0, flush_interval=60, flush_at=1000, busy_timeout=120,
 )
 for i in range(50):
     assert c.track("u", "E", {"i": i})[0]
@@ -227,10 +227,10 @@ def test_a_flusher_process_ends_within_shutdown_timeout_while_a_lock_holder_is_f
     frozen: tuple[Path, list[subprocess.Popen[str]]], collector: Collector, ending: str
 ) -> None:
     """flusher="process", shutdown_timeout=1, another process stopped inside a write
-    transaction (busy_timeout left at 10 s): when the parent exits (its exit handler) or
-    dies without one (the child finds it gone), the parent and its flusher child are both
-    gone within 1 + 1 s, not after a 10 s lock wait; every message is delivered exactly
-    once after the frozen process is gone."""
+    transaction (busy_timeout 120 s): when the parent exits (its exit handler) or dies
+    without one (the child finds it gone), the parent and its flusher child are both gone
+    within 1 + 10 s (interpreters ending on a loaded machine), not after a 120 s lock wait;
+    every message is delivered exactly once after the frozen process is gone."""
     path, procs = frozen
     producer, child = _process_producer(path, collector, procs)
     procs.append(_frozen_writer(path))
@@ -241,9 +241,9 @@ def test_a_flusher_process_ends_within_shutdown_timeout_while_a_lock_holder_is_f
     producer.stdin.flush()
     producer.wait(timeout=60)
     assert producer.returncode == 0, producer.stderr.read() if producer.stderr else ""
-    assert time.monotonic() - started < 1.0 + 1.0
+    assert time.monotonic() - started < 1.0 + 10.0
     assert _wait_gone(child, 30) <= 30
-    assert time.monotonic() - started < 1.0 + 1.0
+    assert time.monotonic() - started < 1.0 + 10.0
     os.kill(frozen_writer.pid, signal.SIGKILL)
     frozen_writer.wait()
     _all_delivered_once(path, collector, 50)

@@ -690,7 +690,8 @@ def test_flush_interval_holds_after_a_wall_clock_jump(
         assert flusher.stdout is not None
         assert flusher.stdout.readline() == "ready\n"
         started = time.monotonic()
-        delivered = collector.wait_for_messages(5, timeout=2)
+        # 30 s: a loaded machine's first request; the defect waited out the jump (an hour).
+        delivered = collector.wait_for_messages(5, timeout=30)
         waited = time.monotonic() - started
     finally:
         finish(flusher, 20, stdin="")
@@ -701,5 +702,5 @@ def test_flush_interval_holds_after_a_wall_clock_jump(
     report.show(f"process: flush_interval after a {jump_s:+d}s jump", waited_s=waited)
     report.assert_sound()
     assert delivered, (
-        f"5 messages waited more than 5 s (flush_interval 0.2 s) after a {jump_s}s jump"
+        f"5 messages waited more than 30 s (flush_interval 0.2 s) after a {jump_s}s jump"
     )

@@ -450,18 +450,19 @@ def test_stale_holder_cannot_ack_release_or_dead_letter_after_a_takeover(
 
 
 def test_extend_keeps_a_lease_alive_and_reports_a_lost_one(queue_path: Path) -> None:
-    q = Queue(queue_path, lease_timeout=0.5)
+    # A 2 s lease extended every 0.8 s: a loaded machine's late wake-up stays inside it.
+    q = Queue(queue_path, lease_timeout=2.0)
     dest_id = q.destination(HOST, KEY)
     fill(q, dest_id, 2)
     lease = q.lease(10, 1_000_000)
     assert lease is not None
     leased_at = time.monotonic()
     for _ in range(3):
-        time.sleep(0.2)
+        time.sleep(0.8)
         assert q.extend(lease)
-    assert time.monotonic() - leased_at > 0.5  # past the first expiry ...
+    assert time.monotonic() - leased_at > 2.0  # past the first expiry ...
     assert q.lease(10, 1_000_000) is None  # ... and still held
-    time.sleep(0.6)
+    time.sleep(2.2)
     taken = q.lease(10, 1_000_000)
     assert taken is not None
     assert not q.extend(lease)
