@@ -31,7 +31,7 @@ def test_at_most_slots_holders_at_once_and_a_freed_slot_is_taken_again(tmp_path:
     """``SLOTS`` holders (each its own open file, as separate processes are) take the
     slots; one more finds none until a holder leaves."""
     path = tmp_path / "q.db"
-    many = [DeliverySlots(path, _nobody) for _ in range(SLOTS + 1)]
+    many = [DeliverySlots(path, _nobody, own_turn=True) for _ in range(SLOTS + 1)]
     assert all(s.needed() for s in many)
     held = [s.held() for s in many[:SLOTS]]
     assert [h.__enter__() for h in held] == [True] * SLOTS
@@ -48,8 +48,8 @@ def test_threads_of_one_process_share_its_slot(tmp_path: Path) -> None:
     """A second pass of the same process (another thread, nested) rides on the slot it
     holds instead of taking another."""
     path = tmp_path / "q.db"
-    mine = DeliverySlots(path, _nobody)
-    others = [DeliverySlots(path, _nobody) for _ in range(SLOTS - 1)]
+    mine = DeliverySlots(path, _nobody, own_turn=True)
+    others = [DeliverySlots(path, _nobody, own_turn=True) for _ in range(SLOTS - 1)]
     with mine.held() as first, mine.held() as second:
         assert first
         assert second
@@ -66,7 +66,7 @@ def test_slots_whose_files_cannot_be_opened_are_not_waited_for(tmp_path: Path) -
     path = tmp_path / "q.db"
     for k in range(SLOTS):
         (tmp_path / f"q.db.slot{k}.lock").mkdir()
-    slots = DeliverySlots(path, _nobody)
+    slots = DeliverySlots(path, _nobody, own_turn=True)
     assert slots.needed()
     with slots.held() as mine:
         assert not mine
@@ -80,7 +80,7 @@ def test_slot_files_that_fail_to_open_for_a_passing_reason_stay_in_use(
     stay in use, and the next try takes one once descriptors are back. (Only an open that
     can never succeed turns them off, as above.)"""
     path = tmp_path / "q.db"
-    slots = DeliverySlots(path, _nobody)
+    slots = DeliverySlots(path, _nobody, own_turn=True)
     real_open = os.open
 
     def out_of_descriptors(file: Any, *args: Any, **kwargs: Any) -> int:
@@ -102,10 +102,10 @@ def test_one_slot_file_that_cannot_be_opened_leaves_the_others_in_use(tmp_path: 
     others are held a loop waits (slots still in use) rather than delivering beside them."""
     path = tmp_path / "q.db"
     (tmp_path / "q.db.slot0.lock").mkdir()
-    holders = [DeliverySlots(path, _nobody) for _ in range(SLOTS - 1)]
+    holders = [DeliverySlots(path, _nobody, own_turn=True) for _ in range(SLOTS - 1)]
     entered = [h.held() for h in holders]
     assert [e.__enter__() for e in entered] == [True] * (SLOTS - 1)
-    late = DeliverySlots(path, _nobody)
+    late = DeliverySlots(path, _nobody, own_turn=True)
     with late.held() as mine:
         assert not mine
     assert late.needed()
@@ -122,7 +122,7 @@ def test_a_process_alone_in_the_spool_directory_still_takes_turns_on_the_slots(
     a process that counted itself alone there delivered beside the holders (a CI run saw
     4 and 6 requests in flight where one slot allowed 2). Lost 0, duplicated 0."""
     path = tmp_path / "q.db"
-    stuck = [DeliverySlots(path, _nobody) for _ in range(SLOTS)]
+    stuck = [DeliverySlots(path, _nobody, own_turn=True) for _ in range(SLOTS)]
     entered = [s.held() for s in stuck]
     assert [e.__enter__() for e in entered] == [True] * SLOTS
     with Collector(write_key="key") as collector:
@@ -152,7 +152,7 @@ from pathlib import Path
 from durable_analytics._store.sqlite.slots import DeliverySlots, _try_lock
 
 path = Path(sys.argv[1])
-slots = DeliverySlots(path, lambda destination: False)
+slots = DeliverySlots(path, lambda destination: False, own_turn=True)
 with slots.held() as mine:
     assert mine
     pid = os.fork()
@@ -161,7 +161,7 @@ with slots.held() as mine:
         try:
             time.sleep(0.5)  # alive, not delivering, while the parent leaves its slot
             with slots.held() as child_has:
-                code = 0 if child_has and slots._fd >= 0 else 2
+                code = 0 if child_has and slots._turn.fd >= 0 else 2
         finally:
             os._exit(code)
 first = path.with_name(path.name + ".slot0.lock")
@@ -194,7 +194,7 @@ from pathlib import Path
 from durable_analytics._store.sqlite import slots as module
 
 path = Path(sys.argv[1])
-slots = module.DeliverySlots(path, lambda destination: False)
+slots = module.DeliverySlots(path, lambda destination: False, own_turn=True)
 real_try_lock = module._try_lock
 flocked = threading.Event()
 
@@ -304,7 +304,7 @@ def test_a_flush_behind_holders_that_deliver_nothing_delivers_without_a_slot(
     ``patience`` seconds without progress, then delivers without a slot, as before slots.
     Lost 0, duplicated 0."""
     path = tmp_path / "q.db"
-    stuck = [DeliverySlots(path, _nobody) for _ in range(SLOTS)]
+    stuck = [DeliverySlots(path, _nobody, own_turn=True) for _ in range(SLOTS)]
     entered = [s.held() for s in stuck]
     assert [e.__enter__() for e in entered] == [True] * SLOTS
     with Collector(write_key="key") as collector:
@@ -322,6 +322,15 @@ def test_a_flush_behind_holders_that_deliver_nothing_delivers_without_a_slot(
         e.__exit__(None, None, None)
     assert result.pending == 0
     assert {i: received.get(i, 0) for i in ids} == dict.fromkeys(ids, 1)
+
+
+def _as_another_process(client: Client) -> None:
+    """Give ``client``'s queue a hold on the slots of its own, as if it ran in a process of
+    its own (the handles of one process share one)."""
+    mine = client.queue.delivery_slots
+    client.queue.delivery_slots = DeliverySlots(  # type: ignore[attr-defined]
+        client.queue.path, mine.working, own_turn=True
+    )
 
 
 @contextmanager
@@ -347,14 +356,14 @@ def _one_slot_held_by_a_slow_flush(
     )
     for i in range(older):
         holder.track("u", "older", {"i": i})
-    others = [DeliverySlots(path, _nobody).held() for _ in range(SLOTS - 1)]
+    others = [DeliverySlots(path, _nobody, own_turn=True).held() for _ in range(SLOTS - 1)]
     assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
     for client in (holder, waiter):
-        client.queue.delivery_slots.needed = lambda: True  # type: ignore[method-assign]
+        _as_another_process(client)
     working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
     working.start()
     try:
-        while not holder.queue.delivery_slots._holders:
+        while not holder.queue.delivery_slots.holding():
             time.sleep(0.001)
         yield waiter, holder_transport, waiter_transport
     finally:
@@ -448,6 +457,8 @@ def test_a_flush_that_waited_for_the_slot_holder_counts_what_the_holder_dead_let
     waiter = Client(
         "key", queue_path=path, flusher="none", on_exit="none", transport=waiter_transport
     )
+    _as_another_process(holder)
+    _as_another_process(waiter)
     waiter.queue.delivery_slots.patience = 60.0
     count_pending = waiter.queue.pending
 
@@ -462,15 +473,15 @@ def test_a_flush_that_waited_for_the_slot_holder_counts_what_the_holder_dead_let
     events = ["mine"] * 9
     events.insert(4, "bad")
     ids = [waiter.track("u", event)[1]["messageId"] for event in events]
-    others = [DeliverySlots(path, _nobody).held() for _ in range(SLOTS - 1)]
+    others = [DeliverySlots(path, _nobody, own_turn=True).held() for _ in range(SLOTS - 1)]
     assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
     working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
     working.start()
     try:
         deadline = time.monotonic() + 30
-        while not holder.queue.delivery_slots._holders and time.monotonic() < deadline:
+        while not holder.queue.delivery_slots.holding() and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert holder.queue.delivery_slots._holders
+        assert holder.queue.delivery_slots.holding()
         result = waiter.flush(timeout=30)
     finally:
         working.join()
@@ -496,7 +507,7 @@ def test_sync_mode_delivers_its_message_without_taking_a_turn(
     slot: with every slot held by processes delivering its destination, the call delivers
     at once and the slots are not even looked at."""
     path = tmp_path / "q.db"
-    stuck = [DeliverySlots(path, _nobody) for _ in range(SLOTS)]
+    stuck = [DeliverySlots(path, _nobody, own_turn=True) for _ in range(SLOTS)]
     entered = [s.held() for s in stuck]
     assert [e.__enter__() for e in entered] == [True] * SLOTS
     transport = RecordingTransport()
@@ -517,3 +528,56 @@ def test_sync_mode_delivers_its_message_without_taking_a_turn(
         client.close(timeout=1)
         for e in entered:
             e.__exit__(None, None, None)
+
+
+def test_two_clients_of_one_process_share_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every slot but one held by other processes; the last by this process's flush of
+    write key A, whose answer the server holds: a flush of write key B by another Client
+    on the file in the same process rides on that slot and delivers at once, never waiting
+    for a turn. Before, each Client took a slot of its own, as two processes would, and
+    the fifth Client of a process waited for the others."""
+    path = tmp_path / "q.db"
+    b_done = threading.Event()
+
+    def held_until_b(batch: SentBatch) -> int:
+        assert b_done.wait(30)
+        return 200
+
+    a = Client(
+        "KEY-A",
+        queue_path=path,
+        flusher="none",
+        on_exit="none",
+        transport=RecordingTransport(held_until_b),
+        max_in_flight=1,
+    )
+    b_transport = RecordingTransport()
+    b = Client("KEY-B", queue_path=path, flusher="none", on_exit="none", transport=b_transport)
+    a.track("u", "a")
+    (_, sent) = b.track("u", "b")
+    others = [DeliverySlots(path, _nobody, own_turn=True).held() for _ in range(SLOTS - 1)]
+    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
+
+    def never_wait(*args: object, **kwargs: object) -> bool:
+        raise AssertionError("a flush waited for a turn its process holds")
+
+    monkeypatch.setattr(_drain._SlotWait, "patient", never_wait)
+    working = threading.Thread(target=a.flush, kwargs={"timeout": 30})
+    working.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not a.queue.delivery_slots.holding() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert a.queue.delivery_slots.holding()
+        result = b.flush(timeout=30)
+    finally:
+        b_done.set()
+        working.join()
+        for o in others:
+            o.__exit__(None, None, None)
+    assert result.pending == 0
+    assert [m["messageId"] for m in b_transport.messages()] == [sent["messageId"]]
+    a.close(timeout=1)
+    b.close(timeout=1)

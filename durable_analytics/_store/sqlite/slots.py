@@ -22,8 +22,8 @@ deliver others), nor when the destination's messages in the file stopped going d
 half the time its deadline left it (the holders may work through older messages for
 long): then it delivers without a slot, as every loop did before. The kernel releases a
 slot whose holder died. The background flusher threads and ``worker`` take no slot.
-Threads of one queue handle share its slot (two Clients on one file in one process hold
-one each, as two processes would). Where no slot file can ever be opened (another user's,
+A process holds one slot at a time: its threads and its queue handles on the file (two
+Clients of two write keys) share it. Where no slot file can ever be opened (another user's,
 not a file), loops deliver without slots; an open that fails for a passing reason (out of
 descriptors) counts as a taken slot that once.
 
@@ -72,38 +72,68 @@ FORK_WAIT = 1.0
 
 
 class DeliverySlots:
-    """The delivery slots of one queue file, as this process sees them (see the module)."""
+    """The delivery slots of one queue file, as one queue handle sees them (the module).
 
-    def __init__(self, path: Path, working: Callable[[int | None], bool]) -> None:
+    The handles of one process on one file share their hold on the slots (``_Turn``): two
+    Clients on the file take turns as one process, as threads of one Client do.
+    ``own_turn`` gives this handle a hold of its own, as another process would have (for
+    tests that play several processes in one).
+    """
+
+    def __init__(
+        self, path: Path, working: Callable[[int | None], bool], *, own_turn: bool = False
+    ) -> None:
         #: How often a loop without a slot tries again, and how long it waits without
         #: progress (read by ``_drain``).
         self.poll = POLL
         self.patience = PATIENCE
-        self._files = [path.with_name(f"{path.name}.slot{k}.lock") for k in range(SLOTS)]
-        #: False once no slot file could be opened at all: loops then deliver without.
-        self._usable = fcntl is not None
         #: Whether a lease is out on a destination (None: on any), read from the file.
         self.working = working
-        self._lock = threading.Lock()
-        self._fd = -1
-        self._holders = 0
-        _everyone.add(self)
+        files = [path.with_name(f"{path.name}.slot{k}.lock") for k in range(SLOTS)]
+        if own_turn:
+            self._turn = _Turn(files)
+        else:
+            key = os.path.realpath(path)
+            with _turns_lock:
+                turn = _turns.get(key)
+                if turn is None:
+                    turn = _turns[key] = _Turn(files)
+            self._turn = turn
 
     def needed(self) -> bool:
         """Whether a flush loop takes turns on the slots: on POSIX, unless no slot file
-        could be opened (then every loop delivers without one)."""
-        return self._usable
+        can ever be opened (then every loop delivers without one)."""
+        return self._turn.usable
+
+    def holding(self) -> bool:
+        """Whether this process (this handle's turn) holds a slot now."""
+        return self._turn.holders > 0
 
     @contextlib.contextmanager
     def held(self) -> Iterator[bool]:
         """Hold a slot inside the block if one is free (or this process holds one); yields
         whether it does."""
-        taken = self._take()
+        turn = self._turn
+        taken = turn.take()
         try:
             yield taken
         finally:
             if taken:
-                self._give()
+                turn.give()
+
+
+class _Turn:
+    """One process's hold on the slots of one queue file: the slot's descriptor and how
+    many passes of its threads are inside ``held()``."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        #: False once no slot file could ever be opened: loops then deliver without.
+        self.usable = fcntl is not None
+        self.lock = threading.Lock()
+        self.fd = -1
+        self.holders = 0
+        _everyone.add(self)
 
     def forget_after_fork(self) -> None:
         """In a child just forked (only the forking thread runs): the slot is the parent's.
@@ -111,50 +141,55 @@ class DeliverySlots:
         frees the slot (a copy left open would keep the flock held while the child lives);
         closed, not unlocked, which would release the parent's slot now. The lock is new:
         a thread of the parent may have held it at the fork."""
-        if self._fd >= 0:
+        if self.fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._lock = threading.Lock()
-        self._fd, self._holders = -1, 0
+                os.close(self.fd)
+        self.lock = threading.Lock()
+        self.fd, self.holders = -1, 0
 
-    def _take(self) -> bool:
+    def take(self) -> bool:
+        """Take a slot, or ride on the one this process holds; False if none is free."""
         # A moment at most: another thread holds it only to count, and a signal handler's
         # flush inside this thread's own count must not wait for itself (its loop then
         # waits for a slot like any other).
-        if not self._lock.acquire(timeout=LOCK_WAIT):
+        if not self.lock.acquire(timeout=LOCK_WAIT):
             return False
         try:
-            if self._holders:
-                self._holders += 1
+            if self.holders:
+                self.holders += 1
                 return True
             opened = False
-            for file in self._files:
+            for file in self.files:
                 fd = _try_lock(file)
                 if fd >= 0:
-                    self._fd, self._holders = fd, 1
+                    self.fd, self.holders = fd, 1
                     return True
                 opened = opened or fd == _TAKEN
             # Every file refused to open for good: nobody can hold these slots, so none is
             # waited for.
-            self._usable = opened
+            self.usable = opened
             return False
         finally:
-            self._lock.release()
+            self.lock.release()
 
-    def _give(self) -> None:
-        with self._lock:
-            if self._holders == 0:
+    def give(self) -> None:
+        """Give back what ``take`` took; the last pass out closes the slot's descriptor."""
+        with self.lock:
+            if self.holders == 0:
                 return  # taken in the parent, before a fork: not this process's
-            self._holders -= 1
-            if self._holders == 0 and self._fd >= 0:
-                fd, self._fd = self._fd, -1
+            self.holders -= 1
+            if self.holders == 0 and self.fd >= 0:
+                fd, self.fd = self.fd, -1
                 with contextlib.suppress(OSError):
                     os.close(fd)  # releases the flock
 
 
-#: Every DeliverySlots of this process, forgotten in a forked child.
-_everyone: weakref.WeakSet[DeliverySlots] = weakref.WeakSet()
-#: The slots whose lock ``_before_fork`` took, per forking thread (two threads may fork at
+#: This process's turn on each queue file (by its real path), while a handle uses it.
+_turns: weakref.WeakValueDictionary[str, _Turn] = weakref.WeakValueDictionary()
+_turns_lock = threading.Lock()
+#: Every turn of this process, forgotten in a forked child.
+_everyone: weakref.WeakSet[_Turn] = weakref.WeakSet()
+#: The turns whose lock ``_before_fork`` took, per forking thread (two threads may fork at
 #: once), for the parent to let go after the fork.
 _forking = threading.local()
 
@@ -164,21 +199,31 @@ def _before_fork() -> None:
     # its descriptor (or between clearing that record and the close) at the fork: the
     # child's copy of the descriptor is then always the one ``forget_after_fork`` closes.
     # The forking thread itself may hold one (a fork from a signal handler that interrupted
-    # ``_take``): a timed wait, never a deadlock.
-    _forking.held = [s for s in list(_everyone) if s._lock.acquire(timeout=FORK_WAIT)]
+    # ``take``): a timed wait, never a deadlock.
+    # The registry's lock too: another thread may be looking a turn up.
+    _forking.registry = _turns_lock.acquire(timeout=FORK_WAIT)
+    _forking.held = [t for t in list(_everyone) if t.lock.acquire(timeout=FORK_WAIT)]
 
 
 def _after_fork_in_parent() -> None:
-    held: list[DeliverySlots] = getattr(_forking, "held", [])
+    held: list[_Turn] = getattr(_forking, "held", [])
     _forking.held = []
-    for slots in held:
-        slots._lock.release()
+    for turn in held:
+        turn.lock.release()
+    _let_go_of_the_registry()
 
 
 def _after_fork_in_child() -> None:
     _forking.held = []  # the child makes new locks (``forget_after_fork``)
-    for slots in list(_everyone):
-        slots.forget_after_fork()
+    for turn in list(_everyone):
+        turn.forget_after_fork()
+    _let_go_of_the_registry()
+
+
+def _let_go_of_the_registry() -> None:
+    if getattr(_forking, "registry", False):
+        _forking.registry = False
+        _turns_lock.release()
 
 
 if hasattr(os, "register_at_fork"):
