@@ -334,6 +334,26 @@ def _as_another_process(client: Client) -> None:
 
 
 @contextmanager
+def _flushing_in_the_last_slot(path: Path, holder: Client) -> Iterator[None]:
+    """Every slot but one held by processes that stay away; ``holder.flush(timeout=30)``
+    runs on a thread in the last one while the block runs (joined at its end)."""
+    others = [DeliverySlots(path, _nobody, own_turn=True).held() for _ in range(SLOTS - 1)]
+    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
+    working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
+    working.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not holder.queue.delivery_slots.holding() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert holder.queue.delivery_slots.holding()
+        yield
+    finally:
+        working.join()
+        for o in others:
+            o.__exit__(None, None, None)
+
+
+@contextmanager
 def _one_slot_held_by_a_slow_flush(
     path: Path, holder_key: str, waiter_key: str, older: int
 ) -> Iterator[tuple[Client, RecordingTransport, RecordingTransport]]:
@@ -356,20 +376,10 @@ def _one_slot_held_by_a_slow_flush(
     )
     for i in range(older):
         holder.track("u", "older", {"i": i})
-    others = [DeliverySlots(path, _nobody, own_turn=True).held() for _ in range(SLOTS - 1)]
-    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
     for client in (holder, waiter):
         _as_another_process(client)
-    working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
-    working.start()
-    try:
-        while not holder.queue.delivery_slots.holding():
-            time.sleep(0.001)
+    with _flushing_in_the_last_slot(path, holder):
         yield waiter, holder_transport, waiter_transport
-    finally:
-        working.join()
-        for o in others:
-            o.__exit__(None, None, None)
 
 
 def _slow(batch: object) -> int:
@@ -473,20 +483,8 @@ def test_a_flush_that_waited_for_the_slot_holder_counts_what_the_holder_dead_let
     events = ["mine"] * 9
     events.insert(4, "bad")
     ids = [waiter.track("u", event)[1]["messageId"] for event in events]
-    others = [DeliverySlots(path, _nobody, own_turn=True).held() for _ in range(SLOTS - 1)]
-    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
-    working = threading.Thread(target=holder.flush, kwargs={"timeout": 30})
-    working.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not holder.queue.delivery_slots.holding() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert holder.queue.delivery_slots.holding()
+    with _flushing_in_the_last_slot(path, holder):
         result = waiter.flush(timeout=30)
-    finally:
-        working.join()
-        for o in others:
-            o.__exit__(None, None, None)
     delivered = [m["messageId"] for m in holder_transport.messages()]
     dead = [d.body for d in waiter.queue.dead_letters()]
     assert waiter_transport.messages() == []  # the holder delivered them all
@@ -557,26 +555,16 @@ def test_two_clients_of_one_process_share_its_slot(
     b = Client("KEY-B", queue_path=path, flusher="none", on_exit="none", transport=b_transport)
     a.track("u", "a")
     (_, sent) = b.track("u", "b")
-    others = [DeliverySlots(path, _nobody, own_turn=True).held() for _ in range(SLOTS - 1)]
-    assert [o.__enter__() for o in others] == [True] * (SLOTS - 1)
 
     def never_wait(*args: object, **kwargs: object) -> bool:
         raise AssertionError("a flush waited for a turn its process holds")
 
     monkeypatch.setattr(_drain._SlotWait, "patient", never_wait)
-    working = threading.Thread(target=a.flush, kwargs={"timeout": 30})
-    working.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not a.queue.delivery_slots.holding() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert a.queue.delivery_slots.holding()
-        result = b.flush(timeout=30)
-    finally:
-        b_done.set()
-        working.join()
-        for o in others:
-            o.__exit__(None, None, None)
+    with _flushing_in_the_last_slot(path, a):
+        try:
+            result = b.flush(timeout=30)
+        finally:
+            b_done.set()  # A's answer, held until B's flush ended
     assert result.pending == 0
     assert [m["messageId"] for m in b_transport.messages()] == [sent["messageId"]]
     a.close(timeout=1)
