@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,23 @@ def test_one_slot_file_that_cannot_be_opened_leaves_the_others_in_use(tmp_path: 
         e.__exit__(None, None, None)
 
 
+@contextmanager
+def _every_slot_held_elsewhere(path: Path) -> Iterator[Callable[[], None]]:
+    """Every slot held by other processes (handles with turns of their own) while the block
+    runs; yields what frees them before its end."""
+    entered = [DeliverySlots(path, _nobody, own_turn=True).held() for _ in range(SLOTS)]
+    assert [e.__enter__() for e in entered] == [True] * SLOTS
+
+    def free() -> None:
+        while entered:
+            entered.pop().__exit__(None, None, None)
+
+    try:
+        yield free
+    finally:
+        free()
+
+
 def test_a_process_alone_in_the_spool_directory_still_takes_turns_on_the_slots(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -122,10 +139,7 @@ def test_a_process_alone_in_the_spool_directory_still_takes_turns_on_the_slots(
     a process that counted itself alone there delivered beside the holders (a CI run saw
     4 and 6 requests in flight where one slot allowed 2). Lost 0, duplicated 0."""
     path = tmp_path / "q.db"
-    stuck = [DeliverySlots(path, _nobody, own_turn=True) for _ in range(SLOTS)]
-    entered = [s.held() for s in stuck]
-    assert [e.__enter__() for e in entered] == [True] * SLOTS
-    with Collector(write_key="key") as collector:
+    with _every_slot_held_elsewhere(path) as free, Collector(write_key="key") as collector:
         client = Client("key", host=collector.url, queue_path=path, flusher="none")
         ids = [client.track("u", "alone", {"i": i})[1]["messageId"] for i in range(30)]
         slots = client.queue.delivery_slots
@@ -136,8 +150,7 @@ def test_a_process_alone_in_the_spool_directory_still_takes_turns_on_the_slots(
         flushing.start()
         time.sleep(0.3)  # a loop that did not wait would have sent its 30 by now
         sent_while_held = collector.message_ids()
-        for e in entered:
-            e.__exit__(None, None, None)
+        free()
         flushing.join(30)
         received = collector.message_ids()
         client.close(timeout=1)
@@ -304,10 +317,7 @@ def test_a_flush_behind_holders_that_deliver_nothing_delivers_without_a_slot(
     ``patience`` seconds without progress, then delivers without a slot, as before slots.
     Lost 0, duplicated 0."""
     path = tmp_path / "q.db"
-    stuck = [DeliverySlots(path, _nobody, own_turn=True) for _ in range(SLOTS)]
-    entered = [s.held() for s in stuck]
-    assert [e.__enter__() for e in entered] == [True] * SLOTS
-    with Collector(write_key="key") as collector:
+    with _every_slot_held_elsewhere(path), Collector(write_key="key") as collector:
         client = Client("key", host=collector.url, queue_path=path, flusher="none")
         ids = [client.track("u", "behind", {"i": i})[1]["messageId"] for i in range(60)]
         slots = client.queue.delivery_slots
@@ -318,8 +328,6 @@ def test_a_flush_behind_holders_that_deliver_nothing_delivers_without_a_slot(
         result = client.flush(timeout=30)
         received = collector.message_ids()
         client.close(timeout=1)
-    for e in entered:
-        e.__exit__(None, None, None)
     assert result.pending == 0
     assert {i: received.get(i, 0) for i in ids} == dict.fromkeys(ids, 1)
 
@@ -505,27 +513,23 @@ def test_sync_mode_delivers_its_message_without_taking_a_turn(
     slot: with every slot held by processes delivering its destination, the call delivers
     at once and the slots are not even looked at."""
     path = tmp_path / "q.db"
-    stuck = [DeliverySlots(path, _nobody, own_turn=True) for _ in range(SLOTS)]
-    entered = [s.held() for s in stuck]
-    assert [e.__enter__() for e in entered] == [True] * SLOTS
     transport = RecordingTransport()
-    client = Client("key", queue_path=path, sync_mode=True, on_exit="none", transport=transport)
-    slots = client.queue.delivery_slots
-    monkeypatch.setattr(slots, "working", lambda destination: True)
 
     def no_turn() -> None:
         raise AssertionError("sync_mode asked for a delivery slot")
 
-    try:
-        with monkeypatch.context() as patched:
-            patched.setattr(slots, "held", no_turn)
-            ok, message = client.track("u", "now")
-        assert ok
-        assert [m["messageId"] for m in transport.messages()] == [message["messageId"]]
-    finally:
-        client.close(timeout=1)
-        for e in entered:
-            e.__exit__(None, None, None)
+    with _every_slot_held_elsewhere(path):
+        client = Client("key", queue_path=path, sync_mode=True, on_exit="none", transport=transport)
+        slots = client.queue.delivery_slots
+        monkeypatch.setattr(slots, "working", lambda destination: True)
+        try:
+            with monkeypatch.context() as patched:
+                patched.setattr(slots, "held", no_turn)
+                ok, message = client.track("u", "now")
+            assert ok
+            assert [m["messageId"] for m in transport.messages()] == [message["messageId"]]
+        finally:
+            client.close(timeout=1)
 
 
 def test_two_clients_of_one_process_share_its_slot(
