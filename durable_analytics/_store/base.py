@@ -62,6 +62,7 @@ __all__ = [
     "DestinationStats",
     "Lease",
     "QueueBackend",
+    "QueueSizes",
     "QueueStats",
     "iso_utc",
 ]
@@ -232,6 +233,25 @@ class DeadLetter:
         out = asdict(self)
         out["body"] = json.loads(self.body)
         return out
+
+
+class QueueSizes:
+    """``qsize()`` and ``empty()`` from a backend's ``pending()``: ``queue.Queue``'s names,
+    which segment-analytics-python's ``client.queue`` answers to."""
+
+    if TYPE_CHECKING:
+
+        def pending(
+            self, *, up_to_id: int | None = None, destination: int | None = None
+        ) -> int: ...
+
+    def qsize(self) -> int:
+        """``pending()``: every message not yet delivered, leased ones included."""
+        return self.pending()
+
+    def empty(self) -> bool:
+        """Whether no message waits for delivery (``qsize() == 0``)."""
+        return self.pending() == 0
 
 
 def iso_utc(ts: float | None) -> str | None:

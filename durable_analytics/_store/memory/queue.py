@@ -28,6 +28,7 @@ from durable_analytics._store.base import (
     DeadLetterMark,
     Destination,
     Lease,
+    QueueSizes,
     QueueStats,
 )
 from durable_analytics._store.drops import DropWarnings
@@ -44,7 +45,7 @@ __all__ = ["MEMORY_PATH", "MemoryQueue"]
 MEMORY_PATH = ":memory:"
 
 
-class MemoryQueue:
+class MemoryQueue(QueueSizes):
     """A ``QueueBackend`` held in this process's memory (see the module docstring).
 
     ``clock`` is the monotonic clock leases expire by (default ``time.monotonic``, looked
@@ -430,14 +431,6 @@ class MemoryQueue:
             return sum(
                 1 for i, m in self._messages.items() if i <= top and destination in (None, m.dest)
             )
-
-    def qsize(self) -> int:
-        """``pending()``, by ``queue.Queue``'s name (``client.queue.qsize()``)."""
-        return self.pending()
-
-    def empty(self) -> bool:
-        """Whether no message waits for delivery (``qsize() == 0``)."""
-        return self.pending() == 0
 
     def unleased(
         self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from durable_analytics._store.base import DeadLetter, DeadLetterMark, QueueStats
+from durable_analytics._store.base import DeadLetter, DeadLetterMark, QueueSizes, QueueStats
 from durable_analytics.exceptions import QueueError
 
 from . import _inspect
@@ -23,7 +23,7 @@ __all__ = ["QueueReads"]
 T = TypeVar("T")
 
 
-class QueueReads:
+class QueueReads(QueueSizes):
     """Reads of the queue and moves of its dead letters (see the module docstring)."""
 
     _sql: Sql
@@ -55,14 +55,6 @@ class QueueReads:
         params = {"top": up_to_id if up_to_id is not None else (1 << 62), "dest": destination}
         row = self._tx(lambda c: c.execute(self._sql(q.PENDING), params)).fetchone()
         return int(row[0]) if row else 0
-
-    def qsize(self) -> int:
-        """``pending()``, by ``queue.Queue``'s name (``client.queue.qsize()``)."""
-        return self.pending()
-
-    def empty(self) -> bool:
-        """Whether no message waits for delivery (``qsize() == 0``)."""
-        return self.pending() == 0
 
     def unleased(
         self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from durable_analytics._store.base import DeadLetter, DeadLetterMark, Lease, QueueStats
+from durable_analytics._store.base import DeadLetter, DeadLetterMark, Lease, QueueSizes, QueueStats
 
 from . import bydest, inspect, leases, spool_counts
 from .wal import wal_bytes
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["QueueReads"]
 
 
-class QueueReads:
+class QueueReads(QueueSizes):
     """Reads of the queue and moves of its dead letters (see the module docstring)."""
 
     if TYPE_CHECKING:
@@ -124,14 +124,6 @@ class QueueReads:
                     return found + spool_counts.count(spools, queue, destination, conn, listed)
 
             return self._db.read(run)
-
-    def qsize(self) -> int:
-        """``pending()``, by ``queue.Queue``'s name (``client.queue.qsize()``)."""
-        return self.pending()
-
-    def empty(self) -> bool:
-        """Whether no message waits for delivery (``qsize() == 0``)."""
-        return self.pending() == 0
 
     def unleased(
         self, destination: int, *, up_to_id: int, after_id: int = 0, limit: int = 100
