@@ -209,13 +209,9 @@ class Deliverer:
         #: Batches the pipeline (``_pass.deliver_pass``) takes under one lease.
         self.lease_batches = max(1, lease_batches)
         self._sleep = sleep
-        self._lock = threading.Lock()
         # on_error is the user's code: never called from two delivery threads at once (a
         # Client's deliverers share one gate).
         self._report_gate = ReportGate() if report_gate is None else report_gate
-        #: Messages this Deliverer dead-lettered, per destination id (counted just before
-        #: the move commits, so whoever sees them gone from the queue sees them counted).
-        self.dead_lettered: dict[int, int] = {}
         self._overhead: tuple[Transport | None, int] = (None, 0)
 
     def _budget(self) -> int:
@@ -499,18 +495,13 @@ class Deliverer:
             return True
         if outcome.kind == "reject":
             if len(idx) == 1:
-                self._count_dead(dest.id, 1)
-                moved = 0
-                try:
-                    moved = self.queue.dead_letter(
-                        lease,
-                        ids,
-                        status=outcome.status,
-                        reason=f"HTTP {outcome.status}",
-                        excerpt=outcome.excerpt,
-                    )
-                finally:
-                    self._count_dead(dest.id, moved - 1)
+                moved = self.queue.dead_letter(
+                    lease,
+                    ids,
+                    status=outcome.status,
+                    reason=f"HTTP {outcome.status}",
+                    excerpt=outcome.excerpt,
+                )
                 delivery_counters.dead_lettered(moved)
                 stats.dead_lettered += 1
                 log.warning(
@@ -559,10 +550,6 @@ class Deliverer:
         for part in later or ():
             self._report(exc, lease, part, report_by)
         return False
-
-    def _count_dead(self, dest_id: int, delta: int) -> None:
-        with self._lock:
-            self.dead_lettered[dest_id] = self.dead_lettered.get(dest_id, 0) + delta
 
 
 def make_deliverer(
