@@ -428,9 +428,11 @@ class Deliverer:
     def _report(
         self, exc: DeliveryError, lease: Lease, idx: list[int], until: float | None = None
     ) -> None:
-        """Call ``on_error`` for the messages ``idx`` of ``lease`` (``_reports.report``)."""
+        """Call ``on_error`` for the messages ``idx`` of ``lease`` (``_reports.report``);
+        none: only record ``exc`` as the destination's error."""
         self._report_gate.note(exc, lease.destination.id, [lease.ids[i] for i in idx])
-        report(self.on_error, self._report_gate, exc, [lease.bodies[i] for i in idx], until)
+        if idx:
+            report(self.on_error, self._report_gate, exc, [lease.bodies[i] for i in idx], until)
 
     def report_unsent(
         self,
@@ -441,9 +443,13 @@ class Deliverer:
     ) -> None:
         """Call ``on_error`` for messages ``(id, body)`` of ``dest_id`` that were not sent
         (``flush()``'s rest, kept behind its destination's backoff), as for a batch that
-        failed with ``exc``."""
+        failed with ``exc``; not for those another deliverer of this client reported since
+        the caller read them (``ReportGate.claim``)."""
+        fresh = self._report_gate.claim(row_id for row_id, _ in rows)
+        rows = [row for row in rows if row[0] in fresh]
         self._report_gate.note(exc, dest_id, [row_id for row_id, _ in rows])
-        report(self.on_error, self._report_gate, exc, [body for _, body in rows], until)
+        if rows:
+            report(self.on_error, self._report_gate, exc, [body for _, body in rows], until)
 
     def _send_part(
         self,
@@ -524,7 +530,11 @@ class Deliverer:
         # backoff so every process on the queue honours it, and hand back everything this
         # lease still holds (a split stops here). What this reports below is claimed first:
         # once handed back, another flush's report of its unsent rest would take it too.
-        self._report_gate.claim(lease.ids[i] for part in (idx, *(later or ())) for i in part)
+        # Messages another deliverer of this client reported while a flush runs (its unsent
+        # rest, read before this lease took them) are not reported again.
+        fresh = self._report_gate.claim(
+            lease.ids[i] for part in (idx, *(later or ())) for i in part
+        )
         until = self.queue.retry_later(
             lease,
             lambda failures: retry_delay(outcome.kind, failures, outcome.retry_after),
@@ -546,9 +556,11 @@ class Deliverer:
         )
         exc = kept_error(outcome, delay)
         report_by = report_until(deadline)
-        self._report(exc, lease, idx, report_by)
-        for part in later or ():
-            self._report(exc, lease, part, report_by)
+        for part in (idx, *(later or ())):
+            # Each batch is one call; the first also records ``exc`` when nothing is fresh.
+            unreported = [i for i in part if lease.ids[i] in fresh]
+            if unreported or part is idx:
+                self._report(exc, lease, unreported, report_by)
         return False
 
 

@@ -69,13 +69,28 @@ class ReportGate:
         """Whether this thread is inside an ``on_error`` call of this gate."""
         return self.owner == threading.get_ident()
 
-    def claim(self, ids: Iterable[int]) -> None:
-        """Record ``ids`` as reported, in every ``recording`` block running now, before they
-        go back to the queue unsent; their reports follow (``note``). A flush reporting its
-        unsent rest meanwhile would otherwise find them unleased and report them too."""
+    def claim(self, ids: Iterable[int]) -> set[int]:
+        """Record ``ids`` as reported in every ``recording`` block running now; the ones
+        none of those blocks had recorded yet, which the caller is to report (all of them
+        when no block runs).
+
+        Asked before the report, and for a failed batch before it goes back to the queue:
+        a flush reading its unsent rest meanwhile would otherwise find it unleased and
+        report it too. Checking and recording in one step makes two deliverers of this gate
+        (two flushes at once, or a flush beside the flusher thread) report each message
+        once between them, however their reads, leases and failures interleave: one that
+        reports a batch unsent while the other then leases it, sends it and fails, or the
+        other way round.
+        """
         with self._records_lock:
-            for record in self._records:
-                record.ids.update(ids)
+            wanted = set(ids)
+            records = self._records
+            if not records:
+                return wanted
+            fresh = {i for i in wanted if not any(i in record.ids for record in records)}
+            for record in records:
+                record.ids.update(wanted)
+            return fresh
 
     def note(self, exc: DeliveryError, dest_id: int, ids: Sequence[int]) -> None:
         """Record, in every ``recording`` block running now, a report of ``ids`` (messages
