@@ -266,15 +266,20 @@ class Client(ClientCalls, SettingsAttributes):
         deadline = time.monotonic() + self.config.timeout * (1 + self.config.max_retries)
         deliver_now(self.queue, deliverer, self._dest, row_id, deadline)
 
-    def _dead_lettered_since(self, mark: DeadLetterMark) -> int:
+    def _dead_lettered_since(self, mark: DeadLetterMark, own: int) -> int:
         """Messages of this destination dead-lettered since ``mark`` (``dead_letter_mark``),
         by any process; a flush whose queue cannot be read for it any more (a lock holder
-        stuck past its deadline) counts 0 and reports the rest as sent or pending."""
+        stuck past its deadline) counts ``own``, the dead letters its own deliveries moved,
+        and reports the rest as sent or pending."""
         try:
             return self.queue.dead_lettered_since(mark, destination=self._dest)
         except QueueError as exc:
-            log.warning("flush: could not count the dead letters: %s", exc)
-            return 0
+            log.warning(
+                "flush: could not count the dead letters (counting this flush's own, %d): %s",
+                own,
+                exc,
+            )
+            return own
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Deliver every message this client's destination had queued when flush was called.
@@ -336,19 +341,20 @@ class Client(ClientCalls, SettingsAttributes):
         before += held
         pending = before
         last_held: int | None = None
+        own_dead = 0  # what this flush's deliveries dead-lettered (counted if the read fails)
         # What this flush reports to on_error (every thread of its pass): the rest of what it
         # did not send is reported after, once its destination backs off (``_report_unsent``).
         with self._report_gate.recording() as reported:
             try:
                 while True:
-                    deliver_until(
+                    own_dead += deliver_until(
                         queue,
                         deliverer,
                         destination=dest,
                         up_to_id=top,
                         deadline=deadline,
                         wait_for_backoff=True,
-                    )
+                    ).dead_lettered
                     pending = queue.pending(up_to_id=top, destination=dest)
                     if not marks or pending or passed(deadline):
                         break
@@ -394,7 +400,7 @@ class Client(ClientCalls, SettingsAttributes):
             past_top = queue.pending(up_to_id=_ANY_ID, destination=dest) - pending
             left += min(held_at_call - left, max(0, past_top))
         pending = min(before, pending + left)
-        dead = min(self._dead_lettered_since(dead_mark), max(0, before - pending))
+        dead = min(self._dead_lettered_since(dead_mark, own_dead), max(0, before - pending))
         # What left the queue and was not dead-lettered was delivered, by us or by another.
         return FlushResult(max(0, before - pending - dead), pending, dead)
 

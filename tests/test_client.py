@@ -25,6 +25,7 @@ from durable_analytics import (
     Client,
     ConfigurationRejected,
     FlushResult,
+    QueueBusy,
     QueueStats,
     RetryableError,
     Track,
@@ -80,6 +81,23 @@ def test_flush_returns_sent_pending_and_dead_lettered(
     assert client.flush() == FlushResult(0, 0, 0)
     assert sorted(collector.message_ids()) == sorted(set(ids) - {ids[5]})
     assert client.stats().dead_letters == 1
+
+
+def test_flush_counts_its_own_dead_letters_when_the_queue_cannot_be_read_for_the_count(
+    make_client: Callable[..., Client], collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count of dead letters is read from the queue at the end of a flush; when that
+    read fails (a lock holder stuck past the deadline), the flush counts the dead letters
+    its own deliveries moved instead of 0, which counted the rejected message as sent."""
+    client = make_client(flusher="none")
+    ids = track_many(client, 20)
+    collector.reject_message_ids(ids[5])
+
+    def unreadable(*args: Any, **kwargs: Any) -> int:
+        raise QueueBusy("the queue stayed locked (a test)")
+
+    monkeypatch.setattr(client.queue, "dead_lettered_since", unreadable)
+    assert client.flush() == FlushResult(sent=19, pending=0, dead_lettered=1)
 
 
 def test_flush_does_not_count_a_message_queued_after_it_that_another_handle_dead_lettered(
