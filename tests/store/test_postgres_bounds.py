@@ -33,6 +33,9 @@ from durable_analytics.exceptions import QueueBusy, QueueError
 from durable_analytics.testing import Collector
 
 STALL = 60.0  # seconds a stall lasts unless the test ends it first
+#: What a loaded machine may add to a wait bounded by a deadline, in the tests whose
+#: defect waited 10 s or more past it (a tighter bound would only catch the machine).
+SLACK = 3.0
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
 
@@ -289,8 +292,8 @@ def test_an_exit_that_spawns_a_drain_returns_by_shutdown_timeout_with_the_server
     """``on_exit="spawn"`` looks whether its destination has pending messages before it
     starts the drain: with the queue's server process stopped, that look waited the queue's
     ``timeout`` (60 s here) plus the watchdog's margin, past ``shutdown_timeout``. The exit
-    handler now returns by ``shutdown_timeout`` (+1 s) while the process is still stopped,
-    and still hands the queue to a drain, which delivers everything."""
+    handler now returns by ``shutdown_timeout`` (+ ``SLACK``) while the process is still
+    stopped, and still hands the queue to a drain, which delivers everything."""
     with Collector(WRITE_KEY) as collector:
         client = Client(
             WRITE_KEY,
@@ -313,7 +316,7 @@ def test_an_exit_that_spawns_a_drain_returns_by_shutdown_timeout_with_the_server
         client._at_exit()
         took = time.monotonic() - started
         assert not stall.ended.is_set()  # it returned while the server process was stopped
-        assert took < 0.5 + 1.0
+        assert took < 0.5 + SLACK
         stall.end()
         deadline = time.monotonic() + 30
         while len(collector.message_ids()) < 3 and time.monotonic() < deadline:
@@ -328,8 +331,8 @@ def test_a_first_flush_returns_by_its_timeout_while_the_holders_table_is_locked(
     own: with another session holding a lock that stops the registration's INSERT (reads
     still pass), ``flush(timeout=0.5)`` waited the queue's ``timeout`` (60 s here), since
     neither the deadline nor the watchdog reached that connection. It now returns by its
-    deadline (+1 s) while the lock is held; its leases then name no holder (they expire)
-    until it registers, and everything is delivered."""
+    deadline (+ ``SLACK``) while the lock is held; its leases then name no holder (they
+    expire) until it registers, and everything is delivered."""
     with Collector(WRITE_KEY) as collector:
         client = _client(collector, url)
         for i in range(3):
@@ -340,7 +343,7 @@ def test_a_first_flush_returns_by_its_timeout_while_the_holders_table_is_locked(
             client.flush(timeout=0.5)
         took = time.monotonic() - started
         assert not stall.ended.is_set()  # it returned while the lock was still held
-        assert took < 0.5 + 1.0
+        assert took < 0.5 + SLACK
         stall.end()
         other.close()
         assert client.flush(timeout=30).pending == 0
@@ -360,7 +363,8 @@ def test_a_flush_that_must_connect_returns_by_its_timeout_while_the_postmaster_i
     """The server's postmaster is stopped (SIGSTOP), so a new connection gets no answer, and
     the process has no idle connection left (a cut one was dropped): ``flush(timeout=0.5)``
     and ``close(timeout=0.5)`` each waited libpq's least connect timeout, 2 s, past their
-    deadline. Each now returns (or raises a ``QueueError``) by its deadline (+1 s)."""
+    deadline. Each now returns (or raises a ``QueueError``) by its deadline (+1.5 s: the
+    defect waited 2 s past it)."""
     with Collector(WRITE_KEY) as collector:
         client = _client(collector, url)
         assert client.track("u", "Kept")[0]
@@ -377,7 +381,7 @@ def test_a_flush_that_must_connect_returns_by_its_timeout_while_the_postmaster_i
             with contextlib.suppress(QueueError):
                 call(timeout=0.5)
             took = time.monotonic() - started
-            assert took < 0.5 + 1.0, call
+            assert took < 0.5 + 1.5, call
         assert not stall.ended.is_set()  # it returned while the postmaster was stopped
         stall.end()
         assert client.flush(timeout=30).pending == 0
@@ -391,7 +395,7 @@ def test_drain_with_a_timeout_returns_by_it_while_another_connection_locks_the_q
     """``durable-analytics drain --timeout 0.5`` on a PostgreSQL queue whose messages table
     another session locks: the counts it reads for its progress bar before the drain, and
     for its report after it, each waited the queue's ``timeout`` (10 s). It now ends by its
-    timeout (+1 s) while the lock is held, exit 1, and nothing is lost."""
+    timeout (+ ``SLACK``) while the lock is held, exit 1, and nothing is lost."""
     queue = PostgresQueue(url, timeout=10)
     dest = queue.destination("https://api.example.test", WRITE_KEY)
     for i in range(3):
@@ -402,7 +406,7 @@ def test_drain_with_a_timeout_returns_by_it_while_another_connection_locks_the_q
     code = cli_main(["drain", "--queue", url, "--timeout", "0.5"])
     took = time.monotonic() - started
     assert not stall.ended.is_set()  # it returned while the lock was still held
-    assert took < 0.5 + 1.0
+    assert took < 0.5 + SLACK
     assert code == EXIT_UNDELIVERED
     stall.end()
     other.close()
@@ -417,7 +421,7 @@ def test_a_worker_stops_within_its_shutdown_timeout_while_another_connection_loc
     """``durable-analytics worker --shutdown-timeout 0.5`` on a PostgreSQL queue whose
     messages table another session locks: after stopping its flushers it counted what is
     pending for its last log line with the queue's ``timeout`` (10 s). It now exits within
-    its shutdown timeout (+1 s) of SIGTERM while the lock is held."""
+    its shutdown timeout (+ ``SLACK``) of SIGTERM while the lock is held."""
     worker = start_python(
         "from durable_analytics.cli import main; raise SystemExit(main())",
         "worker",
@@ -438,7 +442,7 @@ def test_a_worker_stops_within_its_shutdown_timeout_while_another_connection_loc
         worker.wait(timeout=60)
         took = time.monotonic() - started
         assert not stall.ended.is_set()  # it exited while the lock was still held
-        assert took < 0.5 + 1.0
+        assert took < 0.5 + SLACK
         stall.end()
         other.close()
     finally:

@@ -33,13 +33,14 @@ def test_an_exclusive_hold_makes_other_writers_find_the_fence_taken(tmp_path: Pa
     """While one fence holds the lock exclusively, another's ``try_enter`` (a writer of
     another process: its own descriptor) fails at once, so that writer spools; after
     ``leave`` it succeeds again."""
-    ours = CommitFence(tmp_path, wait=1.0)
-    theirs = CommitFence(tmp_path, wait=1.0)
+    # A fence's wait of 5 s: "at once" is then told from it with room for a loaded machine.
+    ours = CommitFence(tmp_path, wait=5.0)
+    theirs = CommitFence(tmp_path, wait=5.0)
     assert ours.try_exclusive(0.01)
     assert ours.depth == 1
     started = time.monotonic()
     assert not theirs.try_enter()
-    assert time.monotonic() - started < 0.1
+    assert time.monotonic() - started < 1.0
     assert theirs.depth == 0
     ours.leave()
     assert ours.depth == 0
@@ -56,11 +57,11 @@ def test_an_exclusive_hold_is_not_taken_while_another_process_commits(tmp_path: 
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "held"
-        fence = CommitFence(tmp_path, wait=1.0)
+        fence = CommitFence(tmp_path, wait=5.0)
         started = time.monotonic()
         assert not fence.try_exclusive(0.05)
         waited = time.monotonic() - started
-        assert 0.05 <= waited < 1.0
+        assert 0.05 <= waited < 2.0  # its own wait, not the fence's 5 s
         assert fence.depth == 0
         assert fence.try_enter()  # shared beside the other writer, as any commit
         fence.leave()

@@ -166,23 +166,28 @@ from durable_analytics._store.sqlite.slots import DeliverySlots, _try_lock
 
 path = Path(sys.argv[1])
 slots = DeliverySlots(path, lambda destination: False, own_turn=True)
+# The child lives, not delivering, until the parent has looked at its slot (no timing).
+looked, tell = os.pipe()
 with slots.held() as mine:
     assert mine
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            time.sleep(0.5)  # alive, not delivering, while the parent leaves its slot
+            os.close(tell)  # the parent gone, its read ends
+            os.read(looked, 1)
             with slots.held() as child_has:
                 code = 0 if child_has and slots._turn.fd >= 0 else 2
         finally:
             os._exit(code)
+os.close(looked)
 first = path.with_name(path.name + ".slot0.lock")
-deadline = time.monotonic() + 0.4
+deadline = time.monotonic() + 10
 fd = _try_lock(first)
 while fd < 0 and time.monotonic() < deadline:
     time.sleep(0.01)  # the child may not have run its fork hook yet
     fd = _try_lock(first)
+os.write(tell, b"x")
 _, status = os.waitpid(pid, 0)
 print(fd >= 0, os.WEXITSTATUS(status))
 """
@@ -222,13 +227,16 @@ def slow_try_lock(file):
 
 module._try_lock = slow_try_lock
 child = []
+# The child lives, never delivering, until the parent has looked at its slot.
+looked, tell = os.pipe()
 
 def fork_in_the_window():
     flocked.wait(10)
     time.sleep(0.05)
     pid = os.fork()
     if pid == 0:
-        time.sleep(1.0)  # alive, never delivering, while the parent leaves its slot
+        os.close(tell)  # the parent gone, its read ends
+        os.read(looked, 1)
         os._exit(0)
     child.append(pid)
 
@@ -240,11 +248,12 @@ forker.join()
 # The parent left its slot while the child lives: another process (a descriptor of its
 # own) must find it free.
 first = path.with_name(path.name + ".slot0.lock")
-deadline = time.monotonic() + 0.5
+deadline = time.monotonic() + 10
 fd = real_try_lock(first)
 while fd < 0 and time.monotonic() < deadline:
     time.sleep(0.01)  # the child may not have run its fork hook yet
     fd = real_try_lock(first)
+os.write(tell, b"x")
 os.waitpid(child[0], 0)
 print(fd >= 0)
 """
