@@ -23,7 +23,7 @@ from . import _flusher_process
 from ._client_calls import ClientCalls, Staged
 from ._client_processes import ExitHook, FlusherProcess, live_clients, spawn_drain
 from ._client_settings import SettingsAttributes
-from ._config import SEGMENT_PARAMETERS, Config, OnError, Settings, is_loopback_host
+from ._config import SEGMENT_PARAMETERS, Config, OnError, Settings
 from ._delivery import Deliverer, FlushResult, make_deliverer
 from ._drain import deliver_until
 from ._flusher import Flusher, burst_age_for
@@ -33,6 +33,7 @@ from ._reports import Reported, ReportGate, report_until
 from ._store import DeadLetterMark, QueueBackend, QueueStats, open_queue
 from ._sync import deliver_now
 from ._transport.base import Transport
+from ._urls import is_loopback_host
 from .exceptions import ConfigError, DurableAnalyticsError, QueueBusy, QueueError, ValidationError
 
 if TYPE_CHECKING:

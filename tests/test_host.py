@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from durable_analytics import Client, ConfigError
-from durable_analytics._config import is_loopback_host, normalize_host
+from durable_analytics._urls import is_loopback_host, normalize_host
 from tests.conftest import WRITE_KEY
 
 

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "durable_analytics"
 # Lowest first. A module may import from its own layer and from any layer below it.
 LAYERS: list[set[str]] = [
     {"exceptions", "_version", "_calls", "_oauth", "_token_endpoint", "_bounded_call"},
-    {"_config", "_messages", "_message_fields", "_message_json"},
+    {"_config", "_urls", "_messages", "_message_fields", "_message_json"},
     {"_store"},
     {"_transport"},
     {"_metrics", "_delivery_log", "_reports"},  # counters, log lines, on_error reports

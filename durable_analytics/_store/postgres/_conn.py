@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from durable_analytics._bounded_call import Background
-from durable_analytics._config import SECRET_URL_PARAMETERS
+from durable_analytics._urls import SECRET_URL_PARAMETERS
 from durable_analytics.exceptions import ConfigError, QueueBusy, QueueError, QueueUnavailable
 
 try:
