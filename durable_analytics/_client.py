@@ -326,10 +326,11 @@ class Client(ClientCalls, SettingsAttributes):
         # Set first: moving the calls in may itself wait (a lock holder that is stuck), and
         # that wait is part of the timeout, not before it.
         deadline = None if timeout is None else time.monotonic() + timeout
-        top = queue.max_id()  # (moves in every journaled and spooled call it can)
-        # Calls still spooled now were pending at the call too: those the file had no room
-        # for under ``max_queue_bytes``. They move in as deliveries make room.
+        # Where the calls not in the file yet end, taken before they are moved in: a call
+        # journaled after this was not pending at the call (taken after the move, it was
+        # counted and delivered, ``sent`` then above what was queued).
         marks = queue.held_back(destination=dest)
+        top = queue.max_id()  # (moves in every journaled and spooled call it can)
         with self._lock:
             if self._sync_deliverer is None:
                 self._sync_deliverer = self._new_deliverer()
@@ -338,7 +339,11 @@ class Client(ClientCalls, SettingsAttributes):
         # waited for a delivery slot saw its messages dead-lettered by the holder's flush.
         dead_mark = queue.dead_letter_mark()
         before = queue.pending(up_to_id=top, destination=dest)
+        # Those still out of the file after the move were pending at the call too: the file
+        # had no room for them under ``max_queue_bytes``. They move in as deliveries make room.
         held = held_at_call = queue.held_back_left(marks, destination=dest)
+        if not held:
+            marks = {}  # all of them moved in, at or below ``top``
         before += held
         pending = before
         last_held: int | None = None

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,43 @@ def test_flush_neither_counts_nor_delivers_a_call_made_just_after_it_took_its_to
     assert late[0] not in collector.message_ids()
     assert client.queue.pending() == 1  # left for the next flush
     assert client.flush(timeout=10) == FlushResult(1, 0, 0)
+
+
+def test_flush_counts_and_delivers_the_journaled_calls_made_before_it_not_one_made_after(
+    make_client: Callable[..., Client], collector: Collector
+) -> None:
+    """Calls journaled before flush() (another producer of this process) are pending at
+    the call: moved in, delivered and counted. One journaled just after flush() moved the
+    journals in and took its top is not: it stays pending for the next flush. (flush()
+    took where the calls not in the file end after its move, and counted that late call as
+    one held back by the byte cap: delivered, ``sent`` 6 of the 5 queued.)"""
+    client = make_client(flusher="none")
+    other = make_client(flusher="none")  # another producer on the same queue
+    queued = track_many(client, 3) + track_many(other, 2)
+    journal = client.queue._spools.journal
+    assert journal is not None
+    assert journal.has_unmoved()  # some of them journaled
+    queue = client.queue
+    newest = queue.max_id
+    late: list[str] = []
+
+    def max_id() -> int:
+        top = newest()
+        if not late:
+            late.extend(track_many(other, 1))  # journaled right after the move and the top
+        return top
+
+    queue.max_id = max_id  # type: ignore[method-assign]
+    try:
+        result = client.flush(timeout=10)
+    finally:
+        del queue.max_id  # type: ignore[method-assign]
+
+    assert result == FlushResult(5, 0, 0)
+    assert collector.message_ids() == Counter(queued)
+    assert client.queue.pending() == 1  # the late call, left for the next flush
+    assert client.flush(timeout=10) == FlushResult(1, 0, 0)
+    assert collector.message_ids()[late[0]] == 1
 
 
 def test_flush_with_the_server_down_returns_once_the_next_retry_is_past_its_timeout(

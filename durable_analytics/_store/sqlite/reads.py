@@ -158,7 +158,8 @@ class QueueReads(QueueSizes):
         return bool(self._db.read(lambda conn: bydest.holds_others(conn, ours)))
 
     def held_back(self, destination: int | None = None) -> dict[str, int]:
-        """By spool file, its newest message (of ``destination``) not moved in yet."""
+        """By spool file, where what is not moved in yet ends: a spool's newest message (of
+        ``destination``), a journal file's end (``spool_counts.marks``)."""
         spools = self._spools
         return {} if spools is None else spool_counts.marks(spools, self._queue(), destination)
 

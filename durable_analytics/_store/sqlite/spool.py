@@ -278,10 +278,16 @@ class Spools(SpoolMoves):
         does not (each process computes the same share, so what they hold together stays
         within the cap), down to ``LEAST_SHARE``."""
         appender = queue._appender
-        if not appender.fast(size, stale_ok=nested) or appender.max_queue_size is not None:
+        if appender.max_queue_size is not None:
+            return 0.0
+        need = SPOOL_MARGIN * self.spoolers()
+        if not appender.fast(size, stale_ok=nested) and (
+            # The measure is due: from the files' sizes when they leave room to spare (no
+            # SQLite read, and this call still journals), else by the caller's way.
+            nested or not appender.measured_from_sizes(size, need)
+        ):
             return 0.0
         room = appender.max_queue_bytes - appender.est_used - size
-        need = SPOOL_MARGIN * self.spoolers()
         if room >= need:
             return 1.0
         share = room / need

@@ -182,13 +182,27 @@ def holds_others(spools: Spools, queue: SqliteQueue, destinations: tuple[int, ..
 
 
 def marks(spools: Spools, queue: SqliteQueue, destination: int | None) -> dict[str, int]:
-    """By spool file, the id of its newest message (of ``destination``) not moved yet: what
-    is held back at this moment, for ``held`` to follow."""
+    """By spool file, where what is not moved yet ends at this moment, for ``held`` to
+    follow: a spool's newest message (of ``destination``) by id, a journal file's end (its
+    records of any destination: ``held`` counts those of ``destination``).
+
+    A journal's end is its size, not its last record read and parsed: ``flush()`` takes
+    these marks before it moves every journal in, where that parse would be a second read
+    of everything journaled. A record still being written past a mark is not counted."""
     found = _look(spools, queue, destination, "max(m.id)")
     out = {file: int(rows[0][0]) for file, rows in found.items() if rows[0][0] is not None}
-    for file, entries in _look_journals(spools, queue, destination).items():
-        if entries:
-            out[file] = entries[-1].end
+    if destination is not None and _names_of(queue, destination) is None:
+        return out
+    with list_journals(spools) as listed:
+        for file, fd in listed.fds.items():
+            record = _record(queue, None, RECORD + file[: -len(SUFFIX)])
+            after = int(record[0]) if record is not None else 0
+            try:
+                end = os.fstat(fd).st_size
+            except OSError:
+                continue
+            if after >= 0 and end > after:  # a tombstone (< 0): moved in whole
+                out[file] = end
     return out
 
 
