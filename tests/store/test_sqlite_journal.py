@@ -169,6 +169,23 @@ def test_durability_full_never_journals(queue_path: Path) -> None:
     client.close(timeout=0)
 
 
+def test_the_first_call_of_a_process_is_stored_in_the_file_not_journaled(
+    queue_path: Path,
+) -> None:
+    """The first measure after the file is opened is the exact one (never the files'
+    sizes), so a process that makes one call and exits (``durable-analytics enqueue``, a
+    cron script) leaves it in the queue file, not in a journal for the next process; the
+    calls after it journal."""
+    for run in range(2):
+        client = Client(WRITE_KEY, queue_path=queue_path, flusher="none", on_exit="none")
+        first = client.track("u", "First", {"run": run})[1]["messageId"]
+        assert in_file(queue_path).get(first) == 1
+        later = client.track("u", "Later", {"run": run})[1]["messageId"]
+        assert later not in in_file(queue_path)  # journaled
+        client.queue.move_spools()
+        client.queue.close()
+
+
 @pytest.mark.parametrize("room", ["to spare", "near the cap"])
 def test_a_due_measure_far_from_the_cap_takes_the_files_sizes_and_the_call_still_journals(
     queue_path: Path, room: str

@@ -91,6 +91,9 @@ class Appender:
         #: Bytes appended on the estimate between two reads of the real size (see above).
         self.refresh_every = _REFRESH_BYTES
         self.since_refresh = _REFRESH_BYTES  # read the real size on the first append
+        # Whether the file was measured exactly since it was opened (or replaced): the first
+        # measure of a process is never the files' sizes (``measured_from_sizes``).
+        self.exact_once = False
         self._low_appends = 0  # appends made while the disk was nearly full
         self._disk_free = 0  # bytes free on the disk at the last look (``_low_disk``)
         # Refused while the -wal was pinned, not yet added to the shared counter (writing it
@@ -107,6 +110,7 @@ class Appender:
         """The file was replaced: measure it again on the next append."""
         self.refresh_every = self.since_refresh = _REFRESH_BYTES
         self.est_used = 0
+        self.exact_once = False
         self.since_count = _REFRESH_COUNT
 
     def append(self, dest_id: int, body: bytes, enqueued_at: float | None = None) -> int:
@@ -226,9 +230,15 @@ class Appender:
         ``Spools.hold_share``), where an exact read would lead to the same decisions; it
         needs no SQLite read and no lock: two ``stat()`` and a look at the disk instead of
         a read transaction (~0.1-0.2 ms, one call in ~7,000 with 600-byte messages).
+
+        Never the first measure after the file was opened: that call pays for opening its
+        connection anyway, and a process that makes one call and exits (``durable-analytics
+        enqueue``, a cron script) stores it in the file instead of leaving a journal for the
+        next process to move in.
         """
         if (
-            self.max_queue_size is not None
+            not self.exact_once
+            or self.max_queue_size is not None
             or self.unsaved_drops
             or self.since_refresh < self.refresh_every
             or self.est_used + size + _EXACT_ZONE > self.max_queue_bytes
@@ -247,12 +257,16 @@ class Appender:
             return False  # the exact measure and its rules (``_remeasured``)
         if self.max_queue_bytes - upper - size < max(_SIZES_ROOM, reserve + _REFRESH_MOST):
             return False
-        self.measured(upper)
+        self._estimated(upper)
         self.since_refresh = 0
         return True
 
     def measured(self, used: int) -> None:
         """The file's real size was read: the estimate, and when to read it again."""
+        self.exact_once = True
+        self._estimated(used)
+
+    def _estimated(self, used: int) -> None:
         self.est_used = used
         # The disk's free space bounds it too: the low-disk rules start on time.
         room = min(self.max_queue_bytes - used, self._disk_free - _LOW_DISK_BYTES) // _REFRESH_SHARE
