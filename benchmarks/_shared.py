@@ -7,6 +7,7 @@ script's folder first on ``sys.path``, in their child processes too).
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,8 +28,11 @@ PROPS: dict[str, Any] = {
 
 
 @contextlib.contextmanager
-def remote_collector() -> Iterator[str]:
-    """A Collector in its own process (its request handling does not share our GIL); its URL."""
+def remote_collector(cpus: set[int] | None = None) -> Iterator[str]:
+    """A Collector in its own process (its request handling does not share our GIL); its URL.
+
+    With ``cpus``, the Collector runs only on those CPUs (Linux's ``sched_setaffinity``).
+    """
     code = (
         "import sys; from durable_analytics.testing import Collector; "
         f"c = Collector({WRITE_KEY!r}); c.start(); print(c.port, flush=True); sys.stdin.read()"
@@ -36,6 +40,8 @@ def remote_collector() -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
+    if cpus:
+        os.sched_setaffinity(proc.pid, cpus)
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())

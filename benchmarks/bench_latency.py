@@ -1,6 +1,7 @@
 """track() latency, one thread: durable-analytics beside segment-analytics-python 2.4.0.
 
 Run:  python benchmarks/bench_latency.py [--calls 30000] [--rounds 1] [--json results.json]
+                                        [--no-pin] [--measured-cpu N]
 
 Every variant runs in its own fresh process, one after the other, against one Collector (in
 a process of its own), and reports the per-call latency p50 / p99 / p99.9 / max of
@@ -16,6 +17,15 @@ a process of its own), and reports the per-call latency p50 / p99 / p99.9 / max 
   ``INSERT`` in autocommit of a same-size serialized message (WAL, ``synchronous=NORMAL``),
   with no checkpoint at all, no other process and no Python of ours around it.
 
+CPUs: on a machine with two CPUs or more, the measured process runs on one CPU
+(``--measured-cpu``, by default the lowest this process may use) and the "server side" (the
+Collector and the ``durable-analytics worker``) on the others, as bench_delivery.py pins its
+Collector: the CPU a call is timed on is then not also the one delivering to and parsing for
+a server that in production runs elsewhere. The measured library's own threads and
+processes (the flusher thread, ``flusher="process"``, the peer's consumer thread) share the
+measured CPU. ``--no-pin`` lets the scheduler place everything (on two CPUs, three busy
+processes then take turns on two, and the tails measure that as much as the call).
+
 Targets (issue 10): ``flusher="none"`` p99.9 at most 2x the peer's bare call; the flusher
 thread's p99.9 at most the peer delivering. The machine is shared: read ratios of one run.
 
@@ -30,6 +40,7 @@ where the kernel counts those statistics in whole ticks (checked at the start).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -167,14 +178,54 @@ def _raw_append(path: Path) -> Any:
     return track
 
 
+def _layout(no_pin: bool, measured_cpu: int | None) -> tuple[set[int], set[int]] | None:
+    """The measured process's CPUs and the server side's, or None: not pinned.
+
+    None with ``--no-pin``, where the OS has no ``sched_setaffinity``, or with one CPU.
+    """
+    if no_pin or not hasattr(os, "sched_getaffinity"):
+        if measured_cpu is not None:
+            raise SystemExit("--measured-cpu needs pinning (and Linux): drop --no-pin")
+        return None
+    allowed = os.sched_getaffinity(0)
+    if measured_cpu is None:
+        if len(allowed) < 2:
+            return None
+        measured_cpu = min(allowed)
+    if measured_cpu not in allowed:
+        raise SystemExit(
+            f"--measured-cpu {measured_cpu}: not one of the CPUs this process may use "
+            f"{sorted(allowed)}"
+        )
+    if len(allowed) < 2:
+        raise SystemExit(
+            f"--measured-cpu {measured_cpu}: this process may use no other CPU for the "
+            "Collector and the worker"
+        )
+    return {measured_cpu}, allowed - {measured_cpu}
+
+
+def _server_cpus() -> set[int] | None:
+    """The server side's CPUs in a child (from its parent's layout), or None: not pinned."""
+    spec = os.environ.get("BENCH_SERVER_CPUS")
+    return {int(cpu) for cpu in spec.split(",")} if spec else None
+
+
 def _start_worker(path: Path) -> subprocess.Popen[bytes]:
-    """A ``durable-analytics worker`` delivering from the queue file ``path``."""
+    """A ``durable-analytics worker`` delivering from the queue file ``path``.
+
+    On the server side's CPUs when pinned: the worker delivers, as a server would.
+    """
     cli = shutil.which("durable-analytics") or str(
         Path(sys.executable).with_name("durable-analytics")
     )
-    return subprocess.Popen(
+    worker = subprocess.Popen(
         [cli, "worker", "--queue", str(path), "--poll", "0.05"], stderr=subprocess.DEVNULL
     )
+    server = _server_cpus()
+    if server:
+        os.sched_setaffinity(worker.pid, server)
+    return worker
 
 
 def _worker_with_backlog(path: Path, messages: int, url: str) -> subprocess.Popen[bytes]:
@@ -290,14 +341,30 @@ def main() -> None:
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the scheduler place the measured process, the Collector and the worker",
+    )
+    parser.add_argument(
+        "--measured-cpu",
+        type=int,
+        metavar="N",
+        help="the CPU the measured process runs on (default: the lowest allowed); the "
+        "Collector and the worker run on the others",
+    )
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_variant(args.child, args.calls, args.url)))
         return
+    layout = _layout(args.no_pin, args.measured_cpu)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if layout is not None:
+        env["BENCH_SERVER_CPUS"] = ",".join(map(str, sorted(layout[1])))
     variants = [v for v in VARIANTS if not args.only or any(o in v for o in args.only)]
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     load_before = os.getloadavg()
-    with remote_collector() as url:
+    with remote_collector(layout[1] if layout else None) as url:
         for _ in range(args.rounds):
             for variant in variants:
                 out = subprocess.run(
@@ -314,10 +381,23 @@ def main() -> None:
                     check=True,
                     capture_output=True,
                     text=True,
-                    env={**os.environ, "PYTHONHASHSEED": "0"},
+                    env=env,
+                    # The measured process starts on its CPU (the child's own threads and
+                    # processes inherit it); the worker it starts moves to the server's.
+                    preexec_fn=functools.partial(os.sched_setaffinity, 0, layout[0])
+                    if layout
+                    else None,
                 )
                 results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{args.calls:,} calls per variant, {args.rounds} round(s); milliseconds")
+    print(
+        "CPUs: measured on "
+        + (
+            f"{sorted(layout[0])}, Collector and worker on {sorted(layout[1])}"
+            if layout
+            else "any (not pinned)"
+        )
+    )
     print(
         f"{'variant':<34} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7}   "
         f"{'cpu-q p99.9':>11} {'cpu-q max':>9} {'queued':>6}"
@@ -351,6 +431,12 @@ def main() -> None:
                     "rounds": args.rounds,
                     "python": platform.python_version(),
                     "sqlite": sqlite3.sqlite_version,
+                    # Which CPUs the measured process and the server side ran on.
+                    "cpus": (
+                        {"measured": sorted(layout[0]), "server side": sorted(layout[1])}
+                        if layout
+                        else "not pinned"
+                    ),
                     # 1, 5 and 15-minute load averages before and after: how busy the
                     # shared machine was (2 cores), which the tails measure too.
                     "load_average": {"before": load_before, "after": os.getloadavg()},
