@@ -359,6 +359,7 @@ def main() -> None:
         return
     layout = _layout(args.no_pin, args.measured_cpu)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop("BENCH_SERVER_CPUS", None)  # only this run's layout, never an inherited one
     if layout is not None:
         env["BENCH_SERVER_CPUS"] = ",".join(map(str, sorted(layout[1])))
     variants = [v for v in VARIANTS if not args.only or any(o in v for o in args.only)]
