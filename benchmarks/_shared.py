@@ -27,6 +27,18 @@ PROPS: dict[str, Any] = {
 }
 
 
+def pin_or_kill(proc: subprocess.Popen[Any], cpus: set[int] | None) -> None:
+    """Run the just-started ``proc`` only on ``cpus`` (None: leave it); kill it if that fails."""
+    if not cpus:
+        return
+    try:
+        os.sched_setaffinity(proc.pid, cpus)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
 @contextlib.contextmanager
 def remote_collector(cpus: set[int] | None = None) -> Iterator[str]:
     """A Collector in its own process (its request handling does not share our GIL); its URL.
@@ -40,8 +52,10 @@ def remote_collector(cpus: set[int] | None = None) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    if cpus:
-        os.sched_setaffinity(proc.pid, cpus)
+    # Popen returns as soon as the child has exec'd, milliseconds before the new
+    # interpreter's startup reaches code that starts a thread, so its threads inherit the CPUs
+    # set here (a preexec_fn could deadlock in a parent with threads).
+    pin_or_kill(proc, cpus)
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import PROPS, WRITE_KEY, remote_collector
+from _shared import PROPS, WRITE_KEY, pin_or_kill, remote_collector
 
 VARIANTS = [
     "durable none (worker delivering)",
@@ -183,9 +183,13 @@ def _layout(no_pin: bool, measured_cpu: int | None) -> tuple[set[int], set[int]]
 
     None with ``--no-pin``, where the OS has no ``sched_setaffinity``, or with one CPU.
     """
-    if no_pin or not hasattr(os, "sched_getaffinity"):
+    if no_pin:
         if measured_cpu is not None:
-            raise SystemExit("--measured-cpu needs pinning (and Linux): drop --no-pin")
+            raise SystemExit("--measured-cpu pins the measured process: drop --no-pin")
+        return None
+    if not hasattr(os, "sched_getaffinity"):
+        if measured_cpu is not None:
+            raise SystemExit("--measured-cpu: this OS has no sched_setaffinity to pin with")
         return None
     allowed = os.sched_getaffinity(0)
     if measured_cpu is None:
@@ -222,9 +226,8 @@ def _start_worker(path: Path) -> subprocess.Popen[bytes]:
     worker = subprocess.Popen(
         [cli, "worker", "--queue", str(path), "--poll", "0.05"], stderr=subprocess.DEVNULL
     )
-    server = _server_cpus()
-    if server:
-        os.sched_setaffinity(worker.pid, server)
+    # Set right after exec, before the worker can start a thread (see _shared.remote_collector).
+    pin_or_kill(worker, _server_cpus())
     return worker
 
 
