@@ -19,12 +19,13 @@ a process of its own), and reports the per-call latency p50 / p99 / p99.9 / max 
 
 CPUs: on a machine with two CPUs or more, the measured process runs on one CPU
 (``--measured-cpu``, by default the lowest this process may use) and the "server side" (the
-Collector and the ``durable-analytics worker``) on the others, as bench_delivery.py pins its
-Collector: the CPU a call is timed on is then not also the one delivering to and parsing for
-a server that in production runs elsewhere. The measured library's own threads and
-processes (the flusher thread, ``flusher="process"``, the peer's consumer thread) share the
-measured CPU. ``--no-pin`` lets the scheduler place everything (on two CPUs, three busy
-processes then take turns on two, and the tails measure that as much as the call).
+Collector and the ``durable-analytics worker``) on the others, as bench_drain.py keeps its
+Collector off its clients' CPU: the CPU a call is timed on is then not also the one
+delivering to and parsing for a server that in production runs elsewhere. The measured
+library's own threads and processes (the flusher thread, ``flusher="process"``, the peer's
+consumer thread) share the measured CPU. ``--no-pin`` lets the scheduler place everything
+(on two CPUs, three busy processes then take turns on two, and the tails measure that as
+much as the call).
 
 Targets (issue 10): ``flusher="none"`` p99.9 at most 2x the peer's bare call; the flusher
 thread's p99.9 at most the peer delivering. The machine is shared: read ratios of one run.
